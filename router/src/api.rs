@@ -1,0 +1,89 @@
+//! The seam between a gateway and the chat backend.
+//!
+//! A gateway authenticates connections and handles heartbeats itself; every
+//! other request goes to a [`Backend`]: the embedded engine (in-process bus and
+//! store) or the Kafka/Redis bridge. Whatever the backend has to say to a
+//! connection (responses, deliveries, events) comes back through the gateway's
+//! [`DeliverySink`], addressed by the gateway-local connection key.
+
+use std::sync::Arc;
+
+use palaver_protocol::pb;
+
+/// Where one session's connection lives: which gateway, and that gateway's
+/// opaque key for the connection (the gateway encodes core, slot and
+/// generation in it; nobody else interprets it).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SessionAddr {
+    pub gateway_id: String,
+    pub conn: u64,
+}
+
+/// An authenticated device connection.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Session {
+    pub user_id: String,
+    pub device_id: String,
+    pub addr: SessionAddr,
+}
+
+/// A client request, with the identity the gateway authenticated. The sender
+/// of anything is `from.user_id`, never a field the client wrote.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Inbound {
+    pub from: Session,
+    pub request_id: u32,
+    pub body: pb::frame::Body,
+    /// Gateway receive time, Unix epoch milliseconds.
+    pub received_ms: i64,
+}
+
+/// One frame for one connection of the gateway that receives it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outbound {
+    pub conn: u64,
+    pub frame: pb::Frame,
+}
+
+impl Outbound {
+    /// True when the gateway must close the connection after writing this
+    /// frame (a `GoAway`, or an `Error` with a 1xxx code).
+    pub fn closes_connection(&self) -> bool {
+        match &self.frame.body {
+            Some(pb::frame::Body::GoAway(_)) => true,
+            Some(pb::frame::Body::Error(e)) => (1000..2000).contains(&e.code),
+            _ => false,
+        }
+    }
+}
+
+/// Implemented by the gateway: hand frames to the core threads that own the
+/// connections. Called from backend threads; must not block for long.
+pub trait DeliverySink: Send + Sync + 'static {
+    fn deliver(&self, batch: Vec<Outbound>);
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
+    #[error("backend configuration: {0}")]
+    Config(String),
+}
+
+/// What a gateway needs from the chat backend.
+pub trait Backend: Send + Sync + 'static {
+    /// Attach this gateway; frames for its connections go to `sink` from now on.
+    fn start(&self, gateway_id: &str, sink: Arc<dyn DeliverySink>) -> Result<(), BackendError>;
+    /// A connection completed Hello. The backend registers the session for
+    /// delivery and presence, and sends `GoAway(REPLACED)` to an older
+    /// connection of the same user and device, wherever it is.
+    fn session_opened(&self, session: &Session);
+    /// A registered connection closed (for any reason) at `at_ms`.
+    fn session_closed(&self, session: &Session, at_ms: i64);
+    /// A request from a connection. Never blocks on I/O: the answer (or an
+    /// `Error` frame echoing `request_id`) arrives through the sink.
+    fn submit(&self, request: Inbound);
+    /// Flush what is pending and stop; called once at gateway shutdown.
+    fn shutdown(&self);
+}
