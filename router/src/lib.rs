@@ -4,5 +4,7 @@
 //! Kafka/Redis router tier run the same code.
 
 pub mod api;
+pub mod bus;
+pub mod store;
 
 pub use api::{Backend, BackendError, DeliverySink, Inbound, Outbound, Session, SessionAddr};
