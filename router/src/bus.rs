@@ -17,6 +17,9 @@ use palaver_protocol::pb;
 use crate::api::{Inbound, Outbound, Session, SessionAddr};
 
 /// One unit of router work.
+// Requests are the common (and largest) variant; boxing them would cost an
+// allocation per request for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum Command {
     /// A client request from an authenticated session.
