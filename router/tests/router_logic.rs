@@ -673,7 +673,7 @@ fn membership_changes_update_conversation_lists() {
             ..Default::default()
         }),
     );
-    assert_eq!(listed(&mut h, &bob), [group.clone()]);
+    assert_eq!(listed(&mut h, &bob), vec![group.clone()]);
     h.req(
         &bob,
         3,
