@@ -1373,3 +1373,20 @@ fn store_failures_become_unavailable_for_the_driver() {
         ack(&again.frames[0].frame).unwrap()
     );
 }
+
+#[test]
+fn sync_terminates_when_a_listed_group_record_is_missing() {
+    use palaver_router::store::UserStore;
+    let mut h = Harness::new();
+    let alice = h.open("alice", "phone", 1);
+    h.send(&alice, DM, 1);
+    h.router
+        .store_mut()
+        .inner
+        .add_conversation_to_users("grp:ghost", &["alice".to_string()])
+        .unwrap();
+    let batch = sync(&mut h, &alice, &[], 0);
+    assert!(!batch.has_more);
+    assert_eq!(batch.conversations.len(), 1);
+    assert_eq!(seqs(&batch.messages), [1]);
+}
