@@ -1376,14 +1376,26 @@ fn store_failures_become_unavailable_for_the_driver() {
 
 #[test]
 fn sync_terminates_when_a_listed_group_record_is_missing() {
-    use palaver_router::store::UserStore;
+    use palaver_router::store::{ConversationStore, Retention, UserStore};
     let mut h = Harness::new();
     let alice = h.open("alice", "phone", 1);
     h.send(&alice, DM, 1);
-    h.router
-        .store_mut()
-        .inner
+    // A group with messages and a listing but no record (lost data).
+    let store = &mut h.router.store_mut().inner;
+    store
         .add_conversation_to_users("grp:ghost", &["alice".to_string()])
+        .unwrap();
+    let retention = Retention {
+        now_ms: T0,
+        dedup_ttl_ms: 1000,
+        history_window: 10,
+    };
+    let message = pb::Message {
+        client_msg_id: cmid(1),
+        ..Default::default()
+    };
+    store
+        .append_message("grp:ghost", message, &retention)
         .unwrap();
     let batch = sync(&mut h, &alice, &[], 0);
     assert!(!batch.has_more);
