@@ -7,9 +7,11 @@
 
 pub mod codec;
 pub mod limits;
+pub mod state;
 
 pub use codec::{encode_frame, encoded_frame_len, DecodeError, FrameDecoder};
 pub use limits::Limits;
+pub use state::{ClientConn, ServerConn, StateError, Timeout, Verdict};
 
 /// Generated protobuf types for `palaver.v1`.
 pub mod pb {
@@ -79,6 +81,38 @@ pub fn unsupported_version_frame(request_id: u32, requested: u32) -> pb::Frame {
             supported.join(",")
         ),
     )
+}
+
+/// The schema name of a frame body (its `Frame` oneof field name), for
+/// errors, logs and metrics.
+pub fn body_name(body: &pb::frame::Body) -> &'static str {
+    use pb::frame::Body;
+    match body {
+        Body::Hello(_) => "hello",
+        Body::Welcome(_) => "welcome",
+        Body::Ping(_) => "ping",
+        Body::Pong(_) => "pong",
+        Body::GoAway(_) => "go_away",
+        Body::Error(_) => "error",
+        Body::Send(_) => "send",
+        Body::SendAck(_) => "send_ack",
+        Body::Deliver(_) => "deliver",
+        Body::Receipt(_) => "receipt",
+        Body::ReceiptUpdate(_) => "receipt_update",
+        Body::Typing(_) => "typing",
+        Body::PresenceQuery(_) => "presence_query",
+        Body::PresenceResult(_) => "presence_result",
+        Body::PresenceSubscribe(_) => "presence_subscribe",
+        Body::PresenceEvent(_) => "presence_event",
+        Body::Sync(_) => "sync",
+        Body::SyncBatch(_) => "sync_batch",
+        Body::History(_) => "history",
+        Body::HistoryPage(_) => "history_page",
+        Body::CreateConversation(_) => "create_conversation",
+        Body::ConversationCreated(_) => "conversation_created",
+        Body::ChangeMembers(_) => "change_members",
+        Body::MembersChanged(_) => "members_changed",
+    }
 }
 
 /// Prefix of direct (1:1) conversation ids.
