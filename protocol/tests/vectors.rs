@@ -18,6 +18,7 @@ use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor};
 use serde_json::Value;
 
 const VECTORS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/vectors/frames.json");
+const SPEC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../SPEC.md");
 const MAX: usize = 64 * 1024;
 const T0: i64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
 const CMID: [u8; 16] = [
@@ -854,5 +855,78 @@ fn invalid_vectors_fail_with_their_error_code() {
         let code = case["error_code"].as_u64().unwrap() as u32;
         assert_eq!(err.error_code(), code, "{name}: {err}");
         assert_eq!(error_name(code), str_field(case, "error"), "{name}");
+    }
+}
+
+/// SPEC.md's worked example must show exactly the bytes the encoder writes.
+#[test]
+fn spec_example_session_uses_the_vector_bytes() {
+    let spec = std::fs::read_to_string(SPEC).expect("SPEC.md at the repository root");
+    for case in session_cases() {
+        let hex = encode_hex(&case.frame);
+        assert!(
+            spec.contains(&hex),
+            "SPEC.md lacks the bytes of {}: {hex}",
+            case.name
+        );
+    }
+}
+
+/// SPEC.md documents every message (a `###` heading naming it), every field
+/// (a table row naming it) and every enum of the schema.
+#[test]
+fn spec_covers_every_message_field_and_enum() {
+    let spec = std::fs::read_to_string(SPEC).expect("SPEC.md at the repository root");
+    let pool = DescriptorPool::decode(palaver_protocol::FILE_DESCRIPTOR_SET).unwrap();
+    let reference = spec
+        .split_once("\n## 17. Message reference\n")
+        .expect("SPEC.md section 17")
+        .1;
+    let reference = reference.split("\n## ").next().unwrap();
+    let headings: Vec<&str> = reference
+        .lines()
+        .filter(|l| l.starts_with("### "))
+        .collect();
+    for message in pool.all_messages() {
+        let name = message.name();
+        let heading = headings
+            .iter()
+            .find(|h| {
+                // "### Ping / Pong (both directions)" names Ping and Pong.
+                let title = h[4..].split(" (").next().unwrap_or_default();
+                title.split(" / ").any(|w| w.trim() == name)
+            })
+            .unwrap_or_else(|| panic!("SPEC.md has no heading for message {name}"));
+        // The section under that heading lists every field.
+        let section: String = reference
+            .split_once(&format!("\n{heading}\n"))
+            .unwrap()
+            .1
+            .lines()
+            .take_while(|l| !l.starts_with("### "))
+            .collect::<Vec<_>>()
+            .join("\n");
+        for field in message.fields() {
+            if field.containing_oneof().is_some() {
+                continue; // the Frame body fields are listed in prose
+            }
+            assert!(
+                section.contains(&format!("| {} |", field.name())),
+                "SPEC.md section for {name} lacks field {}",
+                field.name()
+            );
+        }
+    }
+    let body_oneof = frame_descriptor().oneofs().next().expect("Frame.body");
+    for body in body_oneof.fields() {
+        assert!(
+            spec.contains(&format!("{} {}", body.name(), body.number())),
+            "SPEC.md lacks body field number {} {}",
+            body.name(),
+            body.number()
+        );
+    }
+    for e in pool.all_enums() {
+        assert!(spec.contains(e.name()), "SPEC.md lacks enum {}", e.name());
     }
 }
