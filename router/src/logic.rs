@@ -47,17 +47,13 @@ pub struct RouterConfig {
     pub max_presence_users: usize,
     /// Longest group title, bytes.
     pub max_title_bytes: usize,
-    /// Longest user id, bytes.
-    pub max_user_id_bytes: usize,
-    /// Longest conversation id, bytes.
-    pub max_conversation_id_bytes: usize,
 }
 
 impl Default for RouterConfig {
     fn default() -> Self {
         Self {
             max_group_members: 1000,
-            max_body_bytes: 32 * 1024,
+            max_body_bytes: palaver_protocol::Limits::default().max_body_bytes as usize,
             history_window: 10_000,
             dedup_ttl_ms: 24 * 60 * 60 * 1000,
             default_batch: 100,
@@ -66,8 +62,6 @@ impl Default for RouterConfig {
             max_watches_per_connection: 1000,
             max_presence_users: 1000,
             max_title_bytes: 256,
-            max_user_id_bytes: 128,
-            max_conversation_id_bytes: 300,
         }
     }
 }
@@ -179,16 +173,6 @@ impl Access {
             Access::Group { members } => members.iter().map(|m| m.user_id.clone()).collect(),
         }
     }
-}
-
-/// The id of the direct conversation between two users.
-pub fn direct_conversation_id(user_a: &str, user_b: &str) -> String {
-    let (a, b) = if user_a.as_bytes() <= user_b.as_bytes() {
-        (user_a, user_b)
-    } else {
-        (user_b, user_a)
-    };
-    format!("dm:{a}:{b}")
 }
 
 pub struct Router<S> {
@@ -551,7 +535,7 @@ impl<S: Store> Router<S> {
                     }
                 }
             } else {
-                match parse_conversation_id(id, &self.config) {
+                match parse_conversation_id(id) {
                     Ok(ConversationRef::Direct { a, b }) => direct_info(a, b, last_seqs[index]),
                     _ => {
                         last_seqs[index] = 0;
@@ -834,9 +818,9 @@ impl<S: Store> Router<S> {
                         "a direct conversation needs another user, not yourself",
                     );
                 }
-                self.check_direct_user_id(creator)?;
-                self.check_direct_user_id(peer)?;
-                let conversation_id = direct_conversation_id(creator, peer);
+                self.check_user_id(creator)?;
+                self.check_user_id(peer)?;
+                let conversation_id = palaver_protocol::direct_conversation_id(creator, peer);
                 let users = [creator.clone(), peer.to_owned()];
                 self.store
                     .add_conversation_to_users(&conversation_id, &users)?;
@@ -941,9 +925,7 @@ impl<S: Store> Router<S> {
     ) -> Result<(), Failure> {
         let conversation_id = &change.conversation_id;
         let actor = &req.from.user_id;
-        if let ConversationRef::Direct { .. } =
-            parse_conversation_id(conversation_id, &self.config)?
-        {
+        if let ConversationRef::Direct { .. } = parse_conversation_id(conversation_id)? {
             return reject(
                 ErrorCode::InvalidArgument,
                 "direct conversations have fixed members",
@@ -1029,7 +1011,7 @@ impl<S: Store> Router<S> {
         conversation_id: &str,
         user_id: &str,
     ) -> Result<Access, Failure> {
-        match parse_conversation_id(conversation_id, &self.config)? {
+        match parse_conversation_id(conversation_id)? {
             ConversationRef::Direct { a, b } => {
                 if user_id != a && user_id != b {
                     return reject(
@@ -1065,7 +1047,7 @@ impl<S: Store> Router<S> {
 
     /// Authorize `user_id` for the conversation without loading its members.
     fn check_member(&mut self, conversation_id: &str, user_id: &str) -> Result<(), Failure> {
-        match parse_conversation_id(conversation_id, &self.config)? {
+        match parse_conversation_id(conversation_id)? {
             ConversationRef::Direct { a, b } if user_id == a || user_id == b => Ok(()),
             ConversationRef::Direct { .. } => reject(
                 ErrorCode::Forbidden,
@@ -1086,26 +1068,10 @@ impl<S: Store> Router<S> {
     }
 
     fn check_user_id(&self, user_id: &str) -> Result<(), Failure> {
-        if user_id.is_empty() || user_id.len() > self.config.max_user_id_bytes {
+        if !palaver_protocol::is_valid_id(user_id) {
             return reject(
                 ErrorCode::InvalidArgument,
-                format!(
-                    "user id {user_id:?} must be 1..={} bytes",
-                    self.config.max_user_id_bytes
-                ),
-            );
-        }
-        Ok(())
-    }
-
-    fn check_direct_user_id(&self, user_id: &str) -> Result<(), Failure> {
-        self.check_user_id(user_id)?;
-        if user_id.contains(':') {
-            return reject(
-                ErrorCode::InvalidArgument,
-                format!(
-                    "user id {user_id:?} contains ':' and cannot be part of a direct conversation"
-                ),
+                format!("user id {user_id:?} must be 1..=64 bytes of [A-Za-z0-9_.@-]"),
             );
         }
         Ok(())
@@ -1245,45 +1211,22 @@ fn plan_member_change<'a>(
     })
 }
 
-fn parse_conversation_id<'a>(
-    id: &'a str,
-    config: &RouterConfig,
-) -> Result<ConversationRef<'a>, Failure> {
-    if id.len() > config.max_conversation_id_bytes {
-        return reject(
-            ErrorCode::InvalidArgument,
-            format!(
-                "conversation id is {} bytes, the limit is {}",
-                id.len(),
-                config.max_conversation_id_bytes
-            ),
-        );
+fn parse_conversation_id(id: &str) -> Result<ConversationRef<'_>, Failure> {
+    if let Some((a, b)) = palaver_protocol::parse_direct(id) {
+        return Ok(ConversationRef::Direct { a, b });
     }
-    if let Some(users) = id.strip_prefix("dm:") {
-        if let Some((a, b)) = users.split_once(':') {
-            if !a.is_empty() && !b.is_empty() && !b.contains(':') && a.as_bytes() < b.as_bytes() {
-                return Ok(ConversationRef::Direct { a, b });
-            }
-        }
-        return reject(
-            ErrorCode::InvalidArgument,
-            format!("{id:?} is not a direct conversation id (dm:<a>:<b> with a < b bytewise)"),
-        );
-    }
-    if let Some(rest) = id.strip_prefix("grp:") {
-        if !rest.is_empty() {
-            return Ok(ConversationRef::Group);
-        }
+    if palaver_protocol::is_group_id(id) {
+        return Ok(ConversationRef::Group);
     }
     reject(
         ErrorCode::InvalidArgument,
-        format!("{id:?} is not a conversation id (dm:<a>:<b> or grp:<id>)"),
+        format!("{id:?} is not a conversation id (dm:<a>:<b> with a < b bytewise, or grp:<id>)"),
     )
 }
 
 fn direct_info(a: &str, b: &str, last_seq: u64) -> pb::Conversation {
     pb::Conversation {
-        conversation_id: format!("dm:{a}:{b}"),
+        conversation_id: palaver_protocol::direct_conversation_id(a, b),
         kind: pb::ConversationKind::Direct as i32,
         title: String::new(),
         members: [a, b]
