@@ -365,6 +365,8 @@ impl Core {
             return;
         }
         CoreMetrics::inc(&ctx.metrics.accepted);
+        // TCP_NODELAY is set on the listener; Linux accepted sockets inherit it.
+        #[cfg(not(target_os = "linux"))]
         let _ = sock.set_nodelay(true);
         let generation = ctx.shared.tls.generation();
         if generation != self.tls_config.0 {
@@ -629,6 +631,7 @@ impl Ctx {
         let mut tls_failed = false;
         let mut rounds = 0;
         loop {
+            let space = self.scratch.tls_in.len() - used;
             let n = match conn.sock.read(&mut self.scratch.tls_in[used..]) {
                 Ok(0) => {
                     fate = Fate::Close;
@@ -671,6 +674,11 @@ impl Ctx {
             if used > MAX_LEFTOVER {
                 // A handshake message or record larger than anything legal.
                 tls_failed = true;
+                break;
+            }
+            if n < space {
+                // A short read drained the socket; anything arriving later
+                // raises a new edge. Saves the WouldBlock read per event.
                 break;
             }
             rounds += 1;

@@ -166,6 +166,7 @@ fn main() {
     let filter = args.log.take().unwrap_or_else(|| "info".into());
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
         .init();
     match run(args) {
         Ok(()) => std::process::exit(0),

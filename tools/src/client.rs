@@ -161,6 +161,12 @@ impl Client {
         })
     }
 
+    /// Gives up the TLS state and keeps only the socket (load tools holding
+    /// many idle connections; the server cannot tell).
+    pub fn into_tcp(self) -> TcpStream {
+        self.stream.sock
+    }
+
     /// The negotiated ALPN protocol.
     pub fn alpn(&self) -> Option<&[u8]> {
         self.stream.conn.alpn_protocol()
