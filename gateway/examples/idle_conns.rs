@@ -72,7 +72,11 @@ fn open(
                         break;
                     }
                     // A fresh config per connection = no ticket = full handshake.
-                    let cfg = if resume { config.clone() } else { Arc::new((*config).clone()) };
+                    let cfg = if resume {
+                        config.clone()
+                    } else {
+                        Arc::new((*config).clone())
+                    };
                     let mut c = Client::connect_with(&opts, cfg).expect("connect");
                     // Distinct users, as phones are.
                     let token = auth::mint_hs256(&secret, &format!("{tag}{t}x{i}"), None, 3600);
@@ -84,7 +88,10 @@ fn open(
             })
         })
         .collect();
-    handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect()
 }
 
 /// A backend that accepts sessions and answers nothing: isolates the
@@ -107,13 +114,16 @@ impl palaver_router::api::Backend for NullBackend {
 
 /// `--serve`: run a gateway in this process (the driver's child).
 fn serve() {
-    let mut config = palaver_gateway::Config::default();
-    config.listen = "127.0.0.1:0".parse().unwrap();
-    config.cores = arg("--cores", "2").parse().unwrap();
-    config.data_dir = arg("--data-dir", ".palaver").into();
+    let mut config = palaver_gateway::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        cores: arg("--cores", "2").parse().unwrap(),
+        data_dir: arg("--data-dir", ".palaver").into(),
+        ..Default::default()
+    };
     config.limits.heartbeat_interval_ms = 3_600_000;
     config.limits.max_connections = 19_500;
-    let backend: Arc<dyn palaver_router::api::Backend> = match arg("--backend", "embedded").as_str() {
+    let backend: Arc<dyn palaver_router::api::Backend> = match arg("--backend", "embedded").as_str()
+    {
         "none" => Arc::new(NullBackend),
         _ => palaver_gateway::build_backend(&config),
     };
@@ -191,7 +201,10 @@ fn main() {
         "gateway CPU           {:.1} us per connection (accept + full handshake + JWT + Welcome + engine)",
         cpu_connect * 1e6 / n as f64
     );
-    println!("gateway idle CPU      {:.2} s over 5 s with {n} idle connections", cpu_idle);
+    println!(
+        "gateway idle CPU      {:.2} s over 5 s with {n} idle connections",
+        cpu_idle
+    );
 
     // Resumed handshakes for comparison.
     let started = Instant::now();
@@ -206,7 +219,8 @@ fn main() {
         .map(|i| {
             let mut c = Client::connect(&opts).expect("connect");
             let token = auth::mint_hs256(&secret, &format!("p{i}"), None, 3600);
-            c.hello(&token, "phone", Duration::from_secs(30)).expect("hello");
+            c.hello(&token, "phone", Duration::from_secs(30))
+                .expect("hello");
             c
         })
         .collect();
@@ -215,8 +229,10 @@ fn main() {
     let mut pings = 0u64;
     while started.elapsed() < Duration::from_secs(5) {
         for c in pingers.iter_mut() {
-            c.request(palaver_protocol::pb::frame::Body::Ping(palaver_protocol::pb::Ping { nonce: pings }))
-                .unwrap();
+            c.request(palaver_protocol::pb::frame::Body::Ping(
+                palaver_protocol::pb::Ping { nonce: pings },
+            ))
+            .unwrap();
         }
         for c in pingers.iter_mut() {
             c.recv_until(Duration::from_secs(10), "Pong", |f| {

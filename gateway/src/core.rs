@@ -252,15 +252,16 @@ impl Core {
                 match event.token() {
                     LISTENER => self.accept_pending = true,
                     WAKER => woken = true,
-                    Token(slot) => {
-                        self.on_event(slot, event.is_readable(), event.is_writable(), &mut handshakes)
-                    }
+                    Token(slot) => self.on_event(
+                        slot,
+                        event.is_readable(),
+                        event.is_writable(),
+                        &mut handshakes,
+                    ),
                 }
             }
-            if woken {
-                if self.on_wake() {
-                    break;
-                }
+            if woken && self.on_wake() {
+                break;
             }
             self.run_deferred(&mut handshakes);
             if self.accept_pending && self.listener.is_some() {
@@ -275,7 +276,9 @@ impl Core {
     }
 
     fn on_event(&mut self, slot: usize, readable: bool, writable: bool, handshakes: &mut usize) {
-        let Some(conn) = self.conns.get_mut(slot) else { return };
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
         let mut fate = Fate::Keep;
         if writable && !conn.tls_out.is_empty() {
             fate = self.ctx.flush(conn);
@@ -307,8 +310,12 @@ impl Core {
 
     fn run_deferred(&mut self, handshakes: &mut usize) {
         for _ in 0..self.deferred.len() {
-            let Some((slot, generation)) = self.deferred.pop_front() else { break };
-            let Some(conn) = self.conns.get_mut(slot) else { continue };
+            let Some((slot, generation)) = self.deferred.pop_front() else {
+                break;
+            };
+            let Some(conn) = self.conns.get_mut(slot) else {
+                continue;
+            };
             if conn.generation != generation {
                 continue;
             }
@@ -332,7 +339,9 @@ impl Core {
 
     fn accept_some(&mut self, budget: usize) {
         for _ in 0..budget {
-            let Some(listener) = &self.listener else { return };
+            let Some(listener) = &self.listener else {
+                return;
+            };
             match listener.accept() {
                 Ok((sock, _)) => self.admit(sock),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -389,7 +398,11 @@ impl Core {
         if self
             .poll
             .registry()
-            .register(&mut sock, Token(slot), Interest::READABLE | Interest::WRITABLE)
+            .register(
+                &mut sock,
+                Token(slot),
+                Interest::READABLE | Interest::WRITABLE,
+            )
             .is_err()
         {
             ctx.shared.live_connections.fetch_sub(1, Relaxed);
@@ -459,10 +472,8 @@ impl Core {
             self.ctx.deliver_one(slot, conn, o.frame, closes);
             // Write once per run of frames for the same connection.
             let same_next = batch.peek().is_some_and(|next| next.conn == o.conn);
-            if !same_next || i == n {
-                if self.ctx.finish_output(conn) == Fate::Close {
-                    self.close(slot);
-                }
+            if (!same_next || i == n) && self.ctx.finish_output(conn) == Fate::Close {
+                self.close(slot);
             }
         }
     }
@@ -520,7 +531,9 @@ impl Core {
         self.ctx.wheel.advance((now / TICK_MS) as u32, &mut fired);
         for entry in fired.drain(..) {
             let slot = entry.slot as usize;
-            let Some(conn) = self.conns.get_mut(slot) else { continue };
+            let Some(conn) = self.conns.get_mut(slot) else {
+                continue;
+            };
             if conn.generation != entry.generation || conn.timer_tick != entry.tick {
                 continue; // stale entry: the connection has a newer one
             }
@@ -609,7 +622,12 @@ impl Ctx {
                     ),
                 };
                 CoreMetrics::inc(counter);
-                self.begin_close(slot, conn, Some(error_frame(0, code, message)), CLOSE_LINGER_MS);
+                self.begin_close(
+                    slot,
+                    conn,
+                    Some(error_frame(0, code, message)),
+                    CLOSE_LINGER_MS,
+                );
                 self.finish_output(conn)
             }
         }
@@ -769,7 +787,11 @@ impl Ctx {
                     let mut err = error_frame(
                         request_id,
                         pb::ErrorCode::BodyTooLarge,
-                        format!("body of {} bytes exceeds {}", send.body.len(), self.max_body),
+                        format!(
+                            "body of {} bytes exceeds {}",
+                            send.body.len(),
+                            self.max_body
+                        ),
                     );
                     set_client_msg_id(&mut err, send.client_msg_id);
                     self.queue(conn, &err);
@@ -824,10 +846,13 @@ impl Ctx {
             Ok(user) => user,
             Err(e) => {
                 let (code, message) = match e {
-                    AuthError::Expired => (pb::ErrorCode::TokenExpired, "token expired".to_string()),
-                    AuthError::Invalid(why) => {
-                        (pb::ErrorCode::Unauthenticated, format!("invalid token: {why}"))
+                    AuthError::Expired => {
+                        (pb::ErrorCode::TokenExpired, "token expired".to_string())
                     }
+                    AuthError::Invalid(why) => (
+                        pb::ErrorCode::Unauthenticated,
+                        format!("invalid token: {why}"),
+                    ),
                 };
                 let err = error_frame(request_id, code, message);
                 self.begin_close(slot, conn, Some(err), CLOSE_LINGER_MS);
@@ -843,7 +868,8 @@ impl Ctx {
                 conn: key,
             },
         });
-        conn.proto.accept_hello(self.now_ms, self.heartbeat_interval_ms);
+        conn.proto
+            .accept_hello(self.now_ms, self.heartbeat_interval_ms);
         let limits = self.shared.config.limits.protocol();
         let welcome = frame(
             request_id,
@@ -918,7 +944,13 @@ impl Ctx {
 
     /// Queues `last` (if any) and close_notify, ends the session, and waits
     /// at most `linger_ms` for the output to leave.
-    fn begin_close(&mut self, slot: usize, conn: &mut Conn, last: Option<pb::Frame>, linger_ms: u32) {
+    fn begin_close(
+        &mut self,
+        slot: usize,
+        conn: &mut Conn,
+        last: Option<pb::Frame>,
+        linger_ms: u32,
+    ) {
         if conn.phase == Phase::Closing {
             return;
         }

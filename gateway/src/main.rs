@@ -250,7 +250,10 @@ mod tests {
         let l = &d.limits;
         for (flag, value) in [
             ("--listen", d.listen.to_string()),
-            ("--heartbeat-interval-ms", l.heartbeat_interval_ms.to_string()),
+            (
+                "--heartbeat-interval-ms",
+                l.heartbeat_interval_ms.to_string(),
+            ),
             ("--max-frame-bytes", l.max_frame_bytes.to_string()),
             ("--max-body-bytes", l.max_body_bytes.to_string()),
             ("--max-sends-per-second", l.max_sends_per_second.to_string()),
@@ -262,8 +265,14 @@ mod tests {
             ("--max-batch", l.max_batch.to_string()),
             ("--handshakes-per-turn", l.handshakes_per_turn.to_string()),
             ("--drain-deadline-ms", d.drain.deadline_ms.to_string()),
-            ("--reconnect-delay-ms", d.drain.reconnect_delay_ms.to_string()),
-            ("--reconnect-jitter-ms", d.drain.reconnect_jitter_ms.to_string()),
+            (
+                "--reconnect-delay-ms",
+                d.drain.reconnect_delay_ms.to_string(),
+            ),
+            (
+                "--reconnect-jitter-ms",
+                d.drain.reconnect_jitter_ms.to_string(),
+            ),
             ("--backlog", d.backlog.to_string()),
             ("--jwt-leeway-s", d.auth.leeway_s.to_string()),
         ] {

@@ -18,10 +18,10 @@ use crate::admin::AdminServer;
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::core::{Core, Shared, WAKER_TOKEN};
+use crate::devcerts;
 use crate::metrics::{self, CoreMetrics, GlobalMetrics};
 use crate::sink::{Control, GatewaySink, Mailbox};
 use crate::tls::{TlsFiles, TlsStore};
-use crate::devcerts;
 
 /// A running gateway.
 pub struct GatewayHandle {
@@ -154,7 +154,8 @@ impl GatewayHandle {
         let global = Arc::new(GlobalMetrics::default());
         let admin = match config.admin {
             Some(admin_addr) => {
-                let (shared2, metrics2, global2) = (shared.clone(), metrics.clone(), global.clone());
+                let (shared2, metrics2, global2) =
+                    (shared.clone(), metrics.clone(), global.clone());
                 let handler = Arc::new(move |path: &str| match path {
                     "/metrics" => (
                         200,
@@ -314,7 +315,10 @@ mod tests {
             if let Ok((s, _)) = listener.accept().or_else(|_| second.accept()) {
                 break s;
             }
-            assert!(std::time::Instant::now() < deadline, "no connection accepted");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no connection accepted"
+            );
             std::thread::sleep(std::time::Duration::from_millis(5));
         };
         assert!(accepted.nodelay().unwrap());

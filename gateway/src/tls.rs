@@ -60,7 +60,11 @@ fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
         .with_context(|| format!("cannot read certificates from {}", path.display()))?
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("bad PEM in {}", path.display()))?;
-    anyhow::ensure!(!certs.is_empty(), "{}: no certificate found", path.display());
+    anyhow::ensure!(
+        !certs.is_empty(),
+        "{}: no certificate found",
+        path.display()
+    );
     Ok(certs)
 }
 
@@ -71,8 +75,12 @@ pub fn build_server_config(
 ) -> anyhow::Result<Arc<ServerConfig>> {
     let provider = provider();
     let certs = load_certs(&files.cert).context("tls.cert")?;
-    let key = PrivateKeyDer::from_pem_file(&files.key)
-        .with_context(|| format!("tls.key: cannot read a private key from {}", files.key.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&files.key).with_context(|| {
+        format!(
+            "tls.key: cannot read a private key from {}",
+            files.key.display()
+        )
+    })?;
     let certified = CertifiedKey::from_der(certs, key, &provider)
         .context("tls.cert/tls.key: key does not match certificate or is unsupported")?;
 
@@ -83,9 +91,9 @@ pub fn build_server_config(
         Some(ca) => {
             let mut roots = RootCertStore::empty();
             for cert in load_certs(ca).context("tls.client_ca")? {
-                roots
-                    .add(cert)
-                    .with_context(|| format!("tls.client_ca: bad CA certificate in {}", ca.display()))?;
+                roots.add(cert).with_context(|| {
+                    format!("tls.client_ca: bad CA certificate in {}", ca.display())
+                })?;
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()

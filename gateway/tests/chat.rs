@@ -17,9 +17,7 @@ fn deliver_of(f: &pb::Frame) -> Option<&pb::Message> {
 
 fn send_and_ack(c: &mut Client, conv: &str, text: &str) -> pb::SendAck {
     let id = c.request(text_send(conv, text)).unwrap();
-    let f = c
-        .recv_until(T, "SendAck", |f| f.request_id == id)
-        .unwrap();
+    let f = c.recv_until(T, "SendAck", |f| f.request_id == id).unwrap();
     match f.body {
         Some(Body::SendAck(a)) => a,
         other => panic!("expected SendAck, got {other:?}"),
@@ -60,7 +58,9 @@ fn two_users_chat_one_to_one_with_receipts() {
     }))
     .unwrap();
     let f = alice
-        .recv_until(T, "ReceiptUpdate", |f| matches!(f.body, Some(Body::ReceiptUpdate(_))))
+        .recv_until(T, "ReceiptUpdate", |f| {
+            matches!(f.body, Some(Body::ReceiptUpdate(_)))
+        })
         .unwrap();
     match f.body {
         Some(Body::ReceiptUpdate(r)) => {
@@ -97,7 +97,9 @@ fn three_users_chat_in_a_group() {
             member_user_ids: vec!["bob".into(), "carol".into()],
         }))
         .unwrap();
-    let f = alice.recv_until(T, "ConversationCreated", |f| f.request_id == id).unwrap();
+    let f = alice
+        .recv_until(T, "ConversationCreated", |f| f.request_id == id)
+        .unwrap();
     let group = match f.body {
         Some(Body::ConversationCreated(c)) => c.conversation.unwrap(),
         other => panic!("expected ConversationCreated, got {other:?}"),
@@ -108,7 +110,10 @@ fn three_users_chat_in_a_group() {
     send_and_ack(&mut alice, &gid, "hello group");
     for c in [&mut bob, &mut carol] {
         let m = next_deliver(c);
-        assert_eq!((m.conversation_id.as_str(), m.body.as_slice()), (gid.as_str(), &b"hello group"[..]));
+        assert_eq!(
+            (m.conversation_id.as_str(), m.body.as_slice()),
+            (gid.as_str(), &b"hello group"[..])
+        );
     }
     send_and_ack(&mut carol, &gid, "hi from carol");
     for c in [&mut alice, &mut bob] {
@@ -143,10 +148,16 @@ fn offline_user_catches_up_with_sync_and_resume() {
             limit: 0,
         }))
         .unwrap();
-    let f = bob.recv_until(T, "SyncBatch", |f| f.request_id == id).unwrap();
+    let f = bob
+        .recv_until(T, "SyncBatch", |f| f.request_id == id)
+        .unwrap();
     match f.body {
         Some(Body::SyncBatch(b)) => {
-            let got: Vec<(u64, &[u8])> = b.messages.iter().map(|m| (m.seq, m.body.as_slice())).collect();
+            let got: Vec<(u64, &[u8])> = b
+                .messages
+                .iter()
+                .map(|m| (m.seq, m.body.as_slice()))
+                .collect();
             assert_eq!(got, vec![(2, &b"two"[..]), (3, &b"three"[..])]);
             assert!(!b.has_more);
         }
@@ -170,7 +181,9 @@ fn offline_user_catches_up_with_sync_and_resume() {
     };
     bob.hello_with(hello, T).unwrap();
     let f = bob
-        .recv_until(T, "SyncBatch", |f| matches!(f.body, Some(Body::SyncBatch(_))))
+        .recv_until(T, "SyncBatch", |f| {
+            matches!(f.body, Some(Body::SyncBatch(_)))
+        })
         .unwrap();
     match f.body {
         Some(Body::SyncBatch(b)) => {

@@ -25,10 +25,12 @@ fn temp_dir(tag: &str) -> PathBuf {
 }
 
 fn gateway(dir: &Path, tune: impl FnOnce(&mut Config)) -> GatewayHandle {
-    let mut config = Config::default();
-    config.listen = "127.0.0.1:0".parse().unwrap();
-    config.cores = 1;
-    config.data_dir = dir.to_path_buf();
+    let mut config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        cores: 1,
+        data_dir: dir.to_path_buf(),
+        ..Default::default()
+    };
     tune(&mut config);
     GatewayHandle::start(config.clone(), build_backend(&config)).unwrap()
 }
@@ -47,14 +49,22 @@ fn run_ok(cmd: &mut Command) -> String {
 fn token_minted_from_the_data_dir_is_accepted_by_a_default_gateway() {
     let dir = temp_dir("token");
     // The CLI runs first and creates the secret; the gateway reuses it.
-    let token = run_ok(palaver().arg("token").args(["--user", "alice", "--data-dir"]).arg(&dir));
+    let token = run_ok(
+        palaver()
+            .arg("token")
+            .args(["--user", "alice", "--data-dir"])
+            .arg(&dir),
+    );
     let gw = gateway(&dir, |_| {});
     let ca = std::fs::read(dir.join("ca.pem")).unwrap();
     let mut c = Client::connect(&ConnectOptions::new(gw.local_addr, ca)).unwrap();
     let w = c.hello(token.trim(), "phone", T).unwrap();
     assert_eq!(w.user_id, "alice");
 
-    let bad = palaver().args(["token", "--user", "not valid"]).output().unwrap();
+    let bad = palaver()
+        .args(["token", "--user", "not valid"])
+        .output()
+        .unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--user"));
     drop(gw);
@@ -65,7 +75,13 @@ fn token_minted_from_the_data_dir_is_accepted_by_a_default_gateway() {
 fn certs_command_output_serves_a_gateway() {
     let dir = temp_dir("certs");
     let out = dir.join("pki");
-    run_ok(palaver().arg("certs").arg("--out").arg(&out).args(["--host", "localhost,127.0.0.1"]));
+    run_ok(
+        palaver()
+            .arg("certs")
+            .arg("--out")
+            .arg(&out)
+            .args(["--host", "localhost,127.0.0.1"]),
+    );
     let gw = gateway(&dir, |c| {
         c.tls.cert = Some(out.join("server.pem"));
         c.tls.key = Some(out.join("server.key"));
@@ -88,7 +104,12 @@ fn decode_prints_frames_and_rejects_non_hex() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(b"0x06 0x08 0x01 0x62 0x02 0x08 0x09\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"0x06 0x08 0x01 0x62 0x02 0x08 0x09\n")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("nonce: 9"));
     let bad = palaver().args(["decode", "zz"]).output().unwrap();
@@ -105,7 +126,15 @@ struct Chat {
 impl Chat {
     fn start(dir: &Path, addr: std::net::SocketAddr, user: &str, peer: &str) -> Chat {
         let mut child = palaver()
-            .args(["chat", "--user", user, "--to", peer, "--addr", &addr.to_string()])
+            .args([
+                "chat",
+                "--user",
+                user,
+                "--to",
+                peer,
+                "--addr",
+                &addr.to_string(),
+            ])
             .arg("--data-dir")
             .arg(dir)
             .stdin(Stdio::piped())
