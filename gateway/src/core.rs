@@ -252,12 +252,16 @@ impl Core {
                 match event.token() {
                     LISTENER => self.accept_pending = true,
                     WAKER => woken = true,
-                    Token(slot) => self.on_event(
-                        slot,
-                        event.is_readable(),
-                        event.is_writable(),
-                        &mut handshakes,
-                    ),
+                    Token(slot) => {
+                        let generation = self.conns.get(slot).map(|c| c.generation);
+                        let (readable, writable) = (event.is_readable(), event.is_writable());
+                        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            self.on_event(slot, readable, writable, &mut handshakes)
+                        }));
+                        if caught.is_err() {
+                            self.recover(slot, generation);
+                        }
+                    }
                 }
             }
             if woken && self.on_wake() {
@@ -454,27 +458,57 @@ impl Core {
     }
 
     fn deliver(&mut self, batch: Vec<Outbound>) {
-        let mut i = 0;
-        let n = batch.len();
         let mut batch = batch.into_iter().peekable();
         while let Some(o) = batch.next() {
-            i += 1;
-            let (_, slot, generation) = split_key(o.conn);
-            let Some(conn) = self.conns.get_mut(slot) else {
-                CoreMetrics::inc(&self.ctx.metrics.stale_deliveries);
-                continue;
-            };
-            if conn.generation != generation || conn.phase != Phase::Open {
-                CoreMetrics::inc(&self.ctx.metrics.stale_deliveries);
-                continue;
+            let key = o.conn;
+            let (_, slot, generation) = split_key(key);
+            let live = self
+                .conns
+                .get(slot)
+                .is_some_and(|c| c.generation == generation);
+            let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                match self.conns.get_mut(slot) {
+                    Some(conn) if live && conn.phase == Phase::Open => {
+                        let closes = o.closes_connection();
+                        self.ctx.deliver_one(slot, conn, o.frame, closes);
+                    }
+                    _ => CoreMetrics::inc(&self.ctx.metrics.stale_deliveries),
+                }
+                // Write once per run of frames for the same connection.
+                if batch.peek().is_some_and(|next| next.conn == key) {
+                    return;
+                }
+                match self.conns.get_mut(slot) {
+                    Some(conn) if live => {
+                        if self.ctx.finish_output(conn) == Fate::Close {
+                            self.close(slot);
+                        }
+                    }
+                    _ => self.ctx.scratch.out.clear(),
+                }
+            }));
+            if caught.is_err() {
+                self.recover(slot, live.then_some(generation));
             }
-            let closes = o.closes_connection();
-            self.ctx.deliver_one(slot, conn, o.frame, closes);
-            // Write once per run of frames for the same connection.
-            let same_next = batch.peek().is_some_and(|next| next.conn == o.conn);
-            if (!same_next || i == n) && self.ctx.finish_output(conn) == Fate::Close {
-                self.close(slot);
-            }
+        }
+    }
+
+    /// After a panic while handling one connection: drop it and whatever
+    /// half-built output the scratch buffers hold; the core keeps running.
+    fn recover(&mut self, slot: usize, generation: Option<u32>) {
+        tracing::error!(
+            core = self.ctx.index,
+            slot,
+            "panic while handling a connection; closing it"
+        );
+        self.ctx.scratch.out.clear();
+        self.ctx.scratch.frames.clear();
+        let same = self
+            .conns
+            .get(slot)
+            .is_some_and(|c| generation.is_none_or(|g| c.generation == g));
+        if same {
+            self.close(slot);
         }
     }
 
@@ -542,8 +576,15 @@ impl Core {
                 self.ctx.arm(slot, conn); // activity moved the deadline: re-park
                 continue;
             }
-            if self.ctx.expire(slot, conn) == Fate::Close {
-                self.close(slot);
+            let generation = conn.generation;
+            let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let conn = &mut self.conns[slot];
+                if self.ctx.expire(slot, conn) == Fate::Close {
+                    self.close(slot);
+                }
+            }));
+            if caught.is_err() {
+                self.recover(slot, Some(generation));
             }
         }
         self.ctx.scratch.fired = fired;
@@ -903,7 +944,10 @@ impl Ctx {
 
     fn deliver_one(&mut self, slot: usize, conn: &mut Conn, f: pb::Frame, closes: bool) {
         let len = palaver_protocol::encoded_frame_len(&f);
-        if conn.tls_out.len() + self.scratch.out.len() + len > self.max_outbound {
+        let pending = conn.tls_out.len() + self.scratch.out.len();
+        // A single frame larger than the limit (a big SyncBatch) may go out
+        // when nothing else is waiting; memory stays bounded by limit + frame.
+        if pending > 0 && pending + len > self.max_outbound {
             // Slow consumer: stop adding; tell it why behind what it has not read.
             CoreMetrics::inc(&self.metrics.slow_consumer_disconnects);
             let goaway = frame(
