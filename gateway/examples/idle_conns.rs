@@ -190,8 +190,9 @@ fn main() {
     println!("connections           {n} (+{} warm-up), {threads} client threads, gateway cores {cores}, backend {backend}", warm.len());
     println!("gateway VmRSS         {rss_before} KiB -> {rss_after} KiB");
     println!(
-        "memory per connection {:.0} bytes (RSS delta / N; includes the session in the embedded engine)",
-        (rss_after.saturating_sub(rss_before)) as f64 * 1024.0 / n as f64
+        "memory per connection {:.0} bytes (RSS delta / N{})",
+        (rss_after.saturating_sub(rss_before)) as f64 * 1024.0 / n as f64,
+        if backend == "none" { "" } else { "; includes each session's state in the embedded engine" }
     );
     println!(
         "connect rate          {:.0} connections/s (full TLS 1.3 handshake + Hello/Welcome; client side shares the machine)",
