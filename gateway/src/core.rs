@@ -1120,6 +1120,6 @@ mod tests {
     fn connection_slot_stays_small() {
         // The per-connection struct, excluding rustls' boxed state.
         let size = std::mem::size_of::<Conn>();
-        assert!(size <= 192, "Conn is {size} bytes");
+        assert!(size <= 160, "Conn is {size} bytes");
     }
 }
