@@ -192,7 +192,11 @@ fn main() {
     println!(
         "memory per connection {:.0} bytes (RSS delta / N{})",
         (rss_after.saturating_sub(rss_before)) as f64 * 1024.0 / n as f64,
-        if backend == "none" { "" } else { "; includes each session's state in the embedded engine" }
+        if backend == "none" {
+            ""
+        } else {
+            "; includes each session's state in the embedded engine"
+        }
     );
     println!(
         "connect rate          {:.0} connections/s (full TLS 1.3 handshake + Hello/Welcome; client side shares the machine)",

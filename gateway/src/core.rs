@@ -165,6 +165,10 @@ pub struct Core {
     /// Connections with a handshake step or read postponed to a later turn.
     deferred: VecDeque<(usize, u32)>,
     accept_pending: bool,
+    /// accept() failed (e.g. out of file descriptors): retry on the next tick
+    /// rather than spin, and rather than wait for a new connection's edge.
+    accept_retry: bool,
+    last_tick: u64,
     /// Set by Drain: when to force-close what is left (core clock, ms).
     drain_deadline_ms: Option<u64>,
 }
@@ -223,6 +227,8 @@ impl Core {
             rx,
             deferred: VecDeque::new(),
             accept_pending: true,
+            accept_retry: false,
+            last_tick: 0,
             drain_deadline_ms: None,
         })
     }
@@ -358,6 +364,7 @@ impl Core {
                     // instead of spinning.
                     tracing::warn!(core = self.ctx.index, "accept failed: {e}");
                     self.accept_pending = false;
+                    self.accept_retry = true;
                     return;
                 }
             }
@@ -555,6 +562,11 @@ impl Core {
 
     fn on_tick(&mut self) {
         let now = self.ctx.now_ms;
+        if self.accept_retry && now / TICK_MS != self.last_tick {
+            self.accept_retry = false;
+            self.accept_pending = true;
+        }
+        self.last_tick = now / TICK_MS;
         if let Some(deadline) = self.drain_deadline_ms {
             if now >= deadline {
                 self.close_all();

@@ -373,3 +373,41 @@ fn slow_reader_is_disconnected_and_its_buffer_freed() {
     wait_until(T, "reader connection closed", || t.gw().connections() == 1);
     assert_healthy(&mut sender);
 }
+
+#[test]
+fn a_burst_of_handshakes_is_spread_over_turns_and_all_complete() {
+    // One handshake step per turn: most of the burst goes through the
+    // deferred queue, while an established session keeps being served.
+    let t = start(|c| {
+        c.cores = 1;
+        c.limits.handshakes_per_turn = 1;
+    });
+    let mut healthy = t.login("alice", "phone");
+    let opts = t.opts();
+    let secret = t.secret.clone();
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            let opts = opts.clone();
+            let secret = secret.clone();
+            std::thread::spawn(move || {
+                (0..10)
+                    .map(|i| {
+                        let mut c = Client::connect(&opts).expect("handshake completes");
+                        let token = auth::mint_hs256(&secret, &format!("u{w}x{i}"), None, 60);
+                        c.hello(&token, "phone", T).expect("welcome");
+                        c
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    while !workers.iter().all(|w| w.is_finished()) {
+        assert_healthy(&mut healthy);
+    }
+    let clients: Vec<Client> = workers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
+    assert_eq!(clients.len(), 40);
+    assert_eq!(t.gw().connections(), 41);
+}

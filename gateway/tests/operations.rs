@@ -254,3 +254,21 @@ fn invalid_configuration_fails_at_start_naming_the_field() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("heartbeat"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn eddsa_tokens_with_a_configured_public_key() {
+    let dir = temp_dir("eddsa");
+    let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let public = dir.join("jwt.pub.pem");
+    std::fs::write(&public, kp.public_key_pem()).unwrap();
+    let t = start(move |c| c.auth.ed25519_public_key_file = Some(public));
+    let token =
+        palaver_gateway::auth::mint_eddsa(kp.serialize_pem().as_bytes(), "erin", None, 60).unwrap();
+    let mut c = t.connect();
+    assert_eq!(c.hello(&token, "phone", T).unwrap().user_id, "erin");
+    // The dev HS256 secret is not accepted when a key is configured.
+    let mut c2 = t.connect();
+    assert!(c2.hello(&t.token("mallory"), "phone", T).is_err());
+    assert_healthy(&mut c);
+    let _ = std::fs::remove_dir_all(&dir);
+}
