@@ -192,9 +192,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         println!("  admin:     http://{admin}/metrics  http://{admin}/healthz");
     }
     if gw.dev_ca_cert.is_some() || gw.dev_jwt_secret.is_some() {
+        let dir = std::fs::canonicalize(&cfg.data_dir).unwrap_or_else(|_| cfg.data_dir.clone());
         println!(
-            "  data dir:  {} (dev credentials; default {DEFAULT_DATA_DIR})",
-            cfg.data_dir.display()
+            "  data dir:  {} (dev credentials; --data-dir, default ./{DEFAULT_DATA_DIR})",
+            dir.display()
         );
     }
     if let Some(ca) = &gw.dev_ca_cert {
