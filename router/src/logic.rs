@@ -15,7 +15,7 @@ use std::sync::Arc;
 use palaver_protocol::pb::{self, frame::Body, ErrorCode};
 use prost::Message as _;
 
-use crate::api::{Inbound, Session};
+use crate::api::{Inbound, Session, SessionAddr};
 use crate::bus::{Addressed, Command, Output, PushEvent};
 use crate::store::{
     Appended, GroupRecord, Membership, RangeRead, Retention, Store, StoreError, StoreResult,
@@ -438,17 +438,7 @@ impl<S: Store> Router<S> {
             kind: kind as i32,
             up_to_seq,
         }));
-        for devices in self.store.sessions_of_users(&users)? {
-            for device in devices {
-                if device.addr != req.from.addr {
-                    out.frames.push(Addressed {
-                        to: device.addr,
-                        frame: update.clone(),
-                    });
-                }
-            }
-        }
-        Ok(())
+        Ok(self.fan_out(&users, Some(&req.from.addr), &update, out)?)
     }
 
     fn typing(
@@ -468,15 +458,7 @@ impl<S: Store> Router<S> {
             active: typing.active,
             user_id: req.from.user_id.clone(),
         }));
-        for devices in self.store.sessions_of_users(&others)? {
-            for device in devices {
-                out.frames.push(Addressed {
-                    to: device.addr,
-                    frame: frame.clone(),
-                });
-            }
-        }
-        Ok(())
+        Ok(self.fan_out(&others, None, &frame, out)?)
     }
 
     // ---- Sync and history ----------------------------------------------
@@ -992,12 +974,24 @@ impl<S: Store> Router<S> {
     ) -> StoreResult<()> {
         let copy = event(body.clone());
         out.frames.push(reply(req, body));
+        self.fan_out(users, Some(&req.from.addr), &copy, out)
+    }
+
+    /// `frame` to every online device of `users` (one batched session
+    /// lookup), except the connection `except`.
+    fn fan_out(
+        &mut self,
+        users: &[String],
+        except: Option<&SessionAddr>,
+        frame: &pb::Frame,
+        out: &mut Output,
+    ) -> StoreResult<()> {
         for devices in self.store.sessions_of_users(users)? {
             for device in devices {
-                if device.addr != req.from.addr {
+                if Some(&device.addr) != except {
                     out.frames.push(Addressed {
                         to: device.addr,
-                        frame: copy.clone(),
+                        frame: frame.clone(),
                     });
                 }
             }
