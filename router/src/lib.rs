@@ -16,6 +16,7 @@ pub mod bus;
 pub mod embedded;
 pub mod logic;
 pub mod memory;
+pub mod redis_store;
 pub mod store;
 
 pub use api::{Backend, BackendError, DeliverySink, Inbound, Outbound, Session, SessionAddr};
