@@ -15,6 +15,7 @@ pub mod api;
 pub mod bus;
 pub mod embedded;
 pub mod logic;
+pub mod kafka;
 pub mod memory;
 pub mod redis_store;
 pub mod store;
