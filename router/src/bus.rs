@@ -99,11 +99,19 @@ impl Output {
         self.frames.is_empty() && self.pushes.is_empty()
     }
 
-    /// Hand everything to `outlet`: frames grouped by gateway (one
-    /// `deliver` call per gateway, order per connection preserved), then the
-    /// push events. Leaves `self` empty (buffers keep their capacity), also
-    /// when the outlet fails part way.
+    /// Hand everything to `outlet`: the push events first (so whoever sees
+    /// a frame knows the pushes of the same commands are out), then the
+    /// frames grouped by gateway (one `deliver` call per gateway, order per
+    /// connection preserved). Leaves `self` empty, also when the outlet
+    /// fails part way.
     pub fn flush(&mut self, outlet: &mut dyn Outlet) -> Result<(), BusError> {
+        let mut result = Ok(());
+        if !self.pushes.is_empty() {
+            let pushes = std::mem::take(&mut self.pushes);
+            if let Err(e) = outlet.push(pushes) {
+                result = Err(e);
+            }
+        }
         let mut by_gateway: HashMap<String, Vec<Outbound>> = HashMap::new();
         for Addressed { to, frame } in self.frames.drain(..) {
             by_gateway.entry(to.gateway_id).or_default().push(Outbound {
@@ -111,15 +119,8 @@ impl Output {
                 frame,
             });
         }
-        let mut result = Ok(());
         for (gateway_id, batch) in by_gateway {
             if let Err(e) = outlet.deliver(&gateway_id, batch) {
-                result = Err(e);
-            }
-        }
-        if !self.pushes.is_empty() {
-            let pushes = std::mem::take(&mut self.pushes);
-            if let Err(e) = outlet.push(pushes) {
                 result = Err(e);
             }
         }

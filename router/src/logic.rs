@@ -8,7 +8,7 @@
 //! request_id and (for Send) the client_msg_id. Receipt and Typing have no
 //! positive response; they are answered only when they fail.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
@@ -514,7 +514,7 @@ impl<S: Store> Router<S> {
             .iter()
             .map(|c| (c.conversation_id.as_str(), c.after_seq))
             .collect();
-        let last_seqs = self.store.last_seqs(&conversation_ids)?;
+        let mut last_seqs = self.store.last_seqs(&conversation_ids)?;
 
         // Conversations the client does not know yet, listed first; within
         // the byte budget, so a huge account pages through them too.
@@ -543,13 +543,20 @@ impl<S: Store> Router<S> {
             let info = if id.starts_with("grp:") {
                 match groups.next().flatten() {
                     Some(group) => group_info(group, last_seqs[index]),
-                    // Listed but gone (should not happen): skip it.
-                    None => continue,
+                    None => {
+                        // Listed but its record is gone (lost data): treat it
+                        // as empty, or has_more would never clear.
+                        last_seqs[index] = 0;
+                        continue;
+                    }
                 }
             } else {
                 match parse_conversation_id(id, &self.config) {
                     Ok(ConversationRef::Direct { a, b }) => direct_info(a, b, last_seqs[index]),
-                    _ => continue,
+                    _ => {
+                        last_seqs[index] = 0;
+                        continue;
+                    }
                 }
             };
             let size = info.encoded_len();
@@ -948,155 +955,45 @@ impl<S: Store> Router<S> {
                 format!("no conversation {conversation_id}"),
             );
         };
-        let mut roles: HashMap<String, pb::Role> = group
-            .members
-            .iter()
-            .map(|m| (m.user_id.clone(), m.role()))
-            .collect();
-        let Some(actor_role) = roles.get(actor).copied() else {
-            return reject(
-                ErrorCode::Forbidden,
-                "you are not a member of this conversation",
-            );
-        };
-        if change.add_user_ids.is_empty()
-            && change.remove_user_ids.is_empty()
-            && change.promote_user_ids.is_empty()
-        {
-            return reject(ErrorCode::InvalidArgument, "nothing to change");
-        }
-        let ids = change
+        for user_id in change
             .add_user_ids
             .iter()
             .chain(&change.remove_user_ids)
-            .chain(&change.promote_user_ids);
-        for user_id in ids {
+            .chain(&change.promote_user_ids)
+        {
             self.check_user_id(user_id)?;
         }
-        let add: BTreeSet<&String> = change.add_user_ids.iter().collect();
-        let remove: BTreeSet<&String> = change.remove_user_ids.iter().collect();
-        let promote: BTreeSet<&String> = change.promote_user_ids.iter().collect();
-        if let Some(both) = add.intersection(&remove).next() {
-            return reject(
-                ErrorCode::InvalidArgument,
-                format!("{both} is both added and removed"),
-            );
-        }
-        if let Some(both) = promote.intersection(&remove).next() {
-            return reject(
-                ErrorCode::InvalidArgument,
-                format!("{both} is both promoted and removed"),
-            );
-        }
-        if let Some(stranger) = promote
-            .iter()
-            .find(|u| !roles.contains_key(u.as_str()) && !add.contains(*u))
-        {
-            return reject(
-                ErrorCode::InvalidArgument,
-                format!("cannot promote {stranger}: not a member"),
-            );
-        }
-        let leaving_only =
-            add.is_empty() && promote.is_empty() && remove.iter().all(|u| *u == actor);
-        if actor_role != pb::Role::Admin && !leaving_only {
-            return reject(
-                ErrorCode::Forbidden,
-                "only admins may add, remove or promote others; members may only remove themselves",
-            );
-        }
-
-        let added: Vec<String> = add
-            .iter()
-            .filter(|u| !roles.contains_key(u.as_str()))
-            .map(|u| (*u).clone())
-            .collect();
-        let removed: Vec<String> = remove
-            .iter()
-            .filter(|u| roles.contains_key(u.as_str()))
-            .map(|u| (*u).clone())
-            .collect();
-        let size_after = roles.len() + added.len() - removed.len();
-        if size_after > self.config.max_group_members {
-            return reject(
-                ErrorCode::TooManyMembers,
-                format!(
-                    "the group would have {size_after} members, the limit is {}",
-                    self.config.max_group_members
-                ),
-            );
-        }
-        let everyone_before: Vec<String> =
-            group.members.iter().map(|m| m.user_id.clone()).collect();
-
-        let mut upsert = Vec::new();
-        for user_id in &added {
-            let role = if promote.contains(user_id) {
-                pb::Role::Admin
-            } else {
-                pb::Role::Member
-            };
-            roles.insert(user_id.clone(), role);
-            upsert.push(pb::Member {
-                user_id: user_id.clone(),
-                role: role as i32,
-            });
-        }
-        for user_id in &promote {
-            if roles.get(user_id.as_str()) == Some(&pb::Role::Member) && !added.contains(user_id) {
-                roles.insert((*user_id).clone(), pb::Role::Admin);
-                upsert.push(pb::Member {
-                    user_id: (*user_id).clone(),
-                    role: pb::Role::Admin as i32,
-                });
-            }
-        }
-        for user_id in &removed {
-            roles.remove(user_id);
-        }
-        // A group never loses its last admin while it has members: the
-        // remaining member with the smallest user id takes over.
-        if !removed.is_empty() && !roles.values().any(|r| *r == pb::Role::Admin) {
-            if let Some(heir) = roles.keys().min().cloned() {
-                roles.insert(heir.clone(), pb::Role::Admin);
-                upsert.push(pb::Member {
-                    user_id: heir,
-                    role: pb::Role::Admin as i32,
-                });
-            }
-        }
-
-        let mut members: Vec<pb::Member> = roles
-            .into_iter()
-            .map(|(user_id, role)| pb::Member {
-                user_id,
-                role: role as i32,
-            })
-            .collect();
-        members.sort_unstable_by(|x, y| x.user_id.cmp(&y.user_id));
+        let plan = plan_member_change(&group.members, actor, change, &self.config)?;
         let last_seq = self
             .store
             .last_seqs(std::slice::from_ref(conversation_id))?[0];
-        let changed = pb::MembersChanged {
-            conversation: Some(group_info(GroupRecord { members, ..group }, last_seq)),
+        let mut recipients: Vec<String> = group.members.iter().map(|m| m.user_id.clone()).collect();
+        let changed = Body::MembersChanged(pb::MembersChanged {
+            conversation: Some(group_info(
+                GroupRecord {
+                    members: plan.members_after,
+                    ..group
+                },
+                last_seq,
+            )),
             actor_user_id: actor.clone(),
-            added_user_ids: added.clone(),
-            removed_user_ids: removed.clone(),
-        };
-        if upsert.is_empty() && removed.is_empty() {
-            // Nothing actually changed: tell only the requester.
-            out.frames.push(reply(req, Body::MembersChanged(changed)));
+            added_user_ids: plan.added.clone(),
+            removed_user_ids: plan.removed.clone(),
+        });
+        if plan.upsert.is_empty() && plan.removed.is_empty() {
+            // Nothing actually changes: tell only the requester.
+            out.frames.push(reply(req, changed));
             return Ok(());
         }
         self.store
-            .update_members(conversation_id, &upsert, &removed)?;
+            .update_members(conversation_id, &plan.upsert, &plan.removed)?;
         self.store
-            .add_conversation_to_users(conversation_id, &added)?;
+            .add_conversation_to_users(conversation_id, &plan.added)?;
         self.store
-            .remove_conversation_from_users(conversation_id, &removed)?;
-        let mut recipients = everyone_before;
-        recipients.extend(added);
-        self.reply_and_fan_out(req, Body::MembersChanged(changed), &recipients, out)?;
+            .remove_conversation_from_users(conversation_id, &plan.removed)?;
+        // Everyone before and after the change.
+        recipients.extend(plan.added);
+        self.reply_and_fan_out(req, changed, &recipients, out)?;
         Ok(())
     }
 
@@ -1213,6 +1110,139 @@ impl<S: Store> Router<S> {
         }
         Ok(())
     }
+}
+
+/// What a ChangeMembers request does to a group, decided before anything is
+/// written.
+struct MemberChange {
+    /// Members to add or give a new role (store `upsert`).
+    upsert: Vec<pb::Member>,
+    /// Users who were not members and are now.
+    added: Vec<String>,
+    /// Users who were members and are not any more.
+    removed: Vec<String>,
+    /// The member list afterwards, ascending by user id.
+    members_after: Vec<pb::Member>,
+}
+
+/// Check a ChangeMembers request of `actor` against the group's current
+/// `members` (user ids already validated) and work out its effect.
+fn plan_member_change<'a>(
+    members: &'a [pb::Member],
+    actor: &str,
+    change: &'a pb::ChangeMembers,
+    config: &RouterConfig,
+) -> Result<MemberChange, Failure> {
+    let mut roles: BTreeMap<&'a str, pb::Role> = members
+        .iter()
+        .map(|m| (m.user_id.as_str(), m.role()))
+        .collect();
+    let Some(actor_role) = roles.get(actor).copied() else {
+        return reject(
+            ErrorCode::Forbidden,
+            "you are not a member of this conversation",
+        );
+    };
+    let add: BTreeSet<&str> = change.add_user_ids.iter().map(String::as_str).collect();
+    let remove: BTreeSet<&str> = change.remove_user_ids.iter().map(String::as_str).collect();
+    let promote: BTreeSet<&str> = change.promote_user_ids.iter().map(String::as_str).collect();
+    if add.is_empty() && remove.is_empty() && promote.is_empty() {
+        return reject(ErrorCode::InvalidArgument, "nothing to change");
+    }
+    if let Some(both) = add.intersection(&remove).next() {
+        return reject(
+            ErrorCode::InvalidArgument,
+            format!("{both} is both added and removed"),
+        );
+    }
+    if let Some(both) = promote.intersection(&remove).next() {
+        return reject(
+            ErrorCode::InvalidArgument,
+            format!("{both} is both promoted and removed"),
+        );
+    }
+    if let Some(stranger) = promote
+        .iter()
+        .find(|u| !roles.contains_key(*u) && !add.contains(*u))
+    {
+        return reject(
+            ErrorCode::InvalidArgument,
+            format!("cannot promote {stranger}: not a member"),
+        );
+    }
+    let leaving_only = add.is_empty() && promote.is_empty() && remove.iter().all(|u| *u == actor);
+    if actor_role != pb::Role::Admin && !leaving_only {
+        return reject(
+            ErrorCode::Forbidden,
+            "only admins may add, remove or promote others; members may only remove themselves",
+        );
+    }
+
+    let added: Vec<&str> = add
+        .iter()
+        .copied()
+        .filter(|u| !roles.contains_key(u))
+        .collect();
+    let removed: Vec<&str> = remove
+        .iter()
+        .copied()
+        .filter(|u| roles.contains_key(u))
+        .collect();
+    let size_after = roles.len() + added.len() - removed.len();
+    if size_after > config.max_group_members {
+        return reject(
+            ErrorCode::TooManyMembers,
+            format!(
+                "the group would have {size_after} members, the limit is {}",
+                config.max_group_members
+            ),
+        );
+    }
+
+    let mut upsert = Vec::new();
+    let mut set_role =
+        |roles: &mut BTreeMap<&'a str, pb::Role>, user_id: &'a str, role: pb::Role| {
+            roles.insert(user_id, role);
+            upsert.push(pb::Member {
+                user_id: user_id.to_owned(),
+                role: role as i32,
+            });
+        };
+    for &user_id in &added {
+        let role = if promote.contains(user_id) {
+            pb::Role::Admin
+        } else {
+            pb::Role::Member
+        };
+        set_role(&mut roles, user_id, role);
+    }
+    for &user_id in &promote {
+        if roles.get(user_id) == Some(&pb::Role::Member) {
+            set_role(&mut roles, user_id, pb::Role::Admin);
+        }
+    }
+    for user_id in &removed {
+        roles.remove(user_id);
+    }
+    // A group never loses its last admin while it has members: the remaining
+    // member with the smallest user id takes over.
+    if !roles.values().any(|r| *r == pb::Role::Admin) {
+        if let Some(&heir) = roles.keys().next() {
+            set_role(&mut roles, heir, pb::Role::Admin);
+        }
+    }
+    Ok(MemberChange {
+        upsert,
+        added: added.into_iter().map(str::to_owned).collect(),
+        removed: removed.into_iter().map(str::to_owned).collect(),
+        members_after: roles
+            .into_iter()
+            .map(|(user_id, role)| pb::Member {
+                user_id: user_id.to_owned(),
+                role: role as i32,
+            })
+            .collect(),
+    })
 }
 
 fn parse_conversation_id<'a>(
