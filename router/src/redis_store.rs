@@ -749,6 +749,24 @@ impl RedisStore {
         Ok(changes)
     }
 
+    /// Clean shutdown of a gateway: its lease and registration go, its
+    /// remaining sessions are removed; returns who went offline.
+    pub fn deregister_gateway(
+        &mut self,
+        gateway_id: &str,
+        now_ms: i64,
+    ) -> StoreResult<Vec<(String, bool, i64)>> {
+        let changes = self.reap_sessions_of(gateway_id, now_ms)?;
+        self.pipeline(vec![
+            redis::cmd("DEL").arg(lease_key(gateway_id)).clone(),
+            redis::cmd("SREM")
+                .arg(KNOWN_GATEWAYS)
+                .arg(gateway_id)
+                .clone(),
+        ])?;
+        Ok(changes)
+    }
+
     /// PUBLISH one encoded presence batch.
     pub fn publish_presence(&mut self, payload: &[u8]) -> StoreResult<()> {
         self.query::<i64>(redis::cmd("PUBLISH").arg(PRESENCE_CHANNEL).arg(payload))
