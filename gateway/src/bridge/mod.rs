@@ -153,8 +153,9 @@ struct Started {
 
 /// The Kafka/Redis backend of one gateway.
 pub struct KafkaRedisBridge {
-    config: BridgeConfig,
-    producer: Arc<ThreadedProducer<ProduceContext>>,
+    config: Result<BridgeConfig, String>,
+    /// Created by `start` (read without a lock on the hot path).
+    producer: OnceLock<Arc<ThreadedProducer<ProduceContext>>>,
     started: Mutex<Option<Started>>,
     /// Read without a lock on the hot path.
     presence: OnceLock<Arc<Presence>>,
@@ -164,26 +165,31 @@ pub struct KafkaRedisBridge {
 }
 
 impl KafkaRedisBridge {
-    /// Creates the producer; nothing else happens before [`Backend::start`].
-    pub fn new(config: BridgeConfig) -> Result<Self, BackendError> {
-        let producer: ThreadedProducer<ProduceContext> = kafka::producer_config(&config.brokers, config.linger_ms)
-            .set(
-                "message.timeout.ms",
-                config.produce_timeout.as_millis().max(1).to_string(),
-            )
-            .create_with_context(ProduceContext {
-                sink: OnceLock::new(),
-            })
-            .map_err(|e| BackendError::Config(format!("Kafka producer for {}: {e}", config.brokers)))?;
-        Ok(Self {
+    /// Nothing connects before [`Backend::start`].
+    pub fn new(config: BridgeConfig) -> Self {
+        Self::with_config(Ok(config))
+    }
+
+    /// From the gateway config's strings; a bad Redis spec is reported by
+    /// `start` (with what to write instead).
+    pub fn from_spec(brokers: &str, redis: &str) -> Self {
+        Self::with_config(
+            RedisConfig::parse(redis)
+                .map(|r| BridgeConfig::new(brokers, r))
+                .map_err(|e| format!("backend.redis: {e}")),
+        )
+    }
+
+    fn with_config(config: Result<BridgeConfig, String>) -> Self {
+        Self {
             config,
-            producer: Arc::new(producer),
+            producer: OnceLock::new(),
             started: Mutex::new(None),
             presence: OnceLock::new(),
             reads: OnceLock::new(),
             gateway_id: OnceLock::new(),
             stop: Arc::new(AtomicBool::new(false)),
-        })
+        }
     }
 
     /// Stops every background thread at once without flushing presence or
@@ -205,8 +211,8 @@ impl KafkaRedisBridge {
         for t in started.threads {
             let _ = t.join();
         }
-        if clean {
-            let _ = self.producer.flush(self.config.produce_timeout);
+        if let (true, Some(producer), Ok(config)) = (clean, self.producer.get(), &self.config) {
+            let _ = producer.flush(config.produce_timeout);
         }
         tracing::info!(gateway = %started.gateway_id, clean, "bridge stopped");
         drop(started.sink);
@@ -254,23 +260,35 @@ impl Backend for KafkaRedisBridge {
         if started.is_some() || self.gateway_id.get().is_some() {
             return Err(BackendError::Config("the bridge serves one gateway, once".into()));
         }
+        let config = self.config.as_ref().map_err(|e| BackendError::Config(e.clone()))?;
         kafka::check_gateway_id(gateway_id).map_err(BackendError::Config)?;
         let topic = kafka::delivery_topic(gateway_id);
         kafka::ensure_topics(
-            &self.config.brokers,
+            &config.brokers,
             &[
-                (kafka::INBOUND_TOPIC, self.config.inbound_partitions),
+                (kafka::INBOUND_TOPIC, config.inbound_partitions),
                 (&topic, 1),
             ],
             Duration::from_secs(10),
         )
         .map_err(BackendError::Unavailable)?;
-        let _ = self.producer.context().sink.set(sink.clone());
+        let producer: ThreadedProducer<ProduceContext> =
+            kafka::producer_config(&config.brokers, config.linger_ms)
+                .set(
+                    "message.timeout.ms",
+                    config.produce_timeout.as_millis().max(1).to_string(),
+                )
+                .create_with_context(ProduceContext {
+                    sink: OnceLock::new(),
+                })
+                .map_err(|e| BackendError::Config(format!("Kafka producer for {}: {e}", config.brokers)))?;
+        let _ = producer.context().sink.set(sink.clone());
+        let producer = Arc::new(producer);
 
         // Delivery consumer: assigned at the topic's current end before
         // start returns, so every record produced from now on is seen.
         let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.config.brokers)
+            .set("bootstrap.servers", &config.brokers)
             .set("group.id", format!("palaver-gateway-{gateway_id}"))
             .set("enable.auto.commit", "false")
             .set("fetch.wait.max.ms", "10")
@@ -291,10 +309,10 @@ impl Backend for KafkaRedisBridge {
         let presence = Arc::new(Presence::new(gateway_id));
         presence
             .start(
-                &self.config.redis,
-                self.config.presence,
+                &config.redis,
+                config.presence,
                 sink.clone(),
-                Self::replaced_handler(gateway_id.to_owned(), sink.clone(), self.producer.clone()),
+                Self::replaced_handler(gateway_id.to_owned(), sink.clone(), producer.clone()),
             )
             .map_err(BackendError::Unavailable)?;
 
@@ -309,12 +327,12 @@ impl Backend for KafkaRedisBridge {
         );
 
         let (reads_tx, reads_rx) = crossbeam_channel::unbounded();
-        for i in 0..self.config.readers.max(1) {
-            let store = RedisStore::connect(self.config.redis.clone())
+        for i in 0..config.readers.max(1) {
+            let store = RedisStore::connect(config.redis.clone())
                 .map_err(|e| BackendError::Unavailable(format!("Redis: {e}")))?;
             let reader = Reader {
                 gateway_id: gateway_id.to_owned(),
-                router: Router::new(store, self.config.router.clone(), Arc::new(SystemClock)),
+                router: Router::new(store, config.router.clone(), Arc::new(SystemClock)),
                 sink: sink.clone(),
                 presence: presence.clone(),
                 jobs: reads_rx.clone(),
@@ -326,6 +344,7 @@ impl Backend for KafkaRedisBridge {
                     .map_err(|e| BackendError::Unavailable(format!("spawn: {e}")))?,
             );
         }
+        let _ = self.producer.set(producer);
         let _ = self.presence.set(presence.clone());
         let _ = self.reads.set(reads_tx.clone());
         let _ = self.gateway_id.set(gateway_id.to_owned());
@@ -336,7 +355,7 @@ impl Backend for KafkaRedisBridge {
             presence,
             threads,
         });
-        tracing::info!(gateway = gateway_id, brokers = %self.config.brokers, "Kafka/Redis bridge started");
+        tracing::info!(gateway = gateway_id, brokers = %config.brokers, "Kafka/Redis bridge started");
         Ok(())
     }
 
@@ -382,12 +401,16 @@ impl Backend for KafkaRedisBridge {
             request_id: request.request_id,
             client_msg_id,
         };
+        let Some(producer) = self.producer.get() else {
+            tracing::warn!("request submitted before the bridge started; dropped");
+            return;
+        };
         let record = BaseRecord::with_opaque_to(kafka::INBOUND_TOPIC, Box::new(Some(pending)))
             .key(key.as_bytes())
             .payload(&value);
-        if let Err((e, record)) = self.producer.send(record) {
+        if let Err((e, record)) = producer.send(record) {
             // Not even queued (queue full, or the producer is gone).
-            if let (Some(pending), Some(sink)) = (*record.delivery_opaque, self.producer.context().sink.get()) {
+            if let (Some(pending), Some(sink)) = (*record.delivery_opaque, producer.context().sink.get()) {
                 sink.deliver(vec![unavailable(
                     pending.conn,
                     pending.request_id,
