@@ -545,3 +545,217 @@ pub fn create_topic(bootstrap: &str, name: &str, partitions: u32) -> Result<()> 
         thread::sleep(Duration::from_millis(100));
     }
 }
+
+// ---- `palaver cluster up|down|status` ---------------------------------------
+
+/// One process of the local cluster, as recorded in the state file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterProcess {
+    pub name: String,
+    pub pid: u32,
+    /// The port it serves (0 when none).
+    pub port: u16,
+}
+
+const STATE_FILE: &str = "state";
+
+fn pid_alive(pid: u32) -> bool {
+    // A zombie still has /proc/<pid>; its state letter is Z.
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(") ")
+                .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// Reads `dir/state`: one `name pid port` line per process.
+pub fn cluster_state(dir: &Path) -> Result<Vec<ClusterProcess>> {
+    let path = dir.join(STATE_FILE);
+    let text = match fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(err(format!("read {}: {e}", path.display()))),
+    };
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let mut f = line.split_whitespace();
+            let parsed = (|| {
+                Some(ClusterProcess {
+                    name: f.next()?.to_string(),
+                    pid: f.next()?.parse().ok()?,
+                    port: f.next()?.parse().ok()?,
+                })
+            })();
+            parsed.ok_or_else(|| err(format!("{}: bad line {line:?}", path.display())))
+        })
+        .collect()
+}
+
+fn write_state(dir: &Path, procs: &[ClusterProcess]) -> Result<()> {
+    let text: String = procs
+        .iter()
+        .map(|p| format!("{} {} {}\n", p.name, p.pid, p.port))
+        .collect();
+    fs::write(dir.join(STATE_FILE), text).map_err(|e| err(format!("write state: {e}")))
+}
+
+/// Finds a Palaver binary next to the running executable (cargo puts all of
+/// a workspace's binaries in one directory), else on PATH.
+pub fn find_palaver_binary(name: &str) -> Result<PathBuf> {
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join(name)))
+        .filter(|p| p.is_file());
+    match beside {
+        Some(p) => Ok(p),
+        None => find_binary(name).map_err(|_| {
+            err(format!(
+                "`{name}` not found next to this executable or on PATH; build it with \
+                 `cargo build --bins`"
+            ))
+        }),
+    }
+}
+
+/// Starts Redis, Tansu (SQLite storage), one router and two gateways
+/// (`gw1`, `gw2`) sharing `listen` via SO_REUSEPORT, all in the background,
+/// with logs and state under `dir`. `data_dir` holds the gateways' dev
+/// certificate and JWT secret (as for a single gateway).
+pub fn cluster_up(dir: &Path, data_dir: &Path, listen: &str) -> Result<Vec<ClusterProcess>> {
+    let running: Vec<ClusterProcess> = cluster_state(dir)?
+        .into_iter()
+        .filter(|p| pid_alive(p.pid))
+        .collect();
+    if !running.is_empty() {
+        return Err(err(format!(
+            "a cluster is already running from {} ({} processes); run `palaver cluster down` first",
+            dir.display(),
+            running.len()
+        )));
+    }
+    let router_bin = find_palaver_binary("palaver-router")?;
+    let gateway_bin = find_palaver_binary("palaver-gateway")?;
+    fs::create_dir_all(dir).map_err(|e| err(format!("create {}: {e}", dir.display())))?;
+    let mut procs = Vec::new();
+    let result = (|| {
+        let redis = Redis::start_with(WorkDir::kept(dir.join("redis"))?, &[])?;
+        let redis_url = redis.url();
+        procs.push(ClusterProcess {
+            name: "redis".into(),
+            pid: redis.pid(),
+            port: redis.port(),
+        });
+        redis.detach();
+
+        let tansu = Tansu::start_with(WorkDir::kept(dir.join("tansu"))?, TansuStorage::Sqlite)?;
+        let brokers = tansu.bootstrap();
+        procs.push(ClusterProcess {
+            name: "tansu".into(),
+            pid: tansu.pid(),
+            port: tansu.port(),
+        });
+        tansu.detach();
+
+        let spawn = |name: &str, mut cmd: Command| -> Result<ClusterProcess> {
+            let log = dir.join(format!("{name}.log"));
+            let out = fs::File::create(&log).map_err(|e| err(format!("create {}: {e}", log.display())))?;
+            let out2 = out.try_clone().map_err(|e| err(format!("dup log: {e}")))?;
+            let child = cmd
+                .stdin(Stdio::null())
+                .stdout(out)
+                .stderr(out2)
+                .spawn()
+                .map_err(|e| err(format!("spawn {name}: {e}")))?;
+            Ok(ClusterProcess {
+                name: name.into(),
+                pid: child.id(),
+                port: 0,
+            })
+        };
+        let mut router = Command::new(&router_bin);
+        router.args(["--brokers", &brokers, "--redis", &redis_url, "--router-id", "router-1"]);
+        procs.push(spawn("router-1", router)?);
+
+        let config = dir.join("gateway.toml");
+        fs::write(
+            &config,
+            format!("[backend]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\nredis = \"{redis_url}\"\n"),
+        )
+        .map_err(|e| err(format!("write {}: {e}", config.display())))?;
+        let port: u16 = listen
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .ok_or_else(|| err(format!("listen address {listen:?} must be HOST:PORT")))?;
+        for id in ["gw1", "gw2"] {
+            let mut gw = Command::new(&gateway_bin);
+            gw.arg("--config")
+                .arg(&config)
+                .args(["--gateway-id", id, "--listen", listen, "--cores", "1"])
+                .arg("--data-dir")
+                .arg(data_dir);
+            let mut p = spawn(id, gw)?;
+            p.port = port;
+            let pid = p.pid;
+            procs.push(p);
+            // The first gateway creates the dev certificate; let it finish
+            // before the second reads it.
+            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+            let deadline = Instant::now() + START_DEADLINE;
+            while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+                if !pid_alive(pid) || Instant::now() > deadline {
+                    return Err(err(format!(
+                        "gateway {id} did not start; log {}:\n{}",
+                        dir.join(format!("{id}.log")).display(),
+                        log_tail(&dir.join(format!("{id}.log")))
+                    )));
+                }
+                thread::sleep(POLL_INTERVAL);
+            }
+        }
+        Ok(())
+    })();
+    write_state(dir, &procs)?;
+    match result {
+        Ok(()) => Ok(procs),
+        Err(e) => {
+            let _ = cluster_down(dir);
+            Err(e)
+        }
+    }
+}
+
+/// Stops every process of the state file (SIGTERM, then SIGKILL after a
+/// grace period), gateways first, and clears the state.
+pub fn cluster_down(dir: &Path) -> Result<Vec<ClusterProcess>> {
+    let mut procs = cluster_state(dir)?;
+    procs.reverse();
+    for p in &procs {
+        if !pid_alive(p.pid) {
+            continue;
+        }
+        let _ = Command::new("kill").arg(p.pid.to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while pid_alive(p.pid) && Instant::now() < deadline {
+            thread::sleep(POLL_INTERVAL);
+        }
+        if pid_alive(p.pid) {
+            let _ = Command::new("kill").args(["-9", &p.pid.to_string()]).status();
+        }
+    }
+    let _ = fs::remove_file(dir.join(STATE_FILE));
+    procs.reverse();
+    Ok(procs)
+}
+
+/// Each recorded process and whether it is running.
+pub fn cluster_status(dir: &Path) -> Result<Vec<(ClusterProcess, bool)>> {
+    Ok(cluster_state(dir)?
+        .into_iter()
+        .map(|p| {
+            let alive = pid_alive(p.pid);
+            (p, alive)
+        })
+        .collect())
+}
