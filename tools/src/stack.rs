@@ -468,7 +468,9 @@ impl Tansu {
         let url = format!("tcp://127.0.0.1:{port}");
         let storage_url = match storage {
             TansuStorage::Memory => "memory://tansu/".to_string(),
-            TansuStorage::Sqlite => format!("sqlite://{}", dir.path().join("tansu.db").display()),
+            // Tansu resolves the path against its working directory (an
+            // absolute path would be joined to it too).
+            TansuStorage::Sqlite => "sqlite://tansu.db".to_string(),
         };
         let mut cmd = Command::new(find_binary("tansu")?);
         cmd.current_dir(dir.path())

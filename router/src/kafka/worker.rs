@@ -244,7 +244,12 @@ impl RouterWorker {
         )?;
         let store = RedisStore::connect(config.redis.clone())
             .map_err(|e| format!("Redis {:?}: {e}", config.redis.urls))?;
-        let consumer: BaseConsumer<RebalanceLog> = ClientConfig::new()
+        let mut consumer_config = ClientConfig::new();
+        // librdkafka debug contexts (e.g. "cgrp,topic"), logged through `log`.
+        if let Ok(debug) = std::env::var("PALAVER_KAFKA_DEBUG") {
+            consumer_config.set("debug", debug);
+        }
+        let consumer: BaseConsumer<RebalanceLog> = consumer_config
             .set("bootstrap.servers", &config.brokers)
             .set("group.id", &config.group_id)
             .set("client.id", &config.router_id)
