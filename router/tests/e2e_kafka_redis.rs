@@ -559,7 +559,22 @@ fn killing_a_router_mid_stream_loses_no_acknowledged_message() {
     }
     // Let traffic flow, then kill one router.
     std::thread::sleep(Duration::from_millis(1500));
+    let revocations = |s: &Stack| {
+        std::fs::read_to_string(s.dir.path().join("router-1.log"))
+            .unwrap_or_default()
+            .matches("partitions revoked")
+            .count()
+    };
+    let before = revocations(&s);
     s.routers[0].kill();
+    // The replacement joins once the group noticed the death (router-1's
+    // partitions are revoked for a rebalance), as a supervisor's restart
+    // would after its back-off.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while revocations(&s) == before {
+        assert!(Instant::now() < deadline, "the group never noticed the dead router");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     s.add_router("router-2");
     let mut acked: HashMap<String, Vec<pb::SendAck>> = HashMap::new();
     for (h, conv) in senders.into_iter().zip(&convs) {
