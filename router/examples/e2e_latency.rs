@@ -8,6 +8,9 @@
 //! `RouterWorker`, in-process), two gateways with the Kafka/Redis bridge,
 //! TLS clients. Prints median, p90, p99, max.
 
+// Configs are filled field by field, like an operator's config file.
+#![allow(clippy::field_reassign_with_default)]
+
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -48,7 +51,8 @@ fn main() {
     let redis = Redis::start().expect("redis-server");
     let tansu = Tansu::start().expect("tansu");
     let dir = WorkDir::temp("latency").unwrap();
-    let mut worker_config = WorkerConfig::new(tansu.bootstrap(), RedisConfig::standalone(redis.url()));
+    let mut worker_config =
+        WorkerConfig::new(tansu.bootstrap(), RedisConfig::standalone(redis.url()));
     worker_config.inbound_partitions = 4;
     let mut worker = RouterWorker::new(worker_config).expect("router worker");
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -61,8 +65,12 @@ fn main() {
     let secret = devcerts::read_secret(&dir.path().join(devcerts::JWT_SECRET_FILE)).unwrap();
     let login = |gw: &GatewayHandle, user: &str| {
         let mut c = Client::connect(&ConnectOptions::new(gw.local_addr, ca.clone())).unwrap();
-        c.hello(&auth::mint_hs256(&secret, user, None, 3600), "phone", Duration::from_secs(30))
-            .unwrap();
+        c.hello(
+            &auth::mint_hs256(&secret, user, None, 3600),
+            "phone",
+            Duration::from_secs(30),
+        )
+        .unwrap();
         c
     };
     let mut alice = login(&gw1, "alice");
@@ -98,7 +106,9 @@ fn main() {
                     matches!(f.body, Some(Body::Deliver(_)))
                 })
                 .expect("Deliver");
-            let Some(Body::Deliver(d)) = f.body else { unreachable!() };
+            let Some(Body::Deliver(d)) = f.body else {
+                unreachable!()
+            };
             let body = d.message.unwrap().body;
             let sent = u64::from_le_bytes(body[8..16].try_into().unwrap());
             let now = epoch.elapsed().as_nanos() as u64;

@@ -11,6 +11,9 @@
 //! flushed, reset Redis' stats, let them heartbeat for the measuring window,
 //! then read the command counters.
 
+// Configs are filled field by field, like an operator's config file.
+#![allow(clippy::field_reassign_with_default)]
+
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -34,7 +37,11 @@ fn main() {
         return;
     }
     let counts: Vec<usize> = args[1..].iter().map(|a| a.parse().expect("N")).collect();
-    let counts = if counts.is_empty() { vec![1000, 15000] } else { counts };
+    let counts = if counts.is_empty() {
+        vec![1000, 15000]
+    } else {
+        counts
+    };
 
     let redis = Redis::start().expect("redis-server");
     let tansu = Tansu::start().expect("tansu");
@@ -57,7 +64,9 @@ fn main() {
     let ca = dir.path().join(devcerts::CA_CERT_FILE);
     let secret = devcerts::read_secret(&dir.path().join(devcerts::JWT_SECRET_FILE)).unwrap();
 
-    println!("| idle connections | heartbeat | window | Redis commands | commands/s | by command |");
+    println!(
+        "| idle connections | heartbeat | window | Redis commands | commands/s | by command |"
+    );
     println!("| --- | --- | --- | --- | --- | --- |");
     for n in counts {
         let mut child = Command::new(std::env::current_exe().unwrap())
@@ -73,7 +82,11 @@ fn main() {
         assert_eq!(ready, format!("connected {n}"), "client process");
         let deadline = Instant::now() + Duration::from_secs(60);
         while gw.connections() < n {
-            assert!(Instant::now() < deadline, "gateway sees {} of {n}", gw.connections());
+            assert!(
+                Instant::now() < deadline,
+                "gateway sees {} of {n}",
+                gw.connections()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         // Let the connect storm's presence writes drain, then measure idle.
@@ -127,7 +140,8 @@ fn clients(args: &[String]) {
     for i in 0..n {
         let mut c = Client::connect(&opts).expect("connect");
         let token = auth::mint_hs256(&secret, &format!("user{i}"), None, 3600);
-        c.hello(&token, "phone", Duration::from_secs(30)).expect("welcome");
+        c.hello(&token, "phone", Duration::from_secs(30))
+            .expect("welcome");
         clients.push(c);
     }
     println!("connected {n}");

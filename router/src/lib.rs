@@ -14,8 +14,8 @@
 pub mod api;
 pub mod bus;
 pub mod embedded;
-pub mod logic;
 pub mod kafka;
+pub mod logic;
 pub mod memory;
 pub mod redis_store;
 pub mod store;

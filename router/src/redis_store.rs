@@ -97,14 +97,15 @@ impl RedisConfig {
 
 enum Conn {
     Single(redis::Connection),
-    Cluster(ClusterConnection),
+    // Boxed: a cluster connection is several times larger than a plain one.
+    Cluster(Box<ClusterConnection>),
 }
 
 impl Conn {
     fn as_dyn(&mut self) -> &mut dyn ConnectionLike {
         match self {
             Conn::Single(c) => c,
-            Conn::Cluster(c) => c,
+            Conn::Cluster(c) => c.as_mut(),
         }
     }
 }
@@ -397,7 +398,7 @@ impl RedisStore {
                 .connection_timeout(self.config.timeout)
                 .response_timeout(self.config.timeout)
                 .build()?;
-            Conn::Cluster(client.get_connection()?)
+            Conn::Cluster(Box::new(client.get_connection()?))
         } else {
             let url = self.config.urls.first().ok_or_else(|| {
                 RedisError::from((redis::ErrorKind::Client, "no Redis URL configured"))
@@ -466,7 +467,7 @@ impl RedisStore {
                     for cmd in &cmds {
                         p.add_command(cmd.clone());
                     }
-                    p.query(c)
+                    p.query(c.as_mut())
                 }
             }
         };
@@ -492,7 +493,10 @@ impl RedisStore {
     }
 
     /// For each gateway id: is it known to be dead (registered, lease gone)?
-    fn dead_gateways_among(&mut self, gateway_ids: &HashSet<String>) -> StoreResult<HashSet<String>> {
+    fn dead_gateways_among(
+        &mut self,
+        gateway_ids: &HashSet<String>,
+    ) -> StoreResult<HashSet<String>> {
         if gateway_ids.is_empty() {
             return Ok(HashSet::new());
         }
@@ -999,7 +1003,10 @@ impl ConversationStore for RedisStore {
         upsert: &[pb::Member],
         remove: &[String],
     ) -> StoreResult<()> {
-        let (g, m) = (conv_key(conversation_id, "g"), conv_key(conversation_id, "m"));
+        let (g, m) = (
+            conv_key(conversation_id, "g"),
+            conv_key(conversation_id, "m"),
+        );
         self.with_conn(|conn, scripts| {
             let mut inv = scripts.update_members.prepare_invoke();
             inv.key(&g).key(&m).arg(upsert.len());
@@ -1229,7 +1236,10 @@ impl SessionStore for RedisStore {
             return Ok(());
         }
         let addr = encode_addr(watcher);
-        let mut cmds = vec![redis::cmd("SREM").arg(watcher_key(watcher)).arg(user_ids).clone()];
+        let mut cmds = vec![redis::cmd("SREM")
+            .arg(watcher_key(watcher))
+            .arg(user_ids)
+            .clone()];
         cmds.extend(
             user_ids
                 .iter()

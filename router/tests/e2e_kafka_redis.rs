@@ -2,6 +2,9 @@
 //! processes (this crate's binary), in-process gateways with the Kafka/Redis
 //! bridge, and real TLS clients (palaver-tools' blocking client).
 
+// Configs are filled field by field, like an operator's config file.
+#![allow(clippy::field_reassign_with_default)]
+
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -112,7 +115,12 @@ impl Stack {
     }
 
     fn add_router(&mut self, id: &str) {
-        let r = RouterProcess::start(&self.tansu.bootstrap(), &self.redis_spec, id, self.dir.path());
+        let r = RouterProcess::start(
+            &self.tansu.bootstrap(),
+            &self.redis_spec,
+            id,
+            self.dir.path(),
+        );
         self.routers.push(r);
     }
 
@@ -128,7 +136,8 @@ impl Stack {
             brokers: self.tansu.bootstrap(),
             redis: self.redis_spec.clone(),
         };
-        let mut bridge_config = BridgeConfig::new(self.tansu.bootstrap(), self.redis_config.clone());
+        let mut bridge_config =
+            BridgeConfig::new(self.tansu.bootstrap(), self.redis_config.clone());
         bridge_config.presence = PresenceTiming {
             flush_interval: Duration::from_millis(50),
             tick: Duration::from_millis(500),
@@ -147,7 +156,14 @@ impl Stack {
     }
 
     fn secret(&self) -> Vec<u8> {
-        devcerts::read_secret(&self.dir.path().join("gw-data").join(devcerts::JWT_SECRET_FILE)).unwrap()
+        devcerts::read_secret(
+            &self
+                .dir
+                .path()
+                .join("gw-data")
+                .join(devcerts::JWT_SECRET_FILE),
+        )
+        .unwrap()
     }
 
     fn login(&self, gateway: usize, user: &str, device: &str) -> Client {
@@ -155,7 +171,13 @@ impl Stack {
     }
 
     /// Hello with resume cursors; returns the client and the Welcome.
-    fn login_with(&self, gateway: usize, user: &str, device: &str, resume: Vec<pb::Cursor>) -> (Client, pb::Welcome) {
+    fn login_with(
+        &self,
+        gateway: usize,
+        user: &str,
+        device: &str,
+        resume: Vec<pb::Cursor>,
+    ) -> (Client, pb::Welcome) {
         let mut c = Client::connect(&self.gateways[gateway].opts).expect("TLS connect");
         let token = auth::mint_hs256(&self.secret(), user, None, 3600);
         let w = c
@@ -228,7 +250,9 @@ fn send_reliably(c: &mut Client, conv: &str, text: &str) -> pb::SendAck {
                 ..Default::default()
             }))
             .unwrap();
-        match c.recv_until(Duration::from_secs(20), "SendAck or Error", |f| f.request_id == id) {
+        match c.recv_until(Duration::from_secs(20), "SendAck or Error", |f| {
+            f.request_id == id
+        }) {
             Ok(f) => match &f.body {
                 Some(Body::SendAck(a)) => return a.clone(),
                 Some(Body::Error(e)) if e.code == pb::ErrorCode::Unavailable as u32 => continue,
@@ -254,7 +278,9 @@ fn group_of(c: &mut Client, members: &[&str]) -> String {
             member_user_ids: members.iter().map(|s| s.to_string()).collect(),
         }))
         .unwrap();
-    let f = c.recv_until(T, "ConversationCreated", |f| f.request_id == id).unwrap();
+    let f = c
+        .recv_until(T, "ConversationCreated", |f| f.request_id == id)
+        .unwrap();
     match f.body {
         Some(Body::ConversationCreated(cc)) => cc.conversation.unwrap().conversation_id,
         other => panic!("expected ConversationCreated, got {other:?}"),
@@ -276,7 +302,10 @@ fn chat_checks(cluster: bool) {
     let ack = send_reliably(&mut alice, &dm, "hi bob");
     assert_eq!(ack.seq, 1);
     let m = next_deliver(&mut bob);
-    assert_eq!((m.sender_user_id.as_str(), m.seq, m.body.as_slice()), ("alice", 1, &b"hi bob"[..]));
+    assert_eq!(
+        (m.sender_user_id.as_str(), m.seq, m.body.as_slice()),
+        ("alice", 1, &b"hi bob"[..])
+    );
     let ack = send_reliably(&mut bob, &dm, "hi alice");
     assert_eq!(ack.seq, 2);
     assert_eq!(next_deliver(&mut alice).seq, 2);
@@ -289,10 +318,17 @@ fn chat_checks(cluster: bool) {
     }))
     .unwrap();
     let f = alice
-        .recv_until(T, "ReceiptUpdate", |f| matches!(f.body, Some(Body::ReceiptUpdate(_))))
+        .recv_until(T, "ReceiptUpdate", |f| {
+            matches!(f.body, Some(Body::ReceiptUpdate(_)))
+        })
         .unwrap();
-    let Some(Body::ReceiptUpdate(r)) = f.body else { unreachable!() };
-    assert_eq!((r.user_id.as_str(), r.up_to_seq, r.kind), ("bob", 1, pb::ReceiptKind::Read as i32));
+    let Some(Body::ReceiptUpdate(r)) = f.body else {
+        unreachable!()
+    };
+    assert_eq!(
+        (r.user_id.as_str(), r.up_to_seq, r.kind),
+        ("bob", 1, pb::ReceiptKind::Read as i32)
+    );
 
     // Typing is relayed, never stored.
     alice
@@ -305,7 +341,9 @@ fn chat_checks(cluster: bool) {
     let f = bob
         .recv_until(T, "Typing", |f| matches!(f.body, Some(Body::Typing(_))))
         .unwrap();
-    let Some(Body::Typing(t)) = f.body else { unreachable!() };
+    let Some(Body::Typing(t)) = f.body else {
+        unreachable!()
+    };
     assert_eq!((t.user_id.as_str(), t.active), ("alice", true));
 
     // Group fan-out across gateways.
@@ -327,9 +365,13 @@ fn chat_checks(cluster: bool) {
         ..Default::default()
     });
     let id1 = alice.request(send.clone()).unwrap();
-    let a1 = alice.recv_until(T, "ack 1", |f| f.request_id == id1).unwrap();
+    let a1 = alice
+        .recv_until(T, "ack 1", |f| f.request_id == id1)
+        .unwrap();
     let id2 = alice.request(send).unwrap();
-    let a2 = alice.recv_until(T, "ack 2", |f| f.request_id == id2).unwrap();
+    let a2 = alice
+        .recv_until(T, "ack 2", |f| f.request_id == id2)
+        .unwrap();
     let (a1, a2) = (ack_of(&a1).unwrap().clone(), ack_of(&a2).unwrap().clone());
     assert_eq!(a1, a2, "the retry gets the original ack");
     assert_eq!(a1.seq, 3);
@@ -362,7 +404,10 @@ fn chat_checks(cluster: bool) {
     let mut all: Vec<u64> = Vec::new();
     for h in senders {
         let seqs = h.join().unwrap();
-        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "per-sender order {seqs:?}");
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "per-sender order {seqs:?}"
+        );
         all.extend(seqs);
     }
     all.sort();
@@ -374,7 +419,11 @@ fn chat_checks(cluster: bool) {
             got.push(m.seq);
         }
     }
-    assert_eq!(got, (1..=2 * N as u64).collect::<Vec<_>>(), "bob sees seq order");
+    assert_eq!(
+        got,
+        (1..=2 * N as u64).collect::<Vec<_>>(),
+        "bob sees seq order"
+    );
 }
 
 #[test]
@@ -418,8 +467,12 @@ fn offline_user_gets_push_then_syncs_without_gap() {
                 user_ids: vec!["bob".into()],
             }))
             .unwrap();
-        let f = check.recv_until(T, "PresenceResult", |f| f.request_id == id).unwrap();
-        let Some(Body::PresenceResult(r)) = f.body else { panic!("{f:?}") };
+        let f = check
+            .recv_until(T, "PresenceResult", |f| f.request_id == id)
+            .unwrap();
+        let Some(Body::PresenceResult(r)) = f.body else {
+            panic!("{f:?}")
+        };
         if !r.presences[0].online {
             assert!(r.presences[0].last_seen_ms > 0);
             break;
@@ -442,7 +495,11 @@ fn offline_user_gets_push_then_syncs_without_gap() {
     }
     assert_eq!(pushes.len(), 1, "{pushes:?}");
     assert_eq!(
-        (pushes[0].user_id.as_str(), pushes[0].conversation_id.as_str(), pushes[0].seq),
+        (
+            pushes[0].user_id.as_str(),
+            pushes[0].conversation_id.as_str(),
+            pushes[0].seq
+        ),
         ("bob", dm.as_str(), 2)
     );
 
@@ -458,9 +515,13 @@ fn offline_user_gets_push_then_syncs_without_gap() {
         }],
     );
     let f = bob
-        .recv_until(T, "SyncBatch", |f| matches!(f.body, Some(Body::SyncBatch(_))))
+        .recv_until(T, "SyncBatch", |f| {
+            matches!(f.body, Some(Body::SyncBatch(_)))
+        })
         .unwrap();
-    let Some(Body::SyncBatch(batch)) = f.body else { unreachable!() };
+    let Some(Body::SyncBatch(batch)) = f.body else {
+        unreachable!()
+    };
     let seqs: Vec<u64> = batch.messages.iter().map(|m| m.seq).collect();
     assert_eq!(seqs, vec![2, 3, 4]);
     assert!(!batch.has_more);
@@ -475,7 +536,9 @@ fn presence_of(c: &mut Client, user: &str) -> pb::Presence {
             user_ids: vec![user.into()],
         }))
         .unwrap();
-    let f = c.recv_until(T, "PresenceResult", |f| f.request_id == id).unwrap();
+    let f = c
+        .recv_until(T, "PresenceResult", |f| f.request_id == id)
+        .unwrap();
     match f.body {
         Some(Body::PresenceResult(mut r)) => r.presences.remove(0),
         other => panic!("expected PresenceResult, got {other:?}"),
@@ -484,7 +547,9 @@ fn presence_of(c: &mut Client, user: &str) -> pb::Presence {
 
 fn next_presence_event(c: &mut Client) -> pb::Presence {
     let f = c
-        .recv_until(T, "PresenceEvent", |f| matches!(f.body, Some(Body::PresenceEvent(_))))
+        .recv_until(T, "PresenceEvent", |f| {
+            matches!(f.body, Some(Body::PresenceEvent(_)))
+        })
         .unwrap();
     match f.body {
         Some(Body::PresenceEvent(e)) => e.presence.unwrap(),
@@ -506,8 +571,12 @@ fn presence_across_gateways_and_gateway_crash() {
             unsubscribe: false,
         }))
         .unwrap();
-    let f = alice.recv_until(T, "PresenceResult", |f| f.request_id == id).unwrap();
-    let Some(Body::PresenceResult(r)) = f.body else { panic!("{f:?}") };
+    let f = alice
+        .recv_until(T, "PresenceResult", |f| f.request_id == id)
+        .unwrap();
+    let Some(Body::PresenceResult(r)) = f.body else {
+        panic!("{f:?}")
+    };
     assert!(!r.presences[0].online);
 
     let bob = s.login(g2, "bob", "phone");
@@ -547,7 +616,9 @@ fn killing_a_router_mid_stream_loses_no_acknowledged_message() {
     let mut s = Stack::start(false, 2);
     let g1 = s.add_gateway("gw1");
     let mut senders = Vec::new();
-    let convs: Vec<String> = (0..4).map(|i| palaver_protocol::direct_conversation_id("alice", &format!("peer{i}"))).collect();
+    let convs: Vec<String> = (0..4)
+        .map(|i| palaver_protocol::direct_conversation_id("alice", &format!("peer{i}")))
+        .collect();
     for (i, conv) in convs.iter().enumerate() {
         let mut c = s.login(g1, "alice", &format!("dev{i}"));
         let conv = conv.clone();
@@ -572,7 +643,10 @@ fn killing_a_router_mid_stream_loses_no_acknowledged_message() {
     // would after its back-off.
     let deadline = Instant::now() + Duration::from_secs(60);
     while revocations(&s) == before {
-        assert!(Instant::now() < deadline, "the group never noticed the dead router");
+        assert!(
+            Instant::now() < deadline,
+            "the group never noticed the dead router"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     s.add_router("router-2");
@@ -590,15 +664,34 @@ fn killing_a_router_mid_stream_loses_no_acknowledged_message() {
                 limit: 100,
             }))
             .unwrap();
-        let f = reader.recv_until(T, "HistoryPage", |f| f.request_id == id).unwrap();
-        let Some(Body::HistoryPage(page)) = f.body else { panic!("{f:?}") };
+        let f = reader
+            .recv_until(T, "HistoryPage", |f| f.request_id == id)
+            .unwrap();
+        let Some(Body::HistoryPage(page)) = f.body else {
+            panic!("{f:?}")
+        };
         let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
         assert_eq!(seqs, (1..=acks.len() as u64).collect::<Vec<_>>(), "{conv}");
-        let stored: HashSet<(u64, String)> = page.messages.iter().map(|m| (m.seq, m.message_id.clone())).collect();
+        let stored: HashSet<(u64, String)> = page
+            .messages
+            .iter()
+            .map(|m| (m.seq, m.message_id.clone()))
+            .collect();
         for ack in acks {
-            assert!(stored.contains(&(ack.seq, ack.message_id.clone())), "acked {ack:?} not stored");
+            assert!(
+                stored.contains(&(ack.seq, ack.message_id.clone())),
+                "acked {ack:?} not stored"
+            );
         }
-        let bodies: Vec<String> = page.messages.iter().map(|m| String::from_utf8_lossy(&m.body).into_owned()).collect();
-        assert_eq!(bodies, (0..30).map(|n| n.to_string()).collect::<Vec<_>>(), "order kept in {conv}");
+        let bodies: Vec<String> = page
+            .messages
+            .iter()
+            .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+            .collect();
+        assert_eq!(
+            bodies,
+            (0..30).map(|n| n.to_string()).collect::<Vec<_>>(),
+            "order kept in {conv}"
+        );
     }
 }

@@ -52,7 +52,9 @@ fn idempotent_producer_and_committed_consumer_group_keep_per_key_order() {
                 let key = String::from_utf8_lossy(msg.key().unwrap()).into_owned();
                 let payload = String::from_utf8_lossy(msg.payload().unwrap()).into_owned();
                 got.push((key, payload));
-                consumer.commit_message(&msg, CommitMode::Sync).expect("commit");
+                consumer
+                    .commit_message(&msg, CommitMode::Sync)
+                    .expect("commit");
             }
         }
         got

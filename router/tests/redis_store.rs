@@ -117,7 +117,10 @@ fn append_dedup_window(mut s: RedisStore, config: &RedisConfig) {
         }
         other => panic!("expected duplicate, got {other:?}"),
     }
-    assert_eq!(s.last_seqs(&["c1".into(), "none".into()]).unwrap(), vec![5, 0]);
+    assert_eq!(
+        s.last_seqs(&["c1".into(), "none".into()]).unwrap(),
+        vec![5, 0]
+    );
     // After the TTL the same client_msg_id is a new message with the next seq.
     let m = stored(
         s.append_message("c1", message("c1", 2, "u"), &retention(1000, 3))
@@ -155,7 +158,10 @@ fn ranges_and_senders(mut s: RedisStore) {
             },
         ])
         .unwrap();
-    assert_eq!(after[0].iter().map(|m| m.seq).collect::<Vec<_>>(), vec![8, 9]);
+    assert_eq!(
+        after[0].iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![8, 9]
+    );
     assert!(after[1].is_empty());
     let page = s.messages_before("c2", 0, 3).unwrap();
     assert_eq!(
@@ -236,7 +242,10 @@ fn users_and_push(mut s: RedisStore) {
     assert_eq!(s.conversations_of_user("p2").unwrap(), Vec::<String>::new());
 
     assert_eq!(s.mark_push_pending("c4", &users).unwrap(), vec![true, true]);
-    assert_eq!(s.mark_push_pending("c4", &users).unwrap(), vec![false, false]);
+    assert_eq!(
+        s.mark_push_pending("c4", &users).unwrap(),
+        vec![false, false]
+    );
     s.clear_push_pending("p1", Some("c4")).unwrap();
     s.clear_push_pending("p2", None).unwrap();
     assert_eq!(s.mark_push_pending("c4", &users).unwrap(), vec![true, true]);
@@ -304,9 +313,7 @@ fn sessions_presence_and_leases(mut s: RedisStore) {
         )
         .unwrap();
     assert!(tick.changes.is_empty(), "t2 still has device d");
-    let online = s
-        .presence_of_users(&["t1".into(), "t2".into()])
-        .unwrap();
+    let online = s.presence_of_users(&["t1".into(), "t2".into()]).unwrap();
     assert!(online.iter().all(|p| p.online));
 
     // A gateway whose lease is gone: its users read as offline at once, and
@@ -368,9 +375,7 @@ fn router_over_redis(store: RedisStore) {
     for i in 0..300u64 {
         if i % 2 == 0 {
             let s = session(&format!("r{i}"), "d", "gR", 1000 + i);
-            router
-                .handle(&Command::SessionOpened(s), &mut out)
-                .unwrap();
+            router.handle(&Command::SessionOpened(s), &mut out).unwrap();
         }
     }
     out.frames.clear();
@@ -426,6 +431,9 @@ fn router_over_redis(store: RedisStore) {
         .filter(|f| matches!(f.frame.body, Some(Body::Deliver(_))))
         .count();
     assert_eq!(acks, 1);
-    assert_eq!(delivers, 149, "online members except the sender's own connection");
+    assert_eq!(
+        delivers, 149,
+        "online members except the sender's own connection"
+    );
     assert_eq!(out.pushes.len(), 150, "one push per offline member");
 }

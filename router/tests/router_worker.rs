@@ -67,7 +67,11 @@ fn process(worker: &mut RouterWorker, n: u64) {
     let target = worker.stats().records + n;
     let deadline = Instant::now() + Duration::from_secs(60);
     while worker.stats().records < target {
-        assert!(Instant::now() < deadline, "worker processed {:?}", worker.stats());
+        assert!(
+            Instant::now() < deadline,
+            "worker processed {:?}",
+            worker.stats()
+        );
         if let Err(e) = worker.run_batch(Duration::from_millis(200)) {
             panic!("batch failed: {e}");
         }
@@ -79,7 +83,12 @@ fn bad_and_failing_records_go_to_the_dlq_and_offsets_move_on() {
     let tansu = Tansu::start().expect("tansu");
     let mut redis = Redis::start().expect("redis-server");
     let brokers = tansu.bootstrap();
-    kafka::ensure_topics(&brokers, &[(&kafka::delivery_topic("gwx"), 1)], Duration::from_secs(10)).unwrap();
+    kafka::ensure_topics(
+        &brokers,
+        &[(&kafka::delivery_topic("gwx"), 1)],
+        Duration::from_secs(10),
+    )
+    .unwrap();
     let mut config = WorkerConfig::new(&brokers, RedisConfig::standalone(redis.url()));
     config.inbound_partitions = 1;
     config.max_attempts = 3;
@@ -134,7 +143,9 @@ fn bad_and_failing_records_go_to_the_dlq_and_offsets_move_on() {
         .unwrap();
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition(INBOUND_TOPIC, 0);
-    let committed = probe.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    let committed = probe
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
     assert_eq!(
         committed.find_partition(INBOUND_TOPIC, 0).unwrap().offset(),
         Offset::Offset(3)

@@ -128,7 +128,8 @@ struct Proc {
 
 impl Proc {
     fn spawn(mut cmd: Command, log: PathBuf) -> Result<Self> {
-        let out = fs::File::create(&log).map_err(|e| err(format!("create {}: {e}", log.display())))?;
+        let out =
+            fs::File::create(&log).map_err(|e| err(format!("create {}: {e}", log.display())))?;
         let out2 = out.try_clone().map_err(|e| err(format!("dup log: {e}")))?;
         cmd.stdin(Stdio::null()).stdout(out).stderr(out2);
         let child = cmd
@@ -477,7 +478,10 @@ impl Tansu {
             .arg("broker")
             .args(["--listener-url", &url, "--advertised-listener-url", &url])
             .args(["--storage-engine", &storage_url])
-            .env("RUST_LOG", std::env::var("TANSU_LOG").unwrap_or("warn".into()));
+            .env(
+                "RUST_LOG",
+                std::env::var("TANSU_LOG").unwrap_or("warn".into()),
+            );
         Proc::spawn(cmd, dir.path().join(format!("tansu-{port}.log")))
     }
 
@@ -662,7 +666,8 @@ pub fn cluster_up(dir: &Path, data_dir: &Path, listen: &str) -> Result<Vec<Clust
 
         let spawn = |name: &str, mut cmd: Command| -> Result<ClusterProcess> {
             let log = dir.join(format!("{name}.log"));
-            let out = fs::File::create(&log).map_err(|e| err(format!("create {}: {e}", log.display())))?;
+            let out = fs::File::create(&log)
+                .map_err(|e| err(format!("create {}: {e}", log.display())))?;
             let out2 = out.try_clone().map_err(|e| err(format!("dup log: {e}")))?;
             let child = cmd
                 .stdin(Stdio::null())
@@ -677,13 +682,22 @@ pub fn cluster_up(dir: &Path, data_dir: &Path, listen: &str) -> Result<Vec<Clust
             })
         };
         let mut router = Command::new(&router_bin);
-        router.args(["--brokers", &brokers, "--redis", &redis_url, "--router-id", "router-1"]);
+        router.args([
+            "--brokers",
+            &brokers,
+            "--redis",
+            &redis_url,
+            "--router-id",
+            "router-1",
+        ]);
         procs.push(spawn("router-1", router)?);
 
         let config = dir.join("gateway.toml");
         fs::write(
             &config,
-            format!("[backend]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\nredis = \"{redis_url}\"\n"),
+            format!(
+                "[backend]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\nredis = \"{redis_url}\"\n"
+            ),
         )
         .map_err(|e| err(format!("write {}: {e}", config.display())))?;
         let port: u16 = listen
@@ -743,7 +757,9 @@ pub fn cluster_down(dir: &Path) -> Result<Vec<ClusterProcess>> {
             thread::sleep(POLL_INTERVAL);
         }
         if pid_alive(p.pid) {
-            let _ = Command::new("kill").args(["-9", &p.pid.to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-9", &p.pid.to_string()])
+                .status();
         }
     }
     let _ = fs::remove_file(dir.join(STATE_FILE));

@@ -139,7 +139,10 @@ fn error_reply(req: &Inbound, code: ErrorCode, message: String) -> Outbound {
 enum ReadJob {
     /// A read request; `after_flush` is the presence change count it must
     /// wait for (so a Sync sees every message it would not get live).
-    Read { request: Inbound, after_flush: u64 },
+    Read {
+        request: Inbound,
+        after_flush: u64,
+    },
     Stop,
 }
 
@@ -258,9 +261,14 @@ impl Backend for KafkaRedisBridge {
     fn start(&self, gateway_id: &str, sink: Arc<dyn DeliverySink>) -> Result<(), BackendError> {
         let mut started = self.started.lock().expect("started");
         if started.is_some() || self.gateway_id.get().is_some() {
-            return Err(BackendError::Config("the bridge serves one gateway, once".into()));
+            return Err(BackendError::Config(
+                "the bridge serves one gateway, once".into(),
+            ));
         }
-        let config = self.config.as_ref().map_err(|e| BackendError::Config(e.clone()))?;
+        let config = self
+            .config
+            .as_ref()
+            .map_err(|e| BackendError::Config(e.clone()))?;
         kafka::check_gateway_id(gateway_id).map_err(BackendError::Config)?;
         let topic = kafka::delivery_topic(gateway_id);
         kafka::ensure_topics(
@@ -281,7 +289,9 @@ impl Backend for KafkaRedisBridge {
                 .create_with_context(ProduceContext {
                     sink: OnceLock::new(),
                 })
-                .map_err(|e| BackendError::Config(format!("Kafka producer for {}: {e}", config.brokers)))?;
+                .map_err(|e| {
+                    BackendError::Config(format!("Kafka producer for {}: {e}", config.brokers))
+                })?;
         let _ = producer.context().sink.set(sink.clone());
         let producer = Arc::new(producer);
 
@@ -373,7 +383,14 @@ impl Backend for KafkaRedisBridge {
 
     fn submit(&self, request: Inbound) {
         let command = Command::Request(request);
-        if command.is_read_only() || matches!(&command, Command::Request(Inbound { body: Body::PresenceSubscribe(_), .. }))
+        if command.is_read_only()
+            || matches!(
+                &command,
+                Command::Request(Inbound {
+                    body: Body::PresenceSubscribe(_),
+                    ..
+                })
+            )
         {
             let Command::Request(request) = command else {
                 unreachable!("built above")
@@ -410,7 +427,9 @@ impl Backend for KafkaRedisBridge {
             .payload(&value);
         if let Err((e, record)) = producer.send(record) {
             // Not even queued (queue full, or the producer is gone).
-            if let (Some(pending), Some(sink)) = (*record.delivery_opaque, producer.context().sink.get()) {
+            if let (Some(pending), Some(sink)) =
+                (*record.delivery_opaque, producer.context().sink.get())
+            {
                 sink.deliver(vec![unavailable(
                     pending.conn,
                     pending.request_id,
@@ -438,11 +457,16 @@ fn delivery_loop(consumer: BaseConsumer, sink: Arc<dyn DeliverySink>, stop: Arc<
         match consumer.poll(Duration::from_millis(100)) {
             None => {}
             Some(Err(e)) => tracing::warn!("delivery consumer: {e}"),
-            Some(Ok(message)) => match kafka::decode_delivery_batch(message.payload().unwrap_or_default()) {
-                Ok(batch) if !batch.is_empty() => sink.deliver(batch),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(offset = message.offset(), "bad delivery record skipped: {e}"),
-            },
+            Some(Ok(message)) => {
+                match kafka::decode_delivery_batch(message.payload().unwrap_or_default()) {
+                    Ok(batch) if !batch.is_empty() => sink.deliver(batch),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(
+                        offset = message.offset(),
+                        "bad delivery record skipped: {e}"
+                    ),
+                }
+            }
         }
     }
 }
@@ -469,7 +493,8 @@ impl Reader {
                     // Sessions opened before this Sync must be registered
                     // first: a message stored after registration is delivered
                     // live, one stored before is in this Sync's answer.
-                    self.presence.wait_flushed(after_flush, Duration::from_secs(5));
+                    self.presence
+                        .wait_flushed(after_flush, Duration::from_secs(5));
                     self.read(&request)
                 }
                 _ => self.read(&request),
@@ -570,7 +595,10 @@ mod tests {
     fn watches_are_all_or_nothing_and_dropped_with_the_connection() {
         let mut w = Watches::default();
         let users = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert_eq!(w.add(1, &users(&["a", "b", "a"]), 2), Ok(users(&["a", "b"])));
+        assert_eq!(
+            w.add(1, &users(&["a", "b", "a"]), 2),
+            Ok(users(&["a", "b"]))
+        );
         assert_eq!(w.add(1, &users(&["c"]), 2), Err(2));
         assert_eq!(w.add(1, &users(&["a"]), 2), Ok(vec![]));
         assert_eq!(w.add(2, &users(&["a"]), 2), Ok(users(&["a"])));

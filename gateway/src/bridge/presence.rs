@@ -23,8 +23,8 @@ use palaver_protocol::pb::{self, frame::Body};
 use palaver_router::api::{DeliverySink, Outbound, Session, SessionAddr};
 use palaver_router::kafka::records::PresenceChanges;
 use palaver_router::redis_store::{RedisConfig, RedisStore, SessionChange, PRESENCE_CHANNEL};
-use palaver_router::SystemClock;
 use palaver_router::Clock;
+use palaver_router::SystemClock;
 use prost::Message as _;
 
 /// Presence timing.
@@ -74,7 +74,10 @@ impl Watches {
         for user in &new {
             self.by_user.entry(user.clone()).or_default().insert(conn);
         }
-        self.by_conn.entry(conn).or_default().extend(new.iter().cloned());
+        self.by_conn
+            .entry(conn)
+            .or_default()
+            .extend(new.iter().cloned());
         Ok(new)
     }
 
@@ -311,7 +314,8 @@ impl Presence {
             let _ = self.changes.send(Job::Deregister);
         }
         self.stop.store(true, Ordering::Release);
-        let threads: Vec<JoinHandle<()>> = std::mem::take(&mut *self.threads.lock().expect("threads"));
+        let threads: Vec<JoinHandle<()>> =
+            std::mem::take(&mut *self.threads.lock().expect("threads"));
         for t in threads {
             let _ = t.join();
         }
@@ -425,7 +429,9 @@ impl Batcher {
                     }
                 }
                 Ok(None) => {}
-                Err(e) => tracing::warn!(gateway = %self.gateway_id, dead = %dead_id, "reap failed: {e}"),
+                Err(e) => {
+                    tracing::warn!(gateway = %self.gateway_id, dead = %dead_id, "reap failed: {e}")
+                }
             }
         }
     }
@@ -468,13 +474,18 @@ impl Subscriber {
         }
     }
 
-    fn subscribe_and_listen(&self, ready: &mut Option<Sender<Result<(), String>>>) -> Result<(), String> {
+    fn subscribe_and_listen(
+        &self,
+        ready: &mut Option<Sender<Result<(), String>>>,
+    ) -> Result<(), String> {
         let client = redis::Client::open(self.url.as_str()).map_err(|e| e.to_string())?;
         let mut conn = client
             .get_connection_with_timeout(Duration::from_secs(2))
             .map_err(|e| e.to_string())?;
         let mut pubsub = conn.as_pubsub();
-        pubsub.subscribe(PRESENCE_CHANNEL).map_err(|e| e.to_string())?;
+        pubsub
+            .subscribe(PRESENCE_CHANNEL)
+            .map_err(|e| e.to_string())?;
         pubsub
             .set_read_timeout(Some(Duration::from_millis(200)))
             .map_err(|e| e.to_string())?;

@@ -11,7 +11,11 @@ use palaver_router::kafka::worker::{RouterWorker, WorkerConfig};
 use palaver_router::redis_store::RedisConfig;
 
 #[derive(Parser, Debug)]
-#[command(name = "palaver-router", version, about = "Palaver router worker (Kafka consumer group + Redis)")]
+#[command(
+    name = "palaver-router",
+    version,
+    about = "Palaver router worker (Kafka consumer group + Redis)"
+)]
 struct Args {
     /// Kafka bootstrap servers, host:port[,host:port...]
     #[arg(long, env = "PALAVER_KAFKA_BROKERS")]
@@ -42,8 +46,7 @@ struct Args {
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     let args = Args::parse();

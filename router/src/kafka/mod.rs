@@ -79,7 +79,11 @@ pub fn producer_config(brokers: &str, linger_ms: u32) -> ClientConfig {
 }
 
 /// Creates the topics that do not exist yet (existing ones are left alone).
-pub fn ensure_topics(brokers: &str, topics: &[(&str, i32)], timeout: Duration) -> Result<(), String> {
+pub fn ensure_topics(
+    brokers: &str,
+    topics: &[(&str, i32)],
+    timeout: Duration,
+) -> Result<(), String> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()

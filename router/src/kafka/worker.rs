@@ -161,7 +161,9 @@ impl KafkaOutlet<'_> {
                 {
                     self.producer.poll(Duration::from_millis(10));
                 }
-                Err((e, _)) => return Err(BusError::Unavailable(format!("produce to {topic}: {e}"))),
+                Err((e, _)) => {
+                    return Err(BusError::Unavailable(format!("produce to {topic}: {e}")))
+                }
             }
         }
     }
@@ -192,7 +194,11 @@ impl Outlet for KafkaOutlet<'_> {
     fn deliver(&mut self, gateway_id: &str, frames: Vec<Outbound>) -> Result<(), BusError> {
         let topic = super::delivery_topic(gateway_id);
         if !self.topic_exists(&topic) {
-            tracing::warn!(gateway = gateway_id, frames = frames.len(), "no delivery topic; frames dropped");
+            tracing::warn!(
+                gateway = gateway_id,
+                frames = frames.len(),
+                "no delivery topic; frames dropped"
+            );
             return Ok(());
         }
         for value in super::encode_delivery_batches(frames) {
@@ -204,15 +210,18 @@ impl Outlet for KafkaOutlet<'_> {
     fn push(&mut self, events: Vec<PushEvent>) -> Result<(), BusError> {
         let mut by_user: HashMap<String, Vec<records::PushEvent>> = HashMap::new();
         for e in events {
-            by_user.entry(e.user_id.clone()).or_default().push(records::PushEvent {
-                user_id: e.user_id,
-                conversation_id: e.conversation_id,
-                seq: e.seq,
-                message_id: e.message_id,
-                sender_user_id: e.sender_user_id,
-                kind: e.kind,
-                server_time_ms: e.server_time_ms,
-            });
+            by_user
+                .entry(e.user_id.clone())
+                .or_default()
+                .push(records::PushEvent {
+                    user_id: e.user_id,
+                    conversation_id: e.conversation_id,
+                    seq: e.seq,
+                    message_id: e.message_id,
+                    sender_user_id: e.sender_user_id,
+                    kind: e.kind,
+                    server_time_ms: e.server_time_ms,
+                });
         }
         for (user_id, events) in by_user {
             let value = records::PushRecord {
@@ -361,15 +370,19 @@ impl RouterWorker {
                     && e.rdkafka_error_code() == Some(RDKafkaErrorCode::UnknownTopicOrPartition))
             })
             .collect();
-        if let Err(e) = produced.map_err(|e| e.to_string()).and(
-            flushed.map_err(|e| format!("flush: {e}")),
-        ) {
+        if let Err(e) = produced
+            .map_err(|e| e.to_string())
+            .and(flushed.map_err(|e| format!("flush: {e}")))
+        {
             self.rewind(&batch)?;
             return Err(e);
         }
         if let Some((topic, e)) = fatal.first() {
             self.rewind(&batch)?;
-            return Err(format!("{} produce failures, first on {topic}: {e}", fatal.len()));
+            return Err(format!(
+                "{} produce failures, first on {topic}: {e}",
+                fatal.len()
+            ));
         }
 
         // Everything the batch produced is durable: commit.
@@ -399,7 +412,12 @@ impl RouterWorker {
 
     /// Runs one record through the router, with retries; gives up into a
     /// dead letter.
-    fn process(&mut self, record: &OwnedMessage, out: &mut Output, dead: &mut Vec<records::DeadLetter>) {
+    fn process(
+        &mut self,
+        record: &OwnedMessage,
+        out: &mut Output,
+        dead: &mut Vec<records::DeadLetter>,
+    ) {
         let value = record.payload().unwrap_or_default();
         let command = match super::decode_inbound(value) {
             Ok(command) => command,
@@ -436,7 +454,12 @@ impl RouterWorker {
         }
     }
 
-    fn dead_letter(&self, record: &OwnedMessage, reason: String, attempts: u32) -> records::DeadLetter {
+    fn dead_letter(
+        &self,
+        record: &OwnedMessage,
+        reason: String,
+        attempts: u32,
+    ) -> records::DeadLetter {
         records::DeadLetter {
             topic: record.topic().to_owned(),
             partition: record.partition(),
@@ -461,7 +484,12 @@ impl RouterWorker {
         }
         for ((topic, partition), offset) in first {
             self.consumer
-                .seek(&topic, partition, Offset::Offset(offset), Duration::from_secs(5))
+                .seek(
+                    &topic,
+                    partition,
+                    Offset::Offset(offset),
+                    Duration::from_secs(5),
+                )
                 .map_err(|e| format!("rewind {topic}/{partition} to {offset}: {e}"))?;
         }
         Ok(())
