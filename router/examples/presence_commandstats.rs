@@ -137,12 +137,19 @@ fn clients(args: &[String]) {
     let opts = ConnectOptions::new(args[1].parse().unwrap(), std::fs::read(&args[2]).unwrap());
     let secret = hex::decode(&args[3]).unwrap();
     let mut clients = Vec::with_capacity(n);
+    let mut nonce = 0;
+    let mut last_round = Instant::now();
     for i in 0..n {
         let mut c = Client::connect(&opts).expect("connect");
         let token = auth::mint_hs256(&secret, &format!("user{i}"), None, 3600);
         c.hello(&token, "phone", Duration::from_secs(30))
             .expect("welcome");
         clients.push(c);
+        // Connecting thousands takes a while: keep the early ones alive.
+        if last_round.elapsed() >= HEARTBEAT {
+            ping_round(&mut clients, &mut nonce);
+            last_round = Instant::now();
+        }
     }
     println!("connected {n}");
     let (stop_tx, stop_rx) = std::sync::mpsc::channel();
@@ -151,26 +158,30 @@ fn clients(args: &[String]) {
         let _ = std::io::stdin().read_line(&mut line);
         let _ = stop_tx.send(());
     });
-    let mut nonce = 0;
     loop {
         let round = Instant::now();
-        for c in &mut clients {
-            nonce += 1;
-            c.send(&pb::Frame {
-                request_id: 0,
-                body: Some(Body::Ping(pb::Ping { nonce })),
-            })
-            .expect("ping");
-        }
-        for c in &mut clients {
-            c.recv_until(Duration::from_secs(10), "Pong", |f| {
-                matches!(f.body, Some(Body::Pong(_)))
-            })
-            .expect("pong");
-        }
+        ping_round(&mut clients, &mut nonce);
         let left = HEARTBEAT.saturating_sub(round.elapsed());
         if stop_rx.recv_timeout(left).is_ok() {
             return;
         }
+    }
+}
+
+/// One Ping per client, then every Pong.
+fn ping_round(clients: &mut [Client], nonce: &mut u64) {
+    for c in clients.iter_mut() {
+        *nonce += 1;
+        c.send(&pb::Frame {
+            request_id: 0,
+            body: Some(Body::Ping(pb::Ping { nonce: *nonce })),
+        })
+        .expect("ping");
+    }
+    for c in clients.iter_mut() {
+        c.recv_until(Duration::from_secs(10), "Pong", |f| {
+            matches!(f.body, Some(Body::Pong(_)))
+        })
+        .expect("pong");
     }
 }

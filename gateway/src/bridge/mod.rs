@@ -301,7 +301,7 @@ impl Backend for KafkaRedisBridge {
             .set("bootstrap.servers", &config.brokers)
             .set("group.id", format!("palaver-gateway-{gateway_id}"))
             .set("enable.auto.commit", "false")
-            .set("fetch.wait.max.ms", "10")
+            .set("fetch.wait.max.ms", "5")
             .set("socket.nagle.disable", "true")
             .create()
             .map_err(|e| BackendError::Config(format!("Kafka consumer: {e}")))?;
