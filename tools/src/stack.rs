@@ -101,6 +101,9 @@ impl WorkDir {
     pub fn kept(path: impl Into<PathBuf>) -> Result<Self> {
         let path = path.into();
         fs::create_dir_all(&path).map_err(|e| err(format!("create {}: {e}", path.display())))?;
+        // Absolute: services run with it as working directory.
+        let path =
+            fs::canonicalize(&path).map_err(|e| err(format!("resolve {}: {e}", path.display())))?;
         Ok(Self {
             path,
             remove_on_drop: false,
