@@ -780,3 +780,29 @@ pub fn cluster_status(dir: &Path) -> Result<Vec<(ClusterProcess, bool)>> {
         })
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_binary_names_the_install_script() {
+        let e = find_binary("palaver-no-such-binary").unwrap_err();
+        assert!(e.to_string().contains("tools/scripts/install-deps.sh"), "{e}");
+    }
+
+    #[test]
+    fn cluster_state_round_trips_and_rejects_bad_lines() {
+        let dir = WorkDir::temp("state-test").unwrap();
+        assert!(cluster_state(dir.path()).unwrap().is_empty());
+        let procs = vec![ClusterProcess {
+            name: "redis".into(),
+            pid: 42,
+            port: 6379,
+        }];
+        write_state(dir.path(), &procs).unwrap();
+        assert_eq!(cluster_state(dir.path()).unwrap(), procs);
+        fs::write(dir.path().join(STATE_FILE), "redis notapid 1\n").unwrap();
+        assert!(cluster_state(dir.path()).is_err());
+    }
+}
