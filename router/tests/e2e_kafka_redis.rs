@@ -593,13 +593,12 @@ fn presence_across_gateways_and_gateway_crash() {
     // bob back on gw2, then gw2 crashes.
     let _bob = s.login(g2, "bob", "phone");
     assert!(next_presence_event(&mut alice).online);
-    let crashed_at = Instant::now();
+    // Nothing tells Redis that gw2 is gone: only its lease (3 s) running out,
+    // which gw1's tick notices.
     s.crash_gateway(g2);
     let e = next_presence_event(&mut alice);
     assert_eq!((e.user_id.as_str(), e.online), ("bob", false));
-    let took = crashed_at.elapsed();
-    // Lease 3 s + one check tick (0.5 s) + slack for a loaded machine.
-    assert!(took < Duration::from_secs(10), "offline after {took:?}");
+    assert!(e.last_seen_ms > 0);
     assert!(!presence_of(&mut alice, "bob").online);
 }
 
@@ -615,6 +614,8 @@ fn presence_across_gateways_and_gateway_crash() {
 fn killing_a_router_mid_stream_loses_no_acknowledged_message() {
     let mut s = Stack::start(false, 2);
     let g1 = s.add_gateway("gw1");
+    const PER_SENDER: usize = 150;
+    let acked_so_far = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut senders = Vec::new();
     let convs: Vec<String> = (0..4)
         .map(|i| palaver_protocol::direct_conversation_id("alice", &format!("peer{i}")))
@@ -622,14 +623,24 @@ fn killing_a_router_mid_stream_loses_no_acknowledged_message() {
     for (i, conv) in convs.iter().enumerate() {
         let mut c = s.login(g1, "alice", &format!("dev{i}"));
         let conv = conv.clone();
+        let acked_so_far = acked_so_far.clone();
         senders.push(std::thread::spawn(move || {
-            (0..30)
-                .map(|n| send_reliably(&mut c, &conv, &format!("{n}")))
+            (0..PER_SENDER)
+                .map(|n| {
+                    let ack = send_reliably(&mut c, &conv, &format!("{n}"));
+                    acked_so_far.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    ack
+                })
                 .collect::<Vec<_>>()
         }));
     }
-    // Let traffic flow, then kill one router.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Kill a router once traffic flows.
+    let acked = || acked_so_far.load(std::sync::atomic::Ordering::Relaxed);
+    let deadline = Instant::now() + T;
+    while acked() < 20 {
+        assert!(Instant::now() < deadline, "no traffic before the kill");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let revocations = |s: &Stack| {
         std::fs::read_to_string(s.dir.path().join("router-1.log"))
             .unwrap_or_default()
@@ -638,6 +649,11 @@ fn killing_a_router_mid_stream_loses_no_acknowledged_message() {
     };
     let before = revocations(&s);
     s.routers[0].kill();
+    let acked_at_kill = acked();
+    assert!(
+        acked_at_kill < 4 * PER_SENDER,
+        "the kill came after the stream ended"
+    );
     // The replacement joins once the group noticed the death (router-1's
     // partitions are revoked for a rebalance), as a supervisor's restart
     // would after its back-off.
@@ -661,7 +677,7 @@ fn killing_a_router_mid_stream_loses_no_acknowledged_message() {
             .request(Body::History(pb::History {
                 conversation_id: conv.clone(),
                 before_seq: 0,
-                limit: 100,
+                limit: 500,
             }))
             .unwrap();
         let f = reader
@@ -690,7 +706,7 @@ fn killing_a_router_mid_stream_loses_no_acknowledged_message() {
             .collect();
         assert_eq!(
             bodies,
-            (0..30).map(|n| n.to_string()).collect::<Vec<_>>(),
+            (0..PER_SENDER).map(|n| n.to_string()).collect::<Vec<_>>(),
             "order kept in {conv}"
         );
     }
