@@ -502,6 +502,11 @@ impl Tansu {
         self.wait_ready()
     }
 
+    /// Kills the broker (a fault test's crash); `restart` brings it back.
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
     /// `host:port` for `bootstrap.servers`.
     pub fn bootstrap(&self) -> String {
         format!("127.0.0.1:{}", self.port)
@@ -788,7 +793,10 @@ mod tests {
     #[test]
     fn a_missing_binary_names_the_install_script() {
         let e = find_binary("palaver-no-such-binary").unwrap_err();
-        assert!(e.to_string().contains("tools/scripts/install-deps.sh"), "{e}");
+        assert!(
+            e.to_string().contains("tools/scripts/install-deps.sh"),
+            "{e}"
+        );
     }
 
     #[test]
