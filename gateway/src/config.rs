@@ -150,6 +150,14 @@ pub enum BackendConfig {
     /// Router logic in-process with an in-memory bus and store.
     #[default]
     Embedded,
+    /// The router tier: writes through Kafka, state in Redis
+    /// (`palaver_gateway::bridge`).
+    Kafka {
+        /// Kafka bootstrap servers, `host:port[,host:port...]`.
+        brokers: String,
+        /// `redis://host:port/` or `redis+cluster://host:port,host:port,...`.
+        redis: String,
+    },
 }
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7443";

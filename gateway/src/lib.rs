@@ -12,6 +12,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod bridge;
 pub mod config;
 pub mod core;
 pub mod devcerts;

@@ -280,7 +280,10 @@ impl Drop for GatewayHandle {
 
 /// The backend the config asks for.
 pub fn build_backend(config: &Config) -> Arc<dyn Backend> {
-    match config.backend {
+    match &config.backend {
+        crate::config::BackendConfig::Kafka { brokers, redis } => {
+            Arc::new(crate::bridge::KafkaRedisBridge::from_spec(brokers, redis))
+        }
         crate::config::BackendConfig::Embedded => {
             let l = &config.limits;
             let mut router = palaver_router::RouterConfig::default();

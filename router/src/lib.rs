@@ -14,8 +14,10 @@
 pub mod api;
 pub mod bus;
 pub mod embedded;
+pub mod kafka;
 pub mod logic;
 pub mod memory;
+pub mod redis_store;
 pub mod store;
 
 pub use api::{Backend, BackendError, DeliverySink, Inbound, Outbound, Session, SessionAddr};

@@ -87,6 +87,30 @@ enum Command {
         /// Hex bytes, or `-`.
         input: String,
     },
+    /// A local cluster to try: Redis, Tansu, one router, two gateways.
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+        /// State, logs and service data. [default: .palaver/cluster]
+        #[arg(long, default_value = ".palaver/cluster", global = true)]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterAction {
+    /// Start everything in the background (gateways gw1 and gw2 share --listen).
+    Up {
+        #[arg(long, default_value = "127.0.0.1:7443")]
+        listen: String,
+        /// Dev certificate and JWT secret of the gateways (what `palaver chat` reads).
+        #[arg(long, default_value = ".palaver")]
+        data_dir: PathBuf,
+    },
+    /// Stop what `up` started.
+    Down,
+    /// Show the processes and whether they run.
+    Status,
 }
 
 fn main() {
@@ -131,6 +155,7 @@ fn main() {
             data_dir,
         }),
         Command::Decode { input } => decode(&input),
+        Command::Cluster { action, dir } => cluster(action, &dir),
     };
     if let Err(e) = result {
         eprintln!("palaver: error: {e:#}");
@@ -489,4 +514,40 @@ fn show(
         other => println!("  {other:?}"),
     }
     Ok(true)
+}
+
+fn cluster(action: ClusterAction, dir: &std::path::Path) -> anyhow::Result<()> {
+    use palaver_tools::stack;
+    match action {
+        ClusterAction::Up { listen, data_dir } => {
+            let procs = stack::cluster_up(dir, &data_dir, &listen)?;
+            for p in &procs {
+                println!("{:<9} pid {:<8} port {}", p.name, p.pid, p.port);
+            }
+            println!(
+                "cluster up; logs in {}. Try: palaver chat --user alice --to bob --addr {listen}",
+                dir.display()
+            );
+        }
+        ClusterAction::Down => {
+            let procs = stack::cluster_down(dir)?;
+            if procs.is_empty() {
+                println!("no cluster recorded in {}", dir.display());
+            }
+            for p in procs {
+                println!("stopped {} (pid {})", p.name, p.pid);
+            }
+        }
+        ClusterAction::Status => {
+            let procs = stack::cluster_status(dir)?;
+            if procs.is_empty() {
+                println!("no cluster recorded in {}", dir.display());
+            }
+            for (p, alive) in procs {
+                let state = if alive { "running" } else { "stopped" };
+                println!("{:<9} pid {:<8} port {:<6} {state}", p.name, p.pid, p.port);
+            }
+        }
+    }
+    Ok(())
 }

@@ -1,0 +1,614 @@
+//! The gateway's Kafka/Redis backend: an [`api::Backend`] that sends writes
+//! through Kafka to the router tier and serves reads from Redis.
+//!
+//! - Writes (Send, Receipt, Typing, CreateConversation, ChangeMembers, and
+//!   anything else that is not a read) become `InboundRecord`s on
+//!   `palaver.inbound`, keyed like [`Command::partition_key`], by an
+//!   idempotent acks=all producer. If Kafka does not take a write in time the
+//!   client gets `Error(UNAVAILABLE)` (it retries with the same client_msg_id).
+//! - A delivery consumer reads this gateway's topic `palaver.deliver.<id>`
+//!   and hands each `DeliveryBatch` to the gateway's [`DeliverySink`].
+//! - Reads (Sync, History, PresenceQuery, PresenceSubscribe) run the routing
+//!   logic over a read-only use of [`RedisStore`] on a small pool of reader
+//!   threads — never on core threads.
+//! - Presence is batched per gateway ([`presence`]).
+//!
+//! [`api::Backend`]: palaver_router::api::Backend
+//! [`Command::partition_key`]: palaver_router::bus::Command::partition_key
+
+pub mod presence;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+use palaver_protocol::pb::{self, frame::Body, ErrorCode};
+use palaver_router::api::{
+    Backend, BackendError, DeliverySink, Inbound, Outbound, Session, SessionAddr,
+};
+use palaver_router::bus::{Command, Output};
+use palaver_router::kafka;
+use palaver_router::logic::{Router, RouterConfig, SystemClock};
+use palaver_router::redis_store::{RedisConfig, RedisStore};
+use prost::Message as _;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message as _;
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+
+use presence::{Presence, PresenceTiming};
+
+/// Settings of the Kafka/Redis bridge.
+#[derive(Clone, Debug)]
+pub struct BridgeConfig {
+    /// Kafka `bootstrap.servers`.
+    pub brokers: String,
+    pub redis: RedisConfig,
+    pub presence: PresenceTiming,
+    /// Reader threads for Sync / History / presence reads.
+    pub readers: usize,
+    /// Producer linger, ms (latency vs batching).
+    pub linger_ms: u32,
+    /// A write Kafka has not acknowledged by then is answered UNAVAILABLE.
+    pub produce_timeout: Duration,
+    /// Limits and defaults of the read paths (same as the routers').
+    pub router: RouterConfig,
+    /// Partitions of `palaver.inbound` if this gateway has to create it.
+    pub inbound_partitions: i32,
+}
+
+impl BridgeConfig {
+    pub fn new(brokers: impl Into<String>, redis: RedisConfig) -> Self {
+        Self {
+            brokers: brokers.into(),
+            redis,
+            presence: PresenceTiming::default(),
+            readers: 2,
+            linger_ms: 1,
+            produce_timeout: Duration::from_secs(5),
+            router: RouterConfig::default(),
+            inbound_partitions: kafka::DEFAULT_INBOUND_PARTITIONS,
+        }
+    }
+}
+
+/// Who to answer if a produced record is not acknowledged.
+struct PendingWrite {
+    conn: u64,
+    request_id: u32,
+    client_msg_id: Vec<u8>,
+}
+
+/// Turns failed deliveries of client writes into `Error(UNAVAILABLE)`.
+struct ProduceContext {
+    sink: OnceLock<Arc<dyn DeliverySink>>,
+}
+
+impl ClientContext for ProduceContext {}
+
+impl ProducerContext for ProduceContext {
+    type DeliveryOpaque = Box<Option<PendingWrite>>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, pending: Self::DeliveryOpaque) {
+        if let (Err((error, _)), Some(pending)) = (result, *pending) {
+            if let Some(sink) = self.sink.get() {
+                sink.deliver(vec![unavailable(
+                    pending.conn,
+                    pending.request_id,
+                    pending.client_msg_id,
+                    format!("the message bus did not accept the request ({error}); retry"),
+                )]);
+            }
+        }
+    }
+}
+
+fn unavailable(conn: u64, request_id: u32, client_msg_id: Vec<u8>, message: String) -> Outbound {
+    Outbound {
+        conn,
+        frame: pb::Frame {
+            request_id,
+            body: Some(Body::Error(pb::Error {
+                code: ErrorCode::Unavailable as u32,
+                message,
+                client_msg_id,
+            })),
+        },
+    }
+}
+
+fn error_reply(req: &Inbound, code: ErrorCode, message: String) -> Outbound {
+    Outbound {
+        conn: req.from.addr.conn,
+        frame: pb::Frame {
+            request_id: req.request_id,
+            body: Some(Body::Error(pb::Error {
+                code: code as u32,
+                message,
+                client_msg_id: Vec::new(),
+            })),
+        },
+    }
+}
+
+/// Reader pool work.
+#[allow(clippy::large_enum_variant)]
+enum ReadJob {
+    /// A read request; `after_flush` is the presence change count it must
+    /// wait for (so a Sync sees every message it would not get live).
+    Read {
+        request: Inbound,
+        after_flush: u64,
+    },
+    Stop,
+}
+
+struct Started {
+    gateway_id: String,
+    sink: Arc<dyn DeliverySink>,
+    reads: Sender<ReadJob>,
+    presence: Arc<Presence>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// The Kafka/Redis backend of one gateway.
+pub struct KafkaRedisBridge {
+    config: Result<BridgeConfig, String>,
+    /// Created by `start` (read without a lock on the hot path).
+    producer: OnceLock<Arc<ThreadedProducer<ProduceContext>>>,
+    started: Mutex<Option<Started>>,
+    /// Read without a lock on the hot path.
+    presence: OnceLock<Arc<Presence>>,
+    reads: OnceLock<Sender<ReadJob>>,
+    gateway_id: OnceLock<String>,
+    stop: Arc<AtomicBool>,
+}
+
+impl KafkaRedisBridge {
+    /// Nothing connects before [`Backend::start`].
+    pub fn new(config: BridgeConfig) -> Self {
+        Self::with_config(Ok(config))
+    }
+
+    /// From the gateway config's strings; a bad Redis spec is reported by
+    /// `start` (with what to write instead).
+    pub fn from_spec(brokers: &str, redis: &str) -> Self {
+        Self::with_config(
+            RedisConfig::parse(redis)
+                .map(|r| BridgeConfig::new(brokers, r))
+                .map_err(|e| format!("backend.redis: {e}")),
+        )
+    }
+
+    fn with_config(config: Result<BridgeConfig, String>) -> Self {
+        Self {
+            config,
+            producer: OnceLock::new(),
+            started: Mutex::new(None),
+            presence: OnceLock::new(),
+            reads: OnceLock::new(),
+            gateway_id: OnceLock::new(),
+            stop: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Stops every background thread at once without flushing presence or
+    /// deregistering: to the rest of the cluster this gateway has crashed
+    /// (its lease will expire). For fault tests and `kill -9` rehearsals.
+    pub fn halt(&self) {
+        self.stop_threads(false);
+    }
+
+    fn stop_threads(&self, clean: bool) {
+        let Some(started) = self.started.lock().expect("started").take() else {
+            return;
+        };
+        started.presence.stop(clean);
+        self.stop.store(true, Ordering::Release);
+        for _ in 0..started.threads.len() {
+            let _ = started.reads.send(ReadJob::Stop);
+        }
+        for t in started.threads {
+            let _ = t.join();
+        }
+        if let (true, Some(producer), Ok(config)) = (clean, self.producer.get(), &self.config) {
+            let _ = producer.flush(config.produce_timeout);
+        }
+        tracing::info!(gateway = %started.gateway_id, clean, "bridge stopped");
+        drop(started.sink);
+    }
+
+    /// Sends GoAway(REPLACED) to a connection on any gateway.
+    fn replaced_handler(
+        gateway_id: String,
+        sink: Arc<dyn DeliverySink>,
+        producer: Arc<ThreadedProducer<ProduceContext>>,
+    ) -> presence::ReplacedHandler {
+        Box::new(move |old: SessionAddr| {
+            let frame = pb::Frame {
+                request_id: 0,
+                body: Some(Body::GoAway(pb::GoAway {
+                    reason: pb::GoAwayReason::Replaced as i32,
+                    reconnect_delay_ms: 0,
+                    message: "this device connected again on another connection".into(),
+                })),
+            };
+            let outbound = Outbound {
+                conn: old.conn,
+                frame,
+            };
+            if old.gateway_id == gateway_id {
+                sink.deliver(vec![outbound]);
+                return;
+            }
+            let topic = kafka::delivery_topic(&old.gateway_id);
+            for value in kafka::encode_delivery_batches(vec![outbound]) {
+                let record = BaseRecord::with_opaque_to(&topic, Box::new(None))
+                    .key(old.gateway_id.as_bytes())
+                    .payload(&value);
+                if let Err((e, _)) = producer.send(record) {
+                    tracing::warn!(to = %old.gateway_id, "GoAway(REPLACED) not sent: {e}");
+                }
+            }
+        })
+    }
+}
+
+impl Backend for KafkaRedisBridge {
+    fn start(&self, gateway_id: &str, sink: Arc<dyn DeliverySink>) -> Result<(), BackendError> {
+        let mut started = self.started.lock().expect("started");
+        if started.is_some() || self.gateway_id.get().is_some() {
+            return Err(BackendError::Config(
+                "the bridge serves one gateway, once".into(),
+            ));
+        }
+        let config = self
+            .config
+            .as_ref()
+            .map_err(|e| BackendError::Config(e.clone()))?;
+        kafka::check_gateway_id(gateway_id).map_err(BackendError::Config)?;
+        let topic = kafka::delivery_topic(gateway_id);
+        kafka::ensure_topics(
+            &config.brokers,
+            &[
+                (kafka::INBOUND_TOPIC, config.inbound_partitions),
+                (&topic, 1),
+            ],
+            Duration::from_secs(10),
+        )
+        .map_err(BackendError::Unavailable)?;
+        let producer: ThreadedProducer<ProduceContext> =
+            kafka::producer_config(&config.brokers, config.linger_ms)
+                .set(
+                    "message.timeout.ms",
+                    config.produce_timeout.as_millis().max(1).to_string(),
+                )
+                .create_with_context(ProduceContext {
+                    sink: OnceLock::new(),
+                })
+                .map_err(|e| {
+                    BackendError::Config(format!("Kafka producer for {}: {e}", config.brokers))
+                })?;
+        let _ = producer.context().sink.set(sink.clone());
+        let producer = Arc::new(producer);
+
+        // Delivery consumer: assigned at the topic's current end before
+        // start returns, so every record produced from now on is seen.
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &config.brokers)
+            .set("group.id", format!("palaver-gateway-{gateway_id}"))
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "5")
+            .set("socket.nagle.disable", "true")
+            .create()
+            .map_err(|e| BackendError::Config(format!("Kafka consumer: {e}")))?;
+        let (_, high) = consumer
+            .fetch_watermarks(&topic, 0, Duration::from_secs(10))
+            .map_err(|e| BackendError::Unavailable(format!("offsets of {topic}: {e}")))?;
+        let mut assignment = TopicPartitionList::new();
+        assignment
+            .add_partition_offset(&topic, 0, Offset::Offset(high))
+            .map_err(|e| BackendError::Unavailable(e.to_string()))?;
+        consumer
+            .assign(&assignment)
+            .map_err(|e| BackendError::Unavailable(format!("assign {topic}: {e}")))?;
+
+        let presence = Arc::new(Presence::new(gateway_id));
+        presence
+            .start(
+                &config.redis,
+                config.presence,
+                sink.clone(),
+                Self::replaced_handler(gateway_id.to_owned(), sink.clone(), producer.clone()),
+            )
+            .map_err(BackendError::Unavailable)?;
+
+        let mut threads = Vec::new();
+        let stop = self.stop.clone();
+        let delivery_sink = sink.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("palaver-delivery".into())
+                .spawn(move || delivery_loop(consumer, delivery_sink, stop))
+                .map_err(|e| BackendError::Unavailable(format!("spawn: {e}")))?,
+        );
+
+        let (reads_tx, reads_rx) = crossbeam_channel::unbounded();
+        for i in 0..config.readers.max(1) {
+            let store = RedisStore::connect(config.redis.clone())
+                .map_err(|e| BackendError::Unavailable(format!("Redis: {e}")))?;
+            let reader = Reader {
+                gateway_id: gateway_id.to_owned(),
+                router: Router::new(store, config.router.clone(), Arc::new(SystemClock)),
+                sink: sink.clone(),
+                presence: presence.clone(),
+                jobs: reads_rx.clone(),
+            };
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("palaver-reader-{i}"))
+                    .spawn(move || reader.run())
+                    .map_err(|e| BackendError::Unavailable(format!("spawn: {e}")))?,
+            );
+        }
+        let _ = self.producer.set(producer);
+        let _ = self.presence.set(presence.clone());
+        let _ = self.reads.set(reads_tx.clone());
+        let _ = self.gateway_id.set(gateway_id.to_owned());
+        *started = Some(Started {
+            gateway_id: gateway_id.to_owned(),
+            sink,
+            reads: reads_tx,
+            presence,
+            threads,
+        });
+        tracing::info!(gateway = gateway_id, brokers = %config.brokers, "Kafka/Redis bridge started");
+        Ok(())
+    }
+
+    fn session_opened(&self, session: &Session) {
+        if let Some(p) = self.presence.get() {
+            p.session_opened(session);
+        }
+    }
+
+    fn session_closed(&self, session: &Session, at_ms: i64) {
+        if let Some(p) = self.presence.get() {
+            p.session_closed(session, at_ms);
+        }
+    }
+
+    fn submit(&self, request: Inbound) {
+        let command = Command::Request(request);
+        if command.is_read_only()
+            || matches!(
+                &command,
+                Command::Request(Inbound {
+                    body: Body::PresenceSubscribe(_),
+                    ..
+                })
+            )
+        {
+            let Command::Request(request) = command else {
+                unreachable!("built above")
+            };
+            let after_flush = self.presence.get().map_or(0, |p| p.enqueued());
+            if let Some(reads) = self.reads.get() {
+                let _ = reads.send(ReadJob::Read {
+                    request,
+                    after_flush,
+                });
+            }
+            return;
+        }
+        let key = command.partition_key().to_owned();
+        let Command::Request(request) = command else {
+            unreachable!("built above")
+        };
+        let value = kafka::inbound_record(&request).encode_to_vec();
+        let client_msg_id = match &request.body {
+            Body::Send(s) => s.client_msg_id.clone(),
+            _ => Vec::new(),
+        };
+        let pending = PendingWrite {
+            conn: request.from.addr.conn,
+            request_id: request.request_id,
+            client_msg_id,
+        };
+        let Some(producer) = self.producer.get() else {
+            tracing::warn!("request submitted before the bridge started; dropped");
+            return;
+        };
+        let record = BaseRecord::with_opaque_to(kafka::INBOUND_TOPIC, Box::new(Some(pending)))
+            .key(key.as_bytes())
+            .payload(&value);
+        if let Err((e, record)) = producer.send(record) {
+            // Not even queued (queue full, or the producer is gone).
+            if let (Some(pending), Some(sink)) =
+                (*record.delivery_opaque, producer.context().sink.get())
+            {
+                sink.deliver(vec![unavailable(
+                    pending.conn,
+                    pending.request_id,
+                    pending.client_msg_id,
+                    format!("the message bus is not accepting requests ({e}); retry"),
+                )]);
+            }
+        }
+    }
+
+    fn shutdown(&self) {
+        self.stop_threads(true);
+    }
+}
+
+impl Drop for KafkaRedisBridge {
+    fn drop(&mut self) {
+        self.stop_threads(true);
+    }
+}
+
+/// Reads this gateway's delivery topic and feeds the sink.
+fn delivery_loop(consumer: BaseConsumer, sink: Arc<dyn DeliverySink>, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::Acquire) {
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {}
+            Some(Err(e)) => tracing::warn!("delivery consumer: {e}"),
+            Some(Ok(message)) => {
+                match kafka::decode_delivery_batch(message.payload().unwrap_or_default()) {
+                    Ok(batch) if !batch.is_empty() => sink.deliver(batch),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(
+                        offset = message.offset(),
+                        "bad delivery record skipped: {e}"
+                    ),
+                }
+            }
+        }
+    }
+}
+
+/// One reader thread: the routing logic's read paths over Redis.
+struct Reader {
+    gateway_id: String,
+    router: Router<RedisStore>,
+    sink: Arc<dyn DeliverySink>,
+    presence: Arc<Presence>,
+    jobs: Receiver<ReadJob>,
+}
+
+impl Reader {
+    fn run(mut self) {
+        while let Ok(ReadJob::Read {
+            request,
+            after_flush,
+        }) = self.jobs.recv()
+        {
+            let frames = match &request.body {
+                Body::PresenceSubscribe(subscribe) => self.subscribe(&request, subscribe),
+                Body::Sync(_) => {
+                    // Sessions opened before this Sync must be registered
+                    // first: a message stored after registration is delivered
+                    // live, one stored before is in this Sync's answer.
+                    self.presence
+                        .wait_flushed(after_flush, Duration::from_secs(5));
+                    self.read(&request)
+                }
+                _ => self.read(&request),
+            };
+            if !frames.is_empty() {
+                self.sink.deliver(frames);
+            }
+        }
+    }
+
+    /// Runs one read-only request through the router.
+    fn read(&mut self, request: &Inbound) -> Vec<Outbound> {
+        let command = Command::Request(request.clone());
+        let mut out = Output::default();
+        if let Err(e) = self.router.handle(&command, &mut out) {
+            out.frames.clear();
+            if let Some(reply) = Router::<RedisStore>::unavailable_reply(&command, &e) {
+                out.frames.push(reply);
+            }
+        }
+        out.frames
+            .into_iter()
+            .filter(|a| a.to.gateway_id == self.gateway_id)
+            .map(|a| Outbound {
+                conn: a.to.conn,
+                frame: a.frame,
+            })
+            .collect()
+    }
+
+    /// PresenceSubscribe: watches are local to this gateway; the answer is
+    /// the users' current presence, as for a PresenceQuery (which also
+    /// validates the user ids).
+    fn subscribe(&mut self, request: &Inbound, subscribe: &pb::PresenceSubscribe) -> Vec<Outbound> {
+        let conn = request.from.addr.conn;
+        let as_query = Inbound {
+            body: Body::PresenceQuery(pb::PresenceQuery {
+                user_ids: subscribe.user_ids.clone(),
+            }),
+            ..request.clone()
+        };
+        if subscribe.unsubscribe {
+            let mut frames = self.read(&as_query);
+            let valid = frames
+                .iter()
+                .any(|f| matches!(f.frame.body, Some(Body::PresenceResult(_))));
+            if valid {
+                if let Ok(mut w) = self.presence.watches.lock() {
+                    w.remove(conn, &subscribe.user_ids);
+                }
+                frames = vec![Outbound {
+                    conn,
+                    frame: pb::Frame {
+                        request_id: request.request_id,
+                        body: Some(Body::PresenceResult(pb::PresenceResult::default())),
+                    },
+                }];
+            }
+            return frames;
+        }
+        let max = self.router.config().max_watches_per_connection;
+        let added = match self.presence.watches.lock() {
+            Ok(mut w) => w.add(conn, &subscribe.user_ids, max),
+            Err(_) => Ok(Vec::new()),
+        };
+        let added = match added {
+            Ok(added) => added,
+            Err(watching) => {
+                return vec![error_reply(
+                    request,
+                    ErrorCode::InvalidArgument,
+                    format!(
+                        "a connection may watch at most {max} users; it watches {watching}, \
+                         unsubscribe some first"
+                    ),
+                )]
+            }
+        };
+        // Watch first, then read: a change between the two is not missed.
+        let frames = self.read(&as_query);
+        let ok = frames
+            .iter()
+            .any(|f| matches!(f.frame.body, Some(Body::PresenceResult(_))));
+        if !ok {
+            if let Ok(mut w) = self.presence.watches.lock() {
+                w.remove(conn, &added);
+            }
+        }
+        frames
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::presence::Watches;
+
+    #[test]
+    fn watches_are_all_or_nothing_and_dropped_with_the_connection() {
+        let mut w = Watches::default();
+        let users = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            w.add(1, &users(&["a", "b", "a"]), 2),
+            Ok(users(&["a", "b"]))
+        );
+        assert_eq!(w.add(1, &users(&["c"]), 2), Err(2));
+        assert_eq!(w.add(1, &users(&["a"]), 2), Ok(vec![]));
+        assert_eq!(w.add(2, &users(&["a"]), 2), Ok(users(&["a"])));
+        let mut watchers: Vec<u64> = w.watchers_of("a").collect();
+        watchers.sort();
+        assert_eq!(watchers, vec![1, 2]);
+        w.drop_conn(1);
+        assert_eq!(w.watchers_of("a").collect::<Vec<_>>(), vec![2]);
+        assert_eq!(w.watchers_of("b").count(), 0);
+        w.remove(2, &users(&["a"]));
+        assert_eq!(w.watchers_of("a").count(), 0);
+    }
+}

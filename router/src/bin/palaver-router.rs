@@ -1,0 +1,87 @@
+//! `palaver-router`: one router worker of the Kafka/Redis tier. Run as many
+//! as you like with the same `--group`; they share the partitions of
+//! `palaver.inbound`.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use palaver_router::kafka::worker::{RouterWorker, WorkerConfig};
+use palaver_router::redis_store::RedisConfig;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "palaver-router",
+    version,
+    about = "Palaver router worker (Kafka consumer group + Redis)"
+)]
+struct Args {
+    /// Kafka bootstrap servers, host:port[,host:port...]
+    #[arg(long, env = "PALAVER_KAFKA_BROKERS")]
+    brokers: String,
+    /// Redis: redis://host:port/ or redis+cluster://host:port,host:port,...
+    #[arg(long, env = "PALAVER_REDIS")]
+    redis: String,
+    /// Consumer group shared by all routers.
+    #[arg(long, default_value = "palaver-router")]
+    group: String,
+    /// This router's name in logs and dead letters (default: router-<pid>).
+    #[arg(long)]
+    router_id: Option<String>,
+    /// Partitions of palaver.inbound when this router has to create it.
+    #[arg(long, default_value_t = palaver_router::kafka::DEFAULT_INBOUND_PARTITIONS)]
+    partitions: i32,
+    /// Records per batch (one produce flush and one offset commit per batch).
+    #[arg(long, default_value_t = 500)]
+    max_batch: usize,
+    /// Attempts per record on store errors before it goes to palaver.dlq.
+    #[arg(long, default_value_t = 5)]
+    max_attempts: u32,
+    /// Producer linger, ms.
+    #[arg(long, default_value_t = 1)]
+    linger_ms: u32,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let redis = match RedisConfig::parse(&args.redis) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("palaver-router: --redis {e}");
+            std::process::exit(2);
+        }
+    };
+    let mut config = WorkerConfig::new(args.brokers, redis);
+    config.group_id = args.group;
+    if let Some(id) = args.router_id {
+        config.router_id = id;
+    }
+    config.inbound_partitions = args.partitions;
+    config.max_batch = args.max_batch.max(1);
+    config.max_attempts = args.max_attempts.max(1);
+    config.linger_ms = args.linger_ms;
+    config.retry_backoff = Duration::from_millis(100);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        if let Err(e) = signal_hook::flag::register(signal, stop.clone()) {
+            eprintln!("palaver-router: cannot handle signal {signal}: {e}");
+            std::process::exit(1);
+        }
+    }
+    let mut worker = match RouterWorker::new(config) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("palaver-router: {e}");
+            std::process::exit(1);
+        }
+    };
+    tracing::info!("router worker running");
+    worker.run(&stop);
+}

@@ -1,0 +1,267 @@
+//! The router tier on Kafka: topic names, client settings, the internal
+//! record schema (`router/proto/palaver_internal.proto`) and its conversions,
+//! and the router worker ([`worker`]).
+//!
+//! Topics:
+//! - `palaver.inbound`: client writes from every gateway, keyed by
+//!   [`Command::partition_key`] (conversation id, else user id), so one
+//!   conversation is processed in order by one router.
+//! - `palaver.deliver.<gateway_id>`: [`records::DeliveryBatch`]es for one
+//!   gateway's connections (created by that gateway when it starts).
+//! - `palaver.push`: [`records::PushRecord`]s for push workers, keyed by user.
+//! - `palaver.dlq`: [`records::DeadLetter`]s, inbound records the router gave up on.
+
+pub mod worker;
+
+use std::time::Duration;
+
+use palaver_protocol::pb;
+use prost::Message as _;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::api::{Inbound, Outbound, Session, SessionAddr};
+use crate::bus::Command;
+
+/// Generated types of `palaver.internal.v1`.
+pub mod records {
+    include!(concat!(env!("OUT_DIR"), "/palaver.internal.v1.rs"));
+}
+
+pub const INBOUND_TOPIC: &str = "palaver.inbound";
+pub const PUSH_TOPIC: &str = "palaver.push";
+pub const DLQ_TOPIC: &str = "palaver.dlq";
+const DELIVERY_TOPIC_PREFIX: &str = "palaver.deliver.";
+
+/// Default partition count of `palaver.inbound` when the router creates it.
+pub const DEFAULT_INBOUND_PARTITIONS: i32 = 8;
+
+/// A DeliveryBatch record is split before it grows past this (Kafka's
+/// default max message size is 1 MiB).
+pub const MAX_DELIVERY_RECORD_BYTES: usize = 512 * 1024;
+
+/// The delivery topic of one gateway.
+pub fn delivery_topic(gateway_id: &str) -> String {
+    format!("{DELIVERY_TOPIC_PREFIX}{gateway_id}")
+}
+
+/// Gateway ids become topic names: 1..=200 of `[A-Za-z0-9._-]`.
+pub fn check_gateway_id(gateway_id: &str) -> Result<(), String> {
+    let ok = !gateway_id.is_empty()
+        && gateway_id.len() <= 200
+        && gateway_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "gateway id {gateway_id:?} must be 1-200 characters of A-Z a-z 0-9 . _ - \
+             (it names the Kafka topic palaver.deliver.<id>)"
+        ))
+    }
+}
+
+/// Producer settings shared by routers and gateways: idempotent, acks=all
+/// (the durability gate), a short linger for latency.
+pub fn producer_config(brokers: &str, linger_ms: u32) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", linger_ms.to_string())
+        .set("message.timeout.ms", "10000")
+        .set("socket.nagle.disable", "true");
+    config
+}
+
+/// Creates the topics that do not exist yet (existing ones are left alone).
+pub fn ensure_topics(
+    brokers: &str,
+    topics: &[(&str, i32)],
+    timeout: Duration,
+) -> Result<(), String> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .map_err(|e| format!("Kafka admin client for {brokers}: {e}"))?;
+    let new_topics: Vec<NewTopic> = topics
+        .iter()
+        .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(timeout));
+    let results = futures_executor::block_on(admin.create_topics(&new_topics, &options))
+        .map_err(|e| format!("create topics on {brokers}: {e}"))?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => return Err(format!("create topic {name}: {code}")),
+        }
+    }
+    Ok(())
+}
+
+/// The record a gateway writes to `palaver.inbound` for a client request.
+pub fn inbound_record(request: &Inbound) -> records::InboundRecord {
+    records::InboundRecord {
+        user_id: request.from.user_id.clone(),
+        device_id: request.from.device_id.clone(),
+        gateway_id: request.from.addr.gateway_id.clone(),
+        conn: request.from.addr.conn,
+        request_id: request.request_id,
+        received_ms: request.received_ms,
+        frame: Some(pb::Frame {
+            request_id: request.request_id,
+            body: Some(request.body.clone()),
+        }),
+    }
+}
+
+/// Decodes an inbound record value into the router command it carries.
+pub fn decode_inbound(value: &[u8]) -> Result<Command, String> {
+    let record = records::InboundRecord::decode(value)
+        .map_err(|e| format!("inbound record is not an InboundRecord: {e}"))?;
+    let body = record
+        .frame
+        .and_then(|f| f.body)
+        .ok_or("inbound record without a request body")?;
+    if record.user_id.is_empty() || record.gateway_id.is_empty() {
+        return Err("inbound record without user or gateway id".into());
+    }
+    Ok(Command::Request(Inbound {
+        from: Session {
+            user_id: record.user_id,
+            device_id: record.device_id,
+            addr: SessionAddr {
+                gateway_id: record.gateway_id,
+                conn: record.conn,
+            },
+        },
+        request_id: record.request_id,
+        body,
+        received_ms: record.received_ms,
+    }))
+}
+
+/// Encodes frames for one gateway as DeliveryBatch record values, split so
+/// no record exceeds [`MAX_DELIVERY_RECORD_BYTES`] (a single larger frame
+/// gets a record of its own). Order is kept.
+pub fn encode_delivery_batches(frames: Vec<Outbound>) -> Vec<Vec<u8>> {
+    let mut values = Vec::new();
+    let mut batch = records::DeliveryBatch::default();
+    let mut size = 0;
+    for Outbound { conn, frame } in frames {
+        let delivery = records::Delivery {
+            conn,
+            frame: Some(frame),
+        };
+        let len = delivery.encoded_len() + 8;
+        if size + len > MAX_DELIVERY_RECORD_BYTES && !batch.deliveries.is_empty() {
+            values.push(std::mem::take(&mut batch).encode_to_vec());
+            size = 0;
+        }
+        size += len;
+        batch.deliveries.push(delivery);
+    }
+    if !batch.deliveries.is_empty() {
+        values.push(batch.encode_to_vec());
+    }
+    values
+}
+
+/// Decodes a DeliveryBatch record value.
+pub fn decode_delivery_batch(value: &[u8]) -> Result<Vec<Outbound>, String> {
+    let batch = records::DeliveryBatch::decode(value)
+        .map_err(|e| format!("delivery record is not a DeliveryBatch: {e}"))?;
+    batch
+        .deliveries
+        .into_iter()
+        .map(|d| {
+            d.frame
+                .map(|frame| Outbound {
+                    conn: d.conn,
+                    frame,
+                })
+                .ok_or_else(|| "delivery without a frame".to_string())
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pb::frame::Body;
+
+    #[test]
+    fn inbound_round_trip() {
+        let inbound = Inbound {
+            from: Session {
+                user_id: "alice".into(),
+                device_id: "phone".into(),
+                addr: SessionAddr {
+                    gateway_id: "gw-1".into(),
+                    conn: 77,
+                },
+            },
+            request_id: 9,
+            body: Body::Typing(pb::Typing {
+                conversation_id: "dm:a:b".into(),
+                active: true,
+                user_id: String::new(),
+            }),
+            received_ms: 123,
+        };
+        let value = inbound_record(&inbound).encode_to_vec();
+        assert_eq!(decode_inbound(&value).unwrap(), Command::Request(inbound));
+        assert!(decode_inbound(b"\xff\xff").is_err());
+        assert!(decode_inbound(&[]).is_err(), "no body");
+    }
+
+    #[test]
+    fn delivery_batches_split_and_keep_order() {
+        let frames: Vec<Outbound> = (0..300u64)
+            .map(|i| Outbound {
+                conn: i,
+                frame: pb::Frame {
+                    request_id: 0,
+                    body: Some(Body::Pong(pb::Pong { nonce: i })),
+                },
+            })
+            .collect();
+        let one = encode_delivery_batches(frames.clone());
+        assert_eq!(one.len(), 1);
+        assert_eq!(decode_delivery_batch(&one[0]).unwrap(), frames);
+
+        let big: Vec<Outbound> = (0..3u64)
+            .map(|i| Outbound {
+                conn: i,
+                frame: pb::Frame {
+                    request_id: 0,
+                    body: Some(Body::Error(pb::Error {
+                        code: 1,
+                        message: "x".repeat(300 * 1024),
+                        client_msg_id: vec![],
+                    })),
+                },
+            })
+            .collect();
+        let split = encode_delivery_batches(big.clone());
+        assert_eq!(split.len(), 3);
+        let back: Vec<Outbound> = split
+            .iter()
+            .flat_map(|v| decode_delivery_batch(v).unwrap())
+            .collect();
+        assert_eq!(back, big);
+    }
+
+    #[test]
+    fn gateway_ids_are_topic_safe() {
+        assert!(check_gateway_id("gw-1.a_b").is_ok());
+        assert!(check_gateway_id("").is_err());
+        assert!(check_gateway_id("gw/1").is_err());
+        assert!(check_gateway_id(&"a".repeat(201)).is_err());
+    }
+}

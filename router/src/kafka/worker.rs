@@ -1,0 +1,518 @@
+//! The router worker: a member of the `palaver.inbound` consumer group that
+//! runs the routing logic over [`RedisStore`] and ships the output to Kafka.
+//!
+//! One batch at a time, on one thread:
+//! 1. poll up to `max_batch` records (every partition's records arrive in
+//!    partition order, and are processed in that order);
+//! 2. run each through [`Router::handle`]; a store error is retried with
+//!    backoff, and after `max_attempts` the record goes to `palaver.dlq` with
+//!    the reason and the client gets `Error(UNAVAILABLE)`;
+//! 3. produce the output (a `DeliveryBatch` per gateway, a `PushRecord` per
+//!    offline user) and wait until Kafka acknowledged all of it (acks=all);
+//! 4. only then commit the batch's offsets.
+//!
+//! If producing fails, the consumer is rewound to the batch's first offsets
+//! and the batch runs again: at-least-once. Replays are safe because the
+//! append script dedups by (conversation, client_msg_id) and returns the
+//! original ack, and receipts only ever move forward. A rebalance in the
+//! middle of a batch can let two routers briefly work on one partition; the
+//! atomic append keeps every seq unique and gap-free even then.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use prost::Message as _;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+
+use super::records;
+use crate::api::Outbound;
+use crate::bus::{BusError, Outlet, Output, PushEvent};
+use crate::logic::{Clock, Router, RouterConfig, SystemClock};
+use crate::redis_store::{RedisConfig, RedisStore};
+
+/// Settings of one router worker.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// Kafka `bootstrap.servers`.
+    pub brokers: String,
+    /// Consumer group shared by all routers.
+    pub group_id: String,
+    /// This router's name (logs, dead letters).
+    pub router_id: String,
+    pub redis: RedisConfig,
+    pub router: RouterConfig,
+    /// Records per batch (one produce flush + one commit per batch).
+    pub max_batch: usize,
+    /// Attempts per record when the store fails, before the dead-letter queue.
+    pub max_attempts: u32,
+    /// Wait before the first retry; doubled each time.
+    pub retry_backoff: Duration,
+    pub linger_ms: u32,
+    /// Partitions of `palaver.inbound` if the worker has to create it.
+    pub inbound_partitions: i32,
+    /// How long to wait for Kafka to acknowledge a batch's output.
+    pub flush_timeout: Duration,
+}
+
+impl WorkerConfig {
+    pub fn new(brokers: impl Into<String>, redis: RedisConfig) -> Self {
+        Self {
+            brokers: brokers.into(),
+            group_id: "palaver-router".into(),
+            router_id: format!("router-{}", std::process::id()),
+            redis,
+            router: RouterConfig::default(),
+            max_batch: 500,
+            max_attempts: 5,
+            retry_backoff: Duration::from_millis(100),
+            linger_ms: 1,
+            inbound_partitions: super::DEFAULT_INBOUND_PARTITIONS,
+            flush_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Waits until every produced record is acknowledged (or failed), serving
+/// delivery callbacks. Not `Producer::flush`: rdkafka's flush sleeps in
+/// 100 ms steps, which would add up to 100 ms to every batch.
+fn wait_acknowledged(
+    producer: &BaseProducer<DeliveryTracker>,
+    timeout: Duration,
+) -> Result<(), KafkaError> {
+    let deadline = Instant::now() + timeout;
+    while producer.in_flight_count() > 0 {
+        if Instant::now() >= deadline {
+            return Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut));
+        }
+        producer.poll(Duration::from_millis(1));
+    }
+    Ok(())
+}
+
+/// Records produce failures reported by librdkafka's delivery callbacks.
+#[derive(Default)]
+struct DeliveryTracker {
+    failures: Mutex<Vec<(String, KafkaError)>>,
+}
+
+impl ClientContext for DeliveryTracker {}
+
+impl ProducerContext for DeliveryTracker {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((error, message)) = result {
+            if let Ok(mut failures) = self.failures.lock() {
+                failures.push((message.topic().to_owned(), error.clone()));
+            }
+        }
+    }
+}
+
+/// Logs rebalances (the batch loop commits before every poll, so nothing
+/// processed is left uncommitted when partitions move).
+struct RebalanceLog {
+    router_id: String,
+}
+
+impl ClientContext for RebalanceLog {}
+
+impl ConsumerContext for RebalanceLog {
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                tracing::info!(router = %self.router_id, partitions = tpl.count(), "partitions assigned")
+            }
+            Rebalance::Revoke(tpl) => {
+                tracing::info!(router = %self.router_id, partitions = tpl.count(), "partitions revoked")
+            }
+            Rebalance::Error(e) => tracing::warn!(router = %self.router_id, "rebalance error: {e}"),
+        }
+    }
+}
+
+/// Counters of one worker (for logs and tests).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkerStats {
+    pub records: u64,
+    pub batches: u64,
+    pub dead_letters: u64,
+    pub replays: u64,
+}
+
+pub struct RouterWorker {
+    config: WorkerConfig,
+    consumer: BaseConsumer<RebalanceLog>,
+    producer: BaseProducer<DeliveryTracker>,
+    router: Router<RedisStore>,
+    clock: Arc<dyn Clock>,
+    known_topics: HashSet<String>,
+    stats: WorkerStats,
+}
+
+/// Produces router output to Kafka (delivery topics and `palaver.push`).
+struct KafkaOutlet<'a> {
+    producer: &'a BaseProducer<DeliveryTracker>,
+    known_topics: &'a mut HashSet<String>,
+    flush_timeout: Duration,
+}
+
+impl KafkaOutlet<'_> {
+    fn send(&self, topic: &str, key: &[u8], value: &[u8]) -> Result<(), BusError> {
+        let deadline = Instant::now() + self.flush_timeout;
+        loop {
+            match self
+                .producer
+                .send(BaseRecord::to(topic).key(key).payload(value))
+            {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _))
+                    if Instant::now() < deadline =>
+                {
+                    self.producer.poll(Duration::from_millis(10));
+                }
+                Err((e, _)) => {
+                    return Err(BusError::Unavailable(format!("produce to {topic}: {e}")))
+                }
+            }
+        }
+    }
+
+    /// True if the topic exists (cached once seen).
+    fn topic_exists(&mut self, topic: &str) -> bool {
+        if self.known_topics.contains(topic) {
+            return true;
+        }
+        let exists = self
+            .producer
+            .client()
+            .fetch_metadata(Some(topic), Duration::from_secs(5))
+            .map(|m| {
+                m.topics()
+                    .iter()
+                    .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+            })
+            .unwrap_or(false);
+        if exists {
+            self.known_topics.insert(topic.to_owned());
+        }
+        exists
+    }
+}
+
+impl Outlet for KafkaOutlet<'_> {
+    fn deliver(&mut self, gateway_id: &str, frames: Vec<Outbound>) -> Result<(), BusError> {
+        let topic = super::delivery_topic(gateway_id);
+        if !self.topic_exists(&topic) {
+            tracing::warn!(
+                gateway = gateway_id,
+                frames = frames.len(),
+                "no delivery topic; frames dropped"
+            );
+            return Ok(());
+        }
+        for value in super::encode_delivery_batches(frames) {
+            self.send(&topic, gateway_id.as_bytes(), &value)?;
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, events: Vec<PushEvent>) -> Result<(), BusError> {
+        let mut by_user: HashMap<String, Vec<records::PushEvent>> = HashMap::new();
+        for e in events {
+            by_user
+                .entry(e.user_id.clone())
+                .or_default()
+                .push(records::PushEvent {
+                    user_id: e.user_id,
+                    conversation_id: e.conversation_id,
+                    seq: e.seq,
+                    message_id: e.message_id,
+                    sender_user_id: e.sender_user_id,
+                    kind: e.kind,
+                    server_time_ms: e.server_time_ms,
+                });
+        }
+        for (user_id, events) in by_user {
+            let value = records::PushRecord {
+                user_id: user_id.clone(),
+                events,
+            }
+            .encode_to_vec();
+            self.send(super::PUSH_TOPIC, user_id.as_bytes(), &value)?;
+        }
+        Ok(())
+    }
+}
+
+impl RouterWorker {
+    /// Creates the topics it needs, connects to Redis and joins the group.
+    pub fn new(config: WorkerConfig) -> Result<Self, String> {
+        Self::with_clock(config, Arc::new(SystemClock))
+    }
+
+    pub fn with_clock(config: WorkerConfig, clock: Arc<dyn Clock>) -> Result<Self, String> {
+        super::ensure_topics(
+            &config.brokers,
+            &[
+                (super::INBOUND_TOPIC, config.inbound_partitions),
+                (super::PUSH_TOPIC, config.inbound_partitions),
+                (super::DLQ_TOPIC, 1),
+            ],
+            Duration::from_secs(10),
+        )?;
+        let store = RedisStore::connect(config.redis.clone())
+            .map_err(|e| format!("Redis {:?}: {e}", config.redis.urls))?;
+        let mut consumer_config = ClientConfig::new();
+        // librdkafka debug contexts (e.g. "cgrp,topic"), logged through `log`.
+        if let Ok(debug) = std::env::var("PALAVER_KAFKA_DEBUG") {
+            consumer_config.set("debug", debug);
+        }
+        let consumer: BaseConsumer<RebalanceLog> = consumer_config
+            .set("bootstrap.servers", &config.brokers)
+            .set("group.id", &config.group_id)
+            .set("client.id", &config.router_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000")
+            // Latency: an empty fetch returns after 5 ms (librdkafka's
+            // default of 500 ms would be added to an idle router's latency).
+            .set("fetch.wait.max.ms", "5")
+            .set("socket.nagle.disable", "true")
+            .create_with_context(RebalanceLog {
+                router_id: config.router_id.clone(),
+            })
+            .map_err(|e| format!("Kafka consumer: {e}"))?;
+        consumer
+            .subscribe(&[super::INBOUND_TOPIC])
+            .map_err(|e| format!("subscribe {}: {e}", super::INBOUND_TOPIC))?;
+        let producer: BaseProducer<DeliveryTracker> =
+            super::producer_config(&config.brokers, config.linger_ms)
+                .set("client.id", &config.router_id)
+                .create_with_context(DeliveryTracker::default())
+                .map_err(|e| format!("Kafka producer: {e}"))?;
+        let router = Router::new(store, config.router.clone(), clock.clone());
+        Ok(Self {
+            config,
+            consumer,
+            producer,
+            router,
+            clock,
+            known_topics: HashSet::new(),
+            stats: WorkerStats::default(),
+        })
+    }
+
+    pub fn stats(&self) -> WorkerStats {
+        self.stats
+    }
+
+    /// Runs batches until `stop` is set; a failed batch is retried after a pause.
+    pub fn run(&mut self, stop: &AtomicBool) {
+        let mut pause = self.config.retry_backoff;
+        while !stop.load(Ordering::Relaxed) {
+            match self.run_batch(Duration::from_millis(100)) {
+                Ok(_) => pause = self.config.retry_backoff,
+                Err(e) => {
+                    tracing::warn!(router = %self.config.router_id, "batch failed, replaying: {e}");
+                    thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        tracing::info!(router = %self.config.router_id, stats = ?self.stats, "router worker stopping");
+    }
+
+    /// Polls one batch (waiting up to `wait` for its first record), processes,
+    /// produces and commits it. Returns the number of records.
+    pub fn run_batch(&mut self, wait: Duration) -> Result<usize, String> {
+        let mut batch: Vec<OwnedMessage> = Vec::new();
+        let mut timeout = wait;
+        while batch.len() < self.config.max_batch {
+            match self.consumer.poll(timeout) {
+                None => break,
+                Some(Err(e)) => {
+                    tracing::warn!(router = %self.config.router_id, "consumer: {e}");
+                    break;
+                }
+                Some(Ok(message)) => batch.push(message.detach()),
+            }
+            timeout = Duration::ZERO;
+        }
+        if batch.is_empty() {
+            return Ok(0);
+        }
+
+        let mut out = Output::default();
+        let mut dead_letters = Vec::new();
+        for record in &batch {
+            self.process(record, &mut out, &mut dead_letters);
+        }
+
+        self.producer
+            .context()
+            .failures
+            .lock()
+            .map(|mut f| f.clear())
+            .ok();
+        let mut outlet = KafkaOutlet {
+            producer: &self.producer,
+            known_topics: &mut self.known_topics,
+            flush_timeout: self.config.flush_timeout,
+        };
+        let mut produced = out.flush(&mut outlet);
+        for letter in &dead_letters {
+            if produced.is_ok() {
+                produced = outlet.send(super::DLQ_TOPIC, &letter.key, &letter.encode_to_vec());
+            }
+        }
+        let flushed = wait_acknowledged(&self.producer, self.config.flush_timeout);
+        let failures: Vec<(String, KafkaError)> = self
+            .producer
+            .context()
+            .failures
+            .lock()
+            .map(|mut f| std::mem::take(&mut *f))
+            .unwrap_or_default();
+        // A vanished gateway's topic is not worth a replay: its connections are gone.
+        let fatal: Vec<&(String, KafkaError)> = failures
+            .iter()
+            .filter(|(topic, e)| {
+                !(topic.starts_with("palaver.deliver.")
+                    && e.rdkafka_error_code() == Some(RDKafkaErrorCode::UnknownTopicOrPartition))
+            })
+            .collect();
+        if let Err(e) = produced
+            .map_err(|e| e.to_string())
+            .and(flushed.map_err(|e| format!("flush: {e}")))
+        {
+            self.rewind(&batch)?;
+            return Err(e);
+        }
+        if let Some((topic, e)) = fatal.first() {
+            self.rewind(&batch)?;
+            return Err(format!(
+                "{} produce failures, first on {topic}: {e}",
+                fatal.len()
+            ));
+        }
+
+        // Everything the batch produced is durable: commit.
+        let mut offsets = TopicPartitionList::new();
+        let mut next: HashMap<(String, i32), i64> = HashMap::new();
+        for record in &batch {
+            next.insert(
+                (record.topic().to_owned(), record.partition()),
+                record.offset() + 1,
+            );
+        }
+        for ((topic, partition), offset) in &next {
+            offsets
+                .add_partition_offset(topic, *partition, Offset::Offset(*offset))
+                .map_err(|e| format!("offset list: {e}"))?;
+        }
+        if let Err(e) = self.consumer.commit(&offsets, CommitMode::Sync) {
+            // The partitions moved to another router, which replays from the
+            // last commit; the replay is deduplicated.
+            tracing::warn!(router = %self.config.router_id, "commit failed: {e}");
+        }
+        self.stats.records += batch.len() as u64;
+        self.stats.batches += 1;
+        self.stats.dead_letters += dead_letters.len() as u64;
+        Ok(batch.len())
+    }
+
+    /// Runs one record through the router, with retries; gives up into a
+    /// dead letter.
+    fn process(
+        &mut self,
+        record: &OwnedMessage,
+        out: &mut Output,
+        dead: &mut Vec<records::DeadLetter>,
+    ) {
+        let value = record.payload().unwrap_or_default();
+        let command = match super::decode_inbound(value) {
+            Ok(command) => command,
+            Err(reason) => {
+                dead.push(self.dead_letter(record, reason, 0));
+                return;
+            }
+        };
+        let mut backoff = self.config.retry_backoff;
+        let mut attempt = 1;
+        loop {
+            match self.router.handle(&command, out) {
+                Ok(()) => return,
+                Err(e) if attempt >= self.config.max_attempts => {
+                    tracing::error!(
+                        router = %self.config.router_id,
+                        partition = record.partition(),
+                        offset = record.offset(),
+                        "giving up after {attempt} attempts: {e}"
+                    );
+                    if let Some(reply) = Router::<RedisStore>::unavailable_reply(&command, &e) {
+                        out.frames.push(reply);
+                    }
+                    dead.push(self.dead_letter(record, e.to_string(), attempt));
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(router = %self.config.router_id, attempt, "store error, retrying: {e}");
+                    thread::sleep(backoff);
+                    backoff *= 2;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    fn dead_letter(
+        &self,
+        record: &OwnedMessage,
+        reason: String,
+        attempts: u32,
+    ) -> records::DeadLetter {
+        records::DeadLetter {
+            topic: record.topic().to_owned(),
+            partition: record.partition(),
+            offset: record.offset(),
+            key: record.key().unwrap_or_default().to_vec(),
+            value: record.payload().unwrap_or_default().to_vec(),
+            reason,
+            attempts,
+            failed_ms: self.clock.now_ms(),
+            router_id: self.config.router_id.clone(),
+        }
+    }
+
+    /// Seeks every partition of the batch back to its first record.
+    fn rewind(&mut self, batch: &[OwnedMessage]) -> Result<(), String> {
+        self.stats.replays += 1;
+        let mut first: HashMap<(String, i32), i64> = HashMap::new();
+        for record in batch {
+            first
+                .entry((record.topic().to_owned(), record.partition()))
+                .or_insert(record.offset());
+        }
+        for ((topic, partition), offset) in first {
+            self.consumer
+                .seek(
+                    &topic,
+                    partition,
+                    Offset::Offset(offset),
+                    Duration::from_secs(5),
+                )
+                .map_err(|e| format!("rewind {topic}/{partition} to {offset}: {e}"))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,439 @@
+//! RedisStore against a real redis-server and a real 3-master Redis Cluster
+//! (started by palaver_tools::stack on free loopback ports). Every check runs
+//! on both.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use palaver_protocol::pb::{self, frame::Body};
+use palaver_router::api::{Inbound, Session, SessionAddr};
+use palaver_router::bus::{Command, Output};
+use palaver_router::logic::{ManualClock, Router, RouterConfig};
+use palaver_router::redis_store::{RedisConfig, RedisStore, SessionChange};
+use palaver_router::store::{
+    Appended, ConversationStore, GroupRecord, Membership, RangeRead, Retention, SessionStore,
+    UserPresence, UserStore, WatchAdd,
+};
+use palaver_tools::stack::{Redis, RedisCluster};
+
+fn retention(now_ms: i64, window: usize) -> Retention {
+    Retention {
+        now_ms,
+        dedup_ttl_ms: 1000,
+        history_window: window,
+    }
+}
+
+fn message(conv: &str, cmid: u8, sender: &str) -> pb::Message {
+    pb::Message {
+        conversation_id: conv.into(),
+        client_msg_id: vec![cmid; 16],
+        message_id: format!("m{cmid}"),
+        sender_user_id: sender.into(),
+        body: vec![cmid; 3],
+        kind: pb::ContentKind::Text as i32,
+        server_time_ms: 1000 + cmid as i64,
+        ..Default::default()
+    }
+}
+
+fn stored(a: Appended) -> pb::Message {
+    match a {
+        Appended::Stored(m) => m,
+        Appended::Duplicate(ack) => panic!("unexpected duplicate {ack:?}"),
+    }
+}
+
+fn addr(gw: &str, conn: u64) -> SessionAddr {
+    SessionAddr {
+        gateway_id: gw.into(),
+        conn,
+    }
+}
+
+fn session(user: &str, device: &str, gw: &str, conn: u64) -> Session {
+    Session {
+        user_id: user.into(),
+        device_id: device.into(),
+        addr: addr(gw, conn),
+    }
+}
+
+/// Runs every check against one store configuration.
+fn all_checks(config: RedisConfig) {
+    append_dedup_window(RedisStore::connect(config.clone()).unwrap(), &config);
+    ranges_and_senders(RedisStore::connect(config.clone()).unwrap());
+    receipts_and_groups(RedisStore::connect(config.clone()).unwrap());
+    users_and_push(RedisStore::connect(config.clone()).unwrap());
+    sessions_presence_and_leases(RedisStore::connect(config.clone()).unwrap());
+    watches(RedisStore::connect(config.clone()).unwrap());
+    router_over_redis(RedisStore::connect(config).unwrap());
+}
+
+#[test]
+fn standalone_redis() {
+    let redis = Redis::start().expect("start redis-server");
+    all_checks(RedisConfig::standalone(redis.url()));
+}
+
+#[test]
+fn redis_cluster_three_masters() {
+    let cluster = RedisCluster::start(3).expect("start Redis Cluster");
+    all_checks(RedisConfig::cluster(cluster.urls()));
+    // The data really is spread over the masters.
+    let with_keys = cluster
+        .nodes()
+        .iter()
+        .filter(|n| {
+            let reply = n.command("DBSIZE").unwrap();
+            reply.trim_start_matches(':').trim() != "0"
+        })
+        .count();
+    assert!(with_keys >= 2, "keys on {with_keys} of 3 masters");
+}
+
+fn append_dedup_window(mut s: RedisStore, config: &RedisConfig) {
+    for i in 1..=5u8 {
+        let m = stored(
+            s.append_message("c1", message("c1", i, "u"), &retention(0, 3))
+                .unwrap(),
+        );
+        assert_eq!(m.seq, i as u64);
+        assert_eq!(m.body, vec![i; 3]);
+    }
+    // A replay (same client_msg_id within the TTL), also from another
+    // connection (another router after a rebalance): the original ack.
+    let mut other = RedisStore::connect(config.clone()).unwrap();
+    match other
+        .append_message("c1", message("c1", 2, "u"), &retention(999, 3))
+        .unwrap()
+    {
+        Appended::Duplicate(ack) => {
+            assert_eq!(ack.seq, 2);
+            assert_eq!(ack.message_id, "m2");
+            assert_eq!(ack.server_time_ms, 1002);
+            assert_eq!(ack.conversation_id, "c1");
+            assert_eq!(ack.client_msg_id, vec![2u8; 16]);
+        }
+        other => panic!("expected duplicate, got {other:?}"),
+    }
+    assert_eq!(
+        s.last_seqs(&["c1".into(), "none".into()]).unwrap(),
+        vec![5, 0]
+    );
+    // After the TTL the same client_msg_id is a new message with the next seq.
+    let m = stored(
+        s.append_message("c1", message("c1", 2, "u"), &retention(1000, 3))
+            .unwrap(),
+    );
+    assert_eq!(m.seq, 6);
+    let all = s
+        .messages_after(&[RangeRead {
+            conversation_id: "c1".into(),
+            after_seq: 0,
+            limit: 100,
+        }])
+        .unwrap();
+    let seqs: Vec<u64> = all[0].iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, vec![4, 5, 6], "window of 3");
+}
+
+fn ranges_and_senders(mut s: RedisStore) {
+    for i in 1..=10u8 {
+        let sender = if i % 2 == 0 { "even" } else { "odd" };
+        s.append_message("c2", message("c2", i, sender), &retention(0, 100))
+            .unwrap();
+    }
+    let after = s
+        .messages_after(&[
+            RangeRead {
+                conversation_id: "c2".into(),
+                after_seq: 7,
+                limit: 2,
+            },
+            RangeRead {
+                conversation_id: "nope".into(),
+                after_seq: 0,
+                limit: 2,
+            },
+        ])
+        .unwrap();
+    assert_eq!(
+        after[0].iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![8, 9]
+    );
+    assert!(after[1].is_empty());
+    let page = s.messages_before("c2", 0, 3).unwrap();
+    assert_eq!(
+        page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![8, 9, 10]
+    );
+    assert!(page.has_more);
+    let page = s.messages_before("c2", 3, 5).unwrap();
+    assert_eq!(
+        page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+    assert!(!page.has_more);
+    assert_eq!(s.senders_between("c2", 1, 2).unwrap(), vec!["even"]);
+    let mut both = s.senders_between("c2", 0, 10).unwrap();
+    both.sort();
+    assert_eq!(both, vec!["even", "odd"]);
+}
+
+fn receipts_and_groups(mut s: RedisStore) {
+    let read = pb::ReceiptKind::Read;
+    assert_eq!(s.advance_receipt("c3", "u", read, 5).unwrap(), Some(0));
+    assert_eq!(s.advance_receipt("c3", "u", read, 5).unwrap(), None);
+    assert_eq!(s.advance_receipt("c3", "u", read, 3).unwrap(), None);
+    assert_eq!(s.advance_receipt("c3", "u", read, 9).unwrap(), Some(5));
+    assert_eq!(
+        s.advance_receipt("c3", "u", pb::ReceiptKind::Delivered, 2)
+            .unwrap(),
+        Some(0)
+    );
+
+    let member = |u: &str, role: pb::Role| pb::Member {
+        user_id: u.into(),
+        role: role as i32,
+    };
+    let group = GroupRecord {
+        conversation_id: "grp:1".into(),
+        title: "t".into(),
+        members: vec![member("a", pb::Role::Admin), member("b", pb::Role::Member)],
+        created_ms: 42,
+    };
+    assert!(s.create_group(&group).unwrap());
+    assert!(!s.create_group(&group).unwrap(), "exists already");
+    assert_eq!(
+        s.membership("grp:1", "a").unwrap(),
+        Membership::Member(pb::Role::Admin)
+    );
+    assert_eq!(s.membership("grp:1", "z").unwrap(), Membership::NotMember);
+    assert_eq!(s.membership("grp:2", "a").unwrap(), Membership::NoSuchGroup);
+    s.update_members(
+        "grp:1",
+        &[member("c", pb::Role::Member), member("b", pb::Role::Admin)],
+        &["a".into()],
+    )
+    .unwrap();
+    let got = s.groups(&["grp:1".into(), "grp:2".into()]).unwrap();
+    assert_eq!(got[1], None);
+    let g = got[0].clone().unwrap();
+    assert_eq!(g.title, "t");
+    assert_eq!(g.created_ms, 42);
+    assert_eq!(
+        g.members,
+        vec![member("b", pb::Role::Admin), member("c", pb::Role::Member)]
+    );
+    s.update_members("grp:none", &[member("c", pb::Role::Member)], &[])
+        .unwrap();
+    assert_eq!(s.group("grp:none").unwrap(), None);
+}
+
+fn users_and_push(mut s: RedisStore) {
+    let users: Vec<String> = vec!["p1".into(), "p2".into()];
+    s.add_conversation_to_users("c4", &users).unwrap();
+    s.add_conversation_to_users("c5", &users[..1]).unwrap();
+    let mut convs = s.conversations_of_user("p1").unwrap();
+    convs.sort();
+    assert_eq!(convs, vec!["c4", "c5"]);
+    s.remove_conversation_from_users("c4", &users).unwrap();
+    assert_eq!(s.conversations_of_user("p2").unwrap(), Vec::<String>::new());
+
+    assert_eq!(s.mark_push_pending("c4", &users).unwrap(), vec![true, true]);
+    assert_eq!(
+        s.mark_push_pending("c4", &users).unwrap(),
+        vec![false, false]
+    );
+    s.clear_push_pending("p1", Some("c4")).unwrap();
+    s.clear_push_pending("p2", None).unwrap();
+    assert_eq!(s.mark_push_pending("c4", &users).unwrap(), vec![true, true]);
+}
+
+fn sessions_presence_and_leases(mut s: RedisStore) {
+    let lease = Duration::from_secs(30);
+    s.register_gateway("gA", lease, 1).unwrap();
+    s.register_gateway("gB", lease, 1).unwrap();
+    let a1 = session("s1", "phone", "gA", 1);
+    let opened = s.open_session(&a1).unwrap();
+    assert!(opened.came_online);
+    assert_eq!(opened.replaced, None);
+    // Same device again elsewhere: the old address is reported.
+    let b7 = session("s1", "phone", "gB", 7);
+    let opened = s.open_session(&b7).unwrap();
+    assert!(!opened.came_online);
+    assert_eq!(opened.replaced, Some(addr("gA", 1)));
+    // The replaced connection closing late removes nothing.
+    let closed = s.close_session(&a1, 5).unwrap();
+    assert!(!closed.removed && !closed.went_offline);
+    let sessions = s.sessions_of_users(&["s1".into(), "s2".into()]).unwrap();
+    assert_eq!(sessions[0].len(), 1);
+    assert_eq!(sessions[0][0].addr, addr("gB", 7));
+    assert!(sessions[1].is_empty());
+    let closed = s.close_session(&b7, 77).unwrap();
+    assert!(closed.removed && closed.went_offline);
+    assert_eq!(
+        s.presence_of_users(&["s1".into(), "never".into()]).unwrap(),
+        vec![
+            UserPresence {
+                online: false,
+                last_seen_ms: 77
+            },
+            UserPresence::default()
+        ]
+    );
+
+    // Batched presence: one tick opens two sessions and closes one.
+    let tick = s
+        .presence_tick(
+            "gA",
+            lease,
+            100,
+            &[
+                SessionChange::Opened(session("t1", "d", "gA", 10)),
+                SessionChange::Opened(session("t2", "d", "gA", 11)),
+                SessionChange::Opened(session("t2", "e", "gA", 12)),
+            ],
+        )
+        .unwrap();
+    let mut came: Vec<&str> = tick.changes.iter().map(|c| c.0.as_str()).collect();
+    came.sort();
+    assert_eq!(came, vec!["t1", "t2"]);
+    assert!(tick.replaced.is_empty());
+    let tick = s
+        .presence_tick(
+            "gA",
+            lease,
+            200,
+            &[SessionChange::Closed {
+                session: session("t2", "e", "gA", 12),
+                at_ms: 150,
+            }],
+        )
+        .unwrap();
+    assert!(tick.changes.is_empty(), "t2 still has device d");
+    let online = s.presence_of_users(&["t1".into(), "t2".into()]).unwrap();
+    assert!(online.iter().all(|p| p.online));
+
+    // A gateway whose lease is gone: its users read as offline at once, and
+    // reaping it turns them offline for good and reports the changes.
+    s.register_gateway("gDead", Duration::from_millis(200), 1)
+        .unwrap();
+    s.open_session(&session("t3", "d", "gDead", 1)).unwrap();
+    s.open_session(&session("t4", "d", "gDead", 2)).unwrap();
+    s.open_session(&session("t4", "x", "gA", 3)).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !s.dead_gateways().unwrap().contains(&"gDead".to_string()) {
+        assert!(std::time::Instant::now() < deadline, "lease never expired");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let p = s.presence_of_users(&["t3".into(), "t4".into()]).unwrap();
+    assert!(!p[0].online, "t3 only on the dead gateway");
+    assert!(p[1].online, "t4 also on gA");
+    assert!(s.sessions_of_users(&["t3".into()]).unwrap()[0].is_empty());
+    let changes = s.reap_gateway("gDead", "gA", 999).unwrap().unwrap();
+    assert_eq!(changes, vec![("t3".to_string(), false, 999)]);
+    assert_eq!(s.reap_gateway("gDead", "gB", 1000).unwrap(), None, "locked");
+    assert!(!s.dead_gateways().unwrap().contains(&"gDead".to_string()));
+    assert_eq!(
+        s.presence_of_users(&["t3".into()]).unwrap()[0].last_seen_ms,
+        999
+    );
+}
+
+fn watches(mut s: RedisStore) {
+    let w = addr("gA", 5);
+    let users: Vec<String> = vec!["x".into(), "y".into()];
+    assert_eq!(
+        s.add_watches(&w, &users, 2).unwrap(),
+        WatchAdd::Added { watching: 2 }
+    );
+    assert_eq!(
+        s.add_watches(&w, &["z".into()], 2).unwrap(),
+        WatchAdd::LimitExceeded { watching: 2 }
+    );
+    assert_eq!(s.watchers_of("x").unwrap(), vec![w.clone()]);
+    assert!(s.watchers_of("z").unwrap().is_empty());
+    s.remove_watches(&w, &["x".into()]).unwrap();
+    assert!(s.watchers_of("x").unwrap().is_empty());
+    s.drop_watches(&w).unwrap();
+    assert!(s.watchers_of("y").unwrap().is_empty());
+}
+
+/// The unchanged routing logic over RedisStore: a 300-member group with some
+/// members online gets the message fanned out; offline members get a push.
+fn router_over_redis(store: RedisStore) {
+    let clock = Arc::new(ManualClock::new(1_000));
+    let mut router = Router::new(store, RouterConfig::default(), clock);
+    let mut out = Output::default();
+    let creator = session("r0", "d", "gR", 1000);
+    router
+        .store_mut()
+        .register_gateway("gR", Duration::from_secs(30), 1)
+        .unwrap();
+    for i in 0..300u64 {
+        if i % 2 == 0 {
+            let s = session(&format!("r{i}"), "d", "gR", 1000 + i);
+            router.handle(&Command::SessionOpened(s), &mut out).unwrap();
+        }
+    }
+    out.frames.clear();
+    let request = |body| {
+        Command::Request(Inbound {
+            from: creator.clone(),
+            request_id: 1,
+            body,
+            received_ms: 1_000,
+        })
+    };
+    router
+        .handle(
+            &request(Body::CreateConversation(pb::CreateConversation {
+                kind: pb::ConversationKind::Group as i32,
+                title: "big".into(),
+                member_user_ids: (1..300).map(|i| format!("r{i}")).collect(),
+            })),
+            &mut out,
+        )
+        .unwrap();
+    let group_id = out
+        .frames
+        .iter()
+        .find_map(|f| match &f.frame.body {
+            Some(Body::ConversationCreated(c)) => {
+                Some(c.conversation.as_ref().unwrap().conversation_id.clone())
+            }
+            _ => None,
+        })
+        .expect("ConversationCreated");
+    out.frames.clear();
+    router
+        .handle(
+            &request(Body::Send(pb::Send {
+                conversation_id: group_id.clone(),
+                client_msg_id: vec![9; 16],
+                kind: pb::ContentKind::Text as i32,
+                body: b"hello".to_vec(),
+                ..Default::default()
+            })),
+            &mut out,
+        )
+        .unwrap();
+    let acks = out
+        .frames
+        .iter()
+        .filter(|f| matches!(f.frame.body, Some(Body::SendAck(_))))
+        .count();
+    let delivers = out
+        .frames
+        .iter()
+        .filter(|f| matches!(f.frame.body, Some(Body::Deliver(_))))
+        .count();
+    assert_eq!(acks, 1);
+    assert_eq!(
+        delivers, 149,
+        "online members except the sender's own connection"
+    );
+    assert_eq!(out.pushes.len(), 150, "one push per offline member");
+}

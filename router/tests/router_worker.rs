@@ -1,0 +1,153 @@
+//! The router worker on real Tansu and Redis, driven batch by batch: records
+//! that cannot be decoded and records whose store work keeps failing go to
+//! `palaver.dlq` with the reason, the client gets UNAVAILABLE, and the
+//! offsets move on (committed).
+
+use std::time::{Duration, Instant};
+
+use palaver_protocol::pb::{self, frame::Body};
+use palaver_router::api::{Inbound, Session, SessionAddr};
+use palaver_router::kafka::worker::{RouterWorker, WorkerConfig};
+use palaver_router::kafka::{self, records, DLQ_TOPIC, INBOUND_TOPIC};
+use palaver_router::redis_store::RedisConfig;
+use palaver_tools::stack::{Redis, Tansu};
+use prost::Message as _;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message as _;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+
+fn consumer(brokers: &str, topic: &str) -> BaseConsumer {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("test-{topic}"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    c.subscribe(&[topic]).unwrap();
+    c
+}
+
+fn next_value(c: &BaseConsumer, what: &str) -> Vec<u8> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Some(m) = c.poll(Duration::from_millis(200)) {
+            return m.unwrap().payload().unwrap_or_default().to_vec();
+        }
+    }
+    panic!("no {what} record");
+}
+
+fn send_record(cmid: u8) -> Vec<u8> {
+    kafka::inbound_record(&Inbound {
+        from: Session {
+            user_id: "alice".into(),
+            device_id: "phone".into(),
+            addr: SessionAddr {
+                gateway_id: "gwx".into(),
+                conn: 7,
+            },
+        },
+        request_id: cmid as u32,
+        body: Body::Send(pb::Send {
+            conversation_id: palaver_protocol::direct_conversation_id("alice", "bob"),
+            client_msg_id: vec![cmid; 16],
+            kind: pb::ContentKind::Text as i32,
+            body: b"hi".to_vec(),
+            ..Default::default()
+        }),
+        received_ms: 1,
+    })
+    .encode_to_vec()
+}
+
+/// Runs batches until `n` records were processed (or a deadline).
+fn process(worker: &mut RouterWorker, n: u64) {
+    let target = worker.stats().records + n;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while worker.stats().records < target {
+        assert!(
+            Instant::now() < deadline,
+            "worker processed {:?}",
+            worker.stats()
+        );
+        if let Err(e) = worker.run_batch(Duration::from_millis(200)) {
+            panic!("batch failed: {e}");
+        }
+    }
+}
+
+#[test]
+fn bad_and_failing_records_go_to_the_dlq_and_offsets_move_on() {
+    let tansu = Tansu::start().expect("tansu");
+    let mut redis = Redis::start().expect("redis-server");
+    let brokers = tansu.bootstrap();
+    kafka::ensure_topics(
+        &brokers,
+        &[(&kafka::delivery_topic("gwx"), 1)],
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let mut config = WorkerConfig::new(&brokers, RedisConfig::standalone(redis.url()));
+    config.inbound_partitions = 1;
+    config.max_attempts = 3;
+    config.retry_backoff = Duration::from_millis(10);
+    let mut worker = RouterWorker::new(config).expect("worker");
+    let deliveries = consumer(&brokers, &kafka::delivery_topic("gwx"));
+    let dlq = consumer(&brokers, DLQ_TOPIC);
+    let producer: BaseProducer = kafka::producer_config(&brokers, 0).create().unwrap();
+    let produce = |key: &str, value: &[u8]| {
+        producer
+            .send(BaseRecord::to(INBOUND_TOPIC).key(key).payload(value))
+            .map_err(|(e, _)| e)
+            .unwrap();
+        producer.flush(Duration::from_secs(10)).unwrap();
+    };
+
+    // Garbage, then a good Send: the garbage is dead-lettered, the Send acked.
+    produce("k", b"\xff\xfe not protobuf");
+    produce("dm:alice:bob", &send_record(1));
+    process(&mut worker, 2);
+    let letter = records::DeadLetter::decode(next_value(&dlq, "dead letter").as_slice()).unwrap();
+    assert_eq!(letter.value, b"\xff\xfe not protobuf");
+    assert!(letter.reason.contains("InboundRecord"), "{}", letter.reason);
+    assert_eq!((letter.topic.as_str(), letter.offset), (INBOUND_TOPIC, 0));
+    let batch = kafka::decode_delivery_batch(&next_value(&deliveries, "delivery")).unwrap();
+    assert!(matches!(&batch[0].frame.body, Some(Body::SendAck(a)) if a.seq == 1));
+
+    // Redis gone: the Send fails every attempt → dead letter with the reason,
+    // UNAVAILABLE to the client, and the worker moves on.
+    redis.kill();
+    produce("dm:alice:bob", &send_record(2));
+    process(&mut worker, 1);
+    let letter = records::DeadLetter::decode(next_value(&dlq, "dead letter").as_slice()).unwrap();
+    assert_eq!(letter.attempts, 3);
+    assert!(letter.reason.contains("unavailable"), "{}", letter.reason);
+    assert_eq!(letter.value, send_record(2));
+    let batch = kafka::decode_delivery_batch(&next_value(&deliveries, "delivery")).unwrap();
+    match &batch[0].frame.body {
+        Some(Body::Error(e)) => {
+            assert_eq!(e.code, pb::ErrorCode::Unavailable as u32);
+            assert_eq!(e.client_msg_id, vec![2u8; 16]);
+        }
+        other => panic!("expected UNAVAILABLE, got {other:?}"),
+    }
+    assert_eq!(worker.stats().dead_letters, 2);
+
+    // All three offsets are committed for the router group.
+    let probe: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", "palaver-router")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(INBOUND_TOPIC, 0);
+    let committed = probe
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(
+        committed.find_partition(INBOUND_TOPIC, 0).unwrap().offset(),
+        Offset::Offset(3)
+    );
+}
