@@ -878,16 +878,23 @@ impl<S: Store> Router<S> {
         });
         members.sort_unstable_by(|x, y| x.user_id.cmp(&y.user_id));
         let record = GroupRecord {
-            conversation_id: format!("grp:{}", self.ids.next()),
+            conversation_id: group_id_for(req),
             title: create.title.clone(),
             members,
             created_ms: self.clock.now_ms(),
         };
         if !self.store.create_group(&record)? {
-            return reject(
-                ErrorCode::Internal,
-                "generated group id already exists; retry",
-            );
+            // The id follows from the request's identity, so this is a
+            // replay of a create that already happened (at-least-once bus):
+            // answer it with the group as it was created, create nothing.
+            let Some(existing) = self.store.group(&record.conversation_id)? else {
+                return reject(ErrorCode::Unavailable, "group creation raced; retry");
+            };
+            let created = Body::ConversationCreated(pb::ConversationCreated {
+                conversation: Some(group_info(existing, 0)),
+            });
+            out.frames.push(reply(req, created));
+            return Ok(());
         }
         let user_ids: Vec<String> = record.members.iter().map(|m| m.user_id.clone()).collect();
         self.store
@@ -1203,6 +1210,28 @@ fn plan_member_change<'a>(
             })
             .collect(),
     })
+}
+
+/// The id of the group a `CreateConversation` request makes: a digest of the
+/// request's identity (connection, request id, gateway receive time, user),
+/// so that a replay of the same request after a router crash names the same
+/// group instead of creating a second one.
+fn group_id_for(req: &Inbound) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut digest = [0u64; 2];
+    for (salt, half) in digest.iter_mut().enumerate() {
+        // DefaultHasher::new() has fixed keys: the same id in every process
+        // of one build (a replay is handled by the same release).
+        let mut hasher = std::hash::DefaultHasher::new();
+        (salt, &req.from, req.request_id, req.received_ms).hash(&mut hasher);
+        *half = hasher.finish();
+    }
+    format!(
+        "{}{:016x}{:016x}",
+        palaver_protocol::GROUP_PREFIX,
+        digest[0],
+        digest[1]
+    )
 }
 
 fn parse_conversation_id(id: &str) -> Result<ConversationRef<'_>, Failure> {
