@@ -174,12 +174,10 @@ pub struct Settings {
     /// Give up on an attempt that has no Welcome after this long [default: 30s].
     #[arg(long)]
     pub connect_timeout: Option<Dur>,
-    /// How long `connect` holds the connections once all are up [default: 10s].
+    /// How long `connect` holds the connections once all are up, pinging at
+    /// the interval the gateway announces in Welcome [default: 10s].
     #[arg(long)]
     pub hold: Option<Dur>,
-    /// Ping interval override in ms [default: the Welcome's heartbeat_interval_ms].
-    #[arg(long)]
-    pub heartbeat_ms: Option<u32>,
     /// Messages per second, all senders together (chat, fanout) [default: 100].
     #[arg(long)]
     pub rate: Option<f64>,
@@ -255,7 +253,6 @@ impl Settings {
             max_inflight,
             connect_timeout,
             hold,
-            heartbeat_ms,
             rate,
             duration,
             direct_share,
@@ -297,7 +294,6 @@ pub struct Config {
     pub max_inflight: u64,
     pub connect_timeout: Dur,
     pub hold: Dur,
-    pub heartbeat_ms: Option<u32>,
     pub rate: f64,
     pub duration: Dur,
     pub direct_share: f64,
@@ -407,7 +403,6 @@ impl Settings {
             max_inflight: self.max_inflight.unwrap_or(500).max(1),
             connect_timeout: self.connect_timeout.unwrap_or(Dur(Duration::from_secs(30))),
             hold: self.hold.unwrap_or(Dur(Duration::from_secs(10))),
-            heartbeat_ms: self.heartbeat_ms,
             rate,
             duration: self.duration.unwrap_or(Dur(Duration::from_secs(10))),
             direct_share: if scenario == ScenarioKind::Fanout {

@@ -203,10 +203,6 @@ impl Chat {
         }
     }
 
-    pub fn conversation_count(&self) -> usize {
-        self.convs.len()
-    }
-
     /// CreateConversation requests for every group, from its creator.
     pub fn setup(&mut self, user_id: impl Fn(u32) -> String) -> Vec<(u32, pb::Frame)> {
         let mut out = Vec::new();
@@ -558,7 +554,7 @@ mod tests {
         assert_eq!(c.convs[0].id.as_deref(), Some("dm:u0:u1"));
         assert_eq!(c.convs[2].members, vec![0, 1, 2]);
         assert_eq!(c.convs[3].members, vec![2, 3, 4]);
-        assert_eq!(c.memberships[2].len(), 2);
+        assert_eq!(c.memberships[2].len(), 3); // dm with u3 and both groups
         let none = chat(4, vec![4], 0.0);
         assert!(none.directs.is_empty());
     }

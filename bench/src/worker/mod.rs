@@ -21,7 +21,8 @@ use hdrhistogram::Histogram;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use palaver_protocol::pb::frame::Body;
-use palaver_protocol::{encode_frame, pb, FrameDecoder};
+use palaver_protocol::state::ClientPhase;
+use palaver_protocol::{encode_frame, pb, ClientConn, FrameDecoder, Timeout, Verdict};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rustls::pki_types::ServerName;
@@ -110,18 +111,20 @@ struct User {
     dropped_at: Option<Instant>,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum State {
     Connecting,
     Handshaking,
-    AwaitWelcome,
-    Ready,
+    /// Hello sent: the protocol's client state machine decides what is legal
+    /// and when to ping.
+    Session(ClientConn),
 }
 
 struct Conn {
     sock: TcpStream,
     tls: ClientConnection,
     state: State,
+    /// Welcome received (counted in `open` until the connection ends).
+    welcomed: bool,
     started: Instant,
     hello_at: Instant,
     decoder: FrameDecoder,
@@ -131,9 +134,17 @@ struct Conn {
     ping: Option<(u64, Instant)>,
 }
 
+impl Conn {
+    /// Holds a session that may send requests.
+    fn is_ready(&self) -> bool {
+        self.welcomed && matches!(&self.state, State::Session(p) if p.phase() == ClientPhase::Established)
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 enum TimerKind {
-    Ping,
+    /// The session's next Ping or heartbeat deadline (see `ClientConn::next_wakeup`).
+    Wake,
     /// The attempt must have its Welcome by now.
     Deadline,
     /// Put the slot back in the reconnect queue.
@@ -180,7 +191,8 @@ struct Worker {
     /// Slots to (re)connect as soon as the in-flight cap allows.
     reconnect_queue: VecDeque<u32>,
     inflight: u64,
-    heartbeat: Option<Duration>,
+    /// The heartbeat interval the gateway announced.
+    heartbeat_ms: Option<u32>,
     next_nonce: u64,
     counters: Counters,
     failures: BTreeMap<String, u64>,
@@ -252,10 +264,7 @@ impl Worker {
         let conns = (0..users.len()).map(|_| None).collect();
         Ok(Worker {
             connect_rate: plan.share_of(plan.config.connect_rate),
-            heartbeat: plan
-                .config
-                .heartbeat_ms
-                .map(|ms| Duration::from_millis(u64::from(ms))),
+            heartbeat_ms: None,
             plan,
             poll,
             commands,
@@ -487,7 +496,7 @@ impl Worker {
                 s.done_at
                     .map(|d| (d - s.started).as_secs_f64() * 1000.0)
             }),
-            heartbeat_ms: self.heartbeat.map(|d| d.as_millis() as u32),
+            heartbeat_ms: self.heartbeat_ms,
             peak_rss_bytes: self.peak_rss,
             peak_open: self.peak_open,
         })
@@ -568,6 +577,7 @@ impl Worker {
             sock,
             tls,
             state: State::Connecting,
+            welcomed: false,
             started: now,
             hello_at: now,
             decoder: FrameDecoder::new(MAX_FRAME_BYTES),
@@ -597,9 +607,32 @@ impl Worker {
     }
 
     fn is_ready(&self, slot: u32) -> bool {
-        self.conns[slot as usize]
-            .as_ref()
-            .is_some_and(|c| c.state == State::Ready)
+        self.conns[slot as usize].as_ref().is_some_and(Conn::is_ready)
+    }
+
+    /// Milliseconds since the worker started: the clock of the protocol's
+    /// client state machines.
+    fn ms(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.started).as_millis() as u64
+    }
+
+    /// Arms the session's next wake-up (Ping due or heartbeat deadline).
+    fn schedule_wake(&mut self, slot: u32) {
+        let Some(Conn {
+            state: State::Session(proto),
+            ..
+        }) = &self.conns[slot as usize]
+        else {
+            return;
+        };
+        if let Some(at_ms) = proto.next_wakeup() {
+            self.timers.push(Reverse(Timer {
+                at: self.started + Duration::from_millis(at_ms),
+                slot,
+                gen: self.users[slot as usize].gen,
+                kind: TimerKind::Wake,
+            }));
+        }
     }
 
     fn close(&mut self, slot: u32, end: End) {
@@ -608,7 +641,7 @@ impl Worker {
         };
         let _ = self.poll.registry().deregister(&mut conn.sock);
         let now = Instant::now();
-        if conn.state == State::Ready {
+        if conn.welcomed {
             self.counters.open -= 1;
             if let End::Failed(reason) = end {
                 self.counters.disconnected += 1;
@@ -644,39 +677,47 @@ impl Worker {
                         continue;
                     };
                     let what = match conn.state {
-                        State::Ready => continue,
+                        _ if conn.welcomed => continue,
                         State::Connecting => "timeout: tcp connect",
                         State::Handshaking => "timeout: tls handshake",
-                        State::AwaitWelcome => "timeout: no Welcome",
+                        State::Session(_) => "timeout: no Welcome",
                     };
                     self.close(t.slot, End::Failed(what.into()));
                 }
-                TimerKind::Ping => self.send_ping(t.slot, t.gen, now),
+                TimerKind::Wake => self.on_wake(t.slot, now),
             }
         }
     }
 
-    fn send_ping(&mut self, slot: u32, gen: u32, now: Instant) {
+    /// A session's wake-up: give up on a silent server, or ping when the
+    /// connection has been idle for an interval.
+    fn on_wake(&mut self, slot: u32, now: Instant) {
+        let now_ms = self.ms(now);
         let Some(conn) = self.conns[slot as usize].as_mut() else {
             return;
         };
-        if conn.ping.is_some() {
-            self.counters.pongs_missed += 1;
+        let State::Session(proto) = &conn.state else {
+            return;
+        };
+        if let Some(timeout) = proto.check_timeout(now_ms) {
+            let what = match timeout {
+                Timeout::Heartbeat => "timeout: server silent for 2.5 heartbeat intervals",
+                Timeout::Welcome => "timeout: no Welcome",
+                Timeout::Hello | Timeout::Drain => "timeout",
+            };
+            return self.close(slot, End::Failed(what.into()));
         }
-        let nonce = self.next_nonce;
-        self.next_nonce += 1;
-        conn.ping = Some((nonce, now));
-        self.counters.pings += 1;
-        let frame = palaver_protocol::frame(0, Body::Ping(pb::Ping { nonce }));
-        self.send(slot, &frame);
-        if let Some(interval) = self.heartbeat {
-            self.timers.push(Reverse(Timer {
-                at: now + interval,
-                slot,
-                gen,
-                kind: TimerKind::Ping,
-            }));
+        if proto.ping_due(now_ms) {
+            if conn.ping.is_some() {
+                self.counters.pongs_missed += 1;
+            }
+            let nonce = self.next_nonce;
+            self.next_nonce += 1;
+            conn.ping = Some((nonce, now));
+            self.counters.pings += 1;
+            self.send(slot, &palaver_protocol::frame(0, Body::Ping(pb::Ping { nonce })));
         }
+        self.schedule_wake(slot);
     }
 
     // ---- chat ---------------------------------------------------------
@@ -692,11 +733,7 @@ impl Worker {
         let mut outbox = std::mem::take(&mut self.outbox);
         chat.due_sends(
             now,
-            |slot| {
-                conns[slot as usize]
-                    .as_ref()
-                    .is_some_and(|c| c.state == State::Ready)
-            },
+            |slot| conns[slot as usize].as_ref().is_some_and(Conn::is_ready),
             &mut self.counters,
             &mut outbox,
         );
@@ -722,6 +759,7 @@ impl Worker {
 
     /// Writes one frame to a connection's TLS stream and flushes.
     fn send(&mut self, slot: u32, frame: &pb::Frame) {
+        let now_ms = self.ms(Instant::now());
         let Some(conn) = self.conns[slot as usize].as_mut() else {
             return;
         };
@@ -730,6 +768,9 @@ impl Worker {
         if conn.tls.writer().write_all(&self.scratch).is_err() {
             self.close(slot, End::Failed("send buffer full".into()));
             return;
+        }
+        if let State::Session(proto) = &mut conn.state {
+            proto.on_sent(now_ms);
         }
         if let Err(e) = flush(conn, self.poll.registry(), slot) {
             self.close(slot, End::Failed(io_reason("write", &e)));
@@ -742,7 +783,7 @@ impl Worker {
             return;
         };
         let slot = slot as u32;
-        if conn.state == State::Connecting {
+        if matches!(conn.state, State::Connecting) {
             match conn.sock.take_error() {
                 Ok(None) => {}
                 Ok(Some(e)) | Err(e) => return self.close(slot, End::Failed(io_reason("connect", &e))),
@@ -795,7 +836,7 @@ impl Worker {
                 }
             }
         }
-        if conn.state == State::Handshaking && !conn.tls.is_handshaking() && end.is_none() {
+        if matches!(conn.state, State::Handshaking) && !conn.tls.is_handshaking() && end.is_none() {
             self.handshake_done(slot, now);
         }
         let gen = self.users[slot as usize].gen;
@@ -835,7 +876,11 @@ impl Worker {
         if conn.tls.alpn_protocol() != Some(palaver_protocol::ALPN) {
             return self.close(slot, End::Failed("tls: server did not select ALPN palaver/1".into()));
         }
-        conn.state = State::AwaitWelcome;
+        let welcome_timeout_ms = self.plan.config.connect_timeout.0.as_millis() as u32;
+        conn.state = State::Session(ClientConn::new(
+            now.saturating_duration_since(self.started).as_millis() as u64,
+            welcome_timeout_ms,
+        ));
         conn.hello_at = now;
         let user = &mut self.users[slot as usize];
         let token = match &user.token {
@@ -860,26 +905,28 @@ impl Worker {
     }
 
     fn on_frame(&mut self, slot: u32, frame: pb::Frame, now: Instant) {
-        let state = match &self.conns[slot as usize] {
-            Some(c) => c.state,
-            None => return,
+        let now_ms = self.ms(now);
+        let Some(conn) = self.conns[slot as usize].as_mut() else {
+            return;
         };
+        let State::Session(proto) = &mut conn.state else {
+            return;
+        };
+        match proto.on_frame(&frame, now_ms) {
+            Err(e) => return self.close(slot, End::Failed(format!("protocol: {e}"))),
+            Ok(Verdict::Ignore) => return,
+            Ok(Verdict::Process) => {}
+        }
+        let welcomed = conn.welcomed;
         match frame.body {
-            Some(Body::Welcome(w)) if state == State::AwaitWelcome => self.on_welcome(slot, &w, now),
-            Some(Body::Welcome(_)) => {
-                self.close(slot, End::Failed("protocol: unexpected Welcome".into()))
-            }
-            Some(Body::Error(e)) => self.on_error(slot, frame.request_id, &e, state),
+            Some(Body::Welcome(w)) => self.on_welcome(slot, &w, now),
+            Some(Body::Error(e)) => self.on_error(slot, frame.request_id, &e, welcomed),
             Some(Body::GoAway(g)) => {
                 let reason = pb::GoAwayReason::try_from(g.reason)
                     .map_or_else(|_| g.reason.to_string(), |r| r.as_str_name().to_string());
                 self.close(slot, End::Failed(format!("GoAway {reason}")));
             }
-            _ if state != State::Ready => {
-                self.close(slot, End::Failed("protocol: frame before Welcome".into()))
-            }
             Some(Body::Pong(p)) => {
-                let conn = self.conns[slot as usize].as_mut().expect("checked above");
                 if let Some((nonce, sent)) = conn.ping {
                     if nonce == p.nonce {
                         conn.ping = None;
@@ -918,29 +965,18 @@ impl Worker {
 
     fn on_welcome(&mut self, slot: u32, welcome: &pb::Welcome, now: Instant) {
         let conn = self.conns[slot as usize].as_mut().expect("caller checked");
-        conn.state = State::Ready;
+        conn.welcomed = true;
         hist::record(
             self.histograms.get_mut(names::HELLO).expect("histogram"),
             now - conn.hello_at,
         );
         let resumed = conn.tls.handshake_kind() == Some(HandshakeKind::Resumed);
-        // The connection stops watching for writability once its output is flushed.
         self.inflight -= 1;
         self.counters.welcomed += 1;
         self.counters.open += 1;
-        if self.heartbeat.is_none() && welcome.heartbeat_interval_ms > 0 {
-            self.heartbeat = Some(Duration::from_millis(u64::from(welcome.heartbeat_interval_ms)));
-        }
-        let user = &mut self.users[slot as usize];
-        if let Some(interval) = self.heartbeat {
-            self.timers.push(Reverse(Timer {
-                at: now + interval,
-                slot,
-                gen: user.gen,
-                kind: TimerKind::Ping,
-            }));
-        }
-        if let Some(dropped) = user.dropped_at.take() {
+        self.heartbeat_ms.get_or_insert(welcome.heartbeat_interval_ms);
+        self.schedule_wake(slot);
+        if let Some(dropped) = self.users[slot as usize].dropped_at.take() {
             hist::record(
                 self.histograms.get_mut(names::RECONNECT).expect("histogram"),
                 now - dropped,
@@ -958,9 +994,9 @@ impl Worker {
         }
     }
 
-    fn on_error(&mut self, slot: u32, request_id: u32, error: &pb::Error, state: State) {
+    fn on_error(&mut self, slot: u32, request_id: u32, error: &pb::Error, welcomed: bool) {
         let name = chat::error_name(error.code);
-        if palaver_protocol::closes_connection(error.code) || state != State::Ready {
+        if palaver_protocol::closes_connection(error.code) || !welcomed {
             return self.close(slot, End::Failed(format!("Error {name}")));
         }
         let Some(chat) = self.chat.as_mut() else {
@@ -1017,7 +1053,7 @@ fn set_bind_address_no_port(sock: &Socket) -> io::Result<()> {
 
 /// Writes pending TLS output; watches for writability only while some is left.
 fn flush(conn: &mut Conn, registry: &Registry, slot: u32) -> io::Result<()> {
-    if conn.state == State::Connecting {
+    if matches!(conn.state, State::Connecting) {
         return Ok(());
     }
     while conn.tls.wants_write() {
