@@ -1,71 +1,46 @@
-//! Tokens for bench users: JWTs naming the user in `sub`, signed with the key
-//! the gateway trusts (by default the dev key it writes into its data dir).
-
-use std::time::{SystemTime, UNIX_EPOCH};
+//! Tokens for bench users: JWTs naming the user in `sub`, made by the
+//! gateway's own minting helpers with the key the gateway trusts (by default
+//! the dev HS256 secret it writes into its data dir).
 
 use anyhow::{Context, Result};
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use serde::Serialize;
+use palaver_gateway::auth;
 
-/// File name of the dev CA certificate in the gateway data dir.
-pub const DEV_CA_FILE: &str = "ca.pem";
-/// File name of the dev JWT signing key in the gateway data dir.
-pub const DEV_JWT_KEY_FILE: &str = "jwt.key";
+pub use palaver_gateway::devcerts::{CA_CERT_FILE as DEV_CA_FILE, JWT_SECRET_FILE as DEV_JWT_KEY_FILE};
 
 /// How long minted tokens stay valid: longer than any run.
-const TOKEN_LIFETIME_SECS: u64 = 24 * 3600;
-
-#[derive(Serialize)]
-struct Claims<'a> {
-    sub: &'a str,
-    iat: u64,
-    exp: u64,
-}
+const TOKEN_LIFETIME_S: i64 = 24 * 3600;
 
 /// Signs tokens with one key.
-pub struct TokenMinter {
-    header: Header,
-    key: EncodingKey,
-    iat: u64,
+pub enum TokenMinter {
+    Hs256(Vec<u8>),
+    /// Ed25519 private key, PKCS#8 PEM.
+    EdDsa(Vec<u8>),
 }
 
 impl TokenMinter {
-    /// From the key file's contents: a PEM private key (Ed25519 or P-256) or,
-    /// otherwise, an HMAC secret (HS256; surrounding whitespace ignored).
+    /// From the key file's contents: an Ed25519 private key (PEM) or else an
+    /// HS256 secret (surrounding whitespace trimmed, as the gateway reads it).
     pub fn from_key_file_contents(contents: &str) -> Result<TokenMinter> {
-        let (alg, key) = if contents.contains("-----BEGIN") {
-            let pem = contents.as_bytes();
-            match EncodingKey::from_ed_pem(pem) {
-                Ok(key) => (Algorithm::EdDSA, key),
-                Err(_) => (
-                    Algorithm::ES256,
-                    EncodingKey::from_ec_pem(pem)
-                        .context("JWT key file: PEM is neither an Ed25519 nor a P-256 private key")?,
-                ),
-            }
+        let minter = if contents.contains("-----BEGIN") {
+            TokenMinter::EdDsa(contents.as_bytes().to_vec())
         } else {
-            let secret = contents.trim();
-            anyhow::ensure!(!secret.is_empty(), "JWT key file is empty");
-            (Algorithm::HS256, EncodingKey::from_secret(secret.as_bytes()))
+            let secret = contents.trim().as_bytes().to_vec();
+            anyhow::ensure!(
+                secret.len() >= 16,
+                "the JWT key file holds neither a PEM key nor an HS256 secret of 16 bytes or more"
+            );
+            TokenMinter::Hs256(secret)
         };
-        let iat = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        Ok(TokenMinter {
-            header: Header::new(alg),
-            key,
-            iat,
-        })
+        minter.mint("check").context("JWT key file")?;
+        Ok(minter)
     }
 
-    /// A token for `user_id`.
+    /// A token for `user_id`, usable from any device.
     pub fn mint(&self, user_id: &str) -> Result<String> {
-        let claims = Claims {
-            sub: user_id,
-            iat: self.iat,
-            exp: self.iat + TOKEN_LIFETIME_SECS,
-        };
-        jsonwebtoken::encode(&self.header, &claims, &self.key).context("signing a JWT")
+        match self {
+            TokenMinter::Hs256(secret) => Ok(auth::mint_hs256(secret, user_id, None, TOKEN_LIFETIME_S)),
+            TokenMinter::EdDsa(pem) => auth::mint_eddsa(pem, user_id, None, TOKEN_LIFETIME_S),
+        }
     }
 }
 
@@ -74,19 +49,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hmac_tokens_carry_the_user() {
-        let minter = TokenMinter::from_key_file_contents("secret\n").unwrap();
+    fn tokens_verify_with_the_gateway_authenticator() {
+        let secret = "0123456789abcdef0123456789abcdef";
+        let minter = TokenMinter::from_key_file_contents(&format!("{secret}\n")).unwrap();
         let token = minter.mint("u1").unwrap();
-        let mut validation = jsonwebtoken::Validation::new(Algorithm::HS256);
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        let data = jsonwebtoken::decode::<serde_json::Value>(
-            &token,
-            &jsonwebtoken::DecodingKey::from_secret(b"secret"),
-            &validation,
-        )
-        .unwrap();
-        assert_eq!(data.claims["sub"], "u1");
-        assert!(TokenMinter::from_key_file_contents("  \n").is_err());
+        let auth = auth::Authenticator::new(Some(secret.as_bytes()), None, 0).unwrap();
+        assert_eq!(auth.verify(&token, "bench").unwrap(), "u1");
+        assert!(TokenMinter::from_key_file_contents("short").is_err());
         assert!(TokenMinter::from_key_file_contents("-----BEGIN junk").is_err());
     }
 }

@@ -25,6 +25,10 @@ pub mod pb {
     }
 }
 
+/// The schema as an encoded `google.protobuf.FileDescriptorSet`, for
+/// reflection (e.g. rendering frames as proto3 JSON).
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/palaver.fds"));
+
 /// Protocol version spoken by this crate.
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Protocol versions this crate can serve (named in UNSUPPORTED_VERSION errors).

@@ -16,8 +16,7 @@ pub struct Limits {
     pub max_sends_per_second: u32,
     /// Most members a group may have, creator included.
     pub max_group_members: u32,
-    /// Largest `limit` honoured by Sync / History, and most user ids in one
-    /// PresenceQuery / PresenceSubscribe.
+    /// Largest `limit` honoured by Sync / History.
     pub max_batch: u32,
     /// Page size used when Sync / History say `limit = 0`.
     pub default_batch: u32,

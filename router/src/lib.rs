@@ -2,7 +2,25 @@
 //! fan-out, receipts, presence, typing and offline sync, written once against
 //! small bus/store interfaces so that the embedded engine (in-memory) and the
 //! Kafka/Redis router tier run the same code.
+//!
+//! - [`api`]: the gateway/backend seam (`Backend`, `DeliverySink`, ...).
+//! - [`store`]: the state the router keeps, as traits (Redis-shaped).
+//! - [`bus`]: commands in, addressed frames and push events out.
+//! - [`logic`]: the [`Router`] itself, pure over the store traits.
+//! - [`memory`]: the in-memory store.
+//! - [`embedded`]: [`EmbeddedEngine`], the router on a worker thread behind
+//!   an in-process channel, implementing `Backend`.
 
 pub mod api;
+pub mod bus;
+pub mod embedded;
+pub mod logic;
+pub mod memory;
+pub mod store;
 
 pub use api::{Backend, BackendError, DeliverySink, Inbound, Outbound, Session, SessionAddr};
+pub use bus::{Addressed, Command, Outlet, Output, PushEvent};
+pub use embedded::{EmbeddedConfig, EmbeddedEngine, LoggingPushSink, PushSink};
+pub use logic::{direct_conversation_id, Clock, ManualClock, Router, RouterConfig, SystemClock};
+pub use memory::MemoryStore;
+pub use store::Store;

@@ -1,0 +1,333 @@
+//! Gateway configuration: one struct, filled from built-in defaults, then an
+//! optional TOML file, then environment variables and command-line flags
+//! (clap handles both; a flag beats its variable). [`Config::validate`] names
+//! the offending field for anything that cannot work.
+//!
+//! The backend section is an enum so a Kafka/Redis backend can be added next
+//! to the embedded one without touching the rest.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Everything a gateway process needs to start.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// This gateway's id, unique among gateways sharing a backend.
+    /// Empty = derived from host name and process id.
+    pub gateway_id: String,
+    /// Address phones connect to (shared by all core threads via SO_REUSEPORT).
+    pub listen: SocketAddr,
+    /// Admin HTTP address (`/metrics`, `/healthz`); `None` disables it.
+    pub admin: Option<SocketAddr>,
+    /// Core threads; 0 = one per available CPU.
+    pub cores: usize,
+    /// Where dev certificates and the dev JWT key live.
+    pub data_dir: PathBuf,
+    /// Listen backlog per core listener.
+    pub backlog: u32,
+    pub tls: TlsConfig,
+    pub auth: AuthConfig,
+    pub limits: LimitsConfig,
+    pub drain: DrainConfig,
+    pub backend: BackendConfig,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Server certificate chain (PEM). With `key`; both absent = dev certs.
+    pub cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    pub key: Option<PathBuf>,
+    /// CA bundle (PEM) for client certificates; set = client certs required.
+    pub client_ca: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// File holding the HS256 secret (raw bytes, surrounding whitespace trimmed).
+    pub hs256_secret_file: Option<PathBuf>,
+    /// File holding an Ed25519 public key (PEM, SPKI) for EdDSA tokens.
+    pub ed25519_public_key_file: Option<PathBuf>,
+    /// Clock skew tolerated on `exp`, seconds.
+    pub leeway_s: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            hs256_secret_file: None,
+            ed25519_public_key_file: None,
+            leeway_s: 5,
+        }
+    }
+}
+
+/// Every limit the gateway enforces (protocol ones are announced in Welcome).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub max_frame_bytes: u32,
+    pub max_body_bytes: u32,
+    pub max_sends_per_second: u32,
+    pub max_group_members: u32,
+    pub max_batch: u32,
+    pub heartbeat_interval_ms: u32,
+    pub handshake_timeout_ms: u32,
+    pub hello_timeout_ms: u32,
+    /// Unsent bytes one connection may hold before it is a slow consumer.
+    pub max_outbound_bytes: u32,
+    /// Connections this process holds at most (all cores together).
+    pub max_connections: u32,
+    /// TLS handshake steps (and accepts) one core runs per loop turn.
+    pub handshakes_per_turn: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let p = palaver_protocol::Limits::default();
+        LimitsConfig {
+            max_frame_bytes: p.max_frame_bytes,
+            max_body_bytes: p.max_body_bytes,
+            max_sends_per_second: p.max_sends_per_second,
+            max_group_members: p.max_group_members,
+            max_batch: p.max_batch,
+            heartbeat_interval_ms: p.heartbeat_interval_ms,
+            handshake_timeout_ms: 10_000,
+            hello_timeout_ms: p.hello_timeout_ms,
+            max_outbound_bytes: 256 * 1024,
+            max_connections: 19_000,
+            handshakes_per_turn: 64,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// The protocol-level limits (announced to clients).
+    pub fn protocol(&self) -> palaver_protocol::Limits {
+        palaver_protocol::Limits {
+            max_frame_bytes: self.max_frame_bytes,
+            max_body_bytes: self.max_body_bytes,
+            max_sends_per_second: self.max_sends_per_second,
+            max_group_members: self.max_group_members,
+            max_batch: self.max_batch,
+            heartbeat_interval_ms: self.heartbeat_interval_ms,
+            hello_timeout_ms: self.hello_timeout_ms,
+            ..palaver_protocol::Limits::default()
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DrainConfig {
+    /// After this long, connections still open are closed.
+    pub deadline_ms: u32,
+    /// Minimum `GoAway.reconnect_delay_ms`.
+    pub reconnect_delay_ms: u32,
+    /// Random extra delay per connection, so clients don't reconnect together.
+    pub reconnect_jitter_ms: u32,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        DrainConfig {
+            deadline_ms: 10_000,
+            reconnect_delay_ms: 1_000,
+            reconnect_jitter_ms: 4_000,
+        }
+    }
+}
+
+/// Which chat backend serves requests.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum BackendConfig {
+    /// Router logic in-process with an in-memory bus and store.
+    #[default]
+    Embedded,
+}
+
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:7443";
+pub const DEFAULT_DATA_DIR: &str = ".palaver";
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            gateway_id: String::new(),
+            listen: DEFAULT_LISTEN.parse().expect("valid default address"),
+            admin: None,
+            cores: 0,
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            backlog: 4096,
+            tls: TlsConfig::default(),
+            auth: AuthConfig::default(),
+            limits: LimitsConfig::default(),
+            drain: DrainConfig::default(),
+            backend: BackendConfig::default(),
+        }
+    }
+}
+
+/// A configuration problem, naming the field.
+#[derive(Debug, thiserror::Error)]
+#[error("config {field}: {problem}")]
+pub struct ConfigError {
+    pub field: &'static str,
+    pub problem: String,
+}
+
+fn bad(field: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field,
+        problem: problem.into(),
+    }
+}
+
+impl Config {
+    /// Parses a TOML file (unknown keys are errors).
+    pub fn from_toml_file(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
+        Self::from_toml_str(&text)
+            .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
+    }
+
+    pub fn from_toml_str(text: &str) -> Result<Config, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// Number of core threads to run.
+    pub fn core_count(&self) -> usize {
+        if self.cores == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            self.cores
+        }
+    }
+
+    /// The gateway id, derived from host name and pid when not configured.
+    pub fn effective_gateway_id(&self) -> String {
+        if !self.gateway_id.is_empty() {
+            return self.gateway_id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "gw".to_string());
+        format!("{host}-{}", std::process::id())
+    }
+
+    /// Checks everything that can be checked before binding sockets.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        if !self.gateway_id.is_empty() && !palaver_protocol::is_valid_id(&self.gateway_id) {
+            return Err(bad(
+                "gateway_id",
+                "must be 1..64 characters of [A-Za-z0-9_.@-]",
+            ));
+        }
+        if self.cores > 255 {
+            return Err(bad("cores", "at most 255 core threads"));
+        }
+        if self.backlog == 0 {
+            return Err(bad("backlog", "must be > 0"));
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return Err(bad(
+                "tls.cert/tls.key",
+                "give both a certificate and a key, or neither (dev certificate)",
+            ));
+        }
+        if l.max_frame_bytes < 256 {
+            return Err(bad("limits.max_frame_bytes", "must be at least 256"));
+        }
+        if l.max_body_bytes == 0 || l.max_body_bytes >= l.max_frame_bytes {
+            return Err(bad(
+                "limits.max_body_bytes",
+                "must be > 0 and smaller than limits.max_frame_bytes",
+            ));
+        }
+        if l.max_sends_per_second == 0 {
+            return Err(bad("limits.max_sends_per_second", "must be > 0"));
+        }
+        if l.max_group_members < 2 {
+            return Err(bad("limits.max_group_members", "must be at least 2"));
+        }
+        if l.max_batch == 0 {
+            return Err(bad("limits.max_batch", "must be > 0"));
+        }
+        if !(100..=3_600_000).contains(&l.heartbeat_interval_ms) {
+            return Err(bad(
+                "limits.heartbeat_interval_ms",
+                "must be between 100 and 3600000",
+            ));
+        }
+        if l.handshake_timeout_ms < 100 {
+            return Err(bad("limits.handshake_timeout_ms", "must be at least 100"));
+        }
+        if l.hello_timeout_ms < 100 {
+            return Err(bad("limits.hello_timeout_ms", "must be at least 100"));
+        }
+        if (l.max_outbound_bytes as u64) < 2 * l.max_frame_bytes as u64 {
+            return Err(bad(
+                "limits.max_outbound_bytes",
+                "must be at least twice limits.max_frame_bytes",
+            ));
+        }
+        if l.max_connections == 0 || l.max_connections > (1 << 24) {
+            return Err(bad("limits.max_connections", "must be between 1 and 16777216"));
+        }
+        if l.handshakes_per_turn == 0 {
+            return Err(bad("limits.handshakes_per_turn", "must be > 0"));
+        }
+        if self.drain.deadline_ms == 0 {
+            return Err(bad("drain.deadline_ms", "must be > 0"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn toml_overrides_and_unknown_keys() {
+        let c = Config::from_toml_str(
+            "listen = \"127.0.0.1:9000\"\n[limits]\nheartbeat_interval_ms = 1000\n",
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.limits.heartbeat_interval_ms, 1000);
+        assert_eq!(c.limits.max_frame_bytes, 65536);
+        let err = Config::from_toml_str("[limits]\nheartbeat_ms = 1\n").unwrap_err();
+        assert!(err.to_string().contains("heartbeat_ms"), "{err}");
+        let c = Config::from_toml_str("[backend]\nkind = \"embedded\"\n").unwrap();
+        assert_eq!(c.backend, BackendConfig::Embedded);
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let mut c = Config::default();
+        c.limits.heartbeat_interval_ms = 5;
+        let err = c.validate().unwrap_err();
+        assert_eq!(err.field, "limits.heartbeat_interval_ms");
+        let mut c = Config::default();
+        c.tls.cert = Some("x.pem".into());
+        assert_eq!(c.validate().unwrap_err().field, "tls.cert/tls.key");
+        let mut c = Config::default();
+        c.limits.max_outbound_bytes = 1000;
+        assert!(c.validate().unwrap_err().to_string().contains("max_outbound_bytes"));
+    }
+}

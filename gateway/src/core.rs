@@ -1,0 +1,1041 @@
+//! One core thread: its own `mio::Poll`, its own SO_REUSEPORT listener, a
+//! slab of connections indexed by token, a timing wheel, and scratch buffers
+//! shared by all its connections. A connection lives here for its whole life;
+//! nothing on the per-frame path takes a lock or crosses threads (the backend
+//! is called directly; its answers arrive through the mailbox).
+//!
+//! Memory per idle connection is the [`Conn`] slot plus rustls' unbuffered
+//! connection state: buffers exist only while something is pending (a partial
+//! TLS record, a partial frame, unsent output) and are freed when drained.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+use palaver_protocol::pb::{self, frame::Body};
+use palaver_protocol::state::{ServerConn, ServerPhase, Verdict};
+use palaver_protocol::{encode_frame, error_frame, frame, FrameDecoder};
+use palaver_router::api::{Backend, Inbound, Outbound, Session, SessionAddr};
+use rustls::server::UnbufferedServerConnection;
+use rustls::ServerConfig;
+use slab::Slab;
+
+use crate::auth::{AuthError, Authenticator};
+use crate::config::Config;
+use crate::metrics::CoreMetrics;
+use crate::sink::{conn_key, split_key, Control, Mailbox, MailboxRx};
+use crate::timer::{TimerEntry, TimerWheel};
+use crate::tls::TlsStore;
+use crate::tls_io::{self, AppSink};
+
+const LISTENER: Token = Token(usize::MAX - 1);
+const WAKER: Token = Token(usize::MAX - 2);
+pub const WAKER_TOKEN: Token = WAKER;
+
+/// Timer resolution.
+const TICK_MS: u64 = 100;
+/// Socket bytes read per `read` call into the scratch buffer.
+const READ_CHUNK: usize = 64 * 1024;
+/// Room for a leftover partial TLS record (or joined handshake message)
+/// in front of a fresh read.
+const MAX_LEFTOVER: usize = 32 * 1024;
+/// Reads per readiness event before the connection yields to others.
+const READ_ROUNDS: usize = 8;
+/// How long a closing connection may take to flush its last frames.
+const CLOSE_LINGER_MS: u32 = 2_000;
+/// Wheel size: 2048 ticks = 204.8 s horizon (longer deadlines re-park).
+const WHEEL_SLOTS: usize = 2048;
+
+/// State every core thread shares (read-only after start, except counters).
+pub struct Shared {
+    pub gateway_id: String,
+    pub config: Config,
+    pub backend: Arc<dyn Backend>,
+    pub auth: Authenticator,
+    pub tls: Arc<TlsStore>,
+    /// Connections open in this process (all cores), for `max_connections`.
+    pub live_connections: AtomicUsize,
+    /// Set once every core is draining; `/healthz` reports it.
+    pub draining: AtomicBool,
+    /// Origin of the core clock (milliseconds since start).
+    pub epoch: Instant,
+}
+
+impl Shared {
+    pub fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// TLS handshake in progress.
+    Handshaking,
+    /// TLS up; the protocol state machine (`Conn::proto`) rules.
+    Open,
+    /// Last frames (and close_notify) queued; waiting for them to leave,
+    /// then for the peer's FIN, or for the linger deadline.
+    Closing,
+}
+
+/// One connection. Kept small: everything optional is boxed or an empty Vec.
+struct Conn {
+    sock: TcpStream,
+    tls: Box<UnbufferedServerConnection>,
+    /// Protocol state (phase and hello/heartbeat/drain deadline).
+    proto: ServerConn,
+    decoder: FrameDecoder,
+    /// Ciphertext of an incomplete TLS record; empty (no allocation) otherwise.
+    tls_in: Vec<u8>,
+    /// Encrypted output the socket has not taken yet; empty otherwise.
+    tls_out: Vec<u8>,
+    session: Option<Box<Session>>,
+    /// Handshake deadline (core clock, ms); only meaningful while handshaking.
+    handshake_deadline_ms: u64,
+    generation: u32,
+    /// Tick of this connection's live timer-wheel entry.
+    timer_tick: u32,
+    /// Send-rate token bucket: milli-tokens, and when it was last refilled.
+    send_tokens: u32,
+    send_refill_ms: u32,
+    /// `tls_out.len()` as last added to the core's buffered-bytes gauge.
+    accounted_out: u32,
+    phase: Phase,
+    /// Already queued for a deferred read/handshake step.
+    deferred: bool,
+    /// Write side shut down (FIN sent) while closing.
+    fin_sent: bool,
+}
+
+/// What a handler wants done with the connection afterwards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fate {
+    Keep,
+    Close,
+}
+
+/// Buffers shared by all connections of the core (reused, never per-connection).
+struct Scratch {
+    /// Ciphertext being processed: a leftover partial record, then fresh reads.
+    tls_in: Box<[u8]>,
+    /// One frame, encoded before encryption.
+    plain: Vec<u8>,
+    /// Encrypted output of the connection being handled.
+    out: Vec<u8>,
+    frames: Vec<pb::Frame>,
+    fired: Vec<TimerEntry>,
+}
+
+/// Everything of a core except its connection slab (so handlers can borrow
+/// a connection and the rest at once).
+struct Ctx {
+    index: usize,
+    shared: Arc<Shared>,
+    metrics: Arc<CoreMetrics>,
+    wheel: TimerWheel,
+    scratch: Scratch,
+    now_ms: u64,
+    rng: u64,
+    heartbeat_interval_ms: u32,
+    max_outbound: usize,
+    max_body: usize,
+    sends_per_second: u32,
+}
+
+pub struct Core {
+    ctx: Ctx,
+    poll: Poll,
+    listener: Option<TcpListener>,
+    conns: Slab<Conn>,
+    next_generation: u32,
+    tls_config: (u64, Arc<ServerConfig>),
+    mailbox: Arc<Mailbox>,
+    rx: MailboxRx,
+    /// Connections with a handshake step or read postponed to a later turn.
+    deferred: VecDeque<(usize, u32)>,
+    accept_pending: bool,
+    /// Set by Drain: when to force-close what is left (core clock, ms).
+    drain_deadline_ms: Option<u64>,
+}
+
+fn ticks(ms: u64) -> u32 {
+    ms.div_ceil(TICK_MS) as u32
+}
+
+impl Core {
+    pub fn new(
+        index: usize,
+        shared: Arc<Shared>,
+        metrics: Arc<CoreMetrics>,
+        poll: Poll,
+        listener: std::net::TcpListener,
+        mailbox: Arc<Mailbox>,
+        rx: MailboxRx,
+    ) -> io::Result<Core> {
+        let mut listener = TcpListener::from_std(listener);
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let now_ms = shared.now_ms();
+        let cfg = &shared.config;
+        let per_core = (cfg.limits.max_connections as usize).div_ceil(cfg.core_count());
+        let tls_config = shared.tls.current();
+        let seed = (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ rand::random::<u64>();
+        let ctx = Ctx {
+            index,
+            heartbeat_interval_ms: cfg.limits.heartbeat_interval_ms,
+            max_outbound: cfg.limits.max_outbound_bytes as usize,
+            max_body: cfg.limits.max_body_bytes as usize,
+            sends_per_second: cfg.limits.max_sends_per_second,
+            shared: shared.clone(),
+            metrics,
+            wheel: TimerWheel::new(WHEEL_SLOTS, ticks(now_ms)),
+            scratch: Scratch {
+                tls_in: vec![0u8; MAX_LEFTOVER + READ_CHUNK].into_boxed_slice(),
+                plain: Vec::with_capacity(4096),
+                out: Vec::with_capacity(READ_CHUNK),
+                frames: Vec::new(),
+                fired: Vec::new(),
+            },
+            now_ms,
+            rng: seed | 1,
+        };
+        Ok(Core {
+            ctx,
+            poll,
+            listener: Some(listener),
+            // Reserve the table up front: untouched pages cost no RSS, and the
+            // table never reallocates (no 2x copies at 100k connections).
+            conns: Slab::with_capacity(per_core.min(1 << 20)),
+            next_generation: 1,
+            tls_config,
+            mailbox,
+            rx,
+            deferred: VecDeque::new(),
+            accept_pending: true,
+            drain_deadline_ms: None,
+        })
+    }
+
+    /// Runs until drained or stopped.
+    pub fn run(mut self) {
+        let mut events = Events::with_capacity(1024);
+        let budget = self.ctx.shared.config.limits.handshakes_per_turn as usize;
+        loop {
+            let busy = self.accept_pending && self.listener.is_some() || !self.deferred.is_empty();
+            let timeout = if busy {
+                Duration::ZERO
+            } else {
+                let now = self.ctx.shared.now_ms();
+                Duration::from_millis(TICK_MS - now % TICK_MS)
+            };
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    tracing::error!(core = self.ctx.index, "poll failed: {e}");
+                    break;
+                }
+            }
+            self.ctx.now_ms = self.ctx.shared.now_ms();
+            let mut handshakes = budget;
+            let mut woken = false;
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept_pending = true,
+                    WAKER => woken = true,
+                    Token(slot) => {
+                        self.on_event(slot, event.is_readable(), event.is_writable(), &mut handshakes)
+                    }
+                }
+            }
+            if woken {
+                if self.on_wake() {
+                    break;
+                }
+            }
+            self.run_deferred(&mut handshakes);
+            if self.accept_pending && self.listener.is_some() {
+                self.accept_some(budget);
+            }
+            self.on_tick();
+            if self.drain_deadline_ms.is_some() && self.conns.is_empty() {
+                break;
+            }
+        }
+        self.close_all();
+    }
+
+    fn on_event(&mut self, slot: usize, readable: bool, writable: bool, handshakes: &mut usize) {
+        let Some(conn) = self.conns.get_mut(slot) else { return };
+        let mut fate = Fate::Keep;
+        if writable && !conn.tls_out.is_empty() {
+            fate = self.ctx.flush(conn);
+        }
+        if fate == Fate::Keep && readable {
+            if conn.phase == Phase::Handshaking && *handshakes == 0 {
+                // Reconnect storm: finish this handshake step in a later turn
+                // so established connections on this core are not starved.
+                if !conn.deferred {
+                    conn.deferred = true;
+                    self.deferred.push_back((slot, conn.generation));
+                }
+                return;
+            }
+            if conn.phase == Phase::Handshaking {
+                *handshakes -= 1;
+            }
+            let (f, more) = self.ctx.on_readable(slot, conn);
+            fate = f;
+            if fate == Fate::Keep && more && !conn.deferred {
+                conn.deferred = true;
+                self.deferred.push_back((slot, conn.generation));
+            }
+        }
+        if fate == Fate::Close {
+            self.close(slot);
+        }
+    }
+
+    fn run_deferred(&mut self, handshakes: &mut usize) {
+        for _ in 0..self.deferred.len() {
+            let Some((slot, generation)) = self.deferred.pop_front() else { break };
+            let Some(conn) = self.conns.get_mut(slot) else { continue };
+            if conn.generation != generation {
+                continue;
+            }
+            if conn.phase == Phase::Handshaking {
+                if *handshakes == 0 {
+                    self.deferred.push_back((slot, generation));
+                    continue;
+                }
+                *handshakes -= 1;
+            }
+            conn.deferred = false;
+            let (fate, more) = self.ctx.on_readable(slot, conn);
+            if fate == Fate::Close {
+                self.close(slot);
+            } else if more {
+                conn.deferred = true;
+                self.deferred.push_back((slot, generation));
+            }
+        }
+    }
+
+    fn accept_some(&mut self, budget: usize) {
+        for _ in 0..budget {
+            let Some(listener) = &self.listener else { return };
+            match listener.accept() {
+                Ok((sock, _)) => self.admit(sock),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.accept_pending = false;
+                    return;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // EMFILE and friends: retry on the next event or tick
+                    // instead of spinning.
+                    tracing::warn!(core = self.ctx.index, "accept failed: {e}");
+                    self.accept_pending = false;
+                    return;
+                }
+            }
+        }
+        // Budget used up; more may be waiting.
+        self.accept_pending = true;
+    }
+
+    fn admit(&mut self, mut sock: TcpStream) {
+        let ctx = &mut self.ctx;
+        let limits = &ctx.shared.config.limits;
+        let live = ctx.shared.live_connections.fetch_add(1, Relaxed);
+        if live >= limits.max_connections as usize {
+            // Refuse cheaply: a TLS handshake just to send SERVER_FULL would
+            // cost the full handshake price during exactly the storm that filled us.
+            ctx.shared.live_connections.fetch_sub(1, Relaxed);
+            CoreMetrics::inc(&ctx.metrics.refused_full);
+            return;
+        }
+        CoreMetrics::inc(&ctx.metrics.accepted);
+        let _ = sock.set_nodelay(true);
+        let generation = ctx.shared.tls.generation();
+        if generation != self.tls_config.0 {
+            self.tls_config = ctx.shared.tls.current();
+        }
+        let tls = match UnbufferedServerConnection::new(self.tls_config.1.clone()) {
+            Ok(t) => Box::new(t),
+            Err(e) => {
+                tracing::error!("cannot create TLS connection: {e}");
+                ctx.shared.live_connections.fetch_sub(1, Relaxed);
+                return;
+            }
+        };
+        let entry = self.conns.vacant_entry();
+        let slot = entry.key();
+        if slot > 0xff_ffff {
+            ctx.shared.live_connections.fetch_sub(1, Relaxed);
+            return;
+        }
+        if self
+            .poll
+            .registry()
+            .register(&mut sock, Token(slot), Interest::READABLE | Interest::WRITABLE)
+            .is_err()
+        {
+            ctx.shared.live_connections.fetch_sub(1, Relaxed);
+            return;
+        }
+        let now = ctx.now_ms;
+        let generation = self.next_generation;
+        self.next_generation = self.next_generation.wrapping_add(1).max(1);
+        let handshake_deadline_ms = now + u64::from(limits.handshake_timeout_ms);
+        let conn = entry.insert(Conn {
+            sock,
+            tls,
+            proto: ServerConn::new(now, limits.hello_timeout_ms),
+            decoder: FrameDecoder::new(limits.max_frame_bytes as usize),
+            tls_in: Vec::new(),
+            tls_out: Vec::new(),
+            session: None,
+            handshake_deadline_ms,
+            generation,
+            timer_tick: u32::MAX,
+            send_tokens: limits.max_sends_per_second.saturating_mul(1000),
+            send_refill_ms: now as u32,
+            accounted_out: 0,
+            phase: Phase::Handshaking,
+            deferred: false,
+            fin_sent: false,
+        });
+        ctx.metrics.connections.fetch_add(1, Relaxed);
+        ctx.arm(slot, conn);
+    }
+
+    /// Drains control messages and deliveries. Returns true to stop now.
+    fn on_wake(&mut self) -> bool {
+        self.mailbox.clear_wake();
+        while let Ok(control) = self.rx.control.try_recv() {
+            match control {
+                Control::Stop => return true,
+                Control::Drain {
+                    reconnect_delay_ms,
+                    reconnect_jitter_ms,
+                    deadline_ms,
+                } => self.begin_drain(reconnect_delay_ms, reconnect_jitter_ms, deadline_ms),
+            }
+        }
+        while let Ok(batch) = self.rx.deliveries.try_recv() {
+            self.deliver(batch);
+        }
+        false
+    }
+
+    fn deliver(&mut self, batch: Vec<Outbound>) {
+        let mut i = 0;
+        let n = batch.len();
+        let mut batch = batch.into_iter().peekable();
+        while let Some(o) = batch.next() {
+            i += 1;
+            let (_, slot, generation) = split_key(o.conn);
+            let Some(conn) = self.conns.get_mut(slot) else {
+                CoreMetrics::inc(&self.ctx.metrics.stale_deliveries);
+                continue;
+            };
+            if conn.generation != generation || conn.phase != Phase::Open {
+                CoreMetrics::inc(&self.ctx.metrics.stale_deliveries);
+                continue;
+            }
+            let closes = o.closes_connection();
+            self.ctx.deliver_one(slot, conn, o.frame, closes);
+            // Write once per run of frames for the same connection.
+            let same_next = batch.peek().is_some_and(|next| next.conn == o.conn);
+            if !same_next || i == n {
+                if self.ctx.finish_output(conn) == Fate::Close {
+                    self.close(slot);
+                }
+            }
+        }
+    }
+
+    fn begin_drain(&mut self, delay_ms: u32, jitter_ms: u32, deadline_ms: u32) {
+        if self.drain_deadline_ms.is_some() {
+            return;
+        }
+        let now = self.ctx.now_ms;
+        self.drain_deadline_ms = Some(now + u64::from(deadline_ms));
+        if let Some(mut listener) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut listener);
+        }
+        let slots: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for slot in slots {
+            let conn = &mut self.conns[slot];
+            let fate = match conn.phase {
+                Phase::Handshaking => Fate::Close,
+                Phase::Closing => Fate::Keep,
+                Phase::Open if conn.proto.phase() == ServerPhase::Established => {
+                    let jitter = if jitter_ms == 0 {
+                        0
+                    } else {
+                        (self.ctx.next_random() % u64::from(jitter_ms)) as u32
+                    };
+                    let goaway = frame(
+                        0,
+                        Body::GoAway(pb::GoAway {
+                            reason: pb::GoAwayReason::Shutdown as i32,
+                            reconnect_delay_ms: delay_ms.saturating_add(jitter),
+                            message: "server is shutting down".into(),
+                        }),
+                    );
+                    self.ctx.begin_close(slot, conn, Some(goaway), deadline_ms);
+                    self.ctx.finish_output(conn)
+                }
+                // Not yet authenticated: nothing to tell it.
+                Phase::Open => Fate::Close,
+            };
+            if fate == Fate::Close {
+                self.close(slot);
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let now = self.ctx.now_ms;
+        if let Some(deadline) = self.drain_deadline_ms {
+            if now >= deadline {
+                self.close_all();
+                return;
+            }
+        }
+        let mut fired = std::mem::take(&mut self.ctx.scratch.fired);
+        self.ctx.wheel.advance((now / TICK_MS) as u32, &mut fired);
+        for entry in fired.drain(..) {
+            let slot = entry.slot as usize;
+            let Some(conn) = self.conns.get_mut(slot) else { continue };
+            if conn.generation != entry.generation || conn.timer_tick != entry.tick {
+                continue; // stale entry: the connection has a newer one
+            }
+            conn.timer_tick = u32::MAX;
+            if Ctx::deadline_ms(conn) > now {
+                self.ctx.arm(slot, conn); // activity moved the deadline: re-park
+                continue;
+            }
+            if self.ctx.expire(slot, conn) == Fate::Close {
+                self.close(slot);
+            }
+        }
+        self.ctx.scratch.fired = fired;
+    }
+
+    /// Removes a connection: ends its session, closes the socket.
+    fn close(&mut self, slot: usize) {
+        let mut conn = self.conns.remove(slot);
+        let ctx = &self.ctx;
+        ctx.end_session(&mut conn);
+        if conn.phase == Phase::Handshaking {
+            CoreMetrics::inc(&ctx.metrics.handshakes_failed);
+        }
+        ctx.metrics
+            .outbound_buffered_bytes
+            .fetch_sub(i64::from(conn.accounted_out), Relaxed);
+        let _ = self.poll.registry().deregister(&mut conn.sock);
+        ctx.metrics.connections.fetch_sub(1, Relaxed);
+        ctx.shared.live_connections.fetch_sub(1, Relaxed);
+    }
+
+    fn close_all(&mut self) {
+        let slots: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for slot in slots {
+            self.close(slot);
+        }
+    }
+}
+
+impl Ctx {
+    fn next_random(&mut self) -> u64 {
+        // xorshift64: only for drain jitter.
+        let mut x = self.rng;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng = x;
+        x
+    }
+
+    fn deadline_ms(conn: &Conn) -> u64 {
+        let proto = conn.proto.deadline().unwrap_or(0);
+        match conn.phase {
+            Phase::Handshaking => conn.handshake_deadline_ms.min(proto),
+            Phase::Open | Phase::Closing => proto,
+        }
+    }
+
+    /// Makes sure the wheel holds an entry no later than the connection's
+    /// deadline (later deadlines are handled lazily when the entry fires).
+    fn arm(&mut self, slot: usize, conn: &mut Conn) {
+        let due = ticks(Self::deadline_ms(conn));
+        if conn.timer_tick == u32::MAX || due < conn.timer_tick {
+            conn.timer_tick = self.wheel.schedule(slot as u32, conn.generation, due);
+        }
+    }
+
+    fn expire(&mut self, slot: usize, conn: &mut Conn) -> Fate {
+        match conn.phase {
+            Phase::Handshaking => {
+                CoreMetrics::inc(&self.metrics.handshake_timeouts);
+                Fate::Close
+            }
+            Phase::Closing => Fate::Close,
+            Phase::Open => {
+                let (code, message, counter) = match conn.proto.phase() {
+                    ServerPhase::Established => (
+                        pb::ErrorCode::HeartbeatTimeout,
+                        "no frame received within 2.5 heartbeat intervals",
+                        &self.metrics.heartbeat_timeouts,
+                    ),
+                    _ => (
+                        pb::ErrorCode::HelloTimeout,
+                        "no Hello received in time",
+                        &self.metrics.hello_timeouts,
+                    ),
+                };
+                CoreMetrics::inc(counter);
+                self.begin_close(slot, conn, Some(error_frame(0, code, message)), CLOSE_LINGER_MS);
+                self.finish_output(conn)
+            }
+        }
+    }
+
+    /// Reads and processes what the socket has. Returns the fate and whether
+    /// the socket may have more (the read budget ran out).
+    fn on_readable(&mut self, slot: usize, conn: &mut Conn) -> (Fate, bool) {
+        if conn.phase == Phase::Closing {
+            return (self.discard_input(conn), false);
+        }
+        let mut used = conn.tls_in.len();
+        self.scratch.tls_in[..used].copy_from_slice(&conn.tls_in);
+        conn.tls_in = Vec::new();
+        let mut frames = std::mem::take(&mut self.scratch.frames);
+        let mut decode_error = None;
+        let mut fate = Fate::Keep;
+        let mut more = false;
+        let mut tls_failed = false;
+        let mut rounds = 0;
+        loop {
+            let n = match conn.sock.read(&mut self.scratch.tls_in[used..]) {
+                Ok(0) => {
+                    fate = Fate::Close;
+                    0
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    fate = Fate::Close;
+                    0
+                }
+            };
+            if n == 0 {
+                break;
+            }
+            self.metrics.bytes_in.fetch_add(n as u64, Relaxed);
+            used += n;
+            let mut sink = AppSink {
+                decoder: &mut conn.decoder,
+                frames: &mut frames,
+                error: &mut decode_error,
+            };
+            let driven = tls_io::drive(
+                &mut conn.tls,
+                &mut self.scratch.tls_in[..used],
+                &mut self.scratch.out,
+                Some(&mut sink),
+                &[],
+            );
+            self.scratch.tls_in.copy_within(driven.consumed..used, 0);
+            used -= driven.consumed;
+            if driven.error.is_some() {
+                tls_failed = true;
+                break;
+            }
+            if driven.peer_closed || driven.closed || decode_error.is_some() {
+                break;
+            }
+            if used > MAX_LEFTOVER {
+                // A handshake message or record larger than anything legal.
+                tls_failed = true;
+                break;
+            }
+            rounds += 1;
+            if rounds == READ_ROUNDS {
+                more = true;
+                break;
+            }
+        }
+        if used > 0 && !tls_failed {
+            conn.tls_in = self.scratch.tls_in[..used].to_vec();
+        }
+        if tls_failed {
+            // Any alert rustls produced is in scratch.out; send it and go.
+            frames.clear();
+            self.scratch.frames = frames;
+            let _ = self.finish_output(conn);
+            return (Fate::Close, false);
+        }
+        if conn.phase == Phase::Handshaking && !conn.tls.is_handshaking() {
+            if conn.tls.alpn_protocol() != Some(palaver_protocol::ALPN) {
+                // The certificate resolver already refuses such handshakes.
+                self.scratch.out.clear();
+                frames.clear();
+                self.scratch.frames = frames;
+                return (Fate::Close, false);
+            }
+            CoreMetrics::inc(&self.metrics.handshakes_ok);
+            conn.phase = Phase::Open;
+            self.arm(slot, conn);
+        }
+        for f in frames.drain(..) {
+            if conn.phase != Phase::Open {
+                break;
+            }
+            self.on_frame(slot, conn, f);
+        }
+        self.scratch.frames = frames;
+        if let Some(e) = decode_error {
+            if conn.phase == Phase::Open {
+                CoreMetrics::inc(&self.metrics.frames_in[0]);
+                let err = error_frame(0, e.error_code(), e.to_string());
+                self.begin_close(slot, conn, Some(err), CLOSE_LINGER_MS);
+            }
+        }
+        if fate == Fate::Close {
+            // Peer is gone (EOF or reset): nothing more will be read.
+            self.scratch.out.clear();
+            return (Fate::Close, false);
+        }
+        (self.finish_output(conn), more)
+    }
+
+    /// Closing connections only wait for the peer's FIN; input is dropped.
+    fn discard_input(&mut self, conn: &mut Conn) -> Fate {
+        loop {
+            match conn.sock.read(&mut self.scratch.tls_in[..READ_CHUNK]) {
+                Ok(0) => return Fate::Close,
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Fate::Keep,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return Fate::Close,
+            }
+        }
+    }
+
+    fn on_frame(&mut self, slot: usize, conn: &mut Conn, f: pb::Frame) {
+        self.metrics.frame_in(f.body.as_ref());
+        match conn.proto.on_frame(&f, self.now_ms) {
+            Err(e) => {
+                let err = error_frame(f.request_id, e.error_code(), e.to_string());
+                self.begin_close(slot, conn, Some(err), CLOSE_LINGER_MS);
+                return;
+            }
+            Ok(Verdict::Ignore) => return,
+            Ok(Verdict::Process) => {}
+        }
+        let request_id = f.request_id;
+        let Some(body) = f.body else { return };
+        match body {
+            Body::Hello(hello) => self.on_hello(slot, conn, request_id, hello),
+            Body::Ping(ping) => {
+                let pong = frame(request_id, Body::Pong(pb::Pong { nonce: ping.nonce }));
+                self.queue(conn, &pong);
+            }
+            Body::Pong(_) => {}
+            Body::Send(send) => {
+                if send.body.len() > self.max_body {
+                    let mut err = error_frame(
+                        request_id,
+                        pb::ErrorCode::BodyTooLarge,
+                        format!("body of {} bytes exceeds {}", send.body.len(), self.max_body),
+                    );
+                    set_client_msg_id(&mut err, send.client_msg_id);
+                    self.queue(conn, &err);
+                } else if !self.take_send_token(conn) {
+                    CoreMetrics::inc(&self.metrics.rate_limited);
+                    let mut err = error_frame(
+                        request_id,
+                        pb::ErrorCode::RateLimited,
+                        format!("more than {} sends per second", self.sends_per_second),
+                    );
+                    set_client_msg_id(&mut err, send.client_msg_id);
+                    self.queue(conn, &err);
+                } else {
+                    self.submit(conn, request_id, Body::Send(send));
+                }
+            }
+            other => self.submit(conn, request_id, other),
+        }
+    }
+
+    fn submit(&self, conn: &Conn, request_id: u32, body: Body) {
+        let Some(session) = &conn.session else { return };
+        self.shared.backend.submit(Inbound {
+            from: Session::clone(session),
+            request_id,
+            body,
+            received_ms: unix_ms(),
+        });
+    }
+
+    fn take_send_token(&mut self, conn: &mut Conn) -> bool {
+        let now = self.now_ms as u32;
+        let elapsed = now.wrapping_sub(conn.send_refill_ms);
+        conn.send_refill_ms = now;
+        let rate = self.sends_per_second;
+        // milli-tokens: `rate` tokens per second = `rate` milli-tokens per ms.
+        let cap = rate.saturating_mul(1000);
+        conn.send_tokens = conn
+            .send_tokens
+            .saturating_add(elapsed.saturating_mul(rate))
+            .min(cap);
+        if conn.send_tokens >= 1000 {
+            conn.send_tokens -= 1000;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn on_hello(&mut self, slot: usize, conn: &mut Conn, request_id: u32, hello: pb::Hello) {
+        let user_id = match self.shared.auth.verify(&hello.token, &hello.device_id) {
+            Ok(user) => user,
+            Err(e) => {
+                let (code, message) = match e {
+                    AuthError::Expired => (pb::ErrorCode::TokenExpired, "token expired".to_string()),
+                    AuthError::Invalid(why) => {
+                        (pb::ErrorCode::Unauthenticated, format!("invalid token: {why}"))
+                    }
+                };
+                let err = error_frame(request_id, code, message);
+                self.begin_close(slot, conn, Some(err), CLOSE_LINGER_MS);
+                return;
+            }
+        };
+        let key = conn_key(self.index, slot, conn.generation);
+        let session = Box::new(Session {
+            user_id: user_id.clone(),
+            device_id: hello.device_id,
+            addr: SessionAddr {
+                gateway_id: self.shared.gateway_id.clone(),
+                conn: key,
+            },
+        });
+        conn.proto.accept_hello(self.now_ms, self.heartbeat_interval_ms);
+        let limits = self.shared.config.limits.protocol();
+        let welcome = frame(
+            request_id,
+            Body::Welcome(pb::Welcome {
+                protocol_version: palaver_protocol::PROTOCOL_VERSION,
+                session_id: format!("{}/{key:016x}", self.shared.gateway_id),
+                user_id,
+                heartbeat_interval_ms: self.heartbeat_interval_ms,
+                limits: Some(limits.to_pb()),
+                server_time_ms: unix_ms(),
+            }),
+        );
+        // Welcome is queued before the backend hears of the session, so it
+        // precedes anything the backend sends.
+        self.queue(conn, &welcome);
+        self.shared.backend.session_opened(&session);
+        self.metrics.sessions.fetch_add(1, Relaxed);
+        conn.session = Some(session);
+        self.arm(slot, conn);
+        if !hello.resume.is_empty() {
+            self.submit(
+                conn,
+                request_id,
+                Body::Sync(pb::Sync {
+                    cursors: hello.resume,
+                    limit: 0,
+                }),
+            );
+        }
+    }
+
+    fn deliver_one(&mut self, slot: usize, conn: &mut Conn, f: pb::Frame, closes: bool) {
+        let len = palaver_protocol::encoded_frame_len(&f);
+        if conn.tls_out.len() + self.scratch.out.len() + len > self.max_outbound {
+            // Slow consumer: stop adding; tell it why behind what it has not read.
+            CoreMetrics::inc(&self.metrics.slow_consumer_disconnects);
+            let goaway = frame(
+                0,
+                Body::GoAway(pb::GoAway {
+                    reason: pb::GoAwayReason::SlowConsumer as i32,
+                    reconnect_delay_ms: 0,
+                    message: format!("more than {} bytes unread", self.max_outbound),
+                }),
+            );
+            self.begin_close(slot, conn, Some(goaway), CLOSE_LINGER_MS);
+            return;
+        }
+        if closes {
+            self.begin_close(slot, conn, Some(f), CLOSE_LINGER_MS);
+        } else {
+            self.queue(conn, &f);
+        }
+    }
+
+    /// Encrypts one frame into the output buffer.
+    fn queue(&mut self, conn: &mut Conn, f: &pb::Frame) {
+        self.scratch.plain.clear();
+        encode_frame(f, &mut self.scratch.plain);
+        let driven = tls_io::drive(
+            &mut conn.tls,
+            &mut conn.tls_in,
+            &mut self.scratch.out,
+            None,
+            &self.scratch.plain,
+        );
+        if driven.sent {
+            self.metrics.frame_out(f.body.as_ref());
+        }
+        // A partial record in tls_in is never complete here, so nothing was consumed.
+        debug_assert_eq!(driven.consumed, 0);
+    }
+
+    /// Queues `last` (if any) and close_notify, ends the session, and waits
+    /// at most `linger_ms` for the output to leave.
+    fn begin_close(&mut self, slot: usize, conn: &mut Conn, last: Option<pb::Frame>, linger_ms: u32) {
+        if conn.phase == Phase::Closing {
+            return;
+        }
+        if let Some(f) = last {
+            self.queue(conn, &f);
+        }
+        tls_io::close_notify(&mut conn.tls, &mut conn.tls_in, &mut self.scratch.out);
+        conn.phase = Phase::Closing;
+        conn.proto.begin_drain(self.now_ms, linger_ms);
+        conn.tls_in = Vec::new();
+        conn.decoder = FrameDecoder::new(0);
+        self.end_session(conn);
+        self.arm(slot, conn);
+    }
+
+    fn end_session(&self, conn: &mut Conn) {
+        if let Some(session) = conn.session.take() {
+            self.shared.backend.session_closed(&session, unix_ms());
+            self.metrics.sessions.fetch_sub(1, Relaxed);
+        }
+    }
+
+    /// Sends what the handler produced (in `scratch.out`): straight from the
+    /// scratch buffer when nothing is queued, keeping only what the socket
+    /// refused.
+    fn finish_output(&mut self, conn: &mut Conn) -> Fate {
+        if !self.scratch.out.is_empty() {
+            if conn.tls_out.is_empty() {
+                let written = write_some(&mut conn.sock, &self.scratch.out);
+                match written {
+                    Ok(n) => {
+                        self.metrics.bytes_out.fetch_add(n as u64, Relaxed);
+                        if n < self.scratch.out.len() {
+                            conn.tls_out = self.scratch.out[n..].to_vec();
+                        }
+                    }
+                    Err(_) => {
+                        self.scratch.out.clear();
+                        return Fate::Close;
+                    }
+                }
+            } else {
+                // Already waiting for a writable event: just queue.
+                conn.tls_out.extend_from_slice(&self.scratch.out);
+            }
+            self.scratch.out.clear();
+        }
+        self.account(conn);
+        self.after_output(conn)
+    }
+
+    /// Writable again: push queued output.
+    fn flush(&mut self, conn: &mut Conn) -> Fate {
+        match write_some(&mut conn.sock, &conn.tls_out) {
+            Ok(n) => {
+                self.metrics.bytes_out.fetch_add(n as u64, Relaxed);
+                if n == conn.tls_out.len() {
+                    conn.tls_out = Vec::new();
+                } else if n > 0 {
+                    conn.tls_out.drain(..n);
+                }
+            }
+            Err(_) => return Fate::Close,
+        }
+        self.account(conn);
+        self.after_output(conn)
+    }
+
+    fn after_output(&mut self, conn: &mut Conn) -> Fate {
+        if conn.phase == Phase::Closing && conn.tls_out.is_empty() && !conn.fin_sent {
+            // Everything is out: send FIN, then wait (bounded by the linger
+            // deadline) for the peer's FIN so unread input does not turn the
+            // close into a reset that could destroy our last frame.
+            conn.fin_sent = true;
+            if conn.sock.shutdown(Shutdown::Write).is_err() {
+                return Fate::Close;
+            }
+            return self.discard_input(conn);
+        }
+        Fate::Keep
+    }
+
+    fn account(&mut self, conn: &mut Conn) {
+        let now = conn.tls_out.len() as u32;
+        if now != conn.accounted_out {
+            self.metrics
+                .outbound_buffered_bytes
+                .fetch_add(i64::from(now) - i64::from(conn.accounted_out), Relaxed);
+            conn.accounted_out = now;
+        }
+    }
+}
+
+fn set_client_msg_id(f: &mut pb::Frame, id: Vec<u8>) {
+    if let Some(Body::Error(e)) = &mut f.body {
+        e.client_msg_id = id;
+    }
+}
+
+/// Writes as much as the socket takes without blocking.
+fn write_some(sock: &mut TcpStream, mut buf: &[u8]) -> io::Result<usize> {
+    let mut total = 0;
+    while !buf.is_empty() {
+        match sock.write(buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                total += n;
+                buf = &buf[n..];
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_slot_stays_small() {
+        // The per-connection struct, excluding rustls' boxed state.
+        let size = std::mem::size_of::<Conn>();
+        assert!(size <= 192, "Conn is {size} bytes");
+    }
+}

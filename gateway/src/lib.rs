@@ -1,0 +1,26 @@
+//! Palaver gateway: the process phones connect to.
+//!
+//! Owns the sockets and everything that must not leave the core thread
+//! holding them: TLS (rustls, unbuffered API, caller-owned buffers), the frame
+//! codec from `palaver_protocol`, authentication of `Hello`, heartbeats,
+//! timeouts, limits and backpressure, graceful drain, metrics. Everything else
+//! goes to a [`palaver_router::api::Backend`] (which one, it does not know).
+//!
+//! Threading: N core threads, each with its own `mio::Poll` and SO_REUSEPORT
+//! listener ([`core`]); backend answers come back through [`sink`]; an admin
+//! HTTP thread ([`admin`]); the binary's main thread waits for signals.
+
+pub mod admin;
+pub mod auth;
+pub mod config;
+pub mod core;
+pub mod devcerts;
+pub mod metrics;
+pub mod server;
+pub mod sink;
+pub mod timer;
+pub mod tls;
+pub mod tls_io;
+
+pub use config::Config;
+pub use server::GatewayHandle;

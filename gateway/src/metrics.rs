@@ -1,0 +1,221 @@
+//! Per-core counters (relaxed atomics written only by their core thread or
+//! its sink) and their Prometheus text rendering for the admin port.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+use palaver_protocol::pb::frame::Body;
+
+/// Label values of the `type` label, indexed by [`frame_type_index`].
+pub const FRAME_TYPES: [&str; 25] = [
+    "none",
+    "hello",
+    "welcome",
+    "ping",
+    "pong",
+    "go_away",
+    "error",
+    "send",
+    "send_ack",
+    "deliver",
+    "receipt",
+    "receipt_update",
+    "typing",
+    "presence_query",
+    "presence_result",
+    "presence_subscribe",
+    "presence_event",
+    "sync",
+    "sync_batch",
+    "history",
+    "history_page",
+    "create_conversation",
+    "conversation_created",
+    "change_members",
+    "members_changed",
+];
+
+pub fn frame_type_index(body: Option<&Body>) -> usize {
+    match body {
+        None => 0,
+        Some(b) => match b {
+            Body::Hello(_) => 1,
+            Body::Welcome(_) => 2,
+            Body::Ping(_) => 3,
+            Body::Pong(_) => 4,
+            Body::GoAway(_) => 5,
+            Body::Error(_) => 6,
+            Body::Send(_) => 7,
+            Body::SendAck(_) => 8,
+            Body::Deliver(_) => 9,
+            Body::Receipt(_) => 10,
+            Body::ReceiptUpdate(_) => 11,
+            Body::Typing(_) => 12,
+            Body::PresenceQuery(_) => 13,
+            Body::PresenceResult(_) => 14,
+            Body::PresenceSubscribe(_) => 15,
+            Body::PresenceEvent(_) => 16,
+            Body::Sync(_) => 17,
+            Body::SyncBatch(_) => 18,
+            Body::History(_) => 19,
+            Body::HistoryPage(_) => 20,
+            Body::CreateConversation(_) => 21,
+            Body::ConversationCreated(_) => 22,
+            Body::ChangeMembers(_) => 23,
+            Body::MembersChanged(_) => 24,
+        },
+    }
+}
+
+/// Error codes counted individually; anything else lands in "other".
+pub const ERROR_CODES: [u32; 18] = [
+    1000, 1001, 1002, 1003, 1004, 1005, 1006, 1007, 1008, 1009, 2000, 2001, 2002, 2003, 2004,
+    2005, 3000, 3001,
+];
+
+fn error_code_index(code: u32) -> usize {
+    ERROR_CODES
+        .iter()
+        .position(|&c| c == code)
+        .unwrap_or(ERROR_CODES.len())
+}
+
+/// Counters of one core thread.
+#[derive(Default)]
+pub struct CoreMetrics {
+    pub connections: AtomicI64,
+    pub sessions: AtomicI64,
+    pub accepted: AtomicU64,
+    pub refused_full: AtomicU64,
+    pub handshakes_ok: AtomicU64,
+    pub handshakes_failed: AtomicU64,
+    pub handshake_timeouts: AtomicU64,
+    pub hello_timeouts: AtomicU64,
+    pub heartbeat_timeouts: AtomicU64,
+    pub slow_consumer_disconnects: AtomicU64,
+    pub rate_limited: AtomicU64,
+    pub delivery_queue_drops: AtomicU64,
+    pub stale_deliveries: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    /// Encrypted bytes waiting for the socket, summed over connections.
+    pub outbound_buffered_bytes: AtomicI64,
+    pub frames_in: [AtomicU64; FRAME_TYPES.len()],
+    pub frames_out: [AtomicU64; FRAME_TYPES.len()],
+    pub errors_sent: [AtomicU64; ERROR_CODES.len() + 1],
+}
+
+impl CoreMetrics {
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Relaxed);
+    }
+
+    pub fn frame_in(&self, body: Option<&Body>) {
+        Self::inc(&self.frames_in[frame_type_index(body)]);
+    }
+
+    pub fn frame_out(&self, body: Option<&Body>) {
+        Self::inc(&self.frames_out[frame_type_index(body)]);
+        if let Some(Body::Error(e)) = body {
+            Self::inc(&self.errors_sent[error_code_index(e.code)]);
+        }
+    }
+}
+
+/// Process-wide counters.
+#[derive(Default)]
+pub struct GlobalMetrics {
+    pub tls_reloads_ok: AtomicU64,
+    pub tls_reloads_failed: AtomicU64,
+    pub draining: AtomicU64,
+}
+
+/// Renders all counters in the Prometheus text exposition format.
+pub fn render(gateway_id: &str, cores: &[std::sync::Arc<CoreMetrics>], global: &GlobalMetrics) -> String {
+    let mut out = String::with_capacity(16 * 1024);
+    let gw = gateway_id;
+    let simple: [(&str, &str, &str, fn(&CoreMetrics) -> i64); 16] = [
+        ("palaver_connections", "gauge", "Open connections (any state).", |m| m.connections.load(Relaxed)),
+        ("palaver_sessions", "gauge", "Authenticated sessions.", |m| m.sessions.load(Relaxed)),
+        ("palaver_accepted_total", "counter", "TCP connections accepted.", |m| m.accepted.load(Relaxed) as i64),
+        ("palaver_refused_full_total", "counter", "Connections refused with SERVER_FULL.", |m| m.refused_full.load(Relaxed) as i64),
+        ("palaver_handshakes_ok_total", "counter", "TLS handshakes completed.", |m| m.handshakes_ok.load(Relaxed) as i64),
+        ("palaver_handshakes_failed_total", "counter", "TLS handshakes failed (incl. timeouts).", |m| m.handshakes_failed.load(Relaxed) as i64),
+        ("palaver_handshake_timeouts_total", "counter", "TLS handshakes not finished in time.", |m| m.handshake_timeouts.load(Relaxed) as i64),
+        ("palaver_hello_timeouts_total", "counter", "Connections closed for no Hello in time.", |m| m.hello_timeouts.load(Relaxed) as i64),
+        ("palaver_heartbeat_timeouts_total", "counter", "Sessions closed for heartbeat silence.", |m| m.heartbeat_timeouts.load(Relaxed) as i64),
+        ("palaver_slow_consumer_disconnects_total", "counter", "Connections closed for exceeding the outbound buffer.", |m| m.slow_consumer_disconnects.load(Relaxed) as i64),
+        ("palaver_rate_limited_total", "counter", "Send frames refused by the rate limit.", |m| m.rate_limited.load(Relaxed) as i64),
+        ("palaver_delivery_queue_drops_total", "counter", "Backend frames dropped because a core queue was full.", |m| m.delivery_queue_drops.load(Relaxed) as i64),
+        ("palaver_stale_deliveries_total", "counter", "Backend frames for connections that no longer exist.", |m| m.stale_deliveries.load(Relaxed) as i64),
+        ("palaver_bytes_in_total", "counter", "TLS bytes read from sockets.", |m| m.bytes_in.load(Relaxed) as i64),
+        ("palaver_bytes_out_total", "counter", "TLS bytes written to sockets.", |m| m.bytes_out.load(Relaxed) as i64),
+        ("palaver_outbound_buffered_bytes", "gauge", "Encrypted bytes waiting for slow sockets.", |m| m.outbound_buffered_bytes.load(Relaxed)),
+    ];
+    for (name, kind, help, get) in simple {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (i, m) in cores.iter().enumerate() {
+            let _ = writeln!(out, "{name}{{gateway=\"{gw}\",core=\"{i}\"}} {}", get(m));
+        }
+    }
+    for (name, help, pick) in [
+        ("palaver_frames_in_total", "Frames received, by type.", 0),
+        ("palaver_frames_out_total", "Frames sent, by type.", 1),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (i, m) in cores.iter().enumerate() {
+            let arr = if pick == 0 { &m.frames_in } else { &m.frames_out };
+            for (t, c) in arr.iter().enumerate() {
+                let v = c.load(Relaxed);
+                if v > 0 {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{gateway=\"{gw}\",core=\"{i}\",type=\"{}\"}} {v}",
+                        FRAME_TYPES[t]
+                    );
+                }
+            }
+        }
+    }
+    let name = "palaver_errors_sent_total";
+    let _ = writeln!(out, "# HELP {name} Error frames sent, by code.\n# TYPE {name} counter");
+    for (i, m) in cores.iter().enumerate() {
+        for (k, c) in m.errors_sent.iter().enumerate() {
+            let v = c.load(Relaxed);
+            if v > 0 {
+                let code = ERROR_CODES.get(k).map_or("other".to_string(), u32::to_string);
+                let _ = writeln!(out, "{name}{{gateway=\"{gw}\",core=\"{i}\",code=\"{code}\"}} {v}");
+            }
+        }
+    }
+    for (name, kind, v) in [
+        ("palaver_tls_reloads_ok_total", "counter", global.tls_reloads_ok.load(Relaxed)),
+        ("palaver_tls_reloads_failed_total", "counter", global.tls_reloads_failed.load(Relaxed)),
+        ("palaver_draining", "gauge", global.draining.load(Relaxed)),
+    ] {
+        let _ = writeln!(out, "# TYPE {name} {kind}\n{name}{{gateway=\"{gw}\"}} {v}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use palaver_protocol::pb;
+    use std::sync::Arc;
+
+    #[test]
+    fn renders_counters_with_labels() {
+        let m = Arc::new(CoreMetrics::default());
+        m.frame_in(Some(&Body::Ping(pb::Ping { nonce: 1 })));
+        m.frame_out(Some(&Body::Error(pb::Error {
+            code: 1007,
+            ..Default::default()
+        })));
+        m.connections.fetch_add(3, Relaxed);
+        let text = render("gw1", &[m], &GlobalMetrics::default());
+        assert!(text.contains("palaver_connections{gateway=\"gw1\",core=\"0\"} 3"), "{text}");
+        assert!(text.contains("palaver_frames_in_total{gateway=\"gw1\",core=\"0\",type=\"ping\"} 1"));
+        assert!(text.contains("palaver_errors_sent_total{gateway=\"gw1\",core=\"0\",code=\"1007\"} 1"));
+    }
+}

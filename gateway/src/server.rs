@@ -1,0 +1,276 @@
+//! Starting and stopping a gateway: resolves credentials (configured files or
+//! dev ones in the data directory), binds one SO_REUSEPORT listener per core,
+//! attaches the backend, spawns the core threads and the admin endpoint.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use anyhow::Context;
+use mio::{Poll, Waker};
+use palaver_router::api::Backend;
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::admin::AdminServer;
+use crate::auth::Authenticator;
+use crate::config::Config;
+use crate::core::{Core, Shared, WAKER_TOKEN};
+use crate::metrics::{self, CoreMetrics, GlobalMetrics};
+use crate::sink::{Control, GatewaySink, Mailbox};
+use crate::tls::{TlsFiles, TlsStore};
+use crate::devcerts;
+
+/// A running gateway.
+pub struct GatewayHandle {
+    pub gateway_id: String,
+    pub local_addr: SocketAddr,
+    /// CA certificate clients should trust when dev certificates are in use.
+    pub dev_ca_cert: Option<PathBuf>,
+    /// HS256 secret file when the dev JWT key is in use.
+    pub dev_jwt_secret: Option<PathBuf>,
+    shared: Arc<Shared>,
+    mailboxes: Vec<Arc<Mailbox>>,
+    metrics: Vec<Arc<CoreMetrics>>,
+    global: Arc<GlobalMetrics>,
+    threads: Vec<JoinHandle<()>>,
+    admin: Option<AdminServer>,
+}
+
+/// Binds `addr` with SO_REUSEPORT (so every core, and other gateway
+/// processes, can share the port; the kernel spreads accepts).
+pub fn bind_reuseport(addr: SocketAddr, backlog: u32) -> std::io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog.min(i32::MAX as u32) as i32)?;
+    Ok(socket.into())
+}
+
+impl GatewayHandle {
+    /// Starts a gateway serving `backend`.
+    pub fn start(config: Config, backend: Arc<dyn Backend>) -> anyhow::Result<GatewayHandle> {
+        config.validate()?;
+        let gateway_id = config.effective_gateway_id();
+        let cores = config.core_count();
+
+        let (tls_files, dev_ca_cert) = match (&config.tls.cert, &config.tls.key) {
+            (Some(cert), Some(key)) => (
+                TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    client_ca: config.tls.client_ca.clone(),
+                },
+                None,
+            ),
+            _ => {
+                let dev = devcerts::ensure_dev_certs(&config.data_dir, &[])
+                    .context("creating dev certificates (data_dir)")?;
+                (
+                    TlsFiles {
+                        cert: dev.server_cert,
+                        key: dev.server_key,
+                        client_ca: config.tls.client_ca.clone(),
+                    },
+                    Some(dev.ca_cert),
+                )
+            }
+        };
+        let tls = Arc::new(TlsStore::new(tls_files)?);
+
+        let (auth, dev_jwt_secret) = if config.auth.hs256_secret_file.is_none()
+            && config.auth.ed25519_public_key_file.is_none()
+        {
+            let secret = devcerts::ensure_jwt_secret(&config.data_dir)
+                .context("creating the dev JWT secret (data_dir)")?;
+            let auth = Authenticator::from_files(Some(&secret), None, config.auth.leeway_s)?;
+            (auth, Some(secret))
+        } else {
+            let auth = Authenticator::from_files(
+                config.auth.hs256_secret_file.as_deref(),
+                config.auth.ed25519_public_key_file.as_deref(),
+                config.auth.leeway_s,
+            )?;
+            (auth, None)
+        };
+
+        // Bind every listener before starting anything, so a taken port
+        // fails the start cleanly. Port 0: the first bind picks the port.
+        let mut listeners = Vec::with_capacity(cores);
+        let mut addr = config.listen;
+        for _ in 0..cores {
+            let l = bind_reuseport(addr, config.backlog)
+                .with_context(|| format!("listen: cannot bind {addr}"))?;
+            addr = l.local_addr()?;
+            listeners.push(l);
+        }
+
+        let shared = Arc::new(Shared {
+            gateway_id: gateway_id.clone(),
+            config: config.clone(),
+            backend: backend.clone(),
+            auth,
+            tls,
+            live_connections: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+            epoch: Instant::now(),
+        });
+
+        let mut mailboxes = Vec::with_capacity(cores);
+        let mut metrics = Vec::with_capacity(cores);
+        let mut prepared = Vec::with_capacity(cores);
+        for listener in listeners {
+            let poll = Poll::new().context("creating poll")?;
+            let waker = Waker::new(poll.registry(), WAKER_TOKEN).context("creating waker")?;
+            let m = Arc::new(CoreMetrics::default());
+            let (mailbox, rx) = Mailbox::new(waker, m.clone());
+            mailboxes.push(mailbox.clone());
+            metrics.push(m.clone());
+            prepared.push((poll, listener, mailbox, rx, m));
+        }
+
+        backend
+            .start(&gateway_id, Arc::new(GatewaySink::new(mailboxes.clone())))
+            .context("starting the backend")?;
+
+        let mut threads = Vec::with_capacity(cores);
+        for (index, (poll, listener, mailbox, rx, m)) in prepared.into_iter().enumerate() {
+            let core = Core::new(index, shared.clone(), m, poll, listener, mailbox, rx)
+                .context("setting up a core thread")?;
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("palaver-core-{index}"))
+                    .spawn(move || core.run())
+                    .context("spawning a core thread")?,
+            );
+        }
+
+        let global = Arc::new(GlobalMetrics::default());
+        let admin = match config.admin {
+            Some(admin_addr) => {
+                let (shared2, metrics2, global2) = (shared.clone(), metrics.clone(), global.clone());
+                let handler = Arc::new(move |path: &str| match path {
+                    "/metrics" => (
+                        200,
+                        "text/plain; version=0.0.4",
+                        metrics::render(&shared2.gateway_id, &metrics2, &global2),
+                    ),
+                    "/healthz" => {
+                        if shared2.draining.load(Ordering::Acquire) {
+                            (503, "text/plain", "draining\n".to_string())
+                        } else {
+                            (200, "text/plain", "ok\n".to_string())
+                        }
+                    }
+                    _ => (404, "text/plain", "not found\n".to_string()),
+                });
+                Some(
+                    AdminServer::start(admin_addr, handler)
+                        .with_context(|| format!("admin: cannot bind {admin_addr}"))?,
+                )
+            }
+            None => None,
+        };
+
+        Ok(GatewayHandle {
+            gateway_id,
+            local_addr: addr,
+            dev_ca_cert,
+            dev_jwt_secret,
+            shared,
+            mailboxes,
+            metrics,
+            global,
+            threads,
+            admin,
+        })
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(AdminServer::local_addr)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// Per-core counters.
+    pub fn core_metrics(&self) -> &[Arc<CoreMetrics>] {
+        &self.metrics
+    }
+
+    pub fn metrics_text(&self) -> String {
+        metrics::render(&self.gateway_id, &self.metrics, &self.global)
+    }
+
+    /// Connections open in this process.
+    pub fn connections(&self) -> usize {
+        self.shared.live_connections.load(Ordering::Relaxed)
+    }
+
+    /// Re-reads certificate files; new handshakes use them, established
+    /// connections are untouched. On error the old certificate stays.
+    pub fn reload_tls(&self) -> anyhow::Result<()> {
+        let result = self.shared.tls.reload();
+        let counter = if result.is_ok() {
+            &self.global.tls_reloads_ok
+        } else {
+            &self.global.tls_reloads_failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        result
+    }
+
+    /// Graceful drain: stop accepting, GoAway(SHUTDOWN) to every session with
+    /// a jittered reconnect delay, close what is left at the drain deadline.
+    /// Core threads exit when their connections are gone; see [`Self::join`].
+    pub fn drain(&self) {
+        self.shared.draining.store(true, Ordering::Release);
+        self.global.draining.store(1, Ordering::Relaxed);
+        let d = &self.shared.config.drain;
+        for mb in &self.mailboxes {
+            mb.send_control(Control::Drain {
+                reconnect_delay_ms: d.reconnect_delay_ms,
+                reconnect_jitter_ms: d.reconnect_jitter_ms,
+                deadline_ms: d.deadline_ms,
+            });
+        }
+    }
+
+    /// Closes every connection now and stops the core threads.
+    pub fn stop(&self) {
+        for mb in &self.mailboxes {
+            mb.send_control(Control::Stop);
+        }
+    }
+
+    /// True once every core thread has exited.
+    pub fn is_finished(&self) -> bool {
+        self.threads.iter().all(JoinHandle::is_finished)
+    }
+
+    /// Waits for the core threads, then shuts the backend down.
+    pub fn join(mut self) {
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        self.admin.take();
+        self.shared.backend.shutdown();
+    }
+}
+
+impl Drop for GatewayHandle {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.stop();
+            for t in self.threads.drain(..) {
+                let _ = t.join();
+            }
+            self.shared.backend.shutdown();
+        }
+    }
+}

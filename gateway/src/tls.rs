@@ -1,0 +1,137 @@
+//! TLS server configuration: TLS 1.3 only (ring provider), ALPN `palaver/1`
+//! required, stateless session tickets, optional client-certificate
+//! verification, and a reloadable store so SIGHUP swaps certificates for new
+//! handshakes without touching established connections.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+/// The files a TLS config is built from.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+/// Hands out the certificate only to clients offering ALPN `palaver/1`.
+/// rustls itself accepts a ClientHello without ALPN; refusing the certificate
+/// makes such handshakes fail with an alert instead.
+#[derive(Debug)]
+struct RequireAlpn {
+    key: Arc<CertifiedKey>,
+}
+
+impl ResolvesServerCert for RequireAlpn {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let offered = hello
+            .alpn()
+            .is_some_and(|mut protos| protos.any(|p| p == palaver_protocol::ALPN));
+        offered.then(|| self.key.clone())
+    }
+}
+
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("cannot read certificates from {}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("bad PEM in {}", path.display()))?;
+    anyhow::ensure!(!certs.is_empty(), "{}: no certificate found", path.display());
+    Ok(certs)
+}
+
+/// Builds a server config from PEM files.
+pub fn build_server_config(
+    files: &TlsFiles,
+    ticketer: Arc<dyn rustls::server::ProducesTickets>,
+) -> anyhow::Result<Arc<ServerConfig>> {
+    let provider = provider();
+    let certs = load_certs(&files.cert).context("tls.cert")?;
+    let key = PrivateKeyDer::from_pem_file(&files.key)
+        .with_context(|| format!("tls.key: cannot read a private key from {}", files.key.display()))?;
+    let certified = CertifiedKey::from_der(certs, key, &provider)
+        .context("tls.cert/tls.key: key does not match certificate or is unsupported")?;
+
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("TLS 1.3 with the ring provider")?;
+    let builder = match &files.client_ca {
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for cert in load_certs(ca).context("tls.client_ca")? {
+                roots
+                    .add(cert)
+                    .with_context(|| format!("tls.client_ca: bad CA certificate in {}", ca.display()))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .context("tls.client_ca")?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(RequireAlpn {
+        key: Arc::new(certified),
+    }));
+    config.alpn_protocols = vec![palaver_protocol::ALPN.to_vec()];
+    config.ticketer = ticketer;
+    // One ticket per handshake: enough for the next reconnect, half the cost of the default two.
+    config.send_tls13_tickets = 1;
+    // Tickets make session-id storage unnecessary; keep no per-session state.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    Ok(Arc::new(config))
+}
+
+/// The current TLS config, shared by all core threads. Cores cache the Arc and
+/// re-fetch only when `generation` moved (one atomic load per accept).
+pub struct TlsStore {
+    files: TlsFiles,
+    ticketer: Arc<dyn rustls::server::ProducesTickets>,
+    generation: AtomicU64,
+    current: Mutex<Arc<ServerConfig>>,
+}
+
+impl TlsStore {
+    pub fn new(files: TlsFiles) -> anyhow::Result<Self> {
+        // The ticket key rotates on its own schedule and survives reloads, so
+        // tickets issued before a certificate reload still resume.
+        let ticketer = rustls::crypto::ring::Ticketer::new().context("session ticketer")?;
+        let config = build_server_config(&files, ticketer.clone())?;
+        Ok(TlsStore {
+            files,
+            ticketer,
+            generation: AtomicU64::new(1),
+            current: Mutex::new(config),
+        })
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub fn current(&self) -> (u64, Arc<ServerConfig>) {
+        let config = self.current.lock().expect("tls store lock").clone();
+        (self.generation(), config)
+    }
+
+    /// Re-reads the files; on error the old config stays in force.
+    pub fn reload(&self) -> anyhow::Result<()> {
+        let config = build_server_config(&self.files, self.ticketer.clone())?;
+        *self.current.lock().expect("tls store lock") = config;
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+}

@@ -1,0 +1,145 @@
+//! What flows into and out of the router.
+//!
+//! In: [`Command`]s (a client request, or a session opening/closing), which a
+//! bus carries from gateways to the router: a crossbeam channel in the
+//! embedded engine, the `palaver.inbound` Kafka topic in production (keyed by
+//! [`Command::partition_key`] so one conversation is processed in order).
+//!
+//! Out: an [`Output`] per command — frames addressed to connections, and push
+//! events for offline users — shipped by an [`Outlet`]: the gateways'
+//! `DeliverySink`s in the embedded engine, the per-gateway delivery topics and
+//! `palaver.push` in production.
+
+use std::collections::HashMap;
+
+use palaver_protocol::pb;
+
+use crate::api::{Inbound, Outbound, Session, SessionAddr};
+
+/// One unit of router work.
+// Requests are the common (and largest) variant; boxing them would cost an
+// allocation per request for nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug, PartialEq)]
+pub enum Command {
+    /// A client request from an authenticated session.
+    Request(Inbound),
+    /// A connection completed Hello (`Backend::session_opened`).
+    SessionOpened(Session),
+    /// A registered connection closed at `at_ms` (`Backend::session_closed`).
+    SessionClosed { session: Session, at_ms: i64 },
+}
+
+impl Command {
+    /// The key that orders this command on a partitioned bus: the
+    /// conversation id for requests about one conversation (Send, Receipt,
+    /// Typing, History, ChangeMembers), otherwise the user id of the session.
+    /// Commands with equal keys must be processed in bus order.
+    pub fn partition_key(&self) -> &str {
+        use pb::frame::Body;
+        match self {
+            Command::Request(req) => match &req.body {
+                Body::Send(s) => &s.conversation_id,
+                Body::Receipt(r) => &r.conversation_id,
+                Body::Typing(t) => &t.conversation_id,
+                Body::History(h) => &h.conversation_id,
+                Body::ChangeMembers(c) => &c.conversation_id,
+                _ => &req.from.user_id,
+            },
+            Command::SessionOpened(s) => &s.user_id,
+            Command::SessionClosed { session, .. } => &session.user_id,
+        }
+    }
+
+    /// True for requests that only read state (Sync, History, PresenceQuery):
+    /// a gateway may run them against a read-only store connection instead of
+    /// sending them through the bus.
+    pub fn is_read_only(&self) -> bool {
+        use pb::frame::Body;
+        matches!(
+            self,
+            Command::Request(Inbound {
+                body: Body::Sync(_) | Body::History(_) | Body::PresenceQuery(_),
+                ..
+            })
+        )
+    }
+}
+
+/// A frame for one connection, wherever it lives.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Addressed {
+    pub to: SessionAddr,
+    pub frame: pb::Frame,
+}
+
+/// A user with no online device got a message: a push notification worker
+/// (APNs/FCM) should wake their phone. Coalesced: at most one per (user,
+/// conversation) until the user connects again or sends a Receipt for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PushEvent {
+    pub user_id: String,
+    pub conversation_id: String,
+    pub seq: u64,
+    pub message_id: String,
+    pub sender_user_id: String,
+    pub kind: i32,
+    pub server_time_ms: i64,
+}
+
+/// Everything the router produced for one or more commands, in order.
+#[derive(Debug, Default)]
+pub struct Output {
+    pub frames: Vec<Addressed>,
+    pub pushes: Vec<PushEvent>,
+}
+
+impl Output {
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty() && self.pushes.is_empty()
+    }
+
+    /// Hand everything to `outlet`: the push events first (so whoever sees
+    /// a frame knows the pushes of the same commands are out), then the
+    /// frames grouped by gateway (one `deliver` call per gateway, order per
+    /// connection preserved). Leaves `self` empty, also when the outlet
+    /// fails part way.
+    pub fn flush(&mut self, outlet: &mut dyn Outlet) -> Result<(), BusError> {
+        let mut result = Ok(());
+        if !self.pushes.is_empty() {
+            let pushes = std::mem::take(&mut self.pushes);
+            if let Err(e) = outlet.push(pushes) {
+                result = Err(e);
+            }
+        }
+        let mut by_gateway: HashMap<String, Vec<Outbound>> = HashMap::new();
+        for Addressed { to, frame } in self.frames.drain(..) {
+            by_gateway.entry(to.gateway_id).or_default().push(Outbound {
+                conn: to.conn,
+                frame,
+            });
+        }
+        for (gateway_id, batch) in by_gateway {
+            if let Err(e) = outlet.deliver(&gateway_id, batch) {
+                result = Err(e);
+            }
+        }
+        result
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("bus unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Ships router output to gateways and push workers.
+pub trait Outlet {
+    /// Frames for connections on gateway `gateway_id`, in the order they must
+    /// be written. A gateway nobody knows is not an error (its connections
+    /// are gone); the frames are dropped.
+    fn deliver(&mut self, gateway_id: &str, frames: Vec<Outbound>) -> Result<(), BusError>;
+    /// Push events for offline users.
+    fn push(&mut self, events: Vec<PushEvent>) -> Result<(), BusError>;
+}

@@ -1,0 +1,306 @@
+//! The embedded engine: the [`Router`] over a [`MemoryStore`] on one worker
+//! thread, fed by a crossbeam channel (the in-process bus). Implements
+//! [`Backend`], so a gateway with no Kafka/Redis configured is a complete
+//! single-node chat server. Several gateways may attach to one engine.
+//!
+//! The worker drains whatever is queued (up to a batch), runs each command
+//! through the router, then hands the frames to the gateways' sinks: one
+//! `deliver` call per gateway per batch, in order per connection.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender};
+use palaver_protocol::pb;
+
+use crate::api::{Backend, BackendError, DeliverySink, Inbound, Outbound, Session};
+use crate::bus::{BusError, Command, Outlet, Output, PushEvent};
+use crate::logic::{Clock, Router, RouterConfig, SystemClock};
+use crate::memory::MemoryStore;
+
+/// Where the embedded engine sends push events (there are no push workers
+/// in embedded mode).
+pub trait PushSink: Send + 'static {
+    fn push(&mut self, events: Vec<PushEvent>);
+}
+
+/// Default push sink: counts push events and logs them at debug level.
+#[derive(Clone, Debug, Default)]
+pub struct LoggingPushSink {
+    count: Arc<AtomicU64>,
+}
+
+impl LoggingPushSink {
+    /// Push events seen so far (shared with clones).
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+impl PushSink for LoggingPushSink {
+    fn push(&mut self, events: Vec<PushEvent>) {
+        self.count.fetch_add(events.len() as u64, Ordering::Relaxed);
+        for e in events {
+            tracing::debug!(
+                user = %e.user_id,
+                conversation = %e.conversation_id,
+                seq = e.seq,
+                "push notification (embedded mode: not sent)"
+            );
+        }
+    }
+}
+
+/// Settings of the embedded engine itself.
+#[derive(Clone, Debug)]
+pub struct EmbeddedConfig {
+    pub router: RouterConfig,
+    /// Requests queued for the worker beyond this are answered
+    /// `Error(UNAVAILABLE)` at once instead of queued. Session events are
+    /// always queued (dropping one would corrupt presence).
+    pub max_queued_requests: usize,
+    /// Commands processed before the worker flushes output to the sinks.
+    pub max_commands_per_flush: usize,
+}
+
+impl Default for EmbeddedConfig {
+    fn default() -> Self {
+        Self {
+            router: RouterConfig::default(),
+            max_queued_requests: 100_000,
+            max_commands_per_flush: 512,
+        }
+    }
+}
+
+type Sinks = RwLock<HashMap<String, Arc<dyn DeliverySink>>>;
+
+#[allow(clippy::large_enum_variant)] // see `Command`
+enum Job {
+    Run(Command),
+    Stop,
+}
+
+pub struct EmbeddedEngine {
+    jobs: Sender<Job>,
+    sinks: Arc<Sinks>,
+    queued_requests: Arc<AtomicUsize>,
+    max_queued_requests: usize,
+    worker: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl EmbeddedEngine {
+    /// An engine with the system clock and a logging push sink.
+    pub fn new(config: EmbeddedConfig) -> Self {
+        Self::with_parts(config, Arc::new(SystemClock), LoggingPushSink::default())
+    }
+
+    /// An engine with an injected clock and push sink (tests).
+    pub fn with_parts(
+        config: EmbeddedConfig,
+        clock: Arc<dyn Clock>,
+        push_sink: impl PushSink,
+    ) -> Self {
+        let (jobs, inbox) = crossbeam_channel::unbounded();
+        let sinks: Arc<Sinks> = Arc::default();
+        let queued_requests = Arc::new(AtomicUsize::new(0));
+        let worker = Worker {
+            router: Router::new(MemoryStore::new(), config.router, clock),
+            outlet: EmbeddedOutlet {
+                sinks: sinks.clone(),
+                push_sink: Box::new(push_sink),
+            },
+            inbox,
+            queued_requests: queued_requests.clone(),
+            max_commands_per_flush: config.max_commands_per_flush.max(1),
+        };
+        let handle = std::thread::Builder::new()
+            .name("palaver-embedded-router".into())
+            .spawn(move || worker.run())
+            .expect("spawning the embedded router thread");
+        Self {
+            jobs,
+            sinks,
+            queued_requests,
+            max_queued_requests: config.max_queued_requests,
+            worker: Mutex::new(Some(handle)),
+        }
+    }
+
+    /// Answer a request right here (overload or after shutdown).
+    fn refuse(&self, request: &Inbound, message: &str) {
+        let sink = self
+            .sinks
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&request.from.addr.gateway_id)
+            .cloned();
+        let Some(sink) = sink else { return };
+        let client_msg_id = match &request.body {
+            pb::frame::Body::Send(send) => send.client_msg_id.clone(),
+            _ => Vec::new(),
+        };
+        sink.deliver(vec![Outbound {
+            conn: request.from.addr.conn,
+            frame: pb::Frame {
+                request_id: request.request_id,
+                body: Some(pb::frame::Body::Error(pb::Error {
+                    code: pb::ErrorCode::Unavailable as u32,
+                    message: message.to_owned(),
+                    client_msg_id,
+                })),
+            },
+        }]);
+    }
+
+    fn stop_worker(&self) {
+        let handle = self.worker.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(handle) = handle {
+            // Queued work before Stop is processed first (FIFO).
+            let _ = self.jobs.send(Job::Stop);
+            if handle.join().is_err() {
+                tracing::error!("embedded router thread panicked");
+            }
+        }
+    }
+}
+
+impl Backend for EmbeddedEngine {
+    fn start(&self, gateway_id: &str, sink: Arc<dyn DeliverySink>) -> Result<(), BackendError> {
+        if self
+            .worker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+        {
+            return Err(BackendError::Unavailable(
+                "the embedded engine was shut down".into(),
+            ));
+        }
+        self.sinks
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(gateway_id.to_owned(), sink);
+        Ok(())
+    }
+
+    fn session_opened(&self, session: &Session) {
+        let _ = self
+            .jobs
+            .send(Job::Run(Command::SessionOpened(session.clone())));
+    }
+
+    fn session_closed(&self, session: &Session, at_ms: i64) {
+        let _ = self.jobs.send(Job::Run(Command::SessionClosed {
+            session: session.clone(),
+            at_ms,
+        }));
+    }
+
+    fn submit(&self, request: Inbound) {
+        if self.queued_requests.fetch_add(1, Ordering::AcqRel) >= self.max_queued_requests {
+            self.queued_requests.fetch_sub(1, Ordering::AcqRel);
+            self.refuse(&request, "server busy, retry later");
+            return;
+        }
+        if let Err(e) = self.jobs.send(Job::Run(Command::Request(request))) {
+            self.queued_requests.fetch_sub(1, Ordering::AcqRel);
+            if let Job::Run(Command::Request(request)) = e.0 {
+                self.refuse(&request, "server shutting down");
+            }
+        }
+    }
+
+    fn shutdown(&self) {
+        self.stop_worker();
+    }
+}
+
+impl Drop for EmbeddedEngine {
+    fn drop(&mut self) {
+        self.stop_worker();
+    }
+}
+
+struct EmbeddedOutlet {
+    sinks: Arc<Sinks>,
+    push_sink: Box<dyn PushSink>,
+}
+
+impl Outlet for EmbeddedOutlet {
+    fn deliver(&mut self, gateway_id: &str, frames: Vec<Outbound>) -> Result<(), BusError> {
+        let sink = self
+            .sinks
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(gateway_id)
+            .cloned();
+        match sink {
+            Some(sink) => sink.deliver(frames),
+            None => tracing::debug!(
+                gateway_id,
+                frames = frames.len(),
+                "dropping frames for a gateway that is not attached"
+            ),
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, events: Vec<PushEvent>) -> Result<(), BusError> {
+        self.push_sink.push(events);
+        Ok(())
+    }
+}
+
+struct Worker {
+    router: Router<MemoryStore>,
+    outlet: EmbeddedOutlet,
+    inbox: Receiver<Job>,
+    queued_requests: Arc<AtomicUsize>,
+    max_commands_per_flush: usize,
+}
+
+impl Worker {
+    fn run(mut self) {
+        let mut out = Output::default();
+        while let Ok(job) = self.inbox.recv() {
+            let mut stop = !self.process(job, &mut out);
+            let mut processed = 1;
+            while !stop && processed < self.max_commands_per_flush {
+                match self.inbox.try_recv() {
+                    Ok(job) => {
+                        stop = !self.process(job, &mut out);
+                        processed += 1;
+                    }
+                    Err(_) => break,
+                }
+            }
+            if let Err(e) = out.flush(&mut self.outlet) {
+                tracing::warn!("embedded outlet: {e}");
+            }
+            if stop {
+                return;
+            }
+        }
+    }
+
+    /// Run one job; false when the worker must stop.
+    fn process(&mut self, job: Job, out: &mut Output) -> bool {
+        let command = match job {
+            Job::Stop => return false,
+            Job::Run(command) => command,
+        };
+        if matches!(command, Command::Request(_)) {
+            self.queued_requests.fetch_sub(1, Ordering::AcqRel);
+        }
+        // The memory store does not fail; keep the generic path anyway.
+        if let Err(e) = self.router.handle(&command, out) {
+            tracing::error!("router: {e}");
+            out.frames
+                .extend(Router::<MemoryStore>::unavailable_reply(&command, &e));
+        }
+        true
+    }
+}

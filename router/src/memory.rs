@@ -1,0 +1,704 @@
+//! In-memory implementation of the store traits, for the embedded engine and
+//! for tests. Single-threaded (`&mut self`): the embedded engine owns it on
+//! its worker thread. Never fails.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+
+use palaver_protocol::pb;
+
+use crate::api::{Session, SessionAddr};
+use crate::store::{
+    Appended, ConversationStore, DeviceSession, GroupRecord, HistorySlice, Membership, RangeRead,
+    Retention, SessionClosed, SessionOpened, SessionStore, StoreResult, UserPresence, UserStore,
+    WatchAdd,
+};
+
+#[derive(Default)]
+pub struct MemoryStore {
+    conversations: HashMap<String, ConversationState>,
+    /// Dedup entries in insertion order with their expiry, so expired ones
+    /// can be pruned without scanning every conversation.
+    dedup_expiry: VecDeque<(i64, String, Vec<u8>)>,
+    users: HashMap<String, UserState>,
+    /// watching connection → watched users
+    watching: HashMap<SessionAddr, HashSet<String>>,
+    /// watched user → watching connections
+    watchers: HashMap<String, HashSet<SessionAddr>>,
+}
+
+#[derive(Default)]
+struct ConversationState {
+    last_seq: u64,
+    /// The stored window: contiguous seqs, oldest first.
+    history: VecDeque<pb::Message>,
+    /// client_msg_id → (original ack, expiry ms)
+    dedup: HashMap<Vec<u8>, (pb::SendAck, i64)>,
+    /// (user, receipt kind) → mark
+    receipts: HashMap<(String, i32), u64>,
+    group: Option<GroupState>,
+}
+
+struct GroupState {
+    title: String,
+    members: BTreeMap<String, pb::Role>,
+    created_ms: i64,
+}
+
+#[derive(Default)]
+struct UserState {
+    conversations: BTreeSet<String>,
+    push_pending: HashSet<String>,
+    /// device → address
+    sessions: BTreeMap<String, SessionAddr>,
+    last_seen_ms: i64,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn prune_dedup(&mut self, now_ms: i64) {
+        while let Some((expires, _, _)) = self.dedup_expiry.front() {
+            if *expires > now_ms {
+                break;
+            }
+            let (expires, conversation_id, client_msg_id) =
+                self.dedup_expiry.pop_front().expect("front exists");
+            if let Some(state) = self.conversations.get_mut(&conversation_id) {
+                // Only remove the entry this queue item was made for.
+                if state.dedup.get(&client_msg_id).map(|(_, e)| *e) == Some(expires) {
+                    state.dedup.remove(&client_msg_id);
+                }
+            }
+        }
+    }
+}
+
+impl ConversationState {
+    /// Index into `history` of the first message with seq > `after_seq`.
+    fn index_after(&self, after_seq: u64) -> usize {
+        match self.history.front() {
+            None => 0,
+            Some(first) => (after_seq + 1)
+                .saturating_sub(first.seq)
+                .min(self.history.len() as u64) as usize,
+        }
+    }
+}
+
+impl ConversationStore for MemoryStore {
+    fn append_message(
+        &mut self,
+        conversation_id: &str,
+        mut message: pb::Message,
+        retention: &Retention,
+    ) -> StoreResult<Appended> {
+        self.prune_dedup(retention.now_ms);
+        let state = self
+            .conversations
+            .entry(conversation_id.to_owned())
+            .or_default();
+        if let Some((ack, expires)) = state.dedup.get(&message.client_msg_id) {
+            if *expires > retention.now_ms {
+                return Ok(Appended::Duplicate(ack.clone()));
+            }
+        }
+        state.last_seq += 1;
+        message.seq = state.last_seq;
+        let ack = pb::SendAck {
+            client_msg_id: message.client_msg_id.clone(),
+            message_id: message.message_id.clone(),
+            conversation_id: conversation_id.to_owned(),
+            seq: message.seq,
+            server_time_ms: message.server_time_ms,
+        };
+        let expires = retention.now_ms.saturating_add(retention.dedup_ttl_ms);
+        state
+            .dedup
+            .insert(message.client_msg_id.clone(), (ack, expires));
+        self.dedup_expiry.push_back((
+            expires,
+            conversation_id.to_owned(),
+            message.client_msg_id.clone(),
+        ));
+        state.history.push_back(message.clone());
+        while state.history.len() > retention.history_window {
+            state.history.pop_front();
+        }
+        Ok(Appended::Stored(message))
+    }
+
+    fn last_seqs(&mut self, conversation_ids: &[String]) -> StoreResult<Vec<u64>> {
+        Ok(conversation_ids
+            .iter()
+            .map(|id| self.conversations.get(id).map_or(0, |c| c.last_seq))
+            .collect())
+    }
+
+    fn messages_after(&mut self, reads: &[RangeRead]) -> StoreResult<Vec<Vec<pb::Message>>> {
+        Ok(reads
+            .iter()
+            .map(|read| match self.conversations.get(&read.conversation_id) {
+                None => Vec::new(),
+                Some(state) => state
+                    .history
+                    .range(state.index_after(read.after_seq)..)
+                    .take(read.limit)
+                    .cloned()
+                    .collect(),
+            })
+            .collect())
+    }
+
+    fn messages_before(
+        &mut self,
+        conversation_id: &str,
+        before_seq: u64,
+        limit: usize,
+    ) -> StoreResult<HistorySlice> {
+        let Some(state) = self.conversations.get(conversation_id) else {
+            return Ok(HistorySlice::default());
+        };
+        let end = if before_seq == 0 {
+            state.history.len()
+        } else {
+            state.index_after(before_seq - 1)
+        };
+        let start = end.saturating_sub(limit);
+        Ok(HistorySlice {
+            messages: state.history.range(start..end).cloned().collect(),
+            has_more: start > 0,
+        })
+    }
+
+    fn senders_between(
+        &mut self,
+        conversation_id: &str,
+        after_seq: u64,
+        up_to_seq: u64,
+    ) -> StoreResult<Vec<String>> {
+        let Some(state) = self.conversations.get(conversation_id) else {
+            return Ok(Vec::new());
+        };
+        let mut senders = BTreeSet::new();
+        for message in state.history.range(state.index_after(after_seq)..) {
+            if message.seq > up_to_seq {
+                break;
+            }
+            senders.insert(message.sender_user_id.as_str());
+        }
+        Ok(senders.into_iter().map(str::to_owned).collect())
+    }
+
+    fn advance_receipt(
+        &mut self,
+        conversation_id: &str,
+        user_id: &str,
+        kind: pb::ReceiptKind,
+        up_to_seq: u64,
+    ) -> StoreResult<Option<u64>> {
+        let state = self
+            .conversations
+            .entry(conversation_id.to_owned())
+            .or_default();
+        let mark = state
+            .receipts
+            .entry((user_id.to_owned(), kind as i32))
+            .or_insert(0);
+        if up_to_seq > *mark {
+            let previous = *mark;
+            *mark = up_to_seq;
+            Ok(Some(previous))
+        } else {
+            Ok(None)
+        }
+    }
+
+    fn create_group(&mut self, group: &GroupRecord) -> StoreResult<bool> {
+        let state = self
+            .conversations
+            .entry(group.conversation_id.clone())
+            .or_default();
+        if state.group.is_some() {
+            return Ok(false);
+        }
+        state.group = Some(GroupState {
+            title: group.title.clone(),
+            members: group
+                .members
+                .iter()
+                .map(|m| (m.user_id.clone(), m.role()))
+                .collect(),
+            created_ms: group.created_ms,
+        });
+        Ok(true)
+    }
+
+    fn groups(&mut self, conversation_ids: &[String]) -> StoreResult<Vec<Option<GroupRecord>>> {
+        Ok(conversation_ids
+            .iter()
+            .map(|id| {
+                let group = self.conversations.get(id)?.group.as_ref()?;
+                Some(GroupRecord {
+                    conversation_id: id.clone(),
+                    title: group.title.clone(),
+                    members: group
+                        .members
+                        .iter()
+                        .map(|(user_id, role)| pb::Member {
+                            user_id: user_id.clone(),
+                            role: *role as i32,
+                        })
+                        .collect(),
+                    created_ms: group.created_ms,
+                })
+            })
+            .collect())
+    }
+
+    fn membership(&mut self, conversation_id: &str, user_id: &str) -> StoreResult<Membership> {
+        let group = self
+            .conversations
+            .get(conversation_id)
+            .and_then(|c| c.group.as_ref());
+        Ok(match group {
+            None => Membership::NoSuchGroup,
+            Some(g) => match g.members.get(user_id) {
+                None => Membership::NotMember,
+                Some(role) => Membership::Member(*role),
+            },
+        })
+    }
+
+    fn update_members(
+        &mut self,
+        conversation_id: &str,
+        upsert: &[pb::Member],
+        remove: &[String],
+    ) -> StoreResult<()> {
+        let group = self
+            .conversations
+            .get_mut(conversation_id)
+            .and_then(|c| c.group.as_mut());
+        if let Some(group) = group {
+            for member in upsert {
+                group.members.insert(member.user_id.clone(), member.role());
+            }
+            for user_id in remove {
+                group.members.remove(user_id);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl UserStore for MemoryStore {
+    fn conversations_of_user(&mut self, user_id: &str) -> StoreResult<Vec<String>> {
+        Ok(self
+            .users
+            .get(user_id)
+            .map(|u| u.conversations.iter().cloned().collect())
+            .unwrap_or_default())
+    }
+
+    fn add_conversation_to_users(
+        &mut self,
+        conversation_id: &str,
+        user_ids: &[String],
+    ) -> StoreResult<()> {
+        for user_id in user_ids {
+            let user = self.users.entry(user_id.clone()).or_default();
+            if !user.conversations.contains(conversation_id) {
+                user.conversations.insert(conversation_id.to_owned());
+            }
+        }
+        Ok(())
+    }
+
+    fn remove_conversation_from_users(
+        &mut self,
+        conversation_id: &str,
+        user_ids: &[String],
+    ) -> StoreResult<()> {
+        for user_id in user_ids {
+            if let Some(user) = self.users.get_mut(user_id) {
+                user.conversations.remove(conversation_id);
+            }
+        }
+        Ok(())
+    }
+
+    fn mark_push_pending(
+        &mut self,
+        conversation_id: &str,
+        user_ids: &[String],
+    ) -> StoreResult<Vec<bool>> {
+        Ok(user_ids
+            .iter()
+            .map(|user_id| {
+                let user = self.users.entry(user_id.clone()).or_default();
+                if user.push_pending.contains(conversation_id) {
+                    false
+                } else {
+                    user.push_pending.insert(conversation_id.to_owned())
+                }
+            })
+            .collect())
+    }
+
+    fn clear_push_pending(
+        &mut self,
+        user_id: &str,
+        conversation_id: Option<&str>,
+    ) -> StoreResult<()> {
+        if let Some(user) = self.users.get_mut(user_id) {
+            match conversation_id {
+                Some(id) => {
+                    user.push_pending.remove(id);
+                }
+                None => user.push_pending.clear(),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl SessionStore for MemoryStore {
+    fn open_session(&mut self, session: &Session) -> StoreResult<SessionOpened> {
+        let user = self.users.entry(session.user_id.clone()).or_default();
+        let came_online = user.sessions.is_empty();
+        let previous = user
+            .sessions
+            .insert(session.device_id.clone(), session.addr.clone());
+        if came_online {
+            user.last_seen_ms = 0;
+        }
+        Ok(SessionOpened {
+            replaced: previous.filter(|addr| *addr != session.addr),
+            came_online,
+        })
+    }
+
+    fn close_session(&mut self, session: &Session, at_ms: i64) -> StoreResult<SessionClosed> {
+        let Some(user) = self.users.get_mut(&session.user_id) else {
+            return Ok(SessionClosed {
+                removed: false,
+                went_offline: false,
+            });
+        };
+        if user.sessions.get(&session.device_id) != Some(&session.addr) {
+            return Ok(SessionClosed {
+                removed: false,
+                went_offline: false,
+            });
+        }
+        user.sessions.remove(&session.device_id);
+        let went_offline = user.sessions.is_empty();
+        if went_offline {
+            user.last_seen_ms = at_ms;
+        }
+        Ok(SessionClosed {
+            removed: true,
+            went_offline,
+        })
+    }
+
+    fn sessions_of_users(&mut self, user_ids: &[String]) -> StoreResult<Vec<Vec<DeviceSession>>> {
+        Ok(user_ids
+            .iter()
+            .map(|user_id| match self.users.get(user_id) {
+                None => Vec::new(),
+                Some(user) => user
+                    .sessions
+                    .iter()
+                    .map(|(device_id, addr)| DeviceSession {
+                        device_id: device_id.clone(),
+                        addr: addr.clone(),
+                    })
+                    .collect(),
+            })
+            .collect())
+    }
+
+    fn presence_of_users(&mut self, user_ids: &[String]) -> StoreResult<Vec<UserPresence>> {
+        Ok(user_ids
+            .iter()
+            .map(|user_id| match self.users.get(user_id) {
+                None => UserPresence::default(),
+                Some(user) if !user.sessions.is_empty() => UserPresence {
+                    online: true,
+                    last_seen_ms: 0,
+                },
+                Some(user) => UserPresence {
+                    online: false,
+                    last_seen_ms: user.last_seen_ms,
+                },
+            })
+            .collect())
+    }
+
+    fn add_watches(
+        &mut self,
+        watcher: &SessionAddr,
+        user_ids: &[String],
+        max: usize,
+    ) -> StoreResult<WatchAdd> {
+        let current = self.watching.get(watcher);
+        let watching = current.map_or(0, HashSet::len);
+        let new: HashSet<&String> = user_ids
+            .iter()
+            .filter(|u| !current.is_some_and(|c| c.contains(*u)))
+            .collect();
+        if watching + new.len() > max {
+            return Ok(WatchAdd::LimitExceeded { watching });
+        }
+        for user_id in &new {
+            self.watchers
+                .entry((*user_id).clone())
+                .or_default()
+                .insert(watcher.clone());
+        }
+        let set = self.watching.entry(watcher.clone()).or_default();
+        set.extend(new.into_iter().cloned());
+        Ok(WatchAdd::Added {
+            watching: set.len(),
+        })
+    }
+
+    fn remove_watches(&mut self, watcher: &SessionAddr, user_ids: &[String]) -> StoreResult<()> {
+        if let Some(set) = self.watching.get_mut(watcher) {
+            for user_id in user_ids {
+                if set.remove(user_id) {
+                    unlink_watcher(&mut self.watchers, user_id, watcher);
+                }
+            }
+            if set.is_empty() {
+                self.watching.remove(watcher);
+            }
+        }
+        Ok(())
+    }
+
+    fn drop_watches(&mut self, watcher: &SessionAddr) -> StoreResult<()> {
+        if let Some(set) = self.watching.remove(watcher) {
+            for user_id in &set {
+                unlink_watcher(&mut self.watchers, user_id, watcher);
+            }
+        }
+        Ok(())
+    }
+
+    fn watchers_of(&mut self, user_id: &str) -> StoreResult<Vec<SessionAddr>> {
+        Ok(self
+            .watchers
+            .get(user_id)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default())
+    }
+}
+
+fn unlink_watcher(
+    watchers: &mut HashMap<String, HashSet<SessionAddr>>,
+    user_id: &str,
+    watcher: &SessionAddr,
+) {
+    if let Some(set) = watchers.get_mut(user_id) {
+        set.remove(watcher);
+        if set.is_empty() {
+            watchers.remove(user_id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn retention(now_ms: i64, window: usize) -> Retention {
+        Retention {
+            now_ms,
+            dedup_ttl_ms: 1000,
+            history_window: window,
+        }
+    }
+
+    fn message(cmid: u8, sender: &str) -> pb::Message {
+        pb::Message {
+            conversation_id: "c".into(),
+            client_msg_id: vec![cmid; 16],
+            message_id: format!("m{cmid}"),
+            sender_user_id: sender.into(),
+            ..Default::default()
+        }
+    }
+
+    fn stored(a: Appended) -> pb::Message {
+        match a {
+            Appended::Stored(m) => m,
+            Appended::Duplicate(ack) => panic!("unexpected duplicate {ack:?}"),
+        }
+    }
+
+    #[test]
+    fn append_assigns_seq_dedups_and_trims_window() {
+        let mut s = MemoryStore::new();
+        for i in 1..=5u8 {
+            let m = stored(
+                s.append_message("c", message(i, "u"), &retention(0, 3))
+                    .unwrap(),
+            );
+            assert_eq!(m.seq, i as u64);
+        }
+        // Duplicate within TTL: original ack, no seq used.
+        match s
+            .append_message("c", message(2, "u"), &retention(999, 3))
+            .unwrap()
+        {
+            Appended::Duplicate(ack) => {
+                assert_eq!(ack.seq, 2);
+                assert_eq!(ack.message_id, "m2");
+            }
+            other => panic!("expected duplicate, got {other:?}"),
+        }
+        assert_eq!(s.last_seqs(&["c".into()]).unwrap(), vec![5]);
+        // After the TTL the same client_msg_id is a new message.
+        let m = stored(
+            s.append_message("c", message(2, "u"), &retention(1000, 3))
+                .unwrap(),
+        );
+        assert_eq!(m.seq, 6);
+        // Window of 3: seqs 4..=6 remain.
+        let all = s
+            .messages_after(&[RangeRead {
+                conversation_id: "c".into(),
+                after_seq: 0,
+                limit: 100,
+            }])
+            .unwrap();
+        let seqs: Vec<u64> = all[0].iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, vec![4, 5, 6]);
+    }
+
+    #[test]
+    fn ranges_before_and_after() {
+        let mut s = MemoryStore::new();
+        for i in 1..=10u8 {
+            let sender = if i % 2 == 0 { "even" } else { "odd" };
+            s.append_message("c", message(i, sender), &retention(0, 100))
+                .unwrap();
+        }
+        let after = s
+            .messages_after(&[
+                RangeRead {
+                    conversation_id: "c".into(),
+                    after_seq: 7,
+                    limit: 2,
+                },
+                RangeRead {
+                    conversation_id: "nope".into(),
+                    after_seq: 0,
+                    limit: 2,
+                },
+            ])
+            .unwrap();
+        assert_eq!(
+            after[0].iter().map(|m| m.seq).collect::<Vec<_>>(),
+            vec![8, 9]
+        );
+        assert!(after[1].is_empty());
+
+        let page = s.messages_before("c", 0, 3).unwrap();
+        assert_eq!(
+            page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            vec![8, 9, 10]
+        );
+        assert!(page.has_more);
+        let page = s.messages_before("c", 3, 5).unwrap();
+        assert_eq!(
+            page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        assert!(!page.has_more);
+
+        assert_eq!(s.senders_between("c", 1, 2).unwrap(), vec!["even"]);
+        assert_eq!(s.senders_between("c", 0, 10).unwrap(), vec!["even", "odd"]);
+        assert!(s.senders_between("c", 10, 12).unwrap().is_empty());
+    }
+
+    #[test]
+    fn sessions_replace_and_close_by_address() {
+        let mut s = MemoryStore::new();
+        let addr = |conn| SessionAddr {
+            gateway_id: "g".into(),
+            conn,
+        };
+        let session = |conn| Session {
+            user_id: "u".into(),
+            device_id: "d".into(),
+            addr: addr(conn),
+        };
+        let opened = s.open_session(&session(1)).unwrap();
+        assert!(opened.came_online);
+        assert_eq!(opened.replaced, None);
+        let opened = s.open_session(&session(2)).unwrap();
+        assert!(!opened.came_online);
+        assert_eq!(opened.replaced, Some(addr(1)));
+        // The replaced connection closing late removes nothing.
+        let closed = s.close_session(&session(1), 5).unwrap();
+        assert!(!closed.removed);
+        assert!(s.presence_of_users(&["u".into()]).unwrap()[0].online);
+        let closed = s.close_session(&session(2), 7).unwrap();
+        assert!(closed.removed && closed.went_offline);
+        assert_eq!(
+            s.presence_of_users(&["u".into()]).unwrap()[0],
+            UserPresence {
+                online: false,
+                last_seen_ms: 7
+            }
+        );
+    }
+
+    #[test]
+    fn watches_are_capped_all_or_nothing() {
+        let mut s = MemoryStore::new();
+        let w = SessionAddr {
+            gateway_id: "g".into(),
+            conn: 1,
+        };
+        let users = |r: std::ops::Range<u32>| r.map(|i| format!("u{i}")).collect::<Vec<_>>();
+        assert_eq!(
+            s.add_watches(&w, &users(0..3), 4).unwrap(),
+            WatchAdd::Added { watching: 3 }
+        );
+        // Re-watching counts once.
+        assert_eq!(
+            s.add_watches(&w, &users(1..4), 4).unwrap(),
+            WatchAdd::Added { watching: 4 }
+        );
+        assert_eq!(
+            s.add_watches(&w, &users(4..5), 4).unwrap(),
+            WatchAdd::LimitExceeded { watching: 4 }
+        );
+        assert!(s.watchers_of("u4").unwrap().is_empty());
+        s.remove_watches(&w, &users(0..1)).unwrap();
+        assert!(s.watchers_of("u0").unwrap().is_empty());
+        assert_eq!(s.watchers_of("u1").unwrap(), vec![w.clone()]);
+        s.drop_watches(&w).unwrap();
+        assert!(s.watchers_of("u1").unwrap().is_empty());
+    }
+
+    #[test]
+    fn push_marks_coalesce_until_cleared() {
+        let mut s = MemoryStore::new();
+        let users = vec!["a".to_string(), "b".to_string()];
+        assert_eq!(s.mark_push_pending("c", &users).unwrap(), vec![true, true]);
+        assert_eq!(
+            s.mark_push_pending("c", &users).unwrap(),
+            vec![false, false]
+        );
+        s.clear_push_pending("a", Some("c")).unwrap();
+        s.clear_push_pending("b", None).unwrap();
+        assert_eq!(s.mark_push_pending("c", &users).unwrap(), vec![true, true]);
+    }
+}

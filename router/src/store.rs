@@ -1,0 +1,334 @@
+//! The state the router keeps, as three small synchronous traits.
+//!
+//! [`crate::memory::MemoryStore`] implements them in memory for the embedded
+//! engine; the router tier implements them on Redis. The traits are shaped
+//! for Redis:
+//!
+//! - [`ConversationStore`] methods touch the keys of ONE conversation (the
+//!   Redis keys carry the conversation id as hash tag, so each call is one
+//!   slot and can be one Lua script / MULTI). The exceptions are the batch
+//!   reads that take a slice of conversation ids ([`ConversationStore::last_seqs`],
+//!   [`ConversationStore::messages_after`], [`ConversationStore::groups`]): one
+//!   pipelined round trip, any number of slots.
+//! - [`UserStore`] and [`SessionStore`] methods are keyed by user (or by a
+//!   watching connection); methods taking `&[String]` of users must be one
+//!   pipelined round trip, never one round trip per user: a group fan-out
+//!   looks up 1000 members in one call.
+//!
+//! Concurrency rule the implementations may rely on: commands for one
+//! conversation are processed by one router at a time, in order (Kafka
+//! partition by conversation id). Read-modify-write sequences the router does
+//! across several calls for one conversation (membership check, then change)
+//! are therefore safe. What each method says is atomic must be atomic anyway,
+//! because a rebalance may briefly let two routers overlap.
+//!
+//! Every method returns [`StoreResult`]; an error means "nothing reliable is
+//! known about whether the call took effect" (the router answers UNAVAILABLE
+//! or retries the whole command, and the per-conversation dedup keeps a retried
+//! `Send` from being stored twice).
+
+use palaver_protocol::pb;
+
+use crate::api::{Session, SessionAddr};
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store could not be reached or did not answer in time.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The store answered with data this code cannot interpret.
+    #[error("store data corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Limits applied when a message is appended (from `RouterConfig`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// Router time of the append, Unix epoch ms (dedup expiry is relative to it).
+    pub now_ms: i64,
+    /// How long a (conversation, client_msg_id) dedup entry lives.
+    pub dedup_ttl_ms: i64,
+    /// Messages kept per conversation: after an append only the newest
+    /// `history_window` messages remain readable.
+    pub history_window: usize,
+}
+
+/// Result of [`ConversationStore::append_message`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Appended {
+    /// The message was new: it got the next seq and is in the history.
+    Stored(pb::Message),
+    /// The (conversation, client_msg_id) was seen within the dedup TTL: here
+    /// is the ack the first copy got. Nothing was stored, no seq was used.
+    Duplicate(pb::SendAck),
+}
+
+/// One read of [`ConversationStore::messages_after`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RangeRead {
+    pub conversation_id: String,
+    /// Return messages with `seq > after_seq`.
+    pub after_seq: u64,
+    /// At most this many (the oldest ones of the range).
+    pub limit: usize,
+}
+
+/// Result of [`ConversationStore::messages_before`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HistorySlice {
+    /// Ascending by seq.
+    pub messages: Vec<pb::Message>,
+    /// Older messages than the first one returned exist in the stored window.
+    pub has_more: bool,
+}
+
+/// A group conversation as stored. Direct conversations (`dm:<a>:<b>`) are
+/// never stored as records: their members follow from the id.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupRecord {
+    pub conversation_id: String,
+    pub title: String,
+    /// Ascending by user id, each user at most once.
+    pub members: Vec<pb::Member>,
+    pub created_ms: i64,
+}
+
+/// Result of [`ConversationStore::membership`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Membership {
+    /// No group with that id exists.
+    NoSuchGroup,
+    /// The group exists; the user is not a member.
+    NotMember,
+    /// The user is a member with this role.
+    Member(pb::Role),
+}
+
+/// Per-conversation state: seq counter, dedup, history window, receipts,
+/// group records. All keys of one conversation share one Redis hash tag.
+pub trait ConversationStore {
+    /// Append one message, atomically (one Lua script in Redis):
+    ///
+    /// 1. If a dedup entry for (`conversation_id`, `message.client_msg_id`)
+    ///    exists and has not expired at `retention.now_ms`, return
+    ///    [`Appended::Duplicate`] with the stored ack and change nothing.
+    /// 2. Otherwise allocate `seq` = previous seq of the conversation + 1
+    ///    (first message gets 1; seqs are never reused, never skipped, even
+    ///    when the history window drops old messages), set `message.seq`,
+    ///    append the message to the history, drop messages beyond
+    ///    `retention.history_window` (oldest first), and store the ack
+    ///    (`client_msg_id`, `message_id`, `conversation_id`, `seq`,
+    ///    `server_time_ms`, all taken from the message) as dedup entry with
+    ///    TTL `retention.dedup_ttl_ms`. Return [`Appended::Stored`].
+    ///
+    /// The caller fills every other field of `message` (`message_id`,
+    /// sender, `server_time_ms`, ...); the store keeps it as given.
+    fn append_message(
+        &mut self,
+        conversation_id: &str,
+        message: pb::Message,
+        retention: &Retention,
+    ) -> StoreResult<Appended>;
+
+    /// The last allocated seq of each conversation (0 if none), in input
+    /// order. One pipelined round trip.
+    fn last_seqs(&mut self, conversation_ids: &[String]) -> StoreResult<Vec<u64>>;
+
+    /// For each read, the stored messages with `seq > after_seq`, ascending,
+    /// at most `limit` (the oldest of the range), in input order. Messages
+    /// that left the history window are simply absent. One pipelined round trip.
+    fn messages_after(&mut self, reads: &[RangeRead]) -> StoreResult<Vec<Vec<pb::Message>>>;
+
+    /// The newest `limit` stored messages with `seq < before_seq` (any seq if
+    /// `before_seq` is 0), returned ascending, and whether older ones exist in
+    /// the stored window.
+    fn messages_before(
+        &mut self,
+        conversation_id: &str,
+        before_seq: u64,
+        limit: usize,
+    ) -> StoreResult<HistorySlice>;
+
+    /// Distinct `sender_user_id`s of stored messages with
+    /// `after_seq < seq <= up_to_seq`, any order.
+    fn senders_between(
+        &mut self,
+        conversation_id: &str,
+        after_seq: u64,
+        up_to_seq: u64,
+    ) -> StoreResult<Vec<String>>;
+
+    /// Atomically raise the receipt mark of (`user_id`, `kind`) in the
+    /// conversation to `up_to_seq`, if that is higher than the stored mark
+    /// (0 when none). Returns `Some(previous mark)` if it was raised, `None`
+    /// (and no change) if `up_to_seq` is not higher.
+    fn advance_receipt(
+        &mut self,
+        conversation_id: &str,
+        user_id: &str,
+        kind: pb::ReceiptKind,
+        up_to_seq: u64,
+    ) -> StoreResult<Option<u64>>;
+
+    /// Create a group record, atomically, only if no group with that id
+    /// exists. Returns false (and changes nothing) if it exists.
+    fn create_group(&mut self, group: &GroupRecord) -> StoreResult<bool>;
+
+    /// The group records for these ids (`None` where no group exists), in
+    /// input order, members ascending by user id. One pipelined round trip.
+    fn groups(&mut self, conversation_ids: &[String]) -> StoreResult<Vec<Option<GroupRecord>>>;
+
+    /// One user's standing in one group, without loading the member list.
+    fn membership(&mut self, conversation_id: &str, user_id: &str) -> StoreResult<Membership>;
+
+    /// Change a group's member list, atomically: every `upsert` member is
+    /// added or gets the given role, then every user in `remove` is removed.
+    /// Does nothing if the group does not exist.
+    fn update_members(
+        &mut self,
+        conversation_id: &str,
+        upsert: &[pb::Member],
+        remove: &[String],
+    ) -> StoreResult<()>;
+
+    /// The group record for one id. Provided; implementations need not
+    /// override it.
+    fn group(&mut self, conversation_id: &str) -> StoreResult<Option<GroupRecord>> {
+        Ok(self.groups(&[conversation_id.to_owned()])?.pop().flatten())
+    }
+}
+
+/// Per-user state: the user's conversation list and pending push marks.
+pub trait UserStore {
+    /// Every conversation the user belongs to (direct conversations once
+    /// created or written to, groups while a member), any order.
+    fn conversations_of_user(&mut self, user_id: &str) -> StoreResult<Vec<String>>;
+
+    /// Add `conversation_id` to each user's list (idempotent). One pipelined
+    /// round trip.
+    fn add_conversation_to_users(
+        &mut self,
+        conversation_id: &str,
+        user_ids: &[String],
+    ) -> StoreResult<()>;
+
+    /// Remove `conversation_id` from each user's list (idempotent).
+    fn remove_conversation_from_users(
+        &mut self,
+        conversation_id: &str,
+        user_ids: &[String],
+    ) -> StoreResult<()>;
+
+    /// Mark a push as pending for each (user, `conversation_id`); per user,
+    /// `true` if it was not pending before (the caller emits a push event
+    /// exactly for those), in input order. Marks have no TTL; they are
+    /// cleared by [`UserStore::clear_push_pending`].
+    fn mark_push_pending(
+        &mut self,
+        conversation_id: &str,
+        user_ids: &[String],
+    ) -> StoreResult<Vec<bool>>;
+
+    /// Clear the user's pending push mark for one conversation, or for all of
+    /// them when `conversation_id` is `None`.
+    fn clear_push_pending(
+        &mut self,
+        user_id: &str,
+        conversation_id: Option<&str>,
+    ) -> StoreResult<()>;
+}
+
+/// One registered connection of a user.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct DeviceSession {
+    pub device_id: String,
+    pub addr: SessionAddr,
+}
+
+/// Result of [`SessionStore::open_session`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionOpened {
+    /// The address the same (user, device) was registered at before, if it
+    /// was a different one (that connection must get `GoAway(REPLACED)`).
+    pub replaced: Option<SessionAddr>,
+    /// The user had no session before this one.
+    pub came_online: bool,
+}
+
+/// Result of [`SessionStore::close_session`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionClosed {
+    /// The session was registered at this address and has been removed.
+    pub removed: bool,
+    /// It was the user's last session; `last_seen_ms` was set.
+    pub went_offline: bool,
+}
+
+/// A user's presence as the store knows it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UserPresence {
+    /// The user has at least one registered session.
+    pub online: bool,
+    /// When the user's last session closed; 0 when online or never seen.
+    pub last_seen_ms: i64,
+}
+
+/// Result of [`SessionStore::add_watches`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WatchAdd {
+    /// All users are now watched; this many distinct users in total.
+    Added { watching: usize },
+    /// Watching them would exceed the cap; nothing changed.
+    LimitExceeded { watching: usize },
+}
+
+/// Session registry (user → device → address), last-seen, and presence
+/// watches (watching connection → watched users, and the reverse index).
+pub trait SessionStore {
+    /// Register `session`, atomically per user: the (user, device) now maps
+    /// to `session.addr`. Reports the previous address if it was different
+    /// and whether the user had no session before. Re-registering the same
+    /// address changes nothing and reports neither.
+    fn open_session(&mut self, session: &Session) -> StoreResult<SessionOpened>;
+
+    /// Unregister `session`, atomically per user, ONLY if its (user, device)
+    /// is still registered at `session.addr` (a replaced connection closing
+    /// late must not remove its replacement). If that removed the user's
+    /// last session, set the user's last-seen to `at_ms`.
+    fn close_session(&mut self, session: &Session, at_ms: i64) -> StoreResult<SessionClosed>;
+
+    /// Every registered session of each user, in input order (an empty list
+    /// for users without sessions). One pipelined round trip for all users.
+    /// Implementations may leave out sessions on gateways known to be dead.
+    fn sessions_of_users(&mut self, user_ids: &[String]) -> StoreResult<Vec<Vec<DeviceSession>>>;
+
+    /// Presence of each user, in input order. One pipelined round trip.
+    fn presence_of_users(&mut self, user_ids: &[String]) -> StoreResult<Vec<UserPresence>>;
+
+    /// Let `watcher` watch these users, all or nothing: if the number of
+    /// distinct users `watcher` would watch afterwards exceeds `max`, change
+    /// nothing and return [`WatchAdd::LimitExceeded`].
+    fn add_watches(
+        &mut self,
+        watcher: &SessionAddr,
+        user_ids: &[String],
+        max: usize,
+    ) -> StoreResult<WatchAdd>;
+
+    /// Stop `watcher` watching these users (idempotent).
+    fn remove_watches(&mut self, watcher: &SessionAddr, user_ids: &[String]) -> StoreResult<()>;
+
+    /// Stop `watcher` watching anyone (its connection closed).
+    fn drop_watches(&mut self, watcher: &SessionAddr) -> StoreResult<()>;
+
+    /// Every connection watching `user_id`, any order.
+    fn watchers_of(&mut self, user_id: &str) -> StoreResult<Vec<SessionAddr>>;
+}
+
+/// Everything the router needs; implemented for any type implementing the
+/// three parts.
+pub trait Store: ConversationStore + UserStore + SessionStore {}
+
+impl<T: ConversationStore + UserStore + SessionStore> Store for T {}

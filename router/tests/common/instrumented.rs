@@ -1,0 +1,132 @@
+//! A store wrapper that counts calls per method (to check batch-friendliness:
+//! no per-recipient round trips) and can be told to fail.
+
+use std::collections::HashMap;
+
+use palaver_protocol::pb;
+use palaver_router::store::*;
+use palaver_router::{MemoryStore, Session, SessionAddr};
+
+#[derive(Default)]
+pub struct Instrumented {
+    pub inner: MemoryStore,
+    pub calls: HashMap<&'static str, usize>,
+    /// When set, every call fails with `StoreError::Unavailable`.
+    pub failing: bool,
+}
+
+impl Instrumented {
+    fn call(&mut self, name: &'static str) -> StoreResult<&mut MemoryStore> {
+        *self.calls.entry(name).or_default() += 1;
+        if self.failing {
+            return Err(StoreError::Unavailable("test says so".into()));
+        }
+        Ok(&mut self.inner)
+    }
+
+    pub fn count(&self, name: &str) -> usize {
+        self.calls.get(name).copied().unwrap_or(0)
+    }
+
+    pub fn total(&self) -> usize {
+        self.calls.values().sum()
+    }
+}
+
+impl ConversationStore for Instrumented {
+    fn append_message(&mut self, c: &str, m: pb::Message, r: &Retention) -> StoreResult<Appended> {
+        self.call("append_message")?.append_message(c, m, r)
+    }
+    fn last_seqs(&mut self, ids: &[String]) -> StoreResult<Vec<u64>> {
+        self.call("last_seqs")?.last_seqs(ids)
+    }
+    fn messages_after(&mut self, reads: &[RangeRead]) -> StoreResult<Vec<Vec<pb::Message>>> {
+        self.call("messages_after")?.messages_after(reads)
+    }
+    fn messages_before(&mut self, c: &str, before: u64, limit: usize) -> StoreResult<HistorySlice> {
+        self.call("messages_before")?
+            .messages_before(c, before, limit)
+    }
+    fn senders_between(&mut self, c: &str, a: u64, b: u64) -> StoreResult<Vec<String>> {
+        self.call("senders_between")?.senders_between(c, a, b)
+    }
+    fn advance_receipt(
+        &mut self,
+        c: &str,
+        u: &str,
+        k: pb::ReceiptKind,
+        s: u64,
+    ) -> StoreResult<Option<u64>> {
+        self.call("advance_receipt")?.advance_receipt(c, u, k, s)
+    }
+    fn create_group(&mut self, g: &GroupRecord) -> StoreResult<bool> {
+        self.call("create_group")?.create_group(g)
+    }
+    fn groups(&mut self, ids: &[String]) -> StoreResult<Vec<Option<GroupRecord>>> {
+        self.call("groups")?.groups(ids)
+    }
+    fn membership(&mut self, c: &str, u: &str) -> StoreResult<Membership> {
+        self.call("membership")?.membership(c, u)
+    }
+    fn update_members(
+        &mut self,
+        c: &str,
+        upsert: &[pb::Member],
+        remove: &[String],
+    ) -> StoreResult<()> {
+        self.call("update_members")?
+            .update_members(c, upsert, remove)
+    }
+}
+
+impl UserStore for Instrumented {
+    fn conversations_of_user(&mut self, u: &str) -> StoreResult<Vec<String>> {
+        self.call("conversations_of_user")?.conversations_of_user(u)
+    }
+    fn add_conversation_to_users(&mut self, c: &str, users: &[String]) -> StoreResult<()> {
+        self.call("add_conversation_to_users")?
+            .add_conversation_to_users(c, users)
+    }
+    fn remove_conversation_from_users(&mut self, c: &str, users: &[String]) -> StoreResult<()> {
+        self.call("remove_conversation_from_users")?
+            .remove_conversation_from_users(c, users)
+    }
+    fn mark_push_pending(&mut self, c: &str, users: &[String]) -> StoreResult<Vec<bool>> {
+        self.call("mark_push_pending")?.mark_push_pending(c, users)
+    }
+    fn clear_push_pending(&mut self, u: &str, c: Option<&str>) -> StoreResult<()> {
+        self.call("clear_push_pending")?.clear_push_pending(u, c)
+    }
+}
+
+impl SessionStore for Instrumented {
+    fn open_session(&mut self, s: &Session) -> StoreResult<SessionOpened> {
+        self.call("open_session")?.open_session(s)
+    }
+    fn close_session(&mut self, s: &Session, at: i64) -> StoreResult<SessionClosed> {
+        self.call("close_session")?.close_session(s, at)
+    }
+    fn sessions_of_users(&mut self, users: &[String]) -> StoreResult<Vec<Vec<DeviceSession>>> {
+        self.call("sessions_of_users")?.sessions_of_users(users)
+    }
+    fn presence_of_users(&mut self, users: &[String]) -> StoreResult<Vec<UserPresence>> {
+        self.call("presence_of_users")?.presence_of_users(users)
+    }
+    fn add_watches(
+        &mut self,
+        w: &SessionAddr,
+        users: &[String],
+        max: usize,
+    ) -> StoreResult<WatchAdd> {
+        self.call("add_watches")?.add_watches(w, users, max)
+    }
+    fn remove_watches(&mut self, w: &SessionAddr, users: &[String]) -> StoreResult<()> {
+        self.call("remove_watches")?.remove_watches(w, users)
+    }
+    fn drop_watches(&mut self, w: &SessionAddr) -> StoreResult<()> {
+        self.call("drop_watches")?.drop_watches(w)
+    }
+    fn watchers_of(&mut self, u: &str) -> StoreResult<Vec<SessionAddr>> {
+        self.call("watchers_of")?.watchers_of(u)
+    }
+}

@@ -1,0 +1,315 @@
+//! The embedded engine through the `Backend` trait, as a gateway uses it:
+//! frames arrive on the gateways' sinks from the engine's worker thread.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use palaver_protocol::pb::{self, frame::Body, ErrorCode};
+use palaver_router::{
+    Backend, DeliverySink, EmbeddedConfig, EmbeddedEngine, ManualClock, Outbound, PushEvent,
+    PushSink, Session,
+};
+
+const DEADLINE: Duration = Duration::from_secs(20);
+const DM: &str = "dm:alice:bob";
+
+/// Items delivered from the engine's thread, with a way to await them.
+struct Collected<T> {
+    items: Mutex<Vec<T>>,
+    changed: Condvar,
+}
+
+impl<T> Default for Collected<T> {
+    fn default() -> Self {
+        Self {
+            items: Mutex::new(Vec::new()),
+            changed: Condvar::new(),
+        }
+    }
+}
+
+impl<T: std::fmt::Debug> Collected<T> {
+    fn add(&self, batch: Vec<T>) {
+        self.items.lock().unwrap().extend(batch);
+        self.changed.notify_all();
+    }
+
+    /// Wait (with a deadline) until `check` finds what it looks for.
+    fn wait_for<R>(&self, what: &str, mut check: impl FnMut(&[T]) -> Option<R>) -> R {
+        let deadline = Instant::now() + DEADLINE;
+        let mut items = self.items.lock().unwrap();
+        loop {
+            if let Some(found) = check(&items) {
+                return found;
+            }
+            let now = Instant::now();
+            assert!(
+                now < deadline,
+                "timed out waiting for {what}; have {:?}",
+                *items
+            );
+            items = self.changed.wait_timeout(items, deadline - now).unwrap().0;
+        }
+    }
+}
+
+/// A gateway's sink that keeps every frame.
+type CollectSink = Collected<Outbound>;
+
+impl DeliverySink for CollectSink {
+    fn deliver(&self, batch: Vec<Outbound>) {
+        self.add(batch);
+    }
+}
+
+impl CollectSink {
+    /// Wait for the response to `request_id` on `conn`.
+    fn reply(&self, conn: u64, request_id: u32) -> pb::Frame {
+        self.wait_for(&format!("reply {request_id} on conn {conn}"), |frames| {
+            frames
+                .iter()
+                .find(|o| o.conn == conn && o.frame.request_id == request_id)
+                .map(|o| o.frame.clone())
+        })
+    }
+
+    fn frames_for(&self, conn: u64) -> Vec<pb::Frame> {
+        self.items
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|o| o.conn == conn)
+            .map(|o| o.frame.clone())
+            .collect()
+    }
+}
+
+#[derive(Clone, Default)]
+struct CollectPush(Arc<Collected<PushEvent>>);
+
+impl PushSink for CollectPush {
+    fn push(&mut self, events: Vec<PushEvent>) {
+        self.0.add(events);
+    }
+}
+
+struct Setup {
+    engine: EmbeddedEngine,
+    g1: Arc<CollectSink>,
+    g2: Arc<CollectSink>,
+    pushes: CollectPush,
+}
+
+fn setup(config: EmbeddedConfig) -> Setup {
+    let pushes = CollectPush::default();
+    let engine = EmbeddedEngine::with_parts(
+        config,
+        Arc::new(ManualClock::new(1_700_000_000_000)),
+        pushes.clone(),
+    );
+    let g1 = Arc::new(CollectSink::default());
+    let g2 = Arc::new(CollectSink::default());
+    engine.start("g1", g1.clone()).unwrap();
+    engine.start("g2", g2.clone()).unwrap();
+    Setup {
+        engine,
+        g1,
+        g2,
+        pushes,
+    }
+}
+
+fn open(engine: &EmbeddedEngine, user: &str, device: &str, gateway: &str, conn: u64) -> Session {
+    let s = session(user, device, gateway, conn);
+    engine.session_opened(&s);
+    s
+}
+
+#[test]
+fn send_across_two_gateways_acks_and_delivers() {
+    let t = setup(EmbeddedConfig::default());
+    let alice = open(&t.engine, "alice", "phone", "g1", 1);
+    open(&t.engine, "alice", "laptop", "g1", 2);
+    open(&t.engine, "bob", "phone", "g2", 7);
+
+    t.engine
+        .submit(request(&alice, 11, send_body(DM, 1, "hello bob")));
+    let a = t.g1.reply(1, 11);
+    assert_eq!(ack(&a).expect("SendAck").seq, 1);
+    let bob_got = t.g2.wait_for("deliver to bob", |frames| {
+        frames
+            .iter()
+            .find(|o| o.conn == 7)
+            .and_then(|o| delivered(&o.frame).cloned())
+    });
+    assert_eq!(bob_got.body, b"hello bob");
+    assert_eq!(bob_got.sender_user_id, "alice");
+    t.g1.wait_for("deliver to alice's laptop", |frames| {
+        frames
+            .iter()
+            .find(|o| o.conn == 2 && delivered(&o.frame).is_some())
+            .map(|_| ())
+    });
+    // The sending connection got only its ack.
+    assert_eq!(t.g1.frames_for(1).len(), 1);
+    assert!(t.pushes.0.items.lock().unwrap().is_empty());
+}
+
+#[test]
+fn group_of_1000_across_gateways_delivers_each_member_exactly_once() {
+    let t = setup(EmbeddedConfig::default());
+    let creator = open(&t.engine, "m0000", "phone", "g1", 0);
+    let members: Vec<String> = (1..1000).map(|i| format!("m{i:04}")).collect();
+    for (i, m) in members.iter().enumerate() {
+        let gateway = if i % 2 == 0 { "g1" } else { "g2" };
+        open(&t.engine, m, "phone", gateway, i as u64 + 1);
+    }
+    let refs: Vec<&str> = members.iter().map(String::as_str).collect();
+    t.engine
+        .submit(request(&creator, 1, create_group_body("all hands", &refs)));
+    let group = match t.g1.reply(0, 1).body {
+        Some(Body::ConversationCreated(c)) => c.conversation.unwrap().conversation_id,
+        other => panic!("expected ConversationCreated, got {other:?}"),
+    };
+    t.engine
+        .submit(request(&creator, 2, send_body(&group, 1, "hi all")));
+    assert_eq!(ack(&t.g1.reply(0, 2)).unwrap().seq, 1);
+    // The engine is FIFO: once the answer to a later request is there,
+    // everything the send produced has been delivered.
+    t.engine.submit(request(
+        &creator,
+        3,
+        Body::PresenceQuery(pb::PresenceQuery::default()),
+    ));
+    t.g1.reply(0, 3);
+
+    let mut deliveries: HashMap<(String, u64), usize> = HashMap::new();
+    for (name, sink) in [("g1", &t.g1), ("g2", &t.g2)] {
+        for o in sink.items.lock().unwrap().iter() {
+            if let Some(m) = delivered(&o.frame) {
+                assert_eq!(m.conversation_id, group);
+                *deliveries.entry((name.to_string(), o.conn)).or_default() += 1;
+            }
+        }
+    }
+    assert_eq!(deliveries.len(), 999);
+    assert!(deliveries.values().all(|n| *n == 1));
+    assert!(!deliveries.contains_key(&("g1".to_string(), 0)));
+}
+
+#[test]
+fn reconnect_on_another_gateway_replaces_the_old_connection() {
+    let t = setup(EmbeddedConfig::default());
+    let old = open(&t.engine, "bob", "phone", "g1", 5);
+    let new = open(&t.engine, "bob", "phone", "g2", 6);
+    let go_away = t.g1.wait_for("GoAway on the old connection", |frames| {
+        frames.iter().find(|o| o.conn == 5).cloned()
+    });
+    assert!(go_away.closes_connection());
+    match go_away.frame.body {
+        Some(Body::GoAway(g)) => assert_eq!(g.reason, pb::GoAwayReason::Replaced as i32),
+        other => panic!("expected GoAway, got {other:?}"),
+    }
+    // The old connection's late close does not unregister the new one.
+    t.engine.session_closed(&old, 1);
+    let alice = open(&t.engine, "alice", "phone", "g1", 1);
+    t.engine
+        .submit(request(&alice, 1, send_body(DM, 1, "still there?")));
+    t.g2.wait_for("deliver on the new connection", |frames| {
+        frames
+            .iter()
+            .find(|o| o.conn == new.addr.conn && delivered(&o.frame).is_some())
+            .map(|_| ())
+    });
+    assert!(t.pushes.0.items.lock().unwrap().is_empty());
+}
+
+#[test]
+fn offline_recipient_gets_one_push_event() {
+    let t = setup(EmbeddedConfig::default());
+    let alice = open(&t.engine, "alice", "phone", "g1", 1);
+    t.engine
+        .submit(request(&alice, 1, send_body(DM, 1, "wake up")));
+    t.engine
+        .submit(request(&alice, 2, send_body(DM, 2, "are you there")));
+    t.g1.reply(1, 2);
+    // Output is flushed pushes first: once the reply is here, so are the
+    // pushes of both sends.
+    let pushes = t.pushes.0.items.lock().unwrap().clone();
+    assert_eq!(pushes.len(), 1, "{pushes:?}");
+    assert_eq!(pushes[0].user_id, "bob");
+    assert_eq!(pushes[0].seq, 1);
+}
+
+#[test]
+fn presence_events_cross_gateways() {
+    let t = setup(EmbeddedConfig::default());
+    let watcher = open(&t.engine, "watcher", "phone", "g1", 1);
+    t.engine.submit(request(
+        &watcher,
+        4,
+        Body::PresenceSubscribe(pb::PresenceSubscribe {
+            user_ids: vec!["bob".into()],
+            unsubscribe: false,
+        }),
+    ));
+    t.g1.reply(1, 4);
+    let bob = open(&t.engine, "bob", "phone", "g2", 9);
+    t.engine.session_closed(&bob, 1234);
+    let events = t.g1.wait_for("online and offline events", |frames| {
+        let events: Vec<(bool, i64)> = frames
+            .iter()
+            .filter_map(|o| match &o.frame.body {
+                Some(Body::PresenceEvent(pb::PresenceEvent { presence: Some(p) })) => {
+                    Some((p.online, p.last_seen_ms))
+                }
+                _ => None,
+            })
+            .collect();
+        (events.len() == 2).then_some(events)
+    });
+    assert_eq!(events, [(true, 0), (false, 1234)]);
+}
+
+#[test]
+fn overload_is_answered_unavailable_at_once() {
+    let t = setup(EmbeddedConfig {
+        max_queued_requests: 0,
+        ..EmbeddedConfig::default()
+    });
+    let alice = open(&t.engine, "alice", "phone", "g1", 1);
+    t.engine.submit(request(&alice, 8, send_body(DM, 3, "x")));
+    let e = t.g1.reply(1, 8);
+    let e = error(&e).expect("Error");
+    assert_eq!(e.code, ErrorCode::Unavailable as u32);
+    assert_eq!(e.client_msg_id, cmid(3));
+}
+
+#[test]
+fn shutdown_flushes_queued_work_then_refuses() {
+    let t = setup(EmbeddedConfig::default());
+    let alice = open(&t.engine, "alice", "phone", "g1", 1);
+    for n in 1..=200 {
+        t.engine
+            .submit(request(&alice, n, send_body(DM, n, "queued")));
+    }
+    t.engine.shutdown();
+    // Every queued request was answered before shutdown returned.
+    let acks =
+        t.g1.frames_for(1)
+            .iter()
+            .filter(|f| ack(f).is_some())
+            .count();
+    assert_eq!(acks, 200);
+
+    t.engine
+        .submit(request(&alice, 999, send_body(DM, 999, "late")));
+    let e = t.g1.reply(1, 999);
+    assert_eq!(error(&e).unwrap().code, ErrorCode::Unavailable as u32);
+    assert!(t.engine.start("g3", t.g2.clone()).is_err());
+    t.engine.shutdown(); // idempotent
+}

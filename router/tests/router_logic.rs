@@ -1,0 +1,1404 @@
+//! The router logic, driven directly (no threads) over the in-memory store
+//! wrapped in a call counter.
+
+mod common;
+#[path = "common/instrumented.rs"]
+mod instrumented;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use common::*;
+use instrumented::Instrumented;
+use palaver_protocol::pb::{self, frame::Body, ErrorCode};
+use palaver_router::{
+    direct_conversation_id, Command, ManualClock, Output, Router, RouterConfig, Session,
+    SessionAddr,
+};
+
+const T0: i64 = 1_700_000_000_000;
+const DM: &str = "dm:alice:bob";
+
+struct Harness {
+    router: Router<Instrumented>,
+    clock: Arc<ManualClock>,
+}
+
+impl Harness {
+    fn new() -> Self {
+        Self::with_config(RouterConfig::default())
+    }
+
+    fn with_config(config: RouterConfig) -> Self {
+        let clock = Arc::new(ManualClock::new(T0));
+        Self {
+            router: Router::new(Instrumented::default(), config, clock.clone()),
+            clock,
+        }
+    }
+
+    fn run(&mut self, command: Command) -> Output {
+        let mut out = Output::default();
+        self.router
+            .handle(&command, &mut out)
+            .expect("memory store does not fail");
+        out
+    }
+
+    fn req(&mut self, from: &Session, request_id: u32, body: Body) -> Output {
+        self.run(Command::Request(request(from, request_id, body)))
+    }
+
+    fn open(&mut self, user: &str, device: &str, conn: u64) -> Session {
+        let s = session(user, device, "g1", conn);
+        self.run(Command::SessionOpened(s.clone()));
+        s
+    }
+
+    fn close(&mut self, s: &Session, at_ms: i64) -> Output {
+        self.run(Command::SessionClosed {
+            session: s.clone(),
+            at_ms,
+        })
+    }
+
+    fn send(&mut self, from: &Session, conversation_id: &str, n: u32) -> Output {
+        self.req(
+            from,
+            n,
+            send_body(conversation_id, n, &format!("message {n}")),
+        )
+    }
+
+    fn create_group(&mut self, creator: &Session, members: &[&str]) -> String {
+        let out = self.req(creator, 77, create_group_body("team", members));
+        let frame = reply_to(&out, creator, 77);
+        match &frame.body {
+            Some(Body::ConversationCreated(c)) => {
+                c.conversation.as_ref().unwrap().conversation_id.clone()
+            }
+            other => panic!("expected ConversationCreated, got {other:?}"),
+        }
+    }
+
+    fn calls(&self) -> &Instrumented {
+        self.router.store()
+    }
+}
+
+/// All frames addressed to `addr`, in order.
+fn to<'a>(out: &'a Output, addr: &SessionAddr) -> Vec<&'a pb::Frame> {
+    out.frames
+        .iter()
+        .filter(|f| f.to == *addr)
+        .map(|f| &f.frame)
+        .collect()
+}
+
+/// The single frame for the requester, which must echo `request_id`.
+fn reply_to<'a>(out: &'a Output, s: &Session, request_id: u32) -> &'a pb::Frame {
+    let frames = to(out, &s.addr);
+    assert_eq!(
+        frames.len(),
+        1,
+        "expected one frame to {s:?}, got {frames:?}"
+    );
+    assert_eq!(frames[0].request_id, request_id);
+    frames[0]
+}
+
+/// The request failed with `code` and produced nothing else.
+fn assert_error(out: &Output, s: &Session, request_id: u32, code: ErrorCode) -> pb::Error {
+    assert_eq!(
+        out.frames.len(),
+        1,
+        "expected only an error, got {:?}",
+        out.frames
+    );
+    assert!(out.pushes.is_empty());
+    let e = error(reply_to(out, s, request_id))
+        .unwrap_or_else(|| panic!("expected Error {code:?}, got {:?}", out.frames))
+        .clone();
+    assert_eq!(e.code, code as u32, "{e:?}");
+    assert!(!e.message.is_empty());
+    e
+}
+
+fn seqs(messages: &[pb::Message]) -> Vec<u64> {
+    messages.iter().map(|m| m.seq).collect()
+}
+
+// ---- Send / deliver ------------------------------------------------------
+
+#[test]
+fn direct_send_acks_sender_and_delivers_to_other_devices() {
+    let mut h = Harness::new();
+    let alice_phone = h.open("alice", "phone", 1);
+    let alice_laptop = h.open("alice", "laptop", 2);
+    let bob = h.open("bob", "phone", 3);
+
+    let out = h.send(&alice_phone, DM, 5);
+    let a = ack(reply_to(&out, &alice_phone, 5)).expect("SendAck");
+    assert_eq!(a.seq, 1);
+    assert_eq!(a.client_msg_id, cmid(5));
+    assert_eq!(a.conversation_id, DM);
+    assert_eq!(a.server_time_ms, T0);
+    assert!(!a.message_id.is_empty());
+
+    for s in [&alice_laptop, &bob] {
+        let frames = to(&out, &s.addr);
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0].request_id, 0);
+        let m = delivered(frames[0]).expect("Deliver");
+        assert_eq!(m.seq, 1);
+        assert_eq!(m.message_id, a.message_id);
+        assert_eq!(m.sender_user_id, "alice");
+        assert_eq!(m.sender_device_id, "phone");
+        assert_eq!(m.body, b"message 5");
+        assert_eq!(m.client_msg_id, cmid(5));
+        assert_eq!(m.server_time_ms, T0);
+    }
+    assert_eq!(out.frames.len(), 3);
+    assert!(out.pushes.is_empty());
+
+    // Bob answers: alice's two devices get it.
+    let out = h.send(&bob, DM, 6);
+    assert_eq!(ack(reply_to(&out, &bob, 6)).unwrap().seq, 2);
+    assert_eq!(to(&out, &alice_phone.addr).len(), 1);
+    assert_eq!(to(&out, &alice_laptop.addr).len(), 1);
+}
+
+#[test]
+fn direct_conversation_lists_for_both_users_after_first_message() {
+    let mut h = Harness::new();
+    let alice = h.open("alice", "phone", 1);
+    let bob = h.open("bob", "phone", 2);
+    h.send(&alice, DM, 1);
+    for s in [&alice, &bob] {
+        let out = h.req(s, 3, Body::Sync(pb::Sync::default()));
+        let Some(Body::SyncBatch(batch)) = &reply_to(&out, s, 3).body else {
+            panic!("expected SyncBatch");
+        };
+        assert_eq!(batch.conversations.len(), 1);
+        let c = &batch.conversations[0];
+        assert_eq!(c.conversation_id, DM);
+        assert_eq!(c.kind, pb::ConversationKind::Direct as i32);
+        assert_eq!(c.last_seq, 1);
+        let members: Vec<&str> = c.members.iter().map(|m| m.user_id.as_str()).collect();
+        assert_eq!(members, ["alice", "bob"]);
+        assert_eq!(seqs(&batch.messages), [1]);
+    }
+}
+
+#[test]
+fn duplicate_send_gets_original_ack_and_is_not_stored_or_delivered() {
+    let mut h = Harness::new();
+    let alice = h.open("alice", "phone", 1);
+    let bob = h.open("bob", "phone", 2);
+    let first = h.send(&alice, DM, 9);
+    let original = ack(reply_to(&first, &alice, 9)).unwrap().clone();
+
+    h.clock.advance(60_000);
+    let again = h.req(&alice, 10, send_body(DM, 9, "different body, same id"));
+    assert_eq!(ack(reply_to(&again, &alice, 10)).unwrap(), &original);
+    assert!(
+        to(&again, &bob.addr).is_empty(),
+        "duplicate delivered again"
+    );
+
+    // The next new message is seq 2: the duplicate used no seq.
+    let next = h.send(&alice, DM, 11);
+    assert_eq!(ack(reply_to(&next, &alice, 11)).unwrap().seq, 2);
+    let out = h.req(
+        &bob,
+        1,
+        Body::History(pb::History {
+            conversation_id: DM.into(),
+            ..Default::default()
+        }),
+    );
+    let Some(Body::HistoryPage(page)) = &reply_to(&out, &bob, 1).body else {
+        panic!("expected HistoryPage");
+    };
+    assert_eq!(seqs(&page.messages), [1, 2]);
+    assert_eq!(page.messages[0].body, b"message 9");
+
+    // After 24 h the id is forgotten: a new message.
+    h.clock.advance(24 * 60 * 60 * 1000);
+    let late = h.send(&alice, DM, 9);
+    assert_eq!(ack(reply_to(&late, &alice, 9)).unwrap().seq, 3);
+}
+
+#[test]
+fn seqs_are_gapless_and_delivered_in_order_under_many_sends() {
+    let mut h = Harness::new();
+    let alice = h.open("alice", "phone", 1);
+    let bob = h.open("bob", "phone", 2);
+    let carol = h.open("carol", "phone", 3);
+    let group = h.create_group(&alice, &["bob", "carol"]);
+    let mut carol_seen = Vec::new();
+    let mut message_ids = std::collections::HashSet::new();
+    for n in 1..=2000u32 {
+        let from = if n % 2 == 0 { &alice } else { &bob };
+        let out = h.send(from, &group, n);
+        let a = ack(reply_to(&out, from, n)).unwrap();
+        assert_eq!(a.seq, n as u64);
+        assert!(
+            message_ids.insert(a.message_id.clone()),
+            "message id reused"
+        );
+        carol_seen.extend(
+            to(&out, &carol.addr)
+                .iter()
+                .map(|f| delivered(f).unwrap().seq),
+        );
+    }
+    assert_eq!(carol_seen, (1..=2000).collect::<Vec<u64>>());
+}
+
+#[test]
+fn group_fan_out_to_1000_members_delivers_each_exactly_once_in_one_lookup() {
+    let mut h = Harness::new();
+    let creator = h.open("u0000", "phone", 0);
+    let creator_tablet = h.open("u0000", "tablet", 10_000);
+    let others: Vec<String> = (1..1000).map(|i| format!("u{i:04}")).collect();
+    let mut sessions = Vec::new();
+    for (i, user) in others.iter().enumerate() {
+        // Every tenth member is offline.
+        if i % 10 != 0 {
+            sessions.push(h.open(user, "phone", i as u64 + 1));
+        }
+    }
+    let refs: Vec<&str> = others.iter().map(String::as_str).collect();
+    let group = h.create_group(&creator, &refs);
+
+    let lookups_before = h.calls().count("sessions_of_users");
+    let calls_before = h.calls().total();
+    let out = h.send(&creator, &group, 1);
+    assert_eq!(h.calls().count("sessions_of_users"), lookups_before + 1);
+    // Constant store calls per send, whatever the group size.
+    assert!(
+        h.calls().total() - calls_before <= 6,
+        "{:?}",
+        h.calls().calls
+    );
+
+    let mut per_conn: HashMap<u64, usize> = HashMap::new();
+    for f in &out.frames {
+        if let Some(m) = delivered(&f.frame) {
+            assert_eq!(m.seq, 1);
+            *per_conn.entry(f.to.conn).or_default() += 1;
+        }
+    }
+    assert_eq!(per_conn.len(), sessions.len() + 1);
+    assert!(per_conn.values().all(|n| *n == 1));
+    for s in &sessions {
+        assert_eq!(per_conn.get(&s.addr.conn), Some(&1), "{s:?}");
+    }
+    assert_eq!(per_conn.get(&creator_tablet.addr.conn), Some(&1));
+    assert!(!per_conn.contains_key(&creator.addr.conn));
+    // The 100 offline members get one push each.
+    assert_eq!(out.pushes.len(), 100);
+    assert!(out
+        .pushes
+        .iter()
+        .all(|p| p.conversation_id == group && p.seq == 1));
+}
+
+#[test]
+fn pushes_are_coalesced_until_connect_or_receipt() {
+    let mut h = Harness::new();
+    let alice = h.open("alice", "phone", 1);
+    let out = h.send(&alice, DM, 1);
+    assert_eq!(out.pushes.len(), 1);
+    assert_eq!(out.pushes[0].user_id, "bob");
+    assert_eq!(out.pushes[0].sender_user_id, "alice");
+    assert!(
+        h.send(&alice, DM, 2).pushes.is_empty(),
+        "second push not coalesced"
+    );
+
+    // Bob connects and leaves again: the next message pushes again.
+    let bob = h.open("bob", "phone", 2);
+    h.close(&bob, T0 + 5);
+    assert_eq!(h.send(&alice, DM, 3).pushes.len(), 1);
+    assert!(h.send(&alice, DM, 4).pushes.is_empty());
+
+    // A receipt (from another device session that then closes) clears it too.
+    let bob = h.open("bob", "tablet", 3);
+    h.close(&bob, T0 + 6);
+    h.send(&alice, DM, 5);
+    h.req(
+        &bob,
+        1,
+        Body::Receipt(pb::Receipt {
+            conversation_id: DM.into(),
+            kind: pb::ReceiptKind::Delivered as i32,
+            up_to_seq: 5,
+        }),
+    );
+    assert_eq!(h.send(&alice, DM, 6).pushes.len(), 1);
+    // The sender never gets a push for her own message.
+    let out = h.send(&alice, DM, 7);
+    assert!(out.pushes.iter().all(|p| p.user_id != "alice"));
+}
+
+// ---- Authorization -------------------------------------------------------
+
+#[test]
+fn membership_is_enforced() {
+    let mut h = Harness::new();
+    let alice = h.open("alice", "phone", 1);
+    let mallory = h.open("mallory", "phone", 2);
+    let group = h.create_group(&alice, &["bob"]);
+
+    let e = assert_error(
+        &h.send(&mallory, &group, 1),
+        &mallory,
+        1,
+        ErrorCode::Forbidden,
+    );
+    assert_eq!(e.client_msg_id, cmid(1));
+    assert_error(&h.send(&mallory, DM, 2), &mallory, 2, ErrorCode::Forbidden);
+    let e = assert_error(
+        &h.send(&mallory, "grp:nope", 3),
+        &mallory,
+        3,
+        ErrorCode::NotFound,
+    );
+    assert_eq!(e.client_msg_id, cmid(3));
+
+    let typing = Body::Typing(pb::Typing {
+        conversation_id: group.clone(),
+        active: true,
+        user_id: String::new(),
+    });
+    assert_error(
+        &h.req(&mallory, 4, typing),
+        &mallory,
+        4,
+        ErrorCode::Forbidden,
+    );
+    let history = Body::History(pb::History {
+        conversation_id: group.clone(),
+        ..Default::default()
+    });
+    assert_error(
+        &h.req(&mallory, 5, history),
+        &mallory,
+        5,
+        ErrorCode::Forbidden,
+    );
+    let receipt = Body::Receipt(pb::Receipt {
+        conversation_id: DM.into(),
+        kind: pb::ReceiptKind::Read as i32,
+        up_to_seq: 1,
+    });
+    assert_error(
+        &h.req(&mallory, 6, receipt),
+        &mallory,
+        6,
+        ErrorCode::Forbidden,
+    );
+    let change = Body::ChangeMembers(pb::ChangeMembers {
+        conversation_id: group.clone(),
+        add_user_ids: vec!["mallory".into()],
+        ..Default::default()
+    });
+    assert_error(
+        &h.req(&mallory, 7, change),
+        &mallory,
+        7,
+        ErrorCode::Forbidden,
+    );
+    // Mallory's Sync never shows the group.
+    let out = h.req(&mallory, 8, Body::Sync(pb::Sync::default()));
+    let Some(Body::SyncBatch(batch)) = &reply_to(&out, &mallory, 8).body else {
+        panic!("expected SyncBatch");
+    };
+    assert!(batch.conversations.is_empty() && batch.messages.is_empty());
+}
+
+// ---- Groups --------------------------------------------------------------
+
+fn members_changed(frame: &pb::Frame) -> &pb::MembersChanged {
+    match &frame.body {
+        Some(Body::MembersChanged(m)) => m,
+        other => panic!("expected MembersChanged, got {other:?}"),
+    }
+}
+
+fn roles(c: &pb::MembersChanged) -> Vec<(String, pb::Role)> {
+    c.conversation
+        .as_ref()
+        .unwrap()
+        .members
+        .iter()
+        .map(|m| (m.user_id.clone(), m.role()))
+        .collect()
+}
+
+#[test]
+fn group_creation_roles_and_notification() {
+    let mut h = Harness::new();
+    let alice = h.open("alice", "phone", 1);
+    let alice_tablet = h.open("alice", "tablet", 4);
+    let bob = h.open("bob", "phone", 2);
+    let out = h.req(
+        &alice,
+        5,
+        create_group_body("Friends", &["carol", "bob", "alice", "bob"]),
+    );
+    let Some(Body::ConversationCreated(created)) = &reply_to(&out, &alice, 5).body else {
+        panic!("expected ConversationCreated");
+    };
+    let c = created.conversation.as_ref().unwrap();
+    assert!(c.conversation_id.starts_with("grp:"));
+    assert_eq!(c.kind, pb::ConversationKind::Group as i32);
+    assert_eq!(c.title, "Friends");
+    let got: Vec<(&str, pb::Role)> = c
+        .members
+        .iter()
+        .map(|m| (m.user_id.as_str(), m.role()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("alice", pb::Role::Admin),
+            ("bob", pb::Role::Member),
+            ("carol", pb::Role::Member)
+        ]
+    );
+    // Other online member devices learn about it with request_id 0.
+    for s in [&bob, &alice_tablet] {
+        let frames = to(&out, &s.addr);
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0].request_id, 0);
+        assert!(matches!(frames[0].body, Some(Body::ConversationCreated(_))));
+    }
+    // Two groups never share an id.
+    let other = h.create_group(&alice, &["bob"]);
+    assert_ne!(other, c.conversation_id);
+}
+
+#[test]
+fn group_size_is_capped_on_create_and_add() {
+    let mut h = Harness::with_config(RouterConfig {
+        max_group_members: 3,
+        ..RouterConfig::default()
+    });
+    let alice = h.open("alice", "phone", 1);
+    let out = h.req(&alice, 1, create_group_body("big", &["b", "c", "d"]));
+    assert_error(&out, &alice, 1, ErrorCode::TooManyMembers);
+    let group = h.create_group(&alice, &["b", "c"]);
+    let change = Body::ChangeMembers(pb::ChangeMembers {
+        conversation_id: group.clone(),
+        add_user_ids: vec!["d".into()],
+        ..Default::default()
+    });
+    assert_error(
+        &h.req(&alice, 2, change),
+        &alice,
+        2,
+        ErrorCode::TooManyMembers,
+    );
+    // Swapping one member for another stays within the cap.
+    let swap = Body::ChangeMembers(pb::ChangeMembers {
+        conversation_id: group,
+        add_user_ids: vec!["d".into()],
+        remove_user_ids: vec!["c".into()],
+        ..Default::default()
+    });
+    let out = h.req(&alice, 3, swap);
+    let changed = members_changed(reply_to(&out, &alice, 3));
+    assert_eq!(changed.added_user_ids, ["d"]);
+    assert_eq!(changed.removed_user_ids, ["c"]);
+}
+
+#[test]
+fn admin_rules_for_changing_members() {
+    let mut h = Harness::new();
+    let alice = h.open("alice", "phone", 1);
+    let alice_laptop = h.open("alice", "laptop", 11);
+    let bob = h.open("bob", "phone", 2);
+    let carol = h.open("carol", "phone", 3);
+    let dave = h.open("dave", "phone", 4);
+    let group = h.create_group(&alice, &["bob", "carol"]);
+    let change = |add: &[&str], remove: &[&str], promote: &[&str]| {
+        Body::ChangeMembers(pb::ChangeMembers {
+            conversation_id: group.clone(),
+            add_user_ids: add.iter().map(|s| s.to_string()).collect(),
+            remove_user_ids: remove.iter().map(|s| s.to_string()).collect(),
+            promote_user_ids: promote.iter().map(|s| s.to_string()).collect(),
+        })
+    };
+
+    // A member may not add, remove others or promote.
+    assert_error(
+        &h.req(&bob, 1, change(&["dave"], &[], &[])),
+        &bob,
+        1,
+        ErrorCode::Forbidden,
+    );
+    assert_error(
+        &h.req(&bob, 2, change(&[], &["carol"], &[])),
+        &bob,
+        2,
+        ErrorCode::Forbidden,
+    );
+    assert_error(
+        &h.req(&bob, 3, change(&[], &[], &["bob"])),
+        &bob,
+        3,
+        ErrorCode::Forbidden,
+    );
+    assert_error(
+        &h.req(&bob, 4, change(&[], &[], &[])),
+        &bob,
+        4,
+        ErrorCode::InvalidArgument,
+    );
+    assert_error(
+        &h.req(&alice, 5, change(&["dave"], &["dave"], &[])),
+        &alice,
+        5,
+        ErrorCode::InvalidArgument,
+    );
+    assert_error(
+        &h.req(&alice, 6, change(&[], &[], &["zed"])),
+        &alice,
+        6,
+        ErrorCode::InvalidArgument,
+    );
+
+    // The admin adds dave as admin and removes carol.
+    let out = h.req(&alice, 7, change(&["dave"], &["carol"], &["dave"]));
+    let changed = members_changed(reply_to(&out, &alice, 7));
+    assert_eq!(changed.actor_user_id, "alice");
+    assert_eq!(changed.added_user_ids, ["dave"]);
+    assert_eq!(changed.removed_user_ids, ["carol"]);
+    assert_eq!(
+        roles(changed),
+        [
+            ("alice".to_string(), pb::Role::Admin),
+            ("bob".to_string(), pb::Role::Member),
+            ("dave".to_string(), pb::Role::Admin)
+        ]
+    );
+    // Everyone before and after hears it, with request_id 0.
+    for s in [&alice_laptop, &bob, &carol, &dave] {
+        let frames = to(&out, &s.addr);
+        assert_eq!(frames.len(), 1, "{s:?}");
+        assert_eq!(frames[0].request_id, 0);
+        assert_eq!(members_changed(frames[0]), changed);
+    }
+    // Carol is out, dave is in.
+    assert_error(&h.send(&carol, &group, 8), &carol, 8, ErrorCode::Forbidden);
+    assert_eq!(
+        ack(reply_to(&h.send(&dave, &group, 9), &dave, 9))
+            .unwrap()
+            .seq,
+        1
+    );
+
+    // A member may leave on their own.
+    let out = h.req(&bob, 10, change(&[], &["bob"], &[]));
+    assert_eq!(
+        members_changed(reply_to(&out, &bob, 10)).removed_user_ids,
+        ["bob"]
+    );
+    assert_eq!(to(&out, &alice.addr).len(), 1);
+    assert_error(&h.send(&bob, &group, 11), &bob, 11, ErrorCode::Forbidden);
+
+    // Dave (an admin) leaves; alice adds two members and leaves as the last admin.
+    h.req(&dave, 12, change(&[], &["dave"], &[]));
+    let out = h.req(&alice, 13, change(&["erin", "frank"], &[], &[]));
+    assert_eq!(
+        members_changed(reply_to(&out, &alice, 13)).added_user_ids,
+        ["erin", "frank"]
+    );
+    let out = h.req(&alice, 14, change(&[], &["alice"], &[]));
+    // The last admin left: the smallest remaining user id becomes admin.
+    assert_eq!(
+        roles(members_changed(reply_to(&out, &alice, 14))),
+        [
+            ("erin".to_string(), pb::Role::Admin),
+            ("frank".to_string(), pb::Role::Member)
+        ]
+    );
+
+    // Direct conversations have fixed members; unknown groups are not found.
+    let dm = Body::ChangeMembers(pb::ChangeMembers {
+        conversation_id: DM.into(),
+        add_user_ids: vec!["carol".into()],
+        ..Default::default()
+    });
+    assert_error(
+        &h.req(&alice, 15, dm),
+        &alice,
+        15,
+        ErrorCode::InvalidArgument,
+    );
+    let unknown = Body::ChangeMembers(pb::ChangeMembers {
+        conversation_id: "grp:unknown".into(),
+        add_user_ids: vec!["carol".into()],
+        ..Default::default()
+    });
+    assert_error(&h.req(&alice, 16, unknown), &alice, 16, ErrorCode::NotFound);
+}
+
+#[test]
+fn membership_changes_update_conversation_lists() {
+    let mut h = Harness::new();
+    let alice = h.open("alice", "phone", 1);
+    let bob = h.open("bob", "phone", 2);
+    let group = h.create_group(&alice, &[]);
+    let listed = |h: &mut Harness, s: &Session| -> Vec<String> {
+        let out = h.req(s, 1, Body::Sync(pb::Sync::default()));
+        let Some(Body::SyncBatch(b)) = &reply_to(&out, s, 1).body else {
+            panic!("expected SyncBatch");
+        };
+        b.conversations
+            .iter()
+            .map(|c| c.conversation_id.clone())
+            .collect()
+    };
+    assert!(listed(&mut h, &bob).is_empty());
+    h.req(
+        &alice,
+        2,
+        Body::ChangeMembers(pb::ChangeMembers {
+            conversation_id: group.clone(),
+            add_user_ids: vec!["bob".into()],
+            ..Default::default()
+        }),
+    );
+    assert_eq!(listed(&mut h, &bob), vec![group.clone()]);
+    h.req(
+        &bob,
+        3,
+        Body::ChangeMembers(pb::ChangeMembers {
+            conversation_id: group.clone(),
+            remove_user_ids: vec!["bob".into()],
+            ..Default::default()
+        }),
+    );
+    assert!(listed(&mut h, &bob).is_empty());
+}
+
+// ---- Receipts and typing -------------------------------------------------
+
+fn receipt_update(frame: &pb::Frame) -> &pb::ReceiptUpdate {
+    match &frame.body {
+        Some(Body::ReceiptUpdate(r)) => r,
+        other => panic!("expected ReceiptUpdate, got {other:?}"),
+    }
+}
+
+#[test]
+fn receipts_go_to_senders_of_the_covered_range_and_the_readers_other_devices() {
+    let mut h = Harness::new();
+    let alice = h.open("alice", "phone", 1);
+    let bob = h.open("bob", "phone", 2);
+    let carol = h.open("carol", "phone", 3);
+    let carol_tablet = h.open("carol", "tablet", 4);
+    let group = h.create_group(&alice, &["bob", "carol"]);
+    h.send(&alice, &group, 1); // seq 1
+    h.send(&alice, &group, 2); // seq 2
+    h.send(&bob, &group, 3); // seq 3
+    h.send(&carol, &group, 4); // seq 4
+    let receipt = |kind: pb::ReceiptKind, up_to_seq| {
+        Body::Receipt(pb::Receipt {
+            conversation_id: group.clone(),
+            kind: kind as i32,
+            up_to_seq,
+        })
+    };
+
+    let out = h.req(&carol, 10, receipt(pb::ReceiptKind::Read, 2));
+    assert_eq!(out.frames.len(), 2, "{:?}", out.frames);
+    let update = receipt_update(to(&out, &alice.addr)[0]);
+    assert_eq!(
+        update,
+        &pb::ReceiptUpdate {
+            conversation_id: group.clone(),
+            user_id: "carol".into(),
+            kind: pb::ReceiptKind::Read as i32,
+            up_to_seq: 2
+        }
+    );
+    assert_eq!(receipt_update(to(&out, &carol_tablet.addr)[0]), update);
+    assert!(to(&out, &bob.addr).is_empty());
+    assert!(to(&out, &carol.addr).is_empty());
+
+    // Not increasing: ignored.
+    assert!(h
+        .req(&carol, 11, receipt(pb::ReceiptKind::Read, 2))
+        .frames
+        .is_empty());
+    assert!(h
+        .req(&carol, 12, receipt(pb::ReceiptKind::Read, 1))
+        .frames
+        .is_empty());
+    // READ implied DELIVERED up to 2.
+    assert!(h
+        .req(&carol, 13, receipt(pb::ReceiptKind::Delivered, 2))
+        .frames
+        .is_empty());
+
+    // Beyond the last seq: clamped to 4. Range (2, 4] was sent by bob and carol.
+    let out = h.req(&carol, 14, receipt(pb::ReceiptKind::Read, 99));
+    assert_eq!(receipt_update(to(&out, &bob.addr)[0]).up_to_seq, 4);
+    assert_eq!(to(&out, &carol_tablet.addr).len(), 1);
+    assert!(to(&out, &alice.addr).is_empty());
+    assert_eq!(out.frames.len(), 2);
+
+    // A delivered receipt from bob reaches alice (seqs 1, 2) and carol (4).
+    let out = h.req(&bob, 15, receipt(pb::ReceiptKind::Delivered, 4));
+    assert_eq!(
+        receipt_update(to(&out, &alice.addr)[0]).kind,
+        pb::ReceiptKind::Delivered as i32
+    );
+    assert_eq!(to(&out, &carol.addr).len(), 1);
+    assert_eq!(to(&out, &carol_tablet.addr).len(), 1);
+    assert!(to(&out, &bob.addr).is_empty());
+
+    let bad = Body::Receipt(pb::Receipt {
+        conversation_id: group.clone(),
+        kind: 0,
+        up_to_seq: 1,
+    });
+    assert_error(&h.req(&bob, 16, bad), &bob, 16, ErrorCode::InvalidArgument);
+}
+
+#[test]
+fn typing_goes_to_other_members_only_with_the_server_set_user() {
+    let mut h = Harness::new();
+    let alice = h.open("alice", "phone", 1);
+    let alice_laptop = h.open("alice", "laptop", 2);
+    let bob = h.open("bob", "phone", 3);
+    let bob_tablet = h.open("bob", "tablet", 4);
+    let out = h.req(
+        &alice,
+        7,
+        Body::Typing(pb::Typing {
+            conversation_id: DM.into(),
+            active: true,
+            user_id: "bob".into(), // a lie; the server overwrites it
+        }),
+    );
+    assert_eq!(out.frames.len(), 2);
+    assert!(to(&out, &alice_laptop.addr).is_empty());
+    for s in [&bob, &bob_tablet] {
+        let frames = to(&out, &s.addr);
+        assert_eq!(frames[0].request_id, 0);
+        assert_eq!(
+            frames[0].body,
+            Some(Body::Typing(pb::Typing {
+                conversation_id: DM.into(),
+                active: true,
+                user_id: "alice".into()
+            }))
+        );
+    }
+    // Never stored.
+    let out = h.req(
+        &bob,
+        8,
+        Body::History(pb::History {
+            conversation_id: DM.into(),
+            ..Default::default()
+        }),
+    );
+    let Some(Body::HistoryPage(page)) = &reply_to(&out, &bob, 8).body else {
+        panic!("expected HistoryPage");
+    };
+    assert!(page.messages.is_empty());
+}
+
+// ---- Sync and history ----------------------------------------------------
+
+fn sync(h: &mut Harness, s: &Session, cursors: &[(&str, u64)], limit: u32) -> pb::SyncBatch {
+    let body = Body::Sync(pb::Sync {
+        cursors: cursors
+            .iter()
+            .map(|(c, after)| pb::Cursor {
+                conversation_id: c.to_string(),
+                after_seq: *after,
+            })
+            .collect(),
+        limit,
+    });
+    let out = h.req(s, 42, body);
+    match &reply_to(&out, s, 42).body {
+        Some(Body::SyncBatch(b)) => b.clone(),
+        other => panic!("expected SyncBatch, got {other:?}"),
+    }
+}
+
+#[test]
+fn sync_with_cursors_lists_unknown_conversations_and_pages() {
+    let mut h = Harness::new();
+    let alice = h.open("alice", "phone", 1);
+    let bob = h.open("bob", "phone", 2);
+    let group = h.create_group(&alice, &["bob"]);
+    for n in 1..=5 {
+        h.send(&alice, DM, n);
+    }
+    for n in 6..=8 {
+        h.send(&alice, &group, n);
+    }
+
+    // Fresh device: everything, both conversations listed.
+    let batch = sync(&mut h, &bob, &[], 0);
+    assert!(!batch.has_more);
+    let mut listed: Vec<(&str, u64)> = batch
+        .conversations
+        .iter()
+        .map(|c| (c.conversation_id.as_str(), c.last_seq))
+        .collect();
+    listed.sort();
+    let mut expected = vec![(DM, 5), (group.as_str(), 3)];
+    expected.sort();
+    assert_eq!(listed, expected);
+    assert_eq!(batch.messages.len(), 8);
+
+    // With a cursor for the DM: only its newer messages, and only the group
+    // is listed (it is absent from the cursors).
+    let batch = sync(&mut h, &bob, &[(DM, 3)], 0);
+    let dm: Vec<u64> = batch
+        .messages
+        .iter()
+        .filter(|m| m.conversation_id == DM)
+        .map(|m| m.seq)
+        .collect();
+    let grp: Vec<u64> = batch
+        .messages
+        .iter()
+        .filter(|m| m.conversation_id == group)
+        .map(|m| m.seq)
+        .collect();
+    assert_eq!(dm, [4, 5]);
+    assert_eq!(grp, [1, 2, 3]);
+    assert_eq!(batch.conversations.len(), 1);
+    assert_eq!(batch.conversations[0].conversation_id, group);
+
+    // Up to date: nothing.
+    let batch = sync(&mut h, &bob, &[(DM, 5), (&group, 3)], 0);
+    assert!(batch.messages.is_empty() && batch.conversations.is_empty() && !batch.has_more);
+
+    // Paging with limit 3: advance cursors from what arrives until done.
+    let mut cursors: HashMap<String, u64> = HashMap::new();
+    let mut got: Vec<(String, u64)> = Vec::new();
+    let mut rounds = 0;
+    loop {
+        let cs: Vec<(&str, u64)> = cursors.iter().map(|(c, s)| (c.as_str(), *s)).collect();
+        let batch = sync(&mut h, &bob, &cs, 3);
+        assert!(batch.messages.len() <= 3);
+        for c in &batch.conversations {
+            cursors.entry(c.conversation_id.clone()).or_insert(0);
+        }
+        for m in &batch.messages {
+            let cursor = cursors
+                .get_mut(&m.conversation_id)
+                .expect("message of an unlisted conversation");
+            assert_eq!(m.seq, *cursor + 1, "gap or reorder");
+            *cursor = m.seq;
+            got.push((m.conversation_id.clone(), m.seq));
+        }
+        rounds += 1;
+        if !batch.has_more {
+            break;
+        }
+        assert!(rounds < 10);
+    }
+    assert_eq!(got.len(), 8);
+    assert_eq!(rounds, 3);
+}
+
+#[test]
+fn sync_limit_is_capped_at_max_batch() {
+    let mut h = Harness::new();
+    let alice = h.open("alice", "phone", 1);
+    for n in 1..=600 {
+        h.send(&alice, DM, n);
+    }
+    let batch = sync(&mut h, &alice, &[], 10_000);
+    assert_eq!(batch.messages.len(), 500);
+    assert!(batch.has_more);
+    assert_eq!(seqs(&batch.messages), (1..=500).collect::<Vec<_>>());
+    let batch = sync(&mut h, &alice, &[(DM, 500)], 0);
+    assert_eq!(seqs(&batch.messages), (501..=600).collect::<Vec<_>>());
+    assert!(!batch.has_more);
+}
+
+#[test]
+fn sync_batches_respect_the_byte_budget() {
+    let mut h = Harness::with_config(RouterConfig {
+        max_batch_bytes: 3000,
+        ..RouterConfig::default()
+    });
+    let alice = h.open("alice", "phone", 1);
+    let big = "x".repeat(1000);
+    for n in 1..=10 {
+        h.req(&alice, n, send_body(DM, n, &big));
+    }
+    let batch = sync(&mut h, &alice, &[(DM, 0)], 0);
+    assert!(batch.has_more);
+    assert!(
+        !batch.messages.is_empty() && batch.messages.len() < 4,
+        "{}",
+        batch.messages.len()
+    );
+}
+
+fn history(
+    h: &mut Harness,
+    s: &Session,
+    conversation_id: &str,
+    before_seq: u64,
+    limit: u32,
+) -> pb::HistoryPage {
+    let out = h.req(
+        s,
+        9,
+        Body::History(pb::History {
+            conversation_id: conversation_id.into(),
+            before_seq,
+            limit,
+        }),
+    );
+    match &reply_to(&out, s, 9).body {
+        Some(Body::HistoryPage(p)) => p.clone(),
+        other => panic!("expected HistoryPage, got {other:?}"),
+    }
+}
+
+#[test]
+fn history_pages_backwards_within_the_window() {
+    let mut h = Harness::with_config(RouterConfig {
+        history_window: 20,
+        ..RouterConfig::default()
+    });
+    let alice = h.open("alice", "phone", 1);
+    for n in 1..=25 {
+        h.send(&alice, DM, n);
+    }
+    let page = history(&mut h, &alice, DM, 0, 10);
+    assert_eq!(page.conversation_id, DM);
+    assert_eq!(seqs(&page.messages), (16..=25).collect::<Vec<_>>());
+    assert!(page.has_more);
+    let page = history(&mut h, &alice, DM, 16, 10);
+    assert_eq!(seqs(&page.messages), (6..=15).collect::<Vec<_>>());
+    // Seqs 1..=5 left the 20-message window.
+    assert!(!page.has_more);
+    let page = history(&mut h, &alice, DM, 6, 10);
+    assert!(page.messages.is_empty() && !page.has_more);
+    // Limit 0 means the default; a group nobody created is not found.
+    assert_eq!(history(&mut h, &alice, DM, 0, 0).messages.len(), 20);
+    let out = h.req(
+        &alice,
+        3,
+        Body::History(pb::History {
+            conversation_id: "grp:none".into(),
+            ..Default::default()
+        }),
+    );
+    assert_error(&out, &alice, 3, ErrorCode::NotFound);
+}
+
+// ---- Presence --------------------------------------------------------------
+
+fn presence_result(frame: &pb::Frame) -> Vec<(String, bool, i64)> {
+    match &frame.body {
+        Some(Body::PresenceResult(r)) => r
+            .presences
+            .iter()
+            .map(|p| (p.user_id.clone(), p.online, p.last_seen_ms))
+            .collect(),
+        other => panic!("expected PresenceResult, got {other:?}"),
+    }
+}
+
+fn presence_event(frame: &pb::Frame) -> (String, bool, i64) {
+    match &frame.body {
+        Some(Body::PresenceEvent(pb::PresenceEvent { presence: Some(p) })) => {
+            (p.user_id.clone(), p.online, p.last_seen_ms)
+        }
+        other => panic!("expected PresenceEvent, got {other:?}"),
+    }
+}
+
+#[test]
+fn presence_query_reflects_sessions_and_last_seen() {
+    let mut h = Harness::new();
+    let watcher = h.open("watcher", "phone", 1);
+    let query = |ids: &[&str]| {
+        Body::PresenceQuery(pb::PresenceQuery {
+            user_ids: ids.iter().map(|s| s.to_string()).collect(),
+        })
+    };
+    let out = h.req(&watcher, 1, query(&["bob", "never"]));
+    assert_eq!(
+        presence_result(reply_to(&out, &watcher, 1)),
+        [("bob".into(), false, 0), ("never".into(), false, 0)]
+    );
+    let phone = h.open("bob", "phone", 2);
+    let tablet = h.open("bob", "tablet", 3);
+    let out = h.req(&watcher, 2, query(&["bob"]));
+    assert_eq!(
+        presence_result(reply_to(&out, &watcher, 2)),
+        [("bob".into(), true, 0)]
+    );
+    h.close(&phone, T0 + 10);
+    let out = h.req(&watcher, 3, query(&["bob"]));
+    assert_eq!(
+        presence_result(reply_to(&out, &watcher, 3)),
+        [("bob".into(), true, 0)]
+    );
+    h.close(&tablet, T0 + 20);
+    let out = h.req(&watcher, 4, query(&["bob", "bob"]));
+    assert_eq!(
+        presence_result(reply_to(&out, &watcher, 4)),
+        [("bob".into(), false, T0 + 20)]
+    );
+
+    let too_many: Vec<String> = (0..1001).map(|i| format!("u{i}")).collect();
+    let body = Body::PresenceQuery(pb::PresenceQuery { user_ids: too_many });
+    assert_error(
+        &h.req(&watcher, 5, body),
+        &watcher,
+        5,
+        ErrorCode::InvalidArgument,
+    );
+}
+
+#[test]
+fn presence_subscriptions_get_transition_events_until_closed() {
+    let mut h = Harness::with_config(RouterConfig {
+        max_watches_per_connection: 2,
+        ..RouterConfig::default()
+    });
+    let watcher = h.open("watcher", "phone", 1);
+    let other_watcher = h.open("watcher", "tablet", 9);
+    let subscribe = |ids: &[&str], unsubscribe| {
+        Body::PresenceSubscribe(pb::PresenceSubscribe {
+            user_ids: ids.iter().map(|s| s.to_string()).collect(),
+            unsubscribe,
+        })
+    };
+    let bob_phone = h.open("bob", "phone", 2);
+    let out = h.req(&watcher, 1, subscribe(&["bob", "carol"], false));
+    assert_eq!(
+        presence_result(reply_to(&out, &watcher, 1)),
+        [("bob".into(), true, 0), ("carol".into(), false, 0)]
+    );
+    // Cap of 2: a third user is refused, re-subscribing a watched one is fine.
+    let out = h.req(&watcher, 2, subscribe(&["dave"], false));
+    assert_error(&out, &watcher, 2, ErrorCode::InvalidArgument);
+    let out = h.req(&watcher, 3, subscribe(&["bob"], false));
+    assert_eq!(presence_result(reply_to(&out, &watcher, 3)).len(), 1);
+
+    // Carol comes online: one event, only to the subscribed connection.
+    let carol = session("carol", "phone", "g1", 3);
+    let out = h.run(Command::SessionOpened(carol.clone()));
+    assert_eq!(out.frames.len(), 1);
+    assert_eq!(
+        presence_event(to(&out, &watcher.addr)[0]),
+        ("carol".into(), true, 0)
+    );
+    let out = h.run(Command::SessionOpened(carol.clone()));
+    assert!(
+        out.frames.is_empty(),
+        "re-opening the same addr is no transition"
+    );
+    let carol_tablet = session("carol", "tablet", "g1", 4);
+    let out = h.run(Command::SessionOpened(carol_tablet.clone()));
+    assert!(out.frames.is_empty(), "second device is no transition");
+    assert!(
+        h.close(&carol_tablet, T0 + 1).frames.is_empty(),
+        "carol still has her phone"
+    );
+
+    let out = h.close(&bob_phone, T0 + 5);
+    assert_eq!(out.frames.len(), 1);
+    assert_eq!(to(&out, &watcher.addr).len(), 1);
+    assert_eq!(
+        presence_event(to(&out, &watcher.addr)[0]),
+        ("bob".into(), false, T0 + 5)
+    );
+    assert!(to(&out, &other_watcher.addr).is_empty());
+
+    let out = h.run(Command::SessionOpened(bob_phone.clone()));
+    assert_eq!(
+        presence_event(to(&out, &watcher.addr)[0]),
+        ("bob".into(), true, 0)
+    );
+
+    // Unsubscribe from carol: acknowledged with an empty result, no events.
+    let out = h.req(&watcher, 4, subscribe(&["carol"], true));
+    assert!(presence_result(reply_to(&out, &watcher, 4)).is_empty());
+    assert!(h.close(&carol, T0 + 7).frames.is_empty());
+
+    // The watching connection closes: its subscriptions are gone.
+    h.close(&watcher, T0 + 8);
+    assert!(h.close(&bob_phone, T0 + 9).frames.is_empty());
+}
+
+#[test]
+fn same_device_reconnecting_replaces_the_old_connection() {
+    let mut h = Harness::new();
+    let alice = h.open("alice", "phone", 1);
+    let old = h.open("bob", "phone", 2);
+    let new = session("bob", "phone", "g2", 3);
+    let out = h.run(Command::SessionOpened(new.clone()));
+    let frames = to(&out, &old.addr);
+    assert_eq!(frames.len(), 1);
+    match &frames[0].body {
+        Some(Body::GoAway(g)) => assert_eq!(g.reason, pb::GoAwayReason::Replaced as i32),
+        other => panic!("expected GoAway, got {other:?}"),
+    }
+    // The old connection closing late leaves bob online at the new address.
+    h.close(&old, T0 + 1);
+    let out = h.send(&alice, DM, 1);
+    assert_eq!(to(&out, &new.addr).len(), 1);
+    assert!(to(&out, &old.addr).is_empty());
+    assert!(out.pushes.is_empty());
+}
+
+// ---- Errors ----------------------------------------------------------------
+
+#[test]
+fn every_bad_request_gets_the_right_error_code() {
+    let mut h = Harness::with_config(RouterConfig {
+        max_body_bytes: 10,
+        ..RouterConfig::default()
+    });
+    let alice = h.open("alice", "phone", 1);
+    let send = |conversation_id: &str, client_msg_id: Vec<u8>, kind: i32, body: &[u8]| {
+        Body::Send(pb::Send {
+            conversation_id: conversation_id.into(),
+            client_msg_id,
+            kind,
+            body: body.to_vec(),
+            ..Default::default()
+        })
+    };
+    let text = pb::ContentKind::Text as i32;
+    let cases: Vec<(Body, ErrorCode)> = vec![
+        (
+            send(DM, vec![1; 15], text, b"hi"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            send(DM, vec![1; 17], text, b"hi"),
+            ErrorCode::InvalidArgument,
+        ),
+        (send(DM, cmid(1), text, &[0; 11]), ErrorCode::BodyTooLarge),
+        (send(DM, cmid(1), 0, b"hi"), ErrorCode::InvalidArgument),
+        (send(DM, cmid(1), 99, b"hi"), ErrorCode::InvalidArgument),
+        (
+            send("dm:bob:alice", cmid(1), text, b"hi"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            send("dm:alice:alice", cmid(1), text, b"hi"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            send("dm:alice", cmid(1), text, b"hi"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            send("dm:alice:b:c", cmid(1), text, b"hi"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            send("chan:1", cmid(1), text, b"hi"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            send("grp:", cmid(1), text, b"hi"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            send(&format!("grp:{}", "x".repeat(400)), cmid(1), text, b"hi"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            send("grp:missing", cmid(1), text, b"hi"),
+            ErrorCode::NotFound,
+        ),
+        (
+            send("dm:bob:carol", cmid(1), text, b"hi"),
+            ErrorCode::Forbidden,
+        ),
+        (
+            Body::CreateConversation(pb::CreateConversation {
+                kind: pb::ConversationKind::Direct as i32,
+                member_user_ids: vec!["alice".into()],
+                ..Default::default()
+            }),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            Body::CreateConversation(pb::CreateConversation {
+                kind: pb::ConversationKind::Direct as i32,
+                member_user_ids: vec!["bob".into(), "carol".into()],
+                ..Default::default()
+            }),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            Body::CreateConversation(pb::CreateConversation {
+                kind: pb::ConversationKind::Direct as i32,
+                member_user_ids: vec!["b:c".into()],
+                ..Default::default()
+            }),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            Body::CreateConversation(pb::CreateConversation {
+                kind: 0,
+                member_user_ids: vec!["bob".into()],
+                ..Default::default()
+            }),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            create_group_body(&"t".repeat(300), &["bob"]),
+            ErrorCode::InvalidArgument,
+        ),
+        (create_group_body("t", &[""]), ErrorCode::InvalidArgument),
+        (
+            Body::Deliver(pb::Deliver::default()),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            Body::Hello(pb::Hello::default()),
+            ErrorCode::InvalidArgument,
+        ),
+        (Body::Ping(pb::Ping::default()), ErrorCode::InvalidArgument),
+        (
+            Body::Receipt(pb::Receipt {
+                conversation_id: DM.into(),
+                kind: 7,
+                up_to_seq: 1,
+            }),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            Body::PresenceSubscribe(pb::PresenceSubscribe {
+                user_ids: vec![String::new()],
+                unsubscribe: false,
+            }),
+            ErrorCode::InvalidArgument,
+        ),
+    ];
+    for (i, (body, code)) in cases.into_iter().enumerate() {
+        let request_id = 1000 + i as u32;
+        let is_send = matches!(body, Body::Send(_));
+        let client_msg_id = match &body {
+            Body::Send(s) => s.client_msg_id.clone(),
+            _ => Vec::new(),
+        };
+        let out = h.req(&alice, request_id, body);
+        let e = assert_error(&out, &alice, request_id, code);
+        if is_send {
+            assert_eq!(e.client_msg_id, client_msg_id, "case {i}");
+        }
+    }
+    // Nothing was stored by any of them.
+    let batch = sync(&mut h, &alice, &[], 0);
+    assert!(batch.messages.is_empty());
+}
+
+#[test]
+fn direct_create_returns_the_canonical_id() {
+    let mut h = Harness::new();
+    let bob = h.open("bob", "phone", 1);
+    let out = h.req(
+        &bob,
+        3,
+        Body::CreateConversation(pb::CreateConversation {
+            kind: pb::ConversationKind::Direct as i32,
+            member_user_ids: vec!["alice".into()],
+            ..Default::default()
+        }),
+    );
+    let Some(Body::ConversationCreated(c)) = &reply_to(&out, &bob, 3).body else {
+        panic!("expected ConversationCreated");
+    };
+    let c = c.conversation.as_ref().unwrap();
+    assert_eq!(c.conversation_id, DM);
+    assert_eq!(c.conversation_id, direct_conversation_id("bob", "alice"));
+    assert_eq!(c.kind, pb::ConversationKind::Direct as i32);
+    assert_eq!(c.last_seq, 0);
+    // It is listed for alice right away.
+    let alice = h.open("alice", "phone", 2);
+    let batch = sync(&mut h, &alice, &[], 0);
+    assert_eq!(batch.conversations.len(), 1);
+}
+
+#[test]
+fn store_failures_become_unavailable_for_the_driver() {
+    let mut h = Harness::new();
+    let alice = h.open("alice", "phone", 1);
+    h.router.store_mut().failing = true;
+    let command = Command::Request(request(&alice, 5, send_body(DM, 1, "hi")));
+    let mut out = Output::default();
+    let err = h
+        .router
+        .handle(&command, &mut out)
+        .expect_err("store fails");
+    assert!(out.frames.is_empty());
+    let reply = Router::<Instrumented>::unavailable_reply(&command, &err).unwrap();
+    assert_eq!(reply.to, alice.addr);
+    assert_eq!(reply.frame.request_id, 5);
+    let e = error(&reply.frame).unwrap();
+    assert_eq!(e.code, ErrorCode::Unavailable as u32);
+    assert_eq!(e.client_msg_id, cmid(1));
+    assert!(
+        Router::<Instrumented>::unavailable_reply(&Command::SessionOpened(alice), &err).is_none()
+    );
+
+    // Once the store is back, the retried send is stored exactly once.
+    h.router.store_mut().failing = false;
+    let mut out = Output::default();
+    h.router.handle(&command, &mut out).unwrap();
+    let mut again = Output::default();
+    h.router.handle(&command, &mut again).unwrap();
+    assert_eq!(
+        ack(&out.frames[0].frame).unwrap(),
+        ack(&again.frames[0].frame).unwrap()
+    );
+}
+
+#[test]
+fn sync_terminates_when_a_listed_group_record_is_missing() {
+    use palaver_router::store::{ConversationStore, Retention, UserStore};
+    let mut h = Harness::new();
+    let alice = h.open("alice", "phone", 1);
+    h.send(&alice, DM, 1);
+    // A group with messages and a listing but no record (lost data).
+    let store = &mut h.router.store_mut().inner;
+    store
+        .add_conversation_to_users("grp:ghost", &["alice".to_string()])
+        .unwrap();
+    let retention = Retention {
+        now_ms: T0,
+        dedup_ttl_ms: 1000,
+        history_window: 10,
+    };
+    let message = pb::Message {
+        client_msg_id: cmid(1),
+        ..Default::default()
+    };
+    store
+        .append_message("grp:ghost", message, &retention)
+        .unwrap();
+    let batch = sync(&mut h, &alice, &[], 0);
+    assert!(!batch.has_more);
+    assert_eq!(batch.conversations.len(), 1);
+    assert_eq!(seqs(&batch.messages), [1]);
+}
