@@ -262,9 +262,8 @@ impl Run {
                 .spawn()
                 .context("starting a worker process")?;
             let mut stdin = child.stdin.take().context("worker stdin")?;
-            serde_json::to_writer(&mut stdin, &plan)?;
-            stdin.write_all(b"\n")?;
-            stdin.flush()?;
+            let line = serde_json::to_string(&plan)? + "\n";
+            stdin.write_all(line.as_bytes())?;
             let stdout = child.stdout.take().context("worker stdout")?;
             let tx = tx.clone();
             let slot = workers.len();
@@ -344,8 +343,8 @@ impl Run {
     fn command(&mut self, cmd: Command) {
         for w in &mut self.workers {
             if let Some(stdin) = w.stdin.as_mut() {
-                let line = serde_json::to_string(&cmd).expect("commands serialize");
-                if writeln!(stdin, "{line}").and_then(|()| stdin.flush()).is_err() {
+                let line = serde_json::to_string(&cmd).expect("commands serialize") + "\n";
+                if stdin.write_all(line.as_bytes()).is_err() {
                     w.stdin = None;
                 }
             }

@@ -176,6 +176,9 @@ struct Storm {
 struct Worker {
     plan: WorkerPlan,
     poll: Poll,
+    /// Kept here as well as in the command thread: if that thread's copy were
+    /// the last, its exit would close the eventfd and drop a pending wake-up.
+    _waker: Arc<Waker>,
     commands: mpsc::Receiver<Command>,
     tls_config: Arc<ClientConfig>,
     server_name: ServerName<'static>,
@@ -220,7 +223,7 @@ impl Worker {
         }
         let poll = Poll::new().context("creating the poll")?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        let commands = spawn_command_reader(waker);
+        let commands = spawn_command_reader(waker.clone());
         let tickets = if plan.config.resumption {
             2 * plan.users() as usize + 16
         } else {
@@ -267,6 +270,7 @@ impl Worker {
             heartbeat_ms: None,
             plan,
             poll,
+            _waker: waker,
             commands,
             tls_config,
             server_name,
