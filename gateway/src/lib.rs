@@ -23,4 +23,4 @@ pub mod tls;
 pub mod tls_io;
 
 pub use config::Config;
-pub use server::GatewayHandle;
+pub use server::{build_backend, GatewayHandle};

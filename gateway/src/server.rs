@@ -274,3 +274,23 @@ impl Drop for GatewayHandle {
         }
     }
 }
+
+/// The backend the config asks for.
+pub fn build_backend(config: &Config) -> Arc<dyn Backend> {
+    match config.backend {
+        crate::config::BackendConfig::Embedded => {
+            let l = &config.limits;
+            let mut router = palaver_router::RouterConfig::default();
+            router.max_group_members = l.max_group_members as usize;
+            router.max_body_bytes = l.max_body_bytes as usize;
+            router.max_batch = l.max_batch as usize;
+            router.default_batch = router.default_batch.min(router.max_batch);
+            Arc::new(palaver_router::EmbeddedEngine::new(
+                palaver_router::EmbeddedConfig {
+                    router,
+                    ..Default::default()
+                },
+            ))
+        }
+    }
+}

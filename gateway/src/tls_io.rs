@@ -143,18 +143,13 @@ pub fn close_notify(tls: &mut UnbufferedServerConnection, input: &mut [u8], out:
     }
 }
 
-/// After an error rustls may have queued an alert: encode it. Uses the same
-/// (remaining) input buffer, as rustls requires.
+/// After an error rustls may have queued one fatal alert: encode it. Exactly
+/// one more call, with the same (remaining) input as rustls requires: a
+/// second one could re-read the bad record and try to alert twice.
 fn flush_alerts(tls: &mut UnbufferedServerConnection, input: &mut [u8], out: &mut Vec<u8>) {
-    let mut offset = 0;
-    for _ in 0..4 {
-        let UnbufferedStatus { discard, state } = tls.process_tls_records(&mut input[offset..]);
-        match state {
-            Ok(ConnectionState::EncodeTlsData(mut encode)) => encode_into(&mut encode, out),
-            Ok(ConnectionState::TransmitTlsData(transmit)) => transmit.done(),
-            _ => return,
-        }
-        offset += discard;
+    let UnbufferedStatus { state, .. } = tls.process_tls_records(input);
+    if let Ok(ConnectionState::EncodeTlsData(mut encode)) = state {
+        encode_into(&mut encode, out);
     }
 }
 
