@@ -83,7 +83,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let local_workers = config.workers;
     config.workers *= parts;
     let ca_pem = crate::tls::read_ca(&config.ca)?;
-    crate::tls::client_config(&ca_pem, 0)?;
+    crate::tls::client_config(&ca_pem)?;
     let jwt_key = std::fs::read_to_string(&config.jwt_key).with_context(|| {
         format!(
             "reading the JWT key {}: start the gateway once so it writes its dev key, \

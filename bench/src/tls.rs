@@ -23,9 +23,44 @@ pub fn read_ca(path: &Path) -> Result<String> {
     })
 }
 
-/// A client config trusting the CAs in `ca_pem`. `ticket_capacity` bounds the
+/// Client configs for first connections and for reconnections.
+pub struct ClientConfigs {
+    /// Full handshakes only; the tickets servers issue are kept for later.
+    pub first: Arc<ClientConfig>,
+    /// Resumes with a kept ticket when one is left.
+    pub reconnect: Arc<ClientConfig>,
+}
+
+/// Client configs trusting the CAs in `ca_pem`. `ticket_capacity` bounds the
 /// TLS 1.3 tickets kept (0 disables resumption).
-pub fn client_config(ca_pem: &str, ticket_capacity: usize) -> Result<Arc<ClientConfig>> {
+///
+/// First connections never resume: a phone's first connection has no ticket,
+/// and the connect numbers must be full handshakes. They do store the tickets
+/// they are given, so reconnections (storms) can resume.
+pub fn client_configs(ca_pem: &str, ticket_capacity: usize) -> Result<ClientConfigs> {
+    let base = client_config(ca_pem)?;
+    if ticket_capacity == 0 {
+        let mut none = (*base).clone();
+        none.resumption = Resumption::disabled();
+        let none = Arc::new(none);
+        return Ok(ClientConfigs {
+            first: none.clone(),
+            reconnect: none,
+        });
+    }
+    let pool = Arc::new(TicketPool::new(ticket_capacity));
+    let mut first = (*base).clone();
+    first.resumption = Resumption::store(Arc::new(StoreOnly(pool.clone())));
+    let mut reconnect = (*base).clone();
+    reconnect.resumption = Resumption::store(pool);
+    Ok(ClientConfigs {
+        first: Arc::new(first),
+        reconnect: Arc::new(reconnect),
+    })
+}
+
+/// A client config trusting the CAs in `ca_pem`, with rustls' default resumption.
+pub fn client_config(ca_pem: &str) -> Result<Arc<ClientConfig>> {
     let mut roots = RootCertStore::empty();
     let mut found = 0;
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
@@ -42,11 +77,6 @@ pub fn client_config(ca_pem: &str, ticket_capacity: usize) -> Result<Arc<ClientC
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![palaver_protocol::ALPN.to_vec()];
-    config.resumption = if ticket_capacity == 0 {
-        Resumption::disabled()
-    } else {
-        Resumption::store(Arc::new(TicketPool::new(ticket_capacity)))
-    };
     Ok(Arc::new(config))
 }
 
@@ -137,5 +167,54 @@ impl ClientSessionStore for TicketPool {
     ) -> Option<rustls::client::Tls13ClientSessionValue> {
         // Newest first: the most likely to be within its lifetime.
         self.lock().tls13.get_mut(server_name)?.pop_back()
+    }
+}
+
+/// Keeps what the server hands out in a [`TicketPool`] but never offers a
+/// session: for first connections.
+#[derive(Debug)]
+struct StoreOnly(Arc<TicketPool>);
+
+impl ClientSessionStore for StoreOnly {
+    fn set_kx_hint(&self, server_name: ServerName<'static>, group: NamedGroup) {
+        self.0.set_kx_hint(server_name, group);
+    }
+
+    fn kx_hint(&self, server_name: &ServerName<'_>) -> Option<NamedGroup> {
+        self.0.kx_hint(server_name)
+    }
+
+    fn set_tls12_session(
+        &self,
+        server_name: ServerName<'static>,
+        value: rustls::client::Tls12ClientSessionValue,
+    ) {
+        self.0.set_tls12_session(server_name, value);
+    }
+
+    fn tls12_session(
+        &self,
+        _server_name: &ServerName<'_>,
+    ) -> Option<rustls::client::Tls12ClientSessionValue> {
+        None
+    }
+
+    fn remove_tls12_session(&self, server_name: &ServerName<'static>) {
+        self.0.remove_tls12_session(server_name);
+    }
+
+    fn insert_tls13_ticket(
+        &self,
+        server_name: ServerName<'static>,
+        value: rustls::client::Tls13ClientSessionValue,
+    ) {
+        self.0.insert_tls13_ticket(server_name, value);
+    }
+
+    fn take_tls13_ticket(
+        &self,
+        _server_name: &ServerName<'static>,
+    ) -> Option<rustls::client::Tls13ClientSessionValue> {
+        None
     }
 }

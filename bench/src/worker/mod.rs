@@ -26,7 +26,7 @@ use palaver_protocol::{encode_frame, pb, ClientConn, FrameDecoder, Timeout, Verd
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rustls::pki_types::ServerName;
-use rustls::{ClientConfig, ClientConnection, HandshakeKind};
+use rustls::{ClientConnection, HandshakeKind};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::hist::{self, names};
@@ -180,7 +180,7 @@ struct Worker {
     /// the last, its exit would close the eventfd and drop a pending wake-up.
     _waker: Arc<Waker>,
     commands: mpsc::Receiver<Command>,
-    tls_config: Arc<ClientConfig>,
+    tls: crate::tls::ClientConfigs,
     server_name: ServerName<'static>,
     minter: TokenMinter,
     started: Instant,
@@ -229,7 +229,7 @@ impl Worker {
         } else {
             0
         };
-        let tls_config = crate::tls::client_config(&plan.ca_pem, tickets)?;
+        let tls = crate::tls::client_configs(&plan.ca_pem, tickets)?;
         let server_name = crate::tls::server_name(&plan.config.server_name)?;
         let minter = TokenMinter::from_key_file_contents(&plan.jwt_key)?;
         let started = Instant::now();
@@ -272,7 +272,7 @@ impl Worker {
             poll,
             _waker: waker,
             commands,
-            tls_config,
+            tls,
             server_name,
             minter,
             started,
@@ -569,7 +569,13 @@ impl Worker {
             self.record_failure(slot, io_reason("register", &e), now);
             return;
         }
-        let tls = match ClientConnection::new(self.tls_config.clone(), self.server_name.clone()) {
+        // Only a reconnect of a slot that had a session may resume.
+        let config = if gen > 1 {
+            self.tls.reconnect.clone()
+        } else {
+            self.tls.first.clone()
+        };
+        let tls = match ClientConnection::new(config, self.server_name.clone()) {
             Ok(t) => t,
             Err(e) => {
                 self.inflight -= 1;
