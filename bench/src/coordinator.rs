@@ -69,6 +69,8 @@ struct Run {
     problems: Vec<String>,
     /// When each phase was first reached by every worker.
     phase_reached: BTreeMap<Phase, Instant>,
+    /// Sessions open when the scenario ended (before Finish closes them).
+    open_at_end: u64,
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
@@ -303,6 +305,7 @@ impl Run {
             last_sample: (now, Counters::default()),
             problems: Vec::new(),
             phase_reached: BTreeMap::new(),
+            open_at_end: 0,
         })
     }
 
@@ -334,6 +337,7 @@ impl Run {
                 self.pump_for(settle)?;
             }
         }
+        self.open_at_end = self.totals().open;
         if let Some(g) = gateway {
             sample_gateway(&self.config, g, When::After)?;
         }
@@ -579,7 +583,7 @@ impl Run {
             target: self.workers.iter().map(|w| w.plan.users()).sum(),
             established,
             peak_open,
-            open_at_end: self.timeline.last().map_or(0, |s| s.open),
+            open_at_end: self.open_at_end,
             connect_phase_s,
             handshakes_per_s: handshakes_in_connect as f64 / connect_phase_s.max(1e-3),
             heartbeat_ms,
