@@ -108,8 +108,8 @@ pub fn run(args: RunArgs) -> Result<()> {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     let run_id = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
-    let mut gateway = (!config.gateway_pid.is_empty() || config.admin_url.is_some())
-        .then(|| GatewayStats {
+    let mut gateway =
+        (!config.gateway_pid.is_empty() || config.admin_url.is_some()).then(|| GatewayStats {
             pids: config.gateway_pid.clone(),
             ..Default::default()
         });
@@ -118,7 +118,13 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
 
     let first_worker = part_index * local_workers;
-    let mut run = Run::start(&config, &run_id, first_worker..first_worker + local_workers, ca_pem, jwt_key)?;
+    let mut run = Run::start(
+        &config,
+        &run_id,
+        first_worker..first_worker + local_workers,
+        ca_pem,
+        jwt_key,
+    )?;
     let result = run.drive(gateway.as_mut());
     if let Err(e) = &result {
         run.problems.push(format!("{e:#}"));
@@ -152,9 +158,12 @@ fn parse_part(part: Option<&str>) -> Result<(usize, usize)> {
     let Some(text) = part else {
         return Ok((0, 1));
     };
-    let parsed = text
-        .split_once('/')
-        .and_then(|(k, m)| Some((k.trim().parse::<usize>().ok()?, m.trim().parse::<usize>().ok()?)));
+    let parsed = text.split_once('/').and_then(|(k, m)| {
+        Some((
+            k.trim().parse::<usize>().ok()?,
+            m.trim().parse::<usize>().ok()?,
+        ))
+    });
     match parsed {
         Some((k, m)) if k >= 1 && k <= m => Ok((k - 1, m)),
         _ => bail!("--part {text}: write K/M with 1 <= K <= M, e.g. 2/4"),
@@ -177,7 +186,10 @@ pub fn write_out_dir(report: &Report, dir: &std::path::Path) -> Result<()> {
 fn shell_words(args: &[String]) -> String {
     args.iter()
         .map(|a| {
-            if !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:=,@".contains(c)) {
+            if !a.is_empty()
+                && a.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./:=,@".contains(c))
+            {
                 a.clone()
             } else {
                 format!("'{}'", a.replace('\'', "'\\''"))
@@ -242,6 +254,7 @@ impl Run {
         let exe = std::env::current_exe().context("locating the palaver-bench binary")?;
         let (tx, events) = mpsc::channel();
         let mut workers = Vec::new();
+        let indexes_len = indexes.len();
         for (local, index) in indexes.enumerate() {
             let users = config.worker_users(index);
             let plan = WorkerPlan {
@@ -251,8 +264,7 @@ impl Run {
                 user_start: users.start,
                 user_end: users.end,
                 groups: config.worker_groups(index),
-                source_ip: (!config.source_ips.is_empty())
-                    .then(|| config.source_ips[local % config.source_ips.len()]),
+                source_ips: config.worker_sources(local, indexes_len),
                 ca_pem: ca_pem.clone(),
                 jwt_key: jwt_key.clone(),
             };
@@ -389,7 +401,9 @@ impl Run {
     /// Handles worker messages until `until` or the next tick.
     fn pump(&mut self, until: Instant) -> Result<()> {
         let next_tick = self.last_sample.0 + Duration::from_secs(1);
-        let wait = until.min(next_tick).saturating_duration_since(Instant::now());
+        let wait = until
+            .min(next_tick)
+            .saturating_duration_since(Instant::now());
         match self.events.recv_timeout(wait) {
             Ok(event) => self.on_event(event)?,
             Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -403,11 +417,14 @@ impl Run {
 
     fn on_event(&mut self, event: Event) -> Result<()> {
         match event {
-            Event::Msg(i, WorkerMsg::Progress {
-                phase,
-                counters,
-                interval_e2e_p99_us,
-            }) => {
+            Event::Msg(
+                i,
+                WorkerMsg::Progress {
+                    phase,
+                    counters,
+                    interval_e2e_p99_us,
+                },
+            ) => {
                 let w = &mut self.workers[i];
                 w.phase = phase;
                 w.counters = counters;
@@ -456,8 +473,7 @@ impl Run {
             .max()
             .unwrap_or(0) as f64
             / 1000.0;
-        let handshakes =
-            |c: &Counters| c.handshakes_full + c.handshakes_resumed;
+        let handshakes = |c: &Counters| c.handshakes_full + c.handshakes_resumed;
         let sample = Sample {
             t_s: (now - self.started).as_secs_f64(),
             open: total.open,
@@ -477,7 +493,10 @@ impl Run {
             total.failed,
             total.disconnected
         );
-        if matches!(self.config.scenario, ScenarioKind::Chat | ScenarioKind::Fanout) {
+        if matches!(
+            self.config.scenario,
+            ScenarioKind::Chat | ScenarioKind::Fanout
+        ) {
             line += &format!(
                 "  sent/s {:>6.0}  deliv/s {:>7.0}  e2e p99 {:.1}ms",
                 sample.sent_per_s, sample.delivered_per_s, sample.e2e_p99_ms
@@ -501,7 +520,11 @@ impl Run {
             w.stdin = None; // EOF also means finish
         }
         let deadline = Instant::now() + Duration::from_secs(60);
-        while self.workers.iter().any(|w| w.final_report.is_none() && !w.gone) {
+        while self
+            .workers
+            .iter()
+            .any(|w| w.final_report.is_none() && !w.gone)
+        {
             if Instant::now() >= deadline {
                 self.problems
                     .push("some workers sent no final report within 60s".into());
@@ -563,12 +586,16 @@ impl Run {
             workers.push(WorkerInfo {
                 index: w.plan.index,
                 users: w.plan.users(),
-                source_ip: w.plan.source_ip.map(|ip| ip.to_string()),
+                source_ips: w.plan.source_ips.iter().map(|ip| ip.to_string()).collect(),
                 peak_open: f.peak_open,
                 peak_rss_bytes: f.peak_rss_bytes,
             });
         }
-        let reached = |p: Phase| self.phase_reached.get(&p).map(|t| (*t - self.started).as_secs_f64());
+        let reached = |p: Phase| {
+            self.phase_reached
+                .get(&p)
+                .map(|t| (*t - self.started).as_secs_f64())
+        };
         let connect_phase_s = reached(Phase::Connected).unwrap_or(0.0);
         let established = self
             .timeline
@@ -577,8 +604,8 @@ impl Run {
             .map_or(counters.welcomed, |s| s.open);
         let peak_open: u64 = workers.iter().map(|w| w.peak_open).sum();
         let peak_rss: u64 = workers.iter().map(|w| w.peak_rss_bytes).sum();
-        let handshakes_in_connect = counters.handshakes_full + counters.handshakes_resumed
-            - counters.storm_reconnected;
+        let handshakes_in_connect =
+            counters.handshakes_full + counters.handshakes_resumed - counters.storm_reconnected;
         let connections = ConnectionStats {
             target: self.workers.iter().map(|w| w.plan.users()).sum(),
             established,
@@ -590,43 +617,45 @@ impl Run {
             bench_bytes_per_connection: (peak_open > 0).then(|| peak_rss as f64 / peak_open as f64),
         };
         let config = self.config;
-        let chat = matches!(config.scenario, ScenarioKind::Chat | ScenarioKind::Fanout).then(|| {
-            let send_s = config.duration.0.as_secs_f64();
-            let chat_span = match (reached(Phase::Chatting), reached(Phase::ChatDone)) {
-                (Some(a), Some(b)) if b > a => b - a,
-                _ => send_s,
-            };
-            ChatStats {
-                conversations: self
-                    .workers
-                    .iter()
-                    .map(|w| {
-                        let u = w.plan.users();
-                        let directs = if config.direct_share > 0.0 { u / 2 } else { 0 };
-                        directs + w.plan.groups.len() as u64
-                    })
-                    .sum(),
-                offered_rate: config.rate * self.workers.iter().map(|w| w.plan.users()).sum::<u64>() as f64
-                    / config.connections as f64,
-                send_duration_s: send_s,
-                acked_per_s: counters.acked as f64 / send_s,
-                delivered_per_s: counters.delivered as f64 / chat_span,
-            }
-        });
+        let chat =
+            matches!(config.scenario, ScenarioKind::Chat | ScenarioKind::Fanout).then(|| {
+                let send_s = config.duration.0.as_secs_f64();
+                let chat_span = match (reached(Phase::Chatting), reached(Phase::ChatDone)) {
+                    (Some(a), Some(b)) if b > a => b - a,
+                    _ => send_s,
+                };
+                ChatStats {
+                    conversations: self
+                        .workers
+                        .iter()
+                        .map(|w| {
+                            let u = w.plan.users();
+                            let directs = if config.direct_share > 0.0 { u / 2 } else { 0 };
+                            directs + w.plan.groups.len() as u64
+                        })
+                        .sum(),
+                    offered_rate: config.rate
+                        * self.workers.iter().map(|w| w.plan.users()).sum::<u64>() as f64
+                        / config.connections as f64,
+                    send_duration_s: send_s,
+                    acked_per_s: counters.acked as f64 / send_s,
+                    delivered_per_s: counters.delivered as f64 / chat_span,
+                }
+            });
         let storm = (config.scenario == ScenarioKind::ReconnectStorm).then(|| StormStats {
             dropped: counters.storm_dropped,
             reconnected: counters.storm_reconnected,
             resumed: counters.storm_resumed,
             resumed_share: counters.storm_resumed as f64 / counters.storm_reconnected.max(1) as f64,
             recovery_s: storm_recovery,
-            reconnects_per_s: storm_recovery.map(|s| counters.storm_reconnected as f64 / s.max(1e-3)),
+            reconnects_per_s: storm_recovery
+                .map(|s| counters.storm_reconnected as f64 / s.max(1e-3)),
         });
         let gateway = info.gateway.map(|mut g| {
             if let (Some(before), Some(connected)) = (g.rss_before_bytes, g.rss_connected_bytes) {
                 if g.open_when_sampled > 0 {
-                    g.bytes_per_connection = Some(
-                        (connected as f64 - before as f64) / g.open_when_sampled as f64,
-                    );
+                    g.bytes_per_connection =
+                        Some((connected as f64 - before as f64) / g.open_when_sampled as f64);
                 }
             }
             g

@@ -24,8 +24,8 @@ pub struct WorkerPlan {
     pub user_end: u64,
     /// Sizes of the groups this worker's users form.
     pub groups: Vec<u32>,
-    /// Address client sockets bind to before connecting.
-    pub source_ip: Option<IpAddr>,
+    /// Addresses client sockets bind to before connecting (round-robin).
+    pub source_ips: Vec<IpAddr>,
     /// The CA certificate(s) to trust, PEM.
     pub ca_pem: String,
     /// The JWT signing key file's contents.
@@ -196,7 +196,9 @@ pub enum WorkerMsg {
     },
     Final(Box<WorkerFinal>),
     /// The worker could not run its plan (bad key, bad CA, no sockets...).
-    Fatal { message: String },
+    Fatal {
+        message: String,
+    },
 }
 
 /// A worker's final report.

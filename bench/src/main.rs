@@ -22,7 +22,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "palaver-bench", version, about = "Load generator and reports for Palaver gateways")]
+#[command(
+    name = "palaver-bench",
+    version,
+    about = "Load generator and reports for Palaver gateways"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,

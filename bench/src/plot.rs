@@ -17,7 +17,12 @@ pub fn write_all(report: &Report, dir: &Path) -> Result<()> {
     for (name, text) in &report.histograms {
         let h = hist::decode(text)?;
         if !h.is_empty() {
-            let title = format!("{} latency — {} ({} samples)", name, report.scenario, h.len());
+            let title = format!(
+                "{} latency — {} ({} samples)",
+                name,
+                report.scenario,
+                h.len()
+            );
             spectrum(&h, &title, &dir.join(format!("latency-{name}.svg")))?;
         }
     }
@@ -45,7 +50,11 @@ fn spectrum_points(h: &Histogram<u64>, max_x: f64) -> Vec<(f64, f64)> {
     h.iter_quantiles(5)
         .map(|v| {
             let q = v.quantile_iterated_to();
-            let x = if q >= 1.0 { max_x } else { (1.0 / (1.0 - q)).min(max_x) };
+            let x = if q >= 1.0 {
+                max_x
+            } else {
+                (1.0 / (1.0 - q)).min(max_x)
+            };
             (x, v.value_iterated_to() as f64 / 1000.0)
         })
         .collect()
@@ -89,7 +98,10 @@ fn timeline(report: &Report, path: &Path) -> Result<()> {
 
     let open_max = samples.iter().map(|s| s.open).max().unwrap_or(0).max(1) as f64 * 1.1;
     let mut chart = ChartBuilder::on(&top)
-        .caption(format!("{} — open connections", report.scenario), ("sans-serif", 20))
+        .caption(
+            format!("{} — open connections", report.scenario),
+            ("sans-serif", 20),
+        )
         .margin(16)
         .x_label_area_size(36)
         .y_label_area_size(80)

@@ -51,7 +51,7 @@ pub struct Report {
 pub struct WorkerInfo {
     pub index: usize,
     pub users: u64,
-    pub source_ip: Option<String>,
+    pub source_ips: Vec<String>,
     pub peak_open: u64,
     pub peak_rss_bytes: u64,
 }
@@ -182,7 +182,9 @@ impl Report {
         write_map(&mut t, "lost sessions by reason", &self.disconnects);
         if let Some(g) = &self.gateway {
             let _ = writeln!(t, "\ngateway memory (pids {:?})", g.pids);
-            let mib = |b: Option<u64>| b.map_or("-".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0));
+            let mib = |b: Option<u64>| {
+                b.map_or("-".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0))
+            };
             let _ = writeln!(
                 t,
                 "  RSS before {}  connected {}  after {}",
@@ -257,7 +259,15 @@ impl Report {
                     let _ = writeln!(
                         t,
                         "  {:<12} {:>9} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3}",
-                        name, s.count, s.min_ms, s.p50_ms, s.p90_ms, s.p99_ms, s.p999_ms, s.p9999_ms, s.max_ms
+                        name,
+                        s.count,
+                        s.min_ms,
+                        s.p50_ms,
+                        s.p90_ms,
+                        s.p99_ms,
+                        s.p999_ms,
+                        s.p9999_ms,
+                        s.max_ms
                     );
                 }
             }
@@ -276,7 +286,8 @@ impl Report {
     pub fn read_json(path: &Path) -> Result<Report> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("{} is not a bench report", path.display()))
+        serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a bench report", path.display()))
     }
 
     /// Combines reports of the parts of one run made on several machines:
@@ -366,7 +377,10 @@ fn merge_timeline(into: &mut Vec<Sample>, other: &[Sample], offset: f64) {
                 x.delivered_per_s += s.delivered_per_s;
                 x.e2e_p99_ms = x.e2e_p99_ms.max(s.e2e_p99_ms);
             }
-            None => into.push(Sample { t_s: t, ..s.clone() }),
+            None => into.push(Sample {
+                t_s: t,
+                ..s.clone()
+            }),
         }
     }
     into.sort_by(|a, b| a.t_s.total_cmp(&b.t_s));

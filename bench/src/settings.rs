@@ -158,8 +158,8 @@ pub struct Settings {
     /// Worker processes [default: enough for 15,000 connections each].
     #[arg(long)]
     pub workers: Option<usize>,
-    /// Source addresses for client sockets, one per worker round-robin:
-    /// `127.0.0.2-127.0.0.40`, a comma list, or `none` [default: 127.0.0.2.. for loopback targets].
+    /// Source addresses for client sockets, dealt to the workers round-robin:
+    /// `127.0.0.2-127.0.0.40`, a comma list, or `none` [default: 4 per worker from 127.0.0.2 for loopback targets].
     #[arg(long)]
     pub source_ips: Option<String>,
     /// Connections (= users) to open [default: 1000; fanout: group size x workers].
@@ -276,6 +276,12 @@ pub const MIN_BODY_BYTES: u32 = 32;
 /// Connections per worker when `--workers` is not given: well under the
 /// 20,000 open files a process may have here.
 pub const DEFAULT_CONNECTIONS_PER_WORKER: u64 = 15_000;
+/// Source addresses per worker for a loopback target. Each (source, target)
+/// pair has ~28,000 ephemeral ports; the kernel's search for a free one at
+/// connect() gets slow as they fill (at ~14,000 per pair a worker spent
+/// most of its time in `__inet_hash_connect`), so each worker spreads its
+/// connections over several sources.
+pub const LOOPBACK_SOURCES_PER_WORKER: usize = 4;
 /// File descriptors a worker keeps for itself besides its sockets.
 pub const WORKER_FD_RESERVE: u64 = 64;
 
@@ -356,8 +362,13 @@ impl Settings {
         let source_ips = match self.source_ips.as_deref() {
             Some("none") => Vec::new(),
             Some(spec) => parse_ip_list(spec)?,
-            None if target.ip().is_loopback() && target.is_ipv4() => (0..workers)
-                .map(|i| IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 0, 0, 2)) + i as u32)))
+            None if target.ip().is_loopback() && target.is_ipv4() => (0..workers
+                * LOOPBACK_SOURCES_PER_WORKER)
+                .map(|i| {
+                    IpAddr::V4(Ipv4Addr::from(
+                        u32::from(Ipv4Addr::new(127, 0, 0, 2)) + i as u32,
+                    ))
+                })
                 .collect(),
             None => Vec::new(),
         };
@@ -440,6 +451,19 @@ impl Config {
         start..start + base + u64::from(i < extra)
     }
 
+    /// Source addresses of local worker `local` of `count`: the list dealt
+    /// round-robin, or one shared address when there are fewer than workers.
+    pub fn worker_sources(&self, local: usize, count: usize) -> Vec<IpAddr> {
+        let ips = &self.source_ips;
+        if ips.is_empty() {
+            return Vec::new();
+        }
+        if ips.len() < count {
+            return vec![ips[local % ips.len()]];
+        }
+        ips.iter().skip(local).step_by(count).copied().collect()
+    }
+
     /// Groups of worker `index` (sizes): the group list dealt round-robin.
     pub fn worker_groups(&self, index: usize) -> Vec<u32> {
         let mut all = Vec::new();
@@ -478,7 +502,11 @@ impl Config {
                         );
                     }
                 }
-                if groups.is_empty() && self.direct_share < 1.0 && self.scenario == ScenarioKind::Chat && n >= 2 {
+                if groups.is_empty()
+                    && self.direct_share < 1.0
+                    && self.scenario == ScenarioKind::Chat
+                    && n >= 2
+                {
                     bail!(
                         "worker {i} has no group but --direct-share is below 1: add groups (--groups) \
                          or set --direct-share 1"
@@ -496,11 +524,19 @@ impl Config {
 /// `A-B` (IPv4 range, inclusive) or `A,B,C`.
 fn parse_ip_list(spec: &str) -> Result<Vec<IpAddr>> {
     if let Some((from, to)) = spec.split_once('-') {
-        let from: Ipv4Addr = from.trim().parse().with_context(|| format!("--source-ips {spec}"))?;
-        let to: Ipv4Addr = to.trim().parse().with_context(|| format!("--source-ips {spec}"))?;
+        let from: Ipv4Addr = from
+            .trim()
+            .parse()
+            .with_context(|| format!("--source-ips {spec}"))?;
+        let to: Ipv4Addr = to
+            .trim()
+            .parse()
+            .with_context(|| format!("--source-ips {spec}"))?;
         let (a, b) = (u32::from(from), u32::from(to));
         if b < a || b - a > 65_535 {
-            bail!("--source-ips {spec}: the range must go upwards and hold at most 65536 addresses");
+            bail!(
+                "--source-ips {spec}: the range must go upwards and hold at most 65536 addresses"
+            );
         }
         return Ok((a..=b).map(|v| IpAddr::V4(Ipv4Addr::from(v))).collect());
     }
@@ -519,9 +555,15 @@ mod tests {
 
     #[test]
     fn durations_parse_and_print() {
-        assert_eq!("500ms".parse::<Dur>().unwrap().0, Duration::from_millis(500));
+        assert_eq!(
+            "500ms".parse::<Dur>().unwrap().0,
+            Duration::from_millis(500)
+        );
         assert_eq!("2m".parse::<Dur>().unwrap().0, Duration::from_secs(120));
-        assert_eq!("1.5s".parse::<Dur>().unwrap().0, Duration::from_millis(1500));
+        assert_eq!(
+            "1.5s".parse::<Dur>().unwrap().0,
+            Duration::from_millis(1500)
+        );
         assert!("ten".parse::<Dur>().is_err());
         assert!("5d".parse::<Dur>().is_err());
         assert_eq!(Dur(Duration::from_secs(30)).to_string(), "30s");
@@ -549,8 +591,10 @@ mod tests {
         let c = s.resolve().unwrap();
         let ranges: Vec<_> = (0..3).map(|i| c.worker_users(i)).collect();
         assert_eq!(ranges, vec![0..4, 4..7, 7..10]);
-        assert_eq!(c.source_ips.len(), 3);
+        assert_eq!(c.source_ips.len(), 3 * LOOPBACK_SOURCES_PER_WORKER);
         assert_eq!(c.source_ips[0].to_string(), "127.0.0.2");
+        assert_eq!(c.worker_sources(1, 3)[0].to_string(), "127.0.0.3");
+        assert_eq!(c.worker_sources(1, 3).len(), LOOPBACK_SOURCES_PER_WORKER);
     }
 
     #[test]

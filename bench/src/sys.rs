@@ -105,7 +105,14 @@ pub fn scrape_metrics(admin_url: &str) -> Result<BTreeMap<String, f64>> {
         .with_context(|| format!("--admin-url {admin_url}: only http:// URLs are supported"))?;
     let (host, base_path) = rest.split_once('/').unwrap_or((rest, ""));
     let path = if base_path.is_empty() || base_path.ends_with("metrics") {
-        format!("/{}", if base_path.is_empty() { "metrics" } else { base_path })
+        format!(
+            "/{}",
+            if base_path.is_empty() {
+                "metrics"
+            } else {
+                base_path
+            }
+        )
     } else {
         format!("/{}/metrics", base_path.trim_end_matches('/'))
     };

@@ -5,7 +5,9 @@
 use anyhow::{Context, Result};
 use palaver_gateway::auth;
 
-pub use palaver_gateway::devcerts::{CA_CERT_FILE as DEV_CA_FILE, JWT_SECRET_FILE as DEV_JWT_KEY_FILE};
+pub use palaver_gateway::devcerts::{
+    CA_CERT_FILE as DEV_CA_FILE, JWT_SECRET_FILE as DEV_JWT_KEY_FILE,
+};
 
 /// How long minted tokens stay valid: longer than any run.
 const TOKEN_LIFETIME_S: i64 = 24 * 3600;
@@ -38,7 +40,9 @@ impl TokenMinter {
     /// A token for `user_id`, usable from any device.
     pub fn mint(&self, user_id: &str) -> Result<String> {
         match self {
-            TokenMinter::Hs256(secret) => Ok(auth::mint_hs256(secret, user_id, None, TOKEN_LIFETIME_S)),
+            TokenMinter::Hs256(secret) => {
+                Ok(auth::mint_hs256(secret, user_id, None, TOKEN_LIFETIME_S))
+            }
             TokenMinter::EdDsa(pem) => auth::mint_eddsa(pem, user_id, None, TOKEN_LIFETIME_S),
         }
     }

@@ -23,7 +23,9 @@ fn gateway_bin() -> PathBuf {
         if path.parent().is_some_and(|d| d.ends_with("release")) {
             build.arg("--release");
         }
-        let status = build.status().expect("running cargo build -p palaver-gateway");
+        let status = build
+            .status()
+            .expect("running cargo build -p palaver-gateway");
         assert!(status.success(), "cargo build -p palaver-gateway failed");
     }
     path
@@ -65,7 +67,10 @@ impl Gateway {
         while TcpStream::connect(("127.0.0.1", port)).is_err()
             || !data_dir.join("jwt-hs256.secret").exists()
         {
-            assert!(Instant::now() < deadline, "gateway did not listen within 60s");
+            assert!(
+                Instant::now() < deadline,
+                "gateway did not listen within 60s"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         gateway
@@ -100,7 +105,10 @@ fn smoke_scenario_against_a_real_gateway() {
         .arg("--data-dir")
         .arg(&gateway.data_dir)
         .args(["--gateway-pid", &gateway.child.id().to_string()])
-        .args(["--admin-url", &format!("http://127.0.0.1:{}", gateway.admin_port)])
+        .args([
+            "--admin-url",
+            &format!("http://127.0.0.1:{}", gateway.admin_port),
+        ])
         .arg("--out")
         .arg(&out)
         .output()
@@ -137,7 +145,13 @@ fn smoke_scenario_against_a_real_gateway() {
     assert!(r["gateway"]["metrics_connected"]
         .as_object()
         .is_some_and(|m| !m.is_empty()));
-    for file in ["command.txt", "machine.json", "summary.txt", "timeline.svg", "latency-e2e.svg"] {
+    for file in [
+        "command.txt",
+        "machine.json",
+        "summary.txt",
+        "timeline.svg",
+        "latency-e2e.svg",
+    ] {
         let len = std::fs::metadata(out.join(file)).map_or(0, |m| m.len());
         assert!(len > 0, "{file} missing or empty");
     }

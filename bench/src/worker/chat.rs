@@ -581,7 +581,12 @@ mod tests {
         let t0 = Instant::now();
         c.start(t0);
         let mut out = Vec::new();
-        c.due_sends(t0 + Duration::from_secs(1), |_| true, &mut counters, &mut out);
+        c.due_sends(
+            t0 + Duration::from_secs(1),
+            |_| true,
+            &mut counters,
+            &mut out,
+        );
         assert_eq!(out.len(), 10);
         assert_eq!(counters.sent, 10);
         // Ack the first three sends with seqs 1..=3.
@@ -618,7 +623,13 @@ mod tests {
                     skipped_one = true;
                     continue;
                 }
-                c.on_deliver(member, &me, &deliver("grp:x", seq, &sender(k), body(k)), t0, &mut counters);
+                c.on_deliver(
+                    member,
+                    &me,
+                    &deliver("grp:x", seq, &sender(k), body(k)),
+                    t0,
+                    &mut counters,
+                );
             }
         }
         c.finish(&mut counters);
@@ -628,8 +639,20 @@ mod tests {
         assert_eq!(counters.unacked, 7);
         assert_eq!(c.e2e.len(), counters.delivered);
         // Foreign bodies and conversations are flagged, not counted.
-        c.on_deliver(0, "u0", &deliver("grp:y", 9, "u1", body(0)), t0, &mut counters);
-        c.on_deliver(0, "u0", &deliver("grp:x", 9, "u1", vec![0; 30]), t0, &mut counters);
+        c.on_deliver(
+            0,
+            "u0",
+            &deliver("grp:y", 9, "u1", body(0)),
+            t0,
+            &mut counters,
+        );
+        c.on_deliver(
+            0,
+            "u0",
+            &deliver("grp:x", 9, "u1", vec![0; 30]),
+            t0,
+            &mut counters,
+        );
         assert_eq!(counters.unexpected, 2);
     }
 
@@ -640,7 +663,12 @@ mod tests {
         let t0 = Instant::now();
         c.start(t0);
         let mut out = Vec::new();
-        c.due_sends(t0 + Duration::from_secs(5), |_| false, &mut counters, &mut out);
+        c.due_sends(
+            t0 + Duration::from_secs(5),
+            |_| false,
+            &mut counters,
+            &mut out,
+        );
         assert!(out.is_empty());
         assert_eq!(counters.send_skipped, 10);
         assert!(c.next_due().is_none());

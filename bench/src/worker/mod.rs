@@ -137,7 +137,8 @@ struct Conn {
 impl Conn {
     /// Holds a session that may send requests.
     fn is_ready(&self) -> bool {
-        self.welcomed && matches!(&self.state, State::Session(p) if p.phase() == ClientPhase::Established)
+        self.welcomed
+            && matches!(&self.state, State::Session(p) if p.phase() == ClientPhase::Established)
     }
 }
 
@@ -387,9 +388,7 @@ impl Worker {
             Phase::SettingUp if self.chat.as_ref().is_some_and(|c| c.pending_creates() == 0) => {
                 self.phase = Phase::Ready;
             }
-            Phase::Chatting
-                if self.chat.as_ref().is_some_and(|c| c.next_due().is_none()) =>
-            {
+            Phase::Chatting if self.chat.as_ref().is_some_and(|c| c.next_due().is_none()) => {
                 self.phase = Phase::Draining;
             }
             Phase::Draining => {
@@ -496,10 +495,10 @@ impl Worker {
             disconnects: self.disconnects,
             send_errors,
             histograms,
-            storm_recovery_ms: self.storm.as_ref().and_then(|s| {
-                s.done_at
-                    .map(|d| (d - s.started).as_secs_f64() * 1000.0)
-            }),
+            storm_recovery_ms: self
+                .storm
+                .as_ref()
+                .and_then(|s| s.done_at.map(|d| (d - s.started).as_secs_f64() * 1000.0)),
             heartbeat_ms: self.heartbeat_ms,
             peak_rss_bytes: self.peak_rss,
             peak_open: self.peak_open,
@@ -515,7 +514,8 @@ impl Worker {
         if !self.reconnect_queue.is_empty() {
             return Some(Instant::now());
         }
-        (self.next_first_connect < self.users.len()).then(|| self.first_connect_due(self.next_first_connect))
+        (self.next_first_connect < self.users.len())
+            .then(|| self.first_connect_due(self.next_first_connect))
     }
 
     fn first_connect_due(&self, k: usize) -> Instant {
@@ -551,7 +551,9 @@ impl Worker {
         let gen = user.gen;
         self.counters.attempts += 1;
         self.inflight += 1;
-        let sock = match connect_socket(self.plan.config.target, self.plan.source_ip) {
+        let sources = &self.plan.source_ips;
+        let source = (!sources.is_empty()).then(|| sources[slot as usize % sources.len()]);
+        let sock = match connect_socket(self.plan.config.target, source) {
             Ok(s) => s,
             Err(e) => {
                 self.inflight -= 1;
@@ -617,7 +619,9 @@ impl Worker {
     }
 
     fn is_ready(&self, slot: u32) -> bool {
-        self.conns[slot as usize].as_ref().is_some_and(Conn::is_ready)
+        self.conns[slot as usize]
+            .as_ref()
+            .is_some_and(Conn::is_ready)
     }
 
     /// Milliseconds since the worker started: the clock of the protocol's
@@ -725,7 +729,10 @@ impl Worker {
             self.next_nonce += 1;
             conn.ping = Some((nonce, now));
             self.counters.pings += 1;
-            self.send(slot, &palaver_protocol::frame(0, Body::Ping(pb::Ping { nonce })));
+            self.send(
+                slot,
+                &palaver_protocol::frame(0, Body::Ping(pb::Ping { nonce })),
+            );
         }
         self.schedule_wake(slot);
     }
@@ -796,7 +803,9 @@ impl Worker {
         if matches!(conn.state, State::Connecting) {
             match conn.sock.take_error() {
                 Ok(None) => {}
-                Ok(Some(e)) | Err(e) => return self.close(slot, End::Failed(io_reason("connect", &e))),
+                Ok(Some(e)) | Err(e) => {
+                    return self.close(slot, End::Failed(io_reason("connect", &e)))
+                }
             }
             match conn.sock.peer_addr() {
                 Ok(_) => conn.state = State::Handshaking,
@@ -833,7 +842,8 @@ impl Worker {
                         break 'read;
                     }
                     Ok(n) => {
-                        if let Err(e) = conn.decoder.decode(&self.read_buf[..n], |f| frames.push(f)) {
+                        if let Err(e) = conn.decoder.decode(&self.read_buf[..n], |f| frames.push(f))
+                        {
                             end = Some(format!("bad frame from server: {e}"));
                             break 'read;
                         }
@@ -884,7 +894,10 @@ impl Worker {
             self.counters.handshakes_full += 1;
         }
         if conn.tls.alpn_protocol() != Some(palaver_protocol::ALPN) {
-            return self.close(slot, End::Failed("tls: server did not select ALPN palaver/1".into()));
+            return self.close(
+                slot,
+                End::Failed("tls: server did not select ALPN palaver/1".into()),
+            );
         }
         let welcome_timeout_ms = self.plan.config.connect_timeout.0.as_millis() as u32;
         conn.state = State::Session(ClientConn::new(
@@ -911,7 +924,10 @@ impl Worker {
             client_version: env!("CARGO_PKG_VERSION").into(),
             resume: Vec::new(),
         };
-        self.send(slot, &palaver_protocol::frame(HELLO_REQUEST_ID, Body::Hello(hello)));
+        self.send(
+            slot,
+            &palaver_protocol::frame(HELLO_REQUEST_ID, Body::Hello(hello)),
+        );
     }
 
     fn on_frame(&mut self, slot: u32, frame: pb::Frame, now: Instant) {
@@ -948,9 +964,10 @@ impl Worker {
                     }
                 }
             }
-            Some(Body::Ping(p)) => {
-                self.send(slot, &palaver_protocol::frame(0, Body::Pong(pb::Pong { nonce: p.nonce })))
-            }
+            Some(Body::Ping(p)) => self.send(
+                slot,
+                &palaver_protocol::frame(0, Body::Pong(pb::Pong { nonce: p.nonce })),
+            ),
             Some(Body::SendAck(ack)) => {
                 if let Some(chat) = self.chat.as_mut() {
                     chat.on_ack(slot, &ack, now, &mut self.counters);
@@ -984,11 +1001,14 @@ impl Worker {
         self.inflight -= 1;
         self.counters.welcomed += 1;
         self.counters.open += 1;
-        self.heartbeat_ms.get_or_insert(welcome.heartbeat_interval_ms);
+        self.heartbeat_ms
+            .get_or_insert(welcome.heartbeat_interval_ms);
         self.schedule_wake(slot);
         if let Some(dropped) = self.users[slot as usize].dropped_at.take() {
             hist::record(
-                self.histograms.get_mut(names::RECONNECT).expect("histogram"),
+                self.histograms
+                    .get_mut(names::RECONNECT)
+                    .expect("histogram"),
                 now - dropped,
             );
             self.counters.storm_reconnected += 1;
@@ -1010,7 +1030,10 @@ impl Worker {
             return self.close(slot, End::Failed(format!("Error {name}")));
         }
         let Some(chat) = self.chat.as_mut() else {
-            *self.disconnects.entry(format!("Error {name} (request failed)")).or_default() += 1;
+            *self
+                .disconnects
+                .entry(format!("Error {name} (request failed)"))
+                .or_default() += 1;
             return;
         };
         if !error.client_msg_id.is_empty() {
@@ -1024,7 +1047,11 @@ impl Worker {
 /// A nonblocking TCP socket connecting to `target`, bound to `source` first
 /// (port chosen at connect time, so one source address serves many targets).
 fn connect_socket(target: SocketAddr, source: Option<IpAddr>) -> io::Result<std::net::TcpStream> {
-    let sock = Socket::new(Domain::for_address(target), Type::STREAM, Some(Protocol::TCP))?;
+    let sock = Socket::new(
+        Domain::for_address(target),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
     sock.set_nonblocking(true)?;
     sock.set_tcp_nodelay(true)?;
     if let Some(ip) = source {
