@@ -42,7 +42,7 @@ pub struct RunArgs {
 }
 
 enum Event {
-    Msg(usize, WorkerMsg),
+    Msg(usize, Box<WorkerMsg>),
     /// The worker's stdout ended (it exited or crashed).
     Gone(usize),
 }
@@ -286,7 +286,7 @@ impl Run {
                     let Ok(line) = line else { break };
                     match serde_json::from_str::<WorkerMsg>(&line) {
                         Ok(msg) => {
-                            if tx.send(Event::Msg(slot, msg)).is_err() {
+                            if tx.send(Event::Msg(slot, Box::new(msg))).is_err() {
                                 return;
                             }
                         }
@@ -416,30 +416,8 @@ impl Run {
     }
 
     fn on_event(&mut self, event: Event) -> Result<()> {
-        match event {
-            Event::Msg(
-                i,
-                WorkerMsg::Progress {
-                    phase,
-                    counters,
-                    interval_e2e_p99_us,
-                },
-            ) => {
-                let w = &mut self.workers[i];
-                w.phase = phase;
-                w.counters = counters;
-                w.interval_e2e_p99_us = w.interval_e2e_p99_us.max(interval_e2e_p99_us);
-                let min = self.min_phase();
-                self.phase_reached.entry(min).or_insert_with(Instant::now);
-            }
-            Event::Msg(i, WorkerMsg::Final(report)) => {
-                let w = &mut self.workers[i];
-                w.counters = report.counters.clone();
-                w.final_report = Some(*report);
-            }
-            Event::Msg(i, WorkerMsg::Fatal { message }) => {
-                bail!("worker {} failed: {message}", self.workers[i].plan.index);
-            }
+        let (i, msg) = match event {
+            Event::Msg(i, msg) => (i, *msg),
             Event::Gone(i) => {
                 let w = &mut self.workers[i];
                 w.gone = true;
@@ -447,6 +425,29 @@ impl Run {
                     let status = w.child.wait().map(|s| s.to_string()).unwrap_or_default();
                     bail!("worker {} exited without a report ({status})", w.plan.index);
                 }
+                return Ok(());
+            }
+        };
+        match msg {
+            WorkerMsg::Progress {
+                phase,
+                counters,
+                interval_e2e_p99_us,
+            } => {
+                let w = &mut self.workers[i];
+                w.phase = phase;
+                w.counters = counters;
+                w.interval_e2e_p99_us = w.interval_e2e_p99_us.max(interval_e2e_p99_us);
+                let min = self.min_phase();
+                self.phase_reached.entry(min).or_insert_with(Instant::now);
+            }
+            WorkerMsg::Final(report) => {
+                let w = &mut self.workers[i];
+                w.counters = report.counters.clone();
+                w.final_report = Some(*report);
+            }
+            WorkerMsg::Fatal { message } => {
+                bail!("worker {} failed: {message}", self.workers[i].plan.index);
             }
         }
         Ok(())

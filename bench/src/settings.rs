@@ -66,7 +66,7 @@ impl FromStr for Dur {
 impl fmt::Display for Dur {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = self.0.as_millis();
-        if ms % 1000 == 0 {
+        if ms.is_multiple_of(1000) {
             write!(f, "{}s", ms / 1000)
         } else {
             write!(f, "{ms}ms")
@@ -386,7 +386,7 @@ impl Settings {
             bail!("--drop-percent must be above 0 and at most 100");
         }
         let rate = self.rate.unwrap_or(100.0);
-        if !(rate > 0.0) {
+        if rate.is_nan() || rate <= 0.0 {
             bail!("--rate must be above 0 messages per second");
         }
         let connect_rate = self.connect_rate.unwrap_or(2000.0);

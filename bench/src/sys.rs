@@ -136,7 +136,8 @@ pub fn scrape_metrics(admin_url: &str) -> Result<BTreeMap<String, f64>> {
     let (head, body) = response
         .split_once("\r\n\r\n")
         .context("metrics response has no HTTP header")?;
-    if !head.starts_with("HTTP/1.") || !head.split_whitespace().nth(1).is_some_and(|c| c == "200") {
+    let status = head.split_whitespace().nth(1);
+    if !head.starts_with("HTTP/1.") || status != Some("200") {
         bail!(
             "{admin_url}{path} answered `{}`",
             head.lines().next().unwrap_or("")
