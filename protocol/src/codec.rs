@@ -341,6 +341,14 @@ mod tests {
     }
 
     #[test]
+    fn idle_decoder_is_small() {
+        let dec = FrameDecoder::new(64 * 1024);
+        assert!(std::mem::size_of::<FrameDecoder>() <= 32);
+        assert_eq!(dec.buffer_capacity(), 0);
+        assert_eq!(dec.pending_bytes(), 0);
+    }
+
+    #[test]
     fn empty_frame_is_decodable() {
         let mut dec = FrameDecoder::new(16);
         let frames = decode_all(&mut dec, &[0x00, 0x00]).unwrap();
