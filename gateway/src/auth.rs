@@ -39,7 +39,8 @@ impl Authenticator {
     ) -> anyhow::Result<Self> {
         let eddsa = match ed25519_public_pem {
             Some(pem) => Some(
-                DecodingKey::from_ed_pem(pem).context("Ed25519 public key is not a PEM SPKI key")?,
+                DecodingKey::from_ed_pem(pem)
+                    .context("Ed25519 public key is not a PEM SPKI key")?,
             ),
             None => None,
         };
@@ -84,11 +85,11 @@ impl Authenticator {
         let mut validation = Validation::new(header.alg);
         validation.leeway = self.leeway_s;
         validation.set_required_spec_claims(&["exp", "sub"]);
-        let data = jsonwebtoken::decode::<Claims>(token, key, &validation).map_err(|e| {
-            match e.kind() {
-                ErrorKind::ExpiredSignature => AuthError::Expired,
-                _ => AuthError::Invalid(e.to_string()),
-            }
+        let data = jsonwebtoken::decode::<Claims>(token, key, &validation).map_err(|e| match e
+            .kind()
+        {
+            ErrorKind::ExpiredSignature => AuthError::Expired,
+            _ => AuthError::Invalid(e.to_string()),
         })?;
         let claims = data.claims;
         if !palaver_protocol::is_valid_id(&claims.sub) {
@@ -163,13 +164,25 @@ mod tests {
         let expired = mint_hs256(SECRET, "alice", None, -120);
         assert_eq!(auth.verify(&expired, "phone"), Err(AuthError::Expired));
         let wrong = mint_hs256(b"another-secret-another-secret!!", "alice", None, 60);
-        assert!(matches!(auth.verify(&wrong, "phone"), Err(AuthError::Invalid(_))));
-        assert!(matches!(auth.verify("garbage", "phone"), Err(AuthError::Invalid(_))));
+        assert!(matches!(
+            auth.verify(&wrong, "phone"),
+            Err(AuthError::Invalid(_))
+        ));
+        assert!(matches!(
+            auth.verify("garbage", "phone"),
+            Err(AuthError::Invalid(_))
+        ));
         let bad_sub = mint_hs256(SECRET, "al ice", None, 60);
-        assert!(matches!(auth.verify(&bad_sub, "phone"), Err(AuthError::Invalid(_))));
+        assert!(matches!(
+            auth.verify(&bad_sub, "phone"),
+            Err(AuthError::Invalid(_))
+        ));
         let bound = mint_hs256(SECRET, "bob", Some("tablet"), 60);
         assert_eq!(auth.verify(&bound, "tablet").unwrap(), "bob");
-        assert!(matches!(auth.verify(&bound, "phone"), Err(AuthError::Invalid(_))));
+        assert!(matches!(
+            auth.verify(&bound, "phone"),
+            Err(AuthError::Invalid(_))
+        ));
     }
 
     #[test]

@@ -281,7 +281,10 @@ impl Config {
             ));
         }
         if l.max_connections == 0 || l.max_connections > (1 << 24) {
-            return Err(bad("limits.max_connections", "must be between 1 and 16777216"));
+            return Err(bad(
+                "limits.max_connections",
+                "must be between 1 and 16777216",
+            ));
         }
         if l.handshakes_per_turn == 0 {
             return Err(bad("limits.handshakes_per_turn", "must be > 0"));
@@ -328,6 +331,10 @@ mod tests {
         assert_eq!(c.validate().unwrap_err().field, "tls.cert/tls.key");
         let mut c = Config::default();
         c.limits.max_outbound_bytes = 1000;
-        assert!(c.validate().unwrap_err().to_string().contains("max_outbound_bytes"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("max_outbound_bytes"));
     }
 }

@@ -165,6 +165,10 @@ pub struct Core {
     /// Connections with a handshake step or read postponed to a later turn.
     deferred: VecDeque<(usize, u32)>,
     accept_pending: bool,
+    /// accept() failed (e.g. out of file descriptors): retry on the next tick
+    /// rather than spin, and rather than wait for a new connection's edge.
+    accept_retry: bool,
+    last_tick: u64,
     /// Set by Drain: when to force-close what is left (core clock, ms).
     drain_deadline_ms: Option<u64>,
 }
@@ -223,6 +227,8 @@ impl Core {
             rx,
             deferred: VecDeque::new(),
             accept_pending: true,
+            accept_retry: false,
+            last_tick: 0,
             drain_deadline_ms: None,
         })
     }
@@ -253,14 +259,19 @@ impl Core {
                     LISTENER => self.accept_pending = true,
                     WAKER => woken = true,
                     Token(slot) => {
-                        self.on_event(slot, event.is_readable(), event.is_writable(), &mut handshakes)
+                        let generation = self.conns.get(slot).map(|c| c.generation);
+                        let (readable, writable) = (event.is_readable(), event.is_writable());
+                        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            self.on_event(slot, readable, writable, &mut handshakes)
+                        }));
+                        if caught.is_err() {
+                            self.recover(slot, generation);
+                        }
                     }
                 }
             }
-            if woken {
-                if self.on_wake() {
-                    break;
-                }
+            if woken && self.on_wake() {
+                break;
             }
             self.run_deferred(&mut handshakes);
             if self.accept_pending && self.listener.is_some() {
@@ -275,7 +286,9 @@ impl Core {
     }
 
     fn on_event(&mut self, slot: usize, readable: bool, writable: bool, handshakes: &mut usize) {
-        let Some(conn) = self.conns.get_mut(slot) else { return };
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
         let mut fate = Fate::Keep;
         if writable && !conn.tls_out.is_empty() {
             fate = self.ctx.flush(conn);
@@ -307,8 +320,12 @@ impl Core {
 
     fn run_deferred(&mut self, handshakes: &mut usize) {
         for _ in 0..self.deferred.len() {
-            let Some((slot, generation)) = self.deferred.pop_front() else { break };
-            let Some(conn) = self.conns.get_mut(slot) else { continue };
+            let Some((slot, generation)) = self.deferred.pop_front() else {
+                break;
+            };
+            let Some(conn) = self.conns.get_mut(slot) else {
+                continue;
+            };
             if conn.generation != generation {
                 continue;
             }
@@ -332,7 +349,9 @@ impl Core {
 
     fn accept_some(&mut self, budget: usize) {
         for _ in 0..budget {
-            let Some(listener) = &self.listener else { return };
+            let Some(listener) = &self.listener else {
+                return;
+            };
             match listener.accept() {
                 Ok((sock, _)) => self.admit(sock),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -345,6 +364,7 @@ impl Core {
                     // instead of spinning.
                     tracing::warn!(core = self.ctx.index, "accept failed: {e}");
                     self.accept_pending = false;
+                    self.accept_retry = true;
                     return;
                 }
             }
@@ -365,6 +385,8 @@ impl Core {
             return;
         }
         CoreMetrics::inc(&ctx.metrics.accepted);
+        // TCP_NODELAY is set on the listener; Linux accepted sockets inherit it.
+        #[cfg(not(target_os = "linux"))]
         let _ = sock.set_nodelay(true);
         let generation = ctx.shared.tls.generation();
         if generation != self.tls_config.0 {
@@ -387,7 +409,11 @@ impl Core {
         if self
             .poll
             .registry()
-            .register(&mut sock, Token(slot), Interest::READABLE | Interest::WRITABLE)
+            .register(
+                &mut sock,
+                Token(slot),
+                Interest::READABLE | Interest::WRITABLE,
+            )
             .is_err()
         {
             ctx.shared.live_connections.fetch_sub(1, Relaxed);
@@ -439,29 +465,57 @@ impl Core {
     }
 
     fn deliver(&mut self, batch: Vec<Outbound>) {
-        let mut i = 0;
-        let n = batch.len();
         let mut batch = batch.into_iter().peekable();
         while let Some(o) = batch.next() {
-            i += 1;
-            let (_, slot, generation) = split_key(o.conn);
-            let Some(conn) = self.conns.get_mut(slot) else {
-                CoreMetrics::inc(&self.ctx.metrics.stale_deliveries);
-                continue;
-            };
-            if conn.generation != generation || conn.phase != Phase::Open {
-                CoreMetrics::inc(&self.ctx.metrics.stale_deliveries);
-                continue;
-            }
-            let closes = o.closes_connection();
-            self.ctx.deliver_one(slot, conn, o.frame, closes);
-            // Write once per run of frames for the same connection.
-            let same_next = batch.peek().is_some_and(|next| next.conn == o.conn);
-            if !same_next || i == n {
-                if self.ctx.finish_output(conn) == Fate::Close {
-                    self.close(slot);
+            let key = o.conn;
+            let (_, slot, generation) = split_key(key);
+            let live = self
+                .conns
+                .get(slot)
+                .is_some_and(|c| c.generation == generation);
+            let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                match self.conns.get_mut(slot) {
+                    Some(conn) if live && conn.phase == Phase::Open => {
+                        let closes = o.closes_connection();
+                        self.ctx.deliver_one(slot, conn, o.frame, closes);
+                    }
+                    _ => CoreMetrics::inc(&self.ctx.metrics.stale_deliveries),
                 }
+                // Write once per run of frames for the same connection.
+                if batch.peek().is_some_and(|next| next.conn == key) {
+                    return;
+                }
+                match self.conns.get_mut(slot) {
+                    Some(conn) if live => {
+                        if self.ctx.finish_output(conn) == Fate::Close {
+                            self.close(slot);
+                        }
+                    }
+                    _ => self.ctx.scratch.out.clear(),
+                }
+            }));
+            if caught.is_err() {
+                self.recover(slot, live.then_some(generation));
             }
+        }
+    }
+
+    /// After a panic while handling one connection: drop it and whatever
+    /// half-built output the scratch buffers hold; the core keeps running.
+    fn recover(&mut self, slot: usize, generation: Option<u32>) {
+        tracing::error!(
+            core = self.ctx.index,
+            slot,
+            "panic while handling a connection; closing it"
+        );
+        self.ctx.scratch.out.clear();
+        self.ctx.scratch.frames.clear();
+        let same = self
+            .conns
+            .get(slot)
+            .is_some_and(|c| generation.is_none_or(|g| c.generation == g));
+        if same {
+            self.close(slot);
         }
     }
 
@@ -508,6 +562,11 @@ impl Core {
 
     fn on_tick(&mut self) {
         let now = self.ctx.now_ms;
+        if self.accept_retry && now / TICK_MS != self.last_tick {
+            self.accept_retry = false;
+            self.accept_pending = true;
+        }
+        self.last_tick = now / TICK_MS;
         if let Some(deadline) = self.drain_deadline_ms {
             if now >= deadline {
                 self.close_all();
@@ -518,7 +577,9 @@ impl Core {
         self.ctx.wheel.advance((now / TICK_MS) as u32, &mut fired);
         for entry in fired.drain(..) {
             let slot = entry.slot as usize;
-            let Some(conn) = self.conns.get_mut(slot) else { continue };
+            let Some(conn) = self.conns.get_mut(slot) else {
+                continue;
+            };
             if conn.generation != entry.generation || conn.timer_tick != entry.tick {
                 continue; // stale entry: the connection has a newer one
             }
@@ -527,8 +588,15 @@ impl Core {
                 self.ctx.arm(slot, conn); // activity moved the deadline: re-park
                 continue;
             }
-            if self.ctx.expire(slot, conn) == Fate::Close {
-                self.close(slot);
+            let generation = conn.generation;
+            let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let conn = &mut self.conns[slot];
+                if self.ctx.expire(slot, conn) == Fate::Close {
+                    self.close(slot);
+                }
+            }));
+            if caught.is_err() {
+                self.recover(slot, Some(generation));
             }
         }
         self.ctx.scratch.fired = fired;
@@ -607,7 +675,12 @@ impl Ctx {
                     ),
                 };
                 CoreMetrics::inc(counter);
-                self.begin_close(slot, conn, Some(error_frame(0, code, message)), CLOSE_LINGER_MS);
+                self.begin_close(
+                    slot,
+                    conn,
+                    Some(error_frame(0, code, message)),
+                    CLOSE_LINGER_MS,
+                );
                 self.finish_output(conn)
             }
         }
@@ -629,6 +702,7 @@ impl Ctx {
         let mut tls_failed = false;
         let mut rounds = 0;
         loop {
+            let space = self.scratch.tls_in.len() - used;
             let n = match conn.sock.read(&mut self.scratch.tls_in[used..]) {
                 Ok(0) => {
                     fate = Fate::Close;
@@ -671,6 +745,11 @@ impl Ctx {
             if used > MAX_LEFTOVER {
                 // A handshake message or record larger than anything legal.
                 tls_failed = true;
+                break;
+            }
+            if n < space {
+                // A short read drained the socket; anything arriving later
+                // raises a new edge. Saves the WouldBlock read per event.
                 break;
             }
             rounds += 1;
@@ -761,7 +840,11 @@ impl Ctx {
                     let mut err = error_frame(
                         request_id,
                         pb::ErrorCode::BodyTooLarge,
-                        format!("body of {} bytes exceeds {}", send.body.len(), self.max_body),
+                        format!(
+                            "body of {} bytes exceeds {}",
+                            send.body.len(),
+                            self.max_body
+                        ),
                     );
                     set_client_msg_id(&mut err, send.client_msg_id);
                     self.queue(conn, &err);
@@ -816,10 +899,13 @@ impl Ctx {
             Ok(user) => user,
             Err(e) => {
                 let (code, message) = match e {
-                    AuthError::Expired => (pb::ErrorCode::TokenExpired, "token expired".to_string()),
-                    AuthError::Invalid(why) => {
-                        (pb::ErrorCode::Unauthenticated, format!("invalid token: {why}"))
+                    AuthError::Expired => {
+                        (pb::ErrorCode::TokenExpired, "token expired".to_string())
                     }
+                    AuthError::Invalid(why) => (
+                        pb::ErrorCode::Unauthenticated,
+                        format!("invalid token: {why}"),
+                    ),
                 };
                 let err = error_frame(request_id, code, message);
                 self.begin_close(slot, conn, Some(err), CLOSE_LINGER_MS);
@@ -835,7 +921,8 @@ impl Ctx {
                 conn: key,
             },
         });
-        conn.proto.accept_hello(self.now_ms, self.heartbeat_interval_ms);
+        conn.proto
+            .accept_hello(self.now_ms, self.heartbeat_interval_ms);
         let limits = self.shared.config.limits.protocol();
         let welcome = frame(
             request_id,
@@ -869,7 +956,10 @@ impl Ctx {
 
     fn deliver_one(&mut self, slot: usize, conn: &mut Conn, f: pb::Frame, closes: bool) {
         let len = palaver_protocol::encoded_frame_len(&f);
-        if conn.tls_out.len() + self.scratch.out.len() + len > self.max_outbound {
+        let pending = conn.tls_out.len() + self.scratch.out.len();
+        // A single frame larger than the limit (a big SyncBatch) may go out
+        // when nothing else is waiting; memory stays bounded by limit + frame.
+        if pending > 0 && pending + len > self.max_outbound {
             // Slow consumer: stop adding; tell it why behind what it has not read.
             CoreMetrics::inc(&self.metrics.slow_consumer_disconnects);
             let goaway = frame(
@@ -910,7 +1000,13 @@ impl Ctx {
 
     /// Queues `last` (if any) and close_notify, ends the session, and waits
     /// at most `linger_ms` for the output to leave.
-    fn begin_close(&mut self, slot: usize, conn: &mut Conn, last: Option<pb::Frame>, linger_ms: u32) {
+    fn begin_close(
+        &mut self,
+        slot: usize,
+        conn: &mut Conn,
+        last: Option<pb::Frame>,
+        linger_ms: u32,
+    ) {
         if conn.phase == Phase::Closing {
             return;
         }
@@ -1036,6 +1132,6 @@ mod tests {
     fn connection_slot_stays_small() {
         // The per-connection struct, excluding rustls' boxed state.
         let size = std::mem::size_of::<Conn>();
-        assert!(size <= 192, "Conn is {size} bytes");
+        assert!(size <= 160, "Conn is {size} bytes");
     }
 }

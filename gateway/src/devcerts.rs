@@ -81,7 +81,11 @@ pub fn write_dev_certs(dir: &Path, hosts: &[String]) -> anyhow::Result<DevCertPa
         .context("signing server certificate")?;
 
     write_file(&dir.join(CA_CERT_FILE), ca_cert.pem().as_bytes(), false)?;
-    write_file(&dir.join(CA_KEY_FILE), ca_key.serialize_pem().as_bytes(), true)?;
+    write_file(
+        &dir.join(CA_KEY_FILE),
+        ca_key.serialize_pem().as_bytes(),
+        true,
+    )?;
     let chain = format!("{}{}", server_cert.pem(), ca_cert.pem());
     write_file(&dir.join(SERVER_CERT_FILE), chain.as_bytes(), false)?;
     write_file(
@@ -156,7 +160,10 @@ mod tests {
         let s1 = ensure_jwt_secret(&dir).unwrap();
         let secret = read_secret(&s1).unwrap();
         assert_eq!(secret.len(), 64);
-        assert_eq!(read_secret(&ensure_jwt_secret(&dir).unwrap()).unwrap(), secret);
+        assert_eq!(
+            read_secret(&ensure_jwt_secret(&dir).unwrap()).unwrap(),
+            secret
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -166,6 +166,7 @@ fn main() {
     let filter = args.log.take().unwrap_or_else(|| "info".into());
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
         .init();
     match run(args) {
         Ok(()) => std::process::exit(0),
@@ -191,9 +192,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         println!("  admin:     http://{admin}/metrics  http://{admin}/healthz");
     }
     if gw.dev_ca_cert.is_some() || gw.dev_jwt_secret.is_some() {
+        let dir = std::fs::canonicalize(&cfg.data_dir).unwrap_or_else(|_| cfg.data_dir.clone());
         println!(
-            "  data dir:  {} (dev credentials; default {DEFAULT_DATA_DIR})",
-            cfg.data_dir.display()
+            "  data dir:  {} (dev credentials; --data-dir, default ./{DEFAULT_DATA_DIR})",
+            dir.display()
         );
     }
     if let Some(ca) = &gw.dev_ca_cert {
@@ -249,7 +251,10 @@ mod tests {
         let l = &d.limits;
         for (flag, value) in [
             ("--listen", d.listen.to_string()),
-            ("--heartbeat-interval-ms", l.heartbeat_interval_ms.to_string()),
+            (
+                "--heartbeat-interval-ms",
+                l.heartbeat_interval_ms.to_string(),
+            ),
             ("--max-frame-bytes", l.max_frame_bytes.to_string()),
             ("--max-body-bytes", l.max_body_bytes.to_string()),
             ("--max-sends-per-second", l.max_sends_per_second.to_string()),
@@ -261,8 +266,14 @@ mod tests {
             ("--max-batch", l.max_batch.to_string()),
             ("--handshakes-per-turn", l.handshakes_per_turn.to_string()),
             ("--drain-deadline-ms", d.drain.deadline_ms.to_string()),
-            ("--reconnect-delay-ms", d.drain.reconnect_delay_ms.to_string()),
-            ("--reconnect-jitter-ms", d.drain.reconnect_jitter_ms.to_string()),
+            (
+                "--reconnect-delay-ms",
+                d.drain.reconnect_delay_ms.to_string(),
+            ),
+            (
+                "--reconnect-jitter-ms",
+                d.drain.reconnect_jitter_ms.to_string(),
+            ),
             ("--backlog", d.backlog.to_string()),
             ("--jwt-leeway-s", d.auth.leeway_s.to_string()),
         ] {

@@ -69,8 +69,8 @@ pub fn frame_type_index(body: Option<&Body>) -> usize {
 
 /// Error codes counted individually; anything else lands in "other".
 pub const ERROR_CODES: [u32; 18] = [
-    1000, 1001, 1002, 1003, 1004, 1005, 1006, 1007, 1008, 1009, 2000, 2001, 2002, 2003, 2004,
-    2005, 3000, 3001,
+    1000, 1001, 1002, 1003, 1004, 1005, 1006, 1007, 1008, 1009, 2000, 2001, 2002, 2003, 2004, 2005,
+    3000, 3001,
 ];
 
 fn error_code_index(code: u32) -> usize {
@@ -130,27 +130,119 @@ pub struct GlobalMetrics {
     pub draining: AtomicU64,
 }
 
+/// (name, type, help, read) of a one-value-per-core metric.
+type Simple = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&CoreMetrics) -> i64,
+);
+
 /// Renders all counters in the Prometheus text exposition format.
-pub fn render(gateway_id: &str, cores: &[std::sync::Arc<CoreMetrics>], global: &GlobalMetrics) -> String {
+pub fn render(
+    gateway_id: &str,
+    cores: &[std::sync::Arc<CoreMetrics>],
+    global: &GlobalMetrics,
+) -> String {
     let mut out = String::with_capacity(16 * 1024);
     let gw = gateway_id;
-    let simple: [(&str, &str, &str, fn(&CoreMetrics) -> i64); 16] = [
-        ("palaver_connections", "gauge", "Open connections (any state).", |m| m.connections.load(Relaxed)),
-        ("palaver_sessions", "gauge", "Authenticated sessions.", |m| m.sessions.load(Relaxed)),
-        ("palaver_accepted_total", "counter", "TCP connections accepted.", |m| m.accepted.load(Relaxed) as i64),
-        ("palaver_refused_full_total", "counter", "Connections refused with SERVER_FULL.", |m| m.refused_full.load(Relaxed) as i64),
-        ("palaver_handshakes_ok_total", "counter", "TLS handshakes completed.", |m| m.handshakes_ok.load(Relaxed) as i64),
-        ("palaver_handshakes_failed_total", "counter", "TLS handshakes failed (incl. timeouts).", |m| m.handshakes_failed.load(Relaxed) as i64),
-        ("palaver_handshake_timeouts_total", "counter", "TLS handshakes not finished in time.", |m| m.handshake_timeouts.load(Relaxed) as i64),
-        ("palaver_hello_timeouts_total", "counter", "Connections closed for no Hello in time.", |m| m.hello_timeouts.load(Relaxed) as i64),
-        ("palaver_heartbeat_timeouts_total", "counter", "Sessions closed for heartbeat silence.", |m| m.heartbeat_timeouts.load(Relaxed) as i64),
-        ("palaver_slow_consumer_disconnects_total", "counter", "Connections closed for exceeding the outbound buffer.", |m| m.slow_consumer_disconnects.load(Relaxed) as i64),
-        ("palaver_rate_limited_total", "counter", "Send frames refused by the rate limit.", |m| m.rate_limited.load(Relaxed) as i64),
-        ("palaver_delivery_queue_drops_total", "counter", "Backend frames dropped because a core queue was full.", |m| m.delivery_queue_drops.load(Relaxed) as i64),
-        ("palaver_stale_deliveries_total", "counter", "Backend frames for connections that no longer exist.", |m| m.stale_deliveries.load(Relaxed) as i64),
-        ("palaver_bytes_in_total", "counter", "TLS bytes read from sockets.", |m| m.bytes_in.load(Relaxed) as i64),
-        ("palaver_bytes_out_total", "counter", "TLS bytes written to sockets.", |m| m.bytes_out.load(Relaxed) as i64),
-        ("palaver_outbound_buffered_bytes", "gauge", "Encrypted bytes waiting for slow sockets.", |m| m.outbound_buffered_bytes.load(Relaxed)),
+    let simple: [Simple; 16] = [
+        (
+            "palaver_connections",
+            "gauge",
+            "Open connections (any state).",
+            |m| m.connections.load(Relaxed),
+        ),
+        (
+            "palaver_sessions",
+            "gauge",
+            "Authenticated sessions.",
+            |m| m.sessions.load(Relaxed),
+        ),
+        (
+            "palaver_accepted_total",
+            "counter",
+            "TCP connections accepted.",
+            |m| m.accepted.load(Relaxed) as i64,
+        ),
+        (
+            "palaver_refused_full_total",
+            "counter",
+            "Connections refused with SERVER_FULL.",
+            |m| m.refused_full.load(Relaxed) as i64,
+        ),
+        (
+            "palaver_handshakes_ok_total",
+            "counter",
+            "TLS handshakes completed.",
+            |m| m.handshakes_ok.load(Relaxed) as i64,
+        ),
+        (
+            "palaver_handshakes_failed_total",
+            "counter",
+            "TLS handshakes failed (incl. timeouts).",
+            |m| m.handshakes_failed.load(Relaxed) as i64,
+        ),
+        (
+            "palaver_handshake_timeouts_total",
+            "counter",
+            "TLS handshakes not finished in time.",
+            |m| m.handshake_timeouts.load(Relaxed) as i64,
+        ),
+        (
+            "palaver_hello_timeouts_total",
+            "counter",
+            "Connections closed for no Hello in time.",
+            |m| m.hello_timeouts.load(Relaxed) as i64,
+        ),
+        (
+            "palaver_heartbeat_timeouts_total",
+            "counter",
+            "Sessions closed for heartbeat silence.",
+            |m| m.heartbeat_timeouts.load(Relaxed) as i64,
+        ),
+        (
+            "palaver_slow_consumer_disconnects_total",
+            "counter",
+            "Connections closed for exceeding the outbound buffer.",
+            |m| m.slow_consumer_disconnects.load(Relaxed) as i64,
+        ),
+        (
+            "palaver_rate_limited_total",
+            "counter",
+            "Send frames refused by the rate limit.",
+            |m| m.rate_limited.load(Relaxed) as i64,
+        ),
+        (
+            "palaver_delivery_queue_drops_total",
+            "counter",
+            "Backend frames dropped because a core queue was full.",
+            |m| m.delivery_queue_drops.load(Relaxed) as i64,
+        ),
+        (
+            "palaver_stale_deliveries_total",
+            "counter",
+            "Backend frames for connections that no longer exist.",
+            |m| m.stale_deliveries.load(Relaxed) as i64,
+        ),
+        (
+            "palaver_bytes_in_total",
+            "counter",
+            "TLS bytes read from sockets.",
+            |m| m.bytes_in.load(Relaxed) as i64,
+        ),
+        (
+            "palaver_bytes_out_total",
+            "counter",
+            "TLS bytes written to sockets.",
+            |m| m.bytes_out.load(Relaxed) as i64,
+        ),
+        (
+            "palaver_outbound_buffered_bytes",
+            "gauge",
+            "Encrypted bytes waiting for slow sockets.",
+            |m| m.outbound_buffered_bytes.load(Relaxed),
+        ),
     ];
     for (name, kind, help, get) in simple {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -164,7 +256,11 @@ pub fn render(gateway_id: &str, cores: &[std::sync::Arc<CoreMetrics>], global: &
     ] {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
         for (i, m) in cores.iter().enumerate() {
-            let arr = if pick == 0 { &m.frames_in } else { &m.frames_out };
+            let arr = if pick == 0 {
+                &m.frames_in
+            } else {
+                &m.frames_out
+            };
             for (t, c) in arr.iter().enumerate() {
                 let v = c.load(Relaxed);
                 if v > 0 {
@@ -178,19 +274,35 @@ pub fn render(gateway_id: &str, cores: &[std::sync::Arc<CoreMetrics>], global: &
         }
     }
     let name = "palaver_errors_sent_total";
-    let _ = writeln!(out, "# HELP {name} Error frames sent, by code.\n# TYPE {name} counter");
+    let _ = writeln!(
+        out,
+        "# HELP {name} Error frames sent, by code.\n# TYPE {name} counter"
+    );
     for (i, m) in cores.iter().enumerate() {
         for (k, c) in m.errors_sent.iter().enumerate() {
             let v = c.load(Relaxed);
             if v > 0 {
-                let code = ERROR_CODES.get(k).map_or("other".to_string(), u32::to_string);
-                let _ = writeln!(out, "{name}{{gateway=\"{gw}\",core=\"{i}\",code=\"{code}\"}} {v}");
+                let code = ERROR_CODES
+                    .get(k)
+                    .map_or("other".to_string(), u32::to_string);
+                let _ = writeln!(
+                    out,
+                    "{name}{{gateway=\"{gw}\",core=\"{i}\",code=\"{code}\"}} {v}"
+                );
             }
         }
     }
     for (name, kind, v) in [
-        ("palaver_tls_reloads_ok_total", "counter", global.tls_reloads_ok.load(Relaxed)),
-        ("palaver_tls_reloads_failed_total", "counter", global.tls_reloads_failed.load(Relaxed)),
+        (
+            "palaver_tls_reloads_ok_total",
+            "counter",
+            global.tls_reloads_ok.load(Relaxed),
+        ),
+        (
+            "palaver_tls_reloads_failed_total",
+            "counter",
+            global.tls_reloads_failed.load(Relaxed),
+        ),
         ("palaver_draining", "gauge", global.draining.load(Relaxed)),
     ] {
         let _ = writeln!(out, "# TYPE {name} {kind}\n{name}{{gateway=\"{gw}\"}} {v}");
@@ -214,8 +326,15 @@ mod tests {
         })));
         m.connections.fetch_add(3, Relaxed);
         let text = render("gw1", &[m], &GlobalMetrics::default());
-        assert!(text.contains("palaver_connections{gateway=\"gw1\",core=\"0\"} 3"), "{text}");
-        assert!(text.contains("palaver_frames_in_total{gateway=\"gw1\",core=\"0\",type=\"ping\"} 1"));
-        assert!(text.contains("palaver_errors_sent_total{gateway=\"gw1\",core=\"0\",code=\"1007\"} 1"));
+        assert!(
+            text.contains("palaver_connections{gateway=\"gw1\",core=\"0\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("palaver_frames_in_total{gateway=\"gw1\",core=\"0\",type=\"ping\"} 1")
+        );
+        assert!(
+            text.contains("palaver_errors_sent_total{gateway=\"gw1\",core=\"0\",code=\"1007\"} 1")
+        );
     }
 }

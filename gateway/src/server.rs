@@ -18,10 +18,10 @@ use crate::admin::AdminServer;
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::core::{Core, Shared, WAKER_TOKEN};
+use crate::devcerts;
 use crate::metrics::{self, CoreMetrics, GlobalMetrics};
 use crate::sink::{Control, GatewaySink, Mailbox};
 use crate::tls::{TlsFiles, TlsStore};
-use crate::devcerts;
 
 /// A running gateway.
 pub struct GatewayHandle {
@@ -46,6 +46,8 @@ pub fn bind_reuseport(addr: SocketAddr, backlog: u32) -> std::io::Result<std::ne
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
+    // Inherited by accepted sockets (small frames must not wait for Nagle).
+    socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(backlog.min(i32::MAX as u32) as i32)?;
     Ok(socket.into())
@@ -152,7 +154,8 @@ impl GatewayHandle {
         let global = Arc::new(GlobalMetrics::default());
         let admin = match config.admin {
             Some(admin_addr) => {
-                let (shared2, metrics2, global2) = (shared.clone(), metrics.clone(), global.clone());
+                let (shared2, metrics2, global2) =
+                    (shared.clone(), metrics.clone(), global.clone());
                 let handler = Arc::new(move |path: &str| match path {
                     "/metrics" => (
                         200,
@@ -292,5 +295,32 @@ pub fn build_backend(config: &Config) -> Arc<dyn Backend> {
                 },
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepted_sockets_inherit_nodelay_from_the_listener() {
+        let listener = bind_reuseport("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let addr = listener.local_addr().unwrap();
+        // A second listener on the same port: SO_REUSEPORT works.
+        let second = bind_reuseport(addr, 16).unwrap();
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let accepted = loop {
+            // The kernel hands the connection to either listener.
+            if let Ok((s, _)) = listener.accept().or_else(|_| second.accept()) {
+                break s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no connection accepted"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        assert!(accepted.nodelay().unwrap());
     }
 }

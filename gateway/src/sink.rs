@@ -135,7 +135,8 @@ impl DeliverySink for GatewaySink {
             }
             return;
         }
-        let mut per_core: Vec<Vec<Outbound>> = (0..self.mailboxes.len()).map(|_| Vec::new()).collect();
+        let mut per_core: Vec<Vec<Outbound>> =
+            (0..self.mailboxes.len()).map(|_| Vec::new()).collect();
         for o in batch {
             match per_core.get_mut(split_key(o.conn).0) {
                 Some(v) => v.push(o),
@@ -168,6 +169,9 @@ mod tests {
     fn key_roundtrip() {
         let k = conn_key(3, 0x12_3456, 0xdead_beef);
         assert_eq!(split_key(k), (3, 0x12_3456, 0xdead_beef));
-        assert_eq!(split_key(conn_key(255, 0xff_ffff, u32::MAX)), (255, 0xff_ffff, u32::MAX));
+        assert_eq!(
+            split_key(conn_key(255, 0xff_ffff, u32::MAX)),
+            (255, 0xff_ffff, u32::MAX)
+        );
     }
 }

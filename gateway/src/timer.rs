@@ -97,7 +97,14 @@ mod tests {
         w.advance(106, &mut out);
         assert!(out.is_empty());
         w.advance(107, &mut out);
-        assert_eq!(out, vec![TimerEntry { slot: 3, generation: 0, tick: 107 }]);
+        assert_eq!(
+            out,
+            vec![TimerEntry {
+                slot: 3,
+                generation: 0,
+                tick: 107
+            }]
+        );
         assert!(w.is_empty());
     }
 

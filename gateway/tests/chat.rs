@@ -17,9 +17,7 @@ fn deliver_of(f: &pb::Frame) -> Option<&pb::Message> {
 
 fn send_and_ack(c: &mut Client, conv: &str, text: &str) -> pb::SendAck {
     let id = c.request(text_send(conv, text)).unwrap();
-    let f = c
-        .recv_until(T, "SendAck", |f| f.request_id == id)
-        .unwrap();
+    let f = c.recv_until(T, "SendAck", |f| f.request_id == id).unwrap();
     match f.body {
         Some(Body::SendAck(a)) => a,
         other => panic!("expected SendAck, got {other:?}"),
@@ -60,7 +58,9 @@ fn two_users_chat_one_to_one_with_receipts() {
     }))
     .unwrap();
     let f = alice
-        .recv_until(T, "ReceiptUpdate", |f| matches!(f.body, Some(Body::ReceiptUpdate(_))))
+        .recv_until(T, "ReceiptUpdate", |f| {
+            matches!(f.body, Some(Body::ReceiptUpdate(_)))
+        })
         .unwrap();
     match f.body {
         Some(Body::ReceiptUpdate(r)) => {
@@ -97,7 +97,9 @@ fn three_users_chat_in_a_group() {
             member_user_ids: vec!["bob".into(), "carol".into()],
         }))
         .unwrap();
-    let f = alice.recv_until(T, "ConversationCreated", |f| f.request_id == id).unwrap();
+    let f = alice
+        .recv_until(T, "ConversationCreated", |f| f.request_id == id)
+        .unwrap();
     let group = match f.body {
         Some(Body::ConversationCreated(c)) => c.conversation.unwrap(),
         other => panic!("expected ConversationCreated, got {other:?}"),
@@ -108,7 +110,10 @@ fn three_users_chat_in_a_group() {
     send_and_ack(&mut alice, &gid, "hello group");
     for c in [&mut bob, &mut carol] {
         let m = next_deliver(c);
-        assert_eq!((m.conversation_id.as_str(), m.body.as_slice()), (gid.as_str(), &b"hello group"[..]));
+        assert_eq!(
+            (m.conversation_id.as_str(), m.body.as_slice()),
+            (gid.as_str(), &b"hello group"[..])
+        );
     }
     send_and_ack(&mut carol, &gid, "hi from carol");
     for c in [&mut alice, &mut bob] {
@@ -143,10 +148,16 @@ fn offline_user_catches_up_with_sync_and_resume() {
             limit: 0,
         }))
         .unwrap();
-    let f = bob.recv_until(T, "SyncBatch", |f| f.request_id == id).unwrap();
+    let f = bob
+        .recv_until(T, "SyncBatch", |f| f.request_id == id)
+        .unwrap();
     match f.body {
         Some(Body::SyncBatch(b)) => {
-            let got: Vec<(u64, &[u8])> = b.messages.iter().map(|m| (m.seq, m.body.as_slice())).collect();
+            let got: Vec<(u64, &[u8])> = b
+                .messages
+                .iter()
+                .map(|m| (m.seq, m.body.as_slice()))
+                .collect();
             assert_eq!(got, vec![(2, &b"two"[..]), (3, &b"three"[..])]);
             assert!(!b.has_more);
         }
@@ -170,7 +181,9 @@ fn offline_user_catches_up_with_sync_and_resume() {
     };
     bob.hello_with(hello, T).unwrap();
     let f = bob
-        .recv_until(T, "SyncBatch", |f| matches!(f.body, Some(Body::SyncBatch(_))))
+        .recv_until(T, "SyncBatch", |f| {
+            matches!(f.body, Some(Body::SyncBatch(_)))
+        })
         .unwrap();
     match f.body {
         Some(Body::SyncBatch(b)) => {
@@ -198,4 +211,74 @@ fn same_device_reconnecting_replaces_the_old_connection() {
     let conv = palaver_protocol::direct_conversation_id("alice", "bob");
     send_and_ack(&mut bob, &conv, "still there?");
     assert_eq!(next_deliver(&mut new).body, b"still there?");
+}
+
+#[test]
+fn a_sync_batch_larger_than_the_outbound_limit_still_arrives() {
+    let t = start(|c| {
+        c.limits.max_outbound_bytes = 128 * 1024;
+        c.limits.max_sends_per_second = 100_000;
+    });
+    let mut alice = t.login("alice", "phone");
+    let conv = palaver_protocol::direct_conversation_id("alice", "bob");
+    let body = "y".repeat(2000);
+    for _ in 0..150 {
+        send_and_ack(&mut alice, &conv, &body);
+    }
+    // One SyncBatch of ~300 KB: more than the limit, but nothing else is queued.
+    let mut bob = t.login("bob", "phone");
+    let id = bob
+        .request(Body::Sync(pb::Sync {
+            cursors: vec![],
+            limit: 500,
+        }))
+        .unwrap();
+    let f = bob
+        .recv_until(T, "SyncBatch", |f| f.request_id == id)
+        .unwrap();
+    match f.body {
+        Some(Body::SyncBatch(b)) => assert_eq!(b.messages.len(), 150),
+        other => panic!("expected SyncBatch, got {other:?}"),
+    }
+    assert_healthy(&mut bob);
+    assert_eq!(
+        t.metric(|m| m
+            .slow_consumer_disconnects
+            .load(std::sync::atomic::Ordering::Relaxed) as i64),
+        0
+    );
+}
+
+#[test]
+fn two_gateways_share_one_port() {
+    let a = start(|c| c.gateway_id = "gw-a".into());
+    let port = a.addr;
+    let b = start(move |c| {
+        c.gateway_id = "gw-b".into();
+        c.listen = port;
+    });
+    assert_eq!(a.addr, b.addr);
+    // Both gateways use the same dev CA only if they share a data dir; they
+    // do not, so trust either CA and count who answered.
+    let mut seen = std::collections::HashSet::new();
+    let mut clients = Vec::new();
+    for i in 0..40 {
+        let user = format!("u{i}");
+        for t in [&a, &b] {
+            if let Ok(mut c) = Client::connect(&t.opts()) {
+                let w = c.hello(&t.token(&user), "phone", T).unwrap();
+                seen.insert(w.session_id.split('/').next().unwrap().to_string());
+                clients.push(c);
+                break;
+            }
+        }
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(
+        seen.len(),
+        2,
+        "the kernel spreads connections over both gateways"
+    );
 }

@@ -45,7 +45,14 @@ fn missing_or_wrong_alpn_fails_the_handshake() {
             Ok(_) => panic!("handshake with ALPN {alpn:?} must fail"),
         }
     }
-    t.wait_metric("failed handshakes", |m| m.handshakes_failed.load(std::sync::atomic::Ordering::Relaxed) as i64, |v| v >= 2);
+    t.wait_metric(
+        "failed handshakes",
+        |m| {
+            m.handshakes_failed
+                .load(std::sync::atomic::Ordering::Relaxed) as i64
+        },
+        |v| v >= 2,
+    );
     assert_healthy(&mut healthy);
 }
 
@@ -106,7 +113,14 @@ fn garbage_before_the_tls_handshake() {
     if let Some(&first) = buf.first() {
         assert_eq!(first, 0x15, "only a TLS alert record may come back");
     }
-    t.wait_metric("failed handshake", |m| m.handshakes_failed.load(std::sync::atomic::Ordering::Relaxed) as i64, |v| v >= 1);
+    t.wait_metric(
+        "failed handshake",
+        |m| {
+            m.handshakes_failed
+                .load(std::sync::atomic::Ordering::Relaxed) as i64
+        },
+        |v| v >= 1,
+    );
     assert_healthy(&mut healthy);
 }
 
@@ -185,7 +199,8 @@ fn slowloris_handshake_is_closed_at_the_handshake_timeout() {
     let t = start(|c| c.limits.handshake_timeout_ms = 500);
     let mut healthy = t.login("alice", "phone");
     let mut raw = TcpStream::connect(t.addr).unwrap();
-    raw.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    raw.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
     // A TLS record header announcing a big ClientHello, then one byte at a time.
     raw.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00]).unwrap();
     let started = Instant::now();
@@ -202,7 +217,11 @@ fn slowloris_handshake_is_closed_at_the_handshake_timeout() {
                 break;
             }
             Ok(_) => {}
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(_) => {
                 closed = true;
                 break;
@@ -210,7 +229,14 @@ fn slowloris_handshake_is_closed_at_the_handshake_timeout() {
         }
     }
     assert!(closed, "trickling handshake must be closed");
-    t.wait_metric("handshake timeout", |m| m.handshake_timeouts.load(std::sync::atomic::Ordering::Relaxed) as i64, |v| v >= 1);
+    t.wait_metric(
+        "handshake timeout",
+        |m| {
+            m.handshake_timeouts
+                .load(std::sync::atomic::Ordering::Relaxed) as i64
+        },
+        |v| v >= 1,
+    );
     assert_healthy(&mut healthy);
 }
 
@@ -244,7 +270,9 @@ fn heartbeat_timeout_closes_silent_sessions_only() {
         "expected HEARTBEAT_TIMEOUT, got {bob_frames:?}"
     );
     assert_eq!(
-        t.metric(|m| m.heartbeat_timeouts.load(std::sync::atomic::Ordering::Relaxed) as i64),
+        t.metric(|m| m
+            .heartbeat_timeouts
+            .load(std::sync::atomic::Ordering::Relaxed) as i64),
         1
     );
     assert_healthy(&mut healthy);
@@ -277,7 +305,10 @@ fn server_full_refuses_cheaply_and_recovers() {
     let t = start(|c| c.limits.max_connections = 2);
     let mut a = t.login("alice", "phone");
     let _b = t.login("bob", "phone");
-    assert!(Client::connect(&t.opts()).is_err(), "third connection must be refused");
+    assert!(
+        Client::connect(&t.opts()).is_err(),
+        "third connection must be refused"
+    );
     assert!(t.metric(|m| m.refused_full.load(std::sync::atomic::Ordering::Relaxed) as i64) >= 1);
     assert_healthy(&mut a);
     drop(_b);
@@ -306,21 +337,77 @@ fn slow_reader_is_disconnected_and_its_buffer_freed() {
     let mut sender = t.login("sender", "phone");
     let body = "x".repeat(14 * 1024);
     let conv = palaver_protocol::direct_conversation_id("reader", "sender");
-    let slow = || t.metric(|m| m.slow_consumer_disconnects.load(std::sync::atomic::Ordering::Relaxed) as i64);
+    let slow = || {
+        t.metric(|m| {
+            m.slow_consumer_disconnects
+                .load(std::sync::atomic::Ordering::Relaxed) as i64
+        })
+    };
     let mut peak = 0;
     let mut sent = 0;
     while slow() == 0 {
-        assert!(sent < 5_000, "slow consumer never detected after {sent} messages");
+        assert!(
+            sent < 5_000,
+            "slow consumer never detected after {sent} messages"
+        );
         sender.request(text_send(&conv, &body)).unwrap();
         sent += 1;
         // Keep the sender's own acks flowing so it is not the slow one.
         while sender.recv(Duration::from_millis(1)).unwrap().is_some() {}
-        peak = peak.max(t.metric(|m| m.outbound_buffered_bytes.load(std::sync::atomic::Ordering::Relaxed)));
+        peak = peak.max(t.metric(|m| {
+            m.outbound_buffered_bytes
+                .load(std::sync::atomic::Ordering::Relaxed)
+        }));
     }
     // Gateway-side buffering never exceeded the limit (plus the GoAway).
     assert!(peak <= max_out + 1024, "buffered {peak} > {max_out}");
     // The reader's buffer is released when it is closed (linger at most 2 s).
-    t.wait_metric("buffer freed", |m| m.outbound_buffered_bytes.load(std::sync::atomic::Ordering::Relaxed), |v| v == 0);
+    t.wait_metric(
+        "buffer freed",
+        |m| {
+            m.outbound_buffered_bytes
+                .load(std::sync::atomic::Ordering::Relaxed)
+        },
+        |v| v == 0,
+    );
     wait_until(T, "reader connection closed", || t.gw().connections() == 1);
     assert_healthy(&mut sender);
+}
+
+#[test]
+fn a_burst_of_handshakes_is_spread_over_turns_and_all_complete() {
+    // One handshake step per turn: most of the burst goes through the
+    // deferred queue, while an established session keeps being served.
+    let t = start(|c| {
+        c.cores = 1;
+        c.limits.handshakes_per_turn = 1;
+    });
+    let mut healthy = t.login("alice", "phone");
+    let opts = t.opts();
+    let secret = t.secret.clone();
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            let opts = opts.clone();
+            let secret = secret.clone();
+            std::thread::spawn(move || {
+                (0..10)
+                    .map(|i| {
+                        let mut c = Client::connect(&opts).expect("handshake completes");
+                        let token = auth::mint_hs256(&secret, &format!("u{w}x{i}"), None, 60);
+                        c.hello(&token, "phone", T).expect("welcome");
+                        c
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    while !workers.iter().all(|w| w.is_finished()) {
+        assert_healthy(&mut healthy);
+    }
+    let clients: Vec<Client> = workers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
+    assert_eq!(clients.len(), 40);
+    assert_eq!(t.gw().connections(), 41);
 }

@@ -4,13 +4,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::process::{Command, Stdio};
 use common::*;
 use palaver_gateway::devcerts;
 use palaver_protocol::pb::{self, frame::Body};
 use palaver_tools::client::{Client, ConnectOptions};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
 
 #[test]
 fn drain_sends_goaway_with_jittered_delay_then_stops() {
@@ -19,7 +19,10 @@ fn drain_sends_goaway_with_jittered_delay_then_stops() {
         c.drain.reconnect_jitter_ms = 1000;
         c.drain.deadline_ms = 3000;
     });
-    let mut clients: Vec<Client> = ["alice", "bob", "carol"].iter().map(|u| t.login(u, "phone")).collect();
+    let mut clients: Vec<Client> = ["alice", "bob", "carol"]
+        .iter()
+        .map(|u| t.login(u, "phone"))
+        .collect();
     let handshaking = TcpStream::connect(t.addr).unwrap();
     t.gw().drain();
     for c in &mut clients {
@@ -32,7 +35,11 @@ fn drain_sends_goaway_with_jittered_delay_then_stops() {
             })
             .unwrap_or_else(|| panic!("expected GoAway, got {frames:?}"));
         assert_eq!(goaway.reason, pb::GoAwayReason::Shutdown as i32);
-        assert!((500..1500).contains(&goaway.reconnect_delay_ms), "{}", goaway.reconnect_delay_ms);
+        assert!(
+            (500..1500).contains(&goaway.reconnect_delay_ms),
+            "{}",
+            goaway.reconnect_delay_ms
+        );
     }
     wait_until(T, "core threads to finish", || t.gw().is_finished());
     // The listener is closed: new connections are refused.
@@ -62,7 +69,10 @@ fn certificate_reload_keeps_connections_and_serves_the_new_cert() {
     std::fs::write(t.dir.join(devcerts::SERVER_CERT_FILE), "garbage").unwrap();
     assert!(t.gw().reload_tls().is_err());
     assert_healthy(&mut before);
-    assert!(t.gw().metrics_text().contains("palaver_tls_reloads_failed_total{gateway=\"gw-test\"} 1"));
+    assert!(t
+        .gw()
+        .metrics_text()
+        .contains("palaver_tls_reloads_failed_total{gateway=\"gw-test\"} 1"));
 }
 
 #[test]
@@ -88,7 +98,9 @@ fn client_certificates_are_required_when_a_client_ca_is_set() {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "client CA");
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "client CA");
     let ca_cert = ca_params.self_signed(&ca_key).unwrap();
     std::fs::write(ca_dir.join("client-ca.pem"), ca_cert.pem()).unwrap();
     let client_key = rcgen::KeyPair::generate().unwrap();
@@ -99,11 +111,15 @@ fn client_certificates_are_required_when_a_client_ca_is_set() {
     let client_ca = ca_dir.join("client-ca.pem");
     let t = start(move |c| c.tls.client_ca = Some(client_ca));
     // No client certificate: TLS 1.3 clients learn it on their first read.
-    let refused = Client::connect(&t.opts()).and_then(|mut c| c.hello(&t.token("alice"), "phone", T));
+    let refused =
+        Client::connect(&t.opts()).and_then(|mut c| c.hello(&t.token("alice"), "phone", T));
     assert!(refused.is_err(), "connection without client cert must fail");
 
     let mut opts = t.opts();
-    opts.client_cert = Some((client_cert.pem().into_bytes(), client_key.serialize_pem().into_bytes()));
+    opts.client_cert = Some((
+        client_cert.pem().into_bytes(),
+        client_key.serialize_pem().into_bytes(),
+    ));
     let mut c = Client::connect(&opts).unwrap();
     c.hello(&t.token("alice"), "phone", T).unwrap();
     assert_healthy(&mut c);
@@ -117,7 +133,10 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
     let status = text[9..12].parse().unwrap();
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -148,7 +167,14 @@ fn admin_port_serves_metrics_and_health() {
 fn the_binary_runs_with_dev_credentials_reloads_on_sighup_and_drains_on_sigterm() {
     let dir = temp_dir("bin");
     let mut child = Command::new(env!("CARGO_BIN_EXE_palaver-gateway"))
-        .args(["--listen", "127.0.0.1:0", "--cores", "1", "--gateway-id", "gw-bin"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--cores",
+            "1",
+            "--gateway-id",
+            "gw-bin",
+        ])
         .args(["--drain-deadline-ms", "2000"])
         .arg("--data-dir")
         .arg(&dir)
@@ -170,16 +196,28 @@ fn the_binary_runs_with_dev_credentials_reloads_on_sighup_and_drains_on_sigterm(
     let ca = std::fs::read(dir.join(devcerts::CA_CERT_FILE)).unwrap();
     let secret = devcerts::read_secret(&dir.join(devcerts::JWT_SECRET_FILE)).unwrap();
     let mut c = Client::connect(&ConnectOptions::new(addr, ca.clone())).unwrap();
-    c.hello(&palaver_gateway::auth::mint_hs256(&secret, "alice", None, 60), "phone", T)
-        .unwrap();
+    c.hello(
+        &palaver_gateway::auth::mint_hs256(&secret, "alice", None, 60),
+        "phone",
+        T,
+    )
+    .unwrap();
 
     // SIGHUP: reload (same files); the connection survives.
     let pid = child.id().to_string();
-    assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
     assert_healthy(&mut c);
 
     // SIGTERM: GoAway(SHUTDOWN), then exit 0.
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
     let frames = c.expect_close(T).unwrap();
     assert!(frames.iter().any(|f| matches!(&f.body,
         Some(Body::GoAway(g)) if g.reason == pb::GoAwayReason::Shutdown as i32)));
@@ -214,5 +252,23 @@ fn invalid_configuration_fails_at_start_naming_the_field() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("heartbeat"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn eddsa_tokens_with_a_configured_public_key() {
+    let dir = temp_dir("eddsa");
+    let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let public = dir.join("jwt.pub.pem");
+    std::fs::write(&public, kp.public_key_pem()).unwrap();
+    let t = start(move |c| c.auth.ed25519_public_key_file = Some(public));
+    let token =
+        palaver_gateway::auth::mint_eddsa(kp.serialize_pem().as_bytes(), "erin", None, 60).unwrap();
+    let mut c = t.connect();
+    assert_eq!(c.hello(&token, "phone", T).unwrap().user_id, "erin");
+    // The dev HS256 secret is not accepted when a key is configured.
+    let mut c2 = t.connect();
+    assert!(c2.hello(&t.token("mallory"), "phone", T).is_err());
+    assert_healthy(&mut c);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -138,7 +138,11 @@ impl Client {
     }
 
     /// Runs TLS over an already connected socket (tests shape the socket first).
-    pub fn over(sock: TcpStream, opts: &ConnectOptions, config: Arc<ClientConfig>) -> Result<Client> {
+    pub fn over(
+        sock: TcpStream,
+        opts: &ConnectOptions,
+        config: Arc<ClientConfig>,
+    ) -> Result<Client> {
         sock.set_nodelay(true)?;
         let name = ServerName::try_from(opts.server_name.clone())
             .map_err(|e| ClientError::Config(format!("bad server name: {e}")))?;
@@ -161,6 +165,12 @@ impl Client {
         })
     }
 
+    /// Gives up the TLS state and keeps only the socket (load tools holding
+    /// many idle connections; the server cannot tell).
+    pub fn into_tcp(self) -> TcpStream {
+        self.stream.sock
+    }
+
     /// The negotiated ALPN protocol.
     pub fn alpn(&self) -> Option<&[u8]> {
         self.stream.conn.alpn_protocol()
@@ -181,7 +191,12 @@ impl Client {
     }
 
     /// Sends Hello and waits for Welcome (or the server's Error).
-    pub fn hello(&mut self, token: &str, device_id: &str, timeout: Duration) -> Result<pb::Welcome> {
+    pub fn hello(
+        &mut self,
+        token: &str,
+        device_id: &str,
+        timeout: Duration,
+    ) -> Result<pb::Welcome> {
         self.hello_with(
             pb::Hello {
                 protocol_version: palaver_protocol::PROTOCOL_VERSION,
@@ -296,9 +311,11 @@ impl Client {
     /// Ping and wait for the matching Pong.
     pub fn ping(&mut self, nonce: u64, timeout: Duration) -> Result<()> {
         self.request(Body::Ping(pb::Ping { nonce }))?;
-        self.recv_until(timeout, "Pong", |f| {
-            matches!(&f.body, Some(Body::Pong(p)) if p.nonce == nonce)
-        })?;
+        self.recv_until(
+            timeout,
+            "Pong",
+            |f| matches!(&f.body, Some(Body::Pong(p)) if p.nonce == nonce),
+        )?;
         Ok(())
     }
 
@@ -322,9 +339,7 @@ impl Client {
 }
 
 fn tls_or_io(e: io::Error) -> ClientError {
-    let is_tls = e
-        .get_ref()
-        .is_some_and(|inner| inner.is::<rustls::Error>());
+    let is_tls = e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>());
     if is_tls {
         let inner = e.into_inner().expect("checked above");
         match inner.downcast::<rustls::Error>() {

@@ -100,8 +100,15 @@ fn main() {
             data_dir,
             secret_file,
             ed25519_key,
-        } => mint(&user, device.as_deref(), ttl, &data_dir, secret_file, ed25519_key)
-            .map(|t| println!("{t}")),
+        } => mint(
+            &user,
+            device.as_deref(),
+            ttl,
+            &data_dir,
+            secret_file,
+            ed25519_key,
+        )
+        .map(|t| println!("{t}")),
         Command::Chat {
             user,
             to,
@@ -211,10 +218,9 @@ fn group_id(id: &str) -> String {
 }
 
 fn chat(a: ChatArgs) -> anyhow::Result<()> {
-    let ca = a
-        .ca
-        .clone()
-        .unwrap_or_else(|| a.data_dir.join(devcerts::CA_CERT_FILE));
+    let ca =
+        a.ca.clone()
+            .unwrap_or_else(|| a.data_dir.join(devcerts::CA_CERT_FILE));
     if !ca.exists() {
         bail!(
             "CA file {} not found: start palaver-gateway in this directory first, or pass --ca",
@@ -278,7 +284,9 @@ fn chat(a: ChatArgs) -> anyhow::Result<()> {
             }
         }
         if last_ping.elapsed() >= ping_every {
-            client.request(Body::Ping(pb::Ping { nonce: rand::random() }))?;
+            client.request(Body::Ping(pb::Ping {
+                nonce: rand::random(),
+            }))?;
             last_ping = Instant::now();
         }
     }
@@ -423,8 +431,15 @@ fn show(
             }
         }
         Body::ReceiptUpdate(r) => {
-            let kind = if r.kind == pb::ReceiptKind::Read as i32 { "read" } else { "received" };
-            println!("  ({} {kind} up to #{} in {})", r.user_id, r.up_to_seq, r.conversation_id);
+            let kind = if r.kind == pb::ReceiptKind::Read as i32 {
+                "read"
+            } else {
+                "received"
+            };
+            println!(
+                "  ({} {kind} up to #{} in {})",
+                r.user_id, r.up_to_seq, r.conversation_id
+            );
         }
         Body::Typing(t) => {
             if t.active {
@@ -433,17 +448,28 @@ fn show(
         }
         Body::PresenceResult(r) => {
             for p in r.presences {
-                println!("  ({} is {})", p.user_id, if p.online { "online" } else { "offline" });
+                println!(
+                    "  ({} is {})",
+                    p.user_id,
+                    if p.online { "online" } else { "offline" }
+                );
             }
         }
         Body::PresenceEvent(e) => {
             if let Some(p) = e.presence {
-                println!("  ({} is now {})", p.user_id, if p.online { "online" } else { "offline" });
+                println!(
+                    "  ({} is now {})",
+                    p.user_id,
+                    if p.online { "online" } else { "offline" }
+                );
             }
         }
         Body::ConversationCreated(c) => {
             if let Some(c) = c.conversation {
-                println!("  (created {} \"{}\"; /group {} to talk there)", c.conversation_id, c.title, c.conversation_id);
+                println!(
+                    "  (created {} \"{}\"; /group {} to talk there)",
+                    c.conversation_id, c.title, c.conversation_id
+                );
             }
         }
         Body::MembersChanged(m) => {

@@ -41,16 +41,20 @@ pub struct TestGateway {
 /// directory); `tune` adjusts the config first.
 pub fn start(tune: impl FnOnce(&mut Config)) -> TestGateway {
     let dir = temp_dir("gw");
-    let mut config = Config::default();
-    config.listen = "127.0.0.1:0".parse().unwrap();
-    config.cores = 2;
-    config.data_dir = dir.clone();
-    config.gateway_id = "gw-test".into();
+    let mut config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        cores: 2,
+        data_dir: dir.clone(),
+        gateway_id: "gw-test".into(),
+        ..Default::default()
+    };
     tune(&mut config);
     let backend = build_backend(&config);
     let gw = GatewayHandle::start(config, backend).expect("gateway starts");
     let ca = std::fs::read(dir.join(devcerts::CA_CERT_FILE)).unwrap();
-    let secret = devcerts::read_secret(&dir.join(devcerts::JWT_SECRET_FILE)).unwrap();
+    // Absent when the config names its own JWT key.
+    let secret = devcerts::read_secret(&dir.join(devcerts::JWT_SECRET_FILE))
+        .unwrap_or_else(|_| b"no-dev-secret-in-this-test".to_vec());
     TestGateway {
         addr: gw.local_addr,
         gw: Some(gw),
@@ -91,7 +95,12 @@ impl TestGateway {
         self.gw().core_metrics().iter().map(|m| get(m)).sum()
     }
 
-    pub fn wait_metric(&self, what: &str, get: impl Fn(&CoreMetrics) -> i64, pred: impl Fn(i64) -> bool) -> i64 {
+    pub fn wait_metric(
+        &self,
+        what: &str,
+        get: impl Fn(&CoreMetrics) -> i64,
+        pred: impl Fn(i64) -> bool,
+    ) -> i64 {
         let mut last = 0;
         wait_until(T, what, || {
             last = self.metric(&get);
@@ -139,7 +148,8 @@ pub fn expect_error_and_close(c: &mut Client, code: u32) {
 
 /// A healthy connection still answers pings.
 pub fn assert_healthy(c: &mut Client) {
-    c.ping(rand_nonce(), T).expect("healthy connection still answers Ping");
+    c.ping(rand_nonce(), T)
+        .expect("healthy connection still answers Ping");
 }
 
 pub fn rand_nonce() -> u64 {
