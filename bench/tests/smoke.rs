@@ -1,0 +1,174 @@
+//! Runs `bench/scenarios/smoke.toml` through the real coordinator and worker
+//! processes against a real `palaver-gateway` process (embedded engine, dev
+//! certificate and JWT secret in a temporary data dir, free loopback ports),
+//! and checks the report: every connection established, every message acked
+//! and delivered exactly once and in order.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn bench_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_palaver-bench"))
+}
+
+/// The gateway binary next to ours, built first if it is not there yet.
+fn gateway_bin() -> PathBuf {
+    let path = bench_bin().with_file_name("palaver-gateway");
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.args(["build", "-p", "palaver-gateway"]);
+        if path.parent().is_some_and(|d| d.ends_with("release")) {
+            build.arg("--release");
+        }
+        let status = build
+            .status()
+            .expect("running cargo build -p palaver-gateway");
+        assert!(status.success(), "cargo build -p palaver-gateway failed");
+    }
+    path
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+/// Kills the gateway when the test ends, however it ends.
+struct Gateway {
+    child: Child,
+    port: u16,
+    admin_port: u16,
+    data_dir: PathBuf,
+}
+
+impl Gateway {
+    fn start(data_dir: &Path) -> Gateway {
+        let (port, admin_port) = (free_port(), free_port());
+        let child = Command::new(gateway_bin())
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--admin", &format!("127.0.0.1:{admin_port}")])
+            .args(["--data-dir", data_dir.to_str().expect("utf-8 temp path")])
+            .args(["--cores", "1", "--heartbeat-interval-ms", "1000"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("starting palaver-gateway");
+        let gateway = Gateway {
+            child,
+            port,
+            admin_port,
+            data_dir: data_dir.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while TcpStream::connect(("127.0.0.1", port)).is_err()
+            || !data_dir.join("jwt-hs256.secret").exists()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "gateway did not listen within 60s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        gateway
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("palaver-bench-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("creating a temp dir");
+    dir
+}
+
+#[test]
+fn smoke_scenario_against_a_real_gateway() {
+    let dir = temp_dir("smoke");
+    let gateway = Gateway::start(&dir.join("gateway"));
+    let out = dir.join("out");
+    let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/smoke.toml");
+    let output = Command::new(bench_bin())
+        .arg("run")
+        .arg(&scenario)
+        .args(["--target", &format!("127.0.0.1:{}", gateway.port)])
+        .arg("--data-dir")
+        .arg(&gateway.data_dir)
+        .args(["--gateway-pid", &gateway.child.id().to_string()])
+        .args([
+            "--admin-url",
+            &format!("http://127.0.0.1:{}", gateway.admin_port),
+        ])
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("running palaver-bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "bench failed\n{stdout}\n{stderr}");
+
+    let text = std::fs::read_to_string(out.join("report.json")).expect("report.json");
+    let r: serde_json::Value = serde_json::from_str(&text).expect("report is JSON");
+    let c = &r["counters"];
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"));
+    assert_eq!(n(&r["connections"]["target"]), 200);
+    assert_eq!(n(&r["connections"]["established"]), 200, "{stdout}");
+    assert_eq!(n(&c["failed"]), 0, "{stdout}");
+    assert_eq!(n(&c["disconnected"]), 0, "{stdout}");
+    assert_eq!(n(&c["groups_created"]), 6, "{stdout}");
+    // 100 msg/s for 3 s, every send answered and acked.
+    assert_eq!(n(&c["sent"]), 300, "{stdout}");
+    assert_eq!(n(&c["acked"]), 300, "{stdout}");
+    assert_eq!(n(&c["send_errors"]), 0, "{stdout}");
+    assert_eq!(n(&c["unacked"]), 0, "{stdout}");
+    assert!(n(&c["expected_deliveries"]) > 300, "{stdout}");
+    assert_eq!(n(&c["delivered"]), n(&c["expected_deliveries"]), "{stdout}");
+    assert_eq!(n(&c["losses"]), 0, "{stdout}");
+    assert_eq!(n(&c["duplicates"]), 0, "{stdout}");
+    assert_eq!(n(&c["order_violations"]), 0, "{stdout}");
+    assert_eq!(n(&c["unexpected"]), 0, "{stdout}");
+    assert_eq!(n(&r["latency"]["e2e"]["count"]), n(&c["delivered"]));
+    assert_eq!(n(&r["latency"]["connect"]["count"]), 200);
+    assert!(r["problems"].as_array().is_some_and(Vec::is_empty));
+    // The gateway was observed: RSS from /proc and its /metrics page.
+    assert!(r["gateway"]["rss_connected_bytes"].as_u64().is_some());
+    assert!(r["gateway"]["metrics_connected"]
+        .as_object()
+        .is_some_and(|m| !m.is_empty()));
+    for file in [
+        "command.txt",
+        "machine.json",
+        "summary.txt",
+        "timeline.svg",
+        "latency-e2e.svg",
+    ] {
+        let len = std::fs::metadata(out.join(file)).map_or(0, |m| m.len());
+        assert!(len > 0, "{file} missing or empty");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn missing_gateway_credentials_are_a_clear_error() {
+    let dir = temp_dir("nocreds");
+    let output = Command::new(bench_bin())
+        .args(["run", "--scenario", "connect", "--target", "127.0.0.1:9"])
+        .arg("--data-dir")
+        .arg(dir.join("absent"))
+        .output()
+        .expect("running palaver-bench");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("start the gateway once"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
