@@ -48,8 +48,10 @@ struct GroupState {
 struct UserState {
     conversations: BTreeSet<String>,
     push_pending: HashSet<String>,
-    /// device → address
-    sessions: BTreeMap<String, SessionAddr>,
+    /// Online devices, ascending by device id. A Vec, not a map: users have
+    /// one to a few devices, and a BTreeMap's first node alone would cost
+    /// ~600 bytes per online user, which the embedded gateway pays per connection.
+    sessions: Vec<DeviceSession>,
     last_seen_ms: i64,
 }
 
@@ -368,9 +370,25 @@ impl SessionStore for MemoryStore {
     fn open_session(&mut self, session: &Session) -> StoreResult<SessionOpened> {
         let user = self.users.entry(session.user_id.clone()).or_default();
         let came_online = user.sessions.is_empty();
-        let previous = user
+        let previous = match user
             .sessions
-            .insert(session.device_id.clone(), session.addr.clone());
+            .binary_search_by(|d| d.device_id.as_str().cmp(&session.device_id))
+        {
+            Ok(i) => Some(std::mem::replace(
+                &mut user.sessions[i].addr,
+                session.addr.clone(),
+            )),
+            Err(i) => {
+                user.sessions.insert(
+                    i,
+                    DeviceSession {
+                        device_id: session.device_id.clone(),
+                        addr: session.addr.clone(),
+                    },
+                );
+                None
+            }
+        };
         if came_online {
             user.last_seen_ms = 0;
         }
@@ -387,13 +405,21 @@ impl SessionStore for MemoryStore {
                 went_offline: false,
             });
         };
-        if user.sessions.get(&session.device_id) != Some(&session.addr) {
+        let Some(i) = user
+            .sessions
+            .iter()
+            .position(|d| d.device_id == session.device_id && d.addr == session.addr)
+        else {
             return Ok(SessionClosed {
                 removed: false,
                 went_offline: false,
             });
+        };
+        user.sessions.remove(i);
+        if user.sessions.is_empty() {
+            // Give back the allocation: offline users should cost nothing here.
+            user.sessions = Vec::new();
         }
-        user.sessions.remove(&session.device_id);
         let went_offline = user.sessions.is_empty();
         if went_offline {
             user.last_seen_ms = at_ms;
@@ -409,14 +435,7 @@ impl SessionStore for MemoryStore {
             .iter()
             .map(|user_id| match self.users.get(user_id) {
                 None => Vec::new(),
-                Some(user) => user
-                    .sessions
-                    .iter()
-                    .map(|(device_id, addr)| DeviceSession {
-                        device_id: device_id.clone(),
-                        addr: addr.clone(),
-                    })
-                    .collect(),
+                Some(user) => user.sessions.clone(),
             })
             .collect())
     }
