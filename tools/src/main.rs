@@ -91,7 +91,7 @@ enum Command {
     Cluster {
         #[command(subcommand)]
         action: ClusterAction,
-        /// State, logs and service data. [default: .palaver/cluster]
+        /// State, logs and service data.
         #[arg(long, default_value = ".palaver/cluster", global = true)]
         dir: PathBuf,
     },
