@@ -29,7 +29,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::records;
@@ -80,27 +80,43 @@ impl WorkerConfig {
     }
 }
 
-/// Waits until every produced record is acknowledged (or failed), serving
-/// delivery callbacks. Not `Producer::flush`: rdkafka's flush sleeps in
-/// 100 ms steps, which would add up to 100 ms to every batch.
+/// Waits until every produced record is acknowledged (or failed). The
+/// producer's own thread serves the delivery reports and wakes us through
+/// [`DeliveryTracker`]. Not `Producer::flush` (it sleeps in 100 ms steps) and
+/// not `poll(1 ms)` in a loop: rdkafka turns a sub-millisecond remainder into
+/// a zero timeout, so that loop spins a whole core while it waits.
 fn wait_acknowledged(
-    producer: &BaseProducer<DeliveryTracker>,
+    producer: &ThreadedProducer<DeliveryTracker>,
     timeout: Duration,
 ) -> Result<(), KafkaError> {
     let deadline = Instant::now() + timeout;
+    let tracker = producer.context();
+    let mut reports = tracker.reports.lock().unwrap_or_else(|e| e.into_inner());
     while producer.in_flight_count() > 0 {
-        if Instant::now() >= deadline {
+        let now = Instant::now();
+        if now >= deadline {
             return Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut));
         }
-        producer.poll(Duration::from_millis(1));
+        // in_flight_count drops just after the report callback returns, so
+        // the wait is bounded short rather than trusting one notification.
+        let wait = (deadline - now).min(Duration::from_millis(1));
+        reports = tracker
+            .delivered
+            .wait_timeout(reports, wait)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
     }
     Ok(())
 }
 
-/// Records produce failures reported by librdkafka's delivery callbacks.
+/// Records produce failures reported by librdkafka's delivery callbacks, and
+/// wakes [`wait_acknowledged`] on every report.
 #[derive(Default)]
 struct DeliveryTracker {
     failures: Mutex<Vec<(String, KafkaError)>>,
+    /// Count of delivery reports; paired with `delivered`.
+    reports: Mutex<u64>,
+    delivered: std::sync::Condvar,
 }
 
 impl ClientContext for DeliveryTracker {}
@@ -113,6 +129,10 @@ impl ProducerContext for DeliveryTracker {
                 failures.push((message.topic().to_owned(), error.clone()));
             }
         }
+        if let Ok(mut reports) = self.reports.lock() {
+            *reports += 1;
+        }
+        self.delivered.notify_all();
     }
 }
 
@@ -150,7 +170,7 @@ pub struct WorkerStats {
 pub struct RouterWorker {
     config: WorkerConfig,
     consumer: BaseConsumer<RebalanceLog>,
-    producer: BaseProducer<DeliveryTracker>,
+    producer: ThreadedProducer<DeliveryTracker>,
     router: Router<RedisStore>,
     clock: Arc<dyn Clock>,
     known_topics: HashSet<String>,
@@ -159,7 +179,7 @@ pub struct RouterWorker {
 
 /// Produces router output to Kafka (delivery topics and `palaver.push`).
 struct KafkaOutlet<'a> {
-    producer: &'a BaseProducer<DeliveryTracker>,
+    producer: &'a ThreadedProducer<DeliveryTracker>,
     known_topics: &'a mut HashSet<String>,
     flush_timeout: Duration,
 }
@@ -176,7 +196,8 @@ impl KafkaOutlet<'_> {
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _))
                     if Instant::now() < deadline =>
                 {
-                    self.producer.poll(Duration::from_millis(10));
+                    // The producer's thread drains the queue meanwhile.
+                    std::thread::sleep(Duration::from_millis(5));
                 }
                 Err((e, _)) => {
                     return Err(BusError::Unavailable(format!("produce to {topic}: {e}")))
@@ -295,7 +316,7 @@ impl RouterWorker {
         consumer
             .subscribe(&[super::INBOUND_TOPIC])
             .map_err(|e| format!("subscribe {}: {e}", super::INBOUND_TOPIC))?;
-        let producer: BaseProducer<DeliveryTracker> =
+        let producer: ThreadedProducer<DeliveryTracker> =
             super::producer_config(&config.brokers, config.linger_ms)
                 .set("client.id", &config.router_id)
                 .create_with_context(DeliveryTracker::default())
