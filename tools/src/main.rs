@@ -23,7 +23,7 @@ struct Cli {
 enum Command {
     /// Create a dev CA and a server certificate/key signed by it (overwrites).
     Certs {
-        /// Output directory. [default: .palaver, where palaver-gateway looks]
+        /// Output directory (.palaver is where palaver-gateway looks).
         #[arg(long, default_value = ".palaver")]
         out: PathBuf,
         /// Host names / IPs for the server certificate, comma separated.
