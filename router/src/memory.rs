@@ -600,52 +600,6 @@ mod tests {
     }
 
     #[test]
-    fn ranges_before_and_after() {
-        let mut s = MemoryStore::new();
-        for i in 1..=10u8 {
-            let sender = if i % 2 == 0 { "even" } else { "odd" };
-            s.append_message("c", message(i, sender), &retention(0, 100))
-                .unwrap();
-        }
-        let after = s
-            .messages_after(&[
-                RangeRead {
-                    conversation_id: "c".into(),
-                    after_seq: 7,
-                    limit: 2,
-                },
-                RangeRead {
-                    conversation_id: "nope".into(),
-                    after_seq: 0,
-                    limit: 2,
-                },
-            ])
-            .unwrap();
-        assert_eq!(
-            after[0].iter().map(|m| m.seq).collect::<Vec<_>>(),
-            vec![8, 9]
-        );
-        assert!(after[1].is_empty());
-
-        let page = s.messages_before("c", 0, 3).unwrap();
-        assert_eq!(
-            page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
-            vec![8, 9, 10]
-        );
-        assert!(page.has_more);
-        let page = s.messages_before("c", 3, 5).unwrap();
-        assert_eq!(
-            page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
-            vec![1, 2]
-        );
-        assert!(!page.has_more);
-
-        assert_eq!(s.senders_between("c", 1, 2).unwrap(), vec!["even"]);
-        assert_eq!(s.senders_between("c", 0, 10).unwrap(), vec!["even", "odd"]);
-        assert!(s.senders_between("c", 10, 12).unwrap().is_empty());
-    }
-
-    #[test]
     fn sessions_replace_and_close_by_address() {
         let mut s = MemoryStore::new();
         let addr = |conn| SessionAddr {
@@ -676,48 +630,5 @@ mod tests {
                 last_seen_ms: 7
             }
         );
-    }
-
-    #[test]
-    fn watches_are_capped_all_or_nothing() {
-        let mut s = MemoryStore::new();
-        let w = SessionAddr {
-            gateway_id: "g".into(),
-            conn: 1,
-        };
-        let users = |r: std::ops::Range<u32>| r.map(|i| format!("u{i}")).collect::<Vec<_>>();
-        assert_eq!(
-            s.add_watches(&w, &users(0..3), 4).unwrap(),
-            WatchAdd::Added { watching: 3 }
-        );
-        // Re-watching counts once.
-        assert_eq!(
-            s.add_watches(&w, &users(1..4), 4).unwrap(),
-            WatchAdd::Added { watching: 4 }
-        );
-        assert_eq!(
-            s.add_watches(&w, &users(4..5), 4).unwrap(),
-            WatchAdd::LimitExceeded { watching: 4 }
-        );
-        assert!(s.watchers_of("u4").unwrap().is_empty());
-        s.remove_watches(&w, &users(0..1)).unwrap();
-        assert!(s.watchers_of("u0").unwrap().is_empty());
-        assert_eq!(s.watchers_of("u1").unwrap(), vec![w.clone()]);
-        s.drop_watches(&w).unwrap();
-        assert!(s.watchers_of("u1").unwrap().is_empty());
-    }
-
-    #[test]
-    fn push_marks_coalesce_until_cleared() {
-        let mut s = MemoryStore::new();
-        let users = vec!["a".to_string(), "b".to_string()];
-        assert_eq!(s.mark_push_pending("c", &users).unwrap(), vec![true, true]);
-        assert_eq!(
-            s.mark_push_pending("c", &users).unwrap(),
-            vec![false, false]
-        );
-        s.clear_push_pending("a", Some("c")).unwrap();
-        s.clear_push_pending("b", None).unwrap();
-        assert_eq!(s.mark_push_pending("c", &users).unwrap(), vec![true, true]);
     }
 }

@@ -6,58 +6,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use palaver_protocol::pb::{self, frame::Body};
-use palaver_router::api::{Inbound, Session, SessionAddr};
+use palaver_router::api::Inbound;
 use palaver_router::bus::{Command, Output};
 use palaver_router::logic::{ManualClock, Router, RouterConfig};
 use palaver_router::redis_store::{RedisConfig, RedisStore, SessionChange};
-use palaver_router::store::{
-    Appended, ConversationStore, GroupRecord, Membership, RangeRead, Retention, SessionStore,
-    UserPresence, UserStore, WatchAdd,
-};
+use palaver_router::store::{Appended, ConversationStore, RangeRead, SessionStore, UserPresence};
 use palaver_tools::stack::{Redis, RedisCluster};
 
-fn retention(now_ms: i64, window: usize) -> Retention {
-    Retention {
-        now_ms,
-        dedup_ttl_ms: 1000,
-        history_window: window,
-    }
-}
-
-fn message(conv: &str, cmid: u8, sender: &str) -> pb::Message {
-    pb::Message {
-        conversation_id: conv.into(),
-        client_msg_id: vec![cmid; 16],
-        message_id: format!("m{cmid}"),
-        sender_user_id: sender.into(),
-        body: vec![cmid; 3],
-        kind: pb::ContentKind::Text as i32,
-        server_time_ms: 1000 + cmid as i64,
-        ..Default::default()
-    }
-}
-
-fn stored(a: Appended) -> pb::Message {
-    match a {
-        Appended::Stored(m) => m,
-        Appended::Duplicate(ack) => panic!("unexpected duplicate {ack:?}"),
-    }
-}
-
-fn addr(gw: &str, conn: u64) -> SessionAddr {
-    SessionAddr {
-        gateway_id: gw.into(),
-        conn,
-    }
-}
-
-fn session(user: &str, device: &str, gw: &str, conn: u64) -> Session {
-    Session {
-        user_id: user.into(),
-        device_id: device.into(),
-        addr: addr(gw, conn),
-    }
-}
+mod contract;
+use contract::*;
 
 /// Runs every check against one store configuration.
 fn all_checks(config: RedisConfig) {
@@ -67,6 +24,7 @@ fn all_checks(config: RedisConfig) {
     users_and_push(RedisStore::connect(config.clone()).unwrap());
     sessions_presence_and_leases(RedisStore::connect(config.clone()).unwrap());
     watches(RedisStore::connect(config.clone()).unwrap());
+    watches_capped_all_or_nothing(RedisStore::connect(config.clone()).unwrap());
     router_over_redis(RedisStore::connect(config).unwrap());
 }
 
@@ -136,119 +94,6 @@ fn append_dedup_window(mut s: RedisStore, config: &RedisConfig) {
         .unwrap();
     let seqs: Vec<u64> = all[0].iter().map(|m| m.seq).collect();
     assert_eq!(seqs, vec![4, 5, 6], "window of 3");
-}
-
-fn ranges_and_senders(mut s: RedisStore) {
-    for i in 1..=10u8 {
-        let sender = if i % 2 == 0 { "even" } else { "odd" };
-        s.append_message("c2", message("c2", i, sender), &retention(0, 100))
-            .unwrap();
-    }
-    let after = s
-        .messages_after(&[
-            RangeRead {
-                conversation_id: "c2".into(),
-                after_seq: 7,
-                limit: 2,
-            },
-            RangeRead {
-                conversation_id: "nope".into(),
-                after_seq: 0,
-                limit: 2,
-            },
-        ])
-        .unwrap();
-    assert_eq!(
-        after[0].iter().map(|m| m.seq).collect::<Vec<_>>(),
-        vec![8, 9]
-    );
-    assert!(after[1].is_empty());
-    let page = s.messages_before("c2", 0, 3).unwrap();
-    assert_eq!(
-        page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
-        vec![8, 9, 10]
-    );
-    assert!(page.has_more);
-    let page = s.messages_before("c2", 3, 5).unwrap();
-    assert_eq!(
-        page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
-        vec![1, 2]
-    );
-    assert!(!page.has_more);
-    assert_eq!(s.senders_between("c2", 1, 2).unwrap(), vec!["even"]);
-    let mut both = s.senders_between("c2", 0, 10).unwrap();
-    both.sort();
-    assert_eq!(both, vec!["even", "odd"]);
-}
-
-fn receipts_and_groups(mut s: RedisStore) {
-    let read = pb::ReceiptKind::Read;
-    assert_eq!(s.advance_receipt("c3", "u", read, 5).unwrap(), Some(0));
-    assert_eq!(s.advance_receipt("c3", "u", read, 5).unwrap(), None);
-    assert_eq!(s.advance_receipt("c3", "u", read, 3).unwrap(), None);
-    assert_eq!(s.advance_receipt("c3", "u", read, 9).unwrap(), Some(5));
-    assert_eq!(
-        s.advance_receipt("c3", "u", pb::ReceiptKind::Delivered, 2)
-            .unwrap(),
-        Some(0)
-    );
-
-    let member = |u: &str, role: pb::Role| pb::Member {
-        user_id: u.into(),
-        role: role as i32,
-    };
-    let group = GroupRecord {
-        conversation_id: "grp:1".into(),
-        title: "t".into(),
-        members: vec![member("a", pb::Role::Admin), member("b", pb::Role::Member)],
-        created_ms: 42,
-    };
-    assert!(s.create_group(&group).unwrap());
-    assert!(!s.create_group(&group).unwrap(), "exists already");
-    assert_eq!(
-        s.membership("grp:1", "a").unwrap(),
-        Membership::Member(pb::Role::Admin)
-    );
-    assert_eq!(s.membership("grp:1", "z").unwrap(), Membership::NotMember);
-    assert_eq!(s.membership("grp:2", "a").unwrap(), Membership::NoSuchGroup);
-    s.update_members(
-        "grp:1",
-        &[member("c", pb::Role::Member), member("b", pb::Role::Admin)],
-        &["a".into()],
-    )
-    .unwrap();
-    let got = s.groups(&["grp:1".into(), "grp:2".into()]).unwrap();
-    assert_eq!(got[1], None);
-    let g = got[0].clone().unwrap();
-    assert_eq!(g.title, "t");
-    assert_eq!(g.created_ms, 42);
-    assert_eq!(
-        g.members,
-        vec![member("b", pb::Role::Admin), member("c", pb::Role::Member)]
-    );
-    s.update_members("grp:none", &[member("c", pb::Role::Member)], &[])
-        .unwrap();
-    assert_eq!(s.group("grp:none").unwrap(), None);
-}
-
-fn users_and_push(mut s: RedisStore) {
-    let users: Vec<String> = vec!["p1".into(), "p2".into()];
-    s.add_conversation_to_users("c4", &users).unwrap();
-    s.add_conversation_to_users("c5", &users[..1]).unwrap();
-    let mut convs = s.conversations_of_user("p1").unwrap();
-    convs.sort();
-    assert_eq!(convs, vec!["c4", "c5"]);
-    s.remove_conversation_from_users("c4", &users).unwrap();
-    assert_eq!(s.conversations_of_user("p2").unwrap(), Vec::<String>::new());
-
-    assert_eq!(s.mark_push_pending("c4", &users).unwrap(), vec![true, true]);
-    assert_eq!(
-        s.mark_push_pending("c4", &users).unwrap(),
-        vec![false, false]
-    );
-    s.clear_push_pending("p1", Some("c4")).unwrap();
-    s.clear_push_pending("p2", None).unwrap();
-    assert_eq!(s.mark_push_pending("c4", &users).unwrap(), vec![true, true]);
 }
 
 fn sessions_presence_and_leases(mut s: RedisStore) {
@@ -340,25 +185,6 @@ fn sessions_presence_and_leases(mut s: RedisStore) {
         s.presence_of_users(&["t3".into()]).unwrap()[0].last_seen_ms,
         999
     );
-}
-
-fn watches(mut s: RedisStore) {
-    let w = addr("gA", 5);
-    let users: Vec<String> = vec!["x".into(), "y".into()];
-    assert_eq!(
-        s.add_watches(&w, &users, 2).unwrap(),
-        WatchAdd::Added { watching: 2 }
-    );
-    assert_eq!(
-        s.add_watches(&w, &["z".into()], 2).unwrap(),
-        WatchAdd::LimitExceeded { watching: 2 }
-    );
-    assert_eq!(s.watchers_of("x").unwrap(), vec![w.clone()]);
-    assert!(s.watchers_of("z").unwrap().is_empty());
-    s.remove_watches(&w, &["x".into()]).unwrap();
-    assert!(s.watchers_of("x").unwrap().is_empty());
-    s.drop_watches(&w).unwrap();
-    assert!(s.watchers_of("y").unwrap().is_empty());
 }
 
 /// The unchanged routing logic over RedisStore: a 300-member group with some

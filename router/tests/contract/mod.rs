@@ -1,0 +1,211 @@
+//! The store contract: checks every `Store` implementation must pass, run
+//! against `MemoryStore` (tests/memory_store.rs) and `RedisStore` on standalone
+//! Redis and Redis Cluster (tests/redis_store.rs). Each check takes a fresh store.
+// Each test binary uses a different subset of the helpers.
+#![allow(dead_code)]
+
+use palaver_protocol::pb;
+use palaver_router::api::{Session, SessionAddr};
+use palaver_router::store::{
+    Appended, GroupRecord, Membership, RangeRead, Retention, Store, WatchAdd,
+};
+
+pub fn retention(now_ms: i64, window: usize) -> Retention {
+    Retention {
+        now_ms,
+        dedup_ttl_ms: 1000,
+        history_window: window,
+    }
+}
+
+pub fn message(conv: &str, cmid: u8, sender: &str) -> pb::Message {
+    pb::Message {
+        conversation_id: conv.into(),
+        client_msg_id: vec![cmid; 16],
+        message_id: format!("m{cmid}"),
+        sender_user_id: sender.into(),
+        body: vec![cmid; 3],
+        kind: pb::ContentKind::Text as i32,
+        server_time_ms: 1000 + cmid as i64,
+        ..Default::default()
+    }
+}
+
+pub fn stored(a: Appended) -> pb::Message {
+    match a {
+        Appended::Stored(m) => m,
+        Appended::Duplicate(ack) => panic!("unexpected duplicate {ack:?}"),
+    }
+}
+
+pub fn addr(gw: &str, conn: u64) -> SessionAddr {
+    SessionAddr {
+        gateway_id: gw.into(),
+        conn,
+    }
+}
+
+pub fn session(user: &str, device: &str, gw: &str, conn: u64) -> Session {
+    Session {
+        user_id: user.into(),
+        device_id: device.into(),
+        addr: addr(gw, conn),
+    }
+}
+
+pub fn ranges_and_senders<S: Store>(mut s: S) {
+    for i in 1..=10u8 {
+        let sender = if i % 2 == 0 { "even" } else { "odd" };
+        s.append_message("c2", message("c2", i, sender), &retention(0, 100))
+            .unwrap();
+    }
+    let after = s
+        .messages_after(&[
+            RangeRead {
+                conversation_id: "c2".into(),
+                after_seq: 7,
+                limit: 2,
+            },
+            RangeRead {
+                conversation_id: "nope".into(),
+                after_seq: 0,
+                limit: 2,
+            },
+        ])
+        .unwrap();
+    assert_eq!(
+        after[0].iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![8, 9]
+    );
+    assert!(after[1].is_empty());
+    let page = s.messages_before("c2", 0, 3).unwrap();
+    assert_eq!(
+        page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![8, 9, 10]
+    );
+    assert!(page.has_more);
+    let page = s.messages_before("c2", 3, 5).unwrap();
+    assert_eq!(
+        page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+    assert!(!page.has_more);
+    assert_eq!(s.senders_between("c2", 1, 2).unwrap(), vec!["even"]);
+    let mut both = s.senders_between("c2", 0, 10).unwrap();
+    both.sort();
+    assert_eq!(both, vec!["even", "odd"]);
+}
+
+pub fn receipts_and_groups<S: Store>(mut s: S) {
+    let read = pb::ReceiptKind::Read;
+    assert_eq!(s.advance_receipt("c3", "u", read, 5).unwrap(), Some(0));
+    assert_eq!(s.advance_receipt("c3", "u", read, 5).unwrap(), None);
+    assert_eq!(s.advance_receipt("c3", "u", read, 3).unwrap(), None);
+    assert_eq!(s.advance_receipt("c3", "u", read, 9).unwrap(), Some(5));
+    assert_eq!(
+        s.advance_receipt("c3", "u", pb::ReceiptKind::Delivered, 2)
+            .unwrap(),
+        Some(0)
+    );
+
+    let member = |u: &str, role: pb::Role| pb::Member {
+        user_id: u.into(),
+        role: role as i32,
+    };
+    let group = GroupRecord {
+        conversation_id: "grp:1".into(),
+        title: "t".into(),
+        members: vec![member("a", pb::Role::Admin), member("b", pb::Role::Member)],
+        created_ms: 42,
+    };
+    assert!(s.create_group(&group).unwrap());
+    assert!(!s.create_group(&group).unwrap(), "exists already");
+    assert_eq!(
+        s.membership("grp:1", "a").unwrap(),
+        Membership::Member(pb::Role::Admin)
+    );
+    assert_eq!(s.membership("grp:1", "z").unwrap(), Membership::NotMember);
+    assert_eq!(s.membership("grp:2", "a").unwrap(), Membership::NoSuchGroup);
+    s.update_members(
+        "grp:1",
+        &[member("c", pb::Role::Member), member("b", pb::Role::Admin)],
+        &["a".into()],
+    )
+    .unwrap();
+    let got = s.groups(&["grp:1".into(), "grp:2".into()]).unwrap();
+    assert_eq!(got[1], None);
+    let g = got[0].clone().unwrap();
+    assert_eq!(g.title, "t");
+    assert_eq!(g.created_ms, 42);
+    assert_eq!(
+        g.members,
+        vec![member("b", pb::Role::Admin), member("c", pb::Role::Member)]
+    );
+    s.update_members("grp:none", &[member("c", pb::Role::Member)], &[])
+        .unwrap();
+    assert_eq!(s.group("grp:none").unwrap(), None);
+}
+
+pub fn users_and_push<S: Store>(mut s: S) {
+    let users: Vec<String> = vec!["p1".into(), "p2".into()];
+    s.add_conversation_to_users("c4", &users).unwrap();
+    s.add_conversation_to_users("c5", &users[..1]).unwrap();
+    let mut convs = s.conversations_of_user("p1").unwrap();
+    convs.sort();
+    assert_eq!(convs, vec!["c4", "c5"]);
+    s.remove_conversation_from_users("c4", &users).unwrap();
+    assert_eq!(s.conversations_of_user("p2").unwrap(), Vec::<String>::new());
+
+    assert_eq!(s.mark_push_pending("c4", &users).unwrap(), vec![true, true]);
+    assert_eq!(
+        s.mark_push_pending("c4", &users).unwrap(),
+        vec![false, false]
+    );
+    s.clear_push_pending("p1", Some("c4")).unwrap();
+    s.clear_push_pending("p2", None).unwrap();
+    assert_eq!(s.mark_push_pending("c4", &users).unwrap(), vec![true, true]);
+}
+
+pub fn watches<S: Store>(mut s: S) {
+    let w = addr("gA", 5);
+    let users: Vec<String> = vec!["x".into(), "y".into()];
+    assert_eq!(
+        s.add_watches(&w, &users, 2).unwrap(),
+        WatchAdd::Added { watching: 2 }
+    );
+    assert_eq!(
+        s.add_watches(&w, &["z".into()], 2).unwrap(),
+        WatchAdd::LimitExceeded { watching: 2 }
+    );
+    assert_eq!(s.watchers_of("x").unwrap(), vec![w.clone()]);
+    assert!(s.watchers_of("z").unwrap().is_empty());
+    s.remove_watches(&w, &["x".into()]).unwrap();
+    assert!(s.watchers_of("x").unwrap().is_empty());
+    s.drop_watches(&w).unwrap();
+    assert!(s.watchers_of("y").unwrap().is_empty());
+}
+
+/// A connection's watches are capped all-or-nothing; re-watching counts once.
+pub fn watches_capped_all_or_nothing<S: Store>(mut s: S) {
+    let w = addr("g", 1);
+    let users = |r: std::ops::Range<u32>| r.map(|i| format!("u{i}")).collect::<Vec<_>>();
+    assert_eq!(
+        s.add_watches(&w, &users(0..3), 4).unwrap(),
+        WatchAdd::Added { watching: 3 }
+    );
+    // Re-watching counts once.
+    assert_eq!(
+        s.add_watches(&w, &users(1..4), 4).unwrap(),
+        WatchAdd::Added { watching: 4 }
+    );
+    assert_eq!(
+        s.add_watches(&w, &users(4..5), 4).unwrap(),
+        WatchAdd::LimitExceeded { watching: 4 }
+    );
+    assert!(s.watchers_of("u4").unwrap().is_empty());
+    s.remove_watches(&w, &users(0..1)).unwrap();
+    assert!(s.watchers_of("u0").unwrap().is_empty());
+    assert_eq!(s.watchers_of("u1").unwrap(), vec![w.clone()]);
+    s.drop_watches(&w).unwrap();
+    assert!(s.watchers_of("u1").unwrap().is_empty());
+}
