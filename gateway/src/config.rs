@@ -74,13 +74,24 @@ pub struct LimitsConfig {
     pub max_frame_bytes: u32,
     pub max_body_bytes: u32,
     pub max_sends_per_second: u32,
+    /// Budget for every other request, in cost units per second (SPEC §13).
+    pub max_requests_per_second: u32,
+    /// Requests with a response one connection may have awaiting it.
+    pub max_requests_in_flight: u32,
+    /// A repeated identical Typing within this window is dropped.
+    pub typing_coalesce_ms: u32,
     pub max_group_members: u32,
     pub max_batch: u32,
     pub heartbeat_interval_ms: u32,
     pub handshake_timeout_ms: u32,
     pub hello_timeout_ms: u32,
-    /// Unsent bytes one connection may hold before it is a slow consumer.
+    /// Unsent bytes one connection may hold: above it the gateway stops
+    /// reading the connection's requests, and a frame from the backend that
+    /// does not fit closes it as a slow consumer.
     pub max_outbound_bytes: u32,
+    /// How long output may stay above `max_outbound_bytes` before the
+    /// connection is closed as a slow consumer.
+    pub slow_consumer_timeout_ms: u32,
     /// Connections this process holds at most (all cores together).
     pub max_connections: u32,
     /// TLS handshake steps (and accepts) one core runs per loop turn.
@@ -94,12 +105,16 @@ impl Default for LimitsConfig {
             max_frame_bytes: p.max_frame_bytes,
             max_body_bytes: p.max_body_bytes,
             max_sends_per_second: p.max_sends_per_second,
+            max_requests_per_second: p.max_requests_per_second,
+            max_requests_in_flight: p.max_requests_in_flight,
+            typing_coalesce_ms: 2_000,
             max_group_members: p.max_group_members,
             max_batch: p.max_batch,
             heartbeat_interval_ms: p.heartbeat_interval_ms,
             handshake_timeout_ms: 10_000,
             hello_timeout_ms: p.hello_timeout_ms,
             max_outbound_bytes: 256 * 1024,
+            slow_consumer_timeout_ms: 10_000,
             max_connections: 19_000,
             handshakes_per_turn: 64,
         }
@@ -107,12 +122,25 @@ impl Default for LimitsConfig {
 }
 
 impl LimitsConfig {
+    /// What each connection's [`RequestPolicy`](crate::policy::RequestPolicy) enforces.
+    pub fn policy(&self) -> crate::policy::PolicyLimits {
+        crate::policy::PolicyLimits {
+            max_body_bytes: self.max_body_bytes,
+            max_sends_per_second: self.max_sends_per_second,
+            max_requests_per_second: self.max_requests_per_second,
+            max_requests_in_flight: self.max_requests_in_flight,
+            typing_coalesce_ms: self.typing_coalesce_ms,
+        }
+    }
+
     /// The protocol-level limits (announced to clients).
     pub fn protocol(&self) -> palaver_protocol::Limits {
         palaver_protocol::Limits {
             max_frame_bytes: self.max_frame_bytes,
             max_body_bytes: self.max_body_bytes,
             max_sends_per_second: self.max_sends_per_second,
+            max_requests_per_second: self.max_requests_per_second,
+            max_requests_in_flight: self.max_requests_in_flight,
             max_group_members: self.max_group_members,
             max_batch: self.max_batch,
             heartbeat_interval_ms: self.heartbeat_interval_ms,
@@ -263,6 +291,24 @@ impl Config {
         }
         if l.max_sends_per_second == 0 {
             return Err(bad("limits.max_sends_per_second", "must be > 0"));
+        }
+        if l.max_requests_per_second < 10 {
+            return Err(bad(
+                "limits.max_requests_per_second",
+                "must be at least 10 (one group operation costs 10 units)",
+            ));
+        }
+        if l.max_requests_in_flight == 0 || l.max_requests_in_flight > u32::from(u16::MAX) {
+            return Err(bad(
+                "limits.max_requests_in_flight",
+                "must be between 1 and 65535",
+            ));
+        }
+        if l.slow_consumer_timeout_ms < 100 {
+            return Err(bad(
+                "limits.slow_consumer_timeout_ms",
+                "must be at least 100",
+            ));
         }
         if l.max_group_members < 2 {
             return Err(bad("limits.max_group_members", "must be at least 2"));

@@ -7,6 +7,16 @@
 //! Memory per idle connection is the [`Conn`] slot plus rustls' unbuffered
 //! connection state: buffers exist only while something is pending (a partial
 //! TLS record, a partial frame, unsent output) and are freed when drained.
+//!
+//! Output is bounded per connection, whoever produces it: frames are
+//! encrypted together at the end of each read round or delivery run (one TLS
+//! record per 16 KiB, not one per frame), written at once, and what the
+//! socket refuses stays in `tls_out`. While `tls_out` holds
+//! `max_outbound_bytes` or more the connection is not read (the client's own
+//! requests wait in the kernel, TCP backpressure), a backend frame that does
+//! not fit closes it as a slow consumer, and so does staying full for
+//! `slow_consumer_timeout_ms`. A connection therefore holds at most
+//! `max_outbound_bytes` + one read round's replies (or one backend frame).
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -28,6 +38,7 @@ use slab::Slab;
 use crate::auth::{AuthError, Authenticator};
 use crate::config::Config;
 use crate::metrics::CoreMetrics;
+use crate::policy::{Admit, PolicyLimits, RequestPolicy};
 use crate::sink::{conn_key, split_key, Control, Mailbox, MailboxRx};
 use crate::timer::{TimerEntry, TimerWheel};
 use crate::tls::TlsStore;
@@ -101,14 +112,14 @@ struct Conn {
     /// Encrypted output the socket has not taken yet; empty otherwise.
     tls_out: Vec<u8>,
     session: Option<Box<Session>>,
-    /// Handshake deadline (core clock, ms); only meaningful while handshaking.
-    handshake_deadline_ms: u64,
+    /// Per-session budgets (send rate, request budget, in-flight cap).
+    policy: RequestPolicy,
+    /// Core clock, ms: the handshake deadline while handshaking; while
+    /// reading is paused, when a stalled reader becomes a slow consumer.
+    io_deadline_ms: u64,
     generation: u32,
     /// Tick of this connection's live timer-wheel entry.
     timer_tick: u32,
-    /// Send-rate token bucket: milli-tokens, and when it was last refilled.
-    send_tokens: u32,
-    send_refill_ms: u32,
     /// `tls_out.len()` as last added to the core's buffered-bytes gauge.
     accounted_out: u32,
     phase: Phase,
@@ -116,6 +127,8 @@ struct Conn {
     deferred: bool,
     /// Write side shut down (FIN sent) while closing.
     fin_sent: bool,
+    /// Not read until `tls_out` drains below half of `max_outbound_bytes`.
+    read_paused: bool,
 }
 
 /// What a handler wants done with the connection afterwards.
@@ -129,7 +142,8 @@ enum Fate {
 struct Scratch {
     /// Ciphertext being processed: a leftover partial record, then fresh reads.
     tls_in: Box<[u8]>,
-    /// One frame, encoded before encryption.
+    /// Frames of the connection being handled, encoded, not yet encrypted
+    /// (sealed together by `finish_output`).
     plain: Vec<u8>,
     /// Encrypted output of the connection being handled.
     out: Vec<u8>,
@@ -149,8 +163,8 @@ struct Ctx {
     rng: u64,
     heartbeat_interval_ms: u32,
     max_outbound: usize,
-    max_body: usize,
-    sends_per_second: u32,
+    slow_consumer_timeout_ms: u32,
+    policy: PolicyLimits,
 }
 
 pub struct Core {
@@ -199,14 +213,14 @@ impl Core {
             index,
             heartbeat_interval_ms: cfg.limits.heartbeat_interval_ms,
             max_outbound: cfg.limits.max_outbound_bytes as usize,
-            max_body: cfg.limits.max_body_bytes as usize,
-            sends_per_second: cfg.limits.max_sends_per_second,
+            slow_consumer_timeout_ms: cfg.limits.slow_consumer_timeout_ms,
+            policy: cfg.limits.policy(),
             shared: shared.clone(),
             metrics,
             wheel: TimerWheel::new(WHEEL_SLOTS, ticks(now_ms)),
             scratch: Scratch {
                 tls_in: vec![0u8; MAX_LEFTOVER + READ_CHUNK].into_boxed_slice(),
-                plain: Vec::with_capacity(4096),
+                plain: Vec::with_capacity(READ_CHUNK),
                 out: Vec::with_capacity(READ_CHUNK),
                 frames: Vec::new(),
                 fired: Vec::new(),
@@ -290,9 +304,12 @@ impl Core {
             return;
         };
         let mut fate = Fate::Keep;
+        let was_paused = conn.read_paused;
         if writable && !conn.tls_out.is_empty() {
             fate = self.ctx.flush(conn);
         }
+        // Reading resumed: what arrived meanwhile raised no new edge.
+        let readable = readable || (was_paused && !conn.read_paused);
         if fate == Fate::Keep && readable {
             if conn.phase == Phase::Handshaking && *handshakes == 0 {
                 // Reconnect storm: finish this handshake step in a later turn
@@ -422,7 +439,8 @@ impl Core {
         let now = ctx.now_ms;
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1).max(1);
-        let handshake_deadline_ms = now + u64::from(limits.handshake_timeout_ms);
+        let io_deadline_ms = now + u64::from(limits.handshake_timeout_ms);
+        let policy = RequestPolicy::new(&ctx.policy, now);
         let conn = entry.insert(Conn {
             sock,
             tls,
@@ -431,15 +449,15 @@ impl Core {
             tls_in: Vec::new(),
             tls_out: Vec::new(),
             session: None,
-            handshake_deadline_ms,
+            policy,
+            io_deadline_ms,
             generation,
             timer_tick: u32::MAX,
-            send_tokens: limits.max_sends_per_second.saturating_mul(1000),
-            send_refill_ms: now as u32,
             accounted_out: 0,
             phase: Phase::Handshaking,
             deferred: false,
             fin_sent: false,
+            read_paused: false,
         });
         ctx.metrics.connections.fetch_add(1, Relaxed);
         ctx.arm(slot, conn);
@@ -476,6 +494,7 @@ impl Core {
             let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 match self.conns.get_mut(slot) {
                     Some(conn) if live && conn.phase == Phase::Open => {
+                        conn.policy.on_delivery(&o.frame, self.ctx.now_ms);
                         let closes = o.closes_connection();
                         self.ctx.deliver_one(slot, conn, o.frame, closes);
                     }
@@ -491,7 +510,10 @@ impl Core {
                             self.close(slot);
                         }
                     }
-                    _ => self.ctx.scratch.out.clear(),
+                    _ => {
+                        self.ctx.scratch.plain.clear();
+                        self.ctx.scratch.out.clear();
+                    }
                 }
             }));
             if caught.is_err() {
@@ -508,6 +530,7 @@ impl Core {
             slot,
             "panic while handling a connection; closing it"
         );
+        self.ctx.scratch.plain.clear();
         self.ctx.scratch.out.clear();
         self.ctx.scratch.frames.clear();
         let same = self
@@ -640,7 +663,8 @@ impl Ctx {
     fn deadline_ms(conn: &Conn) -> u64 {
         let proto = conn.proto.deadline().unwrap_or(0);
         match conn.phase {
-            Phase::Handshaking => conn.handshake_deadline_ms.min(proto),
+            Phase::Handshaking => conn.io_deadline_ms.min(proto),
+            Phase::Open if conn.read_paused => conn.io_deadline_ms.min(proto),
             Phase::Open | Phase::Closing => proto,
         }
     }
@@ -661,6 +685,12 @@ impl Ctx {
                 Fate::Close
             }
             Phase::Closing => Fate::Close,
+            // Stalled reader (or its heartbeat deadline passed while we were
+            // not reading its frames): a slow consumer either way.
+            Phase::Open if conn.read_paused => {
+                self.close_slow_consumer(slot, conn);
+                self.finish_output(conn)
+            }
             Phase::Open => {
                 let (code, message, counter) = match conn.proto.phase() {
                     ServerPhase::Established => (
@@ -686,18 +716,27 @@ impl Ctx {
         }
     }
 
-    /// Reads and processes what the socket has. Returns the fate and whether
-    /// the socket may have more (the read budget ran out).
+    /// Reads and processes what the socket has, a round (one read) at a
+    /// time: each round's frames are handled and their replies written before
+    /// the next read, and reading stops when the output is full. Returns the
+    /// fate and whether the socket may have more (the read budget ran out).
     fn on_readable(&mut self, slot: usize, conn: &mut Conn) -> (Fate, bool) {
         if conn.phase == Phase::Closing {
             return (self.discard_input(conn), false);
+        }
+        if conn.read_paused {
+            return (Fate::Keep, false);
+        }
+        if conn.tls_out.len() >= self.max_outbound {
+            self.pause_reading(slot, conn);
+            return (Fate::Keep, false);
         }
         let mut used = conn.tls_in.len();
         self.scratch.tls_in[..used].copy_from_slice(&conn.tls_in);
         conn.tls_in = Vec::new();
         let mut frames = std::mem::take(&mut self.scratch.frames);
         let mut decode_error = None;
-        let mut fate = Fate::Keep;
+        let mut peer_gone = false;
         let mut more = false;
         let mut tls_failed = false;
         let mut rounds = 0;
@@ -705,14 +744,14 @@ impl Ctx {
             let space = self.scratch.tls_in.len() - used;
             let n = match conn.sock.read(&mut self.scratch.tls_in[used..]) {
                 Ok(0) => {
-                    fate = Fate::Close;
+                    peer_gone = true;
                     0
                 }
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => {
-                    fate = Fate::Close;
+                    peer_gone = true;
                     0
                 }
             };
@@ -739,12 +778,48 @@ impl Ctx {
                 tls_failed = true;
                 break;
             }
-            if driven.peer_closed || driven.closed || decode_error.is_some() {
+            if conn.phase == Phase::Handshaking && !conn.tls.is_handshaking() {
+                if conn.tls.alpn_protocol() != Some(palaver_protocol::ALPN) {
+                    // The certificate resolver already refuses such handshakes.
+                    self.scratch.out.clear();
+                    frames.clear();
+                    self.scratch.frames = frames;
+                    return (Fate::Close, false);
+                }
+                CoreMetrics::inc(&self.metrics.handshakes_ok);
+                conn.phase = Phase::Open;
+                self.arm(slot, conn);
+            }
+            for f in frames.drain(..) {
+                if conn.phase != Phase::Open {
+                    break;
+                }
+                self.on_frame(slot, conn, f);
+            }
+            frames.clear();
+            if let Some(e) = decode_error.take() {
+                if conn.phase == Phase::Open {
+                    CoreMetrics::inc(&self.metrics.frames_in[0]);
+                    let err = error_frame(0, e.error_code(), e.to_string());
+                    self.begin_close(slot, conn, Some(err), CLOSE_LINGER_MS);
+                }
+                break;
+            }
+            if driven.peer_closed || driven.closed || conn.phase == Phase::Closing {
                 break;
             }
             if used > MAX_LEFTOVER {
                 // A handshake message or record larger than anything legal.
                 tls_failed = true;
+                break;
+            }
+            // This round's replies leave before more requests are read.
+            if self.finish_output(conn) == Fate::Close {
+                self.scratch.frames = frames;
+                return (Fate::Close, false);
+            }
+            if conn.tls_out.len() >= self.max_outbound {
+                self.pause_reading(slot, conn);
                 break;
             }
             if n < space {
@@ -758,48 +833,49 @@ impl Ctx {
                 break;
             }
         }
-        if used > 0 && !tls_failed {
-            conn.tls_in = self.scratch.tls_in[..used].to_vec();
-        }
+        self.scratch.frames = frames;
         if tls_failed {
             // Any alert rustls produced is in scratch.out; send it and go.
-            frames.clear();
-            self.scratch.frames = frames;
+            self.scratch.plain.clear();
             let _ = self.finish_output(conn);
             return (Fate::Close, false);
         }
-        if conn.phase == Phase::Handshaking && !conn.tls.is_handshaking() {
-            if conn.tls.alpn_protocol() != Some(palaver_protocol::ALPN) {
-                // The certificate resolver already refuses such handshakes.
-                self.scratch.out.clear();
-                frames.clear();
-                self.scratch.frames = frames;
-                return (Fate::Close, false);
-            }
-            CoreMetrics::inc(&self.metrics.handshakes_ok);
-            conn.phase = Phase::Open;
-            self.arm(slot, conn);
+        if used > 0 && conn.phase != Phase::Closing {
+            conn.tls_in = self.scratch.tls_in[..used].to_vec();
         }
-        for f in frames.drain(..) {
-            if conn.phase != Phase::Open {
-                break;
-            }
-            self.on_frame(slot, conn, f);
-        }
-        self.scratch.frames = frames;
-        if let Some(e) = decode_error {
-            if conn.phase == Phase::Open {
-                CoreMetrics::inc(&self.metrics.frames_in[0]);
-                let err = error_frame(0, e.error_code(), e.to_string());
-                self.begin_close(slot, conn, Some(err), CLOSE_LINGER_MS);
-            }
-        }
-        if fate == Fate::Close {
+        if peer_gone {
             // Peer is gone (EOF or reset): nothing more will be read.
+            self.scratch.plain.clear();
             self.scratch.out.clear();
             return (Fate::Close, false);
         }
         (self.finish_output(conn), more)
+    }
+
+    /// Stops reading a connection whose output is full; it is closed as a
+    /// slow consumer if it stays full for `slow_consumer_timeout_ms`.
+    fn pause_reading(&mut self, slot: usize, conn: &mut Conn) {
+        if conn.read_paused {
+            return;
+        }
+        CoreMetrics::inc(&self.metrics.reads_paused);
+        conn.read_paused = true;
+        conn.io_deadline_ms = self.now_ms + u64::from(self.slow_consumer_timeout_ms);
+        self.arm(slot, conn);
+    }
+
+    /// GoAway(SLOW_CONSUMER) behind what the client has not read, then close.
+    fn close_slow_consumer(&mut self, slot: usize, conn: &mut Conn) {
+        CoreMetrics::inc(&self.metrics.slow_consumer_disconnects);
+        let goaway = frame(
+            0,
+            Body::GoAway(pb::GoAway {
+                reason: pb::GoAwayReason::SlowConsumer as i32,
+                reconnect_delay_ms: 0,
+                message: format!("more than {} bytes unread", self.max_outbound),
+            }),
+        );
+        self.begin_close(slot, conn, Some(goaway), CLOSE_LINGER_MS);
     }
 
     /// Closing connections only wait for the peer's FIN; input is dropped.
@@ -832,65 +908,34 @@ impl Ctx {
             Body::Hello(hello) => self.on_hello(slot, conn, request_id, hello),
             Body::Ping(ping) => {
                 let pong = frame(request_id, Body::Pong(pb::Pong { nonce: ping.nonce }));
-                self.queue(conn, &pong);
+                self.queue(&pong);
             }
             Body::Pong(_) => {}
-            Body::Send(send) => {
-                if send.body.len() > self.max_body {
-                    let mut err = error_frame(
-                        request_id,
-                        pb::ErrorCode::BodyTooLarge,
-                        format!(
-                            "body of {} bytes exceeds {}",
-                            send.body.len(),
-                            self.max_body
-                        ),
-                    );
-                    set_client_msg_id(&mut err, send.client_msg_id);
-                    self.queue(conn, &err);
-                } else if !self.take_send_token(conn) {
-                    CoreMetrics::inc(&self.metrics.rate_limited);
-                    let mut err = error_frame(
-                        request_id,
-                        pb::ErrorCode::RateLimited,
-                        format!("more than {} sends per second", self.sends_per_second),
-                    );
-                    set_client_msg_id(&mut err, send.client_msg_id);
-                    self.queue(conn, &err);
-                } else {
-                    self.submit(conn, request_id, Body::Send(send));
-                }
-            }
-            other => self.submit(conn, request_id, other),
+            request => self.on_request(conn, request_id, request),
         }
     }
 
-    fn submit(&self, conn: &Conn, request_id: u32, body: Body) {
+    /// A request for the backend, if the connection's budgets allow it.
+    fn on_request(&mut self, conn: &mut Conn, request_id: u32, body: Body) {
         let Some(session) = &conn.session else { return };
-        self.shared.backend.submit(Inbound {
-            from: Session::clone(session),
-            request_id,
-            body,
-            received_ms: unix_ms(),
-        });
-    }
-
-    fn take_send_token(&mut self, conn: &mut Conn) -> bool {
-        let now = self.now_ms as u32;
-        let elapsed = now.wrapping_sub(conn.send_refill_ms);
-        conn.send_refill_ms = now;
-        let rate = self.sends_per_second;
-        // milli-tokens: `rate` tokens per second = `rate` milli-tokens per ms.
-        let cap = rate.saturating_mul(1000);
-        conn.send_tokens = conn
-            .send_tokens
-            .saturating_add(elapsed.saturating_mul(rate))
-            .min(cap);
-        if conn.send_tokens >= 1000 {
-            conn.send_tokens -= 1000;
-            true
-        } else {
-            false
+        match conn.policy.admit(&self.policy, &body, self.now_ms) {
+            Admit::Forward => self.shared.backend.submit(Inbound {
+                from: Session::clone(session),
+                request_id,
+                body,
+                received_ms: unix_ms(),
+            }),
+            Admit::Drop => CoreMetrics::inc(&self.metrics.typing_dropped),
+            Admit::Refuse(code, message) => {
+                if code == pb::ErrorCode::RateLimited {
+                    CoreMetrics::inc(&self.metrics.rate_limited);
+                }
+                let mut err = error_frame(request_id, code, message);
+                if let (Some(Body::Error(e)), Body::Send(send)) = (&mut err.body, body) {
+                    e.client_msg_id = send.client_msg_id;
+                }
+                self.queue(&err);
+            }
         }
     }
 
@@ -923,6 +968,7 @@ impl Ctx {
         });
         conn.proto
             .accept_hello(self.now_ms, self.heartbeat_interval_ms);
+        conn.policy = RequestPolicy::new(&self.policy, self.now_ms);
         let limits = self.shared.config.limits.protocol();
         let welcome = frame(
             request_id,
@@ -937,65 +983,65 @@ impl Ctx {
         );
         // Welcome is queued before the backend hears of the session, so it
         // precedes anything the backend sends.
-        self.queue(conn, &welcome);
+        self.queue(&welcome);
         self.shared.backend.session_opened(&session);
         self.metrics.sessions.fetch_add(1, Relaxed);
         conn.session = Some(session);
         self.arm(slot, conn);
         if !hello.resume.is_empty() {
-            self.submit(
-                conn,
+            conn.policy.forwarded_untracked();
+            self.shared.backend.submit(Inbound {
+                from: Session::clone(conn.session.as_deref().expect("session just set")),
                 request_id,
-                Body::Sync(pb::Sync {
+                body: Body::Sync(pb::Sync {
                     cursors: hello.resume,
                     limit: 0,
                 }),
-            );
+                received_ms: unix_ms(),
+            });
         }
     }
 
     fn deliver_one(&mut self, slot: usize, conn: &mut Conn, f: pb::Frame, closes: bool) {
         let len = palaver_protocol::encoded_frame_len(&f);
-        let pending = conn.tls_out.len() + self.scratch.out.len();
+        let pending = conn.tls_out.len() + self.scratch.out.len() + self.scratch.plain.len();
         // A single frame larger than the limit (a big SyncBatch) may go out
         // when nothing else is waiting; memory stays bounded by limit + frame.
         if pending > 0 && pending + len > self.max_outbound {
             // Slow consumer: stop adding; tell it why behind what it has not read.
-            CoreMetrics::inc(&self.metrics.slow_consumer_disconnects);
-            let goaway = frame(
-                0,
-                Body::GoAway(pb::GoAway {
-                    reason: pb::GoAwayReason::SlowConsumer as i32,
-                    reconnect_delay_ms: 0,
-                    message: format!("more than {} bytes unread", self.max_outbound),
-                }),
-            );
-            self.begin_close(slot, conn, Some(goaway), CLOSE_LINGER_MS);
+            self.close_slow_consumer(slot, conn);
             return;
         }
         if closes {
             self.begin_close(slot, conn, Some(f), CLOSE_LINGER_MS);
         } else {
-            self.queue(conn, &f);
+            self.queue(&f);
         }
     }
 
-    /// Encrypts one frame into the output buffer.
-    fn queue(&mut self, conn: &mut Conn, f: &pb::Frame) {
-        self.scratch.plain.clear();
+    /// Adds one frame to the connection's pending plaintext (encrypted with
+    /// the rest of this turn's frames by [`seal`](Self::seal)).
+    fn queue(&mut self, f: &pb::Frame) {
         encode_frame(f, &mut self.scratch.plain);
-        let driven = tls_io::drive(
+        self.metrics.frame_out(f.body.as_ref());
+    }
+
+    /// Encrypts the pending plaintext into the output buffer: one TLS record
+    /// per 16 KiB instead of one per frame.
+    fn seal(&mut self, conn: &mut Conn) {
+        if self.scratch.plain.is_empty() {
+            return;
+        }
+        let _driven = tls_io::drive(
             &mut conn.tls,
             &mut conn.tls_in,
             &mut self.scratch.out,
             None,
             &self.scratch.plain,
         );
-        if driven.sent {
-            self.metrics.frame_out(f.body.as_ref());
-        }
         // A partial record in tls_in is never complete here, so nothing was consumed.
-        debug_assert_eq!(driven.consumed, 0);
+        debug_assert_eq!(_driven.consumed, 0);
+        self.scratch.plain.clear();
     }
 
     /// Queues `last` (if any) and close_notify, ends the session, and waits
@@ -1011,8 +1057,9 @@ impl Ctx {
             return;
         }
         if let Some(f) = last {
-            self.queue(conn, &f);
+            self.queue(&f);
         }
+        self.seal(conn);
         tls_io::close_notify(&mut conn.tls, &mut conn.tls_in, &mut self.scratch.out);
         conn.phase = Phase::Closing;
         conn.proto.begin_drain(self.now_ms, linger_ms);
@@ -1033,6 +1080,7 @@ impl Ctx {
     /// scratch buffer when nothing is queued, keeping only what the socket
     /// refused.
     fn finish_output(&mut self, conn: &mut Conn) -> Fate {
+        self.seal(conn);
         if !self.scratch.out.is_empty() {
             if conn.tls_out.is_empty() {
                 let written = write_some(&mut conn.sock, &self.scratch.out);
@@ -1072,6 +1120,10 @@ impl Ctx {
             Err(_) => return Fate::Close,
         }
         self.account(conn);
+        if conn.read_paused && conn.tls_out.len() <= self.max_outbound / 2 {
+            // Hysteresis: resume at half, so reading does not flap per write.
+            conn.read_paused = false;
+        }
         self.after_output(conn)
     }
 
@@ -1093,16 +1145,13 @@ impl Ctx {
         let now = conn.tls_out.len() as u32;
         if now != conn.accounted_out {
             self.metrics
+                .max_conn_outbound_bytes
+                .fetch_max(i64::from(now), Relaxed);
+            self.metrics
                 .outbound_buffered_bytes
                 .fetch_add(i64::from(now) - i64::from(conn.accounted_out), Relaxed);
             conn.accounted_out = now;
         }
-    }
-}
-
-fn set_client_msg_id(f: &mut pb::Frame, id: Vec<u8>) {
-    if let Some(Body::Error(e)) = &mut f.body {
-        e.client_msg_id = id;
     }
 }
 
@@ -1130,8 +1179,9 @@ mod tests {
 
     #[test]
     fn connection_slot_stays_small() {
-        // The per-connection struct, excluding rustls' boxed state.
+        // The per-connection struct, excluding rustls' boxed state (the
+        // request budgets are 28 of it).
         let size = std::mem::size_of::<Conn>();
-        assert!(size <= 160, "Conn is {size} bytes");
+        assert!(size <= 192, "Conn is {size} bytes");
     }
 }

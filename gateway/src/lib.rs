@@ -17,6 +17,7 @@ pub mod config;
 pub mod core;
 pub mod devcerts;
 pub mod metrics;
+pub mod policy;
 pub mod server;
 pub mod sink;
 pub mod timer;

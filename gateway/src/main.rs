@@ -76,15 +76,30 @@ struct Args {
     /// Sustained Send frames per second per connection, burst the same (RATE_LIMITED). [default: 50]
     #[arg(long, env = "PALAVER_MAX_SENDS_PER_SECOND")]
     max_sends_per_second: Option<u32>,
+    /// Budget per connection for requests other than Send, in cost units per
+    /// second (Typing 5, Sync/History 5, group ops 10, others 1; RATE_LIMITED). [default: 100]
+    #[arg(long, env = "PALAVER_MAX_REQUESTS_PER_SECOND")]
+    max_requests_per_second: Option<u32>,
+    /// Requests with a response one connection may have awaiting it (RATE_LIMITED above). [default: 16]
+    #[arg(long, env = "PALAVER_MAX_REQUESTS_IN_FLIGHT")]
+    max_requests_in_flight: Option<u32>,
+    /// An identical Typing repeated within this window is dropped. [default: 2000]
+    #[arg(long, env = "PALAVER_TYPING_COALESCE_MS")]
+    typing_coalesce_ms: Option<u32>,
     /// Most members in a group. [default: 1000]
     #[arg(long, env = "PALAVER_MAX_GROUP_MEMBERS")]
     max_group_members: Option<u32>,
     /// Largest Sync/History page. [default: 500]
     #[arg(long, env = "PALAVER_MAX_BATCH")]
     max_batch: Option<u32>,
-    /// Unsent bytes per connection before it is disconnected as a slow consumer. [default: 262144]
+    /// Unsent bytes per connection: above it the gateway stops reading the
+    /// connection, and a backend frame that does not fit closes it (SLOW_CONSUMER). [default: 262144]
     #[arg(long, env = "PALAVER_MAX_OUTBOUND_BYTES")]
     max_outbound_bytes: Option<u32>,
+    /// How long output may stay above --max-outbound-bytes before the
+    /// connection is closed as a slow consumer. [default: 10000]
+    #[arg(long, env = "PALAVER_SLOW_CONSUMER_TIMEOUT_MS")]
+    slow_consumer_timeout_ms: Option<u32>,
     /// Connections this process holds; more are refused at accept. [default: 19000]
     #[arg(long, env = "PALAVER_MAX_CONNECTIONS")]
     max_connections: Option<u32>,
@@ -129,9 +144,13 @@ impl Args {
             max_frame_bytes => limits.max_frame_bytes,
             max_body_bytes => limits.max_body_bytes,
             max_sends_per_second => limits.max_sends_per_second,
+            max_requests_per_second => limits.max_requests_per_second,
+            max_requests_in_flight => limits.max_requests_in_flight,
+            typing_coalesce_ms => limits.typing_coalesce_ms,
             max_group_members => limits.max_group_members,
             max_batch => limits.max_batch,
             max_outbound_bytes => limits.max_outbound_bytes,
+            slow_consumer_timeout_ms => limits.slow_consumer_timeout_ms,
             max_connections => limits.max_connections,
             handshakes_per_turn => limits.handshakes_per_turn,
             drain_deadline_ms => drain.deadline_ms,
@@ -259,6 +278,19 @@ mod tests {
             ("--max-body-bytes", l.max_body_bytes.to_string()),
             ("--max-sends-per-second", l.max_sends_per_second.to_string()),
             ("--max-outbound-bytes", l.max_outbound_bytes.to_string()),
+            (
+                "--max-requests-per-second",
+                l.max_requests_per_second.to_string(),
+            ),
+            (
+                "--max-requests-in-flight",
+                l.max_requests_in_flight.to_string(),
+            ),
+            ("--typing-coalesce-ms", l.typing_coalesce_ms.to_string()),
+            (
+                "--slow-consumer-timeout-ms",
+                l.slow_consumer_timeout_ms.to_string(),
+            ),
             ("--max-connections", l.max_connections.to_string()),
             ("--handshake-timeout-ms", l.handshake_timeout_ms.to_string()),
             ("--hello-timeout-ms", l.hello_timeout_ms.to_string()),

@@ -94,6 +94,12 @@ pub struct CoreMetrics {
     pub heartbeat_timeouts: AtomicU64,
     pub slow_consumer_disconnects: AtomicU64,
     pub rate_limited: AtomicU64,
+    /// Typing frames dropped (coalesced repeats, or over the request budget).
+    pub typing_dropped: AtomicU64,
+    /// Times a connection's reading stopped because its output was full.
+    pub reads_paused: AtomicU64,
+    /// Largest unsent output any connection of this core has held, bytes.
+    pub max_conn_outbound_bytes: AtomicI64,
     pub delivery_queue_drops: AtomicU64,
     pub stale_deliveries: AtomicU64,
     pub bytes_in: AtomicU64,
@@ -146,7 +152,7 @@ pub fn render(
 ) -> String {
     let mut out = String::with_capacity(16 * 1024);
     let gw = gateway_id;
-    let simple: [Simple; 16] = [
+    let simple: [Simple; 19] = [
         (
             "palaver_connections",
             "gauge",
@@ -210,8 +216,26 @@ pub fn render(
         (
             "palaver_rate_limited_total",
             "counter",
-            "Send frames refused by the rate limit.",
+            "Requests refused by a rate limit, request budget or in-flight cap.",
             |m| m.rate_limited.load(Relaxed) as i64,
+        ),
+        (
+            "palaver_typing_dropped_total",
+            "counter",
+            "Typing frames dropped: coalesced repeats or over the request budget.",
+            |m| m.typing_dropped.load(Relaxed) as i64,
+        ),
+        (
+            "palaver_reads_paused_total",
+            "counter",
+            "Times a connection stopped being read because its unsent output was full.",
+            |m| m.reads_paused.load(Relaxed) as i64,
+        ),
+        (
+            "palaver_max_conn_outbound_bytes",
+            "gauge",
+            "Largest unsent output one connection has held (high-water mark).",
+            |m| m.max_conn_outbound_bytes.load(Relaxed),
         ),
         (
             "palaver_delivery_queue_drops_total",

@@ -14,6 +14,12 @@ pub struct Limits {
     pub max_body_bytes: u32,
     /// Sustained per-connection `Send` rate (token bucket, burst = this value).
     pub max_sends_per_second: u32,
+    /// Sustained per-connection budget for requests other than `Send`, in
+    /// cost units (SPEC §13; token bucket, burst = this value).
+    pub max_requests_per_second: u32,
+    /// Requests with a response (Send, Sync, History, presence, group ops)
+    /// one connection may have awaiting it at once.
+    pub max_requests_in_flight: u32,
     /// Most members a group may have, creator included.
     pub max_group_members: u32,
     /// Largest `limit` honoured by Sync / History.
@@ -32,6 +38,8 @@ impl Default for Limits {
             max_frame_bytes: 64 * 1024,
             max_body_bytes: 60 * 1024,
             max_sends_per_second: 50,
+            max_requests_per_second: 100,
+            max_requests_in_flight: 16,
             max_group_members: 1000,
             max_batch: 500,
             default_batch: 100,
@@ -56,6 +64,8 @@ impl Limits {
             max_sends_per_second: self.max_sends_per_second,
             max_group_members: self.max_group_members,
             max_batch: self.max_batch,
+            max_requests_per_second: self.max_requests_per_second,
+            max_requests_in_flight: self.max_requests_in_flight,
         }
     }
 }
@@ -86,6 +96,8 @@ mod tests {
         assert_eq!(p.max_batch, 500);
         assert_eq!(p.max_sends_per_second, 50);
         assert_eq!(p.max_frame_bytes, 65536);
+        assert_eq!(p.max_requests_per_second, 100);
+        assert_eq!(p.max_requests_in_flight, 16);
         assert_eq!(heartbeat_timeout_ms(15_000), 37_500);
     }
 }

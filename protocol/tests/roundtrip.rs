@@ -123,7 +123,7 @@ fn session_body() -> impl Strategy<Value = Body> {
             ),
         (
             (any::<u32>(), text(), text(), any::<u32>(), any::<i64>()),
-            proptest::option::of(any::<[u32; 5]>()),
+            proptest::option::of(any::<[u32; 7]>()),
         )
             .prop_map(|((v, session_id, user_id, hb, t), limits)| {
                 Body::Welcome(pb::Welcome {
@@ -137,6 +137,8 @@ fn session_body() -> impl Strategy<Value = Body> {
                         max_sends_per_second: l[2],
                         max_group_members: l[3],
                         max_batch: l[4],
+                        max_requests_per_second: l[5],
+                        max_requests_in_flight: l[6],
                     }),
                     server_time_ms: t,
                 })

@@ -1,0 +1,421 @@
+//! Per-connection fairness rules, sans-io: fed a request and `now`, they say
+//! whether it goes to the backend, is refused with an `Error`, or is dropped.
+//! No sockets, no clocks: the core thread owns one [`RequestPolicy`] per
+//! session and the tests drive it with a virtual clock.
+//!
+//! What one connection may make the backend (and so everyone else) do:
+//! - `Send`: `max_sends_per_second` (token bucket, burst = one second's worth);
+//! - every other request: a cost-weighted budget of
+//!   `max_requests_per_second` units (same bucket shape), costs in
+//!   [`request_cost`];
+//! - requests that have a response: at most `max_requests_in_flight`
+//!   awaiting it, so one connection cannot make the backend build replies
+//!   faster than it reads them;
+//! - `Typing`: identical repeats within `typing_coalesce_ms` are dropped
+//!   free, and Typing over budget is dropped rather than answered (it is
+//!   ephemeral, and an `Error` per dropped frame would be output the flooder
+//!   makes us hold).
+
+use palaver_protocol::pb::{self, frame::Body};
+
+/// The limits the policy enforces (a copy lives in each core thread).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PolicyLimits {
+    pub max_body_bytes: u32,
+    pub max_sends_per_second: u32,
+    pub max_requests_per_second: u32,
+    pub max_requests_in_flight: u32,
+    pub typing_coalesce_ms: u32,
+}
+
+/// Budget units per request kind (see SPEC §13). Typing and presence scale
+/// with fan-out at the router, History/Sync with store reads and reply size.
+pub fn request_cost(body: &Body) -> u32 {
+    match body {
+        Body::Receipt(_) => 1,
+        Body::Typing(_) => 5,
+        Body::PresenceQuery(q) => 1 + q.user_ids.len() as u32 / 50,
+        Body::PresenceSubscribe(s) => 1 + s.user_ids.len() as u32 / 50,
+        Body::Sync(_) | Body::History(_) => 5,
+        Body::CreateConversation(_) | Body::ChangeMembers(_) => 10,
+        _ => 1,
+    }
+}
+
+/// True for requests the backend answers with a response of their own
+/// (SPEC §3): these count against `max_requests_in_flight`.
+pub fn expects_response(body: &Body) -> bool {
+    matches!(
+        body,
+        Body::Send(_)
+            | Body::PresenceQuery(_)
+            | Body::PresenceSubscribe(_)
+            | Body::Sync(_)
+            | Body::History(_)
+            | Body::CreateConversation(_)
+            | Body::ChangeMembers(_)
+    )
+}
+
+/// True for a frame from the backend that answers one of this connection's
+/// requests. ConversationCreated/MembersChanged also reach a user's other
+/// devices as events (request_id 0), and an `Error` with request_id 0 is
+/// about the stream, so those count only with a request id.
+pub fn answers_request(f: &pb::Frame) -> bool {
+    match &f.body {
+        Some(Body::SendAck(_) | Body::PresenceResult(_) | Body::SyncBatch(_))
+        | Some(Body::HistoryPage(_)) => true,
+        Some(Body::ConversationCreated(_) | Body::MembersChanged(_) | Body::Error(_)) => {
+            f.request_id != 0
+        }
+        _ => false,
+    }
+}
+
+/// A token bucket in milli-tokens: `rate` tokens per second, burst `rate`.
+/// 8 bytes; time is the core clock in ms, truncated to u32 (wraps after 49
+/// days, which only shortens one refill).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenBucket {
+    milli_tokens: u32,
+    refilled_ms: u32,
+}
+
+impl TokenBucket {
+    pub fn full(rate: u32, now_ms: u64) -> Self {
+        TokenBucket {
+            milli_tokens: rate.saturating_mul(1000),
+            refilled_ms: now_ms as u32,
+        }
+    }
+
+    /// Takes `cost` tokens if there are that many.
+    pub fn take(&mut self, rate: u32, cost: u32, now_ms: u64) -> bool {
+        let now = now_ms as u32;
+        let elapsed = now.wrapping_sub(self.refilled_ms);
+        self.refilled_ms = now;
+        // `rate` tokens per second = `rate` milli-tokens per ms.
+        self.milli_tokens = self
+            .milli_tokens
+            .saturating_add(elapsed.saturating_mul(rate))
+            .min(rate.saturating_mul(1000));
+        let need = cost.saturating_mul(1000);
+        if self.milli_tokens >= need {
+            self.milli_tokens -= need;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// What to do with one request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Admit {
+    /// Hand it to the backend.
+    Forward,
+    /// Answer with this error (request_id echoed; a Send's client_msg_id too).
+    Refuse(pb::ErrorCode, String),
+    /// Drop without an answer (Typing coalesced or over budget).
+    Drop,
+}
+
+/// If a connection sits at its in-flight cap with no answer for this long,
+/// the count is assumed lost (a backend fault) and reset rather than
+/// refusing the connection's requests forever.
+const IN_FLIGHT_RESET_MS: u32 = 60_000;
+
+/// One session's budgets: 28 bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestPolicy {
+    sends: TokenBucket,
+    requests: TokenBucket,
+    /// Hash of the last forwarded Typing (conversation and state), and when.
+    typing_key: u32,
+    typing_at_ms: u32,
+    last_answer_ms: u32,
+    in_flight: u16,
+}
+
+impl RequestPolicy {
+    pub fn new(limits: &PolicyLimits, now_ms: u64) -> Self {
+        RequestPolicy {
+            sends: TokenBucket::full(limits.max_sends_per_second, now_ms),
+            requests: TokenBucket::full(limits.max_requests_per_second, now_ms),
+            typing_key: 0,
+            typing_at_ms: 0,
+            last_answer_ms: now_ms as u32,
+            in_flight: 0,
+        }
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        u32::from(self.in_flight)
+    }
+
+    /// Decides about one request from the client (not Hello/Ping/Pong).
+    pub fn admit(&mut self, limits: &PolicyLimits, body: &Body, now_ms: u64) -> Admit {
+        if let Body::Send(send) = body {
+            if send.body.len() > limits.max_body_bytes as usize {
+                return Admit::Refuse(
+                    pb::ErrorCode::BodyTooLarge,
+                    format!(
+                        "body of {} bytes exceeds {}",
+                        send.body.len(),
+                        limits.max_body_bytes
+                    ),
+                );
+            }
+        }
+        if let Body::Typing(t) = body {
+            let key = typing_key(t);
+            let now = now_ms as u32;
+            if key == self.typing_key
+                && now.wrapping_sub(self.typing_at_ms) < limits.typing_coalesce_ms
+            {
+                return Admit::Drop;
+            }
+            if !self
+                .requests
+                .take(limits.max_requests_per_second, request_cost(body), now_ms)
+            {
+                return Admit::Drop;
+            }
+            self.typing_key = key;
+            self.typing_at_ms = now;
+            return Admit::Forward;
+        }
+        let tracked = expects_response(body);
+        if tracked && u32::from(self.in_flight) >= limits.max_requests_in_flight {
+            if (now_ms as u32).wrapping_sub(self.last_answer_ms) < IN_FLIGHT_RESET_MS {
+                return Admit::Refuse(
+                    pb::ErrorCode::RateLimited,
+                    format!(
+                        "more than {} requests awaiting a response",
+                        limits.max_requests_in_flight
+                    ),
+                );
+            }
+            tracing::warn!(
+                in_flight = self.in_flight,
+                "no answer for a minute at the in-flight cap; resetting the count"
+            );
+            self.in_flight = 0;
+        }
+        let taken = match body {
+            Body::Send(_) => self.sends.take(limits.max_sends_per_second, 1, now_ms),
+            _ => self
+                .requests
+                .take(limits.max_requests_per_second, request_cost(body), now_ms),
+        };
+        if !taken {
+            let what = match body {
+                Body::Send(_) => {
+                    format!("more than {} sends per second", limits.max_sends_per_second)
+                }
+                _ => format!(
+                    "request budget of {} units per second used up",
+                    limits.max_requests_per_second
+                ),
+            };
+            return Admit::Refuse(pb::ErrorCode::RateLimited, what);
+        }
+        if tracked {
+            self.in_flight = self.in_flight.saturating_add(1);
+        }
+        Admit::Forward
+    }
+
+    /// A request went to the backend outside [`admit`](Self::admit) (the Sync
+    /// of a Hello with resume cursors).
+    pub fn forwarded_untracked(&mut self) {
+        self.in_flight = self.in_flight.saturating_add(1);
+    }
+
+    /// A frame from the backend for this connection.
+    pub fn on_delivery(&mut self, f: &pb::Frame, now_ms: u64) {
+        if answers_request(f) {
+            self.in_flight = self.in_flight.saturating_sub(1);
+            self.last_answer_ms = now_ms as u32;
+        }
+    }
+}
+
+/// FNV-1a over the conversation id and the active flag (only compared with
+/// the previous Typing of the same connection; never stored).
+fn typing_key(t: &pb::Typing) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for &b in t
+        .conversation_id
+        .as_bytes()
+        .iter()
+        .chain([u8::from(t.active)].iter())
+    {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: PolicyLimits = PolicyLimits {
+        max_body_bytes: 100,
+        max_sends_per_second: 10,
+        max_requests_per_second: 20,
+        max_requests_in_flight: 3,
+        typing_coalesce_ms: 2_000,
+    };
+
+    fn typing(conv: &str, active: bool) -> Body {
+        Body::Typing(pb::Typing {
+            conversation_id: conv.into(),
+            active,
+            user_id: String::new(),
+        })
+    }
+
+    fn history() -> Body {
+        Body::History(pb::History {
+            conversation_id: "c".into(),
+            before_seq: 0,
+            limit: 10,
+        })
+    }
+
+    fn send(len: usize) -> Body {
+        Body::Send(pb::Send {
+            conversation_id: "c".into(),
+            client_msg_id: vec![1; 16],
+            body: vec![0; len],
+            ..Default::default()
+        })
+    }
+
+    fn answer(request_id: u32) -> pb::Frame {
+        palaver_protocol::frame(request_id, Body::HistoryPage(pb::HistoryPage::default()))
+    }
+
+    #[test]
+    fn bucket_refills_at_its_rate_and_caps_at_one_second() {
+        let mut b = TokenBucket::full(10, 0);
+        for _ in 0..10 {
+            assert!(b.take(10, 1, 0));
+        }
+        assert!(!b.take(10, 1, 0));
+        assert!(!b.take(10, 1, 99), "0.99 tokens after 99 ms");
+        assert!(b.take(10, 1, 100), "one token per 100 ms");
+        // A long idle period refills to the burst, not beyond.
+        let mut taken = 0;
+        while b.take(10, 1, 1_000_000) {
+            taken += 1;
+        }
+        assert_eq!(taken, 10);
+    }
+
+    #[test]
+    fn typing_repeats_are_coalesced_and_floods_dropped() {
+        let mut p = RequestPolicy::new(&LIMITS, 0);
+        assert_eq!(p.admit(&LIMITS, &typing("a", true), 0), Admit::Forward);
+        assert_eq!(p.admit(&LIMITS, &typing("a", true), 1_999), Admit::Drop);
+        assert_eq!(p.admit(&LIMITS, &typing("a", false), 1_999), Admit::Forward);
+        assert_eq!(p.admit(&LIMITS, &typing("a", true), 1_999), Admit::Forward);
+        // 20 units/s at 5 per Typing: a 5th distinct one in a burst is over.
+        assert_eq!(p.admit(&LIMITS, &typing("b", true), 1_999), Admit::Forward);
+        assert_eq!(p.admit(&LIMITS, &typing("c", true), 1_999), Admit::Forward);
+        assert_eq!(p.admit(&LIMITS, &typing("d", true), 1_999), Admit::Drop);
+        // 250 ms later there are 5 units again.
+        assert_eq!(p.admit(&LIMITS, &typing("d", true), 2_249), Admit::Forward);
+        // A flood forwards at most the budget, whatever its size.
+        let mut forwarded = 0;
+        for i in 0..100_000u64 {
+            let now = 10_000 + i / 10; // 100,000 frames over 10 s
+            if p.admit(&LIMITS, &typing(&format!("c{}", i % 7), i % 2 == 0), now) == Admit::Forward
+            {
+                forwarded += 1;
+            }
+        }
+        assert!(forwarded <= 4 + 10 * 20 / 5, "forwarded {forwarded}");
+    }
+
+    #[test]
+    fn in_flight_cap_refuses_until_answered() {
+        let mut p = RequestPolicy::new(&LIMITS, 0);
+        for _ in 0..3 {
+            assert_eq!(p.admit(&LIMITS, &history(), 0), Admit::Forward);
+        }
+        assert!(matches!(
+            p.admit(&LIMITS, &history(), 0),
+            Admit::Refuse(pb::ErrorCode::RateLimited, _)
+        ));
+        // Events and request-less errors do not free a slot.
+        p.on_delivery(
+            &palaver_protocol::frame(0, Body::MembersChanged(Default::default())),
+            1,
+        );
+        p.on_delivery(
+            &palaver_protocol::error_frame(0, pb::ErrorCode::Internal, "x"),
+            1,
+        );
+        assert_eq!(p.in_flight(), 3);
+        p.on_delivery(&answer(7), 1);
+        assert_eq!(p.in_flight(), 2);
+        assert_eq!(p.admit(&LIMITS, &history(), 1), Admit::Forward);
+        // Typing and receipts are not tracked (they have no response).
+        assert_eq!(p.admit(&LIMITS, &typing("x", true), 1_000), Admit::Forward);
+        assert_eq!(p.in_flight(), 3);
+    }
+
+    #[test]
+    fn a_lost_answer_does_not_block_a_connection_forever() {
+        let mut p = RequestPolicy::new(&LIMITS, 0);
+        for _ in 0..3 {
+            assert_eq!(p.admit(&LIMITS, &history(), 0), Admit::Forward);
+        }
+        assert_ne!(p.admit(&LIMITS, &history(), 59_999), Admit::Forward);
+        assert_eq!(p.admit(&LIMITS, &history(), 60_000), Admit::Forward);
+        assert_eq!(p.in_flight(), 1);
+    }
+
+    #[test]
+    fn sends_have_their_own_bucket_and_a_body_limit() {
+        let mut p = RequestPolicy::new(&LIMITS, 0);
+        assert!(matches!(
+            p.admit(&LIMITS, &send(101), 0),
+            Admit::Refuse(pb::ErrorCode::BodyTooLarge, _)
+        ));
+        // The cap of 3 in flight binds before the 10/s send rate.
+        for _ in 0..3 {
+            assert_eq!(p.admit(&LIMITS, &send(100), 0), Admit::Forward);
+        }
+        assert!(
+            matches!(p.admit(&LIMITS, &send(1), 0), Admit::Refuse(_, m) if m.contains("awaiting"))
+        );
+        let mut sent = 3;
+        for t in 0..=1000 {
+            p.on_delivery(
+                &palaver_protocol::frame(1, Body::SendAck(Default::default())),
+                t,
+            );
+            if p.admit(&LIMITS, &send(1), t) == Admit::Forward {
+                sent += 1;
+            }
+        }
+        assert_eq!(sent, 10 + 10, "burst of 10 plus 10/s over one second");
+        // Sends did not spend the request budget.
+        assert_eq!(p.admit(&LIMITS, &history(), 1000), Admit::Forward);
+    }
+
+    #[test]
+    fn costs_follow_fan_out_and_work() {
+        assert_eq!(request_cost(&typing("a", true)), 5);
+        let q = Body::PresenceQuery(pb::PresenceQuery {
+            user_ids: vec!["u".into(); 1000],
+        });
+        assert_eq!(request_cost(&q), 21);
+        assert!(expects_response(&q));
+        assert!(!expects_response(&typing("a", true)));
+    }
+}
