@@ -11,14 +11,14 @@ use std::time::Instant;
 
 use anyhow::Context;
 use mio::{Poll, Waker};
+use palaver_credentials::auth::Authenticator;
+use palaver_credentials::devcerts;
 use palaver_router::api::Backend;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::admin::AdminServer;
-use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::core::{Core, Shared, WAKER_TOKEN};
-use crate::devcerts;
 use crate::metrics::{self, CoreMetrics, GlobalMetrics};
 use crate::sink::{Control, GatewaySink, Mailbox};
 use crate::tls::{TlsFiles, TlsStore};
