@@ -232,6 +232,19 @@ impl<S: Store> Router<S> {
         }
     }
 
+    /// The `Error(INTERNAL)` frame that answers `command` when handling it
+    /// hit a bug (a caught panic), or `None` for commands nobody waits on.
+    pub fn internal_error_reply(command: &Command) -> Option<Addressed> {
+        match command {
+            Command::Request(request) => Some(error_frame(
+                request,
+                ErrorCode::Internal,
+                "internal error; the request was not processed".to_string(),
+            )),
+            _ => None,
+        }
+    }
+
     fn handle_request(&mut self, request: &Inbound, out: &mut Output) -> StoreResult<()> {
         let result = match &request.body {
             Body::Send(send) => self.send(request, send, out),
