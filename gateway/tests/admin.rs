@@ -6,6 +6,7 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ const GUARD: Duration = Duration::from_secs(30);
 struct Gateway {
     child: Child,
     admin: SocketAddr,
+    dir: PathBuf,
 }
 
 impl Gateway {
@@ -62,7 +64,7 @@ impl Gateway {
         };
         // Keep the pipe open (and drained) so the gateway never blocks on stdout.
         std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-        Gateway { child, admin }
+        Gateway { child, admin, dir }
     }
 
     /// Peak resident set size of the gateway process so far (VmHWM), bytes:
@@ -98,6 +100,7 @@ impl Drop for Gateway {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
