@@ -93,7 +93,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             config.jwt_key.display()
         )
     })?;
-    crate::token::TokenMinter::from_key_file_contents(&jwt_key)?;
+    palaver_credentials::TokenMinter::from_key_file_contents(&jwt_key)?;
     std::net::TcpStream::connect_timeout(&config.target, Duration::from_secs(5)).with_context(
         || {
             format!(

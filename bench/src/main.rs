@@ -13,7 +13,6 @@ mod report;
 mod settings;
 mod sys;
 mod tls;
-mod token;
 mod worker;
 
 use std::path::PathBuf;

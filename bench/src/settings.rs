@@ -332,10 +332,10 @@ impl Settings {
         let data_dir = self.data_dir.unwrap_or_else(|| PathBuf::from(".palaver"));
         let ca = self
             .ca
-            .unwrap_or_else(|| data_dir.join(crate::token::DEV_CA_FILE));
+            .unwrap_or_else(|| data_dir.join(palaver_credentials::devcerts::CA_CERT_FILE));
         let jwt_key = self
             .jwt_key
-            .unwrap_or_else(|| data_dir.join(crate::token::DEV_JWT_KEY_FILE));
+            .unwrap_or_else(|| data_dir.join(palaver_credentials::devcerts::JWT_SECRET_FILE));
 
         let group_size = self.group_size.unwrap_or(1000);
         if group_size < 2 {

@@ -11,11 +11,9 @@
 //! HTTP thread ([`admin`]); the binary's main thread waits for signals.
 
 pub mod admin;
-pub mod auth;
 pub mod bridge;
 pub mod config;
 pub mod core;
-pub mod devcerts;
 pub mod metrics;
 pub mod policy;
 pub mod server;
@@ -23,6 +21,11 @@ pub mod sink;
 pub mod timer;
 pub mod tls;
 pub mod tls_io;
+
+/// Credentials live in `palaver-credentials`; re-exported under their old
+/// paths (`palaver_gateway::auth`, `palaver_gateway::devcerts`) so code that
+/// names them there keeps compiling.
+pub use palaver_credentials::{auth, devcerts};
 
 pub use config::Config;
 pub use server::{build_backend, GatewayHandle};

@@ -1,5 +1,7 @@
 //! `palaver-gateway`: with no options, a complete single-node chat server
-//! (embedded engine, dev certificate and dev JWT key in `./.palaver/`).
+//! (embedded engine, dev certificate and dev JWT key in `./.palaver/`); with
+//! a `[backend]` of kind `kafka`, one gateway of the Kafka/Redis tier. The
+//! start-up banner names the backend that runs.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,6 +9,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use palaver_gateway::config::{Config, DEFAULT_DATA_DIR};
+use palaver_gateway::server::describe_backend;
 use palaver_gateway::{build_backend, GatewayHandle};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
@@ -198,15 +201,18 @@ fn main() {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let config = args.into_config()?;
+    // Before start, which waits for the backend: say what it is waiting for.
+    tracing::info!("starting with backend: {}", describe_backend(&config));
     let backend = build_backend(&config);
     let gw = GatewayHandle::start(config, backend)?;
     let cfg = gw.config();
     println!(
-        "palaver-gateway {} listening on {} ({} core threads, embedded engine)",
+        "palaver-gateway {} listening on {} ({} core threads)",
         gw.gateway_id,
         gw.local_addr,
         cfg.core_count()
     );
+    println!("  backend:   {}", describe_backend(cfg));
     if let Some(admin) = gw.admin_addr() {
         println!("  admin:     http://{admin}/metrics  http://{admin}/healthz");
     }

@@ -11,14 +11,14 @@ use std::time::Instant;
 
 use anyhow::Context;
 use mio::{Poll, Waker};
+use palaver_credentials::auth::Authenticator;
+use palaver_credentials::devcerts;
 use palaver_router::api::Backend;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::admin::AdminServer;
-use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::core::{Core, Shared, WAKER_TOKEN};
-use crate::devcerts;
 use crate::metrics::{self, CoreMetrics, GlobalMetrics};
 use crate::sink::{Control, GatewaySink, Mailbox};
 use crate::tls::{TlsFiles, TlsStore};
@@ -301,9 +301,63 @@ pub fn build_backend(config: &Config) -> Arc<dyn Backend> {
     }
 }
 
+/// Which backend [`build_backend`] runs for `config`, for the start-up
+/// banner and logs. Credentials in a Redis URL (`user:password@`) are left out.
+pub fn describe_backend(config: &Config) -> String {
+    match &config.backend {
+        crate::config::BackendConfig::Embedded => {
+            "embedded engine (in-process router, in-memory bus and store)".to_string()
+        }
+        crate::config::BackendConfig::Kafka { brokers, redis } => {
+            format!(
+                "Kafka/Redis backend (Kafka {brokers}, Redis {})",
+                without_userinfo(redis)
+            )
+        }
+    }
+}
+
+/// `scheme://user:pass@host,...` → `scheme://host,...`.
+fn without_userinfo(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let hosts: Vec<&str> = rest
+        .split(',')
+        .map(|h| h.rsplit_once('@').map_or(h, |(_, host)| host))
+        .collect();
+    let hosts = hosts.join(",");
+    if scheme.is_empty() {
+        hosts
+    } else {
+        format!("{scheme}://{hosts}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backend_description_names_the_backend_that_runs() {
+        let embedded = Config::default();
+        assert!(describe_backend(&embedded).starts_with("embedded engine"));
+        let kafka = Config {
+            backend: crate::config::BackendConfig::Kafka {
+                brokers: "127.0.0.1:9092".into(),
+                redis: "redis://:s3cret@127.0.0.1:6379/".into(),
+            },
+            ..Config::default()
+        };
+        let text = describe_backend(&kafka);
+        assert_eq!(
+            text,
+            "Kafka/Redis backend (Kafka 127.0.0.1:9092, Redis redis://127.0.0.1:6379/)"
+        );
+        assert!(!text.contains("embedded") && !text.contains("s3cret"));
+        assert_eq!(
+            without_userinfo("redis+cluster://u:p@a:1,u:p@b:2"),
+            "redis+cluster://a:1,b:2"
+        );
+    }
 
     #[test]
     fn accepted_sockets_inherit_nodelay_from_the_listener() {

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use anyhow::Context;
 use rustls::crypto::CryptoProvider;
@@ -116,13 +116,18 @@ pub fn build_server_config(
     Ok(Arc::new(config))
 }
 
-/// The current TLS config, shared by all core threads. Cores cache the Arc and
-/// re-fetch only when `generation` moved (one atomic load per accept).
+/// The current TLS config, shared by all core threads. Cores cache the pair
+/// and re-fetch only when `generation` moved (one atomic load per accept).
 pub struct TlsStore {
     files: TlsFiles,
     ticketer: Arc<dyn rustls::server::ProducesTickets>,
+    /// Mirror of `current`'s generation for the cheap "did it move" check.
+    /// Written under `current`'s write lock after the new pair is in place,
+    /// so whoever sees it move and then calls [`TlsStore::current`] gets that
+    /// generation or a newer one.
     generation: AtomicU64,
-    current: Mutex<Arc<ServerConfig>>,
+    /// A generation and the config it names, replaced as one value.
+    current: RwLock<(u64, Arc<ServerConfig>)>,
 }
 
 impl TlsStore {
@@ -135,7 +140,7 @@ impl TlsStore {
             files,
             ticketer,
             generation: AtomicU64::new(1),
-            current: Mutex::new(config),
+            current: RwLock::new((1, config)),
         })
     }
 
@@ -143,16 +148,98 @@ impl TlsStore {
         self.generation.load(Ordering::Acquire)
     }
 
+    /// The current generation and its config, read together.
     pub fn current(&self) -> (u64, Arc<ServerConfig>) {
-        let config = self.current.lock().expect("tls store lock").clone();
-        (self.generation(), config)
+        // The lock guards a plain assignment that cannot panic; a poisoned
+        // lock still holds a consistent pair.
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Re-reads the files; on error the old config stays in force.
     pub fn reload(&self) -> anyhow::Result<()> {
         let config = build_server_config(&self.files, self.ticketer.clone())?;
-        *self.current.lock().expect("tls store lock") = config;
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        let mut current = self.current.write().unwrap_or_else(PoisonError::into_inner);
+        let generation = current.0 + 1;
+        *current = (generation, config);
+        self.generation.store(generation, Ordering::Release);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::sync::atomic::AtomicBool;
+
+    /// `current()` must return a generation together with the config that
+    /// generation names. One thread reloads while readers call `current()`;
+    /// every (generation, config) pair a reader saw must be the pair the
+    /// reloader published. Before the fix the generation was read apart from
+    /// the config, and a reader paused between the two reads got the new
+    /// generation with the old config (and kept it until the next reload).
+    #[test]
+    fn current_pairs_each_generation_with_its_own_config() {
+        let dir = std::env::temp_dir().join(format!("palaver-tls-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let certs = palaver_credentials::devcerts::write_dev_certs(&dir, &[]).unwrap();
+        let store = TlsStore::new(TlsFiles {
+            cert: certs.server_cert,
+            key: certs.server_key,
+            client_ca: None,
+        })
+        .unwrap();
+        const RELOADS: usize = 400;
+        let done = AtomicBool::new(false);
+        let (published, seen) = std::thread::scope(|s| {
+            let readers: Vec<_> = (0..3)
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut seen: Vec<(u64, Arc<ServerConfig>)> = Vec::new();
+                        while !done.load(Ordering::Acquire) {
+                            let (g, c) = store.current();
+                            if seen
+                                .last()
+                                .is_none_or(|(lg, lc)| *lg != g || !Arc::ptr_eq(lc, &c))
+                            {
+                                seen.push((g, c));
+                            }
+                        }
+                        seen
+                    })
+                })
+                .collect();
+            // The only writer: what it reads back right after its own reload
+            // is the pair it published.
+            let mut published = HashMap::new();
+            let (g, c) = store.current();
+            published.insert(g, c);
+            for _ in 0..RELOADS {
+                store.reload().unwrap();
+                let (g, c) = store.current();
+                assert!(published.insert(g, c).is_none(), "generation {g} reused");
+            }
+            done.store(true, Ordering::Release);
+            let seen: Vec<_> = readers
+                .into_iter()
+                .flat_map(|r| r.join().unwrap())
+                .collect();
+            (published, seen)
+        });
+        assert_eq!(published.len(), RELOADS + 1);
+        let mismatched = seen
+            .iter()
+            .filter(|(g, c)| !published.get(g).is_some_and(|p| Arc::ptr_eq(p, c)))
+            .count();
+        assert_eq!(
+            mismatched,
+            0,
+            "{mismatched} of {} observed (generation, config) pairs did not match",
+            seen.len()
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -192,6 +192,13 @@ fn the_binary_runs_with_dev_credentials_reloads_on_sighup_and_drains_on_sigterm(
         .unwrap_or_else(|| panic!("unexpected banner {first:?}"))
         .parse()
         .unwrap();
+    // The banner names the backend that runs.
+    let mut second = String::new();
+    out.read_line(&mut second).unwrap();
+    assert!(
+        second.starts_with("  backend:   embedded engine"),
+        "{second:?}"
+    );
     // The data dir now holds the dev CA and secret, as `palaver token` expects.
     let ca = std::fs::read(dir.join(devcerts::CA_CERT_FILE)).unwrap();
     let secret = devcerts::read_secret(&dir.join(devcerts::JWT_SECRET_FILE)).unwrap();

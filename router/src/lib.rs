@@ -14,6 +14,7 @@
 pub mod api;
 pub mod bus;
 pub mod embedded;
+mod group_id;
 pub mod kafka;
 pub mod logic;
 pub mod memory;

@@ -17,6 +17,7 @@ use prost::Message as _;
 
 use crate::api::{Inbound, Session, SessionAddr};
 use crate::bus::{Addressed, Command, Output, PushEvent};
+use crate::group_id::group_id_for;
 use crate::store::{
     Appended, GroupRecord, Membership, RangeRead, Retention, Store, StoreError, StoreResult,
     WatchAdd,
@@ -226,6 +227,19 @@ impl<S: Store> Router<S> {
                 request,
                 ErrorCode::Unavailable,
                 format!("temporarily unavailable, retry later ({error})"),
+            )),
+            _ => None,
+        }
+    }
+
+    /// The `Error(INTERNAL)` frame that answers `command` when handling it
+    /// hit a bug (a caught panic), or `None` for commands nobody waits on.
+    pub fn internal_error_reply(command: &Command) -> Option<Addressed> {
+        match command {
+            Command::Request(request) => Some(error_frame(
+                request,
+                ErrorCode::Internal,
+                "internal error; the request was not processed".to_string(),
             )),
             _ => None,
         }
@@ -1210,28 +1224,6 @@ fn plan_member_change<'a>(
             })
             .collect(),
     })
-}
-
-/// The id of the group a `CreateConversation` request makes: a digest of the
-/// request's identity (connection, request id, gateway receive time, user),
-/// so that a replay of the same request after a router crash names the same
-/// group instead of creating a second one.
-fn group_id_for(req: &Inbound) -> String {
-    use std::hash::{Hash, Hasher};
-    let mut digest = [0u64; 2];
-    for (salt, half) in digest.iter_mut().enumerate() {
-        // DefaultHasher::new() has fixed keys: the same id in every process
-        // of one build (a replay is handled by the same release).
-        let mut hasher = std::hash::DefaultHasher::new();
-        (salt, &req.from, req.request_id, req.received_ms).hash(&mut hasher);
-        *half = hasher.finish();
-    }
-    format!(
-        "{}{:016x}{:016x}",
-        palaver_protocol::GROUP_PREFIX,
-        digest[0],
-        digest[1]
-    )
 }
 
 fn parse_conversation_id(id: &str) -> Result<ConversationRef<'_>, Failure> {

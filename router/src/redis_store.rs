@@ -415,6 +415,13 @@ impl RedisStore {
         Ok(conn)
     }
 
+    /// Drops the connection; the next call reconnects. For callers that
+    /// caught a panic in the middle of store work and cannot know what state
+    /// the connection was left in.
+    pub fn reset_connection(&mut self) {
+        self.conn = None;
+    }
+
     fn conn(&mut self) -> StoreResult<&mut Conn> {
         if self.conn.is_none() {
             self.conn = Some(self.open().map_err(unavailable)?);

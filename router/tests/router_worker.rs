@@ -1,14 +1,18 @@
 //! The router worker on real Tansu and Redis, driven batch by batch: records
 //! that cannot be decoded and records whose store work keeps failing go to
 //! `palaver.dlq` with the reason, the client gets UNAVAILABLE, and the
-//! offsets move on (committed).
+//! offsets move on (committed); a record whose handling panics goes to
+//! `palaver.dlq` at once, the client gets INTERNAL, and the worker goes on.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use palaver_protocol::pb::{self, frame::Body};
 use palaver_router::api::{Inbound, Session, SessionAddr};
 use palaver_router::kafka::worker::{RouterWorker, WorkerConfig};
 use palaver_router::kafka::{self, records, DLQ_TOPIC, INBOUND_TOPIC};
+use palaver_router::logic::{Clock, SystemClock};
 use palaver_router::redis_store::RedisConfig;
 use palaver_tools::stack::{Redis, Tansu};
 use prost::Message as _;
@@ -136,6 +140,124 @@ fn bad_and_failing_records_go_to_the_dlq_and_offsets_move_on() {
     assert_eq!(worker.stats().dead_letters, 2);
 
     // All three offsets are committed for the router group.
+    let probe: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", "palaver-router")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(INBOUND_TOPIC, 0);
+    let committed = probe
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(
+        committed.find_partition(INBOUND_TOPIC, 0).unwrap().offset(),
+        Offset::Offset(3)
+    );
+}
+
+/// A clock that panics the first time it is read after `arm`: a stand-in for
+/// a bug that makes one record's handling panic (a Send reads the clock
+/// before it touches the store).
+#[derive(Default)]
+struct TrapClock {
+    armed: AtomicBool,
+}
+
+impl TrapClock {
+    fn arm(&self) {
+        self.armed.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Clock for TrapClock {
+    fn now_ms(&self) -> i64 {
+        if self.armed.swap(false, Ordering::SeqCst) {
+            panic!("trap: this record's handling panics");
+        }
+        SystemClock.now_ms()
+    }
+}
+
+/// Frames delivered to gateway `gwx`, until `n` have arrived.
+fn next_frames(c: &BaseConsumer, n: usize) -> Vec<pb::Frame> {
+    let mut frames = Vec::new();
+    while frames.len() < n {
+        let batch = kafka::decode_delivery_batch(&next_value(c, "delivery")).unwrap();
+        frames.extend(batch.into_iter().map(|o| o.frame));
+    }
+    frames
+}
+
+#[test]
+fn a_record_whose_handling_panics_is_dead_lettered_and_the_worker_moves_on() {
+    let tansu = Tansu::start().expect("tansu");
+    let redis = Redis::start().expect("redis-server");
+    let brokers = tansu.bootstrap();
+    kafka::ensure_topics(
+        &brokers,
+        &[(&kafka::delivery_topic("gwx"), 1)],
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let mut config = WorkerConfig::new(&brokers, RedisConfig::standalone(redis.url()));
+    config.inbound_partitions = 1;
+    let clock = Arc::new(TrapClock::default());
+    let mut worker = RouterWorker::with_clock(config, clock.clone()).expect("worker");
+    let deliveries = consumer(&brokers, &kafka::delivery_topic("gwx"));
+    let dlq = consumer(&brokers, DLQ_TOPIC);
+    let producer: BaseProducer = kafka::producer_config(&brokers, 0).create().unwrap();
+    let produce = |value: &[u8]| {
+        producer
+            .send(
+                BaseRecord::to(INBOUND_TOPIC)
+                    .key("dm:alice:bob")
+                    .payload(value),
+            )
+            .map_err(|(e, _)| e)
+            .unwrap();
+        producer.flush(Duration::from_secs(10)).unwrap();
+    };
+
+    produce(&send_record(1));
+    process(&mut worker, 1);
+    // The next record's handling panics; the one after it is fine.
+    clock.arm();
+    produce(&send_record(2));
+    produce(&send_record(3));
+    // Before the guard the panic unwound out of run_batch (in palaver-router:
+    // the process died, and its restart replayed the same record).
+    process(&mut worker, 2);
+
+    let letter = records::DeadLetter::decode(next_value(&dlq, "dead letter").as_slice()).unwrap();
+    assert_eq!(letter.value, send_record(2));
+    assert_eq!((letter.topic.as_str(), letter.offset), (INBOUND_TOPIC, 1));
+    assert!(
+        letter.reason.starts_with("panicked: trap"),
+        "{}",
+        letter.reason
+    );
+    let stats = worker.stats();
+    assert_eq!((stats.panics, stats.dead_letters), (1, 1), "{stats:?}");
+
+    // The client of the panicking Send gets INTERNAL; the next Send is acked
+    // with the next seq (the panicking one took none).
+    let frames = next_frames(&deliveries, 3);
+    assert!(matches!(&frames[0].body, Some(Body::SendAck(a)) if a.seq == 1));
+    match &frames[1].body {
+        Some(Body::Error(e)) => {
+            assert_eq!(e.code, pb::ErrorCode::Internal as u32);
+            assert_eq!(e.client_msg_id, vec![2u8; 16]);
+        }
+        other => panic!("expected INTERNAL, got {other:?}"),
+    }
+    assert!(
+        matches!(&frames[2].body, Some(Body::SendAck(a)) if a.seq == 2),
+        "{:?}",
+        frames[2]
+    );
+
+    // The offsets moved past the panicking record (committed).
     let probe: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
         .set("group.id", "palaver-router")

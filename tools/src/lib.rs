@@ -2,8 +2,8 @@
 //! by `palaver chat` and by the gateway's integration tests, the frame
 //! decoder behind `palaver decode`, and [`stack`], which starts real Redis /
 //! Redis Cluster / Tansu processes for tests and `palaver cluster`. Dev
-//! certificates and tokens come from `palaver_gateway::{devcerts, auth}`, so
-//! the CLI and the gateway agree.
+//! certificates and tokens come from `palaver_credentials`, the crate the
+//! gateway verifies with, so the CLI and the gateway agree.
 
 pub mod client;
 pub mod decode;

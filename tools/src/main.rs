@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use palaver_gateway::{auth, devcerts};
+use palaver_credentials::{devcerts, TokenMinter};
 use palaver_protocol::pb::{self, frame::Body};
 use palaver_tools::client::{text_send, Client, ConnectOptions};
 
@@ -192,16 +192,12 @@ fn mint(
             bail!("--device {d:?}: must be 1..64 characters of [A-Za-z0-9_.@-]");
         }
     }
-    if let Some(key) = ed25519_key {
-        let pem = std::fs::read(&key).with_context(|| format!("cannot read {}", key.display()))?;
-        return auth::mint_eddsa(&pem, user, device, ttl);
-    }
-    let secret_path = match secret_file {
-        Some(p) => p,
-        None => devcerts::ensure_jwt_secret(data_dir)?,
+    let minter = match (ed25519_key, secret_file) {
+        (Some(key), _) => TokenMinter::eddsa_from_file(&key)?,
+        (None, Some(secret)) => TokenMinter::hs256_from_file(&secret)?,
+        (None, None) => TokenMinter::hs256_from_file(&devcerts::ensure_jwt_secret(data_dir)?)?,
     };
-    let secret = devcerts::read_secret(&secret_path)?;
-    Ok(auth::mint_hs256(&secret, user, device, ttl))
+    minter.mint_for(user, device, ttl)
 }
 
 fn decode(input: &str) -> anyhow::Result<()> {

@@ -32,8 +32,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::hist::{self, names};
 use crate::ipc::{self, Command, Counters, Phase, WorkerFinal, WorkerMsg, WorkerPlan};
 use crate::settings::{ScenarioKind, WORKER_FD_RESERVE};
-use crate::token::TokenMinter;
 use chat::{Chat, ChatPlan};
+use palaver_credentials::TokenMinter;
 
 const WAKER: Token = Token(usize::MAX);
 const HELLO_REQUEST_ID: u32 = 1;

@@ -6,7 +6,9 @@
 //!    partition order, and are processed in that order);
 //! 2. run each through [`Router::handle`]; a store error is retried with
 //!    backoff, and after `max_attempts` the record goes to `palaver.dlq` with
-//!    the reason and the client gets `Error(UNAVAILABLE)`;
+//!    the reason and the client gets `Error(UNAVAILABLE)`; a panic while
+//!    handling a record is caught: that record goes to `palaver.dlq` at once
+//!    (reason `panicked: …`), the client gets `Error(INTERNAL)`;
 //! 3. produce the output (a `DeliveryBatch` per gateway, a `PushRecord` per
 //!    offline user) and wait until Kafka acknowledged all of it (acks=all);
 //! 4. only then commit the batch's offsets.
@@ -165,6 +167,8 @@ pub struct WorkerStats {
     pub batches: u64,
     pub dead_letters: u64,
     pub replays: u64,
+    /// Records whose handling panicked (dead-lettered; a replayed batch counts again).
+    pub panics: u64,
 }
 
 pub struct RouterWorker {
@@ -471,7 +475,40 @@ impl RouterWorker {
         let mut backoff = self.config.retry_backoff;
         let mut attempt = 1;
         loop {
-            match self.router.handle(&command, out) {
+            let (frames, pushes) = (out.frames.len(), out.pushes.len());
+            let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.router.handle(&command, out)
+            }));
+            let result = match handled {
+                Ok(result) => result,
+                Err(panic) => {
+                    // A bug, not a store problem: a retry would panic again, and
+                    // unwinding further would kill the process, whose restart
+                    // replays the uncommitted record (a crash loop). Drop what the
+                    // record produced, answer INTERNAL, dead-letter it, move on.
+                    out.frames.truncate(frames);
+                    out.pushes.truncate(pushes);
+                    let message = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "non-string panic payload".into());
+                    tracing::error!(
+                        router = %self.config.router_id,
+                        partition = record.partition(),
+                        offset = record.offset(),
+                        "record handling panicked, dead-lettered: {message}"
+                    );
+                    if let Some(reply) = Router::<RedisStore>::internal_error_reply(&command) {
+                        out.frames.push(reply);
+                    }
+                    self.router.store_mut().reset_connection();
+                    self.stats.panics += 1;
+                    dead.push(self.dead_letter(record, format!("panicked: {message}"), attempt));
+                    return;
+                }
+            };
+            match result {
                 Ok(()) => return,
                 Err(e) if attempt >= self.config.max_attempts => {
                     tracing::error!(

@@ -1,7 +1,7 @@
 //! Development credentials: a self-signed CA, a server certificate it signs,
 //! and an HS256 JWT secret, kept in a data directory and reused when present.
-//! The gateway's no-config start and `palaver certs` / `palaver token` all use
-//! this module, so they always agree on file names and formats.
+//! The gateway's no-config start, `palaver certs` / `palaver token` and the
+//! bench all use this module, so they always agree on file names and formats.
 
 use std::fs;
 use std::io::Write;
@@ -113,16 +113,18 @@ pub fn ensure_jwt_secret(dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// Reads a secret file: its trimmed content, as bytes.
+/// Reads a secret file: its trimmed content, as bytes (see [`parse_secret`]).
 pub fn read_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
     let text = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let trimmed = text.trim_ascii();
-    anyhow::ensure!(
-        trimmed.len() >= 16,
-        "{}: secret is shorter than 16 bytes",
-        path.display()
-    );
-    Ok(trimmed.to_vec())
+    parse_secret(&text)
+        .with_context(|| format!("{}: secret is shorter than 16 bytes", path.display()))
+}
+
+/// A secret file's content as the gateway uses it: surrounding ASCII
+/// whitespace trimmed; `None` if fewer than 16 bytes remain.
+pub fn parse_secret(content: &[u8]) -> Option<Vec<u8>> {
+    let trimmed = content.trim_ascii();
+    (trimmed.len() >= 16).then(|| trimmed.to_vec())
 }
 
 fn write_file(path: &Path, bytes: &[u8], private: bool) -> anyhow::Result<()> {
