@@ -769,8 +769,13 @@ impl Ctx {
             return (Fate::Close, false);
         }
         if conn.phase == Phase::Handshaking && !conn.tls.is_handshaking() {
-            if conn.tls.alpn_protocol() != Some(palaver_protocol::ALPN) {
-                // The certificate resolver already refuses such handshakes.
+            // No ALPN at all is served as palaver/1 (SPEC §1); rustls already
+            // refuses a client offering only other protocols.
+            if conn
+                .tls
+                .alpn_protocol()
+                .is_some_and(|p| p != palaver_protocol::ALPN)
+            {
                 self.scratch.out.clear();
                 frames.clear();
                 self.scratch.frames = frames;

@@ -33,15 +33,36 @@ fn handshake_alpn_hello_and_ping() {
 }
 
 #[test]
-fn missing_or_wrong_alpn_fails_the_handshake() {
+fn no_alpn_is_served_as_palaver_1() {
+    // SPEC §1: a ClientHello without the ALPN extension is accepted and
+    // treated as palaver/1.
+    let t = start(|_| {});
+    let mut opts = t.opts();
+    opts.alpn = vec![];
+    let mut c = Client::connect(&opts).expect("a handshake without ALPN succeeds");
+    assert_eq!(c.alpn(), None, "no ALPN offered, none selected");
+    let w = c.hello(&t.token("alice"), "phone", T).unwrap();
+    assert_eq!(w.user_id, "alice");
+    assert_healthy(&mut c);
+}
+
+#[test]
+fn wrong_alpn_gets_no_application_protocol() {
+    // SPEC §1: an ALPN list without palaver/1 is refused with the TLS alert
+    // no_application_protocol.
     let t = start(|_| {});
     let mut healthy = t.login("alice", "phone");
-    for alpn in [vec![], vec![b"h2".to_vec()]] {
+    for alpn in [
+        vec![b"h2".to_vec()],
+        vec![b"palaver/2".to_vec(), b"http/1.1".to_vec()],
+    ] {
         let mut opts = t.opts();
         opts.alpn = alpn.clone();
         match Client::connect(&opts) {
-            Err(ClientError::Tls(_)) | Err(ClientError::Closed) | Err(ClientError::Io(_)) => {}
-            Err(e) => panic!("ALPN {alpn:?}: unexpected error {e}"),
+            Err(ClientError::Tls(rustls::Error::AlertReceived(
+                rustls::AlertDescription::NoApplicationProtocol,
+            ))) => {}
+            Err(e) => panic!("ALPN {alpn:?}: expected no_application_protocol, got {e}"),
             Ok(_) => panic!("handshake with ALPN {alpn:?} must fail"),
         }
     }
