@@ -824,11 +824,12 @@ impl Ctx {
         self.metrics.frame_in(f.body.as_ref());
         match conn.proto.on_frame(&f, self.now_ms) {
             Err(e) => {
-                let err = error_frame(f.request_id, e.error_code(), e.to_string());
+                let err = e.error_frame(f.request_id);
                 self.begin_close(slot, conn, Some(err), CLOSE_LINGER_MS);
                 return;
             }
-            Ok(Verdict::Ignore) => return,
+            // Hold: never here, on_hello decides a Hello before the next frame.
+            Ok(Verdict::Ignore | Verdict::Hold) => return,
             Ok(Verdict::Process) => {}
         }
         let request_id = f.request_id;

@@ -121,6 +121,122 @@ fn bad_token_expired_token_and_wrong_version() {
 }
 
 #[test]
+fn unsupported_version_names_the_supported_versions() {
+    // SPEC §4.1, §16: the UNSUPPORTED_VERSION message names the versions
+    // the server supports.
+    let t = start(|_| {});
+    let mut c = t.connect();
+    let hello = pb::Hello {
+        protocol_version: 2,
+        token: t.token("bob"),
+        device_id: "phone".into(),
+        ..Default::default()
+    };
+    match c.hello_with(hello, T) {
+        Err(ClientError::Server(e)) => {
+            assert_eq!(e.code, 1002);
+            assert_eq!(
+                e.message,
+                "protocol version 2 is not supported; supported: 1"
+            );
+        }
+        other => panic!("expected UNSUPPORTED_VERSION, got {other:?}"),
+    }
+    c.expect_close(T).unwrap();
+}
+
+fn hello_frame(request_id: u32, token: String) -> pb::Frame {
+    palaver_protocol::frame(
+        request_id,
+        Body::Hello(pb::Hello {
+            protocol_version: 1,
+            token,
+            device_id: "phone".into(),
+            ..Default::default()
+        }),
+    )
+}
+
+/// The frames encoded back to back: written with one TLS write.
+fn pipelined(frames: &[pb::Frame]) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    for f in frames {
+        palaver_protocol::encode_frame(f, &mut bytes);
+    }
+    bytes
+}
+
+#[test]
+fn requests_pipelined_behind_hello_are_answered_after_welcome() {
+    // SPEC §4.2: frames may follow Hello without waiting for Welcome; they
+    // are processed in order once the Hello succeeded.
+    let t = start(|_| {});
+    let mut c = t.connect();
+    let bytes = pipelined(&[
+        hello_frame(1, t.token("alice")),
+        palaver_protocol::frame(2, Body::Ping(pb::Ping { nonce: 7 })),
+        palaver_protocol::frame(3, text_send("dm:alice:bob", "hi")),
+    ]);
+    c.send_raw(&bytes).unwrap();
+    let first = c.recv_timeout(T, "Welcome").unwrap();
+    assert_eq!(first.request_id, 1);
+    assert!(
+        matches!(first.body, Some(Body::Welcome(_))),
+        "Welcome comes first, got {first:?}"
+    );
+    let (mut pong, mut ack) = (false, false);
+    while !(pong && ack) {
+        let f = c.recv_timeout(T, "Pong and SendAck").unwrap();
+        match (f.request_id, &f.body) {
+            (2, Some(Body::Pong(p))) if p.nonce == 7 => pong = true,
+            (3, Some(Body::SendAck(a))) if a.seq == 1 => ack = true,
+            _ => panic!("unexpected {f:?}"),
+        }
+    }
+    assert_healthy(&mut c);
+}
+
+#[test]
+fn frames_pipelined_behind_a_failed_hello_are_dropped() {
+    let t = start(|_| {});
+    let mut healthy = t.login("alice", "phone");
+
+    // Refused Hello: its Error, the close, and nothing for the Ping behind it.
+    let mut c = t.connect();
+    let bytes = pipelined(&[
+        hello_frame(1, "not-a-jwt".into()),
+        palaver_protocol::frame(2, Body::Ping(pb::Ping { nonce: 7 })),
+    ]);
+    c.send_raw(&bytes).unwrap();
+    let frames = c.expect_close(T).unwrap();
+    assert_eq!(frames.len(), 1, "only the Error, got {frames:?}");
+    assert_eq!(frames[0].request_id, 1);
+    assert_eq!(error_code(&frames[0]), Some(1003));
+
+    // A second Hello pipelined behind an accepted one is still a violation,
+    // judged after Welcome.
+    let mut c = t.connect();
+    let bytes = pipelined(&[
+        hello_frame(1, t.token("bob")),
+        hello_frame(2, t.token("bob")),
+    ]);
+    c.send_raw(&bytes).unwrap();
+    let frames = c.expect_close(T).unwrap();
+    assert!(
+        matches!(
+            frames.first().and_then(|f| f.body.as_ref()),
+            Some(Body::Welcome(_))
+        ),
+        "{frames:?}"
+    );
+    assert_eq!(frames.len(), 2, "{frames:?}");
+    assert_eq!(frames[1].request_id, 2);
+    assert_eq!(error_code(&frames[1]), Some(1005));
+
+    assert_healthy(&mut healthy);
+}
+
+#[test]
 fn garbage_before_the_tls_handshake() {
     let t = start(|_| {});
     let mut healthy = t.login("alice", "phone");
