@@ -236,6 +236,134 @@ fn frames_pipelined_behind_a_failed_hello_are_dropped() {
     assert_healthy(&mut healthy);
 }
 
+/// Claims for tokens shaped by hand (SPEC §4 *Tokens*); `exp` is relative
+/// to the moment the token is signed.
+#[derive(serde::Serialize, Default, Clone)]
+struct RawClaims {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sub: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exp: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    aud: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iss: Option<String>,
+}
+
+#[test]
+fn token_claims_as_spec_states() {
+    let t = start(|_| {});
+    let sign = |claims: &RawClaims| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let claims = RawClaims {
+            exp: claims.exp.map(|offset| now + offset),
+            ..claims.clone()
+        };
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(&t.secret),
+        )
+        .unwrap()
+    };
+    let valid = || RawClaims {
+        sub: Some("alice".into()),
+        exp: Some(600),
+        ..Default::default()
+    };
+    let cases: Vec<(&str, RawClaims, Option<u32>)> = vec![
+        ("valid", valid(), None),
+        (
+            "unknown claims are ignored",
+            RawClaims {
+                iss: Some("anyone".into()),
+                ..valid()
+            },
+            None,
+        ),
+        (
+            "device claim matching Hello.device_id",
+            RawClaims {
+                device: Some("phone".into()),
+                ..valid()
+            },
+            None,
+        ),
+        (
+            "expired within the 5 s leeway",
+            RawClaims {
+                exp: Some(-1),
+                ..valid()
+            },
+            None,
+        ),
+        (
+            "no exp",
+            RawClaims {
+                exp: None,
+                ..valid()
+            },
+            Some(1003),
+        ),
+        (
+            "no sub",
+            RawClaims {
+                sub: None,
+                ..valid()
+            },
+            Some(1003),
+        ),
+        (
+            "expired beyond the leeway",
+            RawClaims {
+                exp: Some(-60),
+                ..valid()
+            },
+            Some(1004),
+        ),
+        (
+            "aud present",
+            RawClaims {
+                aud: Some("palaver".into()),
+                ..valid()
+            },
+            Some(1003),
+        ),
+        (
+            "sub not a user id",
+            RawClaims {
+                sub: Some("al ice".into()),
+                ..valid()
+            },
+            Some(1003),
+        ),
+        (
+            "device claim for another device",
+            RawClaims {
+                device: Some("tablet".into()),
+                ..valid()
+            },
+            Some(1003),
+        ),
+    ];
+    for (what, claims, code) in cases {
+        let mut c = t.connect();
+        match (c.hello(&sign(&claims), "phone", T), code) {
+            (Ok(w), None) => assert_eq!(w.user_id, "alice", "{what}"),
+            (Err(ClientError::Server(e)), Some(code)) => {
+                assert_eq!(e.code, code, "{what}: {e:?}");
+                c.expect_close(T).unwrap();
+            }
+            (other, _) => panic!("{what}: expected {code:?}, got {other:?}"),
+        }
+    }
+}
+
 #[test]
 fn garbage_before_the_tls_handshake() {
     let t = start(|_| {});
