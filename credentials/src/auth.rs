@@ -85,6 +85,8 @@ impl Authenticator {
         let mut validation = Validation::new(header.alg);
         validation.leeway = self.leeway_s;
         validation.set_required_spec_claims(&["exp", "sub"]);
+        // RFC 7519 §4.1.5: not before `nbf` (with the same leeway as `exp`).
+        validation.validate_nbf = true;
         let data = jsonwebtoken::decode::<Claims>(token, key, &validation).map_err(|e| match e
             .kind()
         {
@@ -183,6 +185,36 @@ mod tests {
             auth.verify(&bound, "phone"),
             Err(AuthError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn not_before_is_honoured_with_the_leeway() {
+        #[derive(serde::Serialize)]
+        struct WithNbf {
+            sub: &'static str,
+            exp: u64,
+            nbf: u64,
+        }
+        let auth = Authenticator::new(Some(SECRET), None, 5).unwrap();
+        let mint = |nbf_in_s: i64| {
+            let claims = WithNbf {
+                sub: "alice",
+                exp: expiry(3600),
+                nbf: expiry(nbf_in_s),
+            };
+            jsonwebtoken::encode(
+                &Header::new(Algorithm::HS256),
+                &claims,
+                &EncodingKey::from_secret(SECRET),
+            )
+            .unwrap()
+        };
+        assert!(matches!(
+            auth.verify(&mint(120), "phone"),
+            Err(AuthError::Invalid(_))
+        ));
+        assert_eq!(auth.verify(&mint(2), "phone").unwrap(), "alice");
+        assert_eq!(auth.verify(&mint(-60), "phone").unwrap(), "alice");
     }
 
     #[test]

@@ -779,8 +779,13 @@ impl Ctx {
                 break;
             }
             if conn.phase == Phase::Handshaking && !conn.tls.is_handshaking() {
-                if conn.tls.alpn_protocol() != Some(palaver_protocol::ALPN) {
-                    // The certificate resolver already refuses such handshakes.
+                // No ALPN at all is served as palaver/1 (SPEC §1); rustls already
+                // refuses a client offering only other protocols.
+                if conn
+                    .tls
+                    .alpn_protocol()
+                    .is_some_and(|p| p != palaver_protocol::ALPN)
+                {
                     self.scratch.out.clear();
                     frames.clear();
                     self.scratch.frames = frames;
@@ -895,11 +900,12 @@ impl Ctx {
         self.metrics.frame_in(f.body.as_ref());
         match conn.proto.on_frame(&f, self.now_ms) {
             Err(e) => {
-                let err = error_frame(f.request_id, e.error_code(), e.to_string());
+                let err = e.error_frame(f.request_id);
                 self.begin_close(slot, conn, Some(err), CLOSE_LINGER_MS);
                 return;
             }
-            Ok(Verdict::Ignore) => return,
+            // Hold: never here, on_hello decides a Hello before the next frame.
+            Ok(Verdict::Ignore | Verdict::Hold) => return,
             Ok(Verdict::Process) => {}
         }
         let request_id = f.request_id;

@@ -1,5 +1,7 @@
 //! TLS server configuration: TLS 1.3 only (ring provider), ALPN `palaver/1`
-//! required, stateless session tickets, optional client-certificate
+//! (SPEC §1: a ClientHello offering other protocols only is refused with
+//! `no_application_protocol`, one offering no ALPN at all is accepted),
+//! stateless session tickets, optional client-certificate
 //! verification, and a reloadable store so SIGHUP swaps certificates for new
 //! handshakes without touching established connections.
 
@@ -23,20 +25,20 @@ pub struct TlsFiles {
     pub client_ca: Option<PathBuf>,
 }
 
-/// Hands out the certificate only to clients offering ALPN `palaver/1`.
-/// rustls itself accepts a ClientHello without ALPN; refusing the certificate
-/// makes such handshakes fail with an alert instead.
+/// Hands out the one certificate to every ClientHello. ALPN is left to
+/// rustls (`alpn_protocols` below), which does what SPEC §1 asks: a client
+/// offering ALPN without `palaver/1` gets the `no_application_protocol`
+/// alert, a client offering no ALPN at all is accepted (and served as
+/// `palaver/1`). Refusing the certificate here instead would answer both
+/// with `access_denied`.
 #[derive(Debug)]
-struct RequireAlpn {
+struct SingleCert {
     key: Arc<CertifiedKey>,
 }
 
-impl ResolvesServerCert for RequireAlpn {
-    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let offered = hello
-            .alpn()
-            .is_some_and(|mut protos| protos.any(|p| p == palaver_protocol::ALPN));
-        offered.then(|| self.key.clone())
+impl ResolvesServerCert for SingleCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.key.clone())
     }
 }
 
@@ -102,7 +104,7 @@ pub fn build_server_config(
         }
         None => builder.with_no_client_auth(),
     };
-    let mut config = builder.with_cert_resolver(Arc::new(RequireAlpn {
+    let mut config = builder.with_cert_resolver(Arc::new(SingleCert {
         key: Arc::new(certified),
     }));
     config.alpn_protocols = vec![palaver_protocol::ALPN.to_vec()];

@@ -143,13 +143,22 @@ pub fn close_notify(tls: &mut UnbufferedServerConnection, input: &mut [u8], out:
     }
 }
 
-/// After an error rustls may have queued one fatal alert: encode it. Exactly
-/// one more call, with the same (remaining) input as rustls requires: a
-/// second one could re-read the bad record and try to alert twice.
+/// After an error rustls may have queued records ending in a fatal alert:
+/// encode them all, in order. An error found while writing the server's
+/// first flight (e.g. no common ALPN protocol) leaves ServerHello and the
+/// compatibility ChangeCipherSpec queued before the alert, which is
+/// encrypted under the handshake keys: without the ServerHello the client
+/// cannot read it. rustls hands out queued records before it looks at input
+/// again, and once they are out it only repeats the stored error (it never
+/// alerts twice), so calling until it stops asking to encode is safe.
 fn flush_alerts(tls: &mut UnbufferedServerConnection, input: &mut [u8], out: &mut Vec<u8>) {
-    let UnbufferedStatus { state, .. } = tls.process_tls_records(input);
-    if let Ok(ConnectionState::EncodeTlsData(mut encode)) = state {
-        encode_into(&mut encode, out);
+    // ServerHello, ChangeCipherSpec, alert; the bound only guards the loop.
+    for _ in 0..8 {
+        let UnbufferedStatus { state, .. } = tls.process_tls_records(input);
+        match state {
+            Ok(ConnectionState::EncodeTlsData(mut encode)) => encode_into(&mut encode, out),
+            _ => return,
+        }
     }
 }
 

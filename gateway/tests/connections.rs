@@ -33,15 +33,36 @@ fn handshake_alpn_hello_and_ping() {
 }
 
 #[test]
-fn missing_or_wrong_alpn_fails_the_handshake() {
+fn no_alpn_is_served_as_palaver_1() {
+    // SPEC §1: a ClientHello without the ALPN extension is accepted and
+    // treated as palaver/1.
+    let t = start(|_| {});
+    let mut opts = t.opts();
+    opts.alpn = vec![];
+    let mut c = Client::connect(&opts).expect("a handshake without ALPN succeeds");
+    assert_eq!(c.alpn(), None, "no ALPN offered, none selected");
+    let w = c.hello(&t.token("alice"), "phone", T).unwrap();
+    assert_eq!(w.user_id, "alice");
+    assert_healthy(&mut c);
+}
+
+#[test]
+fn wrong_alpn_gets_no_application_protocol() {
+    // SPEC §1: an ALPN list without palaver/1 is refused with the TLS alert
+    // no_application_protocol.
     let t = start(|_| {});
     let mut healthy = t.login("alice", "phone");
-    for alpn in [vec![], vec![b"h2".to_vec()]] {
+    for alpn in [
+        vec![b"h2".to_vec()],
+        vec![b"palaver/2".to_vec(), b"http/1.1".to_vec()],
+    ] {
         let mut opts = t.opts();
         opts.alpn = alpn.clone();
         match Client::connect(&opts) {
-            Err(ClientError::Tls(_)) | Err(ClientError::Closed) | Err(ClientError::Io(_)) => {}
-            Err(e) => panic!("ALPN {alpn:?}: unexpected error {e}"),
+            Err(ClientError::Tls(rustls::Error::AlertReceived(
+                rustls::AlertDescription::NoApplicationProtocol,
+            ))) => {}
+            Err(e) => panic!("ALPN {alpn:?}: expected no_application_protocol, got {e}"),
             Ok(_) => panic!("handshake with ALPN {alpn:?} must fail"),
         }
     }
@@ -97,6 +118,250 @@ fn bad_token_expired_token_and_wrong_version() {
     c.expect_close(T).unwrap();
 
     assert_healthy(&mut healthy);
+}
+
+#[test]
+fn unsupported_version_names_the_supported_versions() {
+    // SPEC §4.1, §16: the UNSUPPORTED_VERSION message names the versions
+    // the server supports.
+    let t = start(|_| {});
+    let mut c = t.connect();
+    let hello = pb::Hello {
+        protocol_version: 2,
+        token: t.token("bob"),
+        device_id: "phone".into(),
+        ..Default::default()
+    };
+    match c.hello_with(hello, T) {
+        Err(ClientError::Server(e)) => {
+            assert_eq!(e.code, 1002);
+            assert_eq!(
+                e.message,
+                "protocol version 2 is not supported; supported: 1"
+            );
+        }
+        other => panic!("expected UNSUPPORTED_VERSION, got {other:?}"),
+    }
+    c.expect_close(T).unwrap();
+}
+
+fn hello_frame(request_id: u32, token: String) -> pb::Frame {
+    palaver_protocol::frame(
+        request_id,
+        Body::Hello(pb::Hello {
+            protocol_version: 1,
+            token,
+            device_id: "phone".into(),
+            ..Default::default()
+        }),
+    )
+}
+
+/// The frames encoded back to back: written with one TLS write.
+fn pipelined(frames: &[pb::Frame]) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    for f in frames {
+        palaver_protocol::encode_frame(f, &mut bytes);
+    }
+    bytes
+}
+
+#[test]
+fn requests_pipelined_behind_hello_are_answered_after_welcome() {
+    // SPEC §4.2: frames may follow Hello without waiting for Welcome; they
+    // are processed in order once the Hello succeeded.
+    let t = start(|_| {});
+    let mut c = t.connect();
+    let bytes = pipelined(&[
+        hello_frame(1, t.token("alice")),
+        palaver_protocol::frame(2, Body::Ping(pb::Ping { nonce: 7 })),
+        palaver_protocol::frame(3, text_send("dm:alice:bob", "hi")),
+    ]);
+    c.send_raw(&bytes).unwrap();
+    let first = c.recv_timeout(T, "Welcome").unwrap();
+    assert_eq!(first.request_id, 1);
+    assert!(
+        matches!(first.body, Some(Body::Welcome(_))),
+        "Welcome comes first, got {first:?}"
+    );
+    let (mut pong, mut ack) = (false, false);
+    while !(pong && ack) {
+        let f = c.recv_timeout(T, "Pong and SendAck").unwrap();
+        match (f.request_id, &f.body) {
+            (2, Some(Body::Pong(p))) if p.nonce == 7 => pong = true,
+            (3, Some(Body::SendAck(a))) if a.seq == 1 => ack = true,
+            _ => panic!("unexpected {f:?}"),
+        }
+    }
+    assert_healthy(&mut c);
+}
+
+#[test]
+fn frames_pipelined_behind_a_failed_hello_are_dropped() {
+    let t = start(|_| {});
+    let mut healthy = t.login("alice", "phone");
+
+    // Refused Hello: its Error, the close, and nothing for the Ping behind it.
+    let mut c = t.connect();
+    let bytes = pipelined(&[
+        hello_frame(1, "not-a-jwt".into()),
+        palaver_protocol::frame(2, Body::Ping(pb::Ping { nonce: 7 })),
+    ]);
+    c.send_raw(&bytes).unwrap();
+    let frames = c.expect_close(T).unwrap();
+    assert_eq!(frames.len(), 1, "only the Error, got {frames:?}");
+    assert_eq!(frames[0].request_id, 1);
+    assert_eq!(error_code(&frames[0]), Some(1003));
+
+    // A second Hello pipelined behind an accepted one is still a violation,
+    // judged after Welcome.
+    let mut c = t.connect();
+    let bytes = pipelined(&[
+        hello_frame(1, t.token("bob")),
+        hello_frame(2, t.token("bob")),
+    ]);
+    c.send_raw(&bytes).unwrap();
+    let frames = c.expect_close(T).unwrap();
+    assert!(
+        matches!(
+            frames.first().and_then(|f| f.body.as_ref()),
+            Some(Body::Welcome(_))
+        ),
+        "{frames:?}"
+    );
+    assert_eq!(frames.len(), 2, "{frames:?}");
+    assert_eq!(frames[1].request_id, 2);
+    assert_eq!(error_code(&frames[1]), Some(1005));
+
+    assert_healthy(&mut healthy);
+}
+
+/// Claims for tokens shaped by hand (SPEC §4 *Tokens*); `exp` is relative
+/// to the moment the token is signed.
+#[derive(serde::Serialize, Default, Clone)]
+struct RawClaims {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sub: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exp: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    aud: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iss: Option<String>,
+}
+
+#[test]
+fn token_claims_as_spec_states() {
+    let t = start(|_| {});
+    let sign = |claims: &RawClaims| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let claims = RawClaims {
+            exp: claims.exp.map(|offset| now + offset),
+            ..claims.clone()
+        };
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(&t.secret),
+        )
+        .unwrap()
+    };
+    let valid = || RawClaims {
+        sub: Some("alice".into()),
+        exp: Some(600),
+        ..Default::default()
+    };
+    let cases: Vec<(&str, RawClaims, Option<u32>)> = vec![
+        ("valid", valid(), None),
+        (
+            "unknown claims are ignored",
+            RawClaims {
+                iss: Some("anyone".into()),
+                ..valid()
+            },
+            None,
+        ),
+        (
+            "device claim matching Hello.device_id",
+            RawClaims {
+                device: Some("phone".into()),
+                ..valid()
+            },
+            None,
+        ),
+        (
+            "expired within the 5 s leeway",
+            RawClaims {
+                exp: Some(-1),
+                ..valid()
+            },
+            None,
+        ),
+        (
+            "no exp",
+            RawClaims {
+                exp: None,
+                ..valid()
+            },
+            Some(1003),
+        ),
+        (
+            "no sub",
+            RawClaims {
+                sub: None,
+                ..valid()
+            },
+            Some(1003),
+        ),
+        (
+            "expired beyond the leeway",
+            RawClaims {
+                exp: Some(-60),
+                ..valid()
+            },
+            Some(1004),
+        ),
+        (
+            "aud present",
+            RawClaims {
+                aud: Some("palaver".into()),
+                ..valid()
+            },
+            Some(1003),
+        ),
+        (
+            "sub not a user id",
+            RawClaims {
+                sub: Some("al ice".into()),
+                ..valid()
+            },
+            Some(1003),
+        ),
+        (
+            "device claim for another device",
+            RawClaims {
+                device: Some("tablet".into()),
+                ..valid()
+            },
+            Some(1003),
+        ),
+    ];
+    for (what, claims, code) in cases {
+        let mut c = t.connect();
+        match (c.hello(&sign(&claims), "phone", T), code) {
+            (Ok(w), None) => assert_eq!(w.user_id, "alice", "{what}"),
+            (Err(ClientError::Server(e)), Some(code)) => {
+                assert_eq!(e.code, code, "{what}: {e:?}");
+                c.expect_close(T).unwrap();
+            }
+            (other, _) => panic!("{what}: expected {code:?}, got {other:?}"),
+        }
+    }
 }
 
 #[test]

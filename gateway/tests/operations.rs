@@ -24,9 +24,19 @@ fn drain_sends_goaway_with_jittered_delay_then_stops() {
         .map(|u| t.login(u, "phone"))
         .collect();
     let handshaking = TcpStream::connect(t.addr).unwrap();
+    // TLS done, no Hello yet: SPEC §15 closes it without a frame.
+    let mut unwelcomed = t.connect();
     t.gw().drain();
     for c in &mut clients {
         let frames = c.expect_close(T).unwrap();
+        // SPEC §4 DRAINING: GoAway is the last frame of the connection.
+        assert!(
+            matches!(
+                frames.last().and_then(|f| f.body.as_ref()),
+                Some(Body::GoAway(_))
+            ),
+            "{frames:?}"
+        );
         let goaway = frames
             .iter()
             .find_map(|f| match &f.body {
@@ -41,6 +51,7 @@ fn drain_sends_goaway_with_jittered_delay_then_stops() {
             goaway.reconnect_delay_ms
         );
     }
+    assert_eq!(unwelcomed.expect_close(T).unwrap(), vec![]);
     wait_until(T, "core threads to finish", || t.gw().is_finished());
     // The listener is closed: new connections are refused.
     assert!(TcpStream::connect(t.addr).is_err());

@@ -12,7 +12,10 @@
 //! is 16 bytes, so a gateway can keep one per connection.
 
 use crate::pb::{self, frame::Body};
-use crate::{body_name, closes_connection, is_valid_id, limits, SUPPORTED_VERSIONS};
+use crate::{
+    body_name, closes_connection, error_frame, is_valid_id, limits, unsupported_version_frame,
+    SUPPORTED_VERSIONS,
+};
 
 /// What to do with a frame that is legal in the current state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,6 +25,12 @@ pub enum Verdict {
     /// Drop it silently: the connection is draining/closed (server), or the
     /// body is unknown to this version (client, forward compatibility).
     Ignore,
+    /// Server only: a request pipelined behind a Hello whose token is still
+    /// being checked (SPEC §4.2 allows it). Keep it, in order with whatever
+    /// follows, and feed it again after [`ServerConn::accept_hello`]; drop it
+    /// if the Hello is refused. A caller that decides the Hello before
+    /// feeding the next frame (as the gateway does) never sees this.
+    Hold,
 }
 
 /// A frame that is not legal in the current state. The connection must be
@@ -34,8 +43,6 @@ pub enum StateError {
     ExpectedHello(&'static str),
     #[error("hello was already received")]
     DuplicateHello,
-    #[error("{0} received before the handshake completed")]
-    BeforeHandshake(&'static str),
     #[error("{0} is sent by servers only")]
     ServerOnly(&'static str),
     #[error("{0} is sent by clients only")]
@@ -57,6 +64,18 @@ impl StateError {
             StateError::EmptyFrame => pb::ErrorCode::MalformedFrame.into(),
             StateError::UnsupportedVersion(_) => pb::ErrorCode::UnsupportedVersion.into(),
             _ => pb::ErrorCode::ProtocolViolation.into(),
+        }
+    }
+
+    /// The `Error` frame a server sends for this failure, answering the
+    /// offending frame's `request_id`. UNSUPPORTED_VERSION names the
+    /// supported versions (SPEC §4.1, §16).
+    pub fn error_frame(&self, request_id: u32) -> pb::Frame {
+        match self {
+            StateError::UnsupportedVersion(requested) => {
+                unsupported_version_frame(request_id, *requested)
+            }
+            _ => error_frame(request_id, self.error_code(), self.to_string()),
         }
     }
 }
@@ -115,7 +134,8 @@ pub enum ServerPhase {
     /// Connection accepted; the first frame must be Hello.
     AwaitingHello,
     /// Hello received and valid so far; the caller is checking the token.
-    /// Nothing else may arrive until Welcome is sent.
+    /// Requests the client pipelined behind the Hello get [`Verdict::Hold`]:
+    /// they are handled after Welcome, or dropped if the Hello is refused.
     Authenticating,
     /// Welcome sent; requests flow.
     Established,
@@ -150,17 +170,25 @@ impl ServerConn {
 
     /// Checks a frame received at `now` and records it as activity. A Hello
     /// moves AwaitingHello to Authenticating after checking its version and
-    /// device id (the token is the caller's to check).
+    /// device id (the token is the caller's to check). Frames fed while
+    /// Authenticating were pipelined behind the Hello (SPEC §4.2) and get
+    /// [`Verdict::Hold`]; they are judged (a second Hello is still a
+    /// violation) when fed again after `accept_hello`.
     pub fn on_frame(&mut self, frame: &pb::Frame, now: u64) -> Result<Verdict, StateError> {
-        if matches!(self.phase, ServerPhase::Draining | ServerPhase::Closed) {
-            return Ok(Verdict::Ignore);
+        match self.phase {
+            ServerPhase::Draining | ServerPhase::Closed => return Ok(Verdict::Ignore),
+            // Whatever follows a Hello is judged after it, in order.
+            ServerPhase::Authenticating => return Ok(Verdict::Hold),
+            ServerPhase::AwaitingHello | ServerPhase::Established => {}
         }
         let body = frame.body.as_ref().ok_or(StateError::EmptyFrame)?;
         if !sent_by_client(body) {
             return Err(StateError::ServerOnly(body_name(body)));
         }
-        match (self.phase, body) {
-            (ServerPhase::AwaitingHello, Body::Hello(hello)) => {
+        // Only AwaitingHello and Established are left.
+        let awaiting_hello = self.phase == ServerPhase::AwaitingHello;
+        match body {
+            Body::Hello(hello) if awaiting_hello => {
                 if !SUPPORTED_VERSIONS.contains(&hello.protocol_version) {
                     return Err(StateError::UnsupportedVersion(hello.protocol_version));
                 }
@@ -169,16 +197,9 @@ impl ServerConn {
                 }
                 self.phase = ServerPhase::Authenticating;
             }
-            (ServerPhase::AwaitingHello, other) => {
-                return Err(StateError::ExpectedHello(body_name(other)))
-            }
-            (ServerPhase::Authenticating, Body::Hello(_))
-            | (ServerPhase::Established, Body::Hello(_)) => return Err(StateError::DuplicateHello),
-            (ServerPhase::Authenticating, other) => {
-                return Err(StateError::BeforeHandshake(body_name(other)))
-            }
-            (ServerPhase::Established, _) => self.on_activity(now),
-            (ServerPhase::Draining | ServerPhase::Closed, _) => return Ok(Verdict::Ignore),
+            other if awaiting_hello => return Err(StateError::ExpectedHello(body_name(other))),
+            Body::Hello(_) => return Err(StateError::DuplicateHello),
+            _ => self.on_activity(now),
         }
         Ok(Verdict::Process)
     }
@@ -331,15 +352,17 @@ impl ClientConn {
     }
 
     /// Whether the client may send `body` now: only client bodies, no second
-    /// Hello, nothing before Welcome, nothing but Pong while draining.
+    /// Hello, nothing but Pong while draining. Requests may be pipelined
+    /// behind the Hello before Welcome arrives (SPEC §4.2): the server handles
+    /// them after Welcome, or drops them unanswered if the Hello fails.
     pub fn may_send(&self, body: &Body) -> bool {
         if !sent_by_client(body) || matches!(body, Body::Hello(_)) {
             return false;
         }
         match self.phase {
-            ClientPhase::Established => true,
+            ClientPhase::AwaitingWelcome | ClientPhase::Established => true,
             ClientPhase::Draining => matches!(body, Body::Pong(_)),
-            ClientPhase::AwaitingWelcome | ClientPhase::Closed => false,
+            ClientPhase::Closed => false,
         }
     }
 
@@ -488,16 +511,21 @@ mod tests {
     }
 
     #[test]
-    fn server_rejects_second_hello_and_frames_while_authenticating() {
+    fn server_rejects_second_hello_and_holds_requests_pipelined_behind_hello() {
         let mut s = ServerConn::new(0, 10_000);
         s.on_frame(&hello(1, "d"), 1).unwrap();
+        // SPEC §4.2: frames may follow Hello before Welcome; they wait for
+        // the Hello's outcome and are then judged in order.
+        assert_eq!(s.on_frame(&send(), 2), Ok(Verdict::Hold));
+        assert_eq!(s.on_frame(&ping(), 2), Ok(Verdict::Hold));
+        assert_eq!(s.on_frame(&hello(1, "d"), 2), Ok(Verdict::Hold));
+        assert_eq!(s.phase(), ServerPhase::Authenticating);
+        assert!(s.accept_hello(3, 30_000));
+        assert_eq!(s.on_frame(&send(), 3), Ok(Verdict::Process));
+        assert_eq!(s.on_frame(&ping(), 3), Ok(Verdict::Process));
         assert_eq!(
-            s.on_frame(&hello(1, "d"), 2),
+            s.on_frame(&hello(1, "d"), 3),
             Err(StateError::DuplicateHello)
-        );
-        assert_eq!(
-            s.on_frame(&send(), 2),
-            Err(StateError::BeforeHandshake("send"))
         );
         let mut s = established_server(0);
         let err = s.on_frame(&hello(1, "d"), 5).unwrap_err();
@@ -531,6 +559,19 @@ mod tests {
         let err = s.on_frame(&hello(2, "d"), 1).unwrap_err();
         assert_eq!(err, StateError::UnsupportedVersion(2));
         assert_eq!(err.error_code(), 1002);
+        // The Error names the supported versions (SPEC §4.1, §16).
+        let f = err.error_frame(1);
+        assert_eq!(f.request_id, 1);
+        match f.body {
+            Some(Body::Error(e)) => {
+                assert_eq!(e.code, 1002);
+                assert_eq!(
+                    e.message,
+                    "protocol version 2 is not supported; supported: 1"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
         let mut s = ServerConn::new(0, 10_000);
         assert_eq!(
             s.on_frame(&hello(1, "bad device"), 1),
@@ -609,7 +650,9 @@ mod tests {
     fn client_handshake_and_ping_schedule() {
         let mut c = ClientConn::new(0, 10_000);
         assert_eq!(c.phase(), ClientPhase::AwaitingWelcome);
-        assert!(!c.may_send(&send().body.unwrap()));
+        // Requests may be pipelined behind Hello (SPEC §4.2); Hello may not.
+        assert!(c.may_send(&send().body.unwrap()));
+        assert!(!c.may_send(&hello(1, "d").body.unwrap()));
         assert_eq!(c.next_ping_at(), None);
         assert_eq!(c.on_frame(&welcome(30_000), 100), Ok(Verdict::Process));
         assert_eq!(c.phase(), ClientPhase::Established);

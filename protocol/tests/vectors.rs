@@ -527,6 +527,24 @@ fn tolerated_cases() -> Vec<Tolerated> {
             hex: "8000",
             frame: pb::Frame::default(),
         },
+        Tolerated {
+            name: "unknown-group-field-skipped",
+            note: "Frame field 99 as an (empty) group, start and end tag: unknown, skipped",
+            hex: "0a08029b069c0662020801",
+            frame: ping.clone(),
+        },
+        Tolerated {
+            name: "field-repeated-last-wins",
+            note: "request_id written twice (1, then 2): the last value counts",
+            hex: "080801080262020801",
+            frame: ping.clone(),
+        },
+        Tolerated {
+            name: "two-bodies-last-wins",
+            note: "ping then pong in one frame (senders must not): the last body counts",
+            hex: "0a0802620208016a020801",
+            frame: frame(2, Body::Pong(pb::Pong { nonce: 1 })),
+        },
     ]
 }
 
@@ -624,7 +642,50 @@ fn invalid_cases() -> Vec<Invalid> {
             hex: "05ffffffffff",
             max_frame_len: MAX,
         },
+        Invalid {
+            name: "wire-type-7",
+            note: "tag with wire type 7, which does not exist",
+            hex: "010f",
+            max_frame_len: MAX,
+        },
+        Invalid {
+            name: "start-group-without-end",
+            note: "unknown field 2 opened as a group (wire type 3) and never closed",
+            hex: "0113",
+            max_frame_len: MAX,
+        },
+        Invalid {
+            name: "wrong-wire-type-nested",
+            note: "Ping.nonce (field 1, uint64) sent as length-delimited",
+            hex: "07080262030a0100",
+            max_frame_len: MAX,
+        },
+        Invalid {
+            name: "wrong-wire-type-string",
+            note: "Send.conversation_id (field 1, string) sent as varint",
+            hex: "05a201020805",
+            max_frame_len: MAX,
+        },
     ]
+}
+
+/// Invalid cases only a server must reject (SPEC §2): schema checks that
+/// stock protobuf parsers do not all make (Python's keeps a field with the
+/// wrong wire type as an unknown field). A client MAY accept these.
+const SERVER_MUST_REJECT: &[&str] = &[
+    "wrong-wire-type-scalar",
+    "wrong-wire-type-message",
+    "wrong-wire-type-nested",
+    "wrong-wire-type-string",
+    "invalid-utf8-string",
+];
+
+fn must_reject(name: &str) -> &'static str {
+    if SERVER_MUST_REJECT.contains(&name) {
+        "server"
+    } else {
+        "all"
+    }
 }
 
 // ------------------------------------------------------------ rendering ----
@@ -725,6 +786,7 @@ fn render() -> String {
                 ),
                 ("error_code", code.to_string()),
                 ("error", q(error_name(code))),
+                ("must_reject", q(must_reject(c.name))),
                 ("note", q(c.note)),
             ])
         })
@@ -735,7 +797,8 @@ fn render() -> String {
 valid: decodes to `frame` (canonical proto3 JSON) and `frame` encodes back to exactly `hex` (fields in field-number order, defaults omitted). \
 tolerated: decodes to `frame`, but its canonical encoding differs. \
 incomplete: a valid stream prefix; a decoder must wait for more bytes, not fail. \
-invalid: a decoder with max_frame_len (default_max_frame_len when absent) must reject the bytes; error_code is the Error.code to send before closing."),
+invalid: a decoder with max_frame_len (default_max_frame_len when absent) must reject the bytes; error_code is the Error.code to send before closing; \
+must_reject: \"all\" = every receiver must reject them, \"server\" = a server must, a client may accept them (schema checks stock protobuf parsers do not all make, SPEC §2)."),
         array(valid),
         array(tolerated),
         array(incomplete),
@@ -855,7 +918,135 @@ fn invalid_vectors_fail_with_their_error_code() {
         let code = case["error_code"].as_u64().unwrap() as u32;
         assert_eq!(err.error_code(), code, "{name}: {err}");
         assert_eq!(error_name(code), str_field(case, "error"), "{name}");
+        assert!(
+            matches!(str_field(case, "must_reject"), "all" | "server"),
+            "{name}"
+        );
     }
+}
+
+/// The cases marked `"server"` are exactly those a lenient stock parser
+/// accepts: decoded while skipping every field whose wire type does not match
+/// the schema, and without checking UTF-8, they parse; every `"all"` case
+/// still fails that way.
+#[test]
+fn server_only_vectors_are_the_ones_a_lenient_parser_accepts() {
+    let doc = load();
+    let names: BTreeSet<&str> = cases(&doc, "invalid")
+        .iter()
+        .map(|c| str_field(c, "name"))
+        .collect();
+    for name in SERVER_MUST_REJECT {
+        assert!(names.contains(name), "no invalid vector {name}");
+    }
+    let desc = frame_descriptor();
+    for case in cases(&doc, "invalid") {
+        let name = str_field(case, "name");
+        let max = case["max_frame_len"].as_u64().unwrap() as usize;
+        let bytes = hex::decode(str_field(case, "hex")).unwrap();
+        let lenient = lenient_parse(&bytes, max, &desc);
+        match str_field(case, "must_reject") {
+            "server" => assert!(lenient, "{name}: a lenient parser should accept it"),
+            _ => assert!(!lenient, "{name}: even a lenient parser must reject it"),
+        }
+    }
+}
+
+/// A model of a lenient stock protobuf parser: framing as SPEC §2, then a
+/// walk over the tags that keeps a schema field with an unexpected wire type
+/// as an unknown field (Python's parser does: it accepts the four
+/// `wrong-wire-type-*` vectors) and does not check UTF-8 (some parsers do
+/// not). Returns whether it accepts `bytes` as one frame.
+fn lenient_parse(bytes: &[u8], max: usize, desc: &MessageDescriptor) -> bool {
+    let mut prefix = 0u64;
+    let mut at = 0;
+    loop {
+        let Some(&b) = bytes.get(at) else {
+            return false;
+        };
+        prefix |= u64::from(b & 0x7f) << (7 * at);
+        at += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+        if at == 5 {
+            return false;
+        }
+    }
+    if prefix > u64::from(u32::MAX) || prefix as usize > max {
+        return false;
+    }
+    let body = &bytes[at..];
+    body.len() == prefix as usize && lenient_message(body, Some(desc))
+}
+
+fn read_varint(bytes: &[u8], at: &mut usize) -> Option<u64> {
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let b = *bytes.get(*at)?;
+        *at += 1;
+        value |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Some(value);
+        }
+    }
+    None
+}
+
+/// Walks one message; `desc` is None for unknown (skipped) content.
+fn lenient_message(bytes: &[u8], desc: Option<&MessageDescriptor>) -> bool {
+    use prost_reflect::Kind;
+    let mut at = 0;
+    let mut groups = Vec::new();
+    while at < bytes.len() {
+        let Some(tag) = read_varint(bytes, &mut at) else {
+            return false;
+        };
+        let (number, wire_type) = (tag >> 3, tag & 7);
+        if number == 0 {
+            return false;
+        }
+        match wire_type {
+            0 => {
+                if read_varint(bytes, &mut at).is_none() {
+                    return false;
+                }
+            }
+            1 | 5 => {
+                at += if wire_type == 1 { 8 } else { 4 };
+                if at > bytes.len() {
+                    return false;
+                }
+            }
+            2 => {
+                let Some(len) = read_varint(bytes, &mut at) else {
+                    return false;
+                };
+                let Some(end) = at.checked_add(len as usize).filter(|e| *e <= bytes.len()) else {
+                    return false;
+                };
+                // A nested message the schema knows (only when the wire type
+                // matches it, and not inside an unknown group) is walked too.
+                let field = desc
+                    .filter(|_| groups.is_empty())
+                    .and_then(|d| d.get_field(number as u32));
+                if let Some(Kind::Message(inner)) = field.map(|f| f.kind()) {
+                    if !lenient_message(&bytes[at..end], Some(&inner)) {
+                        return false;
+                    }
+                }
+                at = end;
+            }
+            3 => groups.push(number),
+            4 => {
+                if groups.pop() != Some(number) {
+                    return false;
+                }
+            }
+            _ => return false,
+        }
+    }
+    groups.is_empty()
 }
 
 /// SPEC.md's worked example must show exactly the bytes the encoder writes.

@@ -274,15 +274,7 @@ impl<S: Store> Router<S> {
     // ---- Messages ------------------------------------------------------
 
     fn send(&mut self, req: &Inbound, send: &pb::Send, out: &mut Output) -> Result<(), Failure> {
-        if send.client_msg_id.len() != 16 {
-            return reject(
-                ErrorCode::InvalidArgument,
-                format!(
-                    "client_msg_id must be exactly 16 bytes, got {}",
-                    send.client_msg_id.len()
-                ),
-            );
-        }
+        // Checked in SPEC §14's order (the gateway checks the body size first).
         if send.body.len() > self.config.max_body_bytes {
             return reject(
                 ErrorCode::BodyTooLarge,
@@ -290,6 +282,15 @@ impl<S: Store> Router<S> {
                     "body is {} bytes, the limit is {}",
                     send.body.len(),
                     self.config.max_body_bytes
+                ),
+            );
+        }
+        if send.client_msg_id.len() != 16 {
+            return reject(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "client_msg_id must be exactly 16 bytes, got {}",
+                    send.client_msg_id.len()
                 ),
             );
         }

@@ -940,7 +940,8 @@ impl Worker {
         };
         match proto.on_frame(&frame, now_ms) {
             Err(e) => return self.close(slot, End::Failed(format!("protocol: {e}"))),
-            Ok(Verdict::Ignore) => return,
+            // Hold is a server verdict; a client never gets it.
+            Ok(Verdict::Ignore | Verdict::Hold) => return,
             Ok(Verdict::Process) => {}
         }
         let welcomed = conn.welcomed;
