@@ -83,7 +83,7 @@ struct Args {
     /// second (Typing 5, Sync/History 5, group ops 10, others 1; RATE_LIMITED). [default: 100]
     #[arg(long, env = "PALAVER_MAX_REQUESTS_PER_SECOND")]
     max_requests_per_second: Option<u32>,
-    /// Requests with a response one connection may have awaiting it (RATE_LIMITED above). [default: 16]
+    /// Requests with a response one connection may have awaiting it (RATE_LIMITED above). [default: 64]
     #[arg(long, env = "PALAVER_MAX_REQUESTS_IN_FLIGHT")]
     max_requests_in_flight: Option<u32>,
     /// An identical Typing repeated within this window is dropped. [default: 2000]

@@ -39,7 +39,7 @@ impl Default for Limits {
             max_body_bytes: 60 * 1024,
             max_sends_per_second: 50,
             max_requests_per_second: 100,
-            max_requests_in_flight: 16,
+            max_requests_in_flight: 64,
             max_group_members: 1000,
             max_batch: 500,
             default_batch: 100,
@@ -97,7 +97,7 @@ mod tests {
         assert_eq!(p.max_sends_per_second, 50);
         assert_eq!(p.max_frame_bytes, 65536);
         assert_eq!(p.max_requests_per_second, 100);
-        assert_eq!(p.max_requests_in_flight, 16);
+        assert_eq!(p.max_requests_in_flight, 64);
         assert_eq!(heartbeat_timeout_ms(15_000), 37_500);
     }
 }
