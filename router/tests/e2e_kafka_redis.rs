@@ -1,4 +1,4 @@
-//! End to end on real Kafka (Tansu) and real Redis: `palaver-router`
+//! End to end on real Apache Kafka and real Redis: `palaver-router`
 //! processes (this crate's binary), in-process gateways with the Kafka/Redis
 //! bridge, and real TLS clients (palaver-tools' blocking client).
 
@@ -19,7 +19,7 @@ use palaver_protocol::pb::{self, frame::Body};
 use palaver_router::kafka::{records, PUSH_TOPIC};
 use palaver_router::redis_store::RedisConfig;
 use palaver_tools::client::{new_client_msg_id, text_send, Client, ConnectOptions};
-use palaver_tools::stack::{Redis, RedisCluster, Tansu, WorkDir};
+use palaver_tools::stack::{Kafka, Redis, RedisCluster, WorkDir};
 use prost::Message as _;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -60,13 +60,13 @@ impl Drop for RouterProcess {
     }
 }
 
-/// Redis, Tansu, routers and gateways of one test.
+/// Redis, Kafka, routers and gateways of one test.
 struct Stack {
     _redis: Option<Redis>,
     _cluster: Option<RedisCluster>,
     redis_spec: String,
     redis_config: RedisConfig,
-    tansu: Tansu,
+    kafka: Kafka,
     routers: Vec<RouterProcess>,
     gateways: Vec<Gateway>,
     dir: WorkDir,
@@ -80,7 +80,7 @@ struct Gateway {
 
 impl Stack {
     fn start(cluster: bool, routers: usize) -> Self {
-        let tansu = Tansu::start().expect("start tansu");
+        let kafka = Kafka::start().expect("start Kafka");
         let (redis, redis_cluster, redis_spec, redis_config) = if cluster {
             let c = RedisCluster::start(3).expect("start Redis Cluster");
             let hosts: Vec<String> = c
@@ -103,7 +103,7 @@ impl Stack {
             _cluster: redis_cluster,
             redis_spec,
             redis_config,
-            tansu,
+            kafka,
             routers: Vec::new(),
             gateways: Vec::new(),
             dir,
@@ -116,7 +116,7 @@ impl Stack {
 
     fn add_router(&mut self, id: &str) {
         let r = RouterProcess::start(
-            &self.tansu.bootstrap(),
+            &self.kafka.bootstrap(),
             &self.redis_spec,
             id,
             self.dir.path(),
@@ -133,11 +133,11 @@ impl Stack {
         config.data_dir = data_dir.clone();
         config.gateway_id = id.into();
         config.backend = BackendConfig::Kafka {
-            brokers: self.tansu.bootstrap(),
+            brokers: self.kafka.bootstrap(),
             redis: self.redis_spec.clone(),
         };
         let mut bridge_config =
-            BridgeConfig::new(self.tansu.bootstrap(), self.redis_config.clone());
+            BridgeConfig::new(self.kafka.bootstrap(), self.redis_config.clone());
         bridge_config.presence = PresenceTiming {
             flush_interval: Duration::from_millis(50),
             tick: Duration::from_millis(500),
@@ -468,7 +468,7 @@ fn offline_user_gets_push_then_syncs_without_gap() {
         assert_eq!(next_deliver(&mut bob).seq, 1);
     } // bob disconnects
     let push_consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", s.tansu.bootstrap())
+        .set("bootstrap.servers", s.kafka.bootstrap())
         .set("group.id", "push-test")
         .set("auto.offset.reset", "earliest")
         .create()
@@ -623,8 +623,8 @@ fn presence_across_gateways_and_gateway_crash() {
 /// supervisor would) a replacement is started. Every acknowledged message is
 /// in the history afterwards, seqs contiguous and unique, order kept.
 ///
-/// The replacement matters with Tansu 0.6: when the killed router was the
-/// group leader, Tansu keeps the dead leader's stale assignment until the
+/// The replacement matters with the former stand-in broker: when the killed router was the
+/// group leader, it kept the dead leader's stale assignment until the
 /// group's membership changes again, so the survivor alone would not take
 /// over the dead router's partitions.
 #[test]
@@ -643,7 +643,7 @@ fn killing_a_router_mid_stream_loses_no_acknowledged_message() {
         let acked_so_far = acked_so_far.clone();
         senders.push(std::thread::spawn(move || {
             // A sender stops at its first message that gets no ack within
-            // 60 s: with Tansu 0.6 a partition can stay unassigned after the
+            // 60 s: with the former stand-in broker a partition can stay unassigned after the
             // group leader dies (see above). That is a liveness problem of
             // the broker; what this test checks is safety: nothing acked is
             // lost, reordered or duplicated.
@@ -754,7 +754,7 @@ fn killing_a_router_mid_stream_loses_no_acknowledged_message() {
 /// Kafka down: a Send is answered UNAVAILABLE, carrying its client_msg_id
 /// (the client retries it later with the same id).
 ///
-/// Not covered: recovery after the broker restarts. With Tansu 0.6 on SQLite
+/// Not covered: recovery after the broker restarts. With Kafka 0.6 on SQLite
 /// the bridge's idempotent producer got "Unknown broker error" for every
 /// record after the restart, in this setup (a standalone producer recovers);
 /// that needs its own investigation.
@@ -769,7 +769,7 @@ fn kafka_outage_answers_unavailable() {
     assert_eq!(send_reliably(&mut alice, &dm, "before").seq, 1);
     assert_eq!(next_deliver(&mut bob).seq, 1);
 
-    s.tansu.kill();
+    s.kafka.kill();
     let cmid = new_client_msg_id();
     let id = alice
         .request(Body::Send(pb::Send {

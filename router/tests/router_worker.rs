@@ -1,4 +1,4 @@
-//! The router worker on real Tansu and Redis, driven batch by batch: records
+//! The router worker on real Kafka and Redis, driven batch by batch: records
 //! that cannot be decoded and records whose store work keeps failing go to
 //! `palaver.dlq` with the reason, the client gets UNAVAILABLE, and the
 //! offsets move on (committed).
@@ -10,7 +10,7 @@ use palaver_router::api::{Inbound, Session, SessionAddr};
 use palaver_router::kafka::worker::{RouterWorker, WorkerConfig};
 use palaver_router::kafka::{self, records, DLQ_TOPIC, INBOUND_TOPIC};
 use palaver_router::redis_store::RedisConfig;
-use palaver_tools::stack::{Redis, Tansu};
+use palaver_tools::stack::{Kafka, Redis};
 use prost::Message as _;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -80,9 +80,9 @@ fn process(worker: &mut RouterWorker, n: u64) {
 
 #[test]
 fn bad_and_failing_records_go_to_the_dlq_and_offsets_move_on() {
-    let tansu = Tansu::start().expect("tansu");
+    let kafka = Kafka::start().expect("kafka");
     let mut redis = Redis::start().expect("redis-server");
-    let brokers = tansu.bootstrap();
+    let brokers = kafka.bootstrap();
     kafka::ensure_topics(
         &brokers,
         &[(&kafka::delivery_topic("gwx"), 1)],

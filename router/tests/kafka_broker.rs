@@ -1,10 +1,10 @@
-//! rdkafka (bundled librdkafka) against a real Tansu broker: the settings the
+//! rdkafka (bundled librdkafka) against a real Kafka broker: the settings the
 //! router and gateway bridge rely on — idempotent producer with acks=all,
 //! consumer group with manual commits, per-key order — work here.
 
 use std::time::{Duration, Instant};
 
-use palaver_tools::stack::Tansu;
+use palaver_tools::stack::Kafka;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::Message;
@@ -12,11 +12,11 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 
 #[test]
 fn idempotent_producer_and_committed_consumer_group_keep_per_key_order() {
-    let tansu = Tansu::start().expect("start tansu");
-    tansu.create_topic("check", 3).expect("create topic");
+    let kafka = Kafka::start().expect("start Kafka");
+    kafka.create_topic("check", 3).expect("create topic");
 
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", tansu.bootstrap())
+        .set("bootstrap.servers", kafka.bootstrap())
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "1")
@@ -37,7 +37,7 @@ fn idempotent_producer_and_committed_consumer_group_keep_per_key_order() {
 
     let consume = |expect: usize| -> Vec<(String, String)> {
         let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", tansu.bootstrap())
+            .set("bootstrap.servers", kafka.bootstrap())
             .set("group.id", "check-group")
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
