@@ -81,3 +81,68 @@ fn idempotent_producer_and_committed_consumer_group_keep_per_key_order() {
     let again = consume(1);
     assert_eq!(again, vec![("a".to_string(), "after".to_string())]);
 }
+
+/// The 3-broker cluster (RF 3, min.insync.replicas 2): the partition's
+/// leader is SIGKILLed between two acknowledged halves of a stream; the
+/// idempotent producer moves to the new leader by itself and a consumer
+/// reads every record exactly once, in order.
+#[test]
+fn three_brokers_survive_the_partition_leader_being_killed() {
+    let mut kafka = Kafka::start_cluster(3).expect("start 3 Kafka brokers");
+    kafka.create_topic("replicated", 1).expect("create topic");
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap())
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "1")
+        .set("message.timeout.ms", "60000")
+        .create()
+        .expect("producer");
+    let send = |range: std::ops::Range<u32>| {
+        for i in range {
+            producer
+                .send(
+                    BaseRecord::to("replicated")
+                        .key("k")
+                        .payload(&i.to_string()),
+                )
+                .map_err(|(e, _)| e)
+                .expect("enqueue");
+        }
+        producer.flush(Duration::from_secs(60)).expect("flush");
+    };
+    send(0..100);
+    let leader = kafka.leader_of("replicated", 0).expect("leader");
+    kafka.kill_node(leader);
+    let killed = Instant::now();
+    send(100..200);
+    eprintln!(
+        "leader node {} killed; the next 100 records were acknowledged {:.1} s later",
+        kafka.node_id(leader),
+        killed.elapsed().as_secs_f64()
+    );
+    let new_leader = kafka.leader_of("replicated", 0).expect("new leader");
+    assert_ne!(new_leader, leader, "a surviving broker leads");
+
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap())
+        .set("group.id", "replicated-check")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&["replicated"]).expect("subscribe");
+    let mut got: Vec<u32> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while got.len() < 200 && Instant::now() < deadline {
+        if let Some(msg) = consumer.poll(Duration::from_millis(200)) {
+            let msg = msg.expect("message");
+            got.push(
+                std::str::from_utf8(msg.payload().unwrap())
+                    .unwrap()
+                    .parse()
+                    .unwrap(),
+            );
+        }
+    }
+    assert_eq!(got, (0..200).collect::<Vec<_>>(), "exactly once, in order");
+}

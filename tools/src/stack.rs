@@ -756,7 +756,10 @@ impl Kafka {
     fn format(&self, i: usize, cluster_id: &str) -> Result<()> {
         let dir = self.node_dir(i);
         let mut cmd = self.java_command(i, "kafka.tools.StorageTool");
-        cmd.args(["format", "--ignore-formatted", "-t", cluster_id, "-c"])
+        // `=`: an id may start with '-', which would read as an option.
+        cmd.args(["format", "--ignore-formatted"])
+            .arg(format!("--cluster-id={cluster_id}"))
+            .arg("--config")
             .arg(dir.join("server.properties"))
             .stdin(Stdio::null());
         // The formatter is a short-lived JVM: a quick, small heap.
@@ -1318,6 +1321,17 @@ mod tests {
             e.to_string().contains("tools/scripts/install-deps.sh"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn kafka_cluster_ids_are_22_url_safe_base64_characters() {
+        for _ in 0..100 {
+            let id = kafka_cluster_id();
+            assert_eq!(id.len(), 22, "{id}");
+            assert!(id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+        }
     }
 
     #[test]

@@ -301,7 +301,9 @@ impl Backend for KafkaRedisBridge {
             .set("bootstrap.servers", &config.brokers)
             .set("group.id", format!("palaver-gateway-{gateway_id}"))
             .set("enable.auto.commit", "false")
-            .set("fetch.wait.max.ms", "5")
+            // Long poll (see palaver_router::kafka::FETCH_WAIT_MAX_MS).
+            .set("fetch.min.bytes", "1")
+            .set("fetch.wait.max.ms", kafka::FETCH_WAIT_MAX_MS)
             .set("socket.nagle.disable", "true")
             .create()
             .map_err(|e| BackendError::Config(format!("Kafka consumer: {e}")))?;

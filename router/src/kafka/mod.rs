@@ -64,8 +64,15 @@ pub fn check_gateway_id(gateway_id: &str) -> Result<(), String> {
     }
 }
 
+/// Consumers' `fetch.wait.max.ms`: how long the broker holds an empty fetch.
+/// With `fetch.min.bytes` 1 a fetch returns as soon as data arrives, so
+/// this is not added to latency; it only sets how often an idle consumer
+/// asks again (5 fetches/s per consumer and broker).
+pub const FETCH_WAIT_MAX_MS: &str = "200";
+
 /// Producer settings shared by routers and gateways: idempotent, acks=all
-/// (the durability gate), a short linger for latency.
+/// (the durability gate), a short linger so records produced together
+/// (a router batch's output, many clients' sends) share a request.
 pub fn producer_config(brokers: &str, linger_ms: u32) -> ClientConfig {
     let mut config = ClientConfig::new();
     config
@@ -90,7 +97,9 @@ pub fn ensure_topics(
         .map_err(|e| format!("Kafka admin client for {brokers}: {e}"))?;
     let new_topics: Vec<NewTopic> = topics
         .iter()
-        .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
+        // -1: the cluster's default.replication.factor (1 on a single
+        // node, 3 on the 3-broker test cluster).
+        .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(-1)))
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(timeout));
     let results = futures_executor::block_on(admin.create_topics(&new_topics, &options))

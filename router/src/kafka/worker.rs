@@ -305,9 +305,11 @@ impl RouterWorker {
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000")
-            // Latency: an empty fetch returns after 5 ms (librdkafka's
-            // default of 500 ms would be added to an idle router's latency).
-            .set("fetch.wait.max.ms", "5")
+            // Long poll: the broker answers a fetch as soon as one byte is
+            // there (fetch.min.bytes 1), else after fetch.wait.max.ms. The
+            // wait bounds only how often an idle consumer asks, not latency.
+            .set("fetch.min.bytes", "1")
+            .set("fetch.wait.max.ms", super::FETCH_WAIT_MAX_MS)
             .set("socket.nagle.disable", "true")
             .create_with_context(RebalanceLog {
                 router_id: config.router_id.clone(),
