@@ -708,7 +708,7 @@ impl Kafka {
              replica.lag.time.max.ms=5000\n\
              # Fast leader failover in the broker-failure tests.\n\
              broker.session.timeout.ms=6000\n\
-             broker.heartbeat.interval.ms=1000\n",
+             broker.heartbeat.interval.ms=2000\n",
             id = node.id,
             voters = voters.join(","),
             port = node.port,

@@ -304,7 +304,7 @@ impl RouterWorker {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", "10000")
-            .set("heartbeat.interval.ms", "1000")
+            .set("heartbeat.interval.ms", "3000")
             // Long poll: the broker answers a fetch as soon as one byte is
             // there (fetch.min.bytes 1), else after fetch.wait.max.ms. The
             // wait bounds only how often an idle consumer asks, not latency.
