@@ -304,6 +304,7 @@ impl Backend for KafkaRedisBridge {
             // Long poll (see palaver_router::kafka::FETCH_WAIT_MAX_MS).
             .set("fetch.min.bytes", "1")
             .set("fetch.wait.max.ms", kafka::FETCH_WAIT_MAX_MS)
+            .set("reconnect.backoff.max.ms", kafka::RECONNECT_BACKOFF_MAX_MS)
             .set("socket.nagle.disable", "true")
             .create()
             .map_err(|e| BackendError::Config(format!("Kafka consumer: {e}")))?;

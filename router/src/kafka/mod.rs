@@ -71,6 +71,10 @@ pub fn check_gateway_id(gateway_id: &str) -> Result<(), String> {
 /// at 200 ms an idle `palaver cluster up` cost the broker ~2.5 % of a CPU).
 pub const FETCH_WAIT_MAX_MS: &str = "500";
 
+/// Cap of librdkafka's exponential reconnect back-off (default 10 s): after
+/// a broker restart, clients are back within a second of it listening.
+pub const RECONNECT_BACKOFF_MAX_MS: &str = "1000";
+
 /// Producer settings shared by routers and gateways: idempotent, acks=all
 /// (the durability gate), a short linger so records produced together
 /// (a router batch's output, many clients' sends) share a request.
@@ -82,6 +86,7 @@ pub fn producer_config(brokers: &str, linger_ms: u32) -> ClientConfig {
         .set("acks", "all")
         .set("linger.ms", linger_ms.to_string())
         .set("message.timeout.ms", "10000")
+        .set("reconnect.backoff.max.ms", RECONNECT_BACKOFF_MAX_MS)
         .set("socket.nagle.disable", "true");
     config
 }

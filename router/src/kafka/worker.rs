@@ -310,6 +310,7 @@ impl RouterWorker {
             // wait bounds only how often an idle consumer asks, not latency.
             .set("fetch.min.bytes", "1")
             .set("fetch.wait.max.ms", super::FETCH_WAIT_MAX_MS)
+            .set("reconnect.backoff.max.ms", super::RECONNECT_BACKOFF_MAX_MS)
             .set("socket.nagle.disable", "true")
             .create_with_context(RebalanceLog {
                 router_id: config.router_id.clone(),

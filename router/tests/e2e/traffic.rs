@@ -270,7 +270,7 @@ impl Traffic {
                 self.per_sender,
                 "{conv}: every send acknowledged"
             );
-            let page = history(&mut reader, conv);
+            let page = history(&mut reader, conv, &self.log);
             let seqs: Vec<u64> = page.iter().map(|m| m.seq).collect();
             assert_eq!(
                 seqs,
@@ -298,7 +298,7 @@ impl Traffic {
         let (mut syncer, _, _) =
             self.login
                 .connect(1, "alice", "syncer", cursors, &self.log, deadline());
-        let synced = sync_all(&mut syncer, &self.convs);
+        let synced = sync_all(&mut syncer, &self.convs, &self.log);
         for (conv, acks) in self.convs.iter().zip(&acked) {
             let got: Vec<(u64, String)> = synced
                 .get(conv)
@@ -442,7 +442,7 @@ fn drain(mut c: Client, login: Login, mut gw: usize, user: &str, log: &Log, stop
 }
 
 /// The conversation's whole history, oldest first.
-fn history(c: &mut Client, conv: &str) -> Vec<pb::Message> {
+fn history(c: &mut Client, conv: &str, log: &Log) -> Vec<pb::Message> {
     let mut all: Vec<pb::Message> = Vec::new();
     let mut before = 0;
     loop {
@@ -456,8 +456,18 @@ fn history(c: &mut Client, conv: &str) -> Vec<pb::Message> {
         let f = c
             .recv_until(super::T, "HistoryPage", |f| f.request_id == id)
             .expect("HistoryPage");
-        let Some(Body::HistoryPage(page)) = f.body else {
-            panic!("History answered {f:?}")
+        let page = match f.body {
+            Some(Body::HistoryPage(page)) => page,
+            // A read on a connection the store lost: the client retries.
+            Some(Body::Error(e)) if e.code == pb::ErrorCode::Unavailable as u32 => {
+                log.frame(&pb::Frame {
+                    request_id: id,
+                    body: Some(Body::Error(e)),
+                });
+                thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+            other => panic!("History answered {other:?}"),
         };
         if page.messages.is_empty() {
             break;
@@ -476,21 +486,34 @@ fn history(c: &mut Client, conv: &str) -> Vec<pb::Message> {
 
 /// Reads the SyncBatch a resuming Hello triggers, then Syncs on until
 /// `has_more` is false; messages by conversation, ascending.
-fn sync_all(c: &mut Client, convs: &[String]) -> BTreeMap<String, Vec<pb::Message>> {
+fn sync_all(c: &mut Client, convs: &[String], log: &Log) -> BTreeMap<String, Vec<pb::Message>> {
     let mut got: BTreeMap<String, Vec<pb::Message>> = BTreeMap::new();
     let mut f = c
         .recv_until(super::T, "SyncBatch", |f| {
-            matches!(f.body, Some(Body::SyncBatch(_)))
+            // The Hello's own Sync answers with the Hello's request id.
+            matches!(f.body, Some(Body::SyncBatch(_)) | Some(Body::Error(_)))
         })
         .expect("SyncBatch after a resuming Hello");
     loop {
-        let Some(Body::SyncBatch(batch)) = f.body else {
-            panic!("Sync answered {f:?}")
+        let more = match f.body {
+            Some(Body::SyncBatch(batch)) => {
+                for m in batch.messages {
+                    got.entry(m.conversation_id.clone()).or_default().push(m);
+                }
+                batch.has_more
+            }
+            // A read on a connection the store lost: the client retries.
+            Some(Body::Error(e)) if e.code == pb::ErrorCode::Unavailable as u32 => {
+                log.frame(&pb::Frame {
+                    request_id: f.request_id,
+                    body: Some(Body::Error(e)),
+                });
+                thread::sleep(Duration::from_millis(200));
+                true
+            }
+            other => panic!("Sync answered {other:?}"),
         };
-        for m in batch.messages {
-            got.entry(m.conversation_id.clone()).or_default().push(m);
-        }
-        if !batch.has_more {
+        if !more {
             return got;
         }
         let cursors = convs
