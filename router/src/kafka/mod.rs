@@ -116,6 +116,33 @@ pub fn ensure_topics(
             Err((name, code)) => return Err(format!("create topic {name}: {code}")),
         }
     }
+    // The controller has the topics now; on a multi-broker cluster the
+    // broker a client asks next may not know them yet. Wait until metadata
+    // shows every partition with a leader.
+    let deadline = std::time::Instant::now() + timeout;
+    for (name, _) in topics {
+        loop {
+            let led = admin
+                .inner()
+                .fetch_metadata(Some(name), Duration::from_secs(2))
+                .map(|md| {
+                    md.topics().iter().any(|t| {
+                        t.name() == *name
+                            && t.error().is_none()
+                            && !t.partitions().is_empty()
+                            && t.partitions().iter().all(|p| p.leader() >= 0)
+                    })
+                })
+                .unwrap_or(false);
+            if led {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(format!("topic {name} has no leader for every partition"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
     Ok(())
 }
 

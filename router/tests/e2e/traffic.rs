@@ -390,6 +390,9 @@ fn send_all(
                 Ok(f) => match f.body {
                     Some(Body::SendAck(a)) => break a,
                     Some(Body::Error(e)) if e.code == pb::ErrorCode::Unavailable as u32 => {
+                        if f.request_id != 0 {
+                            assert_eq!(e.client_msg_id, cmid, "UNAVAILABLE names the Send");
+                        }
                         // A client's retry back-off.
                         thread::sleep(Duration::from_millis(200));
                     }
