@@ -135,7 +135,8 @@ fn bad_and_failing_records_go_to_the_dlq_and_offsets_move_on() {
     }
     assert_eq!(worker.stats().dead_letters, 2);
 
-    // All three offsets are committed for the router group.
+    // All three offsets get committed for the router group (the worker
+    // commits asynchronously after each batch).
     let probe: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
         .set("group.id", "palaver-router")
@@ -143,11 +144,19 @@ fn bad_and_failing_records_go_to_the_dlq_and_offsets_move_on() {
         .unwrap();
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition(INBOUND_TOPIC, 0);
-    let committed = probe
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .unwrap();
-    assert_eq!(
-        committed.find_partition(INBOUND_TOPIC, 0).unwrap().offset(),
-        Offset::Offset(3)
-    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let committed = probe
+            .committed_offsets(tpl.clone(), Duration::from_secs(10))
+            .unwrap();
+        let offset = committed.find_partition(INBOUND_TOPIC, 0).unwrap().offset();
+        if offset == Offset::Offset(3) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "committed offset stays at {offset:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

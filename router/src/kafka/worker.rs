@@ -136,7 +136,7 @@ impl ProducerContext for DeliveryTracker {
     }
 }
 
-/// Logs rebalances (the batch loop commits before every poll, so nothing
+/// Logs rebalances (the batch loop sends its commit before the next poll, so nothing
 /// processed is left uncommitted when partitions move).
 struct RebalanceLog {
     router_id: String,
@@ -303,8 +303,10 @@ impl RouterWorker {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", "10000")
-            .set("heartbeat.interval.ms", "3000")
+            // A dead router's partitions move after this (6 s: the
+            // broker's group.min.session.timeout.ms).
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "2000")
             // Long poll: the broker answers a fetch as soon as one byte is
             // there (fetch.min.bytes 1), else after fetch.wait.max.ms. The
             // wait bounds only how often an idle consumer asks, not latency.
@@ -444,9 +446,11 @@ impl RouterWorker {
                 .add_partition_offset(topic, *partition, Offset::Offset(*offset))
                 .map_err(|e| format!("offset list: {e}"))?;
         }
-        if let Err(e) = self.consumer.commit(&offsets, CommitMode::Sync) {
-            // The partitions moved to another router, which replays from the
-            // last commit; the replay is deduplicated.
+        // Async: a synchronous commit blocks the router for as long as the
+        // group coordinator is unreachable (25 s across a broker restart).
+        // A commit that fails or is lost only means a replay from the last
+        // commit that did land, and replays are deduplicated.
+        if let Err(e) = self.consumer.commit(&offsets, CommitMode::Async) {
             tracing::warn!(router = %self.config.router_id, "commit failed: {e}");
         }
         self.stats.records += batch.len() as u64;
