@@ -14,8 +14,10 @@ mod e2e;
 use std::time::{Duration, Instant};
 
 use e2e::traffic::Traffic;
-use e2e::Stack;
+use e2e::{send_reliably, Stack};
+use palaver_protocol::pb::{self, frame::Body};
 use palaver_router::kafka::INBOUND_TOPIC;
+use palaver_tools::client::Client;
 
 const SENDERS: usize = 4;
 const PER_SENDER: usize = 60;
@@ -78,21 +80,65 @@ fn redis_sigkill_restart_from_aof_loses_no_acknowledged_message() {
     traffic.finish("Redis SIGKILL + restart from AOF", fault_at);
 }
 
-/// A gateway crashes mid-stream (in-process: its bridge halts at once, no
-/// presence flush or lease renewal, then its sockets close); its clients
-/// reconnect to the other gateway and resume with the same client_msg_ids.
+/// SIGKILL a gateway process mid-stream: its clients reconnect to the
+/// other gateway and resume with the same client_msg_ids.
 #[test]
-fn gateway_crash_clients_move_to_the_other_gateway() {
-    let mut s = stack(1, 1);
+fn sigkill_a_gateway() {
+    let mut s = Stack::start_with(false, 1, 1);
+    s.add_gateway("gw1");
+    s.add_gateway_process("gw2", "gateway_process");
+    // carol stays on gw2 and does not reconnect; alice watches her from gw1
+    // (presence is visible to users who share a conversation).
+    let _carol = s.login(1, "carol", "phone");
+    let mut watcher = s.login(0, "alice", "watcher");
+    let dm = palaver_protocol::direct_conversation_id("alice", "carol");
+    send_reliably(&mut watcher, &dm, "hi");
+    assert!(presence_of(&mut watcher, "carol").online);
+
     let traffic = Traffic::start(&s, SENDERS, PER_SENDER);
     traffic.wait_acked(BEFORE_FAULT);
     let fault_at = Instant::now();
-    s.crash_gateway(1);
-    let outcome = traffic.finish("gateway crash", fault_at);
+    s.gateway_processes[0].kill();
+    let outcome = traffic.finish("SIGKILL a gateway", fault_at);
     assert!(
         outcome.reconnects > 0,
-        "clients of the crashed gateway moved"
+        "clients of the killed gateway moved"
     );
+
+    // Nothing told Redis that gw2 died: its lease (3 s) runs out and its
+    // users go offline together.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while presence_of(&mut watcher, "carol").online {
+        assert!(Instant::now() < deadline, "carol stayed online");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "carol (on the killed gateway) offline {:.1} s after the kill (lease 3 s)",
+        fault_at.elapsed().as_secs_f64()
+    );
+}
+
+fn presence_of(c: &mut Client, user: &str) -> pb::Presence {
+    let id = c
+        .request(Body::PresenceQuery(pb::PresenceQuery {
+            user_ids: vec![user.into()],
+        }))
+        .unwrap();
+    let f = c
+        .recv_until(e2e::T, "PresenceResult", |f| f.request_id == id)
+        .unwrap();
+    match f.body {
+        Some(Body::PresenceResult(mut r)) => r.presences.remove(0),
+        other => panic!("expected PresenceResult, got {other:?}"),
+    }
+}
+
+/// Not a test: the gateway process of `sigkill_a_gateway` (this binary run
+/// again with `--exact gateway_process --ignored`).
+#[test]
+#[ignore = "run by sigkill_a_gateway as its gateway process"]
+fn gateway_process() {
+    e2e::gateway_process_main();
 }
 
 /// SIGSTOP the Kafka broker for 10 s (a network stall: sockets stay open,

@@ -66,7 +66,83 @@ pub struct Stack {
     pub kafka: Kafka,
     pub routers: Vec<RouterProcess>,
     pub gateways: Vec<Gateway>,
+    pub gateway_processes: Vec<GatewayProcess>,
     pub dir: WorkDir,
+}
+
+/// A gateway in a process of its own, SIGKILLed on drop.
+pub struct GatewayProcess {
+    child: Child,
+    opts: Option<ConnectOptions>,
+}
+
+impl GatewayProcess {
+    /// SIGKILL: no drain, no presence flush, no goodbye.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The tests' gateway (2 cores, a short presence lease), in this process.
+pub fn start_gateway(
+    id: &str,
+    data_dir: &std::path::Path,
+    brokers: &str,
+    redis_spec: &str,
+    redis_config: RedisConfig,
+) -> (GatewayHandle, Arc<KafkaRedisBridge>) {
+    let mut config = Config::default();
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.cores = 2;
+    config.data_dir = data_dir.to_path_buf();
+    config.gateway_id = id.into();
+    config.backend = BackendConfig::Kafka {
+        brokers: brokers.into(),
+        redis: redis_spec.into(),
+    };
+    let mut bridge_config = BridgeConfig::new(brokers, redis_config);
+    bridge_config.presence = PresenceTiming {
+        flush_interval: Duration::from_millis(50),
+        tick: Duration::from_millis(500),
+        lease_ttl: Duration::from_secs(3),
+    };
+    bridge_config.inbound_partitions = 4;
+    let bridge = Arc::new(KafkaRedisBridge::new(bridge_config));
+    let handle = GatewayHandle::start(config, bridge.clone()).expect("gateway starts");
+    (handle, bridge)
+}
+
+/// The body of the child test [`Stack::add_gateway_process`] runs: starts
+/// the gateway its environment describes, writes its port, and serves until
+/// killed. Without that environment (a plain `--ignored` run) it returns.
+pub fn gateway_process_main() {
+    let Ok(id) = std::env::var("PALAVER_TEST_GATEWAY") else {
+        return;
+    };
+    let env = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} not set"));
+    let redis_spec = env("PALAVER_TEST_REDIS");
+    let redis_config = RedisConfig::parse(&redis_spec).expect("Redis spec");
+    let (handle, _bridge) = start_gateway(
+        &id,
+        std::path::Path::new(&env("PALAVER_TEST_DATA_DIR")),
+        &env("PALAVER_TEST_BROKERS"),
+        &redis_spec,
+        redis_config,
+    );
+    let port_file = PathBuf::from(env("PALAVER_TEST_PORT_FILE"));
+    let tmp = port_file.with_extension("tmp");
+    std::fs::write(&tmp, handle.local_addr.port().to_string()).unwrap();
+    std::fs::rename(&tmp, &port_file).unwrap();
+    loop {
+        std::thread::park();
+    }
 }
 
 pub struct Gateway {
@@ -114,6 +190,7 @@ impl Stack {
             kafka,
             routers: Vec::new(),
             gateways: Vec::new(),
+            gateway_processes: Vec::new(),
             dir,
         };
         for i in 0..routers {
@@ -132,28 +209,16 @@ impl Stack {
         self.routers.push(r);
     }
 
-    /// Starts gateway `id` (2 cores) with a short lease for the fault tests.
+    /// Starts gateway `id` in this process.
     pub fn add_gateway(&mut self, id: &str) -> usize {
         let data_dir: PathBuf = self.dir.path().join("gw-data");
-        let mut config = Config::default();
-        config.listen = "127.0.0.1:0".parse().unwrap();
-        config.cores = 2;
-        config.data_dir = data_dir.clone();
-        config.gateway_id = id.into();
-        config.backend = BackendConfig::Kafka {
-            brokers: self.kafka.bootstrap(),
-            redis: self.redis_spec.clone(),
-        };
-        let mut bridge_config =
-            BridgeConfig::new(self.kafka.bootstrap(), self.redis_config.clone());
-        bridge_config.presence = PresenceTiming {
-            flush_interval: Duration::from_millis(50),
-            tick: Duration::from_millis(500),
-            lease_ttl: Duration::from_secs(3),
-        };
-        bridge_config.inbound_partitions = 4;
-        let bridge = Arc::new(KafkaRedisBridge::new(bridge_config));
-        let handle = GatewayHandle::start(config, bridge.clone()).expect("gateway starts");
+        let (handle, bridge) = start_gateway(
+            id,
+            &data_dir,
+            &self.kafka.bootstrap(),
+            &self.redis_spec,
+            self.redis_config.clone(),
+        );
         let ca = std::fs::read(data_dir.join(devcerts::CA_CERT_FILE)).unwrap();
         self.gateways.push(Gateway {
             opts: ConnectOptions::new(handle.local_addr, ca),
@@ -161,6 +226,67 @@ impl Stack {
             bridge,
         });
         self.gateways.len() - 1
+    }
+
+    /// Starts gateway `id` as a process of its own (this test binary run
+    /// as `child_test`, which must call [`gateway_process_main`]), so a test
+    /// can SIGKILL it. Needs the dev CA an in-process gateway created.
+    pub fn add_gateway_process(&mut self, id: &str, child_test: &str) {
+        let data_dir: PathBuf = self.dir.path().join("gw-data");
+        let port_file = self.dir.path().join(format!("{id}.port"));
+        let log = std::fs::File::create(self.dir.path().join(format!("{id}.log"))).unwrap();
+        let child = Command::new(std::env::current_exe().unwrap())
+            .args([child_test, "--exact", "--ignored", "--nocapture"])
+            .args(["--test-threads", "1"])
+            .env("PALAVER_TEST_GATEWAY", id)
+            .env("PALAVER_TEST_BROKERS", self.kafka.bootstrap())
+            .env("PALAVER_TEST_REDIS", &self.redis_spec)
+            .env("PALAVER_TEST_DATA_DIR", &data_dir)
+            .env("PALAVER_TEST_PORT_FILE", &port_file)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn a gateway process");
+        let mut process = GatewayProcess { child, opts: None };
+        // Ready: the child wrote its listening port.
+        let deadline = Instant::now() + T;
+        let port: u16 = loop {
+            if let Some(port) = std::fs::read_to_string(&port_file)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+            {
+                break port;
+            }
+            if let Ok(Some(status)) = process.child.try_wait() {
+                panic!("gateway process {id} exited ({status}) before listening");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway process {id} never listened"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let ca = std::fs::read(data_dir.join(devcerts::CA_CERT_FILE)).unwrap();
+        process.opts = Some(ConnectOptions::new(
+            std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            ca,
+        ));
+        self.gateway_processes.push(process);
+    }
+
+    /// Where clients reach every gateway: in-process ones first, then the
+    /// gateway processes, each in start order.
+    pub fn gateway_addrs(&self) -> Vec<ConnectOptions> {
+        self.gateways
+            .iter()
+            .map(|g| g.opts.clone())
+            .chain(
+                self.gateway_processes
+                    .iter()
+                    .map(|p| p.opts.clone().expect("listening")),
+            )
+            .collect()
     }
 
     pub fn secret(&self) -> Vec<u8> {
@@ -186,7 +312,7 @@ impl Stack {
         device: &str,
         resume: Vec<pb::Cursor>,
     ) -> (Client, pb::Welcome) {
-        let mut c = Client::connect(&self.gateways[gateway].opts).expect("TLS connect");
+        let mut c = Client::connect(&self.gateway_addrs()[gateway]).expect("TLS connect");
         let token = auth::mint_hs256(&self.secret(), user, None, 3600);
         let w = c
             .hello_with(

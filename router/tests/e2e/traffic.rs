@@ -144,7 +144,7 @@ impl Traffic {
     /// Starts `senders` senders of `per_sender` messages each, and their peers.
     pub fn start(stack: &Stack, senders: usize, per_sender: usize) -> Self {
         let login = Login {
-            gateways: stack.gateways.iter().map(|g| g.opts.clone()).collect(),
+            gateways: stack.gateway_addrs(),
             secret: stack.secret(),
         };
         let log = Arc::new(Log::default());
