@@ -135,7 +135,15 @@ fn three_brokers_survive_the_partition_leader_being_killed() {
     let deadline = Instant::now() + Duration::from_secs(60);
     while got.len() < 200 && Instant::now() < deadline {
         if let Some(msg) = consumer.poll(Duration::from_millis(200)) {
-            let msg = msg.expect("message");
+            // The dead broker is still in bootstrap.servers: librdkafka
+            // reports its connection failures here; they are not fatal.
+            let msg = match msg {
+                Ok(msg) => msg,
+                Err(e) => {
+                    eprintln!("consumer: {e}");
+                    continue;
+                }
+            };
             got.push(
                 std::str::from_utf8(msg.payload().unwrap())
                     .unwrap()
