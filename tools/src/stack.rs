@@ -755,6 +755,11 @@ impl Kafka {
     /// metadata into the node's log dir (once; a restart keeps them).
     fn format(&self, i: usize, cluster_id: &str) -> Result<()> {
         let dir = self.node_dir(i);
+        // Already formatted (a kept dir, e.g. a second `palaver cluster
+        // up`): the node keeps its data and its cluster id.
+        if dir.join("data").join("meta.properties").is_file() {
+            return Ok(());
+        }
         let mut cmd = self.java_command(i, "kafka.tools.StorageTool");
         // `=`: an id may start with '-', which would read as an option.
         cmd.args(["format", "--ignore-formatted"])
