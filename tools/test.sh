@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command (README, .ci/run): installs what the tests need
-# (redis-server, tansu) if missing, then runs every test in the workspace.
-# The tests start their own Redis/Tansu instances on free loopback ports.
+# (redis-server, Apache Kafka from Maven Central) if missing, then runs every
+# test in the workspace. The tests start their own Redis and Kafka instances
+# on free loopback ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"

@@ -4,7 +4,7 @@
 //!
 //! `cargo run --release -p palaver-router --example e2e_latency -- [MESSAGES] [RATE_PER_S]`
 //!
-//! Everything is real: Tansu, redis-server, one router worker (this crate's
+//! Everything is real: Kafka, redis-server, one router worker (this crate's
 //! `RouterWorker`, in-process), two gateways with the Kafka/Redis bridge,
 //! TLS clients. Prints median, p90, p99, max.
 
@@ -23,9 +23,9 @@ use palaver_protocol::pb::{self, frame::Body};
 use palaver_router::kafka::worker::{RouterWorker, WorkerConfig};
 use palaver_router::redis_store::RedisConfig;
 use palaver_tools::client::{new_client_msg_id, Client, ConnectOptions};
-use palaver_tools::stack::{Redis, Tansu, WorkDir};
+use palaver_tools::stack::{Kafka, Redis, WorkDir};
 
-fn gateway(id: &str, dir: &WorkDir, tansu: &Tansu, redis: &Redis) -> GatewayHandle {
+fn gateway(id: &str, dir: &WorkDir, kafka: &Kafka, redis: &Redis) -> GatewayHandle {
     let mut config = Config::default();
     config.listen = "127.0.0.1:0".parse().unwrap();
     config.cores = 1;
@@ -33,11 +33,11 @@ fn gateway(id: &str, dir: &WorkDir, tansu: &Tansu, redis: &Redis) -> GatewayHand
     config.gateway_id = id.into();
     config.limits.max_sends_per_second = 100_000;
     config.backend = BackendConfig::Kafka {
-        brokers: tansu.bootstrap(),
+        brokers: kafka.bootstrap(),
         redis: redis.url(),
     };
     let bridge = Arc::new(KafkaRedisBridge::new(BridgeConfig::new(
-        tansu.bootstrap(),
+        kafka.bootstrap(),
         RedisConfig::standalone(redis.url()),
     )));
     GatewayHandle::start(config, bridge).expect("gateway")
@@ -49,18 +49,18 @@ fn main() {
     let rate: u64 = args.get(2).map_or(500, |a| a.parse().expect("RATE_PER_S"));
 
     let redis = Redis::start().expect("redis-server");
-    let tansu = Tansu::start().expect("tansu");
+    let kafka = Kafka::start().expect("kafka");
     let dir = WorkDir::temp("latency").unwrap();
     let mut worker_config =
-        WorkerConfig::new(tansu.bootstrap(), RedisConfig::standalone(redis.url()));
+        WorkerConfig::new(kafka.bootstrap(), RedisConfig::standalone(redis.url()));
     worker_config.inbound_partitions = 4;
     let mut worker = RouterWorker::new(worker_config).expect("router worker");
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let worker_stop = stop.clone();
     let router = thread::spawn(move || worker.run(&worker_stop));
 
-    let gw1 = gateway("gw1", &dir, &tansu, &redis);
-    let gw2 = gateway("gw2", &dir, &tansu, &redis);
+    let gw1 = gateway("gw1", &dir, &kafka, &redis);
+    let gw2 = gateway("gw2", &dir, &kafka, &redis);
     let ca = std::fs::read(dir.path().join(devcerts::CA_CERT_FILE)).unwrap();
     let secret = devcerts::read_secret(&dir.path().join(devcerts::JWT_SECRET_FILE)).unwrap();
     let login = |gw: &GatewayHandle, user: &str| {

@@ -4,7 +4,7 @@
 //!
 //! `cargo run -p palaver-router --example presence_commandstats -- 1000 15000`
 //!
-//! The process runs Redis, Tansu and one gateway (2 cores, bridge backend,
+//! The process runs Redis, Kafka and one gateway (2 cores, bridge backend,
 //! presence tick 1 s); the clients live in a child process (this same
 //! executable with `clients N`) so neither side needs more than 20,000 open
 //! files. For each N: connect N clients (Hello each), wait until presence is
@@ -25,7 +25,7 @@ use palaver_gateway::{auth, devcerts, Config, GatewayHandle};
 use palaver_protocol::pb::{self, frame::Body};
 use palaver_router::redis_store::RedisConfig;
 use palaver_tools::client::{Client, ConnectOptions};
-use palaver_tools::stack::{Redis, Tansu, WorkDir};
+use palaver_tools::stack::{Kafka, Redis, WorkDir};
 
 const HEARTBEAT: Duration = Duration::from_secs(15);
 const WINDOW: Duration = Duration::from_secs(60);
@@ -44,7 +44,7 @@ fn main() {
     };
 
     let redis = Redis::start().expect("redis-server");
-    let tansu = Tansu::start().expect("tansu");
+    let kafka = Kafka::start().expect("kafka");
     let dir = WorkDir::temp("presence-bench").unwrap();
     let mut config = Config::default();
     config.listen = "127.0.0.1:0".parse().unwrap();
@@ -53,11 +53,11 @@ fn main() {
     config.gateway_id = "gw-bench".into();
     config.limits.heartbeat_interval_ms = HEARTBEAT.as_millis() as u32;
     config.backend = BackendConfig::Kafka {
-        brokers: tansu.bootstrap(),
+        brokers: kafka.bootstrap(),
         redis: redis.url(),
     };
     let bridge = Arc::new(KafkaRedisBridge::new(BridgeConfig::new(
-        tansu.bootstrap(),
+        kafka.bootstrap(),
         RedisConfig::standalone(redis.url()),
     )));
     let gw = GatewayHandle::start(config, bridge).expect("gateway");

@@ -1,4 +1,4 @@
-//! The router worker on real Tansu and Redis, driven batch by batch: records
+//! The router worker on real Kafka and Redis, driven batch by batch: records
 //! that cannot be decoded and records whose store work keeps failing go to
 //! `palaver.dlq` with the reason, the client gets UNAVAILABLE, and the
 //! offsets move on (committed); a record whose handling panics goes to
@@ -14,7 +14,7 @@ use palaver_router::kafka::worker::{RouterWorker, WorkerConfig};
 use palaver_router::kafka::{self, records, DLQ_TOPIC, INBOUND_TOPIC};
 use palaver_router::logic::{Clock, SystemClock};
 use palaver_router::redis_store::RedisConfig;
-use palaver_tools::stack::{Redis, Tansu};
+use palaver_tools::stack::{Kafka, Redis};
 use prost::Message as _;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -84,9 +84,9 @@ fn process(worker: &mut RouterWorker, n: u64) {
 
 #[test]
 fn bad_and_failing_records_go_to_the_dlq_and_offsets_move_on() {
-    let tansu = Tansu::start().expect("tansu");
+    let kafka = Kafka::start().expect("kafka");
     let mut redis = Redis::start().expect("redis-server");
-    let brokers = tansu.bootstrap();
+    let brokers = kafka.bootstrap();
     kafka::ensure_topics(
         &brokers,
         &[(&kafka::delivery_topic("gwx"), 1)],
@@ -139,21 +139,36 @@ fn bad_and_failing_records_go_to_the_dlq_and_offsets_move_on() {
     }
     assert_eq!(worker.stats().dead_letters, 2);
 
-    // All three offsets are committed for the router group.
+    // All three offsets get committed for the router group (the worker
+    // commits asynchronously after each batch).
+    wait_committed(&brokers, 3);
+}
+
+/// Waits until the router group's committed offset of inbound partition 0
+/// is `offset` (the worker commits asynchronously after each batch).
+fn wait_committed(brokers: &str, offset: i64) {
     let probe: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
+        .set("bootstrap.servers", brokers)
         .set("group.id", "palaver-router")
         .create()
         .unwrap();
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition(INBOUND_TOPIC, 0);
-    let committed = probe
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .unwrap();
-    assert_eq!(
-        committed.find_partition(INBOUND_TOPIC, 0).unwrap().offset(),
-        Offset::Offset(3)
-    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let committed = probe
+            .committed_offsets(tpl.clone(), Duration::from_secs(10))
+            .unwrap();
+        let now = committed.find_partition(INBOUND_TOPIC, 0).unwrap().offset();
+        if now == Offset::Offset(offset) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "committed offset stays at {now:?}, expected {offset}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// A clock that panics the first time it is read after `arm`: a stand-in for
@@ -191,9 +206,9 @@ fn next_frames(c: &BaseConsumer, n: usize) -> Vec<pb::Frame> {
 
 #[test]
 fn a_record_whose_handling_panics_is_dead_lettered_and_the_worker_moves_on() {
-    let tansu = Tansu::start().expect("tansu");
+    let kafka = Kafka::start().expect("kafka");
     let redis = Redis::start().expect("redis-server");
-    let brokers = tansu.bootstrap();
+    let brokers = kafka.bootstrap();
     kafka::ensure_topics(
         &brokers,
         &[(&kafka::delivery_topic("gwx"), 1)],
@@ -258,18 +273,5 @@ fn a_record_whose_handling_panics_is_dead_lettered_and_the_worker_moves_on() {
     );
 
     // The offsets moved past the panicking record (committed).
-    let probe: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", "palaver-router")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition(INBOUND_TOPIC, 0);
-    let committed = probe
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .unwrap();
-    assert_eq!(
-        committed.find_partition(INBOUND_TOPIC, 0).unwrap().offset(),
-        Offset::Offset(3)
-    );
+    wait_committed(&brokers, 3);
 }

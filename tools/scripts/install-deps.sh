@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # Installs what Palaver's tests and local stack need and a fresh machine lacks:
 #   - redis-server (Debian package)
-#   - tansu, a Kafka-API-compatible broker (crates.io; ~10-16 min to build on 2 cores)
+#   - Apache Kafka (broker, KRaft) from Maven Central: org.apache.kafka:kafka_2.13
+#     and its runtime dependencies, copied by Maven from tools/kafka/pom.xml into
+#     ~/.cache/palaver/kafka-<version>/libs (run as `java -cp 'libs/*' kafka.Kafka`
+#     by tools/src/stack.rs). Needs a JDK >= 17 (`java`) and Maven (`mvn`).
 # Idempotent: anything already present is left alone.
 set -euo pipefail
 
-TANSU_VERSION="${TANSU_VERSION:-0.6.0}"
-CARGO_BIN="${CARGO_HOME:-$HOME/.cargo}/bin"
-export PATH="$CARGO_BIN:$PATH"
+# Keep in step with KAFKA_VERSION in tools/src/stack.rs and tools/kafka/pom.xml.
+KAFKA_VERSION="${KAFKA_VERSION:-4.1.1}"
+HERE="$(cd "$(dirname "$0")/.." && pwd)"
+CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/palaver/kafka-$KAFKA_VERSION"
+LIBS="${PALAVER_KAFKA_LIBS:-$CACHE/libs}"
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -19,9 +24,34 @@ if ! command -v redis-server >/dev/null 2>&1; then
   as_root systemctl disable --now redis-server >/dev/null 2>&1 || true
 fi
 
-if ! command -v tansu >/dev/null 2>&1; then
-  echo "install-deps: building tansu $TANSU_VERSION (cargo install; this takes 10-16 minutes on 2 cores)"
-  cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,libsql
+# Kafka 4.x brokers need Java 17 or newer.
+JAVA="${JAVA_HOME:+$JAVA_HOME/bin/}java"
+if ! command -v "$JAVA" >/dev/null 2>&1; then
+  echo "install-deps: no java found (need a JDK >= 17 on PATH or in JAVA_HOME)" >&2
+  exit 1
+fi
+JAVA_MAJOR="$("$JAVA" -XshowSettings:properties -version 2>&1 \
+  | sed -n 's/^ *java\.specification\.version = \([0-9]*\).*/\1/p')"
+if [ -z "$JAVA_MAJOR" ] || [ "$JAVA_MAJOR" -lt 17 ]; then
+  echo "install-deps: $JAVA is Java ${JAVA_MAJOR:-?}; Apache Kafka $KAFKA_VERSION needs Java >= 17" >&2
+  exit 1
 fi
 
-echo "install-deps: redis-server $(redis-server --version | sed -n 's/.*v=\([^ ]*\).*/\1/p'), $(tansu --version 2>/dev/null || echo tansu)"
+if [ ! -f "$LIBS/.complete" ]; then
+  if ! command -v mvn >/dev/null 2>&1; then
+    echo "install-deps: Maven (mvn) is needed to fetch Apache Kafka from Maven Central" >&2
+    exit 1
+  fi
+  echo "install-deps: fetching Apache Kafka $KAFKA_VERSION (org.apache.kafka:kafka_2.13) from Maven Central into $LIBS"
+  rm -rf "$LIBS.tmp"
+  mkdir -p "$(dirname "$LIBS")"
+  mvn -q -B -Dstyle.color=never -f "$HERE/kafka/pom.xml" -Dkafka.version="$KAFKA_VERSION" \
+    dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$LIBS.tmp"
+  ls "$LIBS.tmp"/kafka_2.13-"$KAFKA_VERSION".jar >/dev/null
+  touch "$LIBS.tmp/.complete"
+  rm -rf "$LIBS"
+  mv "$LIBS.tmp" "$LIBS"
+fi
+
+echo "install-deps: redis-server $(redis-server --version | sed -n 's/.*v=\([^ ]*\).*/\1/p')," \
+  "Apache Kafka $KAFKA_VERSION ($(ls "$LIBS"/*.jar | wc -l) jars in $LIBS), Java $JAVA_MAJOR"

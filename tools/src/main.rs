@@ -87,7 +87,7 @@ enum Command {
         /// Hex bytes, or `-`.
         input: String,
     },
-    /// A local cluster to try: Redis, Tansu, one router, two gateways.
+    /// A local cluster to try: Redis (AOF), Apache Kafka (KRaft), one router, two gateways.
     Cluster {
         #[command(subcommand)]
         action: ClusterAction,

@@ -301,13 +301,30 @@ impl Backend for KafkaRedisBridge {
             .set("bootstrap.servers", &config.brokers)
             .set("group.id", format!("palaver-gateway-{gateway_id}"))
             .set("enable.auto.commit", "false")
-            .set("fetch.wait.max.ms", "5")
+            // Long poll (see palaver_router::kafka::FETCH_WAIT_MAX_MS).
+            .set("fetch.min.bytes", "1")
+            .set("fetch.wait.max.ms", kafka::FETCH_WAIT_MAX_MS)
+            .set("reconnect.backoff.max.ms", kafka::RECONNECT_BACKOFF_MAX_MS)
             .set("socket.nagle.disable", "true")
             .create()
             .map_err(|e| BackendError::Config(format!("Kafka consumer: {e}")))?;
-        let (_, high) = consumer
-            .fetch_watermarks(&topic, 0, Duration::from_secs(10))
-            .map_err(|e| BackendError::Unavailable(format!("offsets of {topic}: {e}")))?;
+        // A just-created topic's leadership can still be settling on a
+        // multi-broker cluster (NotLeaderForPartition): retry for a while.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let (_, high) = loop {
+            match consumer.fetch_watermarks(&topic, 0, Duration::from_secs(5)) {
+                Ok(marks) => break marks,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    tracing::debug!("offsets of {topic}: {e}; retrying");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => {
+                    return Err(BackendError::Unavailable(format!(
+                        "offsets of {topic}: {e}"
+                    )))
+                }
+            }
+        };
         let mut assignment = TopicPartitionList::new();
         assignment
             .add_partition_offset(&topic, 0, Offset::Offset(high))

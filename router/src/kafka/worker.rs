@@ -138,7 +138,7 @@ impl ProducerContext for DeliveryTracker {
     }
 }
 
-/// Logs rebalances (the batch loop commits before every poll, so nothing
+/// Logs rebalances (the batch loop sends its commit before the next poll, so nothing
 /// processed is left uncommitted when partitions move).
 struct RebalanceLog {
     router_id: String,
@@ -307,11 +307,16 @@ impl RouterWorker {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", "10000")
-            .set("heartbeat.interval.ms", "1000")
-            // Latency: an empty fetch returns after 5 ms (librdkafka's
-            // default of 500 ms would be added to an idle router's latency).
-            .set("fetch.wait.max.ms", "5")
+            // A dead router's partitions move after this (6 s: the
+            // broker's group.min.session.timeout.ms).
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "2000")
+            // Long poll: the broker answers a fetch as soon as one byte is
+            // there (fetch.min.bytes 1), else after fetch.wait.max.ms. The
+            // wait bounds only how often an idle consumer asks, not latency.
+            .set("fetch.min.bytes", "1")
+            .set("fetch.wait.max.ms", super::FETCH_WAIT_MAX_MS)
+            .set("reconnect.backoff.max.ms", super::RECONNECT_BACKOFF_MAX_MS)
             .set("socket.nagle.disable", "true")
             .create_with_context(RebalanceLog {
                 router_id: config.router_id.clone(),
@@ -445,9 +450,11 @@ impl RouterWorker {
                 .add_partition_offset(topic, *partition, Offset::Offset(*offset))
                 .map_err(|e| format!("offset list: {e}"))?;
         }
-        if let Err(e) = self.consumer.commit(&offsets, CommitMode::Sync) {
-            // The partitions moved to another router, which replays from the
-            // last commit; the replay is deduplicated.
+        // Async: a synchronous commit blocks the router for as long as the
+        // group coordinator is unreachable (25 s across a broker restart).
+        // A commit that fails or is lost only means a replay from the last
+        // commit that did land, and replays are deduplicated.
+        if let Err(e) = self.consumer.commit(&offsets, CommitMode::Async) {
             tracing::warn!(router = %self.config.router_id, "commit failed: {e}");
         }
         self.stats.records += batch.len() as u64;
