@@ -474,6 +474,70 @@ mod tests {
         }
     }
 
+    /// SPEC §3's request/response table and "which side may send what"
+    /// lists say what the table says.
+    #[test]
+    fn table_matches_spec() {
+        let spec = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../SPEC.md"))
+            .expect("SPEC.md at the repository root");
+        let by_message = |name: &str| {
+            BodyKind::ALL
+                .into_iter()
+                .find(|k| k.message_name() == name)
+                .unwrap_or_else(|| panic!("SPEC names unknown body {name}"))
+        };
+        // | C→S request | response (same request_id) | on failure |
+        let table = spec
+            .split_once("| C→S request | response (same request_id) | on failure |")
+            .expect("SPEC §3 request table")
+            .1;
+        let mut requests = Vec::new();
+        for line in table.lines().skip(2).take_while(|l| l.starts_with('|')) {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let kind = by_message(cells[1]);
+            let response = (cells[2] != "none").then(|| by_message(cells[2]));
+            assert!(kind.sent_by_client(), "{kind:?}");
+            assert_eq!(kind.info().response, response, "{kind:?}");
+            requests.push(kind);
+        }
+        for kind in BodyKind::ALL {
+            let is_request = kind.is_backend_request() || kind.info().response.is_some();
+            assert_eq!(
+                requests.contains(&kind),
+                is_request,
+                "{kind:?} in SPEC §3 table"
+            );
+        }
+        // - client only: …; - server only: …; - both: ….
+        let lists = spec
+            .split_once("Which side may send what:")
+            .expect("SPEC §3 direction lists")
+            .1;
+        let lists: String = lists
+            .lines()
+            .skip_while(|l| l.trim().is_empty())
+            .take_while(|l| !l.trim().is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let mut seen = 0;
+        for item in lists.split("- ").filter(|i| !i.trim().is_empty()) {
+            let (who, names) = item.split_once(':').expect("`who: names`");
+            let direction = match who.trim() {
+                "client only" => Direction::ClientToServer,
+                "server only" => Direction::ServerToClient,
+                "both" => Direction::Both,
+                other => panic!("unknown direction {other}"),
+            };
+            for name in names.split(',') {
+                let name = name.trim().trim_end_matches(['.', ';']).trim();
+                let kind = by_message(name);
+                assert_eq!(kind.info().direction, direction, "{kind:?}");
+                seen += 1;
+            }
+        }
+        assert_eq!(seen, BodyKind::ALL.len(), "SPEC §3 lists every body once");
+    }
+
     #[test]
     fn routes_and_responses() {
         use BodyKind::*;
