@@ -1289,6 +1289,8 @@ fn reply(req: &Inbound, body: Body) -> Addressed {
     }
 }
 
+/// The Error answering `req` ([`palaver_protocol::error_reply_to`]: a Send's
+/// client_msg_id is echoed), for the requesting connection.
 fn error_frame(req: &Inbound, code: ErrorCode, message: String) -> Addressed {
     Addressed {
         to: req.from.addr.clone(),
