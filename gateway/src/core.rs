@@ -29,7 +29,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use palaver_protocol::pb::{self, frame::Body};
 use palaver_protocol::state::{ServerConn, ServerPhase, Verdict};
-use palaver_protocol::{encode_frame, error_frame, frame, FrameDecoder};
+use palaver_protocol::{encode_frame, error_reply, error_reply_to, frame, FrameDecoder};
 use palaver_router::api::{Backend, Inbound, Outbound, Session, SessionAddr};
 use rustls::server::UnbufferedServerConnection;
 use rustls::ServerConfig;
@@ -708,7 +708,7 @@ impl Ctx {
                 self.begin_close(
                     slot,
                     conn,
-                    Some(error_frame(0, code, message)),
+                    Some(error_reply(0, code, message)),
                     CLOSE_LINGER_MS,
                 );
                 self.finish_output(conn)
@@ -805,7 +805,7 @@ impl Ctx {
             if let Some(e) = decode_error.take() {
                 if conn.phase == Phase::Open {
                     CoreMetrics::inc(&self.metrics.frames_in[0]);
-                    let err = error_frame(0, e.error_code(), e.to_string());
+                    let err = error_reply(0, e.error_code(), e.to_string());
                     self.begin_close(slot, conn, Some(err), CLOSE_LINGER_MS);
                 }
                 break;
@@ -900,7 +900,7 @@ impl Ctx {
         self.metrics.frame_in(f.body.as_ref());
         match conn.proto.on_frame(&f, self.now_ms) {
             Err(e) => {
-                let err = e.error_frame(f.request_id);
+                let err = e.error_reply(f.request_id);
                 self.begin_close(slot, conn, Some(err), CLOSE_LINGER_MS);
                 return;
             }
@@ -936,10 +936,7 @@ impl Ctx {
                 if code == pb::ErrorCode::RateLimited {
                     CoreMetrics::inc(&self.metrics.rate_limited);
                 }
-                let mut err = error_frame(request_id, code, message);
-                if let (Some(Body::Error(e)), Body::Send(send)) = (&mut err.body, body) {
-                    e.client_msg_id = send.client_msg_id;
-                }
+                let err = error_reply_to(request_id, &body, code, message);
                 self.queue(&err);
             }
         }
@@ -958,7 +955,7 @@ impl Ctx {
                         format!("invalid token: {why}"),
                     ),
                 };
-                let err = error_frame(request_id, code, message);
+                let err = error_reply(request_id, code, message);
                 self.begin_close(slot, conn, Some(err), CLOSE_LINGER_MS);
                 return;
             }

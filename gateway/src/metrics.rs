@@ -4,68 +4,8 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
+use palaver_protocol::bodies::{self, BodyKind};
 use palaver_protocol::pb::frame::Body;
-
-/// Label values of the `type` label, indexed by [`frame_type_index`].
-pub const FRAME_TYPES: [&str; 25] = [
-    "none",
-    "hello",
-    "welcome",
-    "ping",
-    "pong",
-    "go_away",
-    "error",
-    "send",
-    "send_ack",
-    "deliver",
-    "receipt",
-    "receipt_update",
-    "typing",
-    "presence_query",
-    "presence_result",
-    "presence_subscribe",
-    "presence_event",
-    "sync",
-    "sync_batch",
-    "history",
-    "history_page",
-    "create_conversation",
-    "conversation_created",
-    "change_members",
-    "members_changed",
-];
-
-pub fn frame_type_index(body: Option<&Body>) -> usize {
-    match body {
-        None => 0,
-        Some(b) => match b {
-            Body::Hello(_) => 1,
-            Body::Welcome(_) => 2,
-            Body::Ping(_) => 3,
-            Body::Pong(_) => 4,
-            Body::GoAway(_) => 5,
-            Body::Error(_) => 6,
-            Body::Send(_) => 7,
-            Body::SendAck(_) => 8,
-            Body::Deliver(_) => 9,
-            Body::Receipt(_) => 10,
-            Body::ReceiptUpdate(_) => 11,
-            Body::Typing(_) => 12,
-            Body::PresenceQuery(_) => 13,
-            Body::PresenceResult(_) => 14,
-            Body::PresenceSubscribe(_) => 15,
-            Body::PresenceEvent(_) => 16,
-            Body::Sync(_) => 17,
-            Body::SyncBatch(_) => 18,
-            Body::History(_) => 19,
-            Body::HistoryPage(_) => 20,
-            Body::CreateConversation(_) => 21,
-            Body::ConversationCreated(_) => 22,
-            Body::ChangeMembers(_) => 23,
-            Body::MembersChanged(_) => 24,
-        },
-    }
-}
 
 /// Error codes counted individually; anything else lands in "other".
 pub const ERROR_CODES: [u32; 18] = [
@@ -106,8 +46,9 @@ pub struct CoreMetrics {
     pub bytes_out: AtomicU64,
     /// Encrypted bytes waiting for the socket, summed over connections.
     pub outbound_buffered_bytes: AtomicI64,
-    pub frames_in: [AtomicU64; FRAME_TYPES.len()],
-    pub frames_out: [AtomicU64; FRAME_TYPES.len()],
+    /// Indexed by [`BodyKind::metric_index`] (0: no body).
+    pub frames_in: [AtomicU64; bodies::METRIC_SLOTS],
+    pub frames_out: [AtomicU64; bodies::METRIC_SLOTS],
     pub errors_sent: [AtomicU64; ERROR_CODES.len() + 1],
 }
 
@@ -117,11 +58,11 @@ impl CoreMetrics {
     }
 
     pub fn frame_in(&self, body: Option<&Body>) {
-        Self::inc(&self.frames_in[frame_type_index(body)]);
+        Self::inc(&self.frames_in[BodyKind::metric_index_of(body)]);
     }
 
     pub fn frame_out(&self, body: Option<&Body>) {
-        Self::inc(&self.frames_out[frame_type_index(body)]);
+        Self::inc(&self.frames_out[BodyKind::metric_index_of(body)]);
         if let Some(Body::Error(e)) = body {
             Self::inc(&self.errors_sent[error_code_index(e.code)]);
         }
@@ -291,7 +232,7 @@ pub fn render(
                     let _ = writeln!(
                         out,
                         "{name}{{gateway=\"{gw}\",core=\"{i}\",type=\"{}\"}} {v}",
-                        FRAME_TYPES[t]
+                        BodyKind::metric_name(t)
                     );
                 }
             }

@@ -17,6 +17,7 @@
 //!   makes us hold).
 
 use palaver_protocol::pb::{self, frame::Body};
+use palaver_protocol::BodyKind;
 
 /// The limits the policy enforces (a copy lives in each core thread).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,33 +44,19 @@ pub fn request_cost(body: &Body) -> u32 {
 }
 
 /// True for requests the backend answers with a response of their own
-/// (SPEC §3): these count against `max_requests_in_flight`.
+/// (SPEC §3): these count against `max_requests_in_flight`. From the
+/// protocol's body table ([`BodyKind::expects_response`]).
 pub fn expects_response(body: &Body) -> bool {
-    matches!(
-        body,
-        Body::Send(_)
-            | Body::PresenceQuery(_)
-            | Body::PresenceSubscribe(_)
-            | Body::Sync(_)
-            | Body::History(_)
-            | Body::CreateConversation(_)
-            | Body::ChangeMembers(_)
-    )
+    BodyKind::of(body).expects_response()
 }
 
 /// True for a frame from the backend that answers one of this connection's
 /// requests. ConversationCreated/MembersChanged also reach a user's other
 /// devices as events (request_id 0), and an `Error` with request_id 0 is
-/// about the stream, so those count only with a request id.
+/// about the stream, so those count only with a request id. From the
+/// protocol's body table ([`palaver_protocol::bodies::Answers`]).
 pub fn answers_request(f: &pb::Frame) -> bool {
-    match &f.body {
-        Some(Body::SendAck(_) | Body::PresenceResult(_) | Body::SyncBatch(_))
-        | Some(Body::HistoryPage(_)) => true,
-        Some(Body::ConversationCreated(_) | Body::MembersChanged(_) | Body::Error(_)) => {
-            f.request_id != 0
-        }
-        _ => false,
-    }
+    palaver_protocol::bodies::answers_request(f)
 }
 
 /// A token bucket in milli-tokens: `rate` tokens per second, burst `rate`.
@@ -356,7 +343,7 @@ mod tests {
             1,
         );
         p.on_delivery(
-            &palaver_protocol::error_frame(0, pb::ErrorCode::Internal, "x"),
+            &palaver_protocol::error_reply(0, pb::ErrorCode::Internal, "x"),
             1,
         );
         assert_eq!(p.in_flight(), 3);

@@ -189,9 +189,8 @@ fn send_round_trips(c: &mut Client, conversation: &str, n: usize) -> Vec<u128> {
 fn typing_flood_into_a_large_group_is_throttled_and_neighbours_unaffected() {
     let t = start(|_| {});
     let typing_in = |m: &palaver_gateway::metrics::CoreMetrics| {
-        m.frames_in
-            [palaver_gateway::metrics::frame_type_index(Some(&Body::Typing(Default::default())))]
-        .load(std::sync::atomic::Ordering::Relaxed) as i64
+        m.frames_in[palaver_protocol::BodyKind::Typing.metric_index()]
+            .load(std::sync::atomic::Ordering::Relaxed) as i64
     };
     let dropped = |m: &palaver_gateway::metrics::CoreMetrics| {
         m.typing_dropped.load(std::sync::atomic::Ordering::Relaxed) as i64

@@ -5,10 +5,12 @@
 //! Also owns the small rules every component needs: error-code classes,
 //! frame constructors, conversation id and user/device id syntax.
 
+pub mod bodies;
 pub mod codec;
 pub mod limits;
 pub mod state;
 
+pub use bodies::{BodyInfo, BodyKind, Direction, Route};
 pub use codec::{encode_frame, encoded_frame_len, DecodeError, FrameDecoder};
 pub use limits::Limits;
 pub use state::{ClientConn, ServerConn, StateError, Timeout, Verdict};
@@ -61,23 +63,56 @@ pub fn frame(request_id: u32, body: pb::frame::Body) -> pb::Frame {
     }
 }
 
-/// An `Error` frame answering `request_id` (0 when not answering a request).
-pub fn error_frame(request_id: u32, code: impl Into<u32>, message: impl Into<String>) -> pb::Frame {
+/// The `Error` frame answering `request_id` (0 when not answering a
+/// request). Every Error frame the servers send is built here or by
+/// [`error_reply_to`] / [`send_error_reply`].
+pub fn error_reply(request_id: u32, code: impl Into<u32>, message: impl Into<String>) -> pb::Frame {
+    send_error_reply(request_id, Vec::new(), code, message)
+}
+
+/// The `Error` frame refusing a Send: it echoes the Send's `client_msg_id`
+/// so the client knows which message failed (SPEC §8).
+pub fn send_error_reply(
+    request_id: u32,
+    client_msg_id: Vec<u8>,
+    code: impl Into<u32>,
+    message: impl Into<String>,
+) -> pb::Frame {
     frame(
         request_id,
         pb::frame::Body::Error(pb::Error {
             code: code.into(),
             message: message.into(),
-            client_msg_id: Vec::new(),
+            client_msg_id,
         }),
     )
+}
+
+/// The `Error` frame answering the request `request` sent as `request_id`:
+/// [`send_error_reply`] for a Send, else [`error_reply`].
+pub fn error_reply_to(
+    request_id: u32,
+    request: &pb::frame::Body,
+    code: impl Into<u32>,
+    message: impl Into<String>,
+) -> pb::Frame {
+    send_error_reply(request_id, sent_client_msg_id(request), code, message)
+}
+
+/// The `client_msg_id` of a Send (empty for any other body): what an Error
+/// answering the request must echo.
+pub fn sent_client_msg_id(request: &pb::frame::Body) -> Vec<u8> {
+    match request {
+        pb::frame::Body::Send(send) => send.client_msg_id.clone(),
+        _ => Vec::new(),
+    }
 }
 
 /// The Error a server sends when `Hello.protocol_version` is not supported:
 /// the message names the supported versions.
 pub fn unsupported_version_frame(request_id: u32, requested: u32) -> pb::Frame {
     let supported: Vec<String> = SUPPORTED_VERSIONS.iter().map(u32::to_string).collect();
-    error_frame(
+    error_reply(
         request_id,
         pb::ErrorCode::UnsupportedVersion,
         format!(
@@ -90,33 +125,7 @@ pub fn unsupported_version_frame(request_id: u32, requested: u32) -> pb::Frame {
 /// The schema name of a frame body (its `Frame` oneof field name), for
 /// errors, logs and metrics.
 pub fn body_name(body: &pb::frame::Body) -> &'static str {
-    use pb::frame::Body;
-    match body {
-        Body::Hello(_) => "hello",
-        Body::Welcome(_) => "welcome",
-        Body::Ping(_) => "ping",
-        Body::Pong(_) => "pong",
-        Body::GoAway(_) => "go_away",
-        Body::Error(_) => "error",
-        Body::Send(_) => "send",
-        Body::SendAck(_) => "send_ack",
-        Body::Deliver(_) => "deliver",
-        Body::Receipt(_) => "receipt",
-        Body::ReceiptUpdate(_) => "receipt_update",
-        Body::Typing(_) => "typing",
-        Body::PresenceQuery(_) => "presence_query",
-        Body::PresenceResult(_) => "presence_result",
-        Body::PresenceSubscribe(_) => "presence_subscribe",
-        Body::PresenceEvent(_) => "presence_event",
-        Body::Sync(_) => "sync",
-        Body::SyncBatch(_) => "sync_batch",
-        Body::History(_) => "history",
-        Body::HistoryPage(_) => "history_page",
-        Body::CreateConversation(_) => "create_conversation",
-        Body::ConversationCreated(_) => "conversation_created",
-        Body::ChangeMembers(_) => "change_members",
-        Body::MembersChanged(_) => "members_changed",
-    }
+    BodyKind::of(body).name()
 }
 
 /// Prefix of direct (1:1) conversation ids.
@@ -177,15 +186,31 @@ mod tests {
     }
 
     #[test]
-    fn error_frame_carries_code_and_message() {
-        let f = error_frame(7, pb::ErrorCode::RateLimited, "slow down");
+    fn error_reply_carries_code_and_message() {
+        let f = error_reply(7, pb::ErrorCode::RateLimited, "slow down");
         assert_eq!(f.request_id, 7);
         match f.body {
             Some(pb::frame::Body::Error(e)) => {
                 assert_eq!(e.code, 2001);
                 assert_eq!(e.message, "slow down");
+                assert!(e.client_msg_id.is_empty());
             }
             other => panic!("{other:?}"),
+        }
+        let send = pb::frame::Body::Send(pb::Send {
+            client_msg_id: vec![7; CLIENT_MSG_ID_LEN],
+            ..Default::default()
+        });
+        for (body, id) in [
+            (&send, vec![7; CLIENT_MSG_ID_LEN]),
+            (&pb::frame::Body::Sync(Default::default()), vec![]),
+        ] {
+            match error_reply_to(4, body, pb::ErrorCode::Unavailable, "later").body {
+                Some(pb::frame::Body::Error(e)) => {
+                    assert_eq!((e.code, e.client_msg_id), (3000, id));
+                }
+                other => panic!("{other:?}"),
+            }
         }
         let f = unsupported_version_frame(1, 9);
         match f.body {

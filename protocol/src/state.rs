@@ -13,8 +13,8 @@
 
 use crate::pb::{self, frame::Body};
 use crate::{
-    body_name, closes_connection, error_frame, is_valid_id, limits, unsupported_version_frame,
-    SUPPORTED_VERSIONS,
+    body_name, closes_connection, error_reply, is_valid_id, limits, unsupported_version_frame,
+    BodyKind, SUPPORTED_VERSIONS,
 };
 
 /// What to do with a frame that is legal in the current state.
@@ -70,12 +70,12 @@ impl StateError {
     /// The `Error` frame a server sends for this failure, answering the
     /// offending frame's `request_id`. UNSUPPORTED_VERSION names the
     /// supported versions (SPEC §4.1, §16).
-    pub fn error_frame(&self, request_id: u32) -> pb::Frame {
+    pub fn error_reply(&self, request_id: u32) -> pb::Frame {
         match self {
             StateError::UnsupportedVersion(requested) => {
                 unsupported_version_frame(request_id, *requested)
             }
-            _ => error_frame(request_id, self.error_code(), self.to_string()),
+            _ => error_reply(request_id, self.error_code(), self.to_string()),
         }
     }
 }
@@ -105,28 +105,14 @@ impl Timeout {
     }
 }
 
-/// True for bodies a client may send.
+/// True for bodies a client may send (see [`BodyKind`]).
 pub fn sent_by_client(body: &Body) -> bool {
-    matches!(
-        body,
-        Body::Hello(_)
-            | Body::Ping(_)
-            | Body::Pong(_)
-            | Body::Send(_)
-            | Body::Receipt(_)
-            | Body::Typing(_)
-            | Body::PresenceQuery(_)
-            | Body::PresenceSubscribe(_)
-            | Body::Sync(_)
-            | Body::History(_)
-            | Body::CreateConversation(_)
-            | Body::ChangeMembers(_)
-    )
+    BodyKind::of(body).sent_by_client()
 }
 
 /// True for bodies a server may send (Ping, Pong and Typing go both ways).
 pub fn sent_by_server(body: &Body) -> bool {
-    matches!(body, Body::Ping(_) | Body::Pong(_) | Body::Typing(_)) || !sent_by_client(body)
+    BodyKind::of(body).sent_by_server()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -437,7 +423,7 @@ pub fn reconnect_delay_ms(attempt: u32, floor_ms: u32, random: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{error_frame, frame};
+    use crate::{error_reply, frame};
 
     fn hello(version: u32, device: &str) -> pb::Frame {
         frame(
@@ -539,7 +525,7 @@ mod tests {
         assert_eq!(err, StateError::ServerOnly("welcome"));
         assert_eq!(err.error_code(), 1005);
         let err = s
-            .on_frame(&error_frame(0, pb::ErrorCode::Internal, "x"), 1)
+            .on_frame(&error_reply(0, pb::ErrorCode::Internal, "x"), 1)
             .unwrap_err();
         assert_eq!(err, StateError::ServerOnly("error"));
         let err = s.on_frame(&pb::Frame::default(), 1).unwrap_err();
@@ -560,7 +546,7 @@ mod tests {
         assert_eq!(err, StateError::UnsupportedVersion(2));
         assert_eq!(err.error_code(), 1002);
         // The Error names the supported versions (SPEC §4.1, §16).
-        let f = err.error_frame(1);
+        let f = err.error_reply(1);
         assert_eq!(f.request_id, 1);
         match f.body {
             Some(Body::Error(e)) => {
@@ -712,14 +698,14 @@ mod tests {
     #[test]
     fn client_closing_error_and_go_away() {
         let mut c = ClientConn::new(0, 10_000);
-        let auth = error_frame(1, pb::ErrorCode::Unauthenticated, "bad token");
+        let auth = error_reply(1, pb::ErrorCode::Unauthenticated, "bad token");
         assert_eq!(c.on_frame(&auth, 1), Ok(Verdict::Process));
         assert_eq!(c.phase(), ClientPhase::Closed);
         assert_eq!(c.deadline(), None);
 
         let mut c = ClientConn::new(0, 10_000);
         c.on_frame(&welcome(1000), 0).unwrap();
-        let rate = error_frame(3, pb::ErrorCode::RateLimited, "slow");
+        let rate = error_reply(3, pb::ErrorCode::RateLimited, "slow");
         c.on_frame(&rate, 1).unwrap();
         assert_eq!(c.phase(), ClientPhase::Established, "2xxx does not close");
         let go = frame(

@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 
+use palaver_protocol::bodies::{self, BodyKind, Route};
 use palaver_protocol::pb;
 
 use crate::api::{Inbound, Outbound, Session, SessionAddr};
@@ -33,36 +34,25 @@ pub enum Command {
 impl Command {
     /// The key that orders this command on a partitioned bus: the
     /// conversation id for requests about one conversation (Send, Receipt,
-    /// Typing, History, ChangeMembers), otherwise the user id of the session.
-    /// Commands with equal keys must be processed in bus order.
+    /// Typing, History, ChangeMembers: [`bodies::conversation_of`]),
+    /// otherwise the user id of the session. Commands with equal keys must be
+    /// processed in bus order.
     pub fn partition_key(&self) -> &str {
-        use pb::frame::Body;
         match self {
-            Command::Request(req) => match &req.body {
-                Body::Send(s) => &s.conversation_id,
-                Body::Receipt(r) => &r.conversation_id,
-                Body::Typing(t) => &t.conversation_id,
-                Body::History(h) => &h.conversation_id,
-                Body::ChangeMembers(c) => &c.conversation_id,
-                _ => &req.from.user_id,
-            },
+            Command::Request(req) => {
+                bodies::conversation_of(&req.body).unwrap_or(&req.from.user_id)
+            }
             Command::SessionOpened(s) => &s.user_id,
             Command::SessionClosed { session, .. } => &session.user_id,
         }
     }
 
-    /// True for requests that only read state (Sync, History, PresenceQuery):
-    /// a gateway may run them against a read-only store connection instead of
-    /// sending them through the bus.
+    /// True for requests that only read state (Sync, History, PresenceQuery:
+    /// [`Route::Read`] in the protocol's body table): a gateway may run them
+    /// against a read-only store connection instead of sending them through
+    /// the bus.
     pub fn is_read_only(&self) -> bool {
-        use pb::frame::Body;
-        matches!(
-            self,
-            Command::Request(Inbound {
-                body: Body::Sync(_) | Body::History(_) | Body::PresenceQuery(_),
-                ..
-            })
-        )
+        matches!(self, Command::Request(req) if BodyKind::of(&req.body).route() == Some(Route::Read))
     }
 }
 

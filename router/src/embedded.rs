@@ -138,20 +138,14 @@ impl EmbeddedEngine {
             .get(&request.from.addr.gateway_id)
             .cloned();
         let Some(sink) = sink else { return };
-        let client_msg_id = match &request.body {
-            pb::frame::Body::Send(send) => send.client_msg_id.clone(),
-            _ => Vec::new(),
-        };
         sink.deliver(vec![Outbound {
             conn: request.from.addr.conn,
-            frame: pb::Frame {
-                request_id: request.request_id,
-                body: Some(pb::frame::Body::Error(pb::Error {
-                    code: pb::ErrorCode::Unavailable as u32,
-                    message: message.to_owned(),
-                    client_msg_id,
-                })),
-            },
+            frame: palaver_protocol::error_reply_to(
+                request.request_id,
+                &request.body,
+                pb::ErrorCode::Unavailable,
+                message,
+            ),
         }]);
     }
 

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use palaver_protocol::pb::{self, frame::Body, ErrorCode};
+use palaver_protocol::BodyKind;
 use prost::Message as _;
 
 use crate::api::{Inbound, Session, SessionAddr};
@@ -258,7 +259,10 @@ impl<S: Store> Router<S> {
             Body::ChangeMembers(change) => self.change_members(request, change, out),
             other => reject(
                 ErrorCode::InvalidArgument,
-                format!("{} is not a request the server accepts", body_name(other)),
+                format!(
+                    "{} is not a request the server accepts",
+                    BodyKind::of(other).message_name()
+                ),
             ),
         };
         match result {
@@ -1285,46 +1289,11 @@ fn reply(req: &Inbound, body: Body) -> Addressed {
     }
 }
 
+/// The Error answering `req` ([`palaver_protocol::error_reply_to`]: a Send's
+/// client_msg_id is echoed), for the requesting connection.
 fn error_frame(req: &Inbound, code: ErrorCode, message: String) -> Addressed {
-    let client_msg_id = match &req.body {
-        Body::Send(send) => send.client_msg_id.clone(),
-        _ => Vec::new(),
-    };
-    reply(
-        req,
-        Body::Error(pb::Error {
-            code: code as u32,
-            message,
-            client_msg_id,
-        }),
-    )
-}
-
-fn body_name(body: &Body) -> &'static str {
-    match body {
-        Body::Hello(_) => "Hello",
-        Body::Welcome(_) => "Welcome",
-        Body::Ping(_) => "Ping",
-        Body::Pong(_) => "Pong",
-        Body::GoAway(_) => "GoAway",
-        Body::Error(_) => "Error",
-        Body::Send(_) => "Send",
-        Body::SendAck(_) => "SendAck",
-        Body::Deliver(_) => "Deliver",
-        Body::Receipt(_) => "Receipt",
-        Body::ReceiptUpdate(_) => "ReceiptUpdate",
-        Body::Typing(_) => "Typing",
-        Body::PresenceQuery(_) => "PresenceQuery",
-        Body::PresenceResult(_) => "PresenceResult",
-        Body::PresenceSubscribe(_) => "PresenceSubscribe",
-        Body::PresenceEvent(_) => "PresenceEvent",
-        Body::Sync(_) => "Sync",
-        Body::SyncBatch(_) => "SyncBatch",
-        Body::History(_) => "History",
-        Body::HistoryPage(_) => "HistoryPage",
-        Body::CreateConversation(_) => "CreateConversation",
-        Body::ConversationCreated(_) => "ConversationCreated",
-        Body::ChangeMembers(_) => "ChangeMembers",
-        Body::MembersChanged(_) => "MembersChanged",
+    Addressed {
+        to: req.from.addr.clone(),
+        frame: palaver_protocol::error_reply_to(req.request_id, &req.body, code, message),
     }
 }

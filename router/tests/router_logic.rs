@@ -1859,3 +1859,20 @@ fn spec_late_joiners_read_the_whole_history() {
         [1, 2, 3]
     );
 }
+
+/// The router handles every body the protocol's table routes to the backend,
+/// and refuses the rest: a body added to the table as a request without a
+/// handler (or the reverse) fails here.
+#[test]
+fn router_handles_exactly_the_backend_requests_of_the_body_table() {
+    use palaver_protocol::BodyKind;
+    for kind in BodyKind::ALL {
+        let mut h = Harness::new();
+        let alice = h.open("alice", "phone", 1);
+        let out = h.req(&alice, 9, kind.default_body());
+        let refused = to(&out, &alice.addr).iter().any(|f| {
+            error(f).is_some_and(|e| e.message.ends_with("is not a request the server accepts"))
+        });
+        assert_eq!(refused, !kind.is_backend_request(), "{kind:?}: {out:?}");
+    }
+}

@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 use palaver_protocol::pb::{self, frame::Body, ErrorCode};
+use palaver_protocol::{send_error_reply, sent_client_msg_id, BodyKind};
 use palaver_router::api::{
     Backend, BackendError, DeliverySink, Inbound, Outbound, Session, SessionAddr,
 };
@@ -109,28 +110,14 @@ impl ProducerContext for ProduceContext {
 fn unavailable(conn: u64, request_id: u32, client_msg_id: Vec<u8>, message: String) -> Outbound {
     Outbound {
         conn,
-        frame: pb::Frame {
-            request_id,
-            body: Some(Body::Error(pb::Error {
-                code: ErrorCode::Unavailable as u32,
-                message,
-                client_msg_id,
-            })),
-        },
+        frame: send_error_reply(request_id, client_msg_id, ErrorCode::Unavailable, message),
     }
 }
 
 fn error_reply(req: &Inbound, code: ErrorCode, message: String) -> Outbound {
     Outbound {
         conn: req.from.addr.conn,
-        frame: pb::Frame {
-            request_id: req.request_id,
-            body: Some(Body::Error(pb::Error {
-                code: code as u32,
-                message,
-                client_msg_id: Vec::new(),
-            })),
-        },
+        frame: palaver_protocol::error_reply(req.request_id, code, message),
     }
 }
 
@@ -399,16 +386,9 @@ impl Backend for KafkaRedisBridge {
     }
 
     fn submit(&self, request: Inbound) {
+        let served_from_store = BodyKind::of(&request.body).served_from_store();
         let command = Command::Request(request);
-        if command.is_read_only()
-            || matches!(
-                &command,
-                Command::Request(Inbound {
-                    body: Body::PresenceSubscribe(_),
-                    ..
-                })
-            )
-        {
+        if served_from_store {
             let Command::Request(request) = command else {
                 unreachable!("built above")
             };
@@ -426,10 +406,7 @@ impl Backend for KafkaRedisBridge {
             unreachable!("built above")
         };
         let value = kafka::inbound_record(&request).encode_to_vec();
-        let client_msg_id = match &request.body {
-            Body::Send(s) => s.client_msg_id.clone(),
-            _ => Vec::new(),
-        };
+        let client_msg_id = sent_client_msg_id(&request.body);
         let pending = PendingWrite {
             conn: request.from.addr.conn,
             request_id: request.request_id,
