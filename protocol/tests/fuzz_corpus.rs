@@ -13,7 +13,10 @@ fn replay(dir: &str) -> usize {
     let mut n = 0;
     for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
         let path = entry.unwrap().path();
-        if path.file_name().is_some_and(|f| f.to_string_lossy().starts_with('.')) {
+        if path
+            .file_name()
+            .is_some_and(|f| f.to_string_lossy().starts_with('.'))
+        {
             continue;
         }
         let data = std::fs::read(&path).unwrap();
