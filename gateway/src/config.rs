@@ -33,6 +33,21 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub drain: DrainConfig,
     pub backend: BackendConfig,
+    /// Whose presence and last seen a user may see (SPEC §10):
+    /// `shared_conversation` (default) or `everyone`.
+    #[serde(deserialize_with = "from_str")]
+    pub presence_visibility: palaver_router::PresenceVisibility,
+}
+
+/// A field parsed with its `FromStr`.
+fn from_str<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    let s = String::deserialize(d)?;
+    s.parse().map_err(serde::de::Error::custom)
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -205,6 +220,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             drain: DrainConfig::default(),
             backend: BackendConfig::default(),
+            presence_visibility: palaver_router::PresenceVisibility::default(),
         }
     }
 }

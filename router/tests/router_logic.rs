@@ -12,8 +12,8 @@ use common::*;
 use instrumented::Instrumented;
 use palaver_protocol::pb::{self, frame::Body, ErrorCode};
 use palaver_router::{
-    direct_conversation_id, Command, ManualClock, Output, PresenceVisibility, Router,
-    RouterConfig, Session, SessionAddr,
+    direct_conversation_id, Command, ManualClock, Output, PresenceVisibility, Router, RouterConfig,
+    Session, SessionAddr,
 };
 
 const T0: i64 = 1_700_000_000_000;
@@ -1178,7 +1178,11 @@ fn presence_privacy_strangers_look_never_seen_members_and_self_are_visible() {
     h.close(&carol, T0 + 30);
     h.close(&dave, T0 + 40);
 
-    let out = h.req(&alice, 1, presence_query(&["bob", "carol", "dave", "alice"]));
+    let out = h.req(
+        &alice,
+        1,
+        presence_query(&["bob", "carol", "dave", "alice"]),
+    );
     assert_eq!(
         presence_result(reply_to(&out, &alice, 1)),
         [
@@ -1281,7 +1285,10 @@ fn presence_privacy_is_checked_when_events_are_sent() {
         "{out:?}"
     );
     let out = h.close(&carol, T0 + 20);
-    assert!(to(&out, &watcher.addr).is_empty(), "removed member: {out:?}");
+    assert!(
+        to(&out, &watcher.addr).is_empty(),
+        "removed member: {out:?}"
+    );
     let out = h.req(&watcher, 3, presence_query(&["carol"]));
     assert_eq!(
         presence_result(reply_to(&out, &watcher, 3)),

@@ -30,7 +30,7 @@ use palaver_router::api::{
 };
 use palaver_router::bus::{Command, Output};
 use palaver_router::kafka;
-use palaver_router::logic::{Router, RouterConfig, SystemClock};
+use palaver_router::logic::{PresenceVisibility, Router, RouterConfig, SystemClock};
 use palaver_router::redis_store::{RedisConfig, RedisStore};
 use prost::Message as _;
 use rdkafka::config::ClientConfig;
@@ -181,6 +181,15 @@ impl KafkaRedisBridge {
                 .map(|r| BridgeConfig::new(brokers, r))
                 .map_err(|e| format!("backend.redis: {e}")),
         )
+    }
+
+    /// Whose presence a user may see (SPEC §10); for reads and for the
+    /// presence events fanned out to this gateway's watchers.
+    pub fn with_presence_visibility(mut self, visibility: PresenceVisibility) -> Self {
+        if let Ok(config) = &mut self.config {
+            config.router.presence_visibility = visibility;
+        }
+        self
     }
 
     fn with_config(config: Result<BridgeConfig, String>) -> Self {

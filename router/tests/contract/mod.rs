@@ -179,7 +179,8 @@ pub fn shared_conversations<S: Store>(mut s: S) {
         .unwrap();
     s.add_conversation_to_users("sh-c2", &["sh-a".into(), "sh-c".into()])
         .unwrap();
-    s.add_conversation_to_users("sh-c3", &["sh-d".into()]).unwrap();
+    s.add_conversation_to_users("sh-c3", &["sh-d".into()])
+        .unwrap();
     assert_eq!(
         s.shares_conversation("sh-a", &others).unwrap(),
         vec![true, true, false, true]
@@ -189,7 +190,10 @@ pub fn shared_conversations<S: Store>(mut s: S) {
             .unwrap(),
         vec![true, false]
     );
-    assert_eq!(s.shares_conversation("sh-a", &[]).unwrap(), Vec::<bool>::new());
+    assert_eq!(
+        s.shares_conversation("sh-a", &[]).unwrap(),
+        Vec::<bool>::new()
+    );
     s.remove_conversation_from_users("sh-c2", &["sh-c".into()])
         .unwrap();
     assert_eq!(
