@@ -491,6 +491,35 @@ impl Batcher {
 }
 
 impl Subscriber {
+    /// Frames for the local watchers allowed to see each change.
+    fn fan_out(&mut self, changes: &PresenceChanges) -> Vec<Outbound> {
+        let watched: Vec<(&pb::Presence, Vec<u64>, Vec<String>)> = match self.watches.lock() {
+            Ok(watches) => changes
+                .presences
+                .iter()
+                .map(|p| {
+                    let (conns, users) = watchers_with_users(&watches, &p.user_id);
+                    (p, conns, users)
+                })
+                .filter(|(_, conns, _)| !conns.is_empty())
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        let mut frames = Vec::new();
+        for (presence, conns, users) in watched {
+            match self.visible(&presence.user_id, &users) {
+                Ok(visible) => presence_frames(presence, &conns, &visible, &mut frames),
+                // Fail closed: an event nobody may be allowed to see is
+                // dropped; the watcher can query again.
+                Err(e) => tracing::warn!(
+                    "presence event for {} dropped, visibility check failed: {e}",
+                    presence.user_id
+                ),
+            }
+        }
+        frames
+    }
+
     /// The visibility rule for one changed user and its local watchers'
     /// users (symmetric, so asked once from the changed user's side).
     fn visible(&mut self, user_id: &str, watchers: &[String]) -> Result<Vec<bool>, String> {
@@ -570,34 +599,93 @@ impl Subscriber {
                 tracing::warn!("undecodable presence message ignored");
                 continue;
             };
-            let watched: Vec<(&pb::Presence, Vec<u64>, Vec<String>)> = match self.watches.lock() {
-                Ok(watches) => changes
-                    .presences
-                    .iter()
-                    .map(|p| {
-                        let (conns, users) = watchers_with_users(&watches, &p.user_id);
-                        (p, conns, users)
-                    })
-                    .filter(|(_, conns, _)| !conns.is_empty())
-                    .collect(),
-                Err(_) => Vec::new(),
-            };
-            let mut frames = Vec::new();
-            for (presence, conns, users) in watched {
-                match self.visible(&presence.user_id, &users) {
-                    Ok(visible) => presence_frames(presence, &conns, &visible, &mut frames),
-                    // Fail closed: an event nobody may be allowed to see is
-                    // dropped; the watcher can query again.
-                    Err(e) => tracing::warn!(
-                        "presence event for {} dropped, visibility check failed: {e}",
-                        presence.user_id
-                    ),
-                }
-            }
+            let frames = self.fan_out(&changes);
             if !frames.is_empty() {
                 self.sink.deliver(frames);
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use palaver_router::store::UserStore;
+
+    struct NoSink;
+    impl DeliverySink for NoSink {
+        fn deliver(&self, _: Vec<Outbound>) {}
+    }
+
+    fn subscriber(redis: &RedisConfig, visibility: PresenceVisibility) -> Subscriber {
+        Subscriber {
+            url: String::new(),
+            redis: redis.clone(),
+            visibility,
+            store: None,
+            watches: Arc::default(),
+            sink: Arc::new(NoSink),
+            stop: Arc::default(),
+        }
+    }
+
+    fn change(user: &str, online: bool) -> PresenceChanges {
+        PresenceChanges {
+            gateway_id: "gw".into(),
+            presences: vec![pb::Presence {
+                user_id: user.into(),
+                online,
+                last_seen_ms: 0,
+            }],
+        }
+    }
+
+    fn conns(frames: &[Outbound]) -> Vec<u64> {
+        let mut c: Vec<u64> = frames.iter().map(|o| o.conn).collect();
+        c.sort();
+        c
+    }
+
+    /// The bridge's fan-out applies the visibility rule at event time, over
+    /// Redis: a stranger's watch gets nothing, a member's gets the event, and
+    /// removal from the last shared conversation stops it.
+    #[test]
+    fn fan_out_sends_events_only_to_watchers_who_may_see_them() {
+        let server = palaver_tools::stack::Redis::start().expect("start redis-server");
+        let redis = RedisConfig::standalone(server.url());
+        let mut store = RedisStore::connect(redis.clone()).unwrap();
+        let bob = vec!["bob".to_string()];
+        let mut sub = subscriber(&redis, PresenceVisibility::SharedConversation);
+        {
+            let mut w = sub.watches.lock().unwrap();
+            for (conn, user) in [(1, "alice"), (2, "mallory"), (3, "bob")] {
+                w.add(conn, &bob, 10).unwrap();
+                w.set_user(conn, user);
+            }
+            // Watching, but whose user is unknown: fail closed.
+            w.add(4, &bob, 10).unwrap();
+        }
+        assert_eq!(conns(&sub.fan_out(&change("bob", true))), [3], "only self");
+
+        store
+            .add_conversation_to_users("g1", &["alice".into(), "bob".into()])
+            .unwrap();
+        let frames = sub.fan_out(&change("bob", false));
+        assert_eq!(conns(&frames), [1, 3]);
+        assert!(matches!(
+            &frames[0].frame.body,
+            Some(Body::PresenceEvent(pb::PresenceEvent { presence: Some(p) }))
+                if p.user_id == "bob" && !p.online
+        ));
+
+        store
+            .remove_conversation_from_users("g1", &["bob".into()])
+            .unwrap();
+        assert_eq!(conns(&sub.fan_out(&change("bob", true))), [3]);
+
+        let mut open = subscriber(&redis, PresenceVisibility::Everyone);
+        open.watches = sub.watches.clone();
+        assert_eq!(conns(&open.fan_out(&change("bob", true))), [1, 2, 3, 4]);
     }
 }
