@@ -391,6 +391,19 @@ mod tests {
     }
 
     #[test]
+    fn presence_visibility_from_toml() {
+        use palaver_router::PresenceVisibility;
+        assert_eq!(
+            Config::default().presence_visibility,
+            PresenceVisibility::SharedConversation
+        );
+        let c = Config::from_toml_str("presence_visibility = \"everyone\"\n").unwrap();
+        assert_eq!(c.presence_visibility, PresenceVisibility::Everyone);
+        let err = Config::from_toml_str("presence_visibility = \"friends\"\n").unwrap_err();
+        assert!(err.to_string().contains("shared_conversation"), "{err}");
+    }
+
+    #[test]
     fn validation_names_the_field() {
         let mut c = Config::default();
         c.limits.heartbeat_interval_ms = 5;
