@@ -33,6 +33,21 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub drain: DrainConfig,
     pub backend: BackendConfig,
+    /// Whose presence and last seen a user may see (SPEC §10):
+    /// `shared_conversation` (default) or `everyone`.
+    #[serde(deserialize_with = "from_str")]
+    pub presence_visibility: palaver_router::PresenceVisibility,
+}
+
+/// A field parsed with its `FromStr`.
+fn from_str<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    let s = String::deserialize(d)?;
+    s.parse().map_err(serde::de::Error::custom)
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -205,6 +220,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             drain: DrainConfig::default(),
             backend: BackendConfig::default(),
+            presence_visibility: palaver_router::PresenceVisibility::default(),
         }
     }
 }
@@ -372,6 +388,19 @@ mod tests {
         assert!(err.to_string().contains("heartbeat_ms"), "{err}");
         let c = Config::from_toml_str("[backend]\nkind = \"embedded\"\n").unwrap();
         assert_eq!(c.backend, BackendConfig::Embedded);
+    }
+
+    #[test]
+    fn presence_visibility_from_toml() {
+        use palaver_router::PresenceVisibility;
+        assert_eq!(
+            Config::default().presence_visibility,
+            PresenceVisibility::SharedConversation
+        );
+        let c = Config::from_toml_str("presence_visibility = \"everyone\"\n").unwrap();
+        assert_eq!(c.presence_visibility, PresenceVisibility::Everyone);
+        let err = Config::from_toml_str("presence_visibility = \"friends\"\n").unwrap_err();
+        assert!(err.to_string().contains("shared_conversation"), "{err}");
     }
 
     #[test]

@@ -118,6 +118,10 @@ struct Args {
     /// Drain: random extra reconnect delay per connection, up to this. [default: 4000]
     #[arg(long, env = "PALAVER_RECONNECT_JITTER_MS")]
     reconnect_jitter_ms: Option<u32>,
+    /// Whose presence and last seen a user may see: shared_conversation (only
+    /// users sharing a conversation with them) or everyone. [default: shared_conversation]
+    #[arg(long, env = "PALAVER_PRESENCE_VISIBILITY")]
+    presence_visibility: Option<palaver_router::PresenceVisibility>,
     /// Log filter (tracing env-filter syntax). [default: info]
     #[arg(long, env = "PALAVER_LOG")]
     log: Option<String>,
@@ -159,6 +163,7 @@ impl Args {
             drain_deadline_ms => drain.deadline_ms,
             reconnect_delay_ms => drain.reconnect_delay_ms,
             reconnect_jitter_ms => drain.reconnect_jitter_ms,
+            presence_visibility => presence_visibility,
         );
         if self.admin.is_some() {
             c.admin = self.admin;
@@ -314,6 +319,7 @@ mod tests {
             ),
             ("--backlog", d.backlog.to_string()),
             ("--jwt-leeway-s", d.auth.leeway_s.to_string()),
+            ("--presence-visibility", d.presence_visibility.to_string()),
         ] {
             let at = help.find(flag).unwrap_or_else(|| panic!("{flag} missing"));
             let section = &help[at..];

@@ -281,9 +281,10 @@ impl Drop for GatewayHandle {
 /// The backend the config asks for.
 pub fn build_backend(config: &Config) -> Arc<dyn Backend> {
     match &config.backend {
-        crate::config::BackendConfig::Kafka { brokers, redis } => {
-            Arc::new(crate::bridge::KafkaRedisBridge::from_spec(brokers, redis))
-        }
+        crate::config::BackendConfig::Kafka { brokers, redis } => Arc::new(
+            crate::bridge::KafkaRedisBridge::from_spec(brokers, redis)
+                .with_presence_visibility(config.presence_visibility),
+        ),
         crate::config::BackendConfig::Embedded => {
             let l = &config.limits;
             let mut router = palaver_router::RouterConfig::default();
@@ -291,6 +292,7 @@ pub fn build_backend(config: &Config) -> Arc<dyn Backend> {
             router.max_body_bytes = l.max_body_bytes as usize;
             router.max_batch = l.max_batch as usize;
             router.default_batch = router.default_batch.min(router.max_batch);
+            router.presence_visibility = config.presence_visibility;
             Arc::new(palaver_router::EmbeddedEngine::new(
                 palaver_router::EmbeddedConfig {
                     router,

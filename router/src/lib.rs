@@ -24,7 +24,7 @@ pub mod store;
 pub use api::{Backend, BackendError, DeliverySink, Inbound, Outbound, Session, SessionAddr};
 pub use bus::{Addressed, Command, Outlet, Output, PushEvent};
 pub use embedded::{EmbeddedConfig, EmbeddedEngine, LoggingPushSink, PushSink};
-pub use logic::{Clock, ManualClock, Router, RouterConfig, SystemClock};
+pub use logic::{Clock, ManualClock, PresenceVisibility, Router, RouterConfig, SystemClock};
 pub use memory::MemoryStore;
 pub use palaver_protocol::direct_conversation_id;
 pub use store::Store;

@@ -21,8 +21,70 @@ use crate::bus::{Addressed, Command, Output, PushEvent};
 use crate::group_id::group_id_for;
 use crate::store::{
     Appended, GroupRecord, Membership, RangeRead, Retention, Store, StoreError, StoreResult,
-    WatchAdd,
+    UserPresence, UserStore, WatchAdd,
 };
+
+/// Whose presence and last seen a user may see (SPEC §10).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum PresenceVisibility {
+    /// Only users sharing a conversation (DIRECT or GROUP, current member)
+    /// with the asker, and the asker themself. Everyone else looks like a
+    /// user who was never seen.
+    #[default]
+    SharedConversation,
+    /// Every user sees every user.
+    Everyone,
+}
+
+impl PresenceVisibility {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::SharedConversation => "shared_conversation",
+            Self::Everyone => "everyone",
+        }
+    }
+}
+
+impl std::fmt::Display for PresenceVisibility {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for PresenceVisibility {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "shared_conversation" => Ok(Self::SharedConversation),
+            "everyone" => Ok(Self::Everyone),
+            other => Err(format!(
+                "unknown presence visibility {other:?}: expected shared_conversation or everyone"
+            )),
+        }
+    }
+}
+
+/// The presence visibility rule, the one implementation every backend uses:
+/// for each of `others`, in input order, whether `user_id` may see its
+/// presence. Under [`PresenceVisibility::SharedConversation`] the relation
+/// is symmetric (a user always sees themself), so a fan-out can ask it once
+/// per changed user with all of that user's watchers as `others`.
+pub fn presence_visible<S: UserStore + ?Sized>(
+    store: &mut S,
+    visibility: PresenceVisibility,
+    user_id: &str,
+    others: &[String],
+) -> StoreResult<Vec<bool>> {
+    if visibility == PresenceVisibility::Everyone {
+        return Ok(vec![true; others.len()]);
+    }
+    let strangers: Vec<String> = others.iter().filter(|o| *o != user_id).cloned().collect();
+    let mut shared = store.shares_conversation(user_id, &strangers)?.into_iter();
+    Ok(others
+        .iter()
+        .map(|o| o == user_id || shared.next().unwrap_or(false))
+        .collect())
+}
 
 /// Router limits and defaults. Every limit is enforced with a clear error.
 #[derive(Clone, Debug, PartialEq)]
@@ -49,6 +111,8 @@ pub struct RouterConfig {
     pub max_presence_users: usize,
     /// Longest group title, bytes.
     pub max_title_bytes: usize,
+    /// Whose presence a user may see (SPEC §10).
+    pub presence_visibility: PresenceVisibility,
 }
 
 impl Default for RouterConfig {
@@ -64,6 +128,7 @@ impl Default for RouterConfig {
             max_watches_per_connection: 1000,
             max_presence_users: 1000,
             max_title_bytes: 256,
+            presence_visibility: PresenceVisibility::SharedConversation,
         }
     }
 }
@@ -182,6 +247,9 @@ pub struct Router<S> {
     config: RouterConfig,
     clock: Arc<dyn Clock>,
     ids: IdGen,
+    /// The user of each connection that subscribed to presence here, for the
+    /// visibility check when events are fanned out.
+    watcher_users: HashMap<SessionAddr, String>,
 }
 
 impl<S: Store> Router<S> {
@@ -191,6 +259,7 @@ impl<S: Store> Router<S> {
             config,
             clock,
             ids: IdGen::new(),
+            watcher_users: HashMap::new(),
         }
     }
 
@@ -670,12 +739,38 @@ impl<S: Store> Router<S> {
         Ok(unique)
     }
 
-    fn presence_result(&mut self, user_ids: Vec<String>) -> Result<pb::PresenceResult, Failure> {
-        let states = self.store.presence_of_users(&user_ids)?;
+    /// The users' presence as `asker` may see it: a user `asker` may not see
+    /// is answered exactly like a user who was never seen.
+    fn presence_result(
+        &mut self,
+        asker: &str,
+        user_ids: Vec<String>,
+    ) -> Result<pb::PresenceResult, Failure> {
+        let visible = presence_visible(
+            &mut self.store,
+            self.config.presence_visibility,
+            asker,
+            &user_ids,
+        )?;
+        let shown: Vec<String> = user_ids
+            .iter()
+            .zip(&visible)
+            .filter(|(_, v)| **v)
+            .map(|(u, _)| u.clone())
+            .collect();
+        let mut states = self.store.presence_of_users(&shown)?.into_iter();
         Ok(pb::PresenceResult {
             presences: user_ids
                 .into_iter()
-                .zip(states)
+                .zip(visible)
+                .map(|(user_id, visible)| {
+                    let state = if visible {
+                        states.next().unwrap_or_default()
+                    } else {
+                        UserPresence::default()
+                    };
+                    (user_id, state)
+                })
                 .map(|(user_id, state)| pb::Presence {
                     user_id,
                     online: state.online,
@@ -692,7 +787,7 @@ impl<S: Store> Router<S> {
         out: &mut Output,
     ) -> Result<(), Failure> {
         let users = self.presence_users(&query.user_ids)?;
-        let result = self.presence_result(users)?;
+        let result = self.presence_result(&req.from.user_id, users)?;
         out.frames.push(reply(req, Body::PresenceResult(result)));
         Ok(())
     }
@@ -724,7 +819,13 @@ impl<S: Store> Router<S> {
                 ),
             );
         }
-        let result = self.presence_result(users)?;
+        // Every requested user is watched, visible or not: visibility is
+        // checked when an event is sent, so a user who becomes visible later
+        // (a shared conversation appears) starts producing events, and one
+        // who stops being visible stops.
+        self.watcher_users
+            .insert(req.from.addr.clone(), req.from.user_id.clone());
+        let result = self.presence_result(&req.from.user_id, users)?;
         out.frames.push(reply(req, Body::PresenceResult(result)));
         Ok(())
     }
@@ -740,6 +841,19 @@ impl<S: Store> Router<S> {
         if watchers.is_empty() {
             return Ok(());
         }
+        // Visibility at event time. A watch whose connection's user this
+        // router does not know (added by another router) gets nothing: fail
+        // closed.
+        let watcher_users: Vec<String> = watchers
+            .iter()
+            .map(|w| self.watcher_users.get(w).cloned().unwrap_or_default())
+            .collect();
+        let visible = presence_visible(
+            &mut self.store,
+            self.config.presence_visibility,
+            user_id,
+            &watcher_users,
+        )?;
         let frame = event(Body::PresenceEvent(pb::PresenceEvent {
             presence: Some(pb::Presence {
                 user_id: user_id.to_owned(),
@@ -747,11 +861,13 @@ impl<S: Store> Router<S> {
                 last_seen_ms,
             }),
         }));
-        for to in watchers {
-            out.frames.push(Addressed {
-                to,
-                frame: frame.clone(),
-            });
+        for ((to, watcher), visible) in watchers.into_iter().zip(&watcher_users).zip(visible) {
+            if visible && !watcher.is_empty() {
+                out.frames.push(Addressed {
+                    to,
+                    frame: frame.clone(),
+                });
+            }
         }
         Ok(())
     }
@@ -762,6 +878,7 @@ impl<S: Store> Router<S> {
             // The old connection is closed by its gateway; it watches nothing
             // from now on.
             self.store.drop_watches(&old)?;
+            self.watcher_users.remove(&old);
             out.frames.push(Addressed {
                 to: old,
                 frame: event(Body::GoAway(pb::GoAway {
@@ -785,6 +902,7 @@ impl<S: Store> Router<S> {
         out: &mut Output,
     ) -> StoreResult<()> {
         self.store.drop_watches(&session.addr)?;
+        self.watcher_users.remove(&session.addr);
         let closed = self.store.close_session(session, at_ms)?;
         if closed.went_offline {
             self.presence_changed(&session.user_id, false, at_ms, out)?;

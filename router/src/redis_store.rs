@@ -1034,6 +1034,31 @@ impl UserStore for RedisStore {
         self.query(redis::cmd("SMEMBERS").arg(user_key(user_id, "convs")))
     }
 
+    /// Two round trips whatever the number of users: `SMEMBERS` of the
+    /// asker's list, then one pipelined `SMISMEMBER` per other user against
+    /// that user's own list (every command touches one key, so one hash
+    /// slot: fine on Redis Cluster). Cost: `others.len()` × the asker's
+    /// conversation count membership checks.
+    fn shares_conversation(&mut self, user_id: &str, others: &[String]) -> StoreResult<Vec<bool>> {
+        let mine = self.conversations_of_user(user_id)?;
+        if mine.is_empty() || others.is_empty() {
+            return Ok(vec![false; others.len()]);
+        }
+        let cmds = others
+            .iter()
+            .map(|other| {
+                redis::cmd("SMISMEMBER")
+                    .arg(user_key(other, "convs"))
+                    .arg(&mine)
+                    .clone()
+            })
+            .collect();
+        self.pipeline(cmds)?
+            .into_iter()
+            .map(|v| from_value::<Vec<i64>>(v).map(|hits| hits.contains(&1)))
+            .collect()
+    }
+
     fn add_conversation_to_users(
         &mut self,
         conversation_id: &str,

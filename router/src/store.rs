@@ -206,6 +206,28 @@ pub trait UserStore {
     /// created or written to, groups while a member), any order.
     fn conversations_of_user(&mut self, user_id: &str) -> StoreResult<Vec<String>>;
 
+    /// For each of `others`, in input order, whether it shares at least one
+    /// conversation with `user_id` (both lists of
+    /// [`UserStore::conversations_of_user`] hold the same id). Provided: one
+    /// `conversations_of_user` per user; `RedisStore` overrides it with two
+    /// round trips.
+    fn shares_conversation(&mut self, user_id: &str, others: &[String]) -> StoreResult<Vec<bool>> {
+        let mine: std::collections::HashSet<String> =
+            self.conversations_of_user(user_id)?.into_iter().collect();
+        if mine.is_empty() {
+            return Ok(vec![false; others.len()]);
+        }
+        others
+            .iter()
+            .map(|other| {
+                Ok(self
+                    .conversations_of_user(other)?
+                    .iter()
+                    .any(|c| mine.contains(c)))
+            })
+            .collect()
+    }
+
     /// Add `conversation_id` to each user's list (idempotent). One pipelined
     /// round trip.
     fn add_conversation_to_users(

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use palaver_protocol::pb::{self, frame::Body, ErrorCode};
 use palaver_router::{
-    Backend, DeliverySink, EmbeddedConfig, EmbeddedEngine, ManualClock, Outbound, PushEvent,
-    PushSink, Session,
+    Backend, DeliverySink, EmbeddedConfig, EmbeddedEngine, ManualClock, Outbound,
+    PresenceVisibility, PushEvent, PushSink, RouterConfig, Session,
 };
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -247,7 +247,16 @@ fn offline_recipient_gets_one_push_event() {
 
 #[test]
 fn presence_events_cross_gateways() {
-    let t = setup(EmbeddedConfig::default());
+    // Watcher and bob share no conversation: visibility is out of the way here
+    // (router_logic presence_privacy_* and the gateway's presence_privacy test
+    // cover the default rule).
+    let t = setup(EmbeddedConfig {
+        router: RouterConfig {
+            presence_visibility: PresenceVisibility::Everyone,
+            ..RouterConfig::default()
+        },
+        ..EmbeddedConfig::default()
+    });
     let watcher = open(&t.engine, "watcher", "phone", "g1", 1);
     t.engine.submit(request(
         &watcher,

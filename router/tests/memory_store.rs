@@ -10,6 +10,7 @@ fn memory_store_meets_the_store_contract() {
     ranges_and_senders(MemoryStore::new());
     receipts_and_groups(MemoryStore::new());
     users_and_push(MemoryStore::new());
+    shared_conversations(MemoryStore::new());
     watches(MemoryStore::new());
     watches_capped_all_or_nothing(MemoryStore::new());
 }

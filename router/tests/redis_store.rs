@@ -22,6 +22,7 @@ fn all_checks(config: RedisConfig) {
     ranges_and_senders(RedisStore::connect(config.clone()).unwrap());
     receipts_and_groups(RedisStore::connect(config.clone()).unwrap());
     users_and_push(RedisStore::connect(config.clone()).unwrap());
+    shared_conversations(RedisStore::connect(config.clone()).unwrap());
     sessions_presence_and_leases(RedisStore::connect(config.clone()).unwrap());
     watches(RedisStore::connect(config.clone()).unwrap());
     watches_capped_all_or_nothing(RedisStore::connect(config.clone()).unwrap());

@@ -12,8 +12,8 @@ use common::*;
 use instrumented::Instrumented;
 use palaver_protocol::pb::{self, frame::Body, ErrorCode};
 use palaver_router::{
-    direct_conversation_id, Command, ManualClock, Output, Router, RouterConfig, Session,
-    SessionAddr,
+    direct_conversation_id, Command, ManualClock, Output, PresenceVisibility, Router, RouterConfig,
+    Session, SessionAddr,
 };
 
 const T0: i64 = 1_700_000_000_000;
@@ -1031,7 +1031,11 @@ fn presence_event(frame: &pb::Frame) -> (String, bool, i64) {
 
 #[test]
 fn presence_query_reflects_sessions_and_last_seen() {
-    let mut h = Harness::new();
+    // The mechanics, with visibility out of the way (see presence_privacy_*).
+    let mut h = Harness::with_config(RouterConfig {
+        presence_visibility: PresenceVisibility::Everyone,
+        ..RouterConfig::default()
+    });
     let watcher = h.open("watcher", "phone", 1);
     let query = |ids: &[&str]| {
         Body::PresenceQuery(pb::PresenceQuery {
@@ -1077,6 +1081,7 @@ fn presence_query_reflects_sessions_and_last_seen() {
 fn presence_subscriptions_get_transition_events_until_closed() {
     let mut h = Harness::with_config(RouterConfig {
         max_watches_per_connection: 2,
+        presence_visibility: PresenceVisibility::Everyone,
         ..RouterConfig::default()
     });
     let watcher = h.open("watcher", "phone", 1);
@@ -1143,6 +1148,152 @@ fn presence_subscriptions_get_transition_events_until_closed() {
     // The watching connection closes: its subscriptions are gone.
     h.close(&watcher, T0 + 8);
     assert!(h.close(&bob_phone, T0 + 9).frames.is_empty());
+}
+
+fn presence_query(ids: &[&str]) -> Body {
+    Body::PresenceQuery(pb::PresenceQuery {
+        user_ids: ids.iter().map(|s| s.to_string()).collect(),
+    })
+}
+
+fn presence_subscribe(ids: &[&str], unsubscribe: bool) -> Body {
+    Body::PresenceSubscribe(pb::PresenceSubscribe {
+        user_ids: ids.iter().map(|s| s.to_string()).collect(),
+        unsubscribe,
+    })
+}
+
+#[test]
+fn presence_privacy_strangers_look_never_seen_members_and_self_are_visible() {
+    let mut h = Harness::new();
+    let alice = h.open("alice", "phone", 1);
+    let stranger = h.open("stranger", "phone", 2);
+    let bob = h.open("bob", "phone", 3);
+    // Bob shares a DM with alice; carol shares a group with alice; dave
+    // shares nothing with anyone.
+    h.send(&alice, DM, 1);
+    h.create_group(&alice, &["carol"]);
+    let carol = h.open("carol", "phone", 4);
+    let dave = h.open("dave", "phone", 5);
+    h.close(&carol, T0 + 30);
+    h.close(&dave, T0 + 40);
+
+    let out = h.req(
+        &alice,
+        1,
+        presence_query(&["bob", "carol", "dave", "alice"]),
+    );
+    assert_eq!(
+        presence_result(reply_to(&out, &alice, 1)),
+        [
+            ("bob".into(), true, 0),
+            ("carol".into(), false, T0 + 30),
+            ("dave".into(), false, 0),
+            ("alice".into(), true, 0),
+        ],
+        "DM peer and group member visible, self visible, stranger never seen"
+    );
+    // The stranger sees nobody: online alice and bob, last-seen carol, all
+    // exactly like a user who was never seen; only themself.
+    let out = h.req(
+        &stranger,
+        2,
+        presence_query(&["alice", "bob", "carol", "never", "stranger"]),
+    );
+    assert_eq!(
+        presence_result(reply_to(&out, &stranger, 2)),
+        [
+            ("alice".into(), false, 0),
+            ("bob".into(), false, 0),
+            ("carol".into(), false, 0),
+            ("never".into(), false, 0),
+            ("stranger".into(), true, 0),
+        ]
+    );
+    // A subscription answers the same way.
+    let out = h.req(&stranger, 3, presence_subscribe(&["alice", "carol"], false));
+    assert_eq!(
+        presence_result(reply_to(&out, &stranger, 3)),
+        [("alice".into(), false, 0), ("carol".into(), false, 0)]
+    );
+    let _ = bob;
+
+    // `everyone` turns the rule off.
+    let mut open = Harness::with_config(RouterConfig {
+        presence_visibility: PresenceVisibility::Everyone,
+        ..RouterConfig::default()
+    });
+    let stranger = open.open("stranger", "phone", 2);
+    let alice = open.open("alice", "phone", 1);
+    let out = open.req(&stranger, 1, presence_query(&["alice"]));
+    assert_eq!(
+        presence_result(reply_to(&out, &stranger, 1)),
+        [("alice".into(), true, 0)]
+    );
+    open.close(&alice, T0 + 5);
+    let out = open.req(&stranger, 2, presence_query(&["alice"]));
+    assert_eq!(
+        presence_result(reply_to(&out, &stranger, 2)),
+        [("alice".into(), false, T0 + 5)]
+    );
+}
+
+#[test]
+fn presence_privacy_is_checked_when_events_are_sent() {
+    let mut h = Harness::new();
+    let alice = h.open("alice", "phone", 1);
+    let watcher = h.open("watcher", "phone", 2);
+    let out = h.req(&watcher, 1, presence_subscribe(&["carol"], false));
+    assert_eq!(
+        presence_result(reply_to(&out, &watcher, 1)),
+        [("carol".into(), false, 0)]
+    );
+    // Carol connects and leaves: the stranger gets no event.
+    let carol = h.open("carol", "phone", 3);
+    h.close(&carol, T0 + 1);
+    let out = h.run(Command::SessionOpened(carol.clone()));
+    assert!(to(&out, &watcher.addr).is_empty(), "stranger got {out:?}");
+
+    // Alice puts watcher and carol in a group: the existing subscription now
+    // produces events.
+    let group = h.create_group(&alice, &["watcher", "carol"]);
+    let out = h.close(&carol, T0 + 10);
+    assert_eq!(to(&out, &watcher.addr).len(), 1);
+    assert_eq!(
+        presence_event(to(&out, &watcher.addr)[0]),
+        ("carol".into(), false, T0 + 10)
+    );
+    let out = h.run(Command::SessionOpened(carol.clone()));
+    assert_eq!(
+        presence_event(to(&out, &watcher.addr)[0]),
+        ("carol".into(), true, 0)
+    );
+
+    // Carol is removed from the last shared group: events stop, and a query
+    // answers "never seen" again.
+    let out = h.req(
+        &alice,
+        2,
+        Body::ChangeMembers(pb::ChangeMembers {
+            conversation_id: group.clone(),
+            remove_user_ids: vec!["carol".into()],
+            ..Default::default()
+        }),
+    );
+    assert!(
+        to(&out, &alice.addr).iter().all(|f| error(f).is_none()),
+        "{out:?}"
+    );
+    let out = h.close(&carol, T0 + 20);
+    assert!(
+        to(&out, &watcher.addr).is_empty(),
+        "removed member: {out:?}"
+    );
+    let out = h.req(&watcher, 3, presence_query(&["carol"]));
+    assert_eq!(
+        presence_result(reply_to(&out, &watcher, 3)),
+        [("carol".into(), false, 0)]
+    );
 }
 
 #[test]

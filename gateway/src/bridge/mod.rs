@@ -31,7 +31,7 @@ use palaver_router::api::{
 };
 use palaver_router::bus::{Command, Output};
 use palaver_router::kafka;
-use palaver_router::logic::{Router, RouterConfig, SystemClock};
+use palaver_router::logic::{PresenceVisibility, Router, RouterConfig, SystemClock};
 use palaver_router::redis_store::{RedisConfig, RedisStore};
 use prost::Message as _;
 use rdkafka::config::ClientConfig;
@@ -168,6 +168,15 @@ impl KafkaRedisBridge {
                 .map(|r| BridgeConfig::new(brokers, r))
                 .map_err(|e| format!("backend.redis: {e}")),
         )
+    }
+
+    /// Whose presence a user may see (SPEC §10); for reads and for the
+    /// presence events fanned out to this gateway's watchers.
+    pub fn with_presence_visibility(mut self, visibility: PresenceVisibility) -> Self {
+        if let Ok(config) = &mut self.config {
+            config.router.presence_visibility = visibility;
+        }
+        self
     }
 
     fn with_config(config: Result<BridgeConfig, String>) -> Self {
@@ -325,6 +334,7 @@ impl Backend for KafkaRedisBridge {
             .start(
                 &config.redis,
                 config.presence,
+                config.router.presence_visibility,
                 sink.clone(),
                 Self::replaced_handler(gateway_id.to_owned(), sink.clone(), producer.clone()),
             )
@@ -550,8 +560,14 @@ impl Reader {
             return frames;
         }
         let max = self.router.config().max_watches_per_connection;
+        // Every requested user is watched, visible or not: the subscriber
+        // thread checks visibility when it sends an event (SPEC §10).
         let added = match self.presence.watches.lock() {
-            Ok(mut w) => w.add(conn, &subscribe.user_ids, max),
+            Ok(mut w) => {
+                let added = w.add(conn, &subscribe.user_ids, max);
+                w.set_user(conn, &request.from.user_id);
+                added
+            }
             Err(_) => Ok(Vec::new()),
         };
         let added = match added {
@@ -599,7 +615,12 @@ mod tests {
         let mut watchers: Vec<u64> = w.watchers_of("a").collect();
         watchers.sort();
         assert_eq!(watchers, vec![1, 2]);
+        w.set_user(1, "u1");
+        w.set_user(3, "u3");
+        assert_eq!(w.user_of(1), Some("u1"));
+        assert_eq!(w.user_of(3), None, "a connection watching nobody");
         w.drop_conn(1);
+        assert_eq!(w.user_of(1), None);
         assert_eq!(w.watchers_of("a").collect::<Vec<_>>(), vec![2]);
         assert_eq!(w.watchers_of("b").count(), 0);
         w.remove(2, &users(&["a"]));

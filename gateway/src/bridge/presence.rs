@@ -10,7 +10,11 @@
 //! - Presence changes (came online / went offline, from the tick's replies or
 //!   from a reap) are published once per flush on Redis pub/sub; every
 //!   gateway's subscriber thread fans them out to ITS local watchers.
-//! - Watches (PresenceSubscribe) live in memory here, per gateway.
+//! - Watches (PresenceSubscribe) live in memory here, per gateway, with the
+//!   user of each watching connection: the subscriber thread applies the
+//!   presence visibility rule (`palaver_router::logic::presence_visible`,
+//!   SPEC §10) when it fans an event out, one `SMEMBERS` plus one pipelined
+//!   `SMISMEMBER` round trip per changed user that has local watchers.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,8 +26,10 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use palaver_protocol::pb::{self, frame::Body};
 use palaver_router::api::{DeliverySink, Outbound, Session, SessionAddr};
 use palaver_router::kafka::records::PresenceChanges;
+use palaver_router::logic::presence_visible;
 use palaver_router::redis_store::{RedisConfig, RedisStore, SessionChange, PRESENCE_CHANNEL};
 use palaver_router::Clock;
+use palaver_router::PresenceVisibility;
 use palaver_router::SystemClock;
 use prost::Message as _;
 
@@ -53,6 +59,8 @@ impl Default for PresenceTiming {
 pub struct Watches {
     by_user: HashMap<String, HashSet<u64>>,
     by_conn: HashMap<u64, HashSet<String>>,
+    /// The user of each watching connection (for the visibility rule).
+    users: HashMap<u64, String>,
 }
 
 impl Watches {
@@ -81,6 +89,18 @@ impl Watches {
         Ok(new)
     }
 
+    /// Records which user `conn` belongs to (kept while it watches anyone).
+    pub fn set_user(&mut self, conn: u64, user_id: &str) {
+        if self.by_conn.contains_key(&conn) {
+            self.users.insert(conn, user_id.to_owned());
+        }
+    }
+
+    /// The user of a watching connection, if known.
+    pub fn user_of(&self, conn: u64) -> Option<&str> {
+        self.users.get(&conn).map(String::as_str)
+    }
+
     pub fn remove(&mut self, conn: u64, users: &[String]) {
         if let Some(set) = self.by_conn.get_mut(&conn) {
             for user in users {
@@ -90,11 +110,13 @@ impl Watches {
             }
             if set.is_empty() {
                 self.by_conn.remove(&conn);
+                self.users.remove(&conn);
             }
         }
     }
 
     pub fn drop_conn(&mut self, conn: u64) {
+        self.users.remove(&conn);
         if let Some(set) = self.by_conn.remove(&conn) {
             for user in &set {
                 unlink(&mut self.by_user, user, conn);
@@ -147,15 +169,29 @@ enum Job {
     Deregister,
 }
 
-/// Frames for local watchers of one presence change.
-fn presence_frames(watches: &Watches, presence: &pb::Presence, out: &mut Vec<Outbound>) {
+/// Local watchers of one presence change, with their users ("" when
+/// unknown: such a watcher gets nothing).
+fn watchers_with_users(watches: &Watches, user_id: &str) -> (Vec<u64>, Vec<String>) {
+    watches
+        .watchers_of(user_id)
+        .map(|conn| (conn, watches.user_of(conn).unwrap_or_default().to_owned()))
+        .unzip()
+}
+
+/// Frames for the local watchers of one presence change that may see it.
+fn presence_frames(
+    presence: &pb::Presence,
+    conns: &[u64],
+    visible: &[bool],
+    out: &mut Vec<Outbound>,
+) {
     let frame = pb::Frame {
         request_id: 0,
         body: Some(Body::PresenceEvent(pb::PresenceEvent {
             presence: Some(presence.clone()),
         })),
     };
-    for conn in watches.watchers_of(&presence.user_id) {
+    for (&conn, _) in conns.iter().zip(visible).filter(|(_, v)| **v) {
         out.push(Outbound {
             conn,
             frame: frame.clone(),
@@ -200,6 +236,7 @@ impl Presence {
         &self,
         redis: &RedisConfig,
         timing: PresenceTiming,
+        visibility: PresenceVisibility,
         sink: Arc<dyn DeliverySink>,
         on_replaced: ReplacedHandler,
     ) -> Result<(), String> {
@@ -218,6 +255,9 @@ impl Presence {
         let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
         let sub = Subscriber {
             url: redis.urls.first().cloned().unwrap_or_default(),
+            redis: redis.clone(),
+            visibility,
+            store: None,
             watches: self.watches.clone(),
             sink: sink.clone(),
             stop: self.stop.clone(),
@@ -450,17 +490,74 @@ impl Batcher {
     }
 }
 
+impl Subscriber {
+    /// Frames for the local watchers allowed to see each change.
+    fn fan_out(&mut self, changes: &PresenceChanges) -> Vec<Outbound> {
+        let watched: Vec<(&pb::Presence, Vec<u64>, Vec<String>)> = match self.watches.lock() {
+            Ok(watches) => changes
+                .presences
+                .iter()
+                .map(|p| {
+                    let (conns, users) = watchers_with_users(&watches, &p.user_id);
+                    (p, conns, users)
+                })
+                .filter(|(_, conns, _)| !conns.is_empty())
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        let mut frames = Vec::new();
+        for (presence, conns, users) in watched {
+            match self.visible(&presence.user_id, &users) {
+                Ok(visible) => presence_frames(presence, &conns, &visible, &mut frames),
+                // Fail closed: an event nobody may be allowed to see is
+                // dropped; the watcher can query again.
+                Err(e) => tracing::warn!(
+                    "presence event for {} dropped, visibility check failed: {e}",
+                    presence.user_id
+                ),
+            }
+        }
+        frames
+    }
+
+    /// The visibility rule for one changed user and its local watchers'
+    /// users (symmetric, so asked once from the changed user's side).
+    fn visible(&mut self, user_id: &str, watchers: &[String]) -> Result<Vec<bool>, String> {
+        if self.visibility == PresenceVisibility::Everyone {
+            return Ok(vec![true; watchers.len()]);
+        }
+        if self.store.is_none() {
+            self.store = Some(RedisStore::connect(self.redis.clone()).map_err(|e| e.to_string())?);
+        }
+        let store = self.store.as_mut().expect("connected above");
+        let result = presence_visible(store, self.visibility, user_id, watchers);
+        if result.is_err() {
+            self.store = None;
+        }
+        Ok(result
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .zip(watchers)
+            .map(|(v, w)| v && !w.is_empty())
+            .collect())
+    }
+}
+
 /// Receives every gateway's presence changes and fans them out to local
 /// watchers.
 struct Subscriber {
     url: String,
+    /// For the visibility checks (connected on first use).
+    redis: RedisConfig,
+    visibility: PresenceVisibility,
+    store: Option<RedisStore>,
     watches: Arc<Mutex<Watches>>,
     sink: Arc<dyn DeliverySink>,
     stop: Arc<AtomicBool>,
 }
 
 impl Subscriber {
-    fn run(self, ready: Sender<Result<(), String>>) {
+    fn run(mut self, ready: Sender<Result<(), String>>) {
         let mut ready = Some(ready);
         while !self.stop.load(Ordering::Acquire) {
             if let Err(e) = self.subscribe_and_listen(&mut ready) {
@@ -475,7 +572,7 @@ impl Subscriber {
     }
 
     fn subscribe_and_listen(
-        &self,
+        &mut self,
         ready: &mut Option<Sender<Result<(), String>>>,
     ) -> Result<(), String> {
         let client = redis::Client::open(self.url.as_str()).map_err(|e| e.to_string())?;
@@ -502,16 +599,93 @@ impl Subscriber {
                 tracing::warn!("undecodable presence message ignored");
                 continue;
             };
-            let mut frames = Vec::new();
-            if let Ok(watches) = self.watches.lock() {
-                for presence in &changes.presences {
-                    presence_frames(&watches, presence, &mut frames);
-                }
-            }
+            let frames = self.fan_out(&changes);
             if !frames.is_empty() {
                 self.sink.deliver(frames);
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use palaver_router::store::UserStore;
+
+    struct NoSink;
+    impl DeliverySink for NoSink {
+        fn deliver(&self, _: Vec<Outbound>) {}
+    }
+
+    fn subscriber(redis: &RedisConfig, visibility: PresenceVisibility) -> Subscriber {
+        Subscriber {
+            url: String::new(),
+            redis: redis.clone(),
+            visibility,
+            store: None,
+            watches: Arc::default(),
+            sink: Arc::new(NoSink),
+            stop: Arc::default(),
+        }
+    }
+
+    fn change(user: &str, online: bool) -> PresenceChanges {
+        PresenceChanges {
+            gateway_id: "gw".into(),
+            presences: vec![pb::Presence {
+                user_id: user.into(),
+                online,
+                last_seen_ms: 0,
+            }],
+        }
+    }
+
+    fn conns(frames: &[Outbound]) -> Vec<u64> {
+        let mut c: Vec<u64> = frames.iter().map(|o| o.conn).collect();
+        c.sort();
+        c
+    }
+
+    /// The bridge's fan-out applies the visibility rule at event time, over
+    /// Redis: a stranger's watch gets nothing, a member's gets the event, and
+    /// removal from the last shared conversation stops it.
+    #[test]
+    fn fan_out_sends_events_only_to_watchers_who_may_see_them() {
+        let server = palaver_tools::stack::Redis::start().expect("start redis-server");
+        let redis = RedisConfig::standalone(server.url());
+        let mut store = RedisStore::connect(redis.clone()).unwrap();
+        let bob = vec!["bob".to_string()];
+        let mut sub = subscriber(&redis, PresenceVisibility::SharedConversation);
+        {
+            let mut w = sub.watches.lock().unwrap();
+            for (conn, user) in [(1, "alice"), (2, "mallory"), (3, "bob")] {
+                w.add(conn, &bob, 10).unwrap();
+                w.set_user(conn, user);
+            }
+            // Watching, but whose user is unknown: fail closed.
+            w.add(4, &bob, 10).unwrap();
+        }
+        assert_eq!(conns(&sub.fan_out(&change("bob", true))), [3], "only self");
+
+        store
+            .add_conversation_to_users("g1", &["alice".into(), "bob".into()])
+            .unwrap();
+        let frames = sub.fan_out(&change("bob", false));
+        assert_eq!(conns(&frames), [1, 3]);
+        assert!(matches!(
+            &frames[0].frame.body,
+            Some(Body::PresenceEvent(pb::PresenceEvent { presence: Some(p) }))
+                if p.user_id == "bob" && !p.online
+        ));
+
+        store
+            .remove_conversation_from_users("g1", &["bob".into()])
+            .unwrap();
+        assert_eq!(conns(&sub.fan_out(&change("bob", true))), [3]);
+
+        let mut open = subscriber(&redis, PresenceVisibility::Everyone);
+        open.watches = sub.watches.clone();
+        assert_eq!(conns(&open.fan_out(&change("bob", true))), [1, 2, 3, 4]);
     }
 }

@@ -41,6 +41,11 @@ struct Args {
     /// Producer linger, ms.
     #[arg(long, default_value_t = 1)]
     linger_ms: u32,
+    /// Whose presence and last seen a user may see: shared_conversation (only
+    /// users sharing a conversation with them) or everyone. Set it the same
+    /// on routers and gateways.
+    #[arg(long, env = "PALAVER_PRESENCE_VISIBILITY", default_value_t = palaver_router::PresenceVisibility::SharedConversation)]
+    presence_visibility: palaver_router::PresenceVisibility,
 }
 
 fn main() {
@@ -66,6 +71,7 @@ fn main() {
     config.max_batch = args.max_batch.max(1);
     config.max_attempts = args.max_attempts.max(1);
     config.linger_ms = args.linger_ms;
+    config.router.presence_visibility = args.presence_visibility;
     config.retry_backoff = Duration::from_millis(100);
 
     let stop = Arc::new(AtomicBool::new(false));

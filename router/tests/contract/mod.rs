@@ -166,6 +166,42 @@ pub fn users_and_push<S: Store>(mut s: S) {
     assert_eq!(s.mark_push_pending("c4", &users).unwrap(), vec![true, true]);
 }
 
+/// `shares_conversation`: a shared id in both users' lists, in input order;
+/// a removed conversation no longer counts.
+pub fn shared_conversations<S: Store>(mut s: S) {
+    let others: Vec<String> = vec!["sh-b".into(), "sh-c".into(), "sh-d".into(), "sh-b".into()];
+    assert_eq!(
+        s.shares_conversation("sh-a", &others).unwrap(),
+        vec![false; 4],
+        "nobody has conversations yet"
+    );
+    s.add_conversation_to_users("sh-c1", &["sh-a".into(), "sh-b".into()])
+        .unwrap();
+    s.add_conversation_to_users("sh-c2", &["sh-a".into(), "sh-c".into()])
+        .unwrap();
+    s.add_conversation_to_users("sh-c3", &["sh-d".into()])
+        .unwrap();
+    assert_eq!(
+        s.shares_conversation("sh-a", &others).unwrap(),
+        vec![true, true, false, true]
+    );
+    assert_eq!(
+        s.shares_conversation("sh-c", &["sh-a".into(), "sh-b".into()])
+            .unwrap(),
+        vec![true, false]
+    );
+    assert_eq!(
+        s.shares_conversation("sh-a", &[]).unwrap(),
+        Vec::<bool>::new()
+    );
+    s.remove_conversation_from_users("sh-c2", &["sh-c".into()])
+        .unwrap();
+    assert_eq!(
+        s.shares_conversation("sh-a", &others).unwrap(),
+        vec![true, false, false, true]
+    );
+}
+
 pub fn watches<S: Store>(mut s: S) {
     let w = addr("gA", 5);
     let users: Vec<String> = vec!["x".into(), "y".into()];
