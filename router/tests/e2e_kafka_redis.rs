@@ -188,7 +188,9 @@ fn offline_user_gets_push_then_syncs_without_gap() {
     push_consumer.subscribe(&[PUSH_TOPIC]).unwrap();
 
     // Wait until bob is registered offline (his close is flushed), then send.
-    let mut check = s.login(g1, "carol", "phone");
+    // Asked by alice's other device: presence is visible to those who share
+    // a conversation (SPEC §10).
+    let mut check = s.login(g1, "alice", "tablet");
     let deadline = Instant::now() + T;
     loop {
         let id = check
@@ -294,6 +296,8 @@ fn presence_across_gateways_and_gateway_crash() {
     let g1 = s.add_gateway("gw1");
     let g2 = s.add_gateway("gw2");
     let mut alice = s.login(g1, "alice", "phone");
+    // Presence is visible to those who share a conversation (SPEC §10).
+    group_of(&mut alice, &["bob"]);
     let id = alice
         .request(Body::PresenceSubscribe(pb::PresenceSubscribe {
             user_ids: vec!["bob".into()],
