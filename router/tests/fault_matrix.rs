@@ -33,7 +33,7 @@ fn stack(kafka_nodes: usize, routers: usize) -> Stack {
 
 /// SIGKILL one of two routers mid-stream; no replacement is started: the
 /// survivor takes the dead router's partitions over by a consumer-group
-/// rebalance (after the group's session timeout, 10 s).
+/// rebalance (after the group's session timeout, 6 s in these tests).
 #[test]
 fn sigkill_one_of_two_routers() {
     let mut s = stack(1, 2);

@@ -41,6 +41,12 @@ struct Args {
     /// Producer linger, ms.
     #[arg(long, default_value_t = 1)]
     linger_ms: u32,
+    /// Consumer-group session timeout, ms: a dead router's partitions move to
+    /// the others after this; a stall this long (broker GC, CPU starvation)
+    /// makes a live router rejoin. At least the broker's
+    /// group.min.session.timeout.ms (6000).
+    #[arg(long, default_value_t = 10_000)]
+    session_timeout_ms: u64,
     /// Whose presence and last seen a user may see: shared_conversation (only
     /// users sharing a conversation with them) or everyone. Set it the same
     /// on routers and gateways.
@@ -71,6 +77,7 @@ fn main() {
     config.max_batch = args.max_batch.max(1);
     config.max_attempts = args.max_attempts.max(1);
     config.linger_ms = args.linger_ms;
+    config.session_timeout = std::time::Duration::from_millis(args.session_timeout_ms);
     config.router.presence_visibility = args.presence_visibility;
     config.retry_backoff = Duration::from_millis(100);
 

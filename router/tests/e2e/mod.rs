@@ -35,6 +35,9 @@ impl RouterProcess {
         let child = Command::new(env!("CARGO_BIN_EXE_palaver-router"))
             .args(["--brokers", brokers, "--redis", redis, "--router-id", id])
             .args(["--partitions", "4", "--max-batch", "200"])
+            // The broker's minimum session, so a killed router's partitions
+            // move within the test's patience (the default is 10 s).
+            .args(["--session-timeout-ms", "6000"])
             .env("RUST_LOG", "info,rdkafka=warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
