@@ -69,7 +69,7 @@ pub fn check_gateway_id(gateway_id: &str) -> Result<(), String> {
 /// this is not added to latency; it only sets how often an idle consumer
 /// asks again: twice a second per consumer and broker (Kafka's own default;
 /// at 200 ms an idle `palaver cluster up` cost the broker ~2.5 % of a CPU).
-pub const FETCH_WAIT_MAX_MS: &str = "500";
+pub const FETCH_WAIT_MAX_MS: &str = "2000";
 
 /// Cap of librdkafka's exponential reconnect back-off (default 10 s): after
 /// a broker restart, clients are back within a second of it listening.
