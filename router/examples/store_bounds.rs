@@ -82,7 +82,9 @@ fn main() {
         for i in 0..20_000u64 {
             let m = message("solo", i);
             let t = Instant::now();
-            store.append_message("solo", m, &retention(i as i64)).unwrap();
+            store
+                .append_message("solo", m, &retention(i as i64))
+                .unwrap();
             samples.push((t.elapsed().as_nanos(), i + 1));
         }
         let mut sorted: Vec<u128> = samples.iter().map(|s| s.0).collect();
