@@ -273,6 +273,48 @@ fn the_binary_runs_with_dev_credentials_reloads_on_sighup_and_drains_on_sigterm(
 }
 
 #[test]
+fn a_low_soft_file_limit_is_raised_and_an_explicit_cap_wins() {
+    let (_, hard) = nofile_limits();
+    if hard == u64::MAX || hard <= 1024 {
+        return; // nothing to raise on this host
+    }
+    let dir = temp_dir("nofile");
+    let banner = |extra: &str| {
+        // Start with the soft limit lowered to 1024, read the banner, stop.
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "ulimit -S -n 1024 && exec \"$0\" --listen 127.0.0.1:0 --cores 1 --data-dir \"$1\" {extra}"
+            ))
+            .arg(env!("CARGO_BIN_EXE_palaver-gateway"))
+            .arg(&dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        for _ in 0..3 {
+            line.clear();
+            out.read_line(&mut line).unwrap();
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        line
+    };
+    let derived = format!(
+        "  limits:    max {} connections (file limit {hard})",
+        palaver_gateway::config::derive_max_connections(hard)
+    );
+    assert_eq!(banner("").trim_end(), derived);
+    assert_eq!(
+        banner("--max-connections 5").trim_end(),
+        format!("  limits:    max 5 connections (file limit {hard})")
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn invalid_configuration_fails_at_start_naming_the_field() {
     let dir = temp_dir("badcfg");
     let cfg = dir.join("gw.toml");
