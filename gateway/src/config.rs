@@ -248,6 +248,7 @@ pub fn derive_max_connections(nofile: u64) -> u32 {
 /// the hard limit is unlimited, to the kernel's `fs.nr_open`) and returns the
 /// soft limit in force afterwards. If raising fails, the current soft limit
 /// is returned unchanged.
+#[allow(clippy::unnecessary_cast)] // rlim_t is not u64 on every target
 pub fn raise_nofile_limit() -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -421,6 +422,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 on every target
     fn connection_cap_follows_the_file_limit() {
         assert_eq!(derive_max_connections(20_000), 20_000 - 256);
         assert_eq!(derive_max_connections(1_048_576), 1_048_576 - 256);

@@ -89,7 +89,7 @@ fn main() {
         }
         let mut sorted: Vec<u128> = samples.iter().map(|s| s.0).collect();
         sorted.sort_unstable();
-        samples.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        samples.sort_unstable_by_key(|s| std::cmp::Reverse(s.0));
         let top: Vec<String> = samples[..5]
             .iter()
             .map(|(ns, at)| format!("#{at}: {:.1} µs", *ns as f64 / 1000.0))
