@@ -54,21 +54,50 @@ struct History {
     len: usize,
     /// The last evicted chunk, cleared, kept for reuse.
     spare: Option<Chunk>,
+    /// Random keys for client_msg_id fingerprints: an id is hashed once per
+    /// append, whatever the number of chunks probed.
+    keys: std::hash::RandomState,
 }
+
+/// Chunk index: keyed fingerprint of a client_msg_id → (offset in
+/// `messages`, dedup expiry ms). The fingerprint is already a hash.
+type FingerprintMap = HashMap<u64, (usize, i64), std::hash::BuildHasherDefault<Fingerprint>>;
 
 #[derive(Default)]
 struct Chunk {
     messages: Vec<pb::Message>,
-    /// client_msg_id → (offset in `messages`, dedup expiry ms).
-    ids: HashMap<Vec<u8>, (usize, i64)>,
+    ids: FingerprintMap,
+    /// Entries whose fingerprint another id of this chunk already has
+    /// (a 64-bit collision; almost always empty). Matches are always
+    /// confirmed against the stored message's id.
+    collided: Vec<(usize, i64)>,
 }
 
 impl Chunk {
     fn with_capacity(n: usize) -> Self {
         Chunk {
             messages: Vec::with_capacity(n),
-            ids: HashMap::with_capacity(n),
+            ids: FingerprintMap::with_capacity_and_hasher(n, Default::default()),
+            collided: Vec::new(),
         }
+    }
+}
+
+/// Identity hasher for keys that are already keyed hashes.
+#[derive(Default)]
+struct Fingerprint(u64);
+
+impl std::hash::Hasher for Fingerprint {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
     }
 }
 
@@ -101,17 +130,28 @@ impl History {
     /// The stored message with this client_msg_id, if it is in the window
     /// and its dedup entry has not expired at `now_ms`.
     fn find(&self, client_msg_id: &[u8], now_ms: i64) -> Option<&pb::Message> {
+        use std::hash::BuildHasher;
+        let fp = self.keys.hash_one(client_msg_id);
         // Newest first: retries are usually recent, and an id stored again
         // after its first message left the window maps to the live one.
         for (ci, chunk) in self.chunks.iter().enumerate().rev() {
-            if let Some(&(offset, expires)) = chunk.ids.get(client_msg_id) {
-                if ci == 0 && offset < self.head {
-                    continue; // evicted, index entry not yet dropped
-                }
-                if expires <= now_ms {
-                    return None; // the newest entry for this id has expired
-                }
-                return chunk.messages.get(offset);
+            let hit = chunk
+                .ids
+                .get(&fp)
+                .into_iter()
+                .chain(chunk.collided.iter().rev())
+                .copied()
+                .find(|&(offset, _)| {
+                    // Evicted entries (front chunk, before head) are skipped.
+                    !(ci == 0 && offset < self.head)
+                        && chunk
+                            .messages
+                            .get(offset)
+                            .is_some_and(|m| m.client_msg_id == client_msg_id)
+                });
+            if let Some((offset, expires)) = hit {
+                // The newest entry for this id decides.
+                return (expires > now_ms).then(|| &chunk.messages[offset]);
             }
         }
         None
@@ -129,11 +169,19 @@ impl History {
             };
             self.chunks.push_back(chunk);
         }
+        use std::hash::BuildHasher;
+        let fp = self.keys.hash_one(message.client_msg_id.as_slice());
         let chunk = self.chunks.back_mut().expect("chunk pushed");
-        chunk.ids.insert(
-            message.client_msg_id.clone(),
-            (chunk.messages.len(), dedup_expires_ms),
-        );
+        let entry = (chunk.messages.len(), dedup_expires_ms);
+        let other_id = chunk.ids.get(&fp).is_some_and(|&(offset, _)| {
+            chunk.messages[offset].client_msg_id != message.client_msg_id
+        });
+        if other_id {
+            chunk.collided.push(entry);
+        } else {
+            // New, or the same id again (its older entry left the window).
+            chunk.ids.insert(fp, entry);
+        }
         chunk.messages.push(message);
         self.len += 1;
     }
@@ -155,6 +203,7 @@ impl History {
             self.head = 0;
             chunk.messages.clear();
             chunk.ids.clear();
+            chunk.collided.clear();
             if chunk.messages.capacity() >= CHUNK {
                 self.spare = Some(chunk);
             }
@@ -687,6 +736,15 @@ mod tests {
                 .unwrap(),
         );
         assert_eq!(m.seq, 6);
+        // ... and that new message is deduplicated in turn (its id's older,
+        // evicted entry in the same chunk does not hide it).
+        match s
+            .append_message("c", message(2, "u"), &retention(1000, 3))
+            .unwrap()
+        {
+            Appended::Duplicate(ack) => assert_eq!(ack.seq, 6),
+            other => panic!("expected duplicate, got {other:?}"),
+        }
         // Window of 3: seqs 4..=6 remain.
         let all = s
             .messages_after(&[RangeRead {
@@ -716,7 +774,11 @@ mod tests {
         let history = &s.conversations["c"].history;
         assert_eq!(history.len(), window);
         assert_eq!(history.front().unwrap().seq, last - window as u64 + 1);
-        let indexed: usize = history.chunks.iter().map(|c| c.ids.len()).sum();
+        let indexed: usize = history
+            .chunks
+            .iter()
+            .map(|c| c.ids.len() + c.collided.len())
+            .sum();
         assert!(indexed < window + CHUNK, "{indexed} ids indexed");
         assert!(history.chunks.len() <= window / CHUNK + 2);
         // Oldest message in the window still dedups; one just before it does not.
