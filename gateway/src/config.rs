@@ -108,6 +108,8 @@ pub struct LimitsConfig {
     /// connection is closed as a slow consumer.
     pub slow_consumer_timeout_ms: u32,
     /// Connections this process holds at most (all cores together).
+    /// 0 (the default) derives it at start from the process's file limit,
+    /// see [`derive_max_connections`]; any other value is used as given.
     pub max_connections: u32,
     /// TLS handshake steps (and accepts) one core runs per loop turn.
     pub handshakes_per_turn: u32,
@@ -130,7 +132,7 @@ impl Default for LimitsConfig {
             hello_timeout_ms: p.hello_timeout_ms,
             max_outbound_bytes: 256 * 1024,
             slow_consumer_timeout_ms: 10_000,
-            max_connections: 19_000,
+            max_connections: 0,
             handshakes_per_turn: 64,
         }
     }
@@ -240,7 +242,72 @@ fn bad(field: &'static str, problem: impl Into<String>) -> ConfigError {
     }
 }
 
+/// Upper bound of `limits.max_connections`.
+pub const MAX_CONNECTIONS_CAP: u32 = 1 << 24;
+
+/// File descriptors kept out of the derived connection cap: per core a
+/// listener, a mio Poll and Waker (≈3 × cores, up to 64 cores = 192), plus the
+/// admin listener and its connections, Kafka (librdkafka opens a few sockets
+/// per broker) and Redis connections, TLS/config files and stdio.
+pub const FD_HEADROOM: u64 = 256;
+
+/// The default connection cap for a process whose RLIMIT_NOFILE soft limit
+/// is `nofile`: every descriptor but [`FD_HEADROOM`], at least 1, at most
+/// [`MAX_CONNECTIONS_CAP`].
+pub fn derive_max_connections(nofile: u64) -> u32 {
+    nofile
+        .saturating_sub(FD_HEADROOM)
+        .clamp(1, MAX_CONNECTIONS_CAP as u64) as u32
+}
+
+/// Raises this process's RLIMIT_NOFILE soft limit to its hard limit (or, if
+/// the hard limit is unlimited, to the kernel's `fs.nr_open`) and returns the
+/// soft limit in force afterwards. If raising fails, the current soft limit
+/// is returned unchanged.
+#[allow(clippy::unnecessary_cast)] // rlim_t is not u64 on every target
+pub fn raise_nofile_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read/write the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 0;
+    }
+    let target = if lim.rlim_max == libc::RLIM_INFINITY {
+        std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse::<libc::rlim_t>().ok())
+            .unwrap_or(1 << 20)
+    } else {
+        lim.rlim_max
+    };
+    if lim.rlim_cur != libc::RLIM_INFINITY && lim.rlim_cur < target {
+        let raised = libc::rlimit {
+            rlim_cur: target,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim.rlim_cur = target;
+        }
+    }
+    lim.rlim_cur as u64
+}
+
 impl Config {
+    /// What start does to fit the host: raises the file limit (always, so an
+    /// explicit cap above the soft limit can be reached too) and, when
+    /// `limits.max_connections` is 0, derives it from the resulting limit.
+    /// Returns the file limit in force.
+    pub fn apply_host_limits(&mut self) -> u64 {
+        let nofile = raise_nofile_limit();
+        if self.limits.max_connections == 0 {
+            self.limits.max_connections = derive_max_connections(nofile);
+        }
+        nofile
+    }
+
     /// Parses a TOML file (unknown keys are errors).
     pub fn from_toml_file(path: &Path) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(path)
@@ -350,10 +417,10 @@ impl Config {
                 "must be at least twice limits.max_frame_bytes",
             ));
         }
-        if l.max_connections == 0 || l.max_connections > (1 << 24) {
+        if l.max_connections > MAX_CONNECTIONS_CAP {
             return Err(bad(
                 "limits.max_connections",
-                "must be between 1 and 16777216",
+                "must be between 1 and 16777216 (or 0: derived from the file limit)",
             ));
         }
         if l.handshakes_per_turn == 0 {
@@ -369,6 +436,34 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 on every target
+    fn connection_cap_follows_the_file_limit() {
+        assert_eq!(derive_max_connections(20_000), 20_000 - 256);
+        assert_eq!(derive_max_connections(1_048_576), 1_048_576 - 256);
+        assert_eq!(derive_max_connections(1024), 768);
+        assert_eq!(derive_max_connections(100), 1);
+        assert_eq!(derive_max_connections(u64::MAX), MAX_CONNECTIONS_CAP);
+        // Start raises the soft limit to the hard one, and derives the cap from it.
+        let mut c = Config::default();
+        let nofile = c.apply_host_limits();
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+        assert_eq!(lim.rlim_cur as u64, nofile);
+        if lim.rlim_max != libc::RLIM_INFINITY {
+            assert_eq!(lim.rlim_cur, lim.rlim_max);
+        }
+        assert_eq!(c.limits.max_connections, derive_max_connections(nofile));
+        // An explicit value stays authoritative.
+        let mut c = Config::default();
+        c.limits.max_connections = 7;
+        c.apply_host_limits();
+        assert_eq!(c.limits.max_connections, 7);
+    }
 
     #[test]
     fn defaults_are_valid() {

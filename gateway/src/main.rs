@@ -103,7 +103,8 @@ struct Args {
     /// connection is closed as a slow consumer. [default: 10000]
     #[arg(long, env = "PALAVER_SLOW_CONSUMER_TIMEOUT_MS")]
     slow_consumer_timeout_ms: Option<u32>,
-    /// Connections this process holds; more are refused at accept. [default: 19000]
+    /// Connections this process holds; more are refused at accept. [default:
+    /// the file limit (RLIMIT_NOFILE, raised to its hard limit at start) minus 256]
     #[arg(long, env = "PALAVER_MAX_CONNECTIONS")]
     max_connections: Option<u32>,
     /// Accepts and TLS handshake steps per core per event-loop turn. [default: 64]
@@ -218,6 +219,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         cfg.core_count()
     );
     println!("  backend:   {}", describe_backend(cfg));
+    println!(
+        "  limits:    max {} connections (file limit {})",
+        cfg.limits.max_connections,
+        palaver_gateway::config::raise_nofile_limit()
+    );
     if let Some(admin) = gw.admin_addr() {
         println!("  admin:     http://{admin}/metrics  http://{admin}/healthz");
     }
@@ -302,7 +308,6 @@ mod tests {
                 "--slow-consumer-timeout-ms",
                 l.slow_consumer_timeout_ms.to_string(),
             ),
-            ("--max-connections", l.max_connections.to_string()),
             ("--handshake-timeout-ms", l.handshake_timeout_ms.to_string()),
             ("--hello-timeout-ms", l.hello_timeout_ms.to_string()),
             ("--max-group-members", l.max_group_members.to_string()),
@@ -330,6 +335,8 @@ mod tests {
                 &section[..end]
             );
         }
+        let at = help.find("--max-connections").unwrap();
+        assert!(help[at..].contains("file limit"), "{}", &help[at..]);
     }
 
     #[test]

@@ -55,8 +55,10 @@ pub fn bind_reuseport(addr: SocketAddr, backlog: u32) -> std::io::Result<std::ne
 
 impl GatewayHandle {
     /// Starts a gateway serving `backend`.
-    pub fn start(config: Config, backend: Arc<dyn Backend>) -> anyhow::Result<GatewayHandle> {
+    pub fn start(mut config: Config, backend: Arc<dyn Backend>) -> anyhow::Result<GatewayHandle> {
         config.validate()?;
+        // Raise the file limit; a cap of 0 (default) follows from it.
+        config.apply_host_limits();
         let gateway_id = config.effective_gateway_id();
         let cores = config.core_count();
 

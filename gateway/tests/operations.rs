@@ -210,6 +210,30 @@ fn the_binary_runs_with_dev_credentials_reloads_on_sighup_and_drains_on_sigterm(
         second.starts_with("  backend:   embedded engine"),
         "{second:?}"
     );
+    // With no --max-connections, the cap follows the (raised) file limit.
+    let mut third = String::new();
+    out.read_line(&mut third).unwrap();
+    let numbers: Vec<u64> = third
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert!(
+        third.starts_with("  limits:    max ") && numbers.len() == 2,
+        "{third:?}"
+    );
+    let (cap, nofile) = (numbers[0], numbers[1]);
+    assert_eq!(
+        cap,
+        palaver_gateway::config::derive_max_connections(nofile) as u64,
+        "{third:?}"
+    );
+    let (soft, hard) = nofile_limits();
+    if hard == u64::MAX {
+        assert!(nofile >= soft, "{third:?}");
+    } else {
+        // The child raised its soft limit to the hard one it inherited.
+        assert_eq!(nofile, hard, "{third:?}");
+    }
     // The data dir now holds the dev CA and secret, as `palaver token` expects.
     let ca = std::fs::read(dir.join(devcerts::CA_CERT_FILE)).unwrap();
     let secret = devcerts::read_secret(&dir.join(devcerts::JWT_SECRET_FILE)).unwrap();
@@ -245,6 +269,48 @@ fn the_binary_runs_with_dev_credentials_reloads_on_sighup_and_drains_on_sigterm(
         status.is_some()
     });
     assert!(status.unwrap().success(), "exit status {status:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_low_soft_file_limit_is_raised_and_an_explicit_cap_wins() {
+    let (_, hard) = nofile_limits();
+    if hard == u64::MAX || hard <= 1024 {
+        return; // nothing to raise on this host
+    }
+    let dir = temp_dir("nofile");
+    let banner = |extra: &str| {
+        // Start with the soft limit lowered to 1024, read the banner, stop.
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "ulimit -S -n 1024 && exec \"$0\" --listen 127.0.0.1:0 --cores 1 --data-dir \"$1\" {extra}"
+            ))
+            .arg(env!("CARGO_BIN_EXE_palaver-gateway"))
+            .arg(&dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        for _ in 0..3 {
+            line.clear();
+            out.read_line(&mut line).unwrap();
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        line
+    };
+    let derived = format!(
+        "  limits:    max {} connections (file limit {hard})",
+        palaver_gateway::config::derive_max_connections(hard)
+    );
+    assert_eq!(banner("").trim_end(), derived);
+    assert_eq!(
+        banner("--max-connections 5").trim_end(),
+        format!("  limits:    max 5 connections (file limit {hard})")
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -289,4 +355,22 @@ fn eddsa_tokens_with_a_configured_public_key() {
     assert!(c2.hello(&t.token("mallory"), "phone", T).is_err());
     assert_healthy(&mut c);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// (soft, hard) RLIMIT_NOFILE of this process, via `ulimit` in a shell that
+/// inherits it (the test crate has no libc dependency). Unlimited is u64::MAX.
+fn nofile_limits() -> (u64, u64) {
+    let get = |flag: &str| {
+        let out = Command::new("sh")
+            .args(["-c", &format!("ulimit {flag} -n")])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if text == "unlimited" {
+            u64::MAX
+        } else {
+            text.parse().unwrap()
+        }
+    };
+    (get("-S"), get("-H"))
 }

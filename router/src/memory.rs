@@ -16,9 +16,6 @@ use crate::store::{
 #[derive(Default)]
 pub struct MemoryStore {
     conversations: HashMap<String, ConversationState>,
-    /// Dedup entries in insertion order with their expiry, so expired ones
-    /// can be pruned without scanning every conversation.
-    dedup_expiry: VecDeque<(i64, String, Vec<u8>)>,
     users: HashMap<String, UserState>,
     /// watching connection → watched users
     watching: HashMap<SessionAddr, HashSet<String>>,
@@ -29,13 +26,189 @@ pub struct MemoryStore {
 #[derive(Default)]
 struct ConversationState {
     last_seq: u64,
-    /// The stored window: contiguous seqs, oldest first.
-    history: VecDeque<pb::Message>,
-    /// client_msg_id → (original ack, expiry ms)
-    dedup: HashMap<Vec<u8>, (pb::SendAck, i64)>,
+    /// The stored window (contiguous seqs, oldest first) and its dedup index.
+    history: History,
     /// (user, receipt kind) → mark
     receipts: HashMap<(String, i32), u64>,
     group: Option<GroupState>,
+}
+
+/// Messages per history chunk. Bounds the work of any one append: no
+/// structure in a conversation's history ever moves more than one chunk.
+const CHUNK: usize = 256;
+
+/// A conversation's history window as a ring of fixed-size chunks, each with
+/// its own client_msg_id → offset index. Dedup is tied to the window: an id
+/// is remembered while its message is stored (and within the dedup TTL), and
+/// forgotten with it, so memory is bounded by `history_window` (+ one chunk) messages
+/// whatever the traffic. Chunks after the first are allocated at full
+/// capacity, and the chunk evicted from the front is recycled for the next
+/// one, so steady-state appends never rehash, reallocate or copy a window.
+#[derive(Default)]
+struct History {
+    /// All chunks but the last are full (`CHUNK` messages).
+    chunks: VecDeque<Chunk>,
+    /// Messages already evicted from the front chunk.
+    head: usize,
+    /// Messages in the window.
+    len: usize,
+    /// The last evicted chunk, cleared, kept for reuse.
+    spare: Option<Chunk>,
+    /// Random keys for client_msg_id fingerprints: an id is hashed once per
+    /// append, whatever the number of chunks probed.
+    keys: std::hash::RandomState,
+}
+
+/// Chunk index: keyed fingerprint of a client_msg_id → (offset in
+/// `messages`, dedup expiry ms). The fingerprint is already a hash.
+type FingerprintMap = HashMap<u64, (usize, i64), std::hash::BuildHasherDefault<Fingerprint>>;
+
+#[derive(Default)]
+struct Chunk {
+    messages: Vec<pb::Message>,
+    ids: FingerprintMap,
+    /// Entries whose fingerprint another id of this chunk already has
+    /// (a 64-bit collision; almost always empty). Matches are always
+    /// confirmed against the stored message's id.
+    collided: Vec<(usize, i64)>,
+}
+
+impl Chunk {
+    fn with_capacity(n: usize) -> Self {
+        Chunk {
+            messages: Vec::with_capacity(n),
+            ids: FingerprintMap::with_capacity_and_hasher(n, Default::default()),
+            collided: Vec::new(),
+        }
+    }
+}
+
+/// Identity hasher for keys that are already keyed hashes.
+#[derive(Default)]
+struct Fingerprint(u64);
+
+impl std::hash::Hasher for Fingerprint {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+impl History {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn get(&self, i: usize) -> Option<&pb::Message> {
+        if i >= self.len {
+            return None;
+        }
+        let at = self.head + i;
+        self.chunks.get(at / CHUNK)?.messages.get(at % CHUNK)
+    }
+
+    fn front(&self) -> Option<&pb::Message> {
+        self.get(0)
+    }
+
+    fn range(&self, range: std::ops::Range<usize>) -> impl Iterator<Item = &pb::Message> {
+        let end = range.end.min(self.len);
+        (range.start.min(end)..end).filter_map(move |i| self.get(i))
+    }
+
+    fn range_from(&self, start: usize) -> impl Iterator<Item = &pb::Message> {
+        self.range(start..self.len)
+    }
+
+    /// The stored message with this client_msg_id, if it is in the window
+    /// and its dedup entry has not expired at `now_ms`.
+    fn find(&self, client_msg_id: &[u8], now_ms: i64) -> Option<&pb::Message> {
+        use std::hash::BuildHasher;
+        let fp = self.keys.hash_one(client_msg_id);
+        // Newest first: retries are usually recent, and an id stored again
+        // after its first message left the window maps to the live one.
+        for (ci, chunk) in self.chunks.iter().enumerate().rev() {
+            let hit = chunk
+                .ids
+                .get(&fp)
+                .into_iter()
+                .chain(chunk.collided.iter().rev())
+                .copied()
+                .find(|&(offset, _)| {
+                    // Evicted entries (front chunk, before head) are skipped.
+                    !(ci == 0 && offset < self.head)
+                        && chunk
+                            .messages
+                            .get(offset)
+                            .is_some_and(|m| m.client_msg_id == client_msg_id)
+                });
+            if let Some((offset, expires)) = hit {
+                // The newest entry for this id decides.
+                return (expires > now_ms).then(|| &chunk.messages[offset]);
+            }
+        }
+        None
+    }
+
+    fn push_back(&mut self, message: pb::Message, dedup_expires_ms: i64) {
+        let need_chunk = self.chunks.back().is_none_or(|c| c.messages.len() == CHUNK);
+        if need_chunk {
+            let chunk = match self.spare.take() {
+                Some(chunk) => chunk,
+                // The first chunk grows on demand (small conversations stay
+                // small); later ones are allocated whole, once.
+                None if self.chunks.is_empty() => Chunk::default(),
+                None => Chunk::with_capacity(CHUNK),
+            };
+            self.chunks.push_back(chunk);
+        }
+        use std::hash::BuildHasher;
+        let fp = self.keys.hash_one(message.client_msg_id.as_slice());
+        let chunk = self.chunks.back_mut().expect("chunk pushed");
+        let entry = (chunk.messages.len(), dedup_expires_ms);
+        let other_id = chunk.ids.get(&fp).is_some_and(|&(offset, _)| {
+            chunk.messages[offset].client_msg_id != message.client_msg_id
+        });
+        if other_id {
+            chunk.collided.push(entry);
+        } else {
+            // New, or the same id again (its older entry left the window).
+            chunk.ids.insert(fp, entry);
+        }
+        chunk.messages.push(message);
+        self.len += 1;
+    }
+
+    fn pop_front(&mut self) {
+        if self.len == 0 {
+            return;
+        }
+        self.len -= 1;
+        self.head += 1;
+        // Free the message's payload now; the slot goes with its chunk.
+        if let Some(front) = self.chunks.front_mut() {
+            if let Some(m) = front.messages.get_mut(self.head - 1) {
+                *m = pb::Message::default();
+            }
+        }
+        if self.head == CHUNK || self.len == 0 {
+            let mut chunk = self.chunks.pop_front().expect("front chunk");
+            self.head = 0;
+            chunk.messages.clear();
+            chunk.ids.clear();
+            chunk.collided.clear();
+            if chunk.messages.capacity() >= CHUNK {
+                self.spare = Some(chunk);
+            }
+        }
+    }
 }
 
 struct GroupState {
@@ -59,22 +232,6 @@ impl MemoryStore {
     pub fn new() -> Self {
         Self::default()
     }
-
-    fn prune_dedup(&mut self, now_ms: i64) {
-        while let Some((expires, _, _)) = self.dedup_expiry.front() {
-            if *expires > now_ms {
-                break;
-            }
-            let (expires, conversation_id, client_msg_id) =
-                self.dedup_expiry.pop_front().expect("front exists");
-            if let Some(state) = self.conversations.get_mut(&conversation_id) {
-                // Only remove the entry this queue item was made for.
-                if state.dedup.get(&client_msg_id).map(|(_, e)| *e) == Some(expires) {
-                    state.dedup.remove(&client_msg_id);
-                }
-            }
-        }
-    }
 }
 
 impl ConversationState {
@@ -96,35 +253,25 @@ impl ConversationStore for MemoryStore {
         mut message: pb::Message,
         retention: &Retention,
     ) -> StoreResult<Appended> {
-        self.prune_dedup(retention.now_ms);
         let state = self
             .conversations
             .entry(conversation_id.to_owned())
             .or_default();
-        if let Some((ack, expires)) = state.dedup.get(&message.client_msg_id) {
-            if *expires > retention.now_ms {
-                return Ok(Appended::Duplicate(ack.clone()));
-            }
+        // Dedup is tied to the history window (see `History`): the original
+        // is remembered while it is stored and its dedup TTL has not passed.
+        if let Some(original) = state.history.find(&message.client_msg_id, retention.now_ms) {
+            return Ok(Appended::Duplicate(pb::SendAck {
+                client_msg_id: original.client_msg_id.clone(),
+                message_id: original.message_id.clone(),
+                conversation_id: conversation_id.to_owned(),
+                seq: original.seq,
+                server_time_ms: original.server_time_ms,
+            }));
         }
         state.last_seq += 1;
         message.seq = state.last_seq;
-        let ack = pb::SendAck {
-            client_msg_id: message.client_msg_id.clone(),
-            message_id: message.message_id.clone(),
-            conversation_id: conversation_id.to_owned(),
-            seq: message.seq,
-            server_time_ms: message.server_time_ms,
-        };
         let expires = retention.now_ms.saturating_add(retention.dedup_ttl_ms);
-        state
-            .dedup
-            .insert(message.client_msg_id.clone(), (ack, expires));
-        self.dedup_expiry.push_back((
-            expires,
-            conversation_id.to_owned(),
-            message.client_msg_id.clone(),
-        ));
-        state.history.push_back(message.clone());
+        state.history.push_back(message.clone(), expires);
         while state.history.len() > retention.history_window {
             state.history.pop_front();
         }
@@ -145,7 +292,7 @@ impl ConversationStore for MemoryStore {
                 None => Vec::new(),
                 Some(state) => state
                     .history
-                    .range(state.index_after(read.after_seq)..)
+                    .range_from(state.index_after(read.after_seq))
                     .take(read.limit)
                     .cloned()
                     .collect(),
@@ -184,7 +331,7 @@ impl ConversationStore for MemoryStore {
             return Ok(Vec::new());
         };
         let mut senders = BTreeSet::new();
-        for message in state.history.range(state.index_after(after_seq)..) {
+        for message in state.history.range_from(state.index_after(after_seq)) {
             if message.seq > up_to_seq {
                 break;
             }
@@ -569,24 +716,35 @@ mod tests {
             );
             assert_eq!(m.seq, i as u64);
         }
-        // Duplicate within TTL: original ack, no seq used.
+        // Duplicate of a message still in the window: original ack, no seq used.
         match s
-            .append_message("c", message(2, "u"), &retention(999, 3))
+            .append_message("c", message(4, "u"), &retention(999, 3))
             .unwrap()
         {
             Appended::Duplicate(ack) => {
-                assert_eq!(ack.seq, 2);
-                assert_eq!(ack.message_id, "m2");
+                assert_eq!(ack.seq, 4);
+                assert_eq!(ack.message_id, "m4");
+                assert_eq!(ack.conversation_id, "c");
             }
             other => panic!("expected duplicate, got {other:?}"),
         }
         assert_eq!(s.last_seqs(&["c".into()]).unwrap(), vec![5]);
-        // After the TTL the same client_msg_id is a new message.
+        // Dedup is tied to the window: seq 2 has left it, so the same
+        // client_msg_id is a new message.
         let m = stored(
             s.append_message("c", message(2, "u"), &retention(1000, 3))
                 .unwrap(),
         );
         assert_eq!(m.seq, 6);
+        // ... and that new message is deduplicated in turn (its id's older,
+        // evicted entry in the same chunk does not hide it).
+        match s
+            .append_message("c", message(2, "u"), &retention(1000, 3))
+            .unwrap()
+        {
+            Appended::Duplicate(ack) => assert_eq!(ack.seq, 6),
+            other => panic!("expected duplicate, got {other:?}"),
+        }
         // Window of 3: seqs 4..=6 remain.
         let all = s
             .messages_after(&[RangeRead {
@@ -597,6 +755,53 @@ mod tests {
             .unwrap();
         let seqs: Vec<u64> = all[0].iter().map(|m| m.seq).collect();
         assert_eq!(seqs, vec![4, 5, 6]);
+    }
+
+    #[test]
+    fn window_and_dedup_index_stay_bounded() {
+        let mut s = MemoryStore::new();
+        let window = 1000;
+        let cmid = |n: u32| n.to_le_bytes().to_vec();
+        for n in 1..=20 * CHUNK as u32 + 7 {
+            let m = pb::Message {
+                client_msg_id: cmid(n),
+                message_id: format!("m{n}"),
+                ..Default::default()
+            };
+            stored(s.append_message("c", m, &retention(0, window)).unwrap());
+        }
+        let last = 20 * CHUNK as u64 + 7;
+        let history = &s.conversations["c"].history;
+        assert_eq!(history.len(), window);
+        assert_eq!(history.front().unwrap().seq, last - window as u64 + 1);
+        let indexed: usize = history
+            .chunks
+            .iter()
+            .map(|c| c.ids.len() + c.collided.len())
+            .sum();
+        assert!(indexed < window + CHUNK, "{indexed} ids indexed");
+        assert!(history.chunks.len() <= window / CHUNK + 2);
+        // Oldest message in the window still dedups; one just before it does not.
+        let oldest = (last - window as u64 + 1) as u32;
+        let retry = |n: u32| pb::Message {
+            client_msg_id: cmid(n),
+            ..Default::default()
+        };
+        match s.append_message("c", retry(oldest), &retention(0, window)) {
+            Ok(Appended::Duplicate(ack)) => assert_eq!(ack.seq, oldest as u64),
+            other => panic!("expected duplicate, got {other:?}"),
+        }
+        let m = stored(
+            s.append_message("c", retry(oldest - 1), &retention(0, window))
+                .unwrap(),
+        );
+        assert_eq!(m.seq, last + 1);
+        // History reads see the contiguous window across chunk boundaries.
+        let slice = s.messages_before("c", 0, 2 * CHUNK).unwrap();
+        let seqs: Vec<u64> = slice.messages.iter().map(|m| m.seq).collect();
+        let want: Vec<u64> = (last + 2 - 2 * CHUNK as u64..=last + 1).collect();
+        assert_eq!(seqs, want);
+        assert!(slice.has_more);
     }
 
     #[test]

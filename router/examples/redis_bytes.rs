@@ -1,0 +1,69 @@
+//! Redis `used_memory` per stored message with today's `RedisStore`
+//! (history ZSET trimmed to the window + one dedup key per message, 24 h).
+//!
+//! `cargo run -p palaver-router --example redis_bytes -- [N] [C]`
+//! (default 1,000,000 messages over 10 conversations; starts its own
+//! redis-server on a free loopback port).
+
+use palaver_protocol::pb;
+use palaver_router::redis_store::{RedisConfig, RedisStore};
+use palaver_router::store::{ConversationStore, Retention};
+use palaver_tools::stack::Redis;
+
+fn used_memory(url: &str) -> u64 {
+    let client = redis::Client::open(url).unwrap();
+    let mut con = client.get_connection().unwrap();
+    let info: String = redis::cmd("INFO").arg("memory").query(&mut con).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn dbsize(url: &str) -> u64 {
+    let client = redis::Client::open(url).unwrap();
+    let mut con = client.get_connection().unwrap();
+    redis::cmd("DBSIZE").query(&mut con).unwrap()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let n: u64 = args.get(1).map_or(1_000_000, |a| a.parse().expect("N"));
+    let c: u64 = args.get(2).map_or(10, |a| a.parse().expect("C"));
+    let redis = Redis::start().expect("redis-server");
+    let url = redis.url();
+    let mut store = RedisStore::connect(RedisConfig::standalone(url.clone())).unwrap();
+    let before = used_memory(&url);
+    for i in 0..n {
+        let conv = format!("conv-{}", i % c);
+        let mut cmid = [0u8; 16];
+        cmid[..8].copy_from_slice(&i.to_le_bytes());
+        let m = pb::Message {
+            conversation_id: conv.clone(),
+            client_msg_id: cmid.to_vec(),
+            message_id: format!("{i:026}"),
+            sender_user_id: "alice".into(),
+            server_time_ms: 1_700_000_000_000 + i as i64,
+            body: b"0123456789abcdef".to_vec(),
+            ..Default::default()
+        };
+        let retention = Retention {
+            now_ms: 1_700_000_000_000 + i as i64,
+            dedup_ttl_ms: 24 * 60 * 60 * 1000,
+            history_window: 10_000,
+        };
+        store.append_message(&conv, m, &retention).unwrap();
+        if (i + 1) % (n / 4).max(1) == 0 {
+            let used = used_memory(&url);
+            println!(
+                "after {:>9} messages: used_memory +{} bytes ({:.1} bytes/message passed), {} keys",
+                i + 1,
+                used - before,
+                (used - before) as f64 / (i + 1) as f64,
+                dbsize(&url)
+            );
+        }
+    }
+}
