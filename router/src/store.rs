@@ -123,6 +123,11 @@ pub trait ConversationStore {
     ///    `server_time_ms`, all taken from the message) as dedup entry with
     ///    TTL `retention.dedup_ttl_ms`. Return [`Appended::Stored`].
     ///
+    /// A store must deduplicate at least while the original is inside the
+    /// history window and younger than the TTL (SPEC §6); it may forget the
+    /// entry once either bound passes (`MemoryStore` drops it with the
+    /// message, `RedisStore` keeps it for the TTL).
+    ///
     /// The caller fills every other field of `message` (`message_id`,
     /// sender, `server_time_ms`, ...); the store keeps it as given.
     fn append_message(
