@@ -196,7 +196,7 @@ pub enum BackendConfig {
     #[default]
     Embedded,
     /// The router tier: writes through Kafka, state in Redis
-    /// (`palaver_gateway::bridge`).
+    /// (`palaver_router::bridge`).
     Kafka {
         /// Kafka bootstrap servers, `host:port[,host:port...]`.
         brokers: String,

@@ -11,7 +11,6 @@
 //! HTTP thread ([`admin`]); the binary's main thread waits for signals.
 
 pub mod admin;
-pub mod bridge;
 pub mod config;
 pub mod core;
 pub mod metrics;

@@ -284,7 +284,7 @@ impl Drop for GatewayHandle {
 pub fn build_backend(config: &Config) -> Arc<dyn Backend> {
     match &config.backend {
         crate::config::BackendConfig::Kafka { brokers, redis } => Arc::new(
-            crate::bridge::KafkaRedisBridge::from_spec(brokers, redis)
+            palaver_router::bridge::KafkaRedisBridge::from_spec(brokers, redis)
                 .with_presence_visibility(config.presence_visibility),
         ),
         crate::config::BackendConfig::Embedded => {

@@ -16,10 +16,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use palaver_gateway::bridge::{BridgeConfig, KafkaRedisBridge};
 use palaver_gateway::config::BackendConfig;
 use palaver_gateway::{auth, devcerts, Config, GatewayHandle};
 use palaver_protocol::pb::{self, frame::Body};
+use palaver_router::bridge::{BridgeConfig, KafkaRedisBridge};
 use palaver_router::kafka::worker::{RouterWorker, WorkerConfig};
 use palaver_router::redis_store::RedisConfig;
 use palaver_tools::client::{new_client_msg_id, Client, ConnectOptions};

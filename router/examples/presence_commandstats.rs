@@ -19,10 +19,10 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use palaver_gateway::bridge::{BridgeConfig, KafkaRedisBridge};
 use palaver_gateway::config::BackendConfig;
 use palaver_gateway::{auth, devcerts, Config, GatewayHandle};
 use palaver_protocol::pb::{self, frame::Body};
+use palaver_router::bridge::{BridgeConfig, KafkaRedisBridge};
 use palaver_router::redis_store::RedisConfig;
 use palaver_tools::client::{Client, ConnectOptions};
 use palaver_tools::stack::{Kafka, Redis, WorkDir};

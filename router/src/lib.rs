@@ -10,8 +10,12 @@
 //! - [`memory`]: the in-memory store.
 //! - [`embedded`]: [`EmbeddedEngine`], the router on a worker thread behind
 //!   an in-process channel, implementing `Backend`.
+//! - [`bridge`]: [`bridge::KafkaRedisBridge`], the other `Backend`: writes
+//!   through Kafka to `palaver-router` workers ([`kafka`]), reads and presence
+//!   from Redis ([`redis_store`]), deliveries back from this gateway's topic.
 
 pub mod api;
+pub mod bridge;
 pub mod bus;
 pub mod embedded;
 mod group_id;

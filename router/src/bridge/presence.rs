@@ -12,7 +12,7 @@
 //!   gateway's subscriber thread fans them out to ITS local watchers.
 //! - Watches (PresenceSubscribe) live in memory here, per gateway, with the
 //!   user of each watching connection: the subscriber thread applies the
-//!   presence visibility rule (`palaver_router::logic::presence_visible`,
+//!   presence visibility rule (`crate::logic::presence_visible`,
 //!   SPEC §10) when it fans an event out, one `SMEMBERS` plus one pipelined
 //!   `SMISMEMBER` round trip per changed user that has local watchers.
 
@@ -22,15 +22,15 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::api::{DeliverySink, Outbound, Session, SessionAddr};
+use crate::kafka::records::PresenceChanges;
+use crate::logic::presence_visible;
+use crate::redis_store::{RedisConfig, RedisStore, SessionChange, PRESENCE_CHANNEL};
+use crate::Clock;
+use crate::PresenceVisibility;
+use crate::SystemClock;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use palaver_protocol::pb::{self, frame::Body};
-use palaver_router::api::{DeliverySink, Outbound, Session, SessionAddr};
-use palaver_router::kafka::records::PresenceChanges;
-use palaver_router::logic::presence_visible;
-use palaver_router::redis_store::{RedisConfig, RedisStore, SessionChange, PRESENCE_CHANNEL};
-use palaver_router::Clock;
-use palaver_router::PresenceVisibility;
-use palaver_router::SystemClock;
 use prost::Message as _;
 
 /// Presence timing.
@@ -611,7 +611,7 @@ impl Subscriber {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use palaver_router::store::UserStore;
+    use crate::store::UserStore;
 
     struct NoSink;
     impl DeliverySink for NoSink {

@@ -13,8 +13,8 @@
 //!   threads — never on core threads.
 //! - Presence is batched per gateway ([`presence`]).
 //!
-//! [`api::Backend`]: palaver_router::api::Backend
-//! [`Command::partition_key`]: palaver_router::bus::Command::partition_key
+//! [`api::Backend`]: crate::api::Backend
+//! [`Command::partition_key`]: crate::bus::Command::partition_key
 
 pub mod presence;
 
@@ -23,16 +23,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::api::{Backend, BackendError, DeliverySink, Inbound, Outbound, Session, SessionAddr};
+use crate::bus::{Command, Output};
+use crate::kafka;
+use crate::logic::{PresenceVisibility, Router, RouterConfig, SystemClock};
+use crate::redis_store::{RedisConfig, RedisStore};
 use crossbeam_channel::{Receiver, Sender};
 use palaver_protocol::pb::{self, frame::Body, ErrorCode};
 use palaver_protocol::{send_error_reply, sent_client_msg_id, BodyKind};
-use palaver_router::api::{
-    Backend, BackendError, DeliverySink, Inbound, Outbound, Session, SessionAddr,
-};
-use palaver_router::bus::{Command, Output};
-use palaver_router::kafka;
-use palaver_router::logic::{PresenceVisibility, Router, RouterConfig, SystemClock};
-use palaver_router::redis_store::{RedisConfig, RedisStore};
 use prost::Message as _;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -297,7 +295,7 @@ impl Backend for KafkaRedisBridge {
             .set("bootstrap.servers", &config.brokers)
             .set("group.id", format!("palaver-gateway-{gateway_id}"))
             .set("enable.auto.commit", "false")
-            // Long poll (see palaver_router::kafka::FETCH_WAIT_MAX_MS).
+            // Long poll (see crate::kafka::FETCH_WAIT_MAX_MS).
             .set("fetch.min.bytes", "1")
             .set("fetch.wait.max.ms", kafka::FETCH_WAIT_MAX_MS)
             .set("reconnect.backoff.max.ms", kafka::RECONNECT_BACKOFF_MAX_MS)
