@@ -10,6 +10,9 @@
 //! A small crate of its own so the CLI and the bench can make tokens and dev
 //! certificates without compiling the gateway (and its Kafka client).
 
+#![forbid(unsafe_code)]
+#![deny(clippy::unwrap_used)]
+
 pub mod auth;
 pub mod devcerts;
 pub mod minter;

@@ -265,6 +265,7 @@ pub fn derive_max_connections(nofile: u64) -> u32 {
 /// soft limit in force afterwards. If raising fails, the current soft limit
 /// is returned unchanged.
 #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 on every target
+#[allow(unsafe_code)] // two libc calls on a struct we own; see SAFETY below
 pub fn raise_nofile_limit() -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -439,6 +440,7 @@ mod tests {
 
     #[test]
     #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 on every target
+    #[allow(unsafe_code)] // reads the limit back with getrlimit
     fn connection_cap_follows_the_file_limit() {
         assert_eq!(derive_max_connections(20_000), 20_000 - 256);
         assert_eq!(derive_max_connections(1_048_576), 1_048_576 - 256);

@@ -10,6 +10,10 @@
 //! listener ([`core`]); backend answers come back through [`sink`]; an admin
 //! HTTP thread ([`admin`]); the binary's main thread waits for signals.
 
+// The only unsafe code: raising RLIMIT_NOFILE (config.rs), allowed there.
+#![deny(unsafe_code)]
+#![deny(clippy::unwrap_used)]
+
 pub mod admin;
 pub mod config;
 pub mod core;

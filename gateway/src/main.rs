@@ -3,6 +3,9 @@
 //! a `[backend]` of kind `kafka`, one gateway of the Kafka/Redis tier. The
 //! start-up banner names the backend that runs.
 
+#![forbid(unsafe_code)]
+#![deny(clippy::unwrap_used)]
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;

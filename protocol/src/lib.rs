@@ -5,6 +5,9 @@
 //! Also owns the small rules every component needs: error-code classes,
 //! frame constructors, conversation id and user/device id syntax.
 
+#![forbid(unsafe_code)]
+#![deny(clippy::unwrap_used)]
+
 pub mod bodies;
 pub mod codec;
 pub mod limits;

@@ -14,6 +14,9 @@
 //!   through Kafka to `palaver-router` workers ([`kafka`]), reads and presence
 //!   from Redis ([`redis_store`]), deliveries back from this gateway's topic.
 
+#![forbid(unsafe_code)]
+#![deny(clippy::unwrap_used)]
+
 pub mod api;
 pub mod bridge;
 pub mod bus;

@@ -5,6 +5,9 @@
 //! certificates and tokens come from `palaver_credentials`, the crate the
 //! gateway verifies with, so the CLI and the gateway agree.
 
+// The only unsafe code: libc::kill in stack.rs, allowed there.
+#![deny(unsafe_code)]
+
 pub mod client;
 pub mod decode;
 pub mod stack;

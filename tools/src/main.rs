@@ -1,6 +1,8 @@
 //! `palaver`: developer CLI for Palaver (dev certificates, tokens, a terminal
 //! chat client, a frame decoder).
 
+#![forbid(unsafe_code)]
+
 use std::io::{BufRead, Read};
 use std::path::PathBuf;
 use std::sync::mpsc;

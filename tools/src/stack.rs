@@ -572,6 +572,7 @@ fn kafka_cluster_id() -> String {
 }
 
 /// Sends a signal to a process (SIGSTOP/SIGCONT for stall tests).
+#[allow(unsafe_code)] // kill(2); see SAFETY below
 pub fn signal(pid: u32, sig: libc::c_int) -> Result<()> {
     // SAFETY: kill(2) has no memory-safety preconditions.
     let rc = unsafe { libc::kill(pid as libc::pid_t, sig) };

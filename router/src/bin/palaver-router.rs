@@ -2,6 +2,9 @@
 //! as you like with the same `--group`; they share the partitions of
 //! `palaver.inbound`.
 
+#![forbid(unsafe_code)]
+#![deny(clippy::unwrap_used)]
+
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
