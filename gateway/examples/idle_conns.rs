@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use palaver_gateway::{auth, devcerts};
-use palaver_tools::client::{Client, ConnectOptions};
+use palaver_testkit::client::{Client, ConnectOptions};
 
 fn arg(name: &str, default: &str) -> String {
     let args: Vec<String> = std::env::args().collect();

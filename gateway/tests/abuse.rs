@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use palaver_protocol::pb::{self, frame::Body};
 use palaver_protocol::{encode_frame, frame};
-use palaver_tools::client::{new_client_msg_id, Client};
+use palaver_testkit::client::{new_client_msg_id, Client};
 
 /// Bytes one read round can add to a connection's output beyond
 /// `max_outbound_bytes`: one 64 KiB read of requests whose replies are at

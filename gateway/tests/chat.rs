@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use palaver_protocol::pb::{self, frame::Body};
-use palaver_tools::client::{text_send, Client};
+use palaver_testkit::client::{text_send, Client};
 
 fn deliver_of(f: &pb::Frame) -> Option<&pb::Message> {
     match &f.body {

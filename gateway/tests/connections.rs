@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use palaver_gateway::auth;
 use palaver_protocol::pb::{self, frame::Body};
-use palaver_tools::client::{text_send, Client, ClientError};
+use palaver_testkit::client::{text_send, Client, ClientError};
 
 #[test]
 fn handshake_alpn_hello_and_ping() {

@@ -10,7 +10,7 @@ use common::*;
 use palaver_gateway::{Config, GatewayHandle};
 use palaver_protocol::pb::{self, frame::Body};
 use palaver_router::api::{Backend, BackendError, DeliverySink, Inbound, Outbound, Session};
-use palaver_tools::client::{Client, ConnectOptions};
+use palaver_testkit::client::{Client, ConnectOptions};
 
 #[derive(Default)]
 struct Recording {

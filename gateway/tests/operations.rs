@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use palaver_gateway::devcerts;
 use palaver_protocol::pb::{self, frame::Body};
-use palaver_tools::client::{Client, ConnectOptions};
+use palaver_testkit::client::{Client, ConnectOptions};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};

@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::*;
 use palaver_protocol::pb::{self, frame::Body};
 use palaver_router::PresenceVisibility;
-use palaver_tools::client::Client;
+use palaver_testkit::client::Client;
 
 fn presences(c: &mut Client, body: Body) -> Vec<(String, bool, i64)> {
     let id = c.request(body).unwrap();

@@ -22,8 +22,8 @@ use palaver_protocol::pb::{self, frame::Body};
 use palaver_router::bridge::{BridgeConfig, KafkaRedisBridge};
 use palaver_router::kafka::worker::{RouterWorker, WorkerConfig};
 use palaver_router::redis_store::RedisConfig;
-use palaver_tools::client::{new_client_msg_id, Client, ConnectOptions};
-use palaver_tools::stack::{Kafka, Redis, WorkDir};
+use palaver_testkit::client::{new_client_msg_id, Client, ConnectOptions};
+use palaver_testkit::stack::{Kafka, Redis, WorkDir};
 
 fn gateway(id: &str, dir: &WorkDir, kafka: &Kafka, redis: &Redis) -> GatewayHandle {
     let mut config = Config::default();

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use palaver_router::kafka::{producer_config, FETCH_WAIT_MAX_MS};
-use palaver_tools::stack::{create_topic, Kafka};
+use palaver_testkit::stack::{create_topic, Kafka};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;

@@ -24,8 +24,8 @@ use palaver_gateway::{auth, devcerts, Config, GatewayHandle};
 use palaver_protocol::pb::{self, frame::Body};
 use palaver_router::bridge::{BridgeConfig, KafkaRedisBridge};
 use palaver_router::redis_store::RedisConfig;
-use palaver_tools::client::{Client, ConnectOptions};
-use palaver_tools::stack::{Kafka, Redis, WorkDir};
+use palaver_testkit::client::{Client, ConnectOptions};
+use palaver_testkit::stack::{Kafka, Redis, WorkDir};
 
 const HEARTBEAT: Duration = Duration::from_secs(15);
 const WINDOW: Duration = Duration::from_secs(60);

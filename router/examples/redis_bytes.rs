@@ -8,7 +8,7 @@
 use palaver_protocol::pb;
 use palaver_router::redis_store::{RedisConfig, RedisStore};
 use palaver_router::store::{ConversationStore, Retention};
-use palaver_tools::stack::Redis;
+use palaver_testkit::stack::Redis;
 
 fn used_memory(url: &str) -> u64 {
     let client = redis::Client::open(url).unwrap();

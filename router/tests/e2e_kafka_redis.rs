@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use e2e::*;
 use palaver_protocol::pb::{self, frame::Body};
 use palaver_router::kafka::{records, PUSH_TOPIC};
-use palaver_tools::client::{new_client_msg_id, text_send, Client};
+use palaver_testkit::client::{new_client_msg_id, text_send, Client};
 use prost::Message as _;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};

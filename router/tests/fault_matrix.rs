@@ -17,7 +17,7 @@ use e2e::traffic::Traffic;
 use e2e::{send_reliably, Stack};
 use palaver_protocol::pb::{self, frame::Body};
 use palaver_router::kafka::INBOUND_TOPIC;
-use palaver_tools::client::Client;
+use palaver_testkit::client::Client;
 
 const SENDERS: usize = 4;
 const PER_SENDER: usize = 60;

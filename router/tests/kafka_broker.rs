@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use palaver_tools::stack::Kafka;
+use palaver_testkit::stack::Kafka;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::Message;

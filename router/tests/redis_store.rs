@@ -1,5 +1,5 @@
 //! RedisStore against a real redis-server and a real 3-master Redis Cluster
-//! (started by palaver_tools::stack on free loopback ports). Every check runs
+//! (started by palaver_testkit::stack on free loopback ports). Every check runs
 //! on both.
 
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use palaver_router::bus::{Command, Output};
 use palaver_router::logic::{ManualClock, Router, RouterConfig};
 use palaver_router::redis_store::{RedisConfig, RedisStore, SessionChange};
 use palaver_router::store::{Appended, ConversationStore, RangeRead, SessionStore, UserPresence};
-use palaver_tools::stack::{Redis, RedisCluster};
+use palaver_testkit::stack::{Redis, RedisCluster};
 
 mod contract;
 use contract::*;

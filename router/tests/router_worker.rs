@@ -14,7 +14,7 @@ use palaver_router::kafka::worker::{RouterWorker, WorkerConfig};
 use palaver_router::kafka::{self, records, DLQ_TOPIC, INBOUND_TOPIC};
 use palaver_router::logic::{Clock, SystemClock};
 use palaver_router::redis_store::RedisConfig;
-use palaver_tools::stack::{Kafka, Redis};
+use palaver_testkit::stack::{Kafka, Redis};
 use prost::Message as _;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};

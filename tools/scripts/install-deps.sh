@@ -4,11 +4,11 @@
 #   - Apache Kafka (broker, KRaft) from Maven Central: org.apache.kafka:kafka_2.13
 #     and its runtime dependencies, copied by Maven from tools/kafka/pom.xml into
 #     ~/.cache/palaver/kafka-<version>/libs (run as `java -cp 'libs/*' kafka.Kafka`
-#     by tools/src/stack.rs). Needs a JDK >= 17 (`java`) and Maven (`mvn`).
+#     by testkit/src/stack.rs). Needs a JDK >= 17 (`java`) and Maven (`mvn`).
 # Idempotent: anything already present is left alone.
 set -euo pipefail
 
-# Keep in step with KAFKA_VERSION in tools/src/stack.rs and tools/kafka/pom.xml.
+# Keep in step with KAFKA_VERSION in testkit/src/stack.rs and tools/kafka/pom.xml.
 KAFKA_VERSION="${KAFKA_VERSION:-4.1.1}"
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
 CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/palaver/kafka-$KAFKA_VERSION"

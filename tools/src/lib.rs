@@ -1,13 +1,10 @@
-//! Library part of the `palaver` CLI: the blocking client ([`client`]) used
-//! by `palaver chat` and by the gateway's integration tests, the frame
-//! decoder behind `palaver decode`, and [`stack`], which starts real Redis /
-//! Redis Cluster / Apache Kafka processes for tests and `palaver cluster`. Dev
-//! certificates and tokens come from `palaver_credentials`, the crate the
-//! gateway verifies with, so the CLI and the gateway agree.
+//! Library part of the `palaver` CLI: the frame decoder behind `palaver
+//! decode`. The blocking client and the process stack (`palaver chat`,
+//! `palaver cluster`) live in `palaver-testkit`, re-exported here under
+//! their old paths; dev certificates and tokens come from
+//! `palaver_credentials`, the crate the gateway verifies with.
 
-// The only unsafe code: libc::kill in stack.rs, allowed there.
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
-pub mod client;
 pub mod decode;
-pub mod stack;
+pub use palaver_testkit::{client, stack};

@@ -12,7 +12,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use palaver_credentials::{devcerts, TokenMinter};
 use palaver_protocol::pb::{self, frame::Body};
-use palaver_tools::client::{text_send, Client, ConnectOptions};
+use palaver_testkit::client::{text_send, Client, ConnectOptions};
 
 #[derive(Parser)]
 #[command(name = "palaver", version, about = "Palaver developer tools")]
@@ -515,7 +515,7 @@ fn show(
 }
 
 fn cluster(action: ClusterAction, dir: &std::path::Path) -> anyhow::Result<()> {
-    use palaver_tools::stack;
+    use palaver_testkit::stack;
     match action {
         ClusterAction::Up { listen, data_dir } => {
             let procs = stack::cluster_up(dir, &data_dir, &listen)?;

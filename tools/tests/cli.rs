@@ -9,7 +9,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use palaver_gateway::{build_backend, Config, GatewayHandle};
-use palaver_tools::client::{Client, ConnectOptions};
+use palaver_testkit::client::{Client, ConnectOptions};
 
 const T: Duration = Duration::from_secs(15);
 

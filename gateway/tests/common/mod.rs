@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use palaver_gateway::metrics::CoreMetrics;
 use palaver_gateway::{auth, build_backend, devcerts, Config, GatewayHandle};
 use palaver_protocol::pb;
-use palaver_tools::client::{Client, ConnectOptions};
+use palaver_testkit::client::{Client, ConnectOptions};
 
 pub const T: Duration = Duration::from_secs(10);
 

@@ -652,7 +652,7 @@ mod tests {
     /// removal from the last shared conversation stops it.
     #[test]
     fn fan_out_sends_events_only_to_watchers_who_may_see_them() {
-        let server = palaver_tools::stack::Redis::start().expect("start redis-server");
+        let server = palaver_testkit::stack::Redis::start().expect("start redis-server");
         let redis = RedisConfig::standalone(server.url());
         let mut store = RedisStore::connect(redis.clone()).unwrap();
         let bob = vec!["bob".to_string()];

@@ -19,8 +19,8 @@ use palaver_protocol::pb::{self, frame::Body};
 use palaver_router::bridge::presence::PresenceTiming;
 use palaver_router::bridge::{BridgeConfig, KafkaRedisBridge};
 use palaver_router::redis_store::RedisConfig;
-use palaver_tools::client::{new_client_msg_id, Client, ConnectOptions};
-use palaver_tools::stack::{Kafka, Redis, RedisCluster, WorkDir};
+use palaver_testkit::client::{new_client_msg_id, Client, ConnectOptions};
+use palaver_testkit::stack::{Kafka, Redis, RedisCluster, WorkDir};
 
 pub const T: Duration = Duration::from_secs(30);
 

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use palaver_gateway::auth;
 use palaver_protocol::pb::{self, frame::Body};
-use palaver_tools::client::{new_client_msg_id, Client, ClientError, ConnectOptions};
+use palaver_testkit::client::{new_client_msg_id, Client, ClientError, ConnectOptions};
 
 use super::Stack;
 

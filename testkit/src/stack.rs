@@ -677,7 +677,7 @@ impl Kafka {
         let rf = n.min(3);
         let min_isr = if n >= 3 { 2 } else { 1 };
         let config = format!(
-            "# Written by palaver-tools (tools/src/stack.rs).\n\
+            "# Written by palaver-testkit (testkit/src/stack.rs).\n\
              process.roles=broker,controller\n\
              node.id={id}\n\
              controller.quorum.voters={voters}\n\

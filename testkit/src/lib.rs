@@ -1,0 +1,12 @@
+//! Real parts on loopback ports, for the tests of every crate and for
+//! `palaver cluster`: [`stack`] starts Redis, Redis Cluster, Apache Kafka
+//! (single node or 3 brokers), `palaver-router` and `palaver-gateway`
+//! processes in a work directory and kills them by PID; [`client`] is a
+//! blocking TLS client of the Palaver protocol (tests, `palaver chat`).
+//! Never a mock: the tests that use it talk to the real servers.
+
+// The only unsafe code: libc::kill in stack.rs, allowed there.
+#![deny(unsafe_code)]
+
+pub mod client;
+pub mod stack;
