@@ -1035,7 +1035,7 @@ impl Ctx {
         if self.scratch.plain.is_empty() {
             return;
         }
-        let _driven = tls_io::drive(
+        let driven = tls_io::drive(
             &mut conn.tls,
             &mut conn.tls_in,
             &mut self.scratch.out,
@@ -1043,7 +1043,7 @@ impl Ctx {
             &self.scratch.plain,
         );
         // A partial record in tls_in is never complete here, so nothing was consumed.
-        debug_assert_eq!(_driven.consumed, 0);
+        debug_assert_eq!(driven.consumed, 0);
         self.scratch.plain.clear();
     }
 

@@ -43,22 +43,6 @@ pub fn request_cost(body: &Body) -> u32 {
     }
 }
 
-/// True for requests the backend answers with a response of their own
-/// (SPEC §3): these count against `max_requests_in_flight`. From the
-/// protocol's body table ([`BodyKind::expects_response`]).
-pub fn expects_response(body: &Body) -> bool {
-    BodyKind::of(body).expects_response()
-}
-
-/// True for a frame from the backend that answers one of this connection's
-/// requests. ConversationCreated/MembersChanged also reach a user's other
-/// devices as events (request_id 0), and an `Error` with request_id 0 is
-/// about the stream, so those count only with a request id. From the
-/// protocol's body table ([`palaver_protocol::bodies::Answers`]).
-pub fn answers_request(f: &pb::Frame) -> bool {
-    palaver_protocol::bodies::answers_request(f)
-}
-
 /// A token bucket in milli-tokens: `rate` tokens per second, burst `rate`.
 /// 8 bytes; time is the core clock in ms, truncated to u32 (wraps after 49
 /// days, which only shortens one refill).
@@ -172,7 +156,7 @@ impl RequestPolicy {
             self.typing_at_ms = now;
             return Admit::Forward;
         }
-        let tracked = expects_response(body);
+        let tracked = BodyKind::of(body).expects_response();
         if tracked && u32::from(self.in_flight) >= limits.max_requests_in_flight {
             if (now_ms as u32).wrapping_sub(self.last_answer_ms) < IN_FLIGHT_RESET_MS {
                 return Admit::Refuse(
@@ -221,7 +205,7 @@ impl RequestPolicy {
 
     /// A frame from the backend for this connection.
     pub fn on_delivery(&mut self, f: &pb::Frame, now_ms: u64) {
-        if answers_request(f) {
+        if palaver_protocol::bodies::answers_request(f) {
             self.in_flight = self.in_flight.saturating_sub(1);
             self.last_answer_ms = now_ms as u32;
         }
@@ -402,7 +386,7 @@ mod tests {
             user_ids: vec!["u".into(); 1000],
         });
         assert_eq!(request_cost(&q), 21);
-        assert!(expects_response(&q));
-        assert!(!expects_response(&typing("a", true)));
+        assert!(BodyKind::of(&q).expects_response());
+        assert!(!BodyKind::of(&typing("a", true)).expects_response());
     }
 }

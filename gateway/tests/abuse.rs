@@ -197,20 +197,12 @@ fn typing_flood_into_a_large_group_is_throttled_and_neighbours_unaffected() {
     };
 
     let mut abuser = t.login("abuser", "phone");
-    let id = abuser
-        .request(Body::CreateConversation(pb::CreateConversation {
-            kind: pb::ConversationKind::Group as i32,
-            title: "everyone".into(),
-            member_user_ids: (0..999).map(|i| format!("member{i}")).collect(),
-        }))
-        .unwrap();
-    let created = abuser
-        .recv_until(T, "ConversationCreated", |f| f.request_id == id)
-        .unwrap();
-    let group = match created.body {
-        Some(Body::ConversationCreated(c)) => c.conversation.unwrap().conversation_id,
-        other => panic!("expected ConversationCreated, got {other:?}"),
-    };
+    let members: Vec<String> = (0..999).map(|i| format!("member{i}")).collect();
+    let members: Vec<&str> = members.iter().map(String::as_str).collect();
+    let group = abuser
+        .create_group("everyone", &members, T)
+        .expect("ConversationCreated")
+        .conversation_id;
 
     let mut alice = t.login("alice", "phone");
     let _bob = t.login("bob", "phone");

@@ -48,21 +48,9 @@ fn subscribe(c: &mut Client, ids: &[&str]) -> Vec<(String, bool, i64)> {
 }
 
 fn create_group(c: &mut Client, members: &[&str]) -> String {
-    let id = c
-        .request(Body::CreateConversation(pb::CreateConversation {
-            kind: pb::ConversationKind::Group as i32,
-            title: "team".into(),
-            member_user_ids: members.iter().map(|s| s.to_string()).collect(),
-        }))
-        .unwrap();
-    match c
-        .recv_until(T, "ConversationCreated", |f| f.request_id == id)
-        .unwrap()
-        .body
-    {
-        Some(Body::ConversationCreated(c)) => c.conversation.unwrap().conversation_id,
-        other => panic!("expected ConversationCreated, got {other:?}"),
-    }
+    c.create_group("team", members, T)
+        .expect("ConversationCreated")
+        .conversation_id
 }
 
 /// Presence events received within `wait`, other frames dropped.

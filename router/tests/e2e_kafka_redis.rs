@@ -262,18 +262,7 @@ fn offline_user_gets_push_then_syncs_without_gap() {
 }
 
 fn presence_of(c: &mut Client, user: &str) -> pb::Presence {
-    let id = c
-        .request(Body::PresenceQuery(pb::PresenceQuery {
-            user_ids: vec![user.into()],
-        }))
-        .unwrap();
-    let f = c
-        .recv_until(T, "PresenceResult", |f| f.request_id == id)
-        .unwrap();
-    match f.body {
-        Some(Body::PresenceResult(mut r)) => r.presences.remove(0),
-        other => panic!("expected PresenceResult, got {other:?}"),
-    }
+    c.presence(user, T).expect("PresenceResult")
 }
 
 fn next_presence_event(c: &mut Client) -> pb::Presence {

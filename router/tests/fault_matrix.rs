@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use e2e::traffic::Traffic;
 use e2e::{send_reliably, Stack};
-use palaver_protocol::pb::{self, frame::Body};
+use palaver_protocol::pb;
 use palaver_router::kafka::INBOUND_TOPIC;
 use palaver_testkit::client::Client;
 
@@ -119,18 +119,7 @@ fn sigkill_a_gateway() {
 }
 
 fn presence_of(c: &mut Client, user: &str) -> pb::Presence {
-    let id = c
-        .request(Body::PresenceQuery(pb::PresenceQuery {
-            user_ids: vec![user.into()],
-        }))
-        .unwrap();
-    let f = c
-        .recv_until(e2e::T, "PresenceResult", |f| f.request_id == id)
-        .unwrap();
-    match f.body {
-        Some(Body::PresenceResult(mut r)) => r.presences.remove(0),
-        other => panic!("expected PresenceResult, got {other:?}"),
-    }
+    c.presence(user, e2e::T).expect("PresenceResult")
 }
 
 /// Not a test: the gateway process of `sigkill_a_gateway` (this binary run

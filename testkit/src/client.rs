@@ -319,6 +319,45 @@ impl Client {
         Ok(())
     }
 
+    /// Creates a group of this user and `members`; returns the conversation
+    /// as the server answered it (frames arriving meanwhile are dropped).
+    pub fn create_group(
+        &mut self,
+        title: &str,
+        members: &[&str],
+        timeout: Duration,
+    ) -> Result<pb::Conversation> {
+        let id = self.request(Body::CreateConversation(pb::CreateConversation {
+            kind: pb::ConversationKind::Group as i32,
+            title: title.into(),
+            member_user_ids: members.iter().map(|m| m.to_string()).collect(),
+        }))?;
+        let f = self.recv_until(timeout, "ConversationCreated", |f| f.request_id == id)?;
+        match f.body {
+            Some(Body::ConversationCreated(pb::ConversationCreated {
+                conversation: Some(c),
+            })) => Ok(c),
+            Some(Body::Error(e)) => Err(ClientError::Server(e)),
+            _ => Err(ClientError::Unexpected(Box::new(f))),
+        }
+    }
+
+    /// Presence of one user (PresenceQuery; frames arriving meanwhile are
+    /// dropped).
+    pub fn presence(&mut self, user: &str, timeout: Duration) -> Result<pb::Presence> {
+        let id = self.request(Body::PresenceQuery(pb::PresenceQuery {
+            user_ids: vec![user.into()],
+        }))?;
+        let f = self.recv_until(timeout, "PresenceResult", |f| f.request_id == id)?;
+        match f.body {
+            Some(Body::PresenceResult(mut r)) if r.presences.len() == 1 => {
+                Ok(r.presences.remove(0))
+            }
+            Some(Body::Error(e)) => Err(ClientError::Server(e)),
+            _ => Err(ClientError::Unexpected(Box::new(f))),
+        }
+    }
+
     /// Waits for the server to close the connection; returns the frames that
     /// arrived before the close (an Error or GoAway usually).
     pub fn expect_close(&mut self, timeout: Duration) -> Result<Vec<pb::Frame>> {

@@ -193,8 +193,9 @@ pub struct RouterWorker {
     clock: Arc<dyn Clock>,
     known_topics: HashSet<String>,
     stats: WorkerStats,
-    /// Next offset to commit per partition: processed, not yet committed.
-    pending_commit: HashMap<(String, i32), i64>,
+    /// Next offset to commit per `palaver.inbound` partition (the only topic
+    /// the worker consumes): processed, not yet committed.
+    pending_commit: HashMap<i32, i64>,
     last_commit: Instant,
 }
 
@@ -467,10 +468,8 @@ impl RouterWorker {
         // Everything the batch produced is durable: its offsets may be
         // committed.
         for record in &batch {
-            self.pending_commit.insert(
-                (record.topic().to_owned(), record.partition()),
-                record.offset() + 1,
-            );
+            self.pending_commit
+                .insert(record.partition(), record.offset() + 1);
         }
         self.commit_pending(false);
         self.stats.records += batch.len() as u64;
@@ -575,7 +574,6 @@ impl RouterWorker {
         }
     }
 
-    /// Seeks every partition of the batch back to its first record.
     /// Commits the processed offsets if `commit_interval` has passed (or
     /// `idle`: nothing is arriving, so there is no batch to fold them into).
     fn commit_pending(&mut self, idle: bool) {
@@ -589,12 +587,12 @@ impl RouterWorker {
         // owner's progress.
         let owned = self.consumer.assignment().unwrap_or_default();
         let mut offsets = TopicPartitionList::new();
-        for ((topic, partition), offset) in self.pending_commit.drain() {
-            if owned.find_partition(&topic, partition).is_none() {
+        let topic = super::INBOUND_TOPIC;
+        for (partition, offset) in self.pending_commit.drain() {
+            if owned.find_partition(topic, partition).is_none() {
                 continue;
             }
-            if let Err(e) = offsets.add_partition_offset(&topic, partition, Offset::Offset(offset))
-            {
+            if let Err(e) = offsets.add_partition_offset(topic, partition, Offset::Offset(offset)) {
                 tracing::warn!(router = %self.config.router_id, "offset list: {e}");
             }
         }
@@ -608,6 +606,7 @@ impl RouterWorker {
         }
     }
 
+    /// Seeks every partition of the batch back to its first record.
     fn rewind(&mut self, batch: &[OwnedMessage]) -> Result<(), String> {
         self.stats.replays += 1;
         let mut first: HashMap<(String, i32), i64> = HashMap::new();

@@ -425,18 +425,7 @@ pub fn next_deliver(c: &mut Client) -> pb::Message {
 }
 
 pub fn group_of(c: &mut Client, members: &[&str]) -> String {
-    let id = c
-        .request(Body::CreateConversation(pb::CreateConversation {
-            kind: pb::ConversationKind::Group as i32,
-            title: "team".into(),
-            member_user_ids: members.iter().map(|s| s.to_string()).collect(),
-        }))
-        .unwrap();
-    let f = c
-        .recv_until(T, "ConversationCreated", |f| f.request_id == id)
-        .unwrap();
-    match f.body {
-        Some(Body::ConversationCreated(cc)) => cc.conversation.unwrap().conversation_id,
-        other => panic!("expected ConversationCreated, got {other:?}"),
-    }
+    c.create_group("team", members, T)
+        .expect("ConversationCreated")
+        .conversation_id
 }
