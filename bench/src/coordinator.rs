@@ -335,18 +335,19 @@ impl Run {
             ScenarioKind::Connect => {
                 self.pump_for(self.config.hold.0)?;
             }
-            ScenarioKind::Chat | ScenarioKind::Fanout => {
+            ScenarioKind::ReconnectStorm => {
+                self.command(Command::Storm);
+                self.wait_phase(Phase::StormDone, timeout)?;
+                self.pump_for(settle)?;
+            }
+            // Every scenario that sends messages.
+            _ => {
                 self.command(Command::Setup);
                 self.wait_phase(Phase::Ready, timeout)?;
                 self.command(Command::Chat);
                 let send_and_grace =
                     self.config.duration.0 + self.config.grace.0 + Duration::from_secs(30);
                 self.wait_phase(Phase::ChatDone, send_and_grace)?;
-            }
-            ScenarioKind::ReconnectStorm => {
-                self.command(Command::Storm);
-                self.wait_phase(Phase::StormDone, timeout)?;
-                self.pump_for(settle)?;
             }
         }
         self.open_at_end = self.totals().open;
@@ -494,10 +495,7 @@ impl Run {
             total.failed,
             total.disconnected
         );
-        if matches!(
-            self.config.scenario,
-            ScenarioKind::Chat | ScenarioKind::Fanout
-        ) {
+        if self.config.scenario.sends_messages() {
             line += &format!(
                 "  sent/s {:>6.0}  deliv/s {:>7.0}  e2e p99 {:.1}ms",
                 sample.sent_per_s, sample.delivered_per_s, sample.e2e_p99_ms
@@ -618,31 +616,30 @@ impl Run {
             bench_bytes_per_connection: (peak_open > 0).then(|| peak_rss as f64 / peak_open as f64),
         };
         let config = self.config;
-        let chat =
-            matches!(config.scenario, ScenarioKind::Chat | ScenarioKind::Fanout).then(|| {
-                let send_s = config.duration.0.as_secs_f64();
-                let chat_span = match (reached(Phase::Chatting), reached(Phase::ChatDone)) {
-                    (Some(a), Some(b)) if b > a => b - a,
-                    _ => send_s,
-                };
-                ChatStats {
-                    conversations: self
-                        .workers
-                        .iter()
-                        .map(|w| {
-                            let u = w.plan.users();
-                            let directs = if config.direct_share > 0.0 { u / 2 } else { 0 };
-                            directs + w.plan.groups.len() as u64
-                        })
-                        .sum(),
-                    offered_rate: config.rate
-                        * self.workers.iter().map(|w| w.plan.users()).sum::<u64>() as f64
-                        / config.connections as f64,
-                    send_duration_s: send_s,
-                    acked_per_s: counters.acked as f64 / send_s,
-                    delivered_per_s: counters.delivered as f64 / chat_span,
-                }
-            });
+        let chat = config.scenario.sends_messages().then(|| {
+            let send_s = config.duration.0.as_secs_f64();
+            let chat_span = match (reached(Phase::Chatting), reached(Phase::ChatDone)) {
+                (Some(a), Some(b)) if b > a => b - a,
+                _ => send_s,
+            };
+            ChatStats {
+                conversations: self
+                    .workers
+                    .iter()
+                    .map(|w| {
+                        let u = w.plan.users();
+                        let directs = if config.direct_share > 0.0 { u / 2 } else { 0 };
+                        directs + w.plan.groups.len() as u64
+                    })
+                    .sum(),
+                offered_rate: config.rate
+                    * self.workers.iter().map(|w| w.plan.users()).sum::<u64>() as f64
+                    / config.connections as f64,
+                send_duration_s: send_s,
+                acked_per_s: counters.acked as f64 / send_s,
+                delivered_per_s: counters.delivered as f64 / chat_span,
+            }
+        });
         let storm = (config.scenario == ScenarioKind::ReconnectStorm).then(|| StormStats {
             dropped: counters.storm_dropped,
             reconnected: counters.storm_reconnected,

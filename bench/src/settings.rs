@@ -24,6 +24,16 @@ pub enum ScenarioKind {
     ReconnectStorm,
     /// One large group, all members online, a few senders.
     Fanout,
+    /// Pairs of users, one message in flight per pair: latency with no queue.
+    OneHop,
+}
+
+impl ScenarioKind {
+    /// Runs setup and a measured send phase (a worker `Scenario`), rather
+    /// than only holding or cycling connections.
+    pub fn sends_messages(self) -> bool {
+        matches!(self, Self::Chat | Self::Fanout | Self::OneHop)
+    }
 }
 
 impl fmt::Display for ScenarioKind {
@@ -33,6 +43,7 @@ impl fmt::Display for ScenarioKind {
             ScenarioKind::Chat => "chat",
             ScenarioKind::ReconnectStorm => "reconnect-storm",
             ScenarioKind::Fanout => "fanout",
+            ScenarioKind::OneHop => "one-hop",
         })
     }
 }
@@ -137,7 +148,7 @@ impl<'de> Deserialize<'de> for GroupMix {
 #[derive(clap::Args, Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
-    /// Scenario: connect, chat, reconnect-storm or fanout.
+    /// Scenario: connect, chat, reconnect-storm, fanout or one-hop.
     #[arg(long, value_enum)]
     pub scenario: Option<ScenarioKind>,
     /// Gateway address, HOST:PORT [default: 127.0.0.1:7443].
@@ -321,7 +332,7 @@ impl Settings {
     /// Fills in defaults and checks that the combination makes sense.
     pub fn resolve(self) -> Result<Config> {
         let scenario = self.scenario.context(
-            "no scenario: pass --scenario connect|chat|reconnect-storm|fanout or a scenario file",
+            "no scenario: pass --scenario connect|chat|reconnect-storm|fanout|one-hop or a scenario file",
         )?;
         let target_text = self.target.unwrap_or_else(|| "127.0.0.1:7443".into());
         let target = target_text
@@ -399,6 +410,7 @@ impl Settings {
         }
         let groups = match scenario {
             ScenarioKind::Fanout => GroupMix(vec![(group_size, workers as u32)]),
+            ScenarioKind::OneHop => GroupMix(Vec::new()),
             _ => self.groups.unwrap_or_else(|| GroupMix(vec![(10, 10)])),
         };
         let config = Config {
@@ -491,7 +503,7 @@ impl Config {
                     self.connections.div_ceil(fd_limit.saturating_sub(WORKER_FD_RESERVE).max(1))
                 );
             }
-            if matches!(self.scenario, ScenarioKind::Chat | ScenarioKind::Fanout) {
+            if self.scenario.sends_messages() {
                 let groups = self.worker_groups(i);
                 if let Some(&largest) = groups.iter().max() {
                     if u64::from(largest) > n {

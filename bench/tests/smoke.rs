@@ -172,3 +172,42 @@ fn missing_gateway_credentials_are_a_clear_error() {
     assert!(stderr.contains("start the gateway once"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `one-hop`: one message in flight per pair, so the pace caps the sends,
+/// and every send is acked and delivered exactly once, in order.
+#[test]
+fn one_hop_keeps_one_message_in_flight_per_pair() {
+    let dir = temp_dir("one-hop");
+    let gateway = Gateway::start(&dir.join("gateway"));
+    let out = dir.join("out");
+    let output = Command::new(bench_bin())
+        .args(["run", "--scenario", "one-hop", "--connections", "4"])
+        .args(["--workers", "1", "--rate", "100", "--duration", "2s"])
+        .args(["--settle", "200ms", "--grace", "5s"])
+        .args(["--target", &format!("127.0.0.1:{}", gateway.port)])
+        .arg("--data-dir")
+        .arg(&gateway.data_dir)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("running palaver-bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "bench failed\n{stdout}\n{stderr}");
+    let text = std::fs::read_to_string(out.join("report.json")).expect("report.json");
+    let r: serde_json::Value = serde_json::from_str(&text).expect("report is JSON");
+    let c = &r["counters"];
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"));
+    let sent = n(&c["sent"]);
+    // 2 pairs at 50 msg/s each for 2 s: the pace allows 200 (one more per
+    // pair at the edge); a loopback gateway keeps up with it.
+    assert!((180..=202).contains(&sent), "sent {sent}\n{stdout}");
+    assert_eq!(n(&c["acked"]), sent, "{stdout}");
+    assert_eq!(n(&c["delivered"]), sent, "{stdout}");
+    assert_eq!(n(&c["losses"]), 0, "{stdout}");
+    assert_eq!(n(&c["duplicates"]), 0, "{stdout}");
+    assert_eq!(n(&c["order_violations"]), 0, "{stdout}");
+    assert_eq!(n(&c["unexpected"]), 0, "{stdout}");
+    assert_eq!(n(&r["latency"]["e2e"]["count"]), sent);
+    let _ = std::fs::remove_dir_all(&dir);
+}

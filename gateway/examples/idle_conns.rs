@@ -11,7 +11,12 @@
 //! ```text
 //! cargo build --release -p palaver-gateway --examples
 //! target/release/examples/idle_conns --n 10000 [--backend none] [--cores 2] [--threads 2]
+//! target/release/examples/idle_conns --n 10000 --hold 300 [--heartbeat-ms 30000]
 //! ```
+//!
+//! `--hold S` keeps the connections open for S seconds with real heartbeats
+//! (every connection Pings at the announced pace) and reads the gateway's
+//! RSS at +10 s and at +S after the ramp: idle memory must not creep.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -94,6 +99,151 @@ fn open(
         .collect()
 }
 
+/// Starts the gateway child; returns it, its pid, its address and data dir.
+fn spawn_gateway(
+    cores: &str,
+    backend: &str,
+    heartbeat_ms: &str,
+) -> (std::process::Child, u32, SocketAddr, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("palaver-idle-{}", std::process::id()));
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--serve", "--cores", cores, "--backend", backend])
+        .args(["--heartbeat-ms", heartbeat_ms])
+        .arg("--data-dir")
+        .arg(&dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut banner = String::new();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    stdout.read_line(&mut banner).unwrap();
+    // Keep draining the gateway's stdout so it never blocks or hits EPIPE.
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    let addr: SocketAddr = banner
+        .split(" listening on ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    (child, pid, addr, dir)
+}
+
+/// Opens `n` sessions that keep their client TLS state, so they can Ping.
+fn open_clients(
+    n: usize,
+    threads: usize,
+    opts: &ConnectOptions,
+    secret: &[u8],
+    tag: &str,
+) -> Vec<Vec<Client>> {
+    let per = n.div_ceil(threads);
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let opts = opts.clone();
+            let secret = secret.to_vec();
+            let tag = tag.to_string();
+            std::thread::spawn(move || {
+                let config = opts.tls_config().unwrap();
+                (0..per)
+                    .take_while(|i| t * per + i < n)
+                    .map(|i| {
+                        let mut c = Client::connect_with(&opts, Arc::new((*config).clone()))
+                            .expect("connect");
+                        let token = auth::mint_hs256(&secret, &format!("{tag}{t}x{i}"), None, 3600);
+                        c.hello(&token, "phone", Duration::from_secs(30))
+                            .expect("hello");
+                        c
+                    })
+                    .collect()
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// `--hold S`: N sessions that heartbeat at the announced pace for S seconds;
+/// gateway RSS read at +10 s and +S after the ramp.
+fn hold_with_heartbeats(n: usize, threads: usize, cores: &str, backend: &str, hold: u64) {
+    let heartbeat_ms: u64 = arg("--heartbeat-ms", "30000").parse().unwrap();
+    let (mut child, pid, addr, dir) = spawn_gateway(cores, backend, &heartbeat_ms.to_string());
+    let ca = std::fs::read(dir.join(devcerts::CA_CERT_FILE)).unwrap();
+    let secret = devcerts::read_secret(&dir.join(devcerts::JWT_SECRET_FILE)).unwrap();
+    let opts = ConnectOptions::new(addr, ca);
+    let warm = open_clients(200, threads, &opts, &secret, "w");
+    std::thread::sleep(Duration::from_millis(500));
+    let rss_before = status_kb(pid, "VmRSS:");
+    let groups = open_clients(n, threads, &opts, &secret, "u");
+    let ramped = Instant::now();
+    let per_conn = |kb: u64| kb.saturating_sub(rss_before) as f64 * 1024.0 / n as f64;
+    println!("connections     {n} (+200 warm-up), heartbeat {heartbeat_ms} ms, gateway cores {cores}, backend {backend}");
+    println!("gateway VmRSS   {rss_before} KiB before the ramp");
+
+    // One pinger thread per group: each session Pings every heartbeat_ms / 2
+    // (well inside the 2.5x timeout) and reads its Pong, until `hold` ends.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pingers: Vec<_> = groups
+        .into_iter()
+        .chain(warm)
+        .map(|mut group| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut pings = 0u64;
+                let mut nonce = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let round = Instant::now();
+                    for c in group.iter_mut() {
+                        nonce += 1;
+                        c.ping(nonce, Duration::from_secs(30)).expect("pong");
+                        pings += 1;
+                    }
+                    let pace = Duration::from_millis(heartbeat_ms / 2);
+                    while round.elapsed() < pace && !stop.load(std::sync::atomic::Ordering::Relaxed)
+                    {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+                (group.len(), pings)
+            })
+        })
+        .collect();
+    let mut samples = vec![];
+    for at in [10, 60, 120, 180, 240, hold]
+        .into_iter()
+        .filter(|&s| s <= hold)
+    {
+        while ramped.elapsed() < Duration::from_secs(at) {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let kb = status_kb(pid, "VmRSS:");
+        println!(
+            "+{at:>4} s         VmRSS {kb} KiB = {:.0} bytes per connection",
+            per_conn(kb)
+        );
+        samples.push(kb);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut open, mut pings) = (0, 0);
+    for p in pingers {
+        let (o, k) = p.join().unwrap();
+        open += o;
+        pings += k;
+    }
+    println!("heartbeats      {pings} Ping/Pong round trips over {hold} s, all {open} sessions alive to the end");
+    if let (Some(first), Some(last)) = (samples.first(), samples.last()) {
+        println!(
+            "drift           {:+.0} bytes per connection from +10 s to +{hold} s",
+            per_conn(*last) - per_conn(*first)
+        );
+    }
+    drop(child.stdin.take());
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A backend that accepts sessions and answers nothing: isolates the
 /// gateway's own memory from the engine's (as with a remote backend).
 struct NullBackend;
@@ -120,7 +270,7 @@ fn serve() {
         data_dir: arg("--data-dir", ".palaver").into(),
         ..Default::default()
     };
-    config.limits.heartbeat_interval_ms = 3_600_000;
+    config.limits.heartbeat_interval_ms = arg("--heartbeat-ms", "3600000").parse().unwrap();
     config.limits.max_connections = 19_500;
     let backend: Arc<dyn palaver_router::api::Backend> = match arg("--backend", "embedded").as_str()
     {
@@ -143,29 +293,12 @@ fn main() {
     let threads: usize = arg("--threads", "2").parse().unwrap();
     let cores = arg("--cores", "2");
     let backend = arg("--backend", "embedded");
-    let dir = std::env::temp_dir().join(format!("palaver-idle-{}", std::process::id()));
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--serve", "--cores", &cores, "--backend", &backend])
-        .arg("--data-dir")
-        .arg(&dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let mut banner = String::new();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    stdout.read_line(&mut banner).unwrap();
-    // Keep draining the gateway's stdout so it never blocks or hits EPIPE.
-    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-    let addr: SocketAddr = banner
-        .split(" listening on ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .unwrap()
-        .parse()
-        .unwrap();
+    let hold: u64 = arg("--hold", "0").parse().unwrap();
+    if hold > 0 {
+        return hold_with_heartbeats(n, threads, &cores, &backend, hold);
+    }
+    // Heartbeats off: this run measures connections that stay silent.
+    let (mut child, pid, addr, dir) = spawn_gateway(&cores, &backend, "3600000");
     let ca = std::fs::read(dir.join(devcerts::CA_CERT_FILE)).unwrap();
     let secret = devcerts::read_secret(&dir.join(devcerts::JWT_SECRET_FILE)).unwrap();
     let opts = ConnectOptions::new(addr, ca);

@@ -3,6 +3,7 @@
 //! its worker thread. Never fails.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 
 use palaver_protocol::pb;
 
@@ -17,6 +18,13 @@ use crate::store::{
 pub struct MemoryStore {
     conversations: HashMap<String, ConversationState>,
     users: HashMap<String, UserState>,
+    /// Online devices and last seen, per user who ever had a session. Apart
+    /// from `users` so an idle user (the common case: online, no messages)
+    /// costs one small entry here and nothing there.
+    presence: HashMap<Box<str>, DevicesOnline>,
+    /// Gateway ids, shared by every device entry on that gateway (an embedded
+    /// node has one); an id goes when its last device does.
+    gateway_ids: HashSet<Arc<str>>,
     /// watching connection → watched users
     watching: HashMap<SessionAddr, HashSet<String>>,
     /// watched user → watching connections
@@ -221,16 +229,48 @@ struct GroupState {
 struct UserState {
     conversations: BTreeSet<String>,
     push_pending: HashSet<String>,
-    /// Online devices, ascending by device id. A Vec, not a map: users have
-    /// one to a few devices, and a BTreeMap's first node alone would cost
-    /// ~600 bytes per online user, which the embedded gateway pays per connection.
-    sessions: Vec<DeviceSession>,
+}
+
+/// A user's online devices, ascending by device id (a Vec, not a map: users
+/// have one to a few devices, and the embedded gateway pays this per
+/// connection: ~190 bytes for a one-device user with the map entry), and
+/// when the last one went offline.
+#[derive(Default)]
+struct DevicesOnline {
+    devices: Vec<DeviceOnline>,
     last_seen_ms: i64,
+}
+
+struct DeviceOnline {
+    device_id: Box<str>,
+    gateway_id: Arc<str>,
+    conn: u64,
+}
+
+impl DeviceOnline {
+    fn addr(&self) -> SessionAddr {
+        SessionAddr {
+            gateway_id: self.gateway_id.to_string(),
+            conn: self.conn,
+        }
+    }
+
+    fn is_at(&self, addr: &SessionAddr) -> bool {
+        self.conn == addr.conn && *self.gateway_id == *addr.gateway_id
+    }
 }
 
 impl MemoryStore {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Drops a device's hold on its gateway id; the id goes with the last.
+    fn release_gateway_id(&mut self, id: Arc<str>) {
+        // Held by the set and by `id`: no device entry holds it any more.
+        if Arc::strong_count(&id) == 2 {
+            self.gateway_ids.remove(&id);
+        }
     }
 }
 
@@ -515,62 +555,74 @@ impl UserStore for MemoryStore {
 
 impl SessionStore for MemoryStore {
     fn open_session(&mut self, session: &Session) -> StoreResult<SessionOpened> {
-        let user = self.users.entry(session.user_id.clone()).or_default();
-        let came_online = user.sessions.is_empty();
+        let gateway_id = match self.gateway_ids.get(session.addr.gateway_id.as_str()) {
+            Some(id) => id.clone(),
+            None => {
+                let id: Arc<str> = session.addr.gateway_id.as_str().into();
+                self.gateway_ids.insert(id.clone());
+                id
+            }
+        };
+        let user = match self.presence.get_mut(session.user_id.as_str()) {
+            Some(user) => user,
+            None => self
+                .presence
+                .entry(session.user_id.as_str().into())
+                .or_default(),
+        };
+        let came_online = user.devices.is_empty();
+        let device = DeviceOnline {
+            device_id: session.device_id.as_str().into(),
+            gateway_id,
+            conn: session.addr.conn,
+        };
         let previous = match user
-            .sessions
-            .binary_search_by(|d| d.device_id.as_str().cmp(&session.device_id))
+            .devices
+            .binary_search_by(|d| (*d.device_id).cmp(&session.device_id))
         {
-            Ok(i) => Some(std::mem::replace(
-                &mut user.sessions[i].addr,
-                session.addr.clone(),
-            )),
+            Ok(i) => Some(std::mem::replace(&mut user.devices[i], device)),
             Err(i) => {
-                user.sessions.insert(
-                    i,
-                    DeviceSession {
-                        device_id: session.device_id.clone(),
-                        addr: session.addr.clone(),
-                    },
-                );
+                user.devices.insert(i, device);
                 None
             }
         };
         if came_online {
             user.last_seen_ms = 0;
         }
+        let replaced = previous.and_then(|old| {
+            let addr = (!old.is_at(&session.addr)).then(|| old.addr());
+            self.release_gateway_id(old.gateway_id);
+            addr
+        });
         Ok(SessionOpened {
-            replaced: previous.filter(|addr| *addr != session.addr),
+            replaced,
             came_online,
         })
     }
 
     fn close_session(&mut self, session: &Session, at_ms: i64) -> StoreResult<SessionClosed> {
-        let Some(user) = self.users.get_mut(&session.user_id) else {
-            return Ok(SessionClosed {
-                removed: false,
-                went_offline: false,
-            });
+        let not_found = SessionClosed {
+            removed: false,
+            went_offline: false,
+        };
+        let Some(user) = self.presence.get_mut(session.user_id.as_str()) else {
+            return Ok(not_found);
         };
         let Some(i) = user
-            .sessions
+            .devices
             .iter()
-            .position(|d| d.device_id == session.device_id && d.addr == session.addr)
+            .position(|d| *d.device_id == *session.device_id && d.is_at(&session.addr))
         else {
-            return Ok(SessionClosed {
-                removed: false,
-                went_offline: false,
-            });
+            return Ok(not_found);
         };
-        user.sessions.remove(i);
-        if user.sessions.is_empty() {
-            // Give back the allocation: offline users should cost nothing here.
-            user.sessions = Vec::new();
-        }
-        let went_offline = user.sessions.is_empty();
+        let gone = user.devices.remove(i);
+        let went_offline = user.devices.is_empty();
         if went_offline {
+            // Give back the allocation: offline users should cost nothing here.
+            user.devices = Vec::new();
             user.last_seen_ms = at_ms;
         }
+        self.release_gateway_id(gone.gateway_id);
         Ok(SessionClosed {
             removed: true,
             went_offline,
@@ -580,9 +632,16 @@ impl SessionStore for MemoryStore {
     fn sessions_of_users(&mut self, user_ids: &[String]) -> StoreResult<Vec<Vec<DeviceSession>>> {
         Ok(user_ids
             .iter()
-            .map(|user_id| match self.users.get(user_id) {
+            .map(|user_id| match self.presence.get(user_id.as_str()) {
                 None => Vec::new(),
-                Some(user) => user.sessions.clone(),
+                Some(user) => user
+                    .devices
+                    .iter()
+                    .map(|d| DeviceSession {
+                        device_id: d.device_id.to_string(),
+                        addr: d.addr(),
+                    })
+                    .collect(),
             })
             .collect())
     }
@@ -590,9 +649,9 @@ impl SessionStore for MemoryStore {
     fn presence_of_users(&mut self, user_ids: &[String]) -> StoreResult<Vec<UserPresence>> {
         Ok(user_ids
             .iter()
-            .map(|user_id| match self.users.get(user_id) {
+            .map(|user_id| match self.presence.get(user_id.as_str()) {
                 None => UserPresence::default(),
-                Some(user) if !user.sessions.is_empty() => UserPresence {
+                Some(user) if !user.devices.is_empty() => UserPresence {
                     online: true,
                     last_seen_ms: 0,
                 },
@@ -835,5 +894,39 @@ mod tests {
                 last_seen_ms: 7
             }
         );
+    }
+
+    #[test]
+    fn gateway_ids_are_shared_and_go_with_the_last_device() {
+        let mut s = MemoryStore::new();
+        let session = |user: &str, device: &str, gateway: &str, conn| Session {
+            user_id: user.into(),
+            device_id: device.into(),
+            addr: SessionAddr {
+                gateway_id: gateway.into(),
+                conn,
+            },
+        };
+        let a = session("a", "phone", "g1", 1);
+        let b = session("b", "phone", "g1", 2);
+        let a_moved = session("a", "phone", "g2", 3);
+        s.open_session(&a).unwrap();
+        s.open_session(&b).unwrap();
+        assert_eq!(s.gateway_ids.len(), 1, "one shared id for g1");
+        // a reconnects through g2: replaces its g1 device, g1 stays for b.
+        let opened = s.open_session(&a_moved).unwrap();
+        assert_eq!(opened.replaced, Some(a.addr.clone()));
+        assert_eq!(s.gateway_ids.len(), 2);
+        s.close_session(&b, 9).unwrap();
+        assert_eq!(s.gateway_ids.len(), 1, "g1 went with its last device");
+        assert_eq!(
+            s.sessions_of_users(&["a".into()]).unwrap()[0],
+            vec![DeviceSession {
+                device_id: "phone".into(),
+                addr: a_moved.addr.clone(),
+            }]
+        );
+        s.close_session(&a_moved, 10).unwrap();
+        assert!(s.gateway_ids.is_empty());
     }
 }

@@ -21,8 +21,10 @@ use palaver_protocol::pb;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::hist;
+use super::scenario::{Outbox, Scenario, ScenarioReport};
+use crate::hist::{self, names};
 use crate::ipc::Counters;
+use palaver_protocol::pb::frame::Body;
 
 /// Request ids of CreateConversation are `FIRST_SETUP_REQUEST + conversation
 /// index`; Hello uses 1 and Sends use ids above the setup range.
@@ -107,12 +109,12 @@ pub struct Chat {
     msg_id_prefix: [u8; 8],
     pending_creates: usize,
     pending_acks: u64,
-    pub e2e: Histogram<u64>,
-    pub ack: Histogram<u64>,
+    e2e: Histogram<u64>,
+    ack: Histogram<u64>,
     /// e2e over the current progress interval (reset by the worker).
-    pub interval_e2e: Histogram<u64>,
-    pub send_errors: BTreeMap<String, u64>,
-    pub setup_failures: BTreeMap<String, u64>,
+    interval_e2e: Histogram<u64>,
+    send_errors: BTreeMap<String, u64>,
+    setup_failures: BTreeMap<String, u64>,
 }
 
 /// What the worker tells [`Chat::new`].
@@ -203,48 +205,6 @@ impl Chat {
         }
     }
 
-    /// CreateConversation requests for every group, from its creator.
-    pub fn setup(&mut self, user_id: impl Fn(u32) -> String) -> Vec<(u32, pb::Frame)> {
-        let mut out = Vec::new();
-        for &c in &self.groups {
-            let conv = &self.convs[c as usize];
-            let create = pb::CreateConversation {
-                kind: pb::ConversationKind::Group.into(),
-                title: format!("bench group {c}"),
-                member_user_ids: conv.members[1..].iter().map(|&m| user_id(m)).collect(),
-            };
-            out.push((
-                conv.members[0],
-                palaver_protocol::frame(
-                    FIRST_SETUP_REQUEST + c,
-                    pb::frame::Body::CreateConversation(create),
-                ),
-            ));
-        }
-        self.pending_creates = out.len();
-        out
-    }
-
-    /// Groups whose creation is still unanswered.
-    pub fn pending_creates(&self) -> usize {
-        self.pending_creates
-    }
-
-    /// A setup request could not be sent or failed: the group stays unused.
-    pub fn setup_failed(&mut self, slot: u32, request_id: u32, reason: String) -> bool {
-        let Some(c) = self.setup_request_conv(slot, request_id) else {
-            return false;
-        };
-        if self.convs[c as usize].id.is_none() {
-            self.pending_creates -= 1;
-            *self.setup_failures.entry(reason).or_default() += 1;
-            self.groups.retain(|&g| g != c);
-            // Never counted again, even if an answer turns up later.
-            self.convs[c as usize].id = Some(String::new());
-        }
-        true
-    }
-
     fn setup_request_conv(&self, slot: u32, request_id: u32) -> Option<u32> {
         let c = request_id.checked_sub(FIRST_SETUP_REQUEST)?;
         let conv = self.convs.get(c as usize)?;
@@ -253,96 +213,25 @@ impl Chat {
 
     /// A ConversationCreated frame arrived on `slot`. Only the answer to the
     /// creator's request counts; members may also be told about the group.
-    pub fn on_created(
+    fn on_created(
         &mut self,
         slot: u32,
         request_id: u32,
-        created: pb::ConversationCreated,
+        created: &pb::ConversationCreated,
         counters: &mut Counters,
     ) {
         let Some(c) = self.setup_request_conv(slot, request_id) else {
             return;
         };
         let conv = &mut self.convs[c as usize];
-        let Some(info) = created.conversation else {
+        let Some(info) = &created.conversation else {
             return;
         };
         if conv.id.is_none() {
             self.by_id.insert(info.conversation_id.clone(), c);
-            conv.id = Some(info.conversation_id);
+            conv.id = Some(info.conversation_id.clone());
             self.pending_creates -= 1;
             counters.groups_created += 1;
-        }
-    }
-
-    /// Starts the send schedule.
-    pub fn start(&mut self, now: Instant) {
-        let total = (self.rate * self.duration.as_secs_f64()).round() as u64;
-        self.schedule = Some(Schedule {
-            start: now,
-            nanos_per_message: 1e9 / self.rate,
-            total,
-            next: 0,
-        });
-    }
-
-    /// When the next send is due, while the schedule runs.
-    pub fn next_due(&self) -> Option<Instant> {
-        let s = self.schedule.as_ref()?;
-        (s.next < s.total).then(|| s.due(s.next))
-    }
-
-    /// The end of the schedule (after [`Chat::start`]).
-    pub fn schedule_end(&self) -> Option<Instant> {
-        self.schedule.as_ref().map(Schedule::end)
-    }
-
-    /// Every send due by `now`, as (sender slot, frame). Sends whose sender
-    /// has no session (`ready` says) are skipped and counted.
-    pub fn due_sends(
-        &mut self,
-        now: Instant,
-        ready: impl Fn(u32) -> bool,
-        counters: &mut Counters,
-        out: &mut Vec<(u32, pb::Frame)>,
-    ) {
-        loop {
-            let Some(s) = self.schedule.as_mut() else {
-                return;
-            };
-            if s.next >= s.total || s.due(s.next) > now {
-                return;
-            }
-            let k = s.next;
-            s.next += 1;
-            let scheduled = s.due(k);
-            let Some((c, pos)) = self.pick() else {
-                counters.send_skipped += 1;
-                continue;
-            };
-            let conv = &self.convs[c as usize];
-            let slot = conv.members[pos as usize];
-            if !ready(slot) {
-                counters.send_skipped += 1;
-                continue;
-            }
-            let send = pb::Send {
-                conversation_id: conv.id.clone().unwrap_or_default(),
-                client_msg_id: self.client_msg_id(k).to_vec(),
-                kind: pb::ContentKind::Text.into(),
-                body: self.body(scheduled, k),
-                ..Default::default()
-            };
-            // Request ids above the setup range, never 0.
-            let request_id = (FIRST_SETUP_REQUEST + self.convs.len() as u32)
-                .wrapping_add(k as u32)
-                .max(FIRST_SETUP_REQUEST + self.convs.len() as u32);
-            out.push((
-                slot,
-                palaver_protocol::frame(request_id, pb::frame::Body::Send(send)),
-            ));
-            counters.sent += 1;
-            self.pending_acks += 1;
         }
     }
 
@@ -402,7 +291,7 @@ impl Chat {
         Some(self.epoch + Duration::from_nanos(ns))
     }
 
-    pub fn on_ack(&mut self, slot: u32, ack: &pb::SendAck, now: Instant, counters: &mut Counters) {
+    fn on_ack(&mut self, slot: u32, ack: &pb::SendAck, now: Instant, counters: &mut Counters) {
         let (Some(k), Some(s)) = (self.message_number(&ack.client_msg_id), &self.schedule) else {
             counters.unexpected += 1;
             return;
@@ -424,17 +313,17 @@ impl Chat {
     }
 
     /// An Error frame answering one of our Sends.
-    pub fn on_send_error(&mut self, error: &pb::Error, counters: &mut Counters) {
+    fn on_send_error(&mut self, error: &pb::Error, counters: &mut Counters) -> bool {
         if self.message_number(&error.client_msg_id).is_none() {
-            counters.unexpected += 1;
-            return;
+            return false;
         }
         self.pending_acks = self.pending_acks.saturating_sub(1);
         counters.send_errors += 1;
         *self.send_errors.entry(error_name(error.code)).or_default() += 1;
+        true
     }
 
-    pub fn on_deliver(
+    fn on_deliver(
         &mut self,
         slot: u32,
         own_user_id: &str,
@@ -478,16 +367,126 @@ impl Chat {
 
     /// True once the schedule has run out, every send is answered and every
     /// expected delivery has arrived.
-    pub fn complete(&self, counters: &Counters) -> bool {
+    fn complete(&self, counters: &Counters) -> bool {
         self.next_due().is_none()
             && self.schedule.is_some()
             && self.pending_acks == 0
             && counters.delivered >= counters.expected_deliveries
     }
+}
+
+impl Scenario for Chat {
+    /// CreateConversation requests for every group, from its creator.
+    fn setup(&mut self, user_id: &dyn Fn(u32) -> String) -> Outbox {
+        let mut out = Vec::new();
+        for &c in &self.groups {
+            let conv = &self.convs[c as usize];
+            let create = pb::CreateConversation {
+                kind: pb::ConversationKind::Group.into(),
+                title: format!("bench group {c}"),
+                member_user_ids: conv.members[1..].iter().map(|&m| user_id(m)).collect(),
+            };
+            out.push((
+                conv.members[0],
+                palaver_protocol::frame(
+                    FIRST_SETUP_REQUEST + c,
+                    pb::frame::Body::CreateConversation(create),
+                ),
+            ));
+        }
+        self.pending_creates = out.len();
+        out
+    }
+
+    /// Groups whose creation is still unanswered.
+    fn pending_setup(&self) -> usize {
+        self.pending_creates
+    }
+
+    /// A setup request could not be sent or failed: the group stays unused.
+    fn setup_failed(&mut self, slot: u32, request_id: u32, reason: String) -> bool {
+        let Some(c) = self.setup_request_conv(slot, request_id) else {
+            return false;
+        };
+        if self.convs[c as usize].id.is_none() {
+            self.pending_creates -= 1;
+            *self.setup_failures.entry(reason).or_default() += 1;
+            self.groups.retain(|&g| g != c);
+            // Never counted again, even if an answer turns up later.
+            self.convs[c as usize].id = Some(String::new());
+        }
+        true
+    }
+
+    /// Starts the send schedule.
+    fn start(&mut self, now: Instant) {
+        let total = (self.rate * self.duration.as_secs_f64()).round() as u64;
+        self.schedule = Some(Schedule {
+            start: now,
+            nanos_per_message: 1e9 / self.rate,
+            total,
+            next: 0,
+        });
+    }
+
+    /// When the next send is due, while the schedule runs.
+    fn next_due(&self) -> Option<Instant> {
+        let s = self.schedule.as_ref()?;
+        (s.next < s.total).then(|| s.due(s.next))
+    }
+
+    /// Every send due by `now`, as (sender slot, frame). Sends whose sender
+    /// has no session (`ready` says) are skipped and counted.
+    fn due(
+        &mut self,
+        now: Instant,
+        ready: &dyn Fn(u32) -> bool,
+        counters: &mut Counters,
+        out: &mut Vec<(u32, pb::Frame)>,
+    ) {
+        loop {
+            let Some(s) = self.schedule.as_mut() else {
+                return;
+            };
+            if s.next >= s.total || s.due(s.next) > now {
+                return;
+            }
+            let k = s.next;
+            s.next += 1;
+            let scheduled = s.due(k);
+            let Some((c, pos)) = self.pick() else {
+                counters.send_skipped += 1;
+                continue;
+            };
+            let conv = &self.convs[c as usize];
+            let slot = conv.members[pos as usize];
+            if !ready(slot) {
+                counters.send_skipped += 1;
+                continue;
+            }
+            let send = pb::Send {
+                conversation_id: conv.id.clone().unwrap_or_default(),
+                client_msg_id: self.client_msg_id(k).to_vec(),
+                kind: pb::ContentKind::Text.into(),
+                body: self.body(scheduled, k),
+                ..Default::default()
+            };
+            // Request ids above the setup range, never 0.
+            let request_id = (FIRST_SETUP_REQUEST + self.convs.len() as u32)
+                .wrapping_add(k as u32)
+                .max(FIRST_SETUP_REQUEST + self.convs.len() as u32);
+            out.push((
+                slot,
+                palaver_protocol::frame(request_id, pb::frame::Body::Send(send)),
+            ));
+            counters.sent += 1;
+            self.pending_acks += 1;
+        }
+    }
 
     /// Final accounting: acked messages some member never received, and
     /// sends never answered.
-    pub fn finish(&self, counters: &mut Counters) {
+    fn finish(&self, counters: &mut Counters) {
         let mut losses = 0;
         for conv in &self.convs {
             for &(seq, sender) in &conv.acked {
@@ -501,6 +500,65 @@ impl Chat {
         }
         counters.losses = losses;
         counters.unacked = self.pending_acks;
+    }
+
+    fn on_frame(
+        &mut self,
+        slot: u32,
+        me: &str,
+        frame: &pb::Frame,
+        now: Instant,
+        counters: &mut Counters,
+    ) {
+        match &frame.body {
+            Some(Body::SendAck(ack)) => self.on_ack(slot, ack, now, counters),
+            Some(Body::Deliver(pb::Deliver {
+                message: Some(message),
+                ..
+            })) => self.on_deliver(slot, me, message, now, counters),
+            Some(Body::ConversationCreated(created)) => {
+                self.on_created(slot, frame.request_id, created, counters)
+            }
+            // Membership, receipts, typing and presence are not measured.
+            _ => {}
+        }
+    }
+
+    fn on_error(
+        &mut self,
+        slot: u32,
+        request_id: u32,
+        error: &pb::Error,
+        counters: &mut Counters,
+    ) -> bool {
+        if !error.client_msg_id.is_empty() {
+            self.on_send_error(error, counters)
+        } else {
+            self.setup_failed(
+                slot,
+                request_id,
+                format!("Error {}", error_name(error.code)),
+            )
+        }
+    }
+
+    fn drained(&self, counters: &Counters, now: Instant, grace: Duration) -> bool {
+        let end = self.schedule.as_ref().map_or(now, Schedule::end) + grace;
+        self.complete(counters) || now >= end
+    }
+
+    fn take_interval_p99_us(&mut self) -> u64 {
+        let p99 = self.interval_e2e.value_at_quantile(0.99);
+        self.interval_e2e.reset();
+        p99
+    }
+
+    fn report(self: Box<Self>) -> ScenarioReport {
+        ScenarioReport {
+            histograms: vec![(names::E2E, self.e2e), (names::ACK, self.ack)],
+            send_errors: self.send_errors,
+            setup_failures: self.setup_failures,
+        }
     }
 }
 
@@ -518,6 +576,7 @@ pub fn error_name(code: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::worker::scenario::Scenario;
 
     fn chat(users: u32, groups: Vec<u32>, direct_share: f64) -> Chat {
         Chat::new(
@@ -563,13 +622,13 @@ mod tests {
     fn accounting_finds_losses_duplicates_and_reordering() {
         let mut c = chat(3, vec![3], 0.0);
         let mut counters = Counters::default();
-        let setup = c.setup(|s| format!("u{s}"));
+        let setup = c.setup(&|s| format!("u{s}"));
         assert_eq!(setup.len(), 1);
         let (creator, frame) = &setup[0];
         c.on_created(
             *creator,
             frame.request_id,
-            pb::ConversationCreated {
+            &pb::ConversationCreated {
                 conversation: Some(pb::Conversation {
                     conversation_id: "grp:x".into(),
                     ..Default::default()
@@ -577,13 +636,13 @@ mod tests {
             },
             &mut counters,
         );
-        assert_eq!(c.pending_creates(), 0);
+        assert_eq!(c.pending_setup(), 0);
         let t0 = Instant::now();
         c.start(t0);
         let mut out = Vec::new();
-        c.due_sends(
+        c.due(
             t0 + Duration::from_secs(1),
-            |_| true,
+            &|_| true,
             &mut counters,
             &mut out,
         );
@@ -663,9 +722,9 @@ mod tests {
         let t0 = Instant::now();
         c.start(t0);
         let mut out = Vec::new();
-        c.due_sends(
+        c.due(
             t0 + Duration::from_secs(5),
-            |_| false,
+            &|_| false,
             &mut counters,
             &mut out,
         );

@@ -7,6 +7,8 @@
 //! slot under a new generation so that stale timers are ignored.
 
 pub mod chat;
+pub mod one_hop;
+pub mod scenario;
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
@@ -31,9 +33,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::hist::{self, names};
 use crate::ipc::{self, Command, Counters, Phase, WorkerFinal, WorkerMsg, WorkerPlan};
-use crate::settings::{ScenarioKind, WORKER_FD_RESERVE};
-use chat::{Chat, ChatPlan};
+use crate::settings::WORKER_FD_RESERVE;
 use palaver_credentials::TokenMinter;
+use scenario::{Outbox, Scenario};
 
 const WAKER: Token = Token(usize::MAX);
 const HELLO_REQUEST_ID: u32 = 1;
@@ -202,14 +204,16 @@ struct Worker {
     failures: BTreeMap<String, u64>,
     disconnects: BTreeMap<String, u64>,
     histograms: BTreeMap<&'static str, Histogram<u64>>,
-    chat: Option<Chat>,
+    /// What the sessions are used for; `None` when connections are the
+    /// whole workload (connect, reconnect-storm).
+    scenario: Option<Box<dyn Scenario>>,
     storm: Option<Storm>,
     peak_open: u64,
     peak_rss: u64,
     scratch: Vec<u8>,
     read_buf: Vec<u8>,
     frames: Vec<pb::Frame>,
-    outbox: Vec<(u32, pb::Frame)>,
+    outbox: Outbox,
 }
 
 impl Worker {
@@ -242,28 +246,8 @@ impl Worker {
                 dropped_at: None,
             })
             .collect();
-        let chat = match plan.config.scenario {
-            ScenarioKind::Chat | ScenarioKind::Fanout => {
-                let ids: Vec<&str> = users.iter().map(|u| u.id.as_str()).collect();
-                Some(Chat::new(
-                    ChatPlan {
-                        worker_index: plan.index as u32,
-                        epoch: started,
-                        users: users.len() as u32,
-                        group_sizes: plan.groups.clone(),
-                        direct_share: plan.config.direct_share,
-                        group_senders: (plan.config.scenario == ScenarioKind::Fanout)
-                            .then_some(plan.config.senders),
-                        body_bytes: plan.config.body_bytes as usize,
-                        rate: plan.share_of(plan.config.rate),
-                        duration: plan.config.duration.0,
-                        seed: plan.config.seed ^ plan.index as u64,
-                    },
-                    |slot| ids[slot as usize].to_string(),
-                ))
-            }
-            _ => None,
-        };
+        let ids: Vec<String> = users.iter().map(|u| u.id.clone()).collect();
+        let scenario = scenario::build(&plan, started, &ids);
         let histograms = names::ALL.iter().map(|&n| (n, hist::new())).collect();
         let conns = (0..users.len()).map(|_| None).collect();
         Ok(Worker {
@@ -289,7 +273,7 @@ impl Worker {
             failures: BTreeMap::new(),
             disconnects: BTreeMap::new(),
             histograms,
-            chat,
+            scenario,
             storm: None,
             peak_open: 0,
             peak_rss: 0,
@@ -307,7 +291,7 @@ impl Worker {
             let now = Instant::now();
             self.fire_timers(now);
             self.start_connects(now);
-            self.chat_tick(now);
+            self.scenario_tick(now);
             self.advance_phase(now);
             if now >= next_progress {
                 self.emit_progress(out)?;
@@ -320,7 +304,7 @@ impl Worker {
                 Some(next_progress),
                 self.timers.peek().map(|t| t.0.at),
                 self.next_connect_due(),
-                self.chat.as_ref().and_then(Chat::next_due),
+                self.scenario.as_ref().and_then(|s| s.next_due()),
             ]
             .into_iter()
             .flatten()
@@ -353,21 +337,21 @@ impl Worker {
         let now = Instant::now();
         match cmd {
             Command::Setup => {
-                let chat = self
-                    .chat
+                let scenario = self
+                    .scenario
                     .as_mut()
-                    .context("setup command outside a chat run")?;
-                let ids: Vec<String> = self.users.iter().map(|u| u.id.clone()).collect();
-                self.outbox = chat.setup(|slot| ids[slot as usize].clone());
+                    .context("setup command in a scenario that sends nothing")?;
+                let users = &self.users;
+                self.outbox = scenario.setup(&|slot| users[slot as usize].id.clone());
                 self.phase = Phase::SettingUp;
                 self.send_outbox();
             }
             Command::Chat => {
-                let chat = self
-                    .chat
+                let scenario = self
+                    .scenario
                     .as_mut()
-                    .context("chat command outside a chat run")?;
-                chat.start(now);
+                    .context("chat command in a scenario that sends nothing")?;
+                scenario.start(now);
                 self.phase = Phase::Chatting;
             }
             Command::Storm => self.start_storm(now),
@@ -385,16 +369,25 @@ impl Worker {
             {
                 self.phase = Phase::Connected;
             }
-            Phase::SettingUp if self.chat.as_ref().is_some_and(|c| c.pending_creates() == 0) => {
+            Phase::SettingUp
+                if self
+                    .scenario
+                    .as_ref()
+                    .is_some_and(|s| s.pending_setup() == 0) =>
+            {
                 self.phase = Phase::Ready;
             }
-            Phase::Chatting if self.chat.as_ref().is_some_and(|c| c.next_due().is_none()) => {
+            Phase::Chatting
+                if self
+                    .scenario
+                    .as_ref()
+                    .is_some_and(|s| s.next_due().is_none()) =>
+            {
                 self.phase = Phase::Draining;
             }
             Phase::Draining => {
-                let chat = self.chat.as_ref().expect("draining implies a chat");
-                let end = chat.schedule_end().unwrap_or(now) + self.plan.config.grace.0;
-                if chat.complete(&self.counters) || now >= end {
+                let scenario = self.scenario.as_ref().expect("draining implies a scenario");
+                if scenario.drained(&self.counters, now, self.plan.config.grace.0) {
                     self.phase = Phase::ChatDone;
                 }
             }
@@ -442,8 +435,8 @@ impl Worker {
         }
         self.reconnect_queue.clear();
         self.next_first_connect = self.users.len();
-        if let Some(chat) = &self.chat {
-            chat.finish(&mut self.counters);
+        if let Some(scenario) = &self.scenario {
+            scenario.finish(&mut self.counters);
         }
         self.phase = Phase::Finished;
     }
@@ -454,14 +447,10 @@ impl Worker {
             self.peak_open = self.counters.open;
             self.peak_rss = rss;
         }
-        let interval_e2e_p99_us = match self.chat.as_mut() {
-            Some(chat) => {
-                let p99 = chat.interval_e2e.value_at_quantile(0.99);
-                chat.interval_e2e.reset();
-                p99
-            }
-            None => 0,
-        };
+        let interval_e2e_p99_us = self
+            .scenario
+            .as_mut()
+            .map_or(0, |s| s.take_interval_p99_us());
         emit(
             out,
             &WorkerMsg::Progress {
@@ -474,16 +463,13 @@ impl Worker {
 
     fn final_report(mut self) -> Result<WorkerFinal> {
         let mut send_errors = BTreeMap::new();
-        if let Some(chat) = self.chat.take() {
-            send_errors = chat.send_errors;
-            for (reason, n) in chat.setup_failures {
-                *self
-                    .failures
-                    .entry(format!("create group: {reason}"))
-                    .or_default() += n;
+        if let Some(scenario) = self.scenario.take() {
+            let report = scenario.report();
+            send_errors = report.send_errors;
+            for (reason, n) in report.setup_failures {
+                *self.failures.entry(format!("setup: {reason}")).or_default() += n;
             }
-            self.histograms.insert(names::E2E, chat.e2e);
-            self.histograms.insert(names::ACK, chat.ack);
+            self.histograms.extend(report.histograms);
         }
         let mut histograms = BTreeMap::new();
         for (name, h) in &self.histograms {
@@ -737,20 +723,20 @@ impl Worker {
         self.schedule_wake(slot);
     }
 
-    // ---- chat ---------------------------------------------------------
+    // ---- the scenario's traffic ----------------------------------------
 
-    fn chat_tick(&mut self, now: Instant) {
+    fn scenario_tick(&mut self, now: Instant) {
         if self.phase != Phase::Chatting {
             return;
         }
-        let Some(chat) = self.chat.as_mut() else {
+        let Some(scenario) = self.scenario.as_mut() else {
             return;
         };
         let conns = &self.conns;
         let mut outbox = std::mem::take(&mut self.outbox);
-        chat.due_sends(
+        scenario.due(
             now,
-            |slot| conns[slot as usize].as_ref().is_some_and(Conn::is_ready),
+            &|slot| conns[slot as usize].as_ref().is_some_and(Conn::is_ready),
             &mut self.counters,
             &mut outbox,
         );
@@ -762,8 +748,8 @@ impl Worker {
         let mut outbox = std::mem::take(&mut self.outbox);
         for (slot, frame) in outbox.drain(..) {
             if !self.is_ready(slot) {
-                if let Some(chat) = self.chat.as_mut() {
-                    chat.setup_failed(slot, frame.request_id, "creator not connected".into());
+                if let Some(scenario) = self.scenario.as_mut() {
+                    scenario.setup_failed(slot, frame.request_id, "sender not connected".into());
                 }
                 continue;
             }
@@ -945,9 +931,9 @@ impl Worker {
             Ok(Verdict::Process) => {}
         }
         let welcomed = conn.welcomed;
-        match frame.body {
-            Some(Body::Welcome(w)) => self.on_welcome(slot, &w, now),
-            Some(Body::Error(e)) => self.on_error(slot, frame.request_id, &e, welcomed),
+        match &frame.body {
+            Some(Body::Welcome(w)) => self.on_welcome(slot, w, now),
+            Some(Body::Error(e)) => self.on_error(slot, frame.request_id, e, welcomed),
             Some(Body::GoAway(g)) => {
                 let reason = pb::GoAwayReason::try_from(g.reason)
                     .map_or_else(|_| g.reason.to_string(), |r| r.as_str_name().to_string());
@@ -969,25 +955,12 @@ impl Worker {
                 slot,
                 &palaver_protocol::frame(0, Body::Pong(pb::Pong { nonce: p.nonce })),
             ),
-            Some(Body::SendAck(ack)) => {
-                if let Some(chat) = self.chat.as_mut() {
-                    chat.on_ack(slot, &ack, now, &mut self.counters);
-                }
-            }
-            Some(Body::Deliver(d)) => {
-                if let (Some(chat), Some(message)) = (self.chat.as_mut(), d.message) {
+            _ => {
+                if let Some(scenario) = self.scenario.as_mut() {
                     let me = &self.users[slot as usize].id;
-                    chat.on_deliver(slot, me, &message, now, &mut self.counters);
+                    scenario.on_frame(slot, me, &frame, now, &mut self.counters);
                 }
             }
-            Some(Body::ConversationCreated(created)) => {
-                if let Some(chat) = self.chat.as_mut() {
-                    chat.on_created(slot, frame.request_id, created, &mut self.counters);
-                }
-            }
-            // Events the bench does not measure (membership, receipts,
-            // typing, presence).
-            _ => {}
         }
     }
 
@@ -1030,16 +1003,14 @@ impl Worker {
         if palaver_protocol::closes_connection(error.code) || !welcomed {
             return self.close(slot, End::Failed(format!("Error {name}")));
         }
-        let Some(chat) = self.chat.as_mut() else {
+        let Some(scenario) = self.scenario.as_mut() else {
             *self
                 .disconnects
                 .entry(format!("Error {name} (request failed)"))
                 .or_default() += 1;
             return;
         };
-        if !error.client_msg_id.is_empty() {
-            chat.on_send_error(error, &mut self.counters);
-        } else if !chat.setup_failed(slot, request_id, format!("Error {name}")) {
+        if !scenario.on_error(slot, request_id, error, &mut self.counters) {
             self.counters.unexpected += 1;
         }
     }
