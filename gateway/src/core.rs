@@ -28,8 +28,7 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use palaver_protocol::pb::{self, frame::Body};
-use palaver_protocol::state::{ServerConn, ServerPhase, Verdict};
-use palaver_protocol::{encode_frame, error_reply, error_reply_to, frame, FrameDecoder};
+use palaver_protocol::{encode_frame, error_reply, frame, FrameDecoder};
 use palaver_router::api::{Backend, Inbound, Outbound, Session, SessionAddr};
 use rustls::server::UnbufferedServerConnection;
 use rustls::ServerConfig;
@@ -38,7 +37,9 @@ use slab::Slab;
 use crate::auth::{AuthError, Authenticator};
 use crate::config::Config;
 use crate::metrics::CoreMetrics;
-use crate::policy::{Admit, PolicyLimits, RequestPolicy};
+use crate::session::{
+    BackendStep, ConnLimits, ConnPolicy, DrainStep, Expiry, FrameStep, OutputStep, ReadGate,
+};
 use crate::sink::{conn_key, split_key, Control, Mailbox, MailboxRx};
 use crate::timer::{TimerEntry, TimerWheel};
 use crate::tls::TlsStore;
@@ -57,8 +58,6 @@ const READ_CHUNK: usize = 64 * 1024;
 const MAX_LEFTOVER: usize = 32 * 1024;
 /// Reads per readiness event before the connection yields to others.
 const READ_ROUNDS: usize = 8;
-/// How long a closing connection may take to flush its last frames.
-const CLOSE_LINGER_MS: u32 = 2_000;
 /// Wheel size: 2048 ticks = 204.8 s horizon (longer deadlines re-park).
 const WHEEL_SLOTS: usize = 2048;
 
@@ -89,46 +88,26 @@ fn unix_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Phase {
-    /// TLS handshake in progress.
-    Handshaking,
-    /// TLS up; the protocol state machine (`Conn::proto`) rules.
-    Open,
-    /// Last frames (and close_notify) queued; waiting for them to leave,
-    /// then for the peer's FIN, or for the linger deadline.
-    Closing,
-}
-
 /// One connection. Kept small: everything optional is boxed or an empty Vec.
 struct Conn {
     sock: TcpStream,
     tls: Box<UnbufferedServerConnection>,
-    /// Protocol state (phase and hello/heartbeat/drain deadline).
-    proto: ServerConn,
+    /// Phase, deadlines, protocol state, budgets, backpressure: everything
+    /// the connection's rules decide (sans-io, see [`crate::session`]).
+    policy: ConnPolicy,
     decoder: FrameDecoder,
     /// Ciphertext of an incomplete TLS record; empty (no allocation) otherwise.
     tls_in: Vec<u8>,
     /// Encrypted output the socket has not taken yet; empty otherwise.
     tls_out: Vec<u8>,
     session: Option<Box<Session>>,
-    /// Per-session budgets (send rate, request budget, in-flight cap).
-    policy: RequestPolicy,
-    /// Core clock, ms: the handshake deadline while handshaking; while
-    /// reading is paused, when a stalled reader becomes a slow consumer.
-    io_deadline_ms: u64,
     generation: u32,
     /// Tick of this connection's live timer-wheel entry.
     timer_tick: u32,
     /// `tls_out.len()` as last added to the core's buffered-bytes gauge.
     accounted_out: u32,
-    phase: Phase,
     /// Already queued for a deferred read/handshake step.
     deferred: bool,
-    /// Write side shut down (FIN sent) while closing.
-    fin_sent: bool,
-    /// Not read until `tls_out` drains below half of `max_outbound_bytes`.
-    read_paused: bool,
 }
 
 /// What a handler wants done with the connection afterwards.
@@ -161,10 +140,7 @@ struct Ctx {
     scratch: Scratch,
     now_ms: u64,
     rng: u64,
-    heartbeat_interval_ms: u32,
-    max_outbound: usize,
-    slow_consumer_timeout_ms: u32,
-    policy: PolicyLimits,
+    limits: ConnLimits,
 }
 
 pub struct Core {
@@ -211,10 +187,7 @@ impl Core {
         let seed = (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ rand::random::<u64>();
         let ctx = Ctx {
             index,
-            heartbeat_interval_ms: cfg.limits.heartbeat_interval_ms,
-            max_outbound: cfg.limits.max_outbound_bytes as usize,
-            slow_consumer_timeout_ms: cfg.limits.slow_consumer_timeout_ms,
-            policy: cfg.limits.policy(),
+            limits: ConnLimits::from_config(&cfg.limits),
             shared: shared.clone(),
             metrics,
             wheel: TimerWheel::new(WHEEL_SLOTS, ticks(now_ms)),
@@ -304,14 +277,14 @@ impl Core {
             return;
         };
         let mut fate = Fate::Keep;
-        let was_paused = conn.read_paused;
+        let mut resumed = false;
         if writable && !conn.tls_out.is_empty() {
-            fate = self.ctx.flush(conn);
+            (fate, resumed) = self.ctx.flush(conn);
         }
         // Reading resumed: what arrived meanwhile raised no new edge.
-        let readable = readable || (was_paused && !conn.read_paused);
+        let readable = readable || resumed;
         if fate == Fate::Keep && readable {
-            if conn.phase == Phase::Handshaking && *handshakes == 0 {
+            if conn.policy.is_handshaking() && *handshakes == 0 {
                 // Reconnect storm: finish this handshake step in a later turn
                 // so established connections on this core are not starved.
                 if !conn.deferred {
@@ -320,7 +293,7 @@ impl Core {
                 }
                 return;
             }
-            if conn.phase == Phase::Handshaking {
+            if conn.policy.is_handshaking() {
                 *handshakes -= 1;
             }
             let (f, more) = self.ctx.on_readable(slot, conn);
@@ -346,7 +319,7 @@ impl Core {
             if conn.generation != generation {
                 continue;
             }
-            if conn.phase == Phase::Handshaking {
+            if conn.policy.is_handshaking() {
                 if *handshakes == 0 {
                     self.deferred.push_back((slot, generation));
                     continue;
@@ -439,25 +412,18 @@ impl Core {
         let now = ctx.now_ms;
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1).max(1);
-        let io_deadline_ms = now + u64::from(limits.handshake_timeout_ms);
-        let policy = RequestPolicy::new(&ctx.policy, now);
         let conn = entry.insert(Conn {
             sock,
             tls,
-            proto: ServerConn::new(now, limits.hello_timeout_ms),
+            policy: ConnPolicy::new(&ctx.limits, now),
             decoder: FrameDecoder::new(limits.max_frame_bytes as usize),
             tls_in: Vec::new(),
             tls_out: Vec::new(),
             session: None,
-            policy,
-            io_deadline_ms,
             generation,
             timer_tick: u32::MAX,
             accounted_out: 0,
-            phase: Phase::Handshaking,
             deferred: false,
-            fin_sent: false,
-            read_paused: false,
         });
         ctx.metrics.connections.fetch_add(1, Relaxed);
         ctx.arm(slot, conn);
@@ -493,8 +459,7 @@ impl Core {
                 .is_some_and(|c| c.generation == generation);
             let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 match self.conns.get_mut(slot) {
-                    Some(conn) if live && conn.phase == Phase::Open => {
-                        conn.policy.on_delivery(&o.frame, self.ctx.now_ms);
+                    Some(conn) if live => {
                         let closes = o.closes_connection();
                         self.ctx.deliver_one(slot, conn, o.frame, closes);
                     }
@@ -554,28 +519,21 @@ impl Core {
         let slots: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for slot in slots {
             let conn = &mut self.conns[slot];
-            let fate = match conn.phase {
-                Phase::Handshaking => Fate::Close,
-                Phase::Closing => Fate::Keep,
-                Phase::Open if conn.proto.phase() == ServerPhase::Established => {
-                    let jitter = if jitter_ms == 0 {
-                        0
-                    } else {
-                        (self.ctx.next_random() % u64::from(jitter_ms)) as u32
-                    };
-                    let goaway = frame(
-                        0,
-                        Body::GoAway(pb::GoAway {
-                            reason: pb::GoAwayReason::Shutdown as i32,
-                            reconnect_delay_ms: delay_ms.saturating_add(jitter),
-                            message: "server is shutting down".into(),
-                        }),
-                    );
+            let step = conn.policy.begin_drain(|| {
+                let jitter = if jitter_ms == 0 {
+                    0
+                } else {
+                    (self.ctx.next_random() % u64::from(jitter_ms)) as u32
+                };
+                delay_ms.saturating_add(jitter)
+            });
+            let fate = match step {
+                DrainStep::CloseNow => Fate::Close,
+                DrainStep::Keep => Fate::Keep,
+                DrainStep::GoAway(goaway) => {
                     self.ctx.begin_close(slot, conn, Some(goaway), deadline_ms);
                     self.ctx.finish_output(conn)
                 }
-                // Not yet authenticated: nothing to tell it.
-                Phase::Open => Fate::Close,
             };
             if fate == Fate::Close {
                 self.close(slot);
@@ -607,14 +565,14 @@ impl Core {
                 continue; // stale entry: the connection has a newer one
             }
             conn.timer_tick = u32::MAX;
-            if Ctx::deadline_ms(conn) > now {
+            let Some(expiry) = conn.policy.poll_timeout(now) else {
                 self.ctx.arm(slot, conn); // activity moved the deadline: re-park
                 continue;
-            }
+            };
             let generation = conn.generation;
             let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 let conn = &mut self.conns[slot];
-                if self.ctx.expire(slot, conn) == Fate::Close {
+                if self.ctx.expire(slot, conn, expiry) == Fate::Close {
                     self.close(slot);
                 }
             }));
@@ -630,7 +588,7 @@ impl Core {
         let mut conn = self.conns.remove(slot);
         let ctx = &self.ctx;
         ctx.end_session(&mut conn);
-        if conn.phase == Phase::Handshaking {
+        if conn.policy.is_handshaking() {
             CoreMetrics::inc(&ctx.metrics.handshakes_failed);
         }
         ctx.metrics
@@ -660,57 +618,29 @@ impl Ctx {
         x
     }
 
-    fn deadline_ms(conn: &Conn) -> u64 {
-        let proto = conn.proto.deadline().unwrap_or(0);
-        match conn.phase {
-            Phase::Handshaking => conn.io_deadline_ms.min(proto),
-            Phase::Open if conn.read_paused => conn.io_deadline_ms.min(proto),
-            Phase::Open | Phase::Closing => proto,
-        }
-    }
-
     /// Makes sure the wheel holds an entry no later than the connection's
     /// deadline (later deadlines are handled lazily when the entry fires).
     fn arm(&mut self, slot: usize, conn: &mut Conn) {
-        let due = ticks(Self::deadline_ms(conn));
+        let due = ticks(conn.policy.deadline());
         if conn.timer_tick == u32::MAX || due < conn.timer_tick {
             conn.timer_tick = self.wheel.schedule(slot as u32, conn.generation, due);
         }
     }
 
-    fn expire(&mut self, slot: usize, conn: &mut Conn) -> Fate {
-        match conn.phase {
-            Phase::Handshaking => {
-                CoreMetrics::inc(&self.metrics.handshake_timeouts);
-                Fate::Close
-            }
-            Phase::Closing => Fate::Close,
-            // Stalled reader (or its heartbeat deadline passed while we were
-            // not reading its frames): a slow consumer either way.
-            Phase::Open if conn.read_paused => {
-                self.close_slow_consumer(slot, conn);
-                self.finish_output(conn)
-            }
-            Phase::Open => {
-                let (code, message, counter) = match conn.proto.phase() {
-                    ServerPhase::Established => (
-                        pb::ErrorCode::HeartbeatTimeout,
-                        "no frame received within 2.5 heartbeat intervals",
-                        &self.metrics.heartbeat_timeouts,
-                    ),
-                    _ => (
-                        pb::ErrorCode::HelloTimeout,
-                        "no Hello received in time",
-                        &self.metrics.hello_timeouts,
-                    ),
-                };
-                CoreMetrics::inc(counter);
-                self.begin_close(
-                    slot,
-                    conn,
-                    Some(error_reply(0, code, message)),
-                    CLOSE_LINGER_MS,
-                );
+    fn expire(&mut self, slot: usize, conn: &mut Conn, expiry: Expiry) -> Fate {
+        let counter = match expiry {
+            Expiry::Handshake => &self.metrics.handshake_timeouts,
+            Expiry::Linger => return Fate::Close,
+            Expiry::SlowConsumer => &self.metrics.slow_consumer_disconnects,
+            Expiry::Hello => &self.metrics.hello_timeouts,
+            Expiry::Heartbeat => &self.metrics.heartbeat_timeouts,
+        };
+        CoreMetrics::inc(counter);
+        match expiry.last_frame(&self.limits) {
+            None => Fate::Close,
+            Some(last) => {
+                let linger = self.limits.linger_ms;
+                self.begin_close(slot, conn, Some(last), linger);
                 self.finish_output(conn)
             }
         }
@@ -721,15 +651,17 @@ impl Ctx {
     /// the next read, and reading stops when the output is full. Returns the
     /// fate and whether the socket may have more (the read budget ran out).
     fn on_readable(&mut self, slot: usize, conn: &mut Conn) -> (Fate, bool) {
-        if conn.phase == Phase::Closing {
-            return (self.discard_input(conn), false);
-        }
-        if conn.read_paused {
-            return (Fate::Keep, false);
-        }
-        if conn.tls_out.len() >= self.max_outbound {
-            self.pause_reading(slot, conn);
-            return (Fate::Keep, false);
+        match conn
+            .policy
+            .read_gate(&self.limits, conn.tls_out.len(), self.now_ms)
+        {
+            ReadGate::Read => {}
+            ReadGate::Discard => return (self.discard_input(conn), false),
+            ReadGate::Wait => return (Fate::Keep, false),
+            ReadGate::Stall => {
+                self.reading_stalled(slot, conn);
+                return (Fate::Keep, false);
+            }
         }
         let mut used = conn.tls_in.len();
         self.scratch.tls_in[..used].copy_from_slice(&conn.tls_in);
@@ -778,7 +710,7 @@ impl Ctx {
                 tls_failed = true;
                 break;
             }
-            if conn.phase == Phase::Handshaking && !conn.tls.is_handshaking() {
+            if conn.policy.is_handshaking() && !conn.tls.is_handshaking() {
                 // No ALPN at all is served as palaver/1 (SPEC §1); rustls already
                 // refuses a client offering only other protocols.
                 if conn
@@ -792,25 +724,26 @@ impl Ctx {
                     return (Fate::Close, false);
                 }
                 CoreMetrics::inc(&self.metrics.handshakes_ok);
-                conn.phase = Phase::Open;
+                conn.policy.on_handshake_done();
                 self.arm(slot, conn);
             }
             for f in frames.drain(..) {
-                if conn.phase != Phase::Open {
+                if !conn.policy.is_open() {
                     break;
                 }
                 self.on_frame(slot, conn, f);
             }
             frames.clear();
             if let Some(e) = decode_error.take() {
-                if conn.phase == Phase::Open {
+                if conn.policy.is_open() {
                     CoreMetrics::inc(&self.metrics.frames_in[0]);
                     let err = error_reply(0, e.error_code(), e.to_string());
-                    self.begin_close(slot, conn, Some(err), CLOSE_LINGER_MS);
+                    let linger = self.limits.linger_ms;
+                    self.begin_close(slot, conn, Some(err), linger);
                 }
                 break;
             }
-            if driven.peer_closed || driven.closed || conn.phase == Phase::Closing {
+            if driven.peer_closed || driven.closed || conn.policy.is_closing() {
                 break;
             }
             if used > MAX_LEFTOVER {
@@ -823,8 +756,12 @@ impl Ctx {
                 self.scratch.frames = frames;
                 return (Fate::Close, false);
             }
-            if conn.tls_out.len() >= self.max_outbound {
-                self.pause_reading(slot, conn);
+            if conn
+                .policy
+                .read_gate(&self.limits, conn.tls_out.len(), self.now_ms)
+                == ReadGate::Stall
+            {
+                self.reading_stalled(slot, conn);
                 break;
             }
             if n < space {
@@ -845,7 +782,7 @@ impl Ctx {
             let _ = self.finish_output(conn);
             return (Fate::Close, false);
         }
-        if used > 0 && conn.phase != Phase::Closing {
+        if used > 0 && !conn.policy.is_closing() {
             conn.tls_in = self.scratch.tls_in[..used].to_vec();
         }
         if peer_gone {
@@ -857,30 +794,19 @@ impl Ctx {
         (self.finish_output(conn), more)
     }
 
-    /// Stops reading a connection whose output is full; it is closed as a
-    /// slow consumer if it stays full for `slow_consumer_timeout_ms`.
-    fn pause_reading(&mut self, slot: usize, conn: &mut Conn) {
-        if conn.read_paused {
-            return;
-        }
+    /// Reading just stopped because the output is full; the connection is
+    /// closed as a slow consumer if it stays full (its deadline moved).
+    fn reading_stalled(&mut self, slot: usize, conn: &mut Conn) {
         CoreMetrics::inc(&self.metrics.reads_paused);
-        conn.read_paused = true;
-        conn.io_deadline_ms = self.now_ms + u64::from(self.slow_consumer_timeout_ms);
         self.arm(slot, conn);
     }
 
     /// GoAway(SLOW_CONSUMER) behind what the client has not read, then close.
     fn close_slow_consumer(&mut self, slot: usize, conn: &mut Conn) {
         CoreMetrics::inc(&self.metrics.slow_consumer_disconnects);
-        let goaway = frame(
-            0,
-            Body::GoAway(pb::GoAway {
-                reason: pb::GoAwayReason::SlowConsumer as i32,
-                reconnect_delay_ms: 0,
-                message: format!("more than {} bytes unread", self.max_outbound),
-            }),
-        );
-        self.begin_close(slot, conn, Some(goaway), CLOSE_LINGER_MS);
+        let goaway = ConnPolicy::slow_consumer_goaway(&self.limits);
+        let linger = self.limits.linger_ms;
+        self.begin_close(slot, conn, Some(goaway), linger);
     }
 
     /// Closing connections only wait for the peer's FIN; input is dropped.
@@ -898,46 +824,28 @@ impl Ctx {
 
     fn on_frame(&mut self, slot: usize, conn: &mut Conn, f: pb::Frame) {
         self.metrics.frame_in(f.body.as_ref());
-        match conn.proto.on_frame(&f, self.now_ms) {
-            Err(e) => {
-                let err = e.error_reply(f.request_id);
-                self.begin_close(slot, conn, Some(err), CLOSE_LINGER_MS);
-                return;
+        match conn.policy.on_frame(&self.limits, f, self.now_ms) {
+            FrameStep::Ignore => {}
+            FrameStep::Reply(reply) => self.queue(&reply),
+            FrameStep::RateLimited(reply) => {
+                CoreMetrics::inc(&self.metrics.rate_limited);
+                self.queue(&reply);
             }
-            // Hold: never here, on_hello decides a Hello before the next frame.
-            Ok(Verdict::Ignore | Verdict::Hold) => return,
-            Ok(Verdict::Process) => {}
-        }
-        let request_id = f.request_id;
-        let Some(body) = f.body else { return };
-        match body {
-            Body::Hello(hello) => self.on_hello(slot, conn, request_id, hello),
-            Body::Ping(ping) => {
-                let pong = frame(request_id, Body::Pong(pb::Pong { nonce: ping.nonce }));
-                self.queue(&pong);
-            }
-            Body::Pong(_) => {}
-            request => self.on_request(conn, request_id, request),
-        }
-    }
-
-    /// A request for the backend, if the connection's budgets allow it.
-    fn on_request(&mut self, conn: &mut Conn, request_id: u32, body: Body) {
-        let Some(session) = &conn.session else { return };
-        match conn.policy.admit(&self.policy, &body, self.now_ms) {
-            Admit::Forward => self.shared.backend.submit(Inbound {
-                from: Session::clone(session),
-                request_id,
-                body,
-                received_ms: unix_ms(),
-            }),
-            Admit::Drop => CoreMetrics::inc(&self.metrics.typing_dropped),
-            Admit::Refuse(code, message) => {
-                if code == pb::ErrorCode::RateLimited {
-                    CoreMetrics::inc(&self.metrics.rate_limited);
+            FrameStep::TypingDropped => CoreMetrics::inc(&self.metrics.typing_dropped),
+            FrameStep::Hello { request_id, hello } => self.on_hello(slot, conn, request_id, hello),
+            FrameStep::Forward { request_id, body } => {
+                if let Some(session) = &conn.session {
+                    self.shared.backend.submit(Inbound {
+                        from: Session::clone(session),
+                        request_id,
+                        body,
+                        received_ms: unix_ms(),
+                    });
                 }
-                let err = error_reply_to(request_id, &body, code, message);
-                self.queue(&err);
+            }
+            FrameStep::Close(err) => {
+                let linger = self.limits.linger_ms;
+                self.begin_close(slot, conn, Some(err), linger);
             }
         }
     }
@@ -956,7 +864,8 @@ impl Ctx {
                     ),
                 };
                 let err = error_reply(request_id, code, message);
-                self.begin_close(slot, conn, Some(err), CLOSE_LINGER_MS);
+                let linger = self.limits.linger_ms;
+                self.begin_close(slot, conn, Some(err), linger);
                 return;
             }
         };
@@ -969,9 +878,7 @@ impl Ctx {
                 conn: key,
             },
         });
-        conn.proto
-            .accept_hello(self.now_ms, self.heartbeat_interval_ms);
-        conn.policy = RequestPolicy::new(&self.policy, self.now_ms);
+        conn.policy.accept_hello(&self.limits, self.now_ms);
         let limits = self.shared.config.limits.protocol();
         let welcome = frame(
             request_id,
@@ -979,7 +886,7 @@ impl Ctx {
                 protocol_version: palaver_protocol::PROTOCOL_VERSION,
                 session_id: format!("{}/{key:016x}", self.shared.gateway_id),
                 user_id,
-                heartbeat_interval_ms: self.heartbeat_interval_ms,
+                heartbeat_interval_ms: self.limits.heartbeat_interval_ms,
                 limits: Some(limits.to_pb()),
                 server_time_ms: unix_ms(),
             }),
@@ -1008,17 +915,18 @@ impl Ctx {
     fn deliver_one(&mut self, slot: usize, conn: &mut Conn, f: pb::Frame, closes: bool) {
         let len = palaver_protocol::encoded_frame_len(&f);
         let pending = conn.tls_out.len() + self.scratch.out.len() + self.scratch.plain.len();
-        // A single frame larger than the limit (a big SyncBatch) may go out
-        // when nothing else is waiting; memory stays bounded by limit + frame.
-        if pending > 0 && pending + len > self.max_outbound {
-            // Slow consumer: stop adding; tell it why behind what it has not read.
-            self.close_slow_consumer(slot, conn);
-            return;
-        }
-        if closes {
-            self.begin_close(slot, conn, Some(f), CLOSE_LINGER_MS);
-        } else {
-            self.queue(&f);
+        let step =
+            conn.policy
+                .on_backend_frame(&self.limits, &f, len, pending, closes, self.now_ms);
+        match step {
+            BackendStep::Stale => CoreMetrics::inc(&self.metrics.stale_deliveries),
+            BackendStep::Queue => self.queue(&f),
+            BackendStep::QueueAndClose => {
+                let linger = self.limits.linger_ms;
+                self.begin_close(slot, conn, Some(f), linger);
+            }
+            // Stop adding; tell it why behind what it has not read.
+            BackendStep::SlowConsumer => self.close_slow_consumer(slot, conn),
         }
     }
 
@@ -1056,7 +964,7 @@ impl Ctx {
         last: Option<pb::Frame>,
         linger_ms: u32,
     ) {
-        if conn.phase == Phase::Closing {
+        if !conn.policy.begin_close(self.now_ms, linger_ms) {
             return;
         }
         if let Some(f) = last {
@@ -1064,8 +972,6 @@ impl Ctx {
         }
         self.seal(conn);
         tls_io::close_notify(&mut conn.tls, &mut conn.tls_in, &mut self.scratch.out);
-        conn.phase = Phase::Closing;
-        conn.proto.begin_drain(self.now_ms, linger_ms);
         conn.tls_in = Vec::new();
         conn.decoder = FrameDecoder::new(0);
         self.end_session(conn);
@@ -1105,12 +1011,11 @@ impl Ctx {
             }
             self.scratch.out.clear();
         }
-        self.account(conn);
-        self.after_output(conn)
+        self.after_output(conn).0
     }
 
-    /// Writable again: push queued output.
-    fn flush(&mut self, conn: &mut Conn) -> Fate {
+    /// Writable again: push queued output. Also says whether reading resumed.
+    fn flush(&mut self, conn: &mut Conn) -> (Fate, bool) {
         match write_some(&mut conn.sock, &conn.tls_out) {
             Ok(n) => {
                 self.metrics.bytes_out.fetch_add(n as u64, Relaxed);
@@ -1120,40 +1025,40 @@ impl Ctx {
                     conn.tls_out.drain(..n);
                 }
             }
-            Err(_) => return Fate::Close,
-        }
-        self.account(conn);
-        if conn.read_paused && conn.tls_out.len() <= self.max_outbound / 2 {
-            // Hysteresis: resume at half, so reading does not flap per write.
-            conn.read_paused = false;
+            Err(_) => return (Fate::Close, false),
         }
         self.after_output(conn)
     }
 
-    fn after_output(&mut self, conn: &mut Conn) -> Fate {
-        if conn.phase == Phase::Closing && conn.tls_out.is_empty() && !conn.fin_sent {
-            // Everything is out: send FIN, then wait (bounded by the linger
-            // deadline) for the peer's FIN so unread input does not turn the
-            // close into a reset that could destroy our last frame.
-            conn.fin_sent = true;
-            if conn.sock.shutdown(Shutdown::Write).is_err() {
-                return Fate::Close;
-            }
-            return self.discard_input(conn);
-        }
-        Fate::Keep
-    }
-
-    fn account(&mut self, conn: &mut Conn) {
-        let now = conn.tls_out.len() as u32;
-        if now != conn.accounted_out {
+    /// The unsent output changed: account for it and let the rules say
+    /// whether reading resumes or the write side shuts.
+    fn after_output(&mut self, conn: &mut Conn) -> (Fate, bool) {
+        let level = conn.tls_out.len() as u32;
+        if level != conn.accounted_out {
             self.metrics
                 .max_conn_outbound_bytes
-                .fetch_max(i64::from(now), Relaxed);
+                .fetch_max(i64::from(level), Relaxed);
             self.metrics
                 .outbound_buffered_bytes
-                .fetch_add(i64::from(now) - i64::from(conn.accounted_out), Relaxed);
-            conn.accounted_out = now;
+                .fetch_add(i64::from(level) - i64::from(conn.accounted_out), Relaxed);
+            conn.accounted_out = level;
+        }
+        match conn
+            .policy
+            .on_output_level(&self.limits, conn.tls_out.len())
+        {
+            OutputStep::Keep => (Fate::Keep, false),
+            OutputStep::Resume => (Fate::Keep, true),
+            OutputStep::SendFin => {
+                // Everything is out: send FIN, then wait (bounded by the
+                // linger deadline) for the peer's FIN so unread input does
+                // not turn the close into a reset that could destroy our
+                // last frame.
+                if conn.sock.shutdown(Shutdown::Write).is_err() {
+                    return (Fate::Close, false);
+                }
+                (self.discard_input(conn), false)
+            }
         }
     }
 }

@@ -20,6 +20,7 @@ pub mod core;
 pub mod metrics;
 pub mod policy;
 pub mod server;
+pub mod session;
 pub mod sink;
 pub mod timer;
 pub mod tls;
