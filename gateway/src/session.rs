@@ -157,6 +157,8 @@ pub enum Expiry {
 }
 
 /// What draining does with one connection.
+// Returned by value and consumed at once; boxing the frame would allocate.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum DrainStep {
     /// Handshaking or not authenticated: nothing to tell it, close now.
@@ -432,3 +434,6 @@ impl Expiry {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
