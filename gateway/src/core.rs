@@ -34,7 +34,7 @@ use rustls::server::UnbufferedServerConnection;
 use rustls::ServerConfig;
 use slab::Slab;
 
-use crate::auth::{AuthError, Authenticator};
+use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::metrics::CoreMetrics;
 use crate::session::{
@@ -854,16 +854,7 @@ impl Ctx {
         let user_id = match self.shared.auth.verify(&hello.token, &hello.device_id) {
             Ok(user) => user,
             Err(e) => {
-                let (code, message) = match e {
-                    AuthError::Expired => {
-                        (pb::ErrorCode::TokenExpired, "token expired".to_string())
-                    }
-                    AuthError::Invalid(why) => (
-                        pb::ErrorCode::Unauthenticated,
-                        format!("invalid token: {why}"),
-                    ),
-                };
-                let err = error_reply(request_id, code, message);
+                let err = error_reply(request_id, e.error_code(), e.to_string());
                 let linger = self.limits.linger_ms;
                 self.begin_close(slot, conn, Some(err), linger);
                 return;
