@@ -15,11 +15,12 @@ use std::time::{Duration, Instant};
 
 use palaver_gateway::config::BackendConfig;
 use palaver_gateway::{auth, devcerts, Config, GatewayHandle};
-use palaver_protocol::pb::{self, frame::Body};
+use palaver_protocol::pb;
 use palaver_router::bridge::presence::PresenceTiming;
 use palaver_router::bridge::{BridgeConfig, KafkaRedisBridge};
 use palaver_router::redis_store::RedisConfig;
-use palaver_testkit::client::{new_client_msg_id, Client, ConnectOptions};
+use palaver_testkit::chat::ChatServer;
+use palaver_testkit::client::{Client, ConnectOptions};
 use palaver_testkit::stack::{Kafka, Redis, RedisCluster, WorkDir};
 
 pub const T: Duration = Duration::from_secs(30);
@@ -345,6 +346,27 @@ impl Stack {
     }
 }
 
+/// The shared chat suite runs against this stack's gateways.
+impl ChatServer for Stack {
+    fn gateways(&self) -> usize {
+        self.gateway_addrs().len()
+    }
+
+    fn login_resuming(
+        &self,
+        gateway: usize,
+        user: &str,
+        device: &str,
+        resume: Vec<pb::Cursor>,
+    ) -> Client {
+        self.login_with(gateway, user, device, resume).0
+    }
+
+    fn patience(&self) -> Duration {
+        T
+    }
+}
+
 impl Drop for Stack {
     fn drop(&mut self) {
         for gw in &mut self.gateways {
@@ -357,71 +379,14 @@ impl Drop for Stack {
     }
 }
 
-pub fn deliver_of(f: &pb::Frame) -> Option<&pb::Message> {
-    match &f.body {
-        Some(Body::Deliver(d)) => d.message.as_ref(),
-        _ => None,
-    }
-}
-
-pub fn ack_of(f: &pb::Frame) -> Option<&pb::SendAck> {
-    match &f.body {
-        Some(Body::SendAck(a)) => Some(a),
-        _ => None,
-    }
-}
-
 /// Sends and waits for the ack, retrying with the same client_msg_id on
-/// UNAVAILABLE or silence (what a real client does).
+/// UNAVAILABLE or silence (what a real client does), for up to 90 s.
 pub fn send_reliably(c: &mut Client, conv: &str, text: &str) -> pb::SendAck {
-    try_send_reliably(c, conv, text, Duration::from_secs(90))
-        .unwrap_or_else(|| panic!("no SendAck for {text}"))
-}
-
-/// [`send_reliably`] that gives up after `patience` without an ack.
-pub fn try_send_reliably(
-    c: &mut Client,
-    conv: &str,
-    text: &str,
-    patience: Duration,
-) -> Option<pb::SendAck> {
-    let cmid = new_client_msg_id();
-    let deadline = Instant::now() + patience;
-    loop {
-        if Instant::now() >= deadline {
-            return None;
-        }
-        let id = c
-            .request(Body::Send(pb::Send {
-                conversation_id: conv.into(),
-                client_msg_id: cmid.clone(),
-                kind: pb::ContentKind::Text as i32,
-                body: text.as_bytes().to_vec(),
-                ..Default::default()
-            }))
-            .unwrap();
-        match c.recv_until(Duration::from_secs(20), "SendAck or Error", |f| {
-            f.request_id == id
-        }) {
-            Ok(f) => match &f.body {
-                Some(Body::SendAck(a)) => return Some(a.clone()),
-                // A client's retry back-off.
-                Some(Body::Error(e)) if e.code == pb::ErrorCode::Unavailable as u32 => {
-                    std::thread::sleep(Duration::from_millis(200));
-                    continue;
-                }
-                other => panic!("unexpected answer to Send: {other:?}"),
-            },
-            Err(_) => continue,
-        }
-    }
+    palaver_testkit::chat::send_reliably(c, conv, text, T)
 }
 
 pub fn next_deliver(c: &mut Client) -> pb::Message {
-    let f = c
-        .recv_until(T, "Deliver", |f| deliver_of(f).is_some())
-        .unwrap();
-    deliver_of(&f).unwrap().clone()
+    palaver_testkit::chat::next_deliver(c, T)
 }
 
 pub fn group_of(c: &mut Client, members: &[&str]) -> String {
