@@ -4,6 +4,12 @@
 //! nothing on the per-frame path takes a lock or crosses threads (the backend
 //! is called directly; its answers arrive through the mailbox).
 //!
+//! What happens to a connection (phase, deadlines, budgets, backpressure,
+//! drain) is decided by its [`ConnPolicy`](crate::session::ConnPolicy), a
+//! sans-io unit fed events and the core clock; this module and its children
+//! move bytes and apply its verdicts: the loop here, reading in [`input`],
+//! writing in [`output`], the timing wheel in [`timers`].
+//!
 //! Memory per idle connection is the [`Conn`] slot plus rustls' unbuffered
 //! connection state: buffers exist only while something is pending (a partial
 //! TLS record, a partial frame, unsent output) and are freed when drained.
