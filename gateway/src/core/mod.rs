@@ -7,8 +7,8 @@
 //! What happens to a connection (phase, deadlines, budgets, backpressure,
 //! drain) is decided by its [`ConnPolicy`](crate::session::ConnPolicy), a
 //! sans-io unit fed events and the core clock; this module and its children
-//! move bytes and apply its verdicts: the loop here, reading in [`input`],
-//! writing in [`output`], the timing wheel in [`timers`].
+//! move bytes and apply its verdicts: the loop here, reading in `input.rs`,
+//! writing in `output.rs`, the timing wheel in `timers.rs`.
 //!
 //! Memory per idle connection is the [`Conn`] slot plus rustls' unbuffered
 //! connection state: buffers exist only while something is pending (a partial
