@@ -253,7 +253,8 @@ impl ConnPolicy {
         }
     }
 
-    /// The TLS handshake finished at `now` (ALPN already checked).
+    /// The TLS handshake finished (ALPN already checked): the Hello deadline,
+    /// counted from accept, is what remains.
     pub fn on_handshake_done(&mut self) {
         if self.is_handshaking() {
             self.phase = Phase::Open;
