@@ -774,3 +774,56 @@ fn drain_sends_goaway_with_the_delay_and_closes_at_the_deadline() {
 fn the_rules_stay_small() {
     assert_eq!(std::mem::size_of::<ConnPolicy>(), 64);
 }
+
+#[test]
+fn after_goaway_slow_consumer_an_unread_connection_lingers_then_drops() {
+    let mut p = Pair::established(limits());
+    let start = p.now;
+    flood_pings_without_reading(&mut p, 2_000);
+    p.run_until(start + 10_000 + CLOSE_LINGER_MS as u64 - 1);
+    assert!(p.server.policy.is_closing());
+    assert_eq!(
+        p.server.dropped, None,
+        "still waiting for the GoAway to leave"
+    );
+    p.run_until(start + 60_000);
+    assert_eq!(
+        p.server.dropped,
+        Some((
+            start + 10_000 + CLOSE_LINGER_MS as u64,
+            Dropped::Expired(Expiry::Linger)
+        ))
+    );
+    let last = p.server.to_client.back().expect("unread output");
+    assert!(matches!(&last.body, Some(Body::GoAway(g))
+        if g.reason == pb::GoAwayReason::SlowConsumer as i32));
+}
+
+#[test]
+fn a_closing_backend_frame_goes_last_and_the_connection_closes() {
+    let mut p = Pair::established(limits());
+    let replaced = frame(
+        0,
+        Body::GoAway(pb::GoAway {
+            reason: pb::GoAwayReason::Replaced as i32,
+            reconnect_delay_ms: 0,
+            message: String::new(),
+        }),
+    );
+    assert_eq!(
+        p.server.on_backend_frame(replaced, true, p.now),
+        BackendStep::QueueAndClose
+    );
+    p.send_text(1);
+    p.settle();
+    assert!(
+        p.server.forwarded.is_empty(),
+        "nothing read after the close"
+    );
+    assert_eq!(
+        p.client.last_go_away().map(|g| g.reason),
+        Some(pb::GoAwayReason::Replaced as i32)
+    );
+    assert_eq!(p.client.conn.phase(), ClientPhase::Draining);
+    assert_eq!(p.server.dropped, Some((0, Dropped::PeerClosed)));
+}
