@@ -5,7 +5,7 @@
 //! is called directly; its answers arrive through the mailbox).
 //!
 //! What happens to a connection (phase, deadlines, budgets, backpressure,
-//! drain) is decided by its [`ConnPolicy`](crate::session::ConnPolicy), a
+//! drain) is decided by its [`ConnPolicy`], a
 //! sans-io unit fed events and the core clock; this module and its children
 //! move bytes and apply its verdicts: the loop here, reading in `input.rs`,
 //! writing in `output.rs`, the timing wheel in `timers.rs`.
