@@ -18,11 +18,35 @@ pub struct Claims {
 }
 
 /// Why a token was refused (maps to UNAUTHENTICATED / TOKEN_EXPIRED).
+/// Non-exhaustive: new token checks may add reasons.
 #[derive(Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum AuthError {
     Invalid(String),
     Expired,
 }
+
+impl AuthError {
+    /// The protocol error code the `Hello` is refused with.
+    pub fn error_code(&self) -> palaver_protocol::pb::ErrorCode {
+        match self {
+            AuthError::Expired => palaver_protocol::pb::ErrorCode::TokenExpired,
+            AuthError::Invalid(_) => palaver_protocol::pb::ErrorCode::Unauthenticated,
+        }
+    }
+}
+
+/// The `Error.message` sent with [`AuthError::error_code`].
+impl std::fmt::Display for AuthError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AuthError::Expired => f.write_str("token expired"),
+            AuthError::Invalid(why) => write!(f, "invalid token: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for AuthError {}
 
 /// Verifies tokens against the configured keys.
 pub struct Authenticator {

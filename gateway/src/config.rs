@@ -33,6 +33,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub drain: DrainConfig,
     pub backend: BackendConfig,
+    /// Tuning of the Kafka/Redis bridge (`[backend] kind = "kafka"` only).
+    pub bridge: BridgeTuning,
     /// Whose presence and last seen a user may see (SPEC §10):
     /// `shared_conversation` (default) or `everyone`.
     #[serde(deserialize_with = "from_str")]
@@ -205,6 +207,22 @@ pub enum BackendConfig {
     },
 }
 
+/// Overrides of the Kafka/Redis bridge's defaults; absent keys keep them.
+/// Tests and benchmarks shorten the presence lease so that a dead gateway's
+/// users go offline within seconds.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BridgeTuning {
+    /// Session changes are written to Redis at most this long after they happen.
+    pub presence_flush_ms: Option<u32>,
+    /// Lease renewal and dead-gateway check period.
+    pub presence_tick_ms: Option<u32>,
+    /// A gateway that stops renewing its lease is dead after this long.
+    pub presence_lease_ms: Option<u32>,
+    /// Partitions of `palaver.inbound` if this gateway has to create it.
+    pub inbound_partitions: Option<u32>,
+}
+
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7443";
 pub const DEFAULT_DATA_DIR: &str = ".palaver";
 
@@ -222,6 +240,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             drain: DrainConfig::default(),
             backend: BackendConfig::default(),
+            bridge: BridgeTuning::default(),
             presence_visibility: palaver_router::PresenceVisibility::default(),
         }
     }
@@ -485,6 +504,23 @@ mod tests {
         assert!(err.to_string().contains("heartbeat_ms"), "{err}");
         let c = Config::from_toml_str("[backend]\nkind = \"embedded\"\n").unwrap();
         assert_eq!(c.backend, BackendConfig::Embedded);
+    }
+
+    #[test]
+    fn bridge_tuning_from_toml() {
+        assert_eq!(Config::default().bridge, BridgeTuning::default());
+        let c =
+            Config::from_toml_str("[bridge]\npresence_lease_ms = 3000\ninbound_partitions = 4\n")
+                .unwrap();
+        assert_eq!(
+            c.bridge,
+            BridgeTuning {
+                presence_lease_ms: Some(3000),
+                inbound_partitions: Some(4),
+                ..BridgeTuning::default()
+            }
+        );
+        assert!(Config::from_toml_str("[bridge]\nlease = 1\n").is_err());
     }
 
     #[test]

@@ -9,6 +9,10 @@
 //! Threading: N core threads, each with its own `mio::Poll` and SO_REUSEPORT
 //! listener ([`core`]); backend answers come back through [`sink`]; an admin
 //! HTTP thread ([`admin`]); the binary's main thread waits for signals.
+//!
+//! Each connection's rules (phase, timeouts, budgets, backpressure, drain)
+//! are a sans-io unit fed events and the time ([`session`]); the core loop
+//! moves bytes and applies its verdicts.
 
 // The only unsafe code: raising RLIMIT_NOFILE (config.rs), allowed there.
 #![deny(unsafe_code)]
@@ -20,6 +24,7 @@ pub mod core;
 pub mod metrics;
 pub mod policy;
 pub mod server;
+pub mod session;
 pub mod sink;
 pub mod timer;
 pub mod tls;

@@ -283,10 +283,19 @@ impl Drop for GatewayHandle {
 /// The backend the config asks for.
 pub fn build_backend(config: &Config) -> Arc<dyn Backend> {
     match &config.backend {
-        crate::config::BackendConfig::Kafka { brokers, redis } => Arc::new(
-            palaver_router::bridge::KafkaRedisBridge::from_spec(brokers, redis)
-                .with_presence_visibility(config.presence_visibility),
-        ),
+        crate::config::BackendConfig::Kafka { brokers, redis } => {
+            use palaver_router::bridge::KafkaRedisBridge;
+            let tuned = (config.bridge != crate::config::BridgeTuning::default())
+                .then(|| bridge_config(brokers, redis, &config.bridge))
+                .flatten();
+            let bridge = match tuned {
+                Some(bridge_config) => KafkaRedisBridge::new(bridge_config),
+                // Defaults, or a Redis spec that does not parse (which the
+                // bridge reports when it starts).
+                None => KafkaRedisBridge::from_spec(brokers, redis),
+            };
+            Arc::new(bridge.with_presence_visibility(config.presence_visibility))
+        }
         crate::config::BackendConfig::Embedded => {
             let l = &config.limits;
             let mut router = palaver_router::RouterConfig::default();
@@ -303,6 +312,31 @@ pub fn build_backend(config: &Config) -> Arc<dyn Backend> {
             ))
         }
     }
+}
+
+/// The bridge's settings with `[bridge]`'s overrides; None if the Redis
+/// spec does not parse.
+fn bridge_config(
+    brokers: &str,
+    redis: &str,
+    tuning: &crate::config::BridgeTuning,
+) -> Option<palaver_router::bridge::BridgeConfig> {
+    let ms = |ms: u32| std::time::Duration::from_millis(u64::from(ms));
+    let redis = palaver_router::redis_store::RedisConfig::parse(redis).ok()?;
+    let mut config = palaver_router::bridge::BridgeConfig::new(brokers, redis);
+    if let Some(flush) = tuning.presence_flush_ms {
+        config.presence.flush_interval = ms(flush);
+    }
+    if let Some(tick) = tuning.presence_tick_ms {
+        config.presence.tick = ms(tick);
+    }
+    if let Some(lease) = tuning.presence_lease_ms {
+        config.presence.lease_ttl = ms(lease);
+    }
+    if let Some(partitions) = tuning.inbound_partitions {
+        config.inbound_partitions = i32::try_from(partitions).unwrap_or(i32::MAX);
+    }
+    Some(config)
 }
 
 /// Which backend [`build_backend`] runs for `config`, for the start-up

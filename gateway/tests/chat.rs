@@ -1,197 +1,76 @@
-//! Chat through the gateway and the embedded engine: 1:1, a group of three,
-//! receipts, offline → reconnect → Sync (explicit and via Hello.resume),
-//! replacement of an older connection of the same device.
+//! Chat through the gateway and the embedded engine: the shared chat suite
+//! (`palaver_testkit::chat`, also run against the Kafka/Redis stack by the
+//! router's `tests/e2e_kafka_redis.rs`), then what only a single gateway
+//! shows: replacement of an older connection of the same device, a
+//! SyncBatch larger than the output limit, two gateways on one port.
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 use palaver_protocol::pb::{self, frame::Body};
-use palaver_testkit::client::{text_send, Client};
+use palaver_testkit::chat::{self, next_deliver, ChatServer};
+use palaver_testkit::client::Client;
 
-fn deliver_of(f: &pb::Frame) -> Option<&pb::Message> {
-    match &f.body {
-        Some(Body::Deliver(d)) => d.message.as_ref(),
-        _ => None,
+/// One gateway on the embedded engine: every scenario's users meet there.
+impl ChatServer for TestGateway {
+    fn gateways(&self) -> usize {
+        1
+    }
+
+    fn login_resuming(
+        &self,
+        _gateway: usize,
+        user: &str,
+        device: &str,
+        resume: Vec<pb::Cursor>,
+    ) -> Client {
+        let mut c = self.connect();
+        let hello = pb::Hello {
+            protocol_version: palaver_protocol::PROTOCOL_VERSION,
+            token: self.token(user),
+            device_id: device.into(),
+            resume,
+            ..Default::default()
+        };
+        let w = c.hello_with(hello, T).expect("welcome");
+        assert_eq!(w.user_id, user);
+        c
+    }
+
+    fn patience(&self) -> Duration {
+        T
     }
 }
 
 fn send_and_ack(c: &mut Client, conv: &str, text: &str) -> pb::SendAck {
-    let id = c.request(text_send(conv, text)).unwrap();
-    let f = c.recv_until(T, "SendAck", |f| f.request_id == id).unwrap();
-    match f.body {
-        Some(Body::SendAck(a)) => a,
-        other => panic!("expected SendAck, got {other:?}"),
-    }
-}
-
-fn next_deliver(c: &mut Client) -> pb::Message {
-    let f = c
-        .recv_until(T, "Deliver", |f| deliver_of(f).is_some())
-        .unwrap();
-    deliver_of(&f).unwrap().clone()
+    chat::send_reliably(c, conv, text, T)
 }
 
 #[test]
 fn two_users_chat_one_to_one_with_receipts() {
-    let t = start(|_| {});
-    let mut alice = t.login("alice", "phone");
-    let mut bob = t.login("bob", "phone");
-    let conv = palaver_protocol::direct_conversation_id("alice", "bob");
-
-    let ack = send_and_ack(&mut alice, &conv, "hi bob");
-    assert_eq!(ack.seq, 1);
-    let m = next_deliver(&mut bob);
-    assert_eq!(m.sender_user_id, "alice");
-    assert_eq!(m.body, b"hi bob");
-    assert_eq!(m.seq, 1);
-
-    let ack = send_and_ack(&mut bob, &conv, "hello alice");
-    assert_eq!(ack.seq, 2);
-    let m = next_deliver(&mut alice);
-    assert_eq!((m.sender_user_id.as_str(), m.seq), ("bob", 2));
-
-    // bob reads alice's message: alice learns it.
-    bob.request(Body::Receipt(pb::Receipt {
-        conversation_id: conv.clone(),
-        kind: pb::ReceiptKind::Read as i32,
-        up_to_seq: 1,
-    }))
-    .unwrap();
-    let f = alice
-        .recv_until(T, "ReceiptUpdate", |f| {
-            matches!(f.body, Some(Body::ReceiptUpdate(_)))
-        })
-        .unwrap();
-    match f.body {
-        Some(Body::ReceiptUpdate(r)) => {
-            assert_eq!(r.user_id, "bob");
-            assert_eq!(r.up_to_seq, 1);
-            assert_eq!(r.kind, pb::ReceiptKind::Read as i32);
-        }
-        _ => unreachable!(),
-    }
-    // Typing is relayed.
-    bob.request(Body::Typing(pb::Typing {
-        conversation_id: conv.clone(),
-        active: true,
-        user_id: String::new(),
-    }))
-    .unwrap();
-    let f = alice
-        .recv_until(T, "Typing", |f| matches!(f.body, Some(Body::Typing(_))))
-        .unwrap();
-    assert!(matches!(f.body, Some(Body::Typing(ref ty)) if ty.user_id == "bob" && ty.active));
+    chat::one_to_one_with_receipts_and_typing(&start(|_| {}));
 }
 
 #[test]
 fn three_users_chat_in_a_group() {
-    let t = start(|_| {});
-    let mut alice = t.login("alice", "phone");
-    let mut bob = t.login("bob", "phone");
-    let mut carol = t.login("carol", "phone");
-
-    let id = alice
-        .request(Body::CreateConversation(pb::CreateConversation {
-            kind: pb::ConversationKind::Group as i32,
-            title: "trio".into(),
-            member_user_ids: vec!["bob".into(), "carol".into()],
-        }))
-        .unwrap();
-    let f = alice
-        .recv_until(T, "ConversationCreated", |f| f.request_id == id)
-        .unwrap();
-    let group = match f.body {
-        Some(Body::ConversationCreated(c)) => c.conversation.unwrap(),
-        other => panic!("expected ConversationCreated, got {other:?}"),
-    };
-    assert_eq!(group.members.len(), 3);
-    let gid = group.conversation_id.clone();
-
-    send_and_ack(&mut alice, &gid, "hello group");
-    for c in [&mut bob, &mut carol] {
-        let m = next_deliver(c);
-        assert_eq!(
-            (m.conversation_id.as_str(), m.body.as_slice()),
-            (gid.as_str(), &b"hello group"[..])
-        );
-    }
-    send_and_ack(&mut carol, &gid, "hi from carol");
-    for c in [&mut alice, &mut bob] {
-        let m = next_deliver(c);
-        assert_eq!((m.sender_user_id.as_str(), m.seq), ("carol", 2));
-    }
+    chat::group_of_three_fans_out(&start(|_| {}));
 }
 
 #[test]
 fn offline_user_catches_up_with_sync_and_resume() {
-    let t = start(|_| {});
-    let mut alice = t.login("alice", "phone");
-    let conv = palaver_protocol::direct_conversation_id("alice", "bob");
-    {
-        let mut bob = t.login("bob", "phone");
-        send_and_ack(&mut alice, &conv, "one");
-        assert_eq!(next_deliver(&mut bob).seq, 1);
-    }
-    // bob is offline now (wait until the gateway has seen the close).
-    wait_until(T, "bob's connection to close", || t.gw().connections() == 1);
-    send_and_ack(&mut alice, &conv, "two");
-    send_and_ack(&mut alice, &conv, "three");
+    chat::offline_user_catches_up_with_sync_and_resume(&start(|_| {}));
+}
 
-    // Explicit Sync with a cursor.
-    let mut bob = t.login("bob", "phone");
-    let id = bob
-        .request(Body::Sync(pb::Sync {
-            cursors: vec![pb::Cursor {
-                conversation_id: conv.clone(),
-                after_seq: 1,
-            }],
-            limit: 0,
-        }))
-        .unwrap();
-    let f = bob
-        .recv_until(T, "SyncBatch", |f| f.request_id == id)
-        .unwrap();
-    match f.body {
-        Some(Body::SyncBatch(b)) => {
-            let got: Vec<(u64, &[u8])> = b
-                .messages
-                .iter()
-                .map(|m| (m.seq, m.body.as_slice()))
-                .collect();
-            assert_eq!(got, vec![(2, &b"two"[..]), (3, &b"three"[..])]);
-            assert!(!b.has_more);
-        }
-        other => panic!("expected SyncBatch, got {other:?}"),
-    }
-    drop(bob);
-    wait_until(T, "bob's connection to close", || t.gw().connections() == 1);
-    send_and_ack(&mut alice, &conv, "four");
+#[test]
+fn a_duplicate_client_msg_id_is_stored_and_delivered_once() {
+    chat::duplicate_client_msg_id_is_stored_and_delivered_once(&start(|_| {}));
+}
 
-    // Hello.resume starts the sync right after Welcome.
-    let mut bob = t.connect();
-    let hello = pb::Hello {
-        protocol_version: 1,
-        token: t.token("bob"),
-        device_id: "phone".into(),
-        resume: vec![pb::Cursor {
-            conversation_id: conv.clone(),
-            after_seq: 3,
-        }],
-        ..Default::default()
-    };
-    bob.hello_with(hello, T).unwrap();
-    let f = bob
-        .recv_until(T, "SyncBatch", |f| {
-            matches!(f.body, Some(Body::SyncBatch(_)))
-        })
-        .unwrap();
-    match f.body {
-        Some(Body::SyncBatch(b)) => {
-            assert_eq!(b.messages.len(), 1);
-            assert_eq!(b.messages[0].body, b"four");
-        }
-        _ => unreachable!(),
-    }
+#[test]
+fn concurrent_senders_get_gapless_seqs_in_order() {
+    chat::concurrent_senders_get_gapless_seqs_in_order(&start(|_| {}));
 }
 
 #[test]
@@ -210,7 +89,7 @@ fn same_device_reconnecting_replaces_the_old_connection() {
     let mut bob = t.login("bob", "phone");
     let conv = palaver_protocol::direct_conversation_id("alice", "bob");
     send_and_ack(&mut bob, &conv, "still there?");
-    assert_eq!(next_deliver(&mut new).body, b"still there?");
+    assert_eq!(next_deliver(&mut new, T).body, b"still there?");
 }
 
 #[test]

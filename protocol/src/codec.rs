@@ -18,8 +18,9 @@ pub const MAX_PREFIX_LEN: usize = 5;
 
 /// Why a byte stream is not a valid sequence of frames. After any of these the
 /// stream cannot be trusted: send an `Error` with [`DecodeError::error_code`]
-/// and close the connection.
+/// and close the connection. Non-exhaustive: framing may gain checks.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum DecodeError {
     /// The length prefix announces more bytes than the current maximum.
     #[error("frame of {len} bytes exceeds the maximum of {max} bytes")]
@@ -34,12 +35,13 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
-    /// The protocol error code (`Error.code`) to send for this failure.
-    pub fn error_code(&self) -> u32 {
+    /// The protocol error code to send for this failure (`Error.code` is
+    /// its `u32`: `u32::from(code)`).
+    pub fn error_code(&self) -> pb::ErrorCode {
         match self {
-            DecodeError::FrameTooLarge { .. } => pb::ErrorCode::FrameTooLarge.into(),
+            DecodeError::FrameTooLarge { .. } => pb::ErrorCode::FrameTooLarge,
             DecodeError::BadLengthPrefix | DecodeError::Protobuf(_) => {
-                pb::ErrorCode::MalformedFrame.into()
+                pb::ErrorCode::MalformedFrame
             }
         }
     }
@@ -361,7 +363,7 @@ mod tests {
         // 101 announced, no body bytes sent yet: rejected right away.
         let err = decode_all(&mut dec, &[101]).unwrap_err();
         assert_eq!(err, DecodeError::FrameTooLarge { len: 101, max: 100 });
-        assert_eq!(err.error_code(), 1001);
+        assert_eq!(u32::from(err.error_code()), 1001);
         assert_eq!(dec.buffer_capacity(), 0);
         // Exactly the max is fine (pending).
         let mut dec = FrameDecoder::new(100);
@@ -387,7 +389,7 @@ mod tests {
             let mut dec = FrameDecoder::new(usize::MAX);
             let err = decode_all(&mut dec, bad).unwrap_err();
             assert_eq!(err, DecodeError::BadLengthPrefix, "{bad:x?}");
-            assert_eq!(err.error_code(), 1000);
+            assert_eq!(u32::from(err.error_code()), 1000);
             // Same bytes one at a time.
             let mut dec = FrameDecoder::new(usize::MAX);
             let mut failed = None;
@@ -418,7 +420,7 @@ mod tests {
         let mut frames = Vec::new();
         let err = dec.decode(&bytes, |f| frames.push(f)).unwrap_err();
         assert!(matches!(err, DecodeError::Protobuf(_)));
-        assert_eq!(err.error_code(), 1000);
+        assert_eq!(u32::from(err.error_code()), 1000);
         assert_eq!(frames, vec![ping(1, 1)]);
         assert_eq!(dec.buffer_capacity(), 0);
     }

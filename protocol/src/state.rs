@@ -35,7 +35,9 @@ pub enum Verdict {
 
 /// A frame that is not legal in the current state. The connection must be
 /// closed after sending an `Error` with [`StateError::error_code`].
+/// Non-exhaustive: later protocol versions may add reasons.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum StateError {
     #[error("frame has no body (or one this server does not know)")]
     EmptyFrame,
@@ -58,12 +60,13 @@ pub enum StateError {
 }
 
 impl StateError {
-    /// The protocol error code (`Error.code`) to send for this failure.
-    pub fn error_code(&self) -> u32 {
+    /// The protocol error code to send for this failure (`Error.code` is
+    /// its `u32`: `u32::from(code)`).
+    pub fn error_code(&self) -> pb::ErrorCode {
         match self {
-            StateError::EmptyFrame => pb::ErrorCode::MalformedFrame.into(),
-            StateError::UnsupportedVersion(_) => pb::ErrorCode::UnsupportedVersion.into(),
-            _ => pb::ErrorCode::ProtocolViolation.into(),
+            StateError::EmptyFrame => pb::ErrorCode::MalformedFrame,
+            StateError::UnsupportedVersion(_) => pb::ErrorCode::UnsupportedVersion,
+            _ => pb::ErrorCode::ProtocolViolation,
         }
     }
 
@@ -96,10 +99,10 @@ pub enum Timeout {
 impl Timeout {
     /// The error code to send before closing, if any (a client never sends
     /// Error frames; a drained connection is simply closed).
-    pub fn error_code(&self) -> Option<u32> {
+    pub fn error_code(&self) -> Option<pb::ErrorCode> {
         match self {
-            Timeout::Hello => Some(pb::ErrorCode::HelloTimeout.into()),
-            Timeout::Heartbeat => Some(pb::ErrorCode::HeartbeatTimeout.into()),
+            Timeout::Hello => Some(pb::ErrorCode::HelloTimeout),
+            Timeout::Heartbeat => Some(pb::ErrorCode::HeartbeatTimeout),
             Timeout::Welcome | Timeout::Drain => None,
         }
     }
@@ -489,7 +492,7 @@ mod tests {
         let mut s = ServerConn::new(0, 10_000);
         let err = s.on_frame(&send(), 1).unwrap_err();
         assert_eq!(err, StateError::ExpectedHello("send"));
-        assert_eq!(err.error_code(), 1005);
+        assert_eq!(u32::from(err.error_code()), 1005);
         assert_eq!(
             s.on_frame(&ping(), 1),
             Err(StateError::ExpectedHello("ping"))
@@ -515,7 +518,7 @@ mod tests {
         );
         let mut s = established_server(0);
         let err = s.on_frame(&hello(1, "d"), 5).unwrap_err();
-        assert_eq!(err.error_code(), 1005);
+        assert_eq!(u32::from(err.error_code()), 1005);
     }
 
     #[test]
@@ -523,14 +526,14 @@ mod tests {
         let mut s = established_server(0);
         let err = s.on_frame(&welcome(1), 1).unwrap_err();
         assert_eq!(err, StateError::ServerOnly("welcome"));
-        assert_eq!(err.error_code(), 1005);
+        assert_eq!(u32::from(err.error_code()), 1005);
         let err = s
             .on_frame(&error_reply(0, pb::ErrorCode::Internal, "x"), 1)
             .unwrap_err();
         assert_eq!(err, StateError::ServerOnly("error"));
         let err = s.on_frame(&pb::Frame::default(), 1).unwrap_err();
         assert_eq!(err, StateError::EmptyFrame);
-        assert_eq!(err.error_code(), 1000);
+        assert_eq!(u32::from(err.error_code()), 1000);
         // Also before Hello.
         let mut s = ServerConn::new(0, 10);
         assert_eq!(
@@ -544,7 +547,7 @@ mod tests {
         let mut s = ServerConn::new(0, 10_000);
         let err = s.on_frame(&hello(2, "d"), 1).unwrap_err();
         assert_eq!(err, StateError::UnsupportedVersion(2));
-        assert_eq!(err.error_code(), 1002);
+        assert_eq!(u32::from(err.error_code()), 1002);
         // The Error names the supported versions (SPEC §4.1, §16).
         let f = err.error_reply(1);
         assert_eq!(f.request_id, 1);
@@ -573,7 +576,7 @@ mod tests {
         s.on_frame(&hello(1, "d"), 5_000).unwrap();
         // Authenticating does not extend the deadline.
         assert_eq!(s.check_timeout(10_000), Some(Timeout::Hello));
-        assert_eq!(Timeout::Hello.error_code(), Some(1006));
+        assert_eq!(Timeout::Hello.error_code().map(u32::from), Some(1006));
     }
 
     #[test]
@@ -587,7 +590,7 @@ mod tests {
         assert!(s.is_expired(125_000));
         s.on_activity(120_000);
         assert_eq!(s.deadline(), Some(195_000));
-        assert_eq!(Timeout::Heartbeat.error_code(), Some(1007));
+        assert_eq!(Timeout::Heartbeat.error_code().map(u32::from), Some(1007));
     }
 
     #[test]

@@ -776,7 +776,7 @@ fn render() -> String {
     let invalid = invalid_cases()
         .iter()
         .map(|c| {
-            let code = decode_error(c.hex, c.max_frame_len).error_code();
+            let code = u32::from(decode_error(c.hex, c.max_frame_len).error_code());
             object(&[
                 ("name", q(c.name)),
                 ("hex", q(c.hex)),
@@ -916,7 +916,7 @@ fn invalid_vectors_fail_with_their_error_code() {
         let bytes = hex::decode(str_field(case, "hex")).unwrap();
         let err = decode_both_ways(&bytes, max).expect_err(name);
         let code = case["error_code"].as_u64().unwrap() as u32;
-        assert_eq!(err.error_code(), code, "{name}: {err}");
+        assert_eq!(u32::from(err.error_code()), code, "{name}: {err}");
         assert_eq!(error_name(code), str_field(case, "error"), "{name}");
         assert!(
             matches!(str_field(case, "must_reject"), "all" | "server"),

@@ -10,149 +10,22 @@ use std::time::{Duration, Instant};
 use e2e::*;
 use palaver_protocol::pb::{self, frame::Body};
 use palaver_router::kafka::{records, PUSH_TOPIC};
-use palaver_testkit::client::{new_client_msg_id, text_send, Client};
+use palaver_testkit::client::Client;
 use prost::Message as _;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message as _;
 
-/// 1:1 across two gateways, group fan-out, receipts, typing, duplicate
-/// client_msg_id, and order under concurrent senders — on `cluster` or not.
+/// The shared chat suite (`palaver_testkit::chat`, also run against the
+/// embedded engine by the gateway's `tests/chat.rs`) across two gateways:
+/// 1:1 with receipts and typing, group fan-out, duplicate client_msg_id,
+/// order under concurrent senders, offline catch-up by Sync and resume —
+/// on `cluster` or not.
 fn chat_checks(cluster: bool) {
     let mut s = Stack::start(cluster, 1);
-    let g1 = s.add_gateway("gw1");
-    let g2 = s.add_gateway("gw2");
-    let mut alice = s.login(g1, "alice", "phone");
-    let mut bob = s.login(g2, "bob", "phone");
-    let mut carol = s.login(g2, "carol", "tablet");
-    let dm = palaver_protocol::direct_conversation_id("alice", "bob");
-
-    // 1:1 across gateways.
-    let ack = send_reliably(&mut alice, &dm, "hi bob");
-    assert_eq!(ack.seq, 1);
-    let m = next_deliver(&mut bob);
-    assert_eq!(
-        (m.sender_user_id.as_str(), m.seq, m.body.as_slice()),
-        ("alice", 1, &b"hi bob"[..])
-    );
-    let ack = send_reliably(&mut bob, &dm, "hi alice");
-    assert_eq!(ack.seq, 2);
-    assert_eq!(next_deliver(&mut alice).seq, 2);
-
-    // Receipts round trip: bob read 1 → alice hears of it.
-    bob.request(Body::Receipt(pb::Receipt {
-        conversation_id: dm.clone(),
-        kind: pb::ReceiptKind::Read as i32,
-        up_to_seq: 1,
-    }))
-    .unwrap();
-    let f = alice
-        .recv_until(T, "ReceiptUpdate", |f| {
-            matches!(f.body, Some(Body::ReceiptUpdate(_)))
-        })
-        .unwrap();
-    let Some(Body::ReceiptUpdate(r)) = f.body else {
-        unreachable!()
-    };
-    assert_eq!(
-        (r.user_id.as_str(), r.up_to_seq, r.kind),
-        ("bob", 1, pb::ReceiptKind::Read as i32)
-    );
-
-    // Typing is relayed, never stored.
-    alice
-        .request(Body::Typing(pb::Typing {
-            conversation_id: dm.clone(),
-            active: true,
-            user_id: String::new(),
-        }))
-        .unwrap();
-    let f = bob
-        .recv_until(T, "Typing", |f| matches!(f.body, Some(Body::Typing(_))))
-        .unwrap();
-    let Some(Body::Typing(t)) = f.body else {
-        unreachable!()
-    };
-    assert_eq!((t.user_id.as_str(), t.active), ("alice", true));
-
-    // Group fan-out across gateways.
-    let grp = group_of(&mut alice, &["bob", "carol"]);
-    let ack = send_reliably(&mut alice, &grp, "hello team");
-    assert_eq!(ack.seq, 1);
-    for c in [&mut bob, &mut carol] {
-        let m = next_deliver(c);
-        assert_eq!((m.conversation_id.as_str(), m.seq), (grp.as_str(), 1));
-    }
-
-    // The same client_msg_id twice: one seq, one ack value, one delivery.
-    let cmid = new_client_msg_id();
-    let send = Body::Send(pb::Send {
-        conversation_id: dm.clone(),
-        client_msg_id: cmid.clone(),
-        kind: pb::ContentKind::Text as i32,
-        body: b"once".to_vec(),
-        ..Default::default()
-    });
-    let id1 = alice.request(send.clone()).unwrap();
-    let a1 = alice
-        .recv_until(T, "ack 1", |f| f.request_id == id1)
-        .unwrap();
-    let id2 = alice.request(send).unwrap();
-    let a2 = alice
-        .recv_until(T, "ack 2", |f| f.request_id == id2)
-        .unwrap();
-    let (a1, a2) = (ack_of(&a1).unwrap().clone(), ack_of(&a2).unwrap().clone());
-    assert_eq!(a1, a2, "the retry gets the original ack");
-    assert_eq!(a1.seq, 3);
-    assert_eq!(next_deliver(&mut bob).client_msg_id, cmid);
-    // A later message arrives next: the duplicate was not delivered again.
-    let ack = send_reliably(&mut alice, &dm, "after");
-    assert_eq!(ack.seq, 4);
-    assert_eq!(next_deliver(&mut bob).seq, 4);
-
-    // Concurrent senders in one conversation: seqs are 1..=2N without gaps,
-    // every member sees them in seq order, each sender's own order is kept.
-    let conc = group_of(&mut carol, &["alice", "bob"]);
-    const N: usize = 40;
-    let mut senders = Vec::new();
-    for (user, gw) in [("alice", g1), ("carol", g2)] {
-        let mut c = s.login(gw, user, "second");
-        let conv = conc.clone();
-        senders.push(std::thread::spawn(move || {
-            let ids: Vec<u32> = (0..N)
-                .map(|i| c.request(text_send(&conv, &format!("{user}:{i}"))).unwrap())
-                .collect();
-            let mut seqs = Vec::new();
-            for id in ids {
-                let f = c.recv_until(T, "SendAck", |f| f.request_id == id).unwrap();
-                seqs.push(ack_of(&f).expect("ack").seq);
-            }
-            seqs
-        }));
-    }
-    let mut all: Vec<u64> = Vec::new();
-    for h in senders {
-        let seqs = h.join().unwrap();
-        assert!(
-            seqs.windows(2).all(|w| w[0] < w[1]),
-            "per-sender order {seqs:?}"
-        );
-        all.extend(seqs);
-    }
-    all.sort();
-    assert_eq!(all, (1..=2 * N as u64).collect::<Vec<_>>());
-    let mut got = Vec::new();
-    while got.len() < 2 * N {
-        let m = next_deliver(&mut bob);
-        if m.conversation_id == conc {
-            got.push(m.seq);
-        }
-    }
-    assert_eq!(
-        got,
-        (1..=2 * N as u64).collect::<Vec<_>>(),
-        "bob sees seq order"
-    );
+    s.add_gateway("gw1");
+    s.add_gateway("gw2");
+    palaver_testkit::chat::run_all(&s);
 }
 
 #[test]

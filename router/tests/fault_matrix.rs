@@ -86,7 +86,7 @@ fn redis_sigkill_restart_from_aof_loses_no_acknowledged_message() {
 fn sigkill_a_gateway() {
     let mut s = Stack::start_with(false, 1, 1);
     s.add_gateway("gw1");
-    s.add_gateway_process("gw2", "gateway_process");
+    s.add_gateway("gw2");
     // carol stays on gw2 and does not reconnect; alice watches her from gw1
     // (presence is visible to users who share a conversation).
     let _carol = s.login(1, "carol", "phone");
@@ -98,7 +98,7 @@ fn sigkill_a_gateway() {
     let traffic = Traffic::start(&s, SENDERS, PER_SENDER);
     traffic.wait_acked(BEFORE_FAULT);
     let fault_at = Instant::now();
-    s.gateway_processes[0].kill();
+    s.crash_gateway(1);
     let outcome = traffic.finish("SIGKILL a gateway", fault_at);
     assert!(
         outcome.reconnects > 0,
@@ -120,14 +120,6 @@ fn sigkill_a_gateway() {
 
 fn presence_of(c: &mut Client, user: &str) -> pb::Presence {
     c.presence(user, e2e::T).expect("PresenceResult")
-}
-
-/// Not a test: the gateway process of `sigkill_a_gateway` (this binary run
-/// again with `--exact gateway_process --ignored`).
-#[test]
-#[ignore = "run by sigkill_a_gateway as its gateway process"]
-fn gateway_process() {
-    e2e::gateway_process_main();
 }
 
 /// SIGSTOP the Kafka broker for 10 s (a network stall: sockets stay open,

@@ -8,5 +8,6 @@
 // The only unsafe code: libc::kill in stack.rs, allowed there.
 #![deny(unsafe_code)]
 
+pub mod chat;
 pub mod client;
 pub mod stack;

@@ -1142,12 +1142,15 @@ fn write_state(dir: &Path, procs: &[ClusterProcess]) -> Result<()> {
 }
 
 /// Finds a Palaver binary next to the running executable (cargo puts all of
-/// a workspace's binaries in one directory), else on PATH.
+/// a workspace's binaries in one directory; a test executable sits one level
+/// below it, in `deps/`), else on PATH.
 pub fn find_palaver_binary(name: &str) -> Result<PathBuf> {
-    let beside = std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(|d| d.join(name)))
-        .filter(|p| p.is_file());
+    let exe = std::env::current_exe().ok();
+    let beside = exe
+        .iter()
+        .flat_map(|exe| exe.ancestors().skip(1).take(2))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file());
     match beside {
         Some(p) => Ok(p),
         None => find_binary(name).map_err(|_| {
@@ -1156,6 +1159,57 @@ pub fn find_palaver_binary(name: &str) -> Result<PathBuf> {
                  `cargo build --bins`"
             ))
         }),
+    }
+}
+
+/// A `palaver-gateway` process (the workspace's binary, see
+/// [`find_palaver_binary`]) on a free loopback port, with 2 cores, its
+/// config, log and port under a work directory; SIGKILLed on drop (a crash,
+/// as the rest of the cluster sees it: no drain, no presence flush).
+pub struct Gateway {
+    proc: Proc,
+    port: u16,
+}
+
+impl Gateway {
+    /// Starts gateway `id` with `config_toml` (a gateway config file, e.g. a
+    /// `[backend]` section) written to `dir/<id>.toml`, logging to
+    /// `dir/<id>.log`, dev credentials in `data_dir`. Returns once it accepts
+    /// connections (its backend started). The first gateway of a data dir
+    /// creates the dev CA and JWT secret the others then use.
+    pub fn start(dir: &Path, id: &str, config_toml: &str, data_dir: &Path) -> Result<Self> {
+        let binary = find_palaver_binary("palaver-gateway")?;
+        let config = dir.join(format!("{id}.toml"));
+        fs::write(&config, config_toml)
+            .map_err(|e| err(format!("write {}: {e}", config.display())))?;
+        let port = free_port()?;
+        let mut cmd = Command::new(binary);
+        cmd.arg("--config")
+            .arg(&config)
+            .args(["--gateway-id", id, "--cores", "2"])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env("RUST_LOG", "info,rdkafka=warn");
+        let mut proc = Proc::spawn(cmd, dir.join(format!("{id}.log")))?;
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        wait_until(&format!("gateway {id}"), &mut proc, || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        })?;
+        Ok(Self { proc, port })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// SIGKILL: no drain, no presence flush, no goodbye.
+    pub fn kill(&mut self) {
+        self.proc.kill();
     }
 }
 

@@ -1,7 +1,10 @@
 //! The stack of the end-to-end and fault tests: real Apache Kafka and
-//! Redis (tools' stack), `palaver-router` processes (this crate's binary),
-//! in-process gateways with the Kafka/Redis bridge, real TLS clients; and
-//! [`traffic`], the chat traffic the fault tests run while a fault happens.
+//! Redis (the test kit's stack), `palaver-router` processes (this crate's
+//! binary), `palaver-gateway` processes with the Kafka/Redis bridge (the
+//! workspace's gateway binary, started by the test kit), real TLS clients;
+//! and [`traffic`], the chat traffic the fault tests run while a fault
+//! happens. Nothing here links the gateway crate: the arrows run protocol →
+//! router → gateway only.
 #![allow(dead_code)]
 // Configs are filled field by field, like an operator's config file.
 #![allow(clippy::field_reassign_with_default)]
@@ -10,17 +13,14 @@ pub mod traffic;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use palaver_gateway::config::BackendConfig;
-use palaver_gateway::{auth, devcerts, Config, GatewayHandle};
-use palaver_protocol::pb::{self, frame::Body};
-use palaver_router::bridge::presence::PresenceTiming;
-use palaver_router::bridge::{BridgeConfig, KafkaRedisBridge};
+use palaver_credentials::{auth, devcerts};
+use palaver_protocol::pb;
 use palaver_router::redis_store::RedisConfig;
-use palaver_testkit::client::{new_client_msg_id, Client, ConnectOptions};
-use palaver_testkit::stack::{Kafka, Redis, RedisCluster, WorkDir};
+use palaver_testkit::chat::ChatServer;
+use palaver_testkit::client::{Client, ConnectOptions};
+use palaver_testkit::stack::{self, Kafka, Redis, RedisCluster, WorkDir};
 
 pub const T: Duration = Duration::from_secs(30);
 
@@ -68,90 +68,19 @@ pub struct Stack {
     pub redis_config: RedisConfig,
     pub kafka: Kafka,
     pub routers: Vec<RouterProcess>,
-    pub gateways: Vec<Gateway>,
-    pub gateway_processes: Vec<GatewayProcess>,
+    pub gateways: Vec<stack::Gateway>,
     pub dir: WorkDir,
 }
 
-/// A gateway in a process of its own, SIGKILLed on drop.
-pub struct GatewayProcess {
-    child: Child,
-    opts: Option<ConnectOptions>,
-}
-
-impl GatewayProcess {
-    /// SIGKILL: no drain, no presence flush, no goodbye.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for GatewayProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// The tests' gateway (2 cores, a short presence lease), in this process.
-pub fn start_gateway(
-    id: &str,
-    data_dir: &std::path::Path,
-    brokers: &str,
-    redis_spec: &str,
-    redis_config: RedisConfig,
-) -> (GatewayHandle, Arc<KafkaRedisBridge>) {
-    let mut config = Config::default();
-    config.listen = "127.0.0.1:0".parse().unwrap();
-    config.cores = 2;
-    config.data_dir = data_dir.to_path_buf();
-    config.gateway_id = id.into();
-    config.backend = BackendConfig::Kafka {
-        brokers: brokers.into(),
-        redis: redis_spec.into(),
-    };
-    let mut bridge_config = BridgeConfig::new(brokers, redis_config);
-    bridge_config.presence = PresenceTiming {
-        flush_interval: Duration::from_millis(50),
-        tick: Duration::from_millis(500),
-        lease_ttl: Duration::from_secs(3),
-    };
-    bridge_config.inbound_partitions = 4;
-    let bridge = Arc::new(KafkaRedisBridge::new(bridge_config));
-    let handle = GatewayHandle::start(config, bridge.clone()).expect("gateway starts");
-    (handle, bridge)
-}
-
-/// The body of the child test [`Stack::add_gateway_process`] runs: starts
-/// the gateway its environment describes, writes its port, and serves until
-/// killed. Without that environment (a plain `--ignored` run) it returns.
-pub fn gateway_process_main() {
-    let Ok(id) = std::env::var("PALAVER_TEST_GATEWAY") else {
-        return;
-    };
-    let env = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} not set"));
-    let redis_spec = env("PALAVER_TEST_REDIS");
-    let redis_config = RedisConfig::parse(&redis_spec).expect("Redis spec");
-    let (handle, _bridge) = start_gateway(
-        &id,
-        std::path::Path::new(&env("PALAVER_TEST_DATA_DIR")),
-        &env("PALAVER_TEST_BROKERS"),
-        &redis_spec,
-        redis_config,
-    );
-    let port_file = PathBuf::from(env("PALAVER_TEST_PORT_FILE"));
-    let tmp = port_file.with_extension("tmp");
-    std::fs::write(&tmp, handle.local_addr.port().to_string()).unwrap();
-    std::fs::rename(&tmp, &port_file).unwrap();
-    loop {
-        std::thread::park();
-    }
-}
-
-pub struct Gateway {
-    pub handle: Option<GatewayHandle>,
-    pub bridge: Arc<KafkaRedisBridge>,
-    pub opts: ConnectOptions,
+/// The tests' gateway config: the Kafka/Redis backend, a short presence
+/// lease (a killed gateway's users go offline within 3 s), and the
+/// partitions the routers are started with.
+fn gateway_config(brokers: &str, redis_spec: &str) -> String {
+    format!(
+        "[backend]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\nredis = \"{redis_spec}\"\n\n\
+         [bridge]\npresence_flush_ms = 50\npresence_tick_ms = 500\npresence_lease_ms = 3000\n\
+         inbound_partitions = 4\n"
+    )
 }
 
 impl Stack {
@@ -193,7 +122,6 @@ impl Stack {
             kafka,
             routers: Vec::new(),
             gateways: Vec::new(),
-            gateway_processes: Vec::new(),
             dir,
         };
         for i in 0..routers {
@@ -212,83 +140,23 @@ impl Stack {
         self.routers.push(r);
     }
 
-    /// Starts gateway `id` in this process.
+    /// Starts gateway `id` (a `palaver-gateway` process); returns its index.
     pub fn add_gateway(&mut self, id: &str) -> usize {
         let data_dir: PathBuf = self.dir.path().join("gw-data");
-        let (handle, bridge) = start_gateway(
-            id,
-            &data_dir,
-            &self.kafka.bootstrap(),
-            &self.redis_spec,
-            self.redis_config.clone(),
-        );
-        let ca = std::fs::read(data_dir.join(devcerts::CA_CERT_FILE)).unwrap();
-        self.gateways.push(Gateway {
-            opts: ConnectOptions::new(handle.local_addr, ca),
-            handle: Some(handle),
-            bridge,
-        });
+        let config = gateway_config(&self.kafka.bootstrap(), &self.redis_spec);
+        let gateway = stack::Gateway::start(self.dir.path(), id, &config, &data_dir)
+            .unwrap_or_else(|e| panic!("gateway {id} starts: {e}"));
+        self.gateways.push(gateway);
         self.gateways.len() - 1
     }
 
-    /// Starts gateway `id` as a process of its own (this test binary run
-    /// as `child_test`, which must call [`gateway_process_main`]), so a test
-    /// can SIGKILL it. Needs the dev CA an in-process gateway created.
-    pub fn add_gateway_process(&mut self, id: &str, child_test: &str) {
-        let data_dir: PathBuf = self.dir.path().join("gw-data");
-        let port_file = self.dir.path().join(format!("{id}.port"));
-        let log = std::fs::File::create(self.dir.path().join(format!("{id}.log"))).unwrap();
-        let child = Command::new(std::env::current_exe().unwrap())
-            .args([child_test, "--exact", "--ignored", "--nocapture"])
-            .args(["--test-threads", "1"])
-            .env("PALAVER_TEST_GATEWAY", id)
-            .env("PALAVER_TEST_BROKERS", self.kafka.bootstrap())
-            .env("PALAVER_TEST_REDIS", &self.redis_spec)
-            .env("PALAVER_TEST_DATA_DIR", &data_dir)
-            .env("PALAVER_TEST_PORT_FILE", &port_file)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn a gateway process");
-        let mut process = GatewayProcess { child, opts: None };
-        // Ready: the child wrote its listening port.
-        let deadline = Instant::now() + T;
-        let port: u16 = loop {
-            if let Some(port) = std::fs::read_to_string(&port_file)
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-            {
-                break port;
-            }
-            if let Ok(Some(status)) = process.child.try_wait() {
-                panic!("gateway process {id} exited ({status}) before listening");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "gateway process {id} never listened"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let ca = std::fs::read(data_dir.join(devcerts::CA_CERT_FILE)).unwrap();
-        process.opts = Some(ConnectOptions::new(
-            std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-            ca,
-        ));
-        self.gateway_processes.push(process);
-    }
-
-    /// Where clients reach every gateway: in-process ones first, then the
-    /// gateway processes, each in start order.
+    /// Where clients reach every gateway, in start order.
     pub fn gateway_addrs(&self) -> Vec<ConnectOptions> {
+        let ca = std::fs::read(self.dir.path().join("gw-data").join(devcerts::CA_CERT_FILE))
+            .expect("the first gateway wrote the dev CA");
         self.gateways
             .iter()
-            .map(|g| g.opts.clone())
-            .chain(
-                self.gateway_processes
-                    .iter()
-                    .map(|p| p.opts.clone().expect("listening")),
-            )
+            .map(|g| ConnectOptions::new(g.addr(), ca.clone()))
             .collect()
     }
 
@@ -333,95 +201,50 @@ impl Stack {
         (c, w)
     }
 
-    /// A gateway crash as the cluster sees it: the bridge stops at once
-    /// (no presence flush, no lease renewal), then the sockets go away.
+    /// A gateway crash as the cluster sees it: SIGKILL, so no presence
+    /// flush, no lease renewal, no drain; its sockets go away.
     pub fn crash_gateway(&mut self, gateway: usize) {
-        let gw = &mut self.gateways[gateway];
-        gw.bridge.halt();
-        if let Some(h) = gw.handle.take() {
-            h.stop();
-            h.join();
-        }
+        self.gateways[gateway].kill();
+    }
+}
+
+/// The shared chat suite runs against this stack's gateways.
+impl ChatServer for Stack {
+    fn gateways(&self) -> usize {
+        self.gateway_addrs().len()
+    }
+
+    fn login_resuming(
+        &self,
+        gateway: usize,
+        user: &str,
+        device: &str,
+        resume: Vec<pb::Cursor>,
+    ) -> Client {
+        self.login_with(gateway, user, device, resume).0
+    }
+
+    fn patience(&self) -> Duration {
+        T
     }
 }
 
 impl Drop for Stack {
     fn drop(&mut self) {
-        for gw in &mut self.gateways {
-            if let Some(h) = gw.handle.take() {
-                h.stop();
-                h.join();
-            }
-        }
+        // Gateways before routers, routers before Kafka and Redis.
+        self.gateways.clear();
         self.routers.clear();
     }
 }
 
-pub fn deliver_of(f: &pb::Frame) -> Option<&pb::Message> {
-    match &f.body {
-        Some(Body::Deliver(d)) => d.message.as_ref(),
-        _ => None,
-    }
-}
-
-pub fn ack_of(f: &pb::Frame) -> Option<&pb::SendAck> {
-    match &f.body {
-        Some(Body::SendAck(a)) => Some(a),
-        _ => None,
-    }
-}
-
 /// Sends and waits for the ack, retrying with the same client_msg_id on
-/// UNAVAILABLE or silence (what a real client does).
+/// UNAVAILABLE or silence (what a real client does), for up to 90 s.
 pub fn send_reliably(c: &mut Client, conv: &str, text: &str) -> pb::SendAck {
-    try_send_reliably(c, conv, text, Duration::from_secs(90))
-        .unwrap_or_else(|| panic!("no SendAck for {text}"))
-}
-
-/// [`send_reliably`] that gives up after `patience` without an ack.
-pub fn try_send_reliably(
-    c: &mut Client,
-    conv: &str,
-    text: &str,
-    patience: Duration,
-) -> Option<pb::SendAck> {
-    let cmid = new_client_msg_id();
-    let deadline = Instant::now() + patience;
-    loop {
-        if Instant::now() >= deadline {
-            return None;
-        }
-        let id = c
-            .request(Body::Send(pb::Send {
-                conversation_id: conv.into(),
-                client_msg_id: cmid.clone(),
-                kind: pb::ContentKind::Text as i32,
-                body: text.as_bytes().to_vec(),
-                ..Default::default()
-            }))
-            .unwrap();
-        match c.recv_until(Duration::from_secs(20), "SendAck or Error", |f| {
-            f.request_id == id
-        }) {
-            Ok(f) => match &f.body {
-                Some(Body::SendAck(a)) => return Some(a.clone()),
-                // A client's retry back-off.
-                Some(Body::Error(e)) if e.code == pb::ErrorCode::Unavailable as u32 => {
-                    std::thread::sleep(Duration::from_millis(200));
-                    continue;
-                }
-                other => panic!("unexpected answer to Send: {other:?}"),
-            },
-            Err(_) => continue,
-        }
-    }
+    palaver_testkit::chat::send_reliably(c, conv, text, T)
 }
 
 pub fn next_deliver(c: &mut Client) -> pb::Message {
-    let f = c
-        .recv_until(T, "Deliver", |f| deliver_of(f).is_some())
-        .unwrap();
-    deliver_of(&f).unwrap().clone()
+    palaver_testkit::chat::next_deliver(c, T)
 }
 
 pub fn group_of(c: &mut Client, members: &[&str]) -> String {

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use palaver_gateway::auth;
+use palaver_credentials::auth;
 use palaver_protocol::pb::{self, frame::Body};
 use palaver_testkit::client::{new_client_msg_id, Client, ClientError, ConnectOptions};
 

@@ -2,7 +2,7 @@
 //! gateway gw1) sends to bob (on gw2) at a fixed rate; the time from just
 //! before alice's Send is written to bob's Deliver being read is recorded.
 //!
-//! `cargo run --release -p palaver-router --example e2e_latency -- [MESSAGES] [RATE_PER_S]`
+//! `cargo run --release -p palaver-gateway --example e2e_latency -- [MESSAGES] [RATE_PER_S]`
 //!
 //! Everything is real: Kafka, redis-server, one router worker (this crate's
 //! `RouterWorker`, in-process), two gateways with the Kafka/Redis bridge,

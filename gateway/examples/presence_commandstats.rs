@@ -2,7 +2,7 @@
 //! batched presence: Redis commands per second (from `INFO commandstats`)
 //! while N idle TLS connections heartbeat every 15 s.
 //!
-//! `cargo run -p palaver-router --example presence_commandstats -- 1000 15000`
+//! `cargo run -p palaver-gateway --example presence_commandstats -- 1000 15000`
 //!
 //! The process runs Redis, Kafka and one gateway (2 cores, bridge backend,
 //! presence tick 1 s); the clients live in a child process (this same

@@ -1,0 +1,188 @@
+//! A connection's output: frames queued into the core's plaintext buffer,
+//! sealed together into TLS records, written straight from the scratch
+//! buffer; only what the socket refuses is kept (`tls_out`). Every change of
+//! the unsent output is reported to the connection's rules, which decide
+//! when reading resumes and when the write side shuts (FIN) while closing.
+
+use std::io::{self, Write};
+use std::net::Shutdown;
+use std::sync::atomic::Ordering::Relaxed;
+
+use mio::net::TcpStream;
+use palaver_protocol::{encode_frame, pb, FrameDecoder};
+
+use crate::metrics::CoreMetrics;
+use crate::session::{BackendStep, OutputStep};
+use crate::tls_io;
+
+use super::{unix_ms, Conn, Ctx, Fate};
+
+impl Ctx {
+    pub(super) fn deliver_one(&mut self, slot: usize, conn: &mut Conn, f: pb::Frame, closes: bool) {
+        let len = palaver_protocol::encoded_frame_len(&f);
+        let pending = conn.tls_out.len() + self.scratch.out.len() + self.scratch.plain.len();
+        let step =
+            conn.policy
+                .on_backend_frame(&self.limits, &f, len, pending, closes, self.now_ms);
+        match step {
+            BackendStep::Stale => CoreMetrics::inc(&self.metrics.stale_deliveries),
+            BackendStep::Queue => self.queue(&f),
+            BackendStep::QueueAndClose => {
+                let linger = self.limits.linger_ms;
+                self.begin_close(slot, conn, Some(f), linger);
+            }
+            // Stop adding; tell it why behind what it has not read.
+            BackendStep::SlowConsumer => self.close_slow_consumer(slot, conn),
+        }
+    }
+
+    /// Adds one frame to the connection's pending plaintext (encrypted with
+    /// the rest of this turn's frames by [`seal`](Self::seal)).
+    pub(super) fn queue(&mut self, f: &pb::Frame) {
+        encode_frame(f, &mut self.scratch.plain);
+        self.metrics.frame_out(f.body.as_ref());
+    }
+
+    /// Encrypts the pending plaintext into the output buffer: one TLS record
+    /// per 16 KiB instead of one per frame.
+    pub(super) fn seal(&mut self, conn: &mut Conn) {
+        if self.scratch.plain.is_empty() {
+            return;
+        }
+        let driven = tls_io::drive(
+            &mut conn.tls,
+            &mut conn.tls_in,
+            &mut self.scratch.out,
+            None,
+            &self.scratch.plain,
+        );
+        // A partial record in tls_in is never complete here, so nothing was consumed.
+        debug_assert_eq!(driven.consumed, 0);
+        self.scratch.plain.clear();
+    }
+
+    /// Queues `last` (if any) and close_notify, ends the session, and waits
+    /// at most `linger_ms` for the output to leave.
+    pub(super) fn begin_close(
+        &mut self,
+        slot: usize,
+        conn: &mut Conn,
+        last: Option<pb::Frame>,
+        linger_ms: u32,
+    ) {
+        if !conn.policy.begin_close(self.now_ms, linger_ms) {
+            return;
+        }
+        if let Some(f) = last {
+            self.queue(&f);
+        }
+        self.seal(conn);
+        tls_io::close_notify(&mut conn.tls, &mut conn.tls_in, &mut self.scratch.out);
+        conn.tls_in = Vec::new();
+        conn.decoder = FrameDecoder::new(0);
+        self.end_session(conn);
+        self.arm(slot, conn);
+    }
+
+    pub(super) fn end_session(&self, conn: &mut Conn) {
+        if let Some(session) = conn.session.take() {
+            self.shared.backend.session_closed(&session, unix_ms());
+            self.metrics.sessions.fetch_sub(1, Relaxed);
+        }
+    }
+
+    /// Sends what the handler produced (in `scratch.out`): straight from the
+    /// scratch buffer when nothing is queued, keeping only what the socket
+    /// refused.
+    pub(super) fn finish_output(&mut self, conn: &mut Conn) -> Fate {
+        self.seal(conn);
+        if !self.scratch.out.is_empty() {
+            if conn.tls_out.is_empty() {
+                let written = write_some(&mut conn.sock, &self.scratch.out);
+                match written {
+                    Ok(n) => {
+                        self.metrics.bytes_out.fetch_add(n as u64, Relaxed);
+                        if n < self.scratch.out.len() {
+                            conn.tls_out = self.scratch.out[n..].to_vec();
+                        }
+                    }
+                    Err(_) => {
+                        self.scratch.out.clear();
+                        return Fate::Close;
+                    }
+                }
+            } else {
+                // Already waiting for a writable event: just queue.
+                conn.tls_out.extend_from_slice(&self.scratch.out);
+            }
+            self.scratch.out.clear();
+        }
+        self.after_output(conn).0
+    }
+
+    /// Writable again: push queued output. Also says whether reading resumed.
+    pub(super) fn flush(&mut self, conn: &mut Conn) -> (Fate, bool) {
+        match write_some(&mut conn.sock, &conn.tls_out) {
+            Ok(n) => {
+                self.metrics.bytes_out.fetch_add(n as u64, Relaxed);
+                if n == conn.tls_out.len() {
+                    conn.tls_out = Vec::new();
+                } else if n > 0 {
+                    conn.tls_out.drain(..n);
+                }
+            }
+            Err(_) => return (Fate::Close, false),
+        }
+        self.after_output(conn)
+    }
+
+    /// The unsent output changed: account for it and let the rules say
+    /// whether reading resumes or the write side shuts.
+    pub(super) fn after_output(&mut self, conn: &mut Conn) -> (Fate, bool) {
+        let level = conn.tls_out.len() as u32;
+        if level != conn.accounted_out {
+            self.metrics
+                .max_conn_outbound_bytes
+                .fetch_max(i64::from(level), Relaxed);
+            self.metrics
+                .outbound_buffered_bytes
+                .fetch_add(i64::from(level) - i64::from(conn.accounted_out), Relaxed);
+            conn.accounted_out = level;
+        }
+        match conn
+            .policy
+            .on_output_level(&self.limits, conn.tls_out.len())
+        {
+            OutputStep::Keep => (Fate::Keep, false),
+            OutputStep::Resume => (Fate::Keep, true),
+            OutputStep::SendFin => {
+                // Everything is out: send FIN, then wait (bounded by the
+                // linger deadline) for the peer's FIN so unread input does
+                // not turn the close into a reset that could destroy our
+                // last frame.
+                if conn.sock.shutdown(Shutdown::Write).is_err() {
+                    return (Fate::Close, false);
+                }
+                (self.discard_input(conn), false)
+            }
+        }
+    }
+}
+
+/// Writes as much as the socket takes without blocking.
+fn write_some(sock: &mut TcpStream, mut buf: &[u8]) -> io::Result<usize> {
+    let mut total = 0;
+    while !buf.is_empty() {
+        match sock.write(buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                total += n;
+                buf = &buf[n..];
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(total)
+}

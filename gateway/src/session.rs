@@ -1,0 +1,440 @@
+//! One connection's rules, sans-io: fed events and `now`, it says what the
+//! core thread must do. No socket, no clock, no TLS: the core loop
+//! ([`crate::core`]) moves bytes and applies the verdicts; the tests below
+//! drive it against a protocol [`ClientConn`](palaver_protocol::state::ClientConn)
+//! on a virtual clock.
+//!
+//! What it decides:
+//! - the transport phase ([`Phase`]): TLS handshake (and its timeout), open,
+//!   stalled (output full, not read, slow-consumer deadline), closing
+//!   (last frames leaving, FIN, linger deadline);
+//! - frame legality, Hello and heartbeat timeouts, through the protocol's
+//!   [`ServerConn`] (`on_frame`, `check_timeout`);
+//! - request budgets, through [`RequestPolicy`] (send rate, request budget,
+//!   in-flight cap, Typing coalescing);
+//! - backpressure: when reading stops and resumes, when a backend frame
+//!   does not fit, when a stalled reader becomes a slow consumer;
+//! - drain: which connections get `GoAway(SHUTDOWN)` and which just close.
+//!
+//! It is 64 bytes and allocates nothing per event except the frames it
+//! returns (the same replies the gateway always built).
+
+use palaver_protocol::pb::{self, frame::Body};
+use palaver_protocol::state::{ServerConn, ServerPhase, Timeout, Verdict};
+use palaver_protocol::{error_reply, error_reply_to, frame};
+
+use crate::config::LimitsConfig;
+use crate::policy::{Admit, PolicyLimits, RequestPolicy};
+
+/// How long a closing connection may take to flush its last frames.
+pub const CLOSE_LINGER_MS: u32 = 2_000;
+
+/// The limits one connection's rules enforce (a copy lives in each core).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnLimits {
+    pub handshake_timeout_ms: u32,
+    pub hello_timeout_ms: u32,
+    pub heartbeat_interval_ms: u32,
+    /// Unsent output above which the connection is not read.
+    pub max_outbound_bytes: u32,
+    pub slow_consumer_timeout_ms: u32,
+    /// How long closing waits for the last frames and the peer's FIN.
+    pub linger_ms: u32,
+    pub requests: PolicyLimits,
+}
+
+impl ConnLimits {
+    pub fn from_config(limits: &LimitsConfig) -> Self {
+        ConnLimits {
+            handshake_timeout_ms: limits.handshake_timeout_ms,
+            hello_timeout_ms: limits.hello_timeout_ms,
+            heartbeat_interval_ms: limits.heartbeat_interval_ms,
+            max_outbound_bytes: limits.max_outbound_bytes,
+            slow_consumer_timeout_ms: limits.slow_consumer_timeout_ms,
+            linger_ms: CLOSE_LINGER_MS,
+            requests: limits.policy(),
+        }
+    }
+
+    fn max_outbound(&self) -> usize {
+        self.max_outbound_bytes as usize
+    }
+}
+
+/// The transport phase. Protocol phases (awaiting Hello, established,
+/// draining) live in the [`ServerConn`]; its deadline is the Hello,
+/// heartbeat or linger deadline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// TLS handshake in progress; closed if not done by `deadline`.
+    Handshaking { deadline: u64 },
+    /// TLS up, input read as it comes.
+    Open,
+    /// TLS up, output full: input is not read until the client has read
+    /// half of it; still full at `slow_consumer_at` → slow consumer.
+    Stalled { slow_consumer_at: u64 },
+    /// Last frames and close_notify queued; input is discarded. Once the
+    /// output has left, FIN goes out (`fin_sent`) and the peer's FIN is
+    /// awaited, until the protocol's linger deadline.
+    Closing { fin_sent: bool },
+}
+
+/// What the core does with the socket's input now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadGate {
+    /// Read and process it.
+    Read,
+    /// Closing: read and drop it, watching for the peer's FIN.
+    Discard,
+    /// Stalled: leave it in the kernel (TCP backpressure).
+    Wait,
+    /// Output just became full: reading stops now (count it, re-arm the
+    /// timer for the slow-consumer deadline).
+    Stall,
+}
+
+/// What the core does with one decoded frame from the client.
+#[derive(Debug)]
+pub enum FrameStep {
+    /// Nothing (a Pong, or input while closing).
+    Ignore,
+    /// Queue this reply (Pong, or an Error refusing a request; the
+    /// connection stays).
+    Reply(pb::Frame),
+    /// A request over its budget was refused with RATE_LIMITED (the reply
+    /// to queue); counted apart from other refusals.
+    RateLimited(pb::Frame),
+    /// Typing coalesced or over budget: dropped without an answer.
+    TypingDropped,
+    /// A Hello to authenticate: then [`ConnPolicy::accept_hello`] or close.
+    Hello { request_id: u32, hello: pb::Hello },
+    /// Hand this request to the backend.
+    Forward { request_id: u32, body: Body },
+    /// An illegal frame: send this Error and close.
+    Close(pb::Frame),
+}
+
+/// What the core does after the connection's unsent output changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputStep {
+    Keep,
+    /// Output fell to half the limit: read again (what arrived meanwhile
+    /// raised no new edge).
+    Resume,
+    /// Closing and everything is out: shut the write side (FIN), then
+    /// discard input until the peer's FIN.
+    SendFin,
+}
+
+/// What the core does with one frame the backend sent this connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendStep {
+    /// The connection is not open (handshaking or closing): drop and count.
+    Stale,
+    Queue,
+    /// Queue it as the last frame and close (GoAway(REPLACED), 1xxx Error).
+    QueueAndClose,
+    /// It does not fit behind what the client has not read: close as a
+    /// slow consumer ([`ConnPolicy::slow_consumer_goaway`]).
+    SlowConsumer,
+}
+
+/// A deadline that passed, and what it means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expiry {
+    /// TLS handshake not done in time (or the Hello deadline passed during
+    /// it): close, nothing to tell.
+    Handshake,
+    /// No Hello accepted within the Hello timeout: Error(HELLO_TIMEOUT), close.
+    Hello,
+    /// Silence for 2.5 heartbeat intervals: Error(HEARTBEAT_TIMEOUT), close.
+    Heartbeat,
+    /// Output full for the slow-consumer timeout (or the heartbeat deadline
+    /// passed while not reading): GoAway(SLOW_CONSUMER), close.
+    SlowConsumer,
+    /// Closing took longer than its linger time: drop the socket.
+    Linger,
+}
+
+/// What draining does with one connection.
+// Returned by value and consumed at once; boxing the frame would allocate.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum DrainStep {
+    /// Handshaking or not authenticated: nothing to tell it, close now.
+    CloseNow,
+    /// Already closing.
+    Keep,
+    /// Established: send this GoAway(SHUTDOWN) and close with the drain
+    /// deadline as linger.
+    GoAway(pb::Frame),
+}
+
+/// One connection's rules and state (64 bytes).
+#[derive(Clone, Debug)]
+pub struct ConnPolicy {
+    phase: Phase,
+    proto: ServerConn,
+    requests: RequestPolicy,
+}
+
+impl ConnPolicy {
+    /// A connection accepted at `now`: the TLS handshake must finish within
+    /// the handshake timeout, and a Hello be accepted within the Hello
+    /// timeout, both counted from now.
+    pub fn new(limits: &ConnLimits, now: u64) -> Self {
+        ConnPolicy {
+            phase: Phase::Handshaking {
+                deadline: now + u64::from(limits.handshake_timeout_ms),
+            },
+            proto: ServerConn::new(now, limits.hello_timeout_ms),
+            requests: RequestPolicy::new(&limits.requests, now),
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    pub fn protocol_phase(&self) -> ServerPhase {
+        self.proto.phase()
+    }
+
+    pub fn is_handshaking(&self) -> bool {
+        matches!(self.phase, Phase::Handshaking { .. })
+    }
+
+    /// TLS is up and the connection is not closing (read or stalled).
+    pub fn is_open(&self) -> bool {
+        matches!(self.phase, Phase::Open | Phase::Stalled { .. })
+    }
+
+    pub fn is_stalled(&self) -> bool {
+        matches!(self.phase, Phase::Stalled { .. })
+    }
+
+    pub fn is_closing(&self) -> bool {
+        matches!(self.phase, Phase::Closing { .. })
+    }
+
+    pub fn requests_in_flight(&self) -> u32 {
+        self.requests.in_flight()
+    }
+
+    /// When the next deadline passes (core clock ms): handshake, Hello,
+    /// heartbeat, slow consumer or linger, whichever applies first.
+    pub fn deadline(&self) -> u64 {
+        let proto = self.proto.deadline().unwrap_or(0);
+        match self.phase {
+            Phase::Handshaking { deadline } => deadline.min(proto),
+            Phase::Stalled { slow_consumer_at } => slow_consumer_at.min(proto),
+            Phase::Open | Phase::Closing { .. } => proto,
+        }
+    }
+
+    /// Which deadline has passed at `now`, if any. The connection's state
+    /// does not change: the caller closes it (or begins closing).
+    pub fn poll_timeout(&self, now: u64) -> Option<Expiry> {
+        if self.deadline() > now {
+            return None;
+        }
+        match self.phase {
+            Phase::Handshaking { .. } => Some(Expiry::Handshake),
+            Phase::Closing { .. } => Some(Expiry::Linger),
+            // A stalled reader, or its heartbeat deadline passed while we
+            // were not reading its frames: a slow consumer either way.
+            Phase::Stalled { .. } => Some(Expiry::SlowConsumer),
+            Phase::Open => match self.proto.check_timeout(now)? {
+                Timeout::Heartbeat => Some(Expiry::Heartbeat),
+                Timeout::Hello => Some(Expiry::Hello),
+                // Draining is always Closing here; Welcome is client-side.
+                Timeout::Drain | Timeout::Welcome => Some(Expiry::Linger),
+            },
+        }
+    }
+
+    /// The TLS handshake finished (ALPN already checked): the Hello deadline,
+    /// counted from accept, is what remains.
+    pub fn on_handshake_done(&mut self) {
+        if self.is_handshaking() {
+            self.phase = Phase::Open;
+        }
+    }
+
+    /// Whether to read the socket now, with `unsent` bytes of output
+    /// waiting. Called before reading and after each read round's replies
+    /// went out.
+    pub fn read_gate(&mut self, limits: &ConnLimits, unsent: usize, now: u64) -> ReadGate {
+        match self.phase {
+            Phase::Closing { .. } => ReadGate::Discard,
+            Phase::Stalled { .. } => ReadGate::Wait,
+            Phase::Open if unsent >= limits.max_outbound() => {
+                self.phase = Phase::Stalled {
+                    slow_consumer_at: now + u64::from(limits.slow_consumer_timeout_ms),
+                };
+                ReadGate::Stall
+            }
+            Phase::Open | Phase::Handshaking { .. } => ReadGate::Read,
+        }
+    }
+
+    /// One frame decoded from the client at `now`.
+    pub fn on_frame(&mut self, limits: &ConnLimits, f: pb::Frame, now: u64) -> FrameStep {
+        match self.proto.on_frame(&f, now) {
+            Err(e) => return FrameStep::Close(e.error_reply(f.request_id)),
+            // Hold: never here, the core decides a Hello before the next frame.
+            Ok(Verdict::Ignore | Verdict::Hold) => return FrameStep::Ignore,
+            Ok(Verdict::Process) => {}
+        }
+        let request_id = f.request_id;
+        let Some(body) = f.body else {
+            return FrameStep::Ignore;
+        };
+        match body {
+            Body::Hello(hello) => FrameStep::Hello { request_id, hello },
+            Body::Ping(ping) => FrameStep::Reply(frame(
+                request_id,
+                Body::Pong(pb::Pong { nonce: ping.nonce }),
+            )),
+            Body::Pong(_) => FrameStep::Ignore,
+            body => match self.requests.admit(&limits.requests, &body, now) {
+                Admit::Forward => FrameStep::Forward { request_id, body },
+                Admit::Drop => FrameStep::TypingDropped,
+                Admit::Refuse(code, message) => {
+                    let reply = error_reply_to(request_id, &body, code, message);
+                    if code == pb::ErrorCode::RateLimited {
+                        FrameStep::RateLimited(reply)
+                    } else {
+                        FrameStep::Reply(reply)
+                    }
+                }
+            },
+        }
+    }
+
+    /// The Hello's token was accepted and Welcome queued at `now`: the
+    /// heartbeat deadline starts, and the budgets start full.
+    pub fn accept_hello(&mut self, limits: &ConnLimits, now: u64) {
+        self.proto.accept_hello(now, limits.heartbeat_interval_ms);
+        self.requests = RequestPolicy::new(&limits.requests, now);
+    }
+
+    /// A request went to the backend outside [`Self::on_frame`] (the Sync a
+    /// Hello's resume cursors start): it counts as in flight.
+    pub fn forwarded_untracked(&mut self) {
+        self.requests.forwarded_untracked();
+    }
+
+    /// Starts closing at `now`: input is dropped from here on, and the
+    /// socket is dropped once the output has left and the peer's FIN came,
+    /// or after `linger_ms`. False if it was already closing (the caller
+    /// queues nothing more).
+    pub fn begin_close(&mut self, now: u64, linger_ms: u32) -> bool {
+        if self.is_closing() {
+            return false;
+        }
+        self.phase = Phase::Closing { fin_sent: false };
+        self.proto.begin_drain(now, linger_ms);
+        true
+    }
+
+    /// The unsent output is now `level` bytes (after a write or new frames).
+    pub fn on_output_level(&mut self, limits: &ConnLimits, level: usize) -> OutputStep {
+        match self.phase {
+            // Hysteresis: resume at half, so reading does not flap per write.
+            Phase::Stalled { .. } if level <= limits.max_outbound() / 2 => {
+                self.phase = Phase::Open;
+                OutputStep::Resume
+            }
+            Phase::Closing { fin_sent: false } if level == 0 => {
+                self.phase = Phase::Closing { fin_sent: true };
+                OutputStep::SendFin
+            }
+            _ => OutputStep::Keep,
+        }
+    }
+
+    /// A frame from the backend at `now`, `len` bytes encoded, with
+    /// `pending` bytes already waiting to reach the client.
+    pub fn on_backend_frame(
+        &mut self,
+        limits: &ConnLimits,
+        f: &pb::Frame,
+        len: usize,
+        pending: usize,
+        closes: bool,
+        now: u64,
+    ) -> BackendStep {
+        if !self.is_open() {
+            return BackendStep::Stale;
+        }
+        self.requests.on_delivery(f, now);
+        // A single frame larger than the limit (a big SyncBatch) may go out
+        // when nothing else is waiting; memory stays bounded by limit + frame.
+        if pending > 0 && pending + len > limits.max_outbound() {
+            BackendStep::SlowConsumer
+        } else if closes {
+            BackendStep::QueueAndClose
+        } else {
+            BackendStep::Queue
+        }
+    }
+
+    /// The core begins draining: what to do with this connection.
+    /// `reconnect_delay_ms` (delay plus jitter) is only asked for when a
+    /// GoAway is sent.
+    pub fn begin_drain(&self, reconnect_delay_ms: impl FnOnce() -> u32) -> DrainStep {
+        match self.phase {
+            Phase::Handshaking { .. } => DrainStep::CloseNow,
+            Phase::Closing { .. } => DrainStep::Keep,
+            Phase::Open | Phase::Stalled { .. }
+                if self.proto.phase() == ServerPhase::Established =>
+            {
+                DrainStep::GoAway(frame(
+                    0,
+                    Body::GoAway(pb::GoAway {
+                        reason: pb::GoAwayReason::Shutdown as i32,
+                        reconnect_delay_ms: reconnect_delay_ms(),
+                        message: "server is shutting down".into(),
+                    }),
+                ))
+            }
+            Phase::Open | Phase::Stalled { .. } => DrainStep::CloseNow,
+        }
+    }
+
+    /// The GoAway(SLOW_CONSUMER) queued behind what the client has not read.
+    pub fn slow_consumer_goaway(limits: &ConnLimits) -> pb::Frame {
+        frame(
+            0,
+            Body::GoAway(pb::GoAway {
+                reason: pb::GoAwayReason::SlowConsumer as i32,
+                reconnect_delay_ms: 0,
+                message: format!("more than {} bytes unread", limits.max_outbound_bytes),
+            }),
+        )
+    }
+}
+
+impl Expiry {
+    /// The last frame to send before closing, if any.
+    pub fn last_frame(self, limits: &ConnLimits) -> Option<pb::Frame> {
+        match self {
+            Expiry::Handshake | Expiry::Linger => None,
+            Expiry::Hello => Some(error_reply(
+                0,
+                pb::ErrorCode::HelloTimeout,
+                "no Hello received in time",
+            )),
+            Expiry::Heartbeat => Some(error_reply(
+                0,
+                pb::ErrorCode::HeartbeatTimeout,
+                "no frame received within 2.5 heartbeat intervals",
+            )),
+            Expiry::SlowConsumer => Some(ConnPolicy::slow_consumer_goaway(limits)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
