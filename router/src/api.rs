@@ -64,6 +64,7 @@ pub trait DeliverySink: Send + Sync + 'static {
 }
 
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum BackendError {
     #[error("backend unavailable: {0}")]
     Unavailable(String),

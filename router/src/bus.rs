@@ -119,6 +119,7 @@ impl Output {
 }
 
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum BusError {
     #[error("bus unavailable: {0}")]
     Unavailable(String),

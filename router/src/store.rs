@@ -34,6 +34,7 @@ use crate::api::{Session, SessionAddr};
 pub type StoreResult<T> = Result<T, StoreError>;
 
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
     /// The store could not be reached or did not answer in time.
     #[error("store unavailable: {0}")]
