@@ -1,17 +1,26 @@
 //! The router worker: a member of the `palaver.inbound` consumer group that
 //! runs the routing logic over [`RedisStore`] and ships the output to Kafka.
 //!
-//! One batch at a time, on one thread:
+//! One poll batch at a time, on one thread, as ONE unit:
 //! 1. poll up to `max_batch` records (every partition's records arrive in
 //!    partition order, and are processed in that order);
-//! 2. run each through [`Router::handle`]; a store error is retried with
-//!    backoff, and after `max_attempts` the record goes to `palaver.dlq` with
-//!    the reason and the client gets `Error(UNAVAILABLE)`; a panic while
-//!    handling a record is caught: that record goes to `palaver.dlq` at once
-//!    (reason `panicked: …`), the client gets `Error(INTERNAL)`;
-//! 3. produce the output (a `DeliveryBatch` per gateway, a `PushRecord` per
-//!    offline user) and wait until Kafka acknowledged all of it (acks=all);
-//! 4. only then commit the batch's offsets.
+//! 2. run them through [`Router::handle_batch`]: each run of consecutive
+//!    Sends costs one pipeline of append scripts (one round trip, one AOF
+//!    fsync), one group read and one session lookup (two round trips), not
+//!    a few round trips per record; any other command is handled on its own
+//!    in input order. If the store fails or handling panics, the records
+//!    from the failed one on are handled one at a time as before batching:
+//!    a store error is retried with backoff, and after `max_attempts` the
+//!    record goes to `palaver.dlq` with the reason and the client gets
+//!    `Error(UNAVAILABLE)`; a record whose handling panics goes to
+//!    `palaver.dlq` at once (reason `panicked: …`), the client gets
+//!    `Error(INTERNAL)`;
+//! 3. produce the whole batch's output — ONE `DeliveryBatch` record per
+//!    destination gateway (split only past 512 KiB), a `PushRecord` per
+//!    offline user — without waiting record by record, then wait once until
+//!    Kafka acknowledged all of it (acks=all);
+//! 4. only then mark the batch's offsets for commit (committed at most
+//!    every `commit_interval`).
 //!
 //! If producing fails, the consumer is rewound to the batch's first offsets
 //! and the batch runs again: at-least-once. Replays are safe because the
