@@ -215,6 +215,9 @@ impl From<StoreError> for Failure {
     }
 }
 
+/// A request refused with this code and message (answered with an Error).
+type Rejection = (ErrorCode, String);
+
 fn reject<T>(code: ErrorCode, message: impl Into<String>) -> Result<T, Failure> {
     Err(Failure::Rejected(code, message.into()))
 }
@@ -454,8 +457,7 @@ impl<S: Store> Router<S> {
     /// retries them, which dedup makes safe.
     fn send_many(&mut self, sends: &[(&Inbound, &pb::Send)], out: &mut Output) -> StoreResult<()> {
         // 1. Checks without the store; group conversations to look up.
-        let mut checked: Vec<Result<Option<Access>, (ErrorCode, String)>> =
-            Vec::with_capacity(sends.len());
+        let mut checked: Vec<Result<Option<Access>, Rejection>> = Vec::with_capacity(sends.len());
         let mut group_ids: Vec<String> = Vec::new();
         for (req, send) in sends {
             let user = &req.from.user_id;
@@ -482,7 +484,7 @@ impl<S: Store> Router<S> {
             let records = self.store.groups(&group_ids)?;
             groups.extend(group_ids.into_iter().zip(records));
         }
-        let accesses: Vec<Result<Access, (ErrorCode, String)>> = checked
+        let accesses: Vec<Result<Access, Rejection>> = checked
             .into_iter()
             .zip(sends)
             .map(|(checked, (req, send))| match checked {
@@ -538,7 +540,7 @@ impl<S: Store> Router<S> {
         // message, and again on a retry (the first attempt may have stopped
         // right after the append).
         let mut appended_iter = appended.iter();
-        let mut results: Vec<Result<(&Access, &Appended), (ErrorCode, String)>> =
+        let mut results: Vec<Result<(&Access, &Appended), Rejection>> =
             Vec::with_capacity(sends.len());
         for access in &accesses {
             match access {
