@@ -51,12 +51,12 @@ pub struct BridgeConfig {
     /// Reader threads for Sync / History / presence reads.
     pub readers: usize,
     /// Producer linger, ms (latency vs batching): how long librdkafka
-    /// collects client writes into one produce request. 5 ms: every write
-    /// waits up to 5 ms more, and the broker sees ~5× fewer, larger produce
-    /// requests — at 8,000 msg/s on the 2-core bench machine, linger 1 left
-    /// the path saturated (p50 5.2 s) where 5 keeps up (p50 0.7 s) with the
-    /// broker at 30 % instead of 49 % of a core
-    /// (`bench/results/2026-11-29-kafka-batch/`).
+    /// collects client writes into one produce request. 1 ms. Measured on
+    /// the 2-core bench machine (`bench/results/2026-11-29-kafka-batch/`):
+    /// 5 ms cut the broker's CPU at 8,000 msg/s (49 → 30 % of a core) and
+    /// kept that rate from collapsing, but added ~5 ms to every write and
+    /// pushed the 1000-member fan-out's p99 to its 100 ms budget, while the
+    /// highest rate holding p99 < 50 ms did not move; 1 ms stays.
     pub linger_ms: u32,
     /// A write Kafka has not acknowledged by then is answered UNAVAILABLE.
     pub produce_timeout: Duration,
@@ -73,7 +73,7 @@ impl BridgeConfig {
             redis,
             presence: PresenceTiming::default(),
             readers: 2,
-            linger_ms: 5,
+            linger_ms: 1,
             produce_timeout: Duration::from_secs(5),
             router: RouterConfig::default(),
             inbound_partitions: kafka::DEFAULT_INBOUND_PARTITIONS,
