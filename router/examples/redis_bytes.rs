@@ -1,9 +1,11 @@
-//! Redis `used_memory` per stored message with today's `RedisStore`
-//! (history ZSET trimmed to the window + one dedup key per message, 24 h).
+//! Redis `used_memory` per stored message with `RedisStore`: history ZSET
+//! trimmed to the window, dedup hash + order list trimmed with it (one entry
+//! per message in the window, whatever the traffic).
 //!
-//! `cargo run -p palaver-router --example redis_bytes -- [N] [C]`
-//! (default 1,000,000 messages over 10 conversations; starts its own
-//! redis-server on a free loopback port).
+//! `cargo run --release -p palaver-router --example redis_bytes -- [N] [C] [BATCH]`
+//! (default 1,000,000 messages over 10 conversations, appended through
+//! `append_messages` BATCH = 100 at a time as the router worker does; starts
+//! its own redis-server on a free loopback port, AOF `appendfsync always`).
 
 use palaver_protocol::pb;
 use palaver_router::redis_store::{RedisConfig, RedisStore};
@@ -36,6 +38,9 @@ fn main() {
     let url = redis.url();
     let mut store = RedisStore::connect(RedisConfig::standalone(url.clone())).unwrap();
     let before = used_memory(&url);
+    let batch: u64 = args.get(3).map_or(100, |a| a.parse().expect("BATCH"));
+    let mut pending = Vec::new();
+    let report_every = (n / 4).max(1);
     for i in 0..n {
         let conv = format!("conv-{}", i % c);
         let mut cmid = [0u8; 16];
@@ -49,13 +54,18 @@ fn main() {
             body: b"0123456789abcdef".to_vec(),
             ..Default::default()
         };
-        let retention = Retention {
-            now_ms: 1_700_000_000_000 + i as i64,
-            dedup_ttl_ms: 24 * 60 * 60 * 1000,
-            history_window: 10_000,
-        };
-        store.append_message(&conv, m, &retention).unwrap();
-        if (i + 1) % (n / 4).max(1) == 0 {
+        pending.push((conv, m));
+        if pending.len() as u64 == batch || (i + 1) % report_every == 0 || i + 1 == n {
+            let retention = Retention {
+                now_ms: 1_700_000_000_000 + i as i64,
+                dedup_ttl_ms: 24 * 60 * 60 * 1000,
+                history_window: 10_000,
+            };
+            store
+                .append_messages(std::mem::take(&mut pending), &retention)
+                .unwrap();
+        }
+        if (i + 1) % report_every == 0 {
             let used = used_memory(&url);
             println!(
                 "after {:>9} messages: used_memory +{} bytes ({:.1} bytes/message passed), {} keys",

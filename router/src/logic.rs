@@ -215,6 +215,9 @@ impl From<StoreError> for Failure {
     }
 }
 
+/// A request refused with this code and message (answered with an Error).
+type Rejection = (ErrorCode, String);
+
 fn reject<T>(code: ErrorCode, message: impl Into<String>) -> Result<T, Failure> {
     Err(Failure::Rejected(code, message.into()))
 }
@@ -240,6 +243,17 @@ impl Access {
             Access::Group { members } => members.iter().map(|m| m.user_id.clone()).collect(),
         }
     }
+}
+
+/// How far [`Router::handle_batch`] got: `commands[..done]` are handled
+/// and their output is `out.frames[..frames]` / `out.pushes[..pushes]`
+/// (whatever `out` held before included). Updated after every command or
+/// run of Sends, so a driver that catches a panic knows what is complete.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchProgress {
+    pub done: usize,
+    pub frames: usize,
+    pub pushes: usize,
 }
 
 pub struct Router<S> {
@@ -287,6 +301,56 @@ impl<S: Store> Router<S> {
             Command::SessionOpened(session) => self.session_opened(session, out),
             Command::SessionClosed { session, at_ms } => self.session_closed(session, *at_ms, out),
         }
+    }
+
+    /// Process `commands` in order, as [`Router::handle`] on each would,
+    /// but with each run of consecutive Sends handled as one unit: one
+    /// group read, one batch of appends, one session lookup for the whole
+    /// run (see `send_many`). Sends of one conversation in a run get
+    /// consecutive seqs in input order. Any other command ends the run and
+    /// is handled on its own, so everything a conversation sees happens in
+    /// input order.
+    ///
+    /// `progress` is reset and then advanced past each completed unit. On
+    /// a store error, the unit starting at `progress.done` failed, having
+    /// left in `out` only effects that happened (as `handle` does); the
+    /// caller retries from there.
+    pub fn handle_batch(
+        &mut self,
+        commands: &[Command],
+        out: &mut Output,
+        progress: &mut BatchProgress,
+    ) -> StoreResult<()> {
+        *progress = BatchProgress {
+            done: 0,
+            frames: out.frames.len(),
+            pushes: out.pushes.len(),
+        };
+        while progress.done < commands.len() {
+            let sends: Vec<(&Inbound, &pb::Send)> = commands[progress.done..]
+                .iter()
+                .map_while(|c| match c {
+                    Command::Request(req) => match &req.body {
+                        Body::Send(send) => Some((req, send)),
+                        _ => None,
+                    },
+                    _ => None,
+                })
+                .collect();
+            let taken = if sends.is_empty() {
+                self.handle(&commands[progress.done], out)?;
+                1
+            } else {
+                self.send_many(&sends, out)?;
+                sends.len()
+            };
+            *progress = BatchProgress {
+                done: progress.done + taken,
+                frames: out.frames.len(),
+                pushes: out.pushes.len(),
+            };
+        }
+        Ok(())
     }
 
     /// The `Error(UNAVAILABLE)` frame that answers `command` when the store
@@ -347,7 +411,12 @@ impl<S: Store> Router<S> {
     // ---- Messages ------------------------------------------------------
 
     fn send(&mut self, req: &Inbound, send: &pb::Send, out: &mut Output) -> Result<(), Failure> {
-        // Checked in SPEC §14's order (the gateway checks the body size first).
+        Ok(self.send_many(&[(req, send)], out)?)
+    }
+
+    /// The checks of a Send that need no store, in SPEC §14's order (the
+    /// gateway checks the body size first).
+    fn check_send(&self, send: &pb::Send) -> Result<(), Failure> {
         if send.body.len() > self.config.max_body_bytes {
             return reject(
                 ErrorCode::BodyTooLarge,
@@ -368,105 +437,223 @@ impl<S: Store> Router<S> {
             );
         }
         match pb::ContentKind::try_from(send.kind) {
-            Ok(pb::ContentKind::Unspecified) | Err(_) => {
-                return reject(
-                    ErrorCode::InvalidArgument,
-                    format!("content kind {} is not a known ContentKind", send.kind),
-                )
-            }
-            Ok(_) => {}
+            Ok(pb::ContentKind::Unspecified) | Err(_) => reject(
+                ErrorCode::InvalidArgument,
+                format!("content kind {} is not a known ContentKind", send.kind),
+            ),
+            Ok(_) => Ok(()),
         }
-        let conversation_id = &send.conversation_id;
-        let access = self.access_with_members(conversation_id, &req.from.user_id)?;
+    }
 
-        let message = pb::Message {
-            conversation_id: conversation_id.clone(),
-            seq: 0,
-            message_id: self.ids.next(),
-            sender_user_id: req.from.user_id.clone(),
-            sender_device_id: req.from.device_id.clone(),
-            client_msg_id: send.client_msg_id.clone(),
-            kind: send.kind,
-            body: send.body.clone(),
-            reply_to_seq: send.reply_to_seq,
-            media: send.media.clone(),
-            server_time_ms: self.clock.now_ms(),
-        };
+    /// Sends, in order, with the store work of all of them batched: one
+    /// `groups` read for the group conversations among them, one
+    /// `append_messages` (one pipeline, one AOF fsync in Redis), one
+    /// `sessions_of_users` for the members of every conversation, then a
+    /// push mark per message that has offline members. The frames are
+    /// exactly those of one Send at a time, in input order (per Send: its
+    /// Error, or its SendAck then its Delivers). On a store error no frame
+    /// of any of them is in `out` (push events of marks already set are,
+    /// since those effects happened) and the error is returned; the caller
+    /// retries them, which dedup makes safe.
+    fn send_many(&mut self, sends: &[(&Inbound, &pb::Send)], out: &mut Output) -> StoreResult<()> {
+        // 1. Checks without the store; group conversations to look up.
+        let mut checked: Vec<Result<Option<Access>, Rejection>> = Vec::with_capacity(sends.len());
+        let mut group_ids: Vec<String> = Vec::new();
+        for (req, send) in sends {
+            let user = &req.from.user_id;
+            let result = self.check_send(send).and_then(|()| {
+                match parse_conversation_id(&send.conversation_id)? {
+                    ConversationRef::Direct { a, b } => direct_access(user, a, b).map(Some),
+                    ConversationRef::Group => Ok(None),
+                }
+            });
+            checked.push(match result {
+                Ok(None) => {
+                    if !group_ids.contains(&send.conversation_id) {
+                        group_ids.push(send.conversation_id.clone());
+                    }
+                    Ok(None)
+                }
+                Ok(access) => Ok(access),
+                Err(Failure::Rejected(code, message)) => Err((code, message)),
+                Err(Failure::Store(e)) => return Err(e),
+            });
+        }
+        let mut groups: HashMap<String, Option<GroupRecord>> = HashMap::new();
+        if !group_ids.is_empty() {
+            let records = self.store.groups(&group_ids)?;
+            groups.extend(group_ids.into_iter().zip(records));
+        }
+        let accesses: Vec<Result<Access, Rejection>> = checked
+            .into_iter()
+            .zip(sends)
+            .map(|(checked, (req, send))| match checked {
+                Ok(Some(access)) => Ok(access),
+                Ok(None) => {
+                    let group = groups.get(&send.conversation_id).cloned().flatten();
+                    group_access(&send.conversation_id, &req.from.user_id, group).map_err(|f| {
+                        match f {
+                            Failure::Rejected(code, message) => (code, message),
+                            Failure::Store(e) => (ErrorCode::Internal, e.to_string()),
+                        }
+                    })
+                }
+                Err(rejected) => Err(rejected),
+            })
+            .collect();
+
+        // 2. One batch of appends for the accepted Sends.
+        let now_ms = self.clock.now_ms();
         let retention = Retention {
-            now_ms: message.server_time_ms,
+            now_ms,
             dedup_ttl_ms: self.config.dedup_ttl_ms,
             history_window: self.config.history_window,
         };
-        let message = match self
-            .store
-            .append_message(conversation_id, message, &retention)?
-        {
-            Appended::Duplicate(ack) => {
-                // A retry. Make sure a direct conversation is listed even if
-                // the first attempt stopped right after the append.
-                if let Access::Direct(users) = &access {
-                    self.store
-                        .add_conversation_to_users(conversation_id, users)?;
-                }
-                out.frames.push(reply(req, Body::SendAck(ack)));
-                return Ok(());
+        let mut appends = Vec::with_capacity(sends.len());
+        for ((req, send), access) in sends.iter().zip(&accesses) {
+            if access.is_ok() {
+                appends.push((
+                    send.conversation_id.clone(),
+                    pb::Message {
+                        conversation_id: send.conversation_id.clone(),
+                        seq: 0,
+                        message_id: self.ids.next(),
+                        sender_user_id: req.from.user_id.clone(),
+                        sender_device_id: req.from.device_id.clone(),
+                        client_msg_id: send.client_msg_id.clone(),
+                        kind: send.kind,
+                        body: send.body.clone(),
+                        reply_to_seq: send.reply_to_seq,
+                        media: send.media.clone(),
+                        server_time_ms: now_ms,
+                    },
+                ));
             }
-            Appended::Stored(message) => message,
+        }
+        let appended = if appends.is_empty() {
+            Vec::new()
+        } else {
+            self.store.append_messages(appends, &retention)?
         };
-        if let (Access::Direct(users), 1) = (&access, message.seq) {
-            // First message of a direct conversation: it now exists for both.
-            self.store
-                .add_conversation_to_users(conversation_id, users)?;
-        }
-        out.frames.push(reply(
-            req,
-            Body::SendAck(pb::SendAck {
-                client_msg_id: message.client_msg_id.clone(),
-                message_id: message.message_id.clone(),
-                conversation_id: conversation_id.clone(),
-                seq: message.seq,
-                server_time_ms: message.server_time_ms,
-            }),
-        ));
 
-        let members = access.member_ids();
-        let sessions = self.store.sessions_of_users(&members)?;
-        let mut offline = Vec::new();
-        let deliver = event(Body::Deliver(pb::Deliver {
-            message: Some(message.clone()),
-        }));
-        for (user_id, devices) in members.iter().zip(&sessions) {
-            if devices.is_empty() {
-                if *user_id != req.from.user_id {
-                    offline.push(user_id.clone());
-                }
-                continue;
+        // 3. A direct conversation is listed for both users by its first
+        // message, and again on a retry (the first attempt may have stopped
+        // right after the append).
+        let mut appended_iter = appended.iter();
+        let mut results: Vec<Result<(&Access, &Appended), Rejection>> =
+            Vec::with_capacity(sends.len());
+        for access in &accesses {
+            match access {
+                Ok(access) => match appended_iter.next() {
+                    Some(appended) => results.push(Ok((access, appended))),
+                    None => return Err(StoreError::Corrupt("fewer appends than asked".into())),
+                },
+                Err(rejected) => results.push(Err(rejected.clone())),
             }
-            for device in devices {
-                if device.addr != req.from.addr {
-                    out.frames.push(Addressed {
-                        to: device.addr.clone(),
-                        frame: deliver.clone(),
-                    });
+        }
+        for ((_, send), result) in sends.iter().zip(&results) {
+            if let Ok((Access::Direct(users), appended)) = result {
+                let first = match appended {
+                    Appended::Duplicate(_) => true,
+                    Appended::Stored(message) => message.seq == 1,
+                };
+                if first {
+                    self.store
+                        .add_conversation_to_users(&send.conversation_id, users)?;
                 }
             }
         }
-        if !offline.is_empty() {
-            let fresh = self.store.mark_push_pending(conversation_id, &offline)?;
-            for (user_id, fresh) in offline.into_iter().zip(fresh) {
-                if fresh {
-                    out.pushes.push(PushEvent {
-                        user_id,
-                        conversation_id: conversation_id.clone(),
-                        seq: message.seq,
-                        message_id: message.message_id.clone(),
-                        sender_user_id: message.sender_user_id.clone(),
-                        kind: message.kind,
-                        server_time_ms: message.server_time_ms,
-                    });
+
+        // 4. One session lookup for the members of every stored message.
+        let mut users: Vec<String> = Vec::new();
+        let mut user_index: HashMap<String, usize> = HashMap::new();
+        for (access, appended) in results.iter().flatten() {
+            if let Appended::Stored(_) = appended {
+                for user in access.member_ids() {
+                    if !user_index.contains_key(&user) {
+                        user_index.insert(user.clone(), users.len());
+                        users.push(user);
+                    }
                 }
             }
         }
+        let sessions = if users.is_empty() {
+            Vec::new()
+        } else {
+            self.store.sessions_of_users(&users)?
+        };
+
+        // 5. The frames, in input order; push marks for offline members.
+        let mut frames = Vec::new();
+        for ((req, send), result) in sends.iter().zip(results) {
+            let (access, appended) = match result {
+                Err((code, message)) => {
+                    frames.push(error_frame(req, code, message));
+                    continue;
+                }
+                Ok(ok) => ok,
+            };
+            let message = match appended {
+                Appended::Duplicate(ack) => {
+                    frames.push(reply(req, Body::SendAck(ack.clone())));
+                    continue;
+                }
+                Appended::Stored(message) => message,
+            };
+            frames.push(reply(
+                req,
+                Body::SendAck(pb::SendAck {
+                    client_msg_id: message.client_msg_id.clone(),
+                    message_id: message.message_id.clone(),
+                    conversation_id: send.conversation_id.clone(),
+                    seq: message.seq,
+                    server_time_ms: message.server_time_ms,
+                }),
+            ));
+            let deliver = event(Body::Deliver(pb::Deliver {
+                message: Some(message.clone()),
+            }));
+            let mut offline = Vec::new();
+            for user_id in access.member_ids() {
+                let devices = user_index
+                    .get(&user_id)
+                    .and_then(|&i| sessions.get(i))
+                    .map_or(&[][..], Vec::as_slice);
+                if devices.is_empty() {
+                    if user_id != req.from.user_id {
+                        offline.push(user_id);
+                    }
+                    continue;
+                }
+                for device in devices {
+                    if device.addr != req.from.addr {
+                        frames.push(Addressed {
+                            to: device.addr.clone(),
+                            frame: deliver.clone(),
+                        });
+                    }
+                }
+            }
+            if !offline.is_empty() {
+                let fresh = self
+                    .store
+                    .mark_push_pending(&send.conversation_id, &offline)?;
+                for (user_id, fresh) in offline.into_iter().zip(fresh) {
+                    if fresh {
+                        out.pushes.push(PushEvent {
+                            user_id,
+                            conversation_id: send.conversation_id.clone(),
+                            seq: message.seq,
+                            message_id: message.message_id.clone(),
+                            sender_user_id: message.sender_user_id.clone(),
+                            kind: message.kind,
+                            server_time_ms: message.server_time_ms,
+                        });
+                    }
+                }
+            }
+        }
+        out.frames.extend(frames);
         Ok(())
     }
 
@@ -1150,36 +1337,11 @@ impl<S: Store> Router<S> {
         user_id: &str,
     ) -> Result<Access, Failure> {
         match parse_conversation_id(conversation_id)? {
-            ConversationRef::Direct { a, b } => {
-                if user_id != a && user_id != b {
-                    return reject(
-                        ErrorCode::Forbidden,
-                        "you are not a member of this conversation",
-                    );
-                }
-                Ok(Access::Direct([a.to_owned(), b.to_owned()]))
+            ConversationRef::Direct { a, b } => direct_access(user_id, a, b),
+            ConversationRef::Group => {
+                let group = self.store.group(conversation_id)?;
+                group_access(conversation_id, user_id, group)
             }
-            ConversationRef::Group => match self.store.group(conversation_id)? {
-                None => reject(
-                    ErrorCode::NotFound,
-                    format!("no conversation {conversation_id}"),
-                ),
-                Some(group) => {
-                    let is_member = group
-                        .members
-                        .binary_search_by(|m| m.user_id.as_str().cmp(user_id))
-                        .is_ok();
-                    if !is_member {
-                        return reject(
-                            ErrorCode::Forbidden,
-                            "you are not a member of this conversation",
-                        );
-                    }
-                    Ok(Access::Group {
-                        members: group.members,
-                    })
-                }
-            },
         }
     }
 
@@ -1346,6 +1508,44 @@ fn plan_member_change<'a>(
                 role: role as i32,
             })
             .collect(),
+    })
+}
+
+/// Access to `dm:<a>:<b>` for `user_id`: only its two users.
+fn direct_access(user_id: &str, a: &str, b: &str) -> Result<Access, Failure> {
+    if user_id != a && user_id != b {
+        return reject(
+            ErrorCode::Forbidden,
+            "you are not a member of this conversation",
+        );
+    }
+    Ok(Access::Direct([a.to_owned(), b.to_owned()]))
+}
+
+/// Access to a group for `user_id`, given its record (`None`: no such group).
+fn group_access(
+    conversation_id: &str,
+    user_id: &str,
+    group: Option<GroupRecord>,
+) -> Result<Access, Failure> {
+    let Some(group) = group else {
+        return reject(
+            ErrorCode::NotFound,
+            format!("no conversation {conversation_id}"),
+        );
+    };
+    let is_member = group
+        .members
+        .binary_search_by(|m| m.user_id.as_str().cmp(user_id))
+        .is_ok();
+    if !is_member {
+        return reject(
+            ErrorCode::Forbidden,
+            "you are not a member of this conversation",
+        );
+    }
+    Ok(Access::Group {
+        members: group.members,
     })
 }
 

@@ -8,7 +8,9 @@
 //! | --- | --- | --- |
 //! | `c:{<conv>}:seq` | string | last allocated seq (INCR) |
 //! | `c:{<conv>}:h` | zset | history window: score seq, member `%020d seq` ++ Message (seq 0) |
-//! | `c:{<conv>}:d:<hex cmid>` | string, PX ttl | dedup: `expires seq time message_id` |
+//! | `c:{<conv>}:dd` | hash | dedup: client_msg_id → `seq appended_ms`, only for messages in the window |
+//! | `c:{<conv>}:dq` | list | dedup order: `seq:client_msg_id`, oldest first (trimmed with the history) |
+//! | `c:{<conv>}:d:<hex cmid>` | string, PX ttl | legacy dedup key (before the window-bound hash): read, never written |
 //! | `c:{<conv>}:r:<kind>` | hash | receipt marks, user → seq |
 //! | `c:{<conv>}:g` | hash | group record: title, created |
 //! | `c:{<conv>}:m` | hash | group members: user → role |
@@ -151,27 +153,63 @@ impl Scripts {
 }
 
 /// Dedup check + seq INCR + history append + trim + dedup record, atomically.
-/// KEYS: seq, history, dedup. ARGV: message (seq 0), message_id,
-/// server_time_ms, now_ms, dedup_ttl_ms, window.
-/// Returns {1, seq} when stored, {0, seq, time, message_id} for a duplicate.
+///
+/// Dedup is tied to the history window (SPEC §6, like `MemoryStore`): one
+/// hash per conversation, `dd` (field client_msg_id → `seq appended_ms`),
+/// plus a list `dq` of `seq:client_msg_id` in append order. When the trim
+/// drops messages from the history, the list's head entries with those seqs
+/// go and their hash fields with them, so a conversation holds at most
+/// `window` dedup entries whatever the traffic; an entry also stops counting
+/// once `appended_ms + ttl <= now`. A duplicate's ack is read back from the
+/// history entry itself (message id, time), so the entry stores only the seq.
+/// KEYS[5] is the per-message key of the previous layout (`d:<hex>`, PX 24 h),
+/// still read so a retry of a message stored before the upgrade is
+/// recognised until that key expires; it is never written.
+///
+/// KEYS: seq, history, dedup hash, dedup order list, legacy dedup key.
+/// ARGV: message (seq 0), client_msg_id, now_ms, dedup_ttl_ms, window.
+/// Returns {1, seq} when stored; {2, seq, history member} for a duplicate;
+/// {0, seq, time, message_id} for a duplicate found under the legacy key.
 const APPEND_LUA: &str = r#"
-local d = redis.call('GET', KEYS[3])
+local now = tonumber(ARGV[3])
+local ttl = tonumber(ARGV[4])
+local d = redis.call('HGET', KEYS[3], ARGV[2])
 if d then
-  local exp, seq, t, id = string.match(d, '^(%-?%d+) (%d+) (%-?%d+) (.*)$')
-  if exp and tonumber(exp) > tonumber(ARGV[4]) then
-    return {0, seq, t, id}
+  local seq, t = string.match(d, '^(%d+) (%-?%d+)$')
+  if seq and tonumber(t) + ttl > now then
+    local m = redis.call('ZRANGEBYSCORE', KEYS[2], seq, seq)
+    if m[1] then return {2, seq, m[1]} end
+  end
+else
+  local old = redis.call('GET', KEYS[5])
+  if old then
+    local exp, seq, t, id = string.match(old, '^(%-?%d+) (%d+) (%-?%d+) (.*)$')
+    if exp and tonumber(exp) > now then
+      return {0, seq, t, id}
+    end
   end
 end
 local seq = redis.call('INCR', KEYS[1])
 redis.call('ZADD', KEYS[2], seq, string.format('%020d', seq) .. ARGV[1])
-local window = tonumber(ARGV[6])
-if window > 0 then
-  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(window + 1))
-end
-local ttl = tonumber(ARGV[5])
-local exp = tonumber(ARGV[4]) + ttl
 if ttl > 0 then
-  redis.call('SET', KEYS[3], string.format('%d %d %s %s', exp, seq, ARGV[3], ARGV[2]), 'PX', ttl)
+  redis.call('HSET', KEYS[3], ARGV[2], seq .. ' ' .. ARGV[3])
+  redis.call('RPUSH', KEYS[4], seq .. ':' .. ARGV[2])
+end
+local window = tonumber(ARGV[5])
+if window > 0 and redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(window + 1)) > 0 then
+  local oldest = seq - window
+  while true do
+    local e = redis.call('LINDEX', KEYS[4], 0)
+    if not e then break end
+    local s = string.match(e, '^(%d+):')
+    if not s or tonumber(s) > oldest then break end
+    redis.call('LPOP', KEYS[4])
+    local id = string.sub(e, #s + 2)
+    local v = redis.call('HGET', KEYS[3], id)
+    if v and string.match(v, '^(%d+) ') == s then
+      redis.call('HDEL', KEYS[3], id)
+    end
+  end
 end
 return {1, seq}
 "#;
@@ -789,46 +827,92 @@ impl ConversationStore for RedisStore {
     fn append_message(
         &mut self,
         conversation_id: &str,
-        mut message: pb::Message,
+        message: pb::Message,
         retention: &Retention,
     ) -> StoreResult<Appended> {
-        message.seq = 0;
-        let encoded = message.encode_to_vec();
-        let keys = [
-            conv_key(conversation_id, "seq"),
-            conv_key(conversation_id, "h"),
-            dedup_key(conversation_id, &message.client_msg_id),
-        ];
-        let reply: Vec<Value> = self.with_conn(|conn, scripts| {
-            scripts
-                .append
-                .key(&keys[0])
-                .key(&keys[1])
-                .key(&keys[2])
-                .arg(&encoded)
-                .arg(&message.message_id)
-                .arg(message.server_time_ms)
-                .arg(retention.now_ms)
-                .arg(retention.dedup_ttl_ms)
-                .arg(retention.history_window)
-                .invoke(conn.as_dyn())
-        })?;
-        let mut reply = reply.into_iter();
-        let stored: i64 = from_value(reply.next().unwrap_or(Value::Nil))?;
-        let seq: u64 = from_value(reply.next().unwrap_or(Value::Nil))?;
-        if stored == 1 {
-            message.seq = seq;
-            return Ok(Appended::Stored(message));
+        self.append_messages(vec![(conversation_id.to_owned(), message)], retention)?
+            .pop()
+            .ok_or_else(|| corrupt("no reply to an append"))
+    }
+
+    /// One pipeline of append scripts: one round trip per node, and with
+    /// `appendfsync always` one AOF fsync for the whole batch (Redis writes
+    /// and fsyncs once per event-loop turn before replying).
+    fn append_messages(
+        &mut self,
+        appends: Vec<(String, pb::Message)>,
+        retention: &Retention,
+    ) -> StoreResult<Vec<Appended>> {
+        let mut cmds = Vec::with_capacity(appends.len());
+        let mut messages = Vec::with_capacity(appends.len());
+        let (now, ttl, window) = (
+            retention.now_ms.to_string(),
+            retention.dedup_ttl_ms.to_string(),
+            retention.history_window.to_string(),
+        );
+        for (conversation_id, mut message) in appends {
+            message.seq = 0;
+            let encoded = message.encode_to_vec();
+            cmds.push(Self::evalsha(
+                &self.scripts.append,
+                &[
+                    &conv_key(&conversation_id, "seq"),
+                    &conv_key(&conversation_id, "h"),
+                    &conv_key(&conversation_id, "dd"),
+                    &conv_key(&conversation_id, "dq"),
+                    &dedup_key(&conversation_id, &message.client_msg_id),
+                ],
+                &[
+                    &encoded,
+                    &message.client_msg_id,
+                    now.as_bytes(),
+                    ttl.as_bytes(),
+                    window.as_bytes(),
+                ],
+            ));
+            messages.push((conversation_id, message));
         }
-        let server_time_ms: i64 = from_value(reply.next().unwrap_or(Value::Nil))?;
-        let message_id: String = from_value(reply.next().unwrap_or(Value::Nil))?;
-        Ok(Appended::Duplicate(pb::SendAck {
-            client_msg_id: message.client_msg_id,
-            message_id,
-            conversation_id: conversation_id.to_owned(),
-            seq,
-            server_time_ms,
-        }))
+        let replies = self.pipeline(cmds)?;
+        if replies.len() != messages.len() {
+            return Err(corrupt(format!(
+                "{} replies to {} appends",
+                replies.len(),
+                messages.len()
+            )));
+        }
+        replies
+            .into_iter()
+            .zip(messages)
+            .map(|(reply, (conversation_id, mut message))| {
+                let reply: Vec<Value> = from_value(reply)?;
+                let mut reply = reply.into_iter();
+                let code: i64 = from_value(reply.next().unwrap_or(Value::Nil))?;
+                let seq: u64 = from_value(reply.next().unwrap_or(Value::Nil))?;
+                let (message_id, server_time_ms) = match code {
+                    1 => {
+                        message.seq = seq;
+                        return Ok(Appended::Stored(message));
+                    }
+                    2 => {
+                        let member: Vec<u8> = from_value(reply.next().unwrap_or(Value::Nil))?;
+                        let original = decode_history_member(&member)?;
+                        (original.message_id, original.server_time_ms)
+                    }
+                    _ => {
+                        let time: i64 = from_value(reply.next().unwrap_or(Value::Nil))?;
+                        let id: String = from_value(reply.next().unwrap_or(Value::Nil))?;
+                        (id, time)
+                    }
+                };
+                Ok(Appended::Duplicate(pb::SendAck {
+                    client_msg_id: message.client_msg_id,
+                    message_id,
+                    conversation_id,
+                    seq,
+                    server_time_ms,
+                }))
+            })
+            .collect()
     }
 
     fn last_seqs(&mut self, conversation_ids: &[String]) -> StoreResult<Vec<u64>> {

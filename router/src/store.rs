@@ -125,9 +125,10 @@ pub trait ConversationStore {
     ///    TTL `retention.dedup_ttl_ms`. Return [`Appended::Stored`].
     ///
     /// A store must deduplicate at least while the original is inside the
-    /// history window and younger than the TTL (SPEC §6); it may forget the
-    /// entry once either bound passes (`MemoryStore` drops it with the
-    /// message, `RedisStore` keeps it for the TTL).
+    /// history window and younger than the TTL (SPEC §6); it forgets the
+    /// entry once either bound passes (both stores drop it with the message
+    /// leaving the window, so dedup state is bounded by the window, not by
+    /// traffic × TTL).
     ///
     /// The caller fills every other field of `message` (`message_id`,
     /// sender, `server_time_ms`, ...); the store keeps it as given.
@@ -137,6 +138,26 @@ pub trait ConversationStore {
         message: pb::Message,
         retention: &Retention,
     ) -> StoreResult<Appended>;
+
+    /// Append several messages, in slice order, each exactly as
+    /// [`ConversationStore::append_message`] would (each append is atomic on
+    /// its own; several for one conversation get consecutive seqs in slice
+    /// order). Results in input order. One pipelined round trip in Redis
+    /// (so one AOF fsync for the whole batch). On an error any prefix of
+    /// the appends may have taken effect; a retry is deduplicated.
+    /// Provided as a loop; `RedisStore` overrides it.
+    fn append_messages(
+        &mut self,
+        appends: Vec<(String, pb::Message)>,
+        retention: &Retention,
+    ) -> StoreResult<Vec<Appended>> {
+        appends
+            .into_iter()
+            .map(|(conversation_id, message)| {
+                self.append_message(&conversation_id, message, retention)
+            })
+            .collect()
+    }
 
     /// The last allocated seq of each conversation (0 if none), in input
     /// order. One pipelined round trip.

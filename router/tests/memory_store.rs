@@ -7,6 +7,8 @@ use contract::*;
 
 #[test]
 fn memory_store_meets_the_store_contract() {
+    append_batch_in_order(MemoryStore::new());
+    dedup_follows_the_window(MemoryStore::new());
     ranges_and_senders(MemoryStore::new());
     receipts_and_groups(MemoryStore::new());
     users_and_push(MemoryStore::new());

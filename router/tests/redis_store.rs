@@ -19,6 +19,8 @@ use contract::*;
 /// Runs every check against one store configuration.
 fn all_checks(config: RedisConfig) {
     append_dedup_window(RedisStore::connect(config.clone()).unwrap(), &config);
+    append_batch_in_order(RedisStore::connect(config.clone()).unwrap());
+    dedup_follows_the_window(RedisStore::connect(config.clone()).unwrap());
     ranges_and_senders(RedisStore::connect(config.clone()).unwrap());
     receipts_and_groups(RedisStore::connect(config.clone()).unwrap());
     users_and_push(RedisStore::connect(config.clone()).unwrap());
@@ -60,19 +62,20 @@ fn append_dedup_window(mut s: RedisStore, config: &RedisConfig) {
         assert_eq!(m.seq, i as u64);
         assert_eq!(m.body, vec![i; 3]);
     }
-    // A replay (same client_msg_id within the TTL), also from another
-    // connection (another router after a rebalance): the original ack.
+    // A replay (same client_msg_id within the TTL, original still in the
+    // window), also from another connection (another router after a
+    // rebalance): the original ack.
     let mut other = RedisStore::connect(config.clone()).unwrap();
     match other
-        .append_message("c1", message("c1", 2, "u"), &retention(999, 3))
+        .append_message("c1", message("c1", 4, "u"), &retention(999, 3))
         .unwrap()
     {
         Appended::Duplicate(ack) => {
-            assert_eq!(ack.seq, 2);
-            assert_eq!(ack.message_id, "m2");
-            assert_eq!(ack.server_time_ms, 1002);
+            assert_eq!(ack.seq, 4);
+            assert_eq!(ack.message_id, "m4");
+            assert_eq!(ack.server_time_ms, 1004);
             assert_eq!(ack.conversation_id, "c1");
-            assert_eq!(ack.client_msg_id, vec![2u8; 16]);
+            assert_eq!(ack.client_msg_id, vec![4u8; 16]);
         }
         other => panic!("expected duplicate, got {other:?}"),
     }
@@ -82,7 +85,7 @@ fn append_dedup_window(mut s: RedisStore, config: &RedisConfig) {
     );
     // After the TTL the same client_msg_id is a new message with the next seq.
     let m = stored(
-        s.append_message("c1", message("c1", 2, "u"), &retention(1000, 3))
+        s.append_message("c1", message("c1", 4, "u"), &retention(1000, 3))
             .unwrap(),
     );
     assert_eq!(m.seq, 6);
@@ -263,4 +266,104 @@ fn router_over_redis(store: RedisStore) {
         "online members except the sender's own connection"
     );
     assert_eq!(out.pushes.len(), 150, "one push per offline member");
+}
+
+/// Dedup state in Redis is bounded by the history window, not by traffic:
+/// after 1,000 messages with a window of 50 the conversation holds exactly
+/// four keys (seq, history, dedup hash, dedup order list) with 50 entries
+/// each; a retry inside the window is still a duplicate. A dedup key of the
+/// previous layout (one key per message) is still honoured.
+#[test]
+fn redis_dedup_is_bounded_by_the_window_and_reads_legacy_keys() {
+    let redis = Redis::start().expect("start redis-server");
+    let mut s = RedisStore::connect(RedisConfig::standalone(redis.url())).unwrap();
+    let mut raw = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let window = 50;
+    let ret = |now| palaver_router::store::Retention {
+        now_ms: now,
+        dedup_ttl_ms: 86_400_000,
+        history_window: window,
+    };
+    let msg = |i: u32| pb::Message {
+        conversation_id: "c".into(),
+        client_msg_id: [i.to_le_bytes(), [7; 4], [8; 4], [9; 4]].concat(),
+        message_id: format!("m{i}"),
+        sender_user_id: "u".into(),
+        server_time_ms: 5_000,
+        ..Default::default()
+    };
+    for chunk in 0..10u32 {
+        let batch = (0..100u32)
+            .map(|i| ("c".to_string(), msg(chunk * 100 + i)))
+            .collect();
+        let results = s.append_messages(batch, &ret(5_000)).unwrap();
+        for (i, r) in results.into_iter().enumerate() {
+            assert_eq!(stored(r).seq, (chunk * 100) as u64 + i as u64 + 1);
+        }
+    }
+    let count = |raw: &mut redis::Connection, cmd: &str, key: &str| -> u64 {
+        redis::cmd(cmd).arg(key).query(raw).unwrap()
+    };
+    assert_eq!(count(&mut raw, "HLEN", "c:{c}:dd"), window as u64);
+    assert_eq!(count(&mut raw, "LLEN", "c:{c}:dq"), window as u64);
+    assert_eq!(count(&mut raw, "ZCARD", "c:{c}:h"), window as u64);
+    let keys: u64 = redis::cmd("DBSIZE").query(&mut raw).unwrap();
+    assert_eq!(keys, 4);
+    // In the window: a duplicate with the original ack; out of it: new.
+    match s.append_message("c", msg(990), &ret(6_000)).unwrap() {
+        Appended::Duplicate(a) => {
+            assert_eq!((a.seq, a.message_id.as_str()), (991, "m990"));
+            assert_eq!(a.server_time_ms, 5_000);
+        }
+        other => panic!("expected duplicate, got {other:?}"),
+    }
+    assert_eq!(
+        stored(s.append_message("c", msg(5), &ret(6_000)).unwrap()).seq,
+        1001
+    );
+    assert_eq!(count(&mut raw, "HLEN", "c:{c}:dd"), window as u64);
+    // Past the TTL (appended 5,000 + 1 day), a retry is a new message.
+    assert_eq!(
+        stored(
+            s.append_message("c", msg(999), &ret(5_000 + 86_400_000))
+                .unwrap()
+        )
+        .seq,
+        1002
+    );
+    // #999's field now names seq 1002; its old list entry (seq 1000) stays
+    // until the trim passes it, and the trim then leaves the field alone.
+    assert_eq!(count(&mut raw, "HLEN", "c:{c}:dd"), window as u64 - 1);
+    assert_eq!(count(&mut raw, "LLEN", "c:{c}:dq"), window as u64);
+    let batch = (2000..2100u32).map(|i| ("c".to_string(), msg(i))).collect();
+    s.append_messages(batch, &ret(5_000 + 86_400_000)).unwrap();
+    assert_eq!(count(&mut raw, "HLEN", "c:{c}:dd"), window as u64);
+    assert_eq!(count(&mut raw, "LLEN", "c:{c}:dq"), window as u64);
+
+    // The previous layout's per-message key, written before an upgrade.
+    let legacy = msg(4242);
+    let hex: String = legacy
+        .client_msg_id
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let _: () = redis::cmd("SET")
+        .arg(format!("c:{{c}}:d:{hex}"))
+        .arg("90000 17 4000 legacy-id")
+        .arg("PX")
+        .arg(60_000)
+        .query(&mut raw)
+        .unwrap();
+    match s.append_message("c", legacy, &ret(7_000)).unwrap() {
+        Appended::Duplicate(a) => {
+            assert_eq!(
+                (a.seq, a.message_id.as_str(), a.server_time_ms),
+                (17, "legacy-id", 4000)
+            );
+        }
+        other => panic!("expected the legacy duplicate, got {other:?}"),
+    }
 }

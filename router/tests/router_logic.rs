@@ -2027,3 +2027,104 @@ fn router_handles_exactly_the_backend_requests_of_the_body_table() {
         assert_eq!(refused, !kind.is_backend_request(), "{kind:?}: {out:?}");
     }
 }
+
+/// Frames with the router-chosen message ids blanked (two routers never
+/// choose the same ones).
+fn comparable(out: &Output) -> Vec<(SessionAddr, pb::Frame)> {
+    out.frames
+        .iter()
+        .map(|f| {
+            let mut frame = f.frame.clone();
+            match &mut frame.body {
+                Some(Body::SendAck(a)) => a.message_id.clear(),
+                Some(Body::Deliver(d)) => {
+                    if let Some(m) = d.message.as_mut() {
+                        m.message_id.clear()
+                    }
+                }
+                _ => {}
+            }
+            (f.to.clone(), frame)
+        })
+        .collect()
+}
+
+#[test]
+fn a_batch_is_handled_like_one_command_at_a_time_with_one_append_and_one_lookup_per_run_of_sends() {
+    let commands = |alice: &Session, bob: &Session| {
+        let mut bad = send_body(DM, 9, "bad");
+        if let Body::Send(s) = &mut bad {
+            s.client_msg_id = vec![1, 2, 3];
+        }
+        let carol_dm = direct_conversation_id("alice", "carol");
+        vec![
+            Command::Request(request(alice, 1, send_body(DM, 1, "one"))),
+            Command::Request(request(alice, 2, send_body(DM, 2, "two"))),
+            Command::Request(request(bob, 3, send_body(DM, 3, "three"))),
+            Command::Request(request(alice, 4, send_body(&carol_dm, 4, "four"))),
+            // A retry of #2 inside the same run: the original ack, no Deliver.
+            Command::Request(request(alice, 5, send_body(DM, 2, "two again"))),
+            Command::Request(request(alice, 6, bad)),
+            Command::Request(request(
+                bob,
+                7,
+                Body::Receipt(pb::Receipt {
+                    conversation_id: DM.into(),
+                    kind: pb::ReceiptKind::Read as i32,
+                    up_to_seq: 2,
+                }),
+            )),
+            Command::Request(request(alice, 8, send_body(DM, 8, "eight"))),
+        ]
+    };
+
+    let mut batched = Harness::new();
+    let mut single = Harness::new();
+    let mut outs = Vec::new();
+    for h in [&mut batched, &mut single] {
+        let alice = h.open("alice", "phone", 1);
+        let bob = h.open("bob", "phone", 2);
+        h.open("carol", "phone", 3);
+        outs.push((commands(&alice, &bob), alice, bob));
+    }
+    let (cmds, alice, bob) = &outs[0];
+
+    let before = batched.calls().calls.clone();
+    let mut out = Output::default();
+    let mut progress = palaver_router::logic::BatchProgress::default();
+    batched
+        .router
+        .handle_batch(cmds, &mut out, &mut progress)
+        .expect("memory store does not fail");
+    assert_eq!(progress.done, cmds.len());
+    let delta = |name: &str| batched.calls().count(name) - before.get(name).copied().unwrap_or(0);
+    // Two runs of Sends (the Receipt splits them): one append batch and one
+    // session lookup each, plus the Receipt's own fan-out lookup.
+    assert_eq!(delta("append_messages"), 2, "{:?}", batched.calls().calls);
+    assert_eq!(delta("append_message"), 0);
+    assert_eq!(delta("sessions_of_users"), 3);
+
+    let mut one_by_one = Output::default();
+    for c in &outs[1].0 {
+        single
+            .router
+            .handle(c, &mut one_by_one)
+            .expect("memory store does not fail");
+    }
+    assert_eq!(comparable(&out), comparable(&one_by_one));
+
+    // Consecutive seqs in input order; the retry got #2's seq.
+    let acks: Vec<(u32, u64)> = to(&out, &alice.addr)
+        .iter()
+        .filter_map(|f| ack(f).map(|a| (f.request_id, a.seq)))
+        .collect();
+    assert_eq!(acks, vec![(1, 1), (2, 2), (4, 1), (5, 2), (8, 4)]);
+    let to_bob: Vec<u64> = to(&out, &bob.addr)
+        .iter()
+        .filter_map(|f| delivered(f).map(|m| m.seq))
+        .collect();
+    assert_eq!(to_bob, vec![1, 2, 4]);
+    assert!(to(&out, &alice.addr)
+        .iter()
+        .any(|f| f.request_id == 6 && error(f).is_some()));
+}

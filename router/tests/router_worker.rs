@@ -4,7 +4,7 @@
 //! offsets move on (committed); a record whose handling panics goes to
 //! `palaver.dlq` at once, the client gets INTERNAL, and the worker goes on.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -171,23 +171,30 @@ fn wait_committed(brokers: &str, offset: i64) {
     }
 }
 
-/// A clock that panics the first time it is read after `arm`: a stand-in for
-/// a bug that makes one record's handling panic (a Send reads the clock
-/// before it touches the store).
+/// A clock that panics the next two times it is read after `arm`: a
+/// stand-in for a bug that makes one record's handling panic every time it
+/// is handled (a Send reads the clock before it touches the store). The
+/// worker handles a poll batch as one unit first (one clock read for the
+/// run of Sends); when that panics it handles the records one at a time,
+/// and the record that panics again is the one dead-lettered.
 #[derive(Default)]
 struct TrapClock {
-    armed: AtomicBool,
+    armed: AtomicU32,
 }
 
 impl TrapClock {
     fn arm(&self) {
-        self.armed.store(true, Ordering::SeqCst);
+        self.armed.store(2, Ordering::SeqCst);
     }
 }
 
 impl Clock for TrapClock {
     fn now_ms(&self) -> i64 {
-        if self.armed.swap(false, Ordering::SeqCst) {
+        if self
+            .armed
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
             panic!("trap: this record's handling panics");
         }
         SystemClock.now_ms()
@@ -274,4 +281,106 @@ fn a_record_whose_handling_panics_is_dead_lettered_and_the_worker_moves_on() {
 
     // The offsets moved past the panicking record (committed).
     wait_committed(&brokers, 3);
+}
+
+fn send_from(user: &str, gateway: &str, conn: u64, to: &str, request_id: u32, cmid: u8) -> Vec<u8> {
+    kafka::inbound_record(&Inbound {
+        from: Session {
+            user_id: user.into(),
+            device_id: "phone".into(),
+            addr: SessionAddr {
+                gateway_id: gateway.into(),
+                conn,
+            },
+        },
+        request_id,
+        body: Body::Send(pb::Send {
+            conversation_id: palaver_protocol::direct_conversation_id(user, to),
+            client_msg_id: vec![cmid; 16],
+            kind: pb::ContentKind::Text as i32,
+            body: vec![cmid],
+            ..Default::default()
+        }),
+        received_ms: 1,
+    })
+    .encode_to_vec()
+}
+
+/// A poll batch is one unit: six Sends (one a retry) polled together get
+/// consecutive seqs in order, and their output leaves the router as exactly
+/// one delivery record per destination gateway (SendAcks to the senders'
+/// gateway, Delivers to the recipient's).
+#[test]
+fn a_poll_batch_gets_consecutive_seqs_and_one_delivery_record_per_gateway() {
+    let kafka = Kafka::start().expect("kafka");
+    let redis = Redis::start().expect("redis-server");
+    let brokers = kafka.bootstrap();
+    let (gw_a, gw_b) = (kafka::delivery_topic("gwa"), kafka::delivery_topic("gwb"));
+    kafka::ensure_topics(&brokers, &[(&gw_a, 1), (&gw_b, 1)], Duration::from_secs(10)).unwrap();
+    let mut store =
+        palaver_router::redis_store::RedisStore::connect(RedisConfig::standalone(redis.url()))
+            .unwrap();
+    use palaver_router::store::SessionStore as _;
+    for (user, gateway, conn) in [("alice", "gwa", 7), ("bob", "gwb", 9)] {
+        store
+            .open_session(&Session {
+                user_id: user.into(),
+                device_id: "phone".into(),
+                addr: SessionAddr {
+                    gateway_id: gateway.into(),
+                    conn,
+                },
+            })
+            .unwrap();
+    }
+    let mut config = WorkerConfig::new(&brokers, RedisConfig::standalone(redis.url()));
+    config.inbound_partitions = 1;
+    let mut worker = RouterWorker::new(config).expect("worker");
+    let producer: BaseProducer = kafka::producer_config(&brokers, 0).create().unwrap();
+    let dm = palaver_protocol::direct_conversation_id("alice", "bob");
+    // cmid 3 twice: the second is a retry.
+    for (request_id, cmid) in [(1, 1), (2, 2), (3, 3), (4, 3), (5, 4), (6, 5)] {
+        producer
+            .send(
+                BaseRecord::to(INBOUND_TOPIC)
+                    .key(&dm)
+                    .payload(&send_from("alice", "gwa", 7, "bob", request_id, cmid)),
+            )
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+    // All six were in the topic before the worker's first fetch, so they
+    // arrive in one poll batch.
+    process(&mut worker, 6);
+    assert_eq!(worker.stats().batches, 1, "{:?}", worker.stats());
+
+    // run_batch returned only after Kafka acknowledged its output: exactly
+    // one record on each gateway's topic.
+    let probe = consumer(&brokers, &gw_a);
+    for topic in [&gw_a, &gw_b] {
+        let (low, high) = probe
+            .fetch_watermarks(topic, 0, Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(high - low, 1, "{topic}");
+    }
+    let acks = kafka::decode_delivery_batch(&next_value(&probe, "acks")).unwrap();
+    let acks: Vec<(u32, u64)> = acks
+        .iter()
+        .map(|o| match &o.frame.body {
+            Some(Body::SendAck(a)) => (o.frame.request_id, a.seq),
+            other => panic!("expected SendAck, got {other:?}"),
+        })
+        .collect();
+    assert_eq!(acks, vec![(1, 1), (2, 2), (3, 3), (4, 3), (5, 4), (6, 5)]);
+    let delivers =
+        kafka::decode_delivery_batch(&next_value(&consumer(&brokers, &gw_b), "delivers")).unwrap();
+    let seqs: Vec<(u64, u64)> = delivers
+        .iter()
+        .map(|o| match &o.frame.body {
+            Some(Body::Deliver(d)) => (o.conn, d.message.as_ref().unwrap().seq),
+            other => panic!("expected Deliver, got {other:?}"),
+        })
+        .collect();
+    assert_eq!(seqs, vec![(9, 1), (9, 2), (9, 3), (9, 4), (9, 5)]);
 }

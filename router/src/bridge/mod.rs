@@ -7,7 +7,8 @@
 //!   idempotent acks=all producer. If Kafka does not take a write in time the
 //!   client gets `Error(UNAVAILABLE)` (it retries with the same client_msg_id).
 //! - A delivery consumer reads this gateway's topic `palaver.deliver.<id>`
-//!   and hands each `DeliveryBatch` to the gateway's [`DeliverySink`].
+//!   and hands the frames of every `DeliveryBatch` fetched so far to the
+//!   gateway's [`DeliverySink`] in one call.
 //! - Reads (Sync, History, PresenceQuery, PresenceSubscribe) run the routing
 //!   logic over a read-only use of [`RedisStore`] on a small pool of reader
 //!   threads — never on core threads.
@@ -49,7 +50,13 @@ pub struct BridgeConfig {
     pub presence: PresenceTiming,
     /// Reader threads for Sync / History / presence reads.
     pub readers: usize,
-    /// Producer linger, ms (latency vs batching).
+    /// Producer linger, ms (latency vs batching): how long librdkafka
+    /// collects client writes into one produce request. 1 ms. Measured on
+    /// the 2-core bench machine (`bench/results/2026-11-29-kafka-batch/`):
+    /// 5 ms cut the broker's CPU at 8,000 msg/s (49 → 30 % of a core) and
+    /// kept that rate from collapsing, but added ~5 ms to every write and
+    /// pushed the 1000-member fan-out's p99 to its 100 ms budget, while the
+    /// highest rate holding p99 < 50 ms did not move; 1 ms stays.
     pub linger_ms: u32,
     /// A write Kafka has not acknowledged by then is answered UNAVAILABLE.
     pub produce_timeout: Duration,
@@ -453,22 +460,40 @@ impl Drop for KafkaRedisBridge {
     }
 }
 
-/// Reads this gateway's delivery topic and feeds the sink.
+/// Records handed to the sink together at most (one `deliver` call, so one
+/// wake per core thread for all of them).
+const MAX_DELIVERY_RECORDS_PER_HANDOFF: usize = 256;
+
+/// Reads this gateway's delivery topic and feeds the sink: waits for one
+/// record, then drains whatever the consumer has already fetched (up to
+/// [`MAX_DELIVERY_RECORDS_PER_HANDOFF`] records) and hands all their frames
+/// to the sink in ONE call, in record order — the sink splits it by core
+/// and wakes each core once, not once per record.
 fn delivery_loop(consumer: BaseConsumer, sink: Arc<dyn DeliverySink>, stop: Arc<AtomicBool>) {
+    let mut frames: Vec<Outbound> = Vec::new();
     while !stop.load(Ordering::Acquire) {
-        match consumer.poll(Duration::from_millis(100)) {
-            None => {}
-            Some(Err(e)) => tracing::warn!("delivery consumer: {e}"),
-            Some(Ok(message)) => {
-                match kafka::decode_delivery_batch(message.payload().unwrap_or_default()) {
-                    Ok(batch) if !batch.is_empty() => sink.deliver(batch),
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(
-                        offset = message.offset(),
-                        "bad delivery record skipped: {e}"
-                    ),
+        let mut timeout = Duration::from_millis(100);
+        for _ in 0..MAX_DELIVERY_RECORDS_PER_HANDOFF {
+            match consumer.poll(timeout) {
+                None => break,
+                Some(Err(e)) => {
+                    tracing::warn!("delivery consumer: {e}");
+                    break;
+                }
+                Some(Ok(message)) => {
+                    match kafka::decode_delivery_batch(message.payload().unwrap_or_default()) {
+                        Ok(batch) => frames.extend(batch),
+                        Err(e) => tracing::warn!(
+                            offset = message.offset(),
+                            "bad delivery record skipped: {e}"
+                        ),
+                    }
                 }
             }
+            timeout = Duration::ZERO;
+        }
+        if !frames.is_empty() {
+            sink.deliver(std::mem::take(&mut frames));
         }
     }
 }

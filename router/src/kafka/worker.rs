@@ -1,17 +1,26 @@
 //! The router worker: a member of the `palaver.inbound` consumer group that
 //! runs the routing logic over [`RedisStore`] and ships the output to Kafka.
 //!
-//! One batch at a time, on one thread:
+//! One poll batch at a time, on one thread, as ONE unit:
 //! 1. poll up to `max_batch` records (every partition's records arrive in
 //!    partition order, and are processed in that order);
-//! 2. run each through [`Router::handle`]; a store error is retried with
-//!    backoff, and after `max_attempts` the record goes to `palaver.dlq` with
-//!    the reason and the client gets `Error(UNAVAILABLE)`; a panic while
-//!    handling a record is caught: that record goes to `palaver.dlq` at once
-//!    (reason `panicked: …`), the client gets `Error(INTERNAL)`;
-//! 3. produce the output (a `DeliveryBatch` per gateway, a `PushRecord` per
-//!    offline user) and wait until Kafka acknowledged all of it (acks=all);
-//! 4. only then commit the batch's offsets.
+//! 2. run them through [`Router::handle_batch`]: each run of consecutive
+//!    Sends costs one pipeline of append scripts (one round trip, one AOF
+//!    fsync), one group read and one session lookup (two round trips), not
+//!    a few round trips per record; any other command is handled on its own
+//!    in input order. If the store fails or handling panics, the records
+//!    from the failed one on are handled one at a time as before batching:
+//!    a store error is retried with backoff, and after `max_attempts` the
+//!    record goes to `palaver.dlq` with the reason and the client gets
+//!    `Error(UNAVAILABLE)`; a record whose handling panics goes to
+//!    `palaver.dlq` at once (reason `panicked: …`), the client gets
+//!    `Error(INTERNAL)`;
+//! 3. produce the whole batch's output — ONE `DeliveryBatch` record per
+//!    destination gateway (split only past 512 KiB), a `PushRecord` per
+//!    offline user — without waiting record by record, then wait once until
+//!    Kafka acknowledged all of it (acks=all);
+//! 4. only then mark the batch's offsets for commit (committed at most
+//!    every `commit_interval`).
 //!
 //! If producing fails, the consumer is rewound to the batch's first offsets
 //! and the batch runs again: at-least-once. Replays are safe because the
@@ -37,7 +46,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use super::records;
 use crate::api::Outbound;
 use crate::bus::{BusError, Outlet, Output, PushEvent};
-use crate::logic::{Clock, Router, RouterConfig, SystemClock};
+use crate::logic::{BatchProgress, Clock, Router, RouterConfig, SystemClock};
 use crate::redis_store::{RedisConfig, RedisStore};
 
 /// Settings of one router worker.
@@ -413,9 +422,7 @@ impl RouterWorker {
 
         let mut out = Output::default();
         let mut dead_letters = Vec::new();
-        for record in &batch {
-            self.process(record, &mut out, &mut dead_letters);
-        }
+        self.process_batch(&batch, &mut out, &mut dead_letters);
 
         self.producer
             .context()
@@ -478,22 +485,64 @@ impl RouterWorker {
         Ok(batch.len())
     }
 
+    /// Runs the whole poll batch through [`Router::handle_batch`] as one
+    /// unit (runs of Sends share one pipelined append and one session
+    /// lookup). If the store fails or a record's handling panics, the
+    /// records from the failed one on go through [`Self::process`] one at
+    /// a time (retries with backoff, dead letters), exactly as before
+    /// batching; the ones before it are done and keep their output.
+    fn process_batch(
+        &mut self,
+        batch: &[OwnedMessage],
+        out: &mut Output,
+        dead: &mut Vec<records::DeadLetter>,
+    ) {
+        let mut commands = Vec::with_capacity(batch.len());
+        let mut sources = Vec::with_capacity(batch.len());
+        for record in batch {
+            match super::decode_inbound(record.payload().unwrap_or_default()) {
+                Ok(command) => {
+                    commands.push(command);
+                    sources.push(record);
+                }
+                Err(reason) => dead.push(self.dead_letter(record, reason, 0)),
+            }
+        }
+        let mut progress = BatchProgress::default();
+        let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.router.handle_batch(&commands, out, &mut progress)
+        }));
+        match handled {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => {
+                tracing::warn!(
+                    router = %self.config.router_id,
+                    done = progress.done,
+                    "store error in a batch, going on record by record: {e}"
+                );
+            }
+            Err(_) => {
+                // The unit that panicked may have left partial output; the
+                // record-by-record pass finds the record and dead-letters it.
+                out.frames.truncate(progress.frames);
+                out.pushes.truncate(progress.pushes);
+                self.router.store_mut().reset_connection();
+            }
+        }
+        for (record, command) in sources.into_iter().zip(commands).skip(progress.done) {
+            self.process(record, command, out, dead);
+        }
+    }
+
     /// Runs one record through the router, with retries; gives up into a
     /// dead letter.
     fn process(
         &mut self,
         record: &OwnedMessage,
+        command: crate::bus::Command,
         out: &mut Output,
         dead: &mut Vec<records::DeadLetter>,
     ) {
-        let value = record.payload().unwrap_or_default();
-        let command = match super::decode_inbound(value) {
-            Ok(command) => command,
-            Err(reason) => {
-                dead.push(self.dead_letter(record, reason, 0));
-                return;
-            }
-        };
         let mut backoff = self.config.retry_backoff;
         let mut attempt = 1;
         loop {

@@ -37,6 +37,13 @@ impl ConversationStore for Instrumented {
     fn append_message(&mut self, c: &str, m: pb::Message, r: &Retention) -> StoreResult<Appended> {
         self.call("append_message")?.append_message(c, m, r)
     }
+    fn append_messages(
+        &mut self,
+        appends: Vec<(String, pb::Message)>,
+        r: &Retention,
+    ) -> StoreResult<Vec<Appended>> {
+        self.call("append_messages")?.append_messages(appends, r)
+    }
     fn last_seqs(&mut self, ids: &[String]) -> StoreResult<Vec<u64>> {
         self.call("last_seqs")?.last_seqs(ids)
     }

@@ -245,3 +245,70 @@ pub fn watches_capped_all_or_nothing<S: Store>(mut s: S) {
     s.drop_watches(&w).unwrap();
     assert!(s.watchers_of("u1").unwrap().is_empty());
 }
+
+/// `append_messages`: in slice order, consecutive seqs per conversation,
+/// a repeated client_msg_id inside the batch is a duplicate of the first.
+pub fn append_batch_in_order<S: Store>(mut s: S) {
+    let batch = vec![
+        ("b1".to_string(), message("b1", 1, "u")),
+        ("b2".to_string(), message("b2", 1, "u")),
+        ("b1".to_string(), message("b1", 2, "u")),
+        ("b1".to_string(), message("b1", 1, "u")),
+        ("b1".to_string(), message("b1", 3, "u")),
+    ];
+    let results = s.append_messages(batch, &retention(0, 100)).unwrap();
+    assert_eq!(results.len(), 5);
+    let seqs: Vec<(String, u64, bool)> = results
+        .iter()
+        .map(|r| match r {
+            Appended::Stored(m) => (m.conversation_id.clone(), m.seq, true),
+            Appended::Duplicate(a) => (a.conversation_id.clone(), a.seq, false),
+        })
+        .collect();
+    assert_eq!(
+        seqs,
+        vec![
+            ("b1".into(), 1, true),
+            ("b2".into(), 1, true),
+            ("b1".into(), 2, true),
+            ("b1".into(), 1, false),
+            ("b1".into(), 3, true),
+        ]
+    );
+    match &results[3] {
+        Appended::Duplicate(a) => {
+            assert_eq!(a.message_id, "m1");
+            assert_eq!(a.server_time_ms, 1001);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(s
+        .append_messages(Vec::new(), &retention(0, 100))
+        .unwrap()
+        .is_empty());
+}
+
+/// Dedup holds while the original is in the window and younger than the
+/// TTL (SPEC §6), and is forgotten once it leaves the window.
+pub fn dedup_follows_the_window<S: Store>(mut s: S) {
+    for i in 1..=10u8 {
+        stored(
+            s.append_message("w", message("w", i, "u"), &retention(0, 4))
+                .unwrap(),
+        );
+    }
+    // #7..#10 are in the window: a retry is a duplicate.
+    match s
+        .append_message("w", message("w", 7, "u"), &retention(1, 4))
+        .unwrap()
+    {
+        Appended::Duplicate(a) => assert_eq!((a.seq, a.message_id.as_str()), (7, "m7")),
+        other => panic!("expected duplicate, got {other:?}"),
+    }
+    // #6 left the window: stored again, with the next seq.
+    let m = stored(
+        s.append_message("w", message("w", 6, "u"), &retention(1, 4))
+            .unwrap(),
+    );
+    assert_eq!(m.seq, 11);
+}
