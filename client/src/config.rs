@@ -73,7 +73,13 @@ impl ClientConfig {
 
 /// Full-jitter exponential backoff (SPEC §15): `floor + random(0,
 /// min(max, base × 2^attempt))`. `random` comes from the caller (sans-io).
-pub(crate) fn backoff_ms(attempt: u32, floor_ms: u32, base_ms: u32, max_ms: u32, random: u64) -> u64 {
+pub(crate) fn backoff_ms(
+    attempt: u32,
+    floor_ms: u32,
+    base_ms: u32,
+    max_ms: u32,
+    random: u64,
+) -> u64 {
     let ceiling = u64::from(base_ms)
         .saturating_mul(1u64 << attempt.min(20))
         .min(u64::from(max_ms));

@@ -10,7 +10,10 @@ use crate::types::ChatMessage;
 pub(crate) enum Release {
     Message(ChatMessage),
     /// Seqs the server no longer has (found after a Sync): skipped.
-    Unavailable { from_seq: u64, to_seq: u64 },
+    Unavailable {
+        from_seq: u64,
+        to_seq: u64,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -42,7 +45,8 @@ impl Cursors {
     /// its cursor.
     pub fn know(&mut self, conversation_id: &str) {
         if !self.convs.contains_key(conversation_id) {
-            self.convs.insert(conversation_id.to_string(), Conv::default());
+            self.convs
+                .insert(conversation_id.to_string(), Conv::default());
         }
     }
 

@@ -261,7 +261,9 @@ impl Engine {
             tokens_at: 0,
             outbox: Outbox::from_saved(outbox),
             cursors: Cursors::from_saved(
-                cursors.into_iter().map(|c| (c.conversation_id, c.after_seq)),
+                cursors
+                    .into_iter()
+                    .map(|c| (c.conversation_id, c.after_seq)),
             ),
             dirty_cursors: BTreeSet::new(),
             watched: BTreeSet::new(),
@@ -1003,7 +1005,13 @@ impl Engine {
         }
     }
 
-    fn add_receipt(&mut self, conversation_id: String, kind: ReceiptKind, up_to_seq: u64, due: u64) {
+    fn add_receipt(
+        &mut self,
+        conversation_id: String,
+        kind: ReceiptKind,
+        up_to_seq: u64,
+        due: u64,
+    ) {
         let slot = self.receipts.entry((conversation_id, kind)).or_insert(0);
         *slot = (*slot).max(up_to_seq);
         self.receipts_due = Some(self.receipts_due.map_or(due, |d| d.min(due)));
@@ -1278,7 +1286,10 @@ mod tests {
         e.command(Command::Send(out_msg(0, "dm:alice:bob")), 0);
         assert!(e.take_writes().is_empty(), "not connected: nothing written");
         let w = connect(&mut e, 10);
-        let send = w.iter().find(|f| matches!(f.body, Some(Body::Send(_)))).expect("send");
+        let send = w
+            .iter()
+            .find(|f| matches!(f.body, Some(Body::Send(_))))
+            .expect("send");
         // Connection drops before the SendAck.
         e.on_transport_down(20);
         assert!(e.take_close());
@@ -1289,7 +1300,10 @@ mod tests {
         assert!(at <= 20 + 500, "first retry within the base backoff");
         assert_eq!(e.poll_dial(at.saturating_sub(1)).is_some(), at == 20);
         let w2 = connect_again(&mut e, at);
-        let send2 = w2.iter().find(|f| matches!(f.body, Some(Body::Send(_)))).expect("resend");
+        let send2 = w2
+            .iter()
+            .find(|f| matches!(f.body, Some(Body::Send(_))))
+            .expect("resend");
         let (Some(Body::Send(a)), Some(Body::Send(b))) = (&send.body, &send2.body) else {
             panic!()
         };
@@ -1432,7 +1446,15 @@ mod tests {
             1,
         );
         events(&mut e);
-        e.on_frame(frame(0, Body::Deliver(pb::Deliver { message: Some(msg("g", 3)) })), 2);
+        e.on_frame(
+            frame(
+                0,
+                Body::Deliver(pb::Deliver {
+                    message: Some(msg("g", 3)),
+                }),
+            ),
+            2,
+        );
         let w = e.take_writes();
         assert_eq!(bodies(&w), vec!["sync"], "gap → Sync");
         assert!(events(&mut e).is_empty(), "3 is held until 2 arrives");
@@ -1466,7 +1488,10 @@ mod tests {
         let mut e = Engine::new(cfg(), vec![], vec![], 7);
         e.command(Command::Send(out_msg(0, "dm:alice:bob")), 0);
         let w = connect(&mut e, 0);
-        let send = w.iter().find(|f| matches!(f.body, Some(Body::Send(_)))).expect("send");
+        let send = w
+            .iter()
+            .find(|f| matches!(f.body, Some(Body::Send(_))))
+            .expect("send");
         e.on_frame(
             palaver_protocol::send_error_reply(
                 send.request_id,

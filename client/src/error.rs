@@ -37,9 +37,7 @@ pub enum ErrorCode {
 impl ErrorCode {
     pub fn from_code(code: u32) -> ErrorCode {
         use pb::ErrorCode as P;
-        let known = i32::try_from(code)
-            .ok()
-            .and_then(|c| P::try_from(c).ok());
+        let known = i32::try_from(code).ok().and_then(|c| P::try_from(c).ok());
         match known {
             Some(P::MalformedFrame) => ErrorCode::MalformedFrame,
             Some(P::FrameTooLarge) => ErrorCode::FrameTooLarge,
@@ -198,10 +196,16 @@ mod tests {
             assert_eq!(got, want, "{code}");
             assert_eq!(got.closes_connection(), (1000..2000).contains(&code));
         }
-        assert_eq!(ErrorCode::from_code(1999), ErrorCode::UnknownConnectionError);
+        assert_eq!(
+            ErrorCode::from_code(1999),
+            ErrorCode::UnknownConnectionError
+        );
         assert_eq!(ErrorCode::from_code(2999), ErrorCode::UnknownRequestError);
         assert_eq!(ErrorCode::from_code(3999), ErrorCode::UnknownTransientError);
-        assert_eq!(ErrorCode::from_code(u32::MAX), ErrorCode::UnknownTransientError);
+        assert_eq!(
+            ErrorCode::from_code(u32::MAX),
+            ErrorCode::UnknownTransientError
+        );
         assert!(ErrorCode::UnknownConnectionError.closes_connection());
         assert!(ErrorCode::RateLimited.is_retryable());
         assert!(!ErrorCode::Forbidden.is_retryable());

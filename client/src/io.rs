@@ -157,10 +157,16 @@ impl IoThread {
         if let Ok(Some(_)) | Err(_) = t.sock.take_error() {
             return false;
         }
-        // Read until the socket would block (edge-triggered readiness).
+        // Read until the socket would block (edge-triggered readiness). At
+        // EOF, still hand over what came before it: a GoAway or a closing
+        // Error usually arrives right before the FIN.
+        let mut eof = false;
         loop {
             match t.tls.read_tls(&mut t.sock) {
-                Ok(0) => return false,
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
                 Ok(_) => {
                     if t.tls.process_new_packets().is_err() {
                         return false;
@@ -184,30 +190,30 @@ impl IoThread {
             match t.tls.reader().read(&mut buf) {
                 Ok(0) => {
                     // close_notify: deliver what came before it, then down.
-                    Self::feed(t, engine, &frames, now);
+                    Self::feed(engine, frames, now);
                     return false;
                 }
                 Ok(n) => {
                     if t.decoder.decode(&buf[..n], |f| frames.push(f)).is_err() {
                         // A malformed server stream: close (SPEC §2).
-                        Self::feed(t, engine, &frames, now);
+                        Self::feed(engine, frames, now);
                         return false;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(_) => {
-                    Self::feed(t, engine, &frames, now);
+                    Self::feed(engine, frames, now);
                     return false;
                 }
             }
         }
-        Self::feed(t, engine, &frames, now);
-        Self::write_out(t)
+        Self::feed(engine, frames, now);
+        !eof && Self::write_out(t)
     }
 
-    fn feed(_t: &mut Transport, engine: &mut Engine, frames: &[pb::Frame], now: u64) {
+    fn feed(engine: &mut Engine, frames: Vec<pb::Frame>, now: u64) {
         for f in frames {
-            engine.on_frame(f.clone(), now);
+            engine.on_frame(f, now);
         }
     }
 

@@ -124,7 +124,6 @@ impl Outbox {
             e.in_flight = None;
         }
     }
-
 }
 
 #[cfg(test)]
