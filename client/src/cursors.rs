@@ -6,6 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 use crate::types::ChatMessage;
 
 /// What the app was handed (or must be told) after one arrival.
+// Nearly every value is a Message: boxing it would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Release {
     Message(ChatMessage),

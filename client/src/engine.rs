@@ -139,6 +139,8 @@ pub(crate) enum Command {
 }
 
 /// What the I/O side must do for the engine besides writing frames.
+// Nearly every value is an Event: boxing it would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Output {
     Event(ClientEvent),
