@@ -584,14 +584,14 @@ impl Engine {
                     }
                     _ => {
                         for presence in presences {
-                            self.event(ClientEvent::Presence { presence });
+                            self.event(ClientEvent::PresenceChanged { presence });
                         }
                     }
                 }
             }
             Body::PresenceEvent(e) => {
                 if let Some(p) = e.presence {
-                    self.event(ClientEvent::Presence {
+                    self.event(ClientEvent::PresenceChanged {
                         presence: Presence::from_pb(p),
                     });
                 }

@@ -128,25 +128,27 @@ impl std::fmt::Display for ServerError {
     }
 }
 
-/// What a call into the SDK can fail with.
+/// What a call into the SDK can fail with. (Fields are not called
+/// `message`: that would clash with `Throwable.message` in Kotlin.)
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, uniffi::Error)]
 pub enum ClientError {
     /// The app passed something the protocol rules out (checked locally,
     /// before anything is sent).
-    #[error("invalid argument: {message}")]
-    InvalidArgument { message: String },
+    #[error("invalid argument: {detail}")]
+    InvalidArgument { detail: String },
     /// The configuration cannot work (bad trust store PEM, bad address...).
-    #[error("configuration: {message}")]
-    Config { message: String },
-    /// `close()` was called; the client cannot be used any more.
+    #[error("configuration: {detail}")]
+    Config { detail: String },
+    /// `shutdown()` was called; the client cannot be used any more.
     #[error("the client is closed")]
     Closed,
     /// The server refused the request (SPEC §14).
-    #[error("server error {code:?} ({raw_code}): {message}")]
+    #[error("server error {code:?} ({raw_code}): {detail}")]
     Server {
         code: ErrorCode,
         raw_code: u32,
-        message: String,
+        /// The server's human-readable message; never parse it.
+        detail: String,
     },
     /// The connection was lost while a request that is not safe to repeat
     /// (creating a group) was awaiting its answer: it may or may not have
@@ -160,7 +162,7 @@ impl From<ServerError> for ClientError {
         ClientError::Server {
             code: e.code,
             raw_code: e.raw_code,
-            message: e.message,
+            detail: e.message,
         }
     }
 }

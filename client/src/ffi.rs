@@ -21,16 +21,16 @@ use crate::types::*;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, uniffi::Error)]
 pub enum TokenError {
     /// Not now (offline, auth service down): the SDK retries with backoff.
-    #[error("token unavailable: {message}")]
-    Unavailable { message: String },
+    #[error("token unavailable: {detail}")]
+    Unavailable { detail: String },
     /// Never (signed out): the SDK stops connecting until `connect()`.
-    #[error("token denied: {message}")]
-    Denied { message: String },
+    #[error("token denied: {detail}")]
+    Denied { detail: String },
 }
 
 impl From<uniffi::UnexpectedUniFFICallbackError> for TokenError {
     fn from(e: uniffi::UnexpectedUniFFICallbackError) -> Self {
-        TokenError::Unavailable { message: e.reason }
+        TokenError::Unavailable { detail: e.reason }
     }
 }
 
@@ -129,7 +129,7 @@ pub fn direct_conversation_id(user_a: String, user_b: String) -> Result<String, 
 }
 
 fn invalid(message: String) -> ClientError {
-    ClientError::InvalidArgument { message }
+    ClientError::InvalidArgument { detail: message }
 }
 
 fn check_conversation(id: &str) -> Result<(), ClientError> {
@@ -200,7 +200,7 @@ impl PalaverClient {
                 "device_id must be 1..64 bytes of [A-Za-z0-9_.@-]".into(),
             ));
         }
-        let cfg_err = |message: String| ClientError::Config { message };
+        let cfg_err = |detail: String| ClientError::Config { detail };
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(config.trusted_ca_pem.as_bytes()) {
             let cert = cert.map_err(|e| cfg_err(format!("trusted_ca_pem: {e}")))?;
@@ -278,8 +278,9 @@ impl PalaverClient {
         self.command(Command::Disconnect)
     }
 
-    /// Disconnect for good and stop the SDK's threads. Idempotent.
-    pub fn close(&self) {
+    /// Disconnect for good and stop the SDK's I/O thread. Idempotent.
+    /// (Not `close`: Kotlin's AutoCloseable.close frees the native object.)
+    pub fn shutdown(&self) {
         let _ = self.command(Command::Close);
         let handle = self.io_thread.lock().ok().and_then(|mut h| h.take());
         if let Some(h) = handle {
@@ -327,7 +328,7 @@ impl PalaverClient {
             return Err(ClientError::Server {
                 code: crate::error::ErrorCode::BodyTooLarge,
                 raw_code: 2005,
-                message: format!("body of {} bytes exceeds {max}", body.len()),
+                detail: format!("body of {} bytes exceeds {max}", body.len()),
             });
         }
         let message = OutgoingMessage {

@@ -113,7 +113,7 @@ impl IoThread {
     fn dial(&mut self, fresh: bool) -> Result<Transport, DialFailure> {
         let token = match self.tokens.fetch_token(fresh) {
             Ok(t) => t,
-            Err(TokenError::Denied { message }) => return Err(DialFailure::TokenDenied(message)),
+            Err(TokenError::Denied { detail }) => return Err(DialFailure::TokenDenied(detail)),
             Err(TokenError::Unavailable { .. }) => return Err(DialFailure::Transient),
         };
         let addr: SocketAddr = self

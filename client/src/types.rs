@@ -249,7 +249,7 @@ pub enum ConnectionState {
     Connecting { attempt: u32, retry_in_ms: u64 },
     /// Welcome received: requests flow.
     Connected { user_id: String, session_id: String },
-    /// `close()` was called; terminal.
+    /// `shutdown()` was called; terminal.
     Closed,
 }
 
@@ -305,7 +305,8 @@ pub enum ClientEvent {
         user_id: String,
         active: bool,
     },
-    Presence {
+    /// A watched user's presence (after subscribing, and on every change).
+    PresenceChanged {
         presence: Presence,
     },
     /// A conversation was created, listed by a Sync, or changed.

@@ -39,7 +39,7 @@ fn two_clients_send_and_receive_with_receipts() {
             matches!(e, ClientEvent::Receipt { user_id, kind: ReceiptKind::Delivered, up_to_seq: 1, .. } if user_id == "bob")
         })
     });
-    alice.close();
+    alice.shutdown();
 }
 
 #[test]
@@ -61,7 +61,7 @@ fn sent_while_disconnected_is_delivered_once_after_connect_and_survives_a_restar
     first.send_text(conv.clone(), "one".into()).unwrap();
     first.send_text(conv.clone(), "two".into()).unwrap();
     // The app is killed before it ever connected: the outbox is in the store.
-    first.close();
+    first.shutdown();
     drop(first);
     assert_eq!(store.load_outbox().len(), 2);
 
@@ -110,7 +110,7 @@ fn sent_while_disconnected_is_delivered_once_after_connect_and_survives_a_restar
     let got = rb.wait_messages(&conv, 5);
     assert_eq!(got.len(), 5);
     assert_eq!(got[4].text(), "probe");
-    second.close();
+    second.shutdown();
 }
 
 /// Sends `n` numbered messages from `sender` to `conv` (queued at once).
@@ -200,7 +200,7 @@ fn drained_gateway_go_away_reconnect_after_the_delay_then_sync_nothing_lost_or_d
             .iter()
             .any(|(_, e)| matches!(e, ClientEvent::SyncComplete)));
     }
-    alice.close();
+    alice.shutdown();
 }
 
 #[test]
@@ -229,7 +229,7 @@ fn a_gateway_stopped_dead_loses_nothing() {
     assert_eq!((loss, dup, order), (0, 0, 0));
     ra.wait_connected(2);
     rb.wait_connected(2);
-    alice.close();
+    alice.shutdown();
 }
 
 #[test]
@@ -262,7 +262,7 @@ fn an_expired_token_is_refreshed_on_reconnect() {
     let conv = dm("alice", "bob");
     alice.send_text(conv.clone(), "still here".into()).unwrap();
     assert_eq!(rb.wait_messages(&conv, 1)[0].text(), "still here");
-    alice.close();
+    alice.shutdown();
 }
 
 #[test]
@@ -413,6 +413,6 @@ fn flapping_link_1000_messages_exactly_once_in_order() {
     );
     assert_eq!((loss, dup, order), (0, 0, 0));
     assert!(proxy.cuts.load(Ordering::Relaxed) >= 5, "the link did flap");
-    alice.close();
-    bob.close();
+    alice.shutdown();
+    bob.shutdown();
 }
