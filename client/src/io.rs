@@ -302,12 +302,14 @@ pub(crate) fn dispatch(
     store: Arc<dyn ClientStore>,
 ) {
     for out in outputs {
-        match out {
+        // A panicking (or, across UniFFI, throwing) callback loses that one
+        // call, not every later event.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match out {
             Output::Event(e) => listener.on_event(e),
             // After the listener saw the messages the cursor covers.
             Output::SaveCursor(c) => store.save_cursor(c),
             Output::RemoveOutgoing(id) => store.remove_outgoing(id),
-        }
+        }));
     }
 }
 
