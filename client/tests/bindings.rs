@@ -20,7 +20,7 @@ fn swift_dir() -> PathBuf {
     manifest_dir().join("bindings/swift")
 }
 
-/// Every file under `dir`, relative path → contents.
+/// Every file under `dir` (but READMEs), relative path → contents.
 fn files(dir: &Path) -> BTreeMap<PathBuf, String> {
     let mut out = BTreeMap::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -29,7 +29,7 @@ fn files(dir: &Path) -> BTreeMap<PathBuf, String> {
             let path = entry.unwrap().path();
             if path.is_dir() {
                 stack.push(path);
-            } else {
+            } else if path.file_name().is_some_and(|n| n != "README.md") {
                 let rel = path.strip_prefix(dir).unwrap().to_path_buf();
                 out.insert(rel, std::fs::read_to_string(&path).unwrap());
             }

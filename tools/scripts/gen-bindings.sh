@@ -12,7 +12,8 @@ trap 'rm -rf "$OUT"' EXIT
 for lang in kotlin swift; do
   target/debug/uniffi-bindgen generate --no-format --library "$LIB" --language "$lang" --out-dir "$OUT/$lang" >/dev/null
 done
-rm -rf client/bindings/kotlin/src/main/kotlin client/bindings/swift
+rm -rf client/bindings/kotlin/src/main/kotlin
+rm -f client/bindings/swift/*.swift client/bindings/swift/*.h client/bindings/swift/*.modulemap
 mkdir -p client/bindings/kotlin/src/main/kotlin client/bindings/swift
 cp -r "$OUT/kotlin/." client/bindings/kotlin/src/main/kotlin/
 cp -r "$OUT/swift/." client/bindings/swift/

@@ -106,7 +106,7 @@ impl EventListener for Printer {
                     attempt,
                     retry_in_ms,
                 } if attempt > 0 => {
-                    println!("! connection lost; reconnecting in {retry_in_ms} ms (attempt {attempt})")
+                    println!("! not connected; next attempt in {retry_in_ms} ms (attempt {attempt})")
                 }
                 ConnectionState::Connecting { .. } | ConnectionState::Closed => {}
                 ConnectionState::Disconnected { cause } => {
