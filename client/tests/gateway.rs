@@ -416,3 +416,72 @@ fn flapping_link_1000_messages_exactly_once_in_order() {
     alice.shutdown();
     bob.shutdown();
 }
+
+#[test]
+fn presence_subscriptions_are_restored_after_a_reconnect_and_history_pages() {
+    let stack = Stack::start(|_| {});
+    let proxy = Proxy::start(stack.addr);
+    let (alice, ra) = stack.client(stack.config_at(proxy.addr, "phone"), "alice");
+    alice.connect().unwrap();
+    ra.wait_connected(1);
+    let (bob, _rb) = stack.login("bob", "phone");
+    let conv = dm("alice", "bob");
+    // A shared conversation makes bob's presence visible to alice (SPEC §10).
+    for i in 0..5 {
+        bob.send_text(conv.clone(), format!("h{i}")).unwrap();
+    }
+    ra.wait_messages(&conv, 5);
+    alice.subscribe_presence(vec!["bob".into()]).unwrap();
+    ra.wait("bob online", T, |e| {
+        e.iter().any(|e| matches!(e, ClientEvent::PresenceChanged { presence } if presence.user_id == "bob" && presence.online))
+    });
+    // The link drops; on the new connection the SDK subscribes again by
+    // itself, and the server answers with bob's current state.
+    proxy.cut_all();
+    ra.wait_connected(2);
+    let ev = ra.snapshot();
+    let reconnected = ev
+        .iter()
+        .rposition(|(_, e)| {
+            matches!(
+                e,
+                ClientEvent::StateChanged {
+                    state: ConnectionState::Connected { .. }
+                }
+            )
+        })
+        .unwrap();
+    ra.wait("presence restored on the new connection", T, |e| {
+        e[reconnected..].iter().any(|e| matches!(e, ClientEvent::PresenceChanged { presence } if presence.user_id == "bob" && presence.online))
+    });
+    // History, newest first in pages of 2: 4..5, then 2..3, then 1.
+    let mut before = 0;
+    let mut seqs = Vec::new();
+    loop {
+        let ticket = alice.load_history(conv.clone(), before, 2).unwrap();
+        ra.wait("a history page", T, |e| {
+            e.iter()
+                .any(|e| matches!(e, ClientEvent::HistoryPage { ticket: t, .. } if *t == ticket))
+        });
+        let (page, more) = ra
+            .snapshot()
+            .into_iter()
+            .find_map(|(_, e)| match e {
+                ClientEvent::HistoryPage {
+                    ticket: t,
+                    messages,
+                    has_more,
+                    ..
+                } if t == ticket => Some((messages, has_more)),
+                _ => None,
+            })
+            .unwrap();
+        seqs.push(page.iter().map(|m| m.seq).collect::<Vec<_>>());
+        before = page[0].seq;
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(seqs, vec![vec![4, 5], vec![2, 3], vec![1]]);
+    alice.shutdown();
+}
