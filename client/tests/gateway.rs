@@ -357,12 +357,13 @@ fn a_seq_gap_triggers_sync_and_messages_arrive_in_order() {
         got.iter().map(|m| m.text()).collect::<Vec<_>>(),
         ["a", "b", "c", "d"]
     );
-    let syncs_after = rc
-        .snapshot()
-        .iter()
-        .filter(|(_, e)| matches!(e, ClientEvent::SyncComplete))
-        .count();
-    assert!(syncs_after > syncs_before, "the gap was filled by a Sync");
+    // SyncComplete follows the messages of its round.
+    rc.wait("the Sync that filled the gap", T, |e| {
+        e.iter()
+            .filter(|e| matches!(e, ClientEvent::SyncComplete))
+            .count()
+            > syncs_before
+    });
 }
 
 #[test]
