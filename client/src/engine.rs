@@ -1607,4 +1607,81 @@ mod tests {
         assert!(bodies(&w).contains(&"history"));
         assert!(!bodies(&w).contains(&"create_conversation"));
     }
+
+    #[test]
+    fn has_more_continues_from_the_highest_received_and_a_final_gap_is_skipped() {
+        let saved = vec![SyncCursor {
+            conversation_id: "g".into(),
+            after_seq: 2,
+        }];
+        let mut e = Engine::new(cfg(), vec![], saved, 7);
+        let hello_id = connect(&mut e, 0)[0].request_id;
+        // The resume round: 3..4, more to come.
+        e.on_frame(
+            frame(
+                hello_id,
+                Body::SyncBatch(pb::SyncBatch {
+                    messages: vec![msg("g", 3), msg("g", 4)],
+                    conversations: vec![],
+                    has_more: true,
+                }),
+            ),
+            1,
+        );
+        let w = e.take_writes();
+        let Some(Body::Sync(s)) = &w[0].body else {
+            panic!("{w:?}")
+        };
+        assert_eq!(s.cursors[0].after_seq, 4);
+        e.on_frame(
+            frame(
+                w[0].request_id,
+                Body::SyncBatch(pb::SyncBatch {
+                    messages: vec![],
+                    conversations: vec![],
+                    has_more: false,
+                }),
+            ),
+            2,
+        );
+        assert!(events(&mut e).contains(&ClientEvent::SyncComplete));
+        // A Deliver at 8: 5..7 missing → Sync; the server no longer has
+        // 5..6 (its window) and returns only 7.
+        e.on_frame(
+            frame(
+                0,
+                Body::Deliver(pb::Deliver {
+                    message: Some(msg("g", 8)),
+                }),
+            ),
+            3,
+        );
+        let w = e.take_writes();
+        assert_eq!(bodies(&w), vec!["sync"]);
+        e.on_frame(
+            frame(
+                w[0].request_id,
+                Body::SyncBatch(pb::SyncBatch {
+                    messages: vec![msg("g", 7), msg("g", 8)],
+                    conversations: vec![],
+                    has_more: false,
+                }),
+            ),
+            4,
+        );
+        let ev = events(&mut e);
+        assert!(ev.contains(&ClientEvent::MessagesUnavailable {
+            conversation_id: "g".into(),
+            from_seq: 5,
+            to_seq: 6
+        }));
+        let seqs: Vec<u64> = ev
+            .iter()
+            .filter_map(|x| match x {
+                ClientEvent::Message { message } => Some(message.seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(seqs, vec![7, 8]);
+    }
 }
