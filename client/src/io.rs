@@ -158,57 +158,71 @@ impl IoThread {
             return false;
         }
         // Read until the socket would block (edge-triggered readiness). At
-        // EOF, still hand over what came before it: a GoAway or a closing
-        // Error usually arrives right before the FIN.
-        let mut eof = false;
+        // EOF or an error, still hand over what came before it: a GoAway or
+        // a closing Error usually arrives right before the FIN.
+        let mut frames = Vec::new();
+        let mut alive = true;
         loop {
-            match t.tls.read_tls(&mut t.sock) {
+            let drained = match t.tls.read_tls(&mut t.sock) {
                 Ok(0) => {
-                    eof = true;
-                    break;
+                    alive = false;
+                    false
                 }
                 Ok(_) => {
                     if t.tls.process_new_packets().is_err() {
-                        return false;
+                        alive = false;
                     }
+                    false
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // Not connected yet, or reset: the first is a WouldBlock-like
-                // state only before connect completes.
-                Err(e) if e.kind() == io::ErrorKind::NotConnected => break,
-                Err(_) => return false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // NotConnected: the TCP connect has not completed yet.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::NotConnected
+                    ) =>
+                {
+                    true
+                }
+                Err(_) => {
+                    alive = false;
+                    false
+                }
+            };
+            // Take the plaintext out after every read: rustls buffers only a
+            // little of it and refuses to read more (a 1 MiB SyncBatch would
+            // fail read_tls otherwise).
+            if !Self::drain_plaintext(t, &mut frames) {
+                alive = false;
+            }
+            if drained || !alive {
+                break;
             }
         }
         if !t.up && !t.tls.is_handshaking() {
             t.up = true;
             engine.on_transport_up(now, std::mem::take(&mut t.token));
         }
+        Self::feed(engine, frames, now);
+        alive && Self::write_out(t)
+    }
+
+    /// Decodes the plaintext rustls holds into `frames`. False when the
+    /// stream ended (close_notify) or is malformed (SPEC §2: close).
+    fn drain_plaintext(t: &mut Transport, frames: &mut Vec<pb::Frame>) -> bool {
         let mut buf = [0u8; 16 * 1024];
-        let mut frames = Vec::new();
         loop {
             match t.tls.reader().read(&mut buf) {
-                Ok(0) => {
-                    // close_notify: deliver what came before it, then down.
-                    Self::feed(engine, frames, now);
-                    return false;
-                }
+                Ok(0) => return false,
                 Ok(n) => {
                     if t.decoder.decode(&buf[..n], |f| frames.push(f)).is_err() {
-                        // A malformed server stream: close (SPEC §2).
-                        Self::feed(engine, frames, now);
                         return false;
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(_) => {
-                    Self::feed(engine, frames, now);
-                    return false;
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(_) => return false,
             }
         }
-        Self::feed(engine, frames, now);
-        !eof && Self::write_out(t)
     }
 
     fn feed(engine: &mut Engine, frames: Vec<pb::Frame>, now: u64) {

@@ -486,3 +486,39 @@ fn presence_subscriptions_are_restored_after_a_reconnect_and_history_pages() {
     assert_eq!(seqs, vec![vec![4, 5], vec![2, 3], vec![1]]);
     alice.shutdown();
 }
+
+#[test]
+fn a_large_sync_batch_arrives_whole() {
+    // 60 messages of 4 KiB wait for bob: his first Sync answer is one
+    // ~240 KiB frame, far above what rustls buffers as plaintext at once.
+    let stack = Stack::start(|_| {});
+    let (alice, ra) = stack.login("alice", "phone");
+    let conv = dm("alice", "bob");
+    let expected: Vec<String> = (0..60)
+        .map(|i| {
+            let t = format!("{i:04}{}", "x".repeat(4096));
+            alice.send_text(conv.clone(), t.clone()).unwrap();
+            t
+        })
+        .collect();
+    ra.wait("60 acks", T, |e| {
+        e.iter()
+            .filter(|e| matches!(e, ClientEvent::MessageSent { .. }))
+            .count()
+            == 60
+    });
+    let (_bob, rb) = stack.login("bob", "phone");
+    let got = rb.wait_messages(&conv, 60);
+    assert_eq!(audit(&got, &expected), (0, 0, 0));
+    assert_eq!(
+        connected_count(
+            &rb.snapshot()
+                .into_iter()
+                .map(|(_, e)| e)
+                .collect::<Vec<_>>()
+        ),
+        1,
+        "no reconnect needed"
+    );
+    alice.shutdown();
+}
