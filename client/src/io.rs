@@ -123,8 +123,12 @@ impl IoThread {
             .and_then(|mut a| a.next())
             .ok_or(DialFailure::Transient)?;
         let mut sock = TcpStream::connect(addr).map_err(|_| DialFailure::Transient)?;
-        let tls = ClientConnection::new(self.tls.clone(), self.server_name.clone())
+        let mut tls = ClientConnection::new(self.tls.clone(), self.server_name.clone())
             .map_err(|_| DialFailure::Transient)?;
+        // rustls caps unsent data at 64 KiB by default and then accepts
+        // nothing more, which a burst of large Sends exceeds. The engine
+        // already bounds what it writes (requests in flight × frame size).
+        tls.set_buffer_limit(None);
         let interest = Interest::READABLE | Interest::WRITABLE;
         self.poll
             .registry()

@@ -522,3 +522,32 @@ fn a_large_sync_batch_arrives_whole() {
     );
     alice.shutdown();
 }
+
+#[test]
+fn large_messages_to_several_conversations_go_out_in_one_burst() {
+    // One Send per conversation is in flight: three 60 KB Sends leave in
+    // one write, more than rustls buffers by default.
+    let stack = Stack::start(|_| {});
+    let (alice, ra) = stack.login("alice", "phone");
+    for peer in ["bob", "carol", "dave"] {
+        alice
+            .send_text(dm("alice", peer), "y".repeat(60_000))
+            .unwrap();
+    }
+    ra.wait("3 acks", T, |e| {
+        e.iter()
+            .filter(|e| matches!(e, ClientEvent::MessageSent { .. }))
+            .count()
+            == 3
+    });
+    assert_eq!(
+        connected_count(
+            &ra.snapshot()
+                .into_iter()
+                .map(|(_, e)| e)
+                .collect::<Vec<_>>()
+        ),
+        1
+    );
+    alice.shutdown();
+}
