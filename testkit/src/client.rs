@@ -1,6 +1,6 @@
 //! A blocking Palaver client: TLS (rustls, ALPN `palaver/1`), Hello/Welcome,
-//! send and receive frames with timeouts. Used by `palaver chat` and by the
-//! gateway's integration tests; also exposes the raw pieces tests need
+//! send and receive frames with timeouts. Used by the gateway, router and
+//! CLI integration tests; also exposes the raw pieces tests need
 //! (plaintext bytes inside TLS, the underlying TCP socket).
 
 use std::collections::VecDeque;

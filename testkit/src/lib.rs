@@ -2,7 +2,8 @@
 //! `palaver cluster`: [`stack`] starts Redis, Redis Cluster, Apache Kafka
 //! (single node or 3 brokers), `palaver-router` and `palaver-gateway`
 //! processes in a work directory and kills them by PID; [`client`] is a
-//! blocking TLS client of the Palaver protocol (tests, `palaver chat`).
+//! blocking TLS client of the Palaver protocol for tests (apps and `palaver
+//! chat` use the SDK in `client/`).
 //! Never a mock: the tests that use it talk to the real servers.
 
 // The only unsafe code: libc::kill in stack.rs, allowed there.

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Installs what Palaver's tests and local stack need and a fresh machine lacks:
 #   - redis-server (Debian package)
+#   - Maven (Debian package), for Kafka below and the client SDK's Kotlin
+#     tests (client/bindings/kotlin: Kotlin compiler, JNA, JUnit come from
+#     Maven Central on their first run)
 #   - Apache Kafka (broker, KRaft) from Maven Central: org.apache.kafka:kafka_2.13
 #     and its runtime dependencies, copied by Maven from tools/kafka/pom.xml into
 #     ~/.cache/palaver/kafka-<version>/libs (run as `java -cp 'libs/*' kafka.Kafka`
@@ -22,6 +25,12 @@ if ! command -v redis-server >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq redis-server >/dev/null
   # The package starts a system instance on 6379; ours run on their own ports.
   as_root systemctl disable --now redis-server >/dev/null 2>&1 || true
+fi
+
+if ! command -v mvn >/dev/null 2>&1; then
+  echo "install-deps: installing maven (apt)"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq maven >/dev/null
 fi
 
 # Kafka 4.x brokers need Java 17 or newer.

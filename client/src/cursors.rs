@@ -1,0 +1,223 @@
+//! Per-conversation receive positions: dedup by (conversation, seq), in-order
+//! release to the app, gap detection (SPEC §6, §7).
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::types::ChatMessage;
+
+/// What the app was handed (or must be told) after one arrival.
+// Nearly every value is a Message: boxing it would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Release {
+    Message(ChatMessage),
+    /// Seqs the server no longer has (found after a Sync): skipped.
+    Unavailable {
+        from_seq: u64,
+        to_seq: u64,
+    },
+}
+
+#[derive(Debug, Default)]
+struct Conv {
+    /// Everything up to here is held (released to the app or acked as ours).
+    contiguous: u64,
+    /// Arrived above a gap, waiting for the gap to fill. `None`: a seq this
+    /// device sent (its SendAck came), nothing to hand the app.
+    held: BTreeMap<u64, Option<ChatMessage>>,
+}
+
+/// The receive side of every conversation this client knows.
+#[derive(Debug, Default)]
+pub(crate) struct Cursors {
+    convs: HashMap<String, Conv>,
+}
+
+impl Cursors {
+    pub fn from_saved(saved: impl IntoIterator<Item = (String, u64)>) -> Cursors {
+        let mut c = Cursors::default();
+        for (id, seq) in saved {
+            let conv = c.convs.entry(id).or_default();
+            conv.contiguous = conv.contiguous.max(seq);
+        }
+        c
+    }
+
+    /// Makes the conversation known (a Sync listed it) so later Syncs carry
+    /// its cursor.
+    pub fn know(&mut self, conversation_id: &str) {
+        if !self.convs.contains_key(conversation_id) {
+            self.convs
+                .insert(conversation_id.to_string(), Conv::default());
+        }
+    }
+
+    pub fn contiguous(&self, conversation_id: &str) -> u64 {
+        self.convs.get(conversation_id).map_or(0, |c| c.contiguous)
+    }
+
+    /// (conversation, highest contiguous seq) for every known conversation,
+    /// sorted by id so requests are deterministic.
+    pub fn positions(&self) -> Vec<(String, u64)> {
+        let mut v: Vec<_> = self
+            .convs
+            .iter()
+            .map(|(id, c)| (id.clone(), c.contiguous))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Conversations with messages held above a gap.
+    pub fn gapped(&self) -> Vec<String> {
+        let mut v: Vec<_> = self
+            .convs
+            .iter()
+            .filter(|(_, c)| !c.held.is_empty())
+            .map(|(id, _)| id.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// A message arrived (Deliver, SyncBatch). Returns what to hand the app
+    /// now, and whether a gap was found (the caller Syncs).
+    pub fn on_message(&mut self, m: ChatMessage) -> (Vec<Release>, bool) {
+        let seq = m.seq;
+        let id = m.conversation_id.clone();
+        self.arrive(&id, seq, Some(m))
+    }
+
+    /// This device's own message was stored at `seq` (SendAck): count it as
+    /// held without handing it to the app.
+    pub fn on_own(&mut self, conversation_id: &str, seq: u64) -> (Vec<Release>, bool) {
+        self.arrive(conversation_id, seq, None)
+    }
+
+    fn arrive(
+        &mut self,
+        conversation_id: &str,
+        seq: u64,
+        m: Option<ChatMessage>,
+    ) -> (Vec<Release>, bool) {
+        let conv = self.convs.entry(conversation_id.to_string()).or_default();
+        if seq == 0 || seq <= conv.contiguous || conv.held.contains_key(&seq) {
+            return (Vec::new(), false); // a repeat (at-least-once delivery)
+        }
+        if seq > conv.contiguous + 1 {
+            conv.held.insert(seq, m);
+            return (Vec::new(), true);
+        }
+        let mut out = Vec::new();
+        conv.contiguous = seq;
+        out.extend(m.map(Release::Message));
+        Self::drain_contiguous(conv, &mut out);
+        (out, false)
+    }
+
+    fn drain_contiguous(conv: &mut Conv, out: &mut Vec<Release>) {
+        while let Some(m) = conv.held.remove(&(conv.contiguous + 1)) {
+            conv.contiguous += 1;
+            out.extend(m.map(Release::Message));
+        }
+    }
+
+    /// A Sync that started while `conversation_id` had a gap finished and
+    /// the gap is still there: the server no longer has those seqs (its
+    /// history window, SPEC §7). Skip them and release what is held.
+    pub fn give_up_gap(&mut self, conversation_id: &str) -> Vec<Release> {
+        let mut out = Vec::new();
+        let Some(conv) = self.convs.get_mut(conversation_id) else {
+            return out;
+        };
+        while let Some((&first, _)) = conv.held.iter().next() {
+            if first > conv.contiguous + 1 {
+                out.push(Release::Unavailable {
+                    from_seq: conv.contiguous + 1,
+                    to_seq: first - 1,
+                });
+                conv.contiguous = first - 1;
+            }
+            Self::drain_contiguous(conv, &mut out);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::ContentKind;
+
+    fn msg(conv: &str, seq: u64) -> ChatMessage {
+        ChatMessage {
+            conversation_id: conv.into(),
+            seq,
+            message_id: format!("m{seq}"),
+            sender_user_id: "bob".into(),
+            sender_device_id: "d".into(),
+            client_msg_id: vec![0; 16],
+            kind: ContentKind::Text,
+            body: vec![],
+            reply_to_seq: 0,
+            media: None,
+            server_time_ms: 0,
+        }
+    }
+
+    fn seqs(r: &[Release]) -> Vec<u64> {
+        r.iter()
+            .filter_map(|r| match r {
+                Release::Message(m) => Some(m.seq),
+                Release::Unavailable { .. } => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn in_order_arrivals_pass_and_repeats_drop() {
+        let mut c = Cursors::default();
+        assert_eq!(seqs(&c.on_message(msg("dm:a:b", 1)).0), vec![1]);
+        assert_eq!(seqs(&c.on_message(msg("dm:a:b", 2)).0), vec![2]);
+        assert_eq!(c.on_message(msg("dm:a:b", 2)), (vec![], false));
+        assert_eq!(c.on_message(msg("dm:a:b", 1)), (vec![], false));
+        assert_eq!(c.contiguous("dm:a:b"), 2);
+    }
+
+    #[test]
+    fn a_gap_holds_later_messages_until_filled() {
+        let mut c = Cursors::default();
+        c.on_message(msg("g", 1));
+        let (out, gap) = c.on_message(msg("g", 4));
+        assert!(out.is_empty() && gap);
+        assert_eq!(c.gapped(), vec!["g".to_string()]);
+        // Own message at 3 (SendAck) is held silently.
+        assert_eq!(c.on_own("g", 3), (vec![], true));
+        let (out, gap) = c.on_message(msg("g", 2));
+        assert!(!gap);
+        assert_eq!(seqs(&out), vec![2, 4], "3 is ours: not handed over");
+        assert_eq!(c.contiguous("g"), 4);
+        assert!(c.gapped().is_empty());
+        // The held repeat of 4 is dropped too.
+        assert_eq!(c.on_message(msg("g", 4)), (vec![], false));
+    }
+
+    #[test]
+    fn a_final_gap_is_skipped_and_reported() {
+        let mut c = Cursors::from_saved([("g".to_string(), 2)]);
+        c.on_message(msg("g", 5));
+        c.on_message(msg("g", 8));
+        let out = c.give_up_gap("g");
+        assert_eq!(
+            out.iter()
+                .map(|r| match r {
+                    Release::Message(m) => format!("m{}", m.seq),
+                    Release::Unavailable { from_seq, to_seq } => format!("u{from_seq}-{to_seq}"),
+                })
+                .collect::<Vec<_>>(),
+            vec!["u3-4", "m5", "u6-7", "m8"]
+        );
+        assert_eq!(c.contiguous("g"), 8);
+        assert_eq!(c.positions(), vec![("g".to_string(), 8)]);
+    }
+}

@@ -1,0 +1,1687 @@
+//! The SDK's sans-io core: fed app commands, transport events, decoded
+//! frames and the time, it decides what to write, what to tell the app and
+//! when to dial. No sockets, no threads, no clock: `io.rs` moves the bytes,
+//! and the unit tests below drive it on a virtual clock.
+//!
+//! Per connection it uses the protocol crate's [`ClientConn`] (phases,
+//! heartbeats, timeouts); across connections it keeps the outbox, the
+//! receive cursors, the presence watch list and the pending receipts.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+use palaver_protocol::pb::{self, frame::Body};
+use palaver_protocol::state::ClientPhase;
+use palaver_protocol::{frame, ClientConn, Verdict};
+
+use crate::config::{backoff_ms, ClientConfig};
+use crate::cursors::{Cursors, Release};
+use crate::error::{ErrorCode, ServerError};
+use crate::outbox::Outbox;
+use crate::types::*;
+
+/// How long a refused-for-now request (RATE_LIMITED, 3xxx) waits (SPEC §13).
+const RETRY_AFTER_MS: u64 = 1_000;
+/// DELIVERED receipts are batched for this long.
+const RECEIPT_BATCH_MS: u64 = 500;
+/// SPEC §9: `active: true` at most every 3 s.
+const TYPING_REFRESH_MS: u64 = 3_000;
+/// SPEC §10: at most 1,000 user ids per presence request.
+const PRESENCE_CHUNK: usize = 1_000;
+/// Extra attempts counted after PROTOCOL_VIOLATION / MALFORMED_FRAME, so a
+/// client bug does not loop tight (SPEC §14).
+const STRONG_BACKOFF_STEPS: u32 = 4;
+
+/// A request the app made that is answered under a ticket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Request {
+    History {
+        conversation_id: String,
+        before_seq: u64,
+        limit: u32,
+    },
+    PresenceQuery {
+        user_ids: Vec<String>,
+    },
+    CreateConversation {
+        kind: ConversationKind,
+        title: String,
+        member_user_ids: Vec<String>,
+    },
+    ChangeMembers {
+        conversation_id: String,
+        add: Vec<String>,
+        remove: Vec<String>,
+        promote: Vec<String>,
+    },
+}
+
+impl Request {
+    /// Whether sending it twice does no harm (the connection may drop after
+    /// the server carried it out but before the answer arrived).
+    fn safe_to_repeat(&self) -> bool {
+        !matches!(
+            self,
+            Request::CreateConversation {
+                kind: ConversationKind::Group,
+                ..
+            }
+        )
+    }
+
+    fn body(&self) -> Body {
+        match self.clone() {
+            Request::History {
+                conversation_id,
+                before_seq,
+                limit,
+            } => Body::History(pb::History {
+                conversation_id,
+                before_seq,
+                limit,
+            }),
+            Request::PresenceQuery { user_ids } => {
+                Body::PresenceQuery(pb::PresenceQuery { user_ids })
+            }
+            Request::CreateConversation {
+                kind,
+                title,
+                member_user_ids,
+            } => Body::CreateConversation(pb::CreateConversation {
+                kind: match kind {
+                    ConversationKind::Direct => pb::ConversationKind::Direct,
+                    ConversationKind::Group => pb::ConversationKind::Group,
+                    ConversationKind::Unspecified => pb::ConversationKind::Unspecified,
+                } as i32,
+                title,
+                member_user_ids,
+            }),
+            Request::ChangeMembers {
+                conversation_id,
+                add,
+                remove,
+                promote,
+            } => Body::ChangeMembers(pb::ChangeMembers {
+                conversation_id,
+                add_user_ids: add,
+                remove_user_ids: remove,
+                promote_user_ids: promote,
+            }),
+        }
+    }
+}
+
+/// App commands, in the order the app made them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Command {
+    Connect,
+    Disconnect,
+    Close,
+    /// Already written to the store by the calling thread.
+    Send(OutgoingMessage),
+    Receipt {
+        conversation_id: String,
+        kind: ReceiptKind,
+        up_to_seq: u64,
+    },
+    Typing {
+        conversation_id: String,
+        active: bool,
+    },
+    Presence {
+        user_ids: Vec<String>,
+        unsubscribe: bool,
+    },
+    Ticket {
+        ticket: u64,
+        request: Request,
+    },
+    SyncNow,
+}
+
+/// What the I/O side must do for the engine besides writing frames.
+// Nearly every value is an Event: boxing it would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Output {
+    Event(ClientEvent),
+    /// Persist after the events before it were handled.
+    SaveCursor(SyncCursor),
+    RemoveOutgoing(Vec<u8>),
+}
+
+/// Why a dial failed before the transport came up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum DialFailure {
+    /// The token provider refused for good.
+    TokenDenied(String),
+    /// Token provider unavailable for now, DNS, TCP, TLS: retry with backoff.
+    Transient,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    /// Not connecting (not running, or stopped).
+    Idle,
+    /// Waiting to dial at `reconnect_at`.
+    Waiting,
+    /// The I/O side is dialling (TCP + TLS); Hello not sent yet.
+    Dialling,
+    /// Hello sent on a transport.
+    Open,
+}
+
+#[derive(Debug, Clone)]
+enum InFlight {
+    Send(Vec<u8>),
+    Sync,
+    PresenceSubscribe,
+    Ticket(u64, Request),
+}
+
+#[derive(Debug)]
+struct SyncRound {
+    request_id: u32,
+    /// Conversations that had a gap when the round started: a gap still
+    /// there at the end is final (SPEC §7, the server's window).
+    gapped_at_start: BTreeSet<String>,
+    /// Highest seq received per conversation in this round's batches: where
+    /// the next `has_more` Sync continues.
+    received: HashMap<String, u64>,
+}
+
+pub(crate) struct Engine {
+    cfg: ClientConfig,
+    /// The app wants to be connected.
+    running: bool,
+    closed: bool,
+    link: Link,
+    attempt: u32,
+    reconnect_at: u64,
+    dial_deadline: u64,
+    /// Ask the provider for a fresh token at the next dial (TOKEN_EXPIRED).
+    refresh_token: bool,
+    /// The token of the current dial was a forced refresh.
+    token_was_refreshed: bool,
+    state: ConnectionState,
+    rng: u64,
+
+    conn: Option<ClientConn>,
+    next_request_id: u32,
+    ping_nonce: u64,
+    limits: pb::Limits,
+    user_id: String,
+    in_flight: HashMap<u32, InFlight>,
+    sync: Option<SyncRound>,
+    sync_wanted: bool,
+    send_tokens: f64,
+    tokens_at: u64,
+
+    outbox: Outbox,
+    cursors: Cursors,
+    dirty_cursors: BTreeSet<String>,
+    watched: BTreeSet<String>,
+    /// (conversation, kind) → up_to_seq not yet sent.
+    receipts: BTreeMap<(String, ReceiptKind), u64>,
+    receipts_due: Option<u64>,
+    /// conversation → (active, sent at).
+    typing: HashMap<String, (bool, u64)>,
+    queued: VecDeque<(u64, Request)>,
+
+    writes: Vec<pb::Frame>,
+    outputs: Vec<Output>,
+    close_transport: bool,
+}
+
+impl Engine {
+    pub fn new(
+        cfg: ClientConfig,
+        outbox: Vec<OutgoingMessage>,
+        cursors: Vec<SyncCursor>,
+        seed: u64,
+    ) -> Engine {
+        Engine {
+            cfg,
+            running: false,
+            closed: false,
+            link: Link::Idle,
+            attempt: 0,
+            reconnect_at: 0,
+            dial_deadline: 0,
+            refresh_token: false,
+            token_was_refreshed: false,
+            state: ConnectionState::Disconnected { cause: None },
+            rng: seed | 1,
+            conn: None,
+            next_request_id: 1,
+            ping_nonce: 0,
+            limits: pb::Limits::default(),
+            user_id: String::new(),
+            in_flight: HashMap::new(),
+            sync: None,
+            sync_wanted: false,
+            send_tokens: 0.0,
+            tokens_at: 0,
+            outbox: Outbox::from_saved(outbox),
+            cursors: Cursors::from_saved(
+                cursors
+                    .into_iter()
+                    .map(|c| (c.conversation_id, c.after_seq)),
+            ),
+            dirty_cursors: BTreeSet::new(),
+            watched: BTreeSet::new(),
+            receipts: BTreeMap::new(),
+            receipts_due: None,
+            typing: HashMap::new(),
+            queued: VecDeque::new(),
+            writes: Vec::new(),
+            outputs: Vec::new(),
+            close_transport: false,
+        }
+    }
+
+    // ---- what the I/O side reads ------------------------------------------------
+
+    pub fn state(&self) -> &ConnectionState {
+        &self.state
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    #[cfg(test)]
+    pub fn outbox_len(&self) -> usize {
+        self.outbox.len()
+    }
+
+    pub fn next_created_order(&self) -> u64 {
+        self.outbox.highest_order().map_or(0, |o| o + 1)
+    }
+
+    pub fn max_body_bytes(&self) -> usize {
+        match self.limits.max_body_bytes {
+            0 => 61_440,
+            n => n as usize,
+        }
+    }
+
+    pub fn take_writes(&mut self) -> Vec<pb::Frame> {
+        std::mem::take(&mut self.writes)
+    }
+
+    pub fn take_outputs(&mut self) -> Vec<Output> {
+        self.flush_cursors();
+        std::mem::take(&mut self.outputs)
+    }
+
+    /// True once: the engine is done with the current transport.
+    pub fn take_close(&mut self) -> bool {
+        std::mem::take(&mut self.close_transport)
+    }
+
+    /// Dial now? Returns whether the token must be a fresh one.
+    pub fn poll_dial(&mut self, now: u64) -> Option<bool> {
+        if !self.running || self.link != Link::Waiting || now < self.reconnect_at {
+            return None;
+        }
+        self.link = Link::Dialling;
+        self.dial_deadline = now.saturating_add(u64::from(self.cfg.connect_timeout_ms));
+        self.set_state(ConnectionState::Connecting {
+            attempt: self.attempt,
+            retry_in_ms: 0,
+        });
+        let fresh = std::mem::take(&mut self.refresh_token);
+        self.token_was_refreshed = fresh;
+        Some(fresh)
+    }
+
+    /// The earliest time `on_tick` must run.
+    pub fn next_wakeup(&self, now: u64) -> Option<u64> {
+        let mut t: Option<u64> = None;
+        let mut at = |x: u64| t = Some(t.map_or(x, |y: u64| y.min(x)));
+        match self.link {
+            Link::Waiting if self.running => at(self.reconnect_at),
+            Link::Dialling => at(self.dial_deadline),
+            Link::Open => {
+                if let Some(c) = &self.conn {
+                    if let Some(w) = c.next_wakeup() {
+                        at(w);
+                    }
+                    if c.phase() == ClientPhase::AwaitingWelcome {
+                        at(self.dial_deadline);
+                    }
+                }
+                if let Some(r) = self.receipts_due {
+                    at(r);
+                }
+                if let Some(r) = self.outbox.next_retry_at(now) {
+                    at(r);
+                }
+                if self.established() && !self.outbox.ready(now, 1).is_empty() {
+                    // Waiting for send tokens (or in-flight room).
+                    at(now + 20);
+                }
+            }
+            Link::Idle | Link::Waiting => {}
+        }
+        t
+    }
+
+    // ---- app commands -----------------------------------------------------------
+
+    pub fn command(&mut self, cmd: Command, now: u64) {
+        if self.closed {
+            return;
+        }
+        match cmd {
+            Command::Connect => {
+                self.running = true;
+                if self.link == Link::Idle {
+                    self.attempt = 0;
+                    self.refresh_token = false;
+                    self.link = Link::Waiting;
+                    self.reconnect_at = now;
+                    self.set_state(ConnectionState::Connecting {
+                        attempt: 0,
+                        retry_in_ms: 0,
+                    });
+                }
+            }
+            Command::Disconnect => {
+                self.stop(now, Some(DisconnectCause::Requested));
+            }
+            Command::Close => {
+                self.stop(now, Some(DisconnectCause::Requested));
+                self.closed = true;
+                self.set_state(ConnectionState::Closed);
+            }
+            Command::Send(m) => {
+                self.outbox.push(m);
+                self.pump(now);
+            }
+            Command::Receipt {
+                conversation_id,
+                kind,
+                up_to_seq,
+            } => {
+                // A user action: send it now (DELIVERED from the SDK itself
+                // is batched).
+                self.add_receipt(conversation_id, kind, up_to_seq, now);
+                self.pump(now);
+            }
+            Command::Typing {
+                conversation_id,
+                active,
+            } => self.typing(conversation_id, active, now),
+            Command::Presence {
+                user_ids,
+                unsubscribe,
+            } => {
+                for u in &user_ids {
+                    if unsubscribe {
+                        self.watched.remove(u);
+                    } else {
+                        self.watched.insert(u.clone());
+                    }
+                }
+                if self.established() {
+                    self.presence_subscribe(user_ids, unsubscribe, now);
+                }
+            }
+            Command::Ticket { ticket, request } => {
+                self.queued.push_back((ticket, request));
+                self.pump(now);
+            }
+            Command::SyncNow => self.want_sync(now),
+        }
+    }
+
+    // ---- transport events ---------------------------------------------------------
+
+    /// TLS is up: send Hello with `token`.
+    pub fn on_transport_up(&mut self, now: u64, token: String) {
+        if self.link != Link::Dialling {
+            return;
+        }
+        self.link = Link::Open;
+        let welcome_ms = self.dial_deadline.saturating_sub(now);
+        self.conn = Some(ClientConn::new(
+            now,
+            u32::try_from(welcome_ms).unwrap_or(u32::MAX),
+        ));
+        self.in_flight.clear();
+        self.sync = None;
+        let id = self.request_id();
+        let resume: Vec<pb::Cursor> = self
+            .cursors
+            .positions()
+            .into_iter()
+            .map(|(conversation_id, after_seq)| pb::Cursor {
+                conversation_id,
+                after_seq,
+            })
+            .collect();
+        if !resume.is_empty() {
+            // SPEC §7: resume cursors start the sync right after Welcome,
+            // answered under the Hello's request id.
+            self.begin_round(id);
+        }
+        self.writes.push(frame(
+            id,
+            Body::Hello(pb::Hello {
+                protocol_version: palaver_protocol::PROTOCOL_VERSION,
+                token,
+                device_id: self.cfg.device_id.clone(),
+                client_name: self.cfg.client_name.clone(),
+                client_version: self.cfg.client_version.clone(),
+                resume,
+            }),
+        ));
+    }
+
+    pub fn on_dial_failed(&mut self, now: u64, why: DialFailure) {
+        if self.link != Link::Dialling {
+            return;
+        }
+        match why {
+            DialFailure::TokenDenied(message) => {
+                self.stop(now, Some(DisconnectCause::TokenUnavailable { message }))
+            }
+            DialFailure::Transient => self.fail(now, 0, 0),
+        }
+    }
+
+    /// The transport closed or failed (EOF, reset, TLS or framing error).
+    pub fn on_transport_down(&mut self, now: u64) {
+        if matches!(self.link, Link::Dialling | Link::Open) {
+            self.fail(now, 0, 0);
+        }
+    }
+
+    pub fn on_tick(&mut self, now: u64) {
+        match self.link {
+            Link::Dialling if now >= self.dial_deadline => self.fail(now, 0, 0),
+            Link::Open => {
+                let Some(conn) = &self.conn else { return };
+                if conn.check_timeout(now).is_some() {
+                    // No Welcome in time, or server silent for 2.5 intervals.
+                    self.fail(now, 0, 0);
+                    return;
+                }
+                if conn.ping_due(now) {
+                    self.ping_nonce += 1;
+                    let nonce = self.ping_nonce;
+                    self.write(Body::Ping(pb::Ping { nonce }), now);
+                }
+                self.pump(now);
+            }
+            _ => {}
+        }
+    }
+
+    pub fn on_frame(&mut self, f: pb::Frame, now: u64) {
+        if self.link != Link::Open {
+            return;
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        match conn.on_frame(&f, now) {
+            Ok(Verdict::Process) => {}
+            Ok(Verdict::Ignore | Verdict::Hold) => return,
+            Err(_) => {
+                // The server broke the protocol: close, back off strongly.
+                self.fail(now, 0, STRONG_BACKOFF_STEPS);
+                return;
+            }
+        }
+        let rid = f.request_id;
+        let Some(body) = f.body else { return };
+        match body {
+            Body::Welcome(w) => self.on_welcome(w, now),
+            Body::Ping(p) => self.write_with_id(rid, Body::Pong(pb::Pong { nonce: p.nonce }), now),
+            Body::Pong(_) => {}
+            Body::GoAway(g) => self.on_go_away(g, now),
+            Body::Error(e) => self.on_error(rid, e, now),
+            Body::SendAck(a) => self.on_send_ack(rid, a, now),
+            Body::Deliver(d) => {
+                if let Some(m) = d.message {
+                    self.on_message(m, now);
+                }
+            }
+            Body::SyncBatch(b) => self.on_sync_batch(rid, b, now),
+            Body::HistoryPage(p) => {
+                if let Some(InFlight::Ticket(ticket, _)) = self.in_flight.remove(&rid) {
+                    self.event(ClientEvent::HistoryPage {
+                        ticket,
+                        conversation_id: p.conversation_id,
+                        messages: p.messages.into_iter().map(ChatMessage::from_pb).collect(),
+                        has_more: p.has_more,
+                    });
+                }
+            }
+            Body::ReceiptUpdate(r) => {
+                if let Some(kind) = ReceiptKind::from_pb(r.kind) {
+                    self.event(ClientEvent::Receipt {
+                        conversation_id: r.conversation_id,
+                        user_id: r.user_id,
+                        kind,
+                        up_to_seq: r.up_to_seq,
+                    });
+                }
+            }
+            Body::Typing(t) => self.event(ClientEvent::Typing {
+                conversation_id: t.conversation_id,
+                user_id: t.user_id,
+                active: t.active,
+            }),
+            Body::PresenceResult(r) => {
+                let presences: Vec<Presence> =
+                    r.presences.into_iter().map(Presence::from_pb).collect();
+                match self.in_flight.remove(&rid) {
+                    Some(InFlight::Ticket(ticket, _)) => {
+                        self.event(ClientEvent::PresenceResult { ticket, presences })
+                    }
+                    _ => {
+                        for presence in presences {
+                            self.event(ClientEvent::PresenceChanged { presence });
+                        }
+                    }
+                }
+            }
+            Body::PresenceEvent(e) => {
+                if let Some(p) = e.presence {
+                    self.event(ClientEvent::PresenceChanged {
+                        presence: Presence::from_pb(p),
+                    });
+                }
+            }
+            Body::ConversationCreated(c) => {
+                if let Some(c) = c.conversation {
+                    self.on_conversation(rid, Conversation::from_pb(c));
+                }
+            }
+            Body::MembersChanged(m) => {
+                if let Some(c) = m.conversation {
+                    let conversation = Conversation::from_pb(c);
+                    if let Some(InFlight::Ticket(ticket, _)) = self.in_flight.remove(&rid) {
+                        self.event(ClientEvent::ConversationResult {
+                            ticket,
+                            conversation: conversation.clone(),
+                        });
+                    }
+                    self.cursors.know(&conversation.conversation_id);
+                    self.event(ClientEvent::MembersChanged {
+                        conversation,
+                        actor_user_id: m.actor_user_id,
+                        added_user_ids: m.added_user_ids,
+                        removed_user_ids: m.removed_user_ids,
+                    });
+                }
+            }
+            // Client-only bodies were refused by ClientConn above.
+            _ => {}
+        }
+        self.pump(now);
+    }
+
+    // ---- inbound handling -----------------------------------------------------------
+
+    fn on_welcome(&mut self, w: pb::Welcome, now: u64) {
+        self.attempt = 0;
+        self.limits = w.limits.unwrap_or_default();
+        self.user_id = w.user_id.clone();
+        self.send_tokens = f64::from(self.send_rate());
+        self.tokens_at = now;
+        self.set_state(ConnectionState::Connected {
+            user_id: w.user_id,
+            session_id: w.session_id,
+        });
+        if self.sync.is_none() {
+            // No resume cursors (fresh install): a Sync without cursors
+            // lists every conversation (SPEC §7).
+            self.start_sync(now);
+        }
+        // SPEC §10: subscriptions belong to the connection; restore them.
+        let watched: Vec<String> = self.watched.iter().cloned().collect();
+        if !watched.is_empty() {
+            self.presence_subscribe(watched, false, now);
+        }
+        if !self.receipts.is_empty() {
+            self.receipts_due = Some(now);
+        }
+    }
+
+    fn on_go_away(&mut self, g: pb::GoAway, now: u64) {
+        // GoAway is the last frame (SPEC §4): close at once.
+        if g.reason == pb::GoAwayReason::Replaced as i32 {
+            self.stop(now, Some(DisconnectCause::Replaced));
+        } else {
+            self.fail(now, g.reconnect_delay_ms, 0);
+        }
+    }
+
+    fn on_error(&mut self, rid: u32, e: pb::Error, now: u64) {
+        let err = ServerError::from_pb(&e);
+        if err.code.closes_connection() {
+            match err.code {
+                ErrorCode::TokenExpired => {
+                    self.refresh_token = true;
+                    self.fail(now, 0, 0);
+                }
+                ErrorCode::Unauthenticated if !self.token_was_refreshed => {
+                    // Maybe a revoked or rotated token: one more try with a
+                    // fresh one before giving up.
+                    self.refresh_token = true;
+                    self.fail(now, 0, 0);
+                }
+                c if c.stops_reconnecting() => {
+                    self.stop(now, Some(DisconnectCause::Server { error: err }))
+                }
+                ErrorCode::ProtocolViolation | ErrorCode::MalformedFrame => {
+                    self.fail(now, 0, STRONG_BACKOFF_STEPS)
+                }
+                _ => self.fail(now, 0, 0),
+            }
+            return;
+        }
+        // The Error names the Send by client_msg_id whatever its request id.
+        let by_id = if !e.client_msg_id.is_empty() {
+            Some(e.client_msg_id.clone())
+        } else {
+            None
+        };
+        let pending = self.in_flight.remove(&rid);
+        let send_id = match (&pending, by_id) {
+            (Some(InFlight::Send(id)), _) => Some(id.clone()),
+            (_, Some(id)) => Some(id),
+            _ => None,
+        };
+        if let Some(id) = send_id {
+            if err.code.is_retryable() {
+                self.outbox.retry_later(&id, now + RETRY_AFTER_MS);
+            } else if let Some(m) = self.outbox.remove(&id) {
+                self.outputs.push(Output::RemoveOutgoing(id.clone()));
+                self.event(ClientEvent::SendFailed {
+                    client_msg_id: id,
+                    conversation_id: m.conversation_id,
+                    error: err,
+                });
+            }
+            return;
+        }
+        match pending {
+            Some(InFlight::Ticket(ticket, request)) => {
+                if err.code.is_retryable() {
+                    // Same request later (SPEC §13, §14).
+                    self.queued.push_back((ticket, request));
+                } else {
+                    self.event(ClientEvent::RequestFailed {
+                        ticket,
+                        error: Some(err),
+                    });
+                }
+            }
+            Some(InFlight::Sync) => {
+                // Sync has no 2xxx; a 3xxx: try again on the next pump.
+                self.sync = None;
+                self.sync_wanted = true;
+            }
+            // A refused re-subscribe or a request sent with id 0 (receipts,
+            // typing): best effort, nothing to retry.
+            Some(InFlight::PresenceSubscribe) | Some(InFlight::Send(_)) | None => {}
+        }
+    }
+
+    fn on_send_ack(&mut self, rid: u32, a: pb::SendAck, now: u64) {
+        self.in_flight.remove(&rid);
+        if self.outbox.remove(&a.client_msg_id).is_none() {
+            return; // a repeat ack of a message already acknowledged
+        }
+        self.outputs
+            .push(Output::RemoveOutgoing(a.client_msg_id.clone()));
+        self.event(ClientEvent::MessageSent {
+            client_msg_id: a.client_msg_id,
+            conversation_id: a.conversation_id.clone(),
+            seq: a.seq,
+            message_id: a.message_id,
+            server_time_ms: a.server_time_ms,
+        });
+        let before = self.cursors.contiguous(&a.conversation_id);
+        let (released, gap) = self.cursors.on_own(&a.conversation_id, a.seq);
+        if self.cursors.contiguous(&a.conversation_id) != before {
+            self.dirty_cursors.insert(a.conversation_id.clone());
+        }
+        self.release(&a.conversation_id, released, now);
+        if gap {
+            self.want_sync(now);
+        }
+    }
+
+    fn on_message(&mut self, m: pb::Message, now: u64) {
+        let conv = m.conversation_id.clone();
+        let (released, gap) = self.cursors.on_message(ChatMessage::from_pb(m));
+        self.release(&conv, released, now);
+        if gap {
+            self.want_sync(now);
+        }
+    }
+
+    fn release(&mut self, conv: &str, released: Vec<Release>, now: u64) {
+        if released.is_empty() {
+            return;
+        }
+        self.dirty_cursors.insert(conv.to_string());
+        let mut delivered_up_to = None;
+        for r in released {
+            match r {
+                Release::Message(message) => {
+                    if message.sender_user_id != self.user_id {
+                        delivered_up_to = Some(message.seq);
+                    }
+                    self.event(ClientEvent::Message { message });
+                }
+                Release::Unavailable { from_seq, to_seq } => {
+                    self.event(ClientEvent::MessagesUnavailable {
+                        conversation_id: conv.to_string(),
+                        from_seq,
+                        to_seq,
+                    })
+                }
+            }
+        }
+        if let (Some(seq), true) = (delivered_up_to, self.cfg.auto_delivered_receipts) {
+            self.add_receipt(
+                conv.to_string(),
+                ReceiptKind::Delivered,
+                seq,
+                now + RECEIPT_BATCH_MS,
+            );
+        }
+    }
+
+    fn on_sync_batch(&mut self, rid: u32, b: pb::SyncBatch, now: u64) {
+        let ours = self.sync.as_ref().is_some_and(|s| s.request_id == rid);
+        if !ours {
+            // A stale round (superseded); its messages are still good.
+            for m in b.messages {
+                self.on_message(m, now);
+            }
+            return;
+        }
+        self.in_flight.remove(&rid);
+        for c in b.conversations {
+            let c = Conversation::from_pb(c);
+            self.cursors.know(&c.conversation_id);
+            self.event(ClientEvent::ConversationUpdated { conversation: c });
+        }
+        for m in b.messages {
+            if let Some(round) = self.sync.as_mut() {
+                let r = round.received.entry(m.conversation_id.clone()).or_insert(0);
+                *r = (*r).max(m.seq);
+            }
+            self.on_message(m, now);
+        }
+        if b.has_more {
+            let Some(round) = self.sync.as_mut() else {
+                return;
+            };
+            let received = std::mem::take(&mut round.received);
+            let cursors = self
+                .cursors
+                .positions()
+                .into_iter()
+                .map(|(id, seq)| {
+                    let after_seq = received.get(&id).copied().unwrap_or(0).max(seq);
+                    pb::Cursor {
+                        conversation_id: id,
+                        after_seq,
+                    }
+                })
+                .collect();
+            let id = self.request_id();
+            if let Some(round) = self.sync.as_mut() {
+                round.request_id = id;
+            }
+            self.in_flight.insert(id, InFlight::Sync);
+            self.write_with_id(
+                id,
+                Body::Sync(pb::Sync {
+                    cursors,
+                    limit: self.cfg.sync_batch,
+                }),
+                now,
+            );
+            return;
+        }
+        // Round complete.
+        if let Some(round) = self.sync.take() {
+            for conv in round.gapped_at_start {
+                let released = self.cursors.give_up_gap(&conv);
+                self.release(&conv, released, now);
+            }
+        }
+        self.event(ClientEvent::SyncComplete);
+        if !self.cursors.gapped().is_empty() {
+            self.sync_wanted = true;
+        }
+    }
+
+    fn on_conversation(&mut self, rid: u32, c: Conversation) {
+        self.cursors.know(&c.conversation_id);
+        if let Some(InFlight::Ticket(ticket, _)) = self.in_flight.remove(&rid) {
+            self.event(ClientEvent::ConversationResult {
+                ticket,
+                conversation: c.clone(),
+            });
+        }
+        self.event(ClientEvent::ConversationUpdated { conversation: c });
+    }
+
+    // ---- outbound -------------------------------------------------------------------
+
+    fn established(&self) -> bool {
+        self.link == Link::Open
+            && self
+                .conn
+                .as_ref()
+                .is_some_and(|c| c.phase() == ClientPhase::Established)
+    }
+
+    fn send_rate(&self) -> u32 {
+        match self.limits.max_sends_per_second {
+            0 => 50,
+            n => n,
+        }
+    }
+
+    fn max_in_flight(&self) -> usize {
+        match self.limits.max_requests_in_flight {
+            0 => 64,
+            n => n as usize,
+        }
+    }
+
+    /// Sends whatever may go now: sync, receipts, queued requests, outbox.
+    fn pump(&mut self, now: u64) {
+        if !self.established() {
+            return;
+        }
+        if self.sync_wanted && self.sync.is_none() {
+            self.sync_wanted = false;
+            self.start_sync(now);
+        }
+        if self.receipts_due.is_some_and(|t| now >= t) {
+            self.receipts_due = None;
+            for ((conversation_id, kind), up_to_seq) in std::mem::take(&mut self.receipts) {
+                self.write_with_id(
+                    0,
+                    Body::Receipt(pb::Receipt {
+                        conversation_id,
+                        kind: kind.to_pb(),
+                        up_to_seq,
+                    }),
+                    now,
+                );
+            }
+        }
+        while self.in_flight.len() < self.max_in_flight() {
+            let Some((ticket, request)) = self.queued.pop_front() else {
+                break;
+            };
+            let id = self.request_id();
+            let body = request.body();
+            self.in_flight.insert(id, InFlight::Ticket(ticket, request));
+            self.write_with_id(id, body, now);
+        }
+        // Sends: paced to the announced rate (a token bucket, bursts up to
+        // the rate, as the server counts them, SPEC §13).
+        let rate = f64::from(self.send_rate());
+        let elapsed = now.saturating_sub(self.tokens_at) as f64;
+        self.send_tokens = (self.send_tokens + elapsed * rate / 1000.0).min(rate);
+        self.tokens_at = now;
+        let room = self.max_in_flight().saturating_sub(self.in_flight.len());
+        let budget = (self.send_tokens.floor() as usize).min(room);
+        if budget == 0 {
+            return;
+        }
+        for m in self.outbox.ready(now, budget) {
+            let id = self.request_id();
+            self.outbox.mark_sent(&m.client_msg_id, id);
+            self.in_flight
+                .insert(id, InFlight::Send(m.client_msg_id.clone()));
+            self.send_tokens -= 1.0;
+            self.write_with_id(
+                id,
+                Body::Send(pb::Send {
+                    conversation_id: m.conversation_id,
+                    client_msg_id: m.client_msg_id,
+                    kind: m.kind.to_pb(),
+                    body: m.body,
+                    reply_to_seq: m.reply_to_seq,
+                    media: m.media.as_ref().map(Media::to_pb),
+                }),
+                now,
+            );
+        }
+    }
+
+    fn begin_round(&mut self, request_id: u32) {
+        self.sync = Some(SyncRound {
+            request_id,
+            gapped_at_start: self.cursors.gapped().into_iter().collect(),
+            received: HashMap::new(),
+        });
+        self.in_flight.insert(request_id, InFlight::Sync);
+    }
+
+    fn start_sync(&mut self, now: u64) {
+        let id = self.request_id();
+        self.begin_round(id);
+        let cursors = self
+            .cursors
+            .positions()
+            .into_iter()
+            .map(|(conversation_id, after_seq)| pb::Cursor {
+                conversation_id,
+                after_seq,
+            })
+            .collect();
+        self.write_with_id(
+            id,
+            Body::Sync(pb::Sync {
+                cursors,
+                limit: self.cfg.sync_batch,
+            }),
+            now,
+        );
+    }
+
+    fn want_sync(&mut self, now: u64) {
+        if self.sync.is_some() {
+            self.sync_wanted = true; // after the current round
+        } else if self.established() {
+            self.start_sync(now);
+        } else {
+            self.sync_wanted = true;
+        }
+    }
+
+    fn add_receipt(
+        &mut self,
+        conversation_id: String,
+        kind: ReceiptKind,
+        up_to_seq: u64,
+        due: u64,
+    ) {
+        let slot = self.receipts.entry((conversation_id, kind)).or_insert(0);
+        *slot = (*slot).max(up_to_seq);
+        self.receipts_due = Some(self.receipts_due.map_or(due, |d| d.min(due)));
+    }
+
+    fn typing(&mut self, conversation_id: String, active: bool, now: u64) {
+        let last = self.typing.get(&conversation_id).copied();
+        let send = match (active, last) {
+            (true, Some((true, at))) => now.saturating_sub(at) >= TYPING_REFRESH_MS,
+            (true, _) => true,
+            (false, Some((true, _))) => true,
+            (false, _) => false,
+        };
+        // Typing is best effort: dropped while not connected.
+        if send && self.established() {
+            self.typing.insert(conversation_id.clone(), (active, now));
+            self.write_with_id(
+                0,
+                Body::Typing(pb::Typing {
+                    conversation_id,
+                    active,
+                    user_id: String::new(),
+                }),
+                now,
+            );
+        }
+    }
+
+    fn presence_subscribe(&mut self, user_ids: Vec<String>, unsubscribe: bool, now: u64) {
+        for chunk in user_ids.chunks(PRESENCE_CHUNK) {
+            let id = self.request_id();
+            self.in_flight.insert(id, InFlight::PresenceSubscribe);
+            self.write_with_id(
+                id,
+                Body::PresenceSubscribe(pb::PresenceSubscribe {
+                    user_ids: chunk.to_vec(),
+                    unsubscribe,
+                }),
+                now,
+            );
+        }
+    }
+
+    fn request_id(&mut self) -> u32 {
+        let id = self.next_request_id;
+        // SPEC §3: wrap after 2^32-1, skipping 0.
+        self.next_request_id = self.next_request_id.wrapping_add(1).max(1);
+        id
+    }
+
+    fn write(&mut self, body: Body, now: u64) {
+        let id = self.request_id();
+        self.write_with_id(id, body, now);
+    }
+
+    fn write_with_id(&mut self, id: u32, body: Body, now: u64) {
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        if !conn.may_send(&body) {
+            return;
+        }
+        conn.on_sent(now);
+        self.writes.push(frame(id, body));
+    }
+
+    fn event(&mut self, e: ClientEvent) {
+        self.outputs.push(Output::Event(e));
+    }
+
+    fn set_state(&mut self, s: ConnectionState) {
+        if self.state != s {
+            self.state = s.clone();
+            self.event(ClientEvent::StateChanged { state: s });
+        }
+    }
+
+    fn flush_cursors(&mut self) {
+        for id in std::mem::take(&mut self.dirty_cursors) {
+            let after_seq = self.cursors.contiguous(&id);
+            self.outputs.push(Output::SaveCursor(SyncCursor {
+                conversation_id: id,
+                after_seq,
+            }));
+        }
+    }
+
+    // ---- connection loss -------------------------------------------------------------
+
+    /// Drops the current transport: what was in flight goes back to the
+    /// queues (Sends keep their client_msg_id).
+    fn drop_connection(&mut self) {
+        if matches!(self.link, Link::Dialling | Link::Open) {
+            self.close_transport = true;
+        }
+        if let Some(c) = self.conn.as_mut() {
+            c.close();
+        }
+        self.conn = None;
+        self.outbox.connection_lost();
+        let mut requeue = Vec::new();
+        let mut in_flight: Vec<_> = self.in_flight.drain().collect();
+        in_flight.sort_by_key(|(id, _)| *id);
+        for (_, f) in in_flight {
+            if let InFlight::Ticket(ticket, request) = f {
+                if request.safe_to_repeat() {
+                    requeue.push((ticket, request));
+                } else {
+                    self.event(ClientEvent::RequestFailed {
+                        ticket,
+                        error: None,
+                    });
+                }
+            }
+        }
+        requeue.sort_by_key(|(t, _)| *t);
+        for r in requeue.into_iter().rev() {
+            self.queued.push_front(r);
+        }
+        if self.sync.take().is_some() {
+            // Every (re)connect syncs anyway.
+        }
+        self.typing.clear();
+    }
+
+    /// The connection failed or is going away: reconnect after
+    /// `floor_ms` + full-jitter backoff.
+    fn fail(&mut self, now: u64, floor_ms: u32, extra_steps: u32) {
+        self.drop_connection();
+        if !self.running {
+            self.link = Link::Idle;
+            return;
+        }
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let delay = backoff_ms(
+            self.attempt,
+            floor_ms,
+            self.cfg.backoff_base_ms,
+            self.cfg.backoff_max_ms,
+            self.rng,
+        );
+        self.attempt = self.attempt.saturating_add(1 + extra_steps);
+        self.link = Link::Waiting;
+        self.reconnect_at = now.saturating_add(delay);
+        self.set_state(ConnectionState::Connecting {
+            attempt: self.attempt,
+            retry_in_ms: delay,
+        });
+    }
+
+    /// Stop connecting until the app calls `connect` again.
+    fn stop(&mut self, _now: u64, cause: Option<DisconnectCause>) {
+        self.drop_connection();
+        self.running = false;
+        self.link = Link::Idle;
+        self.set_state(ConnectionState::Disconnected { cause });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> ClientConfig {
+        ClientConfig::new("127.0.0.1:7443", "", "phone")
+    }
+
+    fn welcome(interval: u32) -> pb::Frame {
+        frame(
+            1,
+            Body::Welcome(pb::Welcome {
+                protocol_version: 1,
+                session_id: "s".into(),
+                user_id: "alice".into(),
+                heartbeat_interval_ms: interval,
+                limits: None,
+                server_time_ms: 0,
+            }),
+        )
+    }
+
+    fn out_msg(order: u64, conv: &str) -> OutgoingMessage {
+        OutgoingMessage {
+            client_msg_id: vec![order as u8 + 1; 16],
+            conversation_id: conv.into(),
+            kind: ContentKind::Text,
+            body: b"hi".to_vec(),
+            reply_to_seq: 0,
+            media: None,
+            created_order: order,
+        }
+    }
+
+    fn msg(conv: &str, seq: u64) -> pb::Message {
+        pb::Message {
+            conversation_id: conv.into(),
+            seq,
+            sender_user_id: "bob".into(),
+            ..Default::default()
+        }
+    }
+
+    /// Connects at `now` and returns the frames written (Hello, ...).
+    fn connect(e: &mut Engine, now: u64) -> Vec<pb::Frame> {
+        e.command(Command::Connect, now);
+        assert_eq!(e.poll_dial(now), Some(false));
+        e.on_transport_up(now, "tok".into());
+        let hello = e.take_writes();
+        let mut w = welcome(30_000);
+        w.request_id = hello[0].request_id;
+        e.on_frame(w, now);
+        let mut all = hello;
+        all.extend(e.take_writes());
+        all
+    }
+
+    fn bodies(frames: &[pb::Frame]) -> Vec<&'static str> {
+        frames
+            .iter()
+            .map(|f| palaver_protocol::body_name(f.body.as_ref().expect("body")))
+            .collect()
+    }
+
+    fn events(e: &mut Engine) -> Vec<ClientEvent> {
+        e.take_outputs()
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Event(ev) => Some(ev),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn connect_sends_hello_then_sync_and_pings_when_idle() {
+        let mut e = Engine::new(cfg(), vec![], vec![], 7);
+        let w = connect(&mut e, 0);
+        assert_eq!(bodies(&w), vec!["hello", "sync"]);
+        assert!(matches!(e.state(), ConnectionState::Connected { .. }));
+        assert_eq!(e.next_wakeup(0), Some(30_000));
+        e.on_tick(30_000);
+        assert_eq!(bodies(&e.take_writes()), vec!["ping"]);
+        // Server silent for 2.5 intervals after Welcome: reconnect.
+        e.on_tick(75_000);
+        assert!(e.take_close());
+        assert!(matches!(
+            e.state(),
+            ConnectionState::Connecting { attempt: 1, .. }
+        ));
+    }
+
+    #[test]
+    fn saved_cursors_resume_in_hello() {
+        let saved = vec![SyncCursor {
+            conversation_id: "dm:alice:bob".into(),
+            after_seq: 9,
+        }];
+        let mut e = Engine::new(cfg(), vec![], saved, 7);
+        let w = connect(&mut e, 0);
+        assert_eq!(bodies(&w), vec!["hello"], "no separate Sync");
+        match &w[0].body {
+            Some(Body::Hello(h)) => assert_eq!(h.resume[0].after_seq, 9),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn outbox_resends_same_id_after_reconnect_until_acked() {
+        let mut e = Engine::new(cfg(), vec![], vec![], 7);
+        e.command(Command::Send(out_msg(0, "dm:alice:bob")), 0);
+        assert!(e.take_writes().is_empty(), "not connected: nothing written");
+        let w = connect(&mut e, 10);
+        let send = w
+            .iter()
+            .find(|f| matches!(f.body, Some(Body::Send(_))))
+            .expect("send");
+        // Connection drops before the SendAck.
+        e.on_transport_down(20);
+        assert!(e.take_close());
+        let at = match e.state() {
+            ConnectionState::Connecting { retry_in_ms, .. } => 20 + retry_in_ms,
+            other => panic!("{other:?}"),
+        };
+        assert!(at <= 20 + 500, "first retry within the base backoff");
+        assert_eq!(e.poll_dial(at.saturating_sub(1)).is_some(), at == 20);
+        let w2 = connect_again(&mut e, at);
+        let send2 = w2
+            .iter()
+            .find(|f| matches!(f.body, Some(Body::Send(_))))
+            .expect("resend");
+        let (Some(Body::Send(a)), Some(Body::Send(b))) = (&send.body, &send2.body) else {
+            panic!()
+        };
+        assert_eq!(a.client_msg_id, b.client_msg_id);
+        e.on_frame(
+            frame(
+                send2.request_id,
+                Body::SendAck(pb::SendAck {
+                    client_msg_id: b.client_msg_id.clone(),
+                    message_id: "m1".into(),
+                    conversation_id: "dm:alice:bob".into(),
+                    seq: 1,
+                    server_time_ms: 0,
+                }),
+            ),
+            at + 1,
+        );
+        let outs = e.take_outputs();
+        assert!(outs.contains(&Output::RemoveOutgoing(b.client_msg_id.clone())));
+        assert_eq!(e.outbox_len(), 0);
+        // Its own seq advances the cursor silently.
+        assert!(outs.contains(&Output::SaveCursor(SyncCursor {
+            conversation_id: "dm:alice:bob".into(),
+            after_seq: 1
+        })));
+    }
+
+    fn connect_again(e: &mut Engine, now: u64) -> Vec<pb::Frame> {
+        assert!(e.poll_dial(now).is_some());
+        e.on_transport_up(now, "tok".into());
+        let hello = e.take_writes();
+        let mut w = welcome(30_000);
+        w.request_id = hello[0].request_id;
+        e.on_frame(w, now);
+        let mut all = hello;
+        all.extend(e.take_writes());
+        all
+    }
+
+    #[test]
+    fn one_send_in_flight_per_conversation_and_paced() {
+        let mut e = Engine::new(cfg(), vec![], vec![], 7);
+        for i in 0..3 {
+            e.command(Command::Send(out_msg(i, "dm:alice:bob")), 0);
+        }
+        let w = connect(&mut e, 0);
+        assert_eq!(
+            bodies(&w).iter().filter(|b| **b == "send").count(),
+            1,
+            "the second waits for the first's ack"
+        );
+    }
+
+    #[test]
+    fn go_away_floor_and_replaced_stops() {
+        let mut e = Engine::new(cfg(), vec![], vec![], 7);
+        connect(&mut e, 0);
+        e.on_frame(
+            frame(
+                0,
+                Body::GoAway(pb::GoAway {
+                    reason: pb::GoAwayReason::Shutdown as i32,
+                    reconnect_delay_ms: 2_000,
+                    message: String::new(),
+                }),
+            ),
+            100,
+        );
+        assert!(e.take_close());
+        match e.state() {
+            ConnectionState::Connecting { retry_in_ms, .. } => {
+                assert!((2_000..=2_500).contains(retry_in_ms), "{retry_in_ms}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(e.poll_dial(100 + 1_999), None, "never before the floor");
+        connect_again(&mut e, 100 + 2_500);
+        e.on_frame(
+            frame(
+                0,
+                Body::GoAway(pb::GoAway {
+                    reason: pb::GoAwayReason::Replaced as i32,
+                    reconnect_delay_ms: 0,
+                    message: String::new(),
+                }),
+            ),
+            3_000,
+        );
+        assert!(e.take_close());
+        assert_eq!(
+            e.state(),
+            &ConnectionState::Disconnected {
+                cause: Some(DisconnectCause::Replaced)
+            }
+        );
+        assert_eq!(e.poll_dial(u64::MAX), None, "REPLACED never redials alone");
+        assert_eq!(e.next_wakeup(3_000), None);
+    }
+
+    #[test]
+    fn token_expired_refreshes_and_unauthenticated_stops_after_a_fresh_token() {
+        let mut e = Engine::new(cfg(), vec![], vec![], 7);
+        e.command(Command::Connect, 0);
+        assert_eq!(e.poll_dial(0), Some(false));
+        e.on_transport_up(0, "old".into());
+        e.take_writes();
+        e.on_frame(
+            palaver_protocol::error_reply(1, pb::ErrorCode::TokenExpired, "exp"),
+            1,
+        );
+        assert!(e.take_close());
+        assert_eq!(e.poll_dial(10_000), Some(true), "asks for a fresh token");
+        e.on_transport_up(10_000, "fresh".into());
+        e.on_frame(
+            palaver_protocol::error_reply(2, pb::ErrorCode::Unauthenticated, "bad"),
+            10_001,
+        );
+        match e.state() {
+            ConnectionState::Disconnected {
+                cause: Some(DisconnectCause::Server { error }),
+            } => assert_eq!(error.code, ErrorCode::Unauthenticated),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_gap_triggers_sync_and_messages_come_out_in_order_once() {
+        let mut e = Engine::new(cfg(), vec![], vec![], 7);
+        let w = connect(&mut e, 0);
+        let sync_id = w[1].request_id;
+        e.on_frame(
+            frame(
+                sync_id,
+                Body::SyncBatch(pb::SyncBatch {
+                    messages: vec![msg("g", 1)],
+                    conversations: vec![],
+                    has_more: false,
+                }),
+            ),
+            1,
+        );
+        events(&mut e);
+        e.on_frame(
+            frame(
+                0,
+                Body::Deliver(pb::Deliver {
+                    message: Some(msg("g", 3)),
+                }),
+            ),
+            2,
+        );
+        let w = e.take_writes();
+        assert_eq!(bodies(&w), vec!["sync"], "gap → Sync");
+        assert!(events(&mut e).is_empty(), "3 is held until 2 arrives");
+        match &w[0].body {
+            Some(Body::Sync(s)) => assert_eq!(s.cursors[0].after_seq, 1),
+            other => panic!("{other:?}"),
+        }
+        e.on_frame(
+            frame(
+                w[0].request_id,
+                Body::SyncBatch(pb::SyncBatch {
+                    messages: vec![msg("g", 2), msg("g", 3)],
+                    conversations: vec![],
+                    has_more: false,
+                }),
+            ),
+            3,
+        );
+        let seqs: Vec<u64> = events(&mut e)
+            .into_iter()
+            .filter_map(|ev| match ev {
+                ClientEvent::Message { message } => Some(message.seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(seqs, vec![2, 3]);
+    }
+
+    #[test]
+    fn rate_limited_send_waits_and_resends_the_same_id() {
+        let mut e = Engine::new(cfg(), vec![], vec![], 7);
+        e.command(Command::Send(out_msg(0, "dm:alice:bob")), 0);
+        let w = connect(&mut e, 0);
+        let send = w
+            .iter()
+            .find(|f| matches!(f.body, Some(Body::Send(_))))
+            .expect("send");
+        e.on_frame(
+            palaver_protocol::send_error_reply(
+                send.request_id,
+                vec![1; 16],
+                pb::ErrorCode::RateLimited,
+                "slow",
+            ),
+            5,
+        );
+        assert!(e.take_writes().is_empty());
+        assert_eq!(e.next_wakeup(5), Some(1_005));
+        e.on_tick(1_005);
+        assert_eq!(bodies(&e.take_writes()), vec!["send"]);
+        // A final refusal leaves the outbox with SendFailed.
+        e.on_frame(
+            palaver_protocol::send_error_reply(0, vec![1; 16], pb::ErrorCode::Forbidden, "no"),
+            6,
+        );
+        assert_eq!(e.outbox_len(), 0);
+        assert!(events(&mut e)
+            .iter()
+            .any(|ev| matches!(ev, ClientEvent::SendFailed { error, .. } if error.code == ErrorCode::Forbidden)));
+    }
+
+    #[test]
+    fn presence_is_restored_and_typing_throttled() {
+        let mut e = Engine::new(cfg(), vec![], vec![], 7);
+        e.command(
+            Command::Presence {
+                user_ids: vec!["bob".into()],
+                unsubscribe: false,
+            },
+            0,
+        );
+        let w = connect(&mut e, 0);
+        assert!(bodies(&w).contains(&"presence_subscribe"));
+        for t in [0, 1_000, 2_999] {
+            e.command(
+                Command::Typing {
+                    conversation_id: "dm:alice:bob".into(),
+                    active: true,
+                },
+                t,
+            );
+        }
+        assert_eq!(bodies(&e.take_writes()), vec!["typing"]);
+        e.command(
+            Command::Typing {
+                conversation_id: "dm:alice:bob".into(),
+                active: true,
+            },
+            3_000,
+        );
+        e.command(
+            Command::Typing {
+                conversation_id: "dm:alice:bob".into(),
+                active: false,
+            },
+            3_001,
+        );
+        assert_eq!(bodies(&e.take_writes()), vec!["typing", "typing"]);
+        e.on_transport_down(4_000);
+        let at = match e.state() {
+            ConnectionState::Connecting { retry_in_ms, .. } => 4_000 + retry_in_ms,
+            other => panic!("{other:?}"),
+        };
+        let w = connect_again(&mut e, at);
+        assert!(bodies(&w).contains(&"presence_subscribe"), "re-subscribed");
+    }
+
+    #[test]
+    fn group_creation_lost_in_flight_fails_history_is_repeated() {
+        let mut e = Engine::new(cfg(), vec![], vec![], 7);
+        connect(&mut e, 0);
+        e.command(
+            Command::Ticket {
+                ticket: 1,
+                request: Request::CreateConversation {
+                    kind: ConversationKind::Group,
+                    title: "t".into(),
+                    member_user_ids: vec![],
+                },
+            },
+            1,
+        );
+        e.command(
+            Command::Ticket {
+                ticket: 2,
+                request: Request::History {
+                    conversation_id: "dm:alice:bob".into(),
+                    before_seq: 0,
+                    limit: 10,
+                },
+            },
+            1,
+        );
+        assert_eq!(
+            bodies(&e.take_writes()),
+            vec!["create_conversation", "history"]
+        );
+        e.on_transport_down(2);
+        assert!(events(&mut e).contains(&ClientEvent::RequestFailed {
+            ticket: 1,
+            error: None
+        }));
+        let at = match e.state() {
+            ConnectionState::Connecting { retry_in_ms, .. } => 2 + retry_in_ms,
+            other => panic!("{other:?}"),
+        };
+        let w = connect_again(&mut e, at);
+        assert!(bodies(&w).contains(&"history"));
+        assert!(!bodies(&w).contains(&"create_conversation"));
+    }
+
+    #[test]
+    fn has_more_continues_from_the_highest_received_and_a_final_gap_is_skipped() {
+        let saved = vec![SyncCursor {
+            conversation_id: "g".into(),
+            after_seq: 2,
+        }];
+        let mut e = Engine::new(cfg(), vec![], saved, 7);
+        let hello_id = connect(&mut e, 0)[0].request_id;
+        // The resume round: 3..4, more to come.
+        e.on_frame(
+            frame(
+                hello_id,
+                Body::SyncBatch(pb::SyncBatch {
+                    messages: vec![msg("g", 3), msg("g", 4)],
+                    conversations: vec![],
+                    has_more: true,
+                }),
+            ),
+            1,
+        );
+        let w = e.take_writes();
+        let Some(Body::Sync(s)) = &w[0].body else {
+            panic!("{w:?}")
+        };
+        assert_eq!(s.cursors[0].after_seq, 4);
+        e.on_frame(
+            frame(
+                w[0].request_id,
+                Body::SyncBatch(pb::SyncBatch {
+                    messages: vec![],
+                    conversations: vec![],
+                    has_more: false,
+                }),
+            ),
+            2,
+        );
+        assert!(events(&mut e).contains(&ClientEvent::SyncComplete));
+        // A Deliver at 8: 5..7 missing → Sync; the server no longer has
+        // 5..6 (its window) and returns only 7.
+        e.on_frame(
+            frame(
+                0,
+                Body::Deliver(pb::Deliver {
+                    message: Some(msg("g", 8)),
+                }),
+            ),
+            3,
+        );
+        let w = e.take_writes();
+        assert_eq!(bodies(&w), vec!["sync"]);
+        e.on_frame(
+            frame(
+                w[0].request_id,
+                Body::SyncBatch(pb::SyncBatch {
+                    messages: vec![msg("g", 7), msg("g", 8)],
+                    conversations: vec![],
+                    has_more: false,
+                }),
+            ),
+            4,
+        );
+        let ev = events(&mut e);
+        assert!(ev.contains(&ClientEvent::MessagesUnavailable {
+            conversation_id: "g".into(),
+            from_seq: 5,
+            to_seq: 6
+        }));
+        let seqs: Vec<u64> = ev
+            .iter()
+            .filter_map(|x| match x {
+                ClientEvent::Message { message } => Some(message.seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(seqs, vec![7, 8]);
+    }
+}

@@ -1,0 +1,244 @@
+//! The SDK through the full stack `palaver cluster up` starts (Redis, Apache
+//! Kafka, a router, gateway processes sharing one port): a gateway process
+//! gets SIGTERM (GoAway, reconnect after the delay to another gateway, Sync)
+//! and later another one gets SIGKILL, while messages flow. Nothing is lost,
+//! doubled or reordered.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{audit, connected_count, messages_in, Recorder, Tokens};
+use palaver_client::{
+    direct_conversation_id, ClientConfig, ClientEvent, ConnectionState, PalaverClient,
+};
+use palaver_testkit::stack;
+
+const SIGTERM: i32 = 15; // Linux signal numbers (the cluster stack is Linux-only)
+const SIGKILL: i32 = 9;
+const T: Duration = Duration::from_secs(60);
+
+/// Tears the cluster down whatever happens.
+struct Cluster {
+    dir: PathBuf,
+    extra: Vec<Child>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in &mut self.extra {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = stack::cluster_down(&self.dir);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The gateway a client is on, from its session id (`gw1/...`).
+fn gateway_of(r: &Recorder) -> String {
+    r.snapshot()
+        .into_iter()
+        .rev()
+        .find_map(|(_, e)| match e {
+            ClientEvent::StateChanged {
+                state: ConnectionState::Connected { session_id, .. },
+            } => session_id.split('/').next().map(str::to_string),
+            _ => None,
+        })
+        .expect("connected")
+}
+
+fn client(config: ClientConfig, tokens: Arc<Tokens>) -> (Arc<PalaverClient>, Arc<Recorder>) {
+    let r = Recorder::new();
+    let c = PalaverClient::new(config, tokens, r.clone(), None).unwrap();
+    c.connect().unwrap();
+    r.wait_connected(1);
+    (c, r)
+}
+
+fn send(sender: &PalaverClient, conv: &str, prefix: &str, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let t = format!("{prefix}{i:04}");
+            sender.send_text(conv.into(), t.clone()).unwrap();
+            t
+        })
+        .collect()
+}
+
+fn tokens(data: &Path, user: &str) -> Arc<Tokens> {
+    let secret_file = data.join("jwt-hs256.secret");
+    let secret = palaver_gateway::devcerts::read_secret(&secret_file).unwrap();
+    Arc::new(Tokens {
+        secret,
+        user: user.into(),
+        first_ttl_s: 3600,
+        cached: Default::default(),
+        calls: Default::default(),
+        refreshes: Default::default(),
+    })
+}
+
+#[test]
+fn gateway_processes_terminated_and_killed_under_traffic_lose_nothing() {
+    // The stack finds palaver-router and palaver-gateway on PATH: cargo put
+    // them beside this test's deps directory.
+    let bin_dir = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut dirs = vec![bin_dir.clone()];
+    dirs.extend(std::env::split_paths(&path));
+    std::env::set_var("PATH", std::env::join_paths(dirs).unwrap());
+
+    let dir = std::env::temp_dir().join(format!("palaver-sdk-cluster-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let data = dir.join("data");
+    let port = stack::free_port().unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let mut cluster = Cluster {
+        dir: dir.clone(),
+        extra: Vec::new(),
+    };
+    let started = Instant::now();
+    let procs = stack::cluster_up(&dir.join("stack"), &data, &listen).expect("palaver cluster up");
+    cluster.dir = dir.join("stack");
+    println!("cluster up in {:?}", started.elapsed());
+    let pid_of = |name: &str| {
+        procs
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.pid)
+            .unwrap()
+    };
+
+    let ca = std::fs::read_to_string(data.join("ca.pem")).unwrap();
+    let config = |device: &str| {
+        let mut c = ClientConfig::new(&listen, &ca, device);
+        c.server_name = "localhost".into();
+        c.backoff_base_ms = 100;
+        c.backoff_max_ms = 2_000;
+        c
+    };
+    let (alice, ra) = client(config("phone"), tokens(&data, "alice"));
+    let (_bob, rb) = client(config("phone"), tokens(&data, "bob"));
+    let conv = direct_conversation_id("alice".into(), "bob".into()).unwrap();
+
+    // A third gateway, so one is left after two are gone.
+    let gw3 = Command::new(bin_dir.join("palaver-gateway"))
+        .arg("--config")
+        .arg(dir.join("stack/gateway.toml"))
+        .args(["--gateway-id", "gw3", "--listen", &listen, "--cores", "1"])
+        .arg("--data-dir")
+        .arg(&data)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    cluster.extra.push(gw3);
+
+    // 1. SIGTERM the gateway alice is on: GoAway(SHUTDOWN, ≥ 1 s), reconnect
+    //    to another gateway, Sync.
+    let expected = send(&alice, &conv, "t", 150);
+    ra.wait("traffic", T, |e| {
+        e.iter()
+            .filter(|e| matches!(e, ClientEvent::MessageSent { .. }))
+            .count()
+            >= 20
+    });
+    let victim = gateway_of(&ra);
+    stack::signal(pid_of(&victim), SIGTERM).unwrap();
+    let got = rb.wait_messages(&conv, 150);
+    let (loss, dup, order) = audit(&got, &expected);
+    println!(
+        "SIGTERM {victim}: {} received, {loss} lost, {dup} duplicated, {order} out of order",
+        got.len()
+    );
+    assert_eq!((loss, dup, order), (0, 0, 0));
+    ra.wait_connected(2);
+    let ev = ra.snapshot();
+    let first = ev
+        .iter()
+        .position(|(_, e)| {
+            matches!(
+                e,
+                ClientEvent::StateChanged {
+                    state: ConnectionState::Connected { .. }
+                }
+            )
+        })
+        .unwrap();
+    let lost = first
+        + ev[first..]
+            .iter()
+            .position(|(_, e)| {
+                matches!(
+                    e,
+                    ClientEvent::StateChanged {
+                        state: ConnectionState::Connecting { .. }
+                    }
+                )
+            })
+            .unwrap();
+    let back = lost
+        + ev[lost..]
+            .iter()
+            .position(|(_, e)| {
+                matches!(
+                    e,
+                    ClientEvent::StateChanged {
+                        state: ConnectionState::Connected { .. }
+                    }
+                )
+            })
+            .unwrap();
+    let waited = ev[back].0.duration_since(ev[lost].0);
+    assert!(
+        waited >= Duration::from_millis(1_000),
+        "reconnected {waited:?} after GoAway"
+    );
+    assert!(
+        ev[back..]
+            .iter()
+            .any(|(_, e)| matches!(e, ClientEvent::SyncComplete)),
+        "synced after reconnecting"
+    );
+    assert_ne!(gateway_of(&ra), victim);
+
+    // 2. SIGKILL the gateway bob is on now: no GoAway, a dead socket.
+    let expected2 = send(&alice, &conv, "k", 150);
+    rb.wait("traffic", T, |e| messages_in(e, &conv) >= 170);
+    let victim2 = gateway_of(&rb);
+    let pid2 = match victim2.as_str() {
+        "gw3" => cluster.extra[0].id(),
+        name => pid_of(name),
+    };
+    stack::signal(pid2, SIGKILL).unwrap();
+    let got = rb.wait_messages(&conv, 300);
+    let got2: Vec<_> = got.into_iter().skip(150).collect();
+    let (loss, dup, order) = audit(&got2, &expected2);
+    println!(
+        "SIGKILL {victim2}: {} received, {loss} lost, {dup} duplicated, {order} out of order",
+        got2.len()
+    );
+    assert_eq!((loss, dup, order), (0, 0, 0));
+    assert!(
+        connected_count(
+            &rb.snapshot()
+                .into_iter()
+                .map(|(_, e)| e)
+                .collect::<Vec<_>>()
+        ) >= 2
+    );
+    alice.shutdown();
+    drop(cluster);
+}

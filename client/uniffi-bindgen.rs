@@ -1,0 +1,6 @@
+//! `uniffi-bindgen` for this crate: `cargo run -p palaver-client --bin
+//! uniffi-bindgen -- generate --library target/debug/libpalaver_client.so
+//! --language kotlin --out-dir OUT`.
+fn main() {
+    uniffi::uniffi_bindgen_main()
+}
