@@ -1,0 +1,548 @@
+//! The router: turns one [`Command`] into store updates and addressed frames.
+//!
+//! Pure over the [`Store`] traits and a [`Clock`]: no threads, no I/O of its
+//! own. The embedded engine and the Kafka/Redis worker both drive it.
+//!
+//! Every client request is answered: with its response frame (request_id
+//! echoed), or with an `Error` frame carrying a code, a message, the
+//! request_id and (for Send) the client_msg_id. Receipt and Typing have no
+//! positive response; they are answered only when they fail.
+//!
+//! This file holds the [`Router`] (construction, [`Router::handle`] /
+//! [`Router::handle_batch`] dispatch) and the helpers every request family
+//! shares; each family's handlers are an `impl Router` block of their own:
+//! `messages` (Send, the batch send path, Sync, History), `receipts`,
+//! `typing`, `presence` (queries, watches, the visibility rule, sessions
+//! opening and closing) and `conversations` (create, group membership).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+use palaver_protocol::pb::{self, frame::Body, ErrorCode};
+use palaver_protocol::BodyKind;
+
+use crate::api::{Inbound, SessionAddr};
+use crate::bus::{Addressed, Command, Output};
+use crate::store::{GroupRecord, Membership, Store, StoreError, StoreResult};
+
+mod conversations;
+mod messages;
+mod presence;
+mod receipts;
+mod typing;
+
+pub use presence::{presence_visible, PresenceVisibility};
+
+/// Router limits and defaults. Every limit is enforced with a clear error.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RouterConfig {
+    /// Members of a group, creator included.
+    pub max_group_members: usize,
+    /// Largest `Send.body`, bytes.
+    pub max_body_bytes: usize,
+    /// Messages kept per conversation for Sync and History.
+    pub history_window: usize,
+    /// How long a (conversation, client_msg_id) is remembered for dedup.
+    pub dedup_ttl_ms: i64,
+    /// Messages per SyncBatch / HistoryPage when the request says 0.
+    pub default_batch: usize,
+    /// Largest `limit` honoured by Sync / History.
+    pub max_batch: usize,
+    /// Soft cap on the encoded size of one SyncBatch / HistoryPage: a batch
+    /// stops growing once it is reached (it always holds at least one item),
+    /// and reports `has_more`.
+    pub max_batch_bytes: usize,
+    /// Users one connection may watch with PresenceSubscribe.
+    pub max_watches_per_connection: usize,
+    /// Users in one PresenceQuery / PresenceSubscribe.
+    pub max_presence_users: usize,
+    /// Longest group title, bytes.
+    pub max_title_bytes: usize,
+    /// Whose presence a user may see (SPEC §10).
+    pub presence_visibility: PresenceVisibility,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        Self {
+            max_group_members: 1000,
+            max_body_bytes: palaver_protocol::Limits::default().max_body_bytes as usize,
+            history_window: 10_000,
+            dedup_ttl_ms: 24 * 60 * 60 * 1000,
+            default_batch: 100,
+            max_batch: 500,
+            max_batch_bytes: 1024 * 1024,
+            max_watches_per_connection: 1000,
+            max_presence_users: 1000,
+            max_title_bytes: 256,
+            presence_visibility: PresenceVisibility::SharedConversation,
+        }
+    }
+}
+
+/// Router time source, Unix epoch milliseconds (injectable for tests).
+pub trait Clock: Send + Sync {
+    fn now_ms(&self) -> i64;
+}
+
+/// The system wall clock.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64)
+    }
+}
+
+/// A clock that moves only when told to.
+#[derive(Debug, Default)]
+pub struct ManualClock(AtomicI64);
+
+impl ManualClock {
+    pub fn new(now_ms: i64) -> Self {
+        Self(AtomicI64::new(now_ms))
+    }
+    pub fn set(&self, now_ms: i64) {
+        self.0.store(now_ms, Ordering::Relaxed);
+    }
+    pub fn advance(&self, by_ms: i64) {
+        self.0.fetch_add(by_ms, Ordering::Relaxed);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Unique opaque ids: 64 random bits fixed per process (from the OS-seeded
+/// std hasher keys) followed by a 64-bit counter, as 32 hex digits.
+struct IdGen {
+    node: u64,
+    counter: u64,
+}
+
+impl IdGen {
+    fn new() -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        hasher.write_u32(std::process::id());
+        Self {
+            node: hasher.finish(),
+            counter: 0,
+        }
+    }
+
+    fn next(&mut self) -> String {
+        self.counter += 1;
+        format!("{:016x}{:016x}", self.node, self.counter)
+    }
+}
+
+/// Why a request failed.
+enum Failure {
+    /// The client's fault (or not allowed): answered with an Error frame.
+    Rejected(ErrorCode, String),
+    /// The store failed: the driver decides (answer UNAVAILABLE or retry).
+    Store(StoreError),
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        Failure::Store(e)
+    }
+}
+
+/// A request refused with this code and message (answered with an Error).
+type Rejection = (ErrorCode, String);
+
+fn reject<T>(code: ErrorCode, message: impl Into<String>) -> Result<T, Failure> {
+    Err(Failure::Rejected(code, message.into()))
+}
+
+/// A parsed conversation id.
+enum ConversationRef<'a> {
+    /// `dm:<a>:<b>`, a < b bytewise.
+    Direct { a: &'a str, b: &'a str },
+    /// `grp:<id>`
+    Group,
+}
+
+/// Who may see a conversation, as far as a request needs to know.
+enum Access {
+    Direct([String; 2]),
+    Group { members: Vec<pb::Member> },
+}
+
+impl Access {
+    fn member_ids(&self) -> Vec<String> {
+        match self {
+            Access::Direct(users) => users.to_vec(),
+            Access::Group { members } => members.iter().map(|m| m.user_id.clone()).collect(),
+        }
+    }
+}
+
+/// How far [`Router::handle_batch`] got: `commands[..done]` are handled
+/// and their output is `out.frames[..frames]` / `out.pushes[..pushes]`
+/// (whatever `out` held before included). Updated after every command or
+/// run of Sends, so a driver that catches a panic knows what is complete.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchProgress {
+    pub done: usize,
+    pub frames: usize,
+    pub pushes: usize,
+}
+
+pub struct Router<S> {
+    store: S,
+    config: RouterConfig,
+    clock: Arc<dyn Clock>,
+    ids: IdGen,
+    /// The user of each connection that subscribed to presence here, for the
+    /// visibility check when events are fanned out.
+    watcher_users: HashMap<SessionAddr, String>,
+}
+
+impl<S: Store> Router<S> {
+    pub fn new(store: S, config: RouterConfig, clock: Arc<dyn Clock>) -> Self {
+        Self {
+            store,
+            config,
+            clock,
+            ids: IdGen::new(),
+            watcher_users: HashMap::new(),
+        }
+    }
+
+    pub fn config(&self) -> &RouterConfig {
+        &self.config
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    pub fn store_mut(&mut self) -> &mut S {
+        &mut self.store
+    }
+
+    /// Process one command, appending what it produces to `out`.
+    ///
+    /// On a store error, `out` keeps what was produced before the failure
+    /// (it describes effects that happened) and the error is returned; the
+    /// driver either retries the command or answers it with
+    /// [`Router::unavailable_reply`].
+    pub fn handle(&mut self, command: &Command, out: &mut Output) -> StoreResult<()> {
+        match command {
+            Command::Request(request) => self.handle_request(request, out),
+            Command::SessionOpened(session) => self.session_opened(session, out),
+            Command::SessionClosed { session, at_ms } => self.session_closed(session, *at_ms, out),
+        }
+    }
+
+    /// Process `commands` in order, as [`Router::handle`] on each would,
+    /// but with each run of consecutive Sends handled as one unit: one
+    /// group read, one batch of appends, one session lookup for the whole
+    /// run (see `send_many`). Sends of one conversation in a run get
+    /// consecutive seqs in input order. Any other command ends the run and
+    /// is handled on its own, so everything a conversation sees happens in
+    /// input order.
+    ///
+    /// `progress` is reset and then advanced past each completed unit. On
+    /// a store error, the unit starting at `progress.done` failed, having
+    /// left in `out` only effects that happened (as `handle` does); the
+    /// caller retries from there.
+    pub fn handle_batch(
+        &mut self,
+        commands: &[Command],
+        out: &mut Output,
+        progress: &mut BatchProgress,
+    ) -> StoreResult<()> {
+        *progress = BatchProgress {
+            done: 0,
+            frames: out.frames.len(),
+            pushes: out.pushes.len(),
+        };
+        while progress.done < commands.len() {
+            let sends: Vec<(&Inbound, &pb::Send)> = commands[progress.done..]
+                .iter()
+                .map_while(|c| match c {
+                    Command::Request(req) => match &req.body {
+                        Body::Send(send) => Some((req, send)),
+                        _ => None,
+                    },
+                    _ => None,
+                })
+                .collect();
+            let taken = if sends.is_empty() {
+                self.handle(&commands[progress.done], out)?;
+                1
+            } else {
+                self.send_many(&sends, out)?;
+                sends.len()
+            };
+            *progress = BatchProgress {
+                done: progress.done + taken,
+                frames: out.frames.len(),
+                pushes: out.pushes.len(),
+            };
+        }
+        Ok(())
+    }
+
+    /// The `Error(UNAVAILABLE)` frame that answers `command` when the store
+    /// failed, or `None` for commands nobody waits on.
+    pub fn unavailable_reply(command: &Command, error: &StoreError) -> Option<Addressed> {
+        match command {
+            Command::Request(request) => Some(error_frame(
+                request,
+                ErrorCode::Unavailable,
+                format!("temporarily unavailable, retry later ({error})"),
+            )),
+            _ => None,
+        }
+    }
+
+    /// The `Error(INTERNAL)` frame that answers `command` when handling it
+    /// hit a bug (a caught panic), or `None` for commands nobody waits on.
+    pub fn internal_error_reply(command: &Command) -> Option<Addressed> {
+        match command {
+            Command::Request(request) => Some(error_frame(
+                request,
+                ErrorCode::Internal,
+                "internal error; the request was not processed".to_string(),
+            )),
+            _ => None,
+        }
+    }
+
+    fn handle_request(&mut self, request: &Inbound, out: &mut Output) -> StoreResult<()> {
+        let result = match &request.body {
+            Body::Send(send) => self.send(request, send, out),
+            Body::Receipt(receipt) => self.receipt(request, receipt, out),
+            Body::Typing(typing) => self.typing(request, typing, out),
+            Body::Sync(sync) => self.sync(request, sync, out),
+            Body::History(history) => self.history(request, history, out),
+            Body::PresenceQuery(query) => self.presence_query(request, query, out),
+            Body::PresenceSubscribe(subscribe) => self.presence_subscribe(request, subscribe, out),
+            Body::CreateConversation(create) => self.create_conversation(request, create, out),
+            Body::ChangeMembers(change) => self.change_members(request, change, out),
+            other => reject(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "{} is not a request the server accepts",
+                    BodyKind::of(other).message_name()
+                ),
+            ),
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(Failure::Rejected(code, message)) => {
+                out.frames.push(error_frame(request, code, message));
+                Ok(())
+            }
+            Err(Failure::Store(e)) => Err(e),
+        }
+    }
+
+    // ---- Helpers -------------------------------------------------------
+
+    /// Answer the requester's connection (request_id echoed) and send the same
+    /// body to every other online device of `users` (request_id 0).
+    fn reply_and_fan_out(
+        &mut self,
+        req: &Inbound,
+        body: Body,
+        users: &[String],
+        out: &mut Output,
+    ) -> StoreResult<()> {
+        let copy = event(body.clone());
+        out.frames.push(reply(req, body));
+        self.fan_out(users, Some(&req.from.addr), &copy, out)
+    }
+
+    /// `frame` to every online device of `users` (one batched session
+    /// lookup), except the connection `except`.
+    fn fan_out(
+        &mut self,
+        users: &[String],
+        except: Option<&SessionAddr>,
+        frame: &pb::Frame,
+        out: &mut Output,
+    ) -> StoreResult<()> {
+        for devices in self.store.sessions_of_users(users)? {
+            for device in devices {
+                if Some(&device.addr) != except {
+                    out.frames.push(Addressed {
+                        to: device.addr,
+                        frame: frame.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Authorize `user_id` for the conversation and load its members.
+    fn access_with_members(
+        &mut self,
+        conversation_id: &str,
+        user_id: &str,
+    ) -> Result<Access, Failure> {
+        match parse_conversation_id(conversation_id)? {
+            ConversationRef::Direct { a, b } => direct_access(user_id, a, b),
+            ConversationRef::Group => {
+                let group = self.store.group(conversation_id)?;
+                group_access(conversation_id, user_id, group)
+            }
+        }
+    }
+
+    /// Authorize `user_id` for the conversation without loading its members.
+    fn check_member(&mut self, conversation_id: &str, user_id: &str) -> Result<(), Failure> {
+        match parse_conversation_id(conversation_id)? {
+            ConversationRef::Direct { a, b } if user_id == a || user_id == b => Ok(()),
+            ConversationRef::Direct { .. } => reject(
+                ErrorCode::Forbidden,
+                "you are not a member of this conversation",
+            ),
+            ConversationRef::Group => match self.store.membership(conversation_id, user_id)? {
+                Membership::NoSuchGroup => reject(
+                    ErrorCode::NotFound,
+                    format!("no conversation {conversation_id}"),
+                ),
+                Membership::NotMember => reject(
+                    ErrorCode::Forbidden,
+                    "you are not a member of this conversation",
+                ),
+                Membership::Member(_) => Ok(()),
+            },
+        }
+    }
+
+    fn check_user_id(&self, user_id: &str) -> Result<(), Failure> {
+        if !palaver_protocol::is_valid_id(user_id) {
+            return reject(
+                ErrorCode::InvalidArgument,
+                format!("user id {user_id:?} must be 1..=64 bytes of [A-Za-z0-9_.@-]"),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Access to `dm:<a>:<b>` for `user_id`: only its two users.
+fn direct_access(user_id: &str, a: &str, b: &str) -> Result<Access, Failure> {
+    if user_id != a && user_id != b {
+        return reject(
+            ErrorCode::Forbidden,
+            "you are not a member of this conversation",
+        );
+    }
+    Ok(Access::Direct([a.to_owned(), b.to_owned()]))
+}
+
+/// Access to a group for `user_id`, given its record (`None`: no such group).
+fn group_access(
+    conversation_id: &str,
+    user_id: &str,
+    group: Option<GroupRecord>,
+) -> Result<Access, Failure> {
+    let Some(group) = group else {
+        return reject(
+            ErrorCode::NotFound,
+            format!("no conversation {conversation_id}"),
+        );
+    };
+    let is_member = group
+        .members
+        .binary_search_by(|m| m.user_id.as_str().cmp(user_id))
+        .is_ok();
+    if !is_member {
+        return reject(
+            ErrorCode::Forbidden,
+            "you are not a member of this conversation",
+        );
+    }
+    Ok(Access::Group {
+        members: group.members,
+    })
+}
+
+fn parse_conversation_id(id: &str) -> Result<ConversationRef<'_>, Failure> {
+    if let Some((a, b)) = palaver_protocol::parse_direct(id) {
+        return Ok(ConversationRef::Direct { a, b });
+    }
+    if palaver_protocol::is_group_id(id) {
+        return Ok(ConversationRef::Group);
+    }
+    reject(
+        ErrorCode::InvalidArgument,
+        format!("{id:?} is not a conversation id (dm:<a>:<b> with a < b bytewise, or grp:<id>)"),
+    )
+}
+
+fn direct_info(a: &str, b: &str, last_seq: u64) -> pb::Conversation {
+    pb::Conversation {
+        conversation_id: palaver_protocol::direct_conversation_id(a, b),
+        kind: pb::ConversationKind::Direct as i32,
+        title: String::new(),
+        members: [a, b]
+            .into_iter()
+            .map(|user_id| pb::Member {
+                user_id: user_id.to_owned(),
+                role: pb::Role::Member as i32,
+            })
+            .collect(),
+        last_seq,
+    }
+}
+
+fn group_info(group: GroupRecord, last_seq: u64) -> pb::Conversation {
+    pb::Conversation {
+        conversation_id: group.conversation_id,
+        kind: pb::ConversationKind::Group as i32,
+        title: group.title,
+        members: group.members,
+        last_seq,
+    }
+}
+
+/// A server-initiated frame (request_id 0).
+fn event(body: Body) -> pb::Frame {
+    pb::Frame {
+        request_id: 0,
+        body: Some(body),
+    }
+}
+
+/// The response to `req`, for the requesting connection.
+fn reply(req: &Inbound, body: Body) -> Addressed {
+    Addressed {
+        to: req.from.addr.clone(),
+        frame: pb::Frame {
+            request_id: req.request_id,
+            body: Some(body),
+        },
+    }
+}
+
+/// The Error answering `req` ([`palaver_protocol::error_reply_to`]: a Send's
+/// client_msg_id is echoed), for the requesting connection.
+fn error_frame(req: &Inbound, code: ErrorCode, message: String) -> Addressed {
+    Addressed {
+        to: req.from.addr.clone(),
+        frame: palaver_protocol::error_reply_to(req.request_id, &req.body, code, message),
+    }
+}

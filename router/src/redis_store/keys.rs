@@ -1,0 +1,85 @@
+//! The Redis key schema, in one place.
+//!
+//! Key layout — every key carries a hash tag, so everything one call touches
+//! for one conversation or one user lives in one slot:
+//!
+//! | key | type | what |
+//! | --- | --- | --- |
+//! | `c:{<conv>}:seq` | string | last allocated seq (INCR) |
+//! | `c:{<conv>}:h` | zset | history window: score seq, member `%020d seq` ++ Message (seq 0) |
+//! | `c:{<conv>}:dd` | hash | dedup: client_msg_id → `seq appended_ms`, only for messages in the window |
+//! | `c:{<conv>}:dq` | list | dedup order: `seq:client_msg_id`, oldest first (trimmed with the history) |
+//! | `c:{<conv>}:d:<hex cmid>` | string, PX ttl | legacy dedup key (before the window-bound hash): read, never written |
+//! | `c:{<conv>}:r:<kind>` | hash | receipt marks, user → seq |
+//! | `c:{<conv>}:g` | hash | group record: title, created |
+//! | `c:{<conv>}:m` | hash | group members: user → role |
+//! | `u:{<user>}:convs` | set | the user's conversations |
+//! | `u:{<user>}:push` | set | conversations with a pending push |
+//! | `u:{<user>}:sess` | hash | device → `<conn>|<gateway>` |
+//! | `u:{<user>}:seen` | string | last seen, ms |
+//! | `u:{<user>}:wb` | set | watching connections `<conn>|<gateway>` |
+//! | `w:{<conn>|<gateway>}` | set | users a connection watches |
+//! | `gw:{gw}:lease:<id>` | string, EX | gateway lease (alive while present) |
+//! | `gw:{gw}:known` | set | gateways that ever registered |
+//! | `gw:{gw}:reap:<id>` | string, EX | lock: one gateway reaps a dead one |
+//! | `gwc:{<id>}` | hash | a gateway's connections: conn → user \x1f device |
+//!
+//! The gateway keys share one tag so a lease check of every gateway is one
+//! command. A session on a gateway that registered (`known`) but whose lease
+//! is gone is treated as absent by every read.
+
+use palaver_protocol::pb;
+
+use crate::api::SessionAddr;
+
+pub(super) const SEQ_PREFIX_LEN: usize = 20;
+pub(super) const LEASE_PREFIX: &str = "gw:{gw}:lease:";
+pub(super) const KNOWN_GATEWAYS: &str = "gw:{gw}:known";
+/// Pub/sub channel carrying `PresenceChanges` (one message per gateway per
+/// tick with changes).
+pub const PRESENCE_CHANNEL: &str = "palaver.presence";
+
+pub(super) fn conv_key(conversation_id: &str, suffix: &str) -> String {
+    format!("c:{{{conversation_id}}}:{suffix}")
+}
+
+pub(super) fn user_key(user_id: &str, suffix: &str) -> String {
+    format!("u:{{{user_id}}}:{suffix}")
+}
+
+pub(super) fn dedup_key(conversation_id: &str, client_msg_id: &[u8]) -> String {
+    let mut key = conv_key(conversation_id, "d:");
+    for b in client_msg_id {
+        key.push_str(&format!("{b:02x}"));
+    }
+    key
+}
+
+pub(super) fn receipt_key(conversation_id: &str, kind: pb::ReceiptKind) -> String {
+    conv_key(conversation_id, &format!("r:{}", kind as i32))
+}
+
+pub(super) fn watcher_key(addr: &SessionAddr) -> String {
+    format!("w:{{{}}}", encode_addr(addr))
+}
+
+pub(super) fn lease_key(gateway_id: &str) -> String {
+    format!("{LEASE_PREFIX}{gateway_id}")
+}
+
+pub(super) fn gateway_conns_key(gateway_id: &str) -> String {
+    format!("gwc:{{{gateway_id}}}")
+}
+
+/// `<conn>|<gateway>`: the conn first so any gateway id is allowed.
+pub fn encode_addr(addr: &SessionAddr) -> String {
+    format!("{}|{}", addr.conn, addr.gateway_id)
+}
+
+pub fn decode_addr(s: &str) -> Option<SessionAddr> {
+    let (conn, gateway_id) = s.split_once('|')?;
+    Some(SessionAddr {
+        gateway_id: gateway_id.to_owned(),
+        conn: conn.parse().ok()?,
+    })
+}

@@ -1,0 +1,288 @@
+//! The store traits on Redis (standalone or Redis Cluster), plus the batched
+//! presence writes of the gateway bridge (one pipeline per gateway per tick).
+//!
+//! Layout: this file holds [`RedisStore`], [`RedisConfig`], the connection
+//! (standalone or cluster), the scripts and the error mapping; `keys` is the
+//! key schema; `conversations`, `users` and `sessions` implement the store
+//! traits; `gateways` is the gateway lease/registry and presence batch
+//! subsystem the bridge uses. The Lua scripts are `scripts/*.lua`.
+
+use std::time::Duration;
+
+use redis::cluster::{ClusterClient, ClusterConnection};
+use redis::{Cmd, ConnectionLike, FromRedisValue, RedisError, Script, Value};
+
+use crate::store::{StoreError, StoreResult};
+
+mod conversations;
+mod gateways;
+mod keys;
+mod sessions;
+mod users;
+
+pub use gateways::{SessionChange, TickResult};
+pub use keys::{decode_addr, encode_addr, PRESENCE_CHANNEL};
+
+/// Where Redis is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// `redis://host:port/` URLs: one for a standalone server, any number of
+    /// seed nodes for a cluster.
+    pub urls: Vec<String>,
+    /// Speak the cluster protocol (MOVED/ASK, slot routing).
+    pub cluster: bool,
+    /// Connect / read / write timeout for every call.
+    pub timeout: Duration,
+}
+
+impl RedisConfig {
+    pub fn standalone(url: impl Into<String>) -> Self {
+        Self {
+            urls: vec![url.into()],
+            cluster: false,
+            timeout: Duration::from_secs(2),
+        }
+    }
+
+    pub fn cluster(urls: Vec<String>) -> Self {
+        Self {
+            urls,
+            cluster: true,
+            timeout: Duration::from_secs(2),
+        }
+    }
+
+    /// Parses `redis://a:1/` (standalone) or `redis+cluster://a:1,b:2,c:3`
+    /// (cluster seed list).
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        if let Some(rest) = spec.strip_prefix("redis+cluster://") {
+            let urls: Vec<String> = rest
+                .trim_end_matches('/')
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(|hp| format!("redis://{hp}/"))
+                .collect();
+            if urls.is_empty() {
+                return Err(format!("{spec}: no cluster nodes listed"));
+            }
+            Ok(Self::cluster(urls))
+        } else if spec.starts_with("redis://") {
+            Ok(Self::standalone(spec))
+        } else {
+            Err(format!(
+                "{spec}: expected redis://host:port/ or redis+cluster://host:port,host:port,..."
+            ))
+        }
+    }
+}
+
+enum Conn {
+    Single(redis::Connection),
+    // Boxed: a cluster connection is several times larger than a plain one.
+    Cluster(Box<ClusterConnection>),
+}
+
+impl Conn {
+    fn as_dyn(&mut self) -> &mut dyn ConnectionLike {
+        match self {
+            Conn::Single(c) => c,
+            Conn::Cluster(c) => c.as_mut(),
+        }
+    }
+}
+
+/// The scripts; each touches keys of one hash tag only.
+struct Scripts {
+    append: Script,
+    advance_receipt: Script,
+    create_group: Script,
+    update_members: Script,
+    open_session: Script,
+    close_session: Script,
+    add_watches: Script,
+    dead_gateways: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Self {
+            append: Script::new(APPEND_LUA),
+            advance_receipt: Script::new(ADVANCE_RECEIPT_LUA),
+            create_group: Script::new(CREATE_GROUP_LUA),
+            update_members: Script::new(UPDATE_MEMBERS_LUA),
+            open_session: Script::new(OPEN_SESSION_LUA),
+            close_session: Script::new(CLOSE_SESSION_LUA),
+            add_watches: Script::new(ADD_WATCHES_LUA),
+            dead_gateways: Script::new(DEAD_GATEWAYS_LUA),
+        }
+    }
+
+    fn all(&self) -> [&Script; 8] {
+        [
+            &self.append,
+            &self.advance_receipt,
+            &self.create_group,
+            &self.update_members,
+            &self.open_session,
+            &self.close_session,
+            &self.add_watches,
+            &self.dead_gateways,
+        ]
+    }
+}
+
+// The Lua sources, one file each in `scripts/` (what each does, its KEYS and
+// ARGV: the header of the file).
+const APPEND_LUA: &str = include_str!("scripts/append.lua");
+const ADVANCE_RECEIPT_LUA: &str = include_str!("scripts/advance_receipt.lua");
+const CREATE_GROUP_LUA: &str = include_str!("scripts/create_group.lua");
+const UPDATE_MEMBERS_LUA: &str = include_str!("scripts/update_members.lua");
+const OPEN_SESSION_LUA: &str = include_str!("scripts/open_session.lua");
+const CLOSE_SESSION_LUA: &str = include_str!("scripts/close_session.lua");
+const ADD_WATCHES_LUA: &str = include_str!("scripts/add_watches.lua");
+const DEAD_GATEWAYS_LUA: &str = include_str!("scripts/dead_gateways.lua");
+
+fn unavailable(e: RedisError) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn corrupt(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(what.to_string())
+}
+
+fn from_value<T: FromRedisValue>(v: Value) -> StoreResult<T> {
+    T::from_redis_value(v).map_err(|e| corrupt(format!("unexpected reply: {e}")))
+}
+
+/// The store on Redis. One connection (a cluster connection holds one per
+/// node); reconnects on the next call after an I/O error.
+pub struct RedisStore {
+    config: RedisConfig,
+    conn: Option<Conn>,
+    scripts: Scripts,
+}
+
+impl RedisStore {
+    /// Connects and loads the scripts (on every master of a cluster).
+    pub fn connect(config: RedisConfig) -> StoreResult<Self> {
+        let mut store = Self {
+            config,
+            conn: None,
+            scripts: Scripts::new(),
+        };
+        store.conn()?;
+        Ok(store)
+    }
+
+    pub fn config(&self) -> &RedisConfig {
+        &self.config
+    }
+
+    fn open(&self) -> Result<Conn, RedisError> {
+        let timeout = Some(self.config.timeout);
+        let mut conn = if self.config.cluster {
+            let client = ClusterClient::builder(self.config.urls.iter().map(String::as_str))
+                .connection_timeout(self.config.timeout)
+                .response_timeout(self.config.timeout)
+                .build()?;
+            Conn::Cluster(Box::new(client.get_connection()?))
+        } else {
+            let url = self.config.urls.first().ok_or_else(|| {
+                RedisError::from((redis::ErrorKind::Client, "no Redis URL configured"))
+            })?;
+            let client = redis::Client::open(url.as_str())?;
+            let conn = client.get_connection_with_timeout(self.config.timeout)?;
+            conn.set_read_timeout(timeout)?;
+            conn.set_write_timeout(timeout)?;
+            Conn::Single(conn)
+        };
+        for script in self.scripts.all() {
+            script.prepare_invoke().load(conn.as_dyn())?;
+        }
+        Ok(conn)
+    }
+
+    /// Drops the connection; the next call reconnects. For callers that
+    /// caught a panic in the middle of store work and cannot know what state
+    /// the connection was left in.
+    pub fn reset_connection(&mut self) {
+        self.conn = None;
+    }
+
+    fn conn(&mut self) -> StoreResult<&mut Conn> {
+        if self.conn.is_none() {
+            self.conn = Some(self.open().map_err(unavailable)?);
+        }
+        Ok(self.conn.as_mut().expect("connected above"))
+    }
+
+    /// Runs `f` on the connection; an error that broke the connection drops
+    /// it, so the next call reconnects.
+    fn with_conn<T>(
+        &mut self,
+        f: impl FnOnce(&mut Conn, &Scripts) -> Result<T, RedisError>,
+    ) -> StoreResult<T> {
+        self.conn()?;
+        let conn = self.conn.as_mut().expect("connected");
+        match f(conn, &self.scripts) {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
+                    self.conn = None;
+                }
+                Err(unavailable(e))
+            }
+        }
+    }
+
+    /// One command.
+    fn query<T: FromRedisValue>(&mut self, cmd: &Cmd) -> StoreResult<T> {
+        self.with_conn(|conn, _| cmd.query(conn.as_dyn()))
+    }
+
+    /// Commands in one pipeline (one round trip per node touched); the
+    /// replies in order. A script that is missing on a node (Redis was
+    /// restarted) is loaded again and the pipeline retried once.
+    fn pipeline(&mut self, cmds: Vec<Cmd>) -> StoreResult<Vec<Value>> {
+        if cmds.is_empty() {
+            return Ok(Vec::new());
+        }
+        let run = |conn: &mut Conn| -> Result<Vec<Value>, RedisError> {
+            match conn {
+                Conn::Single(c) => {
+                    let mut p = redis::pipe();
+                    for cmd in &cmds {
+                        p.add_command(cmd.clone());
+                    }
+                    p.query(c)
+                }
+                Conn::Cluster(c) => {
+                    let mut p = redis::cluster::cluster_pipe();
+                    for cmd in &cmds {
+                        p.add_command(cmd.clone());
+                    }
+                    p.query(c.as_mut())
+                }
+            }
+        };
+        self.with_conn(|conn, scripts| match run(conn) {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                for script in scripts.all() {
+                    script.prepare_invoke().load(conn.as_dyn())?;
+                }
+                run(conn)
+            }
+            other => other,
+        })
+    }
+
+    /// `EVALSHA` of a script as a plain command, for pipelines.
+    fn evalsha(script: &Script, keys: &[&str], args: &[&[u8]]) -> Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(script.get_hash()).arg(keys.len()).arg(keys);
+        for a in args {
+            cmd.arg(*a);
+        }
+        cmd
+    }
+}
