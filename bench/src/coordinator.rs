@@ -213,6 +213,11 @@ fn sample_gateway(config: &Config, g: &mut GatewayStats, when: When) -> Result<(
     } else {
         Some(sys::total_rss_bytes(&g.pids)?)
     };
+    let cpu = if g.pids.is_empty() {
+        None
+    } else {
+        Some(sys::total_cpu_seconds(&g.pids)?)
+    };
     let metrics = match &config.admin_url {
         Some(url) => sys::scrape_metrics(url)?,
         None => BTreeMap::new(),
@@ -224,10 +229,12 @@ fn sample_gateway(config: &Config, g: &mut GatewayStats, when: When) -> Result<(
         }
         When::Connected => {
             g.rss_connected_bytes = rss;
+            g.cpu_connected_s = cpu;
             g.metrics_connected = metrics;
         }
         When::After => {
             g.rss_after_bytes = rss;
+            g.cpu_after_s = cpu;
             g.metrics_after = metrics;
         }
     }
@@ -654,6 +661,11 @@ impl Run {
                 if g.open_when_sampled > 0 {
                     g.bytes_per_connection =
                         Some((connected as f64 - before as f64) / g.open_when_sampled as f64);
+                }
+            }
+            if let (Some(a), Some(b)) = (g.cpu_connected_s, g.cpu_after_s) {
+                if counters.sent > 0 {
+                    g.cpu_us_per_sent = Some((b - a) * 1e6 / counters.sent as f64);
                 }
             }
             g

@@ -108,6 +108,17 @@ pub struct GatewayStats {
     pub open_when_sampled: u64,
     /// (rss_connected - rss_before) / open connections.
     pub bytes_per_connection: Option<f64>,
+    /// Summed CPU time (user + system) of the pids when every connection
+    /// was up, seconds.
+    #[serde(default)]
+    pub cpu_connected_s: Option<f64>,
+    /// The same at the end of the scenario (messages: after the grace wait).
+    #[serde(default)]
+    pub cpu_after_s: Option<f64>,
+    /// (cpu_after - cpu_connected) / messages sent, microseconds: the
+    /// gateway CPU per sent message over setup, sending and grace.
+    #[serde(default)]
+    pub cpu_us_per_sent: Option<f64>,
     pub metrics_before: BTreeMap<String, f64>,
     pub metrics_connected: BTreeMap<String, f64>,
     pub metrics_after: BTreeMap<String, f64>,
@@ -197,6 +208,15 @@ impl Report {
                     t,
                     "  RSS delta per connection {:.0} B ({} connections)",
                     b, g.open_when_sampled
+                );
+            }
+            if let (Some(a), Some(b)) = (g.cpu_connected_s, g.cpu_after_s) {
+                let _ = writeln!(
+                    t,
+                    "  CPU connected -> end {:.2} s  per sent message {}",
+                    b - a,
+                    g.cpu_us_per_sent
+                        .map_or("-".into(), |us| format!("{us:.1} us"))
                 );
             }
             for (name, after) in &g.metrics_connected {

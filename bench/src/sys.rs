@@ -49,6 +49,35 @@ pub fn rss_bytes(pid: u32) -> Result<u64> {
         .with_context(|| format!("{path} has no VmRSS line"))
 }
 
+/// CPU time (user + system, all threads) a process has used so far, in
+/// seconds (`utime` + `stime` of `/proc/<pid>/stat`).
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {path}: is process {pid} running?"))?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .with_context(|| format!("{path}: no command name"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state); utime is field 14, stime 15.
+    let tick = |i: usize| -> Result<u64> {
+        fields
+            .get(i - 3)
+            .and_then(|f| f.parse().ok())
+            .with_context(|| format!("{path}: field {i} missing"))
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok((tick(14)? + tick(15)?) as f64 / hz)
+}
+
+/// Sum of [`cpu_seconds`] over several processes.
+pub fn total_cpu_seconds(pids: &[u32]) -> Result<f64> {
+    pids.iter().map(|&p| cpu_seconds(p)).sum()
+}
+
 /// Sum of [`rss_bytes`] over several processes.
 pub fn total_rss_bytes(pids: &[u32]) -> Result<u64> {
     pids.iter().map(|&p| rss_bytes(p)).sum()
@@ -192,6 +221,7 @@ mod tests {
     fn machine_info_has_basics() {
         let m = MachineInfo::collect();
         assert!(m.cpus >= 1);
+        assert!(cpu_seconds(std::process::id()).unwrap() >= 0.0);
         assert!(m.memory_bytes > 0);
         assert!(m.kernel.contains("Linux"));
     }

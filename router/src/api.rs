@@ -85,6 +85,15 @@ pub trait Backend: Send + Sync + 'static {
     /// A request from a connection. Never blocks on I/O: the answer (or an
     /// `Error` frame echoing `request_id`) arrives through the sink.
     fn submit(&self, request: Inbound);
+    /// Several requests at once, in the order given (a gateway core thread
+    /// hands over what one loop turn read). The same contract as
+    /// [`Backend::submit`] for each; a backend may hand them on in one step
+    /// (the embedded engine: one channel send and one wake-up per batch).
+    fn submit_batch(&self, requests: Vec<Inbound>) {
+        for request in requests {
+            self.submit(request);
+        }
+    }
     /// Flush what is pending and stop; called once at gateway shutdown.
     fn shutdown(&self);
 }

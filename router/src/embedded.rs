@@ -16,7 +16,7 @@ use crossbeam_channel::{Receiver, Sender};
 use palaver_protocol::pb;
 
 use crate::api::{Backend, BackendError, DeliverySink, Inbound, Outbound, Session};
-use crate::bus::{BusError, Command, Outlet, Output, PushEvent};
+use crate::bus::{Command, Output, PushEvent};
 use crate::logic::{Clock, Router, RouterConfig, SystemClock};
 use crate::memory::MemoryStore;
 
@@ -75,11 +75,30 @@ impl Default for EmbeddedConfig {
     }
 }
 
-type Sinks = RwLock<HashMap<String, Arc<dyn DeliverySink>>>;
+/// The gateways attached, by id. Written by `start` (rare); the worker keeps
+/// its own copy and re-reads it only when `version` moved, so delivering
+/// takes no lock.
+#[derive(Default)]
+struct Sinks {
+    map: RwLock<HashMap<String, Arc<dyn DeliverySink>>>,
+    version: AtomicU64,
+}
+
+impl Sinks {
+    fn get(&self, gateway_id: &str) -> Option<Arc<dyn DeliverySink>> {
+        self.map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(gateway_id)
+            .cloned()
+    }
+}
 
 #[allow(clippy::large_enum_variant)] // see `Command`
 enum Job {
     Run(Command),
+    /// Requests of one gateway core thread's turn, in order.
+    Requests(Vec<Inbound>),
     Stop,
 }
 
@@ -110,6 +129,9 @@ impl EmbeddedEngine {
             router: Router::new(MemoryStore::new(), config.router, clock),
             outlet: EmbeddedOutlet {
                 sinks: sinks.clone(),
+                seen_version: 0,
+                attached: Vec::new(),
+                batches: Vec::new(),
                 push_sink: Box::new(push_sink),
             },
             inbox,
@@ -131,13 +153,9 @@ impl EmbeddedEngine {
 
     /// Answer a request right here (overload or after shutdown).
     fn refuse(&self, request: &Inbound, message: &str) {
-        let sink = self
-            .sinks
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&request.from.addr.gateway_id)
-            .cloned();
-        let Some(sink) = sink else { return };
+        let Some(sink) = self.sinks.get(&request.from.addr.gateway_id) else {
+            return;
+        };
         sink.deliver(vec![Outbound {
             conn: request.from.addr.conn,
             frame: palaver_protocol::error_reply_to(
@@ -174,9 +192,11 @@ impl Backend for EmbeddedEngine {
             ));
         }
         self.sinks
+            .map
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(gateway_id.to_owned(), sink);
+        self.sinks.version.fetch_add(1, Ordering::Release);
         Ok(())
     }
 
@@ -191,6 +211,34 @@ impl Backend for EmbeddedEngine {
             session: session.clone(),
             at_ms,
         }));
+    }
+
+    fn submit_batch(&self, mut requests: Vec<Inbound>) {
+        let n = requests.len();
+        if n == 0 {
+            return;
+        }
+        let queued = self.queued_requests.fetch_add(n, Ordering::AcqRel);
+        let room = self.max_queued_requests.saturating_sub(queued);
+        if room < n {
+            // Over the limit: the tail is refused, the head still queued.
+            self.queued_requests.fetch_sub(n - room, Ordering::AcqRel);
+            for request in requests.drain(room..) {
+                self.refuse(&request, "server busy, retry later");
+            }
+            if requests.is_empty() {
+                return;
+            }
+        }
+        let n = requests.len();
+        if let Err(e) = self.jobs.send(Job::Requests(requests)) {
+            self.queued_requests.fetch_sub(n, Ordering::AcqRel);
+            if let Job::Requests(requests) = e.0 {
+                for request in &requests {
+                    self.refuse(request, "server shutting down");
+                }
+            }
+        }
     }
 
     fn submit(&self, request: Inbound) {
@@ -220,31 +268,52 @@ impl Drop for EmbeddedEngine {
 
 struct EmbeddedOutlet {
     sinks: Arc<Sinks>,
+    /// `sinks.version` when `attached` was copied.
+    seen_version: u64,
+    /// The worker's copy of the attached gateways (few: a linear search).
+    attached: Vec<(String, Arc<dyn DeliverySink>)>,
+    /// Frames of one flush, per gateway, in order.
+    batches: Vec<(String, Vec<Outbound>)>,
     push_sink: Box<dyn PushSink>,
 }
 
-impl Outlet for EmbeddedOutlet {
-    fn deliver(&mut self, gateway_id: &str, frames: Vec<Outbound>) -> Result<(), BusError> {
-        let sink = self
-            .sinks
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(gateway_id)
-            .cloned();
-        match sink {
-            Some(sink) => sink.deliver(frames),
-            None => tracing::debug!(
-                gateway_id,
-                frames = frames.len(),
-                "dropping frames for a gateway that is not attached"
-            ),
+impl EmbeddedOutlet {
+    /// Hands `out` to the sinks: the push events first, then the frames,
+    /// one `deliver` call per gateway, in order per connection (what
+    /// `Output::flush` does, without a map or a lock per flush).
+    fn flush(&mut self, out: &mut Output) {
+        if !out.pushes.is_empty() {
+            self.push_sink.push(std::mem::take(&mut out.pushes));
         }
-        Ok(())
-    }
-
-    fn push(&mut self, events: Vec<PushEvent>) -> Result<(), BusError> {
-        self.push_sink.push(events);
-        Ok(())
+        if out.frames.is_empty() {
+            return;
+        }
+        let version = self.sinks.version.load(Ordering::Acquire);
+        if version != self.seen_version {
+            let map = self.sinks.map.read().unwrap_or_else(|e| e.into_inner());
+            self.attached = map.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            self.seen_version = version;
+        }
+        for crate::bus::Addressed { to, frame } in out.frames.drain(..) {
+            let outbound = Outbound {
+                conn: to.conn,
+                frame,
+            };
+            match self.batches.iter_mut().find(|(g, _)| *g == to.gateway_id) {
+                Some((_, batch)) => batch.push(outbound),
+                None => self.batches.push((to.gateway_id, vec![outbound])),
+            }
+        }
+        for (gateway_id, frames) in self.batches.drain(..) {
+            match self.attached.iter().find(|(g, _)| *g == gateway_id) {
+                Some((_, sink)) => sink.deliver(frames),
+                None => tracing::debug!(
+                    gateway_id,
+                    frames = frames.len(),
+                    "dropping frames for a gateway that is not attached"
+                ),
+            }
+        }
     }
 }
 
@@ -260,41 +329,50 @@ impl Worker {
     fn run(mut self) {
         let mut out = Output::default();
         while let Ok(job) = self.inbox.recv() {
-            let mut stop = !self.process(job, &mut out);
-            let mut processed = 1;
+            let mut processed = 0;
+            let mut stop = !self.process(job, &mut out, &mut processed);
             while !stop && processed < self.max_commands_per_flush {
                 match self.inbox.try_recv() {
-                    Ok(job) => {
-                        stop = !self.process(job, &mut out);
-                        processed += 1;
-                    }
+                    Ok(job) => stop = !self.process(job, &mut out, &mut processed),
                     Err(_) => break,
                 }
             }
-            if let Err(e) = out.flush(&mut self.outlet) {
-                tracing::warn!("embedded outlet: {e}");
-            }
+            self.outlet.flush(&mut out);
             if stop {
                 return;
             }
         }
     }
 
-    /// Run one job; false when the worker must stop.
-    fn process(&mut self, job: Job, out: &mut Output) -> bool {
-        let command = match job {
+    /// Run one job, counting the commands run; false when the worker must stop.
+    fn process(&mut self, job: Job, out: &mut Output, processed: &mut usize) -> bool {
+        match job {
             Job::Stop => return false,
-            Job::Run(command) => command,
-        };
-        if matches!(command, Command::Request(_)) {
-            self.queued_requests.fetch_sub(1, Ordering::AcqRel);
+            Job::Run(command) => {
+                if matches!(command, Command::Request(_)) {
+                    self.queued_requests.fetch_sub(1, Ordering::AcqRel);
+                }
+                self.handle(command, out);
+                *processed += 1;
+            }
+            Job::Requests(requests) => {
+                self.queued_requests
+                    .fetch_sub(requests.len(), Ordering::AcqRel);
+                *processed += requests.len();
+                for request in requests {
+                    self.handle(Command::Request(request), out);
+                }
+            }
         }
+        true
+    }
+
+    fn handle(&mut self, command: Command, out: &mut Output) {
         // The memory store does not fail; keep the generic path anyway.
         if let Err(e) = self.router.handle(&command, out) {
             tracing::error!("router: {e}");
             out.frames
                 .extend(Router::<MemoryStore>::unavailable_reply(&command, &e));
         }
-        true
     }
 }

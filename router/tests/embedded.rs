@@ -322,3 +322,81 @@ fn shutdown_flushes_queued_work_then_refuses() {
     assert!(t.engine.start("g3", t.g2.clone()).is_err());
     t.engine.shutdown(); // idempotent
 }
+
+/// `submit_batch` (a gateway core's turn) and single `submit`s interleaved:
+/// every request is answered, in the order submitted, per connection and
+/// across batches, and the recipient sees the sender's order.
+#[test]
+fn batches_keep_order_per_connection_and_across_batches() {
+    let t = setup(EmbeddedConfig {
+        max_commands_per_flush: 7, // batches straddle flushes
+        ..EmbeddedConfig::default()
+    });
+    let alice = open(&t.engine, "alice", "phone", "g1", 1);
+    let carol = open(&t.engine, "carol", "phone", "g1", 3);
+    open(&t.engine, "bob", "phone", "g2", 7);
+    let mut n = 0;
+    for round in 0..20 {
+        let mut batch = Vec::new();
+        for _ in 0..(round % 5) + 1 {
+            n += 1;
+            batch.push(request(&alice, n, send_body(DM, n, &n.to_string())));
+            batch.push(request(
+                &carol,
+                n,
+                send_body("dm:bob:carol", n, &n.to_string()),
+            ));
+        }
+        t.engine.submit_batch(batch);
+        n += 1;
+        t.engine
+            .submit(request(&alice, n, send_body(DM, n, &n.to_string())));
+        t.engine.submit_batch(Vec::new());
+    }
+    t.g1.reply(1, n);
+    t.g2.wait_for("every delivery to bob", |frames| {
+        (frames
+            .iter()
+            .filter(|o| delivered(&o.frame).is_some())
+            .count()
+            == n as usize + (n as usize - 20))
+            .then_some(())
+    });
+    let alice_acks: Vec<(u32, u64)> =
+        t.g1.frames_for(1)
+            .iter()
+            .map(|f| (f.request_id, ack(f).expect("SendAck").seq))
+            .collect();
+    let expected: Vec<(u32, u64)> = (1..=n).map(|i| (i, u64::from(i))).collect();
+    assert_eq!(alice_acks, expected, "acks in request order, seq in order");
+    let bodies: Vec<String> =
+        t.g2.frames_for(7)
+            .iter()
+            .filter_map(delivered)
+            .filter(|m| m.conversation_id == DM)
+            .map(|m| String::from_utf8(m.body.clone()).unwrap())
+            .collect();
+    let sent: Vec<String> = (1..=n).map(|i| i.to_string()).collect();
+    assert_eq!(bodies, sent);
+}
+
+#[test]
+fn a_batch_over_the_queue_limit_is_refused_from_the_tail() {
+    let t = setup(EmbeddedConfig {
+        max_queued_requests: 1,
+        ..EmbeddedConfig::default()
+    });
+    let alice = open(&t.engine, "alice", "phone", "g1", 1);
+    t.engine.submit_batch(vec![
+        request(&alice, 1, send_body(DM, 1, "x")),
+        request(&alice, 2, send_body(DM, 2, "y")),
+        request(&alice, 3, send_body(DM, 3, "z")),
+    ]);
+    assert_eq!(ack(&t.g1.reply(1, 1)).expect("SendAck").seq, 1);
+    for id in [2, 3] {
+        let e = t.g1.reply(1, id);
+        let e = error(&e).expect("Error");
+        assert_eq!(e.code, ErrorCode::Unavailable as u32);
+        assert_eq!(e.client_msg_id, cmid(id));
+    }
+}

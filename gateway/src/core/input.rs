@@ -15,7 +15,7 @@ use crate::session::{ConnPolicy, FrameStep, ReadGate};
 use crate::sink::conn_key;
 use crate::tls_io::{self, AppSink};
 
-use super::{unix_ms, Conn, Ctx, Fate, MAX_LEFTOVER, READ_CHUNK, READ_ROUNDS};
+use super::{unix_ms, Conn, Ctx, Fate, MAX_LEFTOVER, READ_CHUNK, READ_ROUNDS, REQUEST_BATCH};
 
 impl Ctx {
     /// Reads and processes what the socket has, a round (one read) at a
@@ -207,12 +207,17 @@ impl Ctx {
             FrameStep::Hello { request_id, hello } => self.on_hello(slot, conn, request_id, hello),
             FrameStep::Forward { request_id, body } => {
                 if let Some(session) = &conn.session {
-                    self.shared.backend.submit(Inbound {
+                    // Handed to the backend with the rest of this turn's
+                    // requests (`flush_requests`), in the order read.
+                    self.requests.push(Inbound {
                         from: Session::clone(session),
                         request_id,
                         body,
                         received_ms: unix_ms(),
                     });
+                    if self.requests.len() >= REQUEST_BATCH {
+                        self.flush_requests();
+                    }
                 }
             }
             FrameStep::Close(err) => {
@@ -263,13 +268,14 @@ impl Ctx {
         // Welcome is queued before the backend hears of the session, so it
         // precedes anything the backend sends.
         self.queue(&welcome);
+        self.flush_requests();
         self.shared.backend.session_opened(&session);
         self.metrics.sessions.fetch_add(1, Relaxed);
         conn.session = Some(session);
         self.arm(slot, conn);
         if !hello.resume.is_empty() {
             conn.policy.forwarded_untracked();
-            self.shared.backend.submit(Inbound {
+            self.requests.push(Inbound {
                 from: Session::clone(conn.session.as_deref().expect("session just set")),
                 request_id,
                 body: Body::Sync(pb::Sync {

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use palaver_protocol::{pb, FrameDecoder};
-use palaver_router::api::{Backend, Outbound, Session};
+use palaver_router::api::{Backend, Inbound, Outbound, Session};
 use rustls::server::UnbufferedServerConnection;
 use rustls::ServerConfig;
 use slab::Slab;
@@ -63,6 +63,9 @@ const READ_CHUNK: usize = 64 * 1024;
 const MAX_LEFTOVER: usize = 32 * 1024;
 /// Reads per readiness event before the connection yields to others.
 const READ_ROUNDS: usize = 8;
+/// Requests a core hands to the backend at once, at most (more in one turn
+/// go in several batches).
+const REQUEST_BATCH: usize = 256;
 /// Wheel size: 2048 ticks = 204.8 s horizon (longer deadlines re-park).
 const WHEEL_SLOTS: usize = 2048;
 
@@ -146,6 +149,10 @@ struct Ctx {
     now_ms: u64,
     rng: u64,
     limits: ConnLimits,
+    /// Requests read this turn, not yet handed to the backend: one
+    /// `Backend::submit_batch` per turn (and before any session change, so
+    /// the backend sees a core's requests and session events in order).
+    requests: Vec<Inbound>,
 }
 
 pub struct Core {
@@ -205,6 +212,7 @@ impl Core {
             },
             now_ms,
             rng: seed | 1,
+            requests: Vec::new(),
         };
         Ok(Core {
             ctx,
@@ -262,10 +270,13 @@ impl Core {
                     }
                 }
             }
+            // This turn's requests leave before the deliveries are written.
+            self.ctx.flush_requests();
             if woken && self.on_wake() {
                 break;
             }
             self.run_deferred(&mut handshakes);
+            self.ctx.flush_requests();
             if self.accept_pending && self.listener.is_some() {
                 self.accept_some(budget);
             }
@@ -549,7 +560,7 @@ impl Core {
     /// Removes a connection: ends its session, closes the socket.
     fn close(&mut self, slot: usize) {
         let mut conn = self.conns.remove(slot);
-        let ctx = &self.ctx;
+        let ctx = &mut self.ctx;
         ctx.end_session(&mut conn);
         if conn.policy.is_handshaking() {
             CoreMetrics::inc(&ctx.metrics.handshakes_failed);
@@ -571,6 +582,16 @@ impl Core {
 }
 
 impl Ctx {
+    /// Hands the requests read so far to the backend in one batch.
+    fn flush_requests(&mut self) {
+        if self.requests.is_empty() {
+            return;
+        }
+        let next = Vec::with_capacity(self.requests.len().clamp(4, REQUEST_BATCH));
+        let batch = std::mem::replace(&mut self.requests, next);
+        self.shared.backend.submit_batch(batch);
+    }
+
     fn next_random(&mut self) -> u64 {
         // xorshift64: only for drain jitter.
         let mut x = self.rng;

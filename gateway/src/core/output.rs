@@ -84,8 +84,10 @@ impl Ctx {
         self.arm(slot, conn);
     }
 
-    pub(super) fn end_session(&self, conn: &mut Conn) {
+    pub(super) fn end_session(&mut self, conn: &mut Conn) {
         if let Some(session) = conn.session.take() {
+            // The backend hears of the close after the session's requests.
+            self.flush_requests();
             self.shared.backend.session_closed(&session, unix_ms());
             self.metrics.sessions.fetch_sub(1, Relaxed);
         }
