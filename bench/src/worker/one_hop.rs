@@ -4,8 +4,12 @@
 //! sends and the second receives, one message at a time: the next Send is
 //! written only after the previous message was delivered, at the pair's
 //! pace (`rate` shared over the pairs) or at once if delivery took longer.
-//! Latency is from the Send's scheduled time to its Deliver, so a stall
-//! still shows. This is the figure to compare with a broker's one-hop
+//! Latency is from the moment the Send is written to its Deliver. Unlike the
+//! open-loop chat scenario (latency from the scheduled time, so that a stall
+//! cannot hide queueing), a closed loop has no queue to hide, and the
+//! worker's wake-up (epoll, millisecond resolution) would otherwise add up
+//! to a millisecond of the bench's own lateness to every sample. A server
+//! stall still shows: the message in flight waits for it. This is the figure to compare with a broker's one-hop
 //! publish → subscriber latency (queueing excluded by construction).
 
 use std::collections::{BTreeMap, HashMap};
@@ -27,7 +31,7 @@ struct Pair {
     sender: u32,
     receiver: u32,
     conversation_id: String,
-    /// The message in flight: its number and scheduled time.
+    /// The message in flight: its number and when it was written.
     in_flight: Option<(u64, Instant)>,
     /// When the next message may go (the pace), once the last one arrived.
     next_at: Instant,
@@ -48,7 +52,7 @@ pub struct OneHop {
     duration: Duration,
     end: Option<Instant>,
     next_number: u64,
-    /// Sends not yet acked or refused: message number → (pair, scheduled).
+    /// Sends not yet acked or refused: message number → (pair, written at).
     /// The ack and the delivery race (different connections), so this is
     /// apart from the pair's message in flight.
     unanswered: HashMap<u64, (usize, Instant)>,
@@ -167,10 +171,10 @@ impl Scenario for OneHop {
             if p.in_flight.is_some() || p.next_at > now || p.next_at >= end {
                 continue;
             }
-            let scheduled = p.next_at;
+            let paced = p.next_at;
             if !ready(p.sender) || !ready(p.receiver) {
                 counters.send_skipped += 1;
-                self.pairs[i].next_at = scheduled + self.interval;
+                self.pairs[i].next_at = paced + self.interval;
                 continue;
             }
             let k = self.next_number;
@@ -189,8 +193,11 @@ impl Scenario for OneHop {
                     Body::Send(send),
                 ),
             ));
-            self.pairs[i].in_flight = Some((k, scheduled));
-            self.unanswered.insert(k, (i, scheduled));
+            // Written now (the worker sends the outbox before it polls again).
+            let written = Instant::now();
+            self.pairs[i].in_flight = Some((k, written));
+            self.pairs[i].next_at = paced + self.interval;
+            self.unanswered.insert(k, (i, written));
             counters.sent += 1;
         }
     }
@@ -239,7 +246,7 @@ impl Scenario for OneHop {
                     let latency = now.saturating_duration_since(scheduled);
                     hist::record(&mut self.e2e, latency);
                     hist::record(&mut self.interval_e2e, latency);
-                    pair.next_at = (scheduled + self.interval).max(now);
+                    pair.next_at = pair.next_at.max(now);
                 }
             }
             _ => {}
@@ -254,12 +261,11 @@ impl Scenario for OneHop {
         c: &mut Counters,
     ) -> bool {
         let refused = self.message_number(&error.client_msg_id);
-        let Some((i, scheduled)) = refused.and_then(|k| self.unanswered.remove(&k)) else {
+        let Some((i, _)) = refused.and_then(|k| self.unanswered.remove(&k)) else {
             return false;
         };
         // The message will never arrive: the pair moves on.
         self.pairs[i].in_flight = None;
-        self.pairs[i].next_at = scheduled + self.interval;
         c.send_errors += 1;
         *self.send_errors.entry(error_name(error.code)).or_default() += 1;
         true
