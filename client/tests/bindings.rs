@@ -45,6 +45,22 @@ fn generate(language: &str, out: &Path) {
         std::env::consts::DLL_PREFIX,
         std::env::consts::DLL_SUFFIX
     ));
+    // `cargo test` links the tests against the rlib and does not refresh the
+    // cdylib in the target dir: build it, so a fresh checkout (and a changed
+    // API) is read from a current library.
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = Command::new(cargo);
+    build.args(["build", "--quiet", "-p", "palaver-client", "--lib"]);
+    if bindgen.parent().is_some_and(|d| d.ends_with("release")) {
+        build.arg("--release");
+    }
+    let built = build
+        .status()
+        .expect("running cargo build -p palaver-client --lib");
+    assert!(
+        built.success(),
+        "cargo build -p palaver-client --lib failed"
+    );
     assert!(lib.exists(), "{} not built", lib.display());
     let status = Command::new(&bindgen)
         .args(["generate", "--no-format", "--library"])
