@@ -8,16 +8,20 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn manifest_dir() -> PathBuf {
+/// `client/`: the SDK crate, its `uniffi.toml` and its checked-in bindings.
+fn client_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("client/bindgen sits in client/")
+        .to_path_buf()
 }
 
 fn kotlin_dir() -> PathBuf {
-    manifest_dir().join("bindings/kotlin/src/main/kotlin")
+    client_dir().join("bindings/kotlin/src/main/kotlin")
 }
 
 fn swift_dir() -> PathBuf {
-    manifest_dir().join("bindings/swift")
+    client_dir().join("bindings/swift")
 }
 
 /// Every file under `dir` (but READMEs), relative path → contents.
@@ -67,7 +71,7 @@ fn generate(language: &str, out: &Path) {
         .arg(&lib)
         .args(["--language", language, "--out-dir"])
         .arg(out)
-        .current_dir(manifest_dir())
+        .current_dir(client_dir())
         .output()
         .unwrap();
     assert!(
