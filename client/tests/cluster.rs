@@ -11,7 +11,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{audit, connected_count, messages_in, Recorder, Tokens};
+use common::{
+    assert_exactly_once_in_order, connected_count, messages_in, sent_in, Recorder, Tokens,
+};
 use palaver_client::{
     direct_conversation_id, ClientConfig, ClientEvent, ConnectionState, PalaverClient,
 };
@@ -149,21 +151,11 @@ fn gateway_processes_terminated_and_killed_under_traffic_lose_nothing() {
     // 1. SIGTERM the gateway alice is on: GoAway(SHUTDOWN, ≥ 1 s), reconnect
     //    to another gateway, Sync.
     let expected = send(&alice, &conv, "t", 150);
-    ra.wait("traffic", T, |e| {
-        e.iter()
-            .filter(|e| matches!(e, ClientEvent::MessageSent { .. }))
-            .count()
-            >= 20
-    });
+    ra.wait("traffic", T, |e| sent_in(e) >= 20);
     let victim = gateway_of(&ra);
     stack::signal(pid_of(&victim), SIGTERM).unwrap();
     let got = rb.wait_messages(&conv, 150);
-    let (loss, dup, order) = audit(&got, &expected);
-    println!(
-        "SIGTERM {victim}: {} received, {loss} lost, {dup} duplicated, {order} out of order",
-        got.len()
-    );
-    assert_eq!((loss, dup, order), (0, 0, 0));
+    assert_exactly_once_in_order(&format!("SIGTERM {victim}"), &got, &expected);
     ra.wait_connected(2);
     let ev = ra.snapshot();
     let first = ev
@@ -225,12 +217,7 @@ fn gateway_processes_terminated_and_killed_under_traffic_lose_nothing() {
     stack::signal(pid2, SIGKILL).unwrap();
     let got = rb.wait_messages(&conv, 300);
     let got2: Vec<_> = got.into_iter().skip(150).collect();
-    let (loss, dup, order) = audit(&got2, &expected2);
-    println!(
-        "SIGKILL {victim2}: {} received, {loss} lost, {dup} duplicated, {order} out of order",
-        got2.len()
-    );
-    assert_eq!((loss, dup, order), (0, 0, 0));
+    assert_exactly_once_in_order(&format!("SIGKILL {victim2}"), &got2, &expected2);
     assert!(
         connected_count(
             &rb.snapshot()

@@ -78,12 +78,7 @@ fn sent_while_disconnected_is_delivered_once_after_connect_and_survives_a_restar
     let got = rb.wait_messages(&conv, 3);
     let texts: Vec<String> = got.iter().map(|m| m.text()).collect();
     assert_eq!(texts, ["one", "two", "three"]);
-    r2.wait("3 acks", T, |e| {
-        e.iter()
-            .filter(|e| matches!(e, ClientEvent::MessageSent { .. }))
-            .count()
-            == 3
-    });
+    r2.wait("3 acks", T, |e| sent_in(e) == 3);
     assert!(
         store.load_outbox().is_empty(),
         "acked messages leave the store"
@@ -140,18 +135,8 @@ fn drained_gateway_go_away_reconnect_after_the_delay_then_sync_nothing_lost_or_d
     rb.wait("some messages", T, |e| messages_in(e, &conv) >= 20);
     stack.gateways[0].drain();
     let got = rb.wait_messages(&conv, 200);
-    ra.wait("200 acks", T, |e| {
-        e.iter()
-            .filter(|e| matches!(e, ClientEvent::MessageSent { .. }))
-            .count()
-            >= 200
-    });
-    let (loss, dup, order) = audit(&got, &expected);
-    println!(
-        "drain: {} received, {loss} lost, {dup} duplicated, {order} out of order",
-        got.len()
-    );
-    assert_eq!((loss, dup, order), (0, 0, 0));
+    ra.wait_acked(200);
+    assert_exactly_once_in_order("drain", &got, &expected);
     // Both reconnected, no sooner than the GoAway's delay after losing the link.
     for r in [&ra, &rb] {
         r.wait_connected(2);
@@ -215,18 +200,8 @@ fn a_gateway_stopped_dead_loses_nothing() {
     // Connections closed without GoAway: a crash, as far as clients can tell.
     stack.gateways[0].stop();
     let got = rb.wait_messages(&conv, 200);
-    ra.wait("200 acks", T, |e| {
-        e.iter()
-            .filter(|e| matches!(e, ClientEvent::MessageSent { .. }))
-            .count()
-            >= 200
-    });
-    let (loss, dup, order) = audit(&got, &expected);
-    println!(
-        "stop: {} received, {loss} lost, {dup} duplicated, {order} out of order",
-        got.len()
-    );
-    assert_eq!((loss, dup, order), (0, 0, 0));
+    ra.wait_acked(200);
+    assert_exactly_once_in_order("stop", &got, &expected);
     ra.wait_connected(2);
     rb.wait_connected(2);
     alice.shutdown();
@@ -333,12 +308,7 @@ fn a_seq_gap_triggers_sync_and_messages_arrive_in_order() {
     for t in ["a", "b", "c"] {
         bob.send_text(group.clone(), t.into()).unwrap();
     }
-    rb.wait("3 acks", T, |e| {
-        e.iter()
-            .filter(|e| matches!(e, ClientEvent::MessageSent { .. }))
-            .count()
-            == 3
-    });
+    rb.wait("3 acks", T, |e| sent_in(e) == 3);
     bob.change_members(group.clone(), vec!["carol".into()], vec![], vec![])
         .unwrap();
     rc.wait("added", T, |e| {
@@ -381,12 +351,7 @@ fn flapping_link_1000_messages_exactly_once_in_order() {
     let flapping = proxy.flap(Duration::from_millis(100));
     let expected = send_numbered(&alice, &conv, "f", 1000);
     let got = rb.wait_messages(&conv, 1000);
-    ra.wait("1000 acks", T * 3, |e| {
-        e.iter()
-            .filter(|e| matches!(e, ClientEvent::MessageSent { .. }))
-            .count()
-            >= 1000
-    });
+    ra.wait("1000 acks", T * 3, |e| sent_in(e) >= 1000);
     flapping.store(true, Ordering::Relaxed);
     // Whatever is still in flight arrives behind a probe, or not at all.
     alice.send_text(conv.clone(), "probe".into()).unwrap();
@@ -501,12 +466,7 @@ fn a_large_sync_batch_arrives_whole() {
             t
         })
         .collect();
-    ra.wait("60 acks", T, |e| {
-        e.iter()
-            .filter(|e| matches!(e, ClientEvent::MessageSent { .. }))
-            .count()
-            == 60
-    });
+    ra.wait("60 acks", T, |e| sent_in(e) == 60);
     let (_bob, rb) = stack.login("bob", "phone");
     let got = rb.wait_messages(&conv, 60);
     assert_eq!(audit(&got, &expected), (0, 0, 0));
@@ -534,12 +494,7 @@ fn large_messages_to_several_conversations_go_out_in_one_burst() {
             .send_text(dm("alice", peer), "y".repeat(60_000))
             .unwrap();
     }
-    ra.wait("3 acks", T, |e| {
-        e.iter()
-            .filter(|e| matches!(e, ClientEvent::MessageSent { .. }))
-            .count()
-            == 3
-    });
+    ra.wait("3 acks", T, |e| sent_in(e) == 3);
     assert_eq!(
         connected_count(
             &ra.snapshot()

@@ -231,6 +231,11 @@ impl Recorder {
             .collect()
     }
 
+    /// Waits until `n` of this client's messages were acknowledged.
+    pub fn wait_acked(&self, n: usize) {
+        self.wait(&format!("{n} acks"), T, |e| sent_in(e) >= n);
+    }
+
     pub fn sent_count(&self) -> usize {
         self.snapshot()
             .iter()
@@ -253,6 +258,13 @@ pub fn connected_count(e: &[ClientEvent]) -> usize {
                 }
             )
         })
+        .count()
+}
+
+/// Acknowledged sends (`MessageSent`) among `e`.
+pub fn sent_in(e: &[ClientEvent]) -> usize {
+    e.iter()
+        .filter(|e| matches!(e, ClientEvent::MessageSent { .. }))
         .count()
 }
 
@@ -290,6 +302,17 @@ pub fn audit(got: &[ChatMessage], expected: &[String]) -> (usize, usize, usize) 
         }
     }
     (losses, dups, order)
+}
+
+/// Prints the audit of `got` against `expected` under `label` and asserts
+/// exactly once, in order.
+pub fn assert_exactly_once_in_order(label: &str, got: &[ChatMessage], expected: &[String]) {
+    let (loss, dup, order) = audit(got, expected);
+    println!(
+        "{label}: {} received, {loss} lost, {dup} duplicated, {order} out of order",
+        got.len()
+    );
+    assert_eq!((loss, dup, order), (0, 0, 0), "{label}");
 }
 
 /// A loopback TCP proxy to `upstream` that can cut every connection
