@@ -1,5 +1,5 @@
 //! `palaver-client`: the Palaver client SDK for apps. One I/O thread owns
-//! the TLS socket; a sans-io [`engine`] decides everything else: Hello with
+//! the TLS socket; a sans-io `engine` decides everything else: Hello with
 //! a token from the app's provider, heartbeats, reconnect with jittered
 //! backoff (honouring GoAway), an outbox resent with the same client_msg_id
 //! until SendAck, Sync after every connect and on seq gaps, receipts,

@@ -10,7 +10,7 @@
 //! move bytes and apply its verdicts: the loop here, reading in `input.rs`,
 //! writing in `output.rs`, the timing wheel in `timers.rs`.
 //!
-//! Memory per idle connection is the [`Conn`] slot plus rustls' unbuffered
+//! Memory per idle connection is the `Conn` slot plus rustls' unbuffered
 //! connection state: buffers exist only while something is pending (a partial
 //! TLS record, a partial frame, unsent output) and are freed when drained.
 //!

@@ -15,10 +15,10 @@
 //! | `c:{<conv>}:m` | hash | group members: user → role |
 //! | `u:{<user>}:convs` | set | the user's conversations |
 //! | `u:{<user>}:push` | set | conversations with a pending push |
-//! | `u:{<user>}:sess` | hash | device → `<conn>|<gateway>` |
+//! | `u:{<user>}:sess` | hash | device → `<conn>\|<gateway>` |
 //! | `u:{<user>}:seen` | string | last seen, ms |
-//! | `u:{<user>}:wb` | set | watching connections `<conn>|<gateway>` |
-//! | `w:{<conn>|<gateway>}` | set | users a connection watches |
+//! | `u:{<user>}:wb` | set | watching connections `<conn>\|<gateway>` |
+//! | `w:{<conn>\|<gateway>}` | set | users a connection watches |
 //! | `gw:{gw}:lease:<id>` | string, EX | gateway lease (alive while present) |
 //! | `gw:{gw}:known` | set | gateways that ever registered |
 //! | `gw:{gw}:reap:<id>` | string, EX | lock: one gateway reaps a dead one |
