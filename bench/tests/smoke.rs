@@ -92,6 +92,17 @@ fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// The run's `report.json`.
+fn read_report(out: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(out.join("report.json")).expect("report.json");
+    serde_json::from_str(&text).expect("report is JSON")
+}
+
+/// A count in the report.
+fn n(v: &serde_json::Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
+}
+
 #[test]
 fn smoke_scenario_against_a_real_gateway() {
     let dir = temp_dir("smoke");
@@ -117,10 +128,8 @@ fn smoke_scenario_against_a_real_gateway() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "bench failed\n{stdout}\n{stderr}");
 
-    let text = std::fs::read_to_string(out.join("report.json")).expect("report.json");
-    let r: serde_json::Value = serde_json::from_str(&text).expect("report is JSON");
+    let r = read_report(&out);
     let c = &r["counters"];
-    let n = |v: &serde_json::Value| v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"));
     assert_eq!(n(&r["connections"]["target"]), 200);
     assert_eq!(n(&r["connections"]["established"]), 200, "{stdout}");
     assert_eq!(n(&c["failed"]), 0, "{stdout}");
@@ -194,10 +203,8 @@ fn one_hop_keeps_one_message_in_flight_per_pair() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "bench failed\n{stdout}\n{stderr}");
-    let text = std::fs::read_to_string(out.join("report.json")).expect("report.json");
-    let r: serde_json::Value = serde_json::from_str(&text).expect("report is JSON");
+    let r = read_report(&out);
     let c = &r["counters"];
-    let n = |v: &serde_json::Value| v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"));
     let sent = n(&c["sent"]);
     // 2 pairs at 50 msg/s each for 2 s: the pace allows 200 (one more per
     // pair at the edge); a loopback gateway keeps up with it.

@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{
-    assert_exactly_once_in_order, connected_count, messages_in, sent_in, Recorder, Tokens,
+    assert_exactly_once_in_order, connected_count, first_reconnect, messages_in, sent_in, Recorder,
+    Tokens,
 };
 use palaver_client::{
     direct_conversation_id, ClientConfig, ClientEvent, ConnectionState, PalaverClient,
@@ -158,41 +159,7 @@ fn gateway_processes_terminated_and_killed_under_traffic_lose_nothing() {
     assert_exactly_once_in_order(&format!("SIGTERM {victim}"), &got, &expected);
     ra.wait_connected(2);
     let ev = ra.snapshot();
-    let first = ev
-        .iter()
-        .position(|(_, e)| {
-            matches!(
-                e,
-                ClientEvent::StateChanged {
-                    state: ConnectionState::Connected { .. }
-                }
-            )
-        })
-        .unwrap();
-    let lost = first
-        + ev[first..]
-            .iter()
-            .position(|(_, e)| {
-                matches!(
-                    e,
-                    ClientEvent::StateChanged {
-                        state: ConnectionState::Connecting { .. }
-                    }
-                )
-            })
-            .unwrap();
-    let back = lost
-        + ev[lost..]
-            .iter()
-            .position(|(_, e)| {
-                matches!(
-                    e,
-                    ClientEvent::StateChanged {
-                        state: ConnectionState::Connected { .. }
-                    }
-                )
-            })
-            .unwrap();
+    let (lost, back) = first_reconnect(&ev);
     let waited = ev[back].0.duration_since(ev[lost].0);
     assert!(
         waited >= Duration::from_millis(1_000),

@@ -141,41 +141,8 @@ fn drained_gateway_go_away_reconnect_after_the_delay_then_sync_nothing_lost_or_d
     for r in [&ra, &rb] {
         r.wait_connected(2);
         let ev = r.snapshot();
-        let first = ev
-            .iter()
-            .position(|(_, e)| {
-                matches!(
-                    e,
-                    ClientEvent::StateChanged {
-                        state: ConnectionState::Connected { .. }
-                    }
-                )
-            })
-            .expect("connected");
-        let lost = first
-            + ev[first..]
-                .iter()
-                .position(|(_, e)| {
-                    matches!(
-                        e,
-                        ClientEvent::StateChanged {
-                            state: ConnectionState::Connecting { .. }
-                        }
-                    )
-                })
-                .expect("reconnecting");
-        let back = ev[lost..]
-            .iter()
-            .find(|(_, e)| {
-                matches!(
-                    e,
-                    ClientEvent::StateChanged {
-                        state: ConnectionState::Connected { .. }
-                    }
-                )
-            })
-            .expect("reconnected");
-        let waited = back.0.duration_since(ev[lost].0);
+        let (lost, back) = first_reconnect(&ev);
+        let waited = ev[back].0.duration_since(ev[lost].0);
         assert!(
             waited >= Duration::from_millis(700),
             "reconnected after {waited:?}"
@@ -406,17 +373,7 @@ fn presence_subscriptions_are_restored_after_a_reconnect_and_history_pages() {
     proxy.cut_all();
     ra.wait_connected(2);
     let ev = ra.snapshot();
-    let reconnected = ev
-        .iter()
-        .rposition(|(_, e)| {
-            matches!(
-                e,
-                ClientEvent::StateChanged {
-                    state: ConnectionState::Connected { .. }
-                }
-            )
-        })
-        .unwrap();
+    let reconnected = ev.iter().rposition(|(_, e)| is_connected(e)).unwrap();
     ra.wait("presence restored on the new connection", T, |e| {
         e[reconnected..].iter().any(|e| matches!(e, ClientEvent::PresenceChanged { presence } if presence.user_id == "bob" && presence.online))
     });

@@ -242,17 +242,8 @@ impl Backend for EmbeddedEngine {
     }
 
     fn submit(&self, request: Inbound) {
-        if self.queued_requests.fetch_add(1, Ordering::AcqRel) >= self.max_queued_requests {
-            self.queued_requests.fetch_sub(1, Ordering::AcqRel);
-            self.refuse(&request, "server busy, retry later");
-            return;
-        }
-        if let Err(e) = self.jobs.send(Job::Run(Command::Request(request))) {
-            self.queued_requests.fetch_sub(1, Ordering::AcqRel);
-            if let Job::Run(Command::Request(request)) = e.0 {
-                self.refuse(&request, "server shutting down");
-            }
-        }
+        // One admission path: a single request is a batch of one.
+        self.submit_batch(vec![request]);
     }
 
     fn shutdown(&self) {
@@ -348,10 +339,9 @@ impl Worker {
     fn process(&mut self, job: Job, out: &mut Output, processed: &mut usize) -> bool {
         match job {
             Job::Stop => return false,
+            // Session events; requests come as `Job::Requests`, counted in
+            // the queue.
             Job::Run(command) => {
-                if matches!(command, Command::Request(_)) {
-                    self.queued_requests.fetch_sub(1, Ordering::AcqRel);
-                }
                 self.handle(command, out);
                 *processed += 1;
             }

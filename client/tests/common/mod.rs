@@ -248,17 +248,46 @@ fn last(e: &[ClientEvent]) -> Vec<ClientEvent> {
     e.iter().rev().take(8).rev().cloned().collect()
 }
 
+pub fn is_connected(e: &ClientEvent) -> bool {
+    matches!(
+        e,
+        ClientEvent::StateChanged {
+            state: ConnectionState::Connected { .. }
+        }
+    )
+}
+
+pub fn is_connecting(e: &ClientEvent) -> bool {
+    matches!(
+        e,
+        ClientEvent::StateChanged {
+            state: ConnectionState::Connecting { .. }
+        }
+    )
+}
+
 pub fn connected_count(e: &[ClientEvent]) -> usize {
-    e.iter()
-        .filter(|e| {
-            matches!(
-                e,
-                ClientEvent::StateChanged {
-                    state: ConnectionState::Connected { .. }
-                }
-            )
-        })
-        .count()
+    e.iter().filter(|e| is_connected(e)).count()
+}
+
+/// The first lost connection in `ev`: the indices of the `Connecting` after
+/// the first `Connected`, and of the `Connected` that follows it.
+pub fn first_reconnect(ev: &[(Instant, ClientEvent)]) -> (usize, usize) {
+    let first = ev
+        .iter()
+        .position(|(_, e)| is_connected(e))
+        .expect("connected");
+    let lost = first
+        + ev[first..]
+            .iter()
+            .position(|(_, e)| is_connecting(e))
+            .expect("reconnecting");
+    let back = lost
+        + ev[lost..]
+            .iter()
+            .position(|(_, e)| is_connected(e))
+            .expect("reconnected");
+    (lost, back)
 }
 
 /// Acknowledged sends (`MessageSent`) among `e`.
@@ -315,6 +344,14 @@ pub fn assert_exactly_once_in_order(label: &str, got: &[ChatMessage], expected: 
     assert_eq!((loss, dup, order), (0, 0, 0), "{label}");
 }
 
+/// Shuts both directions of every proxied connection and counts the cut.
+fn cut(conns: &Mutex<Vec<TcpStream>>, cuts: &AtomicU32) {
+    for s in conns.lock().unwrap().drain(..) {
+        let _ = s.shutdown(Shutdown::Both);
+    }
+    cuts.fetch_add(1, Ordering::Relaxed);
+}
+
 /// A loopback TCP proxy to `upstream` that can cut every connection
 /// through it at once (a flapping mobile link).
 pub struct Proxy {
@@ -361,11 +398,7 @@ impl Proxy {
 
     /// Cuts every connection through the proxy now (both directions).
     pub fn cut_all(&self) {
-        let mut c = self.conns.lock().unwrap();
-        for s in c.drain(..) {
-            let _ = s.shutdown(Shutdown::Both);
-        }
-        self.cuts.fetch_add(1, Ordering::Relaxed);
+        cut(&self.conns, &self.cuts);
     }
 
     /// Cuts everything every `every` until the returned flag is set.
@@ -377,11 +410,7 @@ impl Proxy {
             let end = Instant::now() + Duration::from_secs(600);
             while !done2.load(Ordering::Relaxed) && Instant::now() < end {
                 std::thread::sleep(every);
-                let mut c = conns.lock().unwrap();
-                for s in c.drain(..) {
-                    let _ = s.shutdown(Shutdown::Both);
-                }
-                cuts.fetch_add(1, Ordering::Relaxed);
+                cut(&conns, &cuts);
             }
         });
         done
