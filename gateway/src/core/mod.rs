@@ -10,9 +10,10 @@
 //! move bytes and apply its verdicts: the loop here, reading in `input.rs`,
 //! writing in `output.rs`, the timing wheel in `timers.rs`.
 //!
-//! Memory per idle connection is the `Conn` slot plus rustls' unbuffered
-//! connection state: buffers exist only while something is pending (a partial
-//! TLS record, a partial frame, unsent output) and are freed when drained.
+//! Memory per idle connection is the `Conn` slot, its session's ids (one
+//! small allocation, [`ids`]) and rustls' unbuffered connection state:
+//! buffers exist only while something is pending (a partial TLS record, a
+//! partial frame, unsent output) and are freed when drained.
 //!
 //! Output is bounded per connection, whoever produces it: frames are
 //! encrypted together at the end of each read round or delivery run (one TLS
@@ -24,6 +25,7 @@
 //! `slow_consumer_timeout_ms`. A connection therefore holds at most
 //! `max_outbound_bytes` + one read round's replies (or one backend frame).
 
+mod ids;
 mod input;
 mod output;
 mod timers;
@@ -37,7 +39,7 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use palaver_protocol::{pb, FrameDecoder};
-use palaver_router::api::{Backend, Inbound, Outbound, Session};
+use palaver_router::api::{Backend, Inbound, Outbound};
 use rustls::server::UnbufferedServerConnection;
 use rustls::ServerConfig;
 use slab::Slab;
@@ -46,9 +48,11 @@ use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::metrics::CoreMetrics;
 use crate::session::{ConnLimits, ConnPolicy, DrainStep};
-use crate::sink::{split_key, Control, Mailbox, MailboxRx};
+use crate::sink::{conn_key, split_key, Control, Mailbox, MailboxRx};
 use crate::timer::{TimerEntry, TimerWheel};
 use crate::tls::TlsStore;
+
+use ids::SessionIds;
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
@@ -105,10 +109,14 @@ struct Conn {
     policy: ConnPolicy,
     decoder: FrameDecoder,
     /// Ciphertext of an incomplete TLS record; empty (no allocation) otherwise.
-    tls_in: Vec<u8>,
+    /// A boxed slice, not a Vec: it is only ever replaced whole, and the
+    /// 8 bytes it saves in every slot pay for `ids`.
+    tls_in: Box<[u8]>,
     /// Encrypted output the socket has not taken yet; empty otherwise.
     tls_out: Vec<u8>,
-    session: Option<Box<Session>>,
+    /// The open session's user and device ids (after Hello, until the
+    /// session ends); the backend's `Session` is built from them on demand.
+    ids: Option<SessionIds>,
     generation: u32,
     /// Tick of this connection's live timer-wheel entry.
     timer_tick: u32,
@@ -433,9 +441,9 @@ impl Core {
             tls,
             policy: ConnPolicy::new(&ctx.limits, now),
             decoder: FrameDecoder::new(limits.max_frame_bytes as usize),
-            tls_in: Vec::new(),
+            tls_in: Box::default(),
             tls_out: Vec::new(),
-            session: None,
+            ids: None,
             generation,
             timer_tick: u32::MAX,
             accounted_out: 0,
@@ -561,7 +569,7 @@ impl Core {
     fn close(&mut self, slot: usize) {
         let mut conn = self.conns.remove(slot);
         let ctx = &mut self.ctx;
-        ctx.end_session(&mut conn);
+        ctx.end_session(slot, &mut conn);
         if conn.policy.is_handshaking() {
             CoreMetrics::inc(&ctx.metrics.handshakes_failed);
         }
@@ -582,6 +590,11 @@ impl Core {
 }
 
 impl Ctx {
+    /// The connection key the backend knows the connection at `slot` by.
+    fn conn_key(&self, slot: usize, conn: &Conn) -> u64 {
+        conn_key(self.index, slot, conn.generation)
+    }
+
     /// Hands the requests read so far to the backend in one batch.
     fn flush_requests(&mut self) {
         if self.requests.is_empty() {
@@ -610,8 +623,12 @@ mod tests {
     #[test]
     fn connection_slot_stays_small() {
         // The per-connection struct, excluding rustls' boxed state (the
-        // request budgets are 28 of it).
+        // request budgets are 28 of it). Every byte is paid by every
+        // connection: the slab is one array of these. mio's TcpStream is a
+        // 4-byte fd in release builds, 16 bytes with the selector id it
+        // keeps under debug assertions.
         let size = std::mem::size_of::<Conn>();
-        assert!(size <= 192, "Conn is {size} bytes");
+        let limit = if cfg!(debug_assertions) { 192 } else { 184 };
+        assert!(size <= limit, "Conn is {size} bytes");
     }
 }

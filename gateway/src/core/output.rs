@@ -78,16 +78,17 @@ impl Ctx {
         }
         self.seal(conn);
         tls_io::close_notify(&mut conn.tls, &mut conn.tls_in, &mut self.scratch.out);
-        conn.tls_in = Vec::new();
+        conn.tls_in = Box::default();
         conn.decoder = FrameDecoder::new(0);
-        self.end_session(conn);
+        self.end_session(slot, conn);
         self.arm(slot, conn);
     }
 
-    pub(super) fn end_session(&mut self, conn: &mut Conn) {
-        if let Some(session) = conn.session.take() {
+    pub(super) fn end_session(&mut self, slot: usize, conn: &mut Conn) {
+        if let Some(ids) = conn.ids.take() {
             // The backend hears of the close after the session's requests.
             self.flush_requests();
+            let session = ids.session(&self.shared.gateway_id, self.conn_key(slot, conn));
             self.shared.backend.session_closed(&session, unix_ms());
             self.metrics.sessions.fetch_sub(1, Relaxed);
         }
