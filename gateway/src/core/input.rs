@@ -26,7 +26,7 @@ impl Ctx {
     pub(super) fn on_readable(&mut self, slot: usize, conn: &mut Conn) -> (Fate, bool) {
         match conn
             .policy
-            .read_gate(&self.limits, conn.tls_out.len(), self.now_ms)
+            .read_gate(&self.limits, conn.pending.out_len(), self.now_ms)
         {
             ReadGate::Read => {}
             ReadGate::Discard => return (self.discard_input(conn), false),
@@ -36,9 +36,9 @@ impl Ctx {
                 return (Fate::Keep, false);
             }
         }
-        let mut used = conn.tls_in.len();
-        self.scratch.tls_in[..used].copy_from_slice(&conn.tls_in);
-        conn.tls_in = Box::default();
+        let mut used = conn.pending.tls_in().len();
+        self.scratch.tls_in[..used].copy_from_slice(conn.pending.tls_in());
+        conn.pending.set_tls_in(&[]);
         let mut frames = std::mem::take(&mut self.scratch.frames);
         let mut decode_error = None;
         let mut peer_gone = false;
@@ -131,7 +131,7 @@ impl Ctx {
             }
             if conn
                 .policy
-                .read_gate(&self.limits, conn.tls_out.len(), self.now_ms)
+                .read_gate(&self.limits, conn.pending.out_len(), self.now_ms)
                 == ReadGate::Stall
             {
                 self.reading_stalled(slot, conn);
@@ -156,7 +156,7 @@ impl Ctx {
             return (Fate::Close, false);
         }
         if used > 0 && !conn.policy.is_closing() {
-            conn.tls_in = self.scratch.tls_in[..used].into();
+            conn.pending.set_tls_in(&self.scratch.tls_in[..used]);
         }
         if peer_gone {
             // Peer is gone (EOF or reset): nothing more will be read.

@@ -13,12 +13,12 @@
 //! Memory per idle connection is the `Conn` slot, its session's ids (one
 //! small allocation, [`ids`]) and rustls' unbuffered connection state:
 //! buffers exist only while something is pending (a partial TLS record, a
-//! partial frame, unsent output) and are freed when drained.
+//! partial frame, unsent output: [`pending`]) and are freed when drained.
 //!
 //! Output is bounded per connection, whoever produces it: frames are
 //! encrypted together at the end of each read round or delivery run (one TLS
 //! record per 16 KiB, not one per frame), written at once, and what the
-//! socket refuses stays in `tls_out`. While `tls_out` holds
+//! socket refuses stays pending (`tls_out`). While that holds
 //! `max_outbound_bytes` or more the connection is not read (the client's own
 //! requests wait in the kernel, TCP backpressure), a backend frame that does
 //! not fit closes it as a slow consumer, and so does staying full for
@@ -28,6 +28,7 @@
 mod ids;
 mod input;
 mod output;
+mod pending;
 mod timers;
 
 use std::collections::VecDeque;
@@ -53,6 +54,7 @@ use crate::timer::{TimerEntry, TimerWheel};
 use crate::tls::TlsStore;
 
 use ids::SessionIds;
+use pending::PendingIo;
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
@@ -108,19 +110,16 @@ struct Conn {
     /// the connection's rules decide (sans-io, see [`crate::session`]).
     policy: ConnPolicy,
     decoder: FrameDecoder,
-    /// Ciphertext of an incomplete TLS record; empty (no allocation) otherwise.
-    /// A boxed slice, not a Vec: it is only ever replaced whole, and the
-    /// 8 bytes it saves in every slot pay for `ids`.
-    tls_in: Box<[u8]>,
-    /// Encrypted output the socket has not taken yet; empty otherwise.
-    tls_out: Vec<u8>,
+    /// Ciphertext of an incomplete TLS record and encrypted output the
+    /// socket has not taken yet; no allocation while neither is pending.
+    pending: PendingIo,
     /// The open session's user and device ids (after Hello, until the
     /// session ends); the backend's `Session` is built from them on demand.
     ids: Option<SessionIds>,
     generation: u32,
     /// Tick of this connection's live timer-wheel entry.
     timer_tick: u32,
-    /// `tls_out.len()` as last added to the core's buffered-bytes gauge.
+    /// Unsent output bytes as last added to the core's buffered-bytes gauge.
     accounted_out: u32,
     /// Already queued for a deferred read/handshake step.
     deferred: bool,
@@ -302,7 +301,7 @@ impl Core {
         };
         let mut fate = Fate::Keep;
         let mut resumed = false;
-        if writable && !conn.tls_out.is_empty() {
+        if writable && conn.pending.out_len() > 0 {
             (fate, resumed) = self.ctx.flush(conn);
         }
         // Reading resumed: what arrived meanwhile raised no new edge.
@@ -441,8 +440,7 @@ impl Core {
             tls,
             policy: ConnPolicy::new(&ctx.limits, now),
             decoder: FrameDecoder::new(limits.max_frame_bytes as usize),
-            tls_in: Box::default(),
-            tls_out: Vec::new(),
+            pending: PendingIo::default(),
             ids: None,
             generation,
             timer_tick: u32::MAX,
@@ -628,7 +626,7 @@ mod tests {
         // 4-byte fd in release builds, 16 bytes with the selector id it
         // keeps under debug assertions.
         let size = std::mem::size_of::<Conn>();
-        let limit = if cfg!(debug_assertions) { 192 } else { 184 };
+        let limit = if cfg!(debug_assertions) { 160 } else { 152 };
         assert!(size <= limit, "Conn is {size} bytes");
     }
 }
