@@ -22,8 +22,9 @@
 //!
 //! ```text
 //! IDLE_CONNS_WRAP="heaptrack -o /tmp/idle" target/release/examples/idle_conns \
-//!     --n 2000 --hold 15 --exit-hot
-//! heaptrack_print -f /tmp/idle.zst -l 1 --print-leaks 1
+//!     --n 2000 --hold 12 --exit-hot [--backend none]
+//! heaptrack_print -f /tmp/idle.zst --print-leaks 1            # backtraces
+//! heaptrack_print -f /tmp/idle.zst --flamegraph-cost-type leaked -F stacks.txt  # exact bytes
 //! ```
 //!
 //! `--exit-hot` makes the gateway exit while the sessions are open, so what
