@@ -17,6 +17,18 @@
 //! `--hold S` keeps the connections open for S seconds with real heartbeats
 //! (every connection Pings at the announced pace) and reads the gateway's
 //! RSS at +10 s and at +S after the ramp: idle memory must not creep.
+//!
+//! Where the bytes go, by call site (heaptrack from Debian):
+//!
+//! ```text
+//! IDLE_CONNS_WRAP="heaptrack -o /tmp/idle" target/release/examples/idle_conns \
+//!     --n 2000 --hold 12 --exit-hot [--backend none]
+//! heaptrack_print -f /tmp/idle.zst --print-leaks 1            # backtraces
+//! heaptrack_print -f /tmp/idle.zst --flamegraph-cost-type leaked -F stacks.txt  # exact bytes
+//! ```
+//!
+//! `--exit-hot` makes the gateway exit while the sessions are open, so what
+//! heaptrack reports as leaked is exactly the live idle state.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -106,7 +118,21 @@ fn spawn_gateway(
     heartbeat_ms: &str,
 ) -> (std::process::Child, u32, SocketAddr, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!("palaver-idle-{}", std::process::id()));
-    let mut child = Command::new(std::env::current_exe().unwrap())
+    // IDLE_CONNS_WRAP="heaptrack -o FILE" runs the gateway under a profiler.
+    let wrap = std::env::var("IDLE_CONNS_WRAP").unwrap_or_default();
+    let mut wrap = wrap.split_whitespace();
+    let mut cmd = match wrap.next() {
+        Some(tool) => {
+            let mut c = Command::new(tool);
+            c.args(wrap).arg(std::env::current_exe().unwrap());
+            c
+        }
+        None => Command::new(std::env::current_exe().unwrap()),
+    };
+    if std::env::args().any(|a| a == "--exit-hot") {
+        cmd.arg("--exit-hot");
+    }
+    let mut child = cmd
         .args(["--serve", "--cores", cores, "--backend", backend])
         .args(["--heartbeat-ms", heartbeat_ms])
         .arg("--data-dir")
@@ -119,7 +145,11 @@ fn spawn_gateway(
     let pid = child.id();
     let mut banner = String::new();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    stdout.read_line(&mut banner).unwrap();
+    // A wrapping profiler may print lines of its own first.
+    while !banner.contains(" listening on ") {
+        banner.clear();
+        assert!(stdout.read_line(&mut banner).unwrap() > 0, "gateway exited");
+    }
     // Keep draining the gateway's stdout so it never blocks or hits EPIPE.
     std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
     let addr: SocketAddr = banner
@@ -206,7 +236,7 @@ fn hold_with_heartbeats(n: usize, threads: usize, cores: &str, backend: &str, ho
                         std::thread::sleep(Duration::from_millis(100));
                     }
                 }
-                (group.len(), pings)
+                (group, pings)
             })
         })
         .collect();
@@ -227,10 +257,12 @@ fn hold_with_heartbeats(n: usize, threads: usize, cores: &str, backend: &str, ho
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (mut open, mut pings) = (0, 0);
+    let mut sessions = vec![];
     for p in pingers {
-        let (o, k) = p.join().unwrap();
-        open += o;
+        let (group, k) = p.join().unwrap();
+        open += group.len();
         pings += k;
+        sessions.push(group);
     }
     println!("heartbeats      {pings} Ping/Pong round trips over {hold} s, all {open} sessions alive to the end");
     if let (Some(first), Some(last)) = (samples.first(), samples.last()) {
@@ -239,8 +271,12 @@ fn hold_with_heartbeats(n: usize, threads: usize, cores: &str, backend: &str, ho
             per_conn(*last) - per_conn(*first)
         );
     }
+    // The gateway stops while the sessions are still open: with
+    // `--exit-hot` it exits at once, so a heap profiler sees every idle
+    // connection's memory as still allocated at exit.
     drop(child.stdin.take());
     let _ = child.wait();
+    drop(sessions);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -281,6 +317,10 @@ fn serve() {
     println!("gateway listening on {}", gw.local_addr);
     // Until the driver closes our stdin.
     let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+    if std::env::args().any(|a| a == "--exit-hot") {
+        // For heap profiles: what is allocated now is the idle connections.
+        std::process::exit(0);
+    }
     gw.stop();
     gw.join();
 }

@@ -1,6 +1,7 @@
 //! The backend → connection path with a recording backend: frames reach the
 //! addressed connection, frames for a closed connection whose slot has been
-//! reused are dropped (generation check), closing frames close.
+//! reused are dropped (generation check), closing frames close; the backend
+//! sees one identity per session, from Hello to close.
 
 mod common;
 
@@ -17,6 +18,7 @@ struct Recording {
     sink: Mutex<Option<Arc<dyn DeliverySink>>>,
     opened: Mutex<Vec<Session>>,
     closed: Mutex<Vec<Session>>,
+    submitted: Mutex<Vec<Inbound>>,
 }
 
 impl Backend for Recording {
@@ -30,7 +32,9 @@ impl Backend for Recording {
     fn session_closed(&self, s: &Session, _: i64) {
         self.closed.lock().unwrap().push(s.clone());
     }
-    fn submit(&self, _: Inbound) {}
+    fn submit(&self, request: Inbound) {
+        self.submitted.lock().unwrap().push(request);
+    }
     fn shutdown(&self) {}
 }
 
@@ -122,6 +126,77 @@ fn stale_keys_are_dropped_and_closing_frames_close() {
     wait_until(T, "second session_closed", || {
         backend.closed.lock().unwrap().len() == 2
     });
+    gw.stop();
+    gw.join();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_backend_sees_one_identity_per_session() {
+    // The gateway keeps only a session's ids and rebuilds the `Session` for
+    // each request and at close: each must be the one Hello opened.
+    let dir = temp_dir("identity");
+    let backend = Arc::new(Recording::default());
+    let config = Config {
+        gateway_id: "gw-identity".into(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        cores: 1,
+        data_dir: dir.clone(),
+        ..Default::default()
+    };
+    let gw = GatewayHandle::start(config, backend.clone()).unwrap();
+    let ca = std::fs::read(dir.join("ca.pem")).unwrap();
+    let secret = palaver_gateway::devcerts::read_secret(
+        &dir.join(palaver_gateway::devcerts::JWT_SECRET_FILE),
+    )
+    .unwrap();
+    let mut c = Client::connect(&ConnectOptions::new(gw.local_addr, ca)).unwrap();
+    let token = palaver_gateway::auth::mint_hs256(&secret, "alice.b@example-1", None, 60);
+    c.hello_with(
+        pb::Hello {
+            protocol_version: palaver_protocol::PROTOCOL_VERSION,
+            token,
+            device_id: "tablet-7".into(),
+            client_name: "test".into(),
+            client_version: "0".into(),
+            // Resuming sends a Sync on the client's behalf, built at Hello.
+            resume: vec![pb::Cursor {
+                conversation_id: "dm:a:b".into(),
+                after_seq: 3,
+            }],
+        },
+        T,
+    )
+    .unwrap();
+    c.request(Body::History(pb::History {
+        conversation_id: "dm:a:b".into(),
+        ..Default::default()
+    }))
+    .unwrap();
+    wait_until(T, "Sync and History submitted", || {
+        backend.submitted.lock().unwrap().len() == 2
+    });
+    drop(c);
+    wait_until(T, "session_closed", || {
+        backend.closed.lock().unwrap().len() == 1
+    });
+
+    let opened = backend.opened.lock().unwrap().clone();
+    assert_eq!(opened.len(), 1);
+    let session = &opened[0];
+    assert_eq!(session.user_id, "alice.b@example-1");
+    assert_eq!(session.device_id, "tablet-7");
+    assert_eq!(session.addr.gateway_id, "gw-identity");
+    let submitted = backend.submitted.lock().unwrap();
+    assert!(matches!(submitted[0].body, Body::Sync(_)), "{submitted:?}");
+    assert!(
+        matches!(submitted[1].body, Body::History(_)),
+        "{submitted:?}"
+    );
+    for request in submitted.iter() {
+        assert_eq!(&request.from, session);
+    }
+    assert_eq!(&backend.closed.lock().unwrap()[0], session);
     gw.stop();
     gw.join();
     let _ = std::fs::remove_dir_all(&dir);

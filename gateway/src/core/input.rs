@@ -8,14 +8,15 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use palaver_protocol::pb::{self, frame::Body};
 use palaver_protocol::{error_reply, frame};
-use palaver_router::api::{Inbound, Session, SessionAddr};
+use palaver_router::api::Inbound;
 
 use crate::metrics::CoreMetrics;
 use crate::session::{ConnPolicy, FrameStep, ReadGate};
-use crate::sink::conn_key;
 use crate::tls_io::{self, AppSink};
 
-use super::{unix_ms, Conn, Ctx, Fate, MAX_LEFTOVER, READ_CHUNK, READ_ROUNDS, REQUEST_BATCH};
+use super::{
+    unix_ms, Conn, Ctx, Fate, SessionIds, MAX_LEFTOVER, READ_CHUNK, READ_ROUNDS, REQUEST_BATCH,
+};
 
 impl Ctx {
     /// Reads and processes what the socket has, a round (one read) at a
@@ -25,7 +26,7 @@ impl Ctx {
     pub(super) fn on_readable(&mut self, slot: usize, conn: &mut Conn) -> (Fate, bool) {
         match conn
             .policy
-            .read_gate(&self.limits, conn.tls_out.len(), self.now_ms)
+            .read_gate(&self.limits, conn.pending.out_len(), self.now_ms)
         {
             ReadGate::Read => {}
             ReadGate::Discard => return (self.discard_input(conn), false),
@@ -35,9 +36,9 @@ impl Ctx {
                 return (Fate::Keep, false);
             }
         }
-        let mut used = conn.tls_in.len();
-        self.scratch.tls_in[..used].copy_from_slice(&conn.tls_in);
-        conn.tls_in = Vec::new();
+        let mut used = conn.pending.tls_in().len();
+        self.scratch.tls_in[..used].copy_from_slice(conn.pending.tls_in());
+        conn.pending.set_tls_in(&[]);
         let mut frames = std::mem::take(&mut self.scratch.frames);
         let mut decode_error = None;
         let mut peer_gone = false;
@@ -130,7 +131,7 @@ impl Ctx {
             }
             if conn
                 .policy
-                .read_gate(&self.limits, conn.tls_out.len(), self.now_ms)
+                .read_gate(&self.limits, conn.pending.out_len(), self.now_ms)
                 == ReadGate::Stall
             {
                 self.reading_stalled(slot, conn);
@@ -155,7 +156,7 @@ impl Ctx {
             return (Fate::Close, false);
         }
         if used > 0 && !conn.policy.is_closing() {
-            conn.tls_in = self.scratch.tls_in[..used].to_vec();
+            conn.pending.set_tls_in(&self.scratch.tls_in[..used]);
         }
         if peer_gone {
             // Peer is gone (EOF or reset): nothing more will be read.
@@ -206,11 +207,12 @@ impl Ctx {
             FrameStep::TypingDropped => CoreMetrics::inc(&self.metrics.typing_dropped),
             FrameStep::Hello { request_id, hello } => self.on_hello(slot, conn, request_id, hello),
             FrameStep::Forward { request_id, body } => {
-                if let Some(session) = &conn.session {
+                if let Some(ids) = &conn.ids {
                     // Handed to the backend with the rest of this turn's
                     // requests (`flush_requests`), in the order read.
+                    let from = ids.session(&self.shared.gateway_id, self.conn_key(slot, conn));
                     self.requests.push(Inbound {
-                        from: Session::clone(session),
+                        from,
                         request_id,
                         body,
                         received_ms: unix_ms(),
@@ -243,15 +245,9 @@ impl Ctx {
                 return;
             }
         };
-        let key = conn_key(self.index, slot, conn.generation);
-        let session = Box::new(Session {
-            user_id: user_id.clone(),
-            device_id: hello.device_id,
-            addr: SessionAddr {
-                gateway_id: self.shared.gateway_id.clone(),
-                conn: key,
-            },
-        });
+        let key = self.conn_key(slot, conn);
+        let ids = SessionIds::new(&user_id, &hello.device_id);
+        let session = ids.session(&self.shared.gateway_id, key);
         conn.policy.accept_hello(&self.limits, self.now_ms);
         let limits = self.shared.config.limits.protocol();
         let welcome = frame(
@@ -271,12 +267,12 @@ impl Ctx {
         self.flush_requests();
         self.shared.backend.session_opened(&session);
         self.metrics.sessions.fetch_add(1, Relaxed);
-        conn.session = Some(session);
+        conn.ids = Some(ids);
         self.arm(slot, conn);
         if !hello.resume.is_empty() {
             conn.policy.forwarded_untracked();
             self.requests.push(Inbound {
-                from: Session::clone(conn.session.as_deref().expect("session just set")),
+                from: session,
                 request_id,
                 body: Body::Sync(pb::Sync {
                     cursors: hello.resume,

@@ -10,22 +10,25 @@
 //! move bytes and apply its verdicts: the loop here, reading in `input.rs`,
 //! writing in `output.rs`, the timing wheel in `timers.rs`.
 //!
-//! Memory per idle connection is the `Conn` slot plus rustls' unbuffered
-//! connection state: buffers exist only while something is pending (a partial
-//! TLS record, a partial frame, unsent output) and are freed when drained.
+//! Memory per idle connection is the `Conn` slot, its session's ids (one
+//! small allocation, [`ids`]) and rustls' unbuffered connection state:
+//! buffers exist only while something is pending (a partial TLS record, a
+//! partial frame, unsent output: [`pending`]) and are freed when drained.
 //!
 //! Output is bounded per connection, whoever produces it: frames are
 //! encrypted together at the end of each read round or delivery run (one TLS
 //! record per 16 KiB, not one per frame), written at once, and what the
-//! socket refuses stays in `tls_out`. While `tls_out` holds
+//! socket refuses stays pending (`tls_out`). While that holds
 //! `max_outbound_bytes` or more the connection is not read (the client's own
 //! requests wait in the kernel, TCP backpressure), a backend frame that does
 //! not fit closes it as a slow consumer, and so does staying full for
 //! `slow_consumer_timeout_ms`. A connection therefore holds at most
 //! `max_outbound_bytes` + one read round's replies (or one backend frame).
 
+mod ids;
 mod input;
 mod output;
+mod pending;
 mod timers;
 
 use std::collections::VecDeque;
@@ -37,7 +40,7 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use palaver_protocol::{pb, FrameDecoder};
-use palaver_router::api::{Backend, Inbound, Outbound, Session};
+use palaver_router::api::{Backend, Inbound, Outbound};
 use rustls::server::UnbufferedServerConnection;
 use rustls::ServerConfig;
 use slab::Slab;
@@ -46,9 +49,12 @@ use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::metrics::CoreMetrics;
 use crate::session::{ConnLimits, ConnPolicy, DrainStep};
-use crate::sink::{split_key, Control, Mailbox, MailboxRx};
+use crate::sink::{conn_key, split_key, Control, Mailbox, MailboxRx};
 use crate::timer::{TimerEntry, TimerWheel};
 use crate::tls::TlsStore;
+
+use ids::SessionIds;
+use pending::PendingIo;
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
@@ -104,15 +110,16 @@ struct Conn {
     /// the connection's rules decide (sans-io, see [`crate::session`]).
     policy: ConnPolicy,
     decoder: FrameDecoder,
-    /// Ciphertext of an incomplete TLS record; empty (no allocation) otherwise.
-    tls_in: Vec<u8>,
-    /// Encrypted output the socket has not taken yet; empty otherwise.
-    tls_out: Vec<u8>,
-    session: Option<Box<Session>>,
+    /// Ciphertext of an incomplete TLS record and encrypted output the
+    /// socket has not taken yet; no allocation while neither is pending.
+    pending: PendingIo,
+    /// The open session's user and device ids (after Hello, until the
+    /// session ends); the backend's `Session` is built from them on demand.
+    ids: Option<SessionIds>,
     generation: u32,
     /// Tick of this connection's live timer-wheel entry.
     timer_tick: u32,
-    /// `tls_out.len()` as last added to the core's buffered-bytes gauge.
+    /// Unsent output bytes as last added to the core's buffered-bytes gauge.
     accounted_out: u32,
     /// Already queued for a deferred read/handshake step.
     deferred: bool,
@@ -294,7 +301,7 @@ impl Core {
         };
         let mut fate = Fate::Keep;
         let mut resumed = false;
-        if writable && !conn.tls_out.is_empty() {
+        if writable && conn.pending.out_len() > 0 {
             (fate, resumed) = self.ctx.flush(conn);
         }
         // Reading resumed: what arrived meanwhile raised no new edge.
@@ -433,9 +440,8 @@ impl Core {
             tls,
             policy: ConnPolicy::new(&ctx.limits, now),
             decoder: FrameDecoder::new(limits.max_frame_bytes as usize),
-            tls_in: Vec::new(),
-            tls_out: Vec::new(),
-            session: None,
+            pending: PendingIo::default(),
+            ids: None,
             generation,
             timer_tick: u32::MAX,
             accounted_out: 0,
@@ -561,7 +567,7 @@ impl Core {
     fn close(&mut self, slot: usize) {
         let mut conn = self.conns.remove(slot);
         let ctx = &mut self.ctx;
-        ctx.end_session(&mut conn);
+        ctx.end_session(slot, &mut conn);
         if conn.policy.is_handshaking() {
             CoreMetrics::inc(&ctx.metrics.handshakes_failed);
         }
@@ -582,6 +588,11 @@ impl Core {
 }
 
 impl Ctx {
+    /// The connection key the backend knows the connection at `slot` by.
+    fn conn_key(&self, slot: usize, conn: &Conn) -> u64 {
+        conn_key(self.index, slot, conn.generation)
+    }
+
     /// Hands the requests read so far to the backend in one batch.
     fn flush_requests(&mut self) {
         if self.requests.is_empty() {
@@ -610,8 +621,12 @@ mod tests {
     #[test]
     fn connection_slot_stays_small() {
         // The per-connection struct, excluding rustls' boxed state (the
-        // request budgets are 28 of it).
+        // request budgets are 28 of it). Every byte is paid by every
+        // connection: the slab is one array of these. mio's TcpStream is a
+        // 4-byte fd in release builds, 16 bytes with the selector id it
+        // keeps under debug assertions.
         let size = std::mem::size_of::<Conn>();
-        assert!(size <= 192, "Conn is {size} bytes");
+        let limit = if cfg!(debug_assertions) { 160 } else { 152 };
+        assert!(size <= limit, "Conn is {size} bytes");
     }
 }

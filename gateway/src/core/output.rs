@@ -20,7 +20,7 @@ use super::{unix_ms, Conn, Ctx, Fate};
 impl Ctx {
     pub(super) fn deliver_one(&mut self, slot: usize, conn: &mut Conn, f: pb::Frame, closes: bool) {
         let len = palaver_protocol::encoded_frame_len(&f);
-        let pending = conn.tls_out.len() + self.scratch.out.len() + self.scratch.plain.len();
+        let pending = conn.pending.out_len() + self.scratch.out.len() + self.scratch.plain.len();
         let step =
             conn.policy
                 .on_backend_frame(&self.limits, &f, len, pending, closes, self.now_ms);
@@ -51,7 +51,7 @@ impl Ctx {
         }
         let driven = tls_io::drive(
             &mut conn.tls,
-            &mut conn.tls_in,
+            conn.pending.tls_in_mut(),
             &mut self.scratch.out,
             None,
             &self.scratch.plain,
@@ -77,17 +77,22 @@ impl Ctx {
             self.queue(&f);
         }
         self.seal(conn);
-        tls_io::close_notify(&mut conn.tls, &mut conn.tls_in, &mut self.scratch.out);
-        conn.tls_in = Vec::new();
+        tls_io::close_notify(
+            &mut conn.tls,
+            conn.pending.tls_in_mut(),
+            &mut self.scratch.out,
+        );
+        conn.pending.set_tls_in(&[]);
         conn.decoder = FrameDecoder::new(0);
-        self.end_session(conn);
+        self.end_session(slot, conn);
         self.arm(slot, conn);
     }
 
-    pub(super) fn end_session(&mut self, conn: &mut Conn) {
-        if let Some(session) = conn.session.take() {
+    pub(super) fn end_session(&mut self, slot: usize, conn: &mut Conn) {
+        if let Some(ids) = conn.ids.take() {
             // The backend hears of the close after the session's requests.
             self.flush_requests();
+            let session = ids.session(&self.shared.gateway_id, self.conn_key(slot, conn));
             self.shared.backend.session_closed(&session, unix_ms());
             self.metrics.sessions.fetch_sub(1, Relaxed);
         }
@@ -99,13 +104,13 @@ impl Ctx {
     pub(super) fn finish_output(&mut self, conn: &mut Conn) -> Fate {
         self.seal(conn);
         if !self.scratch.out.is_empty() {
-            if conn.tls_out.is_empty() {
+            if conn.pending.out_len() == 0 {
                 let written = write_some(&mut conn.sock, &self.scratch.out);
                 match written {
                     Ok(n) => {
                         self.metrics.bytes_out.fetch_add(n as u64, Relaxed);
                         if n < self.scratch.out.len() {
-                            conn.tls_out = self.scratch.out[n..].to_vec();
+                            conn.pending.push_out(&self.scratch.out[n..]);
                         }
                     }
                     Err(_) => {
@@ -115,7 +120,7 @@ impl Ctx {
                 }
             } else {
                 // Already waiting for a writable event: just queue.
-                conn.tls_out.extend_from_slice(&self.scratch.out);
+                conn.pending.push_out(&self.scratch.out);
             }
             self.scratch.out.clear();
         }
@@ -124,14 +129,10 @@ impl Ctx {
 
     /// Writable again: push queued output. Also says whether reading resumed.
     pub(super) fn flush(&mut self, conn: &mut Conn) -> (Fate, bool) {
-        match write_some(&mut conn.sock, &conn.tls_out) {
+        match write_some(&mut conn.sock, conn.pending.tls_out()) {
             Ok(n) => {
                 self.metrics.bytes_out.fetch_add(n as u64, Relaxed);
-                if n == conn.tls_out.len() {
-                    conn.tls_out = Vec::new();
-                } else if n > 0 {
-                    conn.tls_out.drain(..n);
-                }
+                conn.pending.consume_out(n);
             }
             Err(_) => return (Fate::Close, false),
         }
@@ -141,7 +142,7 @@ impl Ctx {
     /// The unsent output changed: account for it and let the rules say
     /// whether reading resumes or the write side shuts.
     pub(super) fn after_output(&mut self, conn: &mut Conn) -> (Fate, bool) {
-        let level = conn.tls_out.len() as u32;
+        let level = conn.pending.out_len() as u32;
         if level != conn.accounted_out {
             self.metrics
                 .max_conn_outbound_bytes
@@ -153,7 +154,7 @@ impl Ctx {
         }
         match conn
             .policy
-            .on_output_level(&self.limits, conn.tls_out.len())
+            .on_output_level(&self.limits, conn.pending.out_len())
         {
             OutputStep::Keep => (Fate::Keep, false),
             OutputStep::Resume => (Fate::Keep, true),
