@@ -8,6 +8,8 @@
 //! - [`bus`]: commands in, addressed frames and push events out.
 //! - [`logic`]: the [`Router`] itself, pure over the store traits.
 //! - [`memory`]: the in-memory store.
+//! - [`presence`]: session changes, watches and the presence fan-out, the
+//!   one implementation both backends run.
 //! - [`embedded`]: [`EmbeddedEngine`], the router on a worker thread behind
 //!   an in-process channel, implementing `Backend`.
 //! - [`bridge`]: [`bridge::KafkaRedisBridge`], the other `Backend`: writes
@@ -25,6 +27,7 @@ mod group_id;
 pub mod kafka;
 pub mod logic;
 pub mod memory;
+pub mod presence;
 pub mod redis_store;
 pub mod store;
 

@@ -7,10 +7,12 @@ mod instrumented;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::*;
 use instrumented::Instrumented;
 use palaver_protocol::pb::{self, frame::Body, ErrorCode};
+use palaver_router::store::SessionChange;
 use palaver_router::{
     direct_conversation_id, Command, ManualClock, Output, PresenceVisibility, Router, RouterConfig,
     Session, SessionAddr,
@@ -49,17 +51,30 @@ impl Harness {
         self.run(Command::Request(request(from, request_id, body)))
     }
 
+    /// Session changes, as the embedded engine applies a batch of them.
+    fn sessions(&mut self, changes: &[SessionChange]) -> Output {
+        let mut out = Output::default();
+        self.router
+            .apply_session_changes(changes, Duration::from_secs(60), &mut out)
+            .expect("memory store does not fail");
+        out
+    }
+
+    fn opened(&mut self, s: &Session) -> Output {
+        self.sessions(&[SessionChange::Opened(s.clone())])
+    }
+
     fn open(&mut self, user: &str, device: &str, conn: u64) -> Session {
         let s = session(user, device, "g1", conn);
-        self.run(Command::SessionOpened(s.clone()));
+        self.opened(&s);
         s
     }
 
     fn close(&mut self, s: &Session, at_ms: i64) -> Output {
-        self.run(Command::SessionClosed {
+        self.sessions(&[SessionChange::Closed {
             session: s.clone(),
             at_ms,
-        })
+        }])
     }
 
     fn send(&mut self, from: &Session, conversation_id: &str, n: u32) -> Output {
@@ -1106,19 +1121,19 @@ fn presence_subscriptions_get_transition_events_until_closed() {
 
     // Carol comes online: one event, only to the subscribed connection.
     let carol = session("carol", "phone", "g1", 3);
-    let out = h.run(Command::SessionOpened(carol.clone()));
+    let out = h.opened(&carol);
     assert_eq!(out.frames.len(), 1);
     assert_eq!(
         presence_event(to(&out, &watcher.addr)[0]),
         ("carol".into(), true, 0)
     );
-    let out = h.run(Command::SessionOpened(carol.clone()));
+    let out = h.opened(&carol);
     assert!(
         out.frames.is_empty(),
         "re-opening the same addr is no transition"
     );
     let carol_tablet = session("carol", "tablet", "g1", 4);
-    let out = h.run(Command::SessionOpened(carol_tablet.clone()));
+    let out = h.opened(&carol_tablet);
     assert!(out.frames.is_empty(), "second device is no transition");
     assert!(
         h.close(&carol_tablet, T0 + 1).frames.is_empty(),
@@ -1134,7 +1149,7 @@ fn presence_subscriptions_get_transition_events_until_closed() {
     );
     assert!(to(&out, &other_watcher.addr).is_empty());
 
-    let out = h.run(Command::SessionOpened(bob_phone.clone()));
+    let out = h.opened(&bob_phone);
     assert_eq!(
         presence_event(to(&out, &watcher.addr)[0]),
         ("bob".into(), true, 0)
@@ -1251,7 +1266,7 @@ fn presence_privacy_is_checked_when_events_are_sent() {
     // Carol connects and leaves: the stranger gets no event.
     let carol = h.open("carol", "phone", 3);
     h.close(&carol, T0 + 1);
-    let out = h.run(Command::SessionOpened(carol.clone()));
+    let out = h.opened(&carol);
     assert!(to(&out, &watcher.addr).is_empty(), "stranger got {out:?}");
 
     // Alice puts watcher and carol in a group: the existing subscription now
@@ -1263,7 +1278,7 @@ fn presence_privacy_is_checked_when_events_are_sent() {
         presence_event(to(&out, &watcher.addr)[0]),
         ("carol".into(), false, T0 + 10)
     );
-    let out = h.run(Command::SessionOpened(carol.clone()));
+    let out = h.opened(&carol);
     assert_eq!(
         presence_event(to(&out, &watcher.addr)[0]),
         ("carol".into(), true, 0)
@@ -1302,7 +1317,7 @@ fn same_device_reconnecting_replaces_the_old_connection() {
     let alice = h.open("alice", "phone", 1);
     let old = h.open("bob", "phone", 2);
     let new = session("bob", "phone", "g2", 3);
-    let out = h.run(Command::SessionOpened(new.clone()));
+    let out = h.opened(&new);
     let frames = to(&out, &old.addr);
     assert_eq!(frames.len(), 1);
     match &frames[0].body {
@@ -1509,9 +1524,6 @@ fn store_failures_become_unavailable_for_the_driver() {
     let e = error(&reply.frame).unwrap();
     assert_eq!(e.code, ErrorCode::Unavailable as u32);
     assert_eq!(e.client_msg_id, cmid(1));
-    assert!(
-        Router::<Instrumented>::unavailable_reply(&Command::SessionOpened(alice), &err).is_none()
-    );
 
     // Once the store is back, the retried send is stored exactly once.
     h.router.store_mut().failing = false;
