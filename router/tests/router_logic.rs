@@ -1165,6 +1165,110 @@ fn presence_subscriptions_get_transition_events_until_closed() {
     assert!(h.close(&bob_phone, T0 + 9).frames.is_empty());
 }
 
+/// The session-change path: a reconnect of the same device replaces the old
+/// connection (one GoAway(REPLACED), wherever the changes fall in batches),
+/// the replaced and closed connections' watches go, and the new
+/// connection's own subscription keeps working whatever the order of the
+/// old connection's late close.
+#[test]
+fn a_reconnect_replaces_the_old_connection_and_only_the_new_one_watches() {
+    let mut h = Harness::with_config(RouterConfig {
+        presence_visibility: PresenceVisibility::Everyone,
+        ..RouterConfig::default()
+    });
+    let carol = h.open("carol", "phone", 9);
+    let old = h.open("alice", "phone", 1);
+    h.req(&old, 1, presence_subscribe(&["carol"], false));
+    let new = session("alice", "phone", "g1", 2);
+    let out = h.opened(&new);
+    assert_eq!(out.frames.len(), 1, "only the GoAway: {out:?}");
+    assert!(matches!(
+        &to(&out, &old.addr)[0].body,
+        Some(Body::GoAway(g)) if g.reason == pb::GoAwayReason::Replaced as i32
+    ));
+    // Replaced: the old connection watches nothing any more.
+    let out = h.close(&carol, T0 + 1);
+    assert!(out.frames.is_empty(), "to the replaced connection: {out:?}");
+    h.opened(&carol);
+    let out = h.req(&new, 1, presence_subscribe(&["carol"], false));
+    assert_eq!(
+        presence_result(reply_to(&out, &new, 1)),
+        [("carol".into(), true, 0)]
+    );
+    // The old connection's close comes after the new one subscribed: it
+    // neither takes alice offline nor touches the new connection's watches.
+    let out = h.close(&old, T0 + 2);
+    assert!(out.frames.is_empty(), "{out:?}");
+    let out = h.close(&carol, T0 + 3);
+    assert_eq!(to(&out, &new.addr).len(), 1);
+    assert_eq!(
+        presence_event(to(&out, &new.addr)[0]),
+        ("carol".into(), false, T0 + 3)
+    );
+
+    // All in one batch: the old connection closes, its device reconnects,
+    // carol comes online. No GoAway (already closed), one event each.
+    let newer = session("alice", "phone", "g2", 3);
+    h.req(&new, 2, presence_subscribe(&["carol"], false));
+    let out = h.sessions(&[
+        SessionChange::Closed {
+            session: new.clone(),
+            at_ms: T0 + 4,
+        },
+        SessionChange::Opened(newer.clone()),
+        SessionChange::Opened(carol.clone()),
+    ]);
+    assert!(out.frames.is_empty(), "closed watches get nothing: {out:?}");
+    h.req(&newer, 1, presence_subscribe(&["carol"], false));
+    let out = h.close(&carol, T0 + 5);
+    assert_eq!(
+        presence_event(to(&out, &newer.addr)[0]),
+        ("carol".into(), false, T0 + 5)
+    );
+    assert_eq!(out.frames.len(), 1);
+}
+
+/// One batch: a user coming online and going offline again in it produces
+/// both events, in order; changes of several gateways in one batch are
+/// written as one store call per gateway run.
+#[test]
+fn a_session_batch_applies_in_order() {
+    let mut h = Harness::with_config(RouterConfig {
+        presence_visibility: PresenceVisibility::Everyone,
+        ..RouterConfig::default()
+    });
+    let watcher = h.open("watcher", "phone", 1);
+    h.req(&watcher, 1, presence_subscribe(&["bob"], false));
+    let on_g1 = session("bob", "phone", "g1", 2);
+    let on_g2 = session("bob", "tablet", "g2", 3);
+    let writes = h.calls().count("apply_sessions");
+    let out = h.sessions(&[
+        SessionChange::Opened(on_g1.clone()),
+        SessionChange::Closed {
+            session: on_g1,
+            at_ms: T0 + 1,
+        },
+        SessionChange::Opened(on_g2),
+    ]);
+    let events: Vec<_> = to(&out, &watcher.addr)
+        .into_iter()
+        .map(presence_event)
+        .collect();
+    assert_eq!(
+        events,
+        [
+            ("bob".into(), true, 0),
+            ("bob".into(), false, T0 + 1),
+            ("bob".into(), true, 0)
+        ]
+    );
+    assert_eq!(
+        h.calls().count("apply_sessions"),
+        writes + 2,
+        "g1 run, g2 run"
+    );
+}
+
 fn presence_query(ids: &[&str]) -> Body {
     Body::PresenceQuery(pb::PresenceQuery {
         user_ids: ids.iter().map(|s| s.to_string()).collect(),
