@@ -1,7 +1,9 @@
 //! Palaver routing logic: dedup, membership, per-conversation seq, history,
 //! fan-out, receipts, presence, typing and offline sync, written once against
 //! small bus/store interfaces so that the embedded engine (in-memory) and the
-//! Kafka/Redis router tier run the same code.
+//! Kafka/Redis tier run the same code — presence included: sessions, gateway
+//! leases, watches and the presence fan-out are [`presence`] over the
+//! [`store`] traits in both.
 //!
 //! - [`api`]: the gateway/backend seam (`Backend`, `DeliverySink`, ...).
 //! - [`store`]: the state the router keeps, as traits (Redis-shaped).

@@ -17,7 +17,7 @@
 //! | `u:{<user>}:push` | set | conversations with a pending push |
 //! | `u:{<user>}:sess` | hash | device → `<conn>\|<gateway>` |
 //! | `u:{<user>}:seen` | string | last seen, ms |
-//! | `gw:{gw}:lease:<id>` | string, EX | gateway lease (alive while present) |
+//! | `gw:{gw}:lease:<id>` | string, PX | gateway lease (alive while present) |
 //! | `gw:{gw}:known` | set | gateways that ever registered |
 //! | `gw:{gw}:reap:<id>` | string, EX | lock: one gateway reaps a dead one |
 //! | `gwc:{<id>}` | hash | a gateway's connections: conn → user \x1f device |
