@@ -376,14 +376,14 @@ impl Worker {
         if self.sessions.is_empty() {
             return;
         }
-        let changes = std::mem::take(&mut self.sessions);
         // The memory store does not fail.
         if let Err(e) = self
             .router
-            .apply_session_changes(&changes, EMBEDDED_LEASE, out)
+            .apply_session_changes(&self.sessions, EMBEDDED_LEASE, out)
         {
             tracing::error!("session changes: {e}");
         }
+        self.sessions.clear();
     }
 
     fn handle(&mut self, command: Command, out: &mut Output) {
