@@ -1,7 +1,6 @@
 //! What flows into and out of the router.
 //!
-//! In: [`Command`]s (a client request, or a session opening/closing), which a
-//! bus carries from gateways to the router: a crossbeam channel in the
+//! In: [`Command`]s (client requests), which a bus carries from gateways to the router: a crossbeam channel in the
 //! embedded engine, the `palaver.inbound` Kafka topic in production (keyed by
 //! [`Command::partition_key`] so one conversation is processed in order).
 //!
@@ -15,20 +14,15 @@ use std::collections::HashMap;
 use palaver_protocol::bodies::{self, BodyKind, Route};
 use palaver_protocol::pb;
 
-use crate::api::{Inbound, Outbound, Session, SessionAddr};
+use crate::api::{Inbound, Outbound, SessionAddr};
 
-/// One unit of router work.
-// Requests are the common (and largest) variant; boxing them would cost an
-// allocation per request for nothing.
-#[allow(clippy::large_enum_variant)]
+/// One unit of router work. Session changes are not commands: they are
+/// batched per gateway and applied through `crate::presence` (the embedded
+/// engine per engine batch, the bridge per flush interval).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Command {
     /// A client request from an authenticated session.
     Request(Inbound),
-    /// A connection completed Hello (`Backend::session_opened`).
-    SessionOpened(Session),
-    /// A registered connection closed at `at_ms` (`Backend::session_closed`).
-    SessionClosed { session: Session, at_ms: i64 },
 }
 
 impl Command {
@@ -38,13 +32,8 @@ impl Command {
     /// otherwise the user id of the session. Commands with equal keys must be
     /// processed in bus order.
     pub fn partition_key(&self) -> &str {
-        match self {
-            Command::Request(req) => {
-                bodies::conversation_of(&req.body).unwrap_or(&req.from.user_id)
-            }
-            Command::SessionOpened(s) => &s.user_id,
-            Command::SessionClosed { session, .. } => &session.user_id,
-        }
+        let Command::Request(req) = self;
+        bodies::conversation_of(&req.body).unwrap_or(&req.from.user_id)
     }
 
     /// True for requests that only read state (Sync, History, PresenceQuery:

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 use palaver_protocol::pb;
@@ -19,6 +20,7 @@ use crate::api::{Backend, BackendError, DeliverySink, Inbound, Outbound, Session
 use crate::bus::{Command, Output, PushEvent};
 use crate::logic::{Clock, Router, RouterConfig, SystemClock};
 use crate::memory::MemoryStore;
+use crate::store::SessionChange;
 
 /// Where the embedded engine sends push events (there are no push workers
 /// in embedded mode).
@@ -94,9 +96,10 @@ impl Sinks {
     }
 }
 
-#[allow(clippy::large_enum_variant)] // see `Command`
 enum Job {
-    Run(Command),
+    /// A connection completed Hello or closed; applied with the others of
+    /// the same engine batch, before any later request.
+    Session(SessionChange),
     /// Requests of one gateway core thread's turn, in order.
     Requests(Vec<Inbound>),
     Stop,
@@ -135,6 +138,7 @@ impl EmbeddedEngine {
                 push_sink: Box::new(push_sink),
             },
             inbox,
+            sessions: Vec::new(),
             queued_requests: queued_requests.clone(),
             max_commands_per_flush: config.max_commands_per_flush.max(1),
         };
@@ -203,11 +207,11 @@ impl Backend for EmbeddedEngine {
     fn session_opened(&self, session: &Session) {
         let _ = self
             .jobs
-            .send(Job::Run(Command::SessionOpened(session.clone())));
+            .send(Job::Session(SessionChange::Opened(session.clone())));
     }
 
     fn session_closed(&self, session: &Session, at_ms: i64) {
-        let _ = self.jobs.send(Job::Run(Command::SessionClosed {
+        let _ = self.jobs.send(Job::Session(SessionChange::Closed {
             session: session.clone(),
             at_ms,
         }));
@@ -308,10 +312,17 @@ impl EmbeddedOutlet {
     }
 }
 
+/// The lease the embedded engine's session batches renew. Its gateways
+/// never register (they live and die with the engine), so no lease of
+/// theirs ever counts as expired; the value only has to be valid.
+const EMBEDDED_LEASE: Duration = Duration::from_secs(3600);
+
 struct Worker {
     router: Router<MemoryStore>,
     outlet: EmbeddedOutlet,
     inbox: Receiver<Job>,
+    /// Session changes of this batch not yet applied.
+    sessions: Vec<SessionChange>,
     queued_requests: Arc<AtomicUsize>,
     max_commands_per_flush: usize,
 }
@@ -328,6 +339,7 @@ impl Worker {
                     Err(_) => break,
                 }
             }
+            self.apply_sessions(&mut out);
             self.outlet.flush(&mut out);
             if stop {
                 return;
@@ -339,13 +351,14 @@ impl Worker {
     fn process(&mut self, job: Job, out: &mut Output, processed: &mut usize) -> bool {
         match job {
             Job::Stop => return false,
-            // Session events; requests come as `Job::Requests`, counted in
-            // the queue.
-            Job::Run(command) => {
-                self.handle(command, out);
+            Job::Session(change) => {
+                self.sessions.push(change);
                 *processed += 1;
             }
             Job::Requests(requests) => {
+                // A request sees every session change queued before it
+                // (a Sync after Hello needs its session registered).
+                self.apply_sessions(out);
                 self.queued_requests
                     .fetch_sub(requests.len(), Ordering::AcqRel);
                 *processed += requests.len();
@@ -355,6 +368,22 @@ impl Worker {
             }
         }
         true
+    }
+
+    /// The session changes queued so far, through the one session-change
+    /// path (`crate::presence`, shared with the Kafka/Redis bridge).
+    fn apply_sessions(&mut self, out: &mut Output) {
+        if self.sessions.is_empty() {
+            return;
+        }
+        // The memory store does not fail.
+        if let Err(e) = self
+            .router
+            .apply_session_changes(&self.sessions, EMBEDDED_LEASE, out)
+        {
+            tracing::error!("session changes: {e}");
+        }
+        self.sessions.clear();
     }
 
     fn handle(&mut self, command: Command, out: &mut Output) {

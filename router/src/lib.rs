@@ -1,13 +1,17 @@
 //! Palaver routing logic: dedup, membership, per-conversation seq, history,
 //! fan-out, receipts, presence, typing and offline sync, written once against
 //! small bus/store interfaces so that the embedded engine (in-memory) and the
-//! Kafka/Redis router tier run the same code.
+//! Kafka/Redis tier run the same code — presence included: sessions, gateway
+//! leases, watches and the presence fan-out are [`presence`] over the
+//! [`store`] traits in both.
 //!
 //! - [`api`]: the gateway/backend seam (`Backend`, `DeliverySink`, ...).
 //! - [`store`]: the state the router keeps, as traits (Redis-shaped).
 //! - [`bus`]: commands in, addressed frames and push events out.
 //! - [`logic`]: the [`Router`] itself, pure over the store traits.
 //! - [`memory`]: the in-memory store.
+//! - [`presence`]: session changes, watches and the presence fan-out, the
+//!   one implementation both backends run.
 //! - [`embedded`]: [`EmbeddedEngine`], the router on a worker thread behind
 //!   an in-process channel, implementing `Backend`.
 //! - [`bridge`]: [`bridge::KafkaRedisBridge`], the other `Backend`: writes
@@ -25,6 +29,7 @@ mod group_id;
 pub mod kafka;
 pub mod logic;
 pub mod memory;
+pub mod presence;
 pub mod redis_store;
 pub mod store;
 

@@ -4,14 +4,16 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
 
 use palaver_protocol::pb;
 
 use crate::api::{Session, SessionAddr};
+use crate::logic::Clock;
 use crate::store::{
-    Appended, ConversationStore, DeviceSession, GroupRecord, HistorySlice, Membership, RangeRead,
-    Retention, SessionClosed, SessionOpened, SessionStore, StoreResult, UserPresence, UserStore,
-    WatchAdd,
+    Appended, ConversationStore, DeviceSession, GatewayRegistry, GroupRecord, HistorySlice,
+    Membership, RangeRead, Retention, SessionChange, SessionStore, SessionsApplied, StoreResult,
+    UserPresence, UserStore,
 };
 
 #[derive(Default)]
@@ -25,10 +27,14 @@ pub struct MemoryStore {
     /// Gateway ids, shared by every device entry on that gateway (an embedded
     /// node has one); an id goes when its last device does.
     gateway_ids: HashSet<Arc<str>>,
-    /// watching connection → watched users
-    watching: HashMap<SessionAddr, HashSet<String>>,
-    /// watched user → watching connections
-    watchers: HashMap<String, HashSet<SessionAddr>>,
+    /// Gateways that registered (`GatewayRegistry`): their sessions count
+    /// only while their lease runs.
+    known_gateways: HashSet<String>,
+    /// Gateway → when its lease runs out (store clock, ms).
+    leases: HashMap<String, i64>,
+    /// Judges lease expiry; the system clock when `None` (a test injects a
+    /// manual one to expire a lease without sleeping).
+    clock: Option<Arc<dyn Clock>>,
 }
 
 #[derive(Default)]
@@ -263,6 +269,14 @@ impl DeviceOnline {
 impl MemoryStore {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A store whose gateway leases run out by `clock`.
+    pub fn with_clock(clock: Arc<dyn Clock>) -> Self {
+        Self {
+            clock: Some(clock),
+            ..Self::default()
+        }
     }
 
     /// Drops a device's hold on its gateway id; the id goes with the last.
@@ -553,8 +567,17 @@ impl UserStore for MemoryStore {
     }
 }
 
-impl SessionStore for MemoryStore {
-    fn open_session(&mut self, session: &Session) -> StoreResult<SessionOpened> {
+/// Result of registering one session.
+struct Opened {
+    /// The device's previous address, if it was another one.
+    replaced: Option<SessionAddr>,
+    /// The user had no session before.
+    came_online: bool,
+}
+
+impl MemoryStore {
+    /// Registers one session, replacing its device's previous one.
+    fn open_session(&mut self, session: &Session) -> Opened {
         let gateway_id = match self.gateway_ids.get(session.addr.gateway_id.as_str()) {
             Some(id) => id.clone(),
             None => {
@@ -594,26 +617,24 @@ impl SessionStore for MemoryStore {
             self.release_gateway_id(old.gateway_id);
             addr
         });
-        Ok(SessionOpened {
+        Opened {
             replaced,
             came_online,
-        })
+        }
     }
 
-    fn close_session(&mut self, session: &Session, at_ms: i64) -> StoreResult<SessionClosed> {
-        let not_found = SessionClosed {
-            removed: false,
-            went_offline: false,
-        };
+    /// Removes the session if its device is still at its address; true if
+    /// that was the user's last session (last seen is then `at_ms`).
+    fn close_session(&mut self, session: &Session, at_ms: i64) -> bool {
         let Some(user) = self.presence.get_mut(session.user_id.as_str()) else {
-            return Ok(not_found);
+            return false;
         };
         let Some(i) = user
             .devices
             .iter()
             .position(|d| *d.device_id == *session.device_id && d.is_at(&session.addr))
         else {
-            return Ok(not_found);
+            return false;
         };
         let gone = user.devices.remove(i);
         let went_offline = user.devices.is_empty();
@@ -623,13 +644,120 @@ impl SessionStore for MemoryStore {
             user.last_seen_ms = at_ms;
         }
         self.release_gateway_id(gone.gateway_id);
-        Ok(SessionClosed {
-            removed: true,
-            went_offline,
-        })
+        went_offline
+    }
+
+    /// Whether sessions on `gateway_id` count: a gateway that registered
+    /// and whose lease ran out is dead (one that never registered, like the
+    /// embedded engine's own, is alive).
+    fn gateway_alive(&self, gateway_id: &str, now_ms: i64) -> bool {
+        // No registered gateway (the embedded engine): no hashing per device.
+        self.known_gateways.is_empty()
+            || !self.known_gateways.contains(gateway_id)
+            || self
+                .leases
+                .get(gateway_id)
+                .is_some_and(|expires_ms| *expires_ms > now_ms)
+    }
+
+    /// The store's clock, for lease expiry.
+    fn now_ms(&self) -> i64 {
+        match &self.clock {
+            Some(clock) => clock.now_ms(),
+            None => crate::logic::SystemClock.now_ms(),
+        }
+    }
+
+    /// The time leases are judged at; not read when no gateway registered
+    /// (the embedded engine's hot path: every fan-out reads sessions).
+    fn lease_now_ms(&self) -> i64 {
+        if self.known_gateways.is_empty() {
+            0
+        } else {
+            self.now_ms()
+        }
+    }
+
+    /// Removes every session on `gateway_id` (a scan of all users: reaping
+    /// is rare, and an index per connection would cost every connection
+    /// memory); returns who went offline.
+    fn remove_sessions_of(&mut self, gateway_id: &str, now_ms: i64) -> Vec<pb::Presence> {
+        let on_gateway: Vec<Session> = self
+            .presence
+            .iter()
+            .flat_map(|(user_id, user)| {
+                user.devices
+                    .iter()
+                    .filter(|d| *d.gateway_id == *gateway_id)
+                    .map(|d| Session {
+                        user_id: user_id.to_string(),
+                        device_id: d.device_id.to_string(),
+                        addr: d.addr(),
+                    })
+            })
+            .collect();
+        let mut offline = Vec::new();
+        for session in on_gateway {
+            if self.close_session(&session, now_ms) {
+                offline.push(pb::Presence {
+                    user_id: session.user_id,
+                    online: false,
+                    last_seen_ms: now_ms,
+                });
+            }
+        }
+        offline
+    }
+}
+
+impl SessionStore for MemoryStore {
+    fn apply_sessions(
+        &mut self,
+        gateway_id: &str,
+        lease_ttl: Duration,
+        _now_ms: i64,
+        changes: &[SessionChange],
+    ) -> StoreResult<SessionsApplied> {
+        let expires_ms = self.now_ms().saturating_add(lease_ttl.as_millis() as i64);
+        match self.leases.get_mut(gateway_id) {
+            Some(lease) => *lease = expires_ms,
+            None => {
+                self.leases.insert(gateway_id.to_owned(), expires_ms);
+            }
+        }
+        let mut applied = SessionsApplied::default();
+        for change in changes {
+            match change {
+                SessionChange::Opened(session) => {
+                    let opened = self.open_session(session);
+                    if let Some(old) = opened.replaced {
+                        applied.replaced.push((session.clone(), old));
+                    }
+                    if opened.came_online {
+                        applied.presence.push(pb::Presence {
+                            user_id: session.user_id.clone(),
+                            online: true,
+                            last_seen_ms: 0,
+                        });
+                    }
+                    self.clear_push_pending(&session.user_id, None)?;
+                }
+                SessionChange::Closed { session, at_ms } => {
+                    if self.close_session(session, *at_ms) {
+                        applied.presence.push(pb::Presence {
+                            user_id: session.user_id.clone(),
+                            online: false,
+                            last_seen_ms: *at_ms,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(applied)
     }
 
     fn sessions_of_users(&mut self, user_ids: &[String]) -> StoreResult<Vec<Vec<DeviceSession>>> {
+        let now_ms = self.lease_now_ms();
         Ok(user_ids
             .iter()
             .map(|user_id| match self.presence.get(user_id.as_str()) {
@@ -637,6 +765,7 @@ impl SessionStore for MemoryStore {
                 Some(user) => user
                     .devices
                     .iter()
+                    .filter(|d| self.gateway_alive(&d.gateway_id, now_ms))
                     .map(|d| DeviceSession {
                         device_id: d.device_id.to_string(),
                         addr: d.addr(),
@@ -647,14 +776,22 @@ impl SessionStore for MemoryStore {
     }
 
     fn presence_of_users(&mut self, user_ids: &[String]) -> StoreResult<Vec<UserPresence>> {
+        let now_ms = self.lease_now_ms();
         Ok(user_ids
             .iter()
             .map(|user_id| match self.presence.get(user_id.as_str()) {
                 None => UserPresence::default(),
-                Some(user) if !user.devices.is_empty() => UserPresence {
-                    online: true,
-                    last_seen_ms: 0,
-                },
+                Some(user)
+                    if user
+                        .devices
+                        .iter()
+                        .any(|d| self.gateway_alive(&d.gateway_id, now_ms)) =>
+                {
+                    UserPresence {
+                        online: true,
+                        last_seen_ms: 0,
+                    }
+                }
                 Some(user) => UserPresence {
                     online: false,
                     last_seen_ms: user.last_seen_ms,
@@ -662,77 +799,56 @@ impl SessionStore for MemoryStore {
             })
             .collect())
     }
-
-    fn add_watches(
-        &mut self,
-        watcher: &SessionAddr,
-        user_ids: &[String],
-        max: usize,
-    ) -> StoreResult<WatchAdd> {
-        let current = self.watching.get(watcher);
-        let watching = current.map_or(0, HashSet::len);
-        let new: HashSet<&String> = user_ids
-            .iter()
-            .filter(|u| !current.is_some_and(|c| c.contains(*u)))
-            .collect();
-        if watching + new.len() > max {
-            return Ok(WatchAdd::LimitExceeded { watching });
-        }
-        for user_id in &new {
-            self.watchers
-                .entry((*user_id).clone())
-                .or_default()
-                .insert(watcher.clone());
-        }
-        let set = self.watching.entry(watcher.clone()).or_default();
-        set.extend(new.into_iter().cloned());
-        Ok(WatchAdd::Added {
-            watching: set.len(),
-        })
-    }
-
-    fn remove_watches(&mut self, watcher: &SessionAddr, user_ids: &[String]) -> StoreResult<()> {
-        if let Some(set) = self.watching.get_mut(watcher) {
-            for user_id in user_ids {
-                if set.remove(user_id) {
-                    unlink_watcher(&mut self.watchers, user_id, watcher);
-                }
-            }
-            if set.is_empty() {
-                self.watching.remove(watcher);
-            }
-        }
-        Ok(())
-    }
-
-    fn drop_watches(&mut self, watcher: &SessionAddr) -> StoreResult<()> {
-        if let Some(set) = self.watching.remove(watcher) {
-            for user_id in &set {
-                unlink_watcher(&mut self.watchers, user_id, watcher);
-            }
-        }
-        Ok(())
-    }
-
-    fn watchers_of(&mut self, user_id: &str) -> StoreResult<Vec<SessionAddr>> {
-        Ok(self
-            .watchers
-            .get(user_id)
-            .map(|s| s.iter().cloned().collect())
-            .unwrap_or_default())
-    }
 }
 
-fn unlink_watcher(
-    watchers: &mut HashMap<String, HashSet<SessionAddr>>,
-    user_id: &str,
-    watcher: &SessionAddr,
-) {
-    if let Some(set) = watchers.get_mut(user_id) {
-        set.remove(watcher);
-        if set.is_empty() {
-            watchers.remove(user_id);
+impl GatewayRegistry for MemoryStore {
+    fn register_gateway(
+        &mut self,
+        gateway_id: &str,
+        lease_ttl: Duration,
+        now_ms: i64,
+    ) -> StoreResult<Vec<pb::Presence>> {
+        let offline = self.remove_sessions_of(gateway_id, now_ms);
+        let expires_ms = self.now_ms().saturating_add(lease_ttl.as_millis() as i64);
+        self.leases.insert(gateway_id.to_owned(), expires_ms);
+        self.known_gateways.insert(gateway_id.to_owned());
+        Ok(offline)
+    }
+
+    fn dead_gateways(&mut self) -> StoreResult<Vec<String>> {
+        let now_ms = self.now_ms();
+        Ok(self
+            .known_gateways
+            .iter()
+            .filter(|g| !self.gateway_alive(g, now_ms))
+            .cloned()
+            .collect())
+    }
+
+    fn reap_gateway(
+        &mut self,
+        dead_gateway_id: &str,
+        _reaper_id: &str,
+        now_ms: i64,
+    ) -> StoreResult<Option<Vec<pb::Presence>>> {
+        // One thread owns the store: no lock needed, a reaped gateway is
+        // simply no longer known.
+        if !self.known_gateways.remove(dead_gateway_id) {
+            return Ok(None);
         }
+        self.leases.remove(dead_gateway_id);
+        Ok(Some(self.remove_sessions_of(dead_gateway_id, now_ms)))
+    }
+
+    fn deregister_gateway(
+        &mut self,
+        gateway_id: &str,
+        now_ms: i64,
+    ) -> StoreResult<Vec<pb::Presence>> {
+        let offline = self.remove_sessions_of(gateway_id, now_ms);
+        self.known_gateways.remove(gateway_id);
+        self.leases.remove(gateway_id);
+        Ok(offline)
     }
 }
 
@@ -864,39 +980,6 @@ mod tests {
     }
 
     #[test]
-    fn sessions_replace_and_close_by_address() {
-        let mut s = MemoryStore::new();
-        let addr = |conn| SessionAddr {
-            gateway_id: "g".into(),
-            conn,
-        };
-        let session = |conn| Session {
-            user_id: "u".into(),
-            device_id: "d".into(),
-            addr: addr(conn),
-        };
-        let opened = s.open_session(&session(1)).unwrap();
-        assert!(opened.came_online);
-        assert_eq!(opened.replaced, None);
-        let opened = s.open_session(&session(2)).unwrap();
-        assert!(!opened.came_online);
-        assert_eq!(opened.replaced, Some(addr(1)));
-        // The replaced connection closing late removes nothing.
-        let closed = s.close_session(&session(1), 5).unwrap();
-        assert!(!closed.removed);
-        assert!(s.presence_of_users(&["u".into()]).unwrap()[0].online);
-        let closed = s.close_session(&session(2), 7).unwrap();
-        assert!(closed.removed && closed.went_offline);
-        assert_eq!(
-            s.presence_of_users(&["u".into()]).unwrap()[0],
-            UserPresence {
-                online: false,
-                last_seen_ms: 7
-            }
-        );
-    }
-
-    #[test]
     fn gateway_ids_are_shared_and_go_with_the_last_device() {
         let mut s = MemoryStore::new();
         let session = |user: &str, device: &str, gateway: &str, conn| Session {
@@ -910,14 +993,14 @@ mod tests {
         let a = session("a", "phone", "g1", 1);
         let b = session("b", "phone", "g1", 2);
         let a_moved = session("a", "phone", "g2", 3);
-        s.open_session(&a).unwrap();
-        s.open_session(&b).unwrap();
+        s.open_session(&a);
+        s.open_session(&b);
         assert_eq!(s.gateway_ids.len(), 1, "one shared id for g1");
         // a reconnects through g2: replaces its g1 device, g1 stays for b.
-        let opened = s.open_session(&a_moved).unwrap();
+        let opened = s.open_session(&a_moved);
         assert_eq!(opened.replaced, Some(a.addr.clone()));
         assert_eq!(s.gateway_ids.len(), 2);
-        s.close_session(&b, 9).unwrap();
+        s.close_session(&b, 9);
         assert_eq!(s.gateway_ids.len(), 1, "g1 went with its last device");
         assert_eq!(
             s.sessions_of_users(&["a".into()]).unwrap()[0],
@@ -926,7 +1009,7 @@ mod tests {
                 addr: a_moved.addr.clone(),
             }]
         );
-        s.close_session(&a_moved, 10).unwrap();
+        s.close_session(&a_moved, 10);
         assert!(s.gateway_ids.is_empty());
     }
 }

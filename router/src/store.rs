@@ -1,4 +1,4 @@
-//! The state the router keeps, as three small synchronous traits.
+//! The state the router keeps, as four small synchronous traits.
 //!
 //! [`crate::memory::MemoryStore`] implements them in memory for the embedded
 //! engine; the router tier implements them on Redis. The traits are shaped
@@ -10,8 +10,8 @@
 //!   reads that take a slice of conversation ids ([`ConversationStore::last_seqs`],
 //!   [`ConversationStore::messages_after`], [`ConversationStore::groups`]): one
 //!   pipelined round trip, any number of slots.
-//! - [`UserStore`] and [`SessionStore`] methods are keyed by user (or by a
-//!   watching connection); methods taking `&[String]` of users must be one
+//! - [`UserStore`] and [`SessionStore`] methods are keyed by user (the
+//!   session writes by gateway: one batch per gateway); methods taking `&[String]` of users must be one
 //!   pipelined round trip, never one round trip per user: a group fan-out
 //!   looks up 1000 members in one call.
 //!
@@ -26,6 +26,8 @@
 //! known about whether the call took effect" (the router answers UNAVAILABLE
 //! or retries the whole command, and the per-conversation dedup keeps a retried
 //! `Send` from being stored twice).
+
+use std::time::Duration;
 
 use palaver_protocol::pb;
 
@@ -296,88 +298,132 @@ pub struct DeviceSession {
     pub addr: SessionAddr,
 }
 
-/// Result of [`SessionStore::open_session`].
+/// A connection that completed Hello, or a registered one that closed.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SessionOpened {
-    /// The address the same (user, device) was registered at before, if it
-    /// was a different one (that connection must get `GoAway(REPLACED)`).
-    pub replaced: Option<SessionAddr>,
-    /// The user had no session before this one.
-    pub came_online: bool,
+pub enum SessionChange {
+    Opened(Session),
+    Closed { session: Session, at_ms: i64 },
 }
 
-/// Result of [`SessionStore::close_session`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SessionClosed {
-    /// The session was registered at this address and has been removed.
-    pub removed: bool,
-    /// It was the user's last session; `last_seen_ms` was set.
-    pub went_offline: bool,
+impl SessionChange {
+    pub fn session(&self) -> &Session {
+        match self {
+            SessionChange::Opened(session) | SessionChange::Closed { session, .. } => session,
+        }
+    }
+}
+
+/// What [`SessionStore::apply_sessions`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SessionsApplied {
+    /// Connections replaced by a newer one of the same (user, device), with
+    /// the opened session that replaced them: each must get
+    /// `GoAway(REPLACED)`.
+    pub replaced: Vec<(Session, SessionAddr)>,
+    /// Users who came online (first session) or went offline (last session
+    /// closed, `last_seen_ms` set to the close time), in change order.
+    pub presence: Vec<pb::Presence>,
 }
 
 /// A user's presence as the store knows it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UserPresence {
-    /// The user has at least one registered session.
+    /// The user has at least one registered session on a live gateway.
     pub online: bool,
     /// When the user's last session closed; 0 when online or never seen.
     pub last_seen_ms: i64,
 }
 
-/// Result of [`SessionStore::add_watches`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WatchAdd {
-    /// All users are now watched; this many distinct users in total.
-    Added { watching: usize },
-    /// Watching them would exceed the cap; nothing changed.
-    LimitExceeded { watching: usize },
-}
-
-/// Session registry (user → device → address), last-seen, and presence
-/// watches (watching connection → watched users, and the reverse index).
+/// Session registry (user → device → address) and last seen, written in
+/// batches of one gateway's changes. Watches are not here: they belong to
+/// a connection, so they live with its gateway (`crate::presence::Watches`).
+///
+/// A session counts only while its gateway is alive: a gateway that
+/// registered ([`GatewayRegistry::register_gateway`]) and whose lease ran
+/// out is dead, and every read here leaves its sessions out. A gateway that
+/// never registered (the embedded engine's) is always alive.
 pub trait SessionStore {
-    /// Register `session`, atomically per user: the (user, device) now maps
-    /// to `session.addr`. Reports the previous address if it was different
-    /// and whether the user had no session before. Re-registering the same
-    /// address changes nothing and reports neither.
-    fn open_session(&mut self, session: &Session) -> StoreResult<SessionOpened>;
+    /// Apply one gateway's session changes in order and renew its lease
+    /// (`lease_ttl` from now): ONE pipelined round trip in Redis however
+    /// many changes, so presence costs churn plus gateways, never connected
+    /// users (DESIGN "presence without a heartbeat storm").
+    ///
+    /// - `Opened`: the (user, device) now maps to the session's address,
+    ///   atomically per user; a different previous address is reported in
+    ///   [`SessionsApplied::replaced`]; the user came online if they had no
+    ///   session before; the user's pending push marks are cleared.
+    /// - `Closed`: removed ONLY if the (user, device) is still registered at
+    ///   that address (a replaced connection closing late must not remove
+    ///   its replacement); if it was the user's last session, the user went
+    ///   offline and last-seen is `at_ms`.
+    fn apply_sessions(
+        &mut self,
+        gateway_id: &str,
+        lease_ttl: Duration,
+        now_ms: i64,
+        changes: &[SessionChange],
+    ) -> StoreResult<SessionsApplied>;
 
-    /// Unregister `session`, atomically per user, ONLY if its (user, device)
-    /// is still registered at `session.addr` (a replaced connection closing
-    /// late must not remove its replacement). If that removed the user's
-    /// last session, set the user's last-seen to `at_ms`.
-    fn close_session(&mut self, session: &Session, at_ms: i64) -> StoreResult<SessionClosed>;
-
-    /// Every registered session of each user, in input order (an empty list
-    /// for users without sessions). One pipelined round trip for all users.
-    /// Implementations may leave out sessions on gateways known to be dead.
+    /// Every session of each user on a live gateway, in input order (an
+    /// empty list for users without one). One pipelined round trip for all
+    /// users.
     fn sessions_of_users(&mut self, user_ids: &[String]) -> StoreResult<Vec<Vec<DeviceSession>>>;
 
-    /// Presence of each user, in input order. One pipelined round trip.
+    /// Presence of each user, in input order: online iff a session on a
+    /// live gateway. One pipelined round trip.
     fn presence_of_users(&mut self, user_ids: &[String]) -> StoreResult<Vec<UserPresence>>;
+}
 
-    /// Let `watcher` watch these users, all or nothing: if the number of
-    /// distinct users `watcher` would watch afterwards exceeds `max`, change
-    /// nothing and return [`WatchAdd::LimitExceeded`].
-    fn add_watches(
+/// The gateways that hold sessions, each alive while it renews its lease
+/// (DESIGN: "a crashed gateway's lease expires and all its users go offline
+/// together"). The lease is renewed by every
+/// [`SessionStore::apply_sessions`] of the gateway.
+pub trait GatewayRegistry {
+    /// Register a gateway (lease `lease_ttl` from now; known from now on).
+    /// Sessions a previous run with the same id left behind (a crash and
+    /// restart inside the lease) are removed first; returns who went
+    /// offline through that.
+    fn register_gateway(
         &mut self,
-        watcher: &SessionAddr,
-        user_ids: &[String],
-        max: usize,
-    ) -> StoreResult<WatchAdd>;
+        gateway_id: &str,
+        lease_ttl: Duration,
+        now_ms: i64,
+    ) -> StoreResult<Vec<pb::Presence>>;
 
-    /// Stop `watcher` watching these users (idempotent).
-    fn remove_watches(&mut self, watcher: &SessionAddr, user_ids: &[String]) -> StoreResult<()>;
+    /// Renew a gateway's lease without session changes.
+    fn renew_lease(&mut self, gateway_id: &str, lease_ttl: Duration, now_ms: i64) -> StoreResult<()>
+    where
+        Self: SessionStore,
+    {
+        self.apply_sessions(gateway_id, lease_ttl, now_ms, &[])
+            .map(|_| ())
+    }
 
-    /// Stop `watcher` watching anyone (its connection closed).
-    fn drop_watches(&mut self, watcher: &SessionAddr) -> StoreResult<()>;
+    /// Registered gateways whose lease ran out and that nobody reaped yet.
+    fn dead_gateways(&mut self) -> StoreResult<Vec<String>>;
 
-    /// Every connection watching `user_id`, any order.
-    fn watchers_of(&mut self, user_id: &str) -> StoreResult<Vec<SessionAddr>>;
+    /// Take over a dead gateway: remove its sessions (users left without a
+    /// session go offline with last-seen `now_ms`) and forget it. Returns
+    /// who went offline, or `None` if another gateway (`reaper_id` names
+    /// this one) is reaping it or already did.
+    fn reap_gateway(
+        &mut self,
+        dead_gateway_id: &str,
+        reaper_id: &str,
+        now_ms: i64,
+    ) -> StoreResult<Option<Vec<pb::Presence>>>;
+
+    /// Clean shutdown of a gateway: its lease and registration go, its
+    /// sessions are removed; returns who went offline.
+    fn deregister_gateway(
+        &mut self,
+        gateway_id: &str,
+        now_ms: i64,
+    ) -> StoreResult<Vec<pb::Presence>>;
 }
 
 /// Everything the router needs; implemented for any type implementing the
 /// three parts.
-pub trait Store: ConversationStore + UserStore + SessionStore {}
+pub trait Store: ConversationStore + UserStore + SessionStore + GatewayRegistry {}
 
-impl<T: ConversationStore + UserStore + SessionStore> Store for T {}
+impl<T: ConversationStore + UserStore + SessionStore + GatewayRegistry> Store for T {}

@@ -9,8 +9,10 @@ use palaver_protocol::pb::{self, frame::Body};
 use palaver_router::api::Inbound;
 use palaver_router::bus::{Command, Output};
 use palaver_router::logic::{ManualClock, Router, RouterConfig};
-use palaver_router::redis_store::{RedisConfig, RedisStore, SessionChange};
-use palaver_router::store::{Appended, ConversationStore, RangeRead, SessionStore, UserPresence};
+use palaver_router::redis_store::{RedisConfig, RedisStore};
+use palaver_router::store::{
+    Appended, ConversationStore, GatewayRegistry, RangeRead, SessionChange,
+};
 use palaver_testkit::stack::{Redis, RedisCluster};
 
 mod contract;
@@ -25,9 +27,17 @@ fn all_checks(config: RedisConfig) {
     receipts_and_groups(RedisStore::connect(config.clone()).unwrap());
     users_and_push(RedisStore::connect(config.clone()).unwrap());
     shared_conversations(RedisStore::connect(config.clone()).unwrap());
-    sessions_presence_and_leases(RedisStore::connect(config.clone()).unwrap());
-    watches(RedisStore::connect(config.clone()).unwrap());
-    watches_capped_all_or_nothing(RedisStore::connect(config.clone()).unwrap());
+    sessions_and_registry(
+        RedisStore::connect(config.clone()).unwrap(),
+        |s, gateway| {
+            // Redis expires the lease key on its own clock: wait for it.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !s.dead_gateways().unwrap().iter().any(|g| g == gateway) {
+                assert!(std::time::Instant::now() < deadline, "lease never expired");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        },
+    );
     router_over_redis(RedisStore::connect(config).unwrap());
 }
 
@@ -100,97 +110,6 @@ fn append_dedup_window(mut s: RedisStore, config: &RedisConfig) {
     assert_eq!(seqs, vec![4, 5, 6], "window of 3");
 }
 
-fn sessions_presence_and_leases(mut s: RedisStore) {
-    let lease = Duration::from_secs(30);
-    s.register_gateway("gA", lease, 1).unwrap();
-    s.register_gateway("gB", lease, 1).unwrap();
-    let a1 = session("s1", "phone", "gA", 1);
-    let opened = s.open_session(&a1).unwrap();
-    assert!(opened.came_online);
-    assert_eq!(opened.replaced, None);
-    // Same device again elsewhere: the old address is reported.
-    let b7 = session("s1", "phone", "gB", 7);
-    let opened = s.open_session(&b7).unwrap();
-    assert!(!opened.came_online);
-    assert_eq!(opened.replaced, Some(addr("gA", 1)));
-    // The replaced connection closing late removes nothing.
-    let closed = s.close_session(&a1, 5).unwrap();
-    assert!(!closed.removed && !closed.went_offline);
-    let sessions = s.sessions_of_users(&["s1".into(), "s2".into()]).unwrap();
-    assert_eq!(sessions[0].len(), 1);
-    assert_eq!(sessions[0][0].addr, addr("gB", 7));
-    assert!(sessions[1].is_empty());
-    let closed = s.close_session(&b7, 77).unwrap();
-    assert!(closed.removed && closed.went_offline);
-    assert_eq!(
-        s.presence_of_users(&["s1".into(), "never".into()]).unwrap(),
-        vec![
-            UserPresence {
-                online: false,
-                last_seen_ms: 77
-            },
-            UserPresence::default()
-        ]
-    );
-
-    // Batched presence: one tick opens two sessions and closes one.
-    let tick = s
-        .presence_tick(
-            "gA",
-            lease,
-            100,
-            &[
-                SessionChange::Opened(session("t1", "d", "gA", 10)),
-                SessionChange::Opened(session("t2", "d", "gA", 11)),
-                SessionChange::Opened(session("t2", "e", "gA", 12)),
-            ],
-        )
-        .unwrap();
-    let mut came: Vec<&str> = tick.changes.iter().map(|c| c.0.as_str()).collect();
-    came.sort();
-    assert_eq!(came, vec!["t1", "t2"]);
-    assert!(tick.replaced.is_empty());
-    let tick = s
-        .presence_tick(
-            "gA",
-            lease,
-            200,
-            &[SessionChange::Closed {
-                session: session("t2", "e", "gA", 12),
-                at_ms: 150,
-            }],
-        )
-        .unwrap();
-    assert!(tick.changes.is_empty(), "t2 still has device d");
-    let online = s.presence_of_users(&["t1".into(), "t2".into()]).unwrap();
-    assert!(online.iter().all(|p| p.online));
-
-    // A gateway whose lease is gone: its users read as offline at once, and
-    // reaping it turns them offline for good and reports the changes.
-    s.register_gateway("gDead", Duration::from_millis(200), 1)
-        .unwrap();
-    s.open_session(&session("t3", "d", "gDead", 1)).unwrap();
-    s.open_session(&session("t4", "d", "gDead", 2)).unwrap();
-    s.open_session(&session("t4", "x", "gA", 3)).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !s.dead_gateways().unwrap().contains(&"gDead".to_string()) {
-        assert!(std::time::Instant::now() < deadline, "lease never expired");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let p = s.presence_of_users(&["t3".into(), "t4".into()]).unwrap();
-    assert!(!p[0].online, "t3 only on the dead gateway");
-    assert!(p[1].online, "t4 also on gA");
-    assert!(s.sessions_of_users(&["t3".into()]).unwrap()[0].is_empty());
-    let changes = s.reap_gateway("gDead", "gA", 999).unwrap().unwrap();
-    assert_eq!(changes, vec![("t3".to_string(), false, 999)]);
-    assert_eq!(s.reap_gateway("gDead", "gB", 1000).unwrap(), None, "locked");
-    assert!(!s.dead_gateways().unwrap().contains(&"gDead".to_string()));
-    assert_eq!(
-        s.presence_of_users(&["t3".into()]).unwrap()[0].last_seen_ms,
-        999
-    );
-}
-
 /// The unchanged routing logic over RedisStore: a 300-member group with some
 /// members online gets the message fanned out; offline members get a push.
 fn router_over_redis(store: RedisStore) {
@@ -202,12 +121,13 @@ fn router_over_redis(store: RedisStore) {
         .store_mut()
         .register_gateway("gR", Duration::from_secs(30), 1)
         .unwrap();
-    for i in 0..300u64 {
-        if i % 2 == 0 {
-            let s = session(&format!("r{i}"), "d", "gR", 1000 + i);
-            router.handle(&Command::SessionOpened(s), &mut out).unwrap();
-        }
-    }
+    let online: Vec<SessionChange> = (0..300u64)
+        .filter(|i| i % 2 == 0)
+        .map(|i| SessionChange::Opened(session(&format!("r{i}"), "d", "gR", 1000 + i)))
+        .collect();
+    router
+        .apply_session_changes(&online, Duration::from_secs(30), &mut out)
+        .unwrap();
     out.frames.clear();
     let request = |body| {
         Command::Request(Inbound {

@@ -7,10 +7,12 @@ mod instrumented;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::*;
 use instrumented::Instrumented;
 use palaver_protocol::pb::{self, frame::Body, ErrorCode};
+use palaver_router::store::SessionChange;
 use palaver_router::{
     direct_conversation_id, Command, ManualClock, Output, PresenceVisibility, Router, RouterConfig,
     Session, SessionAddr,
@@ -49,17 +51,30 @@ impl Harness {
         self.run(Command::Request(request(from, request_id, body)))
     }
 
+    /// Session changes, as the embedded engine applies a batch of them.
+    fn sessions(&mut self, changes: &[SessionChange]) -> Output {
+        let mut out = Output::default();
+        self.router
+            .apply_session_changes(changes, Duration::from_secs(60), &mut out)
+            .expect("memory store does not fail");
+        out
+    }
+
+    fn opened(&mut self, s: &Session) -> Output {
+        self.sessions(&[SessionChange::Opened(s.clone())])
+    }
+
     fn open(&mut self, user: &str, device: &str, conn: u64) -> Session {
         let s = session(user, device, "g1", conn);
-        self.run(Command::SessionOpened(s.clone()));
+        self.opened(&s);
         s
     }
 
     fn close(&mut self, s: &Session, at_ms: i64) -> Output {
-        self.run(Command::SessionClosed {
+        self.sessions(&[SessionChange::Closed {
             session: s.clone(),
             at_ms,
-        })
+        }])
     }
 
     fn send(&mut self, from: &Session, conversation_id: &str, n: u32) -> Output {
@@ -1106,19 +1121,19 @@ fn presence_subscriptions_get_transition_events_until_closed() {
 
     // Carol comes online: one event, only to the subscribed connection.
     let carol = session("carol", "phone", "g1", 3);
-    let out = h.run(Command::SessionOpened(carol.clone()));
+    let out = h.opened(&carol);
     assert_eq!(out.frames.len(), 1);
     assert_eq!(
         presence_event(to(&out, &watcher.addr)[0]),
         ("carol".into(), true, 0)
     );
-    let out = h.run(Command::SessionOpened(carol.clone()));
+    let out = h.opened(&carol);
     assert!(
         out.frames.is_empty(),
         "re-opening the same addr is no transition"
     );
     let carol_tablet = session("carol", "tablet", "g1", 4);
-    let out = h.run(Command::SessionOpened(carol_tablet.clone()));
+    let out = h.opened(&carol_tablet);
     assert!(out.frames.is_empty(), "second device is no transition");
     assert!(
         h.close(&carol_tablet, T0 + 1).frames.is_empty(),
@@ -1134,7 +1149,7 @@ fn presence_subscriptions_get_transition_events_until_closed() {
     );
     assert!(to(&out, &other_watcher.addr).is_empty());
 
-    let out = h.run(Command::SessionOpened(bob_phone.clone()));
+    let out = h.opened(&bob_phone);
     assert_eq!(
         presence_event(to(&out, &watcher.addr)[0]),
         ("bob".into(), true, 0)
@@ -1148,6 +1163,110 @@ fn presence_subscriptions_get_transition_events_until_closed() {
     // The watching connection closes: its subscriptions are gone.
     h.close(&watcher, T0 + 8);
     assert!(h.close(&bob_phone, T0 + 9).frames.is_empty());
+}
+
+/// The session-change path: a reconnect of the same device replaces the old
+/// connection (one GoAway(REPLACED), wherever the changes fall in batches),
+/// the replaced and closed connections' watches go, and the new
+/// connection's own subscription keeps working whatever the order of the
+/// old connection's late close.
+#[test]
+fn a_reconnect_replaces_the_old_connection_and_only_the_new_one_watches() {
+    let mut h = Harness::with_config(RouterConfig {
+        presence_visibility: PresenceVisibility::Everyone,
+        ..RouterConfig::default()
+    });
+    let carol = h.open("carol", "phone", 9);
+    let old = h.open("alice", "phone", 1);
+    h.req(&old, 1, presence_subscribe(&["carol"], false));
+    let new = session("alice", "phone", "g1", 2);
+    let out = h.opened(&new);
+    assert_eq!(out.frames.len(), 1, "only the GoAway: {out:?}");
+    assert!(matches!(
+        &to(&out, &old.addr)[0].body,
+        Some(Body::GoAway(g)) if g.reason == pb::GoAwayReason::Replaced as i32
+    ));
+    // Replaced: the old connection watches nothing any more.
+    let out = h.close(&carol, T0 + 1);
+    assert!(out.frames.is_empty(), "to the replaced connection: {out:?}");
+    h.opened(&carol);
+    let out = h.req(&new, 1, presence_subscribe(&["carol"], false));
+    assert_eq!(
+        presence_result(reply_to(&out, &new, 1)),
+        [("carol".into(), true, 0)]
+    );
+    // The old connection's close comes after the new one subscribed: it
+    // neither takes alice offline nor touches the new connection's watches.
+    let out = h.close(&old, T0 + 2);
+    assert!(out.frames.is_empty(), "{out:?}");
+    let out = h.close(&carol, T0 + 3);
+    assert_eq!(to(&out, &new.addr).len(), 1);
+    assert_eq!(
+        presence_event(to(&out, &new.addr)[0]),
+        ("carol".into(), false, T0 + 3)
+    );
+
+    // All in one batch: the old connection closes, its device reconnects,
+    // carol comes online. No GoAway (already closed), one event each.
+    let newer = session("alice", "phone", "g2", 3);
+    h.req(&new, 2, presence_subscribe(&["carol"], false));
+    let out = h.sessions(&[
+        SessionChange::Closed {
+            session: new.clone(),
+            at_ms: T0 + 4,
+        },
+        SessionChange::Opened(newer.clone()),
+        SessionChange::Opened(carol.clone()),
+    ]);
+    assert!(out.frames.is_empty(), "closed watches get nothing: {out:?}");
+    h.req(&newer, 1, presence_subscribe(&["carol"], false));
+    let out = h.close(&carol, T0 + 5);
+    assert_eq!(
+        presence_event(to(&out, &newer.addr)[0]),
+        ("carol".into(), false, T0 + 5)
+    );
+    assert_eq!(out.frames.len(), 1);
+}
+
+/// One batch: a user coming online and going offline again in it produces
+/// both events, in order; changes of several gateways in one batch are
+/// written as one store call per gateway run.
+#[test]
+fn a_session_batch_applies_in_order() {
+    let mut h = Harness::with_config(RouterConfig {
+        presence_visibility: PresenceVisibility::Everyone,
+        ..RouterConfig::default()
+    });
+    let watcher = h.open("watcher", "phone", 1);
+    h.req(&watcher, 1, presence_subscribe(&["bob"], false));
+    let on_g1 = session("bob", "phone", "g1", 2);
+    let on_g2 = session("bob", "tablet", "g2", 3);
+    let writes = h.calls().count("apply_sessions");
+    let out = h.sessions(&[
+        SessionChange::Opened(on_g1.clone()),
+        SessionChange::Closed {
+            session: on_g1,
+            at_ms: T0 + 1,
+        },
+        SessionChange::Opened(on_g2),
+    ]);
+    let events: Vec<_> = to(&out, &watcher.addr)
+        .into_iter()
+        .map(presence_event)
+        .collect();
+    assert_eq!(
+        events,
+        [
+            ("bob".into(), true, 0),
+            ("bob".into(), false, T0 + 1),
+            ("bob".into(), true, 0)
+        ]
+    );
+    assert_eq!(
+        h.calls().count("apply_sessions"),
+        writes + 2,
+        "g1 run, g2 run"
+    );
 }
 
 fn presence_query(ids: &[&str]) -> Body {
@@ -1251,7 +1370,7 @@ fn presence_privacy_is_checked_when_events_are_sent() {
     // Carol connects and leaves: the stranger gets no event.
     let carol = h.open("carol", "phone", 3);
     h.close(&carol, T0 + 1);
-    let out = h.run(Command::SessionOpened(carol.clone()));
+    let out = h.opened(&carol);
     assert!(to(&out, &watcher.addr).is_empty(), "stranger got {out:?}");
 
     // Alice puts watcher and carol in a group: the existing subscription now
@@ -1263,7 +1382,7 @@ fn presence_privacy_is_checked_when_events_are_sent() {
         presence_event(to(&out, &watcher.addr)[0]),
         ("carol".into(), false, T0 + 10)
     );
-    let out = h.run(Command::SessionOpened(carol.clone()));
+    let out = h.opened(&carol);
     assert_eq!(
         presence_event(to(&out, &watcher.addr)[0]),
         ("carol".into(), true, 0)
@@ -1302,7 +1421,7 @@ fn same_device_reconnecting_replaces_the_old_connection() {
     let alice = h.open("alice", "phone", 1);
     let old = h.open("bob", "phone", 2);
     let new = session("bob", "phone", "g2", 3);
-    let out = h.run(Command::SessionOpened(new.clone()));
+    let out = h.opened(&new);
     let frames = to(&out, &old.addr);
     assert_eq!(frames.len(), 1);
     match &frames[0].body {
@@ -1509,9 +1628,6 @@ fn store_failures_become_unavailable_for_the_driver() {
     let e = error(&reply.frame).unwrap();
     assert_eq!(e.code, ErrorCode::Unavailable as u32);
     assert_eq!(e.client_msg_id, cmid(1));
-    assert!(
-        Router::<Instrumented>::unavailable_reply(&Command::SessionOpened(alice), &err).is_none()
-    );
 
     // Once the store is back, the retried send is stored exactly once.
     h.router.store_mut().failing = false;

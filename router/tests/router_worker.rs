@@ -320,17 +320,18 @@ fn a_poll_batch_gets_consecutive_seqs_and_one_delivery_record_per_gateway() {
     let mut store =
         palaver_router::redis_store::RedisStore::connect(RedisConfig::standalone(redis.url()))
             .unwrap();
-    use palaver_router::store::SessionStore as _;
+    use palaver_router::store::{SessionChange, SessionStore as _};
     for (user, gateway, conn) in [("alice", "gwa", 7), ("bob", "gwb", 9)] {
+        let opened = SessionChange::Opened(Session {
+            user_id: user.into(),
+            device_id: "phone".into(),
+            addr: SessionAddr {
+                gateway_id: gateway.into(),
+                conn,
+            },
+        });
         store
-            .open_session(&Session {
-                user_id: user.into(),
-                device_id: "phone".into(),
-                addr: SessionAddr {
-                    gateway_id: gateway.into(),
-                    conn,
-                },
-            })
+            .apply_sessions(gateway, Duration::from_secs(30), 1, &[opened])
             .unwrap();
     }
     let mut config = WorkerConfig::new(&brokers, RedisConfig::standalone(redis.url()));

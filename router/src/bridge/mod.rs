@@ -24,13 +24,13 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::api::{Backend, BackendError, DeliverySink, Inbound, Outbound, Session, SessionAddr};
-use crate::bus::{Command, Output};
+use crate::api::{Backend, BackendError, DeliverySink, Inbound, Outbound, Session};
+use crate::bus::{Addressed, Command, Output};
 use crate::kafka;
 use crate::logic::{PresenceVisibility, Router, RouterConfig, SystemClock};
 use crate::redis_store::{RedisConfig, RedisStore};
 use crossbeam_channel::{Receiver, Sender};
-use palaver_protocol::pb::{self, frame::Body, ErrorCode};
+use palaver_protocol::pb::{frame::Body, ErrorCode};
 use palaver_protocol::{send_error_reply, sent_client_msg_id, BodyKind};
 use prost::Message as _;
 use rdkafka::config::ClientConfig;
@@ -116,13 +116,6 @@ fn unavailable(conn: u64, request_id: u32, client_msg_id: Vec<u8>, message: Stri
     Outbound {
         conn,
         frame: send_error_reply(request_id, client_msg_id, ErrorCode::Unavailable, message),
-    }
-}
-
-fn error_reply(req: &Inbound, code: ErrorCode, message: String) -> Outbound {
-    Outbound {
-        conn: req.from.addr.conn,
-        frame: palaver_protocol::error_reply(req.request_id, code, message),
     }
 }
 
@@ -222,21 +215,14 @@ impl KafkaRedisBridge {
         drop(started.sink);
     }
 
-    /// Sends GoAway(REPLACED) to a connection on any gateway.
+    /// Delivers a GoAway(REPLACED) to a connection on any gateway: through
+    /// the sink if it is here, else through that gateway's delivery topic.
     fn replaced_handler(
         gateway_id: String,
         sink: Arc<dyn DeliverySink>,
         producer: Arc<ThreadedProducer<ProduceContext>>,
     ) -> presence::ReplacedHandler {
-        Box::new(move |old: SessionAddr| {
-            let frame = pb::Frame {
-                request_id: 0,
-                body: Some(Body::GoAway(pb::GoAway {
-                    reason: pb::GoAwayReason::Replaced as i32,
-                    reconnect_delay_ms: 0,
-                    message: "this device connected again on another connection".into(),
-                })),
-            };
+        Box::new(move |Addressed { to: old, frame }| {
             let outbound = Outbound {
                 conn: old.conn,
                 frame,
@@ -361,7 +347,8 @@ impl Backend for KafkaRedisBridge {
                 .map_err(|e| BackendError::Unavailable(format!("Redis: {e}")))?;
             let reader = Reader {
                 gateway_id: gateway_id.to_owned(),
-                router: Router::new(store, config.router.clone(), Arc::new(SystemClock)),
+                router: Router::new(store, config.router.clone(), Arc::new(SystemClock))
+                    .with_watches(presence.watches.clone()),
                 sink: sink.clone(),
                 presence: presence.clone(),
                 jobs: reads_rx.clone(),
@@ -402,11 +389,7 @@ impl Backend for KafkaRedisBridge {
 
     fn submit(&self, request: Inbound) {
         let served_from_store = BodyKind::of(&request.body).served_from_store();
-        let command = Command::Request(request);
         if served_from_store {
-            let Command::Request(request) = command else {
-                unreachable!("built above")
-            };
             let after_flush = self.presence.get().map_or(0, |p| p.enqueued());
             if let Some(reads) = self.reads.get() {
                 let _ = reads.send(ReadJob::Read {
@@ -416,10 +399,9 @@ impl Backend for KafkaRedisBridge {
             }
             return;
         }
+        let command = Command::Request(request);
         let key = command.partition_key().to_owned();
-        let Command::Request(request) = command else {
-            unreachable!("built above")
-        };
+        let Command::Request(request) = command;
         let value = kafka::inbound_record(&request).encode_to_vec();
         let client_msg_id = sent_client_msg_id(&request.body);
         let pending = PendingWrite {
@@ -515,7 +497,6 @@ impl Reader {
         }) = self.jobs.recv()
         {
             let frames = match &request.body {
-                Body::PresenceSubscribe(subscribe) => self.subscribe(&request, subscribe),
                 Body::Sync(_) => {
                     // Sessions opened before this Sync must be registered
                     // first: a message stored after registration is delivered
@@ -532,7 +513,9 @@ impl Reader {
         }
     }
 
-    /// Runs one read-only request through the router.
+    /// Runs one request served from Redis through the router
+    /// (PresenceSubscribe adds to this gateway's watches, shared with the
+    /// presence subscriber).
     fn read(&mut self, request: &Inbound) -> Vec<Outbound> {
         let command = Command::Request(request.clone());
         let mut out = Output::default();
@@ -550,103 +533,5 @@ impl Reader {
                 frame: a.frame,
             })
             .collect()
-    }
-
-    /// PresenceSubscribe: watches are local to this gateway; the answer is
-    /// the users' current presence, as for a PresenceQuery (which also
-    /// validates the user ids).
-    fn subscribe(&mut self, request: &Inbound, subscribe: &pb::PresenceSubscribe) -> Vec<Outbound> {
-        let conn = request.from.addr.conn;
-        let as_query = Inbound {
-            body: Body::PresenceQuery(pb::PresenceQuery {
-                user_ids: subscribe.user_ids.clone(),
-            }),
-            ..request.clone()
-        };
-        if subscribe.unsubscribe {
-            let mut frames = self.read(&as_query);
-            let valid = frames
-                .iter()
-                .any(|f| matches!(f.frame.body, Some(Body::PresenceResult(_))));
-            if valid {
-                if let Ok(mut w) = self.presence.watches.lock() {
-                    w.remove(conn, &subscribe.user_ids);
-                }
-                frames = vec![Outbound {
-                    conn,
-                    frame: pb::Frame {
-                        request_id: request.request_id,
-                        body: Some(Body::PresenceResult(pb::PresenceResult::default())),
-                    },
-                }];
-            }
-            return frames;
-        }
-        let max = self.router.config().max_watches_per_connection;
-        // Every requested user is watched, visible or not: the subscriber
-        // thread checks visibility when it sends an event (SPEC §10).
-        let added = match self.presence.watches.lock() {
-            Ok(mut w) => {
-                let added = w.add(conn, &subscribe.user_ids, max);
-                w.set_user(conn, &request.from.user_id);
-                added
-            }
-            Err(_) => Ok(Vec::new()),
-        };
-        let added = match added {
-            Ok(added) => added,
-            Err(watching) => {
-                return vec![error_reply(
-                    request,
-                    ErrorCode::InvalidArgument,
-                    format!(
-                        "a connection may watch at most {max} users; it watches {watching}, \
-                         unsubscribe some first"
-                    ),
-                )]
-            }
-        };
-        // Watch first, then read: a change between the two is not missed.
-        let frames = self.read(&as_query);
-        let ok = frames
-            .iter()
-            .any(|f| matches!(f.frame.body, Some(Body::PresenceResult(_))));
-        if !ok {
-            if let Ok(mut w) = self.presence.watches.lock() {
-                w.remove(conn, &added);
-            }
-        }
-        frames
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::presence::Watches;
-
-    #[test]
-    fn watches_are_all_or_nothing_and_dropped_with_the_connection() {
-        let mut w = Watches::default();
-        let users = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert_eq!(
-            w.add(1, &users(&["a", "b", "a"]), 2),
-            Ok(users(&["a", "b"]))
-        );
-        assert_eq!(w.add(1, &users(&["c"]), 2), Err(2));
-        assert_eq!(w.add(1, &users(&["a"]), 2), Ok(vec![]));
-        assert_eq!(w.add(2, &users(&["a"]), 2), Ok(users(&["a"])));
-        let mut watchers: Vec<u64> = w.watchers_of("a").collect();
-        watchers.sort();
-        assert_eq!(watchers, vec![1, 2]);
-        w.set_user(1, "u1");
-        w.set_user(3, "u3");
-        assert_eq!(w.user_of(1), Some("u1"));
-        assert_eq!(w.user_of(3), None, "a connection watching nobody");
-        w.drop_conn(1);
-        assert_eq!(w.user_of(1), None);
-        assert_eq!(w.watchers_of("a").collect::<Vec<_>>(), vec![2]);
-        assert_eq!(w.watchers_of("b").count(), 0);
-        w.remove(2, &users(&["a"]));
-        assert_eq!(w.watchers_of("a").count(), 0);
     }
 }

@@ -1,36 +1,39 @@
-//! Batched presence for one gateway, as DESIGN.md "Presence without a
+//! The bridge's presence threads, as DESIGN.md "Presence without a
 //! heartbeat storm" asks: Redis sees churn plus gateways, never connections.
+//! The presence logic itself is [`crate::presence`], shared with the
+//! embedded engine; this file only hosts it for one gateway.
 //!
 //! - Core threads only enqueue [`SessionChange`]s (a channel send).
-//! - The batcher thread writes them in ONE pipeline per flush interval
-//!   (session registry, last-seen, push-pending reset), renews the gateway's
-//!   lease once per tick (`SET gw:{gw}:lease:<id> … PX`), and once per tick
-//!   checks (one script call) for gateways whose lease expired, reaping their
-//!   sessions so their users go offline together.
-//! - Presence changes (came online / went offline, from the tick's replies or
-//!   from a reap) are published once per flush on Redis pub/sub; every
-//!   gateway's subscriber thread fans them out to ITS local watchers.
-//! - Watches (PresenceSubscribe) live in memory here, per gateway, with the
-//!   user of each watching connection: the subscriber thread applies the
-//!   presence visibility rule (`crate::logic::presence_visible`,
-//!   SPEC §10) when it fans an event out, one `SMEMBERS` plus one pipelined
-//!   `SMISMEMBER` round trip per changed user that has local watchers.
+//! - The batcher thread applies them once per flush interval through
+//!   [`presence::apply_session_changes`] (ONE Redis pipeline: sessions,
+//!   last-seen, push-pending reset, lease renewal), renews the lease once
+//!   per tick when nothing changed, and once per tick checks (one script
+//!   call) for gateways whose lease expired, reaping their sessions so their
+//!   users go offline together.
+//! - Presence changes (came online / went offline, from a flush or a reap)
+//!   are published once per flush on Redis pub/sub; every gateway's
+//!   subscriber thread hands them to [`presence::fan_out`] with ITS local
+//!   watches (one `SMEMBERS` plus one pipelined `SMISMEMBER` round trip per
+//!   changed user that has local watchers, for the visibility rule).
+//! - Watches ([`presence::Watches`]) are shared with the reader threads,
+//!   whose `Router`s answer PresenceSubscribe.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::api::{DeliverySink, Outbound, Session, SessionAddr};
+use crate::api::{DeliverySink, Outbound, Session};
+use crate::bus::Addressed;
 use crate::kafka::records::PresenceChanges;
-use crate::logic::presence_visible;
-use crate::redis_store::{RedisConfig, RedisStore, SessionChange, PRESENCE_CHANNEL};
+use crate::presence::{self, SharedWatches};
+use crate::redis_store::{RedisConfig, RedisStore, PRESENCE_CHANNEL};
+use crate::store::{GatewayRegistry, SessionChange};
 use crate::Clock;
 use crate::PresenceVisibility;
 use crate::SystemClock;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use palaver_protocol::pb::{self, frame::Body};
+use palaver_protocol::pb;
 use prost::Message as _;
 
 /// Presence timing.
@@ -54,90 +57,6 @@ impl Default for PresenceTiming {
     }
 }
 
-/// Which local connections watch which users.
-#[derive(Default)]
-pub struct Watches {
-    by_user: HashMap<String, HashSet<u64>>,
-    by_conn: HashMap<u64, HashSet<String>>,
-    /// The user of each watching connection (for the visibility rule).
-    users: HashMap<u64, String>,
-}
-
-impl Watches {
-    /// Adds watches, all or nothing; `Err(current count)` if the connection
-    /// would watch more than `max` users. Returns the users newly added.
-    pub fn add(&mut self, conn: u64, users: &[String], max: usize) -> Result<Vec<String>, usize> {
-        let current = self.by_conn.get(&conn);
-        let count = current.map_or(0, HashSet::len);
-        let mut new: Vec<String> = users
-            .iter()
-            .filter(|u| !current.is_some_and(|c| c.contains(*u)))
-            .cloned()
-            .collect();
-        new.sort();
-        new.dedup();
-        if count + new.len() > max {
-            return Err(count);
-        }
-        for user in &new {
-            self.by_user.entry(user.clone()).or_default().insert(conn);
-        }
-        self.by_conn
-            .entry(conn)
-            .or_default()
-            .extend(new.iter().cloned());
-        Ok(new)
-    }
-
-    /// Records which user `conn` belongs to (kept while it watches anyone).
-    pub fn set_user(&mut self, conn: u64, user_id: &str) {
-        if self.by_conn.contains_key(&conn) {
-            self.users.insert(conn, user_id.to_owned());
-        }
-    }
-
-    /// The user of a watching connection, if known.
-    pub fn user_of(&self, conn: u64) -> Option<&str> {
-        self.users.get(&conn).map(String::as_str)
-    }
-
-    pub fn remove(&mut self, conn: u64, users: &[String]) {
-        if let Some(set) = self.by_conn.get_mut(&conn) {
-            for user in users {
-                if set.remove(user) {
-                    unlink(&mut self.by_user, user, conn);
-                }
-            }
-            if set.is_empty() {
-                self.by_conn.remove(&conn);
-                self.users.remove(&conn);
-            }
-        }
-    }
-
-    pub fn drop_conn(&mut self, conn: u64) {
-        self.users.remove(&conn);
-        if let Some(set) = self.by_conn.remove(&conn) {
-            for user in &set {
-                unlink(&mut self.by_user, user, conn);
-            }
-        }
-    }
-
-    pub fn watchers_of(&self, user: &str) -> impl Iterator<Item = u64> + '_ {
-        self.by_user.get(user).into_iter().flatten().copied()
-    }
-}
-
-fn unlink(by_user: &mut HashMap<String, HashSet<u64>>, user: &str, conn: u64) {
-    if let Some(set) = by_user.get_mut(user) {
-        set.remove(&conn);
-        if set.is_empty() {
-            by_user.remove(user);
-        }
-    }
-}
-
 /// Counts changes enqueued and written, so a reader can wait until a
 /// session it depends on is registered (see [`Presence::wait_flushed`]).
 #[derive(Default)]
@@ -146,8 +65,8 @@ struct FlushMark {
     cond: Condvar,
 }
 
-/// A replaced connection somewhere: the bridge sends it GoAway(REPLACED).
-pub type ReplacedHandler = Box<dyn Fn(SessionAddr) + Send + Sync>;
+/// Delivers a `GoAway(REPLACED)` to a connection on any gateway.
+pub type ReplacedHandler = Box<dyn Fn(Addressed) + Send + Sync>;
 
 /// The presence half of the bridge.
 pub struct Presence {
@@ -155,7 +74,10 @@ pub struct Presence {
     changes: Sender<Job>,
     enqueued: AtomicU64,
     mark: Arc<FlushMark>,
-    pub watches: Arc<Mutex<Watches>>,
+    /// This gateway's connections' watches (the readers' `Router`s add to
+    /// them, the subscriber fans out from them, the batcher drops those of
+    /// closed and replaced connections).
+    pub watches: SharedWatches,
     stop: Arc<AtomicBool>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     batcher_rx: Mutex<Option<Receiver<Job>>>,
@@ -169,47 +91,10 @@ enum Job {
     Deregister,
 }
 
-/// Local watchers of one presence change, with their users ("" when
-/// unknown: such a watcher gets nothing).
-fn watchers_with_users(watches: &Watches, user_id: &str) -> (Vec<u64>, Vec<String>) {
-    watches
-        .watchers_of(user_id)
-        .map(|conn| (conn, watches.user_of(conn).unwrap_or_default().to_owned()))
-        .unzip()
-}
-
-/// Frames for the local watchers of one presence change that may see it.
-fn presence_frames(
-    presence: &pb::Presence,
-    conns: &[u64],
-    visible: &[bool],
-    out: &mut Vec<Outbound>,
-) {
-    let frame = pb::Frame {
-        request_id: 0,
-        body: Some(Body::PresenceEvent(pb::PresenceEvent {
-            presence: Some(presence.clone()),
-        })),
-    };
-    for (&conn, _) in conns.iter().zip(visible).filter(|(_, v)| **v) {
-        out.push(Outbound {
-            conn,
-            frame: frame.clone(),
-        });
-    }
-}
-
-fn encode_changes(gateway_id: &str, changes: &[(String, bool, i64)]) -> Vec<u8> {
+fn encode_changes(gateway_id: &str, changes: &[pb::Presence]) -> Vec<u8> {
     PresenceChanges {
         gateway_id: gateway_id.to_owned(),
-        presences: changes
-            .iter()
-            .map(|(user_id, online, last_seen_ms)| pb::Presence {
-                user_id: user_id.clone(),
-                online: *online,
-                last_seen_ms: *last_seen_ms,
-            })
-            .collect(),
+        presences: changes.to_vec(),
     }
     .encode_to_vec()
 }
@@ -256,6 +141,7 @@ impl Presence {
         let sub = Subscriber {
             url: redis.urls.first().cloned().unwrap_or_default(),
             redis: redis.clone(),
+            gateway_id: self.gateway_id.clone(),
             visibility,
             store: None,
             watches: self.watches.clone(),
@@ -282,6 +168,7 @@ impl Presence {
         let batcher = Batcher {
             gateway_id: self.gateway_id.clone(),
             store,
+            watches: self.watches.clone(),
             rx,
             timing,
             mark: self.mark.clone(),
@@ -307,9 +194,6 @@ impl Presence {
     }
 
     pub fn session_closed(&self, session: &Session, at_ms: i64) {
-        if let Ok(mut w) = self.watches.lock() {
-            w.drop_conn(session.addr.conn);
-        }
         let n = self.enqueued.fetch_add(1, Ordering::AcqRel) + 1;
         let _ = self.changes.send(Job::Change(
             n,
@@ -365,6 +249,7 @@ impl Presence {
 struct Batcher {
     gateway_id: String,
     store: RedisStore,
+    watches: SharedWatches,
     rx: Receiver<Job>,
     timing: PresenceTiming,
     mark: Arc<FlushMark>,
@@ -420,11 +305,15 @@ impl Batcher {
     /// presence changes, and GoAway for replaced connections.
     fn flush(&mut self, now_ms: i64) {
         let changes: Vec<SessionChange> = self.pending.iter().map(|(_, c)| c.clone()).collect();
-        match self
-            .store
-            .presence_tick(&self.gateway_id, self.timing.lease_ttl, now_ms, &changes)
-        {
-            Ok(result) => {
+        match presence::apply_session_changes(
+            &mut self.store,
+            &self.watches,
+            &self.gateway_id,
+            self.timing.lease_ttl,
+            now_ms,
+            &changes,
+        ) {
+            Ok(effects) => {
                 self.last_lease = Instant::now();
                 let newest = self.pending.last().map(|(n, _)| *n);
                 self.pending.clear();
@@ -433,11 +322,11 @@ impl Batcher {
                     *flushed = (*flushed).max(n);
                     self.mark.cond.notify_all();
                 }
-                for (_, old) in result.replaced {
-                    (self.on_replaced)(old);
+                for goaway in effects.goaways {
+                    (self.on_replaced)(goaway);
                 }
-                if !result.changes.is_empty() {
-                    let payload = encode_changes(&self.gateway_id, &result.changes);
+                if !effects.presence.is_empty() {
+                    let payload = encode_changes(&self.gateway_id, &effects.presence);
                     if let Err(e) = self.store.publish_presence(&payload) {
                         tracing::warn!(gateway = %self.gateway_id, "presence publish failed: {e}");
                     }
@@ -491,55 +380,27 @@ impl Batcher {
 }
 
 impl Subscriber {
-    /// Frames for the local watchers allowed to see each change.
+    /// Frames for this gateway's watchers allowed to see each change.
     fn fan_out(&mut self, changes: &PresenceChanges) -> Vec<Outbound> {
-        let watched: Vec<(&pb::Presence, Vec<u64>, Vec<String>)> = match self.watches.lock() {
-            Ok(watches) => changes
-                .presences
-                .iter()
-                .map(|p| {
-                    let (conns, users) = watchers_with_users(&watches, &p.user_id);
-                    (p, conns, users)
-                })
-                .filter(|(_, conns, _)| !conns.is_empty())
-                .collect(),
-            Err(_) => Vec::new(),
-        };
-        let mut frames = Vec::new();
-        for (presence, conns, users) in watched {
-            match self.visible(&presence.user_id, &users) {
-                Ok(visible) => presence_frames(presence, &conns, &visible, &mut frames),
-                // Fail closed: an event nobody may be allowed to see is
-                // dropped; the watcher can query again.
-                Err(e) => tracing::warn!(
-                    "presence event for {} dropped, visibility check failed: {e}",
-                    presence.user_id
-                ),
+        if self.store.is_none() {
+            match RedisStore::connect(self.redis.clone()) {
+                Ok(store) => self.store = Some(store),
+                Err(e) => {
+                    // Fail closed: the visibility rule cannot be checked.
+                    tracing::warn!("presence events dropped, Redis unreachable: {e}");
+                    return Vec::new();
+                }
             }
         }
-        frames
-    }
-
-    /// The visibility rule for one changed user and its local watchers'
-    /// users (symmetric, so asked once from the changed user's side).
-    fn visible(&mut self, user_id: &str, watchers: &[String]) -> Result<Vec<bool>, String> {
-        if self.visibility == PresenceVisibility::Everyone {
-            return Ok(vec![true; watchers.len()]);
-        }
-        if self.store.is_none() {
-            self.store = Some(RedisStore::connect(self.redis.clone()).map_err(|e| e.to_string())?);
-        }
         let store = self.store.as_mut().expect("connected above");
-        let result = presence_visible(store, self.visibility, user_id, watchers);
-        if result.is_err() {
-            self.store = None;
-        }
-        Ok(result
-            .map_err(|e| e.to_string())?
+        presence::fan_out(store, self.visibility, &self.watches, &changes.presences)
             .into_iter()
-            .zip(watchers)
-            .map(|(v, w)| v && !w.is_empty())
-            .collect())
+            .filter(|a| a.to.gateway_id == self.gateway_id)
+            .map(|a| Outbound {
+                conn: a.to.conn,
+                frame: a.frame,
+            })
+            .collect()
     }
 }
 
@@ -549,9 +410,10 @@ struct Subscriber {
     url: String,
     /// For the visibility checks (connected on first use).
     redis: RedisConfig,
+    gateway_id: String,
     visibility: PresenceVisibility,
     store: Option<RedisStore>,
-    watches: Arc<Mutex<Watches>>,
+    watches: SharedWatches,
     sink: Arc<dyn DeliverySink>,
     stop: Arc<AtomicBool>,
 }
@@ -611,7 +473,9 @@ impl Subscriber {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::SessionAddr;
     use crate::store::UserStore;
+    use palaver_protocol::pb::frame::Body;
 
     struct NoSink;
     impl DeliverySink for NoSink {
@@ -622,6 +486,7 @@ mod tests {
         Subscriber {
             url: String::new(),
             redis: redis.clone(),
+            gateway_id: "gw".into(),
             visibility,
             store: None,
             watches: Arc::default(),
@@ -658,13 +523,23 @@ mod tests {
         let bob = vec!["bob".to_string()];
         let mut sub = subscriber(&redis, PresenceVisibility::SharedConversation);
         {
-            let mut w = sub.watches.lock().unwrap();
-            for (conn, user) in [(1, "alice"), (2, "mallory"), (3, "bob")] {
-                w.add(conn, &bob, 10).unwrap();
-                w.set_user(conn, user);
+            let mut w = presence::lock(&sub.watches);
+            for (conn, user, gateway) in [
+                (1, "alice", "gw"),
+                (2, "mallory", "gw"),
+                (3, "bob", "gw"),
+                (1, "alice", "other"),
+            ] {
+                let watcher = Session {
+                    user_id: user.into(),
+                    device_id: "d".into(),
+                    addr: SessionAddr {
+                        gateway_id: gateway.into(),
+                        conn,
+                    },
+                };
+                w.add(&watcher, &bob, 10).unwrap();
             }
-            // Watching, but whose user is unknown: fail closed.
-            w.add(4, &bob, 10).unwrap();
         }
         assert_eq!(conns(&sub.fan_out(&change("bob", true))), [3], "only self");
 
@@ -672,7 +547,7 @@ mod tests {
             .add_conversation_to_users("g1", &["alice".into(), "bob".into()])
             .unwrap();
         let frames = sub.fan_out(&change("bob", false));
-        assert_eq!(conns(&frames), [1, 3]);
+        assert_eq!(conns(&frames), [1, 3], "this gateway's watchers only");
         assert!(matches!(
             &frames[0].frame.body,
             Some(Body::PresenceEvent(pb::PresenceEvent { presence: Some(p) }))
@@ -686,6 +561,6 @@ mod tests {
 
         let mut open = subscriber(&redis, PresenceVisibility::Everyone);
         open.watches = sub.watches.clone();
-        assert_eq!(conns(&open.fan_out(&change("bob", true))), [1, 2, 3, 4]);
+        assert_eq!(conns(&open.fan_out(&change("bob", true))), [1, 2, 3]);
     }
 }

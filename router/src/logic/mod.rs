@@ -12,10 +12,9 @@
 //! [`Router::handle_batch`] dispatch) and the helpers every request family
 //! shares; each family's handlers are an `impl Router` block of their own:
 //! `messages` (Send, the batch send path, Sync, History), `receipts`,
-//! `typing`, `presence` (queries, watches, the visibility rule, sessions
-//! opening and closing) and `conversations` (create, group membership).
+//! `typing`, `presence` (queries, watches, the visibility rule, the
+//! session-change path) and `conversations` (create, group membership).
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
@@ -24,6 +23,7 @@ use palaver_protocol::BodyKind;
 
 use crate::api::{Inbound, SessionAddr};
 use crate::bus::{Addressed, Command, Output};
+use crate::presence::SharedWatches;
 use crate::store::{GroupRecord, Membership, Store, StoreError, StoreResult};
 
 mod conversations;
@@ -209,9 +209,9 @@ pub struct Router<S> {
     config: RouterConfig,
     clock: Arc<dyn Clock>,
     ids: IdGen,
-    /// The user of each connection that subscribed to presence here, for the
-    /// visibility check when events are fanned out.
-    watcher_users: HashMap<SessionAddr, String>,
+    /// The presence watches of the connections this router answers
+    /// PresenceSubscribe for (shared with whoever fans events out).
+    watches: SharedWatches,
 }
 
 impl<S: Store> Router<S> {
@@ -221,8 +221,20 @@ impl<S: Store> Router<S> {
             config,
             clock,
             ids: IdGen::new(),
-            watcher_users: HashMap::new(),
+            watches: SharedWatches::default(),
         }
+    }
+
+    /// Uses `watches` for PresenceSubscribe instead of a table of its own
+    /// (the bridge's reader threads share their gateway's).
+    pub fn with_watches(mut self, watches: SharedWatches) -> Self {
+        self.watches = watches;
+        self
+    }
+
+    /// The presence watches this router adds to.
+    pub fn watches(&self) -> &SharedWatches {
+        &self.watches
     }
 
     pub fn config(&self) -> &RouterConfig {
@@ -246,8 +258,6 @@ impl<S: Store> Router<S> {
     pub fn handle(&mut self, command: &Command, out: &mut Output) -> StoreResult<()> {
         match command {
             Command::Request(request) => self.handle_request(request, out),
-            Command::SessionOpened(session) => self.session_opened(session, out),
-            Command::SessionClosed { session, at_ms } => self.session_closed(session, *at_ms, out),
         }
     }
 
@@ -277,11 +287,8 @@ impl<S: Store> Router<S> {
         while progress.done < commands.len() {
             let sends: Vec<(&Inbound, &pb::Send)> = commands[progress.done..]
                 .iter()
-                .map_while(|c| match c {
-                    Command::Request(req) => match &req.body {
-                        Body::Send(send) => Some((req, send)),
-                        _ => None,
-                    },
+                .map_while(|Command::Request(req)| match &req.body {
+                    Body::Send(send) => Some((req, send)),
                     _ => None,
                 })
                 .collect();
@@ -302,29 +309,28 @@ impl<S: Store> Router<S> {
     }
 
     /// The `Error(UNAVAILABLE)` frame that answers `command` when the store
-    /// failed, or `None` for commands nobody waits on.
+    /// failed. An `Option` so a command nobody waits on can be added to
+    /// [`Command`] without changing the drivers; every command today is a
+    /// request and gets `Some`.
     pub fn unavailable_reply(command: &Command, error: &StoreError) -> Option<Addressed> {
-        match command {
-            Command::Request(request) => Some(error_frame(
-                request,
-                ErrorCode::Unavailable,
-                format!("temporarily unavailable, retry later ({error})"),
-            )),
-            _ => None,
-        }
+        let Command::Request(request) = command;
+        Some(error_frame(
+            request,
+            ErrorCode::Unavailable,
+            format!("temporarily unavailable, retry later ({error})"),
+        ))
     }
 
     /// The `Error(INTERNAL)` frame that answers `command` when handling it
-    /// hit a bug (a caught panic), or `None` for commands nobody waits on.
+    /// hit a bug (a caught panic); `Some` for every command today (see
+    /// [`Router::unavailable_reply`]).
     pub fn internal_error_reply(command: &Command) -> Option<Addressed> {
-        match command {
-            Command::Request(request) => Some(error_frame(
-                request,
-                ErrorCode::Internal,
-                "internal error; the request was not processed".to_string(),
-            )),
-            _ => None,
-        }
+        let Command::Request(request) = command;
+        Some(error_frame(
+            request,
+            ErrorCode::Internal,
+            "internal error; the request was not processed".to_string(),
+        ))
     }
 
     fn handle_request(&mut self, request: &Inbound, out: &mut Output) -> StoreResult<()> {

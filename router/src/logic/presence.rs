@@ -1,15 +1,18 @@
 //! Presence: the visibility rule ([`presence_visible`]), PresenceQuery,
-//! PresenceSubscribe (watches), and the presence effects of a session
-//! opening or closing.
+//! PresenceSubscribe (watches), and the session-change path as the
+//! embedded engine drives it (the parts both backends share are in
+//! [`crate::presence`]).
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use palaver_protocol::pb::{self, frame::Body, ErrorCode};
 
-use super::{event, reject, reply, Failure, Router};
-use crate::api::{Inbound, Session};
-use crate::bus::{Addressed, Output};
-use crate::store::{Store, StoreResult, UserPresence, UserStore, WatchAdd};
+use super::{reject, reply, Failure, Router};
+use crate::api::Inbound;
+use crate::bus::Output;
+use crate::presence;
+use crate::store::{SessionChange, Store, StoreResult, UserPresence, UserStore};
 
 /// Whose presence and last seen a user may see (SPEC §10).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -151,6 +154,10 @@ impl<S: Store> Router<S> {
         Ok(())
     }
 
+    /// PresenceSubscribe: watches are added to the connection's gateway's
+    /// [`crate::presence::Watches`] (all or nothing, capped per connection),
+    /// then the users' current state is the answer. Watch first, then read,
+    /// so a change between the two is not missed.
     pub(super) fn presence_subscribe(
         &mut self,
         req: &Inbound,
@@ -159,7 +166,7 @@ impl<S: Store> Router<S> {
     ) -> Result<(), Failure> {
         let users = self.presence_users(&subscribe.user_ids)?;
         if subscribe.unsubscribe {
-            self.store.remove_watches(&req.from.addr, &users)?;
+            presence::lock(&self.watches).remove(&req.from.addr, &users);
             out.frames.push(reply(
                 req,
                 Body::PresenceResult(pb::PresenceResult::default()),
@@ -167,108 +174,68 @@ impl<S: Store> Router<S> {
             return Ok(());
         }
         let max = self.config.max_watches_per_connection;
-        if let WatchAdd::LimitExceeded { watching } =
-            self.store.add_watches(&req.from.addr, &users, max)?
-        {
-            return reject(
-                ErrorCode::InvalidArgument,
-                format!(
-                    "a connection may watch at most {max} users; it watches {watching}, \
-                     unsubscribe some first"
-                ),
-            );
-        }
         // Every requested user is watched, visible or not: visibility is
         // checked when an event is sent, so a user who becomes visible later
         // (a shared conversation appears) starts producing events, and one
         // who stops being visible stops.
-        self.watcher_users
-            .insert(req.from.addr.clone(), req.from.user_id.clone());
-        let result = self.presence_result(&req.from.user_id, users)?;
-        out.frames.push(reply(req, Body::PresenceResult(result)));
-        Ok(())
-    }
-
-    pub(super) fn presence_changed(
-        &mut self,
-        user_id: &str,
-        online: bool,
-        last_seen_ms: i64,
-        out: &mut Output,
-    ) -> StoreResult<()> {
-        let watchers = self.store.watchers_of(user_id)?;
-        if watchers.is_empty() {
-            return Ok(());
-        }
-        // Visibility at event time. A watch whose connection's user this
-        // router does not know (added by another router) gets nothing: fail
-        // closed.
-        let watcher_users: Vec<String> = watchers
-            .iter()
-            .map(|w| self.watcher_users.get(w).cloned().unwrap_or_default())
-            .collect();
-        let visible = presence_visible(
-            &mut self.store,
-            self.config.presence_visibility,
-            user_id,
-            &watcher_users,
-        )?;
-        let frame = event(Body::PresenceEvent(pb::PresenceEvent {
-            presence: Some(pb::Presence {
-                user_id: user_id.to_owned(),
-                online,
-                last_seen_ms,
-            }),
-        }));
-        for ((to, watcher), visible) in watchers.into_iter().zip(&watcher_users).zip(visible) {
-            if visible && !watcher.is_empty() {
-                out.frames.push(Addressed {
-                    to,
-                    frame: frame.clone(),
-                });
+        let added = presence::lock(&self.watches).add(&req.from, &users, max);
+        let added = match added {
+            Ok(added) => added,
+            Err(watching) => {
+                return reject(
+                    ErrorCode::InvalidArgument,
+                    format!(
+                        "a connection may watch at most {max} users; it watches {watching}, \
+                         unsubscribe some first"
+                    ),
+                )
+            }
+        };
+        match self.presence_result(&req.from.user_id, users) {
+            Ok(result) => {
+                out.frames.push(reply(req, Body::PresenceResult(result)));
+                Ok(())
+            }
+            Err(failure) => {
+                // Not answered: the client retries, so nothing it asked for
+                // stays watched.
+                presence::lock(&self.watches).remove(&req.from.addr, &added);
+                Err(failure)
             }
         }
-        Ok(())
     }
 
-    pub(super) fn session_opened(
+    /// The one session-change path, as the embedded engine drives it:
+    /// `changes` (in order; runs of one gateway written as one batch, which
+    /// also renews that gateway's lease by `lease_ttl`), then
+    /// `GoAway(REPLACED)` for replaced connections and `PresenceEvent`s for
+    /// the watchers of users who came online or went offline.
+    pub fn apply_session_changes(
         &mut self,
-        session: &Session,
+        changes: &[SessionChange],
+        lease_ttl: Duration,
         out: &mut Output,
     ) -> StoreResult<()> {
-        let opened = self.store.open_session(session)?;
-        if let Some(old) = opened.replaced {
-            // The old connection is closed by its gateway; it watches nothing
-            // from now on.
-            self.store.drop_watches(&old)?;
-            self.watcher_users.remove(&old);
-            out.frames.push(Addressed {
-                to: old,
-                frame: event(Body::GoAway(pb::GoAway {
-                    reason: pb::GoAwayReason::Replaced as i32,
-                    reconnect_delay_ms: 0,
-                    message: "this device connected again on another connection".into(),
-                })),
-            });
-        }
-        self.store.clear_push_pending(&session.user_id, None)?;
-        if opened.came_online {
-            self.presence_changed(&session.user_id, true, 0, out)?;
-        }
-        Ok(())
-    }
-
-    pub(super) fn session_closed(
-        &mut self,
-        session: &Session,
-        at_ms: i64,
-        out: &mut Output,
-    ) -> StoreResult<()> {
-        self.store.drop_watches(&session.addr)?;
-        self.watcher_users.remove(&session.addr);
-        let closed = self.store.close_session(session, at_ms)?;
-        if closed.went_offline {
-            self.presence_changed(&session.user_id, false, at_ms, out)?;
+        let now_ms = self.clock.now_ms();
+        for run in
+            changes.chunk_by(|a, b| a.session().addr.gateway_id == b.session().addr.gateway_id)
+        {
+            let gateway_id = &run[0].session().addr.gateway_id;
+            let effects = presence::apply_session_changes(
+                &mut self.store,
+                &self.watches,
+                gateway_id,
+                lease_ttl,
+                now_ms,
+                run,
+            )?;
+            out.frames.extend(effects.goaways);
+            out.frames.extend(presence::fan_out(
+                &mut self.store,
+                self.config.presence_visibility,
+                &self.watches,
+                &effects.presence,
+            ));
         }
         Ok(())
     }

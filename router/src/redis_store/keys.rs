@@ -17,9 +17,7 @@
 //! | `u:{<user>}:push` | set | conversations with a pending push |
 //! | `u:{<user>}:sess` | hash | device → `<conn>\|<gateway>` |
 //! | `u:{<user>}:seen` | string | last seen, ms |
-//! | `u:{<user>}:wb` | set | watching connections `<conn>\|<gateway>` |
-//! | `w:{<conn>\|<gateway>}` | set | users a connection watches |
-//! | `gw:{gw}:lease:<id>` | string, EX | gateway lease (alive while present) |
+//! | `gw:{gw}:lease:<id>` | string, PX | gateway lease (alive while present) |
 //! | `gw:{gw}:known` | set | gateways that ever registered |
 //! | `gw:{gw}:reap:<id>` | string, EX | lock: one gateway reaps a dead one |
 //! | `gwc:{<id>}` | hash | a gateway's connections: conn → user \x1f device |
@@ -57,10 +55,6 @@ pub(super) fn dedup_key(conversation_id: &str, client_msg_id: &[u8]) -> String {
 
 pub(super) fn receipt_key(conversation_id: &str, kind: pb::ReceiptKind) -> String {
     conv_key(conversation_id, &format!("r:{}", kind as i32))
-}
-
-pub(super) fn watcher_key(addr: &SessionAddr) -> String {
-    format!("w:{{{}}}", encode_addr(addr))
 }
 
 pub(super) fn lease_key(gateway_id: &str) -> String {

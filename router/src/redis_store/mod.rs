@@ -1,11 +1,11 @@
-//! The store traits on Redis (standalone or Redis Cluster), plus the batched
-//! presence writes of the gateway bridge (one pipeline per gateway per tick).
+//! The store traits on Redis (standalone or Redis Cluster).
 //!
 //! Layout: this file holds [`RedisStore`], [`RedisConfig`], the connection
 //! (standalone or cluster), the scripts and the error mapping; `keys` is the
-//! key schema; `conversations`, `users` and `sessions` implement the store
-//! traits; `gateways` is the gateway lease/registry and presence batch
-//! subsystem the bridge uses. The Lua scripts are `scripts/*.lua`.
+//! key schema; `conversations`, `users`, `sessions` (the batched session
+//! writes, one pipeline per gateway per flush) and `gateways` (leases,
+//! registry, reaping) implement the store traits. The Lua scripts are
+//! `scripts/*.lua`.
 
 use std::time::Duration;
 
@@ -20,7 +20,6 @@ mod keys;
 mod sessions;
 mod users;
 
-pub use gateways::{SessionChange, TickResult};
 pub use keys::{decode_addr, encode_addr, PRESENCE_CHANNEL};
 
 /// Where Redis is.
@@ -99,7 +98,6 @@ struct Scripts {
     update_members: Script,
     open_session: Script,
     close_session: Script,
-    add_watches: Script,
     dead_gateways: Script,
 }
 
@@ -112,12 +110,11 @@ impl Scripts {
             update_members: Script::new(UPDATE_MEMBERS_LUA),
             open_session: Script::new(OPEN_SESSION_LUA),
             close_session: Script::new(CLOSE_SESSION_LUA),
-            add_watches: Script::new(ADD_WATCHES_LUA),
             dead_gateways: Script::new(DEAD_GATEWAYS_LUA),
         }
     }
 
-    fn all(&self) -> [&Script; 8] {
+    fn all(&self) -> [&Script; 7] {
         [
             &self.append,
             &self.advance_receipt,
@@ -125,7 +122,6 @@ impl Scripts {
             &self.update_members,
             &self.open_session,
             &self.close_session,
-            &self.add_watches,
             &self.dead_gateways,
         ]
     }
@@ -139,7 +135,6 @@ const CREATE_GROUP_LUA: &str = include_str!("scripts/create_group.lua");
 const UPDATE_MEMBERS_LUA: &str = include_str!("scripts/update_members.lua");
 const OPEN_SESSION_LUA: &str = include_str!("scripts/open_session.lua");
 const CLOSE_SESSION_LUA: &str = include_str!("scripts/close_session.lua");
-const ADD_WATCHES_LUA: &str = include_str!("scripts/add_watches.lua");
 const DEAD_GATEWAYS_LUA: &str = include_str!("scripts/dead_gateways.lua");
 
 fn unavailable(e: RedisError) -> StoreError {

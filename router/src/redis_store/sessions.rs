@@ -1,78 +1,114 @@
-//! `impl SessionStore for RedisStore`: device sessions, last seen, presence
-//! reads and presence watches.
+//! `impl SessionStore for RedisStore`: the batched session writes (one
+//! pipeline per gateway per flush), last seen, and the session and presence
+//! reads (sessions on dead gateways left out).
 
 use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
+use palaver_protocol::pb;
 use redis::Value;
 
-use crate::api::{Session, SessionAddr};
+use crate::api::SessionAddr;
 use crate::store::{
-    DeviceSession, SessionClosed, SessionOpened, SessionStore, StoreResult, UserPresence, WatchAdd,
+    DeviceSession, SessionChange, SessionStore, SessionsApplied, StoreResult, UserPresence,
 };
 
-use super::keys::{decode_addr, encode_addr, gateway_conns_key, user_key, watcher_key};
+use super::gateways::offline_presence;
+use super::keys::{decode_addr, encode_addr, gateway_conns_key, lease_key, user_key};
 use super::{corrupt, from_value, RedisStore};
 
 impl SessionStore for RedisStore {
-    fn open_session(&mut self, session: &Session) -> StoreResult<SessionOpened> {
-        let keys = [
-            user_key(&session.user_id, "sess"),
-            user_key(&session.user_id, "seen"),
-        ];
-        let addr = encode_addr(&session.addr);
-        let (prev, had): (String, i64) = self.with_conn(|conn, scripts| {
-            scripts
-                .open_session
-                .key(&keys[0])
-                .key(&keys[1])
-                .arg(&session.device_id)
-                .arg(&addr)
-                .invoke(conn.as_dyn())
-        })?;
-        self.query::<()>(
-            redis::cmd("HSET")
-                .arg(gateway_conns_key(&session.addr.gateway_id))
-                .arg(session.addr.conn)
-                .arg(format!("{}\x1f{}", session.user_id, session.device_id)),
-        )?;
-        let replaced = if prev.is_empty() {
-            None
-        } else {
-            decode_addr(&prev)
-        };
-        Ok(SessionOpened {
-            replaced: replaced.filter(|p| *p != session.addr),
-            came_online: had == 0,
-        })
-    }
-
-    fn close_session(&mut self, session: &Session, at_ms: i64) -> StoreResult<SessionClosed> {
-        let keys = [
-            user_key(&session.user_id, "sess"),
-            user_key(&session.user_id, "seen"),
-        ];
-        let addr = encode_addr(&session.addr);
-        let (removed, offline): (i64, i64) = self.with_conn(|conn, scripts| {
-            scripts
-                .close_session
-                .key(&keys[0])
-                .key(&keys[1])
-                .arg(&session.device_id)
-                .arg(&addr)
-                .arg(at_ms)
-                .invoke(conn.as_dyn())
-        })?;
-        if removed == 1 {
-            self.query::<()>(
-                redis::cmd("HDEL")
-                    .arg(gateway_conns_key(&session.addr.gateway_id))
-                    .arg(session.addr.conn),
-            )?;
+    /// ONE pipeline: renew the lease, register opened sessions, unregister
+    /// closed ones (setting last-seen when a user's last session closes),
+    /// clear the push-pending marks of users who connected. Commands: 1 + 3
+    /// per opened and 2 per closed session.
+    fn apply_sessions(
+        &mut self,
+        gateway_id: &str,
+        lease_ttl: Duration,
+        now_ms: i64,
+        changes: &[SessionChange],
+    ) -> StoreResult<SessionsApplied> {
+        let mut cmds = Vec::with_capacity(1 + 3 * changes.len());
+        cmds.push(
+            redis::cmd("SET")
+                .arg(lease_key(gateway_id))
+                .arg(now_ms)
+                .arg("PX")
+                .arg(lease_ttl.as_millis() as u64)
+                .clone(),
+        );
+        let conns = gateway_conns_key(gateway_id);
+        for change in changes {
+            match change {
+                SessionChange::Opened(s) => {
+                    let addr = encode_addr(&s.addr);
+                    cmds.push(Self::evalsha(
+                        &self.scripts.open_session,
+                        &[&user_key(&s.user_id, "sess"), &user_key(&s.user_id, "seen")],
+                        &[s.device_id.as_bytes(), addr.as_bytes()],
+                    ));
+                    cmds.push(
+                        redis::cmd("HSET")
+                            .arg(&conns)
+                            .arg(s.addr.conn)
+                            .arg(format!("{}\x1f{}", s.user_id, s.device_id))
+                            .clone(),
+                    );
+                    cmds.push(redis::cmd("DEL").arg(user_key(&s.user_id, "push")).clone());
+                }
+                SessionChange::Closed { session: s, at_ms } => {
+                    let addr = encode_addr(&s.addr);
+                    cmds.push(Self::evalsha(
+                        &self.scripts.close_session,
+                        &[&user_key(&s.user_id, "sess"), &user_key(&s.user_id, "seen")],
+                        &[
+                            s.device_id.as_bytes(),
+                            addr.as_bytes(),
+                            at_ms.to_string().as_bytes(),
+                        ],
+                    ));
+                    cmds.push(redis::cmd("HDEL").arg(&conns).arg(s.addr.conn).clone());
+                }
+            }
         }
-        Ok(SessionClosed {
-            removed: removed == 1,
-            went_offline: offline == 1,
-        })
+        let replies = self.pipeline(cmds)?;
+        let mut replies = replies.into_iter().skip(1);
+        let mut result = SessionsApplied::default();
+        for change in changes {
+            match change {
+                SessionChange::Opened(s) => {
+                    let (prev, had): (String, i64) =
+                        from_value(replies.next().unwrap_or(Value::Nil))?;
+                    replies.next();
+                    replies.next();
+                    let prev = if prev.is_empty() {
+                        None
+                    } else {
+                        decode_addr(&prev)
+                    };
+                    if let Some(prev) = prev.filter(|p| *p != s.addr) {
+                        result.replaced.push((s.clone(), prev));
+                    }
+                    if had == 0 {
+                        result.presence.push(pb::Presence {
+                            user_id: s.user_id.clone(),
+                            online: true,
+                            last_seen_ms: 0,
+                        });
+                    }
+                }
+                SessionChange::Closed { session: s, at_ms } => {
+                    let (_removed, offline): (i64, i64) =
+                        from_value(replies.next().unwrap_or(Value::Nil))?;
+                    replies.next();
+                    if offline == 1 {
+                        result.presence.push(offline_presence(&s.user_id, *at_ms));
+                    }
+                }
+            }
+        }
+        Ok(result)
     }
 
     fn sessions_of_users(&mut self, user_ids: &[String]) -> StoreResult<Vec<Vec<DeviceSession>>> {
@@ -124,71 +160,6 @@ impl SessionStore for RedisStore {
                 }
             })
             .collect())
-    }
-
-    fn add_watches(
-        &mut self,
-        watcher: &SessionAddr,
-        user_ids: &[String],
-        max: usize,
-    ) -> StoreResult<WatchAdd> {
-        let key = watcher_key(watcher);
-        let (added, watching): (i64, usize) = self.with_conn(|conn, scripts| {
-            let mut inv = scripts.add_watches.prepare_invoke();
-            inv.key(&key).arg(max);
-            for u in user_ids {
-                inv.arg(u);
-            }
-            inv.invoke(conn.as_dyn())
-        })?;
-        if added == 0 {
-            return Ok(WatchAdd::LimitExceeded { watching });
-        }
-        let addr = encode_addr(watcher);
-        let cmds = user_ids
-            .iter()
-            .map(|u| redis::cmd("SADD").arg(user_key(u, "wb")).arg(&addr).clone())
-            .collect();
-        self.pipeline(cmds)?;
-        Ok(WatchAdd::Added { watching })
-    }
-
-    fn remove_watches(&mut self, watcher: &SessionAddr, user_ids: &[String]) -> StoreResult<()> {
-        if user_ids.is_empty() {
-            return Ok(());
-        }
-        let addr = encode_addr(watcher);
-        let mut cmds = vec![redis::cmd("SREM")
-            .arg(watcher_key(watcher))
-            .arg(user_ids)
-            .clone()];
-        cmds.extend(
-            user_ids
-                .iter()
-                .map(|u| redis::cmd("SREM").arg(user_key(u, "wb")).arg(&addr).clone()),
-        );
-        self.pipeline(cmds).map(|_| ())
-    }
-
-    fn drop_watches(&mut self, watcher: &SessionAddr) -> StoreResult<()> {
-        let key = watcher_key(watcher);
-        let users: Vec<String> = self.query(redis::cmd("SMEMBERS").arg(&key))?;
-        let addr = encode_addr(watcher);
-        let mut cmds = vec![redis::cmd("DEL").arg(&key).clone()];
-        cmds.extend(
-            users
-                .iter()
-                .map(|u| redis::cmd("SREM").arg(user_key(u, "wb")).arg(&addr).clone()),
-        );
-        self.pipeline(cmds).map(|_| ())
-    }
-
-    fn watchers_of(&mut self, user_id: &str) -> StoreResult<Vec<SessionAddr>> {
-        let addrs: Vec<String> = self.query(redis::cmd("SMEMBERS").arg(user_key(user_id, "wb")))?;
-        addrs
-            .iter()
-            .map(|a| decode_addr(a).ok_or_else(|| corrupt(format!("watcher address {a:?}"))))
-            .collect()
     }
 }
 

@@ -2,10 +2,11 @@
 //! no per-recipient round trips) and can be told to fail.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use palaver_protocol::pb;
 use palaver_router::store::*;
-use palaver_router::{MemoryStore, Session, SessionAddr};
+use palaver_router::MemoryStore;
 
 #[derive(Default)]
 pub struct Instrumented {
@@ -107,11 +108,15 @@ impl UserStore for Instrumented {
 }
 
 impl SessionStore for Instrumented {
-    fn open_session(&mut self, s: &Session) -> StoreResult<SessionOpened> {
-        self.call("open_session")?.open_session(s)
-    }
-    fn close_session(&mut self, s: &Session, at: i64) -> StoreResult<SessionClosed> {
-        self.call("close_session")?.close_session(s, at)
+    fn apply_sessions(
+        &mut self,
+        g: &str,
+        lease: Duration,
+        now: i64,
+        changes: &[SessionChange],
+    ) -> StoreResult<SessionsApplied> {
+        self.call("apply_sessions")?
+            .apply_sessions(g, lease, now, changes)
     }
     fn sessions_of_users(&mut self, users: &[String]) -> StoreResult<Vec<Vec<DeviceSession>>> {
         self.call("sessions_of_users")?.sessions_of_users(users)
@@ -119,21 +124,30 @@ impl SessionStore for Instrumented {
     fn presence_of_users(&mut self, users: &[String]) -> StoreResult<Vec<UserPresence>> {
         self.call("presence_of_users")?.presence_of_users(users)
     }
-    fn add_watches(
+}
+
+impl GatewayRegistry for Instrumented {
+    fn register_gateway(
         &mut self,
-        w: &SessionAddr,
-        users: &[String],
-        max: usize,
-    ) -> StoreResult<WatchAdd> {
-        self.call("add_watches")?.add_watches(w, users, max)
+        g: &str,
+        lease: Duration,
+        now: i64,
+    ) -> StoreResult<Vec<pb::Presence>> {
+        self.call("register_gateway")?
+            .register_gateway(g, lease, now)
     }
-    fn remove_watches(&mut self, w: &SessionAddr, users: &[String]) -> StoreResult<()> {
-        self.call("remove_watches")?.remove_watches(w, users)
+    fn dead_gateways(&mut self) -> StoreResult<Vec<String>> {
+        self.call("dead_gateways")?.dead_gateways()
     }
-    fn drop_watches(&mut self, w: &SessionAddr) -> StoreResult<()> {
-        self.call("drop_watches")?.drop_watches(w)
+    fn reap_gateway(
+        &mut self,
+        dead: &str,
+        reaper: &str,
+        now: i64,
+    ) -> StoreResult<Option<Vec<pb::Presence>>> {
+        self.call("reap_gateway")?.reap_gateway(dead, reaper, now)
     }
-    fn watchers_of(&mut self, u: &str) -> StoreResult<Vec<SessionAddr>> {
-        self.call("watchers_of")?.watchers_of(u)
+    fn deregister_gateway(&mut self, g: &str, now: i64) -> StoreResult<Vec<pb::Presence>> {
+        self.call("deregister_gateway")?.deregister_gateway(g, now)
     }
 }

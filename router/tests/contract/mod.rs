@@ -4,10 +4,13 @@
 // Each test binary uses a different subset of the helpers.
 #![allow(dead_code)]
 
+use std::time::Duration;
+
 use palaver_protocol::pb;
 use palaver_router::api::{Session, SessionAddr};
 use palaver_router::store::{
-    Appended, GroupRecord, Membership, RangeRead, Retention, Store, WatchAdd,
+    Appended, DeviceSession, GroupRecord, Membership, RangeRead, Retention, SessionChange,
+    SessionsApplied, Store, UserPresence,
 };
 
 pub fn retention(now_ms: i64, window: usize) -> Retention {
@@ -202,48 +205,190 @@ pub fn shared_conversations<S: Store>(mut s: S) {
     );
 }
 
-pub fn watches<S: Store>(mut s: S) {
-    let w = addr("gA", 5);
-    let users: Vec<String> = vec!["x".into(), "y".into()];
-    assert_eq!(
-        s.add_watches(&w, &users, 2).unwrap(),
-        WatchAdd::Added { watching: 2 }
-    );
-    assert_eq!(
-        s.add_watches(&w, &["z".into()], 2).unwrap(),
-        WatchAdd::LimitExceeded { watching: 2 }
-    );
-    assert_eq!(s.watchers_of("x").unwrap(), vec![w.clone()]);
-    assert!(s.watchers_of("z").unwrap().is_empty());
-    s.remove_watches(&w, &["x".into()]).unwrap();
-    assert!(s.watchers_of("x").unwrap().is_empty());
-    s.drop_watches(&w).unwrap();
-    assert!(s.watchers_of("y").unwrap().is_empty());
-}
+/// Sessions and the gateway registry: what both backends' presence rests
+/// on. `expire_lease(store, gateway)` returns once that gateway's lease has
+/// run out (a manual clock moves on for the memory store; Redis is waited
+/// on).
+pub fn sessions_and_registry<S: Store>(mut s: S, mut expire_lease: impl FnMut(&mut S, &str)) {
+    const LEASE: Duration = Duration::from_secs(30);
+    let online = |user: &str| pb::Presence {
+        user_id: user.into(),
+        online: true,
+        last_seen_ms: 0,
+    };
+    let offline = |user: &str, at_ms| pb::Presence {
+        user_id: user.into(),
+        online: false,
+        last_seen_ms: at_ms,
+    };
+    let opened = |s: &Session| SessionChange::Opened(s.clone());
+    let closed = |s: &Session, at_ms| SessionChange::Closed {
+        session: s.clone(),
+        at_ms,
+    };
+    let nothing = SessionsApplied::default();
+    assert!(s.register_gateway("gA", LEASE, 1).unwrap().is_empty());
+    assert!(s.register_gateway("gB", LEASE, 1).unwrap().is_empty());
 
-/// A connection's watches are capped all-or-nothing; re-watching counts once.
-pub fn watches_capped_all_or_nothing<S: Store>(mut s: S) {
-    let w = addr("g", 1);
-    let users = |r: std::ops::Range<u32>| r.map(|i| format!("u{i}")).collect::<Vec<_>>();
+    // The first device: came online.
+    let a1 = session("s1", "phone", "gA", 1);
+    let applied = s.apply_sessions("gA", LEASE, 10, &[opened(&a1)]).unwrap();
+    assert_eq!(applied.presence, vec![online("s1")]);
+    assert!(applied.replaced.is_empty());
+    // The same device again elsewhere: the old address is replaced, and the
+    // user does not come online a second time.
+    let b7 = session("s1", "phone", "gB", 7);
+    let applied = s.apply_sessions("gB", LEASE, 20, &[opened(&b7)]).unwrap();
+    assert_eq!(applied.replaced, vec![(b7.clone(), addr("gA", 1))]);
+    assert!(applied.presence.is_empty());
+    // Registered at the same address again: nothing to replace.
     assert_eq!(
-        s.add_watches(&w, &users(0..3), 4).unwrap(),
-        WatchAdd::Added { watching: 3 }
+        s.apply_sessions("gB", LEASE, 21, &[opened(&b7)]).unwrap(),
+        nothing
     );
-    // Re-watching counts once.
+    // The replaced connection closing late removes nothing.
     assert_eq!(
-        s.add_watches(&w, &users(1..4), 4).unwrap(),
-        WatchAdd::Added { watching: 4 }
+        s.apply_sessions("gA", LEASE, 30, &[closed(&a1, 30)])
+            .unwrap(),
+        nothing
     );
     assert_eq!(
-        s.add_watches(&w, &users(4..5), 4).unwrap(),
-        WatchAdd::LimitExceeded { watching: 4 }
+        s.sessions_of_users(&["s1".into(), "s2".into()]).unwrap(),
+        vec![
+            vec![DeviceSession {
+                device_id: "phone".into(),
+                addr: addr("gB", 7),
+            }],
+            vec![]
+        ]
     );
-    assert!(s.watchers_of("u4").unwrap().is_empty());
-    s.remove_watches(&w, &users(0..1)).unwrap();
-    assert!(s.watchers_of("u0").unwrap().is_empty());
-    assert_eq!(s.watchers_of("u1").unwrap(), vec![w.clone()]);
-    s.drop_watches(&w).unwrap();
-    assert!(s.watchers_of("u1").unwrap().is_empty());
+    // A second device: no change; the user goes offline only with the last
+    // device, last seen at its close.
+    let tablet = session("s1", "tablet", "gA", 2);
+    assert_eq!(
+        s.apply_sessions("gA", LEASE, 40, &[opened(&tablet)])
+            .unwrap(),
+        nothing
+    );
+    assert_eq!(
+        s.apply_sessions("gB", LEASE, 50, &[closed(&b7, 50)])
+            .unwrap(),
+        nothing
+    );
+    assert!(s.presence_of_users(&["s1".into()]).unwrap()[0].online);
+    let applied = s
+        .apply_sessions("gA", LEASE, 77, &[closed(&tablet, 77)])
+        .unwrap();
+    assert_eq!(applied.presence, vec![offline("s1", 77)]);
+    assert_eq!(
+        s.presence_of_users(&["s1".into(), "never".into()]).unwrap(),
+        vec![
+            UserPresence {
+                online: false,
+                last_seen_ms: 77
+            },
+            UserPresence::default()
+        ]
+    );
+
+    // One batch, applied in order.
+    let (t1, t2d, t2e) = (
+        session("t1", "d", "gA", 10),
+        session("t2", "d", "gA", 11),
+        session("t2", "e", "gA", 12),
+    );
+    let applied = s
+        .apply_sessions(
+            "gA",
+            LEASE,
+            100,
+            &[opened(&t1), opened(&t2d), opened(&t2e), closed(&t2e, 150)],
+        )
+        .unwrap();
+    assert_eq!(applied.presence, vec![online("t1"), online("t2")]);
+
+    // Connecting clears the user's pending push marks.
+    assert_eq!(s.mark_push_pending("pc", &["p1".into()]).unwrap(), [true]);
+    assert_eq!(s.mark_push_pending("pc", &["p1".into()]).unwrap(), [false]);
+    let p1 = session("p1", "d", "gA", 20);
+    s.apply_sessions("gA", LEASE, 160, &[opened(&p1)]).unwrap();
+    assert_eq!(s.mark_push_pending("pc", &["p1".into()]).unwrap(), [true]);
+
+    // A gateway whose lease ran out: its sessions stop counting at once,
+    // and reaping it takes its users offline for good.
+    assert!(s
+        .register_gateway("gDead", Duration::from_millis(200), 200)
+        .unwrap()
+        .is_empty());
+    let (t3, t4, t4_elsewhere) = (
+        session("t3", "d", "gDead", 1),
+        session("t4", "d", "gDead", 2),
+        session("t4", "x", "gA", 3),
+    );
+    s.apply_sessions(
+        "gDead",
+        Duration::from_millis(200),
+        200,
+        &[opened(&t3), opened(&t4)],
+    )
+    .unwrap();
+    s.apply_sessions("gA", LEASE, 200, &[opened(&t4_elsewhere)])
+        .unwrap();
+    assert!(s.dead_gateways().unwrap().is_empty());
+    assert!(s.presence_of_users(&["t3".into()]).unwrap()[0].online);
+    expire_lease(&mut s, "gDead");
+    assert_eq!(s.dead_gateways().unwrap(), ["gDead"]);
+    let p = s.presence_of_users(&["t3".into(), "t4".into()]).unwrap();
+    assert!(!p[0].online, "t3 only on the dead gateway");
+    assert!(p[1].online, "t4 also on gA");
+    assert_eq!(
+        s.sessions_of_users(&["t3".into(), "t4".into()]).unwrap(),
+        vec![
+            vec![],
+            vec![DeviceSession {
+                device_id: "x".into(),
+                addr: addr("gA", 3),
+            }]
+        ]
+    );
+    assert_eq!(
+        s.reap_gateway("gDead", "gA", 999).unwrap(),
+        Some(vec![offline("t3", 999)])
+    );
+    assert_eq!(s.reap_gateway("gDead", "gB", 1000).unwrap(), None);
+    assert!(s.dead_gateways().unwrap().is_empty());
+    assert_eq!(
+        s.presence_of_users(&["t3".into()]).unwrap()[0],
+        UserPresence {
+            online: false,
+            last_seen_ms: 999
+        }
+    );
+
+    // A clean shutdown: the gateway's users go offline, it is not dead.
+    let u1 = session("u1", "d", "gB", 5);
+    s.apply_sessions("gB", LEASE, 1100, &[opened(&u1)]).unwrap();
+    assert_eq!(
+        s.deregister_gateway("gB", 1234).unwrap(),
+        vec![offline("u1", 1234)]
+    );
+    assert!(s.dead_gateways().unwrap().is_empty());
+    assert!(!s.presence_of_users(&["u1".into()]).unwrap()[0].online);
+
+    // A gateway id registering again inside its lease (a fast restart):
+    // what the previous run left behind is removed first.
+    let mut left: Vec<String> = s
+        .register_gateway("gA", LEASE, 2000)
+        .unwrap()
+        .into_iter()
+        .map(|p| {
+            assert_eq!((p.online, p.last_seen_ms), (false, 2000));
+            p.user_id
+        })
+        .collect();
+    left.sort();
+    assert_eq!(left, ["p1", "t1", "t2", "t4"]);
+    assert!(!s.presence_of_users(&["t4".into()]).unwrap()[0].online);
 }
 
 /// `append_messages`: in slice order, consecutive seqs per conversation,
