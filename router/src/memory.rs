@@ -605,6 +605,10 @@ impl MemoryStore {
         {
             Ok(i) => Some(std::mem::replace(&mut user.devices[i], device)),
             Err(i) => {
+                // Exact growth: one device is the common case, and a Vec's
+                // first push would make room for four (+128 B per idle
+                // connection).
+                user.devices.reserve_exact(1);
                 user.devices.insert(i, device);
                 None
             }
@@ -996,6 +1000,11 @@ mod tests {
         s.open_session(&a);
         s.open_session(&b);
         assert_eq!(s.gateway_ids.len(), 1, "one shared id for g1");
+        assert_eq!(
+            s.presence["a"].devices.capacity(),
+            1,
+            "an online user's device list holds exactly its one device"
+        );
         // a reconnects through g2: replaces its g1 device, g1 stays for b.
         let opened = s.open_session(&a_moved);
         assert_eq!(opened.replaced, Some(a.addr.clone()));

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::api::{Backend, BackendError, DeliverySink, Inbound, Outbound, Session};
+use crate::api::{Backend, BackendError, DeliverySink, Inbound, Outbound, Session, SessionAddr};
 use crate::bus::{Addressed, Command, Output};
 use crate::kafka;
 use crate::logic::{PresenceVisibility, Router, RouterConfig, SystemClock};
@@ -128,13 +128,29 @@ enum ReadJob {
         request: Inbound,
         after_flush: u64,
     },
+    /// The connection closed: drop its watches. Queued behind the
+    /// connection's earlier reads, so a PresenceSubscribe still queued when
+    /// it closed cannot leave watches behind for a connection that is gone.
+    Closed(SessionAddr),
     Stop,
+}
+
+/// The reader threads' queues. A connection's reads all go to one reader,
+/// in the order its core submitted them, and its close follows them.
+#[derive(Clone)]
+struct Readers(Vec<Sender<ReadJob>>);
+
+impl Readers {
+    fn of(&self, conn: u64) -> &Sender<ReadJob> {
+        // Connection keys carry a per-core counter in their low bits.
+        &self.0[(conn % self.0.len() as u64) as usize]
+    }
 }
 
 struct Started {
     gateway_id: String,
     sink: Arc<dyn DeliverySink>,
-    reads: Sender<ReadJob>,
+    reads: Readers,
     presence: Arc<Presence>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -147,7 +163,7 @@ pub struct KafkaRedisBridge {
     started: Mutex<Option<Started>>,
     /// Read without a lock on the hot path.
     presence: OnceLock<Arc<Presence>>,
-    reads: OnceLock<Sender<ReadJob>>,
+    reads: OnceLock<Readers>,
     gateway_id: OnceLock<String>,
     stop: Arc<AtomicBool>,
 }
@@ -202,8 +218,8 @@ impl KafkaRedisBridge {
         };
         started.presence.stop(clean);
         self.stop.store(true, Ordering::Release);
-        for _ in 0..started.threads.len() {
-            let _ = started.reads.send(ReadJob::Stop);
+        for reader in &started.reads.0 {
+            let _ = reader.send(ReadJob::Stop);
         }
         for t in started.threads {
             let _ = t.join();
@@ -341,8 +357,10 @@ impl Backend for KafkaRedisBridge {
                 .map_err(|e| BackendError::Unavailable(format!("spawn: {e}")))?,
         );
 
-        let (reads_tx, reads_rx) = crossbeam_channel::unbounded();
+        let mut reads = Vec::new();
         for i in 0..config.readers.max(1) {
+            let (reads_tx, reads_rx) = crossbeam_channel::unbounded();
+            reads.push(reads_tx);
             let store = RedisStore::connect(config.redis.clone())
                 .map_err(|e| BackendError::Unavailable(format!("Redis: {e}")))?;
             let reader = Reader {
@@ -351,7 +369,7 @@ impl Backend for KafkaRedisBridge {
                     .with_watches(presence.watches.clone()),
                 sink: sink.clone(),
                 presence: presence.clone(),
-                jobs: reads_rx.clone(),
+                jobs: reads_rx,
             };
             threads.push(
                 std::thread::Builder::new()
@@ -362,12 +380,13 @@ impl Backend for KafkaRedisBridge {
         }
         let _ = self.producer.set(producer);
         let _ = self.presence.set(presence.clone());
-        let _ = self.reads.set(reads_tx.clone());
+        let reads = Readers(reads);
+        let _ = self.reads.set(reads.clone());
         let _ = self.gateway_id.set(gateway_id.to_owned());
         *started = Some(Started {
             gateway_id: gateway_id.to_owned(),
             sink,
-            reads: reads_tx,
+            reads,
             presence,
             threads,
         });
@@ -385,6 +404,11 @@ impl Backend for KafkaRedisBridge {
         if let Some(p) = self.presence.get() {
             p.session_closed(session, at_ms);
         }
+        if let Some(reads) = self.reads.get() {
+            let _ = reads
+                .of(session.addr.conn)
+                .send(ReadJob::Closed(session.addr.clone()));
+        }
     }
 
     fn submit(&self, request: Inbound) {
@@ -392,7 +416,7 @@ impl Backend for KafkaRedisBridge {
         if served_from_store {
             let after_flush = self.presence.get().map_or(0, |p| p.enqueued());
             if let Some(reads) = self.reads.get() {
-                let _ = reads.send(ReadJob::Read {
+                let _ = reads.of(request.from.addr.conn).send(ReadJob::Read {
                     request,
                     after_flush,
                 });
@@ -491,11 +515,18 @@ struct Reader {
 
 impl Reader {
     fn run(mut self) {
-        while let Ok(ReadJob::Read {
-            request,
-            after_flush,
-        }) = self.jobs.recv()
-        {
+        loop {
+            let (request, after_flush) = match self.jobs.recv() {
+                Ok(ReadJob::Read {
+                    request,
+                    after_flush,
+                }) => (request, after_flush),
+                Ok(ReadJob::Closed(addr)) => {
+                    crate::presence::lock(&self.presence.watches).drop_conn(&addr);
+                    continue;
+                }
+                Ok(ReadJob::Stop) | Err(_) => return,
+            };
             let frames = match &request.body {
                 Body::Sync(_) => {
                     // Sessions opened before this Sync must be registered
@@ -533,5 +564,82 @@ impl Reader {
                 frame: a.frame,
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use palaver_protocol::pb;
+
+    #[derive(Default)]
+    struct Collect(Mutex<Vec<Outbound>>);
+    impl DeliverySink for Collect {
+        fn deliver(&self, frames: Vec<Outbound>) {
+            self.0.lock().expect("frames").extend(frames);
+        }
+    }
+
+    /// A PresenceSubscribe still queued for a reader when its connection
+    /// closed is answered (to nobody) and leaves no watch behind: the close
+    /// is queued behind it on the same reader.
+    #[test]
+    fn a_close_queued_behind_a_subscribe_leaves_no_watches() {
+        let server = palaver_testkit::stack::Redis::start().expect("start redis-server");
+        let store = RedisStore::connect(RedisConfig::standalone(server.url())).expect("Redis");
+        let presence = Arc::new(Presence::new("gw"));
+        let sink = Arc::new(Collect::default());
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let readers = Readers(vec![tx.clone(), tx]);
+        let reader = Reader {
+            gateway_id: "gw".into(),
+            router: Router::new(store, RouterConfig::default(), Arc::new(SystemClock))
+                .with_watches(presence.watches.clone()),
+            sink: sink.clone(),
+            presence: presence.clone(),
+            jobs: rx,
+        };
+        let from = Session {
+            user_id: "alice".into(),
+            device_id: "phone".into(),
+            addr: SessionAddr {
+                gateway_id: "gw".into(),
+                conn: 7,
+            },
+        };
+        let subscribe = Inbound {
+            from: from.clone(),
+            request_id: 1,
+            body: Body::PresenceSubscribe(pb::PresenceSubscribe {
+                user_ids: vec!["bob".into()],
+                unsubscribe: false,
+            }),
+            received_ms: 0,
+        };
+        let reads = readers.of(from.addr.conn);
+        reads
+            .send(ReadJob::Read {
+                request: subscribe,
+                after_flush: 0,
+            })
+            .expect("queued");
+        reads
+            .send(ReadJob::Closed(from.addr.clone()))
+            .expect("queued");
+        reads.send(ReadJob::Stop).expect("queued");
+        reader.run();
+
+        let frames = sink.0.lock().expect("frames");
+        assert!(
+            frames
+                .iter()
+                .any(|o| matches!(o.frame.body, Some(Body::PresenceResult(_)))),
+            "the subscribe ran: {frames:?}"
+        );
+        assert_eq!(
+            crate::presence::lock(&presence.watches).watching(&from.addr),
+            0,
+            "the closed connection's watch was dropped"
+        );
     }
 }
