@@ -51,19 +51,23 @@ impl Recording {
     }
 }
 
-fn typing(user: &str) -> Body {
-    Body::Typing(pb::Typing {
-        conversation_id: "dm:a:b".into(),
-        active: true,
-        user_id: user.into(),
-    })
-}
-
-#[test]
-fn stale_keys_are_dropped_and_closing_frames_close() {
-    let dir = temp_dir("delivery");
+/// A one-core gateway in front of a recording backend: the handle, the
+/// backend, the CA to trust, the JWT secret to mint tokens with and the
+/// data directory to remove at the end.
+fn start_recording(
+    name: &str,
+    gateway_id: String,
+) -> (
+    GatewayHandle,
+    Arc<Recording>,
+    Vec<u8>,
+    Vec<u8>,
+    std::path::PathBuf,
+) {
+    let dir = temp_dir(name);
     let backend = Arc::new(Recording::default());
     let config = Config {
+        gateway_id,
         listen: "127.0.0.1:0".parse().unwrap(),
         cores: 1,
         data_dir: dir.clone(),
@@ -75,6 +79,20 @@ fn stale_keys_are_dropped_and_closing_frames_close() {
         &dir.join(palaver_gateway::devcerts::JWT_SECRET_FILE),
     )
     .unwrap();
+    (gw, backend, ca, secret, dir)
+}
+
+fn typing(user: &str) -> Body {
+    Body::Typing(pb::Typing {
+        conversation_id: "dm:a:b".into(),
+        active: true,
+        user_id: user.into(),
+    })
+}
+
+#[test]
+fn stale_keys_are_dropped_and_closing_frames_close() {
+    let (gw, backend, ca, secret, dir) = start_recording("delivery", Config::default().gateway_id);
     let login = |user: &str| {
         let mut c = Client::connect(&ConnectOptions::new(gw.local_addr, ca.clone())).unwrap();
         let token = palaver_gateway::auth::mint_hs256(&secret, user, None, 60);
@@ -135,21 +153,7 @@ fn stale_keys_are_dropped_and_closing_frames_close() {
 fn the_backend_sees_one_identity_per_session() {
     // The gateway keeps only a session's ids and rebuilds the `Session` for
     // each request and at close: each must be the one Hello opened.
-    let dir = temp_dir("identity");
-    let backend = Arc::new(Recording::default());
-    let config = Config {
-        gateway_id: "gw-identity".into(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        cores: 1,
-        data_dir: dir.clone(),
-        ..Default::default()
-    };
-    let gw = GatewayHandle::start(config, backend.clone()).unwrap();
-    let ca = std::fs::read(dir.join("ca.pem")).unwrap();
-    let secret = palaver_gateway::devcerts::read_secret(
-        &dir.join(palaver_gateway::devcerts::JWT_SECRET_FILE),
-    )
-    .unwrap();
+    let (gw, backend, ca, secret, dir) = start_recording("identity", "gw-identity".into());
     let mut c = Client::connect(&ConnectOptions::new(gw.local_addr, ca)).unwrap();
     let token = palaver_gateway::auth::mint_hs256(&secret, "alice.b@example-1", None, 60);
     c.hello_with(

@@ -65,12 +65,7 @@ impl GatewayRegistry for RedisStore {
     ) -> StoreResult<Vec<pb::Presence>> {
         let changes = self.reap_sessions_of(gateway_id, now_ms)?;
         self.pipeline(vec![
-            redis::cmd("SET")
-                .arg(lease_key(gateway_id))
-                .arg(now_ms)
-                .arg("PX")
-                .arg(lease_ttl.as_millis() as u64)
-                .clone(),
+            renew_lease_cmd(gateway_id, lease_ttl, now_ms),
             redis::cmd("SADD")
                 .arg(KNOWN_GATEWAYS)
                 .arg(gateway_id)
@@ -196,4 +191,14 @@ impl RedisStore {
         self.query::<i64>(redis::cmd("PUBLISH").arg(PRESENCE_CHANNEL).arg(payload))
             .map(|_| ())
     }
+}
+
+/// `SET` of a gateway's lease: alive for `lease_ttl` from now.
+pub(super) fn renew_lease_cmd(gateway_id: &str, lease_ttl: Duration, now_ms: i64) -> redis::Cmd {
+    redis::cmd("SET")
+        .arg(lease_key(gateway_id))
+        .arg(now_ms)
+        .arg("PX")
+        .arg(lease_ttl.as_millis() as u64)
+        .clone()
 }

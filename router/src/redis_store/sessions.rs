@@ -14,7 +14,8 @@ use crate::store::{
 };
 
 use super::gateways::offline_presence;
-use super::keys::{decode_addr, encode_addr, gateway_conns_key, lease_key, user_key};
+use super::gateways::renew_lease_cmd;
+use super::keys::{decode_addr, encode_addr, gateway_conns_key, user_key};
 use super::{corrupt, from_value, RedisStore};
 
 impl SessionStore for RedisStore {
@@ -30,14 +31,7 @@ impl SessionStore for RedisStore {
         changes: &[SessionChange],
     ) -> StoreResult<SessionsApplied> {
         let mut cmds = Vec::with_capacity(1 + 3 * changes.len());
-        cmds.push(
-            redis::cmd("SET")
-                .arg(lease_key(gateway_id))
-                .arg(now_ms)
-                .arg("PX")
-                .arg(lease_ttl.as_millis() as u64)
-                .clone(),
-        );
+        cmds.push(renew_lease_cmd(gateway_id, lease_ttl, now_ms));
         let conns = gateway_conns_key(gateway_id);
         for change in changes {
             match change {
