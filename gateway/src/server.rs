@@ -121,6 +121,7 @@ impl GatewayHandle {
             tls,
             live_connections: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
+            cores_running: AtomicUsize::new(cores),
             epoch: Instant::now(),
         });
 
@@ -141,10 +142,17 @@ impl GatewayHandle {
             .start(&gateway_id, Arc::new(GatewaySink::new(mailboxes.clone())))
             .context("starting the backend")?;
 
+        // A backend that can run on a core thread (the embedded engine)
+        // runs on core 0; other threads wake it through core 0's waker.
+        let host_mailbox = mailboxes[0].clone();
+        let mut host = backend.take_host(Arc::new(move || host_mailbox.nudge()));
+
         let mut threads = Vec::with_capacity(cores);
         for (index, (poll, listener, mailbox, rx, m)) in prepared.into_iter().enumerate() {
+            let host = if index == 0 { host.take() } else { None };
             let core = Core::new(index, shared.clone(), m, poll, listener, mailbox, rx)
-                .context("setting up a core thread")?;
+                .context("setting up a core thread")?
+                .with_host(host);
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("palaver-core-{index}"))
@@ -304,7 +312,9 @@ pub fn build_backend(config: &Config) -> Arc<dyn Backend> {
             router.max_batch = l.max_batch as usize;
             router.default_batch = router.default_batch.min(router.max_batch);
             router.presence_visibility = config.presence_visibility;
-            Arc::new(palaver_router::EmbeddedEngine::new(
+            // Hosted: the engine runs on core 0 of the gateway that
+            // starts with it (no thread of its own, no hop for core 0).
+            Arc::new(palaver_router::EmbeddedEngine::hosted(
                 palaver_router::EmbeddedConfig {
                     router,
                     ..Default::default()

@@ -1,21 +1,29 @@
-//! The embedded engine: the [`Router`] over a [`MemoryStore`] on one worker
-//! thread, fed by a crossbeam channel (the in-process bus). Implements
-//! [`Backend`], so a gateway with no Kafka/Redis configured is a complete
-//! single-node chat server. Several gateways may attach to one engine.
+//! The embedded engine: the [`Router`] over a [`MemoryStore`], fed by a
+//! crossbeam channel (the in-process bus). Implements [`Backend`], so a
+//! gateway with no Kafka/Redis configured is a complete single-node chat
+//! server. Several gateways may attach to one engine.
 //!
 //! The worker drains whatever is queued (up to a batch), runs each command
 //! through the router, then hands the frames to the gateways' sinks: one
-//! `deliver` call per gateway per batch, in order per connection.
+//! `deliver` call per gateway per batch, in order per connection. Where the
+//! worker runs is the only difference between the two modes, which share
+//! every line of it (`Worker::turn`):
+//!
+//! - [`EmbeddedEngine::new`]: on a thread of its own, woken by the channel.
+//! - [`EmbeddedEngine::hosted`]: on a gateway core thread's event loop
+//!   ([`Backend::take_host`] → [`BackendHost::run_turn`]): the core's own
+//!   requests are handled at the end of its turn with no thread hop; other
+//!   threads' requests wake that core through the `wake` it gave.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
 use palaver_protocol::pb;
 
-use crate::api::{Backend, BackendError, DeliverySink, Inbound, Outbound, Session};
+use crate::api::{Backend, BackendError, BackendHost, DeliverySink, Inbound, Outbound, Session};
 use crate::bus::{Command, Output, PushEvent};
 use crate::logic::{Clock, Router, RouterConfig, SystemClock};
 use crate::memory::MemoryStore;
@@ -102,25 +110,70 @@ enum Job {
     Stop,
 }
 
+/// Where the worker runs.
+enum Mode {
+    /// On its own thread (`None` once stopped).
+    Threaded(Option<JoinHandle<()>>),
+    /// On a host's loop: the worker waits here until a gateway takes it
+    /// (`None` once taken or stopped).
+    Hosted(Option<Box<Worker>>),
+}
+
 pub struct EmbeddedEngine {
     jobs: Sender<Job>,
     sinks: Arc<Sinks>,
     queued_requests: Arc<AtomicUsize>,
     max_queued_requests: usize,
-    worker: Mutex<Option<JoinHandle<()>>>,
+    mode: Mutex<Mode>,
+    /// Hosted mode: tells the host that work arrived (set by `take_host`).
+    wake: OnceLock<Arc<dyn Fn() + Send + Sync>>,
+    /// `shutdown` was called: `start` refuses from now on.
+    stopped: AtomicBool,
 }
 
 impl EmbeddedEngine {
-    /// An engine with the system clock and a logging push sink.
+    /// An engine on a thread of its own, with the system clock and a
+    /// logging push sink.
     pub fn new(config: EmbeddedConfig) -> Self {
         Self::with_parts(config, Arc::new(SystemClock), LoggingPushSink::default())
     }
 
-    /// An engine with an injected clock and push sink (tests).
+    /// An engine with no thread of its own: the first gateway that calls
+    /// [`Backend::take_host`] runs it on one of its core threads. Until then
+    /// work only queues. Other gateways may attach as to any engine; their
+    /// requests wake the host.
+    pub fn hosted(config: EmbeddedConfig) -> Self {
+        Self::build(
+            config,
+            Arc::new(SystemClock),
+            Box::new(LoggingPushSink::default()),
+            false,
+        )
+    }
+
+    /// A threaded engine with an injected clock and push sink (tests).
     pub fn with_parts(
         config: EmbeddedConfig,
         clock: Arc<dyn Clock>,
         push_sink: impl PushSink,
+    ) -> Self {
+        Self::build(config, clock, Box::new(push_sink), true)
+    }
+
+    /// A hosted engine with an injected clock and push sink (tests).
+    pub fn hosted_with_parts(
+        config: EmbeddedConfig,
+        clock: Arc<dyn Clock>,
+        push_sink: impl PushSink,
+    ) -> Self {
+        Self::build(config, clock, Box::new(push_sink), false)
+    }
+
+    fn build(
+        config: EmbeddedConfig,
+        clock: Arc<dyn Clock>,
+        push_sink: Box<dyn PushSink>,
+        threaded: bool,
     ) -> Self {
         let (jobs, inbox) = crossbeam_channel::unbounded();
         let sinks: Arc<Sinks> = Arc::default();
@@ -132,23 +185,43 @@ impl EmbeddedEngine {
                 seen_version: 0,
                 attached: Vec::new(),
                 batches: Vec::new(),
-                push_sink: Box::new(push_sink),
+                push_sink,
             },
+            out: Output::default(),
             inbox,
             queued_requests: queued_requests.clone(),
             max_commands_per_flush: config.max_commands_per_flush.max(1),
         };
-        let handle = std::thread::Builder::new()
-            .name("palaver-embedded-router".into())
-            .spawn(move || worker.run())
-            .expect("spawning the embedded router thread");
+        let mode = if threaded {
+            let handle = std::thread::Builder::new()
+                .name("palaver-embedded-router".into())
+                .spawn(move || worker.run())
+                .expect("spawning the embedded router thread");
+            Mode::Threaded(Some(handle))
+        } else {
+            Mode::Hosted(Some(Box::new(worker)))
+        };
         Self {
             jobs,
             sinks,
             queued_requests,
             max_queued_requests: config.max_queued_requests,
-            worker: Mutex::new(Some(handle)),
+            mode: Mutex::new(mode),
+            wake: OnceLock::new(),
+            stopped: AtomicBool::new(false),
         }
+    }
+
+    /// Queues a job for the worker and, hosted, tells the host. Gives the
+    /// job back when the worker is gone.
+    // Large only on the shutdown path (the job comes back once the worker is gone).
+    #[allow(clippy::result_large_err)]
+    fn send(&self, job: Job) -> Result<(), Job> {
+        self.jobs.send(job).map_err(|e| e.0)?;
+        if let Some(wake) = self.wake.get() {
+            wake();
+        }
+        Ok(())
     }
 
     /// Answer a request right here (overload or after shutdown).
@@ -168,12 +241,25 @@ impl EmbeddedEngine {
     }
 
     fn stop_worker(&self) {
-        let handle = self.worker.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(handle) = handle {
-            // Queued work before Stop is processed first (FIFO).
-            let _ = self.jobs.send(Job::Stop);
-            if handle.join().is_err() {
-                tracing::error!("embedded router thread panicked");
+        self.stopped.store(true, Ordering::Release);
+        let mut mode = self.mode.lock().unwrap_or_else(|e| e.into_inner());
+        match &mut *mode {
+            Mode::Threaded(handle) => {
+                if let Some(handle) = handle.take() {
+                    drop(mode);
+                    // Queued work before Stop is processed first (FIFO).
+                    let _ = self.jobs.send(Job::Stop);
+                    if handle.join().is_err() {
+                        tracing::error!("embedded router thread panicked");
+                    }
+                }
+            }
+            Mode::Hosted(untaken) => {
+                // Never hosted: nothing ran, nothing to finish.
+                untaken.take();
+                drop(mode);
+                // A host finishes what is queued before Stop, then stops.
+                let _ = self.send(Job::Stop);
             }
         }
     }
@@ -181,12 +267,7 @@ impl EmbeddedEngine {
 
 impl Backend for EmbeddedEngine {
     fn start(&self, gateway_id: &str, sink: Arc<dyn DeliverySink>) -> Result<(), BackendError> {
-        if self
-            .worker
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_none()
-        {
+        if self.stopped.load(Ordering::Acquire) {
             return Err(BackendError::Unavailable(
                 "the embedded engine was shut down".into(),
             ));
@@ -201,13 +282,11 @@ impl Backend for EmbeddedEngine {
     }
 
     fn session_opened(&self, session: &Session) {
-        let _ = self
-            .jobs
-            .send(Job::Run(Command::SessionOpened(session.clone())));
+        let _ = self.send(Job::Run(Command::SessionOpened(session.clone())));
     }
 
     fn session_closed(&self, session: &Session, at_ms: i64) {
-        let _ = self.jobs.send(Job::Run(Command::SessionClosed {
+        let _ = self.send(Job::Run(Command::SessionClosed {
             session: session.clone(),
             at_ms,
         }));
@@ -231,9 +310,9 @@ impl Backend for EmbeddedEngine {
             }
         }
         let n = requests.len();
-        if let Err(e) = self.jobs.send(Job::Requests(requests)) {
+        if let Err(job) = self.send(Job::Requests(requests)) {
             self.queued_requests.fetch_sub(n, Ordering::AcqRel);
-            if let Job::Requests(requests) = e.0 {
+            if let Job::Requests(requests) = job {
                 for request in &requests {
                     self.refuse(request, "server shutting down");
                 }
@@ -248,6 +327,45 @@ impl Backend for EmbeddedEngine {
 
     fn shutdown(&self) {
         self.stop_worker();
+    }
+
+    fn take_host(&self, wake: Arc<dyn Fn() + Send + Sync>) -> Option<Box<dyn BackendHost>> {
+        let mut mode = self.mode.lock().unwrap_or_else(|e| e.into_inner());
+        let Mode::Hosted(untaken) = &mut *mode else {
+            return None;
+        };
+        let worker = untaken.take()?;
+        let _ = self.wake.set(wake.clone());
+        drop(mode);
+        // Work queued before there was a host.
+        wake();
+        Some(Box::new(Host {
+            worker: Some(worker),
+        }))
+    }
+}
+
+/// The worker of a hosted engine, run by a gateway core thread.
+struct Host {
+    /// `None` once `Job::Stop` was handled.
+    worker: Option<Box<Worker>>,
+}
+
+impl BackendHost for Host {
+    fn run_turn(&mut self) -> bool {
+        let Some(worker) = &mut self.worker else {
+            return false;
+        };
+        let Ok(job) = worker.inbox.try_recv() else {
+            return false;
+        };
+        if !worker.turn(job) {
+            // Dropping the worker drops the queue's receiver: later
+            // requests are answered UNAVAILABLE by `submit_batch`.
+            self.worker = None;
+            return false;
+        }
+        !worker.inbox.is_empty()
     }
 }
 
@@ -311,38 +429,47 @@ impl EmbeddedOutlet {
 struct Worker {
     router: Router<MemoryStore>,
     outlet: EmbeddedOutlet,
+    /// Output of the turn being run (kept: its buffers are reused).
+    out: Output,
     inbox: Receiver<Job>,
     queued_requests: Arc<AtomicUsize>,
     max_commands_per_flush: usize,
 }
 
 impl Worker {
+    /// The threaded mode: a turn whenever a job arrives.
     fn run(mut self) {
-        let mut out = Output::default();
         while let Ok(job) = self.inbox.recv() {
-            let mut processed = 0;
-            let mut stop = !self.process(job, &mut out, &mut processed);
-            while !stop && processed < self.max_commands_per_flush {
-                match self.inbox.try_recv() {
-                    Ok(job) => stop = !self.process(job, &mut out, &mut processed),
-                    Err(_) => break,
-                }
-            }
-            self.outlet.flush(&mut out);
-            if stop {
+            if !self.turn(job) {
                 return;
             }
         }
     }
 
+    /// One turn: `first`, then whatever is queued up to
+    /// `max_commands_per_flush` commands, then the output goes to the
+    /// sinks. False when the worker must stop.
+    fn turn(&mut self, first: Job) -> bool {
+        let mut processed = 0;
+        let mut go_on = self.process(first, &mut processed);
+        while go_on && processed < self.max_commands_per_flush {
+            match self.inbox.try_recv() {
+                Ok(job) => go_on = self.process(job, &mut processed),
+                Err(_) => break,
+            }
+        }
+        self.outlet.flush(&mut self.out);
+        go_on
+    }
+
     /// Run one job, counting the commands run; false when the worker must stop.
-    fn process(&mut self, job: Job, out: &mut Output, processed: &mut usize) -> bool {
+    fn process(&mut self, job: Job, processed: &mut usize) -> bool {
         match job {
             Job::Stop => return false,
             // Session events; requests come as `Job::Requests`, counted in
             // the queue.
             Job::Run(command) => {
-                self.handle(command, out);
+                self.handle(command);
                 *processed += 1;
             }
             Job::Requests(requests) => {
@@ -350,18 +477,19 @@ impl Worker {
                     .fetch_sub(requests.len(), Ordering::AcqRel);
                 *processed += requests.len();
                 for request in requests {
-                    self.handle(Command::Request(request), out);
+                    self.handle(Command::Request(request));
                 }
             }
         }
         true
     }
 
-    fn handle(&mut self, command: Command, out: &mut Output) {
+    fn handle(&mut self, command: Command) {
         // The memory store does not fail; keep the generic path anyway.
-        if let Err(e) = self.router.handle(&command, out) {
+        if let Err(e) = self.router.handle(&command, &mut self.out) {
             tracing::error!("router: {e}");
-            out.frames
+            self.out
+                .frames
                 .extend(Router::<MemoryStore>::unavailable_reply(&command, &e));
         }
     }

@@ -28,7 +28,9 @@ pub mod memory;
 pub mod redis_store;
 pub mod store;
 
-pub use api::{Backend, BackendError, DeliverySink, Inbound, Outbound, Session, SessionAddr};
+pub use api::{
+    Backend, BackendError, BackendHost, DeliverySink, Inbound, Outbound, Session, SessionAddr,
+};
 pub use bus::{Addressed, Command, Outlet, Output, PushEvent};
 pub use embedded::{EmbeddedConfig, EmbeddedEngine, LoggingPushSink, PushSink};
 pub use logic::{Clock, ManualClock, PresenceVisibility, Router, RouterConfig, SystemClock};
