@@ -8,8 +8,9 @@
 //! - [`bus`]: commands in, addressed frames and push events out.
 //! - [`logic`]: the [`Router`] itself, pure over the store traits.
 //! - [`memory`]: the in-memory store.
-//! - [`embedded`]: [`EmbeddedEngine`], the router on a worker thread behind
-//!   an in-process channel, implementing `Backend`.
+//! - [`embedded`]: [`EmbeddedEngine`], the router behind an in-process
+//!   channel, implementing `Backend`: on a worker thread of its own, or
+//!   hosted on a gateway core thread's loop (`Backend::take_host`).
 //! - [`bridge`]: [`bridge::KafkaRedisBridge`], the other `Backend`: writes
 //!   through Kafka to `palaver-router` workers ([`kafka`]), reads and presence
 //!   from Redis ([`redis_store`]), deliveries back from this gateway's topic.

@@ -286,8 +286,9 @@ impl Core {
                     Token(slot) => {
                         let generation = self.conns.get(slot).map(|c| c.generation);
                         let (readable, writable) = (event.is_readable(), event.is_writable());
+                        let hup = event.is_read_closed();
                         let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            self.on_event(slot, readable, writable, &mut handshakes)
+                            self.on_event(slot, readable || hup, writable, hup, &mut handshakes)
                         }));
                         if caught.is_err() {
                             self.recover(slot, generation);
@@ -339,7 +340,14 @@ impl Core {
         self.drain_deliveries();
     }
 
-    fn on_event(&mut self, slot: usize, readable: bool, writable: bool, handshakes: &mut usize) {
+    fn on_event(
+        &mut self,
+        slot: usize,
+        readable: bool,
+        writable: bool,
+        hup: bool,
+        handshakes: &mut usize,
+    ) {
         let Some(conn) = self.conns.get_mut(slot) else {
             return;
         };
@@ -363,7 +371,7 @@ impl Core {
             if conn.policy.is_handshaking() {
                 *handshakes -= 1;
             }
-            let (f, more) = self.ctx.on_readable(slot, conn);
+            let (f, more) = self.ctx.on_readable(slot, conn, hup);
             fate = f;
             if fate == Fate::Keep && more && !conn.deferred {
                 conn.deferred = true;
@@ -394,7 +402,8 @@ impl Core {
                 *handshakes -= 1;
             }
             conn.deferred = false;
-            let (fate, more) = self.ctx.on_readable(slot, conn);
+            // The event that deferred this read is gone: look for a FIN.
+            let (fate, more) = self.ctx.on_readable(slot, conn, true);
             if fate == Fate::Close {
                 self.close(slot);
             } else if more {
