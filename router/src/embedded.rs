@@ -25,7 +25,7 @@ use palaver_protocol::pb;
 
 use crate::api::{Backend, BackendError, BackendHost, DeliverySink, Inbound, Outbound, Session};
 use crate::bus::{Command, Output, PushEvent};
-use crate::logic::{Clock, Router, RouterConfig, SystemClock};
+use crate::logic::{BatchProgress, Clock, Router, RouterConfig, SystemClock};
 use crate::memory::MemoryStore;
 
 /// Where the embedded engine sends push events (there are no push workers
@@ -187,6 +187,7 @@ impl EmbeddedEngine {
                 batches: Vec::new(),
                 push_sink,
             },
+            commands: Vec::new(),
             out: Output::default(),
             inbox,
             queued_requests: queued_requests.clone(),
@@ -403,6 +404,10 @@ impl EmbeddedOutlet {
             self.attached = map.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
             self.seen_version = version;
         }
+        // The batches are handed over (not reused): size the first one for
+        // the whole turn (usually one gateway) instead of growing it by
+        // doubling, a copy per doubling.
+        let total = out.frames.len();
         for crate::bus::Addressed { to, frame } in out.frames.drain(..) {
             let outbound = Outbound {
                 conn: to.conn,
@@ -410,7 +415,12 @@ impl EmbeddedOutlet {
             };
             match self.batches.iter_mut().find(|(g, _)| *g == to.gateway_id) {
                 Some((_, batch)) => batch.push(outbound),
-                None => self.batches.push((to.gateway_id, vec![outbound])),
+                None => {
+                    let room = if self.batches.is_empty() { total } else { 1 };
+                    let mut batch = Vec::with_capacity(room);
+                    batch.push(outbound);
+                    self.batches.push((to.gateway_id, batch));
+                }
             }
         }
         for (gateway_id, frames) in self.batches.drain(..) {
@@ -429,6 +439,8 @@ impl EmbeddedOutlet {
 struct Worker {
     router: Router<MemoryStore>,
     outlet: EmbeddedOutlet,
+    /// Commands of the turn being run, in queue order (kept: reused).
+    commands: Vec<Command>,
     /// Output of the turn being run (kept: its buffers are reused).
     out: Output,
     inbox: Receiver<Job>,
@@ -447,50 +459,60 @@ impl Worker {
     }
 
     /// One turn: `first`, then whatever is queued up to
-    /// `max_commands_per_flush` commands, then the output goes to the
-    /// sinks. False when the worker must stop.
+    /// `max_commands_per_flush` commands, run as one batch, then the
+    /// output goes to the sinks. False when the worker must stop.
     fn turn(&mut self, first: Job) -> bool {
-        let mut processed = 0;
-        let mut go_on = self.process(first, &mut processed);
-        while go_on && processed < self.max_commands_per_flush {
+        let mut go_on = self.take(first);
+        while go_on && self.commands.len() < self.max_commands_per_flush {
             match self.inbox.try_recv() {
-                Ok(job) => go_on = self.process(job, &mut processed),
+                Ok(job) => go_on = self.take(job),
                 Err(_) => break,
             }
         }
+        self.run_commands();
         self.outlet.flush(&mut self.out);
         go_on
     }
 
-    /// Run one job, counting the commands run; false when the worker must stop.
-    fn process(&mut self, job: Job, processed: &mut usize) -> bool {
+    /// Adds a job's commands to the turn; false when the worker must stop.
+    fn take(&mut self, job: Job) -> bool {
         match job {
             Job::Stop => return false,
             // Session events; requests come as `Job::Requests`, counted in
             // the queue.
-            Job::Run(command) => {
-                self.handle(command);
-                *processed += 1;
-            }
+            Job::Run(command) => self.commands.push(command),
             Job::Requests(requests) => {
                 self.queued_requests
                     .fetch_sub(requests.len(), Ordering::AcqRel);
-                *processed += requests.len();
-                for request in requests {
-                    self.handle(Command::Request(request));
-                }
+                self.commands
+                    .extend(requests.into_iter().map(Command::Request));
             }
         }
         true
     }
 
-    fn handle(&mut self, command: Command) {
-        // The memory store does not fail; keep the generic path anyway.
-        if let Err(e) = self.router.handle(&command, &mut self.out) {
-            tracing::error!("router: {e}");
-            self.out
-                .frames
-                .extend(Router::<MemoryStore>::unavailable_reply(&command, &e));
+    /// The turn's commands in order through `Router::handle_batch` (runs
+    /// of Sends, from any connection, share one session lookup), as the
+    /// Kafka router worker does.
+    fn run_commands(&mut self) {
+        let mut progress = BatchProgress::default();
+        let result = self
+            .router
+            .handle_batch(&self.commands, &mut self.out, &mut progress);
+        if let Err(e) = result {
+            // The memory store does not fail; keep the generic path anyway:
+            // from the failed unit on, one at a time (a repeated Send is
+            // deduplicated), each failure answered UNAVAILABLE.
+            tracing::error!("router: {e}; going on one command at a time");
+            for command in &self.commands[progress.done..] {
+                if let Err(e) = self.router.handle(command, &mut self.out) {
+                    tracing::error!("router: {e}");
+                    self.out
+                        .frames
+                        .extend(Router::<MemoryStore>::unavailable_reply(command, &e));
+                }
+            }
         }
+        self.commands.clear();
     }
 }
