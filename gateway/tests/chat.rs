@@ -55,6 +55,17 @@ fn the_chat_suite_on_one_core() {
     chat::run_all(&start(|c| c.cores = 1));
 }
 
+/// `engine_thread = true`: the engine on a thread of its own, as before
+/// hosting (every message crosses two threads).
+#[test]
+fn the_chat_suite_with_the_engine_on_its_own_thread() {
+    chat::run_all(&start(|c| {
+        c.backend = palaver_gateway::config::BackendConfig::Embedded {
+            engine_thread: true,
+        }
+    }));
+}
+
 #[test]
 fn two_users_chat_one_to_one_with_receipts() {
     chat::one_to_one_with_receipts_and_typing(&start(|_| {}));
