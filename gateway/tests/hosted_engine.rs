@@ -370,7 +370,8 @@ fn drain_with_sessions_on_both_cores_finishes() {
 }
 
 /// Two gateways on one hosted engine (the first to start hosts it, the
-/// other's requests wake the host): users on either meet.
+/// other's requests wake the host): users on either meet, and when the host
+/// gateway stops, the engine goes on for the other one.
 #[test]
 fn a_second_gateway_attaches_to_a_hosted_engine() {
     let engine: Arc<dyn Backend> = Arc::new(EmbeddedEngine::hosted(EmbeddedConfig::default()));
@@ -390,4 +391,18 @@ fn a_second_gateway_attaches_to_a_hosted_engine() {
         2
     );
     assert_eq!(next_deliver(&mut alice, T).body, b"to the host");
+
+    // The host's core threads exit (no `join`: that would shut the shared
+    // engine down, as it does a threaded one).
+    t1.gw().stop();
+    wait_until(T, "the host gateway's threads to finish", || {
+        t1.gw().is_finished()
+    });
+    let mut carol = t2.login("carol", "phone");
+    let conv = direct_conversation_id("bob", "carol");
+    assert_eq!(
+        chat::send_reliably(&mut bob, &conv, "still served", T).seq,
+        1
+    );
+    assert_eq!(next_deliver(&mut carol, T).body, b"still served");
 }

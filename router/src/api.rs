@@ -116,8 +116,9 @@ pub trait Backend: Send + Sync + 'static {
 /// after handing over the turn's requests, and whenever `wake` was called;
 /// the backend's answers go out through the sinks as usual (a sink called on
 /// the hosting core's own thread hands frames to that core without a wake).
-/// Dropping the host stops the backend's work: requests submitted later are
-/// answered `UNAVAILABLE`.
+/// Dropping the host (its core thread exits) hands the work back: the
+/// embedded engine goes on on a thread of its own, for the other gateways
+/// attached to it, until `Backend::shutdown`.
 pub trait BackendHost: Send {
     /// Handles queued work, a bounded amount (so the host's connections are
     /// not starved), and hands its output to the sinks. Returns true when

@@ -13,7 +13,9 @@
 //! - [`EmbeddedEngine::hosted`]: on a gateway core thread's event loop
 //!   ([`Backend::take_host`] → [`BackendHost::run_turn`]): the core's own
 //!   requests are handled at the end of its turn with no thread hop; other
-//!   threads' requests wake that core through the `wake` it gave.
+//!   threads' requests wake that core through the `wake` it gave. If that
+//!   core exits before the engine is shut down, the worker moves to a
+//!   thread of its own (other gateways may still be attached).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -124,11 +126,14 @@ pub struct EmbeddedEngine {
     sinks: Arc<Sinks>,
     queued_requests: Arc<AtomicUsize>,
     max_queued_requests: usize,
-    mode: Mutex<Mode>,
-    /// Hosted mode: tells the host that work arrived (set by `take_host`).
+    /// Shared with the host, which hands the worker back when it stops.
+    mode: Arc<Mutex<Mode>>,
+    /// Hosted mode: tells the host that work arrived (set by `take_host`;
+    /// after the host stopped, a harmless call into its dead core's waker).
     wake: OnceLock<Arc<dyn Fn() + Send + Sync>>,
-    /// `shutdown` was called: `start` refuses from now on.
-    stopped: AtomicBool,
+    /// `shutdown` was called: `start` refuses from now on. Set under `mode`'s
+    /// lock, so a host handing the worker back sees it.
+    stopped: Arc<AtomicBool>,
 }
 
 impl EmbeddedEngine {
@@ -194,11 +199,9 @@ impl EmbeddedEngine {
             max_commands_per_flush: config.max_commands_per_flush.max(1),
         };
         let mode = if threaded {
-            let handle = std::thread::Builder::new()
-                .name("palaver-embedded-router".into())
-                .spawn(move || worker.run())
-                .expect("spawning the embedded router thread");
-            Mode::Threaded(Some(handle))
+            Mode::Threaded(Some(
+                spawn_worker(Box::new(worker)).expect("spawning the embedded router thread"),
+            ))
         } else {
             Mode::Hosted(Some(Box::new(worker)))
         };
@@ -207,9 +210,9 @@ impl EmbeddedEngine {
             sinks,
             queued_requests,
             max_queued_requests: config.max_queued_requests,
-            mode: Mutex::new(mode),
+            mode: Arc::new(Mutex::new(mode)),
             wake: OnceLock::new(),
-            stopped: AtomicBool::new(false),
+            stopped: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -242,8 +245,8 @@ impl EmbeddedEngine {
     }
 
     fn stop_worker(&self) {
-        self.stopped.store(true, Ordering::Release);
         let mut mode = self.mode.lock().unwrap_or_else(|e| e.into_inner());
+        self.stopped.store(true, Ordering::Release);
         match &mut *mode {
             Mode::Threaded(handle) => {
                 if let Some(handle) = handle.take() {
@@ -342,14 +345,43 @@ impl Backend for EmbeddedEngine {
         wake();
         Some(Box::new(Host {
             worker: Some(worker),
+            mode: self.mode.clone(),
+            stopped: self.stopped.clone(),
         }))
     }
+}
+
+fn spawn_worker(worker: Box<Worker>) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("palaver-embedded-router".into())
+        .spawn(move || worker.run())
 }
 
 /// The worker of a hosted engine, run by a gateway core thread.
 struct Host {
     /// `None` once `Job::Stop` was handled.
     worker: Option<Box<Worker>>,
+    mode: Arc<Mutex<Mode>>,
+    stopped: Arc<AtomicBool>,
+}
+
+impl Drop for Host {
+    /// The host stopped (its gateway drained or stopped) but the engine was
+    /// not shut down: other gateways may still be attached, so the worker
+    /// goes on on a thread of its own, with what is queued.
+    fn drop(&mut self) {
+        let Some(worker) = self.worker.take() else {
+            return;
+        };
+        let mut mode = self.mode.lock().unwrap_or_else(|e| e.into_inner());
+        if self.stopped.load(Ordering::Acquire) {
+            return;
+        }
+        match spawn_worker(worker) {
+            Ok(handle) => *mode = Mode::Threaded(Some(handle)),
+            Err(e) => tracing::error!("embedded engine: cannot continue without its host: {e}"),
+        }
+    }
 }
 
 impl BackendHost for Host {
@@ -450,7 +482,7 @@ struct Worker {
 
 impl Worker {
     /// The threaded mode: a turn whenever a job arrives.
-    fn run(mut self) {
+    fn run(mut self: Box<Self>) {
         while let Ok(job) = self.inbox.recv() {
             if !self.turn(job) {
                 return;

@@ -530,3 +530,31 @@ fn a_hosted_engine_shut_down_finishes_in_its_next_turn_then_refuses() {
     assert_eq!(error(&e).unwrap().code, ErrorCode::Unavailable as u32);
     assert!(!t.host.run_turn());
 }
+
+#[test]
+fn a_hosted_engine_goes_on_on_its_own_thread_when_its_host_stops() {
+    let t = hosted(EmbeddedConfig::default(), |_| {});
+    let alice = open(&t.engine, "alice", "phone", "g1", 1);
+    open(&t.engine, "bob", "phone", "g2", 7);
+    t.engine
+        .submit(request(&alice, 1, send_body(DM, 1, "queued")));
+    // The host's core exits without running that (a stopped gateway).
+    drop(t.host);
+    assert_eq!(ack(&t.g1.reply(1, 1)).expect("SendAck").seq, 1);
+    t.engine
+        .submit(request(&alice, 2, send_body(DM, 2, "later")));
+    assert_eq!(ack(&t.g1.reply(1, 2)).expect("SendAck").seq, 2);
+    t.g2.wait_for("both deliveries to bob", |frames| {
+        (frames
+            .iter()
+            .filter(|o| delivered(&o.frame).is_some())
+            .count()
+            == 2)
+            .then_some(())
+    });
+    t.engine.shutdown();
+    t.engine
+        .submit(request(&alice, 3, send_body(DM, 3, "after shutdown")));
+    let e = t.g1.reply(1, 3);
+    assert_eq!(error(&e).unwrap().code, ErrorCode::Unavailable as u32);
+}
