@@ -191,12 +191,19 @@ impl Default for DrainConfig {
 }
 
 /// Which chat backend serves requests.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum BackendConfig {
     /// Router logic in-process with an in-memory bus and store.
-    #[default]
-    Embedded,
+    Embedded {
+        /// Run the engine on a thread of its own (every message crosses
+        /// two threads) instead of on core 0's loop (no hop for core 0's
+        /// connections). With few CPUs and a high message rate the own
+        /// thread balances better: hosted, core 0 carries the whole engine
+        /// besides its share of the connections.
+        #[serde(default)]
+        engine_thread: bool,
+    },
     /// The router tier: writes through Kafka, state in Redis
     /// (`palaver_router::bridge`).
     Kafka {
@@ -205,6 +212,14 @@ pub enum BackendConfig {
         /// `redis://host:port/` or `redis+cluster://host:port,host:port,...`.
         redis: String,
     },
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        BackendConfig::Embedded {
+            engine_thread: false,
+        }
+    }
 }
 
 /// Overrides of the Kafka/Redis bridge's defaults; absent keys keep them.
@@ -503,7 +518,20 @@ mod tests {
         let err = Config::from_toml_str("[limits]\nheartbeat_ms = 1\n").unwrap_err();
         assert!(err.to_string().contains("heartbeat_ms"), "{err}");
         let c = Config::from_toml_str("[backend]\nkind = \"embedded\"\n").unwrap();
-        assert_eq!(c.backend, BackendConfig::Embedded);
+        assert_eq!(
+            c.backend,
+            BackendConfig::Embedded {
+                engine_thread: false
+            }
+        );
+        let c = Config::from_toml_str("[backend]\nkind = \"embedded\"\nengine_thread = true\n")
+            .unwrap();
+        assert_eq!(
+            c.backend,
+            BackendConfig::Embedded {
+                engine_thread: true
+            }
+        );
     }
 
     #[test]

@@ -126,6 +126,10 @@ struct Args {
     /// users sharing a conversation with them) or everyone. [default: shared_conversation]
     #[arg(long, env = "PALAVER_PRESENCE_VISIBILITY")]
     presence_visibility: Option<palaver_router::PresenceVisibility>,
+    /// Embedded engine: run it on a thread of its own instead of on core 0
+    /// (`[backend] engine_thread`; see `palaver-gateway` README, threading).
+    #[arg(long, env = "PALAVER_ENGINE_THREAD")]
+    engine_thread: bool,
     /// Log filter (tracing env-filter syntax). [default: info]
     #[arg(long, env = "PALAVER_LOG")]
     log: Option<String>,
@@ -169,6 +173,16 @@ impl Args {
             reconnect_jitter_ms => drain.reconnect_jitter_ms,
             presence_visibility => presence_visibility,
         );
+        if self.engine_thread {
+            match &mut c.backend {
+                palaver_gateway::config::BackendConfig::Embedded { engine_thread } => {
+                    *engine_thread = true
+                }
+                palaver_gateway::config::BackendConfig::Kafka { .. } => {
+                    anyhow::bail!("--engine-thread: only for the embedded engine")
+                }
+            }
+        }
         if self.admin.is_some() {
             c.admin = self.admin;
         }

@@ -121,6 +121,7 @@ impl GatewayHandle {
             tls,
             live_connections: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
+            cores_running: AtomicUsize::new(cores),
             epoch: Instant::now(),
         });
 
@@ -141,10 +142,17 @@ impl GatewayHandle {
             .start(&gateway_id, Arc::new(GatewaySink::new(mailboxes.clone())))
             .context("starting the backend")?;
 
+        // A backend that can run on a core thread (the embedded engine)
+        // runs on core 0; other threads wake it through core 0's waker.
+        let host_mailbox = mailboxes[0].clone();
+        let mut host = backend.take_host(Arc::new(move || host_mailbox.nudge()));
+
         let mut threads = Vec::with_capacity(cores);
         for (index, (poll, listener, mailbox, rx, m)) in prepared.into_iter().enumerate() {
+            let host = if index == 0 { host.take() } else { None };
             let core = Core::new(index, shared.clone(), m, poll, listener, mailbox, rx)
-                .context("setting up a core thread")?;
+                .context("setting up a core thread")?
+                .with_host(host);
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("palaver-core-{index}"))
@@ -296,7 +304,7 @@ pub fn build_backend(config: &Config) -> Arc<dyn Backend> {
             };
             Arc::new(bridge.with_presence_visibility(config.presence_visibility))
         }
-        crate::config::BackendConfig::Embedded => {
+        crate::config::BackendConfig::Embedded { engine_thread } => {
             let l = &config.limits;
             let mut router = palaver_router::RouterConfig::default();
             router.max_group_members = l.max_group_members as usize;
@@ -304,12 +312,17 @@ pub fn build_backend(config: &Config) -> Arc<dyn Backend> {
             router.max_batch = l.max_batch as usize;
             router.default_batch = router.default_batch.min(router.max_batch);
             router.presence_visibility = config.presence_visibility;
-            Arc::new(palaver_router::EmbeddedEngine::new(
-                palaver_router::EmbeddedConfig {
-                    router,
-                    ..Default::default()
-                },
-            ))
+            let config = palaver_router::EmbeddedConfig {
+                router,
+                ..Default::default()
+            };
+            if *engine_thread {
+                Arc::new(palaver_router::EmbeddedEngine::new(config))
+            } else {
+                // Hosted: the engine runs on core 0 of the gateway that
+                // starts with it (no thread of its own, no hop for core 0).
+                Arc::new(palaver_router::EmbeddedEngine::hosted(config))
+            }
         }
     }
 }
@@ -343,9 +356,14 @@ fn bridge_config(
 /// banner and logs. Credentials in a Redis URL (`user:password@`) are left out.
 pub fn describe_backend(config: &Config) -> String {
     match &config.backend {
-        crate::config::BackendConfig::Embedded => {
-            "embedded engine (in-process router, in-memory bus and store)".to_string()
-        }
+        crate::config::BackendConfig::Embedded { engine_thread } => format!(
+            "embedded engine (in-process router, in-memory bus and store, {})",
+            if *engine_thread {
+                "on its own thread"
+            } else {
+                "on core 0"
+            }
+        ),
         crate::config::BackendConfig::Kafka { brokers, redis } => {
             format!(
                 "Kafka/Redis backend (Kafka {brokers}, Redis {})",

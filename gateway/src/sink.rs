@@ -1,11 +1,15 @@
 //! The path from the backend to the core threads: one bounded crossbeam
 //! channel per core plus its `mio::Waker`, woken at most once per drain
-//! (a "wake pending" flag the core clears before draining).
+//! (a "wake pending" flag the core clears before draining). A push made on
+//! the core's own thread (a backend hosted on that core, or an answer the
+//! backend gives inside `submit_batch`) does not wake it: the core drains
+//! its channel at the end of every turn anyway.
 //!
 //! Connection keys (`Outbound.conn`, `SessionAddr.conn`) are
 //! `core:8 | slot:24 | generation:32`, so the sink routes without a lookup
 //! and a core drops frames for a slot that has since been reused.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -44,6 +48,12 @@ pub enum Control {
     Stop,
 }
 
+thread_local! {
+    /// The mailbox of the core running on this thread (its address), 0 on
+    /// other threads.
+    static OWN_MAILBOX: Cell<usize> = const { Cell::new(0) };
+}
+
 /// A core thread's inbox.
 pub struct Mailbox {
     deliveries: Sender<Vec<Outbound>>,
@@ -79,6 +89,24 @@ impl Mailbox {
         )
     }
 
+    /// Marks the calling thread as the one that owns and drains this
+    /// mailbox (the core thread, at its start).
+    pub fn enter(&self) {
+        OWN_MAILBOX.with(|own| own.set(self as *const Mailbox as usize));
+    }
+
+    fn on_own_thread(&self) -> bool {
+        OWN_MAILBOX.with(|own| own.get() == self as *const Mailbox as usize)
+    }
+
+    /// Wakes the core unless called on the core's own thread (which drains
+    /// its channel and runs its hosted backend before it next waits).
+    pub fn nudge(&self) {
+        if !self.on_own_thread() {
+            self.wake();
+        }
+    }
+
     fn wake(&self) {
         if !self.wake_pending.swap(true, Ordering::AcqRel) {
             // A failed wake means the core's poll is gone: the core has exited.
@@ -101,12 +129,12 @@ impl Mailbox {
     fn push(&self, batch: Vec<Outbound>) {
         let n = batch.len() as u64;
         match self.deliveries.try_send(batch) {
-            Ok(()) => self.wake(),
+            Ok(()) => self.nudge(),
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 self.metrics
                     .delivery_queue_drops
                     .fetch_add(n, Ordering::Relaxed);
-                self.wake();
+                self.nudge();
             }
         }
     }

@@ -48,6 +48,24 @@ fn send_and_ack(c: &mut Client, conv: &str, text: &str) -> pb::SendAck {
     chat::send_reliably(c, conv, text, T)
 }
 
+/// `--cores 1`: the embedded engine runs on the only core, so every
+/// message of the suite is read, handled and delivered on one thread.
+#[test]
+fn the_chat_suite_on_one_core() {
+    chat::run_all(&start(|c| c.cores = 1));
+}
+
+/// `engine_thread = true`: the engine on a thread of its own, as before
+/// hosting (every message crosses two threads).
+#[test]
+fn the_chat_suite_with_the_engine_on_its_own_thread() {
+    chat::run_all(&start(|c| {
+        c.backend = palaver_gateway::config::BackendConfig::Embedded {
+            engine_thread: true,
+        }
+    }));
+}
+
 #[test]
 fn two_users_chat_one_to_one_with_receipts() {
     chat::one_to_one_with_receipts_and_typing(&start(|_| {}));

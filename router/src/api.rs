@@ -96,4 +96,32 @@ pub trait Backend: Send + Sync + 'static {
     }
     /// Flush what is pending and stop; called once at gateway shutdown.
     fn shutdown(&self);
+    /// Hands the backend's work loop to a gateway core thread, for a backend
+    /// that can run on the gateway's event loop instead of a thread of its
+    /// own (the embedded engine built with `EmbeddedEngine::hosted`): then a
+    /// request and its answers cross no thread when sender and recipients
+    /// live on the hosting core. Returns the loop once, to the first
+    /// gateway that asks (`None` after that, and by default: the backend
+    /// runs itself). `wake` must make the host call
+    /// [`BackendHost::run_turn`] soon; the backend calls it, from any
+    /// thread, when work arrives that the host has not seen.
+    fn take_host(&self, wake: Arc<dyn Fn() + Send + Sync>) -> Option<Box<dyn BackendHost>> {
+        let _ = wake;
+        None
+    }
+}
+
+/// A backend's work loop, run by the gateway core thread that took it
+/// ([`Backend::take_host`]). The host calls `run_turn` once per loop turn,
+/// after handing over the turn's requests, and whenever `wake` was called;
+/// the backend's answers go out through the sinks as usual (a sink called on
+/// the hosting core's own thread hands frames to that core without a wake).
+/// Dropping the host (its core thread exits) hands the work back: the
+/// embedded engine goes on on a thread of its own, for the other gateways
+/// attached to it, until `Backend::shutdown`.
+pub trait BackendHost: Send {
+    /// Handles queued work, a bounded amount (so the host's connections are
+    /// not starved), and hands its output to the sinks. Returns true when
+    /// work is left: call again without waiting for I/O.
+    fn run_turn(&mut self) -> bool;
 }

@@ -1,24 +1,34 @@
-//! The embedded engine: the [`Router`] over a [`MemoryStore`] on one worker
-//! thread, fed by a crossbeam channel (the in-process bus). Implements
-//! [`Backend`], so a gateway with no Kafka/Redis configured is a complete
-//! single-node chat server. Several gateways may attach to one engine.
+//! The embedded engine: the [`Router`] over a [`MemoryStore`], fed by a
+//! crossbeam channel (the in-process bus). Implements [`Backend`], so a
+//! gateway with no Kafka/Redis configured is a complete single-node chat
+//! server. Several gateways may attach to one engine.
 //!
 //! The worker drains whatever is queued (up to a batch), runs each command
 //! through the router, then hands the frames to the gateways' sinks: one
-//! `deliver` call per gateway per batch, in order per connection.
+//! `deliver` call per gateway per batch, in order per connection. Where the
+//! worker runs is the only difference between the two modes, which share
+//! every line of it (`Worker::turn`):
+//!
+//! - [`EmbeddedEngine::new`]: on a thread of its own, woken by the channel.
+//! - [`EmbeddedEngine::hosted`]: on a gateway core thread's event loop
+//!   ([`Backend::take_host`] → [`BackendHost::run_turn`]): the core's own
+//!   requests are handled at the end of its turn with no thread hop; other
+//!   threads' requests wake that core through the `wake` it gave. If that
+//!   core exits before the engine is shut down, the worker moves to a
+//!   thread of its own (other gateways may still be attached).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 use palaver_protocol::pb;
 
-use crate::api::{Backend, BackendError, DeliverySink, Inbound, Outbound, Session};
+use crate::api::{Backend, BackendError, BackendHost, DeliverySink, Inbound, Outbound, Session};
 use crate::bus::{Command, Output, PushEvent};
-use crate::logic::{Clock, Router, RouterConfig, SystemClock};
+use crate::logic::{BatchProgress, Clock, Router, RouterConfig, SystemClock};
 use crate::memory::MemoryStore;
 use crate::store::SessionChange;
 
@@ -105,25 +115,73 @@ enum Job {
     Stop,
 }
 
+/// Where the worker runs.
+enum Mode {
+    /// On its own thread (`None` once stopped).
+    Threaded(Option<JoinHandle<()>>),
+    /// On a host's loop: the worker waits here until a gateway takes it
+    /// (`None` once taken or stopped).
+    Hosted(Option<Box<Worker>>),
+}
+
 pub struct EmbeddedEngine {
     jobs: Sender<Job>,
     sinks: Arc<Sinks>,
     queued_requests: Arc<AtomicUsize>,
     max_queued_requests: usize,
-    worker: Mutex<Option<JoinHandle<()>>>,
+    /// Shared with the host, which hands the worker back when it stops.
+    mode: Arc<Mutex<Mode>>,
+    /// Hosted mode: tells the host that work arrived (set by `take_host`;
+    /// after the host stopped, a harmless call into its dead core's waker).
+    wake: OnceLock<Arc<dyn Fn() + Send + Sync>>,
+    /// `shutdown` was called: `start` refuses from now on. Set under `mode`'s
+    /// lock, so a host handing the worker back sees it.
+    stopped: Arc<AtomicBool>,
 }
 
 impl EmbeddedEngine {
-    /// An engine with the system clock and a logging push sink.
+    /// An engine on a thread of its own, with the system clock and a
+    /// logging push sink.
     pub fn new(config: EmbeddedConfig) -> Self {
         Self::with_parts(config, Arc::new(SystemClock), LoggingPushSink::default())
     }
 
-    /// An engine with an injected clock and push sink (tests).
+    /// An engine with no thread of its own: the first gateway that calls
+    /// [`Backend::take_host`] runs it on one of its core threads. Until then
+    /// work only queues. Other gateways may attach as to any engine; their
+    /// requests wake the host.
+    pub fn hosted(config: EmbeddedConfig) -> Self {
+        Self::build(
+            config,
+            Arc::new(SystemClock),
+            Box::new(LoggingPushSink::default()),
+            false,
+        )
+    }
+
+    /// A threaded engine with an injected clock and push sink (tests).
     pub fn with_parts(
         config: EmbeddedConfig,
         clock: Arc<dyn Clock>,
         push_sink: impl PushSink,
+    ) -> Self {
+        Self::build(config, clock, Box::new(push_sink), true)
+    }
+
+    /// A hosted engine with an injected clock and push sink (tests).
+    pub fn hosted_with_parts(
+        config: EmbeddedConfig,
+        clock: Arc<dyn Clock>,
+        push_sink: impl PushSink,
+    ) -> Self {
+        Self::build(config, clock, Box::new(push_sink), false)
+    }
+
+    fn build(
+        config: EmbeddedConfig,
+        clock: Arc<dyn Clock>,
+        push_sink: Box<dyn PushSink>,
+        threaded: bool,
     ) -> Self {
         let (jobs, inbox) = crossbeam_channel::unbounded();
         let sinks: Arc<Sinks> = Arc::default();
@@ -135,24 +193,43 @@ impl EmbeddedEngine {
                 seen_version: 0,
                 attached: Vec::new(),
                 batches: Vec::new(),
-                push_sink: Box::new(push_sink),
+                push_sink,
             },
+            commands: Vec::new(),
+            out: Output::default(),
             inbox,
             sessions: Vec::new(),
             queued_requests: queued_requests.clone(),
             max_commands_per_flush: config.max_commands_per_flush.max(1),
         };
-        let handle = std::thread::Builder::new()
-            .name("palaver-embedded-router".into())
-            .spawn(move || worker.run())
-            .expect("spawning the embedded router thread");
+        let mode = if threaded {
+            Mode::Threaded(Some(
+                spawn_worker(Box::new(worker)).expect("spawning the embedded router thread"),
+            ))
+        } else {
+            Mode::Hosted(Some(Box::new(worker)))
+        };
         Self {
             jobs,
             sinks,
             queued_requests,
             max_queued_requests: config.max_queued_requests,
-            worker: Mutex::new(Some(handle)),
+            mode: Arc::new(Mutex::new(mode)),
+            wake: OnceLock::new(),
+            stopped: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Queues a job for the worker and, hosted, tells the host. Gives the
+    /// job back when the worker is gone.
+    // Large only on the shutdown path (the job comes back once the worker is gone).
+    #[allow(clippy::result_large_err)]
+    fn send(&self, job: Job) -> Result<(), Job> {
+        self.jobs.send(job).map_err(|e| e.0)?;
+        if let Some(wake) = self.wake.get() {
+            wake();
+        }
+        Ok(())
     }
 
     /// Answer a request right here (overload or after shutdown).
@@ -172,12 +249,25 @@ impl EmbeddedEngine {
     }
 
     fn stop_worker(&self) {
-        let handle = self.worker.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(handle) = handle {
-            // Queued work before Stop is processed first (FIFO).
-            let _ = self.jobs.send(Job::Stop);
-            if handle.join().is_err() {
-                tracing::error!("embedded router thread panicked");
+        let mut mode = self.mode.lock().unwrap_or_else(|e| e.into_inner());
+        self.stopped.store(true, Ordering::Release);
+        match &mut *mode {
+            Mode::Threaded(handle) => {
+                if let Some(handle) = handle.take() {
+                    drop(mode);
+                    // Queued work before Stop is processed first (FIFO).
+                    let _ = self.jobs.send(Job::Stop);
+                    if handle.join().is_err() {
+                        tracing::error!("embedded router thread panicked");
+                    }
+                }
+            }
+            Mode::Hosted(untaken) => {
+                // Never hosted: nothing ran, nothing to finish.
+                untaken.take();
+                drop(mode);
+                // A host finishes what is queued before Stop, then stops.
+                let _ = self.send(Job::Stop);
             }
         }
     }
@@ -185,12 +275,7 @@ impl EmbeddedEngine {
 
 impl Backend for EmbeddedEngine {
     fn start(&self, gateway_id: &str, sink: Arc<dyn DeliverySink>) -> Result<(), BackendError> {
-        if self
-            .worker
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_none()
-        {
+        if self.stopped.load(Ordering::Acquire) {
             return Err(BackendError::Unavailable(
                 "the embedded engine was shut down".into(),
             ));
@@ -205,13 +290,11 @@ impl Backend for EmbeddedEngine {
     }
 
     fn session_opened(&self, session: &Session) {
-        let _ = self
-            .jobs
-            .send(Job::Session(SessionChange::Opened(session.clone())));
+        let _ = self.send(Job::Session(SessionChange::Opened(session.clone())));
     }
 
     fn session_closed(&self, session: &Session, at_ms: i64) {
-        let _ = self.jobs.send(Job::Session(SessionChange::Closed {
+        let _ = self.send(Job::Session(SessionChange::Closed {
             session: session.clone(),
             at_ms,
         }));
@@ -235,9 +318,9 @@ impl Backend for EmbeddedEngine {
             }
         }
         let n = requests.len();
-        if let Err(e) = self.jobs.send(Job::Requests(requests)) {
+        if let Err(job) = self.send(Job::Requests(requests)) {
             self.queued_requests.fetch_sub(n, Ordering::AcqRel);
-            if let Job::Requests(requests) = e.0 {
+            if let Job::Requests(requests) = job {
                 for request in &requests {
                     self.refuse(request, "server shutting down");
                 }
@@ -252,6 +335,74 @@ impl Backend for EmbeddedEngine {
 
     fn shutdown(&self) {
         self.stop_worker();
+    }
+
+    fn take_host(&self, wake: Arc<dyn Fn() + Send + Sync>) -> Option<Box<dyn BackendHost>> {
+        let mut mode = self.mode.lock().unwrap_or_else(|e| e.into_inner());
+        let Mode::Hosted(untaken) = &mut *mode else {
+            return None;
+        };
+        let worker = untaken.take()?;
+        let _ = self.wake.set(wake.clone());
+        drop(mode);
+        // Work queued before there was a host.
+        wake();
+        Some(Box::new(Host {
+            worker: Some(worker),
+            mode: self.mode.clone(),
+            stopped: self.stopped.clone(),
+        }))
+    }
+}
+
+fn spawn_worker(worker: Box<Worker>) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("palaver-embedded-router".into())
+        .spawn(move || worker.run())
+}
+
+/// The worker of a hosted engine, run by a gateway core thread.
+struct Host {
+    /// `None` once `Job::Stop` was handled.
+    worker: Option<Box<Worker>>,
+    mode: Arc<Mutex<Mode>>,
+    stopped: Arc<AtomicBool>,
+}
+
+impl Drop for Host {
+    /// The host stopped (its gateway drained or stopped) but the engine was
+    /// not shut down: other gateways may still be attached, so the worker
+    /// goes on on a thread of its own, with what is queued.
+    fn drop(&mut self) {
+        let Some(worker) = self.worker.take() else {
+            return;
+        };
+        let mut mode = self.mode.lock().unwrap_or_else(|e| e.into_inner());
+        if self.stopped.load(Ordering::Acquire) {
+            return;
+        }
+        match spawn_worker(worker) {
+            Ok(handle) => *mode = Mode::Threaded(Some(handle)),
+            Err(e) => tracing::error!("embedded engine: cannot continue without its host: {e}"),
+        }
+    }
+}
+
+impl BackendHost for Host {
+    fn run_turn(&mut self) -> bool {
+        let Some(worker) = &mut self.worker else {
+            return false;
+        };
+        let Ok(job) = worker.inbox.try_recv() else {
+            return false;
+        };
+        if !worker.turn(job) {
+            // Dropping the worker drops the queue's receiver: later
+            // requests are answered UNAVAILABLE by `submit_batch`.
+            self.worker = None;
+            return false;
+        }
+        !worker.inbox.is_empty()
     }
 }
 
@@ -289,6 +440,10 @@ impl EmbeddedOutlet {
             self.attached = map.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
             self.seen_version = version;
         }
+        // The batches are handed over (not reused): size the first one for
+        // the whole turn (usually one gateway) instead of growing it by
+        // doubling, a copy per doubling.
+        let total = out.frames.len();
         for crate::bus::Addressed { to, frame } in out.frames.drain(..) {
             let outbound = Outbound {
                 conn: to.conn,
@@ -296,7 +451,12 @@ impl EmbeddedOutlet {
             };
             match self.batches.iter_mut().find(|(g, _)| *g == to.gateway_id) {
                 Some((_, batch)) => batch.push(outbound),
-                None => self.batches.push((to.gateway_id, vec![outbound])),
+                None => {
+                    let room = if self.batches.is_empty() { total } else { 1 };
+                    let mut batch = Vec::with_capacity(room);
+                    batch.push(outbound);
+                    self.batches.push((to.gateway_id, batch));
+                }
             }
         }
         for (gateway_id, frames) in self.batches.drain(..) {
@@ -320,6 +480,10 @@ const EMBEDDED_LEASE: Duration = Duration::from_secs(3600);
 struct Worker {
     router: Router<MemoryStore>,
     outlet: EmbeddedOutlet,
+    /// Commands of the turn being run, in queue order (kept: reused).
+    commands: Vec<Command>,
+    /// Output of the turn being run (kept: its buffers are reused).
+    out: Output,
     inbox: Receiver<Job>,
     /// Session changes of this batch not yet applied.
     sessions: Vec<SessionChange>,
@@ -328,43 +492,57 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(mut self) {
-        let mut out = Output::default();
+    /// The threaded mode: a turn whenever a job arrives.
+    fn run(mut self: Box<Self>) {
         while let Ok(job) = self.inbox.recv() {
-            let mut processed = 0;
-            let mut stop = !self.process(job, &mut out, &mut processed);
-            while !stop && processed < self.max_commands_per_flush {
-                match self.inbox.try_recv() {
-                    Ok(job) => stop = !self.process(job, &mut out, &mut processed),
-                    Err(_) => break,
-                }
-            }
-            self.apply_sessions(&mut out);
-            self.outlet.flush(&mut out);
-            if stop {
+            if !self.turn(job) {
                 return;
             }
         }
     }
 
-    /// Run one job, counting the commands run; false when the worker must stop.
-    fn process(&mut self, job: Job, out: &mut Output, processed: &mut usize) -> bool {
+    /// One turn: `first`, then whatever is queued up to
+    /// `max_commands_per_flush` commands and session changes, run in queue
+    /// order (requests in batches, session changes in batches between
+    /// them), then the output goes to the sinks. False when the worker
+    /// must stop.
+    fn turn(&mut self, first: Job) -> bool {
+        let mut taken = 0;
+        let mut go_on = self.take(first, &mut taken);
+        while go_on && taken < self.max_commands_per_flush {
+            match self.inbox.try_recv() {
+                Ok(job) => go_on = self.take(job, &mut taken),
+                Err(_) => break,
+            }
+        }
+        // At most one of the two holds anything (each flushes the other).
+        self.run_commands();
+        self.apply_sessions();
+        self.outlet.flush(&mut self.out);
+        go_on
+    }
+
+    /// Adds a job to the turn, counting what it holds; false when the
+    /// worker must stop.
+    fn take(&mut self, job: Job, taken: &mut usize) -> bool {
         match job {
             Job::Stop => return false,
             Job::Session(change) => {
+                // Applied after the requests queued before it, before any
+                // queued after it.
+                self.run_commands();
                 self.sessions.push(change);
-                *processed += 1;
+                *taken += 1;
             }
             Job::Requests(requests) => {
                 // A request sees every session change queued before it
                 // (a Sync after Hello needs its session registered).
-                self.apply_sessions(out);
+                self.apply_sessions();
                 self.queued_requests
                     .fetch_sub(requests.len(), Ordering::AcqRel);
-                *processed += requests.len();
-                for request in requests {
-                    self.handle(Command::Request(request), out);
-                }
+                *taken += requests.len();
+                self.commands
+                    .extend(requests.into_iter().map(Command::Request));
             }
         }
         true
@@ -372,26 +550,45 @@ impl Worker {
 
     /// The session changes queued so far, through the one session-change
     /// path (`crate::presence`, shared with the Kafka/Redis bridge).
-    fn apply_sessions(&mut self, out: &mut Output) {
+    fn apply_sessions(&mut self) {
         if self.sessions.is_empty() {
             return;
         }
         // The memory store does not fail.
-        if let Err(e) = self
-            .router
-            .apply_session_changes(&self.sessions, EMBEDDED_LEASE, out)
+        if let Err(e) =
+            self.router
+                .apply_session_changes(&self.sessions, EMBEDDED_LEASE, &mut self.out)
         {
             tracing::error!("session changes: {e}");
         }
         self.sessions.clear();
     }
 
-    fn handle(&mut self, command: Command, out: &mut Output) {
-        // The memory store does not fail; keep the generic path anyway.
-        if let Err(e) = self.router.handle(&command, out) {
-            tracing::error!("router: {e}");
-            out.frames
-                .extend(Router::<MemoryStore>::unavailable_reply(&command, &e));
+    /// The turn's commands in order through `Router::handle_batch` (runs
+    /// of Sends, from any connection, share one session lookup), as the
+    /// Kafka router worker does.
+    fn run_commands(&mut self) {
+        if self.commands.is_empty() {
+            return;
         }
+        let mut progress = BatchProgress::default();
+        let result = self
+            .router
+            .handle_batch(&self.commands, &mut self.out, &mut progress);
+        if let Err(e) = result {
+            // The memory store does not fail; keep the generic path anyway:
+            // from the failed unit on, one at a time (a repeated Send is
+            // deduplicated), each failure answered UNAVAILABLE.
+            tracing::error!("router: {e}; going on one command at a time");
+            for command in &self.commands[progress.done..] {
+                if let Err(e) = self.router.handle(command, &mut self.out) {
+                    tracing::error!("router: {e}");
+                    self.out
+                        .frames
+                        .extend(Router::<MemoryStore>::unavailable_reply(command, &e));
+                }
+            }
+        }
+        self.commands.clear();
     }
 }

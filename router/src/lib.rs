@@ -12,8 +12,9 @@
 //! - [`memory`]: the in-memory store.
 //! - [`presence`]: session changes, watches and the presence fan-out, the
 //!   one implementation both backends run.
-//! - [`embedded`]: [`EmbeddedEngine`], the router on a worker thread behind
-//!   an in-process channel, implementing `Backend`.
+//! - [`embedded`]: [`EmbeddedEngine`], the router behind an in-process
+//!   channel, implementing `Backend`: on a worker thread of its own, or
+//!   hosted on a gateway core thread's loop (`Backend::take_host`).
 //! - [`bridge`]: [`bridge::KafkaRedisBridge`], the other `Backend`: writes
 //!   through Kafka to `palaver-router` workers ([`kafka`]), reads and presence
 //!   from Redis ([`redis_store`]), deliveries back from this gateway's topic.
@@ -33,7 +34,9 @@ pub mod presence;
 pub mod redis_store;
 pub mod store;
 
-pub use api::{Backend, BackendError, DeliverySink, Inbound, Outbound, Session, SessionAddr};
+pub use api::{
+    Backend, BackendError, BackendHost, DeliverySink, Inbound, Outbound, Session, SessionAddr,
+};
 pub use bus::{Addressed, Command, Outlet, Output, PushEvent};
 pub use embedded::{EmbeddedConfig, EmbeddedEngine, LoggingPushSink, PushSink};
 pub use logic::{Clock, ManualClock, PresenceVisibility, Router, RouterConfig, SystemClock};

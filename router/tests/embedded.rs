@@ -1,16 +1,18 @@
 //! The embedded engine through the `Backend` trait, as a gateway uses it:
-//! frames arrive on the gateways' sinks from the engine's worker thread.
+//! frames arrive on the gateways' sinks from the engine's worker thread
+//! (threaded), or from the turns the test runs itself (hosted, at the end).
 
 mod common;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
 use palaver_protocol::pb::{self, frame::Body, ErrorCode};
 use palaver_router::{
-    Backend, DeliverySink, EmbeddedConfig, EmbeddedEngine, ManualClock, Outbound,
+    Backend, BackendHost, DeliverySink, EmbeddedConfig, EmbeddedEngine, ManualClock, Outbound,
     PresenceVisibility, PushEvent, PushSink, RouterConfig, Session,
 };
 
@@ -399,4 +401,160 @@ fn a_batch_over_the_queue_limit_is_refused_from_the_tail() {
         assert_eq!(e.code, ErrorCode::Unavailable as u32);
         assert_eq!(e.client_msg_id, cmid(id));
     }
+}
+
+/// A hosted engine (`EmbeddedEngine::hosted`) run by hand from the test
+/// thread, as a gateway core thread runs it: nothing happens between turns,
+/// and `wake` counts the calls asking the host for one.
+struct HostedSetup {
+    engine: EmbeddedEngine,
+    host: Box<dyn BackendHost>,
+    wakes: Arc<AtomicUsize>,
+    g1: Arc<CollectSink>,
+    g2: Arc<CollectSink>,
+}
+
+fn hosted(config: EmbeddedConfig, before_host: impl FnOnce(&EmbeddedEngine)) -> HostedSetup {
+    let engine = EmbeddedEngine::hosted_with_parts(
+        config,
+        Arc::new(ManualClock::new(1_700_000_000_000)),
+        CollectPush::default(),
+    );
+    let g1 = Arc::new(CollectSink::default());
+    let g2 = Arc::new(CollectSink::default());
+    engine.start("g1", g1.clone()).unwrap();
+    engine.start("g2", g2.clone()).unwrap();
+    before_host(&engine);
+    let wakes = Arc::new(AtomicUsize::new(0));
+    let w = wakes.clone();
+    let host = engine
+        .take_host(Arc::new(move || {
+            w.fetch_add(1, Ordering::SeqCst);
+        }))
+        .expect("a hosted engine hands over its loop");
+    HostedSetup {
+        engine,
+        host,
+        wakes,
+        g1,
+        g2,
+    }
+}
+
+fn acks_on(sink: &CollectSink, conn: u64) -> Vec<(u32, u64)> {
+    sink.frames_for(conn)
+        .iter()
+        .filter_map(|f| ack(f).map(|a| (f.request_id, a.seq)))
+        .collect()
+}
+
+#[test]
+fn a_hosted_engine_runs_in_its_hosts_turns_only() {
+    let mut alice = None;
+    let mut t = hosted(EmbeddedConfig::default(), |engine| {
+        // Work queued before any gateway took the loop waits for it.
+        let a = open(engine, "alice", "phone", "g1", 1);
+        open(engine, "bob", "phone", "g2", 7);
+        engine.submit(request(&a, 1, send_body(DM, 1, "early")));
+        alice = Some(a);
+    });
+    let alice = alice.unwrap();
+    assert_eq!(
+        t.wakes.load(Ordering::SeqCst),
+        1,
+        "taking the loop asks for a turn"
+    );
+    assert!(t.g1.frames_for(1).is_empty(), "no thread ran it");
+    assert!(!t.host.run_turn(), "everything queued fits one turn");
+    // The turn delivered synchronously, on this thread.
+    assert_eq!(acks_on(&t.g1, 1), vec![(1, 1)]);
+    assert_eq!(delivered(&t.g2.frames_for(7)[0]).unwrap().body, b"early");
+
+    t.engine
+        .submit(request(&alice, 2, send_body(DM, 2, "later")));
+    assert_eq!(t.wakes.load(Ordering::SeqCst), 2, "new work wakes the host");
+    assert_eq!(acks_on(&t.g1, 1).len(), 1, "nothing runs between turns");
+    assert!(!t.host.run_turn());
+    assert_eq!(acks_on(&t.g1, 1), vec![(1, 1), (2, 2)]);
+    assert!(!t.host.run_turn(), "an idle turn does nothing");
+
+    // One host per engine; a threaded engine has none to give.
+    assert!(t.engine.take_host(Arc::new(|| {})).is_none());
+    let threaded = EmbeddedEngine::new(EmbeddedConfig::default());
+    assert!(threaded.take_host(Arc::new(|| {})).is_none());
+}
+
+#[test]
+fn a_hosted_turn_is_bounded_and_says_when_work_is_left() {
+    let mut t = hosted(
+        EmbeddedConfig {
+            max_commands_per_flush: 7,
+            ..EmbeddedConfig::default()
+        },
+        |_| {},
+    );
+    let alice = open(&t.engine, "alice", "phone", "g1", 1);
+    for n in 1..=20 {
+        t.engine.submit(request(&alice, n, send_body(DM, n, "x")));
+    }
+    // The session opening and 6 sends, then the host's connections get a go.
+    assert!(t.host.run_turn(), "work left after a bounded turn");
+    assert_eq!(acks_on(&t.g1, 1).len(), 6);
+    let mut turns = 1;
+    loop {
+        turns += 1;
+        if !t.host.run_turn() {
+            break;
+        }
+    }
+    assert_eq!(turns, 3, "21 commands, 7 per turn");
+    let expected: Vec<(u32, u64)> = (1..=20).map(|n| (n, u64::from(n))).collect();
+    assert_eq!(acks_on(&t.g1, 1), expected, "in order across turns");
+}
+
+#[test]
+fn a_hosted_engine_shut_down_finishes_in_its_next_turn_then_refuses() {
+    let mut t = hosted(EmbeddedConfig::default(), |_| {});
+    let alice = open(&t.engine, "alice", "phone", "g1", 1);
+    for n in 1..=5 {
+        t.engine
+            .submit(request(&alice, n, send_body(DM, n, "queued")));
+    }
+    t.engine.shutdown();
+    assert!(t.engine.start("g3", t.g2.clone()).is_err());
+    assert!(!t.host.run_turn(), "the turn that meets Stop is the last");
+    assert_eq!(acks_on(&t.g1, 1).len(), 5, "queued before Stop: handled");
+    t.engine
+        .submit(request(&alice, 9, send_body(DM, 9, "late")));
+    let e = t.g1.reply(1, 9);
+    assert_eq!(error(&e).unwrap().code, ErrorCode::Unavailable as u32);
+    assert!(!t.host.run_turn());
+}
+
+#[test]
+fn a_hosted_engine_goes_on_on_its_own_thread_when_its_host_stops() {
+    let t = hosted(EmbeddedConfig::default(), |_| {});
+    let alice = open(&t.engine, "alice", "phone", "g1", 1);
+    open(&t.engine, "bob", "phone", "g2", 7);
+    t.engine
+        .submit(request(&alice, 1, send_body(DM, 1, "queued")));
+    // The host's core exits without running that (a stopped gateway).
+    drop(t.host);
+    assert_eq!(ack(&t.g1.reply(1, 1)).expect("SendAck").seq, 1);
+    t.engine
+        .submit(request(&alice, 2, send_body(DM, 2, "later")));
+    assert_eq!(ack(&t.g1.reply(1, 2)).expect("SendAck").seq, 2);
+    t.g2.wait_for("both deliveries to bob", |frames| {
+        (frames
+            .iter()
+            .filter(|o| delivered(&o.frame).is_some())
+            .count()
+            == 2)
+            .then_some(())
+    });
+    t.engine.shutdown();
+    t.engine
+        .submit(request(&alice, 3, send_body(DM, 3, "after shutdown")));
+    let e = t.g1.reply(1, 3);
+    assert_eq!(error(&e).unwrap().code, ErrorCode::Unavailable as u32);
 }

@@ -239,6 +239,26 @@ impl Client {
         Ok(id)
     }
 
+    /// Writes `frames`, then the TLS close_notify and a TCP FIN, with the
+    /// frames and the alert in one `write` (one segment on loopback): the
+    /// server reads the requests and the close in the same read round.
+    /// Frames the server sends afterwards can still be read.
+    pub fn send_then_close(&mut self, frames: &[pb::Frame]) -> Result<()> {
+        let mut buf = Vec::new();
+        for f in frames {
+            encode_frame(f, &mut buf);
+        }
+        self.stream.conn.writer().write_all(&buf)?;
+        self.stream.conn.send_close_notify();
+        let mut tls = Vec::new();
+        while self.stream.conn.wants_write() {
+            self.stream.conn.write_tls(&mut tls)?;
+        }
+        self.stream.sock.write_all(&tls)?;
+        self.stream.sock.shutdown(std::net::Shutdown::Write)?;
+        Ok(())
+    }
+
     /// Writes arbitrary plaintext bytes inside the TLS stream.
     pub fn send_raw(&mut self, bytes: &[u8]) -> Result<()> {
         self.stream.write_all(bytes)?;

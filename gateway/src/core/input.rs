@@ -23,7 +23,10 @@ impl Ctx {
     /// time: each round's frames are handled and their replies written before
     /// the next read, and reading stops when the output is full. Returns the
     /// fate and whether the socket may have more (the read budget ran out).
-    pub(super) fn on_readable(&mut self, slot: usize, conn: &mut Conn) -> (Fate, bool) {
+    /// `hup`: the peer's FIN may be queued behind the data (the readiness
+    /// said so, or it is not known): read on to EOF instead of stopping at a
+    /// short read, since the FIN raises no new edge once it was reported.
+    pub(super) fn on_readable(&mut self, slot: usize, conn: &mut Conn, hup: bool) -> (Fate, bool) {
         match conn
             .policy
             .read_gate(&self.limits, conn.pending.out_len(), self.now_ms)
@@ -116,7 +119,13 @@ impl Ctx {
                 }
                 break;
             }
-            if driven.peer_closed || driven.closed || conn.policy.is_closing() {
+            if driven.peer_closed {
+                // close_notify: the peer sends nothing more, and its FIN may
+                // have come with it (no new edge would report it).
+                peer_gone = true;
+                break;
+            }
+            if driven.closed || conn.policy.is_closing() {
                 break;
             }
             if used > MAX_LEFTOVER {
@@ -137,7 +146,7 @@ impl Ctx {
                 self.reading_stalled(slot, conn);
                 break;
             }
-            if n < space {
+            if n < space && !hup {
                 // A short read drained the socket; anything arriving later
                 // raises a new edge. Saves the WouldBlock read per event.
                 break;

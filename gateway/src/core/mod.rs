@@ -4,6 +4,13 @@
 //! nothing on the per-frame path takes a lock or crosses threads (the backend
 //! is called directly; its answers arrive through the mailbox).
 //!
+//! One core (core 0) may also host the backend's work loop
+//! ([`Backend::take_host`], the embedded engine): it runs a bounded turn of
+//! it at the end of each loop turn, after handing over its own requests, so
+//! a request between two connections of that core crosses no thread, and
+//! other cores' requests wake it through its mailbox's waker. The host core
+//! exits last, so the backend serves the other cores until they are done.
+//!
 //! What happens to a connection (phase, deadlines, budgets, backpressure,
 //! drain) is decided by its [`ConnPolicy`], a
 //! sans-io unit fed events and the core clock; this module and its children
@@ -40,7 +47,7 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use palaver_protocol::{pb, FrameDecoder};
-use palaver_router::api::{Backend, Inbound, Outbound};
+use palaver_router::api::{Backend, BackendHost, Inbound, Outbound};
 use rustls::server::UnbufferedServerConnection;
 use rustls::ServerConfig;
 use slab::Slab;
@@ -86,6 +93,9 @@ pub struct Shared {
     pub live_connections: AtomicUsize,
     /// Set once every core is draining; `/healthz` reports it.
     pub draining: AtomicBool,
+    /// Core threads that have not exited yet (the core hosting the backend
+    /// waits for the others).
+    pub cores_running: AtomicUsize,
     /// Origin of the core clock (milliseconds since start).
     pub epoch: Instant,
 }
@@ -180,6 +190,10 @@ pub struct Core {
     last_tick: u64,
     /// Set by Drain: when to force-close what is left (core clock, ms).
     drain_deadline_ms: Option<u64>,
+    /// The backend's work loop, when this core hosts it.
+    host: Option<Box<dyn BackendHost>>,
+    /// The hosted backend has work left: poll without waiting.
+    host_busy: bool,
 }
 
 fn ticks(ms: u64) -> u32 {
@@ -237,15 +251,26 @@ impl Core {
             accept_retry: false,
             last_tick: 0,
             drain_deadline_ms: None,
+            host: None,
+            host_busy: false,
         })
+    }
+
+    /// This core runs the backend's work loop too (see the module doc).
+    pub fn with_host(mut self, host: Option<Box<dyn BackendHost>>) -> Core {
+        self.host = host;
+        self
     }
 
     /// Runs until drained or stopped.
     pub fn run(mut self) {
+        self.mailbox.enter();
         let mut events = Events::with_capacity(1024);
         let budget = self.ctx.shared.config.limits.handshakes_per_turn as usize;
         loop {
-            let busy = self.accept_pending && self.listener.is_some() || !self.deferred.is_empty();
+            let busy = self.accept_pending && self.listener.is_some()
+                || !self.deferred.is_empty()
+                || self.host_busy;
             let timeout = if busy {
                 Duration::ZERO
             } else {
@@ -268,8 +293,9 @@ impl Core {
                     Token(slot) => {
                         let generation = self.conns.get(slot).map(|c| c.generation);
                         let (readable, writable) = (event.is_readable(), event.is_writable());
+                        let hup = event.is_read_closed();
                         let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            self.on_event(slot, readable, writable, &mut handshakes)
+                            self.on_event(slot, readable || hup, writable, hup, &mut handshakes)
                         }));
                         if caught.is_err() {
                             self.recover(slot, generation);
@@ -277,25 +303,58 @@ impl Core {
                     }
                 }
             }
-            // This turn's requests leave before the deliveries are written.
-            self.ctx.flush_requests();
+            // This turn's requests leave (and, hosted, are answered)
+            // before the deliveries are written.
+            self.pump();
             if woken && self.on_wake() {
                 break;
             }
             self.run_deferred(&mut handshakes);
-            self.ctx.flush_requests();
             if self.accept_pending && self.listener.is_some() {
                 self.accept_some(budget);
             }
             self.on_tick();
-            if self.drain_deadline_ms.is_some() && self.conns.is_empty() {
+            // What the deferred reads and timers handed over or closed.
+            self.pump();
+            if self.drain_deadline_ms.is_some() && self.conns.is_empty() && self.may_exit() {
                 break;
             }
         }
         self.close_all();
+        if self.host.is_some() {
+            // The closed sessions reach the backend before it stops.
+            self.ctx.flush_requests();
+            while self.host.as_mut().is_some_and(|h| h.run_turn()) {}
+            self.host = None;
+        }
+        self.ctx.shared.cores_running.fetch_sub(1, Relaxed);
     }
 
-    fn on_event(&mut self, slot: usize, readable: bool, writable: bool, handshakes: &mut usize) {
+    /// The host core outlives the others (their requests and session
+    /// closes need the backend); it sees them gone at its next tick.
+    fn may_exit(&self) -> bool {
+        self.host.is_none() || self.ctx.shared.cores_running.load(Relaxed) <= 1
+    }
+
+    /// Hands this turn's requests to the backend, runs a turn of the hosted
+    /// backend, and writes what either delivered to this core's own
+    /// connections (pushed on this thread without a wake, see `sink.rs`).
+    fn pump(&mut self) {
+        self.ctx.flush_requests();
+        if let Some(host) = &mut self.host {
+            self.host_busy = host.run_turn();
+        }
+        self.drain_deliveries();
+    }
+
+    fn on_event(
+        &mut self,
+        slot: usize,
+        readable: bool,
+        writable: bool,
+        hup: bool,
+        handshakes: &mut usize,
+    ) {
         let Some(conn) = self.conns.get_mut(slot) else {
             return;
         };
@@ -319,7 +378,7 @@ impl Core {
             if conn.policy.is_handshaking() {
                 *handshakes -= 1;
             }
-            let (f, more) = self.ctx.on_readable(slot, conn);
+            let (f, more) = self.ctx.on_readable(slot, conn, hup);
             fate = f;
             if fate == Fate::Keep && more && !conn.deferred {
                 conn.deferred = true;
@@ -350,7 +409,8 @@ impl Core {
                 *handshakes -= 1;
             }
             conn.deferred = false;
-            let (fate, more) = self.ctx.on_readable(slot, conn);
+            // The event that deferred this read is gone: look for a FIN.
+            let (fate, more) = self.ctx.on_readable(slot, conn, true);
             if fate == Fate::Close {
                 self.close(slot);
             } else if more {
@@ -464,10 +524,14 @@ impl Core {
                 } => self.begin_drain(reconnect_delay_ms, reconnect_jitter_ms, deadline_ms),
             }
         }
+        self.drain_deliveries();
+        false
+    }
+
+    fn drain_deliveries(&mut self) {
         while let Ok(batch) = self.rx.deliveries.try_recv() {
             self.deliver(batch);
         }
-        false
     }
 
     fn deliver(&mut self, batch: Vec<Outbound>) {

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use palaver_gateway::metrics::CoreMetrics;
 use palaver_gateway::{auth, build_backend, devcerts, Config, GatewayHandle};
 use palaver_protocol::pb;
+use palaver_router::api::Backend;
 use palaver_testkit::client::{Client, ConnectOptions};
 
 pub const T: Duration = Duration::from_secs(10);
@@ -40,6 +41,14 @@ pub struct TestGateway {
 /// Starts a gateway (2 cores, embedded engine, dev credentials in a fresh
 /// directory); `tune` adjusts the config first.
 pub fn start(tune: impl FnOnce(&mut Config)) -> TestGateway {
+    start_with_backend(tune, build_backend)
+}
+
+/// [`start`] with the backend `backend` builds from the tuned config.
+pub fn start_with_backend(
+    tune: impl FnOnce(&mut Config),
+    backend: impl FnOnce(&Config) -> Arc<dyn Backend>,
+) -> TestGateway {
     let dir = temp_dir("gw");
     let mut config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -49,7 +58,7 @@ pub fn start(tune: impl FnOnce(&mut Config)) -> TestGateway {
         ..Default::default()
     };
     tune(&mut config);
-    let backend = build_backend(&config);
+    let backend = backend(&config);
     let gw = GatewayHandle::start(config, backend).expect("gateway starts");
     let ca = std::fs::read(dir.join(devcerts::CA_CERT_FILE)).unwrap();
     // Absent when the config names its own JWT key.
