@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 
+use palaver_protocol::bodies::{self, BodyKind, Route};
 use palaver_protocol::pb;
 
 /// Where one session's connection lives: which gateway, and that gateway's
@@ -36,6 +37,25 @@ pub struct Inbound {
     pub body: pb::frame::Body,
     /// Gateway receive time, Unix epoch milliseconds.
     pub received_ms: i64,
+}
+
+impl Inbound {
+    /// The key that orders this request on a partitioned bus: the
+    /// conversation id for requests about one conversation (Send, Receipt,
+    /// Typing, History, ChangeMembers: [`bodies::conversation_of`]),
+    /// otherwise the user id of the session. Requests with equal keys must be
+    /// processed in bus order.
+    pub fn partition_key(&self) -> &str {
+        bodies::conversation_of(&self.body).unwrap_or(&self.from.user_id)
+    }
+
+    /// True for requests that only read state (Sync, History, PresenceQuery:
+    /// [`Route::Read`] in the protocol's body table): a gateway may run them
+    /// against a read-only store connection instead of sending them through
+    /// the bus.
+    pub fn is_read_only(&self) -> bool {
+        BodyKind::of(&self.body).route() == Some(Route::Read)
+    }
 }
 
 /// One frame for one connection of the gateway that receives it.

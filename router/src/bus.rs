@@ -1,49 +1,26 @@
 //! What flows into and out of the router.
 //!
-//! In: [`Command`]s (client requests), which a bus carries from gateways to the router: a crossbeam channel in the
-//! embedded engine, the `palaver.inbound` Kafka topic in production (keyed by
-//! [`Command::partition_key`] so one conversation is processed in order).
+//! In: client requests ([`Inbound`], the router's unit of work), which a bus
+//! carries from gateways to the router: a crossbeam channel in the embedded
+//! engine, the `palaver.inbound` Kafka topic in production (keyed by
+//! [`Inbound::partition_key`] so one conversation is processed in order).
+//! Session changes do not travel as requests: they are batched per gateway
+//! and applied through `crate::presence` (the embedded engine per engine
+//! batch, the bridge per flush interval).
 //!
-//! Out: an [`Output`] per command — frames addressed to connections, and push
+//! Out: an [`Output`] per request — frames addressed to connections, and push
 //! events for offline users — shipped by an [`Outlet`]: the gateways'
 //! `DeliverySink`s in the embedded engine, the per-gateway delivery topics and
 //! `palaver.push` in production.
+//!
+//! [`Inbound`]: crate::api::Inbound
+//! [`Inbound::partition_key`]: crate::api::Inbound::partition_key
 
 use std::collections::HashMap;
 
-use palaver_protocol::bodies::{self, BodyKind, Route};
 use palaver_protocol::pb;
 
-use crate::api::{Inbound, Outbound, SessionAddr};
-
-/// One unit of router work. Session changes are not commands: they are
-/// batched per gateway and applied through `crate::presence` (the embedded
-/// engine per engine batch, the bridge per flush interval).
-#[derive(Clone, Debug, PartialEq)]
-pub enum Command {
-    /// A client request from an authenticated session.
-    Request(Inbound),
-}
-
-impl Command {
-    /// The key that orders this command on a partitioned bus: the
-    /// conversation id for requests about one conversation (Send, Receipt,
-    /// Typing, History, ChangeMembers: [`bodies::conversation_of`]),
-    /// otherwise the user id of the session. Commands with equal keys must be
-    /// processed in bus order.
-    pub fn partition_key(&self) -> &str {
-        let Command::Request(req) = self;
-        bodies::conversation_of(&req.body).unwrap_or(&req.from.user_id)
-    }
-
-    /// True for requests that only read state (Sync, History, PresenceQuery:
-    /// [`Route::Read`] in the protocol's body table): a gateway may run them
-    /// against a read-only store connection instead of sending them through
-    /// the bus.
-    pub fn is_read_only(&self) -> bool {
-        matches!(self, Command::Request(req) if BodyKind::of(&req.body).route() == Some(Route::Read))
-    }
-}
+use crate::api::{Outbound, SessionAddr};
 
 /// A frame for one connection, wherever it lives.
 #[derive(Clone, Debug, PartialEq)]
@@ -66,7 +43,7 @@ pub struct PushEvent {
     pub server_time_ms: i64,
 }
 
-/// Everything the router produced for one or more commands, in order.
+/// Everything the router produced for one or more requests, in order.
 #[derive(Debug, Default)]
 pub struct Output {
     pub frames: Vec<Addressed>,
@@ -79,7 +56,7 @@ impl Output {
     }
 
     /// Hand everything to `outlet`: the push events first (so whoever sees
-    /// a frame knows the pushes of the same commands are out), then the
+    /// a frame knows the pushes of the same requests are out), then the
     /// frames grouped by gateway (one `deliver` call per gateway, order per
     /// connection preserved). Leaves `self` empty, also when the outlet
     /// fails part way.

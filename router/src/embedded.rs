@@ -3,7 +3,7 @@
 //! gateway with no Kafka/Redis configured is a complete single-node chat
 //! server. Several gateways may attach to one engine.
 //!
-//! The worker drains whatever is queued (up to a batch), runs each command
+//! The worker drains whatever is queued (up to a batch), runs each request
 //! through the router, then hands the frames to the gateways' sinks: one
 //! `deliver` call per gateway per batch, in order per connection. Where the
 //! worker runs is the only difference between the two modes, which share
@@ -27,7 +27,7 @@ use crossbeam_channel::{Receiver, Sender};
 use palaver_protocol::pb;
 
 use crate::api::{Backend, BackendError, BackendHost, DeliverySink, Inbound, Outbound, Session};
-use crate::bus::{Command, Output, PushEvent};
+use crate::bus::{Output, PushEvent};
 use crate::logic::{BatchProgress, Clock, Router, RouterConfig, SystemClock};
 use crate::memory::MemoryStore;
 use crate::store::SessionChange;
@@ -73,7 +73,8 @@ pub struct EmbeddedConfig {
     /// `Error(UNAVAILABLE)` at once instead of queued. Session events are
     /// always queued (dropping one would corrupt presence).
     pub max_queued_requests: usize,
-    /// Commands processed before the worker flushes output to the sinks.
+    /// Requests and session changes processed before the worker flushes
+    /// output to the sinks.
     pub max_commands_per_flush: usize,
 }
 
@@ -195,7 +196,7 @@ impl EmbeddedEngine {
                 batches: Vec::new(),
                 push_sink,
             },
-            commands: Vec::new(),
+            requests: Vec::new(),
             out: Output::default(),
             inbox,
             sessions: Vec::new(),
@@ -480,8 +481,8 @@ const EMBEDDED_LEASE: Duration = Duration::from_secs(3600);
 struct Worker {
     router: Router<MemoryStore>,
     outlet: EmbeddedOutlet,
-    /// Commands of the turn being run, in queue order (kept: reused).
-    commands: Vec<Command>,
+    /// Requests of the turn being run, in queue order (kept: reused).
+    requests: Vec<Inbound>,
     /// Output of the turn being run (kept: its buffers are reused).
     out: Output,
     inbox: Receiver<Job>,
@@ -502,7 +503,7 @@ impl Worker {
     }
 
     /// One turn: `first`, then whatever is queued up to
-    /// `max_commands_per_flush` commands and session changes, run in queue
+    /// `max_commands_per_flush` requests and session changes, run in queue
     /// order (requests in batches, session changes in batches between
     /// them), then the output goes to the sinks. False when the worker
     /// must stop.
@@ -516,7 +517,7 @@ impl Worker {
             }
         }
         // At most one of the two holds anything (each flushes the other).
-        self.run_commands();
+        self.run_requests();
         self.apply_sessions();
         self.outlet.flush(&mut self.out);
         go_on
@@ -530,7 +531,7 @@ impl Worker {
             Job::Session(change) => {
                 // Applied after the requests queued before it, before any
                 // queued after it.
-                self.run_commands();
+                self.run_requests();
                 self.sessions.push(change);
                 *taken += 1;
             }
@@ -541,8 +542,7 @@ impl Worker {
                 self.queued_requests
                     .fetch_sub(requests.len(), Ordering::AcqRel);
                 *taken += requests.len();
-                self.commands
-                    .extend(requests.into_iter().map(Command::Request));
+                self.requests.extend(requests);
             }
         }
         true
@@ -564,31 +564,31 @@ impl Worker {
         self.sessions.clear();
     }
 
-    /// The turn's commands in order through `Router::handle_batch` (runs
+    /// The turn's requests in order through `Router::handle_batch` (runs
     /// of Sends, from any connection, share one session lookup), as the
     /// Kafka router worker does.
-    fn run_commands(&mut self) {
-        if self.commands.is_empty() {
+    fn run_requests(&mut self) {
+        if self.requests.is_empty() {
             return;
         }
         let mut progress = BatchProgress::default();
         let result = self
             .router
-            .handle_batch(&self.commands, &mut self.out, &mut progress);
+            .handle_batch(&self.requests, &mut self.out, &mut progress);
         if let Err(e) = result {
             // The memory store does not fail; keep the generic path anyway:
             // from the failed unit on, one at a time (a repeated Send is
             // deduplicated), each failure answered UNAVAILABLE.
-            tracing::error!("router: {e}; going on one command at a time");
-            for command in &self.commands[progress.done..] {
-                if let Err(e) = self.router.handle(command, &mut self.out) {
+            tracing::error!("router: {e}; going on one request at a time");
+            for request in &self.requests[progress.done..] {
+                if let Err(e) = self.router.handle(request, &mut self.out) {
                     tracing::error!("router: {e}");
                     self.out
                         .frames
-                        .extend(Router::<MemoryStore>::unavailable_reply(command, &e));
+                        .push(Router::<MemoryStore>::unavailable_reply(request, &e));
                 }
             }
         }
-        self.commands.clear();
+        self.requests.clear();
     }
 }

@@ -7,7 +7,7 @@
 //!
 //! - [`api`]: the gateway/backend seam (`Backend`, `DeliverySink`, ...).
 //! - [`store`]: the state the router keeps, as traits (Redis-shaped).
-//! - [`bus`]: commands in, addressed frames and push events out.
+//! - [`bus`]: requests in, addressed frames and push events out.
 //! - [`logic`]: the [`Router`] itself, pure over the store traits.
 //! - [`memory`]: the in-memory store.
 //! - [`presence`]: session changes, watches and the presence fan-out, the
@@ -37,7 +37,7 @@ pub mod store;
 pub use api::{
     Backend, BackendError, BackendHost, DeliverySink, Inbound, Outbound, Session, SessionAddr,
 };
-pub use bus::{Addressed, Command, Outlet, Output, PushEvent};
+pub use bus::{Addressed, Outlet, Output, PushEvent};
 pub use embedded::{EmbeddedConfig, EmbeddedEngine, LoggingPushSink, PushSink};
 pub use logic::{Clock, ManualClock, PresenceVisibility, Router, RouterConfig, SystemClock};
 pub use memory::MemoryStore;

@@ -15,7 +15,7 @@
 //!   pipelined round trip, never one round trip per user: a group fan-out
 //!   looks up 1000 members in one call.
 //!
-//! Concurrency rule the implementations may rely on: commands for one
+//! Concurrency rule the implementations may rely on: requests about one
 //! conversation are processed by one router at a time, in order (Kafka
 //! partition by conversation id). Read-modify-write sequences the router does
 //! across several calls for one conversation (membership check, then change)
@@ -24,7 +24,7 @@
 //!
 //! Every method returns [`StoreResult`]; an error means "nothing reliable is
 //! known about whether the call took effect" (the router answers UNAVAILABLE
-//! or retries the whole command, and the per-conversation dedup keeps a retried
+//! or retries the whole request, and the per-conversation dedup keeps a retried
 //! `Send` from being stored twice).
 
 use std::time::Duration;

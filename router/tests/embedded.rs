@@ -507,7 +507,7 @@ fn a_hosted_turn_is_bounded_and_says_when_work_is_left() {
             break;
         }
     }
-    assert_eq!(turns, 3, "21 commands, 7 per turn");
+    assert_eq!(turns, 3, "a session opening and 20 sends, 7 per turn");
     let expected: Vec<(u32, u64)> = (1..=20).map(|n| (n, u64::from(n))).collect();
     assert_eq!(acks_on(&t.g1, 1), expected, "in order across turns");
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use palaver_protocol::pb::{self, frame::Body};
 use palaver_router::api::Inbound;
-use palaver_router::bus::{Command, Output};
+use palaver_router::bus::Output;
 use palaver_router::logic::{ManualClock, Router, RouterConfig};
 use palaver_router::redis_store::{RedisConfig, RedisStore};
 use palaver_router::store::{
@@ -129,13 +129,11 @@ fn router_over_redis(store: RedisStore) {
         .apply_session_changes(&online, Duration::from_secs(30), &mut out)
         .unwrap();
     out.frames.clear();
-    let request = |body| {
-        Command::Request(Inbound {
-            from: creator.clone(),
-            request_id: 1,
-            body,
-            received_ms: 1_000,
-        })
+    let request = |body| Inbound {
+        from: creator.clone(),
+        request_id: 1,
+        body,
+        received_ms: 1_000,
     };
     router
         .handle(

@@ -14,7 +14,7 @@ use instrumented::Instrumented;
 use palaver_protocol::pb::{self, frame::Body, ErrorCode};
 use palaver_router::store::SessionChange;
 use palaver_router::{
-    direct_conversation_id, Command, ManualClock, Output, PresenceVisibility, Router, RouterConfig,
+    direct_conversation_id, Inbound, ManualClock, Output, PresenceVisibility, Router, RouterConfig,
     Session, SessionAddr,
 };
 
@@ -39,16 +39,16 @@ impl Harness {
         }
     }
 
-    fn run(&mut self, command: Command) -> Output {
+    fn run(&mut self, request: Inbound) -> Output {
         let mut out = Output::default();
         self.router
-            .handle(&command, &mut out)
+            .handle(&request, &mut out)
             .expect("memory store does not fail");
         out
     }
 
     fn req(&mut self, from: &Session, request_id: u32, body: Body) -> Output {
-        self.run(Command::Request(request(from, request_id, body)))
+        self.run(request(from, request_id, body))
     }
 
     /// Session changes, as the embedded engine applies a batch of them.
@@ -1615,14 +1615,11 @@ fn store_failures_become_unavailable_for_the_driver() {
     let mut h = Harness::new();
     let alice = h.open("alice", "phone", 1);
     h.router.store_mut().failing = true;
-    let command = Command::Request(request(&alice, 5, send_body(DM, 1, "hi")));
+    let send = request(&alice, 5, send_body(DM, 1, "hi"));
     let mut out = Output::default();
-    let err = h
-        .router
-        .handle(&command, &mut out)
-        .expect_err("store fails");
+    let err = h.router.handle(&send, &mut out).expect_err("store fails");
     assert!(out.frames.is_empty());
-    let reply = Router::<Instrumented>::unavailable_reply(&command, &err).unwrap();
+    let reply = Router::<Instrumented>::unavailable_reply(&send, &err);
     assert_eq!(reply.to, alice.addr);
     assert_eq!(reply.frame.request_id, 5);
     let e = error(&reply.frame).unwrap();
@@ -1632,9 +1629,9 @@ fn store_failures_become_unavailable_for_the_driver() {
     // Once the store is back, the retried send is stored exactly once.
     h.router.store_mut().failing = false;
     let mut out = Output::default();
-    h.router.handle(&command, &mut out).unwrap();
+    h.router.handle(&send, &mut out).unwrap();
     let mut again = Output::default();
-    h.router.handle(&command, &mut again).unwrap();
+    h.router.handle(&send, &mut again).unwrap();
     assert_eq!(
         ack(&out.frames[0].frame).unwrap(),
         ack(&again.frames[0].frame).unwrap()
@@ -2166,22 +2163,22 @@ fn comparable(out: &Output) -> Vec<(SessionAddr, pb::Frame)> {
 }
 
 #[test]
-fn a_batch_is_handled_like_one_command_at_a_time_with_one_append_and_one_lookup_per_run_of_sends() {
-    let commands = |alice: &Session, bob: &Session| {
+fn a_batch_is_handled_like_one_request_at_a_time_with_one_append_and_one_lookup_per_run_of_sends() {
+    let requests = |alice: &Session, bob: &Session| {
         let mut bad = send_body(DM, 9, "bad");
         if let Body::Send(s) = &mut bad {
             s.client_msg_id = vec![1, 2, 3];
         }
         let carol_dm = direct_conversation_id("alice", "carol");
         vec![
-            Command::Request(request(alice, 1, send_body(DM, 1, "one"))),
-            Command::Request(request(alice, 2, send_body(DM, 2, "two"))),
-            Command::Request(request(bob, 3, send_body(DM, 3, "three"))),
-            Command::Request(request(alice, 4, send_body(&carol_dm, 4, "four"))),
+            request(alice, 1, send_body(DM, 1, "one")),
+            request(alice, 2, send_body(DM, 2, "two")),
+            request(bob, 3, send_body(DM, 3, "three")),
+            request(alice, 4, send_body(&carol_dm, 4, "four")),
             // A retry of #2 inside the same run: the original ack, no Deliver.
-            Command::Request(request(alice, 5, send_body(DM, 2, "two again"))),
-            Command::Request(request(alice, 6, bad)),
-            Command::Request(request(
+            request(alice, 5, send_body(DM, 2, "two again")),
+            request(alice, 6, bad),
+            request(
                 bob,
                 7,
                 Body::Receipt(pb::Receipt {
@@ -2189,8 +2186,8 @@ fn a_batch_is_handled_like_one_command_at_a_time_with_one_append_and_one_lookup_
                     kind: pb::ReceiptKind::Read as i32,
                     up_to_seq: 2,
                 }),
-            )),
-            Command::Request(request(alice, 8, send_body(DM, 8, "eight"))),
+            ),
+            request(alice, 8, send_body(DM, 8, "eight")),
         ]
     };
 
@@ -2201,18 +2198,18 @@ fn a_batch_is_handled_like_one_command_at_a_time_with_one_append_and_one_lookup_
         let alice = h.open("alice", "phone", 1);
         let bob = h.open("bob", "phone", 2);
         h.open("carol", "phone", 3);
-        outs.push((commands(&alice, &bob), alice, bob));
+        outs.push((requests(&alice, &bob), alice, bob));
     }
-    let (cmds, alice, bob) = &outs[0];
+    let (reqs, alice, bob) = &outs[0];
 
     let before = batched.calls().calls.clone();
     let mut out = Output::default();
     let mut progress = palaver_router::logic::BatchProgress::default();
     batched
         .router
-        .handle_batch(cmds, &mut out, &mut progress)
+        .handle_batch(reqs, &mut out, &mut progress)
         .expect("memory store does not fail");
-    assert_eq!(progress.done, cmds.len());
+    assert_eq!(progress.done, reqs.len());
     let delta = |name: &str| batched.calls().count(name) - before.get(name).copied().unwrap_or(0);
     // Two runs of Sends (the Receipt splits them): one append batch and one
     // session lookup each, plus the Receipt's own fan-out lookup.

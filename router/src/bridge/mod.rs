@@ -3,7 +3,7 @@
 //!
 //! - Writes (Send, Receipt, Typing, CreateConversation, ChangeMembers, and
 //!   anything else that is not a read) become `InboundRecord`s on
-//!   `palaver.inbound`, keyed like [`Command::partition_key`], by an
+//!   `palaver.inbound`, keyed by [`Inbound::partition_key`], by an
 //!   idempotent acks=all producer. If Kafka does not take a write in time the
 //!   client gets `Error(UNAVAILABLE)` (it retries with the same client_msg_id).
 //! - A delivery consumer reads this gateway's topic `palaver.deliver.<id>`
@@ -15,7 +15,6 @@
 //! - Presence is batched per gateway ([`presence`]).
 //!
 //! [`api::Backend`]: crate::api::Backend
-//! [`Command::partition_key`]: crate::bus::Command::partition_key
 
 pub mod presence;
 
@@ -25,7 +24,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::api::{Backend, BackendError, DeliverySink, Inbound, Outbound, Session, SessionAddr};
-use crate::bus::{Addressed, Command, Output};
+use crate::bus::{Addressed, Output};
 use crate::kafka;
 use crate::logic::{PresenceVisibility, Router, RouterConfig, SystemClock};
 use crate::redis_store::{RedisConfig, RedisStore};
@@ -423,9 +422,7 @@ impl Backend for KafkaRedisBridge {
             }
             return;
         }
-        let command = Command::Request(request);
-        let key = command.partition_key().to_owned();
-        let Command::Request(request) = command;
+        let key = request.partition_key().to_owned();
         let value = kafka::inbound_record(&request).encode_to_vec();
         let client_msg_id = sent_client_msg_id(&request.body);
         let pending = PendingWrite {
@@ -548,13 +545,11 @@ impl Reader {
     /// (PresenceSubscribe adds to this gateway's watches, shared with the
     /// presence subscriber).
     fn read(&mut self, request: &Inbound) -> Vec<Outbound> {
-        let command = Command::Request(request.clone());
         let mut out = Output::default();
-        if let Err(e) = self.router.handle(&command, &mut out) {
+        if let Err(e) = self.router.handle(request, &mut out) {
             out.frames.clear();
-            if let Some(reply) = Router::<RedisStore>::unavailable_reply(&command, &e) {
-                out.frames.push(reply);
-            }
+            out.frames
+                .push(Router::<RedisStore>::unavailable_reply(request, &e));
         }
         out.frames
             .into_iter()

@@ -4,7 +4,7 @@
 //!
 //! Topics:
 //! - `palaver.inbound`: client writes from every gateway, keyed by
-//!   [`Command::partition_key`] (conversation id, else user id), so one
+//!   [`Inbound::partition_key`] (conversation id, else user id), so one
 //!   conversation is processed in order by one router.
 //! - `palaver.deliver.<gateway_id>`: [`records::DeliveryBatch`]es for one
 //!   gateway's connections (created by that gateway when it starts).
@@ -23,7 +23,6 @@ use rdkafka::config::ClientConfig;
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::api::{Inbound, Outbound, Session, SessionAddr};
-use crate::bus::Command;
 
 /// Generated types of `palaver.internal.v1`.
 pub mod records {
@@ -162,8 +161,8 @@ pub fn inbound_record(request: &Inbound) -> records::InboundRecord {
     }
 }
 
-/// Decodes an inbound record value into the router command it carries.
-pub fn decode_inbound(value: &[u8]) -> Result<Command, String> {
+/// Decodes an inbound record value into the client request it carries.
+pub fn decode_inbound(value: &[u8]) -> Result<Inbound, String> {
     let record = records::InboundRecord::decode(value)
         .map_err(|e| format!("inbound record is not an InboundRecord: {e}"))?;
     let body = record
@@ -173,7 +172,7 @@ pub fn decode_inbound(value: &[u8]) -> Result<Command, String> {
     if record.user_id.is_empty() || record.gateway_id.is_empty() {
         return Err("inbound record without user or gateway id".into());
     }
-    Ok(Command::Request(Inbound {
+    Ok(Inbound {
         from: Session {
             user_id: record.user_id,
             device_id: record.device_id,
@@ -185,7 +184,7 @@ pub fn decode_inbound(value: &[u8]) -> Result<Command, String> {
         request_id: record.request_id,
         body,
         received_ms: record.received_ms,
-    }))
+    })
 }
 
 /// Encodes frames for one gateway as DeliveryBatch record values, split so
@@ -257,7 +256,7 @@ mod tests {
             received_ms: 123,
         };
         let value = inbound_record(&inbound).encode_to_vec();
-        assert_eq!(decode_inbound(&value).unwrap(), Command::Request(inbound));
+        assert_eq!(decode_inbound(&value).unwrap(), inbound);
         assert!(decode_inbound(b"\xff\xff").is_err());
         assert!(decode_inbound(&[]).is_err(), "no body");
     }

@@ -7,7 +7,7 @@
 //! 2. run them through [`Router::handle_batch`]: each run of consecutive
 //!    Sends costs one pipeline of append scripts (one round trip, one AOF
 //!    fsync), one group read and one session lookup (two round trips), not
-//!    a few round trips per record; any other command is handled on its own
+//!    a few round trips per record; any other request is handled on its own
 //!    in input order. If the store fails or handling panics, the records
 //!    from the failed one on are handled one at a time as before batching:
 //!    a store error is retried with backoff, and after `max_attempts` the
@@ -44,7 +44,7 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::records;
-use crate::api::Outbound;
+use crate::api::{Inbound, Outbound};
 use crate::bus::{BusError, Outlet, Output, PushEvent};
 use crate::logic::{BatchProgress, Clock, Router, RouterConfig, SystemClock};
 use crate::redis_store::{RedisConfig, RedisStore};
@@ -497,12 +497,12 @@ impl RouterWorker {
         out: &mut Output,
         dead: &mut Vec<records::DeadLetter>,
     ) {
-        let mut commands = Vec::with_capacity(batch.len());
+        let mut requests = Vec::with_capacity(batch.len());
         let mut sources = Vec::with_capacity(batch.len());
         for record in batch {
             match super::decode_inbound(record.payload().unwrap_or_default()) {
-                Ok(command) => {
-                    commands.push(command);
+                Ok(request) => {
+                    requests.push(request);
                     sources.push(record);
                 }
                 Err(reason) => dead.push(self.dead_letter(record, reason, 0)),
@@ -510,7 +510,7 @@ impl RouterWorker {
         }
         let mut progress = BatchProgress::default();
         let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.router.handle_batch(&commands, out, &mut progress)
+            self.router.handle_batch(&requests, out, &mut progress)
         }));
         match handled {
             Ok(Ok(())) => return,
@@ -529,8 +529,8 @@ impl RouterWorker {
                 self.router.store_mut().reset_connection();
             }
         }
-        for (record, command) in sources.into_iter().zip(commands).skip(progress.done) {
-            self.process(record, command, out, dead);
+        for (record, request) in sources.into_iter().zip(requests).skip(progress.done) {
+            self.process(record, request, out, dead);
         }
     }
 
@@ -539,7 +539,7 @@ impl RouterWorker {
     fn process(
         &mut self,
         record: &OwnedMessage,
-        command: crate::bus::Command,
+        request: Inbound,
         out: &mut Output,
         dead: &mut Vec<records::DeadLetter>,
     ) {
@@ -548,7 +548,7 @@ impl RouterWorker {
         loop {
             let (frames, pushes) = (out.frames.len(), out.pushes.len());
             let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                self.router.handle(&command, out)
+                self.router.handle(&request, out)
             }));
             let result = match handled {
                 Ok(result) => result,
@@ -570,9 +570,8 @@ impl RouterWorker {
                         offset = record.offset(),
                         "record handling panicked, dead-lettered: {message}"
                     );
-                    if let Some(reply) = Router::<RedisStore>::internal_error_reply(&command) {
-                        out.frames.push(reply);
-                    }
+                    out.frames
+                        .push(Router::<RedisStore>::internal_error_reply(&request));
                     self.router.store_mut().reset_connection();
                     self.stats.panics += 1;
                     dead.push(self.dead_letter(record, format!("panicked: {message}"), attempt));
@@ -588,9 +587,8 @@ impl RouterWorker {
                         offset = record.offset(),
                         "giving up after {attempt} attempts: {e}"
                     );
-                    if let Some(reply) = Router::<RedisStore>::unavailable_reply(&command, &e) {
-                        out.frames.push(reply);
-                    }
+                    out.frames
+                        .push(Router::<RedisStore>::unavailable_reply(&request, &e));
                     dead.push(self.dead_letter(record, e.to_string(), attempt));
                     return;
                 }

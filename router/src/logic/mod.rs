@@ -1,4 +1,5 @@
-//! The router: turns one [`Command`] into store updates and addressed frames.
+//! The router: turns one client request ([`Inbound`]) into store updates and
+//! addressed frames.
 //!
 //! Pure over the [`Store`] traits and a [`Clock`]: no threads, no I/O of its
 //! own. The embedded engine and the Kafka/Redis worker both drive it.
@@ -22,7 +23,7 @@ use palaver_protocol::pb::{self, frame::Body, ErrorCode};
 use palaver_protocol::BodyKind;
 
 use crate::api::{Inbound, SessionAddr};
-use crate::bus::{Addressed, Command, Output};
+use crate::bus::{Addressed, Output};
 use crate::presence::SharedWatches;
 use crate::store::{GroupRecord, Membership, Store, StoreError, StoreResult};
 
@@ -193,9 +194,9 @@ impl Access {
     }
 }
 
-/// How far [`Router::handle_batch`] got: `commands[..done]` are handled
+/// How far [`Router::handle_batch`] got: `requests[..done]` are handled
 /// and their output is `out.frames[..frames]` / `out.pushes[..pushes]`
-/// (whatever `out` held before included). Updated after every command or
+/// (whatever `out` held before included). Updated after every request or
 /// run of Sends, so a driver that catches a panic knows what is complete.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BatchProgress {
@@ -249,23 +250,21 @@ impl<S: Store> Router<S> {
         &mut self.store
     }
 
-    /// Process one command, appending what it produces to `out`.
+    /// Process one request, appending what it produces to `out`.
     ///
     /// On a store error, `out` keeps what was produced before the failure
     /// (it describes effects that happened) and the error is returned; the
-    /// driver either retries the command or answers it with
+    /// driver either retries the request or answers it with
     /// [`Router::unavailable_reply`].
-    pub fn handle(&mut self, command: &Command, out: &mut Output) -> StoreResult<()> {
-        match command {
-            Command::Request(request) => self.handle_request(request, out),
-        }
+    pub fn handle(&mut self, request: &Inbound, out: &mut Output) -> StoreResult<()> {
+        self.handle_request(request, out)
     }
 
-    /// Process `commands` in order, as [`Router::handle`] on each would,
+    /// Process `requests` in order, as [`Router::handle`] on each would,
     /// but with each run of consecutive Sends handled as one unit: one
     /// group read, one batch of appends, one session lookup for the whole
     /// run (see `send_many`). Sends of one conversation in a run get
-    /// consecutive seqs in input order. Any other command ends the run and
+    /// consecutive seqs in input order. Any other request ends the run and
     /// is handled on its own, so everything a conversation sees happens in
     /// input order.
     ///
@@ -275,7 +274,7 @@ impl<S: Store> Router<S> {
     /// caller retries from there.
     pub fn handle_batch(
         &mut self,
-        commands: &[Command],
+        requests: &[Inbound],
         out: &mut Output,
         progress: &mut BatchProgress,
     ) -> StoreResult<()> {
@@ -284,16 +283,16 @@ impl<S: Store> Router<S> {
             frames: out.frames.len(),
             pushes: out.pushes.len(),
         };
-        while progress.done < commands.len() {
-            let sends: Vec<(&Inbound, &pb::Send)> = commands[progress.done..]
+        while progress.done < requests.len() {
+            let sends: Vec<(&Inbound, &pb::Send)> = requests[progress.done..]
                 .iter()
-                .map_while(|Command::Request(req)| match &req.body {
+                .map_while(|req| match &req.body {
                     Body::Send(send) => Some((req, send)),
                     _ => None,
                 })
                 .collect();
             let taken = if sends.is_empty() {
-                self.handle(&commands[progress.done], out)?;
+                self.handle(&requests[progress.done], out)?;
                 1
             } else {
                 self.send_many(&sends, out)?;
@@ -308,29 +307,24 @@ impl<S: Store> Router<S> {
         Ok(())
     }
 
-    /// The `Error(UNAVAILABLE)` frame that answers `command` when the store
-    /// failed. An `Option` so a command nobody waits on can be added to
-    /// [`Command`] without changing the drivers; every command today is a
-    /// request and gets `Some`.
-    pub fn unavailable_reply(command: &Command, error: &StoreError) -> Option<Addressed> {
-        let Command::Request(request) = command;
-        Some(error_frame(
+    /// The `Error(UNAVAILABLE)` frame that answers `request` when the store
+    /// failed.
+    pub fn unavailable_reply(request: &Inbound, error: &StoreError) -> Addressed {
+        error_frame(
             request,
             ErrorCode::Unavailable,
             format!("temporarily unavailable, retry later ({error})"),
-        ))
+        )
     }
 
-    /// The `Error(INTERNAL)` frame that answers `command` when handling it
-    /// hit a bug (a caught panic); `Some` for every command today (see
-    /// [`Router::unavailable_reply`]).
-    pub fn internal_error_reply(command: &Command) -> Option<Addressed> {
-        let Command::Request(request) = command;
-        Some(error_frame(
+    /// The `Error(INTERNAL)` frame that answers `request` when handling it
+    /// hit a bug (a caught panic).
+    pub fn internal_error_reply(request: &Inbound) -> Addressed {
+        error_frame(
             request,
             ErrorCode::Internal,
             "internal error; the request was not processed".to_string(),
-        ))
+        )
     }
 
     fn handle_request(&mut self, request: &Inbound, out: &mut Output) -> StoreResult<()> {
