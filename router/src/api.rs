@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use palaver_protocol::bodies::{self, BodyKind, Route};
+use palaver_protocol::bodies;
 use palaver_protocol::pb;
 
 /// Where one session's connection lives: which gateway, and that gateway's
@@ -47,14 +47,6 @@ impl Inbound {
     /// processed in bus order.
     pub fn partition_key(&self) -> &str {
         bodies::conversation_of(&self.body).unwrap_or(&self.from.user_id)
-    }
-
-    /// True for requests that only read state (Sync, History, PresenceQuery:
-    /// [`Route::Read`] in the protocol's body table): a gateway may run them
-    /// against a read-only store connection instead of sending them through
-    /// the bus.
-    pub fn is_read_only(&self) -> bool {
-        BodyKind::of(&self.body).route() == Some(Route::Read)
     }
 }
 
