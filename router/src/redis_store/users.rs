@@ -41,15 +41,7 @@ impl UserStore for RedisStore {
         conversation_id: &str,
         user_ids: &[String],
     ) -> StoreResult<()> {
-        let cmds = user_ids
-            .iter()
-            .map(|u| {
-                redis::cmd("SADD")
-                    .arg(user_key(u, "convs"))
-                    .arg(conversation_id)
-                    .clone()
-            })
-            .collect();
+        let cmds = each_user(user_ids, "SADD", "convs", conversation_id);
         self.pipeline(cmds).map(|_| ())
     }
 
@@ -58,15 +50,7 @@ impl UserStore for RedisStore {
         conversation_id: &str,
         user_ids: &[String],
     ) -> StoreResult<()> {
-        let cmds = user_ids
-            .iter()
-            .map(|u| {
-                redis::cmd("SREM")
-                    .arg(user_key(u, "convs"))
-                    .arg(conversation_id)
-                    .clone()
-            })
-            .collect();
+        let cmds = each_user(user_ids, "SREM", "convs", conversation_id);
         self.pipeline(cmds).map(|_| ())
     }
 
@@ -75,15 +59,7 @@ impl UserStore for RedisStore {
         conversation_id: &str,
         user_ids: &[String],
     ) -> StoreResult<Vec<bool>> {
-        let cmds = user_ids
-            .iter()
-            .map(|u| {
-                redis::cmd("SADD")
-                    .arg(user_key(u, "push"))
-                    .arg(conversation_id)
-                    .clone()
-            })
-            .collect();
+        let cmds = each_user(user_ids, "SADD", "push", conversation_id);
         self.pipeline(cmds)?.into_iter().map(from_value).collect()
     }
 
@@ -98,4 +74,18 @@ impl UserStore for RedisStore {
             None => self.query::<()>(redis::cmd("DEL").arg(key)),
         }
     }
+}
+
+/// `COMMAND u:{<user>}:<field> member` for each user: one key, so one hash
+/// slot, per command (pipelined by the caller).
+fn each_user(user_ids: &[String], command: &str, field: &str, member: &str) -> Vec<redis::Cmd> {
+    user_ids
+        .iter()
+        .map(|u| {
+            redis::cmd(command)
+                .arg(user_key(u, field))
+                .arg(member)
+                .clone()
+        })
+        .collect()
 }
