@@ -183,6 +183,58 @@ fn direct_send_acks_sender_and_delivers_to_other_devices() {
     assert_eq!(to(&out, &alice_laptop.addr).len(), 1);
 }
 
+/// The recipients' Delivers leave before the sender's SendAck (the
+/// delivery is the latency that counts), in one Send and in a batch of
+/// them; each connection's own order is unchanged.
+#[test]
+fn delivers_are_written_before_the_senders_ack() {
+    let mut h = Harness::new();
+    let alice = h.open("alice", "phone", 1);
+    let bob = h.open("bob", "phone", 2);
+    let bob_laptop = h.open("bob", "laptop", 3);
+
+    let out = h.send(&alice, DM, 1);
+    let order: Vec<(u64, bool)> = out
+        .frames
+        .iter()
+        .map(|f| (f.to.conn, ack(&f.frame).is_some()))
+        .collect();
+    // Bob's devices in the store's order, then alice's ack.
+    assert_eq!(order.len(), 3, "{order:?}");
+    assert_eq!(order[2], (1, true), "{order:?}");
+    let mut delivered_to: Vec<u64> = order[..2]
+        .iter()
+        .map(|&(conn, is_ack)| {
+            assert!(!is_ack);
+            conn
+        })
+        .collect();
+    delivered_to.sort_unstable();
+    assert_eq!(delivered_to, [2, 3]);
+
+    let reqs: Vec<Inbound> = (2..4)
+        .map(|n| request(&alice, n, send_body(DM, n, "batched")))
+        .collect();
+    let mut out = Output::default();
+    let mut progress = palaver_router::logic::BatchProgress::default();
+    h.router
+        .handle_batch(&reqs, &mut out, &mut progress)
+        .expect("memory store does not fail");
+    let seqs: Vec<(u64, u64)> = out
+        .frames
+        .iter()
+        .map(|f| match &f.frame.body {
+            Some(Body::SendAck(a)) => (f.to.conn, a.seq),
+            _ => (f.to.conn, delivered(&f.frame).expect("Deliver").seq),
+        })
+        .collect();
+    // Per Send, in input order: its two Delivers, then its ack.
+    let sends: Vec<u64> = seqs.iter().map(|&(_, seq)| seq).collect();
+    assert_eq!(sends, [2, 2, 2, 3, 3, 3]);
+    let acks: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].0 == 1).collect();
+    assert_eq!(acks, [2, 5], "{seqs:?}");
+}
+
 #[test]
 fn direct_conversation_lists_for_both_users_after_first_message() {
     let mut h = Harness::new();

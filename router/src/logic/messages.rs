@@ -63,7 +63,7 @@ impl<S: Store> Router<S> {
     /// `sessions_of_users` for the members of every conversation, then a
     /// push mark per message that has offline members. The frames are
     /// exactly those of one Send at a time, in input order (per Send: its
-    /// Error, or its SendAck then its Delivers). On a store error no frame
+    /// Error, or its Delivers then its SendAck). On a store error no frame
     /// of any of them is in `out` (push events of marks already set are,
     /// since those effects happened) and the error is returned; the caller
     /// retries them, which dedup makes safe.
@@ -216,16 +216,6 @@ impl<S: Store> Router<S> {
                 }
                 Appended::Stored(message) => message,
             };
-            frames.push(reply(
-                req,
-                Body::SendAck(pb::SendAck {
-                    client_msg_id: message.client_msg_id.clone(),
-                    message_id: message.message_id.clone(),
-                    conversation_id: send.conversation_id.clone(),
-                    seq: message.seq,
-                    server_time_ms: message.server_time_ms,
-                }),
-            ));
             let deliver = event(Body::Deliver(pb::Deliver {
                 message: Some(message.clone()),
             }));
@@ -250,6 +240,20 @@ impl<S: Store> Router<S> {
                     }
                 }
             }
+            // The recipients' Delivers are written before the sender's
+            // SendAck: no connection sees a different order (the sending
+            // connection gets no Deliver, SPEC §6), and the delivery is the
+            // latency that counts (one write less ahead of it).
+            frames.push(reply(
+                req,
+                Body::SendAck(pb::SendAck {
+                    client_msg_id: message.client_msg_id.clone(),
+                    message_id: message.message_id.clone(),
+                    conversation_id: send.conversation_id.clone(),
+                    seq: message.seq,
+                    server_time_ms: message.server_time_ms,
+                }),
+            ));
             if !offline.is_empty() {
                 let fresh = self
                     .store
