@@ -80,7 +80,10 @@ fn parse_args() -> Args {
             }
         }
     }
-    if a.connections < 2 || a.connections % 2 != 0 || a.server_threads == 0 || a.client_threads == 0
+    if a.connections < 2
+        || !a.connections.is_multiple_of(2)
+        || a.server_threads == 0
+        || a.client_threads == 0
     {
         eprintln!("--connections must be even and >= 2; thread counts >= 1");
         std::process::exit(2);
@@ -254,9 +257,9 @@ fn client(
         }
         // Everything due by now (scheduled times are exact; lateness shows
         // as latency).
-        while now < stop_sending {
+        loop {
             let due = epoch + interval.mul_f64(k as f64);
-            if due > now {
+            if due > now || now >= stop_sending {
                 break;
             }
             let (id, sock, _) = &mut conns[next];
