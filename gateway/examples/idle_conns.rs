@@ -58,11 +58,7 @@ fn status_kb(pid: u32, field: &str) -> u64 {
 
 /// utime + stime of a process, in seconds.
 fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
-    let fields: Vec<&str> = after_comm.split_whitespace().collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    ticks as f64 / 100.0 // USER_HZ
+    palaver_testkit::proc_stat::cpu_seconds(&format!("/proc/{pid}/stat"))
 }
 
 /// Opens `n` connections over `threads` threads; returns their TCP sockets

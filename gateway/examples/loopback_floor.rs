@@ -91,21 +91,11 @@ fn parse_args() -> Args {
     a
 }
 
-/// This thread's CPU time (user + system) so far, from
-/// `/proc/thread-self/stat` (clock ticks, 10 ms on Linux).
+/// This thread's CPU time (user + system) so far.
 fn thread_cpu() -> Duration {
-    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
-    // Fields after the command name (which may hold spaces): state is 3rd.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // utime and stime are fields 14 and 15 of the line: 12 and 13 after ')'.
-    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+    Duration::from_secs_f64(palaver_testkit::proc_stat::cpu_seconds(
+        "/proc/thread-self/stat",
+    ))
 }
 
 /// What a thread reports at the end: CPU over the measured window, and

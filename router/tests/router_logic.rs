@@ -190,8 +190,8 @@ fn direct_send_acks_sender_and_delivers_to_other_devices() {
 fn delivers_are_written_before_the_senders_ack() {
     let mut h = Harness::new();
     let alice = h.open("alice", "phone", 1);
-    let bob = h.open("bob", "phone", 2);
-    let bob_laptop = h.open("bob", "laptop", 3);
+    h.open("bob", "phone", 2);
+    h.open("bob", "laptop", 3);
 
     let out = h.send(&alice, DM, 1);
     let order: Vec<(u64, bool)> = out

@@ -3,7 +3,8 @@
 //! (single node or 3 brokers), `palaver-router` and `palaver-gateway`
 //! processes in a work directory and kills them by PID; [`client`] is a
 //! blocking TLS client of the Palaver protocol for tests (apps and `palaver
-//! chat` use the SDK in `client/`).
+//! chat` use the SDK in `client/`); [`proc_stat`] reads CPU time for the
+//! benchmarks.
 //! Never a mock: the tests that use it talk to the real servers.
 
 // The only unsafe code: libc::kill in stack.rs, allowed there.
@@ -11,4 +12,5 @@
 
 pub mod chat;
 pub mod client;
+pub mod proc_stat;
 pub mod stack;

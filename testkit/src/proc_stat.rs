@@ -1,0 +1,40 @@
+//! CPU time from `/proc`, for the benchmarks' "CPU per message" figures.
+
+/// CPU time (user + system) recorded in a `/proc/.../stat` file, in
+/// seconds: `/proc/<pid>/stat` for a process, `/proc/self/stat`, or
+/// `/proc/thread-self/stat` for the calling thread. Panics if the file
+/// cannot be read or parsed (a benchmark without its figure is no use).
+pub fn cpu_seconds(stat_path: &str) -> f64 {
+    let stat =
+        std::fs::read_to_string(stat_path).unwrap_or_else(|e| panic!("reading {stat_path}: {e}"));
+    // Fields after the command name (which may hold spaces, in parentheses)
+    // start at field 3 (state); utime and stime are fields 14 and 15.
+    let rest = stat
+        .rsplit_once(')')
+        .map_or_else(|| panic!("{stat_path}: no command name"), |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |field: usize| -> u64 {
+        fields
+            .get(field - 3)
+            .and_then(|f| f.parse().ok())
+            .unwrap_or_else(|| panic!("{stat_path}: field {field} missing"))
+    };
+    // USER_HZ: 100 on every Linux this runs on (the ABI fixes it).
+    (ticks(14) + ticks(15)) as f64 / 100.0
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn this_thread_uses_cpu() {
+        let before = super::cpu_seconds("/proc/thread-self/stat");
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < std::time::Duration::from_millis(60) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let used = super::cpu_seconds("/proc/thread-self/stat") - before;
+        assert!(used >= 0.03, "60 ms of spinning counted as {used} s");
+        assert!(super::cpu_seconds("/proc/self/stat") >= used);
+    }
+}
