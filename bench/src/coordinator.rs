@@ -71,6 +71,9 @@ struct Run {
     phase_reached: BTreeMap<Phase, Instant>,
     /// Sessions open when the scenario ended (before Finish closes them).
     open_at_end: u64,
+    /// This bench's CPU seconds (coordinator and workers) when every
+    /// connection was up, and at the end of the scenario.
+    cpu_s: (Option<f64>, Option<f64>),
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
@@ -325,6 +328,7 @@ impl Run {
             problems: Vec::new(),
             phase_reached: BTreeMap::new(),
             open_at_end: 0,
+            cpu_s: (None, None),
         })
     }
 
@@ -334,6 +338,7 @@ impl Run {
         let settle = self.config.settle.0;
         self.wait_phase(Phase::Connected, timeout)?;
         self.pump_for(settle)?;
+        self.cpu_s.0 = self.own_cpu_seconds();
         if let Some(g) = gateway.as_deref_mut() {
             sample_gateway(&self.config, g, When::Connected)?;
             g.open_when_sampled = self.totals().open;
@@ -358,10 +363,19 @@ impl Run {
             }
         }
         self.open_at_end = self.totals().open;
+        self.cpu_s.1 = self.own_cpu_seconds();
         if let Some(g) = gateway {
             sample_gateway(&self.config, g, When::After)?;
         }
         Ok(())
+    }
+
+    /// CPU seconds of this process and its live workers; `None` if one
+    /// cannot be read (a worker gone: the figure would be short).
+    fn own_cpu_seconds(&self) -> Option<f64> {
+        let mut pids = vec![std::process::id()];
+        pids.extend(self.workers.iter().map(|w| w.child.id()));
+        sys::total_cpu_seconds(&pids).ok()
     }
 
     fn command(&mut self, cmd: Command) {
@@ -645,6 +659,12 @@ impl Run {
                 send_duration_s: send_s,
                 acked_per_s: counters.acked as f64 / send_s,
                 delivered_per_s: counters.delivered as f64 / chat_span,
+                bench_cpu_us_per_sent: match self.cpu_s {
+                    (Some(a), Some(b)) if counters.sent > 0 => {
+                        Some((b - a) * 1e6 / counters.sent as f64)
+                    }
+                    _ => None,
+                },
             }
         });
         let storm = (config.scenario == ScenarioKind::ReconnectStorm).then(|| StormStats {

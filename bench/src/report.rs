@@ -83,6 +83,12 @@ pub struct ChatStats {
     pub acked_per_s: f64,
     /// Deliveries per second from the first send until the last delivery.
     pub delivered_per_s: f64,
+    /// This bench's own CPU (coordinator and workers, user + system) from
+    /// every connection up to the end of the scenario, per sent message,
+    /// microseconds: with the bench on the gateway's machine, what it took
+    /// from the CPUs the gateway shares.
+    #[serde(default)]
+    pub bench_cpu_us_per_sent: Option<f64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -253,6 +259,12 @@ impl Report {
                 c.echoes,
                 c.unexpected
             );
+            if let Some(us) = chat.bench_cpu_us_per_sent {
+                let _ = writeln!(
+                    t,
+                    "  bench CPU per sent message {us:.1} us (coordinator and workers)"
+                );
+            }
             write_map(&mut t, "send errors by code", &self.send_errors);
         }
         if let Some(s) = &self.storm {

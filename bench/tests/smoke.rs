@@ -149,6 +149,13 @@ fn smoke_scenario_against_a_real_gateway() {
     assert_eq!(n(&r["latency"]["e2e"]["count"]), n(&c["delivered"]));
     assert_eq!(n(&r["latency"]["connect"]["count"]), 200);
     assert!(r["problems"].as_array().is_some_and(Vec::is_empty));
+    // The bench's own CPU is reported (it shares the gateway's machine).
+    assert!(
+        r["chat"]["bench_cpu_us_per_sent"]
+            .as_f64()
+            .is_some_and(|us| us >= 0.0),
+        "{stdout}"
+    );
     // The gateway was observed: RSS from /proc and its /metrics page.
     assert!(r["gateway"]["rss_connected_bytes"].as_u64().is_some());
     assert!(r["gateway"]["metrics_connected"]
