@@ -571,13 +571,15 @@ impl UserStore for MemoryStore {
 struct Opened {
     /// The device's previous address, if it was another one.
     replaced: Option<SessionAddr>,
-    /// The user had no session before.
+    /// The user had no session on a live gateway before.
     came_online: bool,
 }
 
 impl MemoryStore {
     /// Registers one session, replacing its device's previous one.
     fn open_session(&mut self, session: &Session) -> Opened {
+        // Sessions on dead gateways do not count, as in every read.
+        let came_online = !self.has_live_session(&session.user_id);
         let gateway_id = match self.gateway_ids.get(session.addr.gateway_id.as_str()) {
             Some(id) => id.clone(),
             None => {
@@ -593,7 +595,6 @@ impl MemoryStore {
                 .entry(session.user_id.as_str().into())
                 .or_default(),
         };
-        let came_online = user.devices.is_empty();
         let device = DeviceOnline {
             device_id: session.device_id.as_str().into(),
             gateway_id,
@@ -628,8 +629,10 @@ impl MemoryStore {
     }
 
     /// Removes the session if its device is still at its address; true if
-    /// that was the user's last session (last seen is then `at_ms`).
-    fn close_session(&mut self, session: &Session, at_ms: i64) -> bool {
+    /// the user went offline through that (last seen is then `at_ms`): it
+    /// was their last session, or it `counted` (its gateway is alive) and
+    /// every session left is on a dead gateway.
+    fn close_session(&mut self, session: &Session, at_ms: i64, counted: bool) -> bool {
         let Some(user) = self.presence.get_mut(session.user_id.as_str()) else {
             return false;
         };
@@ -641,14 +644,33 @@ impl MemoryStore {
             return false;
         };
         let gone = user.devices.remove(i);
-        let went_offline = user.devices.is_empty();
-        if went_offline {
+        if user.devices.is_empty() {
             // Give back the allocation: offline users should cost nothing here.
             user.devices = Vec::new();
             user.last_seen_ms = at_ms;
+            self.release_gateway_id(gone.gateway_id);
+            return true;
         }
         self.release_gateway_id(gone.gateway_id);
-        went_offline
+        // A session of a dead gateway did not count, so removing it (a reap)
+        // changes nothing while the user has another session.
+        if !counted || self.has_live_session(&session.user_id) {
+            return false;
+        }
+        if let Some(user) = self.presence.get_mut(session.user_id.as_str()) {
+            user.last_seen_ms = at_ms;
+        }
+        true
+    }
+
+    /// Whether the user has a session on a live gateway.
+    fn has_live_session(&self, user_id: &str) -> bool {
+        let now_ms = self.lease_now_ms();
+        self.presence.get(user_id).is_some_and(|user| {
+            user.devices
+                .iter()
+                .any(|d| self.gateway_alive(&d.gateway_id, now_ms))
+        })
     }
 
     /// Whether sessions on `gateway_id` count: a gateway that registered
@@ -684,8 +706,14 @@ impl MemoryStore {
 
     /// Removes every session on `gateway_id` (a scan of all users: reaping
     /// is rare, and an index per connection would cost every connection
-    /// memory); returns who went offline.
-    fn remove_sessions_of(&mut self, gateway_id: &str, now_ms: i64) -> Vec<pb::Presence> {
+    /// memory); returns who went offline. `counted`: the gateway is alive,
+    /// so its sessions counted until now.
+    fn remove_sessions_of(
+        &mut self,
+        gateway_id: &str,
+        now_ms: i64,
+        counted: bool,
+    ) -> Vec<pb::Presence> {
         let on_gateway: Vec<Session> = self
             .presence
             .iter()
@@ -702,7 +730,7 @@ impl MemoryStore {
             .collect();
         let mut offline = Vec::new();
         for session in on_gateway {
-            if self.close_session(&session, now_ms) {
+            if self.close_session(&session, now_ms, counted) {
                 offline.push(pb::Presence {
                     user_id: session.user_id,
                     online: false,
@@ -747,7 +775,8 @@ impl SessionStore for MemoryStore {
                     self.clear_push_pending(&session.user_id, None)?;
                 }
                 SessionChange::Closed { session, at_ms } => {
-                    if self.close_session(session, *at_ms) {
+                    let counted = self.gateway_alive(&session.addr.gateway_id, self.lease_now_ms());
+                    if self.close_session(session, *at_ms, counted) {
                         applied.presence.push(pb::Presence {
                             user_id: session.user_id.clone(),
                             online: false,
@@ -812,7 +841,8 @@ impl GatewayRegistry for MemoryStore {
         lease_ttl: Duration,
         now_ms: i64,
     ) -> StoreResult<Vec<pb::Presence>> {
-        let offline = self.remove_sessions_of(gateway_id, now_ms);
+        let alive = self.gateway_alive(gateway_id, self.lease_now_ms());
+        let offline = self.remove_sessions_of(gateway_id, now_ms, alive);
         let expires_ms = self.now_ms().saturating_add(lease_ttl.as_millis() as i64);
         self.leases.insert(gateway_id.to_owned(), expires_ms);
         self.known_gateways.insert(gateway_id.to_owned());
@@ -841,7 +871,11 @@ impl GatewayRegistry for MemoryStore {
             return Ok(None);
         }
         self.leases.remove(dead_gateway_id);
-        Ok(Some(self.remove_sessions_of(dead_gateway_id, now_ms)))
+        Ok(Some(self.remove_sessions_of(
+            dead_gateway_id,
+            now_ms,
+            false,
+        )))
     }
 
     fn deregister_gateway(
@@ -849,7 +883,8 @@ impl GatewayRegistry for MemoryStore {
         gateway_id: &str,
         now_ms: i64,
     ) -> StoreResult<Vec<pb::Presence>> {
-        let offline = self.remove_sessions_of(gateway_id, now_ms);
+        let alive = self.gateway_alive(gateway_id, self.lease_now_ms());
+        let offline = self.remove_sessions_of(gateway_id, now_ms, alive);
         self.known_gateways.remove(gateway_id);
         self.leases.remove(gateway_id);
         Ok(offline)
@@ -1009,7 +1044,7 @@ mod tests {
         let opened = s.open_session(&a_moved);
         assert_eq!(opened.replaced, Some(a.addr.clone()));
         assert_eq!(s.gateway_ids.len(), 2);
-        s.close_session(&b, 9);
+        s.close_session(&b, 9, true);
         assert_eq!(s.gateway_ids.len(), 1, "g1 went with its last device");
         assert_eq!(
             s.sessions_of_users(&["a".into()]).unwrap()[0],
@@ -1018,7 +1053,7 @@ mod tests {
                 addr: a_moved.addr.clone(),
             }]
         );
-        s.close_session(&a_moved, 10);
+        s.close_session(&a_moved, 10, true);
         assert!(s.gateway_ids.is_empty());
     }
 }

@@ -21,4 +21,8 @@ fn memory_store_meets_the_store_contract() {
     sessions_and_registry(MemoryStore::with_clock(clock.clone()), |_, _| {
         clock.advance(201)
     });
+    let clock = Arc::new(ManualClock::new(1_000));
+    presence_events_ignore_dead_gateways(MemoryStore::with_clock(clock.clone()), |_, _| {
+        clock.advance(501)
+    });
 }

@@ -11,7 +11,7 @@ use palaver_router::bus::Output;
 use palaver_router::logic::{ManualClock, Router, RouterConfig};
 use palaver_router::redis_store::{RedisConfig, RedisStore};
 use palaver_router::store::{
-    Appended, ConversationStore, GatewayRegistry, RangeRead, SessionChange,
+    Appended, ConversationStore, GatewayRegistry, RangeRead, SessionChange, SessionStore,
 };
 use palaver_testkit::stack::{Redis, RedisCluster};
 
@@ -29,16 +29,22 @@ fn all_checks(config: RedisConfig) {
     shared_conversations(RedisStore::connect(config.clone()).unwrap());
     sessions_and_registry(
         RedisStore::connect(config.clone()).unwrap(),
-        |s, gateway| {
-            // Redis expires the lease key on its own clock: wait for it.
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while !s.dead_gateways().unwrap().iter().any(|g| g == gateway) {
-                assert!(std::time::Instant::now() < deadline, "lease never expired");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        },
+        wait_for_lease_expiry,
+    );
+    presence_events_ignore_dead_gateways(
+        RedisStore::connect(config.clone()).unwrap(),
+        wait_for_lease_expiry,
     );
     router_over_redis(RedisStore::connect(config).unwrap());
+}
+
+/// Redis expires a lease key on its own clock: wait for it.
+fn wait_for_lease_expiry(s: &mut RedisStore, gateway: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !s.dead_gateways().unwrap().iter().any(|g| g == gateway) {
+        assert!(std::time::Instant::now() < deadline, "lease never expired");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
@@ -284,4 +290,61 @@ fn redis_dedup_is_bounded_by_the_window_and_reads_legacy_keys() {
         }
         other => panic!("expected the legacy duplicate, got {other:?}"),
     }
+}
+
+/// A session flush reads gateway leases (the `SMISMEMBER` of the liveness
+/// check) only when a changed user has a session on another gateway, and
+/// then once for the whole batch: users with no other session, or only
+/// sessions on the flushing gateway, cost the one pipeline.
+#[test]
+fn session_flush_reads_leases_only_for_users_on_other_gateways() {
+    let redis = Redis::start().expect("start redis-server");
+    let mut s = RedisStore::connect(RedisConfig::standalone(redis.url())).unwrap();
+    let mut raw = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let mut lease_reads = || -> u64 {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut raw)
+            .unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("cmdstat_smismember:calls="))
+            .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+    };
+    const LEASE: Duration = Duration::from_secs(30);
+    for gateway in ["g1", "g2"] {
+        s.register_gateway(gateway, LEASE, 1).unwrap();
+    }
+    let opened = |user: &str, device: &str, gw: &str, conn| {
+        SessionChange::Opened(session(user, device, gw, conn))
+    };
+    let closed = |user: &str, device: &str, gw: &str, conn| SessionChange::Closed {
+        session: session(user, device, gw, conn),
+        at_ms: 50,
+    };
+    let start = lease_reads();
+    let batch: Vec<SessionChange> = (0..100)
+        .map(|i| opened(&format!("n{i}"), "phone", "g1", i))
+        .chain([
+            opened("n0", "tablet", "g1", 200),
+            closed("n0", "phone", "g1", 0),
+            closed("n1", "phone", "g1", 1),
+        ])
+        .collect();
+    let applied = s.apply_sessions("g1", LEASE, 10, &batch).unwrap();
+    assert_eq!(applied.presence.len(), 101, "100 online, n1 offline");
+    assert_eq!(lease_reads(), start, "no other gateway involved");
+
+    let batch = [
+        opened("n2", "laptop", "g2", 300),
+        opened("n3", "laptop", "g2", 301),
+        closed("n0", "tablet", "g1", 200),
+    ];
+    s.apply_sessions("g2", LEASE, 20, &batch[..2]).unwrap();
+    assert_eq!(lease_reads(), start + 1, "one read for both users");
+    let applied = s.apply_sessions("g1", LEASE, 30, &batch[2..]).unwrap();
+    assert_eq!(applied.presence.len(), 1, "n0 had nothing elsewhere");
+    assert_eq!(lease_reads(), start + 1);
 }

@@ -16,6 +16,7 @@ use super::keys::{
     encode_addr, gateway_conns_key, lease_key, user_key, KNOWN_GATEWAYS, LEASE_PREFIX,
     PRESENCE_CHANNEL,
 };
+use super::sessions::Verdict;
 use super::{corrupt, from_value, RedisStore};
 
 pub(super) fn offline_presence(user_id: &str, at_ms: i64) -> pb::Presence {
@@ -63,7 +64,7 @@ impl GatewayRegistry for RedisStore {
         lease_ttl: Duration,
         now_ms: i64,
     ) -> StoreResult<Vec<pb::Presence>> {
-        let changes = self.reap_sessions_of(gateway_id, now_ms)?;
+        let changes = self.reap_sessions_of(gateway_id, now_ms, false)?;
         self.pipeline(vec![
             renew_lease_cmd(gateway_id, lease_ttl, now_ms),
             redis::cmd("SADD")
@@ -106,7 +107,7 @@ impl GatewayRegistry for RedisStore {
         if locked.is_none() {
             return Ok(None);
         }
-        let changes = self.reap_sessions_of(dead_gateway_id, now_ms)?;
+        let changes = self.reap_sessions_of(dead_gateway_id, now_ms, true)?;
         self.query::<()>(redis::cmd("SREM").arg(KNOWN_GATEWAYS).arg(dead_gateway_id))?;
         Ok(Some(changes))
     }
@@ -118,7 +119,7 @@ impl GatewayRegistry for RedisStore {
         gateway_id: &str,
         now_ms: i64,
     ) -> StoreResult<Vec<pb::Presence>> {
-        let changes = self.reap_sessions_of(gateway_id, now_ms)?;
+        let changes = self.reap_sessions_of(gateway_id, now_ms, false)?;
         self.pipeline(vec![
             redis::cmd("DEL").arg(lease_key(gateway_id)).clone(),
             redis::cmd("SREM")
@@ -131,17 +132,26 @@ impl GatewayRegistry for RedisStore {
 }
 
 impl RedisStore {
-    /// Removes every session registered on `gateway_id` (pipelined).
+    /// Removes every session registered on `gateway_id` (pipelined);
+    /// returns who went offline. A `dead` gateway's sessions did not count,
+    /// so a user goes offline through it only with their last session;
+    /// otherwise (judged by its lease) as in a batch of closes.
     fn reap_sessions_of(
         &mut self,
         gateway_id: &str,
         now_ms: i64,
+        dead: bool,
     ) -> StoreResult<Vec<pb::Presence>> {
         let conns_key = gateway_conns_key(gateway_id);
         let conns: HashMap<u64, String> = self.query(redis::cmd("HGETALL").arg(&conns_key))?;
         if conns.is_empty() {
             return Ok(Vec::new());
         }
+        let dead = dead
+            || !self
+                .dead_gateways_among(&HashSet::from([gateway_id.to_owned()]))?
+                .is_empty();
+        let live_gateway = if dead { "" } else { gateway_id };
         let mut sessions = Vec::with_capacity(conns.len());
         for (conn, who) in conns {
             let Some((user_id, device_id)) = who.split_once('\x1f') else {
@@ -159,7 +169,8 @@ impl RedisStore {
                 at_ms: now_ms,
             });
         }
-        let mut changes = Vec::new();
+        let mut verdicts = Vec::with_capacity(sessions.len());
+        let mut check = HashSet::new();
         for chunk in sessions.chunks(1000) {
             let mut cmds = Vec::with_capacity(chunk.len());
             for change in chunk {
@@ -171,17 +182,29 @@ impl RedisStore {
                             s.device_id.as_bytes(),
                             encode_addr(&s.addr).as_bytes(),
                             at_ms.to_string().as_bytes(),
+                            live_gateway.as_bytes(),
                         ],
                     ));
                 }
             }
-            for (change, reply) in chunk.iter().zip(self.pipeline(cmds)?) {
-                let (_removed, offline): (i64, i64) = from_value(reply)?;
-                if let (SessionChange::Closed { session, at_ms }, 1) = (change, offline) {
-                    changes.push(offline_presence(&session.user_id, *at_ms));
-                }
+            for reply in self.pipeline(cmds)? {
+                let (_removed, offline, rest): (i64, i64, Vec<String>) = from_value(reply)?;
+                verdicts.push(if offline == 1 {
+                    Verdict::Yes
+                } else if rest.is_empty() {
+                    Verdict::No
+                } else {
+                    Verdict::if_all_dead(&rest, &mut check)
+                });
             }
         }
+        let dead_elsewhere = self.dead_gateways_among(&check)?;
+        let changes = sessions
+            .iter()
+            .zip(verdicts)
+            .filter(|(_, verdict)| verdict.holds(&dead_elsewhere))
+            .map(|(change, _)| offline_presence(&change.session().user_id, now_ms))
+            .collect();
         self.query::<()>(redis::cmd("DEL").arg(&conns_key))?;
         Ok(changes)
     }

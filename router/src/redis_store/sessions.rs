@@ -1,5 +1,6 @@
 //! `impl SessionStore for RedisStore`: the batched session writes (one
-//! pipeline per gateway per flush), last seen, and the session and presence
+//! pipeline per gateway per flush, plus one lease read when a user has
+//! sessions on other gateways), last seen, and the session and presence
 //! reads (sessions on dead gateways left out).
 
 use std::collections::{HashMap, HashSet};
@@ -18,11 +19,46 @@ use super::gateways::renew_lease_cmd;
 use super::keys::{decode_addr, encode_addr, gateway_conns_key, user_key};
 use super::{corrupt, from_value, RedisStore};
 
+/// Whether a session change moved the user's presence, as the scripts
+/// answer it: sessions on dead gateways do not count, and the gateways'
+/// leases are in another slot than the user's keys, so a script can only
+/// name the gateways to judge.
+pub(super) enum Verdict {
+    Yes,
+    No,
+    /// Yes iff every one of these gateways is dead.
+    IfAllDead(Vec<String>),
+}
+
+impl Verdict {
+    /// From the addresses a script returned, none of them on a gateway
+    /// known to be alive.
+    pub(super) fn if_all_dead(addrs: &[String], check: &mut HashSet<String>) -> Self {
+        let gateways: Vec<String> = addrs
+            .iter()
+            .filter_map(|a| decode_addr(a))
+            .map(|a| a.gateway_id)
+            .collect();
+        check.extend(gateways.iter().cloned());
+        Verdict::IfAllDead(gateways)
+    }
+
+    pub(super) fn holds(&self, dead: &HashSet<String>) -> bool {
+        match self {
+            Verdict::Yes => true,
+            Verdict::No => false,
+            Verdict::IfAllDead(gateways) => gateways.iter().all(|g| dead.contains(g)),
+        }
+    }
+}
+
 impl SessionStore for RedisStore {
     /// ONE pipeline: renew the lease, register opened sessions, unregister
     /// closed ones (setting last-seen when a user's last session closes),
     /// clear the push-pending marks of users who connected. Commands: 1 + 3
-    /// per opened and 2 per closed session.
+    /// per opened and 2 per closed session. When a changed user has
+    /// sessions on other gateways, one more round trip reads those
+    /// gateways' leases, for the whole batch at once.
     fn apply_sessions(
         &mut self,
         gateway_id: &str,
@@ -60,6 +96,8 @@ impl SessionStore for RedisStore {
                             s.device_id.as_bytes(),
                             addr.as_bytes(),
                             at_ms.to_string().as_bytes(),
+                            // This gateway just renewed its lease: alive.
+                            gateway_id.as_bytes(),
                         ],
                     ));
                     cmds.push(redis::cmd("HDEL").arg(&conns).arg(s.addr.conn).clone());
@@ -69,10 +107,12 @@ impl SessionStore for RedisStore {
         let replies = self.pipeline(cmds)?;
         let mut replies = replies.into_iter().skip(1);
         let mut result = SessionsApplied::default();
+        let mut verdicts = Vec::with_capacity(changes.len());
+        let mut check = HashSet::new();
         for change in changes {
             match change {
                 SessionChange::Opened(s) => {
-                    let (prev, had): (String, i64) =
+                    let (prev, before): (String, Vec<String>) =
                         from_value(replies.next().unwrap_or(Value::Nil))?;
                     replies.next();
                     replies.next();
@@ -84,23 +124,46 @@ impl SessionStore for RedisStore {
                     if let Some(prev) = prev.filter(|p| *p != s.addr) {
                         result.replaced.push((s.clone(), prev));
                     }
-                    if had == 0 {
-                        result.presence.push(pb::Presence {
-                            user_id: s.user_id.clone(),
-                            online: true,
-                            last_seen_ms: 0,
-                        });
-                    }
+                    // Came online iff no session before counted.
+                    let on_this_gateway = before
+                        .iter()
+                        .filter_map(|a| decode_addr(a))
+                        .any(|a| a.gateway_id == gateway_id);
+                    verdicts.push(if before.is_empty() {
+                        Verdict::Yes
+                    } else if on_this_gateway {
+                        Verdict::No
+                    } else {
+                        Verdict::if_all_dead(&before, &mut check)
+                    });
                 }
-                SessionChange::Closed { session: s, at_ms } => {
-                    let (_removed, offline): (i64, i64) =
+                SessionChange::Closed { .. } => {
+                    let (_removed, offline, rest): (i64, i64, Vec<String>) =
                         from_value(replies.next().unwrap_or(Value::Nil))?;
                     replies.next();
-                    if offline == 1 {
-                        result.presence.push(offline_presence(&s.user_id, *at_ms));
-                    }
+                    verdicts.push(if offline == 1 {
+                        Verdict::Yes
+                    } else if rest.is_empty() {
+                        Verdict::No
+                    } else {
+                        Verdict::if_all_dead(&rest, &mut check)
+                    });
                 }
             }
+        }
+        let dead = self.dead_gateways_among(&check)?;
+        for (change, verdict) in changes.iter().zip(verdicts) {
+            if !verdict.holds(&dead) {
+                continue;
+            }
+            result.presence.push(match change {
+                SessionChange::Opened(s) => pb::Presence {
+                    user_id: s.user_id.clone(),
+                    online: true,
+                    last_seen_ms: 0,
+                },
+                SessionChange::Closed { session: s, at_ms } => offline_presence(&s.user_id, *at_ms),
+            });
         }
         Ok(result)
     }

@@ -391,6 +391,174 @@ pub fn sessions_and_registry<S: Store>(mut s: S, mut expire_lease: impl FnMut(&m
     assert!(!s.presence_of_users(&["t4".into()]).unwrap()[0].online);
 }
 
+/// Presence events count only sessions on live gateways, as the reads do:
+/// a user whose other sessions sit on a dead (lease run out, not yet reaped)
+/// gateway comes online with a session elsewhere and goes offline when the
+/// last live one closes, whether it closes in a batch, a clean shutdown or
+/// a restart. `expire_lease(store, gateway)` returns once that gateway's
+/// lease (500 ms) has run out.
+pub fn presence_events_ignore_dead_gateways<S: Store>(
+    mut s: S,
+    mut expire_lease: impl FnMut(&mut S, &str),
+) {
+    const LEASE: Duration = Duration::from_secs(30);
+    const SHORT: Duration = Duration::from_millis(500);
+    let online = |user: &str| pb::Presence {
+        user_id: user.into(),
+        online: true,
+        last_seen_ms: 0,
+    };
+    let offline = |user: &str, at_ms| pb::Presence {
+        user_id: user.into(),
+        online: false,
+        last_seen_ms: at_ms,
+    };
+    let gone = |at_ms| UserPresence {
+        online: false,
+        last_seen_ms: at_ms,
+    };
+    let here = UserPresence {
+        online: true,
+        last_seen_ms: 0,
+    };
+    let opened = |s: &Session| SessionChange::Opened(s.clone());
+    let closed = |s: &Session, at_ms| SessionChange::Closed {
+        session: s.clone(),
+        at_ms,
+    };
+    let users = |ids: &[&str]| ids.iter().map(|u| u.to_string()).collect::<Vec<_>>();
+    for gateway in ["gL", "gX", "gR"] {
+        assert!(s.register_gateway(gateway, LEASE, 1).unwrap().is_empty());
+    }
+    assert!(s.register_gateway("gD", SHORT, 1).unwrap().is_empty());
+
+    // One device each on gD, the gateway that is going to die.
+    let on_dead: Vec<Session> = (1..=7u64)
+        .map(|i| session(&format!("q{i}"), "tablet", "gD", i))
+        .collect();
+    let changes: Vec<SessionChange> = on_dead.iter().map(opened).collect();
+    let applied = s.apply_sessions("gD", SHORT, 10, &changes).unwrap();
+    let firsts: Vec<pb::Presence> = (1..=7).map(|i| online(&format!("q{i}"))).collect();
+    assert_eq!(applied.presence, firsts);
+    // Second devices on live gateways while gD lives: nobody comes online.
+    let (q2_phone, q4_phone, q5_phone, q6_phone) = (
+        session("q2", "phone", "gL", 12),
+        session("q4", "phone", "gL", 14),
+        session("q5", "phone", "gX", 15),
+        session("q6", "phone", "gR", 16),
+    );
+    let applied = s
+        .apply_sessions(
+            "gL",
+            LEASE,
+            20,
+            &[opened(&q2_phone), opened(&q4_phone), closed(&q4_phone, 25)],
+        )
+        .unwrap();
+    assert_eq!(applied, SessionsApplied::default(), "q4 still on gD");
+    assert!(s
+        .apply_sessions("gX", LEASE, 30, &[opened(&q5_phone)])
+        .unwrap()
+        .presence
+        .is_empty());
+    assert!(s
+        .apply_sessions("gR", LEASE, 30, &[opened(&q6_phone)])
+        .unwrap()
+        .presence
+        .is_empty());
+
+    expire_lease(&mut s, "gD");
+    assert_eq!(s.dead_gateways().unwrap(), ["gD"]);
+    let before = s
+        .presence_of_users(&users(&["q1", "q2", "q3", "q5", "q6", "q7"]))
+        .unwrap();
+    assert_eq!(before, vec![gone(0), here, gone(0), here, here, gone(0)]);
+
+    // q1 reconnects the same device through gL (its old address, on gD, is
+    // replaced), q3 connects another device: both came online, as the
+    // reads already say.
+    let (q1_phone, q3_phone) = (
+        session("q1", "tablet", "gL", 21),
+        session("q3", "phone", "gL", 23),
+    );
+    let applied = s
+        .apply_sessions("gL", LEASE, 100, &[opened(&q1_phone), opened(&q3_phone)])
+        .unwrap();
+    assert_eq!(applied.replaced, vec![(q1_phone.clone(), addr("gD", 1))]);
+    assert_eq!(applied.presence, vec![online("q1"), online("q3")]);
+    assert_eq!(
+        s.presence_of_users(&users(&["q1", "q3"])).unwrap(),
+        vec![here, here]
+    );
+
+    // q2's last live session closes: offline, last seen at the close. In
+    // the same batch q7 comes online and goes again (batch order holds),
+    // next to a user with no session anywhere else.
+    let q7_phone = session("q7", "phone", "gL", 27);
+    let fresh = session("q8", "phone", "gL", 28);
+    let applied = s
+        .apply_sessions(
+            "gL",
+            LEASE,
+            200,
+            &[
+                closed(&q2_phone, 200),
+                opened(&q7_phone),
+                opened(&fresh),
+                closed(&q7_phone, 210),
+            ],
+        )
+        .unwrap();
+    assert!(applied.replaced.is_empty());
+    assert_eq!(
+        applied.presence,
+        vec![
+            offline("q2", 200),
+            online("q7"),
+            online("q8"),
+            offline("q7", 210)
+        ]
+    );
+    assert_eq!(
+        s.presence_of_users(&users(&["q2", "q7", "q8"])).unwrap(),
+        vec![gone(200), gone(210), here]
+    );
+    assert_eq!(s.sessions_of_users(&users(&["q2"])).unwrap(), vec![vec![]]);
+
+    // A clean shutdown of gX takes q5's last live session: offline.
+    assert_eq!(
+        s.deregister_gateway("gX", 300).unwrap(),
+        vec![offline("q5", 300)]
+    );
+    // gR restarting inside its lease removes what its previous run left:
+    // q6's last live session, offline.
+    assert_eq!(
+        s.register_gateway("gR", LEASE, 400).unwrap(),
+        vec![offline("q6", 400)]
+    );
+    assert_eq!(
+        s.presence_of_users(&users(&["q5", "q6"])).unwrap(),
+        vec![gone(300), gone(400)]
+    );
+
+    // Reaping gD: q4 (whose other device closed while gD lived) goes
+    // offline now; q1's old address was replaced and q3 is on gL, so they
+    // stay online. Users already reported offline whose last session was on
+    // gD (q2, q5, q6, q7) are reported again, last seen moving to the reap:
+    // the store does not record which offline was already announced.
+    let mut reaped = s.reap_gateway("gD", "gL", 999).unwrap().unwrap();
+    reaped.sort_by(|a, b| a.user_id.cmp(&b.user_id));
+    let expected: Vec<pb::Presence> = ["q2", "q4", "q5", "q6", "q7"]
+        .iter()
+        .map(|u| offline(u, 999))
+        .collect();
+    assert_eq!(reaped, expected);
+    assert_eq!(
+        s.presence_of_users(&users(&["q1", "q3", "q4"])).unwrap(),
+        vec![here, here, gone(999)]
+    );
+}
+
 /// `append_messages`: in slice order, consecutive seqs per conversation,
 /// a repeated client_msg_id inside the batch is a duplicate of the first.
 pub fn append_batch_in_order<S: Store>(mut s: S) {

@@ -2,8 +2,11 @@
 -- Record a device's session (replacing the device's previous one).
 --
 -- KEYS: sessions hash, seen. ARGV: device, addr.
--- Returns {previous addr or '', had sessions before 0/1}.
-local had = redis.call('HLEN', KEYS[1])
+-- Returns {previous addr or '', every addr registered before (the previous
+-- one included)}. Whether the user came online depends on those addrs'
+-- gateways' leases, which live in another slot: the caller judges it (an
+-- empty list, the common case, means yes).
+local before = redis.call('HVALS', KEYS[1])
 local prev = redis.call('HGET', KEYS[1], ARGV[1]) or ''
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-return {prev, had}
+return {prev, before}
