@@ -320,8 +320,9 @@ pub struct SessionsApplied {
     /// the opened session that replaced them: each must get
     /// `GoAway(REPLACED)`.
     pub replaced: Vec<(Session, SessionAddr)>,
-    /// Users who came online (first session) or went offline (last session
-    /// closed, `last_seen_ms` set to the close time), in change order.
+    /// Users who came online (first session on a live gateway) or went
+    /// offline (their last session on a live gateway closed, `last_seen_ms`
+    /// set to the close time), in change order.
     pub presence: Vec<pb::Presence>,
 }
 
@@ -345,17 +346,20 @@ pub struct UserPresence {
 pub trait SessionStore {
     /// Apply one gateway's session changes in order and renew its lease
     /// (`lease_ttl` from now): ONE pipelined round trip in Redis however
-    /// many changes, so presence costs churn plus gateways, never connected
+    /// many changes (see `Closed` below for the one exception), so presence costs churn plus gateways, never connected
     /// users (DESIGN "presence without a heartbeat storm").
     ///
     /// - `Opened`: the (user, device) now maps to the session's address,
     ///   atomically per user; a different previous address is reported in
     ///   [`SessionsApplied::replaced`]; the user came online if they had no
-    ///   session before; the user's pending push marks are cleared.
+    ///   session on a live gateway before; the user's pending push marks
+    ///   are cleared.
     /// - `Closed`: removed ONLY if the (user, device) is still registered at
     ///   that address (a replaced connection closing late must not remove
-    ///   its replacement); if it was the user's last session, the user went
-    ///   offline and last-seen is `at_ms`.
+    ///   its replacement); if no session on a live gateway is left (and
+    ///   this one counted), the user went offline and last-seen is `at_ms`.
+    ///   In Redis, a user with sessions on other gateways costs one more
+    ///   round trip per batch (their leases are read).
     fn apply_sessions(
         &mut self,
         gateway_id: &str,
