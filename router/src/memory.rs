@@ -307,10 +307,14 @@ impl ConversationStore for MemoryStore {
         mut message: pb::Message,
         retention: &Retention,
     ) -> StoreResult<Appended> {
-        let state = self
-            .conversations
-            .entry(conversation_id.to_owned())
-            .or_default();
+        // Looked up before `entry`, which would copy the id every time.
+        let state = match self.conversations.get_mut(conversation_id) {
+            Some(state) => state,
+            None => self
+                .conversations
+                .entry(conversation_id.to_owned())
+                .or_default(),
+        };
         // Dedup is tied to the history window (see `History`): the original
         // is remembered while it is stored and its dedup TTL has not passed.
         if let Some(original) = state.history.find(&message.client_msg_id, retention.now_ms) {
@@ -532,15 +536,20 @@ impl UserStore for MemoryStore {
         Ok(())
     }
 
-    fn mark_push_pending(
+    fn mark_push_pending<U: AsRef<str>>(
         &mut self,
         conversation_id: &str,
-        user_ids: &[String],
+        user_ids: &[U],
     ) -> StoreResult<Vec<bool>> {
         Ok(user_ids
             .iter()
             .map(|user_id| {
-                let user = self.users.entry(user_id.clone()).or_default();
+                let user_id = user_id.as_ref();
+                // Looked up before `entry`, which would copy the id every time.
+                let user = match self.users.get_mut(user_id) {
+                    Some(user) => user,
+                    None => self.users.entry(user_id.to_owned()).or_default(),
+                };
                 if user.push_pending.contains(conversation_id) {
                     false
                 } else {
@@ -789,11 +798,14 @@ impl SessionStore for MemoryStore {
         Ok(applied)
     }
 
-    fn sessions_of_users(&mut self, user_ids: &[String]) -> StoreResult<Vec<Vec<DeviceSession>>> {
+    fn sessions_of_users<U: AsRef<str>>(
+        &mut self,
+        user_ids: &[U],
+    ) -> StoreResult<Vec<Vec<DeviceSession>>> {
         let now_ms = self.lease_now_ms();
         Ok(user_ids
             .iter()
-            .map(|user_id| match self.presence.get(user_id.as_str()) {
+            .map(|user_id| match self.presence.get(user_id.as_ref()) {
                 None => Vec::new(),
                 Some(user) => user
                     .devices
@@ -1047,7 +1059,7 @@ mod tests {
         s.close_session(&b, 9, true);
         assert_eq!(s.gateway_ids.len(), 1, "g1 went with its last device");
         assert_eq!(
-            s.sessions_of_users(&["a".into()]).unwrap()[0],
+            s.sessions_of_users(&["a"]).unwrap()[0],
             vec![DeviceSession {
                 device_id: "phone".into(),
                 addr: a_moved.addr.clone(),

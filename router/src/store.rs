@@ -276,10 +276,10 @@ pub trait UserStore {
     /// `true` if it was not pending before (the caller emits a push event
     /// exactly for those), in input order. Marks have no TTL; they are
     /// cleared by [`UserStore::clear_push_pending`].
-    fn mark_push_pending(
+    fn mark_push_pending<U: AsRef<str>>(
         &mut self,
         conversation_id: &str,
-        user_ids: &[String],
+        user_ids: &[U],
     ) -> StoreResult<Vec<bool>>;
 
     /// Clear the user's pending push mark for one conversation, or for all of
@@ -370,8 +370,12 @@ pub trait SessionStore {
 
     /// Every session of each user on a live gateway, in input order (an
     /// empty list for users without one). One pipelined round trip for all
-    /// users.
-    fn sessions_of_users(&mut self, user_ids: &[String]) -> StoreResult<Vec<Vec<DeviceSession>>>;
+    /// users. Generic over the id type so the router can pass ids it
+    /// borrows (a Send's members) without copying them.
+    fn sessions_of_users<U: AsRef<str>>(
+        &mut self,
+        user_ids: &[U],
+    ) -> StoreResult<Vec<Vec<DeviceSession>>>;
 
     /// Presence of each user, in input order: online iff a session on a
     /// live gateway. One pipelined round trip.

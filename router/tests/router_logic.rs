@@ -1691,6 +1691,47 @@ fn store_failures_become_unavailable_for_the_driver() {
 }
 
 #[test]
+fn a_batch_whose_push_mark_fails_leaves_no_frame_of_its_sends() {
+    // The Sends' frames go straight into `out`: when a later Send's push
+    // mark fails, the earlier Send's Deliver and ack are taken back (what
+    // `out` held before stays), and the retry acks each Send with the seq
+    // it got.
+    let mut h = Harness::new();
+    let alice = h.open("alice", "phone", 1);
+    h.open("bob", "phone", 2);
+    let reqs = vec![
+        request(&alice, 1, send_body(DM, 1, "to bob, online")),
+        request(
+            &alice,
+            2,
+            send_body("dm:alice:carol", 2, "to carol, offline"),
+        ),
+    ];
+    let mut out = Output::default();
+    let earlier = Router::<Instrumented>::internal_error_reply(&reqs[0]);
+    out.frames.push(earlier.clone());
+    h.router.store_mut().fail_on = Some("mark_push_pending");
+    let mut progress = palaver_router::logic::BatchProgress::default();
+    h.router
+        .handle_batch(&reqs, &mut out, &mut progress)
+        .expect_err("the push mark fails");
+    assert_eq!(out.frames, vec![earlier]);
+    assert!(out.pushes.is_empty());
+    assert_eq!((progress.done, progress.frames), (0, 1));
+
+    h.router.store_mut().fail_on = None;
+    let mut out = Output::default();
+    h.router
+        .handle_batch(&reqs, &mut out, &mut progress)
+        .expect("memory store does not fail");
+    let acks: Vec<(u32, u64)> = to(&out, &alice.addr)
+        .iter()
+        .filter_map(|f| ack(f).map(|a| (f.request_id, a.seq)))
+        .collect();
+    assert_eq!(acks, vec![(1, 1), (2, 1)]);
+}
+
+#[test]
 fn sync_terminates_when_a_listed_group_record_is_missing() {
     use palaver_router::store::{ConversationStore, Retention, UserStore};
     let mut h = Harness::new();

@@ -7,23 +7,18 @@ use palaver_protocol::pb::{self, frame::Body, ErrorCode};
 use prost::Message as _;
 
 use super::{
-    direct_access, direct_info, error_frame, event, group_access, group_info,
-    parse_conversation_id, reject, reply, Access, ConversationRef, Failure, Rejection, Router,
+    access, direct_info, error_frame, event, group_info, parse_conversation_id, reject, reply,
+    Access, ConversationRef, Failure, Rejection, Router,
 };
-use crate::api::Inbound;
+use crate::api::{Inbound, SessionAddr};
 use crate::bus::{Addressed, Output, PushEvent};
-use crate::store::{Appended, GroupRecord, RangeRead, Retention, Store, StoreError, StoreResult};
+use crate::store::{Appended, RangeRead, Retention, Store, StoreError, StoreResult};
 
 impl<S: Store> Router<S> {
     // ---- Messages ------------------------------------------------------
 
-    pub(super) fn send(
-        &mut self,
-        req: &Inbound,
-        send: &pb::Send,
-        out: &mut Output,
-    ) -> Result<(), Failure> {
-        Ok(self.send_many(&[(req, send)], out)?)
+    pub(super) fn send(&mut self, req: &Inbound, out: &mut Output) -> Result<(), Failure> {
+        Ok(self.send_many(std::slice::from_ref(req), out)?)
     }
 
     /// The checks of a Send that need no store, in SPEC §14's order (the
@@ -67,54 +62,50 @@ impl<S: Store> Router<S> {
     /// of any of them is in `out` (push events of marks already set are,
     /// since those effects happened) and the error is returned; the caller
     /// retries them, which dedup makes safe.
-    pub(super) fn send_many(
-        &mut self,
-        sends: &[(&Inbound, &pb::Send)],
-        out: &mut Output,
-    ) -> StoreResult<()> {
-        // 1. Checks without the store; group conversations to look up.
-        let mut checked: Vec<Result<Option<Access>, Rejection>> = Vec::with_capacity(sends.len());
+    ///
+    /// `sends` are requests whose body is a Send (a run of them:
+    /// [`Router::handle_batch`]); any other is skipped.
+    ///
+    /// Member ids are borrowed from the conversation ids and the group
+    /// records throughout, never copied: this is the per-message path.
+    pub(super) fn send_many(&mut self, sends: &[Inbound], out: &mut Output) -> StoreResult<()> {
+        let sends = || {
+            sends.iter().filter_map(|req| match &req.body {
+                Body::Send(send) => Some((req, send)),
+                _ => None,
+            })
+        };
+        // 1. Checks, with one read of the groups the Sends name.
         let mut group_ids: Vec<String> = Vec::new();
-        for (req, send) in sends {
-            let user = &req.from.user_id;
-            let result = self.check_send(send).and_then(|()| {
-                match parse_conversation_id(&send.conversation_id)? {
-                    ConversationRef::Direct { a, b } => direct_access(user, a, b).map(Some),
-                    ConversationRef::Group => Ok(None),
-                }
-            });
-            checked.push(match result {
-                Ok(None) => {
-                    if !group_ids.contains(&send.conversation_id) {
-                        group_ids.push(send.conversation_id.clone());
-                    }
-                    Ok(None)
-                }
-                Ok(access) => Ok(access),
-                Err(Failure::Rejected(code, message)) => Err((code, message)),
-                Err(Failure::Store(e)) => return Err(e),
-            });
+        for (_, send) in sends() {
+            let group = self.check_send(send).is_ok()
+                && matches!(
+                    parse_conversation_id(&send.conversation_id),
+                    Ok(ConversationRef::Group)
+                );
+            if group && !group_ids.contains(&send.conversation_id) {
+                group_ids.push(send.conversation_id.clone());
+            }
         }
-        let mut groups: HashMap<String, Option<GroupRecord>> = HashMap::new();
-        if !group_ids.is_empty() {
-            let records = self.store.groups(&group_ids)?;
-            groups.extend(group_ids.into_iter().zip(records));
-        }
-        let accesses: Vec<Result<Access, Rejection>> = checked
-            .into_iter()
-            .zip(sends)
-            .map(|(checked, (req, send))| match checked {
-                Ok(Some(access)) => Ok(access),
-                Ok(None) => {
-                    let group = groups.get(&send.conversation_id).cloned().flatten();
-                    group_access(&send.conversation_id, &req.from.user_id, group).map_err(|f| {
-                        match f {
-                            Failure::Rejected(code, message) => (code, message),
-                            Failure::Store(e) => (ErrorCode::Internal, e.to_string()),
-                        }
+        let groups = if group_ids.is_empty() {
+            Vec::new()
+        } else {
+            self.store.groups(&group_ids)?
+        };
+        let accesses: Vec<Result<Access, Rejection>> = sends()
+            .map(|(req, send)| {
+                // A batch names few groups: a linear search.
+                let group = group_ids
+                    .iter()
+                    .position(|id| *id == send.conversation_id)
+                    .and_then(|i| groups.get(i))
+                    .and_then(Option::as_ref);
+                self.check_send(send)
+                    .and_then(|()| access(&send.conversation_id, &req.from.user_id, group))
+                    .map_err(|f| match f {
+                        Failure::Rejected(code, message) => (code, message),
+                        Failure::Store(e) => (ErrorCode::Internal, e.to_string()),
                     })
-                }
-                Err(rejected) => Err(rejected),
             })
             .collect();
 
@@ -125,8 +116,8 @@ impl<S: Store> Router<S> {
             dedup_ttl_ms: self.config.dedup_ttl_ms,
             history_window: self.config.history_window,
         };
-        let mut appends = Vec::with_capacity(sends.len());
-        for ((req, send), access) in sends.iter().zip(&accesses) {
+        let mut appends = Vec::with_capacity(accesses.len());
+        for ((req, send), access) in sends().zip(&accesses) {
             if access.is_ok() {
                 appends.push((
                     send.conversation_id.clone(),
@@ -151,79 +142,94 @@ impl<S: Store> Router<S> {
         } else {
             self.store.append_messages(appends, &retention)?
         };
+        let accepted = accesses.iter().filter(|a| a.is_ok()).count();
+        if appended.len() != accepted {
+            return Err(StoreError::Corrupt("fewer appends than asked".into()));
+        }
 
         // 3. A direct conversation is listed for both users by its first
         // message, and again on a retry (the first attempt may have stopped
         // right after the append).
-        let mut appended_iter = appended.iter();
-        let mut results: Vec<Result<(&Access, &Appended), Rejection>> =
-            Vec::with_capacity(sends.len());
-        for access in &accesses {
-            match access {
-                Ok(access) => match appended_iter.next() {
-                    Some(appended) => results.push(Ok((access, appended))),
-                    None => return Err(StoreError::Corrupt("fewer appends than asked".into())),
-                },
-                Err(rejected) => results.push(Err(rejected.clone())),
-            }
-        }
-        for ((_, send), result) in sends.iter().zip(&results) {
-            if let Ok((Access::Direct(users), appended)) = result {
+        let accepted = || accesses.iter().filter_map(|a| a.as_ref().ok().copied());
+        let accepted_sends = sends().zip(&accesses).filter(|(_, a)| a.is_ok());
+        for ((access, appended), ((_, send), _)) in accepted().zip(&appended).zip(accepted_sends) {
+            if let Access::Direct([a, b]) = access {
                 let first = match appended {
                     Appended::Duplicate(_) => true,
                     Appended::Stored(message) => message.seq == 1,
                 };
                 if first {
                     self.store
-                        .add_conversation_to_users(&send.conversation_id, users)?;
+                        .add_conversation_to_users(&send.conversation_id, &[a.into(), b.into()])?;
                 }
             }
         }
 
-        // 4. One session lookup for the members of every stored message.
-        let mut users: Vec<String> = Vec::new();
-        let mut user_index: HashMap<String, usize> = HashMap::new();
-        for (access, appended) in results.iter().flatten() {
+        // 4. One session lookup for the members of every stored message:
+        // each user once, found again by binary search.
+        let mut users: Vec<&str> = Vec::with_capacity(
+            accepted()
+                .zip(&appended)
+                .filter(|(_, a)| matches!(a, Appended::Stored(_)))
+                .map(|(access, _)| access.member_count())
+                .sum(),
+        );
+        for (access, appended) in accepted().zip(&appended) {
             if let Appended::Stored(_) = appended {
-                for user in access.member_ids() {
-                    if !user_index.contains_key(&user) {
-                        user_index.insert(user.clone(), users.len());
-                        users.push(user);
-                    }
-                }
+                users.extend(access.member_ids());
             }
         }
+        users.sort_unstable();
+        users.dedup();
         let sessions = if users.is_empty() {
             Vec::new()
         } else {
             self.store.sessions_of_users(&users)?
         };
 
-        // 5. The frames, in input order; push marks for offline members.
-        let mut frames = Vec::new();
-        for ((req, send), result) in sends.iter().zip(results) {
-            let (access, appended) = match result {
+        // 5. The frames, in input order, straight into `out` (taken back
+        // if a push mark fails); push marks for offline members.
+        let frames_before = out.frames.len();
+        let mut appended = appended.into_iter();
+        for ((req, send), access) in sends().zip(accesses) {
+            let access = match access {
                 Err((code, message)) => {
-                    frames.push(error_frame(req, code, message));
+                    out.frames.push(error_frame(req, code, message));
                     continue;
                 }
-                Ok(ok) => ok,
+                Ok(access) => access,
             };
-            let message = match appended {
-                Appended::Duplicate(ack) => {
-                    frames.push(reply(req, Body::SendAck(ack.clone())));
+            let message = match appended.next() {
+                Some(Appended::Duplicate(ack)) => {
+                    out.frames.push(reply(req, Body::SendAck(ack)));
                     continue;
                 }
-                Appended::Stored(message) => message,
+                Some(Appended::Stored(message)) => message,
+                // Counted above.
+                None => {
+                    out.frames.truncate(frames_before);
+                    return Err(StoreError::Corrupt("fewer appends than asked".into()));
+                }
             };
+            let ack = pb::SendAck {
+                client_msg_id: message.client_msg_id.clone(),
+                message_id: message.message_id.clone(),
+                conversation_id: send.conversation_id.clone(),
+                seq: message.seq,
+                server_time_ms: message.server_time_ms,
+            };
+            // The message moves into the Deliver; each recipient but the
+            // last gets a copy, the last the original.
             let deliver = event(Body::Deliver(pb::Deliver {
-                message: Some(message.clone()),
+                message: Some(message),
             }));
+            let mut last: Option<&SessionAddr> = None;
             let mut offline = Vec::new();
             for user_id in access.member_ids() {
-                let devices = user_index
-                    .get(&user_id)
-                    .and_then(|&i| sessions.get(i))
+                let devices = users
+                    .binary_search(&user_id)
+                    .ok()
+                    .and_then(|i| sessions.get(i))
                     .map_or(&[][..], Vec::as_slice);
                 if devices.is_empty() {
                     if user_id != req.from.user_id {
@@ -233,9 +239,42 @@ impl<S: Store> Router<S> {
                 }
                 for device in devices {
                     if device.addr != req.from.addr {
-                        frames.push(Addressed {
-                            to: device.addr.clone(),
-                            frame: deliver.clone(),
+                        if let Some(to) = last.replace(&device.addr) {
+                            out.frames.push(Addressed {
+                                to: to.clone(),
+                                frame: deliver.clone(),
+                            });
+                        }
+                    }
+                }
+            }
+            if let Some(to) = last {
+                out.frames.push(Addressed {
+                    to: to.clone(),
+                    frame: deliver,
+                });
+            }
+            if !offline.is_empty() {
+                let fresh = match self
+                    .store
+                    .mark_push_pending(&send.conversation_id, &offline)
+                {
+                    Ok(fresh) => fresh,
+                    Err(e) => {
+                        out.frames.truncate(frames_before);
+                        return Err(e);
+                    }
+                };
+                for (user_id, fresh) in offline.into_iter().zip(fresh) {
+                    if fresh {
+                        out.pushes.push(PushEvent {
+                            user_id: user_id.to_owned(),
+                            conversation_id: send.conversation_id.clone(),
+                            seq: ack.seq,
+                            message_id: ack.message_id.clone(),
+                            sender_user_id: req.from.user_id.clone(),
+                            kind: send.kind,
+                            server_time_ms: ack.server_time_ms,
                         });
                     }
                 }
@@ -244,36 +283,8 @@ impl<S: Store> Router<S> {
             // SendAck: no connection sees a different order (the sending
             // connection gets no Deliver, SPEC §6), and the delivery is the
             // latency that counts (one write less ahead of it).
-            frames.push(reply(
-                req,
-                Body::SendAck(pb::SendAck {
-                    client_msg_id: message.client_msg_id.clone(),
-                    message_id: message.message_id.clone(),
-                    conversation_id: send.conversation_id.clone(),
-                    seq: message.seq,
-                    server_time_ms: message.server_time_ms,
-                }),
-            ));
-            if !offline.is_empty() {
-                let fresh = self
-                    .store
-                    .mark_push_pending(&send.conversation_id, &offline)?;
-                for (user_id, fresh) in offline.into_iter().zip(fresh) {
-                    if fresh {
-                        out.pushes.push(PushEvent {
-                            user_id,
-                            conversation_id: send.conversation_id.clone(),
-                            seq: message.seq,
-                            message_id: message.message_id.clone(),
-                            sender_user_id: message.sender_user_id.clone(),
-                            kind: message.kind,
-                            server_time_ms: message.server_time_ms,
-                        });
-                    }
-                }
-            }
+            out.frames.push(reply(req, Body::SendAck(ack)));
         }
-        out.frames.extend(frames);
         Ok(())
     }
 

@@ -146,7 +146,16 @@ impl IdGen {
 
     fn next(&mut self) -> String {
         self.counter += 1;
-        format!("{:016x}{:016x}", self.node, self.counter)
+        // What `format!("{:016x}{:016x}")` makes, in one exact allocation
+        // without the formatting machinery (one per message).
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut id = String::with_capacity(32);
+        for word in [self.node, self.counter] {
+            for shift in (0..16).rev() {
+                id.push(char::from(HEX[(word >> (shift * 4)) as usize & 0xf]));
+            }
+        }
+        id
     }
 }
 
@@ -179,17 +188,33 @@ enum ConversationRef<'a> {
     Group,
 }
 
-/// Who may see a conversation, as far as a request needs to know.
-enum Access {
-    Direct([String; 2]),
-    Group { members: Vec<pb::Member> },
+/// Who may see a conversation, as far as a request needs to know: borrowed
+/// from the conversation id (direct) or from the group's record, so
+/// authorizing a Send copies no member id.
+#[derive(Clone, Copy)]
+enum Access<'a> {
+    Direct([&'a str; 2]),
+    Group(&'a [pb::Member]),
 }
 
-impl Access {
-    fn member_ids(&self) -> Vec<String> {
+impl<'a> Access<'a> {
+    /// The members' user ids (a group's ascending).
+    fn member_ids(self) -> impl Iterator<Item = &'a str> {
+        // One of the two is empty; one iterator type for both.
+        let (direct, group): ([Option<&'a str>; 2], &'a [pb::Member]) = match self {
+            Access::Direct([a, b]) => ([Some(a), Some(b)], &[]),
+            Access::Group(members) => ([None, None], members),
+        };
+        direct
+            .into_iter()
+            .flatten()
+            .chain(group.iter().map(|m| m.user_id.as_str()))
+    }
+
+    fn member_count(self) -> usize {
         match self {
-            Access::Direct(users) => users.to_vec(),
-            Access::Group { members } => members.iter().map(|m| m.user_id.clone()).collect(),
+            Access::Direct(_) => 2,
+            Access::Group(members) => members.len(),
         }
     }
 }
@@ -284,19 +309,17 @@ impl<S: Store> Router<S> {
             pushes: out.pushes.len(),
         };
         while progress.done < requests.len() {
-            let sends: Vec<(&Inbound, &pb::Send)> = requests[progress.done..]
+            let rest = &requests[progress.done..];
+            let sends = rest
                 .iter()
-                .map_while(|req| match &req.body {
-                    Body::Send(send) => Some((req, send)),
-                    _ => None,
-                })
-                .collect();
-            let taken = if sends.is_empty() {
-                self.handle(&requests[progress.done], out)?;
+                .take_while(|req| matches!(req.body, Body::Send(_)))
+                .count();
+            let taken = if sends == 0 {
+                self.handle(&rest[0], out)?;
                 1
             } else {
-                self.send_many(&sends, out)?;
-                sends.len()
+                self.send_many(&rest[..sends], out)?;
+                sends
             };
             *progress = BatchProgress {
                 done: progress.done + taken,
@@ -329,7 +352,7 @@ impl<S: Store> Router<S> {
 
     fn handle_request(&mut self, request: &Inbound, out: &mut Output) -> StoreResult<()> {
         let result = match &request.body {
-            Body::Send(send) => self.send(request, send, out),
+            Body::Send(_) => self.send(request, out),
             Body::Receipt(receipt) => self.receipt(request, receipt, out),
             Body::Typing(typing) => self.typing(request, typing, out),
             Body::Sync(sync) => self.sync(request, sync, out),
@@ -376,7 +399,7 @@ impl<S: Store> Router<S> {
     /// lookup), except the connection `except`.
     fn fan_out(
         &mut self,
-        users: &[String],
+        users: &[impl AsRef<str>],
         except: Option<&SessionAddr>,
         frame: &pb::Frame,
         out: &mut Output,
@@ -394,18 +417,12 @@ impl<S: Store> Router<S> {
         Ok(())
     }
 
-    /// Authorize `user_id` for the conversation and load its members.
-    fn access_with_members(
-        &mut self,
-        conversation_id: &str,
-        user_id: &str,
-    ) -> Result<Access, Failure> {
+    /// The record [`access`] needs for the conversation: the group's, read
+    /// from the store (`None` for a direct conversation, or no such group).
+    fn group_of(&mut self, conversation_id: &str) -> Result<Option<GroupRecord>, Failure> {
         match parse_conversation_id(conversation_id)? {
-            ConversationRef::Direct { a, b } => direct_access(user_id, a, b),
-            ConversationRef::Group => {
-                let group = self.store.group(conversation_id)?;
-                group_access(conversation_id, user_id, group)
-            }
+            ConversationRef::Direct { .. } => Ok(None),
+            ConversationRef::Group => Ok(self.store.group(conversation_id)?),
         }
     }
 
@@ -442,23 +459,36 @@ impl<S: Store> Router<S> {
     }
 }
 
+/// Authorize `user_id` for the conversation, given its group record if it
+/// is a group ([`Router::group_of`]).
+fn access<'a>(
+    conversation_id: &'a str,
+    user_id: &str,
+    group: Option<&'a GroupRecord>,
+) -> Result<Access<'a>, Failure> {
+    match parse_conversation_id(conversation_id)? {
+        ConversationRef::Direct { a, b } => direct_access(user_id, a, b),
+        ConversationRef::Group => group_access(conversation_id, user_id, group),
+    }
+}
+
 /// Access to `dm:<a>:<b>` for `user_id`: only its two users.
-fn direct_access(user_id: &str, a: &str, b: &str) -> Result<Access, Failure> {
+fn direct_access<'a>(user_id: &str, a: &'a str, b: &'a str) -> Result<Access<'a>, Failure> {
     if user_id != a && user_id != b {
         return reject(
             ErrorCode::Forbidden,
             "you are not a member of this conversation",
         );
     }
-    Ok(Access::Direct([a.to_owned(), b.to_owned()]))
+    Ok(Access::Direct([a, b]))
 }
 
 /// Access to a group for `user_id`, given its record (`None`: no such group).
-fn group_access(
+fn group_access<'a>(
     conversation_id: &str,
     user_id: &str,
-    group: Option<GroupRecord>,
-) -> Result<Access, Failure> {
+    group: Option<&'a GroupRecord>,
+) -> Result<Access<'a>, Failure> {
     let Some(group) = group else {
         return reject(
             ErrorCode::NotFound,
@@ -475,9 +505,7 @@ fn group_access(
             "you are not a member of this conversation",
         );
     }
-    Ok(Access::Group {
-        members: group.members,
-    })
+    Ok(Access::Group(&group.members))
 }
 
 fn parse_conversation_id(id: &str) -> Result<ConversationRef<'_>, Failure> {
@@ -544,5 +572,24 @@ fn error_frame(req: &Inbound, code: ErrorCode, message: String) -> Addressed {
     Addressed {
         to: req.from.addr.clone(),
         frame: palaver_protocol::error_reply_to(req.request_id, &req.body, code, message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::IdGen;
+
+    #[test]
+    fn ids_are_the_node_then_the_counter_in_32_lowercase_hex_digits() {
+        let mut ids = IdGen {
+            node: 0x0123_4567_89ab_cdef,
+            counter: 0xfe,
+        };
+        assert_eq!(ids.next(), "0123456789abcdef00000000000000ff");
+        ids.counter = u64::MAX - 1;
+        assert_eq!(ids.next(), "0123456789abcdefffffffffffffffff");
+        let mut ids = IdGen::new();
+        let node = ids.node;
+        assert_eq!(ids.next(), format!("{node:016x}{:016x}", 1));
     }
 }

@@ -2,7 +2,7 @@
 
 use palaver_protocol::pb::{self, frame::Body};
 
-use super::{event, Failure, Router};
+use super::{access, event, Failure, Router};
 use crate::api::Inbound;
 use crate::bus::Output;
 use crate::store::Store;
@@ -14,10 +14,9 @@ impl<S: Store> Router<S> {
         typing: &pb::Typing,
         out: &mut Output,
     ) -> Result<(), Failure> {
-        let access = self.access_with_members(&typing.conversation_id, &req.from.user_id)?;
-        let others: Vec<String> = access
+        let group = self.group_of(&typing.conversation_id)?;
+        let others: Vec<&str> = access(&typing.conversation_id, &req.from.user_id, group.as_ref())?
             .member_ids()
-            .into_iter()
             .filter(|u| *u != req.from.user_id)
             .collect();
         let frame = event(Body::Typing(pb::Typing {

@@ -168,7 +168,10 @@ impl SessionStore for RedisStore {
         Ok(result)
     }
 
-    fn sessions_of_users(&mut self, user_ids: &[String]) -> StoreResult<Vec<Vec<DeviceSession>>> {
+    fn sessions_of_users<U: AsRef<str>>(
+        &mut self,
+        user_ids: &[U],
+    ) -> StoreResult<Vec<Vec<DeviceSession>>> {
         let mut sessions = self.raw_sessions(user_ids)?;
         let gateways: HashSet<String> = sessions
             .iter()
@@ -222,10 +225,17 @@ impl SessionStore for RedisStore {
 
 impl RedisStore {
     /// Every session of each user, dead gateways included.
-    fn raw_sessions(&mut self, user_ids: &[String]) -> StoreResult<Vec<Vec<DeviceSession>>> {
+    fn raw_sessions(
+        &mut self,
+        user_ids: &[impl AsRef<str>],
+    ) -> StoreResult<Vec<Vec<DeviceSession>>> {
         let cmds = user_ids
             .iter()
-            .map(|u| redis::cmd("HGETALL").arg(user_key(u, "sess")).clone())
+            .map(|u| {
+                redis::cmd("HGETALL")
+                    .arg(user_key(u.as_ref(), "sess"))
+                    .clone()
+            })
             .collect();
         let replies = self.pipeline(cmds)?;
         replies

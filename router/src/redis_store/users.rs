@@ -54,10 +54,10 @@ impl UserStore for RedisStore {
         self.pipeline(cmds).map(|_| ())
     }
 
-    fn mark_push_pending(
+    fn mark_push_pending<U: AsRef<str>>(
         &mut self,
         conversation_id: &str,
-        user_ids: &[String],
+        user_ids: &[U],
     ) -> StoreResult<Vec<bool>> {
         let cmds = each_user(user_ids, "SADD", "push", conversation_id);
         self.pipeline(cmds)?.into_iter().map(from_value).collect()
@@ -78,12 +78,17 @@ impl UserStore for RedisStore {
 
 /// `COMMAND u:{<user>}:<field> member` for each user: one key, so one hash
 /// slot, per command (pipelined by the caller).
-fn each_user(user_ids: &[String], command: &str, field: &str, member: &str) -> Vec<redis::Cmd> {
+fn each_user(
+    user_ids: &[impl AsRef<str>],
+    command: &str,
+    field: &str,
+    member: &str,
+) -> Vec<redis::Cmd> {
     user_ids
         .iter()
         .map(|u| {
             redis::cmd(command)
-                .arg(user_key(u, field))
+                .arg(user_key(u.as_ref(), field))
                 .arg(member)
                 .clone()
         })

@@ -14,12 +14,14 @@ pub struct Instrumented {
     pub calls: HashMap<&'static str, usize>,
     /// When set, every call fails with `StoreError::Unavailable`.
     pub failing: bool,
+    /// When set, calls of this one method fail that way.
+    pub fail_on: Option<&'static str>,
 }
 
 impl Instrumented {
     fn call(&mut self, name: &'static str) -> StoreResult<&mut MemoryStore> {
         *self.calls.entry(name).or_default() += 1;
-        if self.failing {
+        if self.failing || self.fail_on == Some(name) {
             return Err(StoreError::Unavailable("test says so".into()));
         }
         Ok(&mut self.inner)
@@ -99,7 +101,7 @@ impl UserStore for Instrumented {
         self.call("remove_conversation_from_users")?
             .remove_conversation_from_users(c, users)
     }
-    fn mark_push_pending(&mut self, c: &str, users: &[String]) -> StoreResult<Vec<bool>> {
+    fn mark_push_pending<U: AsRef<str>>(&mut self, c: &str, users: &[U]) -> StoreResult<Vec<bool>> {
         self.call("mark_push_pending")?.mark_push_pending(c, users)
     }
     fn clear_push_pending(&mut self, u: &str, c: Option<&str>) -> StoreResult<()> {
@@ -118,7 +120,10 @@ impl SessionStore for Instrumented {
         self.call("apply_sessions")?
             .apply_sessions(g, lease, now, changes)
     }
-    fn sessions_of_users(&mut self, users: &[String]) -> StoreResult<Vec<Vec<DeviceSession>>> {
+    fn sessions_of_users<U: AsRef<str>>(
+        &mut self,
+        users: &[U],
+    ) -> StoreResult<Vec<Vec<DeviceSession>>> {
         self.call("sessions_of_users")?.sessions_of_users(users)
     }
     fn presence_of_users(&mut self, users: &[String]) -> StoreResult<Vec<UserPresence>> {

@@ -253,7 +253,7 @@ pub fn sessions_and_registry<S: Store>(mut s: S, mut expire_lease: impl FnMut(&m
         nothing
     );
     assert_eq!(
-        s.sessions_of_users(&["s1".into(), "s2".into()]).unwrap(),
+        s.sessions_of_users(&["s1", "s2"]).unwrap(),
         vec![
             vec![DeviceSession {
                 device_id: "phone".into(),
@@ -308,11 +308,11 @@ pub fn sessions_and_registry<S: Store>(mut s: S, mut expire_lease: impl FnMut(&m
     assert_eq!(applied.presence, vec![online("t1"), online("t2")]);
 
     // Connecting clears the user's pending push marks.
-    assert_eq!(s.mark_push_pending("pc", &["p1".into()]).unwrap(), [true]);
-    assert_eq!(s.mark_push_pending("pc", &["p1".into()]).unwrap(), [false]);
+    assert_eq!(s.mark_push_pending("pc", &["p1"]).unwrap(), [true]);
+    assert_eq!(s.mark_push_pending("pc", &["p1"]).unwrap(), [false]);
     let p1 = session("p1", "d", "gA", 20);
     s.apply_sessions("gA", LEASE, 160, &[opened(&p1)]).unwrap();
-    assert_eq!(s.mark_push_pending("pc", &["p1".into()]).unwrap(), [true]);
+    assert_eq!(s.mark_push_pending("pc", &["p1"]).unwrap(), [true]);
 
     // A gateway whose lease ran out: its sessions stop counting at once,
     // and reaping it takes its users offline for good.
@@ -342,7 +342,7 @@ pub fn sessions_and_registry<S: Store>(mut s: S, mut expire_lease: impl FnMut(&m
     assert!(!p[0].online, "t3 only on the dead gateway");
     assert!(p[1].online, "t4 also on gA");
     assert_eq!(
-        s.sessions_of_users(&["t3".into(), "t4".into()]).unwrap(),
+        s.sessions_of_users(&["t3", "t4"]).unwrap(),
         vec![
             vec![],
             vec![DeviceSession {
