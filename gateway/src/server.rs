@@ -114,7 +114,7 @@ impl GatewayHandle {
         }
 
         let shared = Arc::new(Shared {
-            gateway_id: gateway_id.clone(),
+            gateway_id: gateway_id.as_str().into(),
             config: config.clone(),
             backend: backend.clone(),
             auth,

@@ -190,7 +190,7 @@ fn the_backend_sees_one_identity_per_session() {
     let session = &opened[0];
     assert_eq!(session.user_id, "alice.b@example-1");
     assert_eq!(session.device_id, "tablet-7");
-    assert_eq!(session.addr.gateway_id, "gw-identity");
+    assert_eq!(&*session.addr.gateway_id, "gw-identity");
     let submitted = backend.submitted.lock().unwrap();
     assert!(matches!(submitted[0].body, Body::Sync(_)), "{submitted:?}");
     assert!(

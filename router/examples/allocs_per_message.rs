@@ -30,7 +30,7 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use palaver_protocol::pb::{self, frame::Body};
@@ -82,6 +82,8 @@ fn counters() -> (u64, u64) {
 }
 
 const GATEWAY: &str = "gw-1";
+/// The gateway id a gateway core shares with every `Session` it builds.
+static GATEWAY_ID: LazyLock<Arc<str>> = LazyLock::new(|| GATEWAY.into());
 const BATCHES: [usize; 2] = [1, 64];
 /// Sends counted per (case, batch size): a multiple of every batch size.
 const COUNTED: usize = 10_240;
@@ -96,13 +98,14 @@ fn conn_of(user: &str, users: &[String]) -> u64 {
 }
 
 /// The session a gateway core builds for a request from `user`'s connection
-/// (`SessionIds::session` in the gateway: the ids it keeps, its gateway id).
+/// (`SessionIds::session` in the gateway: the ids it keeps, its shared
+/// gateway id).
 fn session(user: &str, conn: u64) -> Session {
     Session {
         user_id: user.to_owned(),
         device_id: "phone".to_owned(),
         addr: SessionAddr {
-            gateway_id: GATEWAY.into(),
+            gateway_id: GATEWAY_ID.clone(),
             conn,
         },
     }

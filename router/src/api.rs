@@ -14,9 +14,13 @@ use palaver_protocol::pb;
 /// Where one session's connection lives: which gateway, and that gateway's
 /// opaque key for the connection (the gateway encodes core, slot and
 /// generation in it; nobody else interprets it).
+///
+/// The gateway id is shared (`Arc<str>`): every frame the router addresses
+/// carries one, and a gateway's connections all have the same, so copying
+/// an address must not copy the string.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct SessionAddr {
-    pub gateway_id: String,
+    pub gateway_id: Arc<str>,
     pub conn: u64,
 }
 

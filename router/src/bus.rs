@@ -16,7 +16,7 @@
 //! [`Inbound`]: crate::api::Inbound
 //! [`Inbound::partition_key`]: crate::api::Inbound::partition_key
 
-use std::collections::HashMap;
+use std::sync::Arc;
 
 use palaver_protocol::pb;
 
@@ -68,19 +68,42 @@ impl Output {
                 result = Err(e);
             }
         }
-        let mut by_gateway: HashMap<String, Vec<Outbound>> = HashMap::new();
-        for Addressed { to, frame } in self.frames.drain(..) {
-            by_gateway.entry(to.gateway_id).or_default().push(Outbound {
-                conn: to.conn,
-                frame,
-            });
-        }
+        let mut by_gateway = Vec::new();
+        group_by_gateway(&mut self.frames, &mut by_gateway);
         for (gateway_id, batch) in by_gateway {
             if let Err(e) = outlet.deliver(&gateway_id, batch) {
                 result = Err(e);
             }
         }
         result
+    }
+}
+
+/// Moves `frames` into `batches`: one per gateway, in order of first
+/// appearance, the frames of each in their order (so per connection).
+/// Gateways are few: a linear search, no map or key copy per call.
+pub(crate) fn group_by_gateway(
+    frames: &mut Vec<Addressed>,
+    batches: &mut Vec<(Arc<str>, Vec<Outbound>)>,
+) {
+    // The batches are handed over (not reused): size the first one for all
+    // the frames (usually one gateway has them all) instead of growing it
+    // by doubling, a copy per doubling.
+    let total = frames.len();
+    for Addressed { to, frame } in frames.drain(..) {
+        let outbound = Outbound {
+            conn: to.conn,
+            frame,
+        };
+        match batches.iter_mut().find(|(g, _)| *g == to.gateway_id) {
+            Some((_, batch)) => batch.push(outbound),
+            None => {
+                let room = if batches.is_empty() { total } else { 1 };
+                let mut batch = Vec::with_capacity(room);
+                batch.push(outbound);
+                batches.push((to.gateway_id, batch));
+            }
+        }
     }
 }
 

@@ -27,7 +27,7 @@ use crossbeam_channel::{Receiver, Sender};
 use palaver_protocol::pb;
 
 use crate::api::{Backend, BackendError, BackendHost, DeliverySink, Inbound, Outbound, Session};
-use crate::bus::{Output, PushEvent};
+use crate::bus::{group_by_gateway, Output, PushEvent};
 use crate::logic::{BatchProgress, Clock, Router, RouterConfig, SystemClock};
 use crate::memory::MemoryStore;
 use crate::store::SessionChange;
@@ -419,8 +419,8 @@ struct EmbeddedOutlet {
     seen_version: u64,
     /// The worker's copy of the attached gateways (few: a linear search).
     attached: Vec<(String, Arc<dyn DeliverySink>)>,
-    /// Frames of one flush, per gateway, in order.
-    batches: Vec<(String, Vec<Outbound>)>,
+    /// Frames of one flush, per gateway, in order (kept: reused).
+    batches: Vec<(Arc<str>, Vec<Outbound>)>,
     push_sink: Box<dyn PushSink>,
 }
 
@@ -441,30 +441,12 @@ impl EmbeddedOutlet {
             self.attached = map.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
             self.seen_version = version;
         }
-        // The batches are handed over (not reused): size the first one for
-        // the whole turn (usually one gateway) instead of growing it by
-        // doubling, a copy per doubling.
-        let total = out.frames.len();
-        for crate::bus::Addressed { to, frame } in out.frames.drain(..) {
-            let outbound = Outbound {
-                conn: to.conn,
-                frame,
-            };
-            match self.batches.iter_mut().find(|(g, _)| *g == to.gateway_id) {
-                Some((_, batch)) => batch.push(outbound),
-                None => {
-                    let room = if self.batches.is_empty() { total } else { 1 };
-                    let mut batch = Vec::with_capacity(room);
-                    batch.push(outbound);
-                    self.batches.push((to.gateway_id, batch));
-                }
-            }
-        }
+        group_by_gateway(&mut out.frames, &mut self.batches);
         for (gateway_id, frames) in self.batches.drain(..) {
-            match self.attached.iter().find(|(g, _)| *g == gateway_id) {
+            match self.attached.iter().find(|(g, _)| **g == *gateway_id) {
                 Some((_, sink)) => sink.deliver(frames),
                 None => tracing::debug!(
-                    gateway_id,
+                    gateway_id = &*gateway_id,
                     frames = frames.len(),
                     "dropping frames for a gateway that is not attached"
                 ),

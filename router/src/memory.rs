@@ -25,8 +25,10 @@ pub struct MemoryStore {
     /// costs one small entry here and nothing there.
     presence: HashMap<Box<str>, DevicesOnline>,
     /// Gateway ids, shared by every device entry on that gateway (an embedded
-    /// node has one); an id goes when its last device does.
-    gateway_ids: HashSet<Arc<str>>,
+    /// node has one), with how many devices hold each; an id goes when its
+    /// last device does. Counted, not judged by `Arc::strong_count`: the
+    /// addresses the store hands out share the id too.
+    gateway_ids: HashMap<Arc<str>, usize>,
     /// Gateways that registered (`GatewayRegistry`): their sessions count
     /// only while their lease runs.
     known_gateways: HashSet<String>,
@@ -256,7 +258,7 @@ struct DeviceOnline {
 impl DeviceOnline {
     fn addr(&self) -> SessionAddr {
         SessionAddr {
-            gateway_id: self.gateway_id.to_string(),
+            gateway_id: self.gateway_id.clone(),
             conn: self.conn,
         }
     }
@@ -280,10 +282,12 @@ impl MemoryStore {
     }
 
     /// Drops a device's hold on its gateway id; the id goes with the last.
-    fn release_gateway_id(&mut self, id: Arc<str>) {
-        // Held by the set and by `id`: no device entry holds it any more.
-        if Arc::strong_count(&id) == 2 {
-            self.gateway_ids.remove(&id);
+    fn release_gateway_id(&mut self, id: &str) {
+        if let Some(devices) = self.gateway_ids.get_mut(id) {
+            *devices -= 1;
+            if *devices == 0 {
+                self.gateway_ids.remove(id);
+            }
         }
     }
 }
@@ -589,14 +593,11 @@ impl MemoryStore {
     fn open_session(&mut self, session: &Session) -> Opened {
         // Sessions on dead gateways do not count, as in every read.
         let came_online = !self.has_live_session(&session.user_id);
-        let gateway_id = match self.gateway_ids.get(session.addr.gateway_id.as_str()) {
-            Some(id) => id.clone(),
-            None => {
-                let id: Arc<str> = session.addr.gateway_id.as_str().into();
-                self.gateway_ids.insert(id.clone());
-                id
-            }
+        let gateway_id = match self.gateway_ids.get_key_value(&*session.addr.gateway_id) {
+            Some((id, _)) => id.clone(),
+            None => session.addr.gateway_id.clone(),
         };
+        *self.gateway_ids.entry(gateway_id.clone()).or_insert(0) += 1;
         let user = match self.presence.get_mut(session.user_id.as_str()) {
             Some(user) => user,
             None => self
@@ -628,7 +629,7 @@ impl MemoryStore {
         }
         let replaced = previous.and_then(|old| {
             let addr = (!old.is_at(&session.addr)).then(|| old.addr());
-            self.release_gateway_id(old.gateway_id);
+            self.release_gateway_id(&old.gateway_id);
             addr
         });
         Opened {
@@ -657,10 +658,10 @@ impl MemoryStore {
             // Give back the allocation: offline users should cost nothing here.
             user.devices = Vec::new();
             user.last_seen_ms = at_ms;
-            self.release_gateway_id(gone.gateway_id);
+            self.release_gateway_id(&gone.gateway_id);
             return true;
         }
-        self.release_gateway_id(gone.gateway_id);
+        self.release_gateway_id(&gone.gateway_id);
         // A session of a dead gateway did not count, so removing it (a reap)
         // changes nothing while the user has another session.
         if !counted || self.has_live_session(&session.user_id) {

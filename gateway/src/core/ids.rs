@@ -6,8 +6,10 @@
 //! gateway id that is the same for every connection, and the key derivable
 //! from the slot. An idle connection now keeps one allocation holding the
 //! two ids that differ; the `Session` is built when the backend is told
-//! something (Hello, each request, close), which allocated the same three
-//! strings before (a clone) as it does now.
+//! something (Hello, each request, close): two strings, the gateway id
+//! being the core's shared `Arc<str>`.
+
+use std::sync::Arc;
 
 use palaver_router::api::{Session, SessionAddr};
 
@@ -53,12 +55,12 @@ impl SessionIds {
     }
 
     /// The session as the backend knows it, at `conn` on `gateway_id`.
-    pub(crate) fn session(&self, gateway_id: &str, conn: u64) -> Session {
+    pub(crate) fn session(&self, gateway_id: &Arc<str>, conn: u64) -> Session {
         Session {
             user_id: self.user_id().to_owned(),
             device_id: self.device_id().to_owned(),
             addr: SessionAddr {
-                gateway_id: gateway_id.to_owned(),
+                gateway_id: gateway_id.clone(),
                 conn,
             },
         }
@@ -83,7 +85,7 @@ mod tests {
             let ids = SessionIds::new(user, device);
             assert_eq!(ids.user_id(), user);
             assert_eq!(ids.device_id(), device);
-            let session = ids.session("gw-1", 0x0100_0002_0000_0007);
+            let session = ids.session(&"gw-1".into(), 0x0100_0002_0000_0007);
             assert_eq!(
                 session,
                 Session {

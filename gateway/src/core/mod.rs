@@ -84,7 +84,8 @@ const WHEEL_SLOTS: usize = 2048;
 
 /// State every core thread shares (read-only after start, except counters).
 pub struct Shared {
-    pub gateway_id: String,
+    /// Shared with every `Session` the core builds (one per request).
+    pub gateway_id: Arc<str>,
     pub config: Config,
     pub backend: Arc<dyn Backend>,
     pub auth: Authenticator,

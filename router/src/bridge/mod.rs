@@ -242,7 +242,7 @@ impl KafkaRedisBridge {
                 conn: old.conn,
                 frame,
             };
-            if old.gateway_id == gateway_id {
+            if *old.gateway_id == *gateway_id {
                 sink.deliver(vec![outbound]);
                 return;
             }
@@ -553,7 +553,7 @@ impl Reader {
         }
         out.frames
             .into_iter()
-            .filter(|a| a.to.gateway_id == self.gateway_id)
+            .filter(|a| *a.to.gateway_id == *self.gateway_id)
             .map(|a| Outbound {
                 conn: a.to.conn,
                 frame: a.frame,

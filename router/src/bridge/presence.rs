@@ -395,7 +395,7 @@ impl Subscriber {
         let store = self.store.as_mut().expect("connected above");
         presence::fan_out(store, self.visibility, &self.watches, &changes.presences)
             .into_iter()
-            .filter(|a| a.to.gateway_id == self.gateway_id)
+            .filter(|a| *a.to.gateway_id == *self.gateway_id)
             .map(|a| Outbound {
                 conn: a.to.conn,
                 frame: a.frame,

@@ -150,7 +150,7 @@ pub fn inbound_record(request: &Inbound) -> records::InboundRecord {
     records::InboundRecord {
         user_id: request.from.user_id.clone(),
         device_id: request.from.device_id.clone(),
-        gateway_id: request.from.addr.gateway_id.clone(),
+        gateway_id: request.from.addr.gateway_id.to_string(),
         conn: request.from.addr.conn,
         request_id: request.request_id,
         received_ms: request.received_ms,
@@ -177,7 +177,7 @@ pub fn decode_inbound(value: &[u8]) -> Result<Inbound, String> {
             user_id: record.user_id,
             device_id: record.device_id,
             addr: SessionAddr {
-                gateway_id: record.gateway_id,
+                gateway_id: record.gateway_id.into(),
                 conn: record.conn,
             },
         },

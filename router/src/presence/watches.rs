@@ -7,6 +7,7 @@
 //! the Kafka/Redis bridge for its own gateway.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use crate::api::{Session, SessionAddr};
 
@@ -14,7 +15,7 @@ use crate::api::{Session, SessionAddr};
 /// gateway (connection keys are only unique within one gateway).
 #[derive(Debug, Default)]
 pub struct Watches {
-    gateways: HashMap<String, GatewayWatches>,
+    gateways: HashMap<Arc<str>, GatewayWatches>,
 }
 
 #[derive(Debug, Default)]
@@ -178,7 +179,7 @@ mod tests {
         let mut c: Vec<(String, u64)> = w
             .watchers_of(user)
             .into_iter()
-            .map(|w| (w.addr.gateway_id, w.addr.conn))
+            .map(|w| (w.addr.gateway_id.to_string(), w.addr.conn))
             .collect();
         c.sort();
         c

@@ -3,6 +3,7 @@
 //! uses.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::Value;
@@ -31,15 +32,17 @@ impl RedisStore {
     /// For each gateway id: is it known to be dead (registered, lease gone)?
     pub(super) fn dead_gateways_among(
         &mut self,
-        gateway_ids: &HashSet<String>,
-    ) -> StoreResult<HashSet<String>> {
+        gateway_ids: &HashSet<Arc<str>>,
+    ) -> StoreResult<HashSet<Arc<str>>> {
         if gateway_ids.is_empty() {
             return Ok(HashSet::new());
         }
-        let ids: Vec<&String> = gateway_ids.iter().collect();
+        let ids: Vec<&Arc<str>> = gateway_ids.iter().collect();
         let mut cmds = Vec::with_capacity(ids.len() + 1);
         let mut known = redis::cmd("SMISMEMBER");
-        known.arg(KNOWN_GATEWAYS).arg(&ids);
+        known
+            .arg(KNOWN_GATEWAYS)
+            .arg(ids.iter().map(|id| &***id).collect::<Vec<&str>>());
         cmds.push(known);
         for id in &ids {
             cmds.push(redis::cmd("EXISTS").arg(lease_key(id)).clone());
@@ -149,7 +152,7 @@ impl RedisStore {
         }
         let dead = dead
             || !self
-                .dead_gateways_among(&HashSet::from([gateway_id.to_owned()]))?
+                .dead_gateways_among(&HashSet::from([Arc::from(gateway_id)]))?
                 .is_empty();
         let live_gateway = if dead { "" } else { gateway_id };
         let mut sessions = Vec::with_capacity(conns.len());
@@ -162,7 +165,7 @@ impl RedisStore {
                     user_id: user_id.to_owned(),
                     device_id: device_id.to_owned(),
                     addr: SessionAddr {
-                        gateway_id: gateway_id.to_owned(),
+                        gateway_id: gateway_id.into(),
                         conn,
                     },
                 },

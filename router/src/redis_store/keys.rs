@@ -73,7 +73,7 @@ pub fn encode_addr(addr: &SessionAddr) -> String {
 pub fn decode_addr(s: &str) -> Option<SessionAddr> {
     let (conn, gateway_id) = s.split_once('|')?;
     Some(SessionAddr {
-        gateway_id: gateway_id.to_owned(),
+        gateway_id: gateway_id.into(),
         conn: conn.parse().ok()?,
     })
 }

@@ -4,6 +4,7 @@
 //! reads (sessions on dead gateways left out).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use palaver_protocol::pb;
@@ -27,14 +28,14 @@ pub(super) enum Verdict {
     Yes,
     No,
     /// Yes iff every one of these gateways is dead.
-    IfAllDead(Vec<String>),
+    IfAllDead(Vec<Arc<str>>),
 }
 
 impl Verdict {
     /// From the addresses a script returned, none of them on a gateway
     /// known to be alive.
-    pub(super) fn if_all_dead(addrs: &[String], check: &mut HashSet<String>) -> Self {
-        let gateways: Vec<String> = addrs
+    pub(super) fn if_all_dead(addrs: &[String], check: &mut HashSet<Arc<str>>) -> Self {
+        let gateways: Vec<Arc<str>> = addrs
             .iter()
             .filter_map(|a| decode_addr(a))
             .map(|a| a.gateway_id)
@@ -43,7 +44,7 @@ impl Verdict {
         Verdict::IfAllDead(gateways)
     }
 
-    pub(super) fn holds(&self, dead: &HashSet<String>) -> bool {
+    pub(super) fn holds(&self, dead: &HashSet<Arc<str>>) -> bool {
         match self {
             Verdict::Yes => true,
             Verdict::No => false,
@@ -128,7 +129,7 @@ impl SessionStore for RedisStore {
                     let on_this_gateway = before
                         .iter()
                         .filter_map(|a| decode_addr(a))
-                        .any(|a| a.gateway_id == gateway_id);
+                        .any(|a| *a.gateway_id == *gateway_id);
                     verdicts.push(if before.is_empty() {
                         Verdict::Yes
                     } else if on_this_gateway {
@@ -173,7 +174,7 @@ impl SessionStore for RedisStore {
         user_ids: &[U],
     ) -> StoreResult<Vec<Vec<DeviceSession>>> {
         let mut sessions = self.raw_sessions(user_ids)?;
-        let gateways: HashSet<String> = sessions
+        let gateways: HashSet<Arc<str>> = sessions
             .iter()
             .flatten()
             .map(|s| s.addr.gateway_id.clone())
