@@ -11,9 +11,9 @@ use palaver_protocol::pb;
 use crate::api::{Session, SessionAddr};
 use crate::logic::Clock;
 use crate::store::{
-    Appended, ConversationStore, DeviceSession, GatewayRegistry, GroupRecord, HistorySlice,
-    Membership, RangeRead, Retention, SessionChange, SessionStore, SessionsApplied, StoreResult,
-    UserPresence, UserStore,
+    Appended, ConversationStore, GatewayRegistry, GroupRecord, HistorySlice, Membership, RangeRead,
+    Retention, SessionChange, SessionStore, SessionsApplied, StoreResult, UserPresence,
+    UserSessions, UserStore,
 };
 
 #[derive(Default)]
@@ -799,26 +799,22 @@ impl SessionStore for MemoryStore {
         Ok(applied)
     }
 
-    fn sessions_of_users<U: AsRef<str>>(
-        &mut self,
-        user_ids: &[U],
-    ) -> StoreResult<Vec<Vec<DeviceSession>>> {
+    fn sessions_of_users<U: AsRef<str>>(&mut self, user_ids: &[U]) -> StoreResult<UserSessions> {
         let now_ms = self.lease_now_ms();
-        Ok(user_ids
-            .iter()
-            .map(|user_id| match self.presence.get(user_id.as_ref()) {
-                None => Vec::new(),
-                Some(user) => user
-                    .devices
+        let mut sessions = UserSessions::with_capacity(user_ids.len());
+        for user_id in user_ids {
+            let devices = self
+                .presence
+                .get(user_id.as_ref())
+                .map_or(&[][..], |user| &user.devices);
+            sessions.push_user(
+                devices
                     .iter()
                     .filter(|d| self.gateway_alive(&d.gateway_id, now_ms))
-                    .map(|d| DeviceSession {
-                        device_id: d.device_id.to_string(),
-                        addr: d.addr(),
-                    })
-                    .collect(),
-            })
-            .collect())
+                    .map(DeviceOnline::addr),
+            );
+        }
+        Ok(sessions)
     }
 
     fn presence_of_users(&mut self, user_ids: &[String]) -> StoreResult<Vec<UserPresence>> {
@@ -1060,11 +1056,8 @@ mod tests {
         s.close_session(&b, 9, true);
         assert_eq!(s.gateway_ids.len(), 1, "g1 went with its last device");
         assert_eq!(
-            s.sessions_of_users(&["a"]).unwrap()[0],
-            vec![DeviceSession {
-                device_id: "phone".into(),
-                addr: a_moved.addr.clone(),
-            }]
+            s.sessions_of_users(&["a"]).unwrap().of(0),
+            std::slice::from_ref(&a_moved.addr)
         );
         s.close_session(&a_moved, 10, true);
         assert!(s.gateway_ids.is_empty());

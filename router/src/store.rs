@@ -291,11 +291,65 @@ pub trait UserStore {
     ) -> StoreResult<()>;
 }
 
-/// One registered connection of a user.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct DeviceSession {
-    pub device_id: String,
-    pub addr: SessionAddr,
+/// The registered connections of several users
+/// ([`SessionStore::sessions_of_users`]): for each user asked about, in
+/// order, the addresses of their devices, ascending by device id. Flat (two
+/// allocations, however many users): a group's fan-out looks up every
+/// member for every message.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UserSessions {
+    addrs: Vec<SessionAddr>,
+    /// User `i`'s addresses are `addrs[ends[i - 1]..ends[i]]` (from 0 for
+    /// the first).
+    ends: Vec<usize>,
+}
+
+impl UserSessions {
+    pub fn with_capacity(users: usize) -> Self {
+        Self {
+            addrs: Vec::with_capacity(users),
+            ends: Vec::with_capacity(users),
+        }
+    }
+
+    /// Adds the next user's addresses.
+    pub fn push_user(&mut self, addrs: impl IntoIterator<Item = SessionAddr>) {
+        self.addrs.extend(addrs);
+        self.ends.push(self.addrs.len());
+    }
+
+    /// How many users.
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// The addresses of the `user`-th user asked about (none past the end).
+    pub fn of(&self, user: usize) -> &[SessionAddr] {
+        let Some(&end) = self.ends.get(user) else {
+            return &[];
+        };
+        let start = user.checked_sub(1).map_or(0, |i| self.ends[i]);
+        &self.addrs[start..end]
+    }
+
+    /// Every user's addresses, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &[SessionAddr]> {
+        (0..self.len()).map(|user| self.of(user))
+    }
+}
+
+impl FromIterator<Vec<SessionAddr>> for UserSessions {
+    fn from_iter<I: IntoIterator<Item = Vec<SessionAddr>>>(users: I) -> Self {
+        let mut sessions = UserSessions::default();
+        for addrs in users {
+            sessions.push_user(addrs);
+        }
+        sessions
+    }
 }
 
 /// A connection that completed Hello, or a registered one that closed.
@@ -368,14 +422,12 @@ pub trait SessionStore {
         changes: &[SessionChange],
     ) -> StoreResult<SessionsApplied>;
 
-    /// Every session of each user on a live gateway, in input order (an
-    /// empty list for users without one). One pipelined round trip for all
-    /// users. Generic over the id type so the router can pass ids it
-    /// borrows (a Send's members) without copying them.
-    fn sessions_of_users<U: AsRef<str>>(
-        &mut self,
-        user_ids: &[U],
-    ) -> StoreResult<Vec<Vec<DeviceSession>>>;
+    /// Every session of each user on a live gateway, in input order (none
+    /// for users without one), each user's ascending by device id. One
+    /// pipelined round trip for all users. Generic over the id type so the
+    /// router can pass ids it borrows (a Send's members) without copying
+    /// them.
+    fn sessions_of_users<U: AsRef<str>>(&mut self, user_ids: &[U]) -> StoreResult<UserSessions>;
 
     /// Presence of each user, in input order: online iff a session on a
     /// live gateway. One pipelined round trip.
@@ -435,3 +487,24 @@ pub trait GatewayRegistry {
 pub trait Store: ConversationStore + UserStore + SessionStore + GatewayRegistry {}
 
 impl<T: ConversationStore + UserStore + SessionStore + GatewayRegistry> Store for T {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_sessions_keep_each_users_addresses_apart() {
+        let addr = |conn| SessionAddr {
+            gateway_id: "g".into(),
+            conn,
+        };
+        let sessions: UserSessions = [vec![], vec![addr(1), addr(2)], vec![], vec![addr(3)]]
+            .into_iter()
+            .collect();
+        assert_eq!(sessions.len(), 4);
+        let per_user: Vec<&[SessionAddr]> = sessions.iter().collect();
+        assert_eq!(per_user, [&[][..], &[addr(1), addr(2)], &[], &[addr(3)]]);
+        assert!(sessions.of(4).is_empty(), "past the end: none");
+        assert!(UserSessions::default().is_empty());
+    }
+}

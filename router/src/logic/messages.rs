@@ -12,7 +12,7 @@ use super::{
 };
 use crate::api::{Inbound, SessionAddr};
 use crate::bus::{Addressed, Output, PushEvent};
-use crate::store::{Appended, RangeRead, Retention, Store, StoreError, StoreResult};
+use crate::store::{Appended, RangeRead, Retention, Store, StoreError, StoreResult, UserSessions};
 
 impl<S: Store> Router<S> {
     // ---- Messages ------------------------------------------------------
@@ -182,7 +182,7 @@ impl<S: Store> Router<S> {
         users.sort_unstable();
         users.dedup();
         let sessions = if users.is_empty() {
-            Vec::new()
+            UserSessions::default()
         } else {
             self.store.sessions_of_users(&users)?
         };
@@ -228,18 +228,16 @@ impl<S: Store> Router<S> {
             for user_id in access.member_ids() {
                 let devices = users
                     .binary_search(&user_id)
-                    .ok()
-                    .and_then(|i| sessions.get(i))
-                    .map_or(&[][..], Vec::as_slice);
+                    .map_or(&[][..], |i| sessions.of(i));
                 if devices.is_empty() {
                     if user_id != req.from.user_id {
                         offline.push(user_id);
                     }
                     continue;
                 }
-                for device in devices {
-                    if device.addr != req.from.addr {
-                        if let Some(to) = last.replace(&device.addr) {
+                for addr in devices {
+                    if *addr != req.from.addr {
+                        if let Some(to) = last.replace(addr) {
                             out.frames.push(Addressed {
                                 to: to.clone(),
                                 frame: deliver.clone(),

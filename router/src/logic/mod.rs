@@ -404,11 +404,11 @@ impl<S: Store> Router<S> {
         frame: &pb::Frame,
         out: &mut Output,
     ) -> StoreResult<()> {
-        for devices in self.store.sessions_of_users(users)? {
-            for device in devices {
-                if Some(&device.addr) != except {
+        for devices in self.store.sessions_of_users(users)?.iter() {
+            for addr in devices {
+                if Some(addr) != except {
                     out.frames.push(Addressed {
-                        to: device.addr,
+                        to: addr.clone(),
                         frame: frame.clone(),
                     });
                 }

@@ -12,7 +12,7 @@ use redis::Value;
 
 use crate::api::SessionAddr;
 use crate::store::{
-    DeviceSession, SessionChange, SessionStore, SessionsApplied, StoreResult, UserPresence,
+    SessionChange, SessionStore, SessionsApplied, StoreResult, UserPresence, UserSessions,
 };
 
 use super::gateways::offline_presence;
@@ -169,23 +169,23 @@ impl SessionStore for RedisStore {
         Ok(result)
     }
 
-    fn sessions_of_users<U: AsRef<str>>(
-        &mut self,
-        user_ids: &[U],
-    ) -> StoreResult<Vec<Vec<DeviceSession>>> {
-        let mut sessions = self.raw_sessions(user_ids)?;
+    fn sessions_of_users<U: AsRef<str>>(&mut self, user_ids: &[U]) -> StoreResult<UserSessions> {
+        let sessions = self.raw_sessions(user_ids)?;
         let gateways: HashSet<Arc<str>> = sessions
             .iter()
             .flatten()
-            .map(|s| s.addr.gateway_id.clone())
+            .map(|addr| addr.gateway_id.clone())
             .collect();
         let dead = self.dead_gateways_among(&gateways)?;
-        if !dead.is_empty() {
-            for list in &mut sessions {
-                list.retain(|s| !dead.contains(&s.addr.gateway_id));
-            }
+        let mut live = UserSessions::with_capacity(sessions.len());
+        for addrs in sessions {
+            live.push_user(
+                addrs
+                    .into_iter()
+                    .filter(|addr| !dead.contains(&addr.gateway_id)),
+            );
         }
-        Ok(sessions)
+        Ok(live)
     }
 
     fn presence_of_users(&mut self, user_ids: &[String]) -> StoreResult<Vec<UserPresence>> {
@@ -225,11 +225,9 @@ impl SessionStore for RedisStore {
 }
 
 impl RedisStore {
-    /// Every session of each user, dead gateways included.
-    fn raw_sessions(
-        &mut self,
-        user_ids: &[impl AsRef<str>],
-    ) -> StoreResult<Vec<Vec<DeviceSession>>> {
+    /// Every session of each user, ascending by device id, dead gateways
+    /// included.
+    fn raw_sessions(&mut self, user_ids: &[impl AsRef<str>]) -> StoreResult<Vec<Vec<SessionAddr>>> {
         let cmds = user_ids
             .iter()
             .map(|u| {
@@ -243,16 +241,16 @@ impl RedisStore {
             .into_iter()
             .map(|v| {
                 let map: HashMap<String, String> = from_value(v)?;
-                let mut sessions: Vec<DeviceSession> = map
+                let mut sessions: Vec<(String, SessionAddr)> = map
                     .into_iter()
                     .map(|(device_id, addr)| {
                         decode_addr(&addr)
-                            .map(|addr| DeviceSession { device_id, addr })
+                            .map(|addr| (device_id, addr))
                             .ok_or_else(|| corrupt(format!("session address {addr:?}")))
                     })
                     .collect::<StoreResult<_>>()?;
-                sessions.sort_by(|a, b| a.device_id.cmp(&b.device_id));
-                Ok(sessions)
+                sessions.sort_by(|a, b| a.0.cmp(&b.0));
+                Ok(sessions.into_iter().map(|(_, addr)| addr).collect())
             })
             .collect()
     }

@@ -120,10 +120,7 @@ impl SessionStore for Instrumented {
         self.call("apply_sessions")?
             .apply_sessions(g, lease, now, changes)
     }
-    fn sessions_of_users<U: AsRef<str>>(
-        &mut self,
-        users: &[U],
-    ) -> StoreResult<Vec<Vec<DeviceSession>>> {
+    fn sessions_of_users<U: AsRef<str>>(&mut self, users: &[U]) -> StoreResult<UserSessions> {
         self.call("sessions_of_users")?.sessions_of_users(users)
     }
     fn presence_of_users(&mut self, users: &[String]) -> StoreResult<Vec<UserPresence>> {
