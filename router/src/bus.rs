@@ -16,6 +16,7 @@
 //! [`Inbound`]: crate::api::Inbound
 //! [`Inbound::partition_key`]: crate::api::Inbound::partition_key
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use palaver_protocol::pb;
@@ -81,7 +82,10 @@ impl Output {
 
 /// Moves `frames` into `batches`: one per gateway, in order of first
 /// appearance, the frames of each in their order (so per connection).
-/// Gateways are few: a linear search, no map or key copy per call.
+/// A handful of gateways (the embedded engine has one) are found by a
+/// linear search, with no map or key copy per call; past
+/// [`LINEAR_GATEWAYS`] (a router fanning a group out over a large
+/// cluster) an index keeps the cost per frame flat.
 pub(crate) fn group_by_gateway(
     frames: &mut Vec<Addressed>,
     batches: &mut Vec<(Arc<str>, Vec<Outbound>)>,
@@ -90,22 +94,37 @@ pub(crate) fn group_by_gateway(
     // the frames (usually one gateway has them all) instead of growing it
     // by doubling, a copy per doubling.
     let total = frames.len();
+    let mut index: HashMap<Arc<str>, usize> = HashMap::new();
     for Addressed { to, frame } in frames.drain(..) {
         let outbound = Outbound {
             conn: to.conn,
             frame,
         };
-        match batches.iter_mut().find(|(g, _)| *g == to.gateway_id) {
-            Some((_, batch)) => batch.push(outbound),
+        let found = if batches.len() <= LINEAR_GATEWAYS {
+            batches.iter().position(|(g, _)| *g == to.gateway_id)
+        } else {
+            if index.is_empty() {
+                index.extend(batches.iter().enumerate().map(|(i, (g, _))| (g.clone(), i)));
+            }
+            index.get(&to.gateway_id).copied()
+        };
+        match found {
+            Some(i) => batches[i].1.push(outbound),
             None => {
                 let room = if batches.is_empty() { total } else { 1 };
                 let mut batch = Vec::with_capacity(room);
                 batch.push(outbound);
+                if !index.is_empty() {
+                    index.insert(to.gateway_id.clone(), batches.len());
+                }
                 batches.push((to.gateway_id, batch));
             }
         }
     }
 }
+
+/// Gateways [`group_by_gateway`] searches linearly before it builds an index.
+const LINEAR_GATEWAYS: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -122,4 +141,42 @@ pub trait Outlet {
     fn deliver(&mut self, gateway_id: &str, frames: Vec<Outbound>) -> Result<(), BusError>;
     /// Push events for offline users.
     fn push(&mut self, events: Vec<PushEvent>) -> Result<(), BusError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::SessionAddr;
+
+    /// Frames for `gateways` gateways, interleaved: gateway `i % gateways`,
+    /// connection `i`.
+    fn frames(n: u64, gateways: u64) -> Vec<Addressed> {
+        (0..n)
+            .map(|i| Addressed {
+                to: SessionAddr {
+                    gateway_id: format!("gw{}", i % gateways).into(),
+                    conn: i,
+                },
+                frame: pb::Frame::default(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn grouping_keeps_first_seen_gateway_order_and_frame_order_with_and_without_the_index() {
+        for gateways in [1, 3, LINEAR_GATEWAYS as u64, LINEAR_GATEWAYS as u64 + 1, 40] {
+            let mut input = frames(gateways * 5, gateways);
+            let mut batches = Vec::new();
+            group_by_gateway(&mut input, &mut batches);
+            assert!(input.is_empty());
+            let names: Vec<String> = batches.iter().map(|(g, _)| g.to_string()).collect();
+            let expected: Vec<String> = (0..gateways).map(|g| format!("gw{g}")).collect();
+            assert_eq!(names, expected, "{gateways} gateways");
+            for (g, (_, batch)) in batches.iter().enumerate() {
+                let conns: Vec<u64> = batch.iter().map(|o| o.conn).collect();
+                let expected: Vec<u64> = (0..5).map(|k| k * gateways + g as u64).collect();
+                assert_eq!(conns, expected, "gateway {g} of {gateways}");
+            }
+        }
+    }
 }
