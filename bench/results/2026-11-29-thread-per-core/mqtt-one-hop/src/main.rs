@@ -6,10 +6,19 @@
 //! decrypted it; the next message goes at the pace (`rate`/s) or at once if
 //! delivery took longer. 32-byte payloads.
 //!
-//!   mqtt-one-hop ADDR CA_PEM RATE SECONDS [BROKER_PID]
+//!   mqtt-one-hop ADDR CA_PEM RATE SECONDS [SERVER_PID] [palaver TOKEN_A TOKEN_B USER_A USER_B]
+//!
+//! With `palaver ...` the same client loop runs against a Palaver gateway
+//! instead (added 2026-11-29, `../2026-11-29-path-allocs/`): user A's
+//! connection sends a 32-byte text Send to the 1:1 conversation with B,
+//! latency ends when B's connection has read and decrypted the Deliver; A's
+//! SendAck is read after the sample is taken (MQTT QoS 0 has none). The
+//! same blocking client for both servers, so a difference is the server's.
 //!
 //! Prints the sample count and p50/p90/p99/p99.9/max in microseconds, and
-//! with BROKER_PID the broker's CPU (utime+stime) per message.
+//! with SERVER_PID the server's CPU (utime+stime) per message.
+
+mod palaver;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -94,10 +103,59 @@ fn cpu_ticks(pid: &str) -> Option<u64> {
     Some(f[11].parse::<u64>().ok()? + f[12].parse::<u64>().ok()?)
 }
 
+/// One message through the server and back to the measuring thread.
+trait Hop {
+    /// Writes the message (the clock has started).
+    fn send(&mut self);
+    /// Reads until the recipient has the message.
+    fn receive(&mut self);
+    /// Whatever else the send produced, read after the sample.
+    fn after(&mut self) {}
+}
+
+struct Mqtt {
+    publisher: Tls,
+    subscriber: Tls,
+    publish: Vec<u8>,
+}
+
+impl Mqtt {
+    fn connect(addr: &str, config: &Arc<ClientConfig>) -> Mqtt {
+        let publisher = connect(addr, config, "hop-pub");
+        let mut subscriber = connect(addr, config, "hop-sub");
+        // SUBSCRIBE packet id 1, "hop/b" at QoS 0.
+        let mut body = vec![0, 1];
+        string(b"hop/b", &mut body);
+        body.push(0);
+        subscriber.write_all(&packet(0x82, &body)).unwrap();
+        let (kind, _) = read_packet(&mut subscriber);
+        assert_eq!(kind, 0x90, "SUBACK");
+        let mut publish = Vec::new();
+        string(b"hop/b", &mut publish);
+        publish.extend_from_slice(&[0x5a; 32]);
+        Mqtt {
+            publisher,
+            subscriber,
+            publish: packet(0x30, &publish),
+        }
+    }
+}
+
+impl Hop for Mqtt {
+    fn send(&mut self) {
+        self.publisher.write_all(&self.publish).unwrap();
+    }
+    fn receive(&mut self) {
+        let (kind, body) = read_packet(&mut self.subscriber);
+        assert_eq!((kind & 0xf0, body.len()), (0x30, 2 + 5 + 32), "PUBLISH");
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (addr, ca, rate, secs) = (&args[1], &args[2], &args[3], &args[4]);
-    let pid = args.get(5);
+    let pid = args.get(5).filter(|p| p.as_str() != "palaver");
+    let palaver_at = args.iter().position(|a| a == "palaver");
     let rate: f64 = rate.parse().unwrap();
     let secs: u64 = secs.parse().unwrap();
     let mut roots = RootCertStore::empty();
@@ -109,27 +167,18 @@ fn main() {
             .with_root_certificates(roots)
             .with_no_client_auth(),
     );
-    let mut publisher = connect(addr, &config, "hop-pub");
-    let mut subscriber = connect(addr, &config, "hop-sub");
-    // SUBSCRIBE packet id 1, "hop/b" at QoS 0.
-    let mut body = vec![0, 1];
-    string(b"hop/b", &mut body);
-    body.push(0);
-    subscriber.write_all(&packet(0x82, &body)).unwrap();
-    let (kind, _) = read_packet(&mut subscriber);
-    assert_eq!(kind, 0x90, "SUBACK");
-
-    let mut publish = Vec::new();
-    string(b"hop/b", &mut publish);
-    publish.extend_from_slice(&[0x5a; 32]);
-    let publish = packet(0x30, &publish);
+    let mut hop: Box<dyn Hop> = match palaver_at {
+        Some(i) => Box::new(palaver::Palaver::connect(addr, &config, &args[i + 1..i + 5])),
+        None => Box::new(Mqtt::connect(addr, &config)),
+    };
 
     // Warm-up (1 s, like palaver-bench's --settle), then the measurement.
     let interval = Duration::from_secs_f64(1.0 / rate);
     let warm_end = Instant::now() + Duration::from_secs(1);
     while Instant::now() < warm_end {
-        publisher.write_all(&publish).unwrap();
-        read_packet(&mut subscriber);
+        hop.send();
+        hop.receive();
+        hop.after();
         std::thread::sleep(interval);
     }
     let cpu0 = pid.and_then(|p| cpu_ticks(p));
@@ -143,10 +192,10 @@ fn main() {
             std::thread::sleep(next_at - now);
         }
         let written = Instant::now();
-        publisher.write_all(&publish).unwrap();
-        let (kind, body) = read_packet(&mut subscriber);
+        hop.send();
+        hop.receive();
         let got = Instant::now();
-        assert_eq!((kind & 0xf0, body.len()), (0x30, 2 + 5 + 32), "PUBLISH");
+        hop.after();
         samples.push(got.duration_since(written).as_micros() as u64);
         next_at = (next_at + interval).max(got);
     }
@@ -165,6 +214,6 @@ fn main() {
     if let (Some(a), Some(b)) = (cpu0, cpu1) {
         // Clock ticks are 10 ms (USER_HZ 100).
         let us = (b - a) as f64 * 10_000.0 / samples.len() as f64;
-        println!("broker CPU {} ticks over the run, {:.1} us per message", b - a, us);
+        println!("server CPU {} ticks over the run, {:.1} us per message", b - a, us);
     }
 }
