@@ -5,5 +5,5 @@ here=$(cd "$(dirname "$0")" && pwd)
 export MQTT_ONE_HOP=${MQTT_ONE_HOP:-/tmp/inline/mqtt-target/release/mqtt-one-hop}
 for k in $(seq $1 $2); do
   for v in base new; do "$here/palaver-blocking.sh" /tmp/final/gw-$v 1000 20 blocking-$v-$k; done
-  "$here/mosquitto.sh" 1000 20 blocking-mosquitto-$k
+  OUT_DIR="$here" "$here/../2026-11-29-thread-per-core/mosquitto.sh" 1000 20 blocking-mosquitto-$k
 done

@@ -4,12 +4,14 @@
 set -u
 OUT=$1
 cd "$OUT"
+T=../2026-11-29-thread-per-core   # one-hop.sh, mosquitto.sh, run.sh
+export OUT_DIR="$PWD"
 for k in 1 2 3; do
-  for v in base new; do ./one-hop.sh /tmp/final/gw-$v 1 1000 20 one-hop-c1-$v-$k; done
-  MQTT_ONE_HOP=/tmp/inline/mqtt-target/release/mqtt-one-hop ./mosquitto.sh 1000 20 mosquitto-$k
+  for v in base new; do $T/one-hop.sh /tmp/final/gw-$v 1 1000 20 one-hop-c1-$v-$k; done
+  MQTT_ONE_HOP=/tmp/inline/mqtt-target/release/mqtt-one-hop $T/mosquitto.sh 1000 20 mosquitto-$k
 done
 for r in 20000 25000 35000; do for k in 1 2; do for v in base new thread; do
-  ./run.sh /tmp/final/gw-$v $r 15 $v-$r-$k
+  $T/run.sh /tmp/final/gw-$v $r 15 $v-$r-$k
 done; done; done
 for r in 20000 35000; do
   echo "load before: $(cat /proc/loadavg)" > floor-$r.txt

@@ -9,6 +9,8 @@ set -euo pipefail
 rate=${1:-1000}; secs=${2:-20}; out=${3:-mosquitto-$rate}
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../../.." && pwd)
+# Results go to $OUT_DIR/OUT (default: this folder), so later folders reuse the script.
+dest=${OUT_DIR:-$here}
 client=${MQTT_ONE_HOP:-/tmp/mqtt-target/release/mqtt-one-hop}
 work=$(mktemp -d)
 chmod 755 "$work"
@@ -29,9 +31,9 @@ mosquitto -c "$work/mosquitto.conf" &
 broker=$!
 trap 'kill $broker 2>/dev/null; rm -rf "$work"' EXIT
 until (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null; do sleep 0.1; done
-mkdir -p "$here/$out"
-echo "broker: mosquitto $(mosquitto -h | head -1 | cut -d' ' -f3)" > "$here/$out/load.txt"
-echo "load before: $(cat /proc/loadavg)" >> "$here/$out/load.txt"
-"$client" 127.0.0.1:$port "$work/ca.pem" "$rate" "$secs" $broker > "$here/$out/stdout.txt" 2> "$here/$out/stderr.txt" \
-  || echo "client exit $?" >> "$here/$out/load.txt"
-echo "load after: $(cat /proc/loadavg)" >> "$here/$out/load.txt"
+mkdir -p "$dest/$out"
+echo "broker: mosquitto $(mosquitto -h | head -1 | cut -d' ' -f3)" > "$dest/$out/load.txt"
+echo "load before: $(cat /proc/loadavg)" >> "$dest/$out/load.txt"
+"$client" 127.0.0.1:$port "$work/ca.pem" "$rate" "$secs" $broker > "$dest/$out/stdout.txt" 2> "$dest/$out/stderr.txt" \
+  || echo "client exit $?" >> "$dest/$out/load.txt"
+echo "load after: $(cat /proc/loadavg)" >> "$dest/$out/load.txt"

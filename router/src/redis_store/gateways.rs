@@ -191,14 +191,7 @@ impl RedisStore {
                 }
             }
             for reply in self.pipeline(cmds)? {
-                let (_removed, offline, rest): (i64, i64, Vec<String>) = from_value(reply)?;
-                verdicts.push(if offline == 1 {
-                    Verdict::Yes
-                } else if rest.is_empty() {
-                    Verdict::No
-                } else {
-                    Verdict::if_all_dead(&rest, &mut check)
-                });
+                verdicts.push(Verdict::of_close(reply, &mut check)?);
             }
         }
         let dead_elsewhere = self.dead_gateways_among(&check)?;

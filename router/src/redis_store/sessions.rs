@@ -44,6 +44,19 @@ impl Verdict {
         Verdict::IfAllDead(gateways)
     }
 
+    /// From a `close_session.lua` reply: offline now, still online, or
+    /// offline iff the gateways of the sessions left are all dead.
+    pub(super) fn of_close(reply: Value, check: &mut HashSet<Arc<str>>) -> StoreResult<Self> {
+        let (_removed, offline, rest): (i64, i64, Vec<String>) = from_value(reply)?;
+        Ok(if offline == 1 {
+            Verdict::Yes
+        } else if rest.is_empty() {
+            Verdict::No
+        } else {
+            Verdict::if_all_dead(&rest, check)
+        })
+    }
+
     pub(super) fn holds(&self, dead: &HashSet<Arc<str>>) -> bool {
         match self {
             Verdict::Yes => true,
@@ -139,16 +152,9 @@ impl SessionStore for RedisStore {
                     });
                 }
                 SessionChange::Closed { .. } => {
-                    let (_removed, offline, rest): (i64, i64, Vec<String>) =
-                        from_value(replies.next().unwrap_or(Value::Nil))?;
+                    let reply = replies.next().unwrap_or(Value::Nil);
                     replies.next();
-                    verdicts.push(if offline == 1 {
-                        Verdict::Yes
-                    } else if rest.is_empty() {
-                        Verdict::No
-                    } else {
-                        Verdict::if_all_dead(&rest, &mut check)
-                    });
+                    verdicts.push(Verdict::of_close(reply, &mut check)?);
                 }
             }
         }
