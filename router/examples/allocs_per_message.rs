@@ -264,7 +264,7 @@ fn measure_router(world: &World, rows: &mut Vec<Row>) {
     let mut n = 0u64;
     for case in world.cases(group_id) {
         for batch in BATCHES {
-            let mut round = |counted: bool| {
+            let round = |counted: bool| {
                 let requests: Vec<Inbound> = (0..batch)
                     .map(|i| {
                         n += 1;
@@ -290,24 +290,35 @@ fn measure_router(world: &World, rows: &mut Vec<Row>) {
                     (0, 0)
                 }
             };
-            for _ in 0..WARM_UP / batch {
-                round(false);
-            }
-            let (mut allocs, mut bytes) = (0, 0);
-            for _ in 0..COUNTED / batch {
-                let (a, b) = round(true);
-                allocs += a;
-                bytes += b;
-            }
+            let (allocs, bytes) = per_send(batch, round);
             rows.push(Row {
                 path: "router",
                 case: case.name,
                 batch,
-                allocs: allocs as f64 / COUNTED as f64,
-                bytes: bytes as f64 / COUNTED as f64,
+                allocs,
+                bytes,
             });
         }
     }
+}
+
+/// Runs `round` (one batch of `batch` Sends; counts when told to) for the
+/// warm-up, then for the counted Sends; returns allocations and bytes per
+/// counted Send.
+fn per_send(batch: usize, mut round: impl FnMut(bool) -> (u64, u64)) -> (f64, f64) {
+    for _ in 0..WARM_UP / batch {
+        round(false);
+    }
+    let (mut allocs, mut bytes) = (0, 0);
+    for _ in 0..COUNTED / batch {
+        let (a, b) = round(true);
+        allocs += a;
+        bytes += b;
+    }
+    (
+        allocs as f64 / COUNTED as f64,
+        bytes as f64 / COUNTED as f64,
+    )
 }
 
 fn measure_engine(world: &World, rows: &mut Vec<Row>) {
@@ -328,7 +339,7 @@ fn measure_engine(world: &World, rows: &mut Vec<Row>) {
     let mut n = 1_000_000u64;
     for case in world.cases(group_id) {
         for batch in BATCHES {
-            let mut round = |counted: bool| {
+            let round = |counted: bool| {
                 let before = counters();
                 let mut requests = Vec::with_capacity(batch.max(4));
                 for i in 0..batch {
@@ -349,21 +360,13 @@ fn measure_engine(world: &World, rows: &mut Vec<Row>) {
                     (0, 0)
                 }
             };
-            for _ in 0..WARM_UP / batch {
-                round(false);
-            }
-            let (mut allocs, mut bytes) = (0, 0);
-            for _ in 0..COUNTED / batch {
-                let (a, b) = round(true);
-                allocs += a;
-                bytes += b;
-            }
+            let (allocs, bytes) = per_send(batch, round);
             rows.push(Row {
                 path: "engine",
                 case: case.name,
                 batch,
-                allocs: allocs as f64 / COUNTED as f64,
-                bytes: bytes as f64 / COUNTED as f64,
+                allocs,
+                bytes,
             });
         }
     }
