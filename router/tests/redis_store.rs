@@ -192,6 +192,17 @@ fn router_over_redis(store: RedisStore) {
     assert_eq!(out.pushes.len(), 150, "one push per offline member");
 }
 
+/// A fresh Redis, the store on it, and a plain connection to look inside.
+fn store_and_raw_connection() -> (Redis, RedisStore, redis::Connection) {
+    let redis = Redis::start().expect("start redis-server");
+    let store = RedisStore::connect(RedisConfig::standalone(redis.url())).unwrap();
+    let raw = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    (redis, store, raw)
+}
+
 /// Dedup state in Redis is bounded by the history window, not by traffic:
 /// after 1,000 messages with a window of 50 the conversation holds exactly
 /// four keys (seq, history, dedup hash, dedup order list) with 50 entries
@@ -199,12 +210,7 @@ fn router_over_redis(store: RedisStore) {
 /// previous layout (one key per message) is still honoured.
 #[test]
 fn redis_dedup_is_bounded_by_the_window_and_reads_legacy_keys() {
-    let redis = Redis::start().expect("start redis-server");
-    let mut s = RedisStore::connect(RedisConfig::standalone(redis.url())).unwrap();
-    let mut raw = redis::Client::open(redis.url())
-        .unwrap()
-        .get_connection()
-        .unwrap();
+    let (_redis, mut s, mut raw) = store_and_raw_connection();
     let window = 50;
     let ret = |now| palaver_router::store::Retention {
         now_ms: now,
@@ -298,12 +304,7 @@ fn redis_dedup_is_bounded_by_the_window_and_reads_legacy_keys() {
 /// sessions on the flushing gateway, cost the one pipeline.
 #[test]
 fn session_flush_reads_leases_only_for_users_on_other_gateways() {
-    let redis = Redis::start().expect("start redis-server");
-    let mut s = RedisStore::connect(RedisConfig::standalone(redis.url())).unwrap();
-    let mut raw = redis::Client::open(redis.url())
-        .unwrap()
-        .get_connection()
-        .unwrap();
+    let (_redis, mut s, mut raw) = store_and_raw_connection();
     let mut lease_reads = || -> u64 {
         let info: String = redis::cmd("INFO")
             .arg("commandstats")

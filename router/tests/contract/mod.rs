@@ -205,22 +205,30 @@ pub fn shared_conversations<S: Store>(mut s: S) {
     );
 }
 
+/// A came-online event.
+fn online(user: &str) -> pb::Presence {
+    pb::Presence {
+        user_id: user.into(),
+        online: true,
+        last_seen_ms: 0,
+    }
+}
+
+/// A went-offline event, last seen `at_ms`.
+fn offline(user: &str, at_ms: i64) -> pb::Presence {
+    pb::Presence {
+        user_id: user.into(),
+        online: false,
+        last_seen_ms: at_ms,
+    }
+}
+
 /// Sessions and the gateway registry: what both backends' presence rests
 /// on. `expire_lease(store, gateway)` returns once that gateway's lease has
 /// run out (a manual clock moves on for the memory store; Redis is waited
 /// on).
 pub fn sessions_and_registry<S: Store>(mut s: S, mut expire_lease: impl FnMut(&mut S, &str)) {
     const LEASE: Duration = Duration::from_secs(30);
-    let online = |user: &str| pb::Presence {
-        user_id: user.into(),
-        online: true,
-        last_seen_ms: 0,
-    };
-    let offline = |user: &str, at_ms| pb::Presence {
-        user_id: user.into(),
-        online: false,
-        last_seen_ms: at_ms,
-    };
     let opened = |s: &Session| SessionChange::Opened(s.clone());
     let closed = |s: &Session, at_ms| SessionChange::Closed {
         session: s.clone(),
@@ -391,16 +399,6 @@ pub fn presence_events_ignore_dead_gateways<S: Store>(
 ) {
     const LEASE: Duration = Duration::from_secs(30);
     const SHORT: Duration = Duration::from_millis(500);
-    let online = |user: &str| pb::Presence {
-        user_id: user.into(),
-        online: true,
-        last_seen_ms: 0,
-    };
-    let offline = |user: &str, at_ms| pb::Presence {
-        user_id: user.into(),
-        online: false,
-        last_seen_ms: at_ms,
-    };
     let gone = |at_ms| UserPresence {
         online: false,
         last_seen_ms: at_ms,
