@@ -82,8 +82,8 @@ fn offline_user_catches_up_with_sync_and_resume() {
 }
 
 #[test]
-fn a_duplicate_client_msg_id_is_stored_and_delivered_once() {
-    chat::duplicate_client_msg_id_is_stored_and_delivered_once(&start(|_| {}));
+fn a_duplicate_client_msg_id_is_stored_once_and_delivered_again() {
+    chat::duplicate_client_msg_id_is_stored_once_and_delivered_again(&start(|_| {}));
 }
 
 #[test]

@@ -257,21 +257,24 @@ fn direct_conversation_lists_for_both_users_after_first_message() {
     }
 }
 
+/// A repeat gets the original ack, stores nothing, and delivers the
+/// original again (at-least-once: its first attempt may have stopped
+/// before delivering); the repeat's own content is discarded.
 #[test]
-fn duplicate_send_gets_original_ack_and_is_not_stored_or_delivered() {
+fn duplicate_send_gets_original_ack_is_not_stored_and_redelivers_the_original() {
     let mut h = Harness::new();
     let alice = h.open("alice", "phone", 1);
     let bob = h.open("bob", "phone", 2);
     let first = h.send(&alice, DM, 9);
     let original = ack(reply_to(&first, &alice, 9)).unwrap().clone();
+    let delivered_first = delivered(to(&first, &bob.addr)[0]).unwrap().clone();
 
     h.clock.advance(60_000);
     let again = h.req(&alice, 10, send_body(DM, 9, "different body, same id"));
     assert_eq!(ack(reply_to(&again, &alice, 10)).unwrap(), &original);
-    assert!(
-        to(&again, &bob.addr).is_empty(),
-        "duplicate delivered again"
-    );
+    let redelivered = to(&again, &bob.addr);
+    assert_eq!(redelivered.len(), 1, "the original, once more");
+    assert_eq!(delivered(redelivered[0]).unwrap(), &delivered_first);
 
     // The next new message is seq 2: the duplicate used no seq.
     let next = h.send(&alice, DM, 11);
@@ -1729,6 +1732,21 @@ fn a_batch_whose_push_mark_fails_leaves_no_frame_of_its_sends() {
         .filter_map(|f| ack(f).map(|a| (f.request_id, a.seq)))
         .collect();
     assert_eq!(acks, vec![(1, 1), (2, 1)]);
+    // The first attempt stored both before failing, so the retry finds
+    // duplicates; it still delivers to bob and pushes to carol, which the
+    // failed attempt never did.
+    let bob_addr = session("bob", "phone", "g1", 2).addr;
+    let to_bob: Vec<u64> = to(&out, &bob_addr)
+        .iter()
+        .filter_map(|f| delivered(f).map(|m| m.seq))
+        .collect();
+    assert_eq!(to_bob, vec![1]);
+    let pushed: Vec<(&str, u64)> = out
+        .pushes
+        .iter()
+        .map(|p| (p.user_id.as_str(), p.seq))
+        .collect();
+    assert_eq!(pushed, vec![("carol", 1)]);
 }
 
 #[test]
@@ -2268,7 +2286,8 @@ fn a_batch_is_handled_like_one_request_at_a_time_with_one_append_and_one_lookup_
             request(alice, 2, send_body(DM, 2, "two")),
             request(bob, 3, send_body(DM, 3, "three")),
             request(alice, 4, send_body(&carol_dm, 4, "four")),
-            // A retry of #2 inside the same run: the original ack, no Deliver.
+            // A retry of #2 inside the same run: the original ack, and the
+            // original delivered again (as one at a time).
             request(alice, 5, send_body(DM, 2, "two again")),
             request(alice, 6, bad),
             request(
@@ -2329,7 +2348,8 @@ fn a_batch_is_handled_like_one_request_at_a_time_with_one_append_and_one_lookup_
         .iter()
         .filter_map(|f| delivered(f).map(|m| m.seq))
         .collect();
-    assert_eq!(to_bob, vec![1, 2, 4]);
+    // #2 twice: its retry delivers the original again.
+    assert_eq!(to_bob, vec![1, 2, 2, 4]);
     assert!(to(&out, &alice.addr)
         .iter()
         .any(|f| f.request_id == 6 && error(f).is_some()));

@@ -165,6 +165,15 @@ impl<S: Store> Router<S> {
             }
         }
 
+        // 3b. A repeated Send is delivered again (SPEC §6: at-least-once).
+        // Its first attempt may have stopped after the append, before any
+        // Deliver or push left (a store error later in its batch, a router
+        // crash before the output was shipped, a lost ack): without this,
+        // online members would only see it at their next Sync, and offline
+        // ones would get no push. Recipients dedupe by seq.
+        let mut appended = appended;
+        self.redeliver_duplicates(&mut appended)?;
+
         // 4. One session lookup for the members of every stored message:
         // each user once, found again by binary search.
         let mut users: Vec<&str> = Vec::with_capacity(
@@ -218,6 +227,9 @@ impl<S: Store> Router<S> {
                 seq: message.seq,
                 server_time_ms: message.server_time_ms,
             };
+            // A redelivered original keeps its own kind, whatever the
+            // repeat said (SPEC §6: a repeat's content is discarded).
+            let kind = message.kind;
             // The message moves into the Deliver; each recipient but the
             // last gets a copy, the last the original.
             let deliver = event(Body::Deliver(pb::Deliver {
@@ -271,7 +283,7 @@ impl<S: Store> Router<S> {
                             seq: ack.seq,
                             message_id: ack.message_id.clone(),
                             sender_user_id: req.from.user_id.clone(),
-                            kind: send.kind,
+                            kind,
                             server_time_ms: ack.server_time_ms,
                         });
                     }
@@ -282,6 +294,44 @@ impl<S: Store> Router<S> {
             // connection gets no Deliver, SPEC §6), and the delivery is the
             // latency that counts (one write less ahead of it).
             out.frames.push(reply(req, Body::SendAck(ack)));
+        }
+        Ok(())
+    }
+
+    /// Replaces each [`Appended::Duplicate`] with the original message
+    /// (read back, one store call for all of them), so it is delivered and
+    /// pushed again. Also when this batch stored the original: a batch is
+    /// answered exactly as its requests one at a time. A duplicate whose
+    /// original left the history window stays a duplicate (ack only).
+    fn redeliver_duplicates(&mut self, appended: &mut [Appended]) -> StoreResult<()> {
+        let again: Vec<usize> = (0..appended.len())
+            .filter(|&i| matches!(&appended[i], Appended::Duplicate(ack) if ack.seq > 0))
+            .collect();
+        if again.is_empty() {
+            return Ok(());
+        }
+        let reads: Vec<RangeRead> = again
+            .iter()
+            .filter_map(|&i| match &appended[i] {
+                Appended::Duplicate(ack) => Some(RangeRead {
+                    conversation_id: ack.conversation_id.clone(),
+                    after_seq: ack.seq - 1,
+                    limit: 1,
+                }),
+                Appended::Stored(_) => None,
+            })
+            .collect();
+        let found = self.store.messages_after(&reads)?;
+        for (i, mut messages) in again.into_iter().zip(found) {
+            let Appended::Duplicate(ack) = &appended[i] else {
+                continue;
+            };
+            if let Some(original) = messages
+                .pop()
+                .filter(|m| m.seq == ack.seq && m.message_id == ack.message_id)
+            {
+                appended[i] = Appended::Stored(original);
+            }
         }
         Ok(())
     }
