@@ -244,6 +244,34 @@ struct Row {
     bytes: f64,
 }
 
+impl Row {
+    /// Runs `round` (one batch of `batch` Sends; returns the allocations
+    /// and bytes it made) for the warm-up, then for the counted Sends.
+    fn measure(
+        path: &'static str,
+        case: &'static str,
+        batch: usize,
+        mut round: impl FnMut() -> (u64, u64),
+    ) -> Row {
+        for _ in 0..WARM_UP / batch {
+            round();
+        }
+        let (mut allocs, mut bytes) = (0, 0);
+        for _ in 0..COUNTED / batch {
+            let (a, b) = round();
+            allocs += a;
+            bytes += b;
+        }
+        Row {
+            path,
+            case,
+            batch,
+            allocs: allocs as f64 / COUNTED as f64,
+            bytes: bytes as f64 / COUNTED as f64,
+        }
+    }
+}
+
 fn measure_router(world: &World, rows: &mut Vec<Row>) {
     let clock = Arc::new(ManualClock::new(1_700_000_000_000));
     let mut router = Router::new(MemoryStore::new(), RouterConfig::default(), clock);
@@ -264,7 +292,7 @@ fn measure_router(world: &World, rows: &mut Vec<Row>) {
     let mut n = 0u64;
     for case in world.cases(group_id) {
         for batch in BATCHES {
-            let round = |counted: bool| {
+            let round = || {
                 let requests: Vec<Inbound> = (0..batch)
                     .map(|i| {
                         n += 1;
@@ -284,41 +312,11 @@ fn measure_router(world: &World, rows: &mut Vec<Row>) {
                 out.flush(&mut NullOutlet).unwrap();
                 let after = counters();
                 drop(requests);
-                if counted {
-                    (after.0 - before.0, after.1 - before.1)
-                } else {
-                    (0, 0)
-                }
+                (after.0 - before.0, after.1 - before.1)
             };
-            let (allocs, bytes) = per_send(batch, round);
-            rows.push(Row {
-                path: "router",
-                case: case.name,
-                batch,
-                allocs,
-                bytes,
-            });
+            rows.push(Row::measure("router", case.name, batch, round));
         }
     }
-}
-
-/// Runs `round` (one batch of `batch` Sends; counts when told to) for the
-/// warm-up, then for the counted Sends; returns allocations and bytes per
-/// counted Send.
-fn per_send(batch: usize, mut round: impl FnMut(bool) -> (u64, u64)) -> (f64, f64) {
-    for _ in 0..WARM_UP / batch {
-        round(false);
-    }
-    let (mut allocs, mut bytes) = (0, 0);
-    for _ in 0..COUNTED / batch {
-        let (a, b) = round(true);
-        allocs += a;
-        bytes += b;
-    }
-    (
-        allocs as f64 / COUNTED as f64,
-        bytes as f64 / COUNTED as f64,
-    )
 }
 
 fn measure_engine(world: &World, rows: &mut Vec<Row>) {
@@ -339,7 +337,7 @@ fn measure_engine(world: &World, rows: &mut Vec<Row>) {
     let mut n = 1_000_000u64;
     for case in world.cases(group_id) {
         for batch in BATCHES {
-            let round = |counted: bool| {
+            let round = || {
                 let before = counters();
                 let mut requests = Vec::with_capacity(batch.max(4));
                 for i in 0..batch {
@@ -354,20 +352,9 @@ fn measure_engine(world: &World, rows: &mut Vec<Row>) {
                 engine.submit_batch(requests);
                 while host.run_turn() {}
                 let after = counters();
-                if counted {
-                    (after.0 - before.0, after.1 - before.1)
-                } else {
-                    (0, 0)
-                }
+                (after.0 - before.0, after.1 - before.1)
             };
-            let (allocs, bytes) = per_send(batch, round);
-            rows.push(Row {
-                path: "engine",
-                case: case.name,
-                batch,
-                allocs,
-                bytes,
-            });
+            rows.push(Row::measure("engine", case.name, batch, round));
         }
     }
     engine.shutdown();

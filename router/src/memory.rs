@@ -654,23 +654,21 @@ impl MemoryStore {
             return false;
         };
         let gone = user.devices.remove(i);
-        if user.devices.is_empty() {
+        let last = user.devices.is_empty();
+        if last {
             // Give back the allocation: offline users should cost nothing here.
             user.devices = Vec::new();
-            user.last_seen_ms = at_ms;
-            self.release_gateway_id(&gone.gateway_id);
-            return true;
         }
         self.release_gateway_id(&gone.gateway_id);
         // A session of a dead gateway did not count, so removing it (a reap)
         // changes nothing while the user has another session.
-        if !counted || self.has_live_session(&session.user_id) {
-            return false;
+        let went_offline = last || counted && !self.has_live_session(&session.user_id);
+        if went_offline {
+            if let Some(user) = self.presence.get_mut(session.user_id.as_str()) {
+                user.last_seen_ms = at_ms;
+            }
         }
-        if let Some(user) = self.presence.get_mut(session.user_id.as_str()) {
-            user.last_seen_ms = at_ms;
-        }
-        true
+        went_offline
     }
 
     /// Whether the user has a session on a live gateway.

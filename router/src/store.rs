@@ -400,8 +400,9 @@ pub struct UserPresence {
 pub trait SessionStore {
     /// Apply one gateway's session changes in order and renew its lease
     /// (`lease_ttl` from now): ONE pipelined round trip in Redis however
-    /// many changes (see `Closed` below for the one exception), so presence costs churn plus gateways, never connected
-    /// users (DESIGN "presence without a heartbeat storm").
+    /// many changes (one more, reading leases, when a changed user has
+    /// sessions on other gateways), so presence costs churn plus gateways, never
+    /// connected users (DESIGN "presence without a heartbeat storm").
     ///
     /// - `Opened`: the (user, device) now maps to the session's address,
     ///   atomically per user; a different previous address is reported in
@@ -412,8 +413,6 @@ pub trait SessionStore {
     ///   that address (a replaced connection closing late must not remove
     ///   its replacement); if no session on a live gateway is left (and
     ///   this one counted), the user went offline and last-seen is `at_ms`.
-    ///   In Redis, a user with sessions on other gateways costs one more
-    ///   round trip per batch (their leases are read).
     fn apply_sessions(
         &mut self,
         gateway_id: &str,

@@ -137,7 +137,7 @@ impl<S: Store> Router<S> {
                 ));
             }
         }
-        let appended = if appends.is_empty() {
+        let mut appended = if appends.is_empty() {
             Vec::new()
         } else {
             self.store.append_messages(appends, &retention)?
@@ -171,7 +171,6 @@ impl<S: Store> Router<S> {
         // crash before the output was shipped, a lost ack): without this,
         // online members would only see it at their next Sync, and offline
         // ones would get no push. Recipients dedupe by seq.
-        let mut appended = appended;
         self.redeliver_duplicates(&mut appended)?;
 
         // 4. One session lookup for the members of every stored message:
@@ -227,14 +226,15 @@ impl<S: Store> Router<S> {
                 seq: message.seq,
                 server_time_ms: message.server_time_ms,
             };
-            // A redelivered original keeps its own kind, whatever the
-            // repeat said (SPEC §6: a repeat's content is discarded).
-            let kind = message.kind;
-            // The message moves into the Deliver; each recipient but the
-            // last gets a copy, the last the original.
-            let deliver = event(Body::Deliver(pb::Deliver {
-                message: Some(message),
-            }));
+            // Each recipient but the last gets a copy of the message; the
+            // last gets the message itself, after the push events (built
+            // from it: a redelivered original keeps its own sender and
+            // kind, SPEC §6) are out.
+            let deliver = |message| {
+                event(Body::Deliver(pb::Deliver {
+                    message: Some(message),
+                }))
+            };
             let mut last: Option<&SessionAddr> = None;
             let mut offline = Vec::new();
             for user_id in access.member_ids() {
@@ -252,17 +252,11 @@ impl<S: Store> Router<S> {
                         if let Some(to) = last.replace(addr) {
                             out.frames.push(Addressed {
                                 to: to.clone(),
-                                frame: deliver.clone(),
+                                frame: deliver(message.clone()),
                             });
                         }
                     }
                 }
-            }
-            if let Some(to) = last {
-                out.frames.push(Addressed {
-                    to: to.clone(),
-                    frame: deliver,
-                });
             }
             if !offline.is_empty() {
                 let fresh = match self
@@ -280,14 +274,20 @@ impl<S: Store> Router<S> {
                         out.pushes.push(PushEvent {
                             user_id: user_id.to_owned(),
                             conversation_id: send.conversation_id.clone(),
-                            seq: ack.seq,
-                            message_id: ack.message_id.clone(),
-                            sender_user_id: req.from.user_id.clone(),
-                            kind,
-                            server_time_ms: ack.server_time_ms,
+                            seq: message.seq,
+                            message_id: message.message_id.clone(),
+                            sender_user_id: message.sender_user_id.clone(),
+                            kind: message.kind,
+                            server_time_ms: message.server_time_ms,
                         });
                     }
                 }
+            }
+            if let Some(to) = last {
+                out.frames.push(Addressed {
+                    to: to.clone(),
+                    frame: deliver(message),
+                });
             }
             // The recipients' Delivers are written before the sender's
             // SendAck: no connection sees a different order (the sending
@@ -304,23 +304,24 @@ impl<S: Store> Router<S> {
     /// answered exactly as its requests one at a time. A duplicate whose
     /// original left the history window stays a duplicate (ack only).
     fn redeliver_duplicates(&mut self, appended: &mut [Appended]) -> StoreResult<()> {
-        let again: Vec<usize> = (0..appended.len())
-            .filter(|&i| matches!(&appended[i], Appended::Duplicate(ack) if ack.seq > 0))
-            .collect();
+        let (again, reads): (Vec<usize>, Vec<RangeRead>) = appended
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| match a {
+                Appended::Duplicate(ack) if ack.seq > 0 => Some((
+                    i,
+                    RangeRead {
+                        conversation_id: ack.conversation_id.clone(),
+                        after_seq: ack.seq - 1,
+                        limit: 1,
+                    },
+                )),
+                _ => None,
+            })
+            .unzip();
         if again.is_empty() {
             return Ok(());
         }
-        let reads: Vec<RangeRead> = again
-            .iter()
-            .filter_map(|&i| match &appended[i] {
-                Appended::Duplicate(ack) => Some(RangeRead {
-                    conversation_id: ack.conversation_id.clone(),
-                    after_seq: ack.seq - 1,
-                    limit: 1,
-                }),
-                Appended::Stored(_) => None,
-            })
-            .collect();
         let found = self.store.messages_after(&reads)?;
         for (i, mut messages) in again.into_iter().zip(found) {
             let Appended::Duplicate(ack) = &appended[i] else {

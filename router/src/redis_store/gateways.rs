@@ -37,12 +37,10 @@ impl RedisStore {
         if gateway_ids.is_empty() {
             return Ok(HashSet::new());
         }
-        let ids: Vec<&Arc<str>> = gateway_ids.iter().collect();
+        let ids: Vec<&str> = gateway_ids.iter().map(|id| &**id).collect();
         let mut cmds = Vec::with_capacity(ids.len() + 1);
         let mut known = redis::cmd("SMISMEMBER");
-        known
-            .arg(KNOWN_GATEWAYS)
-            .arg(ids.iter().map(|id| &***id).collect::<Vec<&str>>());
+        known.arg(KNOWN_GATEWAYS).arg(&ids);
         cmds.push(known);
         for id in &ids {
             cmds.push(redis::cmd("EXISTS").arg(lease_key(id)).clone());
@@ -53,7 +51,7 @@ impl RedisStore {
         for ((id, known), lease) in ids.iter().zip(known).zip(replies) {
             let alive: bool = from_value(lease)?;
             if known && !alive {
-                dead.insert((*id).clone());
+                dead.insert(Arc::from(*id));
             }
         }
         Ok(dead)

@@ -32,16 +32,37 @@ pub(super) enum Verdict {
 }
 
 impl Verdict {
-    /// From the addresses a script returned, none of them on a gateway
-    /// known to be alive.
-    pub(super) fn if_all_dead(addrs: &[String], check: &mut HashSet<Arc<str>>) -> Self {
-        let gateways: Vec<Arc<str>> = addrs
+    /// The gateways of the addresses a script returned.
+    fn gateways_of(addrs: &[String]) -> Vec<Arc<str>> {
+        addrs
             .iter()
             .filter_map(|a| decode_addr(a))
             .map(|a| a.gateway_id)
-            .collect();
+            .collect()
+    }
+
+    /// Yes iff all of `gateways`, none known to be alive, turn out dead.
+    fn if_all_dead(gateways: Vec<Arc<str>>, check: &mut HashSet<Arc<str>>) -> Self {
         check.extend(gateways.iter().cloned());
         Verdict::IfAllDead(gateways)
+    }
+
+    /// From the addresses `open_session.lua` found before the open (on
+    /// `gateway_id`, the flushing gateway, which is alive): came online
+    /// iff none of them counts.
+    pub(super) fn of_open(
+        before: &[String],
+        gateway_id: &str,
+        check: &mut HashSet<Arc<str>>,
+    ) -> Self {
+        if before.is_empty() {
+            return Verdict::Yes;
+        }
+        let gateways = Self::gateways_of(before);
+        if gateways.iter().any(|g| **g == *gateway_id) {
+            return Verdict::No;
+        }
+        Self::if_all_dead(gateways, check)
     }
 
     /// From a `close_session.lua` reply: offline now, still online, or
@@ -53,7 +74,7 @@ impl Verdict {
         } else if rest.is_empty() {
             Verdict::No
         } else {
-            Verdict::if_all_dead(&rest, check)
+            Self::if_all_dead(Self::gateways_of(&rest), check)
         })
     }
 
@@ -138,18 +159,7 @@ impl SessionStore for RedisStore {
                     if let Some(prev) = prev.filter(|p| *p != s.addr) {
                         result.replaced.push((s.clone(), prev));
                     }
-                    // Came online iff no session before counted.
-                    let on_this_gateway = before
-                        .iter()
-                        .filter_map(|a| decode_addr(a))
-                        .any(|a| *a.gateway_id == *gateway_id);
-                    verdicts.push(if before.is_empty() {
-                        Verdict::Yes
-                    } else if on_this_gateway {
-                        Verdict::No
-                    } else {
-                        Verdict::if_all_dead(&before, &mut check)
-                    });
+                    verdicts.push(Verdict::of_open(&before, gateway_id, &mut check));
                 }
                 SessionChange::Closed { .. } => {
                     let reply = replies.next().unwrap_or(Value::Nil);
