@@ -386,3 +386,65 @@ fn a_poll_batch_gets_consecutive_seqs_and_one_delivery_record_per_gateway() {
     // seq 3 twice: the retry delivers the original again (at-least-once).
     assert_eq!(seqs, vec![(9, 1), (9, 2), (9, 3), (9, 3), (9, 4), (9, 5)]);
 }
+
+/// An idempotent producer with a fatal error fails every write for good
+/// (librdkafka raises one when a broker answers out of sequence, as after a
+/// stall it could not follow). The worker replaces it, and the batch that
+/// failed runs again: the client's Send is acknowledged, stored once.
+#[test]
+fn a_producer_that_failed_for_good_is_replaced_and_its_batch_runs_again() {
+    let kafka = Kafka::start().expect("kafka");
+    let redis = Redis::start().expect("redis-server");
+    let brokers = kafka.bootstrap();
+    kafka::ensure_topics(
+        &brokers,
+        &[(&kafka::delivery_topic("gwx"), 1)],
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let mut config = WorkerConfig::new(&brokers, RedisConfig::standalone(redis.url()));
+    config.inbound_partitions = 1;
+    let mut worker = RouterWorker::new(config).expect("worker");
+    let deliveries = consumer(&brokers, &kafka::delivery_topic("gwx"));
+    let producer: BaseProducer = kafka::producer_config(&brokers, 0).create().unwrap();
+    let produce = |value: &[u8]| {
+        producer
+            .send(
+                BaseRecord::to(INBOUND_TOPIC)
+                    .key("dm:alice:bob")
+                    .payload(value),
+            )
+            .map_err(|(e, _)| e)
+            .unwrap();
+        producer.flush(Duration::from_secs(10)).unwrap();
+    };
+    produce(&send_record(1));
+    process(&mut worker, 1);
+
+    worker.raise_fatal_producer_error("test: out of sequence");
+    produce(&send_record(2));
+    // The first attempt fails on the dead producer; later ones succeed.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut failures = 0;
+    while worker.stats().records < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the Send was never processed: {failures} failed batches, {:?}",
+            worker.stats()
+        );
+        if worker.run_batch(Duration::from_millis(200)).is_err() {
+            failures += 1;
+        }
+    }
+    let stats = worker.stats();
+    assert_eq!(stats.producers_replaced, 1, "{stats:?}");
+    assert!(failures >= 1 && stats.replays >= 1, "{failures} {stats:?}");
+
+    let frames = next_frames(&deliveries, 2);
+    assert!(matches!(&frames[0].body, Some(Body::SendAck(a)) if a.seq == 1));
+    assert!(
+        matches!(&frames[1].body, Some(Body::SendAck(a)) if a.seq == 2),
+        "{:?}",
+        frames[1]
+    );
+}

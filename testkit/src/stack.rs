@@ -75,7 +75,12 @@ pub fn free_port() -> Result<u16> {
         .map_err(|e| err(format!("local_addr: {e}")))
 }
 
-/// A service's working directory; a temporary one is removed on drop.
+/// Set (to anything) to keep every temporary work dir: the logs of a run
+/// that passed, to compare with one that failed.
+pub const KEEP_WORK_DIRS: &str = "PALAVER_KEEP_WORK_DIRS";
+
+/// A service's working directory; a temporary one is removed on drop,
+/// unless a test is failing or [`KEEP_WORK_DIRS`] is set.
 #[derive(Debug)]
 pub struct WorkDir {
     path: PathBuf,
@@ -98,7 +103,7 @@ impl WorkDir {
         fs::create_dir_all(&path).map_err(|e| err(format!("create {}: {e}", path.display())))?;
         Ok(Self {
             path,
-            remove_on_drop: true,
+            remove_on_drop: std::env::var_os(KEEP_WORK_DIRS).is_none(),
         })
     }
 
@@ -122,7 +127,13 @@ impl WorkDir {
 
 impl Drop for WorkDir {
     fn drop(&mut self) {
-        if self.remove_on_drop {
+        if !self.remove_on_drop {
+            return;
+        }
+        // A failing test's logs and data stay for the post-mortem.
+        if std::thread::panicking() {
+            eprintln!("kept for inspection: {}", self.path.display());
+        } else {
             let _ = fs::remove_dir_all(&self.path);
         }
     }

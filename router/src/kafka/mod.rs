@@ -13,12 +13,14 @@
 
 pub mod worker;
 
+use std::ffi::CString;
 use std::time::Duration;
 
 use palaver_protocol::pb;
 use prost::Message as _;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{Client, DefaultClientContext};
+use rdkafka::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::types::RDKafkaErrorCode;
 
@@ -88,6 +90,34 @@ pub fn producer_config(brokers: &str, linger_ms: u32) -> ClientConfig {
         .set("reconnect.backoff.max.ms", RECONNECT_BACKOFF_MAX_MS)
         .set("socket.nagle.disable", "true");
     config
+}
+
+/// The fatal error of a client, if it has one. An idempotent producer
+/// raises one when it can no longer keep its promise (a broker answered out
+/// of sequence, typically after a stall or a leader change it could not
+/// follow); from then on it fails every write, and librdkafka's remedy is a
+/// new instance (a new producer id). Gateways and routers replace theirs.
+pub fn fatal_error<C: ClientContext>(client: &Client<C>) -> Option<String> {
+    client
+        .fatal_error()
+        .map(|(code, reason)| format!("{code}: {reason}"))
+}
+
+/// Raises a fatal error on `client` the way librdkafka does when a broker
+/// answers out of sequence (`rd_kafka_test_fatal_error`, librdkafka's own
+/// fault-injection call): for the tests of the recovery.
+#[allow(unsafe_code)]
+pub fn raise_fatal_error<C: ClientContext>(client: &Client<C>, reason: &str) {
+    let reason = CString::new(reason.replace('\0', " ")).unwrap_or_default();
+    // SAFETY: `native_ptr` is the live handle `client` owns for the whole
+    // call, and `reason` is a NUL-terminated string librdkafka copies.
+    unsafe {
+        rdkafka::bindings::rd_kafka_test_fatal_error(
+            client.native_ptr(),
+            rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+            reason.as_ptr(),
+        );
+    }
 }
 
 /// Creates the topics that do not exist yet (existing ones are left alone).

@@ -23,7 +23,8 @@
 //!    every `commit_interval`).
 //!
 //! If producing fails, the consumer is rewound to the batch's first offsets
-//! and the batch runs again: at-least-once. Replays are safe because the
+//! and the batch runs again: at-least-once. A producer that failed for good
+//! (a fatal error, [`super::fatal_error`]) is replaced by a new one first. Replays are safe because the
 //! append script dedups by (conversation, client_msg_id) and returns the
 //! original ack, and receipts only ever move forward. A rebalance in the
 //! middle of a batch can let two routers briefly work on one partition; the
@@ -192,6 +193,8 @@ pub struct WorkerStats {
     pub replays: u64,
     /// Records whose handling panicked (dead-lettered; a replayed batch counts again).
     pub panics: u64,
+    /// Producers replaced after a fatal error ([`super::fatal_error`]).
+    pub producers_replaced: u64,
 }
 
 pub struct RouterWorker {
@@ -360,11 +363,7 @@ impl RouterWorker {
         consumer
             .subscribe(&[super::INBOUND_TOPIC])
             .map_err(|e| format!("subscribe {}: {e}", super::INBOUND_TOPIC))?;
-        let producer: ThreadedProducer<DeliveryTracker> =
-            super::producer_config(&config.brokers, config.linger_ms)
-                .set("client.id", &config.router_id)
-                .create_with_context(DeliveryTracker::default())
-                .map_err(|e| format!("Kafka producer: {e}"))?;
+        let producer = Self::create_producer(&config)?;
         let router = Router::new(store, config.router.clone(), clock.clone());
         Ok(Self {
             config,
@@ -377,6 +376,45 @@ impl RouterWorker {
             pending_commit: HashMap::new(),
             last_commit: Instant::now(),
         })
+    }
+
+    fn create_producer(config: &WorkerConfig) -> Result<ThreadedProducer<DeliveryTracker>, String> {
+        super::producer_config(&config.brokers, config.linger_ms)
+            .set("client.id", &config.router_id)
+            .create_with_context(DeliveryTracker::default())
+            .map_err(|e| format!("Kafka producer: {e}"))
+    }
+
+    /// A producer with a fatal error fails every write from then on: the
+    /// worker would replay its batch forever. Replaced by a new one (the
+    /// old one's unacknowledged records are abandoned; the batch that
+    /// needed them is rewound and runs again, and replays are deduplicated).
+    fn replace_producer_if_fatal(&mut self) {
+        let Some(fatal) = super::fatal_error(self.producer.client()) else {
+            return;
+        };
+        match Self::create_producer(&self.config) {
+            Ok(fresh) => {
+                tracing::error!(
+                    router = %self.config.router_id,
+                    "Kafka producer failed for good ({fatal}); replaced by a new one"
+                );
+                // Dropping the old one purges what it still held.
+                self.producer = fresh;
+                self.stats.producers_replaced += 1;
+            }
+            Err(e) => tracing::error!(
+                router = %self.config.router_id,
+                "Kafka producer failed for good ({fatal}); a new one could not be made ({e}), trying again with the next batch"
+            ),
+        }
+    }
+
+    /// Raises a fatal error on the worker's producer, as librdkafka does when
+    /// a broker answers out of sequence (see [`super::raise_fatal_error`]):
+    /// for fault tests.
+    pub fn raise_fatal_producer_error(&self, reason: &str) {
+        super::raise_fatal_error(self.producer.client(), reason);
     }
 
     pub fn stats(&self) -> WorkerStats {
@@ -461,10 +499,12 @@ impl RouterWorker {
             .map_err(|e| e.to_string())
             .and(flushed.map_err(|e| format!("flush: {e}")))
         {
+            self.replace_producer_if_fatal();
             self.rewind(&batch)?;
             return Err(e);
         }
         if let Some((topic, e)) = fatal.first() {
+            self.replace_producer_if_fatal();
             self.rewind(&batch)?;
             return Err(format!(
                 "{} produce failures, first on {topic}: {e}",

@@ -234,21 +234,44 @@ impl Drop for Stack {
         // Gateways before routers, routers before Kafka and Redis.
         self.gateways.clear();
         self.routers.clear();
+        if std::thread::panicking() {
+            let mut logs = logs_in(self.dir.path());
+            logs.extend((0..self.kafka.len()).map(|i| self.kafka.node_path(i).join("server.log")));
+            print_warnings_of_logs(&logs);
+        }
     }
 }
 
-/// Sends and waits for the ack, retrying with the same client_msg_id on
-/// UNAVAILABLE or silence (what a real client does), for up to 90 s.
-pub fn send_reliably(c: &mut Client, conv: &str, text: &str) -> pb::SendAck {
-    palaver_testkit::chat::send_reliably(c, conv, text, T)
+/// The `*.log` files of routers and gateways in `dir`.
+fn logs_in(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut logs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "log"))
+                .collect()
+        })
+        .unwrap_or_default();
+    logs.sort();
+    logs
 }
 
-pub fn next_deliver(c: &mut Client) -> pb::Message {
-    palaver_testkit::chat::next_deliver(c, T)
-}
-
-pub fn group_of(c: &mut Client, members: &[&str]) -> String {
-    c.create_group("team", members, T)
-        .expect("ConversationCreated")
-        .conversation_id
+/// A failed test's evidence: the warnings and errors of every process
+/// (the last 40 of each log), on stderr where CI shows them.
+fn print_warnings_of_logs(logs: &[PathBuf]) {
+    for log in logs {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let warnings: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .collect();
+        eprintln!(
+            "--- {}: {} warnings/errors, the last 40:",
+            log.display(),
+            warnings.len()
+        );
+        for line in &warnings[warnings.len().saturating_sub(40)..] {
+            eprintln!("{line}");
+        }
+    }
 }

@@ -373,11 +373,15 @@ fn send_all(
             body: i.to_string().into_bytes(),
             ..Default::default()
         });
+        // What the attempts got, for the report if the message is stuck.
+        let (mut attempts, mut last) = (0, String::from("nothing"));
         let ack = loop {
             assert!(
                 Instant::now() < stuck,
-                "{device}: message {i} of {conv} unacknowledged for {STUCK:?}"
+                "{device}: message {i} of {conv} unacknowledged for {STUCK:?} \
+                 ({attempts} attempts, the last answered {last})"
             );
+            attempts += 1;
             let answer = client.request(send.clone()).and_then(|id| {
                 client.recv_until(Duration::from_secs(10), "SendAck", |f| {
                     log.frame(f);
@@ -393,6 +397,7 @@ fn send_all(
                         if f.request_id != 0 {
                             assert_eq!(e.client_msg_id, cmid, "UNAVAILABLE names the Send");
                         }
+                        last = format!("UNAVAILABLE: {}", e.message);
                         // A client's retry back-off.
                         thread::sleep(Duration::from_millis(200));
                     }
@@ -400,13 +405,15 @@ fn send_all(
                         panic!("{device}: Send answered {e:?}")
                     }
                     // GoAway or a connection-level error: the server closes.
-                    _ => {
+                    other => {
+                        last = format!("{other:?}");
                         (client, _, gw) = reconnect(login, gw, device, log);
                     }
                 },
                 // Silence: send again with the same client_msg_id.
-                Err(ClientError::Timeout(_)) => {}
+                Err(ClientError::Timeout(_)) => last = "silence (10 s)".into(),
                 Err(e) => {
+                    last = format!("{e}");
                     log.client_error(&e);
                     (client, _, gw) = reconnect(login, gw, device, log);
                 }
