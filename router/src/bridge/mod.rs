@@ -4,8 +4,9 @@
 //! - Writes (Send, Receipt, Typing, CreateConversation, ChangeMembers, and
 //!   anything else that is not a read) become `InboundRecord`s on
 //!   `palaver.inbound`, keyed by [`Inbound::partition_key`], by an
-//!   idempotent acks=all producer. If Kafka does not take a write in time the
-//!   client gets `Error(UNAVAILABLE)` (it retries with the same client_msg_id).
+//!   idempotent acks=all producer (`writes.rs`: replaced if it fails for
+//!   good). If Kafka does not take a write in time the client gets
+//!   `Error(UNAVAILABLE)` (it retries with the same client_msg_id).
 //! - A delivery consumer reads this gateway's topic `palaver.deliver.<id>`
 //!   and hands the frames of every `DeliveryBatch` fetched so far to the
 //!   gateway's [`DeliverySink`] in one call.
@@ -17,6 +18,7 @@
 //! [`api::Backend`]: crate::api::Backend
 
 pub mod presence;
+mod writes;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -29,16 +31,16 @@ use crate::kafka;
 use crate::logic::{PresenceVisibility, Router, RouterConfig, SystemClock};
 use crate::redis_store::{RedisConfig, RedisStore};
 use crossbeam_channel::{Receiver, Sender};
-use palaver_protocol::pb::{frame::Body, ErrorCode};
-use palaver_protocol::{send_error_reply, sent_client_msg_id, BodyKind};
+use palaver_protocol::pb::frame::Body;
+use palaver_protocol::{sent_client_msg_id, BodyKind};
 use prost::Message as _;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message as _;
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 
 use presence::{Presence, PresenceTiming};
+use writes::{PendingWrite, Writes};
 
 /// Settings of the Kafka/Redis bridge.
 #[derive(Clone, Debug)]
@@ -77,44 +79,6 @@ impl BridgeConfig {
             router: RouterConfig::default(),
             inbound_partitions: kafka::DEFAULT_INBOUND_PARTITIONS,
         }
-    }
-}
-
-/// Who to answer if a produced record is not acknowledged.
-struct PendingWrite {
-    conn: u64,
-    request_id: u32,
-    client_msg_id: Vec<u8>,
-}
-
-/// Turns failed deliveries of client writes into `Error(UNAVAILABLE)`.
-struct ProduceContext {
-    sink: OnceLock<Arc<dyn DeliverySink>>,
-}
-
-impl ClientContext for ProduceContext {}
-
-impl ProducerContext for ProduceContext {
-    type DeliveryOpaque = Box<Option<PendingWrite>>;
-
-    fn delivery(&self, result: &DeliveryResult<'_>, pending: Self::DeliveryOpaque) {
-        if let (Err((error, _)), Some(pending)) = (result, *pending) {
-            if let Some(sink) = self.sink.get() {
-                sink.deliver(vec![unavailable(
-                    pending.conn,
-                    pending.request_id,
-                    pending.client_msg_id,
-                    format!("the message bus did not accept the request ({error}); retry"),
-                )]);
-            }
-        }
-    }
-}
-
-fn unavailable(conn: u64, request_id: u32, client_msg_id: Vec<u8>, message: String) -> Outbound {
-    Outbound {
-        conn,
-        frame: send_error_reply(request_id, client_msg_id, ErrorCode::Unavailable, message),
     }
 }
 
@@ -158,7 +122,7 @@ struct Started {
 pub struct KafkaRedisBridge {
     config: Result<BridgeConfig, String>,
     /// Created by `start` (read without a lock on the hot path).
-    producer: OnceLock<Arc<ThreadedProducer<ProduceContext>>>,
+    writes: OnceLock<Arc<Writes>>,
     started: Mutex<Option<Started>>,
     /// Read without a lock on the hot path.
     presence: OnceLock<Arc<Presence>>,
@@ -195,7 +159,7 @@ impl KafkaRedisBridge {
     fn with_config(config: Result<BridgeConfig, String>) -> Self {
         Self {
             config,
-            producer: OnceLock::new(),
+            writes: OnceLock::new(),
             started: Mutex::new(None),
             presence: OnceLock::new(),
             reads: OnceLock::new(),
@@ -211,20 +175,37 @@ impl KafkaRedisBridge {
         self.stop_threads(false);
     }
 
+    /// Producers of client writes replaced after a fatal error (see
+    /// `writes.rs`).
+    pub fn producers_replaced(&self) -> u64 {
+        self.writes.get().map_or(0, |w| w.replaced())
+    }
+
+    /// Raises a fatal error on the producer of client writes, as librdkafka
+    /// does when a broker answers out of sequence: for fault tests.
+    pub fn raise_fatal_producer_error(&self, reason: &str) {
+        if let Some(writes) = self.writes.get() {
+            writes.raise_fatal_error(reason);
+        }
+    }
+
     fn stop_threads(&self, clean: bool) {
         let Some(started) = self.started.lock().expect("started").take() else {
             return;
         };
         started.presence.stop(clean);
         self.stop.store(true, Ordering::Release);
+        if let Some(writes) = self.writes.get() {
+            writes.wake();
+        }
         for reader in &started.reads.0 {
             let _ = reader.send(ReadJob::Stop);
         }
         for t in started.threads {
             let _ = t.join();
         }
-        if let (true, Some(producer), Ok(config)) = (clean, self.producer.get(), &self.config) {
-            let _ = producer.flush(config.produce_timeout);
+        if let (true, Some(writes), Ok(config)) = (clean, self.writes.get(), &self.config) {
+            writes.flush(config.produce_timeout);
         }
         tracing::info!(gateway = %started.gateway_id, clean, "bridge stopped");
         drop(started.sink);
@@ -235,7 +216,7 @@ impl KafkaRedisBridge {
     fn replaced_handler(
         gateway_id: String,
         sink: Arc<dyn DeliverySink>,
-        producer: Arc<ThreadedProducer<ProduceContext>>,
+        writes: Arc<Writes>,
     ) -> presence::ReplacedHandler {
         Box::new(move |Addressed { to: old, frame }| {
             let outbound = Outbound {
@@ -248,12 +229,7 @@ impl KafkaRedisBridge {
             }
             let topic = kafka::delivery_topic(&old.gateway_id);
             for value in kafka::encode_delivery_batches(vec![outbound]) {
-                let record = BaseRecord::with_opaque_to(&topic, Box::new(None))
-                    .key(old.gateway_id.as_bytes())
-                    .payload(&value);
-                if let Err((e, _)) = producer.send(record) {
-                    tracing::warn!(to = %old.gateway_id, "GoAway(REPLACED) not sent: {e}");
-                }
+                writes.send(&topic, old.gateway_id.as_bytes(), &value, None);
             }
         })
     }
@@ -282,20 +258,14 @@ impl Backend for KafkaRedisBridge {
             Duration::from_secs(10),
         )
         .map_err(BackendError::Unavailable)?;
-        let producer: ThreadedProducer<ProduceContext> =
-            kafka::producer_config(&config.brokers, config.linger_ms)
-                .set(
-                    "message.timeout.ms",
-                    config.produce_timeout.as_millis().max(1).to_string(),
-                )
-                .create_with_context(ProduceContext {
-                    sink: OnceLock::new(),
-                })
-                .map_err(|e| {
-                    BackendError::Config(format!("Kafka producer for {}: {e}", config.brokers))
-                })?;
-        let _ = producer.context().sink.set(sink.clone());
-        let producer = Arc::new(producer);
+        let mut producer_config = kafka::producer_config(&config.brokers, config.linger_ms);
+        producer_config.set(
+            "message.timeout.ms",
+            config.produce_timeout.as_millis().max(1).to_string(),
+        );
+        let writes = Writes::new(producer_config, sink.clone())
+            .map(Arc::new)
+            .map_err(|e| BackendError::Config(format!("{e} (brokers {})", config.brokers)))?;
 
         // Delivery consumer: assigned at the topic's current end before
         // start returns, so every record produced from now on is seen.
@@ -342,7 +312,7 @@ impl Backend for KafkaRedisBridge {
                 config.presence,
                 config.router.presence_visibility,
                 sink.clone(),
-                Self::replaced_handler(gateway_id.to_owned(), sink.clone(), producer.clone()),
+                Self::replaced_handler(gateway_id.to_owned(), sink.clone(), writes.clone()),
             )
             .map_err(BackendError::Unavailable)?;
 
@@ -353,6 +323,13 @@ impl Backend for KafkaRedisBridge {
             std::thread::Builder::new()
                 .name("palaver-delivery".into())
                 .spawn(move || delivery_loop(consumer, delivery_sink, stop))
+                .map_err(|e| BackendError::Unavailable(format!("spawn: {e}")))?,
+        );
+        let (keeper, stop) = (writes.clone(), self.stop.clone());
+        threads.push(
+            std::thread::Builder::new()
+                .name("palaver-producer".into())
+                .spawn(move || keeper.keep(&stop))
                 .map_err(|e| BackendError::Unavailable(format!("spawn: {e}")))?,
         );
 
@@ -377,7 +354,7 @@ impl Backend for KafkaRedisBridge {
                     .map_err(|e| BackendError::Unavailable(format!("spawn: {e}")))?,
             );
         }
-        let _ = self.producer.set(producer);
+        let _ = self.writes.set(writes);
         let _ = self.presence.set(presence.clone());
         let reads = Readers(reads);
         let _ = self.reads.set(reads.clone());
@@ -424,32 +401,16 @@ impl Backend for KafkaRedisBridge {
         }
         let key = request.partition_key().to_owned();
         let value = kafka::inbound_record(&request).encode_to_vec();
-        let client_msg_id = sent_client_msg_id(&request.body);
         let pending = PendingWrite {
             conn: request.from.addr.conn,
             request_id: request.request_id,
-            client_msg_id,
+            client_msg_id: sent_client_msg_id(&request.body),
         };
-        let Some(producer) = self.producer.get() else {
+        let Some(writes) = self.writes.get() else {
             tracing::warn!("request submitted before the bridge started; dropped");
             return;
         };
-        let record = BaseRecord::with_opaque_to(kafka::INBOUND_TOPIC, Box::new(Some(pending)))
-            .key(key.as_bytes())
-            .payload(&value);
-        if let Err((e, record)) = producer.send(record) {
-            // Not even queued (queue full, or the producer is gone).
-            if let (Some(pending), Some(sink)) =
-                (*record.delivery_opaque, producer.context().sink.get())
-            {
-                sink.deliver(vec![unavailable(
-                    pending.conn,
-                    pending.request_id,
-                    pending.client_msg_id,
-                    format!("the message bus is not accepting requests ({e}); retry"),
-                )]);
-            }
-        }
+        writes.send(kafka::INBOUND_TOPIC, key.as_bytes(), &value, Some(pending));
     }
 
     fn shutdown(&self) {

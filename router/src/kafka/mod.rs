@@ -20,9 +20,9 @@ use palaver_protocol::pb;
 use prost::Message as _;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{Client, DefaultClientContext};
-use rdkafka::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::ClientContext;
 
 use crate::api::{Inbound, Outbound, Session, SessionAddr};
 

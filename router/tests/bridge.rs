@@ -1,0 +1,141 @@
+//! The gateway's Kafka/Redis bridge in-process, with a router worker, on
+//! real Kafka and Redis: what it does when its producer fails for good.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use palaver_protocol::pb::{self, frame::Body};
+use palaver_router::api::{Backend, DeliverySink, Inbound, Outbound, Session, SessionAddr};
+use palaver_router::bridge::{BridgeConfig, KafkaRedisBridge};
+use palaver_router::kafka::worker::{RouterWorker, WorkerConfig};
+use palaver_router::redis_store::RedisConfig;
+use palaver_testkit::stack::{Kafka, Redis};
+
+/// The frames the bridge hands to its gateway.
+#[derive(Default)]
+struct Frames {
+    frames: Mutex<Vec<Outbound>>,
+    arrived: Condvar,
+}
+
+impl DeliverySink for Frames {
+    fn deliver(&self, batch: Vec<Outbound>) {
+        self.frames.lock().unwrap().extend(batch);
+        self.arrived.notify_all();
+    }
+}
+
+impl Frames {
+    /// Takes the first frame answering `request_id`, waiting up to `patience`.
+    fn answer(&self, request_id: u32, patience: Duration) -> Option<pb::Frame> {
+        let deadline = Instant::now() + patience;
+        let mut frames = self.frames.lock().unwrap();
+        loop {
+            if let Some(i) = frames.iter().position(|o| o.frame.request_id == request_id) {
+                return Some(frames.remove(i).frame);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            frames = self.arrived.wait_timeout(frames, deadline - now).unwrap().0;
+        }
+    }
+}
+
+fn send(request_id: u32, cmid: u8) -> Inbound {
+    Inbound {
+        from: Session {
+            user_id: "alice".into(),
+            device_id: "phone".into(),
+            addr: SessionAddr {
+                gateway_id: "gwt".into(),
+                conn: 7,
+            },
+        },
+        request_id,
+        body: Body::Send(pb::Send {
+            conversation_id: palaver_protocol::direct_conversation_id("alice", "bob"),
+            client_msg_id: vec![cmid; 16],
+            kind: pb::ContentKind::Text as i32,
+            body: vec![cmid],
+            ..Default::default()
+        }),
+        received_ms: 1,
+    }
+}
+
+/// Sends until acknowledged, resending on UNAVAILABLE or silence as a
+/// client does; returns the SendAck and the UNAVAILABLE answers seen.
+fn send_until_acked(
+    bridge: &KafkaRedisBridge,
+    frames: &Frames,
+    next_request_id: &mut u32,
+    cmid: u8,
+) -> (pb::SendAck, usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut unavailable = 0;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "Send {cmid} never acknowledged ({unavailable} UNAVAILABLE answers, {} producers replaced)",
+            bridge.producers_replaced()
+        );
+        *next_request_id += 1;
+        bridge.submit(send(*next_request_id, cmid));
+        match frames
+            .answer(*next_request_id, Duration::from_secs(10))
+            .and_then(|f| f.body)
+        {
+            Some(Body::SendAck(ack)) => return (ack, unavailable),
+            Some(Body::Error(e)) if e.code == pb::ErrorCode::Unavailable as u32 => {
+                unavailable += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            None => {}
+            Some(other) => panic!("Send answered {other:?}"),
+        }
+    }
+}
+
+/// An idempotent producer with a fatal error fails every write for good
+/// (librdkafka raises one when a broker answers out of sequence, as after a
+/// stall it could not follow). The bridge replaces it: writes are answered
+/// UNAVAILABLE at most until then, and the client's resend is acknowledged.
+#[test]
+fn a_producer_that_failed_for_good_is_replaced_and_writes_go_through_again() {
+    let kafka = Kafka::start().expect("kafka");
+    let redis = Redis::start().expect("redis-server");
+    let brokers = kafka.bootstrap();
+    let redis_config = RedisConfig::standalone(redis.url());
+
+    let mut worker_config = WorkerConfig::new(&brokers, redis_config.clone());
+    worker_config.inbound_partitions = 1;
+    let mut worker = RouterWorker::new(worker_config).expect("worker");
+    let stop = Arc::new(AtomicBool::new(false));
+    let router = {
+        let stop = stop.clone();
+        std::thread::spawn(move || worker.run(&stop))
+    };
+
+    let mut config = BridgeConfig::new(&brokers, redis_config);
+    config.inbound_partitions = 1;
+    let bridge = KafkaRedisBridge::new(config);
+    let frames = Arc::new(Frames::default());
+    bridge.start("gwt", frames.clone()).expect("bridge starts");
+    let mut request_id = 0;
+
+    let (ack, _) = send_until_acked(&bridge, &frames, &mut request_id, 1);
+    assert_eq!(ack.seq, 1);
+
+    bridge.raise_fatal_producer_error("test: out of sequence");
+    let (ack, unavailable) = send_until_acked(&bridge, &frames, &mut request_id, 2);
+    assert_eq!(ack.seq, 2, "stored once, after the first");
+    assert_eq!(bridge.producers_replaced(), 1);
+    eprintln!("{unavailable} UNAVAILABLE answers before the new producer took over");
+
+    bridge.shutdown();
+    stop.store(true, Ordering::Relaxed);
+    router.join().expect("router worker");
+}
