@@ -275,3 +275,19 @@ fn print_warnings_of_logs(logs: &[PathBuf]) {
         }
     }
 }
+
+/// Sends and waits for the ack, retrying with the same client_msg_id on
+/// UNAVAILABLE or silence (what a real client does), for up to 90 s.
+pub fn send_reliably(c: &mut Client, conv: &str, text: &str) -> pb::SendAck {
+    palaver_testkit::chat::send_reliably(c, conv, text, T)
+}
+
+pub fn next_deliver(c: &mut Client) -> pb::Message {
+    palaver_testkit::chat::next_deliver(c, T)
+}
+
+pub fn group_of(c: &mut Client, members: &[&str]) -> String {
+    c.create_group("team", members, T)
+        .expect("ConversationCreated")
+        .conversation_id
+}
