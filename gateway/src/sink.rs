@@ -46,6 +46,9 @@ pub enum Control {
     },
     /// Close everything now and exit.
     Stop,
+    /// Tell the backend about every open session again
+    /// ([`DeliverySink::reopen_sessions`]).
+    ReopenSessions,
 }
 
 thread_local! {
@@ -175,6 +178,12 @@ impl DeliverySink for GatewaySink {
             if !part.is_empty() {
                 mb.push(part);
             }
+        }
+    }
+
+    fn reopen_sessions(&self) {
+        for mb in &self.mailboxes {
+            mb.send_control(Control::ReopenSessions);
         }
     }
 }

@@ -225,6 +225,8 @@ impl DeliverySink for DropSink {
     fn deliver(&self, batch: Vec<Outbound>) {
         *self.last.lock().unwrap() = batch;
     }
+    // The embedded engine never loses sessions.
+    fn reopen_sessions(&self) {}
 }
 
 struct NullPush;

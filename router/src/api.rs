@@ -77,6 +77,12 @@ impl Outbound {
 /// connections. Called from backend threads; must not block for long.
 pub trait DeliverySink: Send + Sync + 'static {
     fn deliver(&self, batch: Vec<Outbound>);
+
+    /// The backend lost this gateway's sessions: the gateway was taken for
+    /// dead (its lease ran out while it stalled) and another gateway reaped
+    /// it. The gateway calls [`Backend::session_opened`] again for every
+    /// session it has open, so they are delivered to again.
+    fn reopen_sessions(&self);
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -885,6 +885,17 @@ impl GatewayRegistry for MemoryStore {
         )))
     }
 
+    fn rejoin_if_forgotten(
+        &mut self,
+        gateway_id: &str,
+        lease_ttl: Duration,
+        _now_ms: i64,
+    ) -> StoreResult<bool> {
+        let expires_ms = self.now_ms().saturating_add(lease_ttl.as_millis() as i64);
+        self.leases.insert(gateway_id.to_owned(), expires_ms);
+        Ok(self.known_gateways.insert(gateway_id.to_owned()))
+    }
+
     fn deregister_gateway(
         &mut self,
         gateway_id: &str,

@@ -472,6 +472,19 @@ pub trait GatewayRegistry {
         now_ms: i64,
     ) -> StoreResult<Option<Vec<pb::Presence>>>;
 
+    /// Keeps a running gateway registered, renewing its lease. A gateway
+    /// that stalled past its lease (a paused VM, a long GC) may have been
+    /// taken for dead and reaped meanwhile: its sessions were removed and
+    /// the registry forgot it, so nobody would reap it after a real crash.
+    /// Then this registers it again, leaves its sessions alone, and returns
+    /// true: the gateway must open its live sessions again.
+    fn rejoin_if_forgotten(
+        &mut self,
+        gateway_id: &str,
+        lease_ttl: Duration,
+        now_ms: i64,
+    ) -> StoreResult<bool>;
+
     /// Clean shutdown of a gateway: its lease and registration go, its
     /// sessions are removed; returns who went offline.
     fn deregister_gateway(

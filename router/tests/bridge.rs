@@ -24,6 +24,8 @@ impl DeliverySink for Frames {
         self.frames.lock().unwrap().extend(batch);
         self.arrived.notify_all();
     }
+    // This bridge is never reaped (it opens no sessions).
+    fn reopen_sessions(&self) {}
 }
 
 impl Frames {

@@ -150,6 +150,53 @@ fn next_presence_event(c: &mut Client) -> pb::Presence {
     }
 }
 
+/// A gateway that stalls past its lease (a paused VM) is taken for dead:
+/// the other reaps it and its users go offline. When it runs again it
+/// registers again and opens its live sessions again: its users are back
+/// online (watchers get the event) and messages reach their still-open
+/// connections live, not only a later Sync.
+#[test]
+fn a_gateway_stalled_past_its_lease_opens_its_sessions_again() {
+    let mut s = Stack::start(false, 1);
+    let g1 = s.add_gateway("gw1");
+    let g2 = s.add_gateway("gw2");
+    let mut alice = s.login(g1, "alice", "phone");
+    let mut bob = s.login(g2, "bob", "phone");
+    let dm = palaver_protocol::direct_conversation_id("alice", "bob");
+    // A shared conversation: presence is visible (SPEC §10).
+    assert_eq!(send_reliably(&mut alice, &dm, "before").seq, 1);
+    assert_eq!(next_deliver(&mut bob).seq, 1);
+    let id = alice
+        .request(Body::PresenceSubscribe(pb::PresenceSubscribe {
+            user_ids: vec!["bob".into()],
+            unsubscribe: false,
+        }))
+        .unwrap();
+    let f = alice
+        .recv_until(T, "PresenceResult", |f| f.request_id == id)
+        .unwrap();
+    assert!(matches!(f.body, Some(Body::PresenceResult(r)) if r.presences[0].online));
+
+    s.gateways[g2].pause().expect("SIGSTOP gw2");
+    // gw1 reaps gw2 once its lease (3 s) has run out.
+    let e = next_presence_event(&mut alice);
+    assert_eq!((e.user_id.as_str(), e.online), ("bob", false));
+    s.gateways[g2].resume().expect("SIGCONT gw2");
+    let e = next_presence_event(&mut alice);
+    assert_eq!(
+        (e.user_id.as_str(), e.online),
+        ("bob", true),
+        "bob's session opened again"
+    );
+
+    assert_eq!(send_reliably(&mut alice, &dm, "after").seq, 2);
+    assert_eq!(
+        next_deliver(&mut bob).seq,
+        2,
+        "delivered live to bob's connection"
+    );
+}
+
 /// Presence across gateways; a crashed gateway's users go offline within
 /// the lease time, with events to watchers on other gateways.
 #[test]

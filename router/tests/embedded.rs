@@ -66,6 +66,8 @@ impl DeliverySink for CollectSink {
     fn deliver(&self, batch: Vec<Outbound>) {
         self.add(batch);
     }
+    // The embedded engine never loses sessions.
+    fn reopen_sessions(&self) {}
 }
 
 impl CollectSink {

@@ -25,4 +25,8 @@ fn memory_store_meets_the_store_contract() {
     presence_events_ignore_dead_gateways(MemoryStore::with_clock(clock.clone()), |_, _| {
         clock.advance(501)
     });
+    let clock = Arc::new(ManualClock::new(1_000));
+    a_gateway_reaped_while_stalled_rejoins(MemoryStore::with_clock(clock.clone()), |_, _| {
+        clock.advance(501)
+    });
 }

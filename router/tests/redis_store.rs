@@ -35,6 +35,10 @@ fn all_checks(config: RedisConfig) {
         RedisStore::connect(config.clone()).unwrap(),
         wait_for_lease_expiry,
     );
+    a_gateway_reaped_while_stalled_rejoins(
+        RedisStore::connect(config.clone()).unwrap(),
+        wait_for_lease_expiry,
+    );
     router_over_redis(RedisStore::connect(config).unwrap());
 }
 

@@ -1222,6 +1222,16 @@ impl Gateway {
     pub fn kill(&mut self) {
         self.proc.kill();
     }
+
+    /// SIGSTOPs the gateway (a stall: a paused VM, a long GC pause).
+    pub fn pause(&self) -> Result<()> {
+        signal(self.pid(), libc::SIGSTOP)
+    }
+
+    /// SIGCONTs the gateway.
+    pub fn resume(&self) -> Result<()> {
+        signal(self.pid(), libc::SIGCONT)
+    }
 }
 
 /// Starts Redis (AOF, `appendfsync always`), Apache Kafka (one KRaft node,

@@ -523,6 +523,7 @@ impl Core {
                     reconnect_jitter_ms,
                     deadline_ms,
                 } => self.begin_drain(reconnect_delay_ms, reconnect_jitter_ms, deadline_ms),
+                Control::ReopenSessions => self.reopen_sessions(),
             }
         }
         self.drain_deliveries();
@@ -592,6 +593,27 @@ impl Core {
         if same {
             self.close(slot);
         }
+    }
+
+    /// The backend lost this gateway's sessions (it was taken for dead while
+    /// it stalled): tells it about every open session again. Requests read
+    /// so far go first, as before any session change.
+    fn reopen_sessions(&mut self) {
+        self.ctx.flush_requests();
+        let ctx = &self.ctx;
+        let mut reopened = 0;
+        for (slot, conn) in self.conns.iter() {
+            if let Some(ids) = &conn.ids {
+                let session = ids.session(&ctx.shared.gateway_id, ctx.conn_key(slot, conn));
+                ctx.shared.backend.session_opened(&session);
+                reopened += 1;
+            }
+        }
+        tracing::info!(
+            core = ctx.index,
+            sessions = reopened,
+            "sessions opened again"
+        );
     }
 
     fn begin_drain(&mut self, delay_ms: u32, jitter_ms: u32, deadline_ms: u32) {

@@ -534,6 +534,7 @@ mod tests {
         fn deliver(&self, frames: Vec<Outbound>) {
             self.0.lock().expect("frames").extend(frames);
         }
+        fn reopen_sessions(&self) {}
     }
 
     /// A PresenceSubscribe still queued for a reader when its connection

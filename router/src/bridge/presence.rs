@@ -9,7 +9,10 @@
 //!   last-seen, push-pending reset, lease renewal), renews the lease once
 //!   per tick when nothing changed, and once per tick checks (one script
 //!   call) for gateways whose lease expired, reaping their sessions so their
-//!   users go offline together.
+//!   users go offline together. It also checks that this gateway is still
+//!   registered: one that stalled past its lease and was reaped registers
+//!   again and has the gateway open its live sessions again
+//!   ([`DeliverySink::reopen_sessions`]).
 //! - Presence changes (came online / went offline, from a flush or a reap)
 //!   are published once per flush on Redis pub/sub; every gateway's
 //!   subscriber thread hands them to [`presence::fan_out`] with ITS local
@@ -35,6 +38,11 @@ use crate::SystemClock;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use palaver_protocol::pb;
 use prost::Message as _;
+
+/// Session changes per Redis pipeline at most: a gateway opening all of
+/// its sessions again (or a reconnect storm) writes in bounded pipelines,
+/// not one of hundreds of thousands of script calls.
+const MAX_CHANGES_PER_FLUSH: usize = 10_000;
 
 /// Presence timing.
 #[derive(Clone, Copy, Debug)]
@@ -174,6 +182,7 @@ impl Presence {
             mark: self.mark.clone(),
             stop: self.stop.clone(),
             on_replaced,
+            sink,
             pending: Vec::new(),
             last_lease: Instant::now(),
         };
@@ -255,6 +264,8 @@ struct Batcher {
     mark: Arc<FlushMark>,
     stop: Arc<AtomicBool>,
     on_replaced: ReplacedHandler,
+    /// Asked to reopen every session when this gateway was reaped while alive.
+    sink: Arc<dyn DeliverySink>,
     /// Changes not yet written (kept across a failed flush, in order).
     pending: Vec<(u64, SessionChange)>,
     last_lease: Instant,
@@ -289,6 +300,7 @@ impl Batcher {
             }
             if last_check.elapsed() >= self.timing.tick {
                 last_check = Instant::now();
+                self.rejoin_if_forgotten(clock.now_ms());
                 self.reap_dead(clock.now_ms());
             }
         }
@@ -301,39 +313,75 @@ impl Batcher {
         }
     }
 
-    /// One pipeline: lease + every pending change; then one PUBLISH of the
-    /// presence changes, and GoAway for replaced connections.
+    /// One pipeline: lease + the pending changes (at most
+    /// [`MAX_CHANGES_PER_FLUSH`] each; more take more pipelines); then one
+    /// PUBLISH of the presence changes, and GoAway for replaced connections.
+    /// A failed pipeline keeps its changes and those after it pending.
     fn flush(&mut self, now_ms: i64) {
-        let changes: Vec<SessionChange> = self.pending.iter().map(|(_, c)| c.clone()).collect();
-        match presence::apply_session_changes(
-            &mut self.store,
-            &self.watches,
-            &self.gateway_id,
-            self.timing.lease_ttl,
-            now_ms,
-            &changes,
-        ) {
-            Ok(effects) => {
-                self.last_lease = Instant::now();
-                let newest = self.pending.last().map(|(n, _)| *n);
-                self.pending.clear();
-                if let Some(n) = newest {
-                    let mut flushed = self.mark.flushed.lock().expect("flush mark");
-                    *flushed = (*flushed).max(n);
-                    self.mark.cond.notify_all();
+        loop {
+            let take = self.pending.len().min(MAX_CHANGES_PER_FLUSH);
+            let changes: Vec<SessionChange> = self.pending[..take]
+                .iter()
+                .map(|(_, c)| c.clone())
+                .collect();
+            let effects = match presence::apply_session_changes(
+                &mut self.store,
+                &self.watches,
+                &self.gateway_id,
+                self.timing.lease_ttl,
+                now_ms,
+                &changes,
+            ) {
+                Ok(effects) => effects,
+                Err(e) => {
+                    tracing::warn!(gateway = %self.gateway_id, pending = self.pending.len(), "presence flush failed, will retry: {e}");
+                    return;
                 }
-                for goaway in effects.goaways {
-                    (self.on_replaced)(goaway);
-                }
-                if !effects.presence.is_empty() {
-                    let payload = encode_changes(&self.gateway_id, &effects.presence);
-                    if let Err(e) = self.store.publish_presence(&payload) {
-                        tracing::warn!(gateway = %self.gateway_id, "presence publish failed: {e}");
-                    }
+            };
+            self.last_lease = Instant::now();
+            let newest = self.pending[..take].last().map(|(n, _)| *n);
+            self.pending.drain(..take);
+            if let Some(n) = newest {
+                let mut flushed = self.mark.flushed.lock().expect("flush mark");
+                *flushed = (*flushed).max(n);
+                self.mark.cond.notify_all();
+            }
+            for goaway in effects.goaways {
+                (self.on_replaced)(goaway);
+            }
+            if !effects.presence.is_empty() {
+                let payload = encode_changes(&self.gateway_id, &effects.presence);
+                if let Err(e) = self.store.publish_presence(&payload) {
+                    tracing::warn!(gateway = %self.gateway_id, "presence publish failed: {e}");
                 }
             }
+            if self.pending.is_empty() {
+                return;
+            }
+        }
+    }
+
+    /// Still registered? A gateway that stalled past its lease (a paused
+    /// VM) may have been reaped by another meanwhile: its sessions are gone
+    /// from Redis (messages to its users would go to push) and nobody would
+    /// reap it after a real crash. Then it registers again and the gateway
+    /// opens every live session again.
+    fn rejoin_if_forgotten(&mut self, now_ms: i64) {
+        match self
+            .store
+            .rejoin_if_forgotten(&self.gateway_id, self.timing.lease_ttl, now_ms)
+        {
+            Ok(false) => {}
+            Ok(true) => {
+                tracing::warn!(
+                    gateway = %self.gateway_id,
+                    "this gateway was taken for dead and reaped (its lease ran out while it stalled); \
+                     registered again, opening its sessions again"
+                );
+                self.sink.reopen_sessions();
+            }
             Err(e) => {
-                tracing::warn!(gateway = %self.gateway_id, pending = self.pending.len(), "presence flush failed, will retry: {e}")
+                tracing::warn!(gateway = %self.gateway_id, "registration check failed: {e}")
             }
         }
     }
@@ -480,6 +528,7 @@ mod tests {
     struct NoSink;
     impl DeliverySink for NoSink {
         fn deliver(&self, _: Vec<Outbound>) {}
+        fn reopen_sessions(&self) {}
     }
 
     fn subscriber(redis: &RedisConfig, visibility: PresenceVisibility) -> Subscriber {

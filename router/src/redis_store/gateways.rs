@@ -113,6 +113,28 @@ impl GatewayRegistry for RedisStore {
         Ok(Some(changes))
     }
 
+    /// One round trip: `SADD` to the known gateways (1: it had been
+    /// forgotten) and the lease. A reap removes the sessions before it
+    /// forgets the gateway, so a 1 here comes after that removal: sessions
+    /// opened again from now on stay.
+    fn rejoin_if_forgotten(
+        &mut self,
+        gateway_id: &str,
+        lease_ttl: Duration,
+        now_ms: i64,
+    ) -> StoreResult<bool> {
+        let mut replies = self.pipeline(vec![
+            redis::cmd("SADD")
+                .arg(KNOWN_GATEWAYS)
+                .arg(gateway_id)
+                .clone(),
+            renew_lease_cmd(gateway_id, lease_ttl, now_ms),
+        ])?;
+        replies.truncate(1);
+        let added: i64 = from_value(replies.pop().unwrap_or(Value::Nil))?;
+        Ok(added == 1)
+    }
+
     /// Clean shutdown of a gateway: its lease and registration go, its
     /// remaining sessions are removed; returns who went offline.
     fn deregister_gateway(

@@ -149,6 +149,10 @@ impl GatewayRegistry for Instrumented {
     ) -> StoreResult<Option<Vec<pb::Presence>>> {
         self.call("reap_gateway")?.reap_gateway(dead, reaper, now)
     }
+    fn rejoin_if_forgotten(&mut self, g: &str, lease: Duration, now: i64) -> StoreResult<bool> {
+        self.call("rejoin_if_forgotten")?
+            .rejoin_if_forgotten(g, lease, now)
+    }
     fn deregister_gateway(&mut self, g: &str, now: i64) -> StoreResult<Vec<pb::Presence>> {
         self.call("deregister_gateway")?.deregister_gateway(g, now)
     }

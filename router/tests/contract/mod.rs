@@ -548,6 +548,69 @@ pub fn presence_events_ignore_dead_gateways<S: Store>(
     );
 }
 
+/// A gateway taken for dead while it was only stalled (a paused VM): its
+/// lease ran out, another gateway reaped it (its sessions removed, the
+/// registry forgot it), then it renews. `rejoin_if_forgotten` says so, once;
+/// the gateway is known again, so a real death later is seen and reaped;
+/// and the sessions it opens again count.
+pub fn a_gateway_reaped_while_stalled_rejoins<S: Store>(
+    mut s: S,
+    mut expire_lease: impl FnMut(&mut S, &str),
+) {
+    const LEASE: Duration = Duration::from_secs(30);
+    const SHORT: Duration = Duration::from_millis(500);
+    // Names of their own: a Redis server is shared by every check.
+    let (live, stalled) = ("gw-rejoin-live", "gw-rejoin-stalled");
+    s.register_gateway(live, LEASE, 1).unwrap();
+    s.register_gateway(stalled, SHORT, 1).unwrap();
+    assert!(
+        !s.rejoin_if_forgotten(live, LEASE, 2).unwrap(),
+        "a registered gateway was not forgotten"
+    );
+    let rita = session("rita", "phone", stalled, 1);
+    let opened = SessionChange::Opened(rita.clone());
+    let applied = s
+        .apply_sessions(stalled, SHORT, 10, std::slice::from_ref(&opened))
+        .unwrap();
+    assert_eq!(applied.presence, vec![online("rita")]);
+
+    expire_lease(&mut s, stalled);
+    assert!(s.dead_gateways().unwrap().iter().any(|g| g == stalled));
+    assert_eq!(
+        s.reap_gateway(stalled, live, 20).unwrap(),
+        Some(vec![offline("rita", 20)])
+    );
+    assert_eq!(
+        s.sessions_of_users(&["rita"]).unwrap(),
+        [vec![]].into_iter().collect()
+    );
+
+    // The stalled gateway runs again.
+    assert!(s.rejoin_if_forgotten(stalled, LEASE, 30).unwrap());
+    assert!(
+        !s.rejoin_if_forgotten(stalled, LEASE, 31).unwrap(),
+        "said once"
+    );
+    assert!(!s.dead_gateways().unwrap().iter().any(|g| g == stalled));
+    // rita's connection is still open there: opened again, she is online.
+    let applied = s
+        .apply_sessions(stalled, SHORT, 40, std::slice::from_ref(&opened))
+        .unwrap();
+    assert_eq!(applied.presence, vec![online("rita")]);
+    assert_eq!(
+        s.sessions_of_users(&["rita"]).unwrap(),
+        [vec![addr(stalled, 1)]].into_iter().collect()
+    );
+
+    // Known again: when it dies for real, it is seen and reaped.
+    expire_lease(&mut s, stalled);
+    assert!(s.dead_gateways().unwrap().iter().any(|g| g == stalled));
+    assert_eq!(
+        s.reap_gateway(stalled, live, 50).unwrap(),
+        Some(vec![offline("rita", 50)])
+    );
+}
+
 /// `append_messages`: in slice order, consecutive seqs per conversation,
 /// a repeated client_msg_id inside the batch is a duplicate of the first.
 pub fn append_batch_in_order<S: Store>(mut s: S) {
