@@ -14,8 +14,8 @@ use crate::api::{Session, SessionAddr};
 use crate::store::{GatewayRegistry, SessionChange, StoreResult};
 
 use super::keys::{
-    encode_addr, gateway_conns_key, lease_key, user_key, KNOWN_GATEWAYS, LEASE_PREFIX,
-    PRESENCE_CHANNEL,
+    encode_addr, gateway_conns_key, lease_key, reap_lock_key, user_key, KNOWN_GATEWAYS,
+    LEASE_PREFIX, PRESENCE_CHANNEL,
 };
 use super::sessions::Verdict;
 use super::{corrupt, from_value, RedisStore};
@@ -99,7 +99,7 @@ impl GatewayRegistry for RedisStore {
     ) -> StoreResult<Option<Vec<pb::Presence>>> {
         let locked: Option<String> = self.query(
             redis::cmd("SET")
-                .arg(format!("gw:{{gw}}:reap:{dead_gateway_id}"))
+                .arg(reap_lock_key(dead_gateway_id))
                 .arg(reaper_id)
                 .arg("NX")
                 .arg("EX")
@@ -116,7 +116,9 @@ impl GatewayRegistry for RedisStore {
     /// One round trip: `SADD` to the known gateways (1: it had been
     /// forgotten) and the lease. A reap removes the sessions before it
     /// forgets the gateway, so a 1 here comes after that removal: sessions
-    /// opened again from now on stay.
+    /// opened again from now on stay. Then (a second round trip, only after
+    /// a reap) the finished reap's lock goes, so a real death within its
+    /// 60 s is reaped at once.
     fn rejoin_if_forgotten(
         &mut self,
         gateway_id: &str,
@@ -132,6 +134,13 @@ impl GatewayRegistry for RedisStore {
         ])?;
         replies.truncate(1);
         let added: i64 = from_value(replies.pop().unwrap_or(Value::Nil))?;
+        // Best effort: the rejoin itself must be reported whatever happens
+        // here (a lock left behind only delays a later reap by its 60 s).
+        if added == 1 {
+            if let Err(e) = self.query::<()>(redis::cmd("DEL").arg(reap_lock_key(gateway_id))) {
+                tracing::warn!(gateway = gateway_id, "reap lock not removed: {e}");
+            }
+        }
         Ok(added == 1)
     }
 

@@ -61,6 +61,11 @@ pub(super) fn lease_key(gateway_id: &str) -> String {
     format!("{LEASE_PREFIX}{gateway_id}")
 }
 
+/// The lock of one gateway's reap (see the key layout).
+pub(super) fn reap_lock_key(gateway_id: &str) -> String {
+    format!("gw:{{gw}}:reap:{gateway_id}")
+}
+
 pub(super) fn gateway_conns_key(gateway_id: &str) -> String {
     format!("gwc:{{{gateway_id}}}")
 }
