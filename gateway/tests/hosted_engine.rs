@@ -269,14 +269,7 @@ fn send_then_close_then_reconnect_reach_the_engine_in_order() {
         // A shared conversation makes presence visible (SPEC §10).
         chat::send_reliably(&mut s.c, &conv, "hello", T);
         assert_eq!(next_deliver(&mut o.c, T).body, b"hello");
-        let id =
-            o.c.request(Body::PresenceSubscribe(pb::PresenceSubscribe {
-                user_ids: vec![s.user.clone()],
-                unsubscribe: false,
-            }))
-            .unwrap();
-        o.c.recv_until(T, "PresenceResult", |f| f.request_id == id)
-            .unwrap();
+        o.c.subscribe_presence(&s.user, T).unwrap();
 
         let last = send_frame(&mut s.c, &conv, "last words");
         if close_notify {

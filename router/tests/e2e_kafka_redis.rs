@@ -166,16 +166,7 @@ fn a_gateway_stalled_past_its_lease_opens_its_sessions_again() {
     // A shared conversation: presence is visible (SPEC §10).
     assert_eq!(send_reliably(&mut alice, &dm, "before").seq, 1);
     assert_eq!(next_deliver(&mut bob).seq, 1);
-    let id = alice
-        .request(Body::PresenceSubscribe(pb::PresenceSubscribe {
-            user_ids: vec!["bob".into()],
-            unsubscribe: false,
-        }))
-        .unwrap();
-    let f = alice
-        .recv_until(T, "PresenceResult", |f| f.request_id == id)
-        .unwrap();
-    assert!(matches!(f.body, Some(Body::PresenceResult(r)) if r.presences[0].online));
+    assert!(alice.subscribe_presence("bob", T).unwrap().online);
 
     s.gateways[g2].pause().expect("SIGSTOP gw2");
     // gw1 reaps gw2 once its lease (3 s) has run out.
@@ -207,19 +198,7 @@ fn presence_across_gateways_and_gateway_crash() {
     let mut alice = s.login(g1, "alice", "phone");
     // Presence is visible to those who share a conversation (SPEC §10).
     group_of(&mut alice, &["bob"]);
-    let id = alice
-        .request(Body::PresenceSubscribe(pb::PresenceSubscribe {
-            user_ids: vec!["bob".into()],
-            unsubscribe: false,
-        }))
-        .unwrap();
-    let f = alice
-        .recv_until(T, "PresenceResult", |f| f.request_id == id)
-        .unwrap();
-    let Some(Body::PresenceResult(r)) = f.body else {
-        panic!("{f:?}")
-    };
-    assert!(!r.presences[0].online);
+    assert!(!alice.subscribe_presence("bob", T).unwrap().online);
 
     let bob = s.login(g2, "bob", "phone");
     let e = next_presence_event(&mut alice);

@@ -66,6 +66,52 @@ fn send_record(cmid: u8) -> Vec<u8> {
     .encode_to_vec()
 }
 
+/// Kafka with gateway `gwx`'s delivery topic, Redis, and a producer of
+/// inbound records: what a worker under test runs on.
+struct Rig {
+    redis: Redis,
+    brokers: String,
+    producer: BaseProducer,
+    // Dropped last: the broker outlives the clients above.
+    _kafka: Kafka,
+}
+
+impl Rig {
+    fn start() -> Self {
+        let kafka = Kafka::start().expect("kafka");
+        let brokers = kafka.bootstrap();
+        kafka::ensure_topics(
+            &brokers,
+            &[(&kafka::delivery_topic("gwx"), 1)],
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        Rig {
+            redis: Redis::start().expect("redis-server"),
+            producer: kafka::producer_config(&brokers, 0).create().unwrap(),
+            brokers,
+            _kafka: kafka,
+        }
+    }
+
+    /// A worker's config: this rig, one inbound partition.
+    fn config(&self) -> WorkerConfig {
+        let mut config =
+            WorkerConfig::new(&self.brokers, RedisConfig::standalone(self.redis.url()));
+        config.inbound_partitions = 1;
+        config
+    }
+
+    /// Produces one inbound record and waits until Kafka has it.
+    fn produce(&self, key: &str, value: &[u8]) {
+        self.producer
+            .send(BaseRecord::to(INBOUND_TOPIC).key(key).payload(value))
+            .map_err(|(e, _)| e)
+            .unwrap();
+        self.producer.flush(Duration::from_secs(10)).unwrap();
+    }
+}
+
 /// Runs batches until `n` records were processed (or a deadline).
 fn process(worker: &mut RouterWorker, n: u64) {
     let target = worker.stats().records + n;
@@ -84,34 +130,18 @@ fn process(worker: &mut RouterWorker, n: u64) {
 
 #[test]
 fn bad_and_failing_records_go_to_the_dlq_and_offsets_move_on() {
-    let kafka = Kafka::start().expect("kafka");
-    let mut redis = Redis::start().expect("redis-server");
-    let brokers = kafka.bootstrap();
-    kafka::ensure_topics(
-        &brokers,
-        &[(&kafka::delivery_topic("gwx"), 1)],
-        Duration::from_secs(10),
-    )
-    .unwrap();
-    let mut config = WorkerConfig::new(&brokers, RedisConfig::standalone(redis.url()));
-    config.inbound_partitions = 1;
+    let mut rig = Rig::start();
+    let brokers = rig.brokers.clone();
+    let mut config = rig.config();
     config.max_attempts = 3;
     config.retry_backoff = Duration::from_millis(10);
     let mut worker = RouterWorker::new(config).expect("worker");
     let deliveries = consumer(&brokers, &kafka::delivery_topic("gwx"));
     let dlq = consumer(&brokers, DLQ_TOPIC);
-    let producer: BaseProducer = kafka::producer_config(&brokers, 0).create().unwrap();
-    let produce = |key: &str, value: &[u8]| {
-        producer
-            .send(BaseRecord::to(INBOUND_TOPIC).key(key).payload(value))
-            .map_err(|(e, _)| e)
-            .unwrap();
-        producer.flush(Duration::from_secs(10)).unwrap();
-    };
 
     // Garbage, then a good Send: the garbage is dead-lettered, the Send acked.
-    produce("k", b"\xff\xfe not protobuf");
-    produce("dm:alice:bob", &send_record(1));
+    rig.produce("k", b"\xff\xfe not protobuf");
+    rig.produce("dm:alice:bob", &send_record(1));
     process(&mut worker, 2);
     let letter = records::DeadLetter::decode(next_value(&dlq, "dead letter").as_slice()).unwrap();
     assert_eq!(letter.value, b"\xff\xfe not protobuf");
@@ -122,8 +152,8 @@ fn bad_and_failing_records_go_to_the_dlq_and_offsets_move_on() {
 
     // Redis gone: the Send fails every attempt → dead letter with the reason,
     // UNAVAILABLE to the client, and the worker moves on.
-    redis.kill();
-    produce("dm:alice:bob", &send_record(2));
+    rig.redis.kill();
+    rig.produce("dm:alice:bob", &send_record(2));
     process(&mut worker, 1);
     let letter = records::DeadLetter::decode(next_value(&dlq, "dead letter").as_slice()).unwrap();
     assert_eq!(letter.attempts, 3);
@@ -213,33 +243,13 @@ fn next_frames(c: &BaseConsumer, n: usize) -> Vec<pb::Frame> {
 
 #[test]
 fn a_record_whose_handling_panics_is_dead_lettered_and_the_worker_moves_on() {
-    let kafka = Kafka::start().expect("kafka");
-    let redis = Redis::start().expect("redis-server");
-    let brokers = kafka.bootstrap();
-    kafka::ensure_topics(
-        &brokers,
-        &[(&kafka::delivery_topic("gwx"), 1)],
-        Duration::from_secs(10),
-    )
-    .unwrap();
-    let mut config = WorkerConfig::new(&brokers, RedisConfig::standalone(redis.url()));
-    config.inbound_partitions = 1;
+    let rig = Rig::start();
+    let brokers = rig.brokers.clone();
     let clock = Arc::new(TrapClock::default());
-    let mut worker = RouterWorker::with_clock(config, clock.clone()).expect("worker");
+    let mut worker = RouterWorker::with_clock(rig.config(), clock.clone()).expect("worker");
     let deliveries = consumer(&brokers, &kafka::delivery_topic("gwx"));
     let dlq = consumer(&brokers, DLQ_TOPIC);
-    let producer: BaseProducer = kafka::producer_config(&brokers, 0).create().unwrap();
-    let produce = |value: &[u8]| {
-        producer
-            .send(
-                BaseRecord::to(INBOUND_TOPIC)
-                    .key("dm:alice:bob")
-                    .payload(value),
-            )
-            .map_err(|(e, _)| e)
-            .unwrap();
-        producer.flush(Duration::from_secs(10)).unwrap();
-    };
+    let produce = |value: &[u8]| rig.produce("dm:alice:bob", value);
 
     produce(&send_record(1));
     process(&mut worker, 1);
@@ -393,31 +403,10 @@ fn a_poll_batch_gets_consecutive_seqs_and_one_delivery_record_per_gateway() {
 /// failed runs again: the client's Send is acknowledged, stored once.
 #[test]
 fn a_producer_that_failed_for_good_is_replaced_and_its_batch_runs_again() {
-    let kafka = Kafka::start().expect("kafka");
-    let redis = Redis::start().expect("redis-server");
-    let brokers = kafka.bootstrap();
-    kafka::ensure_topics(
-        &brokers,
-        &[(&kafka::delivery_topic("gwx"), 1)],
-        Duration::from_secs(10),
-    )
-    .unwrap();
-    let mut config = WorkerConfig::new(&brokers, RedisConfig::standalone(redis.url()));
-    config.inbound_partitions = 1;
-    let mut worker = RouterWorker::new(config).expect("worker");
-    let deliveries = consumer(&brokers, &kafka::delivery_topic("gwx"));
-    let producer: BaseProducer = kafka::producer_config(&brokers, 0).create().unwrap();
-    let produce = |value: &[u8]| {
-        producer
-            .send(
-                BaseRecord::to(INBOUND_TOPIC)
-                    .key("dm:alice:bob")
-                    .payload(value),
-            )
-            .map_err(|(e, _)| e)
-            .unwrap();
-        producer.flush(Duration::from_secs(10)).unwrap();
-    };
+    let rig = Rig::start();
+    let mut worker = RouterWorker::new(rig.config()).expect("worker");
+    let deliveries = consumer(&rig.brokers, &kafka::delivery_topic("gwx"));
+    let produce = |value: &[u8]| rig.produce("dm:alice:bob", value);
     produce(&send_record(1));
     process(&mut worker, 1);
 

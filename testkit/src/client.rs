@@ -366,9 +366,26 @@ impl Client {
     /// Presence of one user (PresenceQuery; frames arriving meanwhile are
     /// dropped).
     pub fn presence(&mut self, user: &str, timeout: Duration) -> Result<pb::Presence> {
-        let id = self.request(Body::PresenceQuery(pb::PresenceQuery {
+        let query = Body::PresenceQuery(pb::PresenceQuery {
             user_ids: vec![user.into()],
-        }))?;
+        });
+        self.presence_result(query, timeout)
+    }
+
+    /// Subscribes to one user's presence (PresenceSubscribe); returns the
+    /// current state (frames arriving meanwhile are dropped). Events follow
+    /// as `PresenceEvent` frames.
+    pub fn subscribe_presence(&mut self, user: &str, timeout: Duration) -> Result<pb::Presence> {
+        let subscribe = Body::PresenceSubscribe(pb::PresenceSubscribe {
+            user_ids: vec![user.into()],
+            unsubscribe: false,
+        });
+        self.presence_result(subscribe, timeout)
+    }
+
+    /// Sends a presence request about one user and reads its one presence.
+    fn presence_result(&mut self, request: Body, timeout: Duration) -> Result<pb::Presence> {
+        let id = self.request(request)?;
         let f = self.recv_until(timeout, "PresenceResult", |f| f.request_id == id)?;
         match f.body {
             Some(Body::PresenceResult(mut r)) if r.presences.len() == 1 => {
