@@ -80,8 +80,8 @@ pub trait DeliverySink: Send + Sync + 'static {
 
     /// The backend lost this gateway's sessions: the gateway was taken for
     /// dead (its lease ran out while it stalled) and another gateway reaped
-    /// it. The gateway calls [`Backend::session_opened`] again for every
-    /// session it has open, so they are delivered to again.
+    /// it. The gateway calls [`Backend::session_reopened`] for every session
+    /// it has open, so they are delivered to again.
     fn reopen_sessions(&self);
 }
 
@@ -102,6 +102,14 @@ pub trait Backend: Send + Sync + 'static {
     /// delivery and presence, and sends `GoAway(REPLACED)` to an older
     /// connection of the same user and device, wherever it is.
     fn session_opened(&self, session: &Session);
+    /// A session opened again after [`DeliverySink::reopen_sessions`]: as
+    /// `session_opened`, except that if its (user, device) is registered at
+    /// another address meanwhile, that newer connection stays and this one
+    /// gets `GoAway(REPLACED)`. A backend that never asks for it need not
+    /// tell the two apart.
+    fn session_reopened(&self, session: &Session) {
+        self.session_opened(session)
+    }
     /// A registered connection closed (for any reason) at `at_ms`.
     fn session_closed(&self, session: &Session, at_ms: i64);
     /// A request from a connection. Never blocks on I/O: the answer (or an

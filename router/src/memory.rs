@@ -590,6 +590,17 @@ struct Opened {
 
 impl MemoryStore {
     /// Registers one session, replacing its device's previous one.
+    /// The address holding `session`'s (user, device), if it is another.
+    fn device_held_elsewhere(&self, session: &Session) -> Option<SessionAddr> {
+        let user = self.presence.get(session.user_id.as_str())?;
+        let i = user
+            .devices
+            .binary_search_by(|d| (*d.device_id).cmp(&session.device_id))
+            .ok()?;
+        let holder = &user.devices[i];
+        (!holder.is_at(&session.addr)).then(|| holder.addr())
+    }
+
     fn open_session(&mut self, session: &Session) -> Opened {
         // Sessions on dead gateways do not count, as in every read.
         let came_online = !self.has_live_session(&session.user_id);
@@ -768,7 +779,20 @@ impl SessionStore for MemoryStore {
         let mut applied = SessionsApplied::default();
         for change in changes {
             match change {
-                SessionChange::Opened(session) => {
+                SessionChange::Opened(session) | SessionChange::Reopened(session) => {
+                    let reopened = matches!(change, SessionChange::Reopened(_));
+                    if let Some(holder) = reopened
+                        .then(|| self.device_held_elsewhere(session))
+                        .flatten()
+                    {
+                        // The device reconnected elsewhere: this one is older.
+                        let by = Session {
+                            addr: holder,
+                            ..session.clone()
+                        };
+                        applied.replaced.push((by, session.addr.clone()));
+                        continue;
+                    }
                     let opened = self.open_session(session);
                     if let Some(old) = opened.replaced {
                         applied.replaced.push((session.clone(), old));

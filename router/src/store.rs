@@ -352,17 +352,29 @@ impl FromIterator<Vec<SessionAddr>> for UserSessions {
     }
 }
 
-/// A connection that completed Hello, or a registered one that closed.
+/// A connection that completed Hello, one opened again, or a registered
+/// one that closed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SessionChange {
     Opened(Session),
-    Closed { session: Session, at_ms: i64 },
+    /// A session its gateway had open when the store lost it (the gateway
+    /// was reaped while it stalled, [`GatewayRegistry::rejoin_if_forgotten`]).
+    /// Opened like any session unless its (user, device) is held by another
+    /// connection: the device reconnected elsewhere meanwhile, so this
+    /// connection is the older one and is the one replaced.
+    Reopened(Session),
+    Closed {
+        session: Session,
+        at_ms: i64,
+    },
 }
 
 impl SessionChange {
     pub fn session(&self) -> &Session {
         match self {
-            SessionChange::Opened(session) | SessionChange::Closed { session, .. } => session,
+            SessionChange::Opened(session)
+            | SessionChange::Reopened(session)
+            | SessionChange::Closed { session, .. } => session,
         }
     }
 }
@@ -409,6 +421,9 @@ pub trait SessionStore {
     ///   [`SessionsApplied::replaced`]; the user came online if they had no
     ///   session on a live gateway before; the user's pending push marks
     ///   are cleared.
+    /// - `Reopened`: as `Opened` when the (user, device) is free or already
+    ///   at this address; when another address holds it, nothing changes
+    ///   and this session is reported replaced (by the holder) instead.
     /// - `Closed`: removed ONLY if the (user, device) is still registered at
     ///   that address (a replaced connection closing late must not remove
     ///   its replacement); if no session on a live gateway is left (and

@@ -605,7 +605,7 @@ impl Core {
         for (slot, conn) in self.conns.iter() {
             if let Some(ids) = &conn.ids {
                 let session = ids.session(&ctx.shared.gateway_id, ctx.conn_key(slot, conn));
-                ctx.shared.backend.session_opened(&session);
+                ctx.shared.backend.session_reopened(&session);
                 reopened += 1;
             }
         }

@@ -376,6 +376,12 @@ impl Backend for KafkaRedisBridge {
         }
     }
 
+    fn session_reopened(&self, session: &Session) {
+        if let Some(p) = self.presence.get() {
+            p.session_reopened(session);
+        }
+    }
+
     fn session_closed(&self, session: &Session, at_ms: i64) {
         if let Some(p) = self.presence.get() {
             p.session_closed(session, at_ms);

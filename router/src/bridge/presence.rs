@@ -196,21 +196,23 @@ impl Presence {
 
     /// Called on core threads: just a counter and a channel send.
     pub fn session_opened(&self, session: &Session) {
-        let n = self.enqueued.fetch_add(1, Ordering::AcqRel) + 1;
-        let _ = self
-            .changes
-            .send(Job::Change(n, SessionChange::Opened(session.clone())));
+        self.enqueue(SessionChange::Opened(session.clone()));
+    }
+
+    pub fn session_reopened(&self, session: &Session) {
+        self.enqueue(SessionChange::Reopened(session.clone()));
     }
 
     pub fn session_closed(&self, session: &Session, at_ms: i64) {
+        self.enqueue(SessionChange::Closed {
+            session: session.clone(),
+            at_ms,
+        });
+    }
+
+    fn enqueue(&self, change: SessionChange) {
         let n = self.enqueued.fetch_add(1, Ordering::AcqRel) + 1;
-        let _ = self.changes.send(Job::Change(
-            n,
-            SessionChange::Closed {
-                session: session.clone(),
-                at_ms,
-            },
-        ));
+        let _ = self.changes.send(Job::Change(n, change));
     }
 
     /// The number of changes enqueued so far (a later `wait_flushed` with it

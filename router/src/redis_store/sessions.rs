@@ -10,7 +10,7 @@ use std::time::Duration;
 use palaver_protocol::pb;
 use redis::Value;
 
-use crate::api::SessionAddr;
+use crate::api::{Session, SessionAddr};
 use crate::store::{
     SessionChange, SessionStore, SessionsApplied, StoreResult, UserPresence, UserSessions,
 };
@@ -106,13 +106,19 @@ impl SessionStore for RedisStore {
         let conns = gateway_conns_key(gateway_id);
         for change in changes {
             match change {
-                SessionChange::Opened(s) => {
+                SessionChange::Opened(s) | SessionChange::Reopened(s) => {
                     let addr = encode_addr(&s.addr);
+                    let reopen: &[u8] = match change {
+                        SessionChange::Reopened(_) => b"1",
+                        _ => b"0",
+                    };
                     cmds.push(Self::evalsha(
                         &self.scripts.open_session,
                         &[&user_key(&s.user_id, "sess"), &user_key(&s.user_id, "seen")],
-                        &[s.device_id.as_bytes(), addr.as_bytes()],
+                        &[s.device_id.as_bytes(), addr.as_bytes(), reopen],
                     ));
+                    // Also for a reopen the script refuses: that connection
+                    // is replaced, and its close removes the entry.
                     cmds.push(
                         redis::cmd("HSET")
                             .arg(&conns)
@@ -146,8 +152,8 @@ impl SessionStore for RedisStore {
         let mut check = HashSet::new();
         for change in changes {
             match change {
-                SessionChange::Opened(s) => {
-                    let (prev, before): (String, Vec<String>) =
+                SessionChange::Opened(s) | SessionChange::Reopened(s) => {
+                    let (prev, before, recorded): (String, Vec<String>, i64) =
                         from_value(replies.next().unwrap_or(Value::Nil))?;
                     replies.next();
                     replies.next();
@@ -156,8 +162,19 @@ impl SessionStore for RedisStore {
                     } else {
                         decode_addr(&prev)
                     };
-                    if let Some(prev) = prev.filter(|p| *p != s.addr) {
-                        result.replaced.push((s.clone(), prev));
+                    match prev.filter(|p| *p != s.addr) {
+                        // A refused reopen: the holder is newer.
+                        Some(holder) if recorded == 0 => {
+                            let by = Session {
+                                addr: holder,
+                                ..s.clone()
+                            };
+                            result.replaced.push((by, s.addr.clone()));
+                            verdicts.push(Verdict::No);
+                            continue;
+                        }
+                        Some(prev) => result.replaced.push((s.clone(), prev)),
+                        None => {}
                     }
                     verdicts.push(Verdict::of_open(&before, gateway_id, &mut check));
                 }
@@ -174,7 +191,7 @@ impl SessionStore for RedisStore {
                 continue;
             }
             result.presence.push(match change {
-                SessionChange::Opened(s) => pb::Presence {
+                SessionChange::Opened(s) | SessionChange::Reopened(s) => pb::Presence {
                     user_id: s.user_id.clone(),
                     online: true,
                     last_seen_ms: 0,

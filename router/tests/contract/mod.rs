@@ -552,7 +552,8 @@ pub fn presence_events_ignore_dead_gateways<S: Store>(
 /// lease ran out, another gateway reaped it (its sessions removed, the
 /// registry forgot it), then it renews. `rejoin_if_forgotten` says so, once;
 /// the gateway is known again, so a real death later is seen and reaped;
-/// and the sessions it opens again count.
+/// and the sessions it reopens count, except one whose device reconnected
+/// elsewhere meanwhile: that newer connection stays, the old one is replaced.
 pub fn a_gateway_reaped_while_stalled_rejoins<S: Store>(
     mut s: S,
     mut expire_lease: impl FnMut(&mut S, &str),
@@ -567,23 +568,30 @@ pub fn a_gateway_reaped_while_stalled_rejoins<S: Store>(
         !s.rejoin_if_forgotten(live, LEASE, 2).unwrap(),
         "a registered gateway was not forgotten"
     );
-    let rita = session("rita", "phone", stalled, 1);
-    let opened = SessionChange::Opened(rita.clone());
-    let applied = s
-        .apply_sessions(stalled, SHORT, 10, std::slice::from_ref(&opened))
-        .unwrap();
-    assert_eq!(applied.presence, vec![online("rita")]);
+    let (rita, rex) = (
+        session("rita", "phone", stalled, 1),
+        session("rex", "phone", stalled, 2),
+    );
+    let opened = [rita.clone(), rex.clone()].map(SessionChange::Opened);
+    let applied = s.apply_sessions(stalled, SHORT, 10, &opened).unwrap();
+    assert_eq!(applied.presence, vec![online("rita"), online("rex")]);
 
     expire_lease(&mut s, stalled);
     assert!(s.dead_gateways().unwrap().iter().any(|g| g == stalled));
-    assert_eq!(
-        s.reap_gateway(stalled, live, 20).unwrap(),
-        Some(vec![offline("rita", 20)])
-    );
+    let mut reaped = s.reap_gateway(stalled, live, 20).unwrap().unwrap();
+    reaped.sort_by(|a, b| a.user_id.cmp(&b.user_id));
+    assert_eq!(reaped, vec![offline("rex", 20), offline("rita", 20)]);
     assert_eq!(
         s.sessions_of_users(&["rita"]).unwrap(),
         [vec![]].into_iter().collect()
     );
+    // Meanwhile rex's phone gave up on the stalled gateway and connected
+    // through the live one.
+    let rex_again = session("rex", "phone", live, 9);
+    let applied = s
+        .apply_sessions(live, LEASE, 25, &[SessionChange::Opened(rex_again.clone())])
+        .unwrap();
+    assert_eq!(applied.presence, vec![online("rex")]);
 
     // The stalled gateway runs again.
     assert!(s.rejoin_if_forgotten(stalled, LEASE, 30).unwrap());
@@ -592,17 +600,26 @@ pub fn a_gateway_reaped_while_stalled_rejoins<S: Store>(
         "said once"
     );
     assert!(!s.dead_gateways().unwrap().iter().any(|g| g == stalled));
-    // rita's connection is still open there: opened again, she is online.
-    let applied = s
-        .apply_sessions(stalled, SHORT, 40, std::slice::from_ref(&opened))
-        .unwrap();
+    // rita's connection is still open there: reopened, she is online. rex's
+    // old connection is the older one: replaced, his new one stays.
+    let reopened = [rita.clone(), rex.clone()].map(SessionChange::Reopened);
+    let applied = s.apply_sessions(stalled, SHORT, 40, &reopened).unwrap();
     assert_eq!(applied.presence, vec![online("rita")]);
+    assert_eq!(applied.replaced, vec![(rex_again, addr(stalled, 2))]);
     assert_eq!(
-        s.sessions_of_users(&["rita"]).unwrap(),
-        [vec![addr(stalled, 1)]].into_iter().collect()
+        s.sessions_of_users(&["rita", "rex"]).unwrap(),
+        [vec![addr(stalled, 1)], vec![addr(live, 9)]]
+            .into_iter()
+            .collect()
     );
+    // Reopened at the address it already has: nothing changes.
+    let again = s
+        .apply_sessions(stalled, SHORT, 45, &reopened[..1])
+        .unwrap();
+    assert_eq!(again, SessionsApplied::default());
 
-    // Known again: when it dies for real, it is seen and reaped.
+    // Known again: when it dies for real, it is seen and reaped (rex stays
+    // online through the live gateway).
     expire_lease(&mut s, stalled);
     assert!(s.dead_gateways().unwrap().iter().any(|g| g == stalled));
     assert_eq!(
