@@ -152,9 +152,11 @@ fn next_presence_event(c: &mut Client) -> pb::Presence {
 
 /// A gateway that stalls past its lease (a paused VM) is taken for dead:
 /// the other reaps it and its users go offline. When it runs again it
-/// registers again and opens its live sessions again: its users are back
-/// online (watchers get the event) and messages reach their still-open
-/// connections live, not only a later Sync.
+/// registers again and reopens its live sessions: its users are back online
+/// (watchers get the event) and messages reach their still-open connections
+/// live, not only a later Sync. A phone that reconnected through the other
+/// gateway during the stall keeps its new connection; its old one is the
+/// one replaced.
 #[test]
 fn a_gateway_stalled_past_its_lease_opens_its_sessions_again() {
     let mut s = Stack::start(false, 1);
@@ -162,6 +164,7 @@ fn a_gateway_stalled_past_its_lease_opens_its_sessions_again() {
     let g2 = s.add_gateway("gw2");
     let mut alice = s.login(g1, "alice", "phone");
     let mut bob = s.login(g2, "bob", "phone");
+    let mut carol_old = s.login(g2, "carol", "phone");
     let dm = palaver_protocol::direct_conversation_id("alice", "bob");
     // A shared conversation: presence is visible (SPEC §10).
     assert_eq!(send_reliably(&mut alice, &dm, "before").seq, 1);
@@ -172,6 +175,8 @@ fn a_gateway_stalled_past_its_lease_opens_its_sessions_again() {
     // gw1 reaps gw2 once its lease (3 s) has run out.
     let e = next_presence_event(&mut alice);
     assert_eq!((e.user_id.as_str(), e.online), ("bob", false));
+    // carol's phone gives up on gw2 and connects through gw1.
+    let mut carol_new = s.login(g1, "carol", "phone");
     s.gateways[g2].resume().expect("SIGCONT gw2");
     let e = next_presence_event(&mut alice);
     assert_eq!(
@@ -185,6 +190,21 @@ fn a_gateway_stalled_past_its_lease_opens_its_sessions_again() {
         next_deliver(&mut bob).seq,
         2,
         "delivered live to bob's connection"
+    );
+    let last = carol_old
+        .expect_close(T)
+        .expect("carol's old connection closed");
+    assert!(
+        last.iter().any(|f| matches!(&f.body,
+            Some(Body::GoAway(g)) if g.reason == pb::GoAwayReason::Replaced as i32)),
+        "the old connection was replaced: {last:?}"
+    );
+    let to_carol = palaver_protocol::direct_conversation_id("alice", "carol");
+    send_reliably(&mut alice, &to_carol, "still there?");
+    assert_eq!(
+        next_deliver(&mut carol_new).body,
+        b"still there?",
+        "the new connection stays"
     );
 }
 
