@@ -563,6 +563,55 @@ mod tests {
         c
     }
 
+    /// A flush of more changes than one pipeline takes (a gateway reopening
+    /// all its sessions) writes them in pipelines of at most
+    /// `MAX_CHANGES_PER_FLUSH`: every change lands, the flush mark reaches
+    /// the last, and Redis saw one lease renewal per pipeline.
+    #[test]
+    fn a_large_flush_goes_out_in_bounded_pipelines() {
+        let server = palaver_testkit::stack::Redis::start().expect("start redis-server");
+        let redis = RedisConfig::standalone(server.url());
+        let (_tx, rx) = crossbeam_channel::unbounded();
+        let mut batcher = Batcher {
+            gateway_id: "gw".into(),
+            store: RedisStore::connect(redis).unwrap(),
+            watches: Arc::default(),
+            rx,
+            timing: PresenceTiming::default(),
+            mark: Arc::default(),
+            stop: Arc::default(),
+            on_replaced: Box::new(|_| {}),
+            sink: Arc::new(NoSink),
+            pending: Vec::new(),
+            last_lease: Instant::now(),
+        };
+        let n = 2 * MAX_CHANGES_PER_FLUSH + 1;
+        for i in 0..n as u64 {
+            let session = Session {
+                user_id: format!("u{i}"),
+                device_id: "phone".into(),
+                addr: SessionAddr {
+                    gateway_id: "gw".into(),
+                    conn: i,
+                },
+            };
+            batcher
+                .pending
+                .push((i + 1, SessionChange::Opened(session)));
+        }
+        batcher.flush(1);
+
+        assert!(batcher.pending.is_empty());
+        assert_eq!(*batcher.mark.flushed.lock().unwrap(), n as u64);
+        let count = |command: &str| -> String { server.command(command).unwrap() };
+        assert_eq!(count("HLEN gwc:{gw}").trim(), format!(":{n}"));
+        let lease_sets: u64 = count("INFO commandstats")
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_set:calls="))
+            .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap());
+        assert_eq!(lease_sets, 3, "one lease renewal per pipeline");
+    }
+
     /// The bridge's fan-out applies the visibility rule at event time, over
     /// Redis: a stranger's watch gets nothing, a member's gets the event, and
     /// removal from the last shared conversation stops it.
