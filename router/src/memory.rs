@@ -589,7 +589,6 @@ struct Opened {
 }
 
 impl MemoryStore {
-    /// Registers one session, replacing its device's previous one.
     /// The address holding `session`'s (user, device), if it is another.
     fn device_held_elsewhere(&self, session: &Session) -> Option<SessionAddr> {
         let user = self.presence.get(session.user_id.as_str())?;
@@ -601,6 +600,7 @@ impl MemoryStore {
         (!holder.is_at(&session.addr)).then(|| holder.addr())
     }
 
+    /// Registers one session, replacing its device's previous one.
     fn open_session(&mut self, session: &Session) -> Opened {
         // Sessions on dead gateways do not count, as in every read.
         let came_online = !self.has_live_session(&session.user_id);
@@ -780,11 +780,11 @@ impl SessionStore for MemoryStore {
         for change in changes {
             match change {
                 SessionChange::Opened(session) | SessionChange::Reopened(session) => {
-                    let reopened = matches!(change, SessionChange::Reopened(_));
-                    if let Some(holder) = reopened
-                        .then(|| self.device_held_elsewhere(session))
-                        .flatten()
-                    {
+                    let held_elsewhere = match change {
+                        SessionChange::Reopened(_) => self.device_held_elsewhere(session),
+                        _ => None,
+                    };
+                    if let Some(holder) = held_elsewhere {
                         // The device reconnected elsewhere: this one is older.
                         let by = Session {
                             addr: holder,

@@ -6,13 +6,13 @@
 //! - Core threads only enqueue [`SessionChange`]s (a channel send).
 //! - The batcher thread applies them once per flush interval through
 //!   [`presence::apply_session_changes`] (ONE Redis pipeline: sessions,
-//!   last-seen, push-pending reset, lease renewal), renews the lease once
-//!   per tick when nothing changed, and once per tick checks (one script
-//!   call) for gateways whose lease expired, reaping their sessions so their
-//!   users go offline together. It also checks that this gateway is still
-//!   registered: one that stalled past its lease and was reaped registers
-//!   again and has the gateway open its live sessions again
-//!   ([`DeliverySink::reopen_sessions`]).
+//!   last-seen, push-pending reset, lease renewal). Once per tick it
+//!   checks that this gateway is still registered, which renews its lease
+//!   (one that stalled past its lease and was reaped registers again and
+//!   has the gateway open its live sessions again,
+//!   [`DeliverySink::reopen_sessions`]), and checks (one script call) for
+//!   gateways whose lease expired, reaping their sessions so their users go
+//!   offline together.
 //! - Presence changes (came online / went offline, from a flush or a reap)
 //!   are published once per flush on Redis pub/sub; every gateway's
 //!   subscriber thread hands them to [`presence::fan_out`] with ITS local
@@ -292,6 +292,12 @@ impl Batcher {
                 // Crash semantics: nothing more is written.
                 return;
             }
+            let tick_due = !deregister && last_check.elapsed() >= self.timing.tick;
+            if tick_due {
+                last_check = Instant::now();
+                // Renews the lease too: no flush is needed for it.
+                self.rejoin_if_forgotten(clock.now_ms());
+            }
             let lease_due = self.last_lease.elapsed() >= self.timing.tick;
             if !self.pending.is_empty() || lease_due || deregister {
                 self.flush(clock.now_ms());
@@ -300,9 +306,7 @@ impl Batcher {
                 self.deregister(clock.now_ms());
                 return;
             }
-            if last_check.elapsed() >= self.timing.tick {
-                last_check = Instant::now();
-                self.rejoin_if_forgotten(clock.now_ms());
+            if tick_due {
                 self.reap_dead(clock.now_ms());
             }
         }
@@ -373,8 +377,9 @@ impl Batcher {
             .store
             .rejoin_if_forgotten(&self.gateway_id, self.timing.lease_ttl, now_ms)
         {
-            Ok(false) => {}
+            Ok(false) => self.last_lease = Instant::now(),
             Ok(true) => {
+                self.last_lease = Instant::now();
                 tracing::warn!(
                     gateway = %self.gateway_id,
                     "this gateway was taken for dead and reaped (its lease ran out while it stalled); \

@@ -63,7 +63,7 @@ impl ProducerContext for ProduceContext {
     }
 }
 
-pub(super) fn unavailable(pending: PendingWrite, message: String) -> Outbound {
+fn unavailable(pending: PendingWrite, message: String) -> Outbound {
     Outbound {
         conn: pending.conn,
         frame: send_error_reply(

@@ -23,10 +23,10 @@
 //!    every `commit_interval`).
 //!
 //! If producing fails, the consumer is rewound to the batch's first offsets
-//! and the batch runs again: at-least-once. A producer that failed for good
-//! (a fatal error, [`super::fatal_error`]) is replaced by a new one first. Replays are safe because the
-//! append script dedups by (conversation, client_msg_id) and returns the
-//! original ack, and receipts only ever move forward. A rebalance in the
+//! and the batch runs again: at-least-once (a producer that failed for good,
+//! [`super::fatal_error`], is replaced by a new one first). Replays are safe
+//! because the append script dedups by (conversation, client_msg_id) and
+//! returns the original ack, and receipts only ever move forward. A rebalance in the
 //! middle of a batch can let two routers briefly work on one partition; the
 //! atomic append keeps every seq unique and gap-free even then.
 
@@ -495,21 +495,19 @@ impl RouterWorker {
                     && e.rdkafka_error_code() == Some(RDKafkaErrorCode::UnknownTopicOrPartition))
             })
             .collect();
-        if let Err(e) = produced
+        let failed = match produced
             .map_err(|e| e.to_string())
             .and(flushed.map_err(|e| format!("flush: {e}")))
         {
+            Err(e) => Some(e),
+            Ok(()) => fatal.first().map(|(topic, e)| {
+                format!("{} produce failures, first on {topic}: {e}", fatal.len())
+            }),
+        };
+        if let Some(e) = failed {
             self.replace_producer_if_fatal();
             self.rewind(&batch)?;
             return Err(e);
-        }
-        if let Some((topic, e)) = fatal.first() {
-            self.replace_producer_if_fatal();
-            self.rewind(&batch)?;
-            return Err(format!(
-                "{} produce failures, first on {topic}: {e}",
-                fatal.len()
-            ));
         }
 
         // Everything the batch produced is durable: its offsets may be

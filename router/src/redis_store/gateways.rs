@@ -125,15 +125,14 @@ impl GatewayRegistry for RedisStore {
         lease_ttl: Duration,
         now_ms: i64,
     ) -> StoreResult<bool> {
-        let mut replies = self.pipeline(vec![
+        let replies = self.pipeline(vec![
             redis::cmd("SADD")
                 .arg(KNOWN_GATEWAYS)
                 .arg(gateway_id)
                 .clone(),
             renew_lease_cmd(gateway_id, lease_ttl, now_ms),
         ])?;
-        replies.truncate(1);
-        let added: i64 = from_value(replies.pop().unwrap_or(Value::Nil))?;
+        let added: i64 = from_value(replies.into_iter().next().unwrap_or(Value::Nil))?;
         // Best effort: the rejoin itself must be reported whatever happens
         // here (a lock left behind only delays a later reap by its 60 s).
         if added == 1 {
