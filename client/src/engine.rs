@@ -678,9 +678,11 @@ impl Engine {
                 c if c.stops_reconnecting() => {
                     self.stop(now, Some(DisconnectCause::Server { error: err }))
                 }
-                ErrorCode::ProtocolViolation | ErrorCode::MalformedFrame => {
-                    self.fail(now, 0, STRONG_BACKOFF_STEPS)
-                }
+                // A client bug, or other connections of the account that
+                // will not go away soon: no tight loop.
+                ErrorCode::ProtocolViolation
+                | ErrorCode::MalformedFrame
+                | ErrorCode::TooManyConnections => self.fail(now, 0, STRONG_BACKOFF_STEPS),
                 _ => self.fail(now, 0, 0),
             }
             return;

@@ -18,12 +18,17 @@ pub enum ErrorCode {
     HeartbeatTimeout,
     SlowConsumer,
     ServerFull,
+    /// The account holds as many connections as the server allows (all
+    /// devices, all nodes): close one elsewhere; the SDK retries slowly.
+    TooManyConnections,
     InvalidArgument,
     RateLimited,
     NotFound,
     Forbidden,
     TooManyMembers,
     BodyTooLarge,
+    /// A storage quota of the account or the conversation is used up.
+    QuotaExceeded,
     Unavailable,
     Internal,
     /// An unknown 1xxx code: the server closed the connection.
@@ -49,12 +54,14 @@ impl ErrorCode {
             Some(P::HeartbeatTimeout) => ErrorCode::HeartbeatTimeout,
             Some(P::SlowConsumer) => ErrorCode::SlowConsumer,
             Some(P::ServerFull) => ErrorCode::ServerFull,
+            Some(P::TooManyConnections) => ErrorCode::TooManyConnections,
             Some(P::InvalidArgument) => ErrorCode::InvalidArgument,
             Some(P::RateLimited) => ErrorCode::RateLimited,
             Some(P::NotFound) => ErrorCode::NotFound,
             Some(P::Forbidden) => ErrorCode::Forbidden,
             Some(P::TooManyMembers) => ErrorCode::TooManyMembers,
             Some(P::BodyTooLarge) => ErrorCode::BodyTooLarge,
+            Some(P::QuotaExceeded) => ErrorCode::QuotaExceeded,
             Some(P::Unavailable) => ErrorCode::Unavailable,
             Some(P::Internal) => ErrorCode::Internal,
             _ if palaver_protocol::closes_connection(code) => ErrorCode::UnknownConnectionError,
@@ -77,6 +84,7 @@ impl ErrorCode {
                 | ErrorCode::HeartbeatTimeout
                 | ErrorCode::SlowConsumer
                 | ErrorCode::ServerFull
+                | ErrorCode::TooManyConnections
                 | ErrorCode::UnknownConnectionError
         )
     }
@@ -184,12 +192,14 @@ mod tests {
             (1007, ErrorCode::HeartbeatTimeout),
             (1008, ErrorCode::SlowConsumer),
             (1009, ErrorCode::ServerFull),
+            (1010, ErrorCode::TooManyConnections),
             (2000, ErrorCode::InvalidArgument),
             (2001, ErrorCode::RateLimited),
             (2002, ErrorCode::NotFound),
             (2003, ErrorCode::Forbidden),
             (2004, ErrorCode::TooManyMembers),
             (2005, ErrorCode::BodyTooLarge),
+            (2006, ErrorCode::QuotaExceeded),
             (3000, ErrorCode::Unavailable),
             (3001, ErrorCode::Internal),
         ];

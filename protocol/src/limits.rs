@@ -20,6 +20,15 @@ pub struct Limits {
     /// Requests with a response (Send, Sync, History, presence, group ops)
     /// one connection may have awaiting it at once.
     pub max_requests_in_flight: u32,
+    /// Connections one user may hold at once, over all devices and gateway
+    /// nodes; one more is refused with `TOO_MANY_CONNECTIONS`.
+    pub max_connections_per_account: u32,
+    /// Sustained `Send` rate shared by all of one user's connections on a
+    /// node (token bucket, burst = this value): more connections buy no more.
+    pub max_account_sends_per_second: u32,
+    /// Request budget (cost units) shared by all of one user's connections
+    /// on a node (token bucket, burst = this value).
+    pub max_account_requests_per_second: u32,
     /// Most members a group may have, creator included.
     pub max_group_members: u32,
     /// Largest `limit` honoured by Sync / History.
@@ -40,6 +49,9 @@ impl Default for Limits {
             max_sends_per_second: 50,
             max_requests_per_second: 100,
             max_requests_in_flight: 64,
+            max_connections_per_account: 16,
+            max_account_sends_per_second: 100,
+            max_account_requests_per_second: 200,
             max_group_members: 1000,
             max_batch: 500,
             default_batch: 100,
@@ -66,6 +78,9 @@ impl Limits {
             max_batch: self.max_batch,
             max_requests_per_second: self.max_requests_per_second,
             max_requests_in_flight: self.max_requests_in_flight,
+            max_connections_per_account: self.max_connections_per_account,
+            max_account_sends_per_second: self.max_account_sends_per_second,
+            max_account_requests_per_second: self.max_account_requests_per_second,
         }
     }
 }

@@ -123,7 +123,7 @@ fn session_body() -> impl Strategy<Value = Body> {
             ),
         (
             (any::<u32>(), text(), text(), any::<u32>(), any::<i64>()),
-            proptest::option::of(any::<[u32; 7]>()),
+            proptest::option::of(any::<[u32; 10]>()),
         )
             .prop_map(|((v, session_id, user_id, hb, t), limits)| {
                 Body::Welcome(pb::Welcome {
@@ -139,6 +139,9 @@ fn session_body() -> impl Strategy<Value = Body> {
                         max_batch: l[4],
                         max_requests_per_second: l[5],
                         max_requests_in_flight: l[6],
+                        max_connections_per_account: l[7],
+                        max_account_sends_per_second: l[8],
+                        max_account_requests_per_second: l[9],
                     }),
                     server_time_ms: t,
                 })

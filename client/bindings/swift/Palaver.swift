@@ -3440,12 +3440,21 @@ public enum ErrorCode {
     case heartbeatTimeout
     case slowConsumer
     case serverFull
+    /**
+     * The account holds as many connections as the server allows (all
+     * devices, all nodes): close one elsewhere; the SDK retries slowly.
+     */
+    case tooManyConnections
     case invalidArgument
     case rateLimited
     case notFound
     case forbidden
     case tooManyMembers
     case bodyTooLarge
+    /**
+     * A storage quota of the account or the conversation is used up.
+     */
+    case quotaExceeded
     case unavailable
     case `internal`
     /**
@@ -3497,27 +3506,31 @@ public struct FfiConverterTypeErrorCode: FfiConverterRustBuffer {
         
         case 10: return .serverFull
         
-        case 11: return .invalidArgument
+        case 11: return .tooManyConnections
         
-        case 12: return .rateLimited
+        case 12: return .invalidArgument
         
-        case 13: return .notFound
+        case 13: return .rateLimited
         
-        case 14: return .forbidden
+        case 14: return .notFound
         
-        case 15: return .tooManyMembers
+        case 15: return .forbidden
         
-        case 16: return .bodyTooLarge
+        case 16: return .tooManyMembers
         
-        case 17: return .unavailable
+        case 17: return .bodyTooLarge
         
-        case 18: return .`internal`
+        case 18: return .quotaExceeded
         
-        case 19: return .unknownConnectionError
+        case 19: return .unavailable
         
-        case 20: return .unknownRequestError
+        case 20: return .`internal`
         
-        case 21: return .unknownTransientError
+        case 21: return .unknownConnectionError
+        
+        case 22: return .unknownRequestError
+        
+        case 23: return .unknownTransientError
         
         default: throw UniffiInternalError.unexpectedEnumCase
         }
@@ -3567,48 +3580,56 @@ public struct FfiConverterTypeErrorCode: FfiConverterRustBuffer {
             writeInt(&buf, Int32(10))
         
         
-        case .invalidArgument:
+        case .tooManyConnections:
             writeInt(&buf, Int32(11))
         
         
-        case .rateLimited:
+        case .invalidArgument:
             writeInt(&buf, Int32(12))
         
         
-        case .notFound:
+        case .rateLimited:
             writeInt(&buf, Int32(13))
         
         
-        case .forbidden:
+        case .notFound:
             writeInt(&buf, Int32(14))
         
         
-        case .tooManyMembers:
+        case .forbidden:
             writeInt(&buf, Int32(15))
         
         
-        case .bodyTooLarge:
+        case .tooManyMembers:
             writeInt(&buf, Int32(16))
         
         
-        case .unavailable:
+        case .bodyTooLarge:
             writeInt(&buf, Int32(17))
         
         
-        case .`internal`:
+        case .quotaExceeded:
             writeInt(&buf, Int32(18))
         
         
-        case .unknownConnectionError:
+        case .unavailable:
             writeInt(&buf, Int32(19))
         
         
-        case .unknownRequestError:
+        case .`internal`:
             writeInt(&buf, Int32(20))
         
         
-        case .unknownTransientError:
+        case .unknownConnectionError:
             writeInt(&buf, Int32(21))
+        
+        
+        case .unknownRequestError:
+            writeInt(&buf, Int32(22))
+        
+        
+        case .unknownTransientError:
+            writeInt(&buf, Int32(23))
         
         }
     }

@@ -4579,12 +4579,21 @@ enum class ErrorCode {
     HEARTBEAT_TIMEOUT,
     SLOW_CONSUMER,
     SERVER_FULL,
+    /**
+     * The account holds as many connections as the server allows (all
+     * devices, all nodes): close one elsewhere; the SDK retries slowly.
+     */
+    TOO_MANY_CONNECTIONS,
     INVALID_ARGUMENT,
     RATE_LIMITED,
     NOT_FOUND,
     FORBIDDEN,
     TOO_MANY_MEMBERS,
     BODY_TOO_LARGE,
+    /**
+     * A storage quota of the account or the conversation is used up.
+     */
+    QUOTA_EXCEEDED,
     UNAVAILABLE,
     INTERNAL,
     /**
