@@ -14,8 +14,11 @@
 -- still read so a retry of a message stored before the upgrade is
 -- recognised until that key expires; it is never written.
 --
--- KEYS: seq, history, dedup hash, dedup order list, legacy dedup key.
--- ARGV: message (seq 0), client_msg_id, now_ms, dedup_ttl_ms, window.
+-- KEYS[6], given for a direct conversation only, is its set of users who
+-- have written in it: a stored message adds its sender (SPEC §10 consent).
+--
+-- KEYS: seq, history, dedup hash, dedup order list, legacy dedup key[, writers].
+-- ARGV: message (seq 0), client_msg_id, now_ms, dedup_ttl_ms, window[, sender].
 -- Returns {1, seq} when stored; {2, seq, history member} for a duplicate;
 -- {0, seq, time, message_id} for a duplicate found under the legacy key.
 local now = tonumber(ARGV[3])
@@ -58,4 +61,5 @@ if window > 0 and redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(window + 1)) > 0 t
     end
   end
 end
+if KEYS[6] then redis.call('SADD', KEYS[6], ARGV[6]) end
 return {1, seq}
