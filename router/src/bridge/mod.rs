@@ -13,11 +13,14 @@
 //! - Reads (Sync, History, PresenceQuery, PresenceSubscribe) run the routing
 //!   logic over a read-only use of [`RedisStore`] on a small pool of reader
 //!   threads — never on core threads.
-//! - Presence is batched per gateway ([`presence`]).
+//! - Presence is batched per gateway ([`presence`]); a connection's close
+//!   waits for the router's answers to the membership changes it sent
+//!   before (`unanswered.rs`), so a member it removed hears nothing of it.
 //!
 //! [`api::Backend`]: crate::api::Backend
 
 pub mod presence;
+mod unanswered;
 mod writes;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,6 +43,7 @@ use rdkafka::message::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
 
 use presence::{Presence, PresenceTiming};
+use unanswered::{AnswerSink, Unanswered};
 use writes::{PendingWrite, Writes};
 
 /// Settings of the Kafka/Redis bridge.
@@ -127,6 +131,8 @@ pub struct KafkaRedisBridge {
     /// Read without a lock on the hot path.
     presence: OnceLock<Arc<Presence>>,
     reads: OnceLock<Readers>,
+    /// Membership changes not answered yet, which a close waits for.
+    unanswered: Arc<Unanswered>,
     gateway_id: OnceLock<String>,
     stop: Arc<AtomicBool>,
 }
@@ -163,6 +169,7 @@ impl KafkaRedisBridge {
             started: Mutex::new(None),
             presence: OnceLock::new(),
             reads: OnceLock::new(),
+            unanswered: Arc::default(),
             gateway_id: OnceLock::new(),
             stop: Arc::new(AtomicBool::new(false)),
         }
@@ -263,7 +270,12 @@ impl Backend for KafkaRedisBridge {
             "message.timeout.ms",
             config.produce_timeout.as_millis().max(1).to_string(),
         );
-        let writes = Writes::new(producer_config, sink.clone())
+        // Failed writes and the router's answers pass `unanswered` first.
+        let answers: Arc<dyn DeliverySink> = Arc::new(AnswerSink {
+            inner: sink.clone(),
+            unanswered: self.unanswered.clone(),
+        });
+        let writes = Writes::new(producer_config, answers.clone())
             .map(Arc::new)
             .map_err(|e| BackendError::Config(format!("{e} (brokers {})", config.brokers)))?;
 
@@ -313,12 +325,13 @@ impl Backend for KafkaRedisBridge {
                 config.router.presence_visibility,
                 sink.clone(),
                 Self::replaced_handler(gateway_id.to_owned(), sink.clone(), writes.clone()),
+                self.unanswered.clone(),
             )
             .map_err(BackendError::Unavailable)?;
 
         let mut threads = Vec::new();
         let stop = self.stop.clone();
-        let delivery_sink = sink.clone();
+        let delivery_sink = answers;
         threads.push(
             std::thread::Builder::new()
                 .name("palaver-delivery".into())
@@ -383,6 +396,7 @@ impl Backend for KafkaRedisBridge {
     }
 
     fn session_closed(&self, session: &Session, at_ms: i64) {
+        self.unanswered.closed(session.addr.conn);
         if let Some(p) = self.presence.get() {
             p.session_closed(session, at_ms);
         }
@@ -416,6 +430,10 @@ impl Backend for KafkaRedisBridge {
             tracing::warn!("request submitted before the bridge started; dropped");
             return;
         };
+        if let Body::ChangeMembers(_) = request.body {
+            self.unanswered
+                .sent(request.from.addr.conn, request.request_id);
+        }
         writes.send(kafka::INBOUND_TOPIC, key.as_bytes(), &value, Some(pending));
     }
 
