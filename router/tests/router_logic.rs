@@ -2645,3 +2645,27 @@ fn a_removed_member_gets_nothing_more_of_the_group() {
     let out = h.close(&bob, T0 + 9);
     assert!(to(&out, &carol.addr).is_empty());
 }
+
+/// A bystander's MembersChanged lists each changed member once, with its
+/// role after the change: here the added user is also the heir of the
+/// admin who left in the same request.
+#[test]
+fn a_bystanders_members_changed_lists_each_changed_member_once() {
+    let mut h = Harness::new();
+    let alice = h.open("alice", "phone", 1);
+    let zoe = h.open("zoe", "phone", 2);
+    let group = h.create_group(&alice, &["zoe"]);
+    let out = h.req(&alice, 3, change(&group, &["aaron"], &["alice"], &[]));
+    let whole = members_changed(reply_to(&out, &alice, 3));
+    assert_eq!(
+        roles(whole),
+        [
+            ("aaron".to_string(), pb::Role::Admin),
+            ("zoe".to_string(), pb::Role::Member)
+        ]
+    );
+    let delta = members_changed(to(&out, &zoe.addr)[0]);
+    assert_eq!(roles(delta), [("aaron".to_string(), pb::Role::Admin)]);
+    assert_eq!(delta.added_user_ids, ["aaron"]);
+    assert_eq!(delta.removed_user_ids, ["alice"]);
+}

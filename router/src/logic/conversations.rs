@@ -228,9 +228,19 @@ impl<S: Store> Router<S> {
         let mut delta = changed.clone();
         if let Body::MembersChanged(m) = &mut delta {
             if let Some(c) = m.conversation.as_mut() {
-                let mut members = plan.upsert.clone();
-                members.sort_by(|x, y| x.user_id.cmp(&y.user_id));
-                c.members = members;
+                // A user's last upsert is its role (an added heir).
+                let roles: BTreeMap<&str, i32> = plan
+                    .upsert
+                    .iter()
+                    .map(|m| (m.user_id.as_str(), m.role))
+                    .collect();
+                c.members = roles
+                    .into_iter()
+                    .map(|(user_id, role)| pb::Member {
+                        user_id: user_id.to_owned(),
+                        role,
+                    })
+                    .collect();
             }
         }
         let (whole, delta) = (event(changed.clone()), event(delta));
