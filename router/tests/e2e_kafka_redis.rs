@@ -47,6 +47,9 @@ fn offline_user_gets_push_then_syncs_without_gap() {
     let g2 = s.add_gateway("gw2");
     let mut alice = s.login(g1, "alice", "phone");
     let dm = palaver_protocol::direct_conversation_id("alice", "bob");
+    // A shared group lets alice see bob's presence below (SPEC §10: the
+    // direct conversation counts only once bob wrote in it too).
+    group_of(&mut alice, &["bob"]);
     {
         let mut bob = s.login(g2, "bob", "phone");
         assert_eq!(send_reliably(&mut alice, &dm, "m1").seq, 1);
@@ -62,7 +65,7 @@ fn offline_user_gets_push_then_syncs_without_gap() {
 
     // Wait until bob is registered offline (his close is flushed), then send.
     // Asked by alice's other device: presence is visible to those who share
-    // a conversation (SPEC §10).
+    // a conversation that counts (SPEC §10), here the group.
     let mut check = s.login(g1, "alice", "tablet");
     let deadline = Instant::now() + T;
     loop {
