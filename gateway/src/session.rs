@@ -355,20 +355,21 @@ impl ConnPolicy {
     }
 
     /// A frame from the backend at `now`, `len` bytes encoded, with
-    /// `pending` bytes already waiting to reach the client.
+    /// `pending` bytes already waiting to reach the client; `answers`: it
+    /// answers one of this connection's requests (the backend says so).
     pub fn on_backend_frame(
         &mut self,
         limits: &ConnLimits,
-        f: &pb::Frame,
         len: usize,
         pending: usize,
         closes: bool,
+        answers: bool,
         now: u64,
     ) -> BackendStep {
         if !self.is_open() {
             return BackendStep::Stale;
         }
-        self.requests.on_delivery(f, now);
+        self.requests.on_delivery(answers, now);
         // A single frame larger than the limit (a big SyncBatch) may go out
         // when nothing else is waiting; memory stays bounded by limit + frame.
         if pending > 0 && pending + len > limits.max_outbound() {

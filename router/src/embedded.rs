@@ -246,6 +246,7 @@ impl EmbeddedEngine {
                 pb::ErrorCode::Unavailable,
                 message,
             ),
+            answers_request: true,
         }]);
     }
 

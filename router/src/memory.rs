@@ -11,8 +11,8 @@ use palaver_protocol::pb;
 use crate::api::{Session, SessionAddr};
 use crate::logic::Clock;
 use crate::store::{
-    Appended, ConversationStore, GatewayRegistry, GroupRecord, HistorySlice, Membership, RangeRead,
-    Retention, SessionChange, SessionStore, SessionsApplied, StoreResult, UserPresence,
+    Appended, Budget, ConversationStore, GatewayRegistry, GroupRecord, HistorySlice, Membership,
+    RangeRead, Retention, SessionChange, SessionStore, SessionsApplied, StoreResult, UserPresence,
     UserSessions, UserStore,
 };
 
@@ -352,12 +352,16 @@ impl ConversationStore for MemoryStore {
             .iter()
             .map(|read| match self.conversations.get(&read.conversation_id) {
                 None => Vec::new(),
-                Some(state) => state
-                    .history
-                    .range_from(state.index_after(read.after_seq))
-                    .take(read.limit)
-                    .cloned()
-                    .collect(),
+                Some(state) => {
+                    let mut budget = Budget::new(read.max_bytes);
+                    state
+                        .history
+                        .range_from(state.index_after(read.after_seq))
+                        .take(read.limit)
+                        .take_while(|m| budget.take(m))
+                        .cloned()
+                        .collect()
+                }
             })
             .collect())
     }
@@ -367,6 +371,7 @@ impl ConversationStore for MemoryStore {
         conversation_id: &str,
         before_seq: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> StoreResult<HistorySlice> {
         let Some(state) = self.conversations.get(conversation_id) else {
             return Ok(HistorySlice::default());
@@ -376,7 +381,15 @@ impl ConversationStore for MemoryStore {
         } else {
             state.index_after(before_seq - 1)
         };
-        let start = end.saturating_sub(limit);
+        // Newest first, only what fits is cloned.
+        let mut budget = Budget::new(max_bytes);
+        let mut start = end;
+        while start > end.saturating_sub(limit) {
+            match state.history.get(start - 1) {
+                Some(m) if budget.take(m) => start -= 1,
+                _ => break,
+            }
+        }
         Ok(HistorySlice {
             messages: state.history.range(start..end).cloned().collect(),
             has_more: start > 0,
@@ -1007,6 +1020,7 @@ mod tests {
                 conversation_id: "c".into(),
                 after_seq: 0,
                 limit: 100,
+                max_bytes: usize::MAX,
             }])
             .unwrap();
         let seqs: Vec<u64> = all[0].iter().map(|m| m.seq).collect();
@@ -1053,7 +1067,7 @@ mod tests {
         );
         assert_eq!(m.seq, last + 1);
         // History reads see the contiguous window across chunk boundaries.
-        let slice = s.messages_before("c", 0, 2 * CHUNK).unwrap();
+        let slice = s.messages_before("c", 0, 2 * CHUNK, usize::MAX).unwrap();
         let seqs: Vec<u64> = slice.messages.iter().map(|m| m.seq).collect();
         let want: Vec<u64> = (last + 2 - 2 * CHUNK as u64..=last + 1).collect();
         assert_eq!(seqs, want);

@@ -76,6 +76,45 @@ pub struct RangeRead {
     pub after_seq: u64,
     /// At most this many (the oldest ones of the range).
     pub limit: usize,
+    /// And no more than fit in this many bytes ([`message_size`]), though
+    /// always the first one: a read touches what it returns plus at most
+    /// one message, however large the range or its messages.
+    pub max_bytes: usize,
+}
+
+/// What a message weighs against a read's `max_bytes`: its encoded length
+/// with its seq, as it goes out in a SyncBatch or HistoryPage (both stores
+/// compute exactly this).
+pub fn message_size(message: &pb::Message) -> usize {
+    use prost::Message as _;
+    message.encoded_len()
+}
+
+/// A read's byte budget: takes messages while they fit, the first always.
+#[derive(Clone, Copy, Debug)]
+pub struct Budget {
+    left: usize,
+    taken: usize,
+}
+
+impl Budget {
+    pub fn new(max_bytes: usize) -> Self {
+        Budget {
+            left: max_bytes,
+            taken: 0,
+        }
+    }
+
+    /// Takes `message` if it fits (or is the first); false once one does not.
+    pub fn take(&mut self, message: &pb::Message) -> bool {
+        let size = message_size(message);
+        if size > self.left && self.taken > 0 {
+            return false;
+        }
+        self.left = self.left.saturating_sub(size);
+        self.taken += 1;
+        true
+    }
 }
 
 /// Result of [`ConversationStore::messages_before`].
@@ -166,18 +205,22 @@ pub trait ConversationStore {
     fn last_seqs(&mut self, conversation_ids: &[String]) -> StoreResult<Vec<u64>>;
 
     /// For each read, the stored messages with `seq > after_seq`, ascending,
-    /// at most `limit` (the oldest of the range), in input order. Messages
-    /// that left the history window are simply absent. One pipelined round trip.
+    /// at most `limit` (the oldest of the range) and within `max_bytes`
+    /// (the first always), in input order. Messages that left the history
+    /// window are simply absent. One pipelined round trip.
     fn messages_after(&mut self, reads: &[RangeRead]) -> StoreResult<Vec<Vec<pb::Message>>>;
 
-    /// The newest `limit` stored messages with `seq < before_seq` (any seq if
-    /// `before_seq` is 0), returned ascending, and whether older ones exist in
-    /// the stored window.
+    /// The newest stored messages with `seq < before_seq` (any seq if
+    /// `before_seq` is 0): at most `limit`, and of those the newest that fit
+    /// in `max_bytes` ([`message_size`]; the newest always), returned
+    /// ascending, and whether older ones exist in the stored window. The
+    /// work is bounded by what is returned, not by `limit` × message size.
     fn messages_before(
         &mut self,
         conversation_id: &str,
         before_seq: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> StoreResult<HistorySlice>;
 
     /// Distinct `sender_user_id`s of stored messages with

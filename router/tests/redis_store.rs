@@ -24,6 +24,7 @@ fn all_checks(config: RedisConfig) {
     append_batch_in_order(RedisStore::connect(config.clone()).unwrap());
     dedup_follows_the_window(RedisStore::connect(config.clone()).unwrap());
     ranges_and_senders(RedisStore::connect(config.clone()).unwrap());
+    reads_stay_within_their_byte_budget(RedisStore::connect(config.clone()).unwrap());
     receipts_and_groups(RedisStore::connect(config.clone()).unwrap());
     users_and_push(RedisStore::connect(config.clone()).unwrap());
     shared_conversations(RedisStore::connect(config.clone()).unwrap());
@@ -114,6 +115,7 @@ fn append_dedup_window(mut s: RedisStore, config: &RedisConfig) {
             conversation_id: "c1".into(),
             after_seq: 0,
             limit: 100,
+            max_bytes: usize::MAX,
         }])
         .unwrap();
     let seqs: Vec<u64> = all[0].iter().map(|m| m.seq).collect();

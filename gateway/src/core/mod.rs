@@ -549,7 +549,8 @@ impl Core {
                 match self.conns.get_mut(slot) {
                     Some(conn) if live => {
                         let closes = o.closes_connection();
-                        self.ctx.deliver_one(slot, conn, o.frame, closes);
+                        self.ctx
+                            .deliver_one(slot, conn, o.frame, closes, o.answers_request);
                     }
                     _ => CoreMetrics::inc(&self.ctx.metrics.stale_deliveries),
                 }

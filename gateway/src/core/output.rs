@@ -18,12 +18,19 @@ use crate::tls_io;
 use super::{unix_ms, Conn, Ctx, Fate};
 
 impl Ctx {
-    pub(super) fn deliver_one(&mut self, slot: usize, conn: &mut Conn, f: pb::Frame, closes: bool) {
+    pub(super) fn deliver_one(
+        &mut self,
+        slot: usize,
+        conn: &mut Conn,
+        f: pb::Frame,
+        closes: bool,
+        answers: bool,
+    ) {
         let len = palaver_protocol::encoded_frame_len(&f);
         let pending = conn.pending.out_len() + self.scratch.out.len() + self.scratch.plain.len();
         let step =
             conn.policy
-                .on_backend_frame(&self.limits, &f, len, pending, closes, self.now_ms);
+                .on_backend_frame(&self.limits, len, pending, closes, answers, self.now_ms);
         match step {
             BackendStep::Stale => CoreMetrics::inc(&self.metrics.stale_deliveries),
             BackendStep::Queue => self.queue(&f),

@@ -118,9 +118,11 @@ impl Server {
     fn on_backend_frame(&mut self, f: pb::Frame, closes: bool, now: u64) -> BackendStep {
         let limits = self.limits;
         let len = encoded_frame_len(&f);
+        // What the router would say: these frames carry their request's id.
+        let answers = palaver_protocol::bodies::answers_request(&f);
         let step = self
             .policy
-            .on_backend_frame(&limits, &f, len, self.unsent, closes, now);
+            .on_backend_frame(&limits, len, self.unsent, closes, answers, now);
         match step {
             BackendStep::Stale => {}
             BackendStep::Queue => self.queue(f),

@@ -218,10 +218,11 @@ impl KafkaRedisBridge {
         sink: Arc<dyn DeliverySink>,
         writes: Arc<Writes>,
     ) -> presence::ReplacedHandler {
-        Box::new(move |Addressed { to: old, frame }| {
+        Box::new(move |Addressed { to: old, frame, .. }| {
             let outbound = Outbound {
                 conn: old.conn,
                 frame,
+                answers_request: false,
             };
             if *old.gateway_id == *gateway_id {
                 sink.deliver(vec![outbound]);
@@ -524,6 +525,7 @@ impl Reader {
             .map(|a| Outbound {
                 conn: a.to.conn,
                 frame: a.frame,
+                answers_request: a.answers_request,
             })
             .collect()
     }

@@ -454,6 +454,7 @@ impl Subscriber {
             .map(|a| Outbound {
                 conn: a.to.conn,
                 frame: a.frame,
+                answers_request: a.answers_request,
             })
             .collect()
     }

@@ -224,10 +224,16 @@ pub fn encode_delivery_batches(frames: Vec<Outbound>) -> Vec<Vec<u8>> {
     let mut values = Vec::new();
     let mut batch = records::DeliveryBatch::default();
     let mut size = 0;
-    for Outbound { conn, frame } in frames {
+    for Outbound {
+        conn,
+        frame,
+        answers_request,
+    } in frames
+    {
         let delivery = records::Delivery {
             conn,
             frame: Some(frame),
+            answers_request: Some(answers_request),
         };
         let len = delivery.encoded_len() + 8;
         if size + len > MAX_DELIVERY_RECORD_BYTES && !batch.deliveries.is_empty() {
@@ -254,6 +260,9 @@ pub fn decode_delivery_batch(value: &[u8]) -> Result<Vec<Outbound>, String> {
             d.frame
                 .map(|frame| Outbound {
                     conn: d.conn,
+                    answers_request: d
+                        .answers_request
+                        .unwrap_or_else(|| palaver_protocol::bodies::answers_request(&frame)),
                     frame,
                 })
                 .ok_or_else(|| "delivery without a frame".to_string())
@@ -300,6 +309,8 @@ mod tests {
                     request_id: 0,
                     body: Some(Body::Pong(pb::Pong { nonce: i })),
                 },
+                // A Pong never answers by itself: the flag is carried.
+                answers_request: i % 3 == 0,
             })
             .collect();
         let one = encode_delivery_batches(frames.clone());
@@ -317,6 +328,7 @@ mod tests {
                         client_msg_id: vec![],
                     })),
                 },
+                answers_request: false,
             })
             .collect();
         let split = encode_delivery_batches(big.clone());
@@ -326,6 +338,27 @@ mod tests {
             .flat_map(|v| decode_delivery_batch(v).unwrap())
             .collect();
         assert_eq!(back, big);
+    }
+
+    #[test]
+    fn a_delivery_from_a_router_without_the_answers_flag_is_judged_by_its_frame() {
+        let old = |request_id, body| records::DeliveryBatch {
+            deliveries: vec![records::Delivery {
+                conn: 1,
+                frame: Some(pb::Frame {
+                    request_id,
+                    body: Some(body),
+                }),
+                answers_request: None,
+            }],
+        };
+        let answers = |batch: records::DeliveryBatch| {
+            decode_delivery_batch(&batch.encode_to_vec()).unwrap()[0].answers_request
+        };
+        assert!(answers(old(0, Body::SendAck(Default::default()))));
+        assert!(answers(old(4, Body::MembersChanged(Default::default()))));
+        assert!(!answers(old(0, Body::MembersChanged(Default::default()))));
+        assert!(!answers(old(0, Body::Deliver(Default::default()))));
     }
 
     #[test]

@@ -253,6 +253,7 @@ impl<S: Store> Router<S> {
                             out.frames.push(Addressed {
                                 to: to.clone(),
                                 frame: deliver(message.clone()),
+                                answers_request: false,
                             });
                         }
                     }
@@ -287,6 +288,7 @@ impl<S: Store> Router<S> {
                 out.frames.push(Addressed {
                     to: to.clone(),
                     frame: deliver(message),
+                    answers_request: false,
                 });
             }
             // The recipients' Delivers are written before the sender's
@@ -314,6 +316,7 @@ impl<S: Store> Router<S> {
                         conversation_id: ack.conversation_id.clone(),
                         after_seq: ack.seq - 1,
                         limit: 1,
+                        max_bytes: usize::MAX,
                     },
                 )),
                 _ => None,
@@ -346,6 +349,14 @@ impl<S: Store> Router<S> {
         }
     }
 
+    /// Sync: the user's conversations the client does not know (listed
+    /// first), then messages after each cursor, within `limit` and about
+    /// `max_batch_bytes`. The work is bounded by what the batch holds: group
+    /// records are read [`LISTING_CHUNK`] at a time until the listing is
+    /// full (not every group and member list of a user in thousands of
+    /// groups), and messages are read in waves of [`READ_WAVE`]
+    /// conversations, each read with a share of the bytes left, so no read
+    /// copies more than it may return (plus one message).
     pub(super) fn sync(
         &mut self,
         req: &Inbound,
@@ -367,17 +378,9 @@ impl<S: Store> Router<S> {
         // the byte budget, so a huge account pages through them too.
         let mut budget = self.config.max_batch_bytes;
         let mut has_more = false;
-        let absent: Vec<(usize, &String)> = conversation_ids
-            .iter()
-            .enumerate()
-            .filter(|(_, id)| !cursors.contains_key(id.as_str()))
+        let absent: Vec<usize> = (0..conversation_ids.len())
+            .filter(|&i| !cursors.contains_key(conversation_ids[i].as_str()))
             .collect();
-        let absent_groups: Vec<String> = absent
-            .iter()
-            .filter(|(_, id)| id.starts_with("grp:"))
-            .map(|(_, id)| (*id).clone())
-            .collect();
-        let mut groups = self.store.groups(&absent_groups)?.into_iter();
         let mut conversations = Vec::new();
         // Messages are only sent for conversations the client knows or is
         // told about in this batch, so it never holds messages of a
@@ -386,34 +389,44 @@ impl<S: Store> Router<S> {
             .iter()
             .map(|id| cursors.contains_key(id.as_str()))
             .collect();
-        for (index, id) in absent {
-            let info = if id.starts_with("grp:") {
-                match groups.next().flatten() {
-                    Some(group) => group_info(group, last_seqs[index]),
-                    None => {
-                        // Listed but its record is gone (lost data): treat it
-                        // as empty, or has_more would never clear.
-                        last_seqs[index] = 0;
-                        continue;
+        'listing: for chunk in absent.chunks(LISTING_CHUNK) {
+            let group_ids: Vec<String> = chunk
+                .iter()
+                .map(|&i| &conversation_ids[i])
+                .filter(|id| id.starts_with("grp:"))
+                .cloned()
+                .collect();
+            let mut groups = self.store.groups(&group_ids)?.into_iter();
+            for &index in chunk {
+                let id = &conversation_ids[index];
+                let info = if id.starts_with("grp:") {
+                    match groups.next().flatten() {
+                        Some(group) => group_info(group, last_seqs[index]),
+                        None => {
+                            // Listed but its record is gone (lost data): treat
+                            // it as empty, or has_more would never clear.
+                            last_seqs[index] = 0;
+                            continue;
+                        }
                     }
-                }
-            } else {
-                match parse_conversation_id(id) {
-                    Ok(ConversationRef::Direct { a, b }) => direct_info(a, b, last_seqs[index]),
-                    _ => {
-                        last_seqs[index] = 0;
-                        continue;
+                } else {
+                    match parse_conversation_id(id) {
+                        Ok(ConversationRef::Direct { a, b }) => direct_info(a, b, last_seqs[index]),
+                        _ => {
+                            last_seqs[index] = 0;
+                            continue;
+                        }
                     }
+                };
+                let size = info.encoded_len();
+                if size > budget && !conversations.is_empty() {
+                    has_more = true;
+                    break 'listing;
                 }
-            };
-            let size = info.encoded_len();
-            if size > budget && !conversations.is_empty() {
-                has_more = true;
-                break;
+                budget = budget.saturating_sub(size);
+                conversations.push(info);
+                known[index] = true;
             }
-            budget = budget.saturating_sub(size);
-            conversations.push(info);
-            known[index] = true;
         }
 
         // Plan how many messages each conversation contributes.
@@ -436,28 +449,50 @@ impl<S: Store> Router<S> {
                     conversation_id: id.clone(),
                     after_seq,
                     limit: wanted,
+                    max_bytes: 0,
                 },
             ));
         }
-        let range_reads: Vec<RangeRead> = reads.iter().map(|(_, r)| r.clone()).collect();
-        let results = self.store.messages_after(&range_reads)?;
+        // Read them in waves, each read with its share of the bytes left,
+        // as many reads as the bytes left could fill with the heaviest
+        // messages (at most READ_WAVE): a read returns at most its share
+        // plus one message, so a wave reads about what the batch can hold.
+        // A conversation cut short is continued by the client (has_more).
+        let heaviest = self.config.max_body_bytes + MESSAGE_ENVELOPE_BYTES;
         let mut messages = Vec::new();
-        'conversations: for ((index, _), batch) in reads.iter().zip(results) {
-            let last_seq = last_seqs[*index];
-            let mut newest = 0;
-            for message in batch {
-                let size = message.encoded_len();
-                if size > budget && !(messages.is_empty() && conversations.is_empty()) {
-                    has_more = true;
-                    break 'conversations;
+        let mut next = 0;
+        'waves: while next < reads.len() && budget > 0 {
+            let wave_len = (budget / heaviest)
+                .clamp(1, READ_WAVE)
+                .min(reads.len() - next);
+            let share = budget / wave_len;
+            let wave = &mut reads[next..next + wave_len];
+            next += wave_len;
+            for (_, read) in wave.iter_mut() {
+                read.max_bytes = share;
+            }
+            let wave_reads: Vec<RangeRead> = wave.iter().map(|(_, r)| r.clone()).collect();
+            let results = self.store.messages_after(&wave_reads)?;
+            for ((index, _), batch) in wave.iter().zip(results) {
+                let last_seq = last_seqs[*index];
+                let mut newest = 0;
+                for message in batch {
+                    let size = message.encoded_len();
+                    if size > budget && !(messages.is_empty() && conversations.is_empty()) {
+                        has_more = true;
+                        break 'waves;
+                    }
+                    budget = budget.saturating_sub(size);
+                    newest = message.seq;
+                    messages.push(message);
                 }
-                budget = budget.saturating_sub(size);
-                newest = message.seq;
-                messages.push(message);
+                if newest != 0 && newest < last_seq {
+                    has_more = true;
+                }
             }
-            if newest != 0 && newest < last_seq {
-                has_more = true;
-            }
+        }
+        if next < reads.len() {
+            has_more = true;
         }
         out.frames.push(reply(
             req,
@@ -470,6 +505,10 @@ impl<S: Store> Router<S> {
         Ok(())
     }
 
+    /// History: the newest `limit` messages before `before_seq` that fit
+    /// `max_batch_bytes` (at least one), read by the store within that
+    /// budget: a page of 500 large messages copies what it returns, not
+    /// 500 messages.
     pub(super) fn history(
         &mut self,
         req: &Inbound,
@@ -479,24 +518,12 @@ impl<S: Store> Router<S> {
         let conversation_id = &history.conversation_id;
         self.check_member(conversation_id, &req.from.user_id)?;
         let limit = self.batch_limit(history.limit);
-        let mut slice = self
-            .store
-            .messages_before(conversation_id, history.before_seq, limit)?;
-        // Keep the newest messages that fit the byte budget (at least one).
-        let mut budget = self.config.max_batch_bytes;
-        let mut keep_from = slice.messages.len();
-        while keep_from > 0 {
-            let size = slice.messages[keep_from - 1].encoded_len();
-            if size > budget && keep_from < slice.messages.len() {
-                break;
-            }
-            budget = budget.saturating_sub(size);
-            keep_from -= 1;
-        }
-        if keep_from > 0 {
-            slice.messages.drain(..keep_from);
-            slice.has_more = true;
-        }
+        let slice = self.store.messages_before(
+            conversation_id,
+            history.before_seq,
+            limit,
+            self.config.max_batch_bytes,
+        )?;
         out.frames.push(reply(
             req,
             Body::HistoryPage(pb::HistoryPage {
@@ -508,3 +535,14 @@ impl<S: Store> Router<S> {
         Ok(())
     }
 }
+
+/// Absent conversations whose group records one store call reads while a
+/// SyncBatch's listing fills.
+const LISTING_CHUNK: usize = 16;
+
+/// Most conversations whose messages one store call reads (one pipeline).
+const READ_WAVE: usize = 16;
+
+/// What the server adds to a Send's body in a stored message, at most (ids,
+/// sender, times, kind): with `max_body_bytes`, the heaviest message.
+const MESSAGE_ENVELOPE_BYTES: usize = 1024;

@@ -410,6 +410,7 @@ impl<S: Store> Router<S> {
                     out.frames.push(Addressed {
                         to: addr.clone(),
                         frame: frame.clone(),
+                        answers_request: false,
                     });
                 }
             }
@@ -563,6 +564,7 @@ fn reply(req: &Inbound, body: Body) -> Addressed {
             request_id: req.request_id,
             body: Some(body),
         },
+        answers_request: true,
     }
 }
 
@@ -572,6 +574,7 @@ fn error_frame(req: &Inbound, code: ErrorCode, message: String) -> Addressed {
     Addressed {
         to: req.from.addr.clone(),
         frame: palaver_protocol::error_reply_to(req.request_id, &req.body, code, message),
+        answers_request: true,
     }
 }
 

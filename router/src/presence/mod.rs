@@ -98,6 +98,7 @@ pub fn apply_session_changes<S: SessionStore + ?Sized>(
             effects.goaways.push(Addressed {
                 to: old,
                 frame: replaced_goaway(),
+                answers_request: false,
             });
         }
     }
@@ -147,6 +148,7 @@ pub fn fan_out<S: UserStore + ?Sized>(
             frames.push(Addressed {
                 to: watcher.addr,
                 frame: frame.clone(),
+                answers_request: false,
             });
         }
     }

@@ -15,6 +15,36 @@ use crate::store::{
 use super::keys::{conv_key, dedup_key, receipt_key, SEQ_PREFIX_LEN};
 use super::{corrupt, from_value, RedisStore};
 
+/// The heaviest message a history entry can hold (a Send fits a 64 KiB
+/// frame; the server adds ids and times): `read_range.lua` sizes its
+/// chunks by it, so it fetches at most one message beyond a read's budget.
+const HEAVIEST_MESSAGE_BYTES: usize = 65 * 1024;
+
+impl RedisStore {
+    /// One `read_range.lua` call: direction `a` (after `bound`) or `b`
+    /// (before `bound`).
+    fn read_range(
+        &self,
+        conversation_id: &str,
+        direction: &[u8],
+        bound: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> redis::Cmd {
+        Self::evalsha(
+            &self.scripts.read_range,
+            &[&conv_key(conversation_id, "h")],
+            &[
+                direction,
+                bound.to_string().as_bytes(),
+                limit.to_string().as_bytes(),
+                max_bytes.to_string().as_bytes(),
+                HEAVIEST_MESSAGE_BYTES.to_string().as_bytes(),
+            ],
+        )
+    }
+}
+
 impl ConversationStore for RedisStore {
     fn append_message(
         &mut self,
@@ -121,20 +151,11 @@ impl ConversationStore for RedisStore {
     fn messages_after(&mut self, reads: &[RangeRead]) -> StoreResult<Vec<Vec<pb::Message>>> {
         let cmds = reads
             .iter()
-            .map(|r| {
-                redis::cmd("ZRANGEBYSCORE")
-                    .arg(conv_key(&r.conversation_id, "h"))
-                    .arg(format!("({}", r.after_seq))
-                    .arg("+inf")
-                    .arg("LIMIT")
-                    .arg(0)
-                    .arg(r.limit)
-                    .clone()
-            })
+            .map(|r| self.read_range(&r.conversation_id, b"a", r.after_seq, r.limit, r.max_bytes))
             .collect();
         self.pipeline(cmds)?
             .into_iter()
-            .map(|v| decode_history(from_value(v)?))
+            .map(|v| Ok(decode_range(v)?.1))
             .collect()
     }
 
@@ -143,26 +164,15 @@ impl ConversationStore for RedisStore {
         conversation_id: &str,
         before_seq: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> StoreResult<HistorySlice> {
         if limit == 0 {
             return Ok(HistorySlice::default());
         }
-        let max = if before_seq == 0 {
-            "+inf".to_string()
-        } else {
-            format!("({before_seq}")
-        };
-        let members: Vec<Vec<u8>> = self.query(
-            redis::cmd("ZREVRANGEBYSCORE")
-                .arg(conv_key(conversation_id, "h"))
-                .arg(max)
-                .arg("-inf")
-                .arg("LIMIT")
-                .arg(0)
-                .arg(limit + 1),
-        )?;
-        let has_more = members.len() > limit;
-        let mut messages = decode_history(members.into_iter().take(limit).collect())?;
+        let cmd = self.read_range(conversation_id, b"b", before_seq, limit, max_bytes);
+        let reply = self.pipeline(vec![cmd])?.pop();
+        let (has_more, mut messages) =
+            decode_range(reply.ok_or_else(|| corrupt("no reply to a history read"))?)?;
         messages.reverse();
         Ok(HistorySlice { messages, has_more })
     }
@@ -318,6 +328,20 @@ fn decode_history_member(member: &[u8]) -> StoreResult<pb::Message> {
         .map_err(|e| corrupt(format!("history entry: {e}")))?;
     message.seq = seq;
     Ok(message)
+}
+
+/// A `read_range.lua` reply: {has_more, member...}.
+fn decode_range(reply: redis::Value) -> StoreResult<(bool, Vec<pb::Message>)> {
+    let mut items: Vec<redis::Value> = from_value(reply)?;
+    if items.is_empty() {
+        return Err(corrupt("empty history read reply"));
+    }
+    let has_more: i64 = from_value(items.remove(0))?;
+    let members = items
+        .into_iter()
+        .map(from_value::<Vec<u8>>)
+        .collect::<StoreResult<Vec<_>>>()?;
+    Ok((has_more != 0, decode_history(members)?))
 }
 
 fn decode_history(members: Vec<Vec<u8>>) -> StoreResult<Vec<pb::Message>> {

@@ -16,6 +16,10 @@ pub struct Instrumented {
     pub failing: bool,
     /// When set, calls of this one method fail that way.
     pub fail_on: Option<&'static str>,
+    /// Encoded bytes of the messages the reads returned, and group records
+    /// read: the work a request made the store do.
+    pub message_bytes_read: usize,
+    pub group_records_read: usize,
 }
 
 impl Instrumented {
@@ -51,11 +55,22 @@ impl ConversationStore for Instrumented {
         self.call("last_seqs")?.last_seqs(ids)
     }
     fn messages_after(&mut self, reads: &[RangeRead]) -> StoreResult<Vec<Vec<pb::Message>>> {
-        self.call("messages_after")?.messages_after(reads)
+        let found = self.call("messages_after")?.messages_after(reads)?;
+        self.message_bytes_read += found.iter().flatten().map(message_size).sum::<usize>();
+        Ok(found)
     }
-    fn messages_before(&mut self, c: &str, before: u64, limit: usize) -> StoreResult<HistorySlice> {
-        self.call("messages_before")?
-            .messages_before(c, before, limit)
+    fn messages_before(
+        &mut self,
+        c: &str,
+        before: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> StoreResult<HistorySlice> {
+        let slice = self
+            .call("messages_before")?
+            .messages_before(c, before, limit, max_bytes)?;
+        self.message_bytes_read += slice.messages.iter().map(message_size).sum::<usize>();
+        Ok(slice)
     }
     fn senders_between(&mut self, c: &str, a: u64, b: u64) -> StoreResult<Vec<String>> {
         self.call("senders_between")?.senders_between(c, a, b)
@@ -73,6 +88,7 @@ impl ConversationStore for Instrumented {
         self.call("create_group")?.create_group(g)
     }
     fn groups(&mut self, ids: &[String]) -> StoreResult<Vec<Option<GroupRecord>>> {
+        self.group_records_read += ids.len();
         self.call("groups")?.groups(ids)
     }
     fn membership(&mut self, c: &str, u: &str) -> StoreResult<Membership> {

@@ -9,8 +9,8 @@ use std::time::Duration;
 use palaver_protocol::pb;
 use palaver_router::api::{Session, SessionAddr};
 use palaver_router::store::{
-    Appended, GroupRecord, Membership, RangeRead, Retention, SessionChange, SessionsApplied, Store,
-    UserPresence,
+    message_size, Appended, GroupRecord, Membership, RangeRead, Retention, SessionChange,
+    SessionsApplied, Store, UserPresence,
 };
 
 pub fn retention(now_ms: i64, window: usize) -> Retention {
@@ -56,6 +56,71 @@ pub fn session(user: &str, device: &str, gw: &str, conn: u64) -> Session {
     }
 }
 
+/// Reads return what fits their byte budget (`message_size`, measured the
+/// same by every store, the first message always) and no more: a History
+/// or Sync of large messages never copies `limit` of them to return a few.
+pub fn reads_stay_within_their_byte_budget<S: Store>(mut s: S) {
+    // 150 messages of 1-3 KB, so seqs pass 127 (a 2-byte varint).
+    for i in 1..=150u32 {
+        let mut m = message("big", (i % 250) as u8, "u");
+        m.client_msg_id = i.to_be_bytes().repeat(4);
+        m.body = vec![7; 1000 * (1 + i as usize % 3)];
+        s.append_message("big", m, &retention(0, 1000)).unwrap();
+    }
+    let read = |after_seq, limit, max_bytes| RangeRead {
+        conversation_id: "big".into(),
+        after_seq,
+        limit,
+        max_bytes,
+    };
+    let all = s
+        .messages_after(&[read(0, 500, usize::MAX)])
+        .unwrap()
+        .remove(0);
+    assert_eq!(all.len(), 150);
+    let sizes: Vec<usize> = all.iter().map(message_size).collect();
+    // Exactly the prefix that fits, at a boundary and one byte under it,
+    // on both sides of seq 128.
+    for (after, k) in [(0usize, 5usize), (120, 20)] {
+        let exact: usize = sizes[after..after + k].iter().sum();
+        for (budget, want) in [(exact, k), (exact - 1, k - 1)] {
+            let got = s
+                .messages_after(&[read(after as u64, 500, budget)])
+                .unwrap()
+                .remove(0);
+            assert_eq!(
+                got,
+                all[after..after + want].to_vec(),
+                "after {after}, {budget} B"
+            );
+        }
+    }
+    // The first message always, whatever the budget; the limit still binds.
+    let one = s.messages_after(&[read(10, 500, 0)]).unwrap().remove(0);
+    assert_eq!(one, all[10..11].to_vec());
+    let two = s
+        .messages_after(&[read(10, 2, usize::MAX)])
+        .unwrap()
+        .remove(0);
+    assert_eq!(two, all[10..12].to_vec());
+    // History: the newest that fit, ascending, and whether older remain.
+    let newest: usize = sizes[140..].iter().sum();
+    let page = s.messages_before("big", 0, 500, newest).unwrap();
+    assert_eq!(page.messages, all[140..].to_vec());
+    assert!(page.has_more);
+    let page = s.messages_before("big", 141, 500, newest - 1).unwrap();
+    assert_eq!(page.messages.first().map(|m| m.seq), Some(132));
+    assert_eq!(page.messages.last().map(|m| m.seq), Some(140));
+    let page = s.messages_before("big", 0, 500, 0).unwrap();
+    assert_eq!(page.messages, all[149..].to_vec());
+    let page = s.messages_before("big", 4, 500, usize::MAX).unwrap();
+    assert_eq!(page.messages, all[..3].to_vec());
+    assert!(!page.has_more);
+    let page = s.messages_before("big", 4, 2, usize::MAX).unwrap();
+    assert_eq!(page.messages, all[1..3].to_vec());
+    assert!(page.has_more);
+}
+
 pub fn ranges_and_senders<S: Store>(mut s: S) {
     for i in 1..=10u8 {
         let sender = if i % 2 == 0 { "even" } else { "odd" };
@@ -68,11 +133,13 @@ pub fn ranges_and_senders<S: Store>(mut s: S) {
                 conversation_id: "c2".into(),
                 after_seq: 7,
                 limit: 2,
+                max_bytes: usize::MAX,
             },
             RangeRead {
                 conversation_id: "nope".into(),
                 after_seq: 0,
                 limit: 2,
+                max_bytes: usize::MAX,
             },
         ])
         .unwrap();
@@ -81,13 +148,13 @@ pub fn ranges_and_senders<S: Store>(mut s: S) {
         vec![8, 9]
     );
     assert!(after[1].is_empty());
-    let page = s.messages_before("c2", 0, 3).unwrap();
+    let page = s.messages_before("c2", 0, 3, usize::MAX).unwrap();
     assert_eq!(
         page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
         vec![8, 9, 10]
     );
     assert!(page.has_more);
-    let page = s.messages_before("c2", 3, 5).unwrap();
+    let page = s.messages_before("c2", 3, 5, usize::MAX).unwrap();
     assert_eq!(
         page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
         vec![1, 2]
