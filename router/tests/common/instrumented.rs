@@ -1,5 +1,7 @@
 //! A store wrapper that counts calls per method (to check batch-friendliness:
 //! no per-recipient round trips) and can be told to fail.
+// Each test binary uses part of it.
+#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::time::Duration;
