@@ -75,7 +75,7 @@ struct History {
     keys: std::hash::RandomState,
 }
 
-/// Chunk index: keyed fingerprint of a client_msg_id → (offset in
+/// Chunk index: keyed fingerprint of (sender, client_msg_id) → (offset in
 /// `messages`, dedup expiry ms). The fingerprint is already a hash.
 type FingerprintMap = HashMap<u64, (usize, i64), std::hash::BuildHasherDefault<Fingerprint>>;
 
@@ -143,11 +143,11 @@ impl History {
         self.range(start..self.len)
     }
 
-    /// The stored message with this client_msg_id, if it is in the window
-    /// and its dedup entry has not expired at `now_ms`.
-    fn find(&self, client_msg_id: &[u8], now_ms: i64) -> Option<&pb::Message> {
+    /// The stored message `sender` sent with this client_msg_id, if it is
+    /// in the window and its dedup entry has not expired at `now_ms`.
+    fn find(&self, sender: &str, client_msg_id: &[u8], now_ms: i64) -> Option<&pb::Message> {
         use std::hash::BuildHasher;
-        let fp = self.keys.hash_one(client_msg_id);
+        let fp = self.keys.hash_one((sender, client_msg_id));
         // Newest first: retries are usually recent, and an id stored again
         // after its first message left the window maps to the live one.
         for (ci, chunk) in self.chunks.iter().enumerate().rev() {
@@ -160,10 +160,9 @@ impl History {
                 .find(|&(offset, _)| {
                     // Evicted entries (front chunk, before head) are skipped.
                     !(ci == 0 && offset < self.head)
-                        && chunk
-                            .messages
-                            .get(offset)
-                            .is_some_and(|m| m.client_msg_id == client_msg_id)
+                        && chunk.messages.get(offset).is_some_and(|m| {
+                            m.client_msg_id == client_msg_id && m.sender_user_id == sender
+                        })
                 });
             if let Some((offset, expires)) = hit {
                 // The newest entry for this id decides.
@@ -186,11 +185,16 @@ impl History {
             self.chunks.push_back(chunk);
         }
         use std::hash::BuildHasher;
-        let fp = self.keys.hash_one(message.client_msg_id.as_slice());
+        let fp = self.keys.hash_one((
+            message.sender_user_id.as_str(),
+            message.client_msg_id.as_slice(),
+        ));
         let chunk = self.chunks.back_mut().expect("chunk pushed");
         let entry = (chunk.messages.len(), dedup_expires_ms);
         let other_id = chunk.ids.get(&fp).is_some_and(|&(offset, _)| {
-            chunk.messages[offset].client_msg_id != message.client_msg_id
+            let other = &chunk.messages[offset];
+            other.client_msg_id != message.client_msg_id
+                || other.sender_user_id != message.sender_user_id
         });
         if other_id {
             chunk.collided.push(entry);
@@ -321,7 +325,12 @@ impl ConversationStore for MemoryStore {
         };
         // Dedup is tied to the history window (see `History`): the original
         // is remembered while it is stored and its dedup TTL has not passed.
-        if let Some(original) = state.history.find(&message.client_msg_id, retention.now_ms) {
+        let original = state.history.find(
+            &message.sender_user_id,
+            &message.client_msg_id,
+            retention.now_ms,
+        );
+        if let Some(original) = original {
             return Ok(Appended::Duplicate(pb::SendAck {
                 client_msg_id: original.client_msg_id.clone(),
                 message_id: original.message_id.clone(),

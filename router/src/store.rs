@@ -51,7 +51,7 @@ pub enum StoreError {
 pub struct Retention {
     /// Router time of the append, Unix epoch ms (dedup expiry is relative to it).
     pub now_ms: i64,
-    /// How long a (conversation, client_msg_id) dedup entry lives.
+    /// How long a (conversation, sender, client_msg_id) dedup entry lives.
     pub dedup_ttl_ms: i64,
     /// Messages kept per conversation: after an append only the newest
     /// `history_window` messages remain readable.
@@ -63,7 +63,7 @@ pub struct Retention {
 pub enum Appended {
     /// The message was new: it got the next seq and is in the history.
     Stored(pb::Message),
-    /// The (conversation, client_msg_id) was seen within the dedup TTL: here
+    /// The (conversation, sender, client_msg_id) was seen within the dedup TTL: here
     /// is the ack the first copy got. Nothing was stored, no seq was used.
     Duplicate(pb::SendAck),
 }

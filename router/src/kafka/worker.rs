@@ -25,7 +25,7 @@
 //! If producing fails, the consumer is rewound to the batch's first offsets
 //! and the batch runs again: at-least-once (a producer that failed for good,
 //! [`super::fatal_error`], is replaced by a new one first). Replays are safe
-//! because the append script dedups by (conversation, client_msg_id) and
+//! because the append script dedups by (conversation, sender, client_msg_id) and
 //! returns the original ack, and receipts only ever move forward. A rebalance in the
 //! middle of a batch can let two routers briefly work on one partition; the
 //! atomic append keeps every seq unique and gap-free even then.

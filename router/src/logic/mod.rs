@@ -44,7 +44,7 @@ pub struct RouterConfig {
     pub max_body_bytes: usize,
     /// Messages kept per conversation for Sync and History.
     pub history_window: usize,
-    /// How long a (conversation, client_msg_id) is remembered for dedup.
+    /// How long a (conversation, sender, client_msg_id) is remembered for dedup.
     pub dedup_ttl_ms: i64,
     /// Messages per SyncBatch / HistoryPage when the request says 0.
     pub default_batch: usize,

@@ -75,6 +75,12 @@ impl ConversationStore for RedisStore {
         for (conversation_id, mut message) in appends {
             message.seq = 0;
             let encoded = message.encode_to_vec();
+            // The dedup key: sender, then client_msg_id (append.lua).
+            let mut dedup_field =
+                Vec::with_capacity(message.sender_user_id.len() + 1 + message.client_msg_id.len());
+            dedup_field.extend_from_slice(message.sender_user_id.as_bytes());
+            dedup_field.push(0);
+            dedup_field.extend_from_slice(&message.client_msg_id);
             cmds.push(Self::evalsha(
                 &self.scripts.append,
                 &[
@@ -86,10 +92,12 @@ impl ConversationStore for RedisStore {
                 ],
                 &[
                     &encoded,
-                    &message.client_msg_id,
+                    &dedup_field,
                     now.as_bytes(),
                     ttl.as_bytes(),
                     window.as_bytes(),
+                    &message.client_msg_id,
+                    message.sender_user_id.as_bytes(),
                 ],
             ));
             messages.push((conversation_id, message));

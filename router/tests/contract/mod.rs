@@ -56,6 +56,34 @@ pub fn session(user: &str, device: &str, gw: &str, conn: u64) -> Session {
     }
 }
 
+/// The dedup key is (conversation, sender, client_msg_id) (SPEC §6): another
+/// member reusing a client_msg_id gets a message of his own, and each
+/// sender's retry still gets its own original ack.
+pub fn dedup_is_per_sender<S: Store>(mut s: S) {
+    let first = stored(
+        s.append_message("g", message("g", 9, "alice"), &retention(0, 10))
+            .unwrap(),
+    );
+    let mut copied = message("g", 9, "bob");
+    copied.message_id = "bob's".into();
+    copied.body = b"bob's own words".to_vec();
+    let second = stored(s.append_message("g", copied, &retention(1, 10)).unwrap());
+    assert_eq!((first.seq, second.seq), (1, 2));
+    assert_eq!(second.body, b"bob's own words");
+    for (sender, seq, id) in [("alice", 1, "m9"), ("bob", 2, "bob's")] {
+        match s
+            .append_message("g", message("g", 9, sender), &retention(2, 10))
+            .unwrap()
+        {
+            Appended::Duplicate(ack) => {
+                assert_eq!((ack.seq, ack.message_id.as_str()), (seq, id), "{sender}")
+            }
+            other => panic!("{sender}'s retry: {other:?}"),
+        }
+    }
+    assert_eq!(s.last_seqs(&["g".into()]).unwrap(), vec![2]);
+}
+
 /// Reads return what fits their byte budget (`message_size`, measured the
 /// same by every store, the first message always) and no more: a History
 /// or Sync of large messages never copies `limit` of them to return a few.
