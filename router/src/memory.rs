@@ -12,8 +12,8 @@ use crate::api::{Session, SessionAddr};
 use crate::logic::Clock;
 use crate::store::{
     Appended, Budget, ConversationStore, GatewayRegistry, GroupRecord, HistorySlice, Membership,
-    RangeRead, Retention, SessionChange, SessionStore, SessionsApplied, StoreResult, UserPresence,
-    UserSessions, UserStore,
+    QuotaCharge, QuotaOwner, RangeRead, Retention, SessionChange, SessionStore, SessionsApplied,
+    StoreResult, UserPresence, UserSessions, UserStore,
 };
 
 #[derive(Default)]
@@ -37,6 +37,10 @@ pub struct MemoryStore {
     /// Judges lease expiry; the system clock when `None` (a test injects a
     /// manual one to expire a lease without sleeping).
     clock: Option<Arc<dyn Clock>>,
+    /// Storage quota counters of `quota_day` (the newest day charged);
+    /// cleared when a later day starts, so they hold one day's owners.
+    quotas: HashMap<QuotaOwner, u64>,
+    quota_day: u32,
 }
 
 #[derive(Default)]
@@ -297,6 +301,28 @@ impl MemoryStore {
 }
 
 impl ConversationState {
+    /// The ack of the stored original of `message` (same sender and
+    /// client_msg_id), while it is in the window and within the dedup TTL.
+    fn duplicate_of(
+        &self,
+        conversation_id: &str,
+        message: &pb::Message,
+        retention: &Retention,
+    ) -> Option<pb::SendAck> {
+        let original = self.history.find(
+            &message.sender_user_id,
+            &message.client_msg_id,
+            retention.now_ms,
+        )?;
+        Some(pb::SendAck {
+            client_msg_id: original.client_msg_id.clone(),
+            message_id: original.message_id.clone(),
+            conversation_id: conversation_id.to_owned(),
+            seq: original.seq,
+            server_time_ms: original.server_time_ms,
+        })
+    }
+
     /// Index into `history` of the first message with seq > `after_seq`.
     fn index_after(&self, after_seq: u64) -> usize {
         match self.history.front() {
@@ -325,19 +351,8 @@ impl ConversationStore for MemoryStore {
         };
         // Dedup is tied to the history window (see `History`): the original
         // is remembered while it is stored and its dedup TTL has not passed.
-        let original = state.history.find(
-            &message.sender_user_id,
-            &message.client_msg_id,
-            retention.now_ms,
-        );
-        if let Some(original) = original {
-            return Ok(Appended::Duplicate(pb::SendAck {
-                client_msg_id: original.client_msg_id.clone(),
-                message_id: original.message_id.clone(),
-                conversation_id: conversation_id.to_owned(),
-                seq: original.seq,
-                server_time_ms: original.server_time_ms,
-            }));
+        if let Some(ack) = state.duplicate_of(conversation_id, &message, retention) {
+            return Ok(Appended::Duplicate(ack));
         }
         state.last_seq += 1;
         message.seq = state.last_seq;
@@ -403,6 +418,50 @@ impl ConversationStore for MemoryStore {
             messages: state.history.range(start..end).cloned().collect(),
             has_more: start > 0,
         })
+    }
+
+    fn find_duplicates(
+        &mut self,
+        appends: Vec<(String, pb::Message)>,
+        retention: &Retention,
+    ) -> StoreResult<Vec<Option<pb::SendAck>>> {
+        Ok(appends
+            .iter()
+            .map(|(conversation_id, message)| {
+                self.conversations.get(conversation_id)?.duplicate_of(
+                    conversation_id,
+                    message,
+                    retention,
+                )
+            })
+            .collect())
+    }
+
+    fn charge_quotas(&mut self, charges: &[QuotaCharge]) -> StoreResult<Vec<bool>> {
+        Ok(charges
+            .iter()
+            .map(|charge| {
+                if charge.day > self.quota_day {
+                    self.quotas.clear();
+                    self.quota_day = charge.day;
+                }
+                if charge.day < self.quota_day {
+                    // A day that is over: nothing left to count against.
+                    return charge.bytes <= 0 || charge.bytes.unsigned_abs() <= charge.limit;
+                }
+                let used = self.quotas.entry(charge.owner.clone()).or_default();
+                if charge.bytes <= 0 {
+                    *used = used.saturating_sub(charge.bytes.unsigned_abs());
+                    return true;
+                }
+                let after = used.saturating_add(charge.bytes.unsigned_abs());
+                if after > charge.limit {
+                    return false;
+                }
+                *used = after;
+                true
+            })
+            .collect())
     }
 
     fn senders_between(

@@ -137,6 +137,26 @@ pub struct GroupRecord {
     pub created_ms: i64,
 }
 
+/// Whose daily storage quota a [`QuotaCharge`] counts against (SPEC §13).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum QuotaOwner {
+    /// The sender's account.
+    Account(String),
+    Conversation(String),
+}
+
+/// Bytes stored for `owner` on UTC day `day` (days since the Unix epoch).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QuotaCharge {
+    pub owner: QuotaOwner,
+    pub day: u32,
+    /// Positive: bytes about to be stored; negative: a refund (the append
+    /// turned out to be a duplicate, or the other quota refused).
+    pub bytes: i64,
+    /// The day's quota: a positive charge that would exceed it is refused.
+    pub limit: u64,
+}
+
 /// Result of [`ConversationStore::membership`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Membership {
@@ -200,6 +220,18 @@ pub trait ConversationStore {
             .collect()
     }
 
+    /// For each message, the original SendAck [`append_messages`] would
+    /// answer it with as a duplicate, or None if it would be stored; stores
+    /// nothing. (A Send refused by a quota may be the retry of a stored one,
+    /// which gets its ack, not the refusal.) One pipelined round trip.
+    ///
+    /// [`append_messages`]: ConversationStore::append_messages
+    fn find_duplicates(
+        &mut self,
+        appends: Vec<(String, pb::Message)>,
+        retention: &Retention,
+    ) -> StoreResult<Vec<Option<pb::SendAck>>>;
+
     /// The last allocated seq of each conversation (0 if none), in input
     /// order. One pipelined round trip.
     fn last_seqs(&mut self, conversation_ids: &[String]) -> StoreResult<Vec<u64>>;
@@ -222,6 +254,14 @@ pub trait ConversationStore {
         limit: usize,
         max_bytes: usize,
     ) -> StoreResult<HistorySlice>;
+
+    /// Quota counters: each charge on its own, in order, atomically. A
+    /// positive charge is added if the owner's total for that day then stays
+    /// within its `limit` (true), else nothing changes (false); a refund is
+    /// always applied (true), never below 0. A day's counters may be
+    /// forgotten once it is over (Redis: expiry; memory: dropped when a later
+    /// day starts). One pipelined round trip.
+    fn charge_quotas(&mut self, charges: &[QuotaCharge]) -> StoreResult<Vec<bool>>;
 
     /// Distinct `sender_user_id`s of stored messages with
     /// `after_seq < seq <= up_to_seq`, any order.

@@ -184,3 +184,102 @@ fn a_sync_of_an_account_in_many_large_groups_reads_only_the_groups_it_lists() {
         "{read} group records read to list {listed}"
     );
 }
+
+/// The error a Send got, if any.
+fn send_error(out: &Output, from: &palaver_router::Session) -> Option<u32> {
+    out.frames
+        .iter()
+        .filter(|a| a.to == from.addr)
+        .find_map(|a| match &a.frame.body {
+            Some(Body::Error(e)) => Some(e.code),
+            _ => None,
+        })
+}
+
+fn send(
+    router: &mut Router<Instrumented>,
+    from: &palaver_router::Session,
+    conversation: &str,
+    n: u32,
+    size: usize,
+) -> Option<u32> {
+    let body = Body::Send(pb::Send {
+        conversation_id: conversation.into(),
+        client_msg_id: cmid(n),
+        kind: pb::ContentKind::Text as i32,
+        body: vec![b'x'; size],
+        ..Default::default()
+    });
+    let mut out = Output::default();
+    router.handle(&request(from, n, body), &mut out).unwrap();
+    send_error(&out, from)
+}
+
+#[test]
+fn storage_quotas_refuse_what_an_account_or_a_conversation_stores_beyond_a_day() {
+    const KB60: usize = 60 * 1024;
+    let weight = (KB60 + 256) as u64;
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+    let mut r = Router::new(
+        Instrumented::default(),
+        RouterConfig {
+            account_bytes_per_day: 20 * weight,
+            conversation_bytes_per_day: 30 * weight,
+            ..RouterConfig::default()
+        },
+        clock.clone(),
+    );
+    let mallory = session("mallory", "phone", "g1", 1);
+    let quota = pb::ErrorCode::QuotaExceeded as u32;
+    // The account's 20 messages go to many conversations: the account
+    // quota binds, whatever the number of conversations.
+    let mut stored = 0;
+    for n in 1..=100 {
+        match send(&mut r, &mallory, &format!("dm:mallory:v{n:03}"), n, KB60) {
+            None => stored += 1,
+            Some(code) => assert_eq!(code, quota),
+        }
+    }
+    assert_eq!(stored, 20, "the account quota stores 20 of 100");
+    // A retry of a stored message is answered with its ack and costs nothing.
+    for _ in 0..50 {
+        assert_eq!(send(&mut r, &mallory, "dm:mallory:v001", 1, KB60), None);
+    }
+    // A small message does not fit either: the day is used up.
+    assert_eq!(
+        send(&mut r, &mallory, "dm:mallory:v001", 500, 10),
+        Some(quota)
+    );
+    // The conversation quota binds for several senders together.
+    let group_senders: Vec<_> = (0..4)
+        .map(|i| session(&format!("s{i}"), "phone", "g1", 10 + i))
+        .collect();
+    let members: Vec<pb::Member> = group_senders
+        .iter()
+        .map(|s| pb::Member {
+            user_id: s.user_id.clone(),
+            role: pb::Role::Member as i32,
+        })
+        .collect();
+    let group = format!("grp:{:032x}", 7);
+    r.store_mut()
+        .create_group(&GroupRecord {
+            conversation_id: group.clone(),
+            title: String::new(),
+            members,
+            created_ms: 0,
+        })
+        .unwrap();
+    let mut stored = 0;
+    for n in 0..40u32 {
+        let from = &group_senders[(n % 4) as usize];
+        if send(&mut r, from, &group, 1000 + n, KB60).is_none() {
+            stored += 1;
+        }
+    }
+    assert_eq!(stored, 30, "the conversation quota stores 30 of 40");
+    // The next UTC day starts again.
+    clock.advance(24 * 60 * 60 * 1000);
+    assert_eq!(send(&mut r, &mallory, "dm:mallory:v001", 501, KB60), None);
+    assert_eq!(send(&mut r, &group_senders[0], &group, 2000, KB60), None);
+}

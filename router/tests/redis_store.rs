@@ -24,6 +24,7 @@ fn all_checks(config: RedisConfig) {
     append_batch_in_order(RedisStore::connect(config.clone()).unwrap());
     dedup_follows_the_window(RedisStore::connect(config.clone()).unwrap());
     ranges_and_senders(RedisStore::connect(config.clone()).unwrap());
+    quotas_count_per_owner_and_day(RedisStore::connect(config.clone()).unwrap());
     dedup_is_per_sender(RedisStore::connect(config.clone()).unwrap());
     reads_stay_within_their_byte_budget(RedisStore::connect(config.clone()).unwrap());
     receipts_and_groups(RedisStore::connect(config.clone()).unwrap());

@@ -12,7 +12,10 @@ use super::{
 };
 use crate::api::{Inbound, SessionAddr};
 use crate::bus::{Addressed, Output, PushEvent};
-use crate::store::{Appended, RangeRead, Retention, Store, StoreError, StoreResult, UserSessions};
+use crate::store::{
+    Appended, QuotaCharge, QuotaOwner, RangeRead, Retention, Store, StoreError, StoreResult,
+    UserSessions,
+};
 
 impl<S: Store> Router<S> {
     // ---- Messages ------------------------------------------------------
@@ -92,7 +95,7 @@ impl<S: Store> Router<S> {
         } else {
             self.store.groups(&group_ids)?
         };
-        let accesses: Vec<Result<Access, Rejection>> = sends()
+        let mut accesses: Vec<Result<Access, Rejection>> = sends()
             .map(|(req, send)| {
                 // A batch names few groups: a linear search.
                 let group = group_ids
@@ -109,13 +112,17 @@ impl<S: Store> Router<S> {
             })
             .collect();
 
-        // 2. One batch of appends for the accepted Sends.
+        // 1b. Storage quotas (SPEC §13).
         let now_ms = self.clock.now_ms();
         let retention = Retention {
             now_ms,
             dedup_ttl_ms: self.config.dedup_ttl_ms,
             history_window: self.config.history_window,
         };
+        let listed: Vec<(&Inbound, &pb::Send)> = sends().collect();
+        let charged = self.charge_quotas(&listed, &mut accesses, &retention)?;
+
+        // 2. One batch of appends for the accepted Sends.
         let mut appends = Vec::with_capacity(accesses.len());
         for ((req, send), access) in sends().zip(&accesses) {
             if access.is_ok() {
@@ -163,6 +170,17 @@ impl<S: Store> Router<S> {
                         .add_conversation_to_users(&send.conversation_id, &[a.into(), b.into()])?;
                 }
             }
+        }
+
+        // 3a. A duplicate stored nothing: what it was charged is given back.
+        let duplicates = (0..listed.len())
+            .filter(|&i| accesses[i].is_ok())
+            .zip(&appended)
+            .filter(|(i, a)| charged[*i] && matches!(a, Appended::Duplicate(_)))
+            .map(|(i, _)| listed[i]);
+        let refunds = self.quota_charges(duplicates, now_ms, -1);
+        if !refunds.is_empty() {
+            self.store.charge_quotas(&refunds)?;
         }
 
         // 3b. A repeated Send is delivered again (SPEC §6: at-least-once).
@@ -338,6 +356,117 @@ impl<S: Store> Router<S> {
             }
         }
         Ok(())
+    }
+
+    /// Charges each accepted Send's weight to the sender's and the
+    /// conversation's quota of the day (one store call). A Send over either
+    /// is refused QUOTA_EXCEEDED and what the other quota took is given back
+    /// — unless it is the retry of a message stored earlier (one more store
+    /// call, only when something was refused): that one is answered with its
+    /// original ack as usual, free. Returns which Sends were charged (their
+    /// charge is refunded if the append finds a duplicate).
+    fn charge_quotas(
+        &mut self,
+        sends: &[(&Inbound, &pb::Send)],
+        accesses: &mut [Result<Access, Rejection>],
+        retention: &Retention,
+    ) -> StoreResult<Vec<bool>> {
+        let mut charged = vec![false; sends.len()];
+        let accepted: Vec<usize> = (0..sends.len()).filter(|&i| accesses[i].is_ok()).collect();
+        if accepted.is_empty() {
+            return Ok(charged);
+        }
+        let charges = self.quota_charges(accepted.iter().map(|&i| sends[i]), retention.now_ms, 1);
+        let granted = self.store.charge_quotas(&charges)?;
+        let mut refunds = Vec::new();
+        let mut refused = Vec::new();
+        for ((&i, charge), granted) in accepted
+            .iter()
+            .zip(charges.chunks(2))
+            .zip(granted.chunks(2))
+        {
+            if granted.iter().all(|g| *g) {
+                charged[i] = true;
+                continue;
+            }
+            for (c, g) in charge.iter().zip(granted) {
+                if *g {
+                    refunds.push(QuotaCharge {
+                        bytes: -c.bytes,
+                        ..c.clone()
+                    });
+                }
+            }
+            let over = usize::from(granted[0]);
+            let whose = match &charge[over].owner {
+                QuotaOwner::Account(_) => "your account".to_string(),
+                QuotaOwner::Conversation(id) => format!("conversation {id}"),
+            };
+            let access = std::mem::replace(
+                &mut accesses[i],
+                Err((
+                    ErrorCode::QuotaExceeded,
+                    format!(
+                        "the daily storage quota of {whose} ({} bytes) is used up; \
+                         it starts again at 00:00 UTC",
+                        charge[over].limit
+                    ),
+                )),
+            );
+            refused.push((i, access));
+        }
+        if !refunds.is_empty() {
+            self.store.charge_quotas(&refunds)?;
+        }
+        if !refused.is_empty() {
+            let candidates = refused
+                .iter()
+                .map(|&(i, _)| {
+                    let (req, send) = sends[i];
+                    let message = pb::Message {
+                        sender_user_id: req.from.user_id.clone(),
+                        client_msg_id: send.client_msg_id.clone(),
+                        ..Default::default()
+                    };
+                    (send.conversation_id.clone(), message)
+                })
+                .collect();
+            let found = self.store.find_duplicates(candidates, retention)?;
+            for ((i, access), duplicate) in refused.into_iter().zip(found) {
+                if duplicate.is_some() {
+                    accesses[i] = access;
+                }
+            }
+        }
+        Ok(charged)
+    }
+
+    /// The quota charges (account, then conversation) of `sends`, signed by
+    /// `sign` (1: charge, -1: refund).
+    fn quota_charges<'s>(
+        &self,
+        sends: impl Iterator<Item = (&'s Inbound, &'s pb::Send)>,
+        now_ms: i64,
+        sign: i64,
+    ) -> Vec<QuotaCharge> {
+        let day = u32::try_from(now_ms.max(0) / DAY_MS).unwrap_or(u32::MAX);
+        let mut charges = Vec::new();
+        for (req, send) in sends {
+            let bytes = sign * (send.body.len() + QUOTA_OVERHEAD_BYTES) as i64;
+            charges.push(QuotaCharge {
+                owner: QuotaOwner::Account(req.from.user_id.clone()),
+                day,
+                bytes,
+                limit: self.config.account_bytes_per_day,
+            });
+            charges.push(QuotaCharge {
+                owner: QuotaOwner::Conversation(send.conversation_id.clone()),
+                day,
+                bytes,
+                limit: self.config.conversation_bytes_per_day,
+            });
+        }
+        charges
     }
 
     // ---- Sync and history ----------------------------------------------
@@ -539,6 +668,12 @@ impl<S: Store> Router<S> {
 /// Absent conversations whose group records one store call reads while a
 /// SyncBatch's listing fills.
 const LISTING_CHUNK: usize = 16;
+
+/// What a stored message weighs against the storage quotas beyond its body
+/// (SPEC §13): ids, times, index entries.
+const QUOTA_OVERHEAD_BYTES: usize = 256;
+
+const DAY_MS: i64 = 24 * 60 * 60 * 1000;
 
 /// Most conversations whose messages one store call reads (one pipeline).
 const READ_WAVE: usize = 16;

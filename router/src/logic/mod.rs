@@ -62,6 +62,11 @@ pub struct RouterConfig {
     pub max_title_bytes: usize,
     /// Whose presence a user may see (SPEC §10).
     pub presence_visibility: PresenceVisibility,
+    /// Bytes one account may store per UTC day (SPEC §13: body + 256 per
+    /// message); a Send beyond is QUOTA_EXCEEDED.
+    pub account_bytes_per_day: u64,
+    /// Bytes one conversation may store per UTC day, all senders together.
+    pub conversation_bytes_per_day: u64,
 }
 
 impl Default for RouterConfig {
@@ -78,6 +83,8 @@ impl Default for RouterConfig {
             max_presence_users: 1000,
             max_title_bytes: 256,
             presence_visibility: PresenceVisibility::SharedConversation,
+            account_bytes_per_day: 64 * 1024 * 1024,
+            conversation_bytes_per_day: 256 * 1024 * 1024,
         }
     }
 }

@@ -8,11 +8,11 @@ use prost::Message as _;
 use redis::Value;
 
 use crate::store::{
-    Appended, ConversationStore, GroupRecord, HistorySlice, Membership, RangeRead, Retention,
-    StoreResult,
+    Appended, ConversationStore, GroupRecord, HistorySlice, Membership, QuotaCharge, RangeRead,
+    Retention, StoreResult,
 };
 
-use super::keys::{conv_key, dedup_key, receipt_key, SEQ_PREFIX_LEN};
+use super::keys::{conv_key, dedup_key, quota_key, receipt_key, SEQ_PREFIX_LEN};
 use super::{corrupt, from_value, RedisStore};
 
 /// The heaviest message a history entry can hold (a Send fits a 64 KiB
@@ -45,26 +45,15 @@ impl RedisStore {
     }
 }
 
-impl ConversationStore for RedisStore {
-    fn append_message(
-        &mut self,
-        conversation_id: &str,
-        message: pb::Message,
-        retention: &Retention,
-    ) -> StoreResult<Appended> {
-        self.append_messages(vec![(conversation_id.to_owned(), message)], retention)?
-            .pop()
-            .ok_or_else(|| corrupt("no reply to an append"))
-    }
-
-    /// One pipeline of append scripts: one round trip per node, and with
-    /// `appendfsync always` one AOF fsync for the whole batch (Redis writes
-    /// and fsyncs once per event-loop turn before replying).
-    fn append_messages(
+impl RedisStore {
+    /// Append scripts for `appends`, one pipeline; with `check_only` they
+    /// store nothing and say only which are duplicates (None: new).
+    fn run_appends(
         &mut self,
         appends: Vec<(String, pb::Message)>,
         retention: &Retention,
-    ) -> StoreResult<Vec<Appended>> {
+        check_only: bool,
+    ) -> StoreResult<Vec<Option<Appended>>> {
         let mut cmds = Vec::with_capacity(appends.len());
         let mut messages = Vec::with_capacity(appends.len());
         let (now, ttl, window) = (
@@ -98,6 +87,7 @@ impl ConversationStore for RedisStore {
                     window.as_bytes(),
                     &message.client_msg_id,
                     message.sender_user_id.as_bytes(),
+                    if check_only { b"1" } else { b"0" },
                 ],
             ));
             messages.push((conversation_id, message));
@@ -121,8 +111,9 @@ impl ConversationStore for RedisStore {
                 let (message_id, server_time_ms) = match code {
                     1 => {
                         message.seq = seq;
-                        return Ok(Appended::Stored(message));
+                        return Ok(Some(Appended::Stored(message)));
                     }
+                    3 => return Ok(None),
                     2 => {
                         let member: Vec<u8> = from_value(reply.next().unwrap_or(Value::Nil))?;
                         let original = decode_history_member(&member)?;
@@ -134,15 +125,57 @@ impl ConversationStore for RedisStore {
                         (id, time)
                     }
                 };
-                Ok(Appended::Duplicate(pb::SendAck {
+                Ok(Some(Appended::Duplicate(pb::SendAck {
                     client_msg_id: message.client_msg_id,
                     message_id,
                     conversation_id,
                     seq,
                     server_time_ms,
-                }))
+                })))
             })
             .collect()
+    }
+}
+
+impl ConversationStore for RedisStore {
+    fn append_message(
+        &mut self,
+        conversation_id: &str,
+        message: pb::Message,
+        retention: &Retention,
+    ) -> StoreResult<Appended> {
+        self.append_messages(vec![(conversation_id.to_owned(), message)], retention)?
+            .pop()
+            .ok_or_else(|| corrupt("no reply to an append"))
+    }
+
+    /// One pipeline of append scripts: one round trip per node, and with
+    /// `appendfsync always` one AOF fsync for the whole batch (Redis writes
+    /// and fsyncs once per event-loop turn before replying).
+    fn append_messages(
+        &mut self,
+        appends: Vec<(String, pb::Message)>,
+        retention: &Retention,
+    ) -> StoreResult<Vec<Appended>> {
+        self.run_appends(appends, retention, false)?
+            .into_iter()
+            .map(|a| a.ok_or_else(|| corrupt("an append stored nothing")))
+            .collect()
+    }
+
+    fn find_duplicates(
+        &mut self,
+        appends: Vec<(String, pb::Message)>,
+        retention: &Retention,
+    ) -> StoreResult<Vec<Option<pb::SendAck>>> {
+        Ok(self
+            .run_appends(appends, retention, true)?
+            .into_iter()
+            .map(|a| match a {
+                Some(Appended::Duplicate(ack)) => Some(ack),
+                _ => None,
+            })
+            .collect())
     }
 
     fn last_seqs(&mut self, conversation_ids: &[String]) -> StoreResult<Vec<u64>> {
@@ -183,6 +216,29 @@ impl ConversationStore for RedisStore {
             decode_range(reply.ok_or_else(|| corrupt("no reply to a history read"))?)?;
         messages.reverse();
         Ok(HistorySlice { messages, has_more })
+    }
+
+    fn charge_quotas(&mut self, charges: &[QuotaCharge]) -> StoreResult<Vec<bool>> {
+        // Kept two days: the day's counter outlives its day on any clock.
+        const TTL_S: &[u8] = b"172800";
+        let cmds = charges
+            .iter()
+            .map(|c| {
+                Self::evalsha(
+                    &self.scripts.charge_quota,
+                    &[&quota_key(&c.owner, c.day)],
+                    &[
+                        c.bytes.to_string().as_bytes(),
+                        c.limit.to_string().as_bytes(),
+                        TTL_S,
+                    ],
+                )
+            })
+            .collect();
+        self.pipeline(cmds)?
+            .into_iter()
+            .map(|v| Ok(from_value::<i64>(v)? == 1))
+            .collect()
     }
 
     fn senders_between(

@@ -100,6 +100,7 @@ struct Scripts {
     close_session: Script,
     dead_gateways: Script,
     read_range: Script,
+    charge_quota: Script,
 }
 
 impl Scripts {
@@ -113,11 +114,13 @@ impl Scripts {
             close_session: Script::new(CLOSE_SESSION_LUA),
             dead_gateways: Script::new(DEAD_GATEWAYS_LUA),
             read_range: Script::new(READ_RANGE_LUA),
+            charge_quota: Script::new(CHARGE_QUOTA_LUA),
         }
     }
 
-    fn all(&self) -> [&Script; 8] {
+    fn all(&self) -> [&Script; 9] {
         [
+            &self.charge_quota,
             &self.read_range,
             &self.append,
             &self.advance_receipt,
@@ -140,6 +143,7 @@ const OPEN_SESSION_LUA: &str = include_str!("scripts/open_session.lua");
 const CLOSE_SESSION_LUA: &str = include_str!("scripts/close_session.lua");
 const DEAD_GATEWAYS_LUA: &str = include_str!("scripts/dead_gateways.lua");
 const READ_RANGE_LUA: &str = include_str!("scripts/read_range.lua");
+const CHARGE_QUOTA_LUA: &str = include_str!("scripts/charge_quota.lua");
 
 fn unavailable(e: RedisError) -> StoreError {
     StoreError::Unavailable(e.to_string())

@@ -74,6 +74,16 @@ impl ConversationStore for Instrumented {
         self.message_bytes_read += slice.messages.iter().map(message_size).sum::<usize>();
         Ok(slice)
     }
+    fn find_duplicates(
+        &mut self,
+        appends: Vec<(String, pb::Message)>,
+        r: &Retention,
+    ) -> StoreResult<Vec<Option<pb::SendAck>>> {
+        self.call("find_duplicates")?.find_duplicates(appends, r)
+    }
+    fn charge_quotas(&mut self, charges: &[QuotaCharge]) -> StoreResult<Vec<bool>> {
+        self.call("charge_quotas")?.charge_quotas(charges)
+    }
     fn senders_between(&mut self, c: &str, a: u64, b: u64) -> StoreResult<Vec<String>> {
         self.call("senders_between")?.senders_between(c, a, b)
     }

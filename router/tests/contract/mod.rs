@@ -9,8 +9,8 @@ use std::time::Duration;
 use palaver_protocol::pb;
 use palaver_router::api::{Session, SessionAddr};
 use palaver_router::store::{
-    message_size, Appended, GroupRecord, Membership, RangeRead, Retention, SessionChange,
-    SessionsApplied, Store, UserPresence,
+    message_size, Appended, GroupRecord, Membership, QuotaCharge, QuotaOwner, RangeRead, Retention,
+    SessionChange, SessionsApplied, Store, UserPresence,
 };
 
 pub fn retention(now_ms: i64, window: usize) -> Retention {
@@ -56,6 +56,62 @@ pub fn session(user: &str, device: &str, gw: &str, conn: u64) -> Session {
     }
 }
 
+/// Storage quota counters: a charge is taken only while the day's total
+/// stays within its limit, refunds always apply, owners and days apart.
+pub fn quotas_count_per_owner_and_day<S: Store>(mut s: S) {
+    let charge = |owner: QuotaOwner, day, bytes| QuotaCharge {
+        owner,
+        day,
+        bytes,
+        limit: 1000,
+    };
+    let alice = || QuotaOwner::Account("alice".into());
+    let conv = || QuotaOwner::Conversation("alice".into());
+    let got = s
+        .charge_quotas(&[
+            charge(alice(), 20_000, 600),
+            charge(alice(), 20_000, 400),
+            charge(alice(), 20_000, 1),
+            charge(conv(), 20_000, 1000),
+        ])
+        .unwrap();
+    assert_eq!(
+        got,
+        vec![true, true, false, true],
+        "an account and a conversation of the same name are apart"
+    );
+    // A refund makes room again, and never goes below zero.
+    assert_eq!(
+        s.charge_quotas(&[charge(alice(), 20_000, -300), charge(alice(), 20_000, 301)])
+            .unwrap(),
+        vec![true, false]
+    );
+    assert_eq!(
+        s.charge_quotas(&[charge(alice(), 20_000, 300)]).unwrap(),
+        vec![true]
+    );
+    assert_eq!(
+        s.charge_quotas(&[
+            charge(conv(), 20_000, -5000),
+            charge(conv(), 20_000, 1000),
+            charge(conv(), 20_000, 1),
+        ])
+        .unwrap(),
+        vec![true, true, false]
+    );
+    // The next day starts from zero.
+    assert_eq!(
+        s.charge_quotas(&[charge(alice(), 20_001, 1000)]).unwrap(),
+        vec![true]
+    );
+    // A single charge above the limit is never taken.
+    assert_eq!(
+        s.charge_quotas(&[charge(QuotaOwner::Account("bob".into()), 20_001, 1001)])
+            .unwrap(),
+        vec![false]
+    );
+}
+
 /// The dedup key is (conversation, sender, client_msg_id) (SPEC §6): another
 /// member reusing a client_msg_id gets a message of his own, and each
 /// sender's retry still gets its own original ack.
@@ -81,7 +137,23 @@ pub fn dedup_is_per_sender<S: Store>(mut s: S) {
             other => panic!("{sender}'s retry: {other:?}"),
         }
     }
-    assert_eq!(s.last_seqs(&["g".into()]).unwrap(), vec![2]);
+    // Looking for duplicates stores nothing.
+    let found = s
+        .find_duplicates(
+            vec![
+                ("g".into(), message("g", 9, "bob")),
+                ("g".into(), message("g", 9, "carol")),
+                ("other".into(), message("other", 9, "alice")),
+            ],
+            &retention(3, 10),
+        )
+        .unwrap();
+    let seqs: Vec<Option<u64>> = found.iter().map(|a| a.as_ref().map(|a| a.seq)).collect();
+    assert_eq!(seqs, vec![Some(2), None, None]);
+    assert_eq!(
+        s.last_seqs(&["g".into(), "other".into()]).unwrap(),
+        vec![2, 0]
+    );
 }
 
 /// Reads return what fits their byte budget (`message_size`, measured the

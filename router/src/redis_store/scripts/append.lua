@@ -22,9 +22,11 @@
 --
 -- KEYS: seq, history, dedup hash, dedup order list, legacy dedup key.
 -- ARGV: message (seq 0), dedup field, now_ms, dedup_ttl_ms, window,
---       bare client_msg_id, sender.
+--       bare client_msg_id, sender, check_only ('1': only look for a
+--       duplicate, store nothing).
 -- Returns {1, seq} when stored; {2, seq, history member} for a duplicate;
--- {0, seq, time, message_id} for a duplicate found under the legacy key.
+-- {0, seq, time, message_id} for a duplicate found under the legacy key;
+-- {3, 0} when check_only found no duplicate.
 local now = tonumber(ARGV[3])
 local ttl = tonumber(ARGV[4])
 
@@ -78,6 +80,7 @@ if not found and not legacy_found then
     end
   end
 end
+if ARGV[8] == '1' then return {3, 0} end
 local seq = redis.call('INCR', KEYS[1])
 redis.call('ZADD', KEYS[2], seq, string.format('%020d', seq) .. ARGV[1])
 if ttl > 0 then
