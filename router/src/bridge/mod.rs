@@ -512,12 +512,28 @@ impl Reader {
     /// Runs one request served from Redis through the router
     /// (PresenceSubscribe adds to this gateway's watches, shared with the
     /// presence subscriber).
+    /// A request that fails (the store, or a panic: a bug) is answered
+    /// UNAVAILABLE / INTERNAL by the one runner, and the reader lives on.
     fn read(&mut self, request: &Inbound) -> Vec<Outbound> {
         let mut out = Output::default();
-        if let Err(e) = self.router.handle(request, &mut out) {
+        let gave_up = crate::runner::run(
+            &mut self.router,
+            std::slice::from_ref(request),
+            &mut out,
+            &mut ReadRetry,
+        );
+        if let Some(g) = gave_up.first() {
+            tracing::warn!(
+                user = %request.from.user_id,
+                request_id = request.request_id,
+                "read answered with an error: {}",
+                g.failure
+            );
+            // What the failed attempt produced (a store error leaves its
+            // partial output) is dropped: only the error goes out.
+            let error = out.frames.pop();
             out.frames.clear();
-            out.frames
-                .push(Router::<RedisStore>::unavailable_reply(request, &e));
+            out.frames.extend(error);
         }
         out.frames
             .into_iter()
@@ -528,6 +544,21 @@ impl Reader {
                 answers_request: a.answers_request,
             })
             .collect()
+    }
+}
+
+/// A read is not retried here (the client repeats it after UNAVAILABLE);
+/// after a panic the reader's Redis connection is dropped, as it may have
+/// been left mid-reply.
+struct ReadRetry;
+
+impl crate::runner::Retry<RedisStore> for ReadRetry {
+    fn again(&mut self, _error: &crate::store::StoreError, _attempt: u32) -> bool {
+        false
+    }
+
+    fn after_panic(&mut self, store: &mut RedisStore) {
+        store.reset_connection();
     }
 }
 

@@ -45,10 +45,11 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::records;
-use crate::api::{Inbound, Outbound};
+use crate::api::Outbound;
 use crate::bus::{BusError, Outlet, Output, PushEvent};
-use crate::logic::{BatchProgress, Clock, Router, RouterConfig, SystemClock};
+use crate::logic::{Clock, Router, RouterConfig, SystemClock};
 use crate::redis_store::{RedisConfig, RedisStore};
+use crate::store::StoreError;
 
 /// Settings of one router worker.
 #[derive(Clone, Debug)]
@@ -523,12 +524,13 @@ impl RouterWorker {
         Ok(batch.len())
     }
 
-    /// Runs the whole poll batch through [`Router::handle_batch`] as one
-    /// unit (runs of Sends share one pipelined append and one session
-    /// lookup). If the store fails or a record's handling panics, the
-    /// records from the failed one on go through [`Self::process`] one at
-    /// a time (retries with backoff, dead letters), exactly as before
-    /// batching; the ones before it are done and keep their output.
+    /// Runs the whole poll batch through the one runner
+    /// ([`crate::runner::run`]): one unit first (runs of Sends share one
+    /// pipelined append and one session lookup); from a failed unit on, one
+    /// record at a time, a store error retried with backoff up to
+    /// `max_attempts`, then answered UNAVAILABLE; a panicking record answered
+    /// INTERNAL at once. Either way the record goes to `palaver.dlq` with
+    /// its reason and the worker moves on.
     fn process_batch(
         &mut self,
         batch: &[OwnedMessage],
@@ -546,97 +548,26 @@ impl RouterWorker {
                 Err(reason) => dead.push(self.dead_letter(record, reason, 0)),
             }
         }
-        let mut progress = BatchProgress::default();
-        let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.router.handle_batch(&requests, out, &mut progress)
-        }));
-        match handled {
-            Ok(Ok(())) => return,
-            Ok(Err(e)) => {
-                tracing::warn!(
-                    router = %self.config.router_id,
-                    done = progress.done,
-                    "store error in a batch, going on record by record: {e}"
-                );
+        let mut retry = WorkerRetry {
+            router_id: &self.config.router_id,
+            backoff: self.config.retry_backoff,
+            max_attempts: self.config.max_attempts,
+        };
+        let gave_up = crate::runner::run(&mut self.router, &requests, out, &mut retry);
+        for g in gave_up {
+            let record = sources[g.index];
+            tracing::error!(
+                router = %self.config.router_id,
+                partition = record.partition(),
+                offset = record.offset(),
+                attempts = g.attempts,
+                "record given up on, dead-lettered: {}",
+                g.failure
+            );
+            if matches!(g.failure, crate::runner::Failure::Panicked(_)) {
+                self.stats.panics += 1;
             }
-            Err(_) => {
-                // The unit that panicked may have left partial output; the
-                // record-by-record pass finds the record and dead-letters it.
-                out.frames.truncate(progress.frames);
-                out.pushes.truncate(progress.pushes);
-                self.router.store_mut().reset_connection();
-            }
-        }
-        for (record, request) in sources.into_iter().zip(requests).skip(progress.done) {
-            self.process(record, request, out, dead);
-        }
-    }
-
-    /// Runs one record through the router, with retries; gives up into a
-    /// dead letter.
-    fn process(
-        &mut self,
-        record: &OwnedMessage,
-        request: Inbound,
-        out: &mut Output,
-        dead: &mut Vec<records::DeadLetter>,
-    ) {
-        let mut backoff = self.config.retry_backoff;
-        let mut attempt = 1;
-        loop {
-            let (frames, pushes) = (out.frames.len(), out.pushes.len());
-            let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                self.router.handle(&request, out)
-            }));
-            let result = match handled {
-                Ok(result) => result,
-                Err(panic) => {
-                    // A bug, not a store problem: a retry would panic again, and
-                    // unwinding further would kill the process, whose restart
-                    // replays the uncommitted record (a crash loop). Drop what the
-                    // record produced, answer INTERNAL, dead-letter it, move on.
-                    out.frames.truncate(frames);
-                    out.pushes.truncate(pushes);
-                    let message = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "non-string panic payload".into());
-                    tracing::error!(
-                        router = %self.config.router_id,
-                        partition = record.partition(),
-                        offset = record.offset(),
-                        "record handling panicked, dead-lettered: {message}"
-                    );
-                    out.frames
-                        .push(Router::<RedisStore>::internal_error_reply(&request));
-                    self.router.store_mut().reset_connection();
-                    self.stats.panics += 1;
-                    dead.push(self.dead_letter(record, format!("panicked: {message}"), attempt));
-                    return;
-                }
-            };
-            match result {
-                Ok(()) => return,
-                Err(e) if attempt >= self.config.max_attempts => {
-                    tracing::error!(
-                        router = %self.config.router_id,
-                        partition = record.partition(),
-                        offset = record.offset(),
-                        "giving up after {attempt} attempts: {e}"
-                    );
-                    out.frames
-                        .push(Router::<RedisStore>::unavailable_reply(&request, &e));
-                    dead.push(self.dead_letter(record, e.to_string(), attempt));
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(router = %self.config.router_id, attempt, "store error, retrying: {e}");
-                    thread::sleep(backoff);
-                    backoff *= 2;
-                    attempt += 1;
-                }
-            }
+            dead.push(self.dead_letter(record, g.failure.to_string(), g.attempts));
         }
     }
 
@@ -711,5 +642,29 @@ impl RouterWorker {
                 .map_err(|e| format!("rewind {topic}/{partition} to {offset}: {e}"))?;
         }
         Ok(())
+    }
+}
+
+/// The worker's retries: a store error is retried with exponential backoff
+/// up to `max_attempts`; after a panic the Redis connection is dropped (it
+/// may have been left mid-reply).
+struct WorkerRetry<'a> {
+    router_id: &'a str,
+    backoff: Duration,
+    max_attempts: u32,
+}
+
+impl crate::runner::Retry<RedisStore> for WorkerRetry<'_> {
+    fn again(&mut self, error: &StoreError, attempt: u32) -> bool {
+        if attempt >= self.max_attempts {
+            return false;
+        }
+        tracing::warn!(router = %self.router_id, attempt, "store error, retrying: {error}");
+        thread::sleep(self.backoff * 2u32.saturating_pow(attempt - 1));
+        true
+    }
+
+    fn after_panic(&mut self, store: &mut RedisStore) {
+        store.reset_connection();
     }
 }

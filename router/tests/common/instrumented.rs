@@ -18,6 +18,8 @@ pub struct Instrumented {
     pub failing: bool,
     /// When set, calls of this one method fail that way.
     pub fail_on: Option<&'static str>,
+    /// When set, calls of this one method panic (a stand-in for a bug).
+    pub panic_on: Option<&'static str>,
     /// Encoded bytes of the messages the reads returned, and group records
     /// read: the work a request made the store do.
     pub message_bytes_read: usize,
@@ -27,6 +29,9 @@ pub struct Instrumented {
 impl Instrumented {
     fn call(&mut self, name: &'static str) -> StoreResult<&mut MemoryStore> {
         *self.calls.entry(name).or_default() += 1;
+        if self.panic_on == Some(name) {
+            panic!("test: {name} panics");
+        }
         if self.failing || self.fail_on == Some(name) {
             return Err(StoreError::Unavailable("test says so".into()));
         }
