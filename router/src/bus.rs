@@ -134,7 +134,7 @@ pub(crate) fn group_by_gateway(
 /// Gateways [`group_by_gateway`] searches linearly before it builds an index.
 const LINEAR_GATEWAYS: usize = 8;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BusError {
     #[error("bus unavailable: {0}")]

@@ -10,7 +10,12 @@
 //!   gateway's connections (created by that gateway when it starts).
 //! - `palaver.push`: [`records::PushRecord`]s for push workers, keyed by user.
 //! - `palaver.dlq`: [`records::DeadLetter`]s, inbound records the router gave up on.
+//!
+//! Every worker on Kafka runs the one at-least-once loop of
+//! [`consumer_loop`] with a handler of its own; the router worker
+//! ([`worker`]) is the first.
 
+pub mod consumer_loop;
 pub mod worker;
 
 use std::ffi::CString;
@@ -34,7 +39,7 @@ pub mod records {
 pub const INBOUND_TOPIC: &str = "palaver.inbound";
 pub const PUSH_TOPIC: &str = "palaver.push";
 pub const DLQ_TOPIC: &str = "palaver.dlq";
-const DELIVERY_TOPIC_PREFIX: &str = "palaver.deliver.";
+pub(crate) const DELIVERY_TOPIC_PREFIX: &str = "palaver.deliver.";
 
 /// Default partition count of `palaver.inbound` when the router creates it.
 pub const DEFAULT_INBOUND_PARTITIONS: i32 = 8;
@@ -75,6 +80,41 @@ pub const FETCH_WAIT_MAX_MS: &str = "2000";
 /// Cap of librdkafka's exponential reconnect back-off (default 10 s): after
 /// a broker restart, clients are back within a second of it listening.
 pub const RECONNECT_BACKOFF_MAX_MS: &str = "1000";
+
+/// Consumer settings of a consumer-group member (the workers on
+/// [`consumer_loop`]): offsets committed by the loop after its output is
+/// acknowledged, a group session of `session_timeout` (a dead member's
+/// partitions move after it; at least the broker's
+/// group.min.session.timeout.ms, 6 s by default), long polls.
+pub fn consumer_config(brokers: &str, group_id: &str, session_timeout: Duration) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    // librdkafka debug contexts (e.g. "cgrp,topic"), logged through `log`.
+    if let Ok(debug) = std::env::var("PALAVER_KAFKA_DEBUG") {
+        config.set("debug", debug);
+    }
+    config
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set(
+            "session.timeout.ms",
+            session_timeout.as_millis().to_string(),
+        )
+        .set(
+            "heartbeat.interval.ms",
+            (session_timeout.as_millis() / 3).max(500).to_string(),
+        )
+        // Long poll: the broker answers a fetch as soon as one byte is
+        // there (fetch.min.bytes 1), else after fetch.wait.max.ms. The wait
+        // bounds only how often an idle consumer asks, not latency.
+        .set("fetch.min.bytes", "1")
+        .set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS)
+        .set("reconnect.backoff.max.ms", RECONNECT_BACKOFF_MAX_MS)
+        .set("socket.nagle.disable", "true");
+    config
+}
 
 /// Producer settings shared by routers and gateways: idempotent, acks=all
 /// (the durability gate), a short linger so records produced together
