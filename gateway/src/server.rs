@@ -320,7 +320,11 @@ pub fn build_backend(config: &Config) -> Arc<dyn Backend> {
                 // bridge reports when it starts).
                 None => KafkaRedisBridge::from_spec(brokers, redis),
             };
-            Arc::new(bridge.with_presence_visibility(config.presence_visibility))
+            Arc::new(
+                bridge
+                    .with_presence_visibility(config.presence_visibility)
+                    .with_max_connections_per_account(config.limits.max_connections_per_account),
+            )
         }
         crate::config::BackendConfig::Embedded { engine_thread } => {
             let l = &config.limits;
