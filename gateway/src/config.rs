@@ -644,5 +644,65 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("max_outbound_bytes"));
+        // Lifting a connection's rate without its account's would do nothing.
+        let mut c = Config::default();
+        c.limits.max_sends_per_second = 1000;
+        assert_eq!(
+            c.validate().unwrap_err().field,
+            "limits.max_account_sends_per_second"
+        );
+        let mut c = Config::default();
+        c.limits.max_requests_per_second = 1000;
+        assert_eq!(
+            c.validate().unwrap_err().field,
+            "limits.max_account_requests_per_second"
+        );
+        let mut c = Config::default();
+        c.limits.max_connections_per_account = 0;
+        assert_eq!(
+            c.validate().unwrap_err().field,
+            "limits.max_connections_per_account"
+        );
+        let mut c = Config::default();
+        c.limits.socket_send_buffer_bytes = 100;
+        assert_eq!(
+            c.validate().unwrap_err().field,
+            "limits.socket_send_buffer_bytes"
+        );
+        c.limits.socket_send_buffer_bytes = 0;
+        c.validate().expect("0: the kernel's autotuning");
+    }
+
+    #[test]
+    fn account_limits_from_toml_and_announced_in_welcome() {
+        let c = Config::from_toml_str(
+            "[limits]\nmax_connections_per_account = 4\nmax_account_sends_per_second = 60\n\
+             max_account_requests_per_second = 150\nsocket_send_buffer_bytes = 131072\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.limits.socket_send_buffer_bytes, 131072);
+        let announced = c.limits.protocol().to_pb();
+        assert_eq!(announced.max_connections_per_account, 4);
+        assert_eq!(announced.max_account_sends_per_second, 60);
+        assert_eq!(announced.max_account_requests_per_second, 150);
+        let policy = c.limits.policy();
+        assert_eq!(
+            (
+                policy.max_account_sends_per_second,
+                policy.max_account_requests_per_second
+            ),
+            (60, 150)
+        );
+        let d = Config::default().limits;
+        assert_eq!(
+            (
+                d.max_connections_per_account,
+                d.max_account_sends_per_second,
+                d.max_account_requests_per_second,
+                d.socket_send_buffer_bytes
+            ),
+            (16, 100, 200, 64 * 1024)
+        );
     }
 }
