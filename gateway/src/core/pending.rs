@@ -8,7 +8,7 @@
 //! Both are empty on an idle connection, so they live behind one optional
 //! box: 8 bytes in every connection slot instead of 40 (a boxed slice and a
 //! Vec inline), and no allocation at all once both have drained. A
-//! connection with something pending pays one 40-byte box on top of the
+//! connection with something pending pays one 48-byte box on top of the
 //! bytes themselves.
 
 #[derive(Debug, Default)]
