@@ -115,6 +115,7 @@ fn a_sync_batch_larger_than_the_outbound_limit_still_arrives() {
     let t = start(|c| {
         c.limits.max_outbound_bytes = 128 * 1024;
         c.limits.max_sends_per_second = 100_000;
+        c.limits.max_account_sends_per_second = 100_000;
     });
     let mut alice = t.login("alice", "phone");
     let conv = palaver_protocol::direct_conversation_id("alice", "bob");

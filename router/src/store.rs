@@ -27,6 +27,7 @@
 //! or retries the whole request, and the per-conversation dedup keeps a retried
 //! `Send` from being stored twice).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use palaver_protocol::pb;
@@ -473,6 +474,14 @@ pub struct SessionsApplied {
     /// offline (their last session on a live gateway closed, `last_seen_ms`
     /// set to the close time), in change order.
     pub presence: Vec<pb::Presence>,
+    /// Each session `Opened` (and recorded) in this batch whose user had
+    /// sessions of other devices registered right before it, with those
+    /// sessions' gateways (dead ones included; a store may leave this
+    /// empty). A gateway with an account cap (SPEC §4,
+    /// `max_connections_per_account`) closes an opened session that made
+    /// one too many: opens are applied in order per user, so it is always
+    /// the newest.
+    pub opened_beside: Vec<(SessionAddr, Vec<Arc<str>>)>,
 }
 
 /// A user's presence as the store knows it.

@@ -65,6 +65,11 @@ pub struct BridgeConfig {
     pub router: RouterConfig,
     /// Partitions of `palaver.inbound` if this gateway has to create it.
     pub inbound_partitions: i32,
+    /// The account cap across gateways (SPEC §4): a connection that makes
+    /// a user hold more (all gateways, a device counted once) is closed
+    /// with `TOO_MANY_CONNECTIONS` once the registry shows it. None: no cap
+    /// across gateways (each gateway still applies its own at Hello).
+    pub max_connections_per_account: Option<u32>,
 }
 
 impl BridgeConfig {
@@ -78,6 +83,7 @@ impl BridgeConfig {
             produce_timeout: Duration::from_secs(5),
             router: RouterConfig::default(),
             inbound_partitions: kafka::DEFAULT_INBOUND_PARTITIONS,
+            max_connections_per_account: None,
         }
     }
 }
@@ -152,6 +158,14 @@ impl KafkaRedisBridge {
     pub fn with_presence_visibility(mut self, visibility: PresenceVisibility) -> Self {
         if let Ok(config) = &mut self.config {
             config.router.presence_visibility = visibility;
+        }
+        self
+    }
+
+    /// The account cap across gateways ([`BridgeConfig::max_connections_per_account`]).
+    pub fn with_max_connections_per_account(mut self, cap: u32) -> Self {
+        if let Ok(config) = &mut self.config {
+            config.max_connections_per_account = Some(cap);
         }
         self
     }
@@ -312,6 +326,7 @@ impl Backend for KafkaRedisBridge {
                 &config.redis,
                 config.presence,
                 config.router.presence_visibility,
+                config.max_connections_per_account,
                 sink.clone(),
                 Self::replaced_handler(gateway_id.to_owned(), sink.clone(), writes.clone()),
             )
