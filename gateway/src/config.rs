@@ -132,6 +132,13 @@ pub struct LimitsConfig {
     pub max_connections: u32,
     /// TLS handshake steps (and accepts) one core runs per loop turn.
     pub handshakes_per_turn: u32,
+    /// Storage quotas of the embedded engine (SPEC §13): bytes one account,
+    /// and one conversation, may store per UTC day (a message weighs its
+    /// body plus 256); a Send beyond is QUOTA_EXCEEDED. With the Kafka
+    /// backend the router tier applies its own (`palaver-router
+    /// --account-bytes-per-day`, `--conversation-bytes-per-day`).
+    pub account_bytes_per_day: u64,
+    pub conversation_bytes_per_day: u64,
 }
 
 impl Default for LimitsConfig {
@@ -157,6 +164,9 @@ impl Default for LimitsConfig {
             socket_send_buffer_bytes: DEFAULT_SOCKET_SEND_BUFFER,
             max_connections: 0,
             handshakes_per_turn: 64,
+            account_bytes_per_day: palaver_router::RouterConfig::default().account_bytes_per_day,
+            conversation_bytes_per_day: palaver_router::RouterConfig::default()
+                .conversation_bytes_per_day,
         }
     }
 }
@@ -478,6 +488,18 @@ impl Config {
                 "must be at least limits.max_requests_per_second (an account has at least one connection)",
             ));
         }
+        if l.account_bytes_per_day == 0 {
+            return Err(ConfigError {
+                field: "limits.account_bytes_per_day",
+                problem: "must be at least 1 (a message weighs its body plus 256 bytes)".into(),
+            });
+        }
+        if l.conversation_bytes_per_day == 0 {
+            return Err(ConfigError {
+                field: "limits.conversation_bytes_per_day",
+                problem: "must be at least 1 (a message weighs its body plus 256 bytes)".into(),
+            });
+        }
         if l.socket_send_buffer_bytes != 0
             && !(4096..=64 * 1024 * 1024).contains(&l.socket_send_buffer_bytes)
         {
@@ -613,6 +635,27 @@ mod tests {
             }
         );
         assert!(Config::from_toml_str("[bridge]\nlease = 1\n").is_err());
+    }
+
+    #[test]
+    fn storage_quotas_from_toml_and_validated() {
+        let c = Config::from_toml_str(
+            "[limits]\naccount_bytes_per_day = 1000\nconversation_bytes_per_day = 5000\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                c.limits.account_bytes_per_day,
+                c.limits.conversation_bytes_per_day
+            ),
+            (1000, 5000)
+        );
+        c.validate().unwrap();
+        let zero = Config::from_toml_str("[limits]\naccount_bytes_per_day = 0\n").unwrap();
+        assert_eq!(
+            zero.validate().unwrap_err().field,
+            "limits.account_bytes_per_day"
+        );
     }
 
     #[test]

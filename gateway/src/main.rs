@@ -123,6 +123,14 @@ struct Args {
     /// besides the gateway's queue); 0 = kernel autotuning. [default: 65536]
     #[arg(long, env = "PALAVER_SOCKET_SEND_BUFFER_BYTES")]
     socket_send_buffer_bytes: Option<u32>,
+    /// Bytes one account may store per UTC day (embedded engine; a message
+    /// weighs its body plus 256), then QUOTA_EXCEEDED. [default: 67108864]
+    #[arg(long, env = "PALAVER_ACCOUNT_BYTES_PER_DAY")]
+    account_bytes_per_day: Option<u64>,
+    /// Bytes one conversation may store per UTC day, all senders together
+    /// (embedded engine). [default: 268435456]
+    #[arg(long, env = "PALAVER_CONVERSATION_BYTES_PER_DAY")]
+    conversation_bytes_per_day: Option<u64>,
     /// Connections this process holds; more are refused at accept. [default:
     /// the file limit (RLIMIT_NOFILE, raised to its hard limit at start) minus 256]
     #[arg(long, env = "PALAVER_MAX_CONNECTIONS")]
@@ -187,6 +195,8 @@ impl Args {
             max_outbound_bytes => limits.max_outbound_bytes,
             slow_consumer_timeout_ms => limits.slow_consumer_timeout_ms,
             socket_send_buffer_bytes => limits.socket_send_buffer_bytes,
+            account_bytes_per_day => limits.account_bytes_per_day,
+            conversation_bytes_per_day => limits.conversation_bytes_per_day,
             max_connections => limits.max_connections,
             handshakes_per_turn => limits.handshakes_per_turn,
             drain_deadline_ms => drain.deadline_ms,
@@ -359,6 +369,14 @@ mod tests {
             (
                 "--socket-send-buffer-bytes",
                 l.socket_send_buffer_bytes.to_string(),
+            ),
+            (
+                "--account-bytes-per-day",
+                l.account_bytes_per_day.to_string(),
+            ),
+            (
+                "--conversation-bytes-per-day",
+                l.conversation_bytes_per_day.to_string(),
             ),
             (
                 "--slow-consumer-timeout-ms",

@@ -334,6 +334,8 @@ pub fn build_backend(config: &Config) -> Arc<dyn Backend> {
             router.max_batch = l.max_batch as usize;
             router.default_batch = router.default_batch.min(router.max_batch);
             router.presence_visibility = config.presence_visibility;
+            router.account_bytes_per_day = l.account_bytes_per_day;
+            router.conversation_bytes_per_day = l.conversation_bytes_per_day;
             let config = palaver_router::EmbeddedConfig {
                 router,
                 ..Default::default()
