@@ -84,7 +84,7 @@ fn the_account_storage_quota_refuses_a_send_beyond_it() {
             ..Default::default()
         })
     };
-    let mut answer = |c: &mut Client, n: u8| {
+    let answer = |c: &mut Client, n: u8| {
         let id = c.request(send(n)).unwrap();
         c.recv_until(T, "the Send's answer", |f| f.request_id == id)
             .unwrap()
