@@ -619,8 +619,18 @@ impl Engine {
                     });
                 }
             }
-            // Client-only bodies were refused by ClientConn above.
-            _ => {}
+            // Client-only bodies: ClientConn refused them above. Listed, not
+            // a wildcard: a body added to the protocol fails to compile here
+            // until the SDK says what it does with it.
+            Body::Hello(_)
+            | Body::Send(_)
+            | Body::Receipt(_)
+            | Body::PresenceQuery(_)
+            | Body::PresenceSubscribe(_)
+            | Body::Sync(_)
+            | Body::History(_)
+            | Body::CreateConversation(_)
+            | Body::ChangeMembers(_) => {}
         }
         self.pump(now);
     }
@@ -1232,6 +1242,32 @@ mod tests {
         let mut all = hello;
         all.extend(e.take_writes());
         all
+    }
+
+    /// Every body the protocol's table lets a server send is taken by an
+    /// established engine (the match in `on_frame` names each one); a body
+    /// a server may not send closes the connection.
+    #[test]
+    fn every_server_body_of_the_table_is_handled_and_client_bodies_refused() {
+        use palaver_protocol::bodies::{BodyKind, Direction};
+        for kind in BodyKind::ALL {
+            let mut e = Engine::new(cfg(), vec![], vec![], 7);
+            connect(&mut e, 0);
+            let body = kind.default_body();
+            // GoAway ends the connection, and so does a second Welcome (SPEC §4).
+            let closing = matches!(body, Body::GoAway(_) | Body::Welcome(_));
+            e.on_frame(frame(0, body), 1);
+            let connected = matches!(e.state(), ConnectionState::Connected { .. });
+            match kind.info().direction {
+                Direction::ClientToServer => assert!(!connected, "{kind:?} from a server"),
+                Direction::ServerToClient | Direction::Both if closing => {
+                    assert!(!connected, "{kind:?} ends the connection")
+                }
+                Direction::ServerToClient | Direction::Both => {
+                    assert!(connected, "{kind:?} from a server: {:?}", e.state())
+                }
+            }
+        }
     }
 
     fn bodies(frames: &[pb::Frame]) -> Vec<&'static str> {

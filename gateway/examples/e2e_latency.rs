@@ -32,6 +32,7 @@ fn gateway(id: &str, dir: &WorkDir, kafka: &Kafka, redis: &Redis) -> GatewayHand
     config.data_dir = dir.path().to_path_buf();
     config.gateway_id = id.into();
     config.limits.max_sends_per_second = 100_000;
+    config.limits.max_account_sends_per_second = 100_000;
     config.backend = BackendConfig::Kafka {
         brokers: kafka.bootstrap(),
         redis: redis.url(),

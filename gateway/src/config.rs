@@ -95,6 +95,16 @@ pub struct LimitsConfig {
     pub max_requests_per_second: u32,
     /// Requests with a response one connection may have awaiting it.
     pub max_requests_in_flight: u32,
+    /// Connections one user may hold on this gateway (all devices; a
+    /// device reconnecting replaces its connection and is not one more).
+    /// One more is refused with `TOO_MANY_CONNECTIONS`.
+    pub max_connections_per_account: u32,
+    /// Sends per second shared by all of one user's connections on this
+    /// gateway (token bucket, burst the same), besides each connection's.
+    pub max_account_sends_per_second: u32,
+    /// Request budget (cost units per second) shared by all of one user's
+    /// connections on this gateway, besides each connection's.
+    pub max_account_requests_per_second: u32,
     /// A repeated identical Typing within this window is dropped.
     pub typing_coalesce_ms: u32,
     pub max_group_members: u32,
@@ -106,15 +116,29 @@ pub struct LimitsConfig {
     /// reading the connection's requests, and a frame from the backend that
     /// does not fit closes it as a slow consumer.
     pub max_outbound_bytes: u32,
-    /// How long output may stay above `max_outbound_bytes` before the
-    /// connection is closed as a slow consumer.
+    /// How long a connection may fall behind without reading before it is
+    /// closed as a slow consumer (SPEC §13): output waiting (the kernel's
+    /// send buffer full) and less than half of `max_outbound_bytes` read
+    /// by the client in this time.
     pub slow_consumer_timeout_ms: u32,
+    /// SO_SNDBUF of accepted sockets: what the kernel may hold for one
+    /// connection besides the gateway's own output queue (Linux doubles it
+    /// for bookkeeping). 0 leaves the kernel's autotuning, which lets a
+    /// client that stops reading pin megabytes of kernel memory.
+    pub socket_send_buffer_bytes: u32,
     /// Connections this process holds at most (all cores together).
     /// 0 (the default) derives it at start from the process's file limit,
     /// see [`derive_max_connections`]; any other value is used as given.
     pub max_connections: u32,
     /// TLS handshake steps (and accepts) one core runs per loop turn.
     pub handshakes_per_turn: u32,
+    /// Storage quotas of the embedded engine (SPEC §13): bytes one account,
+    /// and one conversation, may store per UTC day (a message weighs its
+    /// body plus 256); a Send beyond is QUOTA_EXCEEDED. With the Kafka
+    /// backend the router tier applies its own (`palaver-router
+    /// --account-bytes-per-day`, `--conversation-bytes-per-day`).
+    pub account_bytes_per_day: u64,
+    pub conversation_bytes_per_day: u64,
 }
 
 impl Default for LimitsConfig {
@@ -126,6 +150,9 @@ impl Default for LimitsConfig {
             max_sends_per_second: p.max_sends_per_second,
             max_requests_per_second: p.max_requests_per_second,
             max_requests_in_flight: p.max_requests_in_flight,
+            max_connections_per_account: p.max_connections_per_account,
+            max_account_sends_per_second: p.max_account_sends_per_second,
+            max_account_requests_per_second: p.max_account_requests_per_second,
             typing_coalesce_ms: 2_000,
             max_group_members: p.max_group_members,
             max_batch: p.max_batch,
@@ -134,8 +161,12 @@ impl Default for LimitsConfig {
             hello_timeout_ms: p.hello_timeout_ms,
             max_outbound_bytes: 256 * 1024,
             slow_consumer_timeout_ms: 10_000,
+            socket_send_buffer_bytes: DEFAULT_SOCKET_SEND_BUFFER,
             max_connections: 0,
             handshakes_per_turn: 64,
+            account_bytes_per_day: palaver_router::RouterConfig::default().account_bytes_per_day,
+            conversation_bytes_per_day: palaver_router::RouterConfig::default()
+                .conversation_bytes_per_day,
         }
     }
 }
@@ -149,6 +180,8 @@ impl LimitsConfig {
             max_requests_per_second: self.max_requests_per_second,
             max_requests_in_flight: self.max_requests_in_flight,
             typing_coalesce_ms: self.typing_coalesce_ms,
+            max_account_sends_per_second: self.max_account_sends_per_second,
+            max_account_requests_per_second: self.max_account_requests_per_second,
         }
     }
 
@@ -160,6 +193,9 @@ impl LimitsConfig {
             max_sends_per_second: self.max_sends_per_second,
             max_requests_per_second: self.max_requests_per_second,
             max_requests_in_flight: self.max_requests_in_flight,
+            max_connections_per_account: self.max_connections_per_account,
+            max_account_sends_per_second: self.max_account_sends_per_second,
+            max_account_requests_per_second: self.max_account_requests_per_second,
             max_group_members: self.max_group_members,
             max_batch: self.max_batch,
             heartbeat_interval_ms: self.heartbeat_interval_ms,
@@ -275,6 +311,21 @@ fn bad(field: &'static str, problem: impl Into<String>) -> ConfigError {
         problem: problem.into(),
     }
 }
+
+/// Default SO_SNDBUF of accepted sockets (`limits.socket_send_buffer_bytes`).
+///
+/// The kernel's autotuning grows a socket's send buffer up to
+/// `net.ipv4.tcp_wmem`'s maximum (4 MiB by default) whenever the link looks
+/// fast, and keeps it while the client does not read: 300 stalled clients
+/// pinned 431 MB of kernel memory that the gateway's own accounting never
+/// saw. A fixed 64 KiB (the kernel books 128 KiB) keeps a mobile link busy:
+/// its bandwidth-delay product is 25-125 KB (2-10 Mbit/s at 100 ms; LTE
+/// at 20 Mbit/s and 50 ms is 125 KB), and chat frames are small, so only a
+/// large Sync or History page waits a few round trips longer. Memory per
+/// stalled connection in the kernel stays at ~128 KiB instead of megabytes,
+/// and output beyond it waits in the gateway, where the slow-consumer rule
+/// sees it.
+pub const DEFAULT_SOCKET_SEND_BUFFER: u32 = 64 * 1024;
 
 /// Upper bound of `limits.max_connections`.
 pub const MAX_CONNECTIONS_CAP: u32 = 1 << 24;
@@ -422,6 +473,41 @@ impl Config {
                 "must be between 1 and 65535",
             ));
         }
+        if l.max_connections_per_account == 0 {
+            return Err(bad("limits.max_connections_per_account", "must be > 0"));
+        }
+        if l.max_account_sends_per_second < l.max_sends_per_second {
+            return Err(bad(
+                "limits.max_account_sends_per_second",
+                "must be at least limits.max_sends_per_second (an account has at least one connection)",
+            ));
+        }
+        if l.max_account_requests_per_second < l.max_requests_per_second {
+            return Err(bad(
+                "limits.max_account_requests_per_second",
+                "must be at least limits.max_requests_per_second (an account has at least one connection)",
+            ));
+        }
+        if l.account_bytes_per_day == 0 {
+            return Err(ConfigError {
+                field: "limits.account_bytes_per_day",
+                problem: "must be at least 1 (a message weighs its body plus 256 bytes)".into(),
+            });
+        }
+        if l.conversation_bytes_per_day == 0 {
+            return Err(ConfigError {
+                field: "limits.conversation_bytes_per_day",
+                problem: "must be at least 1 (a message weighs its body plus 256 bytes)".into(),
+            });
+        }
+        if l.socket_send_buffer_bytes != 0
+            && !(4096..=64 * 1024 * 1024).contains(&l.socket_send_buffer_bytes)
+        {
+            return Err(bad(
+                "limits.socket_send_buffer_bytes",
+                "must be between 4096 and 67108864 (or 0: the kernel's autotuning)",
+            ));
+        }
         if l.slow_consumer_timeout_ms < 100 {
             return Err(bad(
                 "limits.slow_consumer_timeout_ms",
@@ -552,6 +638,27 @@ mod tests {
     }
 
     #[test]
+    fn storage_quotas_from_toml_and_validated() {
+        let c = Config::from_toml_str(
+            "[limits]\naccount_bytes_per_day = 1000\nconversation_bytes_per_day = 5000\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                c.limits.account_bytes_per_day,
+                c.limits.conversation_bytes_per_day
+            ),
+            (1000, 5000)
+        );
+        c.validate().unwrap();
+        let zero = Config::from_toml_str("[limits]\naccount_bytes_per_day = 0\n").unwrap();
+        assert_eq!(
+            zero.validate().unwrap_err().field,
+            "limits.account_bytes_per_day"
+        );
+    }
+
+    #[test]
     fn presence_visibility_from_toml() {
         use palaver_router::PresenceVisibility;
         assert_eq!(
@@ -580,5 +687,65 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("max_outbound_bytes"));
+        // Lifting a connection's rate without its account's would do nothing.
+        let mut c = Config::default();
+        c.limits.max_sends_per_second = 1000;
+        assert_eq!(
+            c.validate().unwrap_err().field,
+            "limits.max_account_sends_per_second"
+        );
+        let mut c = Config::default();
+        c.limits.max_requests_per_second = 1000;
+        assert_eq!(
+            c.validate().unwrap_err().field,
+            "limits.max_account_requests_per_second"
+        );
+        let mut c = Config::default();
+        c.limits.max_connections_per_account = 0;
+        assert_eq!(
+            c.validate().unwrap_err().field,
+            "limits.max_connections_per_account"
+        );
+        let mut c = Config::default();
+        c.limits.socket_send_buffer_bytes = 100;
+        assert_eq!(
+            c.validate().unwrap_err().field,
+            "limits.socket_send_buffer_bytes"
+        );
+        c.limits.socket_send_buffer_bytes = 0;
+        c.validate().expect("0: the kernel's autotuning");
+    }
+
+    #[test]
+    fn account_limits_from_toml_and_announced_in_welcome() {
+        let c = Config::from_toml_str(
+            "[limits]\nmax_connections_per_account = 4\nmax_account_sends_per_second = 60\n\
+             max_account_requests_per_second = 150\nsocket_send_buffer_bytes = 131072\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.limits.socket_send_buffer_bytes, 131072);
+        let announced = c.limits.protocol().to_pb();
+        assert_eq!(announced.max_connections_per_account, 4);
+        assert_eq!(announced.max_account_sends_per_second, 60);
+        assert_eq!(announced.max_account_requests_per_second, 150);
+        let policy = c.limits.policy();
+        assert_eq!(
+            (
+                policy.max_account_sends_per_second,
+                policy.max_account_requests_per_second
+            ),
+            (60, 150)
+        );
+        let d = Config::default().limits;
+        assert_eq!(
+            (
+                d.max_connections_per_account,
+                d.max_account_sends_per_second,
+                d.max_account_requests_per_second,
+                d.socket_send_buffer_bytes
+            ),
+            (16, 100, 200, 64 * 1024)
+        );
     }
 }

@@ -12,12 +12,15 @@
 //!
 //! Each connection's rules (phase, timeouts, budgets, backpressure, drain)
 //! are a sans-io unit fed events and the time ([`session`]); the core loop
-//! moves bytes and applies its verdicts.
+//! moves bytes and applies its verdicts. What one user's connections share
+//! across cores (their count and budget) is in [`accounts`].
 
-// The only unsafe code: raising RLIMIT_NOFILE (config.rs), allowed there.
+// The only unsafe code: raising RLIMIT_NOFILE (config.rs) and reading a
+// socket's unsent bytes (TIOCOUTQ, core/output.rs), allowed there.
 #![deny(unsafe_code)]
 #![deny(clippy::unwrap_used)]
 
+pub mod accounts;
 pub mod admin;
 pub mod config;
 pub mod core;

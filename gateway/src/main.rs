@@ -89,6 +89,18 @@ struct Args {
     /// Requests with a response one connection may have awaiting it (RATE_LIMITED above). [default: 64]
     #[arg(long, env = "PALAVER_MAX_REQUESTS_IN_FLIGHT")]
     max_requests_in_flight: Option<u32>,
+    /// Connections one user may hold on this gateway, all devices (TOO_MANY_CONNECTIONS
+    /// above; a device reconnecting replaces its connection). [default: 16]
+    #[arg(long, env = "PALAVER_MAX_CONNECTIONS_PER_ACCOUNT")]
+    max_connections_per_account: Option<u32>,
+    /// Sends per second shared by all of one user's connections on this gateway,
+    /// burst the same (RATE_LIMITED). [default: 100]
+    #[arg(long, env = "PALAVER_MAX_ACCOUNT_SENDS_PER_SECOND")]
+    max_account_sends_per_second: Option<u32>,
+    /// Request budget in cost units per second shared by all of one user's
+    /// connections on this gateway (RATE_LIMITED). [default: 200]
+    #[arg(long, env = "PALAVER_MAX_ACCOUNT_REQUESTS_PER_SECOND")]
+    max_account_requests_per_second: Option<u32>,
     /// An identical Typing repeated within this window is dropped. [default: 2000]
     #[arg(long, env = "PALAVER_TYPING_COALESCE_MS")]
     typing_coalesce_ms: Option<u32>,
@@ -98,14 +110,27 @@ struct Args {
     /// Largest Sync/History page. [default: 500]
     #[arg(long, env = "PALAVER_MAX_BATCH")]
     max_batch: Option<u32>,
-    /// Unsent bytes per connection: above it the gateway stops reading the
-    /// connection, and a backend frame that does not fit closes it (SLOW_CONSUMER). [default: 262144]
+    /// Unread bytes per connection (the gateway's queue and the kernel's): above
+    /// it the gateway stops reading the connection, and an event (a frame that
+    /// answers no request) that does not fit closes it (SLOW_CONSUMER). [default: 262144]
     #[arg(long, env = "PALAVER_MAX_OUTBOUND_BYTES")]
     max_outbound_bytes: Option<u32>,
-    /// How long output may stay above --max-outbound-bytes before the
-    /// connection is closed as a slow consumer. [default: 10000]
+    /// How long a connection with output waiting may read less than half of
+    /// --max-outbound-bytes before it is closed as a slow consumer. [default: 10000]
     #[arg(long, env = "PALAVER_SLOW_CONSUMER_TIMEOUT_MS")]
     slow_consumer_timeout_ms: Option<u32>,
+    /// SO_SNDBUF of accepted sockets (bytes the kernel holds per connection
+    /// besides the gateway's queue); 0 = kernel autotuning. [default: 65536]
+    #[arg(long, env = "PALAVER_SOCKET_SEND_BUFFER_BYTES")]
+    socket_send_buffer_bytes: Option<u32>,
+    /// Bytes one account may store per UTC day (embedded engine; a message
+    /// weighs its body plus 256), then QUOTA_EXCEEDED. [default: 67108864]
+    #[arg(long, env = "PALAVER_ACCOUNT_BYTES_PER_DAY")]
+    account_bytes_per_day: Option<u64>,
+    /// Bytes one conversation may store per UTC day, all senders together
+    /// (embedded engine). [default: 268435456]
+    #[arg(long, env = "PALAVER_CONVERSATION_BYTES_PER_DAY")]
+    conversation_bytes_per_day: Option<u64>,
     /// Connections this process holds; more are refused at accept. [default:
     /// the file limit (RLIMIT_NOFILE, raised to its hard limit at start) minus 256]
     #[arg(long, env = "PALAVER_MAX_CONNECTIONS")]
@@ -161,11 +186,17 @@ impl Args {
             max_sends_per_second => limits.max_sends_per_second,
             max_requests_per_second => limits.max_requests_per_second,
             max_requests_in_flight => limits.max_requests_in_flight,
+            max_connections_per_account => limits.max_connections_per_account,
+            max_account_sends_per_second => limits.max_account_sends_per_second,
+            max_account_requests_per_second => limits.max_account_requests_per_second,
             typing_coalesce_ms => limits.typing_coalesce_ms,
             max_group_members => limits.max_group_members,
             max_batch => limits.max_batch,
             max_outbound_bytes => limits.max_outbound_bytes,
             slow_consumer_timeout_ms => limits.slow_consumer_timeout_ms,
+            socket_send_buffer_bytes => limits.socket_send_buffer_bytes,
+            account_bytes_per_day => limits.account_bytes_per_day,
+            conversation_bytes_per_day => limits.conversation_bytes_per_day,
             max_connections => limits.max_connections,
             handshakes_per_turn => limits.handshakes_per_turn,
             drain_deadline_ms => drain.deadline_ms,
@@ -324,6 +355,30 @@ mod tests {
             ),
             ("--typing-coalesce-ms", l.typing_coalesce_ms.to_string()),
             (
+                "--max-connections-per-account",
+                l.max_connections_per_account.to_string(),
+            ),
+            (
+                "--max-account-sends-per-second",
+                l.max_account_sends_per_second.to_string(),
+            ),
+            (
+                "--max-account-requests-per-second",
+                l.max_account_requests_per_second.to_string(),
+            ),
+            (
+                "--socket-send-buffer-bytes",
+                l.socket_send_buffer_bytes.to_string(),
+            ),
+            (
+                "--account-bytes-per-day",
+                l.account_bytes_per_day.to_string(),
+            ),
+            (
+                "--conversation-bytes-per-day",
+                l.conversation_bytes_per_day.to_string(),
+            ),
+            (
                 "--slow-consumer-timeout-ms",
                 l.slow_consumer_timeout_ms.to_string(),
             ),
@@ -354,7 +409,7 @@ mod tests {
                 &section[..end]
             );
         }
-        let at = help.find("--max-connections").unwrap();
+        let at = help.find("--max-connections <").unwrap();
         assert!(help[at..].contains("file limit"), "{}", &help[at..]);
     }
 

@@ -8,9 +8,9 @@ use palaver_protocol::bodies::{self, BodyKind};
 use palaver_protocol::pb::frame::Body;
 
 /// Error codes counted individually; anything else lands in "other".
-pub const ERROR_CODES: [u32; 18] = [
-    1000, 1001, 1002, 1003, 1004, 1005, 1006, 1007, 1008, 1009, 2000, 2001, 2002, 2003, 2004, 2005,
-    3000, 3001,
+pub const ERROR_CODES: [u32; 20] = [
+    1000, 1001, 1002, 1003, 1004, 1005, 1006, 1007, 1008, 1009, 1010, 2000, 2001, 2002, 2003, 2004,
+    2005, 2006, 3000, 3001,
 ];
 
 fn error_code_index(code: u32) -> usize {
@@ -33,6 +33,9 @@ pub struct CoreMetrics {
     pub hello_timeouts: AtomicU64,
     pub heartbeat_timeouts: AtomicU64,
     pub slow_consumer_disconnects: AtomicU64,
+    /// Hellos refused because the account had `max_connections_per_account`
+    /// devices connected here.
+    pub too_many_connections: AtomicU64,
     pub rate_limited: AtomicU64,
     /// Typing frames dropped (coalesced repeats, or over the request budget).
     pub typing_dropped: AtomicU64,
@@ -93,7 +96,7 @@ pub fn render(
 ) -> String {
     let mut out = String::with_capacity(16 * 1024);
     let gw = gateway_id;
-    let simple: [Simple; 19] = [
+    let simple: [Simple; 20] = [
         (
             "palaver_connections",
             "gauge",
@@ -151,8 +154,14 @@ pub fn render(
         (
             "palaver_slow_consumer_disconnects_total",
             "counter",
-            "Connections closed for exceeding the outbound buffer.",
+            "Connections closed as slow consumers (behind without reading, or an event that did not fit).",
             |m| m.slow_consumer_disconnects.load(Relaxed) as i64,
+        ),
+        (
+            "palaver_too_many_connections_total",
+            "counter",
+            "Hellos refused with TOO_MANY_CONNECTIONS (the account's devices here at the cap).",
+            |m| m.too_many_connections.load(Relaxed) as i64,
         ),
         (
             "palaver_rate_limited_total",

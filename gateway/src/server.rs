@@ -16,6 +16,7 @@ use palaver_credentials::devcerts;
 use palaver_router::api::Backend;
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::accounts::Accounts;
 use crate::admin::AdminServer;
 use crate::config::Config;
 use crate::core::{Core, Shared, WAKER_TOKEN};
@@ -40,14 +41,27 @@ pub struct GatewayHandle {
 }
 
 /// Binds `addr` with SO_REUSEPORT (so every core, and other gateway
-/// processes, can share the port; the kernel spreads accepts).
-pub fn bind_reuseport(addr: SocketAddr, backlog: u32) -> std::io::Result<std::net::TcpListener> {
+/// processes, can share the port; the kernel spreads accepts). A
+/// `send_buffer` other than 0 is the SO_SNDBUF accepted sockets get
+/// (`limits.socket_send_buffer_bytes`; see
+/// [`DEFAULT_SOCKET_SEND_BUFFER`](crate::config::DEFAULT_SOCKET_SEND_BUFFER)
+/// for why it is bounded).
+pub fn bind_reuseport(
+    addr: SocketAddr,
+    backlog: u32,
+    send_buffer: u32,
+) -> std::io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
     // Inherited by accepted sockets (small frames must not wait for Nagle).
     socket.set_tcp_nodelay(true)?;
+    if send_buffer > 0 {
+        // Inherited by accepted sockets on Linux, and fixes their send
+        // buffer (no autotuning); the core sets it again on other systems.
+        socket.set_send_buffer_size(send_buffer as usize)?;
+    }
     socket.bind(&addr.into())?;
     socket.listen(backlog.min(i32::MAX as u32) as i32)?;
     Ok(socket.into())
@@ -107,7 +121,7 @@ impl GatewayHandle {
         let mut listeners = Vec::with_capacity(cores);
         let mut addr = config.listen;
         for _ in 0..cores {
-            let l = bind_reuseport(addr, config.backlog)
+            let l = bind_reuseport(addr, config.backlog, config.limits.socket_send_buffer_bytes)
                 .with_context(|| format!("listen: cannot bind {addr}"))?;
             addr = l.local_addr()?;
             listeners.push(l);
@@ -120,6 +134,10 @@ impl GatewayHandle {
             auth,
             tls,
             live_connections: AtomicUsize::new(0),
+            accounts: Accounts::new(
+                config.limits.max_connections_per_account,
+                config.limits.policy(),
+            ),
             draining: AtomicBool::new(false),
             cores_running: AtomicUsize::new(cores),
             epoch: Instant::now(),
@@ -302,7 +320,11 @@ pub fn build_backend(config: &Config) -> Arc<dyn Backend> {
                 // bridge reports when it starts).
                 None => KafkaRedisBridge::from_spec(brokers, redis),
             };
-            Arc::new(bridge.with_presence_visibility(config.presence_visibility))
+            Arc::new(
+                bridge
+                    .with_presence_visibility(config.presence_visibility)
+                    .with_max_connections_per_account(config.limits.max_connections_per_account),
+            )
         }
         crate::config::BackendConfig::Embedded { engine_thread } => {
             let l = &config.limits;
@@ -312,6 +334,8 @@ pub fn build_backend(config: &Config) -> Arc<dyn Backend> {
             router.max_batch = l.max_batch as usize;
             router.default_batch = router.default_batch.min(router.max_batch);
             router.presence_visibility = config.presence_visibility;
+            router.account_bytes_per_day = l.account_bytes_per_day;
+            router.conversation_bytes_per_day = l.conversation_bytes_per_day;
             let config = palaver_router::EmbeddedConfig {
                 router,
                 ..Default::default()
@@ -416,11 +440,11 @@ mod tests {
     }
 
     #[test]
-    fn accepted_sockets_inherit_nodelay_from_the_listener() {
-        let listener = bind_reuseport("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+    fn accepted_sockets_inherit_nodelay_and_the_send_buffer_from_the_listener() {
+        let listener = bind_reuseport("127.0.0.1:0".parse().unwrap(), 16, 16 * 1024).unwrap();
         let addr = listener.local_addr().unwrap();
         // A second listener on the same port: SO_REUSEPORT works.
-        let second = bind_reuseport(addr, 16).unwrap();
+        let second = bind_reuseport(addr, 16, 16 * 1024).unwrap();
         let _client = std::net::TcpStream::connect(addr).unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let accepted = loop {
@@ -435,5 +459,12 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(5));
         };
         assert!(accepted.nodelay().unwrap());
+        let sndbuf = socket2::SockRef::from(&accepted)
+            .send_buffer_size()
+            .unwrap();
+        if cfg!(target_os = "linux") {
+            // Linux doubles the value for its bookkeeping, and reports that.
+            assert_eq!(sndbuf, 2 * 16 * 1024);
+        }
     }
 }

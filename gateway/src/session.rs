@@ -6,14 +6,16 @@
 //!
 //! What it decides:
 //! - the transport phase ([`Phase`]): TLS handshake (and its timeout), open,
-//!   stalled (output full, not read, slow-consumer deadline), closing
-//!   (last frames leaving, FIN, linger deadline);
+//!   behind (output waiting for the client, slow-consumer deadline),
+//!   stalled (output full, not read, same deadline), closing (last frames
+//!   leaving, FIN, linger deadline);
 //! - frame legality, Hello and heartbeat timeouts, through the protocol's
 //!   [`ServerConn`] (`on_frame`, `check_timeout`);
 //! - request budgets, through [`RequestPolicy`] (send rate, request budget,
-//!   in-flight cap, Typing coalescing);
-//! - backpressure: when reading stops and resumes, when a backend frame
-//!   does not fit, when a stalled reader becomes a slow consumer;
+//!   in-flight cap, Typing coalescing; the account's budget handed in);
+//! - backpressure: when reading stops and resumes, when an event from the
+//!   backend does not fit (answers to requests always do), when a client
+//!   that falls behind becomes a slow consumer;
 //! - drain: which connections get `GoAway(SHUTDOWN)` and which just close.
 //!
 //! It is 64 bytes and allocates nothing per event except the frames it
@@ -24,7 +26,7 @@ use palaver_protocol::state::{ServerConn, ServerPhase, Timeout, Verdict};
 use palaver_protocol::{error_reply, error_reply_to, frame};
 
 use crate::config::LimitsConfig;
-use crate::policy::{Admit, PolicyLimits, RequestPolicy};
+use crate::policy::{AccountAccess, Admit, PolicyLimits, RequestPolicy};
 
 /// How long a closing connection may take to flush its last frames.
 pub const CLOSE_LINGER_MS: u32 = 2_000;
@@ -35,8 +37,11 @@ pub struct ConnLimits {
     pub handshake_timeout_ms: u32,
     pub hello_timeout_ms: u32,
     pub heartbeat_interval_ms: u32,
-    /// Unsent output above which the connection is not read.
+    /// Unread output above which the connection is not read, and which an
+    /// event (a frame answering no request) must fit in.
     pub max_outbound_bytes: u32,
+    /// How long a connection with output waiting may go without reading
+    /// half of `max_outbound_bytes` before it is a slow consumer.
     pub slow_consumer_timeout_ms: u32,
     /// How long closing waits for the last frames and the peer's FIN.
     pub linger_ms: u32,
@@ -59,6 +64,12 @@ impl ConnLimits {
     fn max_outbound(&self) -> usize {
         self.max_outbound_bytes as usize
     }
+
+    /// What a client with output waiting must read per slow-consumer
+    /// timeout to stay: half the limit (the stall's resume point).
+    fn progress_quantum(&self) -> u32 {
+        (self.max_outbound_bytes / 2).max(1)
+    }
 }
 
 /// The transport phase. Protocol phases (awaiting Hello, established,
@@ -68,11 +79,19 @@ impl ConnLimits {
 pub enum Phase {
     /// TLS handshake in progress; closed if not done by `deadline`.
     Handshaking { deadline: u64 },
-    /// TLS up, input read as it comes.
+    /// TLS up, input read as it comes, no output waiting.
     Open,
-    /// TLS up, output full: input is not read until the client has read
-    /// half of it; still full at `slow_consumer_at` → slow consumer.
-    Stalled { slow_consumer_at: u64 },
+    /// TLS up, input read as it comes, but output waits for the client
+    /// (the socket's send buffer is full). Each time the client has read
+    /// half of `max_outbound_bytes` since `mark` (the unread level then,
+    /// plus what was queued since) the deadline moves on; still behind at
+    /// `slow_consumer_at` → slow consumer. A client that stops reading is
+    /// therefore closed after the timeout however little waits for it.
+    Behind { slow_consumer_at: u64, mark: u32 },
+    /// TLS up, unread output at `max_outbound_bytes` or more: input is not
+    /// read until the client has read down to half of it. Same deadline
+    /// and progress rule as `Behind`.
+    Stalled { slow_consumer_at: u64, mark: u32 },
     /// Last frames and close_notify queued; input is discarded. Once the
     /// output has left, FIN goes out (`fin_sent`) and the peer's FIN is
     /// awaited, until the protocol's linger deadline.
@@ -121,6 +140,9 @@ pub enum OutputStep {
     /// Output fell to half the limit: read again (what arrived meanwhile
     /// raised no new edge).
     Resume,
+    /// The slow-consumer deadline moved (the connection fell behind, or
+    /// its client read enough to stay): re-arm the timer.
+    Rearm,
     /// Closing and everything is out: shut the write side (FIN), then
     /// discard input until the peer's FIN.
     SendFin,
@@ -131,12 +153,27 @@ pub enum OutputStep {
 pub enum BackendStep {
     /// The connection is not open (handshaking or closing): drop and count.
     Stale,
+    /// Queue it: an answer to a request (always; bounded by the in-flight
+    /// cap and the backend's page size, and no more requests are read
+    /// while the output is full), or an event that fits.
     Queue,
     /// Queue it as the last frame and close (GoAway(REPLACED), 1xxx Error).
     QueueAndClose,
-    /// It does not fit behind what the client has not read: close as a
-    /// slow consumer ([`ConnPolicy::slow_consumer_goaway`]).
+    /// An event that does not fit beside the other events the client has
+    /// not read: close as a slow consumer
+    /// ([`ConnPolicy::slow_consumer_goaway`]).
     SlowConsumer,
+}
+
+/// What waits for the client to read when a backend frame arrives.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Unread {
+    /// All of it: the gateway's queue and, where the core can see it, the
+    /// kernel's.
+    pub bytes: usize,
+    /// How much of it answers requests (an estimate that errs low, so the
+    /// events' share errs high).
+    pub answers: usize,
 }
 
 /// A deadline that passed, and what it means.
@@ -149,8 +186,8 @@ pub enum Expiry {
     Hello,
     /// Silence for 2.5 heartbeat intervals: Error(HEARTBEAT_TIMEOUT), close.
     Heartbeat,
-    /// Output full for the slow-consumer timeout (or the heartbeat deadline
-    /// passed while not reading): GoAway(SLOW_CONSUMER), close.
+    /// Behind or stalled for the slow-consumer timeout without reading
+    /// half of `max_outbound_bytes`: GoAway(SLOW_CONSUMER), close.
     SlowConsumer,
     /// Closing took longer than its linger time: drop the socket.
     Linger,
@@ -206,7 +243,10 @@ impl ConnPolicy {
 
     /// TLS is up and the connection is not closing (read or stalled).
     pub fn is_open(&self) -> bool {
-        matches!(self.phase, Phase::Open | Phase::Stalled { .. })
+        matches!(
+            self.phase,
+            Phase::Open | Phase::Behind { .. } | Phase::Stalled { .. }
+        )
     }
 
     pub fn is_stalled(&self) -> bool {
@@ -222,12 +262,19 @@ impl ConnPolicy {
     }
 
     /// When the next deadline passes (core clock ms): handshake, Hello,
-    /// heartbeat, slow consumer or linger, whichever applies first.
+    /// heartbeat, slow consumer or linger, whichever applies first. While
+    /// stalled the heartbeat does not run: the client's frames wait unread
+    /// in the kernel, and the slow-consumer rule judges whether it reads.
     pub fn deadline(&self) -> u64 {
         let proto = self.proto.deadline().unwrap_or(0);
         match self.phase {
             Phase::Handshaking { deadline } => deadline.min(proto),
-            Phase::Stalled { slow_consumer_at } => slow_consumer_at.min(proto),
+            Phase::Behind {
+                slow_consumer_at, ..
+            } => slow_consumer_at.min(proto),
+            Phase::Stalled {
+                slow_consumer_at, ..
+            } => slow_consumer_at,
             Phase::Open | Phase::Closing { .. } => proto,
         }
     }
@@ -241,10 +288,11 @@ impl ConnPolicy {
         match self.phase {
             Phase::Handshaking { .. } => Some(Expiry::Handshake),
             Phase::Closing { .. } => Some(Expiry::Linger),
-            // A stalled reader, or its heartbeat deadline passed while we
-            // were not reading its frames: a slow consumer either way.
             Phase::Stalled { .. } => Some(Expiry::SlowConsumer),
-            Phase::Open => match self.proto.check_timeout(now)? {
+            Phase::Behind {
+                slow_consumer_at, ..
+            } if slow_consumer_at <= now => Some(Expiry::SlowConsumer),
+            Phase::Open | Phase::Behind { .. } => match self.proto.check_timeout(now)? {
                 Timeout::Heartbeat => Some(Expiry::Heartbeat),
                 Timeout::Hello => Some(Expiry::Hello),
                 // Draining is always Closing here; Welcome is client-side.
@@ -261,25 +309,52 @@ impl ConnPolicy {
         }
     }
 
-    /// Whether to read the socket now, with `unsent` bytes of output
-    /// waiting. Called before reading and after each read round's replies
-    /// went out.
-    pub fn read_gate(&mut self, limits: &ConnLimits, unsent: usize, now: u64) -> ReadGate {
+    /// Whether to read the socket now, with `unread` bytes of output
+    /// waiting for the client (the gateway's queue and, where the core can
+    /// see it, the kernel's). Called before reading and after each read
+    /// round's replies went out.
+    pub fn read_gate(&mut self, limits: &ConnLimits, unread: usize, now: u64) -> ReadGate {
         match self.phase {
             Phase::Closing { .. } => ReadGate::Discard,
             Phase::Stalled { .. } => ReadGate::Wait,
-            Phase::Open if unsent >= limits.max_outbound() => {
-                self.phase = Phase::Stalled {
-                    slow_consumer_at: now + u64::from(limits.slow_consumer_timeout_ms),
+            Phase::Open | Phase::Behind { .. } if unread >= limits.max_outbound() => {
+                self.phase = match self.phase {
+                    // The deadline and progress so far carry over.
+                    Phase::Behind {
+                        slow_consumer_at,
+                        mark,
+                    } => Phase::Stalled {
+                        slow_consumer_at,
+                        mark: mark.max(level(unread)),
+                    },
+                    _ => Phase::Stalled {
+                        slow_consumer_at: now + u64::from(limits.slow_consumer_timeout_ms),
+                        mark: level(unread),
+                    },
                 };
                 ReadGate::Stall
             }
-            Phase::Open | Phase::Handshaking { .. } => ReadGate::Read,
+            Phase::Open | Phase::Behind { .. } | Phase::Handshaking { .. } => ReadGate::Read,
         }
     }
 
-    /// One frame decoded from the client at `now`.
-    pub fn on_frame(&mut self, limits: &ConnLimits, f: pb::Frame, now: u64) -> FrameStep {
+    /// `len` more bytes were queued for the client: they count in the
+    /// progress mark (what the level would be had the client read nothing).
+    fn queued(&mut self, len: usize) {
+        if let Phase::Behind { mark, .. } | Phase::Stalled { mark, .. } = &mut self.phase {
+            *mark = mark.saturating_add(level(len));
+        }
+    }
+
+    /// One frame decoded from the client at `now`; a request is charged to
+    /// the connection's budgets and to its account's (`account`).
+    pub fn on_frame(
+        &mut self,
+        limits: &ConnLimits,
+        f: pb::Frame,
+        now: u64,
+        account: &mut impl AccountAccess,
+    ) -> FrameStep {
         match self.proto.on_frame(&f, now) {
             Err(e) => return FrameStep::Close(e.error_reply(f.request_id)),
             // Hold: never here, the core decides a Hello before the next frame.
@@ -290,14 +365,14 @@ impl ConnPolicy {
         let Some(body) = f.body else {
             return FrameStep::Ignore;
         };
-        match body {
+        let step = match body {
             Body::Hello(hello) => FrameStep::Hello { request_id, hello },
             Body::Ping(ping) => FrameStep::Reply(frame(
                 request_id,
                 Body::Pong(pb::Pong { nonce: ping.nonce }),
             )),
             Body::Pong(_) => FrameStep::Ignore,
-            body => match self.requests.admit(&limits.requests, &body, now) {
+            body => match self.requests.admit(&limits.requests, &body, now, account) {
                 Admit::Forward => FrameStep::Forward { request_id, body },
                 Admit::Drop => FrameStep::TypingDropped,
                 Admit::Refuse(code, message) => {
@@ -309,7 +384,13 @@ impl ConnPolicy {
                     }
                 }
             },
+        };
+        if let FrameStep::Reply(reply) | FrameStep::RateLimited(reply) = &step {
+            if !matches!(self.phase, Phase::Open) {
+                self.queued(palaver_protocol::encoded_frame_len(reply));
+            }
         }
+        step
     }
 
     /// The Hello's token was accepted and Welcome queued at `now`: the
@@ -338,15 +419,69 @@ impl ConnPolicy {
         true
     }
 
-    /// The unsent output is now `level` bytes (after a write or new frames).
-    pub fn on_output_level(&mut self, limits: &ConnLimits, level: usize) -> OutputStep {
+    /// The output changed (a write, or new frames) at `now`: `queued`
+    /// bytes wait in the gateway (the socket refused them), `unread` bytes
+    /// wait for the client in all (those and, where the core can see it,
+    /// what the kernel still holds; 0 when nothing is queued).
+    pub fn on_output_level(
+        &mut self,
+        limits: &ConnLimits,
+        queued: usize,
+        unread: usize,
+        now: u64,
+    ) -> OutputStep {
+        let timeout = u64::from(limits.slow_consumer_timeout_ms);
+        let unread_level = level(unread);
         match self.phase {
-            // Hysteresis: resume at half, so reading does not flap per write.
-            Phase::Stalled { .. } if level <= limits.max_outbound() / 2 => {
+            Phase::Open if queued > 0 => {
+                // Fell behind: the client must read to stay.
+                self.phase = Phase::Behind {
+                    slow_consumer_at: now + timeout,
+                    mark: unread_level,
+                };
+                OutputStep::Rearm
+            }
+            Phase::Behind { .. } if queued == 0 => {
                 self.phase = Phase::Open;
+                OutputStep::Keep
+            }
+            // Hysteresis: resume at half, so reading does not flap per write.
+            Phase::Stalled {
+                slow_consumer_at,
+                mark,
+            } if unread <= limits.max_outbound() / 2 => {
+                self.phase = if queued == 0 {
+                    Phase::Open
+                } else {
+                    Phase::Behind {
+                        slow_consumer_at,
+                        mark,
+                    }
+                };
+                // Behind again: progress is judged below, at the next change.
                 OutputStep::Resume
             }
-            Phase::Closing { fin_sent: false } if level == 0 => {
+            Phase::Behind {
+                ref mut slow_consumer_at,
+                ref mut mark,
+            }
+            | Phase::Stalled {
+                ref mut slow_consumer_at,
+                ref mut mark,
+            } => {
+                if mark.saturating_sub(unread_level) >= limits.progress_quantum() {
+                    // It read half the limit since the mark: it is reading.
+                    *slow_consumer_at = now + timeout;
+                    *mark = unread_level;
+                    OutputStep::Rearm
+                } else {
+                    // More unread than the mark knew of (bytes it was not
+                    // told about): count progress from here.
+                    *mark = (*mark).max(unread_level);
+                    OutputStep::Keep
+                }
+            }
+            Phase::Closing { fin_sent: false } if queued == 0 => {
                 self.phase = Phase::Closing { fin_sent: true };
                 OutputStep::SendFin
             }
@@ -355,25 +490,39 @@ impl ConnPolicy {
     }
 
     /// A frame from the backend at `now`, `len` bytes encoded, with
-    /// `pending` bytes already waiting to reach the client.
+    /// `unread` already waiting to reach the client; `answers`: it answers
+    /// one of this connection's requests (the backend says so: an answer to
+    /// a request sent with request_id 0 looks like an event).
+    ///
+    /// An answer to a request is always queued: the answers a connection
+    /// can have coming are bounded by its in-flight cap and the backend's
+    /// page size (about 1 MiB), and while the output is full the gateway
+    /// reads no more requests. Closing a client that reads because it
+    /// asked for two pages at once would punish the honest. An event (a
+    /// frame that answers no request: Deliver, receipts, presence, Typing)
+    /// must fit in `max_outbound_bytes` beside the other events the client
+    /// has not read; one that does not closes it as a slow consumer,
+    /// because events keep coming whether or not it reads. A single event
+    /// larger than the limit may go out when nothing else is waiting.
     pub fn on_backend_frame(
         &mut self,
         limits: &ConnLimits,
-        f: &pb::Frame,
         len: usize,
-        pending: usize,
+        unread: Unread,
         closes: bool,
+        answers: bool,
         now: u64,
     ) -> BackendStep {
         if !self.is_open() {
             return BackendStep::Stale;
         }
-        self.requests.on_delivery(f, now);
-        // A single frame larger than the limit (a big SyncBatch) may go out
-        // when nothing else is waiting; memory stays bounded by limit + frame.
-        if pending > 0 && pending + len > limits.max_outbound() {
-            BackendStep::SlowConsumer
-        } else if closes {
+        self.requests.on_delivery(answers, now);
+        let events = unread.bytes.saturating_sub(unread.answers);
+        if !answers && unread.bytes > 0 && events + len > limits.max_outbound() {
+            return BackendStep::SlowConsumer;
+        }
+        self.queued(len);
+        if closes {
             BackendStep::QueueAndClose
         } else {
             BackendStep::Queue
@@ -387,7 +536,7 @@ impl ConnPolicy {
         match self.phase {
             Phase::Handshaking { .. } => DrainStep::CloseNow,
             Phase::Closing { .. } => DrainStep::Keep,
-            Phase::Open | Phase::Stalled { .. }
+            Phase::Open | Phase::Behind { .. } | Phase::Stalled { .. }
                 if self.proto.phase() == ServerPhase::Established =>
             {
                 DrainStep::GoAway(frame(
@@ -399,7 +548,7 @@ impl ConnPolicy {
                     }),
                 ))
             }
-            Phase::Open | Phase::Stalled { .. } => DrainStep::CloseNow,
+            Phase::Open | Phase::Behind { .. } | Phase::Stalled { .. } => DrainStep::CloseNow,
         }
     }
 
@@ -414,6 +563,11 @@ impl ConnPolicy {
             }),
         )
     }
+}
+
+/// A byte count as the phase keeps it (saturating at 4 GiB).
+fn level(bytes: usize) -> u32 {
+    u32::try_from(bytes).unwrap_or(u32::MAX)
 }
 
 impl Expiry {

@@ -66,6 +66,44 @@ fn the_chat_suite_with_the_engine_on_its_own_thread() {
     }));
 }
 
+/// The embedded engine's storage quota, configured in the gateway (SPEC
+/// §13): three messages of 1,000 bytes fit an account quota of 3 × 1,256,
+/// the fourth is refused QUOTA_EXCEEDED, and a retry of a stored one still
+/// gets its original SendAck.
+#[test]
+fn the_account_storage_quota_refuses_a_send_beyond_it() {
+    let t = start(|c| c.limits.account_bytes_per_day = 3 * (1000 + 256));
+    let mut alice = t.login("alice", "phone");
+    let dm = palaver_protocol::direct_conversation_id("alice", "bob");
+    let send = |n: u8| {
+        Body::Send(pb::Send {
+            conversation_id: dm.clone(),
+            client_msg_id: vec![n; 16],
+            kind: pb::ContentKind::Text as i32,
+            body: vec![b'x'; 1000],
+            ..Default::default()
+        })
+    };
+    let answer = |c: &mut Client, n: u8| {
+        let id = c.request(send(n)).unwrap();
+        c.recv_until(T, "the Send's answer", |f| f.request_id == id)
+            .unwrap()
+            .body
+            .unwrap()
+    };
+    for n in 1..=3u8 {
+        assert!(matches!(answer(&mut alice, n), Body::SendAck(a) if a.seq == u64::from(n)));
+    }
+    match answer(&mut alice, 4) {
+        Body::Error(e) => {
+            assert_eq!(e.code, pb::ErrorCode::QuotaExceeded as u32, "{e:?}");
+            assert_eq!(e.client_msg_id, vec![4u8; 16]);
+        }
+        other => panic!("expected QUOTA_EXCEEDED, got {other:?}"),
+    }
+    assert!(matches!(answer(&mut alice, 2), Body::SendAck(a) if a.seq == 2));
+}
+
 #[test]
 fn two_users_chat_one_to_one_with_receipts() {
     chat::one_to_one_with_receipts_and_typing(&start(|_| {}));
@@ -115,6 +153,7 @@ fn a_sync_batch_larger_than_the_outbound_limit_still_arrives() {
     let t = start(|c| {
         c.limits.max_outbound_bytes = 128 * 1024;
         c.limits.max_sends_per_second = 100_000;
+        c.limits.max_account_sends_per_second = 100_000;
     });
     let mut alice = t.login("alice", "phone");
     let conv = palaver_protocol::direct_conversation_id("alice", "bob");

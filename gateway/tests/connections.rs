@@ -590,6 +590,7 @@ fn slow_reader_is_disconnected_and_its_buffer_freed() {
         c.limits.max_body_bytes = 15 * 1024;
         c.limits.max_outbound_bytes = max_out as u32;
         c.limits.max_sends_per_second = 1_000_000;
+        c.limits.max_account_sends_per_second = 1_000_000;
     });
     // The reader shrinks its receive buffer and then never reads.
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();

@@ -47,6 +47,7 @@ impl Recording {
                 request_id: 0,
                 body: Some(body),
             },
+            answers_request: false,
         }]);
     }
 }

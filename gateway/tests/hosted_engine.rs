@@ -20,9 +20,11 @@ use palaver_router::{EmbeddedConfig, EmbeddedEngine};
 use palaver_testkit::chat::{self, deliver_of, next_deliver};
 use palaver_testkit::client::{new_client_msg_id, Client};
 
-/// One Send per connection is not enough here: lift the per-second limit.
+/// One Send per connection is not enough here: lift the per-second limits
+/// (the connection's and its account's).
 fn lifted(c: &mut Config) {
     c.limits.max_sends_per_second = 100_000;
+    c.limits.max_account_sends_per_second = 100_000;
 }
 
 /// A welcomed connection and the core thread that holds it.

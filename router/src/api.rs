@@ -59,6 +59,11 @@ impl Inbound {
 pub struct Outbound {
     pub conn: u64,
     pub frame: pb::Frame,
+    /// The frame answers a request of this connection (its response or its
+    /// Error), so the gateway frees one in-flight slot. Said by the router,
+    /// which knows: a response to a request sent with request_id 0 looks
+    /// like an event (SPEC §3), so the frame alone cannot tell.
+    pub answers_request: bool,
 }
 
 impl Outbound {

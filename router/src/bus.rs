@@ -28,6 +28,8 @@ use crate::api::{Outbound, SessionAddr};
 pub struct Addressed {
     pub to: SessionAddr,
     pub frame: pb::Frame,
+    /// The frame answers a request of `to` ([`Outbound::answers_request`]).
+    pub answers_request: bool,
 }
 
 /// A user with no online device got a message: a push notification worker
@@ -95,10 +97,16 @@ pub(crate) fn group_by_gateway(
     // by doubling, a copy per doubling.
     let total = frames.len();
     let mut index: HashMap<Arc<str>, usize> = HashMap::new();
-    for Addressed { to, frame } in frames.drain(..) {
+    for Addressed {
+        to,
+        frame,
+        answers_request,
+    } in frames.drain(..)
+    {
         let outbound = Outbound {
             conn: to.conn,
             frame,
+            answers_request,
         };
         let found = if batches.len() <= LINEAR_GATEWAYS {
             batches.iter().position(|(g, _)| *g == to.gateway_id)
@@ -126,7 +134,7 @@ pub(crate) fn group_by_gateway(
 /// Gateways [`group_by_gateway`] searches linearly before it builds an index.
 const LINEAR_GATEWAYS: usize = 8;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BusError {
     #[error("bus unavailable: {0}")]
@@ -158,6 +166,7 @@ mod tests {
                     conn: i,
                 },
                 frame: pb::Frame::default(),
+                answers_request: i % 2 == 0,
             })
             .collect()
     }

@@ -28,7 +28,7 @@ use palaver_protocol::pb;
 
 use crate::api::{Backend, BackendError, BackendHost, DeliverySink, Inbound, Outbound, Session};
 use crate::bus::{group_by_gateway, Output, PushEvent};
-use crate::logic::{BatchProgress, Clock, Router, RouterConfig, SystemClock};
+use crate::logic::{Clock, Router, RouterConfig, SystemClock};
 use crate::memory::MemoryStore;
 use crate::store::SessionChange;
 
@@ -138,9 +138,17 @@ pub struct EmbeddedEngine {
     /// `shutdown` was called: `start` refuses from now on. Set under `mode`'s
     /// lock, so a host handing the worker back sees it.
     stopped: Arc<AtomicBool>,
+    /// Requests the worker gave up on (see [`EmbeddedEngine::dead_letters`]).
+    dead_letters: Arc<AtomicU64>,
 }
 
 impl EmbeddedEngine {
+    /// Requests given up on so far: answered INTERNAL because handling them
+    /// panicked (a bug, logged with its message), or UNAVAILABLE.
+    pub fn dead_letters(&self) -> u64 {
+        self.dead_letters.load(Ordering::Relaxed)
+    }
+
     /// An engine on a thread of its own, with the system clock and a
     /// logging push sink.
     pub fn new(config: EmbeddedConfig) -> Self {
@@ -187,6 +195,7 @@ impl EmbeddedEngine {
         let (jobs, inbox) = crossbeam_channel::unbounded();
         let sinks: Arc<Sinks> = Arc::default();
         let queued_requests = Arc::new(AtomicUsize::new(0));
+        let dead_letters = Arc::new(AtomicU64::new(0));
         let worker = Worker {
             router: Router::new(MemoryStore::new(), config.router, clock),
             outlet: EmbeddedOutlet {
@@ -201,6 +210,7 @@ impl EmbeddedEngine {
             inbox,
             sessions: Vec::new(),
             queued_requests: queued_requests.clone(),
+            dead_letters: dead_letters.clone(),
             max_commands_per_flush: config.max_commands_per_flush.max(1),
         };
         let mode = if threaded {
@@ -215,6 +225,7 @@ impl EmbeddedEngine {
             sinks,
             queued_requests,
             max_queued_requests: config.max_queued_requests,
+            dead_letters,
             mode: Arc::new(Mutex::new(mode)),
             wake: OnceLock::new(),
             stopped: Arc::new(AtomicBool::new(false)),
@@ -246,6 +257,7 @@ impl EmbeddedEngine {
                 pb::ErrorCode::Unavailable,
                 message,
             ),
+            answers_request: true,
         }]);
     }
 
@@ -472,6 +484,8 @@ struct Worker {
     sessions: Vec<SessionChange>,
     queued_requests: Arc<AtomicUsize>,
     max_commands_per_flush: usize,
+    /// Requests given up on (answered UNAVAILABLE or INTERNAL).
+    dead_letters: Arc<AtomicU64>,
 }
 
 impl Worker {
@@ -536,40 +550,53 @@ impl Worker {
         if self.sessions.is_empty() {
             return;
         }
-        // The memory store does not fail.
-        if let Err(e) =
+        // The memory store does not fail. A panic (a bug) loses this batch
+        // of presence changes, not the thread and its connections.
+        let frames = self.out.frames.len();
+        let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             self.router
                 .apply_session_changes(&self.sessions, EMBEDDED_LEASE, &mut self.out)
-        {
-            tracing::error!("session changes: {e}");
+        }));
+        match applied {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!("session changes: {e}"),
+            Err(_) => {
+                self.out.frames.truncate(frames);
+                tracing::error!(
+                    changes = self.sessions.len(),
+                    "applying session changes panicked; they are dropped"
+                );
+            }
         }
         self.sessions.clear();
     }
 
-    /// The turn's requests in order through `Router::handle_batch` (runs
-    /// of Sends, from any connection, share one session lookup), as the
-    /// Kafka router worker does.
+    /// The turn's requests in order through the one runner
+    /// ([`crate::runner::run`]: runs of Sends, from any connection, share
+    /// one session lookup), as the Kafka router worker does. A request whose
+    /// handling panics is answered INTERNAL and logged with its reason (the
+    /// embedded engine's dead-letter path), and the turn goes on: the engine
+    /// runs on a gateway's core 0, whose connections must not go with it.
     fn run_requests(&mut self) {
         if self.requests.is_empty() {
             return;
         }
-        let mut progress = BatchProgress::default();
-        let result = self
-            .router
-            .handle_batch(&self.requests, &mut self.out, &mut progress);
-        if let Err(e) = result {
-            // The memory store does not fail; keep the generic path anyway:
-            // from the failed unit on, one at a time (a repeated Send is
-            // deduplicated), each failure answered UNAVAILABLE.
-            tracing::error!("router: {e}; going on one request at a time");
-            for request in &self.requests[progress.done..] {
-                if let Err(e) = self.router.handle(request, &mut self.out) {
-                    tracing::error!("router: {e}");
-                    self.out
-                        .frames
-                        .push(Router::<MemoryStore>::unavailable_reply(request, &e));
-                }
-            }
+        let gave_up = crate::runner::run(
+            &mut self.router,
+            &self.requests,
+            &mut self.out,
+            &mut crate::runner::NoRetry,
+        );
+        for g in gave_up {
+            let request = &self.requests[g.index];
+            self.dead_letters.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                user = %request.from.user_id,
+                request_id = request.request_id,
+                attempts = g.attempts,
+                "request given up on, answered with an error: {}",
+                g.failure
+            );
         }
         self.requests.clear();
     }

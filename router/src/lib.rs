@@ -9,6 +9,9 @@
 //! - [`store`]: the state the router keeps, as traits (Redis-shaped).
 //! - [`bus`]: requests in, addressed frames and push events out.
 //! - [`logic`]: the [`Router`] itself, pure over the store traits.
+//! - [`runner`]: the one way every driver runs requests through it, with
+//!   one failure policy (a panicking request is answered INTERNAL and never
+//!   takes its thread or another request down).
 //! - [`memory`]: the in-memory store.
 //! - [`presence`]: session changes, watches and the presence fan-out, the
 //!   one implementation both backends run.
@@ -34,6 +37,7 @@ pub mod logic;
 pub mod memory;
 pub mod presence;
 pub mod redis_store;
+pub mod runner;
 pub mod store;
 
 pub use api::{

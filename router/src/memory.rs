@@ -11,9 +11,9 @@ use palaver_protocol::pb;
 use crate::api::{Session, SessionAddr};
 use crate::logic::Clock;
 use crate::store::{
-    Appended, ConversationStore, GatewayRegistry, GroupAdds, GroupRecord, HistorySlice, Membership,
-    RangeRead, Retention, SessionChange, SessionStore, SessionsApplied, StoreResult, UserPresence,
-    UserSessions, UserStore,
+    Appended, Budget, ConversationStore, GatewayRegistry, GroupAdds, GroupRecord, HistorySlice,
+    Membership, QuotaCharge, QuotaOwner, RangeRead, Retention, SessionChange, SessionStore,
+    SessionsApplied, StoreResult, UserPresence, UserSessions, UserStore,
 };
 
 #[derive(Default)]
@@ -40,6 +40,10 @@ pub struct MemoryStore {
     /// Entries [`UserStore::presence_links`] looked at, ever (see
     /// [`MemoryStore::visibility_lookups`]).
     visibility_lookups: u64,
+    /// Storage quota counters of `quota_day` (the newest day charged);
+    /// cleared when a later day starts, so they hold one day's owners.
+    quotas: HashMap<QuotaOwner, u64>,
+    quota_day: u32,
 }
 
 #[derive(Default)]
@@ -82,7 +86,7 @@ struct History {
     keys: std::hash::RandomState,
 }
 
-/// Chunk index: keyed fingerprint of a client_msg_id → (offset in
+/// Chunk index: keyed fingerprint of (sender, client_msg_id) → (offset in
 /// `messages`, dedup expiry ms). The fingerprint is already a hash.
 type FingerprintMap = HashMap<u64, (usize, i64), std::hash::BuildHasherDefault<Fingerprint>>;
 
@@ -150,11 +154,11 @@ impl History {
         self.range(start..self.len)
     }
 
-    /// The stored message with this client_msg_id, if it is in the window
-    /// and its dedup entry has not expired at `now_ms`.
-    fn find(&self, client_msg_id: &[u8], now_ms: i64) -> Option<&pb::Message> {
+    /// The stored message `sender` sent with this client_msg_id, if it is
+    /// in the window and its dedup entry has not expired at `now_ms`.
+    fn find(&self, sender: &str, client_msg_id: &[u8], now_ms: i64) -> Option<&pb::Message> {
         use std::hash::BuildHasher;
-        let fp = self.keys.hash_one(client_msg_id);
+        let fp = self.keys.hash_one((sender, client_msg_id));
         // Newest first: retries are usually recent, and an id stored again
         // after its first message left the window maps to the live one.
         for (ci, chunk) in self.chunks.iter().enumerate().rev() {
@@ -167,10 +171,9 @@ impl History {
                 .find(|&(offset, _)| {
                     // Evicted entries (front chunk, before head) are skipped.
                     !(ci == 0 && offset < self.head)
-                        && chunk
-                            .messages
-                            .get(offset)
-                            .is_some_and(|m| m.client_msg_id == client_msg_id)
+                        && chunk.messages.get(offset).is_some_and(|m| {
+                            m.client_msg_id == client_msg_id && m.sender_user_id == sender
+                        })
                 });
             if let Some((offset, expires)) = hit {
                 // The newest entry for this id decides.
@@ -193,11 +196,16 @@ impl History {
             self.chunks.push_back(chunk);
         }
         use std::hash::BuildHasher;
-        let fp = self.keys.hash_one(message.client_msg_id.as_slice());
+        let fp = self.keys.hash_one((
+            message.sender_user_id.as_str(),
+            message.client_msg_id.as_slice(),
+        ));
         let chunk = self.chunks.back_mut().expect("chunk pushed");
         let entry = (chunk.messages.len(), dedup_expires_ms);
         let other_id = chunk.ids.get(&fp).is_some_and(|&(offset, _)| {
-            chunk.messages[offset].client_msg_id != message.client_msg_id
+            let other = &chunk.messages[offset];
+            other.client_msg_id != message.client_msg_id
+                || other.sender_user_id != message.sender_user_id
         });
         if other_id {
             chunk.collided.push(entry);
@@ -320,6 +328,28 @@ impl MemoryStore {
 }
 
 impl ConversationState {
+    /// The ack of the stored original of `message` (same sender and
+    /// client_msg_id), while it is in the window and within the dedup TTL.
+    fn duplicate_of(
+        &self,
+        conversation_id: &str,
+        message: &pb::Message,
+        retention: &Retention,
+    ) -> Option<pb::SendAck> {
+        let original = self.history.find(
+            &message.sender_user_id,
+            &message.client_msg_id,
+            retention.now_ms,
+        )?;
+        Some(pb::SendAck {
+            client_msg_id: original.client_msg_id.clone(),
+            message_id: original.message_id.clone(),
+            conversation_id: conversation_id.to_owned(),
+            seq: original.seq,
+            server_time_ms: original.server_time_ms,
+        })
+    }
+
     /// Index into `history` of the first message with seq > `after_seq`.
     fn index_after(&self, after_seq: u64) -> usize {
         match self.history.front() {
@@ -348,14 +378,8 @@ impl ConversationStore for MemoryStore {
         };
         // Dedup is tied to the history window (see `History`): the original
         // is remembered while it is stored and its dedup TTL has not passed.
-        if let Some(original) = state.history.find(&message.client_msg_id, retention.now_ms) {
-            return Ok(Appended::Duplicate(pb::SendAck {
-                client_msg_id: original.client_msg_id.clone(),
-                message_id: original.message_id.clone(),
-                conversation_id: conversation_id.to_owned(),
-                seq: original.seq,
-                server_time_ms: original.server_time_ms,
-            }));
+        if let Some(ack) = state.duplicate_of(conversation_id, &message, retention) {
+            return Ok(Appended::Duplicate(ack));
         }
         state.last_seq += 1;
         message.seq = state.last_seq;
@@ -386,12 +410,16 @@ impl ConversationStore for MemoryStore {
             .iter()
             .map(|read| match self.conversations.get(&read.conversation_id) {
                 None => Vec::new(),
-                Some(state) => state
-                    .history
-                    .range_from(state.index_after(read.after_seq))
-                    .take(read.limit)
-                    .cloned()
-                    .collect(),
+                Some(state) => {
+                    let mut budget = Budget::new(read.max_bytes);
+                    state
+                        .history
+                        .range_from(state.index_after(read.after_seq))
+                        .take(read.limit)
+                        .take_while(|m| budget.take(m))
+                        .cloned()
+                        .collect()
+                }
             })
             .collect())
     }
@@ -401,6 +429,7 @@ impl ConversationStore for MemoryStore {
         conversation_id: &str,
         before_seq: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> StoreResult<HistorySlice> {
         let Some(state) = self.conversations.get(conversation_id) else {
             return Ok(HistorySlice::default());
@@ -410,11 +439,63 @@ impl ConversationStore for MemoryStore {
         } else {
             state.index_after(before_seq - 1)
         };
-        let start = end.saturating_sub(limit);
+        // Newest first, only what fits is cloned.
+        let mut budget = Budget::new(max_bytes);
+        let mut start = end;
+        while start > end.saturating_sub(limit) {
+            match state.history.get(start - 1) {
+                Some(m) if budget.take(m) => start -= 1,
+                _ => break,
+            }
+        }
         Ok(HistorySlice {
             messages: state.history.range(start..end).cloned().collect(),
             has_more: start > 0,
         })
+    }
+
+    fn find_duplicates(
+        &mut self,
+        appends: Vec<(String, pb::Message)>,
+        retention: &Retention,
+    ) -> StoreResult<Vec<Option<pb::SendAck>>> {
+        Ok(appends
+            .iter()
+            .map(|(conversation_id, message)| {
+                self.conversations.get(conversation_id)?.duplicate_of(
+                    conversation_id,
+                    message,
+                    retention,
+                )
+            })
+            .collect())
+    }
+
+    fn charge_quotas(&mut self, charges: &[QuotaCharge]) -> StoreResult<Vec<bool>> {
+        Ok(charges
+            .iter()
+            .map(|charge| {
+                if charge.day > self.quota_day {
+                    self.quotas.clear();
+                    self.quota_day = charge.day;
+                }
+                if charge.day < self.quota_day {
+                    // A day that is over: nothing left to count against.
+                    return charge.bytes <= 0 || charge.bytes.unsigned_abs() <= charge.limit;
+                }
+                let used = self.quotas.entry(charge.owner.clone()).or_default();
+                if charge.bytes <= 0 {
+                    *used = used.saturating_sub(charge.bytes.unsigned_abs());
+                    return true;
+                }
+                let after = used.saturating_add(charge.bytes.unsigned_abs());
+                if after > charge.limit {
+                    return false;
+                }
+                *used = after;
+                true
+            })
+            .collect())
     }
 
     fn senders_between(
@@ -1162,6 +1243,7 @@ mod tests {
                 conversation_id: "c".into(),
                 after_seq: 0,
                 limit: 100,
+                max_bytes: usize::MAX,
             }])
             .unwrap();
         let seqs: Vec<u64> = all[0].iter().map(|m| m.seq).collect();
@@ -1208,7 +1290,7 @@ mod tests {
         );
         assert_eq!(m.seq, last + 1);
         // History reads see the contiguous window across chunk boundaries.
-        let slice = s.messages_before("c", 0, 2 * CHUNK).unwrap();
+        let slice = s.messages_before("c", 0, 2 * CHUNK, usize::MAX).unwrap();
         let seqs: Vec<u64> = slice.messages.iter().map(|m| m.seq).collect();
         let want: Vec<u64> = (last + 2 - 2 * CHUNK as u64..=last + 1).collect();
         assert_eq!(seqs, want);

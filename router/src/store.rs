@@ -27,6 +27,7 @@
 //! or retries the whole request, and the per-conversation dedup keeps a retried
 //! `Send` from being stored twice).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use palaver_protocol::pb;
@@ -51,7 +52,7 @@ pub enum StoreError {
 pub struct Retention {
     /// Router time of the append, Unix epoch ms (dedup expiry is relative to it).
     pub now_ms: i64,
-    /// How long a (conversation, client_msg_id) dedup entry lives.
+    /// How long a (conversation, sender, client_msg_id) dedup entry lives.
     pub dedup_ttl_ms: i64,
     /// Messages kept per conversation: after an append only the newest
     /// `history_window` messages remain readable.
@@ -63,7 +64,7 @@ pub struct Retention {
 pub enum Appended {
     /// The message was new: it got the next seq and is in the history.
     Stored(pb::Message),
-    /// The (conversation, client_msg_id) was seen within the dedup TTL: here
+    /// The (conversation, sender, client_msg_id) was seen within the dedup TTL: here
     /// is the ack the first copy got. Nothing was stored, no seq was used.
     Duplicate(pb::SendAck),
 }
@@ -76,6 +77,45 @@ pub struct RangeRead {
     pub after_seq: u64,
     /// At most this many (the oldest ones of the range).
     pub limit: usize,
+    /// And no more than fit in this many bytes ([`message_size`]), though
+    /// always the first one: a read touches what it returns plus at most
+    /// one message, however large the range or its messages.
+    pub max_bytes: usize,
+}
+
+/// What a message weighs against a read's `max_bytes`: its encoded length
+/// with its seq, as it goes out in a SyncBatch or HistoryPage (both stores
+/// compute exactly this).
+pub fn message_size(message: &pb::Message) -> usize {
+    use prost::Message as _;
+    message.encoded_len()
+}
+
+/// A read's byte budget: takes messages while they fit, the first always.
+#[derive(Clone, Copy, Debug)]
+pub struct Budget {
+    left: usize,
+    taken: usize,
+}
+
+impl Budget {
+    pub fn new(max_bytes: usize) -> Self {
+        Budget {
+            left: max_bytes,
+            taken: 0,
+        }
+    }
+
+    /// Takes `message` if it fits (or is the first); false once one does not.
+    pub fn take(&mut self, message: &pb::Message) -> bool {
+        let size = message_size(message);
+        if size > self.left && self.taken > 0 {
+            return false;
+        }
+        self.left = self.left.saturating_sub(size);
+        self.taken += 1;
+        true
+    }
 }
 
 /// Result of [`ConversationStore::messages_before`].
@@ -96,6 +136,26 @@ pub struct GroupRecord {
     /// Ascending by user id, each user at most once.
     pub members: Vec<pb::Member>,
     pub created_ms: i64,
+}
+
+/// Whose daily storage quota a [`QuotaCharge`] counts against (SPEC §13).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum QuotaOwner {
+    /// The sender's account.
+    Account(String),
+    Conversation(String),
+}
+
+/// Bytes stored for `owner` on UTC day `day` (days since the Unix epoch).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QuotaCharge {
+    pub owner: QuotaOwner,
+    pub day: u32,
+    /// Positive: bytes about to be stored; negative: a refund (the append
+    /// turned out to be a duplicate, or the other quota refused).
+    pub bytes: i64,
+    /// The day's quota: a positive charge that would exceed it is refused.
+    pub limit: u64,
 }
 
 /// Result of [`ConversationStore::membership`].
@@ -166,24 +226,48 @@ pub trait ConversationStore {
             .collect()
     }
 
+    /// For each message, the original SendAck [`append_messages`] would
+    /// answer it with as a duplicate, or None if it would be stored; stores
+    /// nothing. (A Send refused by a quota may be the retry of a stored one,
+    /// which gets its ack, not the refusal.) One pipelined round trip.
+    ///
+    /// [`append_messages`]: ConversationStore::append_messages
+    fn find_duplicates(
+        &mut self,
+        appends: Vec<(String, pb::Message)>,
+        retention: &Retention,
+    ) -> StoreResult<Vec<Option<pb::SendAck>>>;
+
     /// The last allocated seq of each conversation (0 if none), in input
     /// order. One pipelined round trip.
     fn last_seqs(&mut self, conversation_ids: &[String]) -> StoreResult<Vec<u64>>;
 
     /// For each read, the stored messages with `seq > after_seq`, ascending,
-    /// at most `limit` (the oldest of the range), in input order. Messages
-    /// that left the history window are simply absent. One pipelined round trip.
+    /// at most `limit` (the oldest of the range) and within `max_bytes`
+    /// (the first always), in input order. Messages that left the history
+    /// window are simply absent. One pipelined round trip.
     fn messages_after(&mut self, reads: &[RangeRead]) -> StoreResult<Vec<Vec<pb::Message>>>;
 
-    /// The newest `limit` stored messages with `seq < before_seq` (any seq if
-    /// `before_seq` is 0), returned ascending, and whether older ones exist in
-    /// the stored window.
+    /// The newest stored messages with `seq < before_seq` (any seq if
+    /// `before_seq` is 0): at most `limit`, and of those the newest that fit
+    /// in `max_bytes` ([`message_size`]; the newest always), returned
+    /// ascending, and whether older ones exist in the stored window. The
+    /// work is bounded by what is returned, not by `limit` × message size.
     fn messages_before(
         &mut self,
         conversation_id: &str,
         before_seq: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> StoreResult<HistorySlice>;
+
+    /// Quota counters: each charge on its own, in order, atomically. A
+    /// positive charge is added if the owner's total for that day then stays
+    /// within its `limit` (true), else nothing changes (false); a refund is
+    /// always applied (true), never below 0. A day's counters may be
+    /// forgotten once it is over (Redis: expiry; memory: dropped when a later
+    /// day starts). One pipelined round trip.
+    fn charge_quotas(&mut self, charges: &[QuotaCharge]) -> StoreResult<Vec<bool>>;
 
     /// Distinct `sender_user_id`s of stored messages with
     /// `after_seq < seq <= up_to_seq`, any order.
@@ -447,6 +531,14 @@ pub struct SessionsApplied {
     /// offline (their last session on a live gateway closed, `last_seen_ms`
     /// set to the close time), in change order.
     pub presence: Vec<pb::Presence>,
+    /// Each session `Opened` (and recorded) in this batch whose user had
+    /// sessions of other devices registered right before it, with those
+    /// sessions' gateways (dead ones included; a store may leave this
+    /// empty). A gateway with an account cap (SPEC §4,
+    /// `max_connections_per_account`) closes an opened session that made
+    /// one too many: opens are applied in order per user, so it is always
+    /// the newest.
+    pub opened_beside: Vec<(SessionAddr, Vec<Arc<str>>)>,
 }
 
 /// A user's presence as the store knows it.

@@ -304,3 +304,58 @@ fn a_member_removed_with_the_close_in_one_write_hears_nothing_of_the_close() {
         );
     }
 }
+
+/// SPEC §4 across gateways: mallory holds the cap (16 devices) on gw1; gw1
+/// refuses a 17th device at Hello; gw2, which holds none of hers, welcomes
+/// one, and closes it with `Error{TOO_MANY_CONNECTIONS}` (request_id 0) once
+/// the session registry shows it is one too many. A device of the 16 moving
+/// to gw2 replaces its connection and stays. Others are unaffected.
+#[test]
+fn a_connection_over_the_account_cap_across_gateways_is_closed() {
+    let mut s = Stack::start(false, 1);
+    let g1 = s.add_gateway("gw1");
+    let g2 = s.add_gateway("gw2");
+    let mut neighbour = s.login(g2, "neighbour", "phone");
+    let mut held: Vec<Client> = (0..16)
+        .map(|i| s.login(g1, "mallory", &format!("d{i}")))
+        .collect();
+
+    let mut c = Client::connect(&s.gateway_addrs()[g1]).expect("TLS connect");
+    let token = palaver_credentials::auth::mint_hs256(&s.secret(), "mallory", None, 3600);
+    match c.hello(&token, "d16", T) {
+        Err(palaver_testkit::client::ClientError::Server(e)) => {
+            assert_eq!(e.code, pb::ErrorCode::TooManyConnections as u32)
+        }
+        other => panic!("a 17th device on the same gateway: {other:?}"),
+    }
+
+    // gw1's sessions reach Redis within its flush interval (50 ms here).
+    std::thread::sleep(Duration::from_millis(500));
+    let mut extra = s.login(g2, "mallory", "d16");
+    let frames = extra
+        .expect_close(T)
+        .expect("the 17th connection is closed");
+    assert!(
+        frames.iter().any(|f| f.request_id == 0
+            && matches!(&f.body, Some(Body::Error(e))
+                if e.code == pb::ErrorCode::TooManyConnections as u32)),
+        "{frames:?}"
+    );
+
+    // d3 moves to gw2: not one more.
+    let mut moved = s.login(g2, "mallory", "d3");
+    let frames = held[3]
+        .expect_close(T)
+        .expect("d3's old connection is replaced");
+    assert!(
+        frames
+            .iter()
+            .any(|f| matches!(&f.body, Some(Body::GoAway(g))
+            if g.reason == pb::GoAwayReason::Replaced as i32)),
+        "{frames:?}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    moved.ping(1, T).expect("the moved device stays");
+    held[0].ping(2, T).expect("the others stay");
+    neighbour.ping(3, T).expect("a neighbour is unaffected");
+}

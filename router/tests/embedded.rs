@@ -560,3 +560,46 @@ fn a_hosted_engine_goes_on_on_its_own_thread_when_its_host_stops() {
     let e = t.g1.reply(1, 3);
     assert_eq!(error(&e).unwrap().code, ErrorCode::Unavailable as u32);
 }
+
+/// The engine runs on a gateway's core 0 in production: a request whose
+/// handling panics (a bug) is answered INTERNAL and counted, and the other
+/// requests of the same batch and the ones after it are served. Before the
+/// one runner the panic unwound the engine's thread (and, hosted, core 0
+/// with every connection on it).
+#[test]
+fn a_panicking_request_is_answered_internal_and_its_neighbours_served() {
+    let clock = Arc::new(TrapClock::default());
+    let engine = EmbeddedEngine::with_parts(
+        EmbeddedConfig::default(),
+        clock.clone(),
+        CollectPush::default(),
+    );
+    let g1 = Arc::new(CollectSink::default());
+    engine.start("g1", g1.clone()).unwrap();
+    let alice = open(&engine, "alice", "phone", "g1", 1);
+    let bob = open(&engine, "bob", "phone", "g1", 2);
+    let carol = open(&engine, "carol", "phone", "g1", 3);
+    // Wait until the sessions are in (the clock is read for them).
+    engine.submit(request(&alice, 1, Body::PresenceQuery(Default::default())));
+    g1.reply(1, 1);
+    // One batch: the batch panics, then alice's Send alone panics again;
+    // bob's in the same batch is served.
+    clock.arm();
+    engine.submit_batch(vec![
+        request(&alice, 2, send_body(DM, 1, "boom")),
+        request(&bob, 3, send_body(DM, 2, "fine")),
+    ]);
+    let refused = g1.reply(1, 2);
+    match &refused.body {
+        Some(Body::Error(e)) => {
+            assert_eq!(e.code, ErrorCode::Internal as u32);
+            assert_eq!(e.client_msg_id, cmid(1), "the Send's id is echoed");
+        }
+        other => panic!("expected INTERNAL, got {other:?}"),
+    }
+    assert_eq!(ack(&g1.reply(2, 3)).expect("bob's SendAck").seq, 1);
+    // And the engine goes on.
+    engine.submit(request(&carol, 4, send_body("dm:bob:carol", 3, "after")));
+    assert_eq!(ack(&g1.reply(3, 4)).expect("carol's SendAck").seq, 1);
+    assert_eq!(engine.dead_letters(), 1);
+}

@@ -13,6 +13,9 @@ fn memory_store_meets_the_store_contract() {
     append_batch_in_order(MemoryStore::new());
     dedup_follows_the_window(MemoryStore::new());
     ranges_and_senders(MemoryStore::new());
+    quotas_count_per_owner_and_day(MemoryStore::new());
+    dedup_is_per_sender(MemoryStore::new());
+    reads_stay_within_their_byte_budget(MemoryStore::new());
     receipts_and_groups(MemoryStore::new());
     users_and_push(MemoryStore::new());
     presence_links_and_consent(MemoryStore::new());

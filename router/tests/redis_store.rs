@@ -24,6 +24,9 @@ fn all_checks(config: RedisConfig) {
     append_batch_in_order(RedisStore::connect(config.clone()).unwrap());
     dedup_follows_the_window(RedisStore::connect(config.clone()).unwrap());
     ranges_and_senders(RedisStore::connect(config.clone()).unwrap());
+    quotas_count_per_owner_and_day(RedisStore::connect(config.clone()).unwrap());
+    dedup_is_per_sender(RedisStore::connect(config.clone()).unwrap());
+    reads_stay_within_their_byte_budget(RedisStore::connect(config.clone()).unwrap());
     receipts_and_groups(RedisStore::connect(config.clone()).unwrap());
     users_and_push(RedisStore::connect(config.clone()).unwrap());
     presence_links_and_consent(RedisStore::connect(config.clone()).unwrap());
@@ -115,6 +118,7 @@ fn append_dedup_window(mut s: RedisStore, config: &RedisConfig) {
             conversation_id: "c1".into(),
             after_seq: 0,
             limit: 100,
+            max_bytes: usize::MAX,
         }])
         .unwrap();
     let seqs: Vec<u64> = all[0].iter().map(|m| m.seq).collect();
@@ -301,6 +305,33 @@ fn redis_dedup_is_bounded_by_the_window_and_reads_legacy_keys() {
         }
         other => panic!("expected the legacy duplicate, got {other:?}"),
     }
+    // A dedup entry of the layout before the sender joined the key (field =
+    // the bare client_msg_id) still answers its sender's retry, and only his.
+    let mut old = msg(4343);
+    let appended = stored(s.append_message("c", old.clone(), &ret(7_000)).unwrap());
+    let new_field = [b"u\0".as_slice(), &old.client_msg_id].concat();
+    let removed: i64 = redis::cmd("HDEL")
+        .arg("c:{c}:dd")
+        .arg(&new_field)
+        .query(&mut raw)
+        .unwrap();
+    assert_eq!(removed, 1, "the entry is keyed by sender and id");
+    let _: () = redis::cmd("HSET")
+        .arg("c:{c}:dd")
+        .arg(&old.client_msg_id)
+        .arg(format!("{} 7000", appended.seq))
+        .query(&mut raw)
+        .unwrap();
+    match s.append_message("c", old.clone(), &ret(7_001)).unwrap() {
+        Appended::Duplicate(a) => assert_eq!(a.seq, appended.seq),
+        other => panic!("expected the legacy-field duplicate, got {other:?}"),
+    }
+    old.sender_user_id = "someone-else".into();
+    assert_eq!(
+        stored(s.append_message("c", old, &ret(7_002)).unwrap()).seq,
+        appended.seq + 1,
+        "another sender's message with that id is new"
+    );
 }
 
 /// A session flush reads gateway leases (the `SMISMEMBER` of the liveness

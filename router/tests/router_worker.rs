@@ -4,15 +4,16 @@
 //! offsets move on (committed); a record whose handling panics goes to
 //! `palaver.dlq` at once, the client gets INTERNAL, and the worker goes on.
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+mod common;
+use common::TrapClock;
 
 use palaver_protocol::pb::{self, frame::Body};
 use palaver_router::api::{Inbound, Session, SessionAddr};
 use palaver_router::kafka::worker::{RouterWorker, WorkerConfig};
 use palaver_router::kafka::{self, records, DLQ_TOPIC, INBOUND_TOPIC};
-use palaver_router::logic::{Clock, SystemClock};
 use palaver_router::redis_store::RedisConfig;
 use palaver_testkit::stack::{Kafka, Redis};
 use prost::Message as _;
@@ -198,36 +199,6 @@ fn wait_committed(brokers: &str, offset: i64) {
             "committed offset stays at {now:?}, expected {offset}"
         );
         std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// A clock that panics the next two times it is read after `arm`: a
-/// stand-in for a bug that makes one record's handling panic every time it
-/// is handled (a Send reads the clock before it touches the store). The
-/// worker handles a poll batch as one unit first (one clock read for the
-/// run of Sends); when that panics it handles the records one at a time,
-/// and the record that panics again is the one dead-lettered.
-#[derive(Default)]
-struct TrapClock {
-    armed: AtomicU32,
-}
-
-impl TrapClock {
-    fn arm(&self) {
-        self.armed.store(2, Ordering::SeqCst);
-    }
-}
-
-impl Clock for TrapClock {
-    fn now_ms(&self) -> i64 {
-        if self
-            .armed
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
-        {
-            panic!("trap: this record's handling panics");
-        }
-        SystemClock.now_ms()
     }
 }
 

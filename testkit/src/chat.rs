@@ -49,6 +49,7 @@ pub fn run_all(s: &impl ChatServer) {
     duplicate_client_msg_id_is_stored_once_and_delivered_again(s);
     concurrent_senders_get_gapless_seqs_in_order(s);
     offline_user_catches_up_with_sync_and_resume(s);
+    requests_with_request_id_zero_free_their_in_flight_slots(s);
 }
 
 /// 1:1 both ways (across gateways when there are two), a Read receipt
@@ -398,4 +399,87 @@ fn try_send_until_acked(c: &mut Client, send: Body, patience: Duration) -> Optio
         }
     }
     None
+}
+
+/// SPEC §3 lets a client send any request with request_id 0; its answer
+/// (an Error too) then also carries 0 and looks like an event. Each answer
+/// still frees its in-flight slot (SPEC §13): after more such requests than
+/// `max_requests_in_flight`, answered one at a time, a request is still
+/// served, not refused RATE_LIMITED for good.
+pub fn requests_with_request_id_zero_free_their_in_flight_slots(s: &impl ChatServer) {
+    let t = s.patience();
+    let mut fay = s.login(0, "fay", "phone");
+    let missing = "grp:00000000000000000000000000000000";
+    // Answered by an Error with request_id 0 (NOT_FOUND): a Send (its own
+    // budget), then History (the request budget), 80 in all > 64 slots.
+    let requests = (0..40)
+        .map(|_| {
+            Body::Send(pb::Send {
+                conversation_id: missing.into(),
+                client_msg_id: new_client_msg_id(),
+                kind: pb::ContentKind::Text as i32,
+                body: b"x".to_vec(),
+                ..Default::default()
+            })
+        })
+        .chain((0..40).map(|_| {
+            Body::History(pb::History {
+                conversation_id: missing.into(),
+                before_seq: 0,
+                limit: 1,
+            })
+        }));
+    for (i, body) in requests.enumerate() {
+        let mut refused = 0;
+        loop {
+            fay.send(&pb::Frame {
+                request_id: 0,
+                body: Some(body.clone()),
+            })
+            .expect("request written");
+            let f = fay
+                .recv_until(t, "the answer of a request_id 0 request", |f| {
+                    matches!(f.body, Some(Body::Error(_)))
+                })
+                .expect("answered");
+            let Some(Body::Error(e)) = f.body else {
+                unreachable!()
+            };
+            assert_eq!(f.request_id, 0);
+            if e.code == pb::ErrorCode::NotFound as u32 {
+                break;
+            }
+            // Over the budget's rate: wait for the refill (SPEC §13), a
+            // bounded number of times; an in-flight count that never comes
+            // down refuses for good and ends here.
+            assert_eq!(e.code, pb::ErrorCode::RateLimited as u32, "{e:?}");
+            refused += 1;
+            assert!(
+                refused < 20,
+                "request {i} with request_id 0 refused {refused} times: {}",
+                e.message
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    // A numbered request is served once the budget has refilled.
+    for attempt in 0.. {
+        let id = fay
+            .request(Body::Sync(pb::Sync {
+                cursors: Vec::new(),
+                limit: 1,
+            }))
+            .unwrap();
+        let f = fay
+            .recv_until(t, "the SyncBatch", |f| f.request_id == id)
+            .unwrap();
+        match f.body {
+            Some(Body::SyncBatch(_)) => break,
+            Some(Body::Error(e)) if e.code == pb::ErrorCode::RateLimited as u32 && attempt < 20 => {
+                assert!(e.message.contains("budget"), "{e:?}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }

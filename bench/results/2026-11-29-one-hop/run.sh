@@ -10,7 +10,7 @@ rate=${1:-1000}; secs=${2:-20}; out=${3:-run-$rate}
 root=$(cd "$(dirname "$0")/../../.." && pwd)
 work=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-"$root/target/release/palaver-gateway" --listen 127.0.0.1:$port --data-dir "$work" --cores 2 --max-sends-per-second 100000 > "$work/gw.log" 2>&1 &
+"$root/target/release/palaver-gateway" --listen 127.0.0.1:$port --data-dir "$work" --cores 2 --max-sends-per-second 100000 --max-account-sends-per-second 100000 > "$work/gw.log" 2>&1 &
 gw=$!
 trap 'kill $gw 2>/dev/null; rm -rf "$work"' EXIT
 until [ -e "$work/jwt-hs256.secret" ] && (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null; do sleep 0.1; done

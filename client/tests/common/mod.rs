@@ -50,9 +50,10 @@ impl Stack {
             gateway_id: "gw-0".into(),
             ..Default::default()
         };
-        // Tests send bursts: keep the server's per-connection pace out of
-        // the way unless a test sets its own.
+        // Tests send bursts: keep the server's per-connection and
+        // per-account pace out of the way unless a test sets its own.
         config.limits.max_sends_per_second = 2_000;
+        config.limits.max_account_sends_per_second = 2_000;
         tune(&mut config);
         let backend = build_backend(&config);
         let gw = GatewayHandle::start(config.clone(), backend.clone()).expect("gateway starts");

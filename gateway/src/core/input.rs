@@ -14,6 +14,7 @@ use crate::metrics::CoreMetrics;
 use crate::session::{ConnPolicy, FrameStep, ReadGate};
 use crate::tls_io::{self, AppSink};
 
+use super::output::unread;
 use super::{
     unix_ms, Conn, Ctx, Fate, SessionIds, MAX_LEFTOVER, READ_CHUNK, READ_ROUNDS, REQUEST_BATCH,
 };
@@ -29,7 +30,7 @@ impl Ctx {
     pub(super) fn on_readable(&mut self, slot: usize, conn: &mut Conn, hup: bool) -> (Fate, bool) {
         match conn
             .policy
-            .read_gate(&self.limits, conn.pending.out_len(), self.now_ms)
+            .read_gate(&self.limits, unread(conn), self.now_ms)
         {
             ReadGate::Read => {}
             ReadGate::Discard => return (self.discard_input(conn), false),
@@ -134,13 +135,13 @@ impl Ctx {
                 break;
             }
             // This round's replies leave before more requests are read.
-            if self.finish_output(conn) == Fate::Close {
+            if self.finish_output(slot, conn) == Fate::Close {
                 self.scratch.frames = frames;
                 return (Fate::Close, false);
             }
             if conn
                 .policy
-                .read_gate(&self.limits, conn.pending.out_len(), self.now_ms)
+                .read_gate(&self.limits, unread(conn), self.now_ms)
                 == ReadGate::Stall
             {
                 self.reading_stalled(slot, conn);
@@ -161,7 +162,7 @@ impl Ctx {
         if tls_failed {
             // Any alert rustls produced is in scratch.out; send it and go.
             self.scratch.plain.clear();
-            let _ = self.finish_output(conn);
+            let _ = self.finish_output(slot, conn);
             return (Fate::Close, false);
         }
         if used > 0 && !conn.policy.is_closing() {
@@ -173,7 +174,7 @@ impl Ctx {
             self.scratch.out.clear();
             return (Fate::Close, false);
         }
-        (self.finish_output(conn), more)
+        (self.finish_output(slot, conn), more)
     }
 
     /// Reading just stopped because the output is full; the connection is
@@ -206,7 +207,13 @@ impl Ctx {
 
     pub(super) fn on_frame(&mut self, slot: usize, conn: &mut Conn, f: pb::Frame) {
         self.metrics.frame_in(f.body.as_ref());
-        match conn.policy.on_frame(&self.limits, f, self.now_ms) {
+        // The account's budget, locked only if a request is charged to it.
+        let user_id = conn.ids.as_ref().map_or("", |ids| ids.user_id());
+        let mut account = self.shared.accounts.budget(user_id);
+        let step = conn
+            .policy
+            .on_frame(&self.limits, f, self.now_ms, &mut account);
+        match step {
             FrameStep::Ignore => {}
             FrameStep::Reply(reply) => self.queue(&reply),
             FrameStep::RateLimited(reply) => {
@@ -254,6 +261,24 @@ impl Ctx {
                 return;
             }
         };
+        if let Err(full) = self
+            .shared
+            .accounts
+            .open(&user_id, &hello.device_id, self.now_ms)
+        {
+            CoreMetrics::inc(&self.metrics.too_many_connections);
+            let err = error_reply(
+                request_id,
+                pb::ErrorCode::TooManyConnections,
+                format!(
+                    "user {user_id} already has {} devices connected (max_connections_per_account {})",
+                    full.held, full.max
+                ),
+            );
+            let linger = self.limits.linger_ms;
+            self.begin_close(slot, conn, Some(err), linger);
+            return;
+        }
         let key = self.conn_key(slot, conn);
         let ids = SessionIds::new(&user_id, &hello.device_id);
         let session = ids.session(&self.shared.gateway_id, key);

@@ -52,6 +52,7 @@ use rustls::server::UnbufferedServerConnection;
 use rustls::ServerConfig;
 use slab::Slab;
 
+use crate::accounts::Accounts;
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::metrics::CoreMetrics;
@@ -92,6 +93,8 @@ pub struct Shared {
     pub tls: Arc<TlsStore>,
     /// Connections open in this process (all cores), for `max_connections`.
     pub live_connections: AtomicUsize,
+    /// Each user's devices connected here and the budget they share.
+    pub accounts: Accounts,
     /// Set once every core is draining; `/healthz` reports it.
     pub draining: AtomicBool,
     /// Core threads that have not exited yet (the core hosting the backend
@@ -171,6 +174,9 @@ struct Ctx {
     /// `Backend::submit_batch` per turn (and before any session change, so
     /// the backend sees a core's requests and session events in order).
     requests: Vec<Inbound>,
+    /// Bytes of answers to requests among the frames queued in
+    /// `scratch.plain` for the connection being written to.
+    run_answers: usize,
 }
 
 pub struct Core {
@@ -235,6 +241,7 @@ impl Core {
             now_ms,
             rng: seed | 1,
             requests: Vec::new(),
+            run_answers: 0,
         };
         Ok(Core {
             ctx,
@@ -362,7 +369,7 @@ impl Core {
         let mut fate = Fate::Keep;
         let mut resumed = false;
         if writable && conn.pending.out_len() > 0 {
-            (fate, resumed) = self.ctx.flush(conn);
+            (fate, resumed) = self.ctx.flush(slot, conn);
         }
         // Reading resumed: what arrived meanwhile raised no new edge.
         let readable = readable || resumed;
@@ -459,9 +466,16 @@ impl Core {
             return;
         }
         CoreMetrics::inc(&ctx.metrics.accepted);
-        // TCP_NODELAY is set on the listener; Linux accepted sockets inherit it.
+        // TCP_NODELAY and SO_SNDBUF are set on the listener; Linux accepted
+        // sockets inherit them.
         #[cfg(not(target_os = "linux"))]
-        let _ = sock.set_nodelay(true);
+        {
+            let _ = sock.set_nodelay(true);
+            if limits.socket_send_buffer_bytes > 0 {
+                let _ = socket2::SockRef::from(&sock)
+                    .set_send_buffer_size(limits.socket_send_buffer_bytes as usize);
+            }
+        }
         let generation = ctx.shared.tls.generation();
         if generation != self.tls_config.0 {
             self.tls_config = ctx.shared.tls.current();
@@ -549,7 +563,8 @@ impl Core {
                 match self.conns.get_mut(slot) {
                     Some(conn) if live => {
                         let closes = o.closes_connection();
-                        self.ctx.deliver_one(slot, conn, o.frame, closes);
+                        self.ctx
+                            .deliver_one(slot, conn, o.frame, closes, o.answers_request);
                     }
                     _ => CoreMetrics::inc(&self.ctx.metrics.stale_deliveries),
                 }
@@ -559,13 +574,14 @@ impl Core {
                 }
                 match self.conns.get_mut(slot) {
                     Some(conn) if live => {
-                        if self.ctx.finish_output(conn) == Fate::Close {
+                        if self.ctx.finish_output(slot, conn) == Fate::Close {
                             self.close(slot);
                         }
                     }
                     _ => {
                         self.ctx.scratch.plain.clear();
                         self.ctx.scratch.out.clear();
+                        self.ctx.run_answers = 0;
                     }
                 }
             }));
@@ -586,6 +602,7 @@ impl Core {
         self.ctx.scratch.plain.clear();
         self.ctx.scratch.out.clear();
         self.ctx.scratch.frames.clear();
+        self.ctx.run_answers = 0;
         let same = self
             .conns
             .get(slot)
@@ -641,7 +658,7 @@ impl Core {
                 DrainStep::Keep => Fate::Keep,
                 DrainStep::GoAway(goaway) => {
                     self.ctx.begin_close(slot, conn, Some(goaway), deadline_ms);
-                    self.ctx.finish_output(conn)
+                    self.ctx.finish_output(slot, conn)
                 }
             };
             if fate == Fate::Close {

@@ -2,7 +2,14 @@
 //! sealed together into TLS records, written straight from the scratch
 //! buffer; only what the socket refuses is kept (`tls_out`). Every change of
 //! the unsent output is reported to the connection's rules, which decide
-//! when reading resumes and when the write side shuts (FIN) while closing.
+//! when reading resumes, when a client that fell behind is a slow consumer
+//! and when the write side shuts (FIN) while closing.
+//!
+//! What the client has not read is the gateway's queue plus what the
+//! kernel still holds in the socket's send buffer. The kernel's part is
+//! asked for (`TIOCOUTQ`, one ioctl) only while the gateway holds a queue,
+//! i.e. while the send buffer is full; when the socket takes everything,
+//! what it holds is below SO_SNDBUF and the rules see 0.
 
 use std::io::{self, Write};
 use std::net::Shutdown;
@@ -12,21 +19,68 @@ use mio::net::TcpStream;
 use palaver_protocol::{encode_frame, pb, FrameDecoder};
 
 use crate::metrics::CoreMetrics;
-use crate::session::{BackendStep, OutputStep};
+use crate::session::{BackendStep, OutputStep, Unread};
 use crate::tls_io;
 
 use super::{unix_ms, Conn, Ctx, Fate};
 
+/// Bytes written to `sock` that the peer has not acknowledged yet (Linux
+/// `TIOCOUTQ`, a.k.a. SIOCOUTQ); 0 where it cannot be asked.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)] // one ioctl on a socket we own; see SAFETY below
+fn kernel_unsent(sock: &TcpStream) -> usize {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ writes one c_int through the pointer, which points
+    // at a live local; the fd is this socket's for the duration of the call.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::TIOCOUTQ, &mut n as *mut libc::c_int) };
+    if rc == 0 {
+        usize::try_from(n).unwrap_or(0)
+    } else {
+        0
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn kernel_unsent(_sock: &TcpStream) -> usize {
+    0
+}
+
+/// What the client of `conn` has not read, as far as the gateway can
+/// tell: its queue and, while there is one, the kernel's send buffer.
+pub(super) fn unread(conn: &Conn) -> usize {
+    match conn.pending.out_len() {
+        0 => 0,
+        queued => queued + kernel_unsent(&conn.sock),
+    }
+}
+
 impl Ctx {
-    pub(super) fn deliver_one(&mut self, slot: usize, conn: &mut Conn, f: pb::Frame, closes: bool) {
+    pub(super) fn deliver_one(
+        &mut self,
+        slot: usize,
+        conn: &mut Conn,
+        f: pb::Frame,
+        closes: bool,
+        answers: bool,
+    ) {
         let len = palaver_protocol::encoded_frame_len(&f);
-        let pending = conn.pending.out_len() + self.scratch.out.len() + self.scratch.plain.len();
+        let this_run = self.scratch.out.len() + self.scratch.plain.len();
+        let unread = Unread {
+            bytes: unread(conn) + this_run,
+            answers: conn.pending.answers() + self.run_answers,
+        };
         let step =
             conn.policy
-                .on_backend_frame(&self.limits, &f, len, pending, closes, self.now_ms);
+                .on_backend_frame(&self.limits, len, unread, closes, answers, self.now_ms);
         match step {
             BackendStep::Stale => CoreMetrics::inc(&self.metrics.stale_deliveries),
-            BackendStep::Queue => self.queue(&f),
+            BackendStep::Queue => {
+                if answers {
+                    self.run_answers += len;
+                }
+                self.queue(&f);
+            }
             BackendStep::QueueAndClose => {
                 let linger = self.limits.linger_ms;
                 self.begin_close(slot, conn, Some(f), linger);
@@ -94,6 +148,7 @@ impl Ctx {
             self.flush_requests();
             let session = ids.session(&self.shared.gateway_id, self.conn_key(slot, conn));
             self.shared.backend.session_closed(&session, unix_ms());
+            self.shared.accounts.close(ids.user_id(), ids.device_id());
             self.metrics.sessions.fetch_sub(1, Relaxed);
         }
     }
@@ -101,8 +156,9 @@ impl Ctx {
     /// Sends what the handler produced (in `scratch.out`): straight from the
     /// scratch buffer when nothing is queued, keeping only what the socket
     /// refused.
-    pub(super) fn finish_output(&mut self, conn: &mut Conn) -> Fate {
+    pub(super) fn finish_output(&mut self, slot: usize, conn: &mut Conn) -> Fate {
         self.seal(conn);
+        let answers = std::mem::take(&mut self.run_answers);
         if !self.scratch.out.is_empty() {
             if conn.pending.out_len() == 0 {
                 let written = write_some(&mut conn.sock, &self.scratch.out);
@@ -110,7 +166,11 @@ impl Ctx {
                     Ok(n) => {
                         self.metrics.bytes_out.fetch_add(n as u64, Relaxed);
                         if n < self.scratch.out.len() {
-                            conn.pending.push_out(&self.scratch.out[n..]);
+                            // What left counts as answers first (errs low).
+                            conn.pending.push_out_answering(
+                                &self.scratch.out[n..],
+                                answers.saturating_sub(n),
+                            );
                         }
                     }
                     Err(_) => {
@@ -120,15 +180,15 @@ impl Ctx {
                 }
             } else {
                 // Already waiting for a writable event: just queue.
-                conn.pending.push_out(&self.scratch.out);
+                conn.pending.push_out_answering(&self.scratch.out, answers);
             }
             self.scratch.out.clear();
         }
-        self.after_output(conn).0
+        self.after_output(slot, conn).0
     }
 
     /// Writable again: push queued output. Also says whether reading resumed.
-    pub(super) fn flush(&mut self, conn: &mut Conn) -> (Fate, bool) {
+    pub(super) fn flush(&mut self, slot: usize, conn: &mut Conn) -> (Fate, bool) {
         match write_some(&mut conn.sock, conn.pending.tls_out()) {
             Ok(n) => {
                 self.metrics.bytes_out.fetch_add(n as u64, Relaxed);
@@ -136,12 +196,13 @@ impl Ctx {
             }
             Err(_) => return (Fate::Close, false),
         }
-        self.after_output(conn)
+        self.after_output(slot, conn)
     }
 
     /// The unsent output changed: account for it and let the rules say
-    /// whether reading resumes or the write side shuts.
-    pub(super) fn after_output(&mut self, conn: &mut Conn) -> (Fate, bool) {
+    /// whether reading resumes, the slow-consumer deadline moved, or the
+    /// write side shuts.
+    pub(super) fn after_output(&mut self, slot: usize, conn: &mut Conn) -> (Fate, bool) {
         let level = conn.pending.out_len() as u32;
         if level != conn.accounted_out {
             self.metrics
@@ -152,12 +213,21 @@ impl Ctx {
                 .fetch_add(i64::from(level) - i64::from(conn.accounted_out), Relaxed);
             conn.accounted_out = level;
         }
+        let queued = conn.pending.out_len();
+        let unread = unread(conn);
         match conn
             .policy
-            .on_output_level(&self.limits, conn.pending.out_len())
+            .on_output_level(&self.limits, queued, unread, self.now_ms)
         {
             OutputStep::Keep => (Fate::Keep, false),
-            OutputStep::Resume => (Fate::Keep, true),
+            OutputStep::Resume => {
+                self.arm(slot, conn);
+                (Fate::Keep, true)
+            }
+            OutputStep::Rearm => {
+                self.arm(slot, conn);
+                (Fate::Keep, false)
+            }
             OutputStep::SendFin => {
                 // Everything is out: send FIN, then wait (bounded by the
                 // linger deadline) for the peer's FIN so unread input does

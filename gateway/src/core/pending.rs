@@ -1,10 +1,14 @@
 //! A connection's pending bytes: the ciphertext of an incomplete TLS record
 //! (`tls_in`) and encrypted output the socket has not taken yet (`tls_out`).
 //!
+//! With the unsent output goes an estimate of how much of it answers
+//! requests (the slow-consumer rule lets answers exceed the limit, not
+//! events; `session.rs`).
+//!
 //! Both are empty on an idle connection, so they live behind one optional
 //! box: 8 bytes in every connection slot instead of 40 (a boxed slice and a
 //! Vec inline), and no allocation at all once both have drained. A
-//! connection with something pending pays one 40-byte box on top of the
+//! connection with something pending pays one 48-byte box on top of the
 //! bytes themselves.
 
 #[derive(Debug, Default)]
@@ -15,6 +19,9 @@ struct Buffers {
     /// Replaced whole, never grown: a boxed slice.
     tls_in: Box<[u8]>,
     tls_out: Vec<u8>,
+    /// Bytes of `tls_out` that answer requests, at most: bytes leaving are
+    /// taken off it first, so the events' share is never underestimated.
+    answers: usize,
 }
 
 impl PendingIo {
@@ -50,13 +57,24 @@ impl PendingIo {
     }
 
     /// Queues output behind what is unsent.
+    #[cfg(test)]
     pub(super) fn push_out(&mut self, bytes: &[u8]) {
+        self.push_out_answering(bytes, 0);
+    }
+
+    /// Queues output of which `answers` bytes answer requests.
+    pub(super) fn push_out_answering(&mut self, bytes: &[u8], answers: usize) {
         if !bytes.is_empty() {
-            self.0
-                .get_or_insert_default()
-                .tls_out
-                .extend_from_slice(bytes);
+            let b = self.0.get_or_insert_default();
+            b.tls_out.extend_from_slice(bytes);
+            b.answers = (b.answers + answers).min(b.tls_out.len());
         }
+    }
+
+    /// Of the unsent output, how much answers requests (an estimate that
+    /// errs low).
+    pub(super) fn answers(&self) -> usize {
+        self.0.as_deref().map_or(0, |b| b.answers)
     }
 
     /// The socket took the first `n` unsent bytes.
@@ -64,6 +82,7 @@ impl PendingIo {
         let Some(b) = self.0.as_deref_mut() else {
             return;
         };
+        b.answers = b.answers.saturating_sub(n);
         if n >= b.tls_out.len() {
             // Freed, not cleared: a drained buffer must not stay allocated
             // at its high-water mark on a connection that goes idle.
@@ -121,6 +140,20 @@ mod tests {
         p.consume_out(10);
         assert_eq!(p.out_len(), 0);
         assert_eq!(p.heap_bytes(), 0, "drained output released");
+    }
+
+    #[test]
+    fn leaving_bytes_count_as_answers_first() {
+        let mut p = PendingIo::default();
+        p.push_out(&[0; 100]);
+        p.push_out_answering(&[0; 1000], 900);
+        assert_eq!(p.answers(), 900);
+        p.consume_out(300);
+        assert_eq!(p.answers(), 600, "may have been events: assume answers");
+        p.push_out_answering(&[0; 10], 10_000);
+        assert_eq!(p.answers(), 810, "never more than is queued");
+        p.consume_out(810);
+        assert_eq!((p.out_len(), p.answers()), (0, 0));
     }
 
     #[test]

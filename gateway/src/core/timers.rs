@@ -76,7 +76,7 @@ impl Ctx {
             Some(last) => {
                 let linger = self.limits.linger_ms;
                 self.begin_close(slot, conn, Some(last), linger);
-                self.finish_output(conn)
+                self.finish_output(slot, conn)
             }
         }
     }

@@ -15,6 +15,7 @@ use palaver_protocol::state::{ClientConn, ClientPhase};
 use palaver_protocol::{encoded_frame_len, error_reply, frame};
 
 use super::*;
+use crate::policy::AccountBudget;
 
 /// Frames the server handles per read round (the core reads 64 KiB).
 const ROUND_FRAMES: usize = 64;
@@ -34,6 +35,8 @@ fn limits() -> ConnLimits {
             max_requests_per_second: 100,
             max_requests_in_flight: 64,
             typing_coalesce_ms: 2_000,
+            max_account_sends_per_second: 100,
+            max_account_requests_per_second: 200,
         },
     }
 }
@@ -58,6 +61,8 @@ struct Server {
     /// Frames written that the client has not read, and their size.
     to_client: VecDeque<pb::Frame>,
     unsent: usize,
+    /// The account's budget (this connection alone in it).
+    account: AccountBudget,
     /// Frames the client wrote that the server has not read.
     from_client: VecDeque<pb::Frame>,
     /// Requests handed to the backend.
@@ -86,7 +91,7 @@ impl Server {
 
     fn on_frame(&mut self, f: pb::Frame, now: u64) {
         let limits = self.limits;
-        match self.policy.on_frame(&limits, f, now) {
+        match self.policy.on_frame(&limits, f, now, &mut self.account) {
             FrameStep::Ignore => {}
             FrameStep::Reply(reply) => self.queue(reply),
             FrameStep::RateLimited(reply) => {
@@ -118,9 +123,21 @@ impl Server {
     fn on_backend_frame(&mut self, f: pb::Frame, closes: bool, now: u64) -> BackendStep {
         let limits = self.limits;
         let len = encoded_frame_len(&f);
+        let answer_bytes = self
+            .to_client
+            .iter()
+            .filter(|f| palaver_protocol::bodies::answers_request(f))
+            .map(encoded_frame_len)
+            .sum();
+        let unread = Unread {
+            bytes: self.unsent,
+            answers: answer_bytes,
+        };
+        // What the router would say: these frames carry their request's id.
+        let answers = palaver_protocol::bodies::answers_request(&f);
         let step = self
             .policy
-            .on_backend_frame(&limits, &f, len, self.unsent, closes, now);
+            .on_backend_frame(&limits, len, unread, closes, answers, now);
         match step {
             BackendStep::Stale => {}
             BackendStep::Queue => self.queue(f),
@@ -167,7 +184,7 @@ impl Server {
                     self.on_frame(f, now);
                 }
                 // This round's replies are out; full now?
-                self.output_changed();
+                self.output_changed(now);
                 if self.policy.read_gate(&limits, self.unsent, now) == ReadGate::Stall {
                     self.stalls += 1;
                 }
@@ -187,15 +204,19 @@ impl Server {
                 progress = true;
             }
         }
-        progress | self.output_changed()
+        progress | self.output_changed(now)
     }
 
-    /// The core's `after_output`: report the level; FIN when closing and empty.
-    fn output_changed(&mut self) -> bool {
+    /// The core's `after_output`: report the level (all of it unread, as
+    /// if the kernel held none); FIN when closing and empty.
+    fn output_changed(&mut self, now: u64) -> bool {
         let limits = self.limits;
-        match self.policy.on_output_level(&limits, self.unsent) {
+        match self
+            .policy
+            .on_output_level(&limits, self.unsent, self.unsent, now)
+        {
             OutputStep::Keep => false,
-            OutputStep::Resume => true,
+            OutputStep::Resume | OutputStep::Rearm => true,
             OutputStep::SendFin => {
                 self.fin_sent = true;
                 true
@@ -296,6 +317,7 @@ impl Pair {
                 tls_done_at: Some(0),
                 to_client: VecDeque::new(),
                 unsent: 0,
+                account: AccountBudget::new(&limits.requests, 0),
                 from_client: VecDeque::new(),
                 forwarded: Vec::new(),
                 expired: Vec::new(),
@@ -826,4 +848,194 @@ fn a_closing_backend_frame_goes_last_and_the_connection_closes() {
     );
     assert_eq!(p.client.conn.phase(), ClientPhase::Draining);
     assert_eq!(p.server.dropped, Some((0, Dropped::PeerClosed)));
+}
+
+fn history_page(request_id: u32, size: usize) -> pb::Frame {
+    frame(
+        request_id,
+        Body::HistoryPage(pb::HistoryPage {
+            conversation_id: "dm:alice:bob".into(),
+            messages: vec![pb::Message {
+                body: vec![b'h'; size],
+                ..Default::default()
+            }],
+            has_more: true,
+        }),
+    )
+}
+
+fn deliver(size: usize) -> pb::Frame {
+    frame(
+        0,
+        Body::Deliver(pb::Deliver {
+            message: Some(pb::Message {
+                body: vec![b'x'; size],
+                ..Default::default()
+            }),
+        }),
+    )
+}
+
+/// The client reads frames (whole) until it has read at least `bytes`.
+fn client_reads(p: &mut Pair, bytes: usize) {
+    let mut read = 0;
+    while read < bytes {
+        let Some(f) = p.server.to_client.pop_front() else {
+            break;
+        };
+        let len = encoded_frame_len(&f);
+        p.server.unsent -= len;
+        read += len;
+        let _ = p.client.conn.on_frame(&f, p.now);
+        p.client.received.push(f);
+    }
+    p.server.output_changed(p.now);
+}
+
+#[test]
+fn answers_to_pipelined_requests_are_queued_beyond_the_limit_and_events_fit_beside_them() {
+    // The honest client of issue 18: reads continuously, pipelines two
+    // History requests; each page is most of the limit (4096 here, 256 KiB
+    // by default, while a page may be ~1 MiB).
+    let mut p = Pair::established(limits());
+    let first = p.send(Body::History(pb::History {
+        conversation_id: "dm:alice:bob".into(),
+        before_seq: 0,
+        limit: 50,
+    }));
+    let second = p.send(Body::History(pb::History {
+        conversation_id: "dm:alice:bob".into(),
+        before_seq: 50,
+        limit: 50,
+    }));
+    p.settle();
+    assert_eq!(p.server.forwarded.len(), 2);
+    // Both answers arrive before the client's next read.
+    let now = p.now;
+    assert_eq!(
+        p.server
+            .on_backend_frame(history_page(first, 3_000), false, now),
+        BackendStep::Queue
+    );
+    assert_eq!(
+        p.server
+            .on_backend_frame(history_page(second, 3_000), false, now),
+        BackendStep::Queue,
+        "an answer never makes a client a slow consumer"
+    );
+    // Events fit beside them: the answers do not count against the events'
+    // share of the limit.
+    assert_eq!(
+        p.server.on_backend_frame(deliver(3_000), false, now),
+        BackendStep::Queue
+    );
+    assert_eq!(
+        p.server.on_backend_frame(deliver(1_500), false, now),
+        BackendStep::SlowConsumer,
+        "events beyond the limit still close"
+    );
+
+    // The same client again, without the flood of events: it reads on and
+    // is never closed.
+    let mut p = Pair::established(limits());
+    for i in 0..8u32 {
+        let id = p.send(Body::History(pb::History {
+            conversation_id: "dm:alice:bob".into(),
+            before_seq: u64::from(i) * 50,
+            limit: 50,
+        }));
+        p.settle();
+        let now = p.now;
+        assert_eq!(
+            p.server
+                .on_backend_frame(history_page(id, 3_000), false, now),
+            BackendStep::Queue
+        );
+    }
+    p.run_for(60_000);
+    assert_eq!(p.server.dropped, None);
+    assert!(p.server.expired.is_empty(), "{:?}", p.server.expired);
+    assert_eq!(p.client.count(|b| matches!(b, Body::HistoryPage(_))), 8);
+}
+
+#[test]
+fn a_client_that_stops_reading_is_closed_after_the_timeout_however_little_waits() {
+    // Far below the limit: before, only the heartbeat (75 s) would end it,
+    // and the kernel meanwhile held whatever its autotuned buffers took.
+    let mut p = Pair::established(limits());
+    p.client.reading = false;
+    let start = p.now;
+    assert_eq!(
+        p.server.on_backend_frame(deliver(100), false, start),
+        BackendStep::Queue
+    );
+    p.server.output_changed(start);
+    assert!(matches!(p.server.policy.phase(), Phase::Behind { .. }));
+    p.run_until(start + 9_999);
+    assert!(p.server.expired.is_empty());
+    p.run_until(start + 10_000);
+    assert_eq!(
+        p.server.expired,
+        vec![(start + 10_000, Expiry::SlowConsumer)]
+    );
+    // A client that reads what waits is no longer behind.
+    let mut p = Pair::established(limits());
+    p.client.reading = false;
+    let start = p.now;
+    p.server.on_backend_frame(deliver(100), false, start);
+    p.server.output_changed(start);
+    p.run_until(start + 5_000);
+    p.client.reading = true;
+    p.run_until(start + 60_000);
+    assert_eq!(p.server.policy.phase(), Phase::Open);
+    assert!(p.server.expired.is_empty());
+}
+
+#[test]
+fn a_slow_reader_that_keeps_reading_half_the_limit_per_timeout_stays() {
+    let mut p = Pair::established(limits());
+    p.client.reading = false;
+    p.client.pinging = false;
+    // 30 pipelined History answers of ~1.5 KB: 45 KB for a 4 KiB limit.
+    let mut ids = Vec::new();
+    for i in 0..30u32 {
+        ids.push(p.send(Body::History(pb::History {
+            conversation_id: "dm:alice:bob".into(),
+            before_seq: u64::from(i) * 10,
+            limit: 10,
+        })));
+    }
+    p.settle();
+    let start = p.now;
+    for id in ids {
+        assert_eq!(
+            p.server
+                .on_backend_frame(history_page(id, 1_500), false, start),
+            BackendStep::Queue
+        );
+    }
+    p.server.output_changed(start);
+    p.settle();
+    assert!(
+        p.server.policy.is_stalled(),
+        "{:?}",
+        p.server.policy.phase()
+    );
+    // It reads 3 KB every 5 s: far slower than the server could send, but
+    // more than half the limit (2 KiB) per timeout. Above the limit for
+    // over a minute, and not closed.
+    for step in 1..=12 {
+        p.run_until(start + step * 5_000);
+        client_reads(&mut p, 3_000);
+    }
+    assert!(p.server.expired.is_empty(), "{:?}", p.server.expired);
+    assert!(p.server.policy.is_open());
+    // It stops reading: closed one timeout after its last read.
+    let last_read = p.now;
+    assert!(p.server.unsent > 0);
+    p.run_until(last_read + 60_000);
+    assert_eq!(
+        p.server.expired.first(),
+        Some(&(last_read + 10_000, Expiry::SlowConsumer))
+    );
 }

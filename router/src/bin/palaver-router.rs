@@ -55,6 +55,13 @@ struct Args {
     /// on routers and gateways.
     #[arg(long, env = "PALAVER_PRESENCE_VISIBILITY", default_value_t = palaver_router::PresenceVisibility::SharedConversation)]
     presence_visibility: palaver_router::PresenceVisibility,
+    /// Bytes one account may store per UTC day (each message: its body plus
+    /// 256); a Send beyond is refused QUOTA_EXCEEDED (SPEC §13).
+    #[arg(long, env = "PALAVER_ACCOUNT_BYTES_PER_DAY", default_value_t = palaver_router::RouterConfig::default().account_bytes_per_day)]
+    account_bytes_per_day: u64,
+    /// Bytes one conversation may store per UTC day, all senders together.
+    #[arg(long, env = "PALAVER_CONVERSATION_BYTES_PER_DAY", default_value_t = palaver_router::RouterConfig::default().conversation_bytes_per_day)]
+    conversation_bytes_per_day: u64,
 }
 
 fn main() {
@@ -85,6 +92,8 @@ fn main() {
     config.linger_ms = args.linger_ms;
     config.session_timeout = std::time::Duration::from_millis(args.session_timeout_ms);
     config.router.presence_visibility = args.presence_visibility;
+    config.router.account_bytes_per_day = args.account_bytes_per_day;
+    config.router.conversation_bytes_per_day = args.conversation_bytes_per_day;
     config.retry_backoff = Duration::from_millis(100);
 
     let stop = Arc::new(AtomicBool::new(false));

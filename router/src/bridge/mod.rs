@@ -69,6 +69,11 @@ pub struct BridgeConfig {
     pub router: RouterConfig,
     /// Partitions of `palaver.inbound` if this gateway has to create it.
     pub inbound_partitions: i32,
+    /// The account cap across gateways (SPEC §4): a connection that makes
+    /// a user hold more (all gateways, a device counted once) is closed
+    /// with `TOO_MANY_CONNECTIONS` once the registry shows it. None: no cap
+    /// across gateways (each gateway still applies its own at Hello).
+    pub max_connections_per_account: Option<u32>,
 }
 
 impl BridgeConfig {
@@ -82,6 +87,7 @@ impl BridgeConfig {
             produce_timeout: Duration::from_secs(5),
             router: RouterConfig::default(),
             inbound_partitions: kafka::DEFAULT_INBOUND_PARTITIONS,
+            max_connections_per_account: None,
         }
     }
 }
@@ -162,6 +168,14 @@ impl KafkaRedisBridge {
         self
     }
 
+    /// The account cap across gateways ([`BridgeConfig::max_connections_per_account`]).
+    pub fn with_max_connections_per_account(mut self, cap: u32) -> Self {
+        if let Ok(config) = &mut self.config {
+            config.max_connections_per_account = Some(cap);
+        }
+        self
+    }
+
     fn with_config(config: Result<BridgeConfig, String>) -> Self {
         Self {
             config,
@@ -225,10 +239,11 @@ impl KafkaRedisBridge {
         sink: Arc<dyn DeliverySink>,
         writes: Arc<Writes>,
     ) -> presence::ReplacedHandler {
-        Box::new(move |Addressed { to: old, frame }| {
+        Box::new(move |Addressed { to: old, frame, .. }| {
             let outbound = Outbound {
                 conn: old.conn,
                 frame,
+                answers_request: false,
             };
             if *old.gateway_id == *gateway_id {
                 sink.deliver(vec![outbound]);
@@ -317,15 +332,15 @@ impl Backend for KafkaRedisBridge {
             .assign(&assignment)
             .map_err(|e| BackendError::Unavailable(format!("assign {topic}: {e}")))?;
 
-        let presence = Arc::new(Presence::new(gateway_id));
+        let presence = Arc::new(Presence::waiting_for(gateway_id, self.unanswered.clone()));
         presence
             .start(
                 &config.redis,
                 config.presence,
                 config.router.presence_visibility,
+                config.max_connections_per_account,
                 sink.clone(),
                 Self::replaced_handler(gateway_id.to_owned(), sink.clone(), writes.clone()),
-                self.unanswered.clone(),
             )
             .map_err(BackendError::Unavailable)?;
 
@@ -529,12 +544,28 @@ impl Reader {
     /// Runs one request served from Redis through the router
     /// (PresenceSubscribe adds to this gateway's watches, shared with the
     /// presence subscriber).
+    /// A request that fails (the store, or a panic: a bug) is answered
+    /// UNAVAILABLE / INTERNAL by the one runner, and the reader lives on.
     fn read(&mut self, request: &Inbound) -> Vec<Outbound> {
         let mut out = Output::default();
-        if let Err(e) = self.router.handle(request, &mut out) {
+        let gave_up = crate::runner::run(
+            &mut self.router,
+            std::slice::from_ref(request),
+            &mut out,
+            &mut ReadRetry,
+        );
+        if let Some(g) = gave_up.first() {
+            tracing::warn!(
+                user = %request.from.user_id,
+                request_id = request.request_id,
+                "read answered with an error: {}",
+                g.failure
+            );
+            // What the failed attempt produced (a store error leaves its
+            // partial output) is dropped: only the error goes out.
+            let error = out.frames.pop();
             out.frames.clear();
-            out.frames
-                .push(Router::<RedisStore>::unavailable_reply(request, &e));
+            out.frames.extend(error);
         }
         out.frames
             .into_iter()
@@ -542,8 +573,24 @@ impl Reader {
             .map(|a| Outbound {
                 conn: a.to.conn,
                 frame: a.frame,
+                answers_request: a.answers_request,
             })
             .collect()
+    }
+}
+
+/// A read is not retried here (the client repeats it after UNAVAILABLE);
+/// after a panic the reader's Redis connection is dropped, as it may have
+/// been left mid-reply.
+struct ReadRetry;
+
+impl crate::runner::Retry<RedisStore> for ReadRetry {
+    fn again(&mut self, _error: &crate::store::StoreError, _attempt: u32) -> bool {
+        false
+    }
+
+    fn after_panic(&mut self, store: &mut RedisStore) {
+        store.reset_connection();
     }
 }
 

@@ -13,6 +13,12 @@
 //!   [`DeliverySink::reopen_sessions`]), and checks (one script call) for
 //!   gateways whose lease expired, reaping their sessions so their users go
 //!   offline together.
+//! - The account cap across gateways (SPEC §4): a flush that opened a
+//!   session beside `max_connections_per_account` or more sessions of the
+//!   user's other devices on live gateways sends that (newest) connection
+//!   `Error{TOO_MANY_CONNECTIONS}` with request_id 0, which closes it. Each
+//!   gateway counts its own connections at Hello; this catches the ones
+//!   spread over several gateways, a flush interval later.
 //! - Presence changes (came online / went offline, from a flush or a reap)
 //!   are published once per flush on Redis pub/sub; every gateway's
 //!   subscriber thread hands them to [`presence::fan_out`] with ITS local
@@ -21,12 +27,13 @@
 //! - Watches ([`presence::Watches`]) are shared with the reader threads,
 //!   whose `Router`s answer PresenceSubscribe.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::api::{DeliverySink, Outbound, Session};
+use crate::api::{DeliverySink, Outbound, Session, SessionAddr};
 use crate::bus::Addressed;
 use crate::kafka::records::PresenceChanges;
 use crate::presence::{self, SharedWatches};
@@ -80,6 +87,8 @@ pub type ReplacedHandler = Box<dyn Fn(Addressed) + Send + Sync>;
 
 /// The presence half of the bridge.
 pub struct Presence {
+    /// Closes wait for their connection's unanswered membership changes.
+    unanswered: Arc<Unanswered>,
     gateway_id: String,
     changes: Sender<Job>,
     enqueued: AtomicU64,
@@ -111,8 +120,15 @@ fn encode_changes(gateway_id: &str, changes: &[pb::Presence]) -> Vec<u8> {
 
 impl Presence {
     pub fn new(gateway_id: &str) -> Self {
+        Self::waiting_for(gateway_id, Arc::default())
+    }
+
+    /// As [`Presence::new`], with closes waiting for `unanswered`
+    /// membership changes of their connection (`unanswered.rs`).
+    pub(super) fn waiting_for(gateway_id: &str, unanswered: Arc<Unanswered>) -> Self {
         let (tx, rx) = crossbeam_channel::unbounded();
         Self {
+            unanswered,
             gateway_id: gateway_id.to_owned(),
             changes: tx,
             enqueued: AtomicU64::new(0),
@@ -132,9 +148,9 @@ impl Presence {
         redis: &RedisConfig,
         timing: PresenceTiming,
         visibility: PresenceVisibility,
+        max_connections_per_account: Option<u32>,
         sink: Arc<dyn DeliverySink>,
         on_replaced: ReplacedHandler,
-        unanswered: Arc<Unanswered>,
     ) -> Result<(), String> {
         let clock = SystemClock;
         let mut store = RedisStore::connect(redis.clone()).map_err(|e| format!("Redis: {e}"))?;
@@ -186,9 +202,10 @@ impl Presence {
             stop: self.stop.clone(),
             on_replaced,
             sink,
+            max_connections_per_account,
             pending: Vec::new(),
             last_lease: Instant::now(),
-            unanswered,
+            unanswered: self.unanswered.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("palaver-presence".into())
@@ -270,8 +287,11 @@ struct Batcher {
     mark: Arc<FlushMark>,
     stop: Arc<AtomicBool>,
     on_replaced: ReplacedHandler,
-    /// Asked to reopen every session when this gateway was reaped while alive.
+    /// Asked to reopen every session when this gateway was reaped while alive;
+    /// given `TOO_MANY_CONNECTIONS` for connections over the account cap.
     sink: Arc<dyn DeliverySink>,
+    /// The account cap across gateways, if any (SPEC §4).
+    max_connections_per_account: Option<u32>,
     /// Changes not yet written (kept across a failed flush, in order).
     pending: Vec<(u64, SessionChange)>,
     last_lease: Instant,
@@ -406,6 +426,7 @@ impl Batcher {
             for goaway in effects.goaways {
                 (self.on_replaced)(goaway);
             }
+            self.close_over_cap(&effects.opened_beside);
             if !effects.presence.is_empty() {
                 let payload = encode_changes(&self.gateway_id, &effects.presence);
                 if let Err(e) = self.store.publish_presence(&payload) {
@@ -415,6 +436,69 @@ impl Batcher {
             if self.pending.is_empty() {
                 return;
             }
+        }
+    }
+
+    /// Closes this gateway's connections just opened beside
+    /// `max_connections_per_account` or more sessions of the user's other
+    /// devices on live gateways: `Error{TOO_MANY_CONNECTIONS}` with
+    /// request_id 0 through the sink (a 1xxx Error closes the connection,
+    /// whose close then removes its session). Sessions on gateways whose
+    /// lease ran out do not count; their leases are read only when a user
+    /// is at the cap, so an ordinary flush costs nothing more.
+    fn close_over_cap(&mut self, opened_beside: &[(SessionAddr, Vec<Arc<str>>)]) {
+        let Some(cap) = self.max_connections_per_account else {
+            return;
+        };
+        let cap = cap as usize;
+        let at_cap: Vec<&(SessionAddr, Vec<Arc<str>>)> = opened_beside
+            .iter()
+            .filter(|(_, beside)| beside.len() >= cap)
+            .collect();
+        if at_cap.is_empty() {
+            return;
+        }
+        let gateways: HashSet<Arc<str>> = at_cap
+            .iter()
+            .flat_map(|(_, beside)| beside.iter().cloned())
+            .collect();
+        let dead = match self.store.dead_gateways_among(&gateways) {
+            Ok(dead) => dead,
+            Err(e) => {
+                // Counting every session errs toward closing; a Redis
+                // failure here is rare and the client reconnects.
+                tracing::warn!(gateway = %self.gateway_id, "lease check for the account cap failed: {e}");
+                HashSet::new()
+            }
+        };
+        let over: Vec<Outbound> = at_cap
+            .into_iter()
+            .filter(|(addr, beside)| {
+                *addr.gateway_id == *self.gateway_id
+                    && beside.iter().filter(|g| !dead.contains(*g)).count() >= cap
+            })
+            .map(|(addr, beside)| {
+                tracing::info!(
+                    gateway = %self.gateway_id,
+                    conn = addr.conn,
+                    others = beside.len(),
+                    "a connection over the account cap across gateways: closing it"
+                );
+                Outbound {
+                    conn: addr.conn,
+                    frame: palaver_protocol::error_reply(
+                        0,
+                        pb::ErrorCode::TooManyConnections,
+                        format!(
+                            "the account already holds {cap} connections on this and other servers (max_connections_per_account)"
+                        ),
+                    ),
+                    answers_request: false,
+                }
+            })
+            .collect();
+        if !over.is_empty() {
+            self.sink.deliver(over);
         }
     }
 
@@ -505,6 +589,7 @@ impl Subscriber {
             .map(|a| Outbound {
                 conn: a.to.conn,
                 frame: a.frame,
+                answers_request: a.answers_request,
             })
             .collect()
     }
@@ -638,6 +723,7 @@ mod tests {
             stop: Arc::default(),
             on_replaced: Box::new(|_| {}),
             sink: Arc::new(NoSink),
+            max_connections_per_account: None,
             pending: Vec::new(),
             last_lease: Instant::now(),
             unanswered: Arc::default(),
@@ -719,5 +805,129 @@ mod tests {
         let mut open = subscriber(&redis, PresenceVisibility::Everyone);
         open.watches = sub.watches.clone();
         assert_eq!(conns(&open.fan_out(&change("bob", true))), [1, 2, 3]);
+    }
+
+    struct Collect(Mutex<Vec<Outbound>>);
+    impl DeliverySink for Collect {
+        fn deliver(&self, frames: Vec<Outbound>) {
+            self.0.lock().unwrap().extend(frames);
+        }
+        fn reopen_sessions(&self) {}
+    }
+
+    fn session(user: &str, device: &str, gateway: &str, conn: u64) -> Session {
+        Session {
+            user_id: user.into(),
+            device_id: device.into(),
+            addr: SessionAddr {
+                gateway_id: gateway.into(),
+                conn,
+            },
+        }
+    }
+
+    /// SPEC §4 across gateways: a connection opened beside the cap's worth
+    /// of the user's other devices' sessions on live gateways gets
+    /// `Error{TOO_MANY_CONNECTIONS}` (request_id 0) through the sink; a
+    /// session on a gateway whose lease ran out does not count, and a
+    /// device reconnecting is not one more.
+    #[test]
+    fn a_connection_over_the_account_cap_across_gateways_is_closed() {
+        use crate::store::{GatewayRegistry, SessionStore};
+        let server = palaver_testkit::stack::Redis::start().expect("start redis-server");
+        let redis = RedisConfig::standalone(server.url());
+        let mut elsewhere = RedisStore::connect(redis.clone()).unwrap();
+        let now = SystemClock.now_ms();
+        // d1 on a live gateway; d2 on one whose lease has run out.
+        elsewhere
+            .apply_sessions(
+                "other",
+                Duration::from_secs(60),
+                now,
+                &[SessionChange::Opened(session("u", "d1", "other", 1))],
+            )
+            .unwrap();
+        elsewhere
+            .register_gateway("gone", Duration::from_millis(1), now)
+            .unwrap();
+        elsewhere
+            .apply_sessions(
+                "gone",
+                Duration::from_millis(1),
+                now,
+                &[SessionChange::Opened(session("u", "d2", "gone", 2))],
+            )
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+
+        let sink = Arc::new(Collect(Mutex::new(Vec::new())));
+        let (_tx, rx) = crossbeam_channel::unbounded();
+        let mut batcher = Batcher {
+            gateway_id: "gw".into(),
+            store: RedisStore::connect(redis).unwrap(),
+            watches: Arc::default(),
+            rx,
+            timing: PresenceTiming::default(),
+            mark: Arc::default(),
+            stop: Arc::default(),
+            on_replaced: Box::new(|_| {}),
+            sink: sink.clone(),
+            max_connections_per_account: Some(2),
+            pending: Vec::new(),
+            last_lease: Instant::now(),
+            unanswered: Arc::default(),
+        };
+        let mut n = 0;
+        let mut apply = |batcher: &mut Batcher, change: SessionChange| -> Vec<Outbound> {
+            n += 1;
+            batcher.pending.push((n, change));
+            batcher.flush(SystemClock.now_ms());
+            std::mem::take(&mut *sink.0.lock().unwrap())
+        };
+        // d3 here: beside d1 (live) and d2 (dead): one, under the cap.
+        assert_eq!(
+            apply(
+                &mut batcher,
+                SessionChange::Opened(session("u", "d3", "gw", 3))
+            ),
+            vec![]
+        );
+        // d4 here: beside d1 and d3, both live: at the cap, so d4 goes.
+        let closed = apply(
+            &mut batcher,
+            SessionChange::Opened(session("u", "d4", "gw", 4)),
+        );
+        assert_eq!(closed.len(), 1, "{closed:?}");
+        assert_eq!(closed[0].conn, 4);
+        assert_eq!(closed[0].frame.request_id, 0);
+        assert!(closed[0].closes_connection());
+        assert!(matches!(&closed[0].frame.body,
+            Some(pb::frame::Body::Error(e)) if e.code == pb::ErrorCode::TooManyConnections as u32));
+        // Its close removes it; d3 reconnecting replaces itself, not one more.
+        assert_eq!(
+            apply(
+                &mut batcher,
+                SessionChange::Closed {
+                    session: session("u", "d4", "gw", 4),
+                    at_ms: now,
+                }
+            ),
+            vec![]
+        );
+        assert_eq!(
+            apply(
+                &mut batcher,
+                SessionChange::Opened(session("u", "d3", "gw", 5))
+            ),
+            vec![]
+        );
+        // Another user is not affected.
+        assert_eq!(
+            apply(
+                &mut batcher,
+                SessionChange::Opened(session("v", "d1", "gw", 6))
+            ),
+            vec![]
+        );
     }
 }

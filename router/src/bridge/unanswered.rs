@@ -16,8 +16,9 @@
 //! removed member out.
 //!
 //! Only ChangeMembers with a non-zero request_id is tracked: an answer is
-//! recognised by its request_id (its `MembersChanged` or `Error`), and
-//! request_id 0 is shared with events. At most `max_requests_in_flight`
+//! recognised by its request_id (a frame that answers a request,
+//! `Outbound::answers_request`: its `MembersChanged` or `Error`), and a
+//! connection's answers with request_id 0 cannot be told apart. At most `max_requests_in_flight`
 //! per connection are in flight, and an entry goes with its answer or, for
 //! a closed connection, once its close is written.
 
@@ -25,8 +26,6 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-use palaver_protocol::pb::frame::Body;
 
 use crate::api::{DeliverySink, Outbound};
 
@@ -84,20 +83,16 @@ impl Unanswered {
         self.recount(&conns);
     }
 
-    /// Frames about to be delivered: answers of tracked requests
-    /// (`MembersChanged` or `Error` echoing their request_id) settle them.
+    /// Frames about to be delivered: answers of tracked requests (frames
+    /// that answer a request, [`Outbound::answers_request`], echoing their
+    /// request_id) settle them.
     pub fn delivered(&self, frames: &[Outbound]) {
         if self.count.load(Ordering::Acquire) == 0 {
             return;
         }
         let mut conns = self.lock();
         for out in frames {
-            let answer = out.frame.request_id != 0
-                && matches!(
-                    out.frame.body,
-                    Some(Body::MembersChanged(_) | Body::Error(_))
-                );
-            if !answer {
+            if !out.answers_request || out.frame.request_id == 0 {
                 continue;
             }
             if let Some(waiting) = conns.get_mut(&out.conn) {
@@ -175,7 +170,7 @@ impl DeliverySink for AnswerSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use palaver_protocol::pb;
+    use palaver_protocol::pb::{self, frame::Body};
 
     fn answer(conn: u64, request_id: u32) -> Outbound {
         Outbound {
@@ -184,6 +179,7 @@ mod tests {
                 request_id,
                 body: Some(Body::MembersChanged(pb::MembersChanged::default())),
             },
+            answers_request: request_id != 0,
         }
     }
 

@@ -72,6 +72,7 @@ fn unavailable(pending: PendingWrite, message: String) -> Outbound {
             ErrorCode::Unavailable,
             message,
         ),
+        answers_request: true,
     }
 }
 

@@ -10,7 +10,12 @@
 //!   gateway's connections (created by that gateway when it starts).
 //! - `palaver.push`: [`records::PushRecord`]s for push workers, keyed by user.
 //! - `palaver.dlq`: [`records::DeadLetter`]s, inbound records the router gave up on.
+//!
+//! Every worker on Kafka runs the one at-least-once loop of
+//! [`consumer_loop`] with a handler of its own; the router worker
+//! ([`worker`]) is the first.
 
+pub mod consumer_loop;
 pub mod worker;
 
 use std::ffi::CString;
@@ -34,7 +39,7 @@ pub mod records {
 pub const INBOUND_TOPIC: &str = "palaver.inbound";
 pub const PUSH_TOPIC: &str = "palaver.push";
 pub const DLQ_TOPIC: &str = "palaver.dlq";
-const DELIVERY_TOPIC_PREFIX: &str = "palaver.deliver.";
+pub(crate) const DELIVERY_TOPIC_PREFIX: &str = "palaver.deliver.";
 
 /// Default partition count of `palaver.inbound` when the router creates it.
 pub const DEFAULT_INBOUND_PARTITIONS: i32 = 8;
@@ -75,6 +80,41 @@ pub const FETCH_WAIT_MAX_MS: &str = "2000";
 /// Cap of librdkafka's exponential reconnect back-off (default 10 s): after
 /// a broker restart, clients are back within a second of it listening.
 pub const RECONNECT_BACKOFF_MAX_MS: &str = "1000";
+
+/// Consumer settings of a consumer-group member (the workers on
+/// [`consumer_loop`]): offsets committed by the loop after its output is
+/// acknowledged, a group session of `session_timeout` (a dead member's
+/// partitions move after it; at least the broker's
+/// group.min.session.timeout.ms, 6 s by default), long polls.
+pub fn consumer_config(brokers: &str, group_id: &str, session_timeout: Duration) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    // librdkafka debug contexts (e.g. "cgrp,topic"), logged through `log`.
+    if let Ok(debug) = std::env::var("PALAVER_KAFKA_DEBUG") {
+        config.set("debug", debug);
+    }
+    config
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set(
+            "session.timeout.ms",
+            session_timeout.as_millis().to_string(),
+        )
+        .set(
+            "heartbeat.interval.ms",
+            (session_timeout.as_millis() / 3).max(500).to_string(),
+        )
+        // Long poll: the broker answers a fetch as soon as one byte is
+        // there (fetch.min.bytes 1), else after fetch.wait.max.ms. The wait
+        // bounds only how often an idle consumer asks, not latency.
+        .set("fetch.min.bytes", "1")
+        .set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS)
+        .set("reconnect.backoff.max.ms", RECONNECT_BACKOFF_MAX_MS)
+        .set("socket.nagle.disable", "true");
+    config
+}
 
 /// Producer settings shared by routers and gateways: idempotent, acks=all
 /// (the durability gate), a short linger so records produced together
@@ -224,10 +264,16 @@ pub fn encode_delivery_batches(frames: Vec<Outbound>) -> Vec<Vec<u8>> {
     let mut values = Vec::new();
     let mut batch = records::DeliveryBatch::default();
     let mut size = 0;
-    for Outbound { conn, frame } in frames {
+    for Outbound {
+        conn,
+        frame,
+        answers_request,
+    } in frames
+    {
         let delivery = records::Delivery {
             conn,
             frame: Some(frame),
+            answers_request: Some(answers_request),
         };
         let len = delivery.encoded_len() + 8;
         if size + len > MAX_DELIVERY_RECORD_BYTES && !batch.deliveries.is_empty() {
@@ -254,6 +300,9 @@ pub fn decode_delivery_batch(value: &[u8]) -> Result<Vec<Outbound>, String> {
             d.frame
                 .map(|frame| Outbound {
                     conn: d.conn,
+                    answers_request: d
+                        .answers_request
+                        .unwrap_or_else(|| palaver_protocol::bodies::answers_request(&frame)),
                     frame,
                 })
                 .ok_or_else(|| "delivery without a frame".to_string())
@@ -300,6 +349,8 @@ mod tests {
                     request_id: 0,
                     body: Some(Body::Pong(pb::Pong { nonce: i })),
                 },
+                // A Pong never answers by itself: the flag is carried.
+                answers_request: i % 3 == 0,
             })
             .collect();
         let one = encode_delivery_batches(frames.clone());
@@ -317,6 +368,7 @@ mod tests {
                         client_msg_id: vec![],
                     })),
                 },
+                answers_request: false,
             })
             .collect();
         let split = encode_delivery_batches(big.clone());
@@ -326,6 +378,27 @@ mod tests {
             .flat_map(|v| decode_delivery_batch(v).unwrap())
             .collect();
         assert_eq!(back, big);
+    }
+
+    #[test]
+    fn a_delivery_from_a_router_without_the_answers_flag_is_judged_by_its_frame() {
+        let old = |request_id, body| records::DeliveryBatch {
+            deliveries: vec![records::Delivery {
+                conn: 1,
+                frame: Some(pb::Frame {
+                    request_id,
+                    body: Some(body),
+                }),
+                answers_request: None,
+            }],
+        };
+        let answers = |batch: records::DeliveryBatch| {
+            decode_delivery_batch(&batch.encode_to_vec()).unwrap()[0].answers_request
+        };
+        assert!(answers(old(0, Body::SendAck(Default::default()))));
+        assert!(answers(old(4, Body::MembersChanged(Default::default()))));
+        assert!(!answers(old(0, Body::MembersChanged(Default::default()))));
+        assert!(!answers(old(0, Body::Deliver(Default::default()))));
     }
 
     #[test]

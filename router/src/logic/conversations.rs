@@ -256,6 +256,7 @@ impl<S: Store> Router<S> {
                 out.frames.push(Addressed {
                     to: addr.clone(),
                     frame: frame.clone(),
+                    answers_request: false,
                 });
             }
         }

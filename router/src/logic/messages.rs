@@ -12,7 +12,10 @@ use super::{
 };
 use crate::api::{Inbound, SessionAddr};
 use crate::bus::{Addressed, Output, PushEvent};
-use crate::store::{Appended, RangeRead, Retention, Store, StoreError, StoreResult, UserSessions};
+use crate::store::{
+    Appended, QuotaCharge, QuotaOwner, RangeRead, Retention, Store, StoreError, StoreResult,
+    UserSessions,
+};
 
 impl<S: Store> Router<S> {
     // ---- Messages ------------------------------------------------------
@@ -92,7 +95,7 @@ impl<S: Store> Router<S> {
         } else {
             self.store.groups(&group_ids)?
         };
-        let accesses: Vec<Result<Access, Rejection>> = sends()
+        let mut accesses: Vec<Result<Access, Rejection>> = sends()
             .map(|(req, send)| {
                 // A batch names few groups: a linear search.
                 let group = group_ids
@@ -109,13 +112,17 @@ impl<S: Store> Router<S> {
             })
             .collect();
 
-        // 2. One batch of appends for the accepted Sends.
+        // 1b. Storage quotas (SPEC §13).
         let now_ms = self.clock.now_ms();
         let retention = Retention {
             now_ms,
             dedup_ttl_ms: self.config.dedup_ttl_ms,
             history_window: self.config.history_window,
         };
+        let listed: Vec<(&Inbound, &pb::Send)> = sends().collect();
+        let charged = self.charge_quotas(&listed, &mut accesses, &retention)?;
+
+        // 2. One batch of appends for the accepted Sends.
         let mut appends = Vec::with_capacity(accesses.len());
         for ((req, send), access) in sends().zip(&accesses) {
             if access.is_ok() {
@@ -163,6 +170,17 @@ impl<S: Store> Router<S> {
                         .add_conversation_to_users(&send.conversation_id, &[a.into(), b.into()])?;
                 }
             }
+        }
+
+        // 3a. A duplicate stored nothing: what it was charged is given back.
+        let duplicates = (0..listed.len())
+            .filter(|&i| accesses[i].is_ok())
+            .zip(&appended)
+            .filter(|(i, a)| charged[*i] && matches!(a, Appended::Duplicate(_)))
+            .map(|(i, _)| listed[i]);
+        let refunds = self.quota_charges(duplicates, now_ms, -1);
+        if !refunds.is_empty() {
+            self.store.charge_quotas(&refunds)?;
         }
 
         // 3b. A repeated Send is delivered again (SPEC §6: at-least-once).
@@ -253,6 +271,7 @@ impl<S: Store> Router<S> {
                             out.frames.push(Addressed {
                                 to: to.clone(),
                                 frame: deliver(message.clone()),
+                                answers_request: false,
                             });
                         }
                     }
@@ -287,6 +306,7 @@ impl<S: Store> Router<S> {
                 out.frames.push(Addressed {
                     to: to.clone(),
                     frame: deliver(message),
+                    answers_request: false,
                 });
             }
             // The recipients' Delivers are written before the sender's
@@ -314,6 +334,7 @@ impl<S: Store> Router<S> {
                         conversation_id: ack.conversation_id.clone(),
                         after_seq: ack.seq - 1,
                         limit: 1,
+                        max_bytes: usize::MAX,
                     },
                 )),
                 _ => None,
@@ -337,6 +358,117 @@ impl<S: Store> Router<S> {
         Ok(())
     }
 
+    /// Charges each accepted Send's weight to the sender's and the
+    /// conversation's quota of the day (one store call). A Send over either
+    /// is refused QUOTA_EXCEEDED and what the other quota took is given back
+    /// — unless it is the retry of a message stored earlier (one more store
+    /// call, only when something was refused): that one is answered with its
+    /// original ack as usual, free. Returns which Sends were charged (their
+    /// charge is refunded if the append finds a duplicate).
+    fn charge_quotas(
+        &mut self,
+        sends: &[(&Inbound, &pb::Send)],
+        accesses: &mut [Result<Access, Rejection>],
+        retention: &Retention,
+    ) -> StoreResult<Vec<bool>> {
+        let mut charged = vec![false; sends.len()];
+        let accepted: Vec<usize> = (0..sends.len()).filter(|&i| accesses[i].is_ok()).collect();
+        if accepted.is_empty() {
+            return Ok(charged);
+        }
+        let charges = self.quota_charges(accepted.iter().map(|&i| sends[i]), retention.now_ms, 1);
+        let granted = self.store.charge_quotas(&charges)?;
+        let mut refunds = Vec::new();
+        let mut refused = Vec::new();
+        for ((&i, charge), granted) in accepted
+            .iter()
+            .zip(charges.chunks(2))
+            .zip(granted.chunks(2))
+        {
+            if granted.iter().all(|g| *g) {
+                charged[i] = true;
+                continue;
+            }
+            for (c, g) in charge.iter().zip(granted) {
+                if *g {
+                    refunds.push(QuotaCharge {
+                        bytes: -c.bytes,
+                        ..c.clone()
+                    });
+                }
+            }
+            let over = usize::from(granted[0]);
+            let whose = match &charge[over].owner {
+                QuotaOwner::Account(_) => "your account".to_string(),
+                QuotaOwner::Conversation(id) => format!("conversation {id}"),
+            };
+            let access = std::mem::replace(
+                &mut accesses[i],
+                Err((
+                    ErrorCode::QuotaExceeded,
+                    format!(
+                        "the daily storage quota of {whose} ({} bytes) is used up; \
+                         it starts again at 00:00 UTC",
+                        charge[over].limit
+                    ),
+                )),
+            );
+            refused.push((i, access));
+        }
+        if !refunds.is_empty() {
+            self.store.charge_quotas(&refunds)?;
+        }
+        if !refused.is_empty() {
+            let candidates = refused
+                .iter()
+                .map(|&(i, _)| {
+                    let (req, send) = sends[i];
+                    let message = pb::Message {
+                        sender_user_id: req.from.user_id.clone(),
+                        client_msg_id: send.client_msg_id.clone(),
+                        ..Default::default()
+                    };
+                    (send.conversation_id.clone(), message)
+                })
+                .collect();
+            let found = self.store.find_duplicates(candidates, retention)?;
+            for ((i, access), duplicate) in refused.into_iter().zip(found) {
+                if duplicate.is_some() {
+                    accesses[i] = access;
+                }
+            }
+        }
+        Ok(charged)
+    }
+
+    /// The quota charges (account, then conversation) of `sends`, signed by
+    /// `sign` (1: charge, -1: refund).
+    fn quota_charges<'s>(
+        &self,
+        sends: impl Iterator<Item = (&'s Inbound, &'s pb::Send)>,
+        now_ms: i64,
+        sign: i64,
+    ) -> Vec<QuotaCharge> {
+        let day = u32::try_from(now_ms.max(0) / DAY_MS).unwrap_or(u32::MAX);
+        let mut charges = Vec::new();
+        for (req, send) in sends {
+            let bytes = sign * (send.body.len() + QUOTA_OVERHEAD_BYTES) as i64;
+            charges.push(QuotaCharge {
+                owner: QuotaOwner::Account(req.from.user_id.clone()),
+                day,
+                bytes,
+                limit: self.config.account_bytes_per_day,
+            });
+            charges.push(QuotaCharge {
+                owner: QuotaOwner::Conversation(send.conversation_id.clone()),
+                day,
+                bytes,
+                limit: self.config.conversation_bytes_per_day,
+            });
+        }
+        charges
+    }
+
     // ---- Sync and history ----------------------------------------------
 
     pub(super) fn batch_limit(&self, requested: u32) -> usize {
@@ -346,6 +478,14 @@ impl<S: Store> Router<S> {
         }
     }
 
+    /// Sync: the user's conversations the client does not know (listed
+    /// first), then messages after each cursor, within `limit` and about
+    /// `max_batch_bytes`. The work is bounded by what the batch holds: group
+    /// records are read [`LISTING_CHUNK`] at a time until the listing is
+    /// full (not every group and member list of a user in thousands of
+    /// groups), and messages are read in waves of [`READ_WAVE`]
+    /// conversations, each read with a share of the bytes left, so no read
+    /// copies more than it may return (plus one message).
     pub(super) fn sync(
         &mut self,
         req: &Inbound,
@@ -367,17 +507,9 @@ impl<S: Store> Router<S> {
         // the byte budget, so a huge account pages through them too.
         let mut budget = self.config.max_batch_bytes;
         let mut has_more = false;
-        let absent: Vec<(usize, &String)> = conversation_ids
-            .iter()
-            .enumerate()
-            .filter(|(_, id)| !cursors.contains_key(id.as_str()))
+        let absent: Vec<usize> = (0..conversation_ids.len())
+            .filter(|&i| !cursors.contains_key(conversation_ids[i].as_str()))
             .collect();
-        let absent_groups: Vec<String> = absent
-            .iter()
-            .filter(|(_, id)| id.starts_with("grp:"))
-            .map(|(_, id)| (*id).clone())
-            .collect();
-        let mut groups = self.store.groups(&absent_groups)?.into_iter();
         let mut conversations = Vec::new();
         // Messages are only sent for conversations the client knows or is
         // told about in this batch, so it never holds messages of a
@@ -386,34 +518,44 @@ impl<S: Store> Router<S> {
             .iter()
             .map(|id| cursors.contains_key(id.as_str()))
             .collect();
-        for (index, id) in absent {
-            let info = if id.starts_with("grp:") {
-                match groups.next().flatten() {
-                    Some(group) => group_info(group, last_seqs[index]),
-                    None => {
-                        // Listed but its record is gone (lost data): treat it
-                        // as empty, or has_more would never clear.
-                        last_seqs[index] = 0;
-                        continue;
+        'listing: for chunk in absent.chunks(LISTING_CHUNK) {
+            let group_ids: Vec<String> = chunk
+                .iter()
+                .map(|&i| &conversation_ids[i])
+                .filter(|id| id.starts_with("grp:"))
+                .cloned()
+                .collect();
+            let mut groups = self.store.groups(&group_ids)?.into_iter();
+            for &index in chunk {
+                let id = &conversation_ids[index];
+                let info = if id.starts_with("grp:") {
+                    match groups.next().flatten() {
+                        Some(group) => group_info(group, last_seqs[index]),
+                        None => {
+                            // Listed but its record is gone (lost data): treat
+                            // it as empty, or has_more would never clear.
+                            last_seqs[index] = 0;
+                            continue;
+                        }
                     }
-                }
-            } else {
-                match parse_conversation_id(id) {
-                    Ok(ConversationRef::Direct { a, b }) => direct_info(a, b, last_seqs[index]),
-                    _ => {
-                        last_seqs[index] = 0;
-                        continue;
+                } else {
+                    match parse_conversation_id(id) {
+                        Ok(ConversationRef::Direct { a, b }) => direct_info(a, b, last_seqs[index]),
+                        _ => {
+                            last_seqs[index] = 0;
+                            continue;
+                        }
                     }
+                };
+                let size = info.encoded_len();
+                if size > budget && !conversations.is_empty() {
+                    has_more = true;
+                    break 'listing;
                 }
-            };
-            let size = info.encoded_len();
-            if size > budget && !conversations.is_empty() {
-                has_more = true;
-                break;
+                budget = budget.saturating_sub(size);
+                conversations.push(info);
+                known[index] = true;
             }
-            budget = budget.saturating_sub(size);
-            conversations.push(info);
-            known[index] = true;
         }
 
         // Plan how many messages each conversation contributes.
@@ -436,28 +578,50 @@ impl<S: Store> Router<S> {
                     conversation_id: id.clone(),
                     after_seq,
                     limit: wanted,
+                    max_bytes: 0,
                 },
             ));
         }
-        let range_reads: Vec<RangeRead> = reads.iter().map(|(_, r)| r.clone()).collect();
-        let results = self.store.messages_after(&range_reads)?;
+        // Read them in waves, each read with its share of the bytes left,
+        // as many reads as the bytes left could fill with the heaviest
+        // messages (at most READ_WAVE): a read returns at most its share
+        // plus one message, so a wave reads about what the batch can hold.
+        // A conversation cut short is continued by the client (has_more).
+        let heaviest = self.config.max_body_bytes + MESSAGE_ENVELOPE_BYTES;
         let mut messages = Vec::new();
-        'conversations: for ((index, _), batch) in reads.iter().zip(results) {
-            let last_seq = last_seqs[*index];
-            let mut newest = 0;
-            for message in batch {
-                let size = message.encoded_len();
-                if size > budget && !(messages.is_empty() && conversations.is_empty()) {
-                    has_more = true;
-                    break 'conversations;
+        let mut next = 0;
+        'waves: while next < reads.len() && budget > 0 {
+            let wave_len = (budget / heaviest)
+                .clamp(1, READ_WAVE)
+                .min(reads.len() - next);
+            let share = budget / wave_len;
+            let wave = &mut reads[next..next + wave_len];
+            next += wave_len;
+            for (_, read) in wave.iter_mut() {
+                read.max_bytes = share;
+            }
+            let wave_reads: Vec<RangeRead> = wave.iter().map(|(_, r)| r.clone()).collect();
+            let results = self.store.messages_after(&wave_reads)?;
+            for ((index, _), batch) in wave.iter().zip(results) {
+                let last_seq = last_seqs[*index];
+                let mut newest = 0;
+                for message in batch {
+                    let size = message.encoded_len();
+                    if size > budget && !(messages.is_empty() && conversations.is_empty()) {
+                        has_more = true;
+                        break 'waves;
+                    }
+                    budget = budget.saturating_sub(size);
+                    newest = message.seq;
+                    messages.push(message);
                 }
-                budget = budget.saturating_sub(size);
-                newest = message.seq;
-                messages.push(message);
+                if newest != 0 && newest < last_seq {
+                    has_more = true;
+                }
             }
-            if newest != 0 && newest < last_seq {
-                has_more = true;
-            }
+        }
+        if next < reads.len() {
+            has_more = true;
         }
         out.frames.push(reply(
             req,
@@ -470,6 +634,10 @@ impl<S: Store> Router<S> {
         Ok(())
     }
 
+    /// History: the newest `limit` messages before `before_seq` that fit
+    /// `max_batch_bytes` (at least one), read by the store within that
+    /// budget: a page of 500 large messages copies what it returns, not
+    /// 500 messages.
     pub(super) fn history(
         &mut self,
         req: &Inbound,
@@ -479,24 +647,12 @@ impl<S: Store> Router<S> {
         let conversation_id = &history.conversation_id;
         self.check_member(conversation_id, &req.from.user_id)?;
         let limit = self.batch_limit(history.limit);
-        let mut slice = self
-            .store
-            .messages_before(conversation_id, history.before_seq, limit)?;
-        // Keep the newest messages that fit the byte budget (at least one).
-        let mut budget = self.config.max_batch_bytes;
-        let mut keep_from = slice.messages.len();
-        while keep_from > 0 {
-            let size = slice.messages[keep_from - 1].encoded_len();
-            if size > budget && keep_from < slice.messages.len() {
-                break;
-            }
-            budget = budget.saturating_sub(size);
-            keep_from -= 1;
-        }
-        if keep_from > 0 {
-            slice.messages.drain(..keep_from);
-            slice.has_more = true;
-        }
+        let slice = self.store.messages_before(
+            conversation_id,
+            history.before_seq,
+            limit,
+            self.config.max_batch_bytes,
+        )?;
         out.frames.push(reply(
             req,
             Body::HistoryPage(pb::HistoryPage {
@@ -508,3 +664,20 @@ impl<S: Store> Router<S> {
         Ok(())
     }
 }
+
+/// Absent conversations whose group records one store call reads while a
+/// SyncBatch's listing fills.
+const LISTING_CHUNK: usize = 16;
+
+/// What a stored message weighs against the storage quotas beyond its body
+/// (SPEC §13): ids, times, index entries.
+const QUOTA_OVERHEAD_BYTES: usize = 256;
+
+const DAY_MS: i64 = 24 * 60 * 60 * 1000;
+
+/// Most conversations whose messages one store call reads (one pipeline).
+const READ_WAVE: usize = 16;
+
+/// What the server adds to a Send's body in a stored message, at most (ids,
+/// sender, times, kind): with `max_body_bytes`, the heaviest message.
+const MESSAGE_ENVELOPE_BYTES: usize = 1024;

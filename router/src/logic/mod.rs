@@ -44,7 +44,7 @@ pub struct RouterConfig {
     pub max_body_bytes: usize,
     /// Messages kept per conversation for Sync and History.
     pub history_window: usize,
-    /// How long a (conversation, client_msg_id) is remembered for dedup.
+    /// How long a (conversation, sender, client_msg_id) is remembered for dedup.
     pub dedup_ttl_ms: i64,
     /// Messages per SyncBatch / HistoryPage when the request says 0.
     pub default_batch: usize,
@@ -74,6 +74,11 @@ pub struct RouterConfig {
     /// user's contacts (no direct conversation both have written in), all
     /// of them together (SPEC §11; QUOTA_EXCEEDED beyond).
     pub max_group_adds_by_strangers_per_day: u32,
+    /// Bytes one account may store per UTC day (SPEC §13: body + 256 per
+    /// message); a Send beyond is QUOTA_EXCEEDED.
+    pub account_bytes_per_day: u64,
+    /// Bytes one conversation may store per UTC day, all senders together.
+    pub conversation_bytes_per_day: u64,
 }
 
 impl Default for RouterConfig {
@@ -93,6 +98,8 @@ impl Default for RouterConfig {
             max_groups_per_user: 500,
             max_group_adds_per_adder_per_day: 10,
             max_group_adds_by_strangers_per_day: 20,
+            account_bytes_per_day: 64 * 1024 * 1024,
+            conversation_bytes_per_day: 256 * 1024 * 1024,
         }
     }
 }
@@ -425,6 +432,7 @@ impl<S: Store> Router<S> {
                     out.frames.push(Addressed {
                         to: addr.clone(),
                         frame: frame.clone(),
+                        answers_request: false,
                     });
                 }
             }
@@ -578,6 +586,7 @@ fn reply(req: &Inbound, body: Body) -> Addressed {
             request_id: req.request_id,
             body: Some(body),
         },
+        answers_request: true,
     }
 }
 
@@ -587,6 +596,7 @@ fn error_frame(req: &Inbound, code: ErrorCode, message: String) -> Addressed {
     Addressed {
         to: req.from.addr.clone(),
         frame: palaver_protocol::error_reply_to(req.request_id, &req.body, code, message),
+        answers_request: true,
     }
 }
 

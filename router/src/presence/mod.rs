@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use palaver_protocol::pb::{self, frame::Body};
 
+use crate::api::SessionAddr;
 use crate::bus::Addressed;
 use crate::logic::{presence_visible, PresenceVisibility};
 use crate::store::{SessionChange, SessionStore, StoreResult, UserStore};
@@ -60,6 +61,10 @@ pub struct SessionEffects {
     pub goaways: Vec<Addressed>,
     /// Users who came online or went offline, for [`fan_out`].
     pub presence: Vec<pb::Presence>,
+    /// Sessions opened beside the user's other devices' sessions, with
+    /// those sessions' gateways
+    /// ([`SessionsApplied::opened_beside`](crate::store::SessionsApplied::opened_beside)).
+    pub opened_beside: Vec<(SessionAddr, Vec<Arc<str>>)>,
 }
 
 /// The one session-change path: drops the watches of the connections that
@@ -90,6 +95,7 @@ pub fn apply_session_changes<S: SessionStore + ?Sized>(
     let mut effects = SessionEffects {
         goaways: Vec::with_capacity(applied.replaced.len()),
         presence: applied.presence,
+        opened_beside: applied.opened_beside,
     };
     if !applied.replaced.is_empty() {
         let mut watches = lock(watches);
@@ -98,6 +104,7 @@ pub fn apply_session_changes<S: SessionStore + ?Sized>(
             effects.goaways.push(Addressed {
                 to: old,
                 frame: replaced_goaway(),
+                answers_request: false,
             });
         }
     }
@@ -169,6 +176,7 @@ pub fn fan_out<S: UserStore + ?Sized>(
                 frames.push(Addressed {
                     to: watcher.addr.clone(),
                     frame: frame.clone(),
+                    answers_request: false,
                 });
             }
         }

@@ -8,33 +8,52 @@ use prost::Message as _;
 use redis::Value;
 
 use crate::store::{
-    Appended, ConversationStore, GroupRecord, HistorySlice, Membership, RangeRead, Retention,
-    StoreResult,
+    Appended, ConversationStore, GroupRecord, HistorySlice, Membership, QuotaCharge, RangeRead,
+    Retention, StoreResult,
 };
 
-use super::keys::{conv_key, dedup_key, receipt_key, SEQ_PREFIX_LEN};
+use super::keys::{conv_key, dedup_key, quota_key, receipt_key, SEQ_PREFIX_LEN};
 use super::{corrupt, from_value, RedisStore};
 
-impl ConversationStore for RedisStore {
-    fn append_message(
-        &mut self,
-        conversation_id: &str,
-        message: pb::Message,
-        retention: &Retention,
-    ) -> StoreResult<Appended> {
-        self.append_messages(vec![(conversation_id.to_owned(), message)], retention)?
-            .pop()
-            .ok_or_else(|| corrupt("no reply to an append"))
-    }
+/// The heaviest message a history entry can hold (a Send fits a 64 KiB
+/// frame; the server adds ids and times): `read_range.lua` sizes its
+/// chunks by it, so it fetches at most one message beyond a read's budget.
+const HEAVIEST_MESSAGE_BYTES: usize = 65 * 1024;
 
-    /// One pipeline of append scripts: one round trip per node, and with
-    /// `appendfsync always` one AOF fsync for the whole batch (Redis writes
-    /// and fsyncs once per event-loop turn before replying).
-    fn append_messages(
+impl RedisStore {
+    /// One `read_range.lua` call: direction `a` (after `bound`) or `b`
+    /// (before `bound`).
+    fn read_range(
+        &self,
+        conversation_id: &str,
+        direction: &[u8],
+        bound: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> redis::Cmd {
+        Self::evalsha(
+            &self.scripts.read_range,
+            &[&conv_key(conversation_id, "h")],
+            &[
+                direction,
+                bound.to_string().as_bytes(),
+                limit.to_string().as_bytes(),
+                max_bytes.to_string().as_bytes(),
+                HEAVIEST_MESSAGE_BYTES.to_string().as_bytes(),
+            ],
+        )
+    }
+}
+
+impl RedisStore {
+    /// Append scripts for `appends`, one pipeline; with `check_only` they
+    /// store nothing and say only which are duplicates (None: new).
+    fn run_appends(
         &mut self,
         appends: Vec<(String, pb::Message)>,
         retention: &Retention,
-    ) -> StoreResult<Vec<Appended>> {
+        check_only: bool,
+    ) -> StoreResult<Vec<Option<Appended>>> {
         let mut cmds = Vec::with_capacity(appends.len());
         let mut messages = Vec::with_capacity(appends.len());
         let (now, ttl, window) = (
@@ -45,6 +64,12 @@ impl ConversationStore for RedisStore {
         for (conversation_id, mut message) in appends {
             message.seq = 0;
             let encoded = message.encode_to_vec();
+            // The dedup key: sender, then client_msg_id (append.lua).
+            let mut dedup_field =
+                Vec::with_capacity(message.sender_user_id.len() + 1 + message.client_msg_id.len());
+            dedup_field.extend_from_slice(message.sender_user_id.as_bytes());
+            dedup_field.push(0);
+            dedup_field.extend_from_slice(&message.client_msg_id);
             let (seq, h, dd, dq, legacy, writers) = (
                 conv_key(&conversation_id, "seq"),
                 conv_key(&conversation_id, "h"),
@@ -54,19 +79,25 @@ impl ConversationStore for RedisStore {
                 conv_key(&conversation_id, "w"),
             );
             let mut keys: Vec<&str> = vec![&seq, &h, &dd, &dq, &legacy];
-            let mut args: Vec<&[u8]> = vec![
-                &encoded,
-                &message.client_msg_id,
-                now.as_bytes(),
-                ttl.as_bytes(),
-                window.as_bytes(),
-            ];
-            // A direct conversation records its writers (SPEC §10 consent).
+            // A direct conversation records its writers (SPEC §10 consent;
+            // the sender is ARGV[7]).
             if palaver_protocol::parse_direct(&conversation_id).is_some() {
                 keys.push(&writers);
-                args.push(message.sender_user_id.as_bytes());
             }
-            cmds.push(Self::evalsha(&self.scripts.append, &keys, &args));
+            cmds.push(Self::evalsha(
+                &self.scripts.append,
+                &keys,
+                &[
+                    &encoded,
+                    &dedup_field,
+                    now.as_bytes(),
+                    ttl.as_bytes(),
+                    window.as_bytes(),
+                    &message.client_msg_id,
+                    message.sender_user_id.as_bytes(),
+                    if check_only { b"1" } else { b"0" },
+                ],
+            ));
             messages.push((conversation_id, message));
         }
         let replies = self.pipeline(cmds)?;
@@ -88,8 +119,9 @@ impl ConversationStore for RedisStore {
                 let (message_id, server_time_ms) = match code {
                     1 => {
                         message.seq = seq;
-                        return Ok(Appended::Stored(message));
+                        return Ok(Some(Appended::Stored(message)));
                     }
+                    3 => return Ok(None),
                     2 => {
                         let member: Vec<u8> = from_value(reply.next().unwrap_or(Value::Nil))?;
                         let original = decode_history_member(&member)?;
@@ -101,15 +133,57 @@ impl ConversationStore for RedisStore {
                         (id, time)
                     }
                 };
-                Ok(Appended::Duplicate(pb::SendAck {
+                Ok(Some(Appended::Duplicate(pb::SendAck {
                     client_msg_id: message.client_msg_id,
                     message_id,
                     conversation_id,
                     seq,
                     server_time_ms,
-                }))
+                })))
             })
             .collect()
+    }
+}
+
+impl ConversationStore for RedisStore {
+    fn append_message(
+        &mut self,
+        conversation_id: &str,
+        message: pb::Message,
+        retention: &Retention,
+    ) -> StoreResult<Appended> {
+        self.append_messages(vec![(conversation_id.to_owned(), message)], retention)?
+            .pop()
+            .ok_or_else(|| corrupt("no reply to an append"))
+    }
+
+    /// One pipeline of append scripts: one round trip per node, and with
+    /// `appendfsync always` one AOF fsync for the whole batch (Redis writes
+    /// and fsyncs once per event-loop turn before replying).
+    fn append_messages(
+        &mut self,
+        appends: Vec<(String, pb::Message)>,
+        retention: &Retention,
+    ) -> StoreResult<Vec<Appended>> {
+        self.run_appends(appends, retention, false)?
+            .into_iter()
+            .map(|a| a.ok_or_else(|| corrupt("an append stored nothing")))
+            .collect()
+    }
+
+    fn find_duplicates(
+        &mut self,
+        appends: Vec<(String, pb::Message)>,
+        retention: &Retention,
+    ) -> StoreResult<Vec<Option<pb::SendAck>>> {
+        Ok(self
+            .run_appends(appends, retention, true)?
+            .into_iter()
+            .map(|a| match a {
+                Some(Appended::Duplicate(ack)) => Some(ack),
+                _ => None,
+            })
+            .collect())
     }
 
     fn last_seqs(&mut self, conversation_ids: &[String]) -> StoreResult<Vec<u64>> {
@@ -126,20 +200,11 @@ impl ConversationStore for RedisStore {
     fn messages_after(&mut self, reads: &[RangeRead]) -> StoreResult<Vec<Vec<pb::Message>>> {
         let cmds = reads
             .iter()
-            .map(|r| {
-                redis::cmd("ZRANGEBYSCORE")
-                    .arg(conv_key(&r.conversation_id, "h"))
-                    .arg(format!("({}", r.after_seq))
-                    .arg("+inf")
-                    .arg("LIMIT")
-                    .arg(0)
-                    .arg(r.limit)
-                    .clone()
-            })
+            .map(|r| self.read_range(&r.conversation_id, b"a", r.after_seq, r.limit, r.max_bytes))
             .collect();
         self.pipeline(cmds)?
             .into_iter()
-            .map(|v| decode_history(from_value(v)?))
+            .map(|v| Ok(decode_range(v)?.1))
             .collect()
     }
 
@@ -148,28 +213,40 @@ impl ConversationStore for RedisStore {
         conversation_id: &str,
         before_seq: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> StoreResult<HistorySlice> {
         if limit == 0 {
             return Ok(HistorySlice::default());
         }
-        let max = if before_seq == 0 {
-            "+inf".to_string()
-        } else {
-            format!("({before_seq}")
-        };
-        let members: Vec<Vec<u8>> = self.query(
-            redis::cmd("ZREVRANGEBYSCORE")
-                .arg(conv_key(conversation_id, "h"))
-                .arg(max)
-                .arg("-inf")
-                .arg("LIMIT")
-                .arg(0)
-                .arg(limit + 1),
-        )?;
-        let has_more = members.len() > limit;
-        let mut messages = decode_history(members.into_iter().take(limit).collect())?;
+        let cmd = self.read_range(conversation_id, b"b", before_seq, limit, max_bytes);
+        let reply = self.pipeline(vec![cmd])?.pop();
+        let (has_more, mut messages) =
+            decode_range(reply.ok_or_else(|| corrupt("no reply to a history read"))?)?;
         messages.reverse();
         Ok(HistorySlice { messages, has_more })
+    }
+
+    fn charge_quotas(&mut self, charges: &[QuotaCharge]) -> StoreResult<Vec<bool>> {
+        // Kept two days: the day's counter outlives its day on any clock.
+        const TTL_S: &[u8] = b"172800";
+        let cmds = charges
+            .iter()
+            .map(|c| {
+                Self::evalsha(
+                    &self.scripts.charge_quota,
+                    &[&quota_key(&c.owner, c.day)],
+                    &[
+                        c.bytes.to_string().as_bytes(),
+                        c.limit.to_string().as_bytes(),
+                        TTL_S,
+                    ],
+                )
+            })
+            .collect();
+        self.pipeline(cmds)?
+            .into_iter()
+            .map(|v| Ok(from_value::<i64>(v)? == 1))
+            .collect()
     }
 
     fn senders_between(
@@ -352,6 +429,20 @@ fn decode_history_member(member: &[u8]) -> StoreResult<pb::Message> {
         .map_err(|e| corrupt(format!("history entry: {e}")))?;
     message.seq = seq;
     Ok(message)
+}
+
+/// A `read_range.lua` reply: {has_more, member...}.
+fn decode_range(reply: redis::Value) -> StoreResult<(bool, Vec<pb::Message>)> {
+    let mut items: Vec<redis::Value> = from_value(reply)?;
+    if items.is_empty() {
+        return Err(corrupt("empty history read reply"));
+    }
+    let has_more: i64 = from_value(items.remove(0))?;
+    let members = items
+        .into_iter()
+        .map(from_value::<Vec<u8>>)
+        .collect::<StoreResult<Vec<_>>>()?;
+    Ok((has_more != 0, decode_history(members)?))
 }
 
 fn decode_history(members: Vec<Vec<u8>>) -> StoreResult<Vec<pb::Message>> {

@@ -30,7 +30,7 @@ pub(super) fn offline_presence(user_id: &str, at_ms: i64) -> pb::Presence {
 
 impl RedisStore {
     /// For each gateway id: is it known to be dead (registered, lease gone)?
-    pub(super) fn dead_gateways_among(
+    pub(crate) fn dead_gateways_among(
         &mut self,
         gateway_ids: &HashSet<Arc<str>>,
     ) -> StoreResult<HashSet<Arc<str>>> {

@@ -20,6 +20,7 @@
 //! | `u:{<user>}:push` | set | conversations with a pending push |
 //! | `u:{<user>}:sess` | hash | device → `<conn>\|<gateway>` |
 //! | `u:{<user>}:seen` | string | last seen, ms |
+//! | `u:{<user>}:q:<day>` / `c:{<conv>}:q:<day>` | string, EX | bytes stored that UTC day (storage quotas) |
 //! | `gw:{gw}:lease:<id>` | string, PX | gateway lease (alive while present) |
 //! | `gw:{gw}:known` | set | gateways that ever registered |
 //! | `gw:{gw}:reap:<id>` | string, EX | lock: one gateway reaps a dead one |
@@ -32,6 +33,7 @@
 use palaver_protocol::pb;
 
 use crate::api::SessionAddr;
+use crate::store::QuotaOwner;
 
 pub(super) const SEQ_PREFIX_LEN: usize = 20;
 pub(super) const LEASE_PREFIX: &str = "gw:{gw}:lease:";
@@ -59,6 +61,14 @@ pub(super) fn dedup_key(conversation_id: &str, client_msg_id: &[u8]) -> String {
 /// A user's group-add counts of UTC day `day` (see the key layout).
 pub(super) fn adds_key(user_id: &str, day: i64) -> String {
     user_key(user_id, &format!("adds:{day}"))
+}
+
+/// The storage quota counter of `owner` on UTC day `day`.
+pub(super) fn quota_key(owner: &QuotaOwner, day: u32) -> String {
+    match owner {
+        QuotaOwner::Account(user_id) => user_key(user_id, &format!("q:{day}")),
+        QuotaOwner::Conversation(id) => conv_key(id, &format!("q:{day}")),
+    }
 }
 
 pub(super) fn receipt_key(conversation_id: &str, kind: pb::ReceiptKind) -> String {

@@ -99,6 +99,8 @@ struct Scripts {
     open_session: Script,
     close_session: Script,
     dead_gateways: Script,
+    read_range: Script,
+    charge_quota: Script,
 }
 
 impl Scripts {
@@ -111,11 +113,15 @@ impl Scripts {
             open_session: Script::new(OPEN_SESSION_LUA),
             close_session: Script::new(CLOSE_SESSION_LUA),
             dead_gateways: Script::new(DEAD_GATEWAYS_LUA),
+            read_range: Script::new(READ_RANGE_LUA),
+            charge_quota: Script::new(CHARGE_QUOTA_LUA),
         }
     }
 
-    fn all(&self) -> [&Script; 7] {
+    fn all(&self) -> [&Script; 9] {
         [
+            &self.charge_quota,
+            &self.read_range,
             &self.append,
             &self.advance_receipt,
             &self.create_group,
@@ -136,6 +142,8 @@ const UPDATE_MEMBERS_LUA: &str = include_str!("scripts/update_members.lua");
 const OPEN_SESSION_LUA: &str = include_str!("scripts/open_session.lua");
 const CLOSE_SESSION_LUA: &str = include_str!("scripts/close_session.lua");
 const DEAD_GATEWAYS_LUA: &str = include_str!("scripts/dead_gateways.lua");
+const READ_RANGE_LUA: &str = include_str!("scripts/read_range.lua");
+const CHARGE_QUOTA_LUA: &str = include_str!("scripts/charge_quota.lua");
 
 fn unavailable(e: RedisError) -> StoreError {
     StoreError::Unavailable(e.to_string())

@@ -162,6 +162,20 @@ impl SessionStore for RedisStore {
                     } else {
                         decode_addr(&prev)
                     };
+                    if matches!(change, SessionChange::Opened(_)) && recorded == 1 {
+                        // The user's other devices' sessions, for the
+                        // account cap (SPEC §4); `before` holds this
+                        // device's previous address too.
+                        let beside: Vec<Arc<str>> = before
+                            .iter()
+                            .filter_map(|a| decode_addr(a))
+                            .filter(|a| Some(a) != prev.as_ref() && *a != s.addr)
+                            .map(|a| a.gateway_id)
+                            .collect();
+                        if !beside.is_empty() {
+                            result.opened_beside.push((s.addr.clone(), beside));
+                        }
+                    }
                     match prev.filter(|p| *p != s.addr) {
                         // A refused reopen: the holder is newer.
                         Some(holder) if recorded == 0 => {

@@ -2,6 +2,8 @@
 //! no per-recipient round trips) and the items its reads return (to check
 //! that work does not grow with data an asker may not see), and can be told
 //! to fail.
+// Each test binary uses part of it.
+#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -24,11 +26,20 @@ pub struct Instrumented {
     pub failing: bool,
     /// When set, calls of this one method fail that way.
     pub fail_on: Option<&'static str>,
+    /// When set, calls of this one method panic (a stand-in for a bug).
+    pub panic_on: Option<&'static str>,
+    /// Encoded bytes of the messages the reads returned, and group records
+    /// read: the work a request made the store do.
+    pub message_bytes_read: usize,
+    pub group_records_read: usize,
 }
 
 impl Instrumented {
     fn call(&mut self, name: &'static str) -> StoreResult<&mut MemoryStore> {
         *self.calls.entry(name).or_default() += 1;
+        if self.panic_on == Some(name) {
+            panic!("test: {name} panics");
+        }
         if self.failing || self.fail_on == Some(name) {
             return Err(StoreError::Unavailable("test says so".into()));
         }
@@ -90,11 +101,32 @@ impl ConversationStore for Instrumented {
         self.call("last_seqs")?.last_seqs(ids)
     }
     fn messages_after(&mut self, reads: &[RangeRead]) -> StoreResult<Vec<Vec<pb::Message>>> {
-        self.call("messages_after")?.messages_after(reads)
+        let found = self.call("messages_after")?.messages_after(reads)?;
+        self.message_bytes_read += found.iter().flatten().map(message_size).sum::<usize>();
+        Ok(found)
     }
-    fn messages_before(&mut self, c: &str, before: u64, limit: usize) -> StoreResult<HistorySlice> {
-        self.call("messages_before")?
-            .messages_before(c, before, limit)
+    fn messages_before(
+        &mut self,
+        c: &str,
+        before: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> StoreResult<HistorySlice> {
+        let slice = self
+            .call("messages_before")?
+            .messages_before(c, before, limit, max_bytes)?;
+        self.message_bytes_read += slice.messages.iter().map(message_size).sum::<usize>();
+        Ok(slice)
+    }
+    fn find_duplicates(
+        &mut self,
+        appends: Vec<(String, pb::Message)>,
+        r: &Retention,
+    ) -> StoreResult<Vec<Option<pb::SendAck>>> {
+        self.call("find_duplicates")?.find_duplicates(appends, r)
+    }
+    fn charge_quotas(&mut self, charges: &[QuotaCharge]) -> StoreResult<Vec<bool>> {
+        self.call("charge_quotas")?.charge_quotas(charges)
     }
     fn senders_between(&mut self, c: &str, a: u64, b: u64) -> StoreResult<Vec<String>> {
         let r = self.call("senders_between")?.senders_between(c, a, b);
@@ -113,6 +145,7 @@ impl ConversationStore for Instrumented {
         self.call("create_group")?.create_group(g)
     }
     fn groups(&mut self, ids: &[String]) -> StoreResult<Vec<Option<GroupRecord>>> {
+        self.group_records_read += ids.len();
         let r = self.call("groups")?.groups(ids);
         self.returned("groups", r, |g| {
             g.iter().flatten().map(|g| g.members.len()).sum()

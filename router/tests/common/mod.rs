@@ -1,8 +1,10 @@
 //! Shared test helpers: sessions, request builders, frame matchers.
 #![allow(dead_code)]
 
+use std::sync::atomic::{AtomicU32, Ordering};
+
 use palaver_protocol::pb::{self, frame::Body};
-use palaver_router::{Inbound, Session, SessionAddr};
+use palaver_router::{Clock, Inbound, Session, SessionAddr, SystemClock};
 
 pub fn addr(gateway: &str, conn: u64) -> SessionAddr {
     SessionAddr {
@@ -70,5 +72,35 @@ pub fn error(frame: &pb::Frame) -> Option<&pb::Error> {
     match &frame.body {
         Some(Body::Error(e)) => Some(e),
         _ => None,
+    }
+}
+
+/// A clock that panics the next two times it is read after `arm`: a
+/// stand-in for a bug that makes one request's handling panic every time it
+/// is handled (a Send reads the clock before it touches the store). A driver
+/// runs a batch as one unit first (one clock read for a run of Sends); when
+/// that panics it runs the requests one at a time, and the one that panics
+/// again is the one given up on.
+#[derive(Default)]
+pub struct TrapClock {
+    armed: AtomicU32,
+}
+
+impl TrapClock {
+    pub fn arm(&self) {
+        self.armed.store(2, Ordering::SeqCst);
+    }
+}
+
+impl Clock for TrapClock {
+    fn now_ms(&self) -> i64 {
+        if self
+            .armed
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            panic!("trap: this request's handling panics");
+        }
+        SystemClock.now_ms()
     }
 }

@@ -9,8 +9,8 @@ use std::time::Duration;
 use palaver_protocol::pb;
 use palaver_router::api::{Session, SessionAddr};
 use palaver_router::store::{
-    Appended, GroupAdds, GroupRecord, Membership, RangeRead, Retention, SessionChange,
-    SessionsApplied, Store, UserPresence,
+    message_size, Appended, GroupAdds, GroupRecord, Membership, QuotaCharge, QuotaOwner, RangeRead,
+    Retention, SessionChange, SessionsApplied, Store, UserPresence,
 };
 
 pub fn retention(now_ms: i64, window: usize) -> Retention {
@@ -56,6 +56,171 @@ pub fn session(user: &str, device: &str, gw: &str, conn: u64) -> Session {
     }
 }
 
+/// Storage quota counters: a charge is taken only while the day's total
+/// stays within its limit, refunds always apply, owners and days apart.
+pub fn quotas_count_per_owner_and_day<S: Store>(mut s: S) {
+    let charge = |owner: QuotaOwner, day, bytes| QuotaCharge {
+        owner,
+        day,
+        bytes,
+        limit: 1000,
+    };
+    let alice = || QuotaOwner::Account("alice".into());
+    let conv = || QuotaOwner::Conversation("alice".into());
+    let got = s
+        .charge_quotas(&[
+            charge(alice(), 20_000, 600),
+            charge(alice(), 20_000, 400),
+            charge(alice(), 20_000, 1),
+            charge(conv(), 20_000, 1000),
+        ])
+        .unwrap();
+    assert_eq!(
+        got,
+        vec![true, true, false, true],
+        "an account and a conversation of the same name are apart"
+    );
+    // A refund makes room again, and never goes below zero.
+    assert_eq!(
+        s.charge_quotas(&[charge(alice(), 20_000, -300), charge(alice(), 20_000, 301)])
+            .unwrap(),
+        vec![true, false]
+    );
+    assert_eq!(
+        s.charge_quotas(&[charge(alice(), 20_000, 300)]).unwrap(),
+        vec![true]
+    );
+    assert_eq!(
+        s.charge_quotas(&[
+            charge(conv(), 20_000, -5000),
+            charge(conv(), 20_000, 1000),
+            charge(conv(), 20_000, 1),
+        ])
+        .unwrap(),
+        vec![true, true, false]
+    );
+    // The next day starts from zero.
+    assert_eq!(
+        s.charge_quotas(&[charge(alice(), 20_001, 1000)]).unwrap(),
+        vec![true]
+    );
+    // A single charge above the limit is never taken.
+    assert_eq!(
+        s.charge_quotas(&[charge(QuotaOwner::Account("bob".into()), 20_001, 1001)])
+            .unwrap(),
+        vec![false]
+    );
+}
+
+/// The dedup key is (conversation, sender, client_msg_id) (SPEC §6): another
+/// member reusing a client_msg_id gets a message of his own, and each
+/// sender's retry still gets its own original ack.
+pub fn dedup_is_per_sender<S: Store>(mut s: S) {
+    let first = stored(
+        s.append_message("g", message("g", 9, "alice"), &retention(0, 10))
+            .unwrap(),
+    );
+    let mut copied = message("g", 9, "bob");
+    copied.message_id = "bob's".into();
+    copied.body = b"bob's own words".to_vec();
+    let second = stored(s.append_message("g", copied, &retention(1, 10)).unwrap());
+    assert_eq!((first.seq, second.seq), (1, 2));
+    assert_eq!(second.body, b"bob's own words");
+    for (sender, seq, id) in [("alice", 1, "m9"), ("bob", 2, "bob's")] {
+        match s
+            .append_message("g", message("g", 9, sender), &retention(2, 10))
+            .unwrap()
+        {
+            Appended::Duplicate(ack) => {
+                assert_eq!((ack.seq, ack.message_id.as_str()), (seq, id), "{sender}")
+            }
+            other => panic!("{sender}'s retry: {other:?}"),
+        }
+    }
+    // Looking for duplicates stores nothing.
+    let found = s
+        .find_duplicates(
+            vec![
+                ("g".into(), message("g", 9, "bob")),
+                ("g".into(), message("g", 9, "carol")),
+                ("other".into(), message("other", 9, "alice")),
+            ],
+            &retention(3, 10),
+        )
+        .unwrap();
+    let seqs: Vec<Option<u64>> = found.iter().map(|a| a.as_ref().map(|a| a.seq)).collect();
+    assert_eq!(seqs, vec![Some(2), None, None]);
+    assert_eq!(
+        s.last_seqs(&["g".into(), "other".into()]).unwrap(),
+        vec![2, 0]
+    );
+}
+
+/// Reads return what fits their byte budget (`message_size`, measured the
+/// same by every store, the first message always) and no more: a History
+/// or Sync of large messages never copies `limit` of them to return a few.
+pub fn reads_stay_within_their_byte_budget<S: Store>(mut s: S) {
+    // 150 messages of 1-3 KB, so seqs pass 127 (a 2-byte varint).
+    for i in 1..=150u32 {
+        let mut m = message("big", (i % 250) as u8, "u");
+        m.client_msg_id = i.to_be_bytes().repeat(4);
+        m.body = vec![7; 1000 * (1 + i as usize % 3)];
+        s.append_message("big", m, &retention(0, 1000)).unwrap();
+    }
+    let read = |after_seq, limit, max_bytes| RangeRead {
+        conversation_id: "big".into(),
+        after_seq,
+        limit,
+        max_bytes,
+    };
+    let all = s
+        .messages_after(&[read(0, 500, usize::MAX)])
+        .unwrap()
+        .remove(0);
+    assert_eq!(all.len(), 150);
+    let sizes: Vec<usize> = all.iter().map(message_size).collect();
+    // Exactly the prefix that fits, at a boundary and one byte under it,
+    // on both sides of seq 128.
+    for (after, k) in [(0usize, 5usize), (120, 20)] {
+        let exact: usize = sizes[after..after + k].iter().sum();
+        for (budget, want) in [(exact, k), (exact - 1, k - 1)] {
+            let got = s
+                .messages_after(&[read(after as u64, 500, budget)])
+                .unwrap()
+                .remove(0);
+            assert_eq!(
+                got,
+                all[after..after + want].to_vec(),
+                "after {after}, {budget} B"
+            );
+        }
+    }
+    // The first message always, whatever the budget; the limit still binds.
+    let one = s.messages_after(&[read(10, 500, 0)]).unwrap().remove(0);
+    assert_eq!(one, all[10..11].to_vec());
+    let two = s
+        .messages_after(&[read(10, 2, usize::MAX)])
+        .unwrap()
+        .remove(0);
+    assert_eq!(two, all[10..12].to_vec());
+    // History: the newest that fit, ascending, and whether older remain.
+    let newest: usize = sizes[140..].iter().sum();
+    let page = s.messages_before("big", 0, 500, newest).unwrap();
+    assert_eq!(page.messages, all[140..].to_vec());
+    assert!(page.has_more);
+    let page = s.messages_before("big", 141, 500, newest - 1).unwrap();
+    assert_eq!(page.messages.first().map(|m| m.seq), Some(132));
+    assert_eq!(page.messages.last().map(|m| m.seq), Some(140));
+    let page = s.messages_before("big", 0, 500, 0).unwrap();
+    assert_eq!(page.messages, all[149..].to_vec());
+    let page = s.messages_before("big", 4, 500, usize::MAX).unwrap();
+    assert_eq!(page.messages, all[..3].to_vec());
+    assert!(!page.has_more);
+    let page = s.messages_before("big", 4, 2, usize::MAX).unwrap();
+    assert_eq!(page.messages, all[1..3].to_vec());
+    assert!(page.has_more);
+}
+
 pub fn ranges_and_senders<S: Store>(mut s: S) {
     for i in 1..=10u8 {
         let sender = if i % 2 == 0 { "even" } else { "odd" };
@@ -68,11 +233,13 @@ pub fn ranges_and_senders<S: Store>(mut s: S) {
                 conversation_id: "c2".into(),
                 after_seq: 7,
                 limit: 2,
+                max_bytes: usize::MAX,
             },
             RangeRead {
                 conversation_id: "nope".into(),
                 after_seq: 0,
                 limit: 2,
+                max_bytes: usize::MAX,
             },
         ])
         .unwrap();
@@ -81,13 +248,13 @@ pub fn ranges_and_senders<S: Store>(mut s: S) {
         vec![8, 9]
     );
     assert!(after[1].is_empty());
-    let page = s.messages_before("c2", 0, 3).unwrap();
+    let page = s.messages_before("c2", 0, 3, usize::MAX).unwrap();
     assert_eq!(
         page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
         vec![8, 9, 10]
     );
     assert!(page.has_more);
-    let page = s.messages_before("c2", 3, 5).unwrap();
+    let page = s.messages_before("c2", 3, 5, usize::MAX).unwrap();
     assert_eq!(
         page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
         vec![1, 2]
@@ -365,11 +532,17 @@ pub fn sessions_and_registry<S: Store>(mut s: S, mut expire_lease: impl FnMut(&m
     // A second device: no change; the user goes offline only with the last
     // device, last seen at its close.
     let tablet = session("s1", "tablet", "gA", 2);
-    assert_eq!(
-        s.apply_sessions("gA", LEASE, 40, &[opened(&tablet)])
-            .unwrap(),
-        nothing
+    let mut applied = s
+        .apply_sessions("gA", LEASE, 40, &[opened(&tablet)])
+        .unwrap();
+    // Opened beside the phone on gB: a store may report it, for the
+    // account cap across gateways (the memory store, one node, does not).
+    let beside = std::mem::take(&mut applied.opened_beside);
+    assert!(
+        beside.is_empty() || beside == vec![(addr("gA", 2), vec!["gB".into()])],
+        "{beside:?}"
     );
+    assert_eq!(applied, nothing);
     assert_eq!(
         s.apply_sessions("gB", LEASE, 50, &[closed(&b7, 50)])
             .unwrap(),
@@ -539,6 +712,19 @@ pub fn presence_events_ignore_dead_gateways<S: Store>(
             &[opened(&q2_phone), opened(&q4_phone), closed(&q4_phone, 25)],
         )
         .unwrap();
+    // Opened beside the first devices on gD (dead ones are not judged here:
+    // the account cap reads leases only at the cap); a store may report it.
+    let mut applied = applied;
+    let beside = std::mem::take(&mut applied.opened_beside);
+    assert!(
+        beside.is_empty()
+            || beside
+                == vec![
+                    (addr("gL", 12), vec!["gD".into()]),
+                    (addr("gL", 14), vec!["gD".into()]),
+                ],
+        "{beside:?}"
+    );
     assert_eq!(applied, SessionsApplied::default(), "q4 still on gD");
     assert!(s
         .apply_sessions("gX", LEASE, 30, &[opened(&q5_phone)])

@@ -14,23 +14,67 @@
 -- still read so a retry of a message stored before the upgrade is
 -- recognised until that key expires; it is never written.
 --
+-- The dedup key is the sender with the client_msg_id (SPEC §6): field
+-- `<sender>\0<client_msg_id>` (user ids never hold a NUL). Entries of the
+-- previous layout (field = the bare client_msg_id, ARGV[6]) are still read,
+-- and count only when the original's sender (field 4 of the stored
+-- message) is this sender.
+--
 -- KEYS[6], given for a direct conversation only, is its set of users who
 -- have written in it: a stored message adds its sender (SPEC §10 consent).
 --
 -- KEYS: seq, history, dedup hash, dedup order list, legacy dedup key[, writers].
--- ARGV: message (seq 0), client_msg_id, now_ms, dedup_ttl_ms, window[, sender].
+-- ARGV: message (seq 0), dedup field, now_ms, dedup_ttl_ms, window,
+--       bare client_msg_id, sender, check_only ('1': only look for a
+--       duplicate, store nothing).
 -- Returns {1, seq} when stored; {2, seq, history member} for a duplicate;
--- {0, seq, time, message_id} for a duplicate found under the legacy key.
+-- {0, seq, time, message_id} for a duplicate found under the legacy key;
+-- {3, 0} when check_only found no duplicate.
 local now = tonumber(ARGV[3])
 local ttl = tonumber(ARGV[4])
-local d = redis.call('HGET', KEYS[3], ARGV[2])
-if d then
+
+-- The sender_user_id of a history member: a 20-digit seq prefix, then the
+-- message as prost writes it, fields in number order (1 and 3 are strings;
+-- seq, field 2, is 0 and absent).
+local function sender_of(m)
+  local i = 21
+  while i <= #m do
+    local tag = string.byte(m, i)
+    i = i + 1
+    if tag % 8 ~= 2 then return nil end
+    local len, shift, b = 0, 1, 128
+    while b >= 128 do
+      b = string.byte(m, i)
+      i = i + 1
+      len = len + (b % 128) * shift
+      shift = shift * 128
+    end
+    local field = math.floor(tag / 8)
+    if field == 4 then return string.sub(m, i, i + len - 1) end
+    if field > 4 then return '' end
+    i = i + len
+  end
+  return ''
+end
+
+local function original(field, check_sender)
+  local d = redis.call('HGET', KEYS[3], field)
+  if not d then return nil, false end
   local seq, t = string.match(d, '^(%d+) (%-?%d+)$')
   if seq and tonumber(t) + ttl > now then
     local m = redis.call('ZRANGEBYSCORE', KEYS[2], seq, seq)
-    if m[1] then return {2, seq, m[1]} end
+    if m[1] and (not check_sender or sender_of(m[1]) == ARGV[7]) then
+      return {2, seq, m[1]}, true
+    end
   end
-else
+  return nil, true
+end
+
+local hit, found = original(ARGV[2], false)
+if hit then return hit end
+local legacy_hit, legacy_found = original(ARGV[6], true)
+if legacy_hit then return legacy_hit end
+if not found and not legacy_found then
   local old = redis.call('GET', KEYS[5])
   if old then
     local exp, seq, t, id = string.match(old, '^(%-?%d+) (%d+) (%-?%d+) (.*)$')
@@ -39,6 +83,7 @@ else
     end
   end
 end
+if ARGV[8] == '1' then return {3, 0} end
 local seq = redis.call('INCR', KEYS[1])
 redis.call('ZADD', KEYS[2], seq, string.format('%020d', seq) .. ARGV[1])
 if ttl > 0 then
@@ -61,5 +106,5 @@ if window > 0 and redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(window + 1)) > 0 t
     end
   end
 end
-if KEYS[6] then redis.call('SADD', KEYS[6], ARGV[6]) end
+if KEYS[6] then redis.call('SADD', KEYS[6], ARGV[7]) end
 return {1, seq}
