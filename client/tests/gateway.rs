@@ -359,7 +359,13 @@ fn presence_subscriptions_are_restored_after_a_reconnect_and_report_a_quick_leav
     ra.wait_connected(1);
     let (bob, _rb) = stack.login("bob", "phone");
     let conv = dm("alice", "bob");
-    // A shared conversation makes bob's presence visible to alice (SPEC §10).
+    // A shared group makes bob's presence visible to alice (SPEC §10; their
+    // direct conversation counts only once both have written in it).
+    let ticket = alice.create_group("ab".into(), vec!["bob".into()]).unwrap();
+    ra.wait("group", T, |e| {
+        e.iter()
+            .any(|e| matches!(e, ClientEvent::ConversationResult { ticket: t, .. } if *t == ticket))
+    });
     for i in 0..5 {
         bob.send_text(conv.clone(), format!("h{i}")).unwrap();
     }

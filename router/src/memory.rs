@@ -11,9 +11,9 @@ use palaver_protocol::pb;
 use crate::api::{Session, SessionAddr};
 use crate::logic::Clock;
 use crate::store::{
-    Appended, Budget, ConversationStore, GatewayRegistry, GroupRecord, HistorySlice, Membership,
-    QuotaCharge, QuotaOwner, RangeRead, Retention, SessionChange, SessionStore, SessionsApplied,
-    StoreResult, UserPresence, UserSessions, UserStore,
+    Appended, Budget, ConversationStore, GatewayRegistry, GroupAdds, GroupRecord, HistorySlice,
+    Membership, QuotaCharge, QuotaOwner, RangeRead, Retention, SessionChange, SessionStore,
+    SessionsApplied, StoreResult, UserPresence, UserSessions, UserStore,
 };
 
 #[derive(Default)]
@@ -37,6 +37,9 @@ pub struct MemoryStore {
     /// Judges lease expiry; the system clock when `None` (a test injects a
     /// manual one to expire a lease without sleeping).
     clock: Option<Arc<dyn Clock>>,
+    /// Entries [`UserStore::presence_links`] looked at, ever (see
+    /// [`MemoryStore::visibility_lookups`]).
+    visibility_lookups: u64,
     /// Storage quota counters of `quota_day` (the newest day charged);
     /// cleared when a later day starts, so they hold one day's owners.
     quotas: HashMap<QuotaOwner, u64>,
@@ -51,6 +54,10 @@ struct ConversationState {
     /// (user, receipt kind) → mark
     receipts: HashMap<(String, i32), u64>,
     group: Option<GroupState>,
+    /// A direct conversation `dm:<a>:<b>`: bit 0 set once `a` has written
+    /// in it, bit 1 once `b` has (SPEC §10: it counts for presence when
+    /// both are set).
+    direct_writers: u8,
 }
 
 /// Messages per history chunk. Bounds the work of any one append: no
@@ -244,7 +251,19 @@ struct GroupState {
 #[derive(Default)]
 struct UserState {
     conversations: BTreeSet<String>,
+    /// The groups among `conversations` (walked by
+    /// [`UserStore::presence_links`], counted for the per-user group cap).
+    groups: HashSet<String>,
     push_pending: HashSet<String>,
+    /// The latest day's group-add counts (older days are forgotten).
+    adds: Option<DayAdds>,
+}
+
+/// One UTC day's adds of a user to groups (SPEC §11's add limits).
+struct DayAdds {
+    day: i64,
+    by_adder: HashMap<String, u32>,
+    by_strangers: u32,
 }
 
 /// A user's online devices, ascending by device id (a Vec, not a map: users
@@ -287,6 +306,14 @@ impl MemoryStore {
             clock: Some(clock),
             ..Self::default()
         }
+    }
+
+    /// How many entries [`UserStore::presence_links`] has looked at since
+    /// the store was made: per pair, the pair's direct conversation and one
+    /// probe per group of the viewer. Tests use it to check that the work
+    /// of a presence answer does not depend on data the asker may not see.
+    pub fn visibility_lookups(&self) -> u64 {
+        self.visibility_lookups
     }
 
     /// Drops a device's hold on its gateway id; the id goes with the last.
@@ -356,6 +383,13 @@ impl ConversationStore for MemoryStore {
         }
         state.last_seq += 1;
         message.seq = state.last_seq;
+        if let Some((a, b)) = palaver_protocol::parse_direct(conversation_id) {
+            if message.sender_user_id == a {
+                state.direct_writers |= 1;
+            } else if message.sender_user_id == b {
+                state.direct_writers |= 2;
+            }
+        }
         let expires = retention.now_ms.saturating_add(retention.dedup_ttl_ms);
         state.history.push_back(message.clone(), expires);
         while state.history.len() > retention.history_window {
@@ -583,6 +617,42 @@ impl ConversationStore for MemoryStore {
         }
         Ok(())
     }
+
+    fn written_by_both(&mut self, direct_ids: &[String]) -> StoreResult<Vec<bool>> {
+        Ok(direct_ids
+            .iter()
+            .map(|id| self.direct_written_by_both(id))
+            .collect())
+    }
+
+    fn members_among(
+        &mut self,
+        conversation_id: &str,
+        user_ids: &[String],
+    ) -> StoreResult<Vec<bool>> {
+        let group = self
+            .conversations
+            .get(conversation_id)
+            .and_then(|c| c.group.as_ref());
+        Ok(user_ids
+            .iter()
+            .map(|u| group.is_some_and(|g| g.members.contains_key(u)))
+            .collect())
+    }
+}
+
+impl MemoryStore {
+    fn direct_written_by_both(&self, direct_id: &str) -> bool {
+        self.conversations
+            .get(direct_id)
+            .is_some_and(|c| c.direct_writers == 3)
+    }
+}
+
+/// The groups of a user with none.
+fn no_groups() -> &'static HashSet<String> {
+    static NONE: std::sync::OnceLock<HashSet<String>> = std::sync::OnceLock::new();
+    NONE.get_or_init(HashSet::new)
 }
 
 impl UserStore for MemoryStore {
@@ -599,10 +669,14 @@ impl UserStore for MemoryStore {
         conversation_id: &str,
         user_ids: &[String],
     ) -> StoreResult<()> {
+        let group = palaver_protocol::is_group_id(conversation_id);
         for user_id in user_ids {
             let user = self.users.entry(user_id.clone()).or_default();
             if !user.conversations.contains(conversation_id) {
                 user.conversations.insert(conversation_id.to_owned());
+            }
+            if group && !user.groups.contains(conversation_id) {
+                user.groups.insert(conversation_id.to_owned());
             }
         }
         Ok(())
@@ -616,6 +690,87 @@ impl UserStore for MemoryStore {
         for user_id in user_ids {
             if let Some(user) = self.users.get_mut(user_id) {
                 user.conversations.remove(conversation_id);
+                user.groups.remove(conversation_id);
+            }
+        }
+        Ok(())
+    }
+
+    fn group_counts(&mut self, user_ids: &[String]) -> StoreResult<Vec<usize>> {
+        Ok(user_ids
+            .iter()
+            .map(|u| self.users.get(u).map_or(0, |u| u.groups.len()))
+            .collect())
+    }
+
+    fn presence_links(&mut self, pairs: &[(&str, &str)]) -> StoreResult<Vec<bool>> {
+        let mut lookups = 0u64;
+        let links = pairs
+            .iter()
+            .map(|&(viewer, other)| {
+                // The pair's direct conversation: one lookup by its id.
+                lookups += 1;
+                let direct = viewer != other
+                    && self.direct_written_by_both(&palaver_protocol::direct_conversation_id(
+                        viewer, other,
+                    ));
+                // One probe of `other`'s groups per group of the viewer,
+                // all of them, whether `other` exists or not (no early
+                // exit: the work is the viewer's, not `other`'s).
+                let theirs = self.users.get(other).map_or(no_groups(), |u| &u.groups);
+                let mine = self.users.get(viewer).map_or(no_groups(), |u| &u.groups);
+                let mut shared = false;
+                for group in mine {
+                    lookups += 1;
+                    shared |= theirs.contains(group);
+                }
+                direct || (viewer != other && shared)
+            })
+            .collect();
+        self.visibility_lookups += lookups;
+        Ok(links)
+    }
+
+    fn group_adds_on(
+        &mut self,
+        day: i64,
+        adder: &str,
+        user_ids: &[String],
+    ) -> StoreResult<Vec<GroupAdds>> {
+        Ok(user_ids
+            .iter()
+            .map(|u| {
+                let adds = self.users.get(u).and_then(|u| u.adds.as_ref());
+                match adds {
+                    Some(adds) if adds.day == day => GroupAdds {
+                        by_adder: adds.by_adder.get(adder).copied().unwrap_or(0),
+                        by_strangers: adds.by_strangers,
+                    },
+                    _ => GroupAdds::default(),
+                }
+            })
+            .collect())
+    }
+
+    fn count_group_adds(
+        &mut self,
+        day: i64,
+        adder: &str,
+        adds: &[(String, bool)],
+    ) -> StoreResult<()> {
+        for (user_id, stranger) in adds {
+            let user = self.users.entry(user_id.clone()).or_default();
+            let counts = match &mut user.adds {
+                Some(counts) if counts.day == day => counts,
+                other => other.insert(DayAdds {
+                    day,
+                    by_adder: HashMap::new(),
+                    by_strangers: 0,
+                }),
+            };
+            *counts.by_adder.entry(adder.to_owned()).or_default() += 1;
+            if *stranger {
+                counts.by_strangers += 1;
             }
         }
         Ok(())

@@ -192,6 +192,11 @@ pub trait ConversationStore {
     /// leaving the window, so dedup state is bounded by the window, not by
     /// traffic × TTL).
     ///
+    /// A stored message of a direct conversation also records its sender as
+    /// having written in it ([`ConversationStore::written_by_both`], the
+    /// consent SPEC §10 asks before the conversation counts for presence),
+    /// atomically with the append.
+    ///
     /// The caller fills every other field of `message` (`message_id`,
     /// sender, `server_time_ms`, ...); the store keeps it as given.
     fn append_message(
@@ -306,6 +311,22 @@ pub trait ConversationStore {
         remove: &[String],
     ) -> StoreResult<()>;
 
+    /// For each direct conversation id (`dm:<a>:<b>`), in input order,
+    /// whether both of its users have written in it (each has a stored
+    /// message there, [`ConversationStore::append_message`]; the marks stay
+    /// when the messages leave the history window). One lookup per id,
+    /// whatever the users' other conversations; one pipelined round trip.
+    fn written_by_both(&mut self, direct_ids: &[String]) -> StoreResult<Vec<bool>>;
+
+    /// For each of `user_ids`, in input order, whether it is a current
+    /// member of the group (false for every user when there is no such
+    /// group). One lookup per user, without loading the member list.
+    fn members_among(
+        &mut self,
+        conversation_id: &str,
+        user_ids: &[String],
+    ) -> StoreResult<Vec<bool>>;
+
     /// The group record for one id. Provided; implementations need not
     /// override it.
     fn group(&mut self, conversation_id: &str) -> StoreResult<Option<GroupRecord>> {
@@ -313,47 +334,83 @@ pub trait ConversationStore {
     }
 }
 
-/// Per-user state: the user's conversation list and pending push marks.
+/// How often one user was added to groups on one UTC day
+/// ([`UserStore::group_adds_on`]): the counts SPEC §11's add limits check.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GroupAdds {
+    /// Adds by the one adder asked about.
+    pub by_adder: u32,
+    /// Adds by adders who were not the user's contacts (no direct
+    /// conversation both had written in), all of them together.
+    pub by_strangers: u32,
+}
+
+/// Per-user state: the user's conversation list, group list, pending push
+/// marks and the day's group-add counts.
 pub trait UserStore {
     /// Every conversation the user belongs to (direct conversations once
     /// created or written to, groups while a member), any order.
     fn conversations_of_user(&mut self, user_id: &str) -> StoreResult<Vec<String>>;
 
-    /// For each of `others`, in input order, whether it shares at least one
-    /// conversation with `user_id` (both lists of
-    /// [`UserStore::conversations_of_user`] hold the same id). Provided: one
-    /// `conversations_of_user` per user; `RedisStore` overrides it with two
-    /// round trips.
-    fn shares_conversation(&mut self, user_id: &str, others: &[String]) -> StoreResult<Vec<bool>> {
-        let mine: std::collections::HashSet<String> =
-            self.conversations_of_user(user_id)?.into_iter().collect();
-        if mine.is_empty() {
-            return Ok(vec![false; others.len()]);
-        }
-        others
-            .iter()
-            .map(|other| {
-                Ok(self
-                    .conversations_of_user(other)?
-                    .iter()
-                    .any(|c| mine.contains(c)))
-            })
-            .collect()
-    }
-
-    /// Add `conversation_id` to each user's list (idempotent). One pipelined
-    /// round trip.
+    /// Add `conversation_id` to each user's list (idempotent); a group
+    /// (`grp:` id) also goes into each user's group list (what
+    /// [`UserStore::group_counts`] counts and [`UserStore::presence_links`]
+    /// walks). One pipelined round trip.
     fn add_conversation_to_users(
         &mut self,
         conversation_id: &str,
         user_ids: &[String],
     ) -> StoreResult<()>;
 
-    /// Remove `conversation_id` from each user's list (idempotent).
+    /// Remove `conversation_id` from each user's list, and from their group
+    /// list for a group (idempotent).
     fn remove_conversation_from_users(
         &mut self,
         conversation_id: &str,
         user_ids: &[String],
+    ) -> StoreResult<()>;
+
+    /// How many groups each user is in, in input order. One lookup per
+    /// user (a count, not the list); one pipelined round trip.
+    fn group_counts(&mut self, user_ids: &[String]) -> StoreResult<Vec<usize>>;
+
+    /// For each `(viewer, other)` pair, in input order, whether the two
+    /// share a conversation that counts for presence (SPEC §10): the direct
+    /// conversation of the pair, once both have written in it
+    /// ([`ConversationStore::written_by_both`]), or a group both are members
+    /// of. A pair of one user with themself is false (the caller decides
+    /// that case).
+    ///
+    /// The work is bounded and independent of `other`'s data: per pair one
+    /// lookup of the pair's direct conversation (its id follows from the
+    /// two user ids), then one membership probe of `other` per group of
+    /// `viewer` (every probe made whether or not `other` exists); neither
+    /// user's direct conversations are read, nor `other`'s group list. So
+    /// the answer costs the same for a hidden user with 10,000 conversations
+    /// as for an id never seen, and a viewer pays for its own groups only.
+    /// Two pipelined round trips in Redis (the viewers' group lists with the
+    /// direct-conversation lookups, then the probes).
+    fn presence_links(&mut self, pairs: &[(&str, &str)]) -> StoreResult<Vec<bool>>;
+
+    /// For each of `user_ids`, in input order, how often it was added to
+    /// groups on UTC day `day` (days since the Unix epoch): by `adder`, and
+    /// by strangers altogether ([`GroupAdds`]). One pipelined round trip.
+    fn group_adds_on(
+        &mut self,
+        day: i64,
+        adder: &str,
+        user_ids: &[String],
+    ) -> StoreResult<Vec<GroupAdds>>;
+
+    /// Counts `adder`'s adds of these users to groups on UTC day `day`: one
+    /// more by `adder` for each, and one more by strangers for those marked
+    /// `true`. Counts of earlier days may be forgotten (they are kept at
+    /// least until the day after). One pipelined round trip.
+    fn count_group_adds(
+        &mut self,
+        day: i64,
+        adder: &str,
+        adds: &[(String, bool)],
     ) -> StoreResult<()>;
 
     /// Mark a push as pending for each (user, `conversation_id`); per user,

@@ -47,6 +47,9 @@ fn offline_user_gets_push_then_syncs_without_gap() {
     let g2 = s.add_gateway("gw2");
     let mut alice = s.login(g1, "alice", "phone");
     let dm = palaver_protocol::direct_conversation_id("alice", "bob");
+    // A shared group lets alice see bob's presence below (SPEC §10: the
+    // direct conversation counts only once bob wrote in it too).
+    group_of(&mut alice, &["bob"]);
     {
         let mut bob = s.login(g2, "bob", "phone");
         assert_eq!(send_reliably(&mut alice, &dm, "m1").seq, 1);
@@ -62,7 +65,7 @@ fn offline_user_gets_push_then_syncs_without_gap() {
 
     // Wait until bob is registered offline (his close is flushed), then send.
     // Asked by alice's other device: presence is visible to those who share
-    // a conversation (SPEC §10).
+    // a conversation that counts (SPEC §10), here the group.
     let mut check = s.login(g1, "alice", "tablet");
     let deadline = Instant::now() + T;
     loop {
@@ -166,7 +169,9 @@ fn a_gateway_stalled_past_its_lease_opens_its_sessions_again() {
     let mut bob = s.login(g2, "bob", "phone");
     let mut carol_old = s.login(g2, "carol", "phone");
     let dm = palaver_protocol::direct_conversation_id("alice", "bob");
-    // A shared conversation: presence is visible (SPEC §10).
+    // A shared group: presence is visible (SPEC §10; their direct
+    // conversation counts only once both wrote in it).
+    group_of(&mut alice, &["bob"]);
     assert_eq!(send_reliably(&mut alice, &dm, "before").seq, 1);
     assert_eq!(next_deliver(&mut bob).seq, 1);
     assert!(alice.subscribe_presence("bob", T).unwrap().online);
@@ -241,6 +246,63 @@ fn presence_across_gateways_and_gateway_crash() {
     assert_eq!((e.user_id.as_str(), e.online), ("bob", false));
     assert!(e.last_seen_ms > 0);
     assert!(!presence_of(&mut alice, "bob").online);
+}
+
+/// Issue 18 through the cluster: a member removed by a ChangeMembers that
+/// its sender follows with a close at once (one write, close_notify + FIN)
+/// gets the removal and nothing of the close: no PresenceEvent with the
+/// remover's last seen. A member who stays, on the same gateway, hears the
+/// close.
+#[test]
+fn a_member_removed_with_the_close_in_one_write_hears_nothing_of_the_close() {
+    let mut s = Stack::start(false, 1);
+    let g1 = s.add_gateway("gw1");
+    let g2 = s.add_gateway("gw2");
+    for round in 0..3 {
+        let (v, w, k) = (
+            format!("victim{round}"),
+            format!("removed{round}"),
+            format!("stays{round}"),
+        );
+        let mut victim = s.login(g1, &v, "phone");
+        let mut removed = s.login(g2, &w, "phone");
+        let mut stays = s.login(g2, &k, "phone");
+        let group = group_of(&mut victim, &[&w, &k]);
+        assert!(removed.subscribe_presence(&v, T).unwrap().online);
+        assert!(stays.subscribe_presence(&v, T).unwrap().online);
+
+        let remove = pb::Frame {
+            request_id: 7,
+            body: Some(Body::ChangeMembers(pb::ChangeMembers {
+                conversation_id: group.clone(),
+                remove_user_ids: vec![w.clone()],
+                ..Default::default()
+            })),
+        };
+        victim.send_then_close(&[remove]).unwrap();
+        let e = next_presence_event(&mut stays);
+        assert_eq!((e.user_id.as_str(), e.online), (v.as_str(), false));
+        // The removed member's gateway fanned the same change out in the
+        // same call: anything for it is there by now (read what arrived).
+        let mut got = Vec::new();
+        let is_removal = |b: &Option<Body>| matches!(b, Some(Body::MembersChanged(m)) if m.removed_user_ids == [w.clone()]);
+        let deadline = Instant::now() + T;
+        while !got.iter().any(is_removal) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match removed.recv(left).unwrap() {
+                Some(f) => got.push(f.body),
+                None => panic!("round {round}: no removal for the removed member: {got:?}"),
+            }
+        }
+        while let Some(f) = removed.recv(Duration::from_millis(300)).unwrap() {
+            got.push(f.body);
+        }
+        assert!(
+            !got.iter()
+                .any(|b| matches!(b, Some(Body::PresenceEvent(_)))),
+            "round {round}: the removed member heard of the close: {got:?}"
+        );
+    }
 }
 
 /// SPEC §4 across gateways: mallory holds the cap (16 devices) on gw1; gw1

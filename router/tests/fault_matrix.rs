@@ -14,7 +14,7 @@ mod e2e;
 use std::time::{Duration, Instant};
 
 use e2e::traffic::Traffic;
-use e2e::{send_reliably, Stack};
+use e2e::{group_of, Stack};
 use palaver_protocol::pb;
 use palaver_router::kafka::INBOUND_TOPIC;
 use palaver_testkit::client::Client;
@@ -88,11 +88,11 @@ fn sigkill_a_gateway() {
     s.add_gateway("gw1");
     s.add_gateway("gw2");
     // carol stays on gw2 and does not reconnect; alice watches her from gw1
-    // (presence is visible to users who share a conversation).
+    // (presence is visible to users who share a conversation that counts,
+    // SPEC §10: here a group).
     let _carol = s.login(1, "carol", "phone");
     let mut watcher = s.login(0, "alice", "watcher");
-    let dm = palaver_protocol::direct_conversation_id("alice", "carol");
-    send_reliably(&mut watcher, &dm, "hi");
+    group_of(&mut watcher, &["carol"]);
     assert!(presence_of(&mut watcher, "carol").online);
 
     let traffic = Traffic::start(&s, SENDERS, PER_SENDER);

@@ -18,7 +18,8 @@ fn memory_store_meets_the_store_contract() {
     reads_stay_within_their_byte_budget(MemoryStore::new());
     receipts_and_groups(MemoryStore::new());
     users_and_push(MemoryStore::new());
-    shared_conversations(MemoryStore::new());
+    presence_links_and_consent(MemoryStore::new());
+    group_add_counts(MemoryStore::new());
     // Leases run out by an injected clock: no sleeping.
     let clock = Arc::new(ManualClock::new(1_000));
     sessions_and_registry(MemoryStore::with_clock(clock.clone()), |_, _| {

@@ -29,7 +29,8 @@ fn all_checks(config: RedisConfig) {
     reads_stay_within_their_byte_budget(RedisStore::connect(config.clone()).unwrap());
     receipts_and_groups(RedisStore::connect(config.clone()).unwrap());
     users_and_push(RedisStore::connect(config.clone()).unwrap());
-    shared_conversations(RedisStore::connect(config.clone()).unwrap());
+    presence_links_and_consent(RedisStore::connect(config.clone()).unwrap());
+    group_add_counts(RedisStore::connect(config.clone()).unwrap());
     sessions_and_registry(
         RedisStore::connect(config.clone()).unwrap(),
         wait_for_lease_expiry,
@@ -383,4 +384,306 @@ fn session_flush_reads_leases_only_for_users_on_other_gateways() {
     let applied = s.apply_sessions("g1", LEASE, 30, &batch[2..]).unwrap();
     assert_eq!(applied.presence.len(), 1, "n0 had nothing elsewhere");
     assert_eq!(lease_reads(), start + 1);
+}
+
+/// What Redis did since the last call: calls per command (`INFO
+/// commandstats`) and the bytes it read and wrote (`INFO stats`), after
+/// which the counters are reset (`CONFIG RESETSTAT`). The INFO and CONFIG
+/// commands themselves are left out; their own bytes are the same every
+/// time.
+fn redis_work(raw: &mut redis::Connection) -> (Vec<String>, u64, u64) {
+    // Bytes first: the replies of the INFO commands (whose length varies
+    // with the numbers in them) are written after they are counted.
+    let stats: String = redis::cmd("INFO").arg("stats").query(raw).unwrap();
+    let stat = |name: &str| -> u64 {
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map_or(0, |v| v.trim().parse().unwrap())
+    };
+    let (read, written) = (
+        stat("total_net_input_bytes:"),
+        stat("total_net_output_bytes:"),
+    );
+    let commands: String = redis::cmd("INFO").arg("commandstats").query(raw).unwrap();
+    let mut calls: Vec<String> = commands
+        .lines()
+        .filter_map(|l| l.strip_prefix("cmdstat_"))
+        .filter(|l| !l.starts_with("info:") && !l.starts_with("config|"))
+        .map(|l| l.split(",usec").next().unwrap().to_string())
+        .collect();
+    calls.sort();
+    let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query(raw).unwrap();
+    (calls, read, written)
+}
+
+/// Issue 18 through Redis: a direct conversation counts for presence once
+/// both have written; a presence answer about a hidden user with 2,000
+/// conversations makes Redis do exactly what one about an unknown id does
+/// (same commands, same bytes in and out); a presence change's fan-out to a
+/// user watching from 50 connections is one check and costs Redis the same
+/// whatever the watched user's conversations; strangers' group adds are
+/// limited; a removed member gets no receipt updates.
+#[test]
+fn consent_before_reach_over_redis() {
+    let (_redis, store, mut raw) = store_and_raw_connection();
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+    let mut router = Router::new(store, RouterConfig::default(), clock);
+    let run = |router: &mut Router<RedisStore>, from: &palaver_router::Session, id, body| {
+        let mut out = Output::default();
+        router
+            .handle(
+                &Inbound {
+                    from: from.clone(),
+                    request_id: id,
+                    body,
+                    received_ms: 1,
+                },
+                &mut out,
+            )
+            .unwrap();
+        out
+    };
+    let presence = |out: &Output| -> Vec<(String, bool, i64)> {
+        out.frames
+            .iter()
+            .find_map(|f| match &f.frame.body {
+                Some(Body::PresenceResult(r)) => Some(
+                    r.presences
+                        .iter()
+                        .map(|p| (p.user_id.clone(), p.online, p.last_seen_ms))
+                        .collect(),
+                ),
+                _ => None,
+            })
+            .expect("PresenceResult")
+    };
+    let sessions = |router: &mut Router<RedisStore>, changes: &[SessionChange]| {
+        let mut out = Output::default();
+        router
+            .apply_session_changes(changes, Duration::from_secs(60), &mut out)
+            .unwrap();
+        out
+    };
+    let query = |ids: &[&str]| {
+        Body::PresenceQuery(pb::PresenceQuery {
+            user_ids: ids.iter().map(|s| s.to_string()).collect(),
+        })
+    };
+    let send = |conv: &str, n: u8| {
+        Body::Send(pb::Send {
+            conversation_id: conv.into(),
+            client_msg_id: vec![n; 16],
+            kind: pb::ContentKind::Text as i32,
+            body: b"hi".to_vec(),
+            ..Default::default()
+        })
+    };
+    let create = |kind: pb::ConversationKind, members: &[&str]| {
+        Body::CreateConversation(pb::CreateConversation {
+            kind: kind as i32,
+            title: String::new(),
+            member_user_ids: members.iter().map(|s| s.to_string()).collect(),
+        })
+    };
+    let victim = session("victim01", "phone", "gX", 1);
+    let mallory = session("mallory1", "phone", "gX", 2);
+    sessions(&mut router, &[SessionChange::Opened(victim.clone())]);
+    let dm = palaver_router::direct_conversation_id("mallory1", "victim01");
+
+    // Created, then written by mallory alone: hidden. Answered: visible.
+    run(
+        &mut router,
+        &mallory,
+        1,
+        create(pb::ConversationKind::Direct, &["victim01"]),
+    );
+    run(&mut router, &mallory, 2, send(&dm, 1));
+    let hidden = vec![("victim01".to_string(), false, 0)];
+    assert_eq!(
+        presence(&run(&mut router, &mallory, 3, query(&["victim01"]))),
+        hidden
+    );
+
+    // The victim's 2,000 conversations and 20 groups; mallory's 3 groups.
+    for i in 0..2000u64 {
+        let peer = session(&format!("peer{i:04}"), "d", "gX", 100 + i);
+        run(
+            &mut router,
+            &peer,
+            1,
+            create(pb::ConversationKind::Direct, &["victim01"]),
+        );
+    }
+    for i in 0..20 {
+        run(
+            &mut router,
+            &victim,
+            10 + i,
+            create(pb::ConversationKind::Group, &[&format!("peer{i:04}")]),
+        );
+    }
+    for i in 0..3 {
+        run(
+            &mut router,
+            &mallory,
+            10 + i,
+            create(pb::ConversationKind::Group, &[&format!("side{i:04}")]),
+        );
+    }
+    redis_work(&mut raw);
+    let a = presence(&run(&mut router, &mallory, 4, query(&["victim01"])));
+    let hidden_work = redis_work(&mut raw);
+    let b = presence(&run(&mut router, &mallory, 5, query(&["nobody01"])));
+    let unknown_work = redis_work(&mut raw);
+    println!("hidden: {hidden_work:?}\nunknown: {unknown_work:?}");
+    assert_eq!(a, hidden);
+    assert_eq!(b, vec![("nobody01".to_string(), false, 0)]);
+    assert_eq!(hidden_work, unknown_work, "the same Redis work for both");
+
+    // Fan-out: a watcher sharing a group with the target, on 50
+    // connections.
+    let target = session("target01", "phone", "gX", 5000);
+    sessions(&mut router, &[SessionChange::Opened(target.clone())]);
+    run(
+        &mut router,
+        &target,
+        1,
+        create(pb::ConversationKind::Group, &["watcher1"]),
+    );
+    let watchers: Vec<palaver_router::Session> = (0..50u64)
+        .map(|i| session("watcher1", &format!("d{i}"), "gX", 6000 + i))
+        .collect();
+    let opened: Vec<SessionChange> = watchers
+        .iter()
+        .cloned()
+        .map(SessionChange::Opened)
+        .collect();
+    sessions(&mut router, &opened);
+    for w in &watchers {
+        let body = Body::PresenceSubscribe(pb::PresenceSubscribe {
+            user_ids: vec!["target01".into()],
+            unsubscribe: false,
+        });
+        run(&mut router, w, 1, body);
+    }
+    let change = |router: &mut Router<RedisStore>, raw: &mut redis::Connection, at| {
+        sessions(router, &[SessionChange::Opened(target.clone())]);
+        redis_work(raw);
+        let out = sessions(
+            router,
+            &[SessionChange::Closed {
+                session: target.clone(),
+                at_ms: at,
+            }],
+        );
+        let events = out
+            .frames
+            .iter()
+            .filter(|f| matches!(f.frame.body, Some(Body::PresenceEvent(_))))
+            .count();
+        (events, redis_work(raw))
+    };
+    let few = change(&mut router, &mut raw, 1_700_000_000_001);
+    for i in 0..2000u64 {
+        let peer = session(&format!("tpeer{i:04}"), "d", "gX", 9000 + i);
+        run(
+            &mut router,
+            &peer,
+            1,
+            create(pb::ConversationKind::Direct, &["target01"]),
+        );
+    }
+    for i in 0..20 {
+        run(
+            &mut router,
+            &target,
+            10 + i,
+            create(pb::ConversationKind::Group, &[&format!("tpeer{i:04}")]),
+        );
+    }
+    let many = change(&mut router, &mut raw, 1_700_000_000_002);
+    println!("fan-out, 1 group: {few:?}\nfan-out, 2,020 more conversations: {many:?}");
+    assert_eq!(few.0, 50);
+    assert_eq!(few, many, "the same events and Redis work");
+
+    // Strangers' adds are limited per day, all strangers together (one
+    // adder also to 10 a day): the 21st is refused.
+    let eve = session("eve00001", "phone", "gX", 3);
+    for i in 0..20 {
+        let adder = if i % 2 == 0 { &mallory } else { &eve };
+        let out = run(
+            &mut router,
+            adder,
+            100 + i,
+            create(
+                pb::ConversationKind::Group,
+                &["victim01", &format!("fill{i:04}")],
+            ),
+        );
+        assert!(
+            out.frames
+                .iter()
+                .all(|f| !matches!(f.frame.body, Some(Body::Error(_)))),
+            "add {i}: {:?}",
+            out.frames
+        );
+    }
+    let out = run(
+        &mut router,
+        &mallory,
+        200,
+        create(pb::ConversationKind::Group, &["victim01"]),
+    );
+    match &out.frames[0].frame.body {
+        Some(Body::Error(e)) => assert_eq!(e.code, pb::ErrorCode::QuotaExceeded as u32, "{e:?}"),
+        other => panic!("expected QUOTA_EXCEEDED, got {other:?}"),
+    }
+
+    // A removed member gets no receipt updates for what it sent.
+    let alice = session("alice001", "phone", "gX", 20_000);
+    let carol = session("carol001", "phone", "gX", 20_001);
+    let bob = session("bob00001", "phone", "gX", 20_002);
+    sessions(
+        &mut router,
+        &[
+            SessionChange::Opened(alice.clone()),
+            SessionChange::Opened(carol.clone()),
+            SessionChange::Opened(bob.clone()),
+        ],
+    );
+    let out = run(
+        &mut router,
+        &alice,
+        1,
+        create(pb::ConversationKind::Group, &["carol001", "bob00001"]),
+    );
+    let group = out
+        .frames
+        .iter()
+        .find_map(|f| match &f.frame.body {
+            Some(Body::ConversationCreated(c)) => {
+                Some(c.conversation.clone().unwrap().conversation_id)
+            }
+            _ => None,
+        })
+        .unwrap();
+    run(&mut router, &carol, 2, send(&group, 2));
+    let remove = Body::ChangeMembers(pb::ChangeMembers {
+        conversation_id: group.clone(),
+        remove_user_ids: vec!["carol001".into()],
+        ..Default::default()
+    });
+    run(&mut router, &alice, 3, remove);
+    let read = Body::Receipt(pb::Receipt {
+        conversation_id: group.clone(),
+        kind: pb::ReceiptKind::Read as i32,
+        up_to_seq: 1,
+    });
+    let out = run(&mut router, &bob, 4, read);
+    assert!(
+        out.frames.iter().all(|f| f.to != carol.addr),
+        "{:?}",
+        out.frames
+    );
 }

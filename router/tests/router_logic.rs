@@ -655,13 +655,35 @@ fn admin_rules_for_changing_members() {
             ("dave".to_string(), pb::Role::Admin)
         ]
     );
-    // Everyone before and after hears it, with request_id 0.
-    for s in [&alice_laptop, &bob, &carol, &dave] {
+    // Everyone before and after hears it, with request_id 0: the actor's
+    // other devices, the added and the removed the whole conversation...
+    for s in [&alice_laptop, &carol, &dave] {
         let frames = to(&out, &s.addr);
         assert_eq!(frames.len(), 1, "{s:?}");
         assert_eq!(frames[0].request_id, 0);
         assert_eq!(members_changed(frames[0]), changed);
     }
+    // ...the other members only what changed (SPEC §11): dave as admin.
+    let frames = to(&out, &bob.addr);
+    assert_eq!(frames.len(), 1);
+    assert_eq!(frames[0].request_id, 0);
+    let delta = members_changed(frames[0]);
+    assert_eq!(roles(delta), [("dave".to_string(), pb::Role::Admin)]);
+    assert_eq!(
+        (&delta.added_user_ids, &delta.removed_user_ids),
+        (&changed.added_user_ids, &changed.removed_user_ids)
+    );
+    let whole = changed.conversation.as_ref().unwrap();
+    let part = delta.conversation.as_ref().unwrap();
+    assert_eq!(
+        (&part.conversation_id, part.kind, &part.title, part.last_seq),
+        (
+            &whole.conversation_id,
+            whole.kind,
+            &whole.title,
+            whole.last_seq
+        )
+    );
     // Carol is out, dave is in.
     assert_error(&h.send(&carol, &group, 8), &carol, 8, ErrorCode::Forbidden);
     assert_eq!(
@@ -1343,9 +1365,10 @@ fn presence_privacy_strangers_look_never_seen_members_and_self_are_visible() {
     let alice = h.open("alice", "phone", 1);
     let stranger = h.open("stranger", "phone", 2);
     let bob = h.open("bob", "phone", 3);
-    // Bob shares a DM with alice; carol shares a group with alice; dave
-    // shares nothing with anyone.
+    // Bob shares a DM both have written in with alice; carol shares a
+    // group with alice; dave shares nothing with anyone.
     h.send(&alice, DM, 1);
+    h.send(&bob, DM, 2);
     h.create_group(&alice, &["carol"]);
     let carol = h.open("carol", "phone", 4);
     let dave = h.open("dave", "phone", 5);
@@ -2353,4 +2376,296 @@ fn a_batch_is_handled_like_one_request_at_a_time_with_one_append_and_one_lookup_
     assert!(to(&out, &alice.addr)
         .iter()
         .any(|f| f.request_id == 6 && error(f).is_some()));
+}
+
+// ---- Consent before reach (issue 18) ----------------------------------------
+
+fn direct_create(peer: &str) -> Body {
+    Body::CreateConversation(pb::CreateConversation {
+        kind: pb::ConversationKind::Direct as i32,
+        member_user_ids: vec![peer.into()],
+        ..Default::default()
+    })
+}
+
+/// Presence privacy bypass: creating a DIRECT conversation (nothing the
+/// victim sees or accepts), or writing into it alone, does not make the
+/// victim's presence visible; it counts once both have written (SPEC §10).
+#[test]
+fn consent_a_direct_conversation_counts_for_presence_once_both_have_written() {
+    let mut h = Harness::new();
+    let victim = h.open("victim", "phone", 1);
+    let mallory = h.open("mallory", "phone", 2);
+    let dm = direct_conversation_id("mallory", "victim");
+    let out = h.req(&mallory, 1, direct_create("victim"));
+    assert!(error(reply_to(&out, &mallory, 1)).is_none());
+    h.close(&victim, T0 + 5);
+
+    let hidden = [("victim".to_string(), false, 0)];
+    let out = h.req(&mallory, 2, presence_query(&["victim"]));
+    assert_eq!(presence_result(reply_to(&out, &mallory, 2)), hidden);
+    let out = h.req(&mallory, 3, presence_subscribe(&["victim"], false));
+    assert_eq!(presence_result(reply_to(&out, &mallory, 3)), hidden);
+    // Writing alone does not count either, however much.
+    for n in 10..15 {
+        h.send(&mallory, &dm, n);
+    }
+    let victim = h.open("victim", "phone", 3);
+    let out = h.close(&victim, T0 + 20);
+    assert!(to(&out, &mallory.addr).is_empty(), "{out:?}");
+    let out = h.req(&mallory, 4, presence_query(&["victim"]));
+    assert_eq!(presence_result(reply_to(&out, &mallory, 4)), hidden);
+
+    // The victim answers: now both see each other, and the existing
+    // subscription produces events from the next change on.
+    let victim = h.open("victim", "phone", 4);
+    h.send(&victim, &dm, 20);
+    let out = h.req(&mallory, 5, presence_query(&["victim"]));
+    assert_eq!(
+        presence_result(reply_to(&out, &mallory, 5)),
+        [("victim".to_string(), true, 0)]
+    );
+    let out = h.req(&victim, 6, presence_query(&["mallory"]));
+    assert_eq!(
+        presence_result(reply_to(&out, &victim, 6)),
+        [("mallory".to_string(), true, 0)]
+    );
+    let out = h.close(&victim, T0 + 30);
+    assert_eq!(
+        presence_event(to(&out, &mallory.addr)[0]),
+        ("victim".into(), false, T0 + 30)
+    );
+}
+
+/// Gives `user` `n` direct conversations (each created by another user) and
+/// `groups` groups of their own with one other member.
+fn busy_user(h: &mut Harness, user: &str, n: u32, groups: u32) {
+    for i in 0..n {
+        let peer = session(
+            &format!("{user}-peer{i}"),
+            "d",
+            "g1",
+            100_000 + u64::from(i),
+        );
+        let out = h.req(&peer, 1, direct_create(user));
+        assert!(error(reply_to(&out, &peer, 1)).is_none());
+    }
+    let owner = session(user, "setup", "g1", 99_999);
+    for i in 0..groups {
+        new_group(h, &owner, 1000 + i, &[&format!("{user}-peer{i}")]);
+    }
+}
+
+/// Timing oracle: a PresenceQuery for a hidden user with 10,000
+/// conversations does exactly the store work of one for an id never seen
+/// (same calls, same items read, same lookups inside the store), and the
+/// answers are the same; the asker's own groups are walked, never the
+/// target's data.
+#[test]
+fn a_presence_query_costs_the_same_for_a_hidden_busy_user_and_an_unknown_id() {
+    let mut h = Harness::new();
+    busy_user(&mut h, "victim", 10_000, 50);
+    let _victim = h.open("victim", "phone", 1);
+    let mallory = h.open("mallory", "phone", 2);
+    // Mallory has groups of her own, none with the victim.
+    for i in 0..3 {
+        new_group(&mut h, &mallory, 500 + i, &[&format!("sidekick{i}")]);
+    }
+
+    let answer = |h: &mut Harness, id: &str, request_id| {
+        let before = h.router.store_mut().reset_counts();
+        let out = h.req(&mallory, request_id, presence_query(&[id]));
+        let (calls, items, lookups) = h.calls().work();
+        let result = presence_result(reply_to(&out, &mallory, request_id));
+        (result[0].1, result[0].2, calls, items, lookups - before)
+    };
+    let hidden = answer(&mut h, "victim", 10);
+    let unknown = answer(&mut h, "never-seen", 11);
+    println!("hidden: {hidden:?}\nunknown: {unknown:?}");
+    assert_eq!(
+        (&hidden.2, &hidden.3, hidden.4),
+        (&unknown.2, &unknown.3, unknown.4),
+        "the same work for a hidden user with 10,000 conversations and an unknown id"
+    );
+    assert_eq!((hidden.0, hidden.1), (false, 0));
+    assert_eq!((unknown.0, unknown.1), (false, 0));
+    // One direct-conversation lookup plus one probe per group of mallory.
+    assert_eq!(hidden.4, 1 + 3);
+}
+
+/// Presence fan-out cost: one user watching another from 1,000
+/// connections; each change of the watched user checks visibility once (one
+/// pair: the watching user), and that check's work does not grow with the
+/// watched user's conversations.
+#[test]
+fn a_presence_change_checks_each_watching_user_once_whatever_the_watched_users_conversations() {
+    let mut h = Harness::new();
+    let target = h.open("target", "phone", 1);
+    let watcher_conns: Vec<Session> = (0..1000)
+        .map(|i| h.open("watcher", &format!("d{i}"), 10 + i))
+        .collect();
+    let group = h.create_group(&target, &["watcher"]);
+    for (i, w) in watcher_conns.iter().enumerate() {
+        h.req(w, 2000 + i as u32, presence_subscribe(&["target"], false));
+    }
+    let change = |h: &mut Harness, at_ms| {
+        let before = h.router.store_mut().reset_counts();
+        let out = h.close(&target, at_ms);
+        let (calls, items, lookups) = h.calls().work();
+        let events = watcher_conns
+            .iter()
+            .filter(|w| to(&out, &w.addr).len() == 1)
+            .count();
+        (events, calls, items, lookups - before)
+    };
+    let few = change(&mut h, T0 + 1);
+    h.opened(&target);
+    busy_user(&mut h, "target", 10_000, 100);
+    let many = change(&mut h, T0 + 2);
+    println!("10 conversations: {few:?}\n10,000 more: {many:?}");
+    assert_eq!(few.0, 1000, "every watching connection gets the event");
+    assert_eq!(many.0, 1000);
+    assert_eq!((&few.1, &few.2, few.3), (&many.1, &many.2, many.3));
+    assert_eq!(h.calls().count("presence_links"), 1);
+    assert!(
+        few.2.contains(&("presence_links", 1)),
+        "one pair for 1,000 connections of one user: {:?}",
+        few.2
+    );
+    let _ = group;
+}
+
+/// Group-notification flood: a stranger may add a user to groups only a
+/// few times a day (all strangers together), one adder a few more; the
+/// user's contacts are not limited by the strangers' budget; and churn in
+/// a big group costs the other members bytes per change, not per member.
+#[test]
+fn group_adds_are_limited_per_day_and_bystanders_get_only_what_changed() {
+    let config = RouterConfig::default();
+    let mut h = Harness::new();
+    let victim = h.open("victim", "phone", 1);
+    let mallory = h.open("mallory", "phone", 2);
+    let eve = h.open("eve", "phone", 3);
+    let friend = h.open("friend", "phone", 4);
+    let dm = direct_conversation_id("friend", "victim");
+    h.send(&friend, &dm, 1);
+    h.send(&victim, &dm, 2);
+
+    let strangers = config.max_group_adds_by_strangers_per_day;
+    for i in 0..strangers {
+        let adder = if i % 2 == 0 { &mallory } else { &eve };
+        new_group(&mut h, adder, 100 + i, &["victim"]);
+    }
+    let out = h.req(&mallory, 200, create_group_body("more", &["victim"]));
+    let e = assert_error(&out, &mallory, 200, ErrorCode::QuotaExceeded);
+    assert!(e.message.contains("victim"), "{e:?}");
+    let out = h.req(&eve, 201, create_group_body("more", &["victim", "other"]));
+    assert_error(&out, &eve, 201, ErrorCode::QuotaExceeded);
+    // Nothing was created for the refused requests: the victim is in
+    // exactly the groups allowed.
+    use palaver_router::store::UserStore as _;
+    let groups = h.router.store_mut().group_counts(&["victim".into()]);
+    assert_eq!(groups.unwrap(), [strangers as usize]);
+    // A neighbour is unaffected: mallory can still add someone else.
+    new_group(&mut h, &mallory, 202, &["neighbour"]);
+    // A contact is not held back by the strangers' budget, only by its own.
+    for i in 0..config.max_group_adds_per_adder_per_day {
+        new_group(&mut h, &friend, 300 + i, &["victim"]);
+    }
+    let out = h.req(&friend, 399, create_group_body("one more", &["victim"]));
+    assert_error(&out, &friend, 399, ErrorCode::QuotaExceeded);
+    // The next UTC day the budgets are there again.
+    h.clock.advance(24 * 60 * 60 * 1000);
+    new_group(&mut h, &mallory, 400, &["victim"]);
+    new_group(&mut h, &friend, 401, &["victim"]);
+
+    // Churn in mallory's big group: the victim (a bystander) gets the
+    // change, not the member list.
+    let members: Vec<String> = (0..997).map(|i| format!("crowd{i}")).collect();
+    let mut refs: Vec<&str> = members.iter().map(String::as_str).collect();
+    refs.push("victim");
+    let big = new_group(&mut h, &mallory, 402, &refs);
+    let mut victim_bytes = 0;
+    let mut mallory_bytes = 0;
+    for (i, op) in [
+        (&["sybil"][..], &[][..]),
+        (&[], &["sybil"]),
+        (&["sybil"], &[]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let out = h.req(&mallory, 500 + i as u32, change(&big, op.0, op.1, &[]));
+        let frames = to(&out, &victim.addr);
+        assert_eq!(frames.len(), 1, "{:?}", out.frames.len());
+        let got = members_changed(frames[0]);
+        assert_eq!((got.added_user_ids.len() + got.removed_user_ids.len()), 1);
+        use prost::Message as _;
+        victim_bytes += frames[0].encoded_len();
+        mallory_bytes += reply_to(&out, &mallory, 500 + i as u32).encoded_len();
+    }
+    println!("3 changes of a 1,000-member group: {victim_bytes} bytes to a bystander, {mallory_bytes} to the actor");
+    assert!(victim_bytes < 3 * 200, "{victim_bytes} bytes");
+    assert!(mallory_bytes > 3 * 10_000, "the actor gets the whole list");
+}
+
+/// A removed member gets nothing more of the group: no ReceiptUpdate for
+/// the messages it sent while a member, no Typing, no Deliver, no presence
+/// event through it.
+#[test]
+fn a_removed_member_gets_nothing_more_of_the_group() {
+    let mut h = Harness::new();
+    let alice = h.open("alice", "phone", 1);
+    let bob = h.open("bob", "phone", 2);
+    let carol = h.open("carol", "phone", 3);
+    let group = h.create_group(&alice, &["bob", "carol"]);
+    h.send(&carol, &group, 1);
+    h.send(&carol, &group, 2);
+    h.req(&carol, 3, presence_subscribe(&["bob"], false));
+    let out = h.req(&alice, 4, change(&group, &[], &["carol"], &[]));
+    assert_eq!(to(&out, &carol.addr).len(), 1, "the removal itself");
+
+    let read = Body::Receipt(pb::Receipt {
+        conversation_id: group.clone(),
+        kind: pb::ReceiptKind::Read as i32,
+        up_to_seq: 2,
+    });
+    let out = h.req(&bob, 5, read);
+    assert!(to(&out, &carol.addr).is_empty(), "{:?}", out.frames);
+    let typing = Body::Typing(pb::Typing {
+        conversation_id: group.clone(),
+        active: true,
+        user_id: String::new(),
+    });
+    let out = h.req(&bob, 6, typing);
+    assert!(to(&out, &carol.addr).is_empty());
+    assert_eq!(to(&out, &alice.addr).len(), 1);
+    let out = h.send(&bob, &group, 7);
+    assert!(to(&out, &carol.addr).is_empty());
+    let out = h.close(&bob, T0 + 9);
+    assert!(to(&out, &carol.addr).is_empty());
+}
+
+/// A bystander's MembersChanged lists each changed member once, with its
+/// role after the change: here the added user is also the heir of the
+/// admin who left in the same request.
+#[test]
+fn a_bystanders_members_changed_lists_each_changed_member_once() {
+    let mut h = Harness::new();
+    let alice = h.open("alice", "phone", 1);
+    let zoe = h.open("zoe", "phone", 2);
+    let group = h.create_group(&alice, &["zoe"]);
+    let out = h.req(&alice, 3, change(&group, &["aaron"], &["alice"], &[]));
+    let whole = members_changed(reply_to(&out, &alice, 3));
+    assert_eq!(
+        roles(whole),
+        [
+            ("aaron".to_string(), pb::Role::Admin),
+            ("zoe".to_string(), pb::Role::Member)
+        ]
+    );
+    let delta = members_changed(to(&out, &zoe.addr)[0]);
+    assert_eq!(roles(delta), [("aaron".to_string(), pb::Role::Admin)]);
+    assert_eq!(delta.added_user_ids, ["aaron"]);
+    assert_eq!(delta.removed_user_ids, ["alice"]);
 }

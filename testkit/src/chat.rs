@@ -253,6 +253,10 @@ pub fn offline_user_catches_up_with_sync_and_resume(s: &impl ChatServer) {
     let mut ivy = s.login(0, "ivy", "phone");
     let mut watcher = s.login(0, "ivy", "tablet");
     let dm = palaver_protocol::direct_conversation_id("ivy", "jon");
+    // A group with jon lets ivy see his presence (SPEC §10: their direct
+    // conversation would count only once jon wrote in it too).
+    ivy.create_group("ivy and jon", &["jon"], t)
+        .expect("ConversationCreated");
     {
         let mut jon = s.login(far, "jon", "phone");
         assert_eq!(send_reliably(&mut ivy, &dm, "one", t).seq, 1);
@@ -316,7 +320,9 @@ pub fn offline_user_catches_up_with_sync_and_resume(s: &impl ChatServer) {
 }
 
 /// Waits until `user` is reported offline to `observer` (who must share a
-/// conversation with them: presence is private otherwise, SPEC §10).
+/// conversation that counts with them — a group, or a direct conversation
+/// both wrote in: presence is private otherwise, and a hidden user looks
+/// offline at once, SPEC §10).
 pub fn wait_offline(observer: &mut Client, user: &str, patience: Duration) {
     let deadline = Instant::now() + patience;
     while observer

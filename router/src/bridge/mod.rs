@@ -13,11 +13,14 @@
 //! - Reads (Sync, History, PresenceQuery, PresenceSubscribe) run the routing
 //!   logic over a read-only use of [`RedisStore`] on a small pool of reader
 //!   threads — never on core threads.
-//! - Presence is batched per gateway ([`presence`]).
+//! - Presence is batched per gateway ([`presence`]); a connection's close
+//!   waits for the router's answers to the membership changes it sent
+//!   before (`unanswered.rs`), so a member it removed hears nothing of it.
 //!
 //! [`api::Backend`]: crate::api::Backend
 
 pub mod presence;
+mod unanswered;
 mod writes;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,6 +43,7 @@ use rdkafka::message::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
 
 use presence::{Presence, PresenceTiming};
+use unanswered::{AnswerSink, Unanswered};
 use writes::{PendingWrite, Writes};
 
 /// Settings of the Kafka/Redis bridge.
@@ -133,6 +137,8 @@ pub struct KafkaRedisBridge {
     /// Read without a lock on the hot path.
     presence: OnceLock<Arc<Presence>>,
     reads: OnceLock<Readers>,
+    /// Membership changes not answered yet, which a close waits for.
+    unanswered: Arc<Unanswered>,
     gateway_id: OnceLock<String>,
     stop: Arc<AtomicBool>,
 }
@@ -177,6 +183,7 @@ impl KafkaRedisBridge {
             started: Mutex::new(None),
             presence: OnceLock::new(),
             reads: OnceLock::new(),
+            unanswered: Arc::default(),
             gateway_id: OnceLock::new(),
             stop: Arc::new(AtomicBool::new(false)),
         }
@@ -278,7 +285,12 @@ impl Backend for KafkaRedisBridge {
             "message.timeout.ms",
             config.produce_timeout.as_millis().max(1).to_string(),
         );
-        let writes = Writes::new(producer_config, sink.clone())
+        // Failed writes and the router's answers pass `unanswered` first.
+        let answers: Arc<dyn DeliverySink> = Arc::new(AnswerSink {
+            inner: sink.clone(),
+            unanswered: self.unanswered.clone(),
+        });
+        let writes = Writes::new(producer_config, answers.clone())
             .map(Arc::new)
             .map_err(|e| BackendError::Config(format!("{e} (brokers {})", config.brokers)))?;
 
@@ -320,7 +332,7 @@ impl Backend for KafkaRedisBridge {
             .assign(&assignment)
             .map_err(|e| BackendError::Unavailable(format!("assign {topic}: {e}")))?;
 
-        let presence = Arc::new(Presence::new(gateway_id));
+        let presence = Arc::new(Presence::waiting_for(gateway_id, self.unanswered.clone()));
         presence
             .start(
                 &config.redis,
@@ -334,7 +346,7 @@ impl Backend for KafkaRedisBridge {
 
         let mut threads = Vec::new();
         let stop = self.stop.clone();
-        let delivery_sink = sink.clone();
+        let delivery_sink = answers;
         threads.push(
             std::thread::Builder::new()
                 .name("palaver-delivery".into())
@@ -399,6 +411,7 @@ impl Backend for KafkaRedisBridge {
     }
 
     fn session_closed(&self, session: &Session, at_ms: i64) {
+        self.unanswered.closed(session.addr.conn);
         if let Some(p) = self.presence.get() {
             p.session_closed(session, at_ms);
         }
@@ -432,6 +445,10 @@ impl Backend for KafkaRedisBridge {
             tracing::warn!("request submitted before the bridge started; dropped");
             return;
         };
+        if let Body::ChangeMembers(_) = request.body {
+            self.unanswered
+                .sent(request.from.addr.conn, request.request_id);
+        }
         writes.send(kafka::INBOUND_TOPIC, key.as_bytes(), &value, Some(pending));
     }
 

@@ -37,6 +37,8 @@ use crate::api::{DeliverySink, Outbound, Session, SessionAddr};
 use crate::bus::Addressed;
 use crate::kafka::records::PresenceChanges;
 use crate::presence::{self, SharedWatches};
+
+use super::unanswered::Unanswered;
 use crate::redis_store::{RedisConfig, RedisStore, PRESENCE_CHANNEL};
 use crate::store::{GatewayRegistry, SessionChange};
 use crate::Clock;
@@ -85,6 +87,8 @@ pub type ReplacedHandler = Box<dyn Fn(Addressed) + Send + Sync>;
 
 /// The presence half of the bridge.
 pub struct Presence {
+    /// Closes wait for their connection's unanswered membership changes.
+    unanswered: Arc<Unanswered>,
     gateway_id: String,
     changes: Sender<Job>,
     enqueued: AtomicU64,
@@ -116,8 +120,15 @@ fn encode_changes(gateway_id: &str, changes: &[pb::Presence]) -> Vec<u8> {
 
 impl Presence {
     pub fn new(gateway_id: &str) -> Self {
+        Self::waiting_for(gateway_id, Arc::default())
+    }
+
+    /// As [`Presence::new`], with closes waiting for `unanswered`
+    /// membership changes of their connection (`unanswered.rs`).
+    pub(super) fn waiting_for(gateway_id: &str, unanswered: Arc<Unanswered>) -> Self {
         let (tx, rx) = crossbeam_channel::unbounded();
         Self {
+            unanswered,
             gateway_id: gateway_id.to_owned(),
             changes: tx,
             enqueued: AtomicU64::new(0),
@@ -194,6 +205,7 @@ impl Presence {
             max_connections_per_account,
             pending: Vec::new(),
             last_lease: Instant::now(),
+            unanswered: self.unanswered.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("palaver-presence".into())
@@ -283,6 +295,8 @@ struct Batcher {
     /// Changes not yet written (kept across a failed flush, in order).
     pending: Vec<(u64, SessionChange)>,
     last_lease: Instant,
+    /// Closes wait for their connection's unanswered membership changes.
+    unanswered: Arc<Unanswered>,
 }
 
 impl Batcher {
@@ -335,7 +349,49 @@ impl Batcher {
     /// [`MAX_CHANGES_PER_FLUSH`] each; more take more pipelines); then one
     /// PUBLISH of the presence changes, and GoAway for replaced connections.
     /// A failed pipeline keeps its changes and those after it pending.
+    ///
+    /// A close whose connection sent membership changes the router has not
+    /// answered yet stays pending (`unanswered.rs`, at most its hold). The
+    /// flush mark passes it anyway: readers wait for the mark so that a
+    /// session is registered before a Sync, which no close changes, and
+    /// must not wait for another connection's held close.
     fn flush(&mut self, now_ms: i64) {
+        let mut held = Vec::new();
+        if self.pending.iter().any(|(_, c)| self.held(c)) {
+            let (wait, ready): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
+                .into_iter()
+                .partition(|(_, c)| self.held(c));
+            held = wait;
+            self.pending = ready;
+        }
+        self.flush_ready(now_ms);
+        if held.is_empty() {
+            return;
+        }
+        if self.pending.is_empty() {
+            if let Some(n) = held.iter().map(|(n, _)| *n).max() {
+                self.mark_flushed(n);
+            }
+        }
+        self.pending.extend(held);
+        self.pending.sort_by_key(|(n, _)| *n);
+    }
+
+    fn mark_flushed(&self, n: u64) {
+        let mut flushed = self.mark.flushed.lock().expect("flush mark");
+        *flushed = (*flushed).max(n);
+        self.mark.cond.notify_all();
+    }
+
+    /// A close that waits (not once the gateway is stopping: deregistering
+    /// removes every session anyway).
+    fn held(&self, change: &SessionChange) -> bool {
+        !self.stop.load(Ordering::Acquire)
+            && matches!(change, SessionChange::Closed { session, .. }
+                if self.unanswered.holds(session.addr.conn))
+    }
+
+    fn flush_ready(&mut self, now_ms: i64) {
         loop {
             let take = self.pending.len().min(MAX_CHANGES_PER_FLUSH);
             let changes: Vec<SessionChange> = self.pending[..take]
@@ -357,12 +413,15 @@ impl Batcher {
                 }
             };
             self.last_lease = Instant::now();
-            let newest = self.pending[..take].last().map(|(n, _)| *n);
+            let newest = self.pending[..take].iter().map(|(n, _)| *n).max();
+            for (_, change) in &self.pending[..take] {
+                if let SessionChange::Closed { session, .. } = change {
+                    self.unanswered.applied(session.addr.conn);
+                }
+            }
             self.pending.drain(..take);
             if let Some(n) = newest {
-                let mut flushed = self.mark.flushed.lock().expect("flush mark");
-                *flushed = (*flushed).max(n);
-                self.mark.cond.notify_all();
+                self.mark_flushed(n);
             }
             for goaway in effects.goaways {
                 (self.on_replaced)(goaway);
@@ -667,6 +726,7 @@ mod tests {
             max_connections_per_account: None,
             pending: Vec::new(),
             last_lease: Instant::now(),
+            unanswered: Arc::default(),
         };
         let n = 2 * MAX_CHANGES_PER_FLUSH + 1;
         for i in 0..n as u64 {
@@ -727,7 +787,7 @@ mod tests {
         assert_eq!(conns(&sub.fan_out(&change("bob", true))), [3], "only self");
 
         store
-            .add_conversation_to_users("g1", &["alice".into(), "bob".into()])
+            .add_conversation_to_users("grp:g1", &["alice".into(), "bob".into()])
             .unwrap();
         let frames = sub.fan_out(&change("bob", false));
         assert_eq!(conns(&frames), [1, 3], "this gateway's watchers only");
@@ -738,7 +798,7 @@ mod tests {
         ));
 
         store
-            .remove_conversation_from_users("g1", &["bob".into()])
+            .remove_conversation_from_users("grp:g1", &["bob".into()])
             .unwrap();
         assert_eq!(conns(&sub.fan_out(&change("bob", true))), [3]);
 
@@ -815,6 +875,7 @@ mod tests {
             max_connections_per_account: Some(2),
             pending: Vec::new(),
             last_lease: Instant::now(),
+            unanswered: Arc::default(),
         };
         let mut n = 0;
         let mut apply = |batcher: &mut Batcher, change: SessionChange| -> Vec<Outbound> {

@@ -6,13 +6,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use palaver_protocol::pb::{self, frame::Body, ErrorCode};
 
 use super::{
-    direct_info, group_info, parse_conversation_id, reject, reply, ConversationRef, Failure,
+    direct_info, event, group_info, parse_conversation_id, reject, reply, ConversationRef, Failure,
     Router, RouterConfig,
 };
 use crate::api::Inbound;
-use crate::bus::Output;
+use crate::bus::{Addressed, Output};
 use crate::group_id::group_id_for;
-use crate::store::{GroupRecord, Store};
+use crate::store::{GroupRecord, Membership, Store};
+
+/// Milliseconds in a UTC day: the add limits count per UTC day.
+const DAY_MS: i64 = 24 * 60 * 60 * 1000;
 
 impl<S: Store> Router<S> {
     // ---- Conversations -------------------------------------------------
@@ -125,7 +128,20 @@ impl<S: Store> Router<S> {
             members,
             created_ms: self.clock.now_ms(),
         };
-        if !self.store.create_group(&record)? {
+        // A replay of a create that happened is answered below as it was,
+        // before the add limits are checked again.
+        let replay =
+            self.store.membership(&record.conversation_id, creator)? != Membership::NoSuchGroup;
+        if !replay {
+            let added: Vec<String> = record
+                .members
+                .iter()
+                .filter(|m| m.user_id != *creator)
+                .map(|m| m.user_id.clone())
+                .collect();
+            self.charge_group_adds(creator, &added, true)?;
+        }
+        if replay || !self.store.create_group(&record)? {
             // The id follows from the request's identity, so this is a
             // replay of a create that already happened (at-least-once bus):
             // answer it with the group as it was created, create nothing.
@@ -198,15 +214,132 @@ impl<S: Store> Router<S> {
             out.frames.push(reply(req, changed));
             return Ok(());
         }
+        self.charge_group_adds(actor, &plan.added, false)?;
         self.store
             .update_members(conversation_id, &plan.upsert, &plan.removed)?;
         self.store
             .add_conversation_to_users(conversation_id, &plan.added)?;
         self.store
             .remove_conversation_from_users(conversation_id, &plan.removed)?;
-        // Everyone before and after the change.
-        recipients.extend(plan.added);
-        self.reply_and_fan_out(req, changed, &recipients, out)?;
+        // Everyone before and after the change: the actor, the added and
+        // the removed get the whole conversation, the other members only
+        // what changed (SPEC §11), so churn in a big group costs a
+        // bystander bytes per change, not per member.
+        let mut delta = changed.clone();
+        if let Body::MembersChanged(m) = &mut delta {
+            if let Some(c) = m.conversation.as_mut() {
+                // A user's last upsert is its role (an added heir).
+                let roles: BTreeMap<&str, i32> = plan
+                    .upsert
+                    .iter()
+                    .map(|m| (m.user_id.as_str(), m.role))
+                    .collect();
+                c.members = roles
+                    .into_iter()
+                    .map(|(user_id, role)| pb::Member {
+                        user_id: user_id.to_owned(),
+                        role,
+                    })
+                    .collect();
+            }
+        }
+        let (whole, delta) = (event(changed.clone()), event(delta));
+        out.frames.push(reply(req, changed));
+        recipients.extend(plan.added.iter().cloned());
+        let sessions = self.store.sessions_of_users(&recipients)?;
+        for (user_id, devices) in recipients.iter().zip(sessions.iter()) {
+            let concerned = user_id == actor
+                || plan.added.binary_search(user_id).is_ok()
+                || plan.removed.binary_search(user_id).is_ok();
+            let frame = if concerned { &whole } else { &delta };
+            for addr in devices.iter().filter(|a| **a != req.from.addr) {
+                out.frames.push(Addressed {
+                    to: addr.clone(),
+                    frame: frame.clone(),
+                    answers_request: false,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// SPEC §11's limits on adding `added` (users other than `adder`, who
+    /// joins too when `adder_joins`: a create) to a group, checked before
+    /// anything is written, then the adds counted: each user, and the
+    /// adder when joining, is in fewer than `max_groups_per_user` groups;
+    /// `adder` added each user fewer than `max_group_adds_per_adder_per_day`
+    /// times today (UTC); and a user `adder` is a stranger to (no direct
+    /// conversation both have written in) was added by strangers fewer
+    /// than `max_group_adds_by_strangers_per_day` times today. Any
+    /// exceeded: QUOTA_EXCEEDED naming the user, nothing written.
+    ///
+    /// Counted before the change is written: a store error after this
+    /// makes the retry count again (never uncounted adds).
+    fn charge_group_adds(
+        &mut self,
+        adder: &str,
+        added: &[String],
+        adder_joins: bool,
+    ) -> Result<(), Failure> {
+        let mut joining = added.to_vec();
+        if adder_joins {
+            joining.push(adder.to_owned());
+        }
+        if joining.is_empty() {
+            return Ok(());
+        }
+        let max_groups = self.config.max_groups_per_user;
+        let counts = self.store.group_counts(&joining)?;
+        if let Some((user_id, _)) = joining.iter().zip(&counts).find(|(_, n)| **n >= max_groups) {
+            let message = if user_id == adder {
+                format!(
+                    "you are in {max_groups} groups, the most one user may be in; \
+                     leave one first"
+                )
+            } else {
+                format!("{user_id} is in as many groups as one user may be in ({max_groups})")
+            };
+            return reject(ErrorCode::QuotaExceeded, message);
+        }
+        if added.is_empty() {
+            return Ok(());
+        }
+        let directs: Vec<String> = added
+            .iter()
+            .map(|u| palaver_protocol::direct_conversation_id(adder, u))
+            .collect();
+        let contacts = self.store.written_by_both(&directs)?;
+        let day = self.clock.now_ms().div_euclid(DAY_MS);
+        let today = self.store.group_adds_on(day, adder, added)?;
+        let (per_adder, by_strangers) = (
+            self.config.max_group_adds_per_adder_per_day,
+            self.config.max_group_adds_by_strangers_per_day,
+        );
+        let mut adds = Vec::with_capacity(added.len());
+        for ((user_id, contact), today) in added.iter().zip(contacts).zip(today) {
+            if today.by_adder >= per_adder {
+                return reject(
+                    ErrorCode::QuotaExceeded,
+                    format!(
+                        "you added {user_id} to groups {per_adder} times today, the most \
+                         per day; try again after 00:00 UTC"
+                    ),
+                );
+            }
+            if !contact && today.by_strangers >= by_strangers {
+                return reject(
+                    ErrorCode::QuotaExceeded,
+                    format!(
+                        "{user_id} cannot be added to more groups today by someone they have \
+                         not exchanged direct messages with; once you both have written in \
+                         your direct conversation this limit no longer applies, otherwise \
+                         try again after 00:00 UTC"
+                    ),
+                );
+            }
+            adds.push((user_id.clone(), !contact));
+        }
+        self.store.count_group_adds(day, adder, &adds)?;
         Ok(())
     }
 }

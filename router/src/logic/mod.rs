@@ -62,6 +62,18 @@ pub struct RouterConfig {
     pub max_title_bytes: usize,
     /// Whose presence a user may see (SPEC §10).
     pub presence_visibility: PresenceVisibility,
+    /// Groups one user may be in (SPEC §11): creating a group or being
+    /// added to one beyond it is refused with QUOTA_EXCEEDED. Bounds the
+    /// work of every presence visibility check (it walks the asker's
+    /// groups).
+    pub max_groups_per_user: usize,
+    /// Times one adder may add the same user to groups per UTC day (SPEC
+    /// §11; QUOTA_EXCEEDED beyond).
+    pub max_group_adds_per_adder_per_day: u32,
+    /// Adds of one user to groups per UTC day by adders who are not the
+    /// user's contacts (no direct conversation both have written in), all
+    /// of them together (SPEC §11; QUOTA_EXCEEDED beyond).
+    pub max_group_adds_by_strangers_per_day: u32,
     /// Bytes one account may store per UTC day (SPEC §13: body + 256 per
     /// message); a Send beyond is QUOTA_EXCEEDED.
     pub account_bytes_per_day: u64,
@@ -83,6 +95,9 @@ impl Default for RouterConfig {
             max_presence_users: 1000,
             max_title_bytes: 256,
             presence_visibility: PresenceVisibility::SharedConversation,
+            max_groups_per_user: 500,
+            max_group_adds_per_adder_per_day: 10,
+            max_group_adds_by_strangers_per_day: 20,
             account_bytes_per_day: 64 * 1024 * 1024,
             conversation_bytes_per_day: 256 * 1024 * 1024,
         }

@@ -17,9 +17,10 @@ use crate::store::{SessionChange, Store, StoreResult, UserPresence, UserStore};
 /// Whose presence and last seen a user may see (SPEC §10).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum PresenceVisibility {
-    /// Only users sharing a conversation (DIRECT or GROUP, current member)
-    /// with the asker, and the asker themself. Everyone else looks like a
-    /// user who was never seen.
+    /// Only users sharing a conversation that counts with the asker (a
+    /// DIRECT conversation both have written in, or a GROUP both are current
+    /// members of), and the asker themself. Everyone else looks like a user
+    /// who was never seen.
     #[default]
     SharedConversation,
     /// Every user sees every user.
@@ -55,24 +56,32 @@ impl std::str::FromStr for PresenceVisibility {
 }
 
 /// The presence visibility rule, the one implementation every backend uses:
-/// for each of `others`, in input order, whether `user_id` may see its
-/// presence. Under [`PresenceVisibility::SharedConversation`] the relation
-/// is symmetric (a user always sees themself), so a fan-out can ask it once
-/// per changed user with all of that user's watchers as `others`.
+/// for each `(viewer, target)` pair, in input order, whether `viewer` may
+/// see `target`'s presence. Under [`PresenceVisibility::SharedConversation`]
+/// a user always sees themself, and otherwise only a user sharing a
+/// conversation that counts (SPEC §10: a direct conversation both have
+/// written in, or a group both are in; [`UserStore::presence_links`]). The
+/// relation is symmetric; the viewer comes first because the work follows
+/// the viewer's own groups, never the target's data, so a query costs the
+/// same for a hidden user as for an unknown one.
 pub fn presence_visible<S: UserStore + ?Sized>(
     store: &mut S,
     visibility: PresenceVisibility,
-    user_id: &str,
-    others: &[String],
+    pairs: &[(&str, &str)],
 ) -> StoreResult<Vec<bool>> {
     if visibility == PresenceVisibility::Everyone {
-        return Ok(vec![true; others.len()]);
+        return Ok(vec![true; pairs.len()]);
     }
-    let strangers: Vec<String> = others.iter().filter(|o| *o != user_id).cloned().collect();
-    let mut shared = store.shares_conversation(user_id, &strangers)?.into_iter();
-    Ok(others
+    let others: Vec<(&str, &str)> = pairs.iter().copied().filter(|(v, t)| v != t).collect();
+    let mut linked = if others.is_empty() {
+        Vec::new()
+    } else {
+        store.presence_links(&others)?
+    }
+    .into_iter();
+    Ok(pairs
         .iter()
-        .map(|o| o == user_id || shared.next().unwrap_or(false))
+        .map(|(v, t)| v == t || linked.next().unwrap_or(false))
         .collect())
 }
 
@@ -108,12 +117,8 @@ impl<S: Store> Router<S> {
         asker: &str,
         user_ids: Vec<String>,
     ) -> Result<pb::PresenceResult, Failure> {
-        let visible = presence_visible(
-            &mut self.store,
-            self.config.presence_visibility,
-            asker,
-            &user_ids,
-        )?;
+        let pairs: Vec<(&str, &str)> = user_ids.iter().map(|u| (asker, u.as_str())).collect();
+        let visible = presence_visible(&mut self.store, self.config.presence_visibility, &pairs)?;
         let shown: Vec<String> = user_ids
             .iter()
             .zip(&visible)

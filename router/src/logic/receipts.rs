@@ -1,4 +1,5 @@
-//! Receipts: Receipt (delivered/read marks, fanned out to the other members).
+//! Receipts: Receipt (delivered/read marks, fanned out to the senders of
+//! the covered messages who are still members, and the reader's devices).
 
 use palaver_protocol::pb::{self, frame::Body, ErrorCode};
 
@@ -57,6 +58,13 @@ impl<S: Store> Router<S> {
             .into_iter()
             .filter(|u| u != reader)
             .collect();
+        // Senders who left the group (or were removed) since get nothing
+        // more of it (SPEC §8, §11): only current members are told.
+        if !users.is_empty() && palaver_protocol::is_group_id(conversation_id) {
+            let current = self.store.members_among(conversation_id, &users)?;
+            let mut current = current.into_iter();
+            users.retain(|_| current.next().unwrap_or(false));
+        }
         users.push(reader.clone());
         let update = event(Body::ReceiptUpdate(pb::ReceiptUpdate {
             conversation_id: conversation_id.clone(),

@@ -12,9 +12,9 @@
 //!   `Router::presence_subscribe`) and the fan-out.
 //! - [`fan_out`] turns presence changes into `PresenceEvent` frames for the
 //!   local watchers allowed to see them (`logic::presence_visible`,
-//!   SPEC §10): the embedded engine calls it right after applying, the
-//!   bridge's subscriber thread after Redis pub/sub brings every gateway's
-//!   changes.
+//!   SPEC §10, checked once per distinct watching user with bounded work):
+//!   the embedded engine calls it right after applying, the bridge's
+//!   subscriber thread after Redis pub/sub brings every gateway's changes.
 
 mod watches;
 
@@ -113,16 +113,20 @@ pub fn apply_session_changes<S: SessionStore + ?Sized>(
 
 /// The one presence fan-out: a `PresenceEvent` for each local watcher of
 /// each changed user who may see that user (the visibility rule at event
-/// time, asked once per changed user with all its watchers). A check that
-/// fails drops that user's events (fail closed; the watcher can query
-/// again) and the others still go out.
+/// time). Visibility is checked once per distinct watching USER, however
+/// many of its connections watch, all of the batch's checks in one store
+/// call, each bounded by the watcher's own groups and never reading the
+/// changed user's conversations ([`crate::store::UserStore::presence_links`]):
+/// a change costs the same whether the changed user is in ten
+/// conversations or ten thousand. A check that fails drops this batch's
+/// events (fail closed; a watcher can query again).
 pub fn fan_out<S: UserStore + ?Sized>(
     store: &mut S,
     visibility: PresenceVisibility,
     watches: &Mutex<Watches>,
     changes: &[pb::Presence],
 ) -> Vec<Addressed> {
-    // The lock is not held across the store calls below.
+    // The lock is not held across the store call below.
     let watched: Vec<(&pb::Presence, Vec<Watcher>)> = {
         let watches = lock(watches);
         changes
@@ -131,31 +135,50 @@ pub fn fan_out<S: UserStore + ?Sized>(
             .filter(|(_, watchers)| !watchers.is_empty())
             .collect()
     };
+    if watched.is_empty() {
+        return Vec::new();
+    }
+    // (watcher user, changed user), each pair once.
+    let mut pairs: Vec<(&str, &str)> = watched
+        .iter()
+        .flat_map(|(p, watchers)| {
+            watchers
+                .iter()
+                .map(|w| (w.user_id.as_str(), p.user_id.as_str()))
+        })
+        .collect();
+    pairs.sort_unstable();
+    pairs.dedup();
+    let visible = match presence_visible(store, visibility, &pairs) {
+        Ok(visible) => visible,
+        Err(e) => {
+            tracing::warn!(
+                "{} presence events dropped, visibility check failed: {e}",
+                watched.len()
+            );
+            return Vec::new();
+        }
+    };
     let mut frames = Vec::new();
-    for (presence, watchers) in watched {
-        let users: Vec<String> = watchers.iter().map(|w| w.user_id.clone()).collect();
-        let visible = match presence_visible(store, visibility, &presence.user_id, &users) {
-            Ok(visible) => visible,
-            Err(e) => {
-                tracing::warn!(
-                    "presence event for {} dropped, visibility check failed: {e}",
-                    presence.user_id
-                );
-                continue;
-            }
-        };
+    for (presence, watchers) in &watched {
         let frame = pb::Frame {
             request_id: 0,
             body: Some(Body::PresenceEvent(pb::PresenceEvent {
-                presence: Some(presence.clone()),
+                presence: Some((*presence).clone()),
             })),
         };
-        for (watcher, _) in watchers.into_iter().zip(visible).filter(|(_, v)| *v) {
-            frames.push(Addressed {
-                to: watcher.addr,
-                frame: frame.clone(),
-                answers_request: false,
-            });
+        for watcher in watchers {
+            let pair = (watcher.user_id.as_str(), presence.user_id.as_str());
+            let allowed = pairs
+                .binary_search(&pair)
+                .is_ok_and(|i| visible.get(i).copied().unwrap_or(false));
+            if allowed {
+                frames.push(Addressed {
+                    to: watcher.addr.clone(),
+                    frame: frame.clone(),
+                    answers_request: false,
+                });
+            }
         }
     }
     frames

@@ -70,15 +70,23 @@ impl RedisStore {
             dedup_field.extend_from_slice(message.sender_user_id.as_bytes());
             dedup_field.push(0);
             dedup_field.extend_from_slice(&message.client_msg_id);
+            let (seq, h, dd, dq, legacy, writers) = (
+                conv_key(&conversation_id, "seq"),
+                conv_key(&conversation_id, "h"),
+                conv_key(&conversation_id, "dd"),
+                conv_key(&conversation_id, "dq"),
+                dedup_key(&conversation_id, &message.client_msg_id),
+                conv_key(&conversation_id, "w"),
+            );
+            let mut keys: Vec<&str> = vec![&seq, &h, &dd, &dq, &legacy];
+            // A direct conversation records its writers (SPEC §10 consent;
+            // the sender is ARGV[7]).
+            if palaver_protocol::parse_direct(&conversation_id).is_some() {
+                keys.push(&writers);
+            }
             cmds.push(Self::evalsha(
                 &self.scripts.append,
-                &[
-                    &conv_key(&conversation_id, "seq"),
-                    &conv_key(&conversation_id, "h"),
-                    &conv_key(&conversation_id, "dd"),
-                    &conv_key(&conversation_id, "dq"),
-                    &dedup_key(&conversation_id, &message.client_msg_id),
-                ],
+                &keys,
                 &[
                     &encoded,
                     &dedup_field,
@@ -352,6 +360,35 @@ impl ConversationStore for RedisStore {
             (true, None) => Membership::NotMember,
             (true, Some(role)) => Membership::Member(role_of(&role)?),
         })
+    }
+
+    /// `SCARD c:{dm}:w` per id: 2 once both users have written.
+    fn written_by_both(&mut self, direct_ids: &[String]) -> StoreResult<Vec<bool>> {
+        let cmds = direct_ids
+            .iter()
+            .map(|id| redis::cmd("SCARD").arg(conv_key(id, "w")).clone())
+            .collect();
+        self.pipeline(cmds)?
+            .into_iter()
+            .map(|v| Ok(from_value::<u64>(v)? >= 2))
+            .collect()
+    }
+
+    /// One `HMGET` of the member hash.
+    fn members_among(
+        &mut self,
+        conversation_id: &str,
+        user_ids: &[String],
+    ) -> StoreResult<Vec<bool>> {
+        if user_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let roles: Vec<Option<String>> = self.query(
+            redis::cmd("HMGET")
+                .arg(conv_key(conversation_id, "m"))
+                .arg(user_ids),
+        )?;
+        Ok(roles.iter().map(Option::is_some).collect())
     }
 
     fn update_members(

@@ -13,7 +13,10 @@
 //! | `c:{<conv>}:r:<kind>` | hash | receipt marks, user → seq |
 //! | `c:{<conv>}:g` | hash | group record: title, created |
 //! | `c:{<conv>}:m` | hash | group members: user → role |
+//! | `c:{<conv>}:w` | set | a direct conversation's users who have written in it (`append.lua`; both → it counts for presence) |
 //! | `u:{<user>}:convs` | set | the user's conversations |
+//! | `u:{<user>}:grps` | set | the user's groups (the `grp:` ids of `convs`) |
+//! | `u:{<user>}:adds:<day>` | hash, EX 2 days | group adds of the user on a UTC day: `a:<adder>` → count, `s` → count by strangers |
 //! | `u:{<user>}:push` | set | conversations with a pending push |
 //! | `u:{<user>}:sess` | hash | device → `<conn>\|<gateway>` |
 //! | `u:{<user>}:seen` | string | last seen, ms |
@@ -53,6 +56,11 @@ pub(super) fn dedup_key(conversation_id: &str, client_msg_id: &[u8]) -> String {
         key.push_str(&format!("{b:02x}"));
     }
     key
+}
+
+/// A user's group-add counts of UTC day `day` (see the key layout).
+pub(super) fn adds_key(user_id: &str, day: i64) -> String {
+    user_key(user_id, &format!("adds:{day}"))
 }
 
 /// The storage quota counter of `owner` on UTC day `day`.

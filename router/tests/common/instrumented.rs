@@ -1,5 +1,7 @@
 //! A store wrapper that counts calls per method (to check batch-friendliness:
-//! no per-recipient round trips) and can be told to fail.
+//! no per-recipient round trips) and the items its reads return (to check
+//! that work does not grow with data an asker may not see), and can be told
+//! to fail.
 // Each test binary uses part of it.
 #![allow(dead_code)]
 
@@ -10,10 +12,16 @@ use palaver_protocol::pb;
 use palaver_router::store::*;
 use palaver_router::MemoryStore;
 
+/// Counts per store method, sorted by method name.
+pub type Counts = Vec<(&'static str, usize)>;
+
 #[derive(Default)]
 pub struct Instrumented {
     pub inner: MemoryStore,
     pub calls: HashMap<&'static str, usize>,
+    /// Items returned by reads, per method (conversation ids, group
+    /// members, answers per pair, ...).
+    pub items: HashMap<&'static str, usize>,
     /// When set, every call fails with `StoreError::Unavailable`.
     pub failing: bool,
     /// When set, calls of this one method fail that way.
@@ -44,6 +52,37 @@ impl Instrumented {
 
     pub fn total(&self) -> usize {
         self.calls.values().sum()
+    }
+
+    /// Counts `n` items returned by `name`.
+    fn returned<T>(
+        &mut self,
+        name: &'static str,
+        result: StoreResult<T>,
+        n: impl Fn(&T) -> usize,
+    ) -> StoreResult<T> {
+        if let Ok(value) = &result {
+            *self.items.entry(name).or_default() += n(value);
+        }
+        result
+    }
+
+    /// Everything the store did for the router so far, comparable between
+    /// two runs: calls per method, items returned per method, and the
+    /// memory store's own visibility lookups.
+    pub fn work(&self) -> (Counts, Counts, u64) {
+        let mut calls: Vec<_> = self.calls.iter().map(|(k, v)| (*k, *v)).collect();
+        calls.sort();
+        let mut items: Vec<_> = self.items.iter().map(|(k, v)| (*k, *v)).collect();
+        items.sort();
+        (calls, items, self.inner.visibility_lookups())
+    }
+
+    /// Forgets the counts so far (the store's data stays).
+    pub fn reset_counts(&mut self) -> u64 {
+        self.calls.clear();
+        self.items.clear();
+        self.inner.visibility_lookups()
     }
 }
 
@@ -90,7 +129,8 @@ impl ConversationStore for Instrumented {
         self.call("charge_quotas")?.charge_quotas(charges)
     }
     fn senders_between(&mut self, c: &str, a: u64, b: u64) -> StoreResult<Vec<String>> {
-        self.call("senders_between")?.senders_between(c, a, b)
+        let r = self.call("senders_between")?.senders_between(c, a, b);
+        self.returned("senders_between", r, Vec::len)
     }
     fn advance_receipt(
         &mut self,
@@ -106,7 +146,10 @@ impl ConversationStore for Instrumented {
     }
     fn groups(&mut self, ids: &[String]) -> StoreResult<Vec<Option<GroupRecord>>> {
         self.group_records_read += ids.len();
-        self.call("groups")?.groups(ids)
+        let r = self.call("groups")?.groups(ids);
+        self.returned("groups", r, |g| {
+            g.iter().flatten().map(|g| g.members.len()).sum()
+        })
     }
     fn membership(&mut self, c: &str, u: &str) -> StoreResult<Membership> {
         self.call("membership")?.membership(c, u)
@@ -120,11 +163,46 @@ impl ConversationStore for Instrumented {
         self.call("update_members")?
             .update_members(c, upsert, remove)
     }
+    fn written_by_both(&mut self, ids: &[String]) -> StoreResult<Vec<bool>> {
+        let r = self.call("written_by_both")?.written_by_both(ids);
+        self.returned("written_by_both", r, Vec::len)
+    }
+    fn members_among(&mut self, c: &str, users: &[String]) -> StoreResult<Vec<bool>> {
+        let r = self.call("members_among")?.members_among(c, users);
+        self.returned("members_among", r, Vec::len)
+    }
 }
 
 impl UserStore for Instrumented {
     fn conversations_of_user(&mut self, u: &str) -> StoreResult<Vec<String>> {
-        self.call("conversations_of_user")?.conversations_of_user(u)
+        let r = self.call("conversations_of_user")?.conversations_of_user(u);
+        self.returned("conversations_of_user", r, Vec::len)
+    }
+    fn group_counts(&mut self, users: &[String]) -> StoreResult<Vec<usize>> {
+        let r = self.call("group_counts")?.group_counts(users);
+        self.returned("group_counts", r, Vec::len)
+    }
+    fn presence_links(&mut self, pairs: &[(&str, &str)]) -> StoreResult<Vec<bool>> {
+        let r = self.call("presence_links")?.presence_links(pairs);
+        self.returned("presence_links", r, Vec::len)
+    }
+    fn group_adds_on(
+        &mut self,
+        day: i64,
+        adder: &str,
+        users: &[String],
+    ) -> StoreResult<Vec<GroupAdds>> {
+        let r = self.call("group_adds_on")?.group_adds_on(day, adder, users);
+        self.returned("group_adds_on", r, Vec::len)
+    }
+    fn count_group_adds(
+        &mut self,
+        day: i64,
+        adder: &str,
+        adds: &[(String, bool)],
+    ) -> StoreResult<()> {
+        self.call("count_group_adds")?
+            .count_group_adds(day, adder, adds)
     }
     fn add_conversation_to_users(&mut self, c: &str, users: &[String]) -> StoreResult<()> {
         self.call("add_conversation_to_users")?
@@ -157,7 +235,8 @@ impl SessionStore for Instrumented {
         self.call("sessions_of_users")?.sessions_of_users(users)
     }
     fn presence_of_users(&mut self, users: &[String]) -> StoreResult<Vec<UserPresence>> {
-        self.call("presence_of_users")?.presence_of_users(users)
+        let r = self.call("presence_of_users")?.presence_of_users(users);
+        self.returned("presence_of_users", r, Vec::len)
     }
 }
 

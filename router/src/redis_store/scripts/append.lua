@@ -20,7 +20,10 @@
 -- and count only when the original's sender (field 4 of the stored
 -- message) is this sender.
 --
--- KEYS: seq, history, dedup hash, dedup order list, legacy dedup key.
+-- KEYS[6], given for a direct conversation only, is its set of users who
+-- have written in it: a stored message adds its sender (SPEC §10 consent).
+--
+-- KEYS: seq, history, dedup hash, dedup order list, legacy dedup key[, writers].
 -- ARGV: message (seq 0), dedup field, now_ms, dedup_ttl_ms, window,
 --       bare client_msg_id, sender, check_only ('1': only look for a
 --       duplicate, store nothing).
@@ -103,4 +106,5 @@ if window > 0 and redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(window + 1)) > 0 t
     end
   end
 end
+if KEYS[6] then redis.call('SADD', KEYS[6], ARGV[7]) end
 return {1, seq}
