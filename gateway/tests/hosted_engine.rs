@@ -268,9 +268,12 @@ fn send_then_close_then_reconnect_reach_the_engine_in_order() {
             }
         );
         let conv = direct_conversation_id(&s.user, &o.user);
-        // A shared conversation makes presence visible (SPEC §10).
+        // A direct conversation both wrote in makes presence visible
+        // (SPEC §10).
         chat::send_reliably(&mut s.c, &conv, "hello", T);
         assert_eq!(next_deliver(&mut o.c, T).body, b"hello");
+        chat::send_reliably(&mut o.c, &conv, "hi", T);
+        assert_eq!(next_deliver(&mut s.c, T).body, b"hi");
         o.c.subscribe_presence(&s.user, T).unwrap();
 
         let last = send_frame(&mut s.c, &conv, "last words");

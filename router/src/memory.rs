@@ -40,10 +40,10 @@ pub struct MemoryStore {
     /// Entries [`UserStore::presence_links`] looked at, ever (see
     /// [`MemoryStore::visibility_lookups`]).
     visibility_lookups: u64,
-    /// Storage quota counters of `quota_day` (the newest day charged);
-    /// cleared when a later day starts, so they hold one day's owners.
-    quotas: HashMap<QuotaOwner, u64>,
-    quota_day: u32,
+    /// Quota counters: owner → (period, used). Entries of periods that are
+    /// over are pruned whenever the map has doubled since the last prune.
+    quotas: HashMap<QuotaOwner, (u32, u64)>,
+    quotas_pruned_at: usize,
 }
 
 #[derive(Default)]
@@ -472,30 +472,43 @@ impl ConversationStore for MemoryStore {
     }
 
     fn charge_quotas(&mut self, charges: &[QuotaCharge]) -> StoreResult<Vec<bool>> {
-        Ok(charges
+        let granted = charges
             .iter()
             .map(|charge| {
-                if charge.day > self.quota_day {
-                    self.quotas.clear();
-                    self.quota_day = charge.day;
+                let amount = charge.amount.unsigned_abs();
+                let (period, used) = self
+                    .quotas
+                    .entry(charge.owner.clone())
+                    .or_insert((charge.period, 0));
+                if charge.period > *period {
+                    *period = charge.period;
+                    *used = 0;
                 }
-                if charge.day < self.quota_day {
-                    // A day that is over: nothing left to count against.
-                    return charge.bytes <= 0 || charge.bytes.unsigned_abs() <= charge.limit;
+                if charge.period < *period {
+                    // A period that is over: nothing left to count against.
+                    return charge.amount <= 0 || amount <= charge.limit;
                 }
-                let used = self.quotas.entry(charge.owner.clone()).or_default();
-                if charge.bytes <= 0 {
-                    *used = used.saturating_sub(charge.bytes.unsigned_abs());
+                if charge.amount <= 0 {
+                    *used = used.saturating_sub(amount);
                     return true;
                 }
-                let after = used.saturating_add(charge.bytes.unsigned_abs());
+                let after = used.saturating_add(amount);
                 if after > charge.limit {
                     return false;
                 }
                 *used = after;
                 true
             })
-            .collect())
+            .collect();
+        if self.quotas.len() > 2 * self.quotas_pruned_at.max(1024) {
+            let now_s = self.now_ms() / 1000;
+            self.quotas.retain(|owner, (period, _)| {
+                let current = now_s / i64::from(owner.period_s());
+                i64::from(*period) >= current
+            });
+            self.quotas_pruned_at = self.quotas.len();
+        }
+        Ok(granted)
     }
 
     fn senders_between(

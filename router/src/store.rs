@@ -138,23 +138,38 @@ pub struct GroupRecord {
     pub created_ms: i64,
 }
 
-/// Whose daily storage quota a [`QuotaCharge`] counts against (SPEC §13).
+/// Whose quota a [`QuotaCharge`] counts against, and in what periods.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum QuotaOwner {
-    /// The sender's account.
+    /// Bytes the sender's account stored, per UTC day (SPEC §13).
     Account(String),
+    /// Bytes stored in a conversation, per UTC day (SPEC §13).
     Conversation(String),
+    /// Membership changes of a group, per UTC hour (SPEC §11).
+    MembershipChanges(String),
 }
 
-/// Bytes stored for `owner` on UTC day `day` (days since the Unix epoch).
+impl QuotaOwner {
+    /// How long a period of this owner's counter lasts, in seconds.
+    pub fn period_s(&self) -> u32 {
+        match self {
+            QuotaOwner::Account(_) | QuotaOwner::Conversation(_) => 24 * 60 * 60,
+            QuotaOwner::MembershipChanges(_) => 60 * 60,
+        }
+    }
+}
+
+/// `amount` counted for `owner` in period `period` (periods of
+/// [`QuotaOwner::period_s`] since the Unix epoch).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QuotaCharge {
     pub owner: QuotaOwner,
-    pub day: u32,
-    /// Positive: bytes about to be stored; negative: a refund (the append
-    /// turned out to be a duplicate, or the other quota refused).
-    pub bytes: i64,
-    /// The day's quota: a positive charge that would exceed it is refused.
+    pub period: u32,
+    /// Positive: about to be used (bytes to store, a change to make);
+    /// negative: a refund (the append turned out to be a duplicate, or the
+    /// other quota refused).
+    pub amount: i64,
+    /// The period's quota: a positive charge that would exceed it is refused.
     pub limit: u64,
 }
 
@@ -262,11 +277,11 @@ pub trait ConversationStore {
     ) -> StoreResult<HistorySlice>;
 
     /// Quota counters: each charge on its own, in order, atomically. A
-    /// positive charge is added if the owner's total for that day then stays
-    /// within its `limit` (true), else nothing changes (false); a refund is
-    /// always applied (true), never below 0. A day's counters may be
-    /// forgotten once it is over (Redis: expiry; memory: dropped when a later
-    /// day starts). One pipelined round trip.
+    /// positive charge is added if the owner's total for that period then
+    /// stays within its `limit` (true), else nothing changes (false); a
+    /// refund is always applied (true), never below 0. A period's counters
+    /// may be forgotten once it is over (Redis: expiry; memory: replaced by
+    /// the next period's, stale ones pruned). One pipelined round trip.
     fn charge_quotas(&mut self, charges: &[QuotaCharge]) -> StoreResult<Vec<bool>>;
 
     /// Distinct `sender_user_id`s of stored messages with

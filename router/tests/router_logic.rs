@@ -655,35 +655,15 @@ fn admin_rules_for_changing_members() {
             ("dave".to_string(), pb::Role::Admin)
         ]
     );
-    // Everyone before and after hears it, with request_id 0: the actor's
-    // other devices, the added and the removed the whole conversation...
-    for s in [&alice_laptop, &carol, &dave] {
+    // Everyone before and after hears it, with request_id 0, with the
+    // whole conversation after the change: the actor's other devices, the
+    // added, the removed and the other members.
+    for s in [&alice_laptop, &carol, &dave, &bob] {
         let frames = to(&out, &s.addr);
         assert_eq!(frames.len(), 1, "{s:?}");
         assert_eq!(frames[0].request_id, 0);
         assert_eq!(members_changed(frames[0]), changed);
     }
-    // ...the other members only what changed (SPEC §11): dave as admin.
-    let frames = to(&out, &bob.addr);
-    assert_eq!(frames.len(), 1);
-    assert_eq!(frames[0].request_id, 0);
-    let delta = members_changed(frames[0]);
-    assert_eq!(roles(delta), [("dave".to_string(), pb::Role::Admin)]);
-    assert_eq!(
-        (&delta.added_user_ids, &delta.removed_user_ids),
-        (&changed.added_user_ids, &changed.removed_user_ids)
-    );
-    let whole = changed.conversation.as_ref().unwrap();
-    let part = delta.conversation.as_ref().unwrap();
-    assert_eq!(
-        (&part.conversation_id, part.kind, &part.title, part.last_seq),
-        (
-            &whole.conversation_id,
-            whole.kind,
-            &whole.title,
-            whole.last_seq
-        )
-    );
     // Carol is out, dave is in.
     assert_error(&h.send(&carol, &group, 8), &carol, 8, ErrorCode::Forbidden);
     assert_eq!(
@@ -2540,7 +2520,7 @@ fn a_presence_change_checks_each_watching_user_once_whatever_the_watched_users_c
 /// user's contacts are not limited by the strangers' budget; and churn in
 /// a big group costs the other members bytes per change, not per member.
 #[test]
-fn group_adds_are_limited_per_day_and_bystanders_get_only_what_changed() {
+fn group_adds_are_limited_per_day_and_a_groups_changes_per_hour() {
     let config = RouterConfig::default();
     let mut h = Harness::new();
     let victim = h.open("victim", "phone", 1);
@@ -2579,34 +2559,59 @@ fn group_adds_are_limited_per_day_and_bystanders_get_only_what_changed() {
     new_group(&mut h, &mallory, 400, &["victim"]);
     new_group(&mut h, &friend, 401, &["victim"]);
 
-    // Churn in mallory's big group: the victim (a bystander) gets the
-    // change, not the member list.
+    // Churn in mallory's big group: every change reaches the victim with
+    // the whole member list (SPEC §11 keeps v1's MembersChanged), so the
+    // group's changes are limited per hour: the victim hears of at most
+    // that many, and a neighbouring group is not held back.
     let members: Vec<String> = (0..997).map(|i| format!("crowd{i}")).collect();
     let mut refs: Vec<&str> = members.iter().map(String::as_str).collect();
     refs.push("victim");
     let big = new_group(&mut h, &mallory, 402, &refs);
+    let limit = config.max_membership_changes_per_group_per_hour as u32;
+    let mut victim_frames = 0;
     let mut victim_bytes = 0;
-    let mut mallory_bytes = 0;
-    for (i, op) in [
-        (&["sybil"][..], &[][..]),
-        (&[], &["sybil"]),
-        (&["sybil"], &[]),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let out = h.req(&mallory, 500 + i as u32, change(&big, op.0, op.1, &[]));
+    for i in 0..limit + 5 {
+        // A new sybil each time: the per-adder limit is not what binds.
+        let sybil = format!("sybil{}", i / 2);
+        // Past the limit only adds: a removal of a user never added would
+        // change nothing (answered, not counted).
+        let (add, remove): (&[&str], &[&str]) = if i % 2 == 0 || i >= limit {
+            (&[&sybil], &[])
+        } else {
+            (&[], &[&sybil])
+        };
+        let out = h.req(&mallory, 1000 + i, change(&big, add, remove, &[]));
         let frames = to(&out, &victim.addr);
-        assert_eq!(frames.len(), 1, "{:?}", out.frames.len());
-        let got = members_changed(frames[0]);
-        assert_eq!((got.added_user_ids.len() + got.removed_user_ids.len()), 1);
-        use prost::Message as _;
-        victim_bytes += frames[0].encoded_len();
-        mallory_bytes += reply_to(&out, &mallory, 500 + i as u32).encoded_len();
+        if i < limit {
+            assert_eq!(frames.len(), 1, "change {i}");
+            let got = members_changed(frames[0]);
+            assert!(
+                got.conversation.as_ref().unwrap().members.len() >= 998,
+                "the whole list"
+            );
+            use prost::Message as _;
+            victim_bytes += frames[0].encoded_len();
+            victim_frames += 1;
+        } else {
+            let e = assert_error(&out, &mallory, 1000 + i, ErrorCode::QuotaExceeded);
+            assert!(e.message.contains("this hour"), "{e:?}");
+            assert!(frames.is_empty());
+        }
     }
-    println!("3 changes of a 1,000-member group: {victim_bytes} bytes to a bystander, {mallory_bytes} to the actor");
-    assert!(victim_bytes < 3 * 200, "{victim_bytes} bytes");
-    assert!(mallory_bytes > 3 * 10_000, "the actor gets the whole list");
+    println!(
+        "{} changes asked of a 1,000-member group in an hour: {victim_frames} reached a member ({victim_bytes} bytes)",
+        limit + 5
+    );
+    let other = new_group(&mut h, &mallory, 1500, &["neighbour"]);
+    let out = h.req(&mallory, 1501, change(&other, &["sybil"], &[], &[]));
+    assert!(matches!(
+        reply_to(&out, &mallory, 1501).body,
+        Some(Body::MembersChanged(_))
+    ));
+    // The next hour the group may change again.
+    h.clock.advance(60 * 60 * 1000);
+    let out = h.req(&mallory, 1600, change(&big, &["sybil2"], &[], &[]));
+    assert_eq!(to(&out, &victim.addr).len(), 1);
 }
 
 /// A removed member gets nothing more of the group: no ReceiptUpdate for
@@ -2646,26 +2651,24 @@ fn a_removed_member_gets_nothing_more_of_the_group() {
     assert!(to(&out, &carol.addr).is_empty());
 }
 
-/// A bystander's MembersChanged lists each changed member once, with its
-/// role after the change: here the added user is also the heir of the
-/// admin who left in the same request.
+/// Every member hears of a change with the whole list after it, each
+/// member once with its final role: here the added user is also the heir
+/// of the admin who left in the same request.
 #[test]
-fn a_bystanders_members_changed_lists_each_changed_member_once() {
+fn members_changed_carries_the_whole_list_to_every_member() {
     let mut h = Harness::new();
     let alice = h.open("alice", "phone", 1);
     let zoe = h.open("zoe", "phone", 2);
     let group = h.create_group(&alice, &["zoe"]);
     let out = h.req(&alice, 3, change(&group, &["aaron"], &["alice"], &[]));
     let whole = members_changed(reply_to(&out, &alice, 3));
-    assert_eq!(
-        roles(whole),
-        [
-            ("aaron".to_string(), pb::Role::Admin),
-            ("zoe".to_string(), pb::Role::Member)
-        ]
-    );
-    let delta = members_changed(to(&out, &zoe.addr)[0]);
-    assert_eq!(roles(delta), [("aaron".to_string(), pb::Role::Admin)]);
-    assert_eq!(delta.added_user_ids, ["aaron"]);
-    assert_eq!(delta.removed_user_ids, ["alice"]);
+    let want = [
+        ("aaron".to_string(), pb::Role::Admin),
+        ("zoe".to_string(), pb::Role::Member),
+    ];
+    assert_eq!(roles(whole), want);
+    let bystander = members_changed(to(&out, &zoe.addr)[0]);
+    assert_eq!(roles(bystander), want);
+    assert_eq!(bystander.added_user_ids, ["aaron"]);
+    assert_eq!(bystander.removed_user_ids, ["alice"]);
 }

@@ -10,9 +10,9 @@ use super::{
     Router, RouterConfig,
 };
 use crate::api::Inbound;
-use crate::bus::{Addressed, Output};
+use crate::bus::Output;
 use crate::group_id::group_id_for;
-use crate::store::{GroupRecord, Membership, Store};
+use crate::store::{GroupRecord, Membership, QuotaCharge, QuotaOwner, Store};
 
 /// Milliseconds in a UTC day: the add limits count per UTC day.
 const DAY_MS: i64 = 24 * 60 * 60 * 1000;
@@ -214,6 +214,7 @@ impl<S: Store> Router<S> {
             out.frames.push(reply(req, changed));
             return Ok(());
         }
+        self.charge_membership_change(conversation_id)?;
         self.charge_group_adds(actor, &plan.added, false)?;
         self.store
             .update_members(conversation_id, &plan.upsert, &plan.removed)?;
@@ -221,46 +222,41 @@ impl<S: Store> Router<S> {
             .add_conversation_to_users(conversation_id, &plan.added)?;
         self.store
             .remove_conversation_from_users(conversation_id, &plan.removed)?;
-        // Everyone before and after the change: the actor, the added and
-        // the removed get the whole conversation, the other members only
-        // what changed (SPEC §11), so churn in a big group costs a
-        // bystander bytes per change, not per member.
-        let mut delta = changed.clone();
-        if let Body::MembersChanged(m) = &mut delta {
-            if let Some(c) = m.conversation.as_mut() {
-                // A user's last upsert is its role (an added heir).
-                let roles: BTreeMap<&str, i32> = plan
-                    .upsert
-                    .iter()
-                    .map(|m| (m.user_id.as_str(), m.role))
-                    .collect();
-                c.members = roles
-                    .into_iter()
-                    .map(|(user_id, role)| pb::Member {
-                        user_id: user_id.to_owned(),
-                        role,
-                    })
-                    .collect();
-            }
-        }
-        let (whole, delta) = (event(changed.clone()), event(delta));
-        out.frames.push(reply(req, changed));
+        // Everyone before and after the change gets the conversation after
+        // it (SPEC §11); the group's hourly change limit, charged above,
+        // bounds what churn can send a member.
+        out.frames.push(reply(req, changed.clone()));
         recipients.extend(plan.added.iter().cloned());
-        let sessions = self.store.sessions_of_users(&recipients)?;
-        for (user_id, devices) in recipients.iter().zip(sessions.iter()) {
-            let concerned = user_id == actor
-                || plan.added.binary_search(user_id).is_ok()
-                || plan.removed.binary_search(user_id).is_ok();
-            let frame = if concerned { &whole } else { &delta };
-            for addr in devices.iter().filter(|a| **a != req.from.addr) {
-                out.frames.push(Addressed {
-                    to: addr.clone(),
-                    frame: frame.clone(),
-                    answers_request: false,
-                });
-            }
-        }
+        self.fan_out(&recipients, Some(&req.from.addr), &event(changed), out)?;
         Ok(())
+    }
+
+    /// One change of the group's membership, against its hourly limit
+    /// (SPEC §11): every member hears of each change with the whole member
+    /// list, so churn is what could flood them. Over the limit:
+    /// QUOTA_EXCEEDED, nothing written. Counted before the change is
+    /// written (a retry after a store error counts again).
+    fn charge_membership_change(&mut self, conversation_id: &str) -> Result<(), Failure> {
+        let now_s = self.clock.now_ms().max(0) / 1000;
+        let owner = QuotaOwner::MembershipChanges(conversation_id.to_owned());
+        let hour = u32::try_from(now_s / i64::from(owner.period_s())).unwrap_or(u32::MAX);
+        let limit = self.config.max_membership_changes_per_group_per_hour;
+        let granted = self.store.charge_quotas(&[QuotaCharge {
+            owner,
+            period: hour,
+            amount: 1,
+            limit,
+        }])?;
+        if granted.first() == Some(&true) {
+            return Ok(());
+        }
+        reject(
+            ErrorCode::QuotaExceeded,
+            format!(
+                "{conversation_id} changed its members {limit} times this hour, the most a group \
+                 may; try again after the hour (UTC)"
+            ),
+        )
     }
 
     /// SPEC §11's limits on adding `added` (users other than `adder`, who

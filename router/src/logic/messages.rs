@@ -392,7 +392,7 @@ impl<S: Store> Router<S> {
             for (c, g) in charge.iter().zip(granted) {
                 if *g {
                     refunds.push(QuotaCharge {
-                        bytes: -c.bytes,
+                        amount: -c.amount,
                         ..c.clone()
                     });
                 }
@@ -400,7 +400,9 @@ impl<S: Store> Router<S> {
             let over = usize::from(granted[0]);
             let whose = match &charge[over].owner {
                 QuotaOwner::Account(_) => "your account".to_string(),
-                QuotaOwner::Conversation(id) => format!("conversation {id}"),
+                QuotaOwner::Conversation(id) | QuotaOwner::MembershipChanges(id) => {
+                    format!("conversation {id}")
+                }
             };
             let access = std::mem::replace(
                 &mut accesses[i],
@@ -455,14 +457,14 @@ impl<S: Store> Router<S> {
             let bytes = sign * (send.body.len() + QUOTA_OVERHEAD_BYTES) as i64;
             charges.push(QuotaCharge {
                 owner: QuotaOwner::Account(req.from.user_id.clone()),
-                day,
-                bytes,
+                period: day,
+                amount: bytes,
                 limit: self.config.account_bytes_per_day,
             });
             charges.push(QuotaCharge {
                 owner: QuotaOwner::Conversation(send.conversation_id.clone()),
-                day,
-                bytes,
+                period: day,
+                amount: bytes,
                 limit: self.config.conversation_bytes_per_day,
             });
         }

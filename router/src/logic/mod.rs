@@ -74,6 +74,9 @@ pub struct RouterConfig {
     /// user's contacts (no direct conversation both have written in), all
     /// of them together (SPEC §11; QUOTA_EXCEEDED beyond).
     pub max_group_adds_by_strangers_per_day: u32,
+    /// Membership changes (ChangeMembers that change something) one group
+    /// may have per UTC hour (SPEC §11); beyond, QUOTA_EXCEEDED.
+    pub max_membership_changes_per_group_per_hour: u64,
     /// Bytes one account may store per UTC day (SPEC §13: body + 256 per
     /// message); a Send beyond is QUOTA_EXCEEDED.
     pub account_bytes_per_day: u64,
@@ -98,6 +101,7 @@ impl Default for RouterConfig {
             max_groups_per_user: 500,
             max_group_adds_per_adder_per_day: 10,
             max_group_adds_by_strangers_per_day: 20,
+            max_membership_changes_per_group_per_hour: 60,
             account_bytes_per_day: 64 * 1024 * 1024,
             conversation_bytes_per_day: 256 * 1024 * 1024,
         }

@@ -227,18 +227,18 @@ impl ConversationStore for RedisStore {
     }
 
     fn charge_quotas(&mut self, charges: &[QuotaCharge]) -> StoreResult<Vec<bool>> {
-        // Kept two days: the day's counter outlives its day on any clock.
-        const TTL_S: &[u8] = b"172800";
         let cmds = charges
             .iter()
             .map(|c| {
+                // Kept two periods: a period's counter outlives it on any clock.
+                let ttl_s = 2 * c.owner.period_s();
                 Self::evalsha(
                     &self.scripts.charge_quota,
-                    &[&quota_key(&c.owner, c.day)],
+                    &[&quota_key(&c.owner, c.period)],
                     &[
-                        c.bytes.to_string().as_bytes(),
+                        c.amount.to_string().as_bytes(),
                         c.limit.to_string().as_bytes(),
-                        TTL_S,
+                        ttl_s.to_string().as_bytes(),
                     ],
                 )
             })

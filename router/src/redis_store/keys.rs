@@ -21,6 +21,7 @@
 //! | `u:{<user>}:sess` | hash | device → `<conn>\|<gateway>` |
 //! | `u:{<user>}:seen` | string | last seen, ms |
 //! | `u:{<user>}:q:<day>` / `c:{<conv>}:q:<day>` | string, EX | bytes stored that UTC day (storage quotas) |
+//! | `c:{<group>}:qm:<hour>` | string, EX | membership changes of the group that UTC hour |
 //! | `gw:{gw}:lease:<id>` | string, PX | gateway lease (alive while present) |
 //! | `gw:{gw}:known` | set | gateways that ever registered |
 //! | `gw:{gw}:reap:<id>` | string, EX | lock: one gateway reaps a dead one |
@@ -63,11 +64,12 @@ pub(super) fn adds_key(user_id: &str, day: i64) -> String {
     user_key(user_id, &format!("adds:{day}"))
 }
 
-/// The storage quota counter of `owner` on UTC day `day`.
-pub(super) fn quota_key(owner: &QuotaOwner, day: u32) -> String {
+/// The quota counter of `owner` in period `period`.
+pub(super) fn quota_key(owner: &QuotaOwner, period: u32) -> String {
     match owner {
-        QuotaOwner::Account(user_id) => user_key(user_id, &format!("q:{day}")),
-        QuotaOwner::Conversation(id) => conv_key(id, &format!("q:{day}")),
+        QuotaOwner::Account(user_id) => user_key(user_id, &format!("q:{period}")),
+        QuotaOwner::Conversation(id) => conv_key(id, &format!("q:{period}")),
+        QuotaOwner::MembershipChanges(id) => conv_key(id, &format!("qm:{period}")),
     }
 }
 

@@ -59,10 +59,10 @@ pub fn session(user: &str, device: &str, gw: &str, conn: u64) -> Session {
 /// Storage quota counters: a charge is taken only while the day's total
 /// stays within its limit, refunds always apply, owners and days apart.
 pub fn quotas_count_per_owner_and_day<S: Store>(mut s: S) {
-    let charge = |owner: QuotaOwner, day, bytes| QuotaCharge {
+    let charge = |owner: QuotaOwner, period, amount| QuotaCharge {
         owner,
-        day,
-        bytes,
+        period,
+        amount,
         limit: 1000,
     };
     let alice = || QuotaOwner::Account("alice".into());

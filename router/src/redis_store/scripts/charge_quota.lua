@@ -1,12 +1,12 @@
 -- charge_quota.lua (RedisStore script `CHARGE_QUOTA_LUA`), loaded with include_str!.
 --
--- One storage quota counter of one day (SPEC §13): a positive charge is
--- added only if the total stays within the limit; a refund (negative) is
--- always applied, never below 0. The counter expires two days after its
--- first charge, once its day is over.
+-- One quota counter of one period (SPEC §13 storage per day, §11 group
+-- changes per hour): a positive charge is added only if the total stays
+-- within the limit; a refund (negative) is always applied, never below 0.
+-- The counter expires two periods after its first charge.
 --
--- KEYS: the counter (`q:<day>` under the account's or conversation's tag).
--- ARGV: bytes (signed), limit, ttl_s.
+-- KEYS: the counter (`q:<period>` / `qm:<period>` under the owner's tag).
+-- ARGV: amount (signed), limit, ttl_s.
 -- Returns 1 when applied, 0 when refused.
 local bytes = tonumber(ARGV[1])
 local used = tonumber(redis.call('GET', KEYS[1]) or '0')
