@@ -47,33 +47,49 @@ struct Gateway {
 }
 
 impl Gateway {
+    /// Starts a gateway on free ports. A port found free can be taken by
+    /// another test's process before the gateway binds it (the tests run in
+    /// parallel): a gateway that exits at start is started again on other
+    /// ports.
     fn start(data_dir: &Path) -> Gateway {
-        let (port, admin_port) = (free_port(), free_port());
-        let child = Command::new(gateway_bin())
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--admin", &format!("127.0.0.1:{admin_port}")])
-            .args(["--data-dir", data_dir.to_str().expect("utf-8 temp path")])
-            .args(["--cores", "1", "--heartbeat-interval-ms", "1000"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("starting palaver-gateway");
-        let gateway = Gateway {
-            child,
-            port,
-            admin_port,
-            data_dir: data_dir.to_path_buf(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while TcpStream::connect(("127.0.0.1", port)).is_err()
-            || !data_dir.join("jwt-hs256.secret").exists()
-        {
-            assert!(
-                Instant::now() < deadline,
-                "gateway did not listen within 60s"
-            );
-            std::thread::sleep(Duration::from_millis(50));
+        for _attempt in 0..5 {
+            let (port, admin_port) = (free_port(), free_port());
+            if port == admin_port {
+                continue;
+            }
+            let child = Command::new(gateway_bin())
+                .args(["--listen", &format!("127.0.0.1:{port}")])
+                .args(["--admin", &format!("127.0.0.1:{admin_port}")])
+                .args(["--data-dir", data_dir.to_str().expect("utf-8 temp path")])
+                .args(["--cores", "1", "--heartbeat-interval-ms", "1000"])
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("starting palaver-gateway");
+            let mut gateway = Gateway {
+                child,
+                port,
+                admin_port,
+                data_dir: data_dir.to_path_buf(),
+            };
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                if TcpStream::connect(("127.0.0.1", port)).is_ok()
+                    && data_dir.join("jwt-hs256.secret").exists()
+                {
+                    return gateway;
+                }
+                if let Ok(Some(status)) = gateway.child.try_wait() {
+                    eprintln!("palaver-gateway exited at start ({status}); trying other ports");
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "gateway did not listen within 60s"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
-        gateway
+        panic!("palaver-gateway did not start in 5 attempts (see its errors above)");
     }
 }
 
