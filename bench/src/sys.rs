@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 /// The soft limit on open files of this process.
+#[allow(unsafe_code)] // getrlimit: see SAFETY below
 pub fn open_file_limit() -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -24,6 +25,7 @@ pub fn open_file_limit() -> u64 {
 }
 
 /// Raises the soft open-file limit to the hard one; returns the new soft limit.
+#[allow(unsafe_code)] // getrlimit/setrlimit: see SAFETY below
 pub fn raise_open_file_limit() -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -51,6 +53,7 @@ pub fn rss_bytes(pid: u32) -> Result<u64> {
 
 /// CPU time (user + system, all threads) a process has used so far, in
 /// seconds (`utime` + `stime` of `/proc/<pid>/stat`).
+#[allow(unsafe_code)] // sysconf: see SAFETY below
 pub fn cpu_seconds(pid: u32) -> Result<f64> {
     let path = format!("/proc/{pid}/stat");
     let stat = std::fs::read_to_string(&path)

@@ -3,6 +3,9 @@
 //! gets SIGTERM (GoAway, reconnect after the delay to another gateway, Sync)
 //! and later another one gets SIGKILL, while messages flow. Nothing is lost,
 //! doubled or reordered.
+// A test or an example: a failed unwrap is a failed run (the
+// workspace's unwrap_used floor is for the product's code).
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

@@ -4,7 +4,6 @@
 //! start-up banner names the backend that runs.
 
 #![forbid(unsafe_code)]
-#![deny(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -6,7 +6,6 @@
 //! frame constructors, conversation id and user/device id syntax.
 
 #![forbid(unsafe_code)]
-#![deny(clippy::unwrap_used)]
 
 pub mod bodies;
 pub mod codec;

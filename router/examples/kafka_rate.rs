@@ -13,6 +13,9 @@
 //! Without BROKERS it starts its own single-node Kafka (the test kit's);
 //! with BROKERS (the `kafka` port of `palaver cluster status`) it measures
 //! that broker.
+// A test or an example: a failed unwrap is a failed run (the
+// workspace's unwrap_used floor is for the product's code).
+#![allow(clippy::unwrap_used)]
 
 use std::time::{Duration, Instant};
 

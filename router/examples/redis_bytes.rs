@@ -6,6 +6,9 @@
 //! (default 1,000,000 messages over 10 conversations, appended through
 //! `append_messages` BATCH = 100 at a time as the router worker does; starts
 //! its own redis-server on a free loopback port, AOF `appendfsync always`).
+// A test or an example: a failed unwrap is a failed run (the
+// workspace's unwrap_used floor is for the product's code).
+#![allow(clippy::unwrap_used)]
 
 use palaver_protocol::pb;
 use palaver_router::redis_store::{RedisConfig, RedisStore};

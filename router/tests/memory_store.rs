@@ -1,4 +1,7 @@
 //! The store contract (tests/contract) against the in-memory store.
+// A test or an example: a failed unwrap is a failed run (the
+// workspace's unwrap_used floor is for the product's code).
+#![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
 

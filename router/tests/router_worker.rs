@@ -3,6 +3,9 @@
 //! `palaver.dlq` with the reason, the client gets UNAVAILABLE, and the
 //! offsets move on (committed); a record whose handling panics goes to
 //! `palaver.dlq` at once, the client gets INTERNAL, and the worker goes on.
+// A test or an example: a failed unwrap is a failed run (the
+// workspace's unwrap_used floor is for the product's code).
+#![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

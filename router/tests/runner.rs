@@ -3,6 +3,9 @@
 //! to fail or to panic: a batch's neighbours of a failing request are
 //! served, the failing one is answered (INTERNAL for a panic, UNAVAILABLE
 //! for a store error after the driver's retries) and reported to the driver.
+// A test or an example: a failed unwrap is a failed run (the
+// workspace's unwrap_used floor is for the product's code).
+#![allow(clippy::unwrap_used)]
 
 mod common;
 #[path = "common/instrumented.rs"]

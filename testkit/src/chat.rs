@@ -469,10 +469,10 @@ pub fn requests_with_request_id_zero_free_their_in_flight_slots(s: &impl ChatSer
                 cursors: Vec::new(),
                 limit: 1,
             }))
-            .unwrap();
+            .expect("Sync written");
         let f = fay
             .recv_until(t, "the SyncBatch", |f| f.request_id == id)
-            .unwrap();
+            .expect("Sync answered");
         match f.body {
             Some(Body::SyncBatch(_)) => break,
             Some(Body::Error(e)) if e.code == pb::ErrorCode::RateLimited as u32 && attempt < 20 => {

@@ -1040,6 +1040,7 @@ fn connect_socket(target: SocketAddr, source: Option<IpAddr>) -> io::Result<std:
 
 /// IP_BIND_ADDRESS_NO_PORT: defer the port choice from bind() to connect(),
 /// where the kernel can reuse a port for different destinations.
+#[allow(unsafe_code)] // setsockopt: see SAFETY below
 fn set_bind_address_no_port(sock: &Socket) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     let one: libc::c_int = 1;
