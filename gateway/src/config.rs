@@ -172,6 +172,35 @@ impl Default for LimitsConfig {
 }
 
 impl LimitsConfig {
+    /// Takes the limits the router tier enforces where they differ from
+    /// this gateway's, so Welcome announces what is enforced (issue: a
+    /// gateway configured otherwise told clients limits no router applied).
+    /// Returns what changed, one line per field, for the log.
+    pub fn adopt_tier_limits(&mut self, tier: &palaver_router::TierLimits) -> Vec<String> {
+        let mut changed = Vec::new();
+        for (field, ours, theirs) in [
+            (
+                "max_group_members",
+                &mut self.max_group_members,
+                tier.max_group_members,
+            ),
+            (
+                "max_body_bytes",
+                &mut self.max_body_bytes,
+                tier.max_body_bytes,
+            ),
+            ("max_batch", &mut self.max_batch, tier.max_batch),
+        ] {
+            if *ours != theirs {
+                changed.push(format!(
+                    "limits.{field}: this gateway's {ours} replaced by the router tier's {theirs} (what the routers enforce is what Welcome announces)"
+                ));
+                *ours = theirs;
+            }
+        }
+        changed
+    }
+
     /// What each connection's [`RequestPolicy`](crate::policy::RequestPolicy) enforces.
     pub fn policy(&self) -> crate::policy::PolicyLimits {
         crate::policy::PolicyLimits {
@@ -635,6 +664,21 @@ mod tests {
             }
         );
         assert!(Config::from_toml_str("[bridge]\nlease = 1\n").is_err());
+    }
+
+    #[test]
+    fn the_router_tiers_limits_replace_the_gateways_own() {
+        let mut l = LimitsConfig::default();
+        let tier = palaver_router::TierLimits {
+            max_group_members: 7,
+            max_body_bytes: l.max_body_bytes,
+            max_batch: 50,
+        };
+        let changed = l.adopt_tier_limits(&tier);
+        assert_eq!(changed.len(), 2, "{changed:?}");
+        assert!(changed[0].contains("limits.max_group_members") && changed[0].contains('7'));
+        assert_eq!((l.max_group_members, l.max_batch), (7, 50));
+        assert!(l.adopt_tier_limits(&tier).is_empty(), "already the tier's");
     }
 
     #[test]

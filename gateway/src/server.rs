@@ -127,6 +127,14 @@ impl GatewayHandle {
             listeners.push(l);
         }
 
+        // Clients are told the limits that are enforced: with the Kafka/Redis
+        // tier, the routers' (published in Redis), whatever this file says.
+        if let Some(tier) = backend.enforced_limits() {
+            for change in config.limits.adopt_tier_limits(&tier) {
+                tracing::warn!("{change}");
+            }
+        }
+
         let shared = Arc::new(Shared {
             gateway_id: gateway_id.as_str().into(),
             config: config.clone(),

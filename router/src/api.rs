@@ -99,6 +99,28 @@ pub enum BackendError {
     Config(String),
 }
 
+/// The limits the router tier enforces that clients are told in
+/// `Welcome.limits`: a gateway announces these, whatever its own file says
+/// ([`Backend::enforced_limits`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TierLimits {
+    pub max_group_members: u32,
+    pub max_body_bytes: u32,
+    pub max_batch: u32,
+}
+
+impl TierLimits {
+    /// The limits a router with `config` enforces.
+    pub fn of(config: &crate::logic::RouterConfig) -> Self {
+        let clamp = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+        TierLimits {
+            max_group_members: clamp(config.max_group_members),
+            max_body_bytes: clamp(config.max_body_bytes),
+            max_batch: clamp(config.max_batch),
+        }
+    }
+}
+
 /// What a gateway needs from the chat backend.
 pub trait Backend: Send + Sync + 'static {
     /// Attach this gateway; frames for its connections go to `sink` from now on.
@@ -142,6 +164,14 @@ pub trait Backend: Send + Sync + 'static {
     /// thread, when work arrives that the host has not seen.
     fn take_host(&self, wake: Arc<dyn Fn() + Send + Sync>) -> Option<Box<dyn BackendHost>> {
         let _ = wake;
+        None
+    }
+    /// The limits the routing tier enforces, when they are another's than
+    /// the gateway's own (the Kafka/Redis tier publishes them in Redis):
+    /// the gateway announces these in Welcome. `None`: the gateway's own
+    /// limits are the ones enforced (the embedded engine is built from
+    /// them), or the tier has not published any yet.
+    fn enforced_limits(&self) -> Option<TierLimits> {
         None
     }
 }

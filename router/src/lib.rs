@@ -41,6 +41,7 @@ pub mod store;
 
 pub use api::{
     Backend, BackendError, BackendHost, DeliverySink, Inbound, Outbound, Session, SessionAddr,
+    TierLimits,
 };
 pub use bus::{Addressed, Outlet, Output, PushEvent};
 pub use embedded::{EmbeddedConfig, EmbeddedEngine, LoggingPushSink, PushSink};

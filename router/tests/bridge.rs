@@ -144,3 +144,71 @@ fn a_producer_that_failed_for_good_is_replaced_and_writes_go_through_again() {
     stop.store(true, Ordering::Relaxed);
     router.join().expect("router worker");
 }
+
+/// One source of the limits clients are told: every router publishes the
+/// limits it enforces in Redis when it starts, and a gateway's bridge
+/// reports them (the gateway announces them in Welcome whatever its own
+/// file says) and serves its reads by them.
+#[test]
+fn the_bridge_reports_and_reads_by_the_limits_the_routers_enforce() {
+    let kafka = Kafka::start().expect("kafka");
+    let redis = Redis::start().expect("redis-server");
+    let brokers = kafka.bootstrap();
+    let redis_config = RedisConfig::standalone(redis.url());
+
+    let mut worker_config = WorkerConfig::new(&brokers, redis_config.clone());
+    worker_config.inbound_partitions = 1;
+    worker_config.router.max_group_members = 7;
+    worker_config.router.max_batch = 3;
+    let mut worker = RouterWorker::new(worker_config.clone()).expect("worker");
+    let stop = Arc::new(AtomicBool::new(false));
+    let router = {
+        let stop = stop.clone();
+        std::thread::spawn(move || worker.run(&stop))
+    };
+
+    // The bridge's own config says 1000 and 500, as a gateway's would.
+    let mut config = BridgeConfig::new(&brokers, redis_config.clone());
+    config.inbound_partitions = 1;
+    let bridge = KafkaRedisBridge::new(config);
+    let tier = bridge
+        .enforced_limits()
+        .expect("the router published its limits");
+    assert_eq!((tier.max_group_members, tier.max_batch), (7, 3), "{tier:?}");
+    let frames = Arc::new(Frames::default());
+    bridge.start("gwt", frames.clone()).expect("bridge starts");
+    let mut request_id = 0;
+    for cmid in 1..=5 {
+        send_until_acked(&bridge, &frames, &mut request_id, cmid);
+    }
+    // A History read served by this gateway honours the routers' max_batch.
+    request_id += 1;
+    bridge.submit(Inbound {
+        body: Body::History(pb::History {
+            conversation_id: palaver_protocol::direct_conversation_id("alice", "bob"),
+            before_seq: 0,
+            limit: 100,
+        }),
+        ..send(request_id, 0)
+    });
+    match frames
+        .answer(request_id, Duration::from_secs(10))
+        .and_then(|f| f.body)
+    {
+        Some(Body::HistoryPage(page)) => {
+            let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+            assert_eq!(seqs, [3, 4, 5]);
+            assert!(page.has_more);
+        }
+        other => panic!("History answered {other:?}"),
+    }
+    stop.store(true, Ordering::Relaxed);
+    router.join().unwrap();
+    bridge.shutdown();
+
+    // A router started with other limits replaces them (and says so).
+    worker_config.router.max_group_members = 9;
+    drop(RouterWorker::new(worker_config).expect("second worker"));
+    let mut store = palaver_router::redis_store::RedisStore::connect(redis_config).expect("Redis");
+    assert_eq!(store.tier_limits().unwrap().unwrap().max_group_members, 9);
+}

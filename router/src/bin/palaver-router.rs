@@ -54,6 +54,18 @@ struct Args {
     /// on routers and gateways.
     #[arg(long, env = "PALAVER_PRESENCE_VISIBILITY", default_value_t = palaver_router::PresenceVisibility::SharedConversation)]
     presence_visibility: palaver_router::PresenceVisibility,
+    /// Members of a group, creator included (TOO_MANY_MEMBERS beyond).
+    /// Gateways announce the routers' value in Welcome, whatever their own
+    /// config says.
+    #[arg(long, env = "PALAVER_MAX_GROUP_MEMBERS", default_value_t = palaver_router::RouterConfig::default().max_group_members)]
+    max_group_members: usize,
+    /// Largest Send body, bytes (BODY_TOO_LARGE beyond; announced likewise).
+    #[arg(long, env = "PALAVER_MAX_BODY_BYTES", default_value_t = palaver_router::RouterConfig::default().max_body_bytes)]
+    max_body_bytes: usize,
+    /// Largest Sync/History `limit` honoured (Welcome's `max_batch`,
+    /// announced likewise; not the Kafka batch of --max-batch).
+    #[arg(long, env = "PALAVER_MAX_SYNC_BATCH", default_value_t = palaver_router::RouterConfig::default().max_batch)]
+    max_sync_batch: usize,
     /// Bytes one account may store per UTC day (each message: its body plus
     /// 256); a Send beyond is refused QUOTA_EXCEEDED (SPEC §13).
     #[arg(long, env = "PALAVER_ACCOUNT_BYTES_PER_DAY", default_value_t = palaver_router::RouterConfig::default().account_bytes_per_day)]
@@ -92,6 +104,10 @@ fn main() {
     config.session_timeout = std::time::Duration::from_millis(args.session_timeout_ms);
     config.router.presence_visibility = args.presence_visibility;
     config.router.account_bytes_per_day = args.account_bytes_per_day;
+    config.router.max_group_members = args.max_group_members.max(1);
+    config.router.max_body_bytes = args.max_body_bytes;
+    config.router.max_batch = args.max_sync_batch.max(1);
+    config.router.default_batch = config.router.default_batch.min(config.router.max_batch);
     config.router.conversation_bytes_per_day = args.conversation_bytes_per_day;
     config.retry_backoff = Duration::from_millis(100);
 

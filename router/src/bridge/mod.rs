@@ -28,7 +28,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::api::{Backend, BackendError, DeliverySink, Inbound, Outbound, Session, SessionAddr};
+use crate::api::{
+    Backend, BackendError, DeliverySink, Inbound, Outbound, Session, SessionAddr, TierLimits,
+};
 use crate::bus::{Addressed, Output};
 use crate::kafka;
 use crate::logic::{PresenceVisibility, Router, RouterConfig, SystemClock};
@@ -258,6 +260,20 @@ impl KafkaRedisBridge {
 }
 
 impl Backend for KafkaRedisBridge {
+    /// Read from Redis, where every router publishes the limits it
+    /// enforces when it starts (`RedisStore::publish_tier_limits`).
+    fn enforced_limits(&self) -> Option<TierLimits> {
+        let config = self.config.as_ref().ok()?;
+        let read = RedisStore::connect(config.redis.clone()).and_then(|mut s| s.tier_limits());
+        match read {
+            Ok(limits) => limits,
+            Err(e) => {
+                tracing::warn!("reading the router tier's limits from Redis: {e}");
+                None
+            }
+        }
+    }
+
     fn start(&self, gateway_id: &str, sink: Arc<dyn DeliverySink>) -> Result<(), BackendError> {
         let mut started = self.started.lock().expect("started");
         if started.is_some() || self.gateway_id.get().is_some() {
@@ -361,6 +377,15 @@ impl Backend for KafkaRedisBridge {
                 .map_err(|e| BackendError::Unavailable(format!("spawn: {e}")))?,
         );
 
+        // The reads this gateway serves follow the limits the router tier
+        // enforces (and announces through this gateway's Welcome).
+        let mut read_config = config.router.clone();
+        if let Some(tier) = self.enforced_limits() {
+            read_config.max_group_members = tier.max_group_members as usize;
+            read_config.max_body_bytes = tier.max_body_bytes as usize;
+            read_config.max_batch = (tier.max_batch as usize).max(1);
+            read_config.default_batch = read_config.default_batch.min(read_config.max_batch);
+        }
         let mut reads = Vec::new();
         for i in 0..config.readers.max(1) {
             let (reads_tx, reads_rx) = crossbeam_channel::unbounded();
@@ -369,7 +394,7 @@ impl Backend for KafkaRedisBridge {
                 .map_err(|e| BackendError::Unavailable(format!("Redis: {e}")))?;
             let reader = Reader {
                 gateway_id: gateway_id.to_owned(),
-                router: Router::new(store, config.router.clone(), Arc::new(SystemClock))
+                router: Router::new(store, read_config.clone(), Arc::new(SystemClock))
                     .with_watches(presence.watches.clone()),
                 sink: sink.clone(),
                 presence: presence.clone(),

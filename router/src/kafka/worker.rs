@@ -143,8 +143,18 @@ impl RouterWorker {
             ],
             Duration::from_secs(10),
         )?;
-        let store = RedisStore::connect(config.redis.clone())
+        let mut store = RedisStore::connect(config.redis.clone())
             .map_err(|e| format!("Redis {:?}: {e}", config.redis.urls))?;
+        // The limits gateways announce in Welcome are the ones enforced here.
+        let limits = crate::api::TierLimits::of(&config.router);
+        match store.publish_tier_limits(&limits) {
+            Ok(Some(other)) => tracing::warn!(
+                router = %config.router_id,
+                "another router published other limits ({other:?}); gateways now announce this one's ({limits:?}): give every router the same"
+            ),
+            Ok(None) => {}
+            Err(e) => return Err(format!("publishing the router's limits to Redis: {e}")),
+        }
         let consumer_loop = ConsumerLoop::new(LoopConfig {
             brokers: config.brokers.clone(),
             group_id: config.group_id.clone(),

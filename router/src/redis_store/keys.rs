@@ -26,6 +26,7 @@
 //! | `gw:{gw}:known` | set | gateways that ever registered |
 //! | `gw:{gw}:reap:<id>` | string, EX | lock: one gateway reaps a dead one |
 //! | `gwc:{<id>}` | hash | a gateway's connections: conn → user \x1f device |
+//! | `cfg:{tier}:limits` | hash | the limits the router tier enforces (max_group_members, max_body_bytes, max_batch) |
 //!
 //! The gateway keys share one tag so a lease check of every gateway is one
 //! command. A session on a gateway that registered (`known`) but whose lease
@@ -42,6 +43,10 @@ pub(super) const KNOWN_GATEWAYS: &str = "gw:{gw}:known";
 /// Pub/sub channel carrying `PresenceChanges` (one message per gateway per
 /// tick with changes).
 pub const PRESENCE_CHANNEL: &str = "palaver.presence";
+
+/// The limits the router tier enforces ([`crate::api::TierLimits`]): a hash
+/// each router writes at start and gateways read.
+pub(super) const TIER_LIMITS: &str = "cfg:{tier}:limits";
 
 pub(super) fn conv_key(conversation_id: &str, suffix: &str) -> String {
     format!("c:{{{conversation_id}}}:{suffix}")

@@ -205,6 +205,51 @@ impl RedisStore {
         Ok(conn)
     }
 
+    /// Writes the limits this router enforces for gateways to announce;
+    /// returns the ones another router had written if they differ (a tier
+    /// whose routers disagree: the last to start wins, and says so).
+    pub fn publish_tier_limits(
+        &mut self,
+        limits: &crate::api::TierLimits,
+    ) -> StoreResult<Option<crate::api::TierLimits>> {
+        let before = self.tier_limits()?;
+        let cmd = redis::cmd("HSET")
+            .arg(keys::TIER_LIMITS)
+            .arg("max_group_members")
+            .arg(limits.max_group_members)
+            .arg("max_body_bytes")
+            .arg(limits.max_body_bytes)
+            .arg("max_batch")
+            .arg(limits.max_batch)
+            .clone();
+        let _: i64 = self.query(&cmd)?;
+        Ok(before.filter(|b| b != limits))
+    }
+
+    /// The limits the router tier published ([`Self::publish_tier_limits`]),
+    /// if any router has.
+    pub fn tier_limits(&mut self) -> StoreResult<Option<crate::api::TierLimits>> {
+        let fields: std::collections::HashMap<String, u32> =
+            self.query(redis::cmd("HGETALL").arg(keys::TIER_LIMITS))?;
+        let field = |name: &str| fields.get(name).copied();
+        Ok(
+            match (
+                field("max_group_members"),
+                field("max_body_bytes"),
+                field("max_batch"),
+            ) {
+                (Some(max_group_members), Some(max_body_bytes), Some(max_batch)) => {
+                    Some(crate::api::TierLimits {
+                        max_group_members,
+                        max_body_bytes,
+                        max_batch,
+                    })
+                }
+                _ => None,
+            },
+        )
+    }
+
     /// Drops the connection; the next call reconnects. For callers that
     /// caught a panic in the middle of store work and cannot know what state
     /// the connection was left in.
