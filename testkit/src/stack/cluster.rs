@@ -1,0 +1,331 @@
+//! `palaver cluster up|down|status`: Redis, Kafka, a router and two
+//! gateways as detached processes, recorded in a state file.
+
+use std::fs;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::*;
+
+/// One process of the local cluster, as recorded in the state file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterProcess {
+    pub name: String,
+    pub pid: u32,
+    /// The port it serves (0 when none).
+    pub port: u16,
+}
+
+const STATE_FILE: &str = "state";
+
+/// The topics `palaver cluster up` creates, with their partition counts
+/// (the router's defaults; gateways create their own delivery topics).
+const CLUSTER_TOPICS: &[(&str, u32)] = &[
+    ("palaver.inbound", 8),
+    ("palaver.push", 8),
+    ("palaver.dlq", 1),
+];
+
+fn pid_alive(pid: u32) -> bool {
+    // A zombie still has /proc/<pid>; its state letter is Z.
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(") ")
+                .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// Reads `dir/state`: one `name pid port` line per process.
+pub fn cluster_state(dir: &Path) -> Result<Vec<ClusterProcess>> {
+    let path = dir.join(STATE_FILE);
+    let text = match fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(err(format!("read {}: {e}", path.display()))),
+    };
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let mut f = line.split_whitespace();
+            let parsed = (|| {
+                Some(ClusterProcess {
+                    name: f.next()?.to_string(),
+                    pid: f.next()?.parse().ok()?,
+                    port: f.next()?.parse().ok()?,
+                })
+            })();
+            parsed.ok_or_else(|| err(format!("{}: bad line {line:?}", path.display())))
+        })
+        .collect()
+}
+
+fn write_state(dir: &Path, procs: &[ClusterProcess]) -> Result<()> {
+    let text: String = procs
+        .iter()
+        .map(|p| format!("{} {} {}\n", p.name, p.pid, p.port))
+        .collect();
+    fs::write(dir.join(STATE_FILE), text).map_err(|e| err(format!("write state: {e}")))
+}
+
+/// Finds a Palaver binary next to the running executable (cargo puts all of
+/// a workspace's binaries in one directory; a test executable sits one level
+/// below it, in `deps/`), else on PATH.
+pub fn find_palaver_binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().ok();
+    let beside = exe
+        .iter()
+        .flat_map(|exe| exe.ancestors().skip(1).take(2))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file());
+    match beside {
+        Some(p) => Ok(p),
+        None => find_binary(name).map_err(|_| {
+            err(format!(
+                "`{name}` not found next to this executable or on PATH; build it with \
+                 `cargo build --bins`"
+            ))
+        }),
+    }
+}
+
+/// A `palaver-gateway` process (the workspace's binary, see
+/// [`find_palaver_binary`]) on a free loopback port, with 2 cores, its
+/// config, log and port under a work directory; SIGKILLed on drop (a crash,
+/// as the rest of the cluster sees it: no drain, no presence flush).
+pub struct Gateway {
+    proc: Proc,
+    port: u16,
+}
+
+impl Gateway {
+    /// Starts gateway `id` with `config_toml` (a gateway config file, e.g. a
+    /// `[backend]` section) written to `dir/<id>.toml`, logging to
+    /// `dir/<id>.log`, dev credentials in `data_dir`. Returns once it accepts
+    /// connections (its backend started). The first gateway of a data dir
+    /// creates the dev CA and JWT secret the others then use.
+    pub fn start(dir: &Path, id: &str, config_toml: &str, data_dir: &Path) -> Result<Self> {
+        let binary = find_palaver_binary("palaver-gateway")?;
+        let config = dir.join(format!("{id}.toml"));
+        fs::write(&config, config_toml)
+            .map_err(|e| err(format!("write {}: {e}", config.display())))?;
+        let port = free_port()?;
+        let mut cmd = Command::new(binary);
+        cmd.arg("--config")
+            .arg(&config)
+            .args(["--gateway-id", id, "--cores", "2"])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env("RUST_LOG", "info,rdkafka=warn");
+        let mut proc = Proc::spawn(cmd, dir.join(format!("{id}.log")))?;
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        wait_until(&format!("gateway {id}"), &mut proc, || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        })?;
+        Ok(Self { proc, port })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// SIGKILL: no drain, no presence flush, no goodbye.
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// SIGSTOPs the gateway (a stall: a paused VM, a long GC pause).
+    pub fn pause(&self) -> Result<()> {
+        signal(self.pid(), libc::SIGSTOP)
+    }
+
+    /// SIGCONTs the gateway.
+    pub fn resume(&self) -> Result<()> {
+        signal(self.pid(), libc::SIGCONT)
+    }
+}
+
+/// Starts Redis (AOF, `appendfsync always`), Apache Kafka (one KRaft node,
+/// log dir under `dir/kafka`), one router and two gateways
+/// (`gw1`, `gw2`) sharing `listen` via SO_REUSEPORT, all in the background,
+/// with logs and state under `dir`. `data_dir` holds the gateways' dev
+/// certificate and JWT secret (as for a single gateway).
+pub fn cluster_up(dir: &Path, data_dir: &Path, listen: &str) -> Result<Vec<ClusterProcess>> {
+    let running: Vec<ClusterProcess> = cluster_state(dir)?
+        .into_iter()
+        .filter(|p| pid_alive(p.pid))
+        .collect();
+    if !running.is_empty() {
+        return Err(err(format!(
+            "a cluster is already running from {} ({} processes); run `palaver cluster down` first",
+            dir.display(),
+            running.len()
+        )));
+    }
+    let router_bin = find_palaver_binary("palaver-router")?;
+    let gateway_bin = find_palaver_binary("palaver-gateway")?;
+    fs::create_dir_all(dir).map_err(|e| err(format!("create {}: {e}", dir.display())))?;
+    let mut procs = Vec::new();
+    let result = (|| {
+        let redis = Redis::start_with(WorkDir::kept(dir.join("redis"))?, &[])?;
+        let redis_url = redis.url();
+        procs.push(ClusterProcess {
+            name: "redis".into(),
+            pid: redis.pid(),
+            port: redis.port(),
+        });
+        redis.detach();
+
+        let kafka = Kafka::start_in(WorkDir::kept(dir.join("kafka"))?, 1)?;
+        let brokers = kafka.bootstrap();
+        for (topic, partitions) in CLUSTER_TOPICS {
+            kafka.create_topic(topic, *partitions)?;
+        }
+        procs.push(ClusterProcess {
+            name: "kafka".into(),
+            pid: kafka.pid(0),
+            port: kafka.port(0),
+        });
+        kafka.detach();
+
+        let spawn = |name: &str, mut cmd: Command| -> Result<ClusterProcess> {
+            let log = dir.join(format!("{name}.log"));
+            let out = fs::File::create(&log)
+                .map_err(|e| err(format!("create {}: {e}", log.display())))?;
+            let out2 = out.try_clone().map_err(|e| err(format!("dup log: {e}")))?;
+            let child = cmd
+                .stdin(Stdio::null())
+                .stdout(out)
+                .stderr(out2)
+                .spawn()
+                .map_err(|e| err(format!("spawn {name}: {e}")))?;
+            Ok(ClusterProcess {
+                name: name.into(),
+                pid: child.id(),
+                port: 0,
+            })
+        };
+        let mut router = Command::new(&router_bin);
+        router.args([
+            "--brokers",
+            &brokers,
+            "--redis",
+            &redis_url,
+            "--router-id",
+            "router-1",
+        ]);
+        procs.push(spawn("router-1", router)?);
+
+        let config = dir.join("gateway.toml");
+        fs::write(
+            &config,
+            format!(
+                "[backend]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\nredis = \"{redis_url}\"\n"
+            ),
+        )
+        .map_err(|e| err(format!("write {}: {e}", config.display())))?;
+        let port: u16 = listen
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .ok_or_else(|| err(format!("listen address {listen:?} must be HOST:PORT")))?;
+        for id in ["gw1", "gw2"] {
+            let mut gw = Command::new(&gateway_bin);
+            gw.arg("--config")
+                .arg(&config)
+                .args(["--gateway-id", id, "--listen", listen, "--cores", "1"])
+                .arg("--data-dir")
+                .arg(data_dir);
+            let mut p = spawn(id, gw)?;
+            p.port = port;
+            let pid = p.pid;
+            procs.push(p);
+            // The first gateway creates the dev certificate; let it finish
+            // before the second reads it.
+            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+            let deadline = Instant::now() + START_DEADLINE;
+            while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+                if !pid_alive(pid) || Instant::now() > deadline {
+                    return Err(err(format!(
+                        "gateway {id} did not start; log {}:\n{}",
+                        dir.join(format!("{id}.log")).display(),
+                        log_tail(&dir.join(format!("{id}.log")))
+                    )));
+                }
+                thread::sleep(POLL_INTERVAL);
+            }
+        }
+        Ok(())
+    })();
+    write_state(dir, &procs)?;
+    match result {
+        Ok(()) => Ok(procs),
+        Err(e) => {
+            let _ = cluster_down(dir);
+            Err(e)
+        }
+    }
+}
+
+/// Stops every process of the state file (SIGTERM, then SIGKILL after a
+/// grace period), gateways first, and clears the state.
+pub fn cluster_down(dir: &Path) -> Result<Vec<ClusterProcess>> {
+    let mut procs = cluster_state(dir)?;
+    procs.reverse();
+    for p in &procs {
+        if !pid_alive(p.pid) {
+            continue;
+        }
+        let _ = Command::new("kill").arg(p.pid.to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while pid_alive(p.pid) && Instant::now() < deadline {
+            thread::sleep(POLL_INTERVAL);
+        }
+        if pid_alive(p.pid) {
+            let _ = Command::new("kill")
+                .args(["-9", &p.pid.to_string()])
+                .status();
+        }
+    }
+    let _ = fs::remove_file(dir.join(STATE_FILE));
+    procs.reverse();
+    Ok(procs)
+}
+
+/// Each recorded process and whether it is running.
+pub fn cluster_status(dir: &Path) -> Result<Vec<(ClusterProcess, bool)>> {
+    Ok(cluster_state(dir)?
+        .into_iter()
+        .map(|p| {
+            let alive = pid_alive(p.pid);
+            (p, alive)
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_state_round_trips_and_rejects_bad_lines() {
+        let dir = WorkDir::temp("state-test").unwrap();
+        assert!(cluster_state(dir.path()).unwrap().is_empty());
+        let procs = vec![ClusterProcess {
+            name: "redis".into(),
+            pid: 42,
+            port: 6379,
+        }];
+        write_state(dir.path(), &procs).unwrap();
+        assert_eq!(cluster_state(dir.path()).unwrap(), procs);
+        fs::write(dir.path().join(STATE_FILE), "redis notapid 1\n").unwrap();
+        assert!(cluster_state(dir.path()).is_err());
+    }
+}
