@@ -11,29 +11,40 @@ use palaver_router::ManualClock;
 mod contract;
 use contract::*;
 
+/// A fresh store on a manual clock.
+fn fresh() -> (Arc<ManualClock>, MemoryStore) {
+    let clock = Arc::new(ManualClock::new(1_000));
+    (clock.clone(), MemoryStore::with_clock(clock))
+}
+
+/// Leases run out by the store's injected clock: no sleeping.
+#[allow(clippy::type_complexity)]
+fn expire(
+    (clock, store): (Arc<ManualClock>, MemoryStore),
+    step_ms: i64,
+) -> ((), MemoryStore, Box<dyn FnMut(&mut MemoryStore, &str)>) {
+    ((), store, Box::new(move |_, _| clock.advance(step_ms)))
+}
+
+crate::store_contract_tests!(fresh, expire);
+
+/// Every `pub fn …<S: Store>` check of tests/contract runs on this store and
+/// on Redis (both files name it).
 #[test]
-fn memory_store_meets_the_store_contract() {
-    append_batch_in_order(MemoryStore::new());
-    dedup_follows_the_window(MemoryStore::new());
-    ranges_and_senders(MemoryStore::new());
-    quotas_count_per_owner_and_day(MemoryStore::new());
-    dedup_is_per_sender(MemoryStore::new());
-    reads_stay_within_their_byte_budget(MemoryStore::new());
-    receipts_and_groups(MemoryStore::new());
-    users_and_push(MemoryStore::new());
-    presence_links_and_consent(MemoryStore::new());
-    group_add_counts(MemoryStore::new());
-    // Leases run out by an injected clock: no sleeping.
-    let clock = Arc::new(ManualClock::new(1_000));
-    sessions_and_registry(MemoryStore::with_clock(clock.clone()), |_, _| {
-        clock.advance(201)
-    });
-    let clock = Arc::new(ManualClock::new(1_000));
-    presence_events_ignore_dead_gateways(MemoryStore::with_clock(clock.clone()), |_, _| {
-        clock.advance(501)
-    });
-    let clock = Arc::new(ManualClock::new(1_000));
-    a_gateway_reaped_while_stalled_rejoins(MemoryStore::with_clock(clock.clone()), |_, _| {
-        clock.advance(501)
-    });
+fn every_check_of_the_contract_is_run() {
+    let names = check_names();
+    assert!(names.len() >= 13, "{names:?}");
+    let memory = include_str!("contract/mod.rs");
+    let redis = include_str!("redis_store.rs");
+    for name in names {
+        assert!(
+            memory.contains(&format!("                {name},"))
+                || memory.contains(&format!("fn {name}() {{")),
+            "{name} is not in store_contract_tests!"
+        );
+        assert!(
+            redis.contains(&format!("{name}(")),
+            "{name} is not run on Redis Cluster (redis_store.rs all_checks)"
+        );
+    }
 }

@@ -13,6 +13,76 @@ use palaver_router::store::{
     Retention, SessionChange, SessionsApplied, Store, UserPresence,
 };
 
+/// One `#[test]` per check of the contract, each on a fresh store, so the
+/// first failure hides none of the others. Every check is named here once;
+/// `every_check_of_the_contract_is_run` fails if one is added to this file
+/// but not here.
+///
+/// `$fresh` makes `(keep_alive, store)` (a server the store needs, kept
+/// until the check ends); `$expire(step_ms)` makes the hook that lets a
+/// gateway's lease run out (`step_ms` of a manual clock for a store that has
+/// one; a store on a real clock waits for its own expiry).
+#[macro_export]
+macro_rules! store_contract_tests {
+    ($fresh:expr, $expire:expr) => {
+        mod store_contract {
+            use super::*;
+
+            $crate::store_contract_tests!(@checks $fresh;
+                append_batch_in_order,
+                dedup_follows_the_window,
+                ranges_and_senders,
+                quotas_count_per_owner_and_day,
+                dedup_is_per_sender,
+                reads_stay_within_their_byte_budget,
+                receipts_and_groups,
+                users_and_push,
+                presence_links_and_consent,
+                group_add_counts,
+            );
+
+            #[test]
+            fn sessions_and_registry() {
+                let (_keep, s, expire) = $expire($fresh(), 201);
+                contract::sessions_and_registry(s, expire);
+            }
+
+            #[test]
+            fn presence_events_ignore_dead_gateways() {
+                let (_keep, s, expire) = $expire($fresh(), 501);
+                contract::presence_events_ignore_dead_gateways(s, expire);
+            }
+
+            #[test]
+            fn a_gateway_reaped_while_stalled_rejoins() {
+                let (_keep, s, expire) = $expire($fresh(), 501);
+                contract::a_gateway_reaped_while_stalled_rejoins(s, expire);
+            }
+        }
+    };
+    (@checks $fresh:expr; $($check:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $check() {
+                let (_keep, s) = $fresh();
+                contract::$check(s);
+            }
+        )*
+    };
+}
+
+/// The names of the contract's checks, read from this file's source (the
+/// `pub fn <name><S: Store>` items), for the test that each is run.
+pub fn check_names() -> Vec<String> {
+    include_str!("mod.rs")
+        .lines()
+        .filter_map(|l| l.strip_prefix("pub fn "))
+        .filter(|l| l.contains("<S: Store>"))
+        .filter_map(|l| l.split('<').next())
+        .map(str::to_string)
+        .collect()
+}
+
 pub fn retention(now_ms: i64, window: usize) -> Retention {
     Retention {
         now_ms,
