@@ -2,7 +2,7 @@
 //! [`PalaverClient`] object, and three interfaces the app implements (or
 //! takes from the SDK): [`TokenProvider`], [`EventListener`], [`ClientStore`].
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -16,6 +16,10 @@ use crate::engine::{Command, Engine, Request};
 use crate::error::ClientError;
 use crate::io::{self, IoThread, Shared};
 use crate::types::*;
+
+/// How long `shutdown()` waits for the I/O thread to close the connection
+/// cleanly before it returns anyway.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Why the token provider could not give a token.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, uniffi::Error)]
@@ -232,10 +236,7 @@ impl PalaverClient {
         let (poll, waker) = io::new_poll().map_err(|e| cfg_err(format!("poll: {e}")))?;
         let (commands_tx, commands_rx) = io::channel();
         let (outputs_tx, outputs_rx): (Sender<_>, Receiver<_>) = io::channel();
-        let shared = Arc::new(Shared {
-            state: Mutex::new(engine.state().clone()),
-            max_body_bytes: AtomicUsize::new(engine.max_body_bytes()),
-        });
+        let shared = Arc::new(Shared::new(engine.state().clone(), engine.max_body_bytes()));
         let io = IoThread {
             engine,
             commands: commands_rx,
@@ -247,10 +248,10 @@ impl PalaverClient {
             outputs: outputs_tx,
             shared: shared.clone(),
         };
-        let dispatch_store = store.clone();
+        let (dispatch_store, dispatch_shared) = (store.clone(), shared.clone());
         std::thread::Builder::new()
             .name("palaver-events".into())
-            .spawn(move || io::dispatch(outputs_rx, listener, dispatch_store))
+            .spawn(move || io::dispatch(outputs_rx, listener, dispatch_store, dispatch_shared))
             .map_err(|e| cfg_err(format!("thread: {e}")))?;
         let io_thread = std::thread::Builder::new()
             .name("palaver-io".into())
@@ -278,13 +279,21 @@ impl PalaverClient {
         self.command(Command::Disconnect)
     }
 
-    /// Disconnect for good and stop the SDK's I/O thread. Idempotent.
-    /// (Not `close`: Kotlin's AutoCloseable.close frees the native object.)
+    /// Disconnect for good and stop the SDK's I/O thread. Idempotent, and
+    /// returns at once whatever the app's callbacks are doing (a token
+    /// provider in a slow fetch included): the thread finishes on its own
+    /// (a token fetched after this is not used), and no event reaches the
+    /// listener after this returns. (Not `close`: Kotlin's
+    /// AutoCloseable.close frees the native object.)
     pub fn shutdown(&self) {
+        self.shared.closed.store(true, Ordering::Release);
         let _ = self.command(Command::Close);
         let handle = self.io_thread.lock().ok().and_then(|mut h| h.take());
         if let Some(h) = handle {
-            if h.thread().id() != std::thread::current().id() {
+            // A moment for a clean close (close_notify, FIN); never longer.
+            if h.thread().id() != std::thread::current().id()
+                && self.shared.wait_exited(SHUTDOWN_GRACE)
+            {
                 let _ = h.join();
             }
         }

@@ -7,9 +7,9 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
@@ -31,6 +31,43 @@ const MAX_SERVER_FRAME: usize = 4 * 1024 * 1024;
 pub(crate) struct Shared {
     pub state: Mutex<ConnectionState>,
     pub max_body_bytes: AtomicUsize,
+    /// `shutdown()` was called: no more events reach the app, and a token
+    /// fetched after it is not used.
+    pub closed: AtomicBool,
+    /// The I/O thread has returned (shutdown waits for it a moment, never
+    /// for an app callback such as a slow token provider).
+    pub exited: Mutex<bool>,
+    pub exited_changed: Condvar,
+}
+
+impl Shared {
+    pub fn new(state: ConnectionState, max_body_bytes: usize) -> Self {
+        Shared {
+            state: Mutex::new(state),
+            max_body_bytes: AtomicUsize::new(max_body_bytes),
+            closed: AtomicBool::new(false),
+            exited: Mutex::new(false),
+            exited_changed: Condvar::new(),
+        }
+    }
+
+    /// Waits up to `patience` for the I/O thread to return; true if it did.
+    pub fn wait_exited(&self, patience: Duration) -> bool {
+        let Ok(exited) = self.exited.lock() else {
+            return false;
+        };
+        self.exited_changed
+            .wait_timeout_while(exited, patience, |exited| !*exited)
+            .map(|(exited, _)| *exited)
+            .unwrap_or(false)
+    }
+
+    fn mark_exited(&self) {
+        if let Ok(mut exited) = self.exited.lock() {
+            *exited = true;
+        }
+        self.exited_changed.notify_all();
+    }
 }
 
 /// One TCP + TLS connection in progress or up.
@@ -58,6 +95,11 @@ pub(crate) struct IoThread {
 
 impl IoThread {
     pub fn run(mut self) {
+        self.run_until_closed();
+        self.shared.mark_exited();
+    }
+
+    fn run_until_closed(&mut self) {
         let epoch = Instant::now();
         let now = || u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
         let mut events = Events::with_capacity(64);
@@ -116,6 +158,11 @@ impl IoThread {
             Err(TokenError::Denied { detail }) => return Err(DialFailure::TokenDenied(detail)),
             Err(TokenError::Unavailable { .. }) => return Err(DialFailure::Transient),
         };
+        // The app shut the client down while its provider was busy: the
+        // loop closes next, without dialing.
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(DialFailure::Transient);
+        }
         let addr: SocketAddr = self
             .address
             .to_socket_addrs()
@@ -318,11 +365,15 @@ pub(crate) fn dispatch(
     outputs: Receiver<Output>,
     listener: Arc<dyn EventListener>,
     store: Arc<dyn ClientStore>,
+    shared: Arc<Shared>,
 ) {
     for out in outputs {
         // A panicking (or, across UniFFI, throwing) callback loses that one
         // call, not every later event.
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match out {
+            // After shutdown() the app hears nothing more; the store still
+            // gets every write (the outbox and cursors stay right).
+            Output::Event(_) if shared.closed.load(Ordering::Acquire) => {}
             Output::Event(e) => listener.on_event(e),
             // After the listener saw the messages the cursor covers.
             Output::SaveCursor(c) => store.save_cursor(c),

@@ -481,3 +481,85 @@ fn large_messages_to_several_conversations_go_out_in_one_burst() {
     );
     alice.shutdown();
 }
+
+/// A token provider that blocks until the test lets it go (an app whose
+/// auth service hangs).
+struct StuckTokens {
+    entered: std::sync::Mutex<bool>,
+    released: std::sync::Mutex<bool>,
+    changed: std::sync::Condvar,
+}
+
+impl palaver_client::TokenProvider for StuckTokens {
+    fn fetch_token(&self, _force_refresh: bool) -> Result<String, palaver_client::TokenError> {
+        *self.entered.lock().unwrap() = true;
+        self.changed.notify_all();
+        let released = self.released.lock().unwrap();
+        let _released = self.changed.wait_while(released, |r| !*r).unwrap();
+        Ok("not-used".into())
+    }
+}
+
+/// `shutdown()` returns while the app's token provider is still inside a
+/// fetch (it used to wait for it: 56-58 s with a slow provider, an Android
+/// main thread frozen), and the app hears no event after it returned.
+#[test]
+fn shutdown_returns_while_the_token_provider_is_stuck_and_no_event_follows() {
+    let stack = Stack::start(|_| {});
+    let tokens = Arc::new(StuckTokens {
+        entered: std::sync::Mutex::new(false),
+        released: std::sync::Mutex::new(false),
+        changed: std::sync::Condvar::new(),
+    });
+    let recorder = Recorder::new();
+    let client = palaver_client::PalaverClient::new(
+        stack.config("phone"),
+        tokens.clone(),
+        recorder.clone(),
+        None,
+    )
+    .unwrap();
+    client.connect().unwrap();
+    {
+        let entered = tokens.entered.lock().unwrap();
+        let (_entered, timeout) = tokens
+            .changed
+            .wait_timeout_while(entered, T, |e| !*e)
+            .unwrap();
+        assert!(!timeout.timed_out(), "the SDK asked for a token");
+    }
+    // shutdown() on another thread, so a shutdown that waits for the
+    // provider shows as a timeout here instead of a hung test.
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let shutting = client.clone();
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        shutting.shutdown();
+        let _ = done_tx.send(start.elapsed());
+    });
+    let took = done_rx
+        .recv_timeout(T)
+        .expect("shutdown() returned while the provider was still fetching");
+    println!("shutdown() returned in {took:?} with the token provider stuck");
+    let seen = recorder.snapshot().len();
+    // Now the provider returns; the SDK must not dial with its token or
+    // tell the app anything.
+    *tokens.released.lock().unwrap() = true;
+    tokens.changed.notify_all();
+    // Another client's full round trip gives the stuck one's I/O thread
+    // ample turns to misbehave, without a bare sleep.
+    let (other, _) = stack.login("carol", "phone");
+    other.shutdown();
+    assert_eq!(
+        recorder.snapshot().len(),
+        seen,
+        "events after shutdown: {:?}",
+        &recorder.snapshot()[seen..]
+    );
+    // Its I/O thread finishes on its own once the provider returned.
+    let deadline = Instant::now() + T;
+    while client.state() != palaver_client::ConnectionState::Closed {
+        assert!(Instant::now() < deadline, "{:?}", client.state());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -1107,8 +1107,12 @@ public protocol PalaverClientProtocol: AnyObject, Sendable {
     func setTyping(conversationId: String, active: Bool) throws 
     
     /**
-     * Disconnect for good and stop the SDK's I/O thread. Idempotent.
-     * (Not `close`: Kotlin's AutoCloseable.close frees the native object.)
+     * Disconnect for good and stop the SDK's I/O thread. Idempotent, and
+     * returns at once whatever the app's callbacks are doing (a token
+     * provider in a slow fetch included): the thread finishes on its own
+     * (a token fetched after this is not used), and no event reaches the
+     * listener after this returns. (Not `close`: Kotlin's
+     * AutoCloseable.close frees the native object.)
      */
     func shutdown() 
     
@@ -1342,8 +1346,12 @@ open func setTyping(conversationId: String, active: Bool)throws   {try rustCallW
 }
     
     /**
-     * Disconnect for good and stop the SDK's I/O thread. Idempotent.
-     * (Not `close`: Kotlin's AutoCloseable.close frees the native object.)
+     * Disconnect for good and stop the SDK's I/O thread. Idempotent, and
+     * returns at once whatever the app's callbacks are doing (a token
+     * provider in a slow fetch included): the thread finishes on its own
+     * (a token fetched after this is not used), and no event reaches the
+     * listener after this returns. (Not `close`: Kotlin's
+     * AutoCloseable.close frees the native object.)
      */
 open func shutdown()  {try! rustCall() {
     uniffi_palaver_client_fn_method_palaverclient_shutdown(self.uniffiClonePointer(),$0
@@ -4241,7 +4249,7 @@ private let initializationResult: InitializationResult = {
     if (uniffi_palaver_client_checksum_method_palaverclient_set_typing() != 62044) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_palaver_client_checksum_method_palaverclient_shutdown() != 43966) {
+    if (uniffi_palaver_client_checksum_method_palaverclient_shutdown() != 19311) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_palaver_client_checksum_method_palaverclient_state() != 21482) {

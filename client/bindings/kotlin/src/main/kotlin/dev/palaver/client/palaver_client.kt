@@ -1241,7 +1241,7 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if (lib.uniffi_palaver_client_checksum_method_palaverclient_set_typing() != 62044.toShort()) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if (lib.uniffi_palaver_client_checksum_method_palaverclient_shutdown() != 43966.toShort()) {
+    if (lib.uniffi_palaver_client_checksum_method_palaverclient_shutdown() != 19311.toShort()) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if (lib.uniffi_palaver_client_checksum_method_palaverclient_state() != 21482.toShort()) {
@@ -2443,8 +2443,12 @@ public interface PalaverClientInterface {
     fun `setTyping`(`conversationId`: kotlin.String, `active`: kotlin.Boolean)
     
     /**
-     * Disconnect for good and stop the SDK's I/O thread. Idempotent.
-     * (Not `close`: Kotlin's AutoCloseable.close frees the native object.)
+     * Disconnect for good and stop the SDK's I/O thread. Idempotent, and
+     * returns at once whatever the app's callbacks are doing (a token
+     * provider in a slow fetch included): the thread finishes on its own
+     * (a token fetched after this is not used), and no event reaches the
+     * listener after this returns. (Not `close`: Kotlin's
+     * AutoCloseable.close frees the native object.)
      */
     fun `shutdown`()
     
@@ -2755,8 +2759,12 @@ open class PalaverClient: Disposable, AutoCloseable, PalaverClientInterface
 
     
     /**
-     * Disconnect for good and stop the SDK's I/O thread. Idempotent.
-     * (Not `close`: Kotlin's AutoCloseable.close frees the native object.)
+     * Disconnect for good and stop the SDK's I/O thread. Idempotent, and
+     * returns at once whatever the app's callbacks are doing (a token
+     * provider in a slow fetch included): the thread finishes on its own
+     * (a token fetched after this is not used), and no event reaches the
+     * listener after this returns. (Not `close`: Kotlin's
+     * AutoCloseable.close frees the native object.)
      */override fun `shutdown`()
         = 
     callWithPointer {
