@@ -174,9 +174,22 @@ struct Ctx {
     /// `Backend::submit_batch` per turn (and before any session change, so
     /// the backend sees a core's requests and session events in order).
     requests: Vec<Inbound>,
+    /// The run of frames being queued for one connection (reset when the
+    /// run is written or dropped).
+    run: Run,
+}
+
+/// What [`Ctx::deliver_one`] keeps across one run of frames for a
+/// connection, so each frame costs no syscall.
+#[derive(Default)]
+struct Run {
     /// Bytes of answers to requests among the frames queued in
-    /// `scratch.plain` for the connection being written to.
-    run_answers: usize,
+    /// `scratch.plain`.
+    answers: usize,
+    /// What the client had not read when the run began (the queue plus the
+    /// kernel's share, one `TIOCOUTQ`): nothing is written during a run, so
+    /// it holds for the whole run.
+    unread_before: Option<usize>,
 }
 
 pub struct Core {
@@ -241,7 +254,7 @@ impl Core {
             now_ms,
             rng: seed | 1,
             requests: Vec::new(),
-            run_answers: 0,
+            run: Run::default(),
         };
         Ok(Core {
             ctx,
@@ -581,7 +594,7 @@ impl Core {
                     _ => {
                         self.ctx.scratch.plain.clear();
                         self.ctx.scratch.out.clear();
-                        self.ctx.run_answers = 0;
+                        self.ctx.run = Run::default();
                     }
                 }
             }));
@@ -602,7 +615,7 @@ impl Core {
         self.ctx.scratch.plain.clear();
         self.ctx.scratch.out.clear();
         self.ctx.scratch.frames.clear();
-        self.ctx.run_answers = 0;
+        self.ctx.run = Run::default();
         let same = self
             .conns
             .get(slot)

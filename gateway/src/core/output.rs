@@ -66,9 +66,10 @@ impl Ctx {
     ) {
         let len = palaver_protocol::encoded_frame_len(&f);
         let this_run = self.scratch.out.len() + self.scratch.plain.len();
+        let before = *self.run.unread_before.get_or_insert_with(|| unread(conn));
         let unread = Unread {
-            bytes: unread(conn) + this_run,
-            answers: conn.pending.answers() + self.run_answers,
+            bytes: before + this_run,
+            answers: conn.pending.answers() + self.run.answers,
         };
         let step =
             conn.policy
@@ -77,7 +78,7 @@ impl Ctx {
             BackendStep::Stale => CoreMetrics::inc(&self.metrics.stale_deliveries),
             BackendStep::Queue => {
                 if answers {
-                    self.run_answers += len;
+                    self.run.answers += len;
                 }
                 self.queue(&f);
             }
@@ -158,7 +159,7 @@ impl Ctx {
     /// refused.
     pub(super) fn finish_output(&mut self, slot: usize, conn: &mut Conn) -> Fate {
         self.seal(conn);
-        let answers = std::mem::take(&mut self.run_answers);
+        let answers = std::mem::take(&mut self.run).answers;
         if !self.scratch.out.is_empty() {
             if conn.pending.out_len() == 0 {
                 let written = write_some(&mut conn.sock, &self.scratch.out);
