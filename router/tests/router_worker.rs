@@ -138,7 +138,7 @@ fn bad_and_failing_records_go_to_the_dlq_and_offsets_move_on() {
     let brokers = rig.brokers.clone();
     let mut config = rig.config();
     config.max_attempts = 3;
-    config.retry_backoff = Duration::from_millis(10);
+    config.consumer.retry_backoff = Duration::from_millis(10);
     let mut worker = RouterWorker::new(config).expect("worker");
     let deliveries = consumer(&brokers, &kafka::delivery_topic("gwx"));
     let dlq = consumer(&brokers, DLQ_TOPIC);

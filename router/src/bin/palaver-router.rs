@@ -93,15 +93,15 @@ fn main() {
         }
     };
     let mut config = WorkerConfig::new(args.brokers, redis);
-    config.group_id = args.group;
+    config.consumer.group_id = args.group;
     if let Some(id) = args.router_id {
-        config.router_id = id;
+        config.consumer.client_id = id;
     }
     config.inbound_partitions = args.partitions;
-    config.max_batch = args.max_batch.max(1);
+    config.consumer.max_batch = args.max_batch.max(1);
     config.max_attempts = args.max_attempts.max(1);
-    config.linger_ms = args.linger_ms;
-    config.session_timeout = std::time::Duration::from_millis(args.session_timeout_ms);
+    config.consumer.linger_ms = args.linger_ms;
+    config.consumer.session_timeout = std::time::Duration::from_millis(args.session_timeout_ms);
     config.router.presence_visibility = args.presence_visibility;
     config.router.account_bytes_per_day = args.account_bytes_per_day;
     config.router.max_group_members = args.max_group_members.max(1);
@@ -109,7 +109,7 @@ fn main() {
     config.router.max_batch = args.max_sync_batch.max(1);
     config.router.default_batch = config.router.default_batch.min(config.router.max_batch);
     config.router.conversation_bytes_per_day = args.conversation_bytes_per_day;
-    config.retry_backoff = Duration::from_millis(100);
+    config.consumer.retry_backoff = Duration::from_millis(100);
 
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {

@@ -45,55 +45,31 @@ use crate::store::StoreError;
 /// Settings of one router worker.
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
-    /// Kafka `bootstrap.servers`.
-    pub brokers: String,
-    /// Consumer group shared by all routers.
-    pub group_id: String,
-    /// This router's name (logs, dead letters).
-    pub router_id: String,
+    /// The consumer loop: brokers, the routers' group (`palaver-router`),
+    /// this router's name as its client id (logs, dead letters), batch size,
+    /// timeouts; `retry_backoff` also paces a record's store retries.
+    pub consumer: LoopConfig,
     pub redis: RedisConfig,
     pub router: RouterConfig,
-    /// Records per batch (one produce flush + one commit per batch).
-    pub max_batch: usize,
     /// Attempts per record when the store fails, before the dead-letter queue.
     pub max_attempts: u32,
-    /// Wait before the first retry; doubled each time.
-    pub retry_backoff: Duration,
-    pub linger_ms: u32,
     /// Partitions of `palaver.inbound` if the worker has to create it.
     pub inbound_partitions: i32,
-    /// How long to wait for Kafka to acknowledge a batch's output.
-    pub flush_timeout: Duration,
-    /// Consumer-group session: a router silent this long loses its
-    /// partitions to the others. Shorter moves a dead router's partitions
-    /// sooner, but a broker or host stalled that long (GC, CPU starvation)
-    /// then costs a whole rebalance of a live router.
-    pub session_timeout: Duration,
-    /// Processed offsets are committed at most this often (and whenever a
-    /// poll comes back empty). Committing after every small batch floods the
-    /// group coordinator, whose queue then delays heartbeats past the session
-    /// timeout (a live router rebalanced at 1,000 msg/s). Offsets not yet
-    /// committed are replayed after a crash or rebalance, and replays are
-    /// deduplicated.
-    pub commit_interval: Duration,
 }
 
 impl WorkerConfig {
     pub fn new(brokers: impl Into<String>, redis: RedisConfig) -> Self {
         Self {
-            brokers: brokers.into(),
-            group_id: "palaver-router".into(),
-            router_id: format!("router-{}", std::process::id()),
+            consumer: LoopConfig::new(
+                brokers,
+                "palaver-router",
+                format!("router-{}", std::process::id()),
+                &[super::INBOUND_TOPIC],
+            ),
             redis,
             router: RouterConfig::default(),
-            max_batch: 500,
             max_attempts: 5,
-            retry_backoff: Duration::from_millis(100),
-            linger_ms: 1,
             inbound_partitions: super::DEFAULT_INBOUND_PARTITIONS,
-            flush_timeout: Duration::from_secs(15),
-            session_timeout: Duration::from_secs(10),
-            commit_interval: Duration::from_millis(200),
         }
     }
 }
@@ -135,7 +111,7 @@ impl RouterWorker {
 
     pub fn with_clock(config: WorkerConfig, clock: Arc<dyn Clock>) -> Result<Self, String> {
         super::ensure_topics(
-            &config.brokers,
+            &config.consumer.brokers,
             &[
                 (super::INBOUND_TOPIC, config.inbound_partitions),
                 (super::PUSH_TOPIC, config.inbound_partitions),
@@ -149,30 +125,22 @@ impl RouterWorker {
         let limits = crate::api::TierLimits::of(&config.router);
         match store.publish_tier_limits(&limits) {
             Ok(Some(other)) => tracing::warn!(
-                router = %config.router_id,
+                router = %config.consumer.client_id,
                 "another router published other limits ({other:?}); gateways now announce this one's ({limits:?}): give every router the same"
             ),
             Ok(None) => {}
             Err(e) => return Err(format!("publishing the router's limits to Redis: {e}")),
         }
         let consumer_loop = ConsumerLoop::new(LoopConfig {
-            brokers: config.brokers.clone(),
-            group_id: config.group_id.clone(),
-            client_id: config.router_id.clone(),
             topics: vec![super::INBOUND_TOPIC.to_string()],
-            max_batch: config.max_batch,
-            linger_ms: config.linger_ms,
-            flush_timeout: config.flush_timeout,
-            session_timeout: config.session_timeout,
-            commit_interval: config.commit_interval,
-            retry_backoff: config.retry_backoff,
+            ..config.consumer.clone()
         })?;
         Ok(Self {
             consumer_loop,
             handler: RouterHandler {
                 router: Router::new(store, config.router.clone(), clock),
-                router_id: config.router_id,
-                retry_backoff: config.retry_backoff,
+                router_id: config.consumer.client_id,
+                retry_backoff: config.consumer.retry_backoff,
                 max_attempts: config.max_attempts,
                 panics: 0,
             },
