@@ -141,11 +141,7 @@ fn run_one<S: Store>(
             Err(panic) => {
                 out.frames.truncate(frames);
                 out.pushes.truncate(pushes);
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "non-string panic payload".into());
+                let message = panic_message(&*panic);
                 tracing::error!(
                     user = %request.from.user_id,
                     request_id = request.request_id,
@@ -157,4 +153,13 @@ fn run_one<S: Store>(
             }
         }
     }
+}
+
+/// The message of a caught panic.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".into())
 }

@@ -39,6 +39,7 @@ use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 
 use super::records;
 use crate::bus::BusError;
+use crate::runner::panic_message;
 
 /// Settings of one consumer loop.
 #[derive(Clone, Debug)]
@@ -590,13 +591,4 @@ impl ConsumerLoop {
         }
         Ok(())
     }
-}
-
-/// The message of a caught panic.
-pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "non-string panic payload".into())
 }
