@@ -698,6 +698,31 @@ mod tests {
         }
     }
 
+    /// A batcher of gateway `gw` on `redis`, fed by nobody (the tests call
+    /// its steps themselves).
+    fn test_batcher(
+        redis: RedisConfig,
+        sink: Arc<dyn DeliverySink>,
+        max_connections_per_account: Option<u32>,
+    ) -> Batcher {
+        let (_tx, rx) = crossbeam_channel::unbounded();
+        Batcher {
+            gateway_id: "gw".into(),
+            store: RedisStore::connect(redis).unwrap(),
+            watches: Arc::default(),
+            rx,
+            timing: PresenceTiming::default(),
+            mark: Arc::default(),
+            stop: Arc::default(),
+            on_replaced: Box::new(|_| {}),
+            sink,
+            max_connections_per_account,
+            pending: Vec::new(),
+            last_lease: Instant::now(),
+            unanswered: Arc::default(),
+        }
+    }
+
     fn conns(frames: &[Outbound]) -> Vec<u64> {
         let mut c: Vec<u64> = frames.iter().map(|o| o.conn).collect();
         c.sort();
@@ -712,22 +737,7 @@ mod tests {
     fn a_large_flush_goes_out_in_bounded_pipelines() {
         let server = palaver_testkit::stack::Redis::start().expect("start redis-server");
         let redis = RedisConfig::standalone(server.url());
-        let (_tx, rx) = crossbeam_channel::unbounded();
-        let mut batcher = Batcher {
-            gateway_id: "gw".into(),
-            store: RedisStore::connect(redis).unwrap(),
-            watches: Arc::default(),
-            rx,
-            timing: PresenceTiming::default(),
-            mark: Arc::default(),
-            stop: Arc::default(),
-            on_replaced: Box::new(|_| {}),
-            sink: Arc::new(NoSink),
-            max_connections_per_account: None,
-            pending: Vec::new(),
-            last_lease: Instant::now(),
-            unanswered: Arc::default(),
-        };
+        let mut batcher = test_batcher(redis, Arc::new(NoSink), None);
         let n = 2 * MAX_CHANGES_PER_FLUSH + 1;
         for i in 0..n as u64 {
             let session = Session {
@@ -861,22 +871,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
 
         let sink = Arc::new(Collect(Mutex::new(Vec::new())));
-        let (_tx, rx) = crossbeam_channel::unbounded();
-        let mut batcher = Batcher {
-            gateway_id: "gw".into(),
-            store: RedisStore::connect(redis).unwrap(),
-            watches: Arc::default(),
-            rx,
-            timing: PresenceTiming::default(),
-            mark: Arc::default(),
-            stop: Arc::default(),
-            on_replaced: Box::new(|_| {}),
-            sink: sink.clone(),
-            max_connections_per_account: Some(2),
-            pending: Vec::new(),
-            last_lease: Instant::now(),
-            unanswered: Arc::default(),
-        };
+        let mut batcher = test_batcher(redis, sink.clone(), Some(2));
         let mut n = 0;
         let mut apply = |batcher: &mut Batcher, change: SessionChange| -> Vec<Outbound> {
             n += 1;
