@@ -206,28 +206,9 @@ fn a_thousand_connections_of_one_account_get_at_most_the_cap() {
     neighbour_round_trip(&mut neighbour, &conv);
 }
 
-/// Writes `n` History requests for `conv` in one write.
+/// Writes `n` History requests (limit 1) for `conv` in one write.
 fn pipeline_history(c: &mut Client, conv: &str, n: usize) -> Vec<u32> {
-    let mut buf = Vec::new();
-    let ids: Vec<u32> = (0..n)
-        .map(|_| {
-            let id = c.next_request_id();
-            encode_frame(
-                &frame(
-                    id,
-                    Body::History(pb::History {
-                        conversation_id: conv.into(),
-                        before_seq: 0,
-                        limit: 1,
-                    }),
-                ),
-                &mut buf,
-            );
-            id
-        })
-        .collect();
-    c.send_raw(&buf).unwrap();
-    ids
+    pipeline_history_limit(c, conv, n, 1)
 }
 
 #[test]
@@ -359,6 +340,7 @@ fn a_client_that_reads_continuously_and_pipelines_history_is_not_a_slow_consumer
     );
 }
 
+/// Writes `n` History requests with `limit` for `conv` in one write.
 fn pipeline_history_limit(c: &mut Client, conv: &str, n: usize, limit: u32) -> Vec<u32> {
     let mut buf = Vec::new();
     let ids = (0..n)
