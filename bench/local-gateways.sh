@@ -3,6 +3,8 @@
 # (each with its own --gateway-id and admin port, all sharing one data dir for
 # the dev certificate and JWT secret), and prints the --gateway-pid flags for
 # palaver-bench. Stop them with: bench/local-gateways.sh stop DATA_DIR
+# Each runs its own embedded engine in memory (--ephemeral): one durable
+# store per data dir can have only one process.
 #
 #   bench/local-gateways.sh start N [LISTEN] [DATA_DIR] [extra gateway flags...]
 #   bench/local-gateways.sh stop [DATA_DIR]
@@ -21,7 +23,7 @@ start)
   : > "$data/gateway.pids"
   for i in $(seq 1 "$n"); do
     "$gateway" --listen "$listen" --data-dir "$data" --cores 1 --gateway-id "gw$i" \
-      --admin "$host:$((7500 + i))" "$@" > "$data/gw$i.log" 2>&1 &
+      --admin "$host:$((7500 + i))" --ephemeral "$@" > "$data/gw$i.log" 2>&1 &
     echo $! >> "$data/gateway.pids"
     # The first one writes the dev credentials; the others reuse them.
     if [ "$i" = 1 ]; then

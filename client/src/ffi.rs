@@ -12,6 +12,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 
 use crate::config::ClientConfig;
+use palaver_protocol::pb;
+
 use crate::engine::{Command, Engine, Request};
 use crate::error::ClientError;
 use crate::io::{self, IoThread, Shared};
@@ -50,9 +52,27 @@ pub trait TokenProvider: Send + Sync {
 /// Receives every [`ClientEvent`], in order, on one SDK thread (not the
 /// I/O thread: a slow listener does not stall the connection). It may call
 /// back into the client.
+///
+/// Exceptions it throws are caught: reported to the log sink
+/// ([`crate::log::set_log_sink`]) with the event lost to the app, and the
+/// next event is delivered as usual.
 #[uniffi::export(with_foreign)]
 pub trait EventListener: Send + Sync {
-    fn on_event(&self, event: ClientEvent);
+    fn on_event(&self, event: ClientEvent) -> Result<(), ListenerError>;
+}
+
+/// What a listener's exception becomes (any exception: Kotlin and Swift
+/// implementations need not declare it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, uniffi::Error)]
+pub enum ListenerError {
+    #[error("{detail}")]
+    Failed { detail: String },
+}
+
+impl From<uniffi::UnexpectedUniFFICallbackError> for ListenerError {
+    fn from(e: uniffi::UnexpectedUniFFICallbackError) -> Self {
+        ListenerError::Failed { detail: e.reason }
+    }
 }
 
 /// Persistence for the outbox and the sync cursors, so neither an unsent
@@ -75,7 +95,8 @@ pub trait ClientStore: Send + Sync {
 #[derive(Default)]
 struct MemoryStore {
     outbox: Mutex<Vec<OutgoingMessage>>,
-    cursors: Mutex<std::collections::BTreeMap<String, u64>>,
+    /// conversation → (after_seq, history_epoch)
+    cursors: Mutex<std::collections::BTreeMap<String, (u64, u64)>>,
 }
 
 impl ClientStore for MemoryStore {
@@ -97,9 +118,10 @@ impl ClientStore for MemoryStore {
             .lock()
             .map(|c| {
                 c.iter()
-                    .map(|(id, seq)| SyncCursor {
+                    .map(|(id, &(after_seq, history_epoch))| SyncCursor {
                         conversation_id: id.clone(),
-                        after_seq: *seq,
+                        after_seq,
+                        history_epoch,
                     })
                     .collect()
             })
@@ -107,7 +129,10 @@ impl ClientStore for MemoryStore {
     }
     fn save_cursor(&self, cursor: SyncCursor) {
         if let Ok(mut c) = self.cursors.lock() {
-            c.insert(cursor.conversation_id, cursor.after_seq);
+            c.insert(
+                cursor.conversation_id,
+                (cursor.after_seq, cursor.history_epoch),
+            );
         }
     }
 }
@@ -300,6 +325,11 @@ impl PalaverClient {
     }
 
     pub fn state(&self) -> ConnectionState {
+        // Closed at once, even while the I/O thread is still stuck in the
+        // app's token provider and has not seen the Close yet.
+        if self.shared.closed.load(Ordering::Acquire) {
+            return ConnectionState::Closed;
+        }
         self.shared
             .state
             .lock()
@@ -476,6 +506,101 @@ impl PalaverClient {
     /// Sync now (the SDK already syncs after every connect and on gaps).
     pub fn sync_now(&self) -> Result<(), ClientError> {
         self.command(Command::SyncNow)
+    }
+
+    /// While `Connecting` waits out its backoff, try at once: call it when
+    /// the app comes to the foreground or the network comes back. Does
+    /// nothing in other states (`connect()` restarts a stopped client).
+    pub fn reconnect_now(&self) -> Result<(), ClientError> {
+        self.command(Command::ReconnectNow)
+    }
+
+    /// Registers this device for APNs pushes (SPEC §20) with the device
+    /// token iOS gave the app (the raw bytes; the SDK sends them in hex),
+    /// `sandbox` for development builds (`aps-environment`), `topic` the
+    /// app's bundle id, `locale` an optional BCP 47 tag. Replaces the
+    /// device's previous registration. `PushTokenRegistered` or
+    /// `RequestFailed`. Call it whenever iOS hands the app a token.
+    pub fn register_apns_token(
+        &self,
+        device_token: Vec<u8>,
+        sandbox: bool,
+        topic: String,
+        locale: Option<String>,
+    ) -> Result<u64, ClientError> {
+        let environment = if sandbox {
+            pb::ApnsEnvironment::Sandbox
+        } else {
+            pb::ApnsEnvironment::Production
+        };
+        self.register_push(pb::RegisterPushToken {
+            platform: pb::PushPlatform::Apns.into(),
+            token: device_token.iter().map(|b| format!("{b:02x}")).collect(),
+            apns_environment: environment.into(),
+            apns_topic: topic,
+            locale: locale.unwrap_or_default(),
+        })
+    }
+
+    /// Registers this device for FCM pushes with its registration token
+    /// (SPEC §20); as `register_apns_token` otherwise.
+    pub fn register_fcm_token(
+        &self,
+        token: String,
+        locale: Option<String>,
+    ) -> Result<u64, ClientError> {
+        self.register_push(pb::RegisterPushToken {
+            platform: pb::PushPlatform::Fcm.into(),
+            token,
+            apns_environment: 0,
+            apns_topic: String::new(),
+            locale: locale.unwrap_or_default(),
+        })
+    }
+
+    /// This device gets no more pushes (e.g. at sign-out, before
+    /// `shutdown`). `PushTokenUnregistered` or `RequestFailed`.
+    pub fn unregister_push_token(&self) -> Result<u64, ClientError> {
+        self.ticket(Request::UnregisterPushToken)
+    }
+
+    /// Mutes pushes of a conversation for this user on all devices (SPEC
+    /// §20): until `until_ms` (Unix ms, in the future, at most 366 days
+    /// ahead), or for ever when `None`. Messages still arrive. `MuteChanged`
+    /// or `RequestFailed`.
+    pub fn mute_conversation(
+        &self,
+        conversation_id: String,
+        until_ms: Option<i64>,
+    ) -> Result<u64, ClientError> {
+        check_conversation(&conversation_id)?;
+        let (muted_until_ms, forever) = match until_ms {
+            None => (0, true),
+            Some(ms) if ms > 0 => (ms, false),
+            Some(ms) => return Err(invalid(format!("until_ms {ms} is not a Unix time in ms"))),
+        };
+        self.ticket(Request::MuteConversation {
+            conversation_id,
+            muted_until_ms,
+            forever,
+        })
+    }
+
+    /// Pushes of the conversation again. `MuteChanged` or `RequestFailed`.
+    pub fn unmute_conversation(&self, conversation_id: String) -> Result<u64, ClientError> {
+        check_conversation(&conversation_id)?;
+        self.ticket(Request::MuteConversation {
+            conversation_id,
+            muted_until_ms: 0,
+            forever: false,
+        })
+    }
+}
+
+impl PalaverClient {
+    fn register_push(&self, register: pb::RegisterPushToken) -> Result<u64, ClientError> {
+        palaver_protocol::push::check_register(&register).map_err(invalid)?;
+        self.ticket(Request::RegisterPushToken(register))
     }
 }
 

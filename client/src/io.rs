@@ -20,7 +20,8 @@ use rustls::ClientConnection;
 
 use crate::engine::{Command, DialFailure, Engine, Output};
 use crate::ffi::{ClientStore, EventListener, TokenError, TokenProvider};
-use crate::types::ConnectionState;
+use crate::log::{log, LogLevel};
+use crate::types::{ConnectFailure, ConnectionState};
 
 pub(crate) const SOCKET: Token = Token(0);
 pub(crate) const WAKER: Token = Token(1);
@@ -156,22 +157,34 @@ impl IoThread {
         let token = match self.tokens.fetch_token(fresh) {
             Ok(t) => t,
             Err(TokenError::Denied { detail }) => return Err(DialFailure::TokenDenied(detail)),
-            Err(TokenError::Unavailable { .. }) => return Err(DialFailure::Transient),
+            Err(TokenError::Unavailable { detail }) => {
+                return Err(DialFailure::Transient(ConnectFailure::TokenUnavailable {
+                    detail,
+                }))
+            }
         };
         // The app shut the client down while its provider was busy: the
         // loop closes next, without dialing.
         if self.shared.closed.load(Ordering::Acquire) {
-            return Err(DialFailure::Transient);
+            return Err(DialFailure::Transient(ConnectFailure::ConnectionLost {
+                detail: "shut down".into(),
+            }));
         }
-        let addr: SocketAddr = self
-            .address
-            .to_socket_addrs()
-            .ok()
-            .and_then(|mut a| a.next())
-            .ok_or(DialFailure::Transient)?;
-        let mut sock = TcpStream::connect(addr).map_err(|_| DialFailure::Transient)?;
-        let mut tls = ClientConnection::new(self.tls.clone(), self.server_name.clone())
-            .map_err(|_| DialFailure::Transient)?;
+        let unreachable =
+            |detail: String| DialFailure::Transient(ConnectFailure::Unreachable { detail });
+        let addr: SocketAddr = match self.address.to_socket_addrs() {
+            Ok(mut addrs) => addrs
+                .next()
+                .ok_or_else(|| unreachable(format!("{}: no address", self.address)))?,
+            Err(e) => return Err(unreachable(format!("{}: {e}", self.address))),
+        };
+        let mut sock = TcpStream::connect(addr).map_err(|e| unreachable(format!("{addr}: {e}")))?;
+        let mut tls =
+            ClientConnection::new(self.tls.clone(), self.server_name.clone()).map_err(|e| {
+                DialFailure::Transient(ConnectFailure::Tls {
+                    detail: e.to_string(),
+                })
+            })?;
         // rustls caps unsent data at 64 KiB by default and then accepts
         // nothing more, which a burst of large Sends exceeds. The engine
         // already bounds what it writes (requests in flight × frame size).
@@ -180,7 +193,7 @@ impl IoThread {
         self.poll
             .registry()
             .register(&mut sock, SOCKET, interest)
-            .map_err(|_| DialFailure::Transient)?;
+            .map_err(|e| unreachable(format!("{addr}: {e}")))?;
         Ok(Transport {
             sock,
             tls,
@@ -195,33 +208,40 @@ impl IoThread {
     /// frames into the engine.
     fn on_socket(&mut self, transport: &mut Option<Transport>, now: u64) {
         let Some(t) = transport.as_mut() else { return };
-        let ok = Self::pump_socket(t, &mut self.engine, now);
-        if !ok {
+        if let Err(why) = Self::pump_socket(t, &mut self.engine, now) {
             self.drop_transport(transport);
-            self.engine.on_transport_down(now);
+            self.engine.on_transport_down(now, why);
         }
         self.flush(transport, now);
     }
 
-    /// Returns false when the transport failed or closed.
-    fn pump_socket(t: &mut Transport, engine: &mut Engine, now: u64) -> bool {
-        if let Ok(Some(_)) | Err(_) = t.sock.take_error() {
-            return false;
+    /// Err (why) when the transport failed or closed.
+    fn pump_socket(t: &mut Transport, engine: &mut Engine, now: u64) -> Result<(), ConnectFailure> {
+        match t.sock.take_error() {
+            Ok(None) => {}
+            Ok(Some(e)) | Err(e) => return Err(io_failure(&e)),
         }
         // Read until the socket would block (edge-triggered readiness). At
         // EOF or an error, still hand over what came before it: a GoAway or
         // a closing Error usually arrives right before the FIN.
         let mut frames = Vec::new();
-        let mut alive = true;
+        let mut failure: Option<ConnectFailure> = None;
         loop {
             let drained = match t.tls.read_tls(&mut t.sock) {
                 Ok(0) => {
-                    alive = false;
+                    let detail = if t.tls.is_handshaking() {
+                        "closed by the server during the TLS handshake"
+                    } else {
+                        "closed by the server"
+                    };
+                    failure = Some(ConnectFailure::ConnectionLost {
+                        detail: detail.into(),
+                    });
                     false
                 }
                 Ok(_) => {
-                    if t.tls.process_new_packets().is_err() {
-                        alive = false;
+                    if let Err(e) = t.tls.process_new_packets() {
+                        failure = Some(tls_failure(&e));
                     }
                     false
                 }
@@ -235,18 +255,18 @@ impl IoThread {
                 {
                     true
                 }
-                Err(_) => {
-                    alive = false;
+                Err(e) => {
+                    failure = Some(io_failure(&e));
                     false
                 }
             };
             // Take the plaintext out after every read: rustls buffers only a
             // little of it and refuses to read more (a 1 MiB SyncBatch would
             // fail read_tls otherwise).
-            if !Self::drain_plaintext(t, &mut frames) {
-                alive = false;
+            if let Err(why) = Self::drain_plaintext(t, &mut frames) {
+                failure.get_or_insert(why);
             }
-            if drained || !alive {
+            if drained || failure.is_some() {
                 break;
             }
         }
@@ -255,23 +275,39 @@ impl IoThread {
             engine.on_transport_up(now, std::mem::take(&mut t.token));
         }
         Self::feed(engine, frames, now);
-        alive && Self::write_out(t)
+        match failure {
+            Some(why) => Err(why),
+            None => Self::write_out(t),
+        }
     }
 
-    /// Decodes the plaintext rustls holds into `frames`. False when the
+    /// Decodes the plaintext rustls holds into `frames`. Err when the
     /// stream ended (close_notify) or is malformed (SPEC §2: close).
-    fn drain_plaintext(t: &mut Transport, frames: &mut Vec<pb::Frame>) -> bool {
+    fn drain_plaintext(
+        t: &mut Transport,
+        frames: &mut Vec<pb::Frame>,
+    ) -> Result<(), ConnectFailure> {
         let mut buf = [0u8; 16 * 1024];
         loop {
             match t.tls.reader().read(&mut buf) {
-                Ok(0) => return false,
+                Ok(0) => {
+                    return Err(ConnectFailure::ConnectionLost {
+                        detail: "closed by the server (close_notify)".into(),
+                    })
+                }
                 Ok(n) => {
-                    if t.decoder.decode(&buf[..n], |f| frames.push(f)).is_err() {
-                        return false;
+                    if let Err(e) = t.decoder.decode(&buf[..n], |f| frames.push(f)) {
+                        return Err(ConnectFailure::Protocol {
+                            detail: format!("undecodable frame from the server: {e}"),
+                        });
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
-                Err(_) => return false,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => {
+                    return Err(ConnectFailure::ConnectionLost {
+                        detail: e.to_string(),
+                    })
+                }
             }
         }
     }
@@ -283,18 +319,22 @@ impl IoThread {
     }
 
     /// Writes pending TLS records until the socket would block.
-    fn write_out(t: &mut Transport) -> bool {
+    fn write_out(t: &mut Transport) -> Result<(), ConnectFailure> {
         while t.tls.wants_write() {
             match t.tls.write_tls(&mut t.sock) {
-                Ok(0) => return false,
+                Ok(0) => {
+                    return Err(ConnectFailure::ConnectionLost {
+                        detail: "the socket accepts no more bytes".into(),
+                    })
+                }
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::NotConnected => break,
-                Err(_) => return false,
+                Err(e) => return Err(io_failure(&e)),
             }
         }
-        true
+        Ok(())
     }
 
     fn drop_transport(&mut self, transport: &mut Option<Transport>) {
@@ -307,19 +347,21 @@ impl IoThread {
     /// closes the transport when the engine is done with it.
     fn flush(&mut self, transport: &mut Option<Transport>, now: u64) {
         let writes = self.engine.take_writes();
-        let mut failed = false;
+        let mut failed = None;
         if let Some(t) = transport.as_mut() {
             if !writes.is_empty() {
                 let mut buf = Vec::new();
                 for f in &writes {
                     encode_frame(f, &mut buf);
                 }
-                if t.tls.writer().write_all(&buf).is_err() {
-                    failed = true;
+                if let Err(e) = t.tls.writer().write_all(&buf) {
+                    failed = Some(ConnectFailure::ConnectionLost {
+                        detail: e.to_string(),
+                    });
                 }
             }
-            if !failed {
-                failed = !Self::write_out(t);
+            if failed.is_none() {
+                failed = Self::write_out(t).err();
             }
         }
         if self.engine.take_close() {
@@ -328,9 +370,9 @@ impl IoThread {
                 let _ = Self::write_out(t);
             }
             self.drop_transport(transport);
-        } else if failed {
+        } else if let Some(why) = failed {
             self.drop_transport(transport);
-            self.engine.on_transport_down(now);
+            self.engine.on_transport_down(now, why);
             // The engine may have more to say (state change).
             self.engine.take_close();
         }
@@ -368,17 +410,51 @@ pub(crate) fn dispatch(
     shared: Arc<Shared>,
 ) {
     for out in outputs {
-        // A panicking (or, across UniFFI, throwing) callback loses that one
-        // call, not every later event.
+        // A panicking callback loses that one call, not every later event.
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match out {
             // After shutdown() the app hears nothing more; the store still
             // gets every write (the outbox and cursors stay right).
             Output::Event(_) if shared.closed.load(Ordering::Acquire) => {}
-            Output::Event(e) => listener.on_event(e),
+            Output::Event(e) => {
+                // A listener that throws (Kotlin, Swift) arrives here as an
+                // Err: reported to the log sink, and the next event goes on.
+                if let Err(e) = listener.on_event(e) {
+                    log(
+                        LogLevel::Error,
+                        format!("the app's event listener threw: {e}"),
+                    );
+                }
+            }
             // After the listener saw the messages the cursor covers.
             Output::SaveCursor(c) => store.save_cursor(c),
             Output::RemoveOutgoing(id) => store.remove_outgoing(id),
+            Output::Log(level, line) => log(level, line),
         }));
+    }
+}
+
+/// A socket error as the app sees it: the TCP connect failing (refused,
+/// no route, timed out) is "unreachable"; anything else a lost connection.
+fn io_failure(e: &io::Error) -> ConnectFailure {
+    use io::ErrorKind::*;
+    let detail = e.to_string();
+    match e.kind() {
+        ConnectionRefused | HostUnreachable | NetworkUnreachable | TimedOut | AddrNotAvailable => {
+            ConnectFailure::Unreachable { detail }
+        }
+        _ => ConnectFailure::ConnectionLost { detail },
+    }
+}
+
+/// A TLS error as the app sees it: a certificate the client does not trust
+/// is permanent (the same every time); the rest may heal.
+fn tls_failure(e: &rustls::Error) -> ConnectFailure {
+    let detail = e.to_string();
+    match e {
+        rustls::Error::InvalidCertificate(_)
+        | rustls::Error::NoCertificatesPresented
+        | rustls::Error::UnsupportedNameType => ConnectFailure::UntrustedCertificate { detail },
+        _ => ConnectFailure::Tls { detail },
     }
 }
 

@@ -18,13 +18,20 @@ mod engine;
 pub mod error;
 mod ffi;
 mod io;
+pub mod log;
 mod outbox;
 pub mod types;
 
 pub use config::ClientConfig;
 pub use error::{ClientError, ErrorCode, ServerError};
 pub use ffi::{
-    direct_conversation_id, memory_store, ClientStore, EventListener, PalaverClient, TokenError,
-    TokenProvider,
+    direct_conversation_id, memory_store, ClientStore, EventListener, ListenerError, PalaverClient,
+    TokenError, TokenProvider,
 };
+pub use log::{clear_log_sink, set_log_sink, LogLevel, LogSink};
+
+/// The README's Rust snippet, compiled as a doc test so it cannot go stale.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeSnippets;
 pub use types::*;

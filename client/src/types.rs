@@ -220,6 +220,12 @@ impl Presence {
 pub struct SyncCursor {
     pub conversation_id: String,
     pub after_seq: u64,
+    /// The server history epoch `after_seq` counts in (SPEC §7); 0 when
+    /// not known. Save it with the cursor: it is how the SDK notices a
+    /// server that lost its history instead of dropping its new messages
+    /// as repeats.
+    #[uniffi(default = 0)]
+    pub history_epoch: u64,
 }
 
 /// A message in the outbox: accepted by `send_message`, not yet
@@ -245,8 +251,14 @@ pub enum ConnectionState {
     /// [`DisconnectCause::Replaced`], UNAUTHENTICATED and
     /// UNSUPPORTED_VERSION as `Server`).
     Disconnected { cause: Option<DisconnectCause> },
-    /// Dialling, or waiting `retry_in_ms` before the next attempt.
-    Connecting { attempt: u32, retry_in_ms: u64 },
+    /// Dialling, or waiting `retry_in_ms` before the next attempt;
+    /// `last_failure` says why the previous attempt or connection ended
+    /// (`None` on the first attempt).
+    Connecting {
+        attempt: u32,
+        retry_in_ms: u64,
+        last_failure: Option<ConnectFailure>,
+    },
     /// Welcome received: requests flow.
     Connected { user_id: String, session_id: String },
     /// `shutdown()` was called; terminal.
@@ -266,6 +278,39 @@ pub enum DisconnectCause {
     Server { error: ServerError },
     /// The token provider failed; call `connect()` once it can give a token.
     TokenUnavailable { message: String },
+    /// A failure that retrying cannot heal: the server's certificate is not
+    /// trusted (wrong CA or server name, expired), or the server refused
+    /// as expired a token the provider had just fetched fresh (its clock,
+    /// or its tokens, are wrong). Call `connect()` once it is fixed.
+    Failed { failure: ConnectFailure },
+}
+
+/// Why a connection attempt or a connection failed
+/// ([`ConnectionState::Connecting`]'s `last_failure`,
+/// [`DisconnectCause::Failed`]).
+#[derive(Debug, Clone, PartialEq, Eq, uniffi::Enum)]
+pub enum ConnectFailure {
+    /// DNS found no address, or the TCP connection was refused or timed
+    /// out: no network, or no server there.
+    Unreachable { detail: String },
+    /// The server's certificate is not trusted: permanent (the SDK stops).
+    UntrustedCertificate { detail: String },
+    /// TLS failed otherwise (handshake, protocol, alert).
+    Tls { detail: String },
+    /// The server refused the token (UNAUTHENTICATED, TOKEN_EXPIRED).
+    AuthRefused { error: ServerError },
+    /// The server is busy or going away (GoAway, OVERLOADED, SHUTTING_DOWN,
+    /// TOO_MANY_CONNECTIONS): it said when to come back.
+    ServerBusy { detail: String },
+    /// No Welcome in time, or the server fell silent (missed heartbeats).
+    TimedOut { detail: String },
+    /// The connection closed or broke (EOF, reset, close_notify).
+    ConnectionLost { detail: String },
+    /// The server broke the protocol, or refused ours (PROTOCOL_VIOLATION,
+    /// MALFORMED_FRAME): reconnecting with a longer backoff.
+    Protocol { detail: String },
+    /// The token provider could not give a token for now.
+    TokenUnavailable { detail: String },
 }
 
 /// Everything the SDK tells the app, in order, on one dispatch thread.
@@ -336,6 +381,28 @@ pub enum ClientEvent {
         ticket: u64,
         presences: Vec<Presence>,
     },
+    /// Answer to `register_apns_token` / `register_fcm_token`: this device
+    /// gets pushes while it is not connected (SPEC §20).
+    PushTokenRegistered {
+        ticket: u64,
+        /// Server time of the registration.
+        registered_ms: i64,
+    },
+    /// Answer to `unregister_push_token`.
+    PushTokenUnregistered {
+        ticket: u64,
+        /// The device had a registration.
+        was_registered: bool,
+    },
+    /// Answer to `mute_conversation` / `unmute_conversation`: the user's
+    /// mute of the conversation now (all devices).
+    MuteChanged {
+        ticket: u64,
+        conversation_id: String,
+        /// Muted until then (Unix ms); 0 when not muted or muted for ever.
+        muted_until_ms: i64,
+        forever: bool,
+    },
     /// A ticketed request failed.
     RequestFailed {
         ticket: u64,
@@ -353,5 +420,15 @@ pub enum ClientEvent {
         conversation_id: String,
         from_seq: u64,
         to_seq: u64,
+    },
+    /// The server lost or replaced this conversation's history (its
+    /// history epoch changed, SPEC §7): a non-durable server restarted, or
+    /// its store was wiped or restored. Seqs start again from 1; the SDK
+    /// dropped its cursor and syncs the conversation from the start, so
+    /// `Message` events follow with seqs the app may have seen before for
+    /// other messages. An app keying messages by seq drops what it keyed
+    /// for this conversation; `message_id`s stay unique.
+    HistoryReset {
+        conversation_id: String,
     },
 }

@@ -115,7 +115,8 @@ fn gateway_processes_terminated_and_killed_under_traffic_lose_nothing() {
         extra: Vec::new(),
     };
     let started = Instant::now();
-    let procs = stack::cluster_up(&dir.join("stack"), &data, &listen).expect("palaver cluster up");
+    let procs = stack::cluster_up(&dir.join("stack"), &data, &listen, Default::default())
+        .expect("palaver cluster up");
     cluster.dir = dir.join("stack");
     println!("cluster up in {:?}", started.elapsed());
     let pid_of = |name: &str| {

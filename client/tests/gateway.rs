@@ -1,7 +1,8 @@
 //! The SDK against real in-process gateways (embedded engine): delivery,
 //! the outbox across disconnects and restarts, GoAway (what SIGTERM does),
-//! a gateway stopped dead, token expiry mid-session, REPLACED, seq gaps, and
-//! 1,000 messages through a flapping link.
+//! a gateway stopped dead, token expiry mid-session, REPLACED, seq gaps and
+//! 1,000 messages through a flapping link. A server that lost its history,
+//! failure reasons and a throwing listener: `recovery.rs`; push: `push.rs`.
 // A test or an example: a failed unwrap is a failed run (the
 // workspace's unwrap_used floor is for the product's code).
 #![allow(clippy::unwrap_used)]
@@ -14,13 +15,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use palaver_client::{
-    direct_conversation_id, memory_store, ClientEvent, ConnectionState, DisconnectCause,
-    PalaverClient, ReceiptKind,
+    memory_store, ClientEvent, ConnectionState, DisconnectCause, PalaverClient, ReceiptKind,
 };
-
-fn dm(a: &str, b: &str) -> String {
-    direct_conversation_id(a.into(), b.into()).unwrap()
-}
 
 #[test]
 fn two_clients_send_and_receive_with_receipts() {
@@ -112,15 +108,6 @@ fn sent_while_disconnected_is_delivered_once_after_connect_and_survives_a_restar
 }
 
 /// Sends `n` numbered messages from `sender` to `conv` (queued at once).
-fn send_numbered(sender: &PalaverClient, conv: &str, prefix: &str, n: usize) -> Vec<String> {
-    (0..n)
-        .map(|i| {
-            let t = format!("{prefix}{i:05}");
-            sender.send_text(conv.to_string(), t.clone()).unwrap();
-            t
-        })
-        .collect()
-}
 
 #[test]
 fn drained_gateway_go_away_reconnect_after_the_delay_then_sync_nothing_lost_or_doubled() {
@@ -541,6 +528,11 @@ fn shutdown_returns_while_the_token_provider_is_stuck_and_no_event_follows() {
         .recv_timeout(T)
         .expect("shutdown() returned while the provider was still fetching");
     println!("shutdown() returned in {took:?} with the token provider stuck");
+    assert_eq!(
+        client.state(),
+        ConnectionState::Closed,
+        "state() says Closed at once, though the I/O thread is still in the provider"
+    );
     let seen = recorder.snapshot().len();
     // Now the provider returns; the SDK must not dial with its token or
     // tell the app anything.
@@ -562,4 +554,102 @@ fn shutdown_returns_while_the_token_provider_is_stuck_and_no_event_follows() {
         assert!(Instant::now() < deadline, "{:?}", client.state());
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Push registration and mutes (SPEC §20) through a real gateway: each
+/// ticket gets its answer, a refusal comes back as `RequestFailed` with the
+/// server's code, and a bad token is refused before anything is sent.
+#[test]
+fn push_token_and_mutes_round_trip_through_the_gateway() {
+    let stack = Stack::start(|_| {});
+    let (alice, ra) = stack.login("alice", "phone");
+    ra.wait_connected(1);
+    let answer = |ticket: u64| {
+        ra.wait("the answer to a push request", T, |e| {
+            e.iter().any(|e| match e {
+                ClientEvent::PushTokenRegistered { ticket: t, .. }
+                | ClientEvent::PushTokenUnregistered { ticket: t, .. }
+                | ClientEvent::MuteChanged { ticket: t, .. }
+                | ClientEvent::RequestFailed { ticket: t, .. } => *t == ticket,
+                _ => false,
+            })
+        });
+        ra.snapshot()
+            .into_iter()
+            .map(|(_, e)| e)
+            .find(|e| match e {
+                ClientEvent::PushTokenRegistered { ticket: t, .. }
+                | ClientEvent::PushTokenUnregistered { ticket: t, .. }
+                | ClientEvent::MuteChanged { ticket: t, .. }
+                | ClientEvent::RequestFailed { ticket: t, .. } => *t == ticket,
+                _ => false,
+            })
+            .unwrap()
+    };
+
+    let t = alice
+        .register_apns_token(vec![0xab; 32], true, "com.example.chat".into(), None)
+        .unwrap();
+    let ClientEvent::PushTokenRegistered { registered_ms, .. } = answer(t) else {
+        panic!("{:?}", answer(t))
+    };
+    assert!(registered_ms > 0);
+    let t = alice
+        .register_fcm_token("fcm:APA91b-token".into(), Some("de-CH".into()))
+        .unwrap();
+    assert!(matches!(answer(t), ClientEvent::PushTokenRegistered { .. }));
+    // Checked locally: an APNs registration needs its topic.
+    assert!(matches!(
+        alice.register_apns_token(vec![1; 32], false, String::new(), None),
+        Err(palaver_client::ClientError::InvalidArgument { .. })
+    ));
+
+    let conv = dm("alice", "bob");
+    let t = alice.mute_conversation(conv.clone(), None).unwrap();
+    assert_eq!(
+        answer(t),
+        ClientEvent::MuteChanged {
+            ticket: t,
+            conversation_id: conv.clone(),
+            muted_until_ms: 0,
+            forever: true,
+        }
+    );
+    // A time in the past: the server refuses it (INVALID_ARGUMENT).
+    let t = alice.mute_conversation(conv.clone(), Some(1_000)).unwrap();
+    match answer(t) {
+        ClientEvent::RequestFailed {
+            error: Some(error), ..
+        } => assert_eq!(error.raw_code, 2000, "{error:?}"),
+        other => panic!("{other:?}"),
+    }
+    // Not a member: FORBIDDEN.
+    let t = alice.mute_conversation(dm("bob", "carol"), None).unwrap();
+    match answer(t) {
+        ClientEvent::RequestFailed {
+            error: Some(error), ..
+        } => assert_eq!(error.raw_code, 2003, "{error:?}"),
+        other => panic!("{other:?}"),
+    }
+    let t = alice.unmute_conversation(conv.clone()).unwrap();
+    assert!(matches!(
+        answer(t),
+        ClientEvent::MuteChanged {
+            forever: false,
+            muted_until_ms: 0,
+            ..
+        }
+    ));
+
+    for was in [true, false] {
+        let t = alice.unregister_push_token().unwrap();
+        assert_eq!(
+            answer(t),
+            ClientEvent::PushTokenUnregistered {
+                ticket: t,
+                was_registered: was,
+            }
+        );
+    }
+    alice.shutdown();
 }

@@ -38,6 +38,7 @@ fn gateway(id: &str, dir: &WorkDir, kafka: &Kafka, redis: &Redis) -> GatewayHand
     config.backend = BackendConfig::Kafka {
         brokers: kafka.bootstrap(),
         redis: redis.url(),
+        cassandra: None,
     };
     let bridge = Arc::new(KafkaRedisBridge::new(BridgeConfig::new(
         kafka.bootstrap(),

@@ -57,6 +57,7 @@ fn main() {
     config.backend = BackendConfig::Kafka {
         brokers: kafka.bootstrap(),
         redis: redis.url(),
+        cassandra: None,
     };
     let bridge = Arc::new(KafkaRedisBridge::new(BridgeConfig::new(
         kafka.bootstrap(),

@@ -24,7 +24,8 @@ pub struct Config {
     pub admin: Option<SocketAddr>,
     /// Core threads; 0 = one per available CPU.
     pub cores: usize,
-    /// Where dev certificates and the dev JWT key live.
+    /// Where dev certificates, the dev JWT key and the embedded engine's
+    /// durable store (`store/`) live.
     pub data_dir: PathBuf,
     /// Listen backlog per core listener.
     pub backlog: u32,
@@ -35,6 +36,9 @@ pub struct Config {
     pub backend: BackendConfig,
     /// Tuning of the Kafka/Redis bridge (`[backend] kind = "kafka"` only).
     pub bridge: BridgeTuning,
+    /// The push worker in-process (`[backend] kind = "embedded"` only;
+    /// with Kafka, `palaver-push` sends the pushes).
+    pub push: PushConfig,
     /// Whose presence and last seen a user may see (SPEC §10):
     /// `shared_conversation` (default) or `everyone`.
     #[serde(deserialize_with = "from_str")]
@@ -255,19 +259,53 @@ impl Default for DrainConfig {
     }
 }
 
+/// `[push]`: the embedded engine's in-process push worker
+/// (`palaver_push::embedded`): the same decisions and provider clients as
+/// `palaver-push`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PushConfig {
+    /// The providers' credentials: the TOML file `palaver-push
+    /// --providers` reads (`[apns]` key_file, key_id, team_id; `[fcm]`
+    /// service_account_file). Absent: nothing is sent and the push events
+    /// are only counted; a file with neither section: the pushes that
+    /// would have been sent are counted.
+    pub providers: Option<PathBuf>,
+    /// What a push shows: `id-only` (conversation and seq, no body; the
+    /// default) or `preview` (the sender and the kind of content; never
+    /// the body).
+    pub content: Option<String>,
+    /// Push events the engine queues for the push thread at most; more are
+    /// dropped and counted (the engine never waits). 0: 10,000.
+    pub queue: usize,
+}
+
 /// Which chat backend serves requests.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum BackendConfig {
-    /// Router logic in-process with an in-memory bus and store.
+    /// Router logic in-process with an in-memory bus; state in a durable
+    /// store in `data_dir/store/` (or in memory with `durable = false`).
     Embedded {
         /// Run the engine on a thread of its own (every message crosses
         /// two threads) instead of on core 0's loop (no hop for core 0's
         /// connections). With few CPUs and a high message rate the own
         /// thread balances better: hosted, core 0 carries the whole engine
-        /// besides its share of the connections.
+        /// besides its share of the connections. The durable engine always
+        /// has its own thread (its commits' fsync must not hold core 0).
         #[serde(default)]
         engine_thread: bool,
+        /// Keep messages, seqs, conversations, members, receipts, dedup,
+        /// push marks and quotas on disk (`data_dir/store/palaver.redb`,
+        /// one fsync'd commit per engine turn, before its acks): a restart
+        /// or a crash loses no acknowledged message. `false`: in memory
+        /// only, gone at exit (tests, benchmarks).
+        #[serde(default = "yes")]
+        durable: bool,
+        /// Durable store: messages older than this many days are deleted
+        /// (0 = kept forever).
+        #[serde(default = "default_retention_days")]
+        retention_days: u32,
     },
     /// The router tier: writes through Kafka, state in Redis
     /// (`palaver_router::bridge`).
@@ -276,13 +314,43 @@ pub enum BackendConfig {
         brokers: String,
         /// `redis://host:port/` or `redis+cluster://host:port,host:port,...`.
         redis: String,
+        /// The router tier's history archive, Cassandra `host:port[,...]`
+        /// (as the routers' `--cassandra`): History and Sync below the
+        /// Redis window are read from it. Absent: the window is all.
+        #[serde(default)]
+        cassandra: Option<String>,
     },
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Five years.
+pub const DEFAULT_RETENTION_DAYS: u32 = 1826;
+
+fn default_retention_days() -> u32 {
+    DEFAULT_RETENTION_DAYS
+}
+
+impl BackendConfig {
+    /// The embedded engine in memory only (nothing on disk): for tests and
+    /// benchmarks that want it.
+    pub fn ephemeral() -> Self {
+        BackendConfig::Embedded {
+            engine_thread: false,
+            durable: false,
+            retention_days: DEFAULT_RETENTION_DAYS,
+        }
+    }
 }
 
 impl Default for BackendConfig {
     fn default() -> Self {
         BackendConfig::Embedded {
             engine_thread: false,
+            durable: true,
+            retention_days: DEFAULT_RETENTION_DAYS,
         }
     }
 }
@@ -321,6 +389,7 @@ impl Default for Config {
             drain: DrainConfig::default(),
             backend: BackendConfig::default(),
             bridge: BridgeTuning::default(),
+            push: PushConfig::default(),
             presence_visibility: palaver_router::PresenceVisibility::default(),
         }
     }
@@ -478,6 +547,17 @@ impl Config {
                 "give both a certificate and a key, or neither (dev certificate)",
             ));
         }
+        if let Some(content) = &self.push.content {
+            if let Err(e) = content.parse::<palaver_push::dispatch::ContentPolicy>() {
+                return Err(bad("push.content", &e));
+            }
+        }
+        if self.push.providers.is_some() && matches!(self.backend, BackendConfig::Kafka { .. }) {
+            return Err(bad(
+                "push.providers",
+                "the in-process push worker is the embedded engine's; with [backend] kind = \"kafka\" run palaver-push --providers instead",
+            ));
+        }
         if l.max_frame_bytes < 256 {
             return Err(bad("limits.max_frame_bytes", "must be at least 256"));
         }
@@ -633,20 +713,37 @@ mod tests {
         let err = Config::from_toml_str("[limits]\nheartbeat_ms = 1\n").unwrap_err();
         assert!(err.to_string().contains("heartbeat_ms"), "{err}");
         let c = Config::from_toml_str("[backend]\nkind = \"embedded\"\n").unwrap();
+        assert_eq!(c.backend, BackendConfig::default(), "durable by default");
+        assert!(matches!(
+            c.backend,
+            BackendConfig::Embedded {
+                durable: true,
+                retention_days: 1826,
+                ..
+            }
+        ));
+        let c = Config::from_toml_str(
+            "[backend]\nkind = \"embedded\"\nengine_thread = true\ndurable = false\n",
+        )
+        .unwrap();
         assert_eq!(
             c.backend,
             BackendConfig::Embedded {
-                engine_thread: false
+                engine_thread: true,
+                durable: false,
+                retention_days: 1826,
             }
         );
-        let c = Config::from_toml_str("[backend]\nkind = \"embedded\"\nengine_thread = true\n")
-            .unwrap();
-        assert_eq!(
+        let c =
+            Config::from_toml_str("[backend]\nkind = \"embedded\"\nretention_days = 30\n").unwrap();
+        assert!(matches!(
             c.backend,
             BackendConfig::Embedded {
-                engine_thread: true
+                durable: true,
+                retention_days: 30,
+                ..
             }
-        );
+        ));
     }
 
     #[test]

@@ -37,4 +37,4 @@ pub mod tls_io;
 pub use palaver_credentials::{auth, devcerts};
 
 pub use config::Config;
-pub use server::{build_backend, GatewayHandle};
+pub use server::{build_backend, build_backend_with_push, try_build_backend, GatewayHandle};

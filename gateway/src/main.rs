@@ -12,7 +12,7 @@ use std::time::Duration;
 use clap::Parser;
 use palaver_gateway::config::{Config, DEFAULT_DATA_DIR};
 use palaver_gateway::server::describe_backend;
-use palaver_gateway::{build_backend, GatewayHandle};
+use palaver_gateway::{build_backend_with_push, GatewayHandle};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 /// Palaver gateway: holds phones' TLS connections and serves the chat
@@ -38,7 +38,8 @@ struct Args {
     /// Gateway id, unique per process among gateways sharing a backend. [default: <hostname>-<pid>]
     #[arg(long, env = "PALAVER_GATEWAY_ID")]
     gateway_id: Option<String>,
-    /// Directory for the dev certificate and dev JWT secret (created and reused). [default: .palaver]
+    /// Directory for the dev certificate, the dev JWT secret and the embedded
+    /// engine's durable store (store/; created and reused). [default: .palaver]
     #[arg(long, env = "PALAVER_DATA_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
     /// Listen backlog per core listener. [default: 4096]
@@ -152,8 +153,20 @@ struct Args {
     presence_visibility: Option<palaver_router::PresenceVisibility>,
     /// Embedded engine: run it on a thread of its own instead of on core 0
     /// (`[backend] engine_thread`; see `palaver-gateway` README, threading).
+    /// The durable engine always has its own thread.
     #[arg(long, env = "PALAVER_ENGINE_THREAD")]
     engine_thread: bool,
+    /// Embedded engine: keep everything in memory only, lost at exit (tests,
+    /// benchmarks; `[backend] durable = false`). Without it the engine keeps
+    /// messages, seqs, conversations, members, receipts, dedup, push marks and
+    /// quotas in DATA_DIR/store/, committed to disk (fsync) before any
+    /// SendAck: a restart or a crash loses no acknowledged message.
+    #[arg(long, env = "PALAVER_EPHEMERAL")]
+    ephemeral: bool,
+    /// Embedded engine, durable store: delete messages older than this many
+    /// days, 0 = never (`[backend] retention_days`). [default: 1826]
+    #[arg(long, env = "PALAVER_RETENTION_DAYS")]
+    retention_days: Option<u32>,
     /// Log filter (tracing env-filter syntax). [default: info]
     #[arg(long, env = "PALAVER_LOG")]
     log: Option<String>,
@@ -203,14 +216,22 @@ impl Args {
             reconnect_jitter_ms => drain.reconnect_jitter_ms,
             presence_visibility => presence_visibility,
         );
-        if self.engine_thread {
+        if self.engine_thread || self.ephemeral || self.retention_days.is_some() {
             match &mut c.backend {
-                palaver_gateway::config::BackendConfig::Embedded { engine_thread } => {
-                    *engine_thread = true
+                palaver_gateway::config::BackendConfig::Embedded {
+                    engine_thread,
+                    durable,
+                    retention_days,
+                } => {
+                    *engine_thread |= self.engine_thread;
+                    *durable &= !self.ephemeral;
+                    if let Some(days) = self.retention_days {
+                        *retention_days = days;
+                    }
                 }
-                palaver_gateway::config::BackendConfig::Kafka { .. } => {
-                    anyhow::bail!("--engine-thread: only for the embedded engine")
-                }
+                palaver_gateway::config::BackendConfig::Kafka { .. } => anyhow::bail!(
+                    "--engine-thread, --ephemeral, --retention-days: only for the embedded engine"
+                ),
             }
         }
         if self.admin.is_some() {
@@ -258,8 +279,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     let config = args.into_config()?;
     // Before start, which waits for the backend: say what it is waiting for.
     tracing::info!("starting with backend: {}", describe_backend(&config));
-    let backend = build_backend(&config);
+    let (backend, push) = build_backend_with_push(&config)?;
     let gw = GatewayHandle::start(config, backend)?;
+    if let Some(push) = push {
+        gw.report_push(push);
+    }
     let cfg = gw.config();
     println!(
         "palaver-gateway {} listening on {} ({} core threads)",
@@ -398,6 +422,10 @@ mod tests {
             ("--backlog", d.backlog.to_string()),
             ("--jwt-leeway-s", d.auth.leeway_s.to_string()),
             ("--presence-visibility", d.presence_visibility.to_string()),
+            (
+                "--retention-days",
+                palaver_gateway::config::DEFAULT_RETENTION_DAYS.to_string(),
+            ),
         ] {
             let at = help.find(flag).unwrap_or_else(|| panic!("{flag} missing"));
             let section = &help[at..];

@@ -78,6 +78,9 @@ pub struct GlobalMetrics {
     pub tls_reloads_ok: AtomicU64,
     pub tls_reloads_failed: AtomicU64,
     pub draining: AtomicU64,
+    /// The embedded engine's in-process push worker, when `[push]` started
+    /// one ([`crate::GatewayHandle::report_push`]).
+    pub push: std::sync::OnceLock<palaver_push::embedded::EmbeddedPushHandle>,
 }
 
 /// (name, type, help, read) of a one-value-per-core metric.
@@ -281,7 +284,81 @@ pub fn render(
     ] {
         let _ = writeln!(out, "# TYPE {name} {kind}\n{name}{{gateway=\"{gw}\"}} {v}");
     }
+    if let Some(push) = global.push.get() {
+        render_push(&mut out, gw, &push.stats());
+    }
     out
+}
+
+/// The in-process push worker's counters (`palaver_push::dispatch::PushStats`).
+fn render_push(out: &mut String, gw: &str, s: &palaver_push::dispatch::PushStats) {
+    for (name, help, v) in [
+        (
+            "palaver_push_events_total",
+            "Push events the push thread took.",
+            s.events,
+        ),
+        (
+            "palaver_push_coalesced_total",
+            "Push events merged into another of the same conversation.",
+            s.coalesced,
+        ),
+        (
+            "palaver_push_sent_total",
+            "Pushes the provider accepted.",
+            s.pushed,
+        ),
+        (
+            "palaver_push_skipped_online_total",
+            "Registrations not pushed: device online.",
+            s.skipped_online,
+        ),
+        (
+            "palaver_push_skipped_muted_total",
+            "Push events not pushed: conversation muted.",
+            s.skipped_muted,
+        ),
+        (
+            "palaver_push_skipped_read_total",
+            "Push events not pushed: read on another device.",
+            s.skipped_read,
+        ),
+        (
+            "palaver_push_tokens_invalidated_total",
+            "Dead tokens handed back to the engine (APNs 410, FCM UNREGISTERED).",
+            s.invalidated,
+        ),
+        (
+            "palaver_push_failed_total",
+            "Pushes that can never succeed (dropped, logged).",
+            s.dead_lettered,
+        ),
+        (
+            "palaver_push_retries_total",
+            "Batches tried again after a transient failure.",
+            s.replays,
+        ),
+        (
+            "palaver_push_no_provider_total",
+            "Pushes not sent for want of credentials: what would have been sent.",
+            s.no_provider,
+        ),
+        (
+            "palaver_push_queue_full_total",
+            "Push events dropped: the push thread's queue was full.",
+            s.queue_full,
+        ),
+        (
+            "palaver_push_abandoned_total",
+            "Push events given up on after the retries.",
+            s.abandoned,
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{gateway=\"{gw}\"}} {v}"
+        );
+    }
 }
 
 #[cfg(test)]

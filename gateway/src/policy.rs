@@ -51,6 +51,8 @@ pub fn request_cost(body: &Body) -> u32 {
         Body::PresenceSubscribe(s) => 1 + s.user_ids.len() as u32 / 50,
         Body::Sync(_) | Body::History(_) => 5,
         Body::CreateConversation(_) | Body::ChangeMembers(_) => 10,
+        // Stored writes a client makes rarely (SPEC §13, §20).
+        Body::RegisterPushToken(_) | Body::UnregisterPushToken(_) | Body::MuteConversation(_) => 10,
         _ => 1,
     }
 }
@@ -520,6 +522,9 @@ mod tests {
         });
         assert_eq!(request_cost(&q), 21);
         assert!(BodyKind::of(&q).expects_response());
+        let mute = Body::MuteConversation(pb::MuteConversation::default());
+        assert_eq!(request_cost(&mute), 10);
+        assert!(BodyKind::of(&mute).expects_response());
         assert!(!BodyKind::of(&typing("a", true)).expects_response());
     }
 

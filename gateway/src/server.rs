@@ -229,6 +229,12 @@ impl GatewayHandle {
         })
     }
 
+    /// Adds the in-process push worker's counters to `/metrics` (the handle
+    /// [`build_backend_with_push`] returned; the first one given stays).
+    pub fn report_push(&self, push: palaver_push::embedded::EmbeddedPushHandle) {
+        let _ = self.global.push.set(push);
+    }
+
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.as_ref().map(AdminServer::local_addr)
     }
@@ -315,10 +321,94 @@ impl Drop for GatewayHandle {
 }
 
 /// The backend the config asks for.
+///
+/// # Panics
+/// When the durable store cannot be opened (tests; `palaver-gateway` uses
+/// [`try_build_backend`] and prints the reason).
 pub fn build_backend(config: &Config) -> Arc<dyn Backend> {
-    match &config.backend {
-        crate::config::BackendConfig::Kafka { brokers, redis } => {
+    match try_build_backend(config) {
+        Ok(backend) => backend,
+        Err(e) => panic!("building the backend: {e:#}"),
+    }
+}
+
+/// Where the embedded engine's durable store lives under the data dir.
+pub fn store_dir(config: &Config) -> std::path::PathBuf {
+    config.data_dir.join("store")
+}
+
+/// The backend the config asks for; fails only when the embedded engine's
+/// durable store cannot be opened, or `[push]`'s providers file cannot be
+/// used (the error names the file and what to do).
+pub fn try_build_backend(config: &Config) -> anyhow::Result<Arc<dyn Backend>> {
+    Ok(build_backend_with_push(config)?.0)
+}
+
+/// The in-process push worker `[push]` asks for, started: the engine's push
+/// sink and a handle on its counters. None without `[push] providers`
+/// (then the engine's default sink counts the push events).
+fn embedded_push(
+    config: &Config,
+) -> anyhow::Result<
+    Option<(
+        palaver_push::embedded::EmbeddedPush,
+        palaver_push::embedded::EmbeddedPushHandle,
+    )>,
+> {
+    use anyhow::Context as _;
+    let Some(path) = &config.push.providers else {
+        tracing::info!(
+            "push: no [push] providers configured: push events are counted, not sent \
+             (give [push] providers = \"push.toml\" with the APNs/FCM credentials)"
+        );
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("push.providers: cannot read {}", path.display()))?;
+    let providers: palaver_push::ProvidersConfig = toml::from_str(&text).with_context(|| {
+        format!(
+            "push.providers: {} is not a providers file ([apns] key_file, key_id, team_id; \
+             [fcm] service_account_file)",
+            path.display()
+        )
+    })?;
+    let mut push = palaver_push::embedded::EmbeddedPushConfig::default();
+    if let Some(content) = &config.push.content {
+        push.content = content
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("push.content: {e}"))?;
+    }
+    if config.push.queue > 0 {
+        push.queue_capacity = config.push.queue;
+    }
+    let started = palaver_push::embedded::EmbeddedPush::start(&providers, push)
+        .with_context(|| format!("push.providers: {}", path.display()))?;
+    Ok(Some(started))
+}
+
+/// [`try_build_backend`], with a handle on the in-process push worker's
+/// counters when `[push]` started one.
+pub fn build_backend_with_push(
+    config: &Config,
+) -> anyhow::Result<(
+    Arc<dyn Backend>,
+    Option<palaver_push::embedded::EmbeddedPushHandle>,
+)> {
+    let mut push_handle = None;
+    let backend: Arc<dyn Backend> = match &config.backend {
+        crate::config::BackendConfig::Kafka {
+            brokers,
+            redis,
+            cassandra,
+        } => {
             use palaver_router::bridge::KafkaRedisBridge;
+            let archive = match cassandra {
+                None => None,
+                Some(nodes) => Some(palaver_archive::ArchiveConfig::new(
+                    palaver_archive::ArchiveConfig::parse_nodes(nodes)
+                        .map_err(|e| anyhow::anyhow!("[backend] cassandra: {e}"))?,
+                )),
+            };
             let tuned = (config.bridge != crate::config::BridgeTuning::default())
                 .then(|| bridge_config(brokers, redis, &config.bridge))
                 .flatten();
@@ -330,11 +420,16 @@ pub fn build_backend(config: &Config) -> Arc<dyn Backend> {
             };
             Arc::new(
                 bridge
+                    .with_archive(archive)
                     .with_presence_visibility(config.presence_visibility)
                     .with_max_connections_per_account(config.limits.max_connections_per_account),
             )
         }
-        crate::config::BackendConfig::Embedded { engine_thread } => {
+        crate::config::BackendConfig::Embedded {
+            engine_thread,
+            durable,
+            retention_days,
+        } => {
             let l = &config.limits;
             let mut router = palaver_router::RouterConfig::default();
             router.max_group_members = l.max_group_members as usize;
@@ -344,19 +439,63 @@ pub fn build_backend(config: &Config) -> Arc<dyn Backend> {
             router.presence_visibility = config.presence_visibility;
             router.account_bytes_per_day = l.account_bytes_per_day;
             router.conversation_bytes_per_day = l.conversation_bytes_per_day;
-            let config = palaver_router::EmbeddedConfig {
+            let engine_config = palaver_router::EmbeddedConfig {
                 router,
                 ..Default::default()
             };
-            if *engine_thread {
-                Arc::new(palaver_router::EmbeddedEngine::new(config))
+            let push = embedded_push(config)?;
+            let clock =
+                || -> Arc<dyn palaver_router::Clock> { Arc::new(palaver_router::SystemClock) };
+            if *durable {
+                // A turn is one commit (a few fsyncs, ~10-30 ms on a VM
+                // disk): under load, larger turns share it among more
+                // messages, so the rate is not capped at 512 per commit.
+                let engine_config = palaver_router::EmbeddedConfig {
+                    max_commands_per_flush: 4096,
+                    ..engine_config
+                };
+                let disk = palaver_router::disk::DiskConfig {
+                    retention_days: *retention_days,
+                    ..Default::default()
+                };
+                let store = palaver_router::disk::DiskStore::open(&store_dir(config), &disk)?;
+                // Its own thread always: a turn's fsync must not hold a
+                // core's event loop.
+                match push {
+                    None => Arc::new(palaver_router::EmbeddedEngine::durable(
+                        engine_config,
+                        store,
+                    )),
+                    Some((sink, handle)) => {
+                        push_handle = Some(handle);
+                        Arc::new(palaver_router::EmbeddedEngine::with_store(
+                            store,
+                            engine_config,
+                            clock(),
+                            sink,
+                            true,
+                        ))
+                    }
+                }
+            } else if let Some((sink, handle)) = push {
+                push_handle = Some(handle);
+                Arc::new(palaver_router::EmbeddedEngine::with_store(
+                    palaver_router::MemoryStore::new(),
+                    engine_config,
+                    clock(),
+                    sink,
+                    *engine_thread,
+                ))
+            } else if *engine_thread {
+                Arc::new(palaver_router::EmbeddedEngine::new(engine_config))
             } else {
                 // Hosted: the engine runs on core 0 of the gateway that
                 // starts with it (no thread of its own, no hop for core 0).
-                Arc::new(palaver_router::EmbeddedEngine::hosted(config))
+                Arc::new(palaver_router::EmbeddedEngine::hosted(engine_config))
             }
         }
-    }
+    };
+    Ok((backend, push_handle))
 }
 
 /// The bridge's settings with `[bridge]`'s overrides; None if the Redis
@@ -388,15 +527,29 @@ fn bridge_config(
 /// banner and logs. Credentials in a Redis URL (`user:password@`) are left out.
 pub fn describe_backend(config: &Config) -> String {
     match &config.backend {
-        crate::config::BackendConfig::Embedded { engine_thread } => format!(
-            "embedded engine (in-process router, in-memory bus and store, {})",
+        crate::config::BackendConfig::Embedded {
+            durable: true,
+            retention_days,
+            ..
+        } => format!(
+            "embedded engine (in-process router on its own thread, durable store in {}, \
+             messages kept {})",
+            store_dir(config).display(),
+            match retention_days {
+                0 => "forever".to_string(),
+                days => format!("{days} days"),
+            }
+        ),
+        crate::config::BackendConfig::Embedded { engine_thread, .. } => format!(
+            "embedded engine (in-process router, in-memory bus and store: nothing kept \
+             after exit, {})",
             if *engine_thread {
                 "on its own thread"
             } else {
                 "on core 0"
             }
         ),
-        crate::config::BackendConfig::Kafka { brokers, redis } => {
+        crate::config::BackendConfig::Kafka { brokers, redis, .. } => {
             format!(
                 "Kafka/Redis backend (Kafka {brokers}, Redis {})",
                 without_userinfo(redis)
@@ -432,6 +585,7 @@ mod tests {
             backend: crate::config::BackendConfig::Kafka {
                 brokers: "127.0.0.1:9092".into(),
                 redis: "redis://:s3cret@127.0.0.1:6379/".into(),
+                cassandra: None,
             },
             ..Config::default()
         };

@@ -51,11 +51,15 @@ fn send_and_ack(c: &mut Client, conv: &str, text: &str) -> pb::SendAck {
     chat::send_reliably(c, conv, text, T)
 }
 
-/// `--cores 1`: the embedded engine runs on the only core, so every
-/// message of the suite is read, handled and delivered on one thread.
+/// `--cores 1 --ephemeral`: the in-memory engine runs on the only core, so
+/// every message of the suite is read, handled and delivered on one thread.
+/// (The tests below run on the default, durable engine.)
 #[test]
 fn the_chat_suite_on_one_core() {
-    chat::run_all(&start(|c| c.cores = 1));
+    chat::run_all(&start(|c| {
+        c.cores = 1;
+        c.backend = palaver_gateway::config::BackendConfig::ephemeral();
+    }));
 }
 
 /// `engine_thread = true`: the engine on a thread of its own, as before
@@ -65,6 +69,8 @@ fn the_chat_suite_with_the_engine_on_its_own_thread() {
     chat::run_all(&start(|c| {
         c.backend = palaver_gateway::config::BackendConfig::Embedded {
             engine_thread: true,
+            durable: false,
+            retention_days: 0,
         }
     }));
 }

@@ -1,5 +1,6 @@
 //! The embedded engine hosted on a gateway core thread (what
-//! `build_backend` runs: `EmbeddedEngine::hosted`, on core 0). With two
+//! `build_backend` runs for the in-memory engine, `durable = false`:
+//! `EmbeddedEngine::hosted`, on core 0; the durable one has its own thread). With two
 //! cores a message takes one of three paths: both connections on core 0
 //! (no thread hop), one on each core (one hop), both on core 1 (two hops:
 //! core 1 → core 0's engine → core 1). Each test places connections on
@@ -23,9 +24,11 @@ use palaver_router::{EmbeddedConfig, EmbeddedEngine};
 use palaver_testkit::chat::{self, deliver_of, next_deliver};
 use palaver_testkit::client::{new_client_msg_id, Client};
 
-/// One Send per connection is not enough here: lift the per-second limits
-/// (the connection's and its account's).
+/// The hosted (in-memory) engine, and one Send per connection is not
+/// enough here: lift the per-second limits (the connection's and its
+/// account's).
 fn lifted(c: &mut Config) {
+    c.backend = palaver_gateway::config::BackendConfig::ephemeral();
     c.limits.max_sends_per_second = 100_000;
     c.limits.max_account_sends_per_second = 100_000;
 }
@@ -351,6 +354,7 @@ fn overload_is_answered_unavailable_and_neighbours_carry_on() {
 #[test]
 fn drain_with_sessions_on_both_cores_finishes() {
     let t = start(|c| {
+        c.backend = palaver_gateway::config::BackendConfig::ephemeral();
         c.drain.reconnect_delay_ms = 0;
         c.drain.reconnect_jitter_ms = 0;
         c.drain.deadline_ms = 2000;

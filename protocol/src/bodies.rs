@@ -44,6 +44,12 @@ pub enum BodyKind {
     ConversationCreated,
     ChangeMembers,
     MembersChanged,
+    RegisterPushToken,
+    PushTokenRegistered,
+    UnregisterPushToken,
+    PushTokenUnregistered,
+    MuteConversation,
+    ConversationMuted,
 }
 
 /// Who sends a body.
@@ -146,7 +152,7 @@ pub const NO_BODY_NAME: &str = "none";
 
 impl BodyKind {
     /// Every kind, in schema (and metric index) order.
-    pub const ALL: [BodyKind; 24] = [
+    pub const ALL: [BodyKind; 30] = [
         BodyKind::Hello,
         BodyKind::Welcome,
         BodyKind::Ping,
@@ -171,6 +177,12 @@ impl BodyKind {
         BodyKind::ConversationCreated,
         BodyKind::ChangeMembers,
         BodyKind::MembersChanged,
+        BodyKind::RegisterPushToken,
+        BodyKind::PushTokenRegistered,
+        BodyKind::UnregisterPushToken,
+        BodyKind::PushTokenUnregistered,
+        BodyKind::MuteConversation,
+        BodyKind::ConversationMuted,
     ];
 
     /// The kind of a body.
@@ -200,6 +212,12 @@ impl BodyKind {
             Body::ConversationCreated(_) => BodyKind::ConversationCreated,
             Body::ChangeMembers(_) => BodyKind::ChangeMembers,
             Body::MembersChanged(_) => BodyKind::MembersChanged,
+            Body::RegisterPushToken(_) => BodyKind::RegisterPushToken,
+            Body::PushTokenRegistered(_) => BodyKind::PushTokenRegistered,
+            Body::UnregisterPushToken(_) => BodyKind::UnregisterPushToken,
+            Body::PushTokenUnregistered(_) => BodyKind::PushTokenUnregistered,
+            Body::MuteConversation(_) => BodyKind::MuteConversation,
+            Body::ConversationMuted(_) => BodyKind::ConversationMuted,
         }
     }
 
@@ -235,6 +253,12 @@ impl BodyKind {
             BodyKind::ConversationCreated => const { &row("conversation_created", "ConversationCreated", 51, S2C, None, None, WithRequestId) },
             BodyKind::ChangeMembers => const { &row("change_members", "ChangeMembers", 52, C2S, Some(Write), Some(BodyKind::MembersChanged), NO) },
             BodyKind::MembersChanged => const { &row("members_changed", "MembersChanged", 53, S2C, None, None, WithRequestId) },
+            BodyKind::RegisterPushToken => const { &row("register_push_token", "RegisterPushToken", 60, C2S, Some(Write), Some(BodyKind::PushTokenRegistered), NO) },
+            BodyKind::PushTokenRegistered => const { &row("push_token_registered", "PushTokenRegistered", 61, S2C, None, None, Always) },
+            BodyKind::UnregisterPushToken => const { &row("unregister_push_token", "UnregisterPushToken", 62, C2S, Some(Write), Some(BodyKind::PushTokenUnregistered), NO) },
+            BodyKind::PushTokenUnregistered => const { &row("push_token_unregistered", "PushTokenUnregistered", 63, S2C, None, None, Always) },
+            BodyKind::MuteConversation => const { &row("mute_conversation", "MuteConversation", 64, C2S, Some(Write), Some(BodyKind::ConversationMuted), NO) },
+            BodyKind::ConversationMuted => const { &row("conversation_muted", "ConversationMuted", 65, S2C, None, None, Always) },
         }
     }
 
@@ -265,6 +289,12 @@ impl BodyKind {
             BodyKind::ConversationCreated => Body::ConversationCreated(Default::default()),
             BodyKind::ChangeMembers => Body::ChangeMembers(Default::default()),
             BodyKind::MembersChanged => Body::MembersChanged(Default::default()),
+            BodyKind::RegisterPushToken => Body::RegisterPushToken(Default::default()),
+            BodyKind::PushTokenRegistered => Body::PushTokenRegistered(Default::default()),
+            BodyKind::UnregisterPushToken => Body::UnregisterPushToken(Default::default()),
+            BodyKind::PushTokenUnregistered => Body::PushTokenUnregistered(Default::default()),
+            BodyKind::MuteConversation => Body::MuteConversation(Default::default()),
+            BodyKind::ConversationMuted => Body::ConversationMuted(Default::default()),
         }
     }
 
@@ -278,7 +308,7 @@ impl BodyKind {
         self.info().message
     }
 
-    /// Dense index for per-kind counters, 1..=24 (0: no body).
+    /// Dense index for per-kind counters, 1..=30 (0: no body).
     pub const fn metric_index(self) -> usize {
         self as usize
     }
@@ -353,6 +383,7 @@ pub fn conversation_of(body: &Body) -> Option<&str> {
         Body::Typing(b) => Some(&b.conversation_id),
         Body::History(b) => Some(&b.conversation_id),
         Body::ChangeMembers(b) => Some(&b.conversation_id),
+        Body::MuteConversation(b) => Some(&b.conversation_id),
         Body::Hello(_)
         | Body::Welcome(_)
         | Body::Ping(_)
@@ -371,7 +402,12 @@ pub fn conversation_of(body: &Body) -> Option<&str> {
         | Body::HistoryPage(_)
         | Body::CreateConversation(_)
         | Body::ConversationCreated(_)
-        | Body::MembersChanged(_) => None,
+        | Body::MembersChanged(_)
+        | Body::RegisterPushToken(_)
+        | Body::PushTokenRegistered(_)
+        | Body::UnregisterPushToken(_)
+        | Body::PushTokenUnregistered(_)
+        | Body::ConversationMuted(_) => None,
     }
 }
 

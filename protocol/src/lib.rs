@@ -10,6 +10,7 @@
 pub mod bodies;
 pub mod codec;
 pub mod limits;
+pub mod push;
 pub mod state;
 
 pub use bodies::{BodyInfo, BodyKind, Direction, Route};

@@ -81,6 +81,8 @@ impl Limits {
             max_connections_per_account: self.max_connections_per_account,
             max_account_sends_per_second: self.max_account_sends_per_second,
             max_account_requests_per_second: self.max_account_requests_per_second,
+            // Announces the push requests (SPEC §20); the bound is fixed.
+            max_push_token_bytes: crate::push::MAX_PUSH_TOKEN_BYTES as u32,
         }
     }
 }
@@ -113,6 +115,7 @@ mod tests {
         assert_eq!(p.max_frame_bytes, 65536);
         assert_eq!(p.max_requests_per_second, 100);
         assert_eq!(p.max_requests_in_flight, 64);
+        assert_eq!(p.max_push_token_bytes, 1024);
         assert_eq!(heartbeat_timeout_ms(15_000), 37_500);
     }
 }

@@ -126,7 +126,7 @@ fn session_body() -> impl Strategy<Value = Body> {
             ),
         (
             (any::<u32>(), text(), text(), any::<u32>(), any::<i64>()),
-            proptest::option::of(any::<[u32; 10]>()),
+            proptest::option::of(any::<[u32; 11]>()),
         )
             .prop_map(|((v, session_id, user_id, hb, t), limits)| {
                 Body::Welcome(pb::Welcome {
@@ -145,6 +145,7 @@ fn session_body() -> impl Strategy<Value = Body> {
                         max_connections_per_account: l[7],
                         max_account_sends_per_second: l[8],
                         max_account_requests_per_second: l[9],
+                        max_push_token_bytes: l[10],
                     }),
                     server_time_ms: t,
                 })
@@ -247,13 +248,15 @@ fn other_body() -> impl Strategy<Value = Body> {
         (
             vec(message(), 0..3),
             vec(conversation(), 0..2),
-            any::<bool>()
+            any::<bool>(),
+            any::<u64>()
         )
-            .prop_map(|(messages, conversations, has_more)| {
+            .prop_map(|(messages, conversations, has_more, history_epoch)| {
                 Body::SyncBatch(pb::SyncBatch {
                     messages,
                     conversations,
                     has_more,
+                    history_epoch,
                 })
             }),
         (text(), any::<u64>(), any::<u32>()).prop_map(|(conversation_id, before_seq, limit)| {
@@ -263,12 +266,13 @@ fn other_body() -> impl Strategy<Value = Body> {
                 limit,
             })
         }),
-        (text(), vec(message(), 0..3), any::<bool>()).prop_map(
-            |(conversation_id, messages, has_more)| {
+        (text(), vec(message(), 0..3), any::<bool>(), any::<u64>()).prop_map(
+            |(conversation_id, messages, has_more, history_epoch)| {
                 Body::HistoryPage(pb::HistoryPage {
                     conversation_id,
                     messages,
                     has_more,
+                    history_epoch,
                 })
             }
         ),
@@ -303,10 +307,56 @@ fn other_body() -> impl Strategy<Value = Body> {
     ]
 }
 
+fn push_body() -> impl Strategy<Value = Body> {
+    prop_oneof![
+        (any::<i32>(), text(), any::<i32>(), text(), text()).prop_map(
+            |(platform, token, apns_environment, apns_topic, locale)| {
+                Body::RegisterPushToken(pb::RegisterPushToken {
+                    platform,
+                    token,
+                    apns_environment,
+                    apns_topic,
+                    locale,
+                })
+            }
+        ),
+        any::<i64>().prop_map(|registered_ms| {
+            Body::PushTokenRegistered(pb::PushTokenRegistered { registered_ms })
+        }),
+        Just(Body::UnregisterPushToken(pb::UnregisterPushToken {})),
+        any::<bool>().prop_map(|was_registered| {
+            Body::PushTokenUnregistered(pb::PushTokenUnregistered { was_registered })
+        }),
+        (text(), any::<i64>(), any::<bool>()).prop_map(
+            |(conversation_id, muted_until_ms, forever)| {
+                Body::MuteConversation(pb::MuteConversation {
+                    conversation_id,
+                    muted_until_ms,
+                    forever,
+                })
+            }
+        ),
+        (text(), any::<i64>(), any::<bool>()).prop_map(
+            |(conversation_id, muted_until_ms, forever)| {
+                Body::ConversationMuted(pb::ConversationMuted {
+                    conversation_id,
+                    muted_until_ms,
+                    forever,
+                })
+            }
+        ),
+    ]
+}
+
 fn any_frame() -> impl Strategy<Value = pb::Frame> {
     (
         any::<u32>(),
-        proptest::option::of(prop_oneof![session_body(), message_body(), other_body()]),
+        proptest::option::of(prop_oneof![
+            session_body(),
+            message_body(),
+            other_body(),
+            push_body()
+        ]),
     )
         .prop_map(|(request_id, body)| pb::Frame { request_id, body })
 }

@@ -8,10 +8,11 @@
 //! and applied through `crate::presence` (the embedded engine per engine
 //! batch, the bridge per flush interval).
 //!
-//! Out: an [`Output`] per request — frames addressed to connections, and push
-//! events for offline users — shipped by an [`Outlet`]: the gateways'
-//! `DeliverySink`s in the embedded engine, the per-gateway delivery topics and
-//! `palaver.push` in production.
+//! Out: an [`Output`] per request — frames addressed to connections, push
+//! events for offline users, and (with an archive) the messages stored —
+//! shipped by an [`Outlet`]: the gateways' `DeliverySink`s in the embedded
+//! engine, the per-gateway delivery topics, `palaver.push` and
+//! `palaver.stored` in production.
 //!
 //! [`Inbound`]: crate::api::Inbound
 //! [`Inbound::partition_key`]: crate::api::Inbound::partition_key
@@ -32,9 +33,11 @@ pub struct Addressed {
     pub answers_request: bool,
 }
 
-/// A user with no online device got a message: a push notification worker
-/// (APNs/FCM) should wake their phone. Coalesced: at most one per (user,
-/// conversation) until the user connects again or sends a Receipt for it.
+/// A user with a registered push device that is not online got a message
+/// (SPEC §20): a push worker (APNs/FCM) should wake those devices.
+/// Coalesced: at most one per (user, conversation) until the user connects
+/// again or sends a Receipt for it. Which devices to push is the worker's
+/// decision: the user's registrations minus `online_device_ids`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PushEvent {
     pub user_id: String,
@@ -44,6 +47,10 @@ pub struct PushEvent {
     pub sender_user_id: String,
     pub kind: i32,
     pub server_time_ms: i64,
+    /// The user's devices with a live session when the message was stored
+    /// (ascending; empty: none), which need no push. A phone asleep while a
+    /// desktop is online is not among them.
+    pub online_device_ids: Vec<String>,
 }
 
 /// Everything the router produced for one or more requests, in order.
@@ -51,11 +58,15 @@ pub struct PushEvent {
 pub struct Output {
     pub frames: Vec<Addressed>,
     pub pushes: Vec<PushEvent>,
+    /// Messages stored by these requests, for the archive (only with
+    /// `RouterConfig::archive_stream`): each carries its conversation id
+    /// and seq.
+    pub stored: Vec<pb::Message>,
 }
 
 impl Output {
     pub fn is_empty(&self) -> bool {
-        self.frames.is_empty() && self.pushes.is_empty()
+        self.frames.is_empty() && self.pushes.is_empty() && self.stored.is_empty()
     }
 
     /// Hand everything to `outlet`: the push events first (so whoever sees
@@ -65,6 +76,12 @@ impl Output {
     /// fails part way.
     pub fn flush(&mut self, outlet: &mut dyn Outlet) -> Result<(), BusError> {
         let mut result = Ok(());
+        if !self.stored.is_empty() {
+            let stored = std::mem::take(&mut self.stored);
+            if let Err(e) = outlet.archive(stored) {
+                result = Err(e);
+            }
+        }
         if !self.pushes.is_empty() {
             let pushes = std::mem::take(&mut self.pushes);
             if let Err(e) = outlet.push(pushes) {
@@ -149,6 +166,8 @@ pub trait Outlet {
     fn deliver(&mut self, gateway_id: &str, frames: Vec<Outbound>) -> Result<(), BusError>;
     /// Push events for offline users.
     fn push(&mut self, events: Vec<PushEvent>) -> Result<(), BusError>;
+    /// Messages just stored, for the archiver.
+    fn archive(&mut self, stored: Vec<pb::Message>) -> Result<(), BusError>;
 }
 
 #[cfg(test)]

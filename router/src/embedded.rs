@@ -28,14 +28,75 @@ use palaver_protocol::pb;
 
 use crate::api::{Backend, BackendError, BackendHost, DeliverySink, Inbound, Outbound, Session};
 use crate::bus::{group_by_gateway, Output, PushEvent};
+use crate::disk::DiskStore;
 use crate::logic::{Clock, Router, RouterConfig, SystemClock};
 use crate::memory::MemoryStore;
-use crate::store::SessionChange;
+use crate::store::{PushContext, SessionChange, Store, StoreResult};
 
-/// Where the embedded engine sends push events (there are no push workers
-/// in embedded mode).
+/// Where the embedded engine sends push events: the in-process push driver
+/// (`palaver_push::embedded`, when the gateway's `[push]` section names
+/// provider credentials) or the default [`LoggingPushSink`]. Called on the
+/// engine's thread at the end of a turn, after the turn's commit: it must
+/// not block (hand the events over a bounded queue, drop and count when
+/// full).
 pub trait PushSink: Send + 'static {
     fn push(&mut self, events: Vec<PushEvent>);
+
+    /// True for a sink that decides pushes itself: the engine then reads
+    /// each event's [`PushContext`] (tokens, mute, read mark, badge) from
+    /// its store, on its own thread where the store lives, and calls
+    /// [`PushSink::push_with_context`] instead of [`PushSink::push`].
+    fn wants_context(&self) -> bool {
+        false
+    }
+
+    /// The events with their contexts, read at the end of the turn (an
+    /// event whose context could not be read is logged and left out).
+    fn push_with_context(&mut self, events: Vec<(PushEvent, PushContext)>) {
+        self.push(events.into_iter().map(|(e, _)| e).collect());
+    }
+
+    /// Called once when the engine is built, with the way back into its
+    /// store (a provider reporting a token dead).
+    fn attach(&mut self, _engine: PushFeedback) {}
+}
+
+/// A push sink's way back into the embedded engine's store: queued to the
+/// engine's thread like a request and applied there, in order with the
+/// requests, inside a turn (so the durable store commits it). Cloneable;
+/// harmless once the engine is gone.
+#[derive(Clone)]
+pub struct PushFeedback {
+    jobs: Sender<Job>,
+    wake: Arc<OnceLock<Arc<dyn Fn() + Send + Sync>>>,
+}
+
+impl PushFeedback {
+    /// A provider said `token` of `user_id`'s `device_id` is dead since
+    /// `invalidated_ms`: the engine removes the registration unless it
+    /// changed or was renewed since ([`crate::store::PushStore::invalidate_push_token`]).
+    /// False when the engine is gone.
+    pub fn invalidate_push_token(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        token: &str,
+        invalidated_ms: i64,
+    ) -> bool {
+        let job = Job::InvalidatePushToken {
+            user_id: user_id.to_owned(),
+            device_id: device_id.to_owned(),
+            token: token.to_owned(),
+            invalidated_ms,
+        };
+        if self.jobs.send(job).is_err() {
+            return false;
+        }
+        if let Some(wake) = self.wake.get() {
+            wake();
+        }
+        true
+    }
 }
 
 /// Default push sink: counts push events and logs them at debug level.
@@ -62,6 +123,30 @@ impl PushSink for LoggingPushSink {
                 "push notification (embedded mode: not sent)"
             );
         }
+    }
+}
+
+/// A store the embedded engine runs on: the router's store traits, and the
+/// end of a turn. Every answer of a turn (SendAck, deliveries, any reply
+/// that reports a write) leaves only after [`EngineStore::end_turn`]
+/// returned Ok; on an error the turn's requests are all answered
+/// UNAVAILABLE instead and its other output is dropped.
+pub trait EngineStore: Store + Send + 'static {
+    /// Makes the turn's writes durable (group commit).
+    fn end_turn(&mut self) -> StoreResult<()>;
+}
+
+/// Ephemeral: nothing outlives the process, nothing to commit.
+impl EngineStore for MemoryStore {
+    fn end_turn(&mut self) -> StoreResult<()> {
+        Ok(())
+    }
+}
+
+/// Durable: one fsync'd commit per turn ([`DiskStore::commit`]).
+impl EngineStore for DiskStore {
+    fn end_turn(&mut self) -> StoreResult<()> {
+        self.commit()
     }
 }
 
@@ -113,6 +198,14 @@ enum Job {
     Session(SessionChange),
     /// Requests of one gateway core thread's turn, in order.
     Requests(Vec<Inbound>),
+    /// From the push sink ([`PushFeedback`]): a provider reported a token
+    /// dead.
+    InvalidatePushToken {
+        user_id: String,
+        device_id: String,
+        token: String,
+        invalidated_ms: i64,
+    },
     Stop,
 }
 
@@ -122,7 +215,7 @@ enum Mode {
     Threaded(Option<JoinHandle<()>>),
     /// On a host's loop: the worker waits here until a gateway takes it
     /// (`None` once taken or stopped).
-    Hosted(Option<Box<Worker>>),
+    Hosted(Option<Box<dyn Turns>>),
 }
 
 pub struct EmbeddedEngine {
@@ -134,7 +227,8 @@ pub struct EmbeddedEngine {
     mode: Arc<Mutex<Mode>>,
     /// Hosted mode: tells the host that work arrived (set by `take_host`;
     /// after the host stopped, a harmless call into its dead core's waker).
-    wake: OnceLock<Arc<dyn Fn() + Send + Sync>>,
+    /// Shared with the push sink's [`PushFeedback`].
+    wake: Arc<OnceLock<Arc<dyn Fn() + Send + Sync>>>,
     /// `shutdown` was called: `start` refuses from now on. Set under `mode`'s
     /// lock, so a host handing the worker back sees it.
     stopped: Arc<AtomicBool>,
@@ -186,18 +280,58 @@ impl EmbeddedEngine {
         Self::build(config, clock, Box::new(push_sink), false)
     }
 
+    /// A threaded engine on the durable store (`palaver-gateway`'s
+    /// default): its own thread, so the fsync of each turn never holds a
+    /// gateway core's event loop.
+    pub fn durable(config: EmbeddedConfig, store: DiskStore) -> Self {
+        Self::on_store(
+            store,
+            config,
+            Arc::new(SystemClock),
+            Box::new(LoggingPushSink::default()),
+            true,
+        )
+    }
+
+    /// An engine on any [`EngineStore`] (`threaded`: on its own thread,
+    /// else hosted), with an injected clock and push sink (tests).
+    pub fn with_store<S: EngineStore>(
+        store: S,
+        config: EmbeddedConfig,
+        clock: Arc<dyn Clock>,
+        push_sink: impl PushSink,
+        threaded: bool,
+    ) -> Self {
+        Self::on_store(store, config, clock, Box::new(push_sink), threaded)
+    }
+
     fn build(
         config: EmbeddedConfig,
         clock: Arc<dyn Clock>,
         push_sink: Box<dyn PushSink>,
         threaded: bool,
     ) -> Self {
+        Self::on_store(MemoryStore::new(), config, clock, push_sink, threaded)
+    }
+
+    fn on_store<S: EngineStore>(
+        store: S,
+        config: EmbeddedConfig,
+        clock: Arc<dyn Clock>,
+        mut push_sink: Box<dyn PushSink>,
+        threaded: bool,
+    ) -> Self {
         let (jobs, inbox) = crossbeam_channel::unbounded();
+        let wake: Arc<OnceLock<Arc<dyn Fn() + Send + Sync>>> = Arc::default();
+        push_sink.attach(PushFeedback {
+            jobs: jobs.clone(),
+            wake: wake.clone(),
+        });
         let sinks: Arc<Sinks> = Arc::default();
         let queued_requests = Arc::new(AtomicUsize::new(0));
         let dead_letters = Arc::new(AtomicU64::new(0));
         let worker = Worker {
-            router: Router::new(MemoryStore::new(), config.router, clock),
+            router: Router::new(store, config.router, clock),
             outlet: EmbeddedOutlet {
                 sinks: sinks.clone(),
                 seen_version: 0,
@@ -206,6 +340,7 @@ impl EmbeddedEngine {
                 push_sink,
             },
             requests: Vec::new(),
+            ran: 0,
             out: Output::default(),
             inbox,
             sessions: Vec::new(),
@@ -213,12 +348,13 @@ impl EmbeddedEngine {
             dead_letters: dead_letters.clone(),
             max_commands_per_flush: config.max_commands_per_flush.max(1),
         };
+        let worker: Box<dyn Turns> = Box::new(worker);
         let mode = if threaded {
             Mode::Threaded(Some(
-                spawn_worker(Box::new(worker)).expect("spawning the embedded router thread"),
+                spawn_worker(worker).expect("spawning the embedded router thread"),
             ))
         } else {
-            Mode::Hosted(Some(Box::new(worker)))
+            Mode::Hosted(Some(worker))
         };
         Self {
             jobs,
@@ -227,7 +363,7 @@ impl EmbeddedEngine {
             max_queued_requests: config.max_queued_requests,
             dead_letters,
             mode: Arc::new(Mutex::new(mode)),
-            wake: OnceLock::new(),
+            wake,
             stopped: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -368,16 +504,40 @@ impl Backend for EmbeddedEngine {
     }
 }
 
-fn spawn_worker(worker: Box<Worker>) -> std::io::Result<JoinHandle<()>> {
+fn spawn_worker(mut worker: Box<dyn Turns>) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("palaver-embedded-router".into())
-        .spawn(move || worker.run())
+        // The threaded mode: a turn whenever a job arrives.
+        .spawn(move || {
+            while let Ok(job) = worker.inbox().recv() {
+                if !worker.turn(job) {
+                    return;
+                }
+            }
+        })
+}
+
+/// A [`Worker`] on whichever store, as the modes hold it.
+trait Turns: Send {
+    /// One turn starting with `first`; false when the worker must stop.
+    fn turn(&mut self, first: Job) -> bool;
+    fn inbox(&self) -> &Receiver<Job>;
+}
+
+impl<S: EngineStore> Turns for Worker<S> {
+    fn turn(&mut self, first: Job) -> bool {
+        Worker::turn(self, first)
+    }
+
+    fn inbox(&self) -> &Receiver<Job> {
+        &self.inbox
+    }
 }
 
 /// The worker of a hosted engine, run by a gateway core thread.
 struct Host {
     /// `None` once `Job::Stop` was handled.
-    worker: Option<Box<Worker>>,
+    worker: Option<Box<dyn Turns>>,
     mode: Arc<Mutex<Mode>>,
     stopped: Arc<AtomicBool>,
 }
@@ -406,7 +566,7 @@ impl BackendHost for Host {
         let Some(worker) = &mut self.worker else {
             return false;
         };
-        let Ok(job) = worker.inbox.try_recv() else {
+        let Ok(job) = worker.inbox().try_recv() else {
             return false;
         };
         if !worker.turn(job) {
@@ -415,7 +575,7 @@ impl BackendHost for Host {
             self.worker = None;
             return false;
         }
-        !worker.inbox.is_empty()
+        !worker.inbox().is_empty()
     }
 }
 
@@ -472,11 +632,14 @@ impl EmbeddedOutlet {
 /// theirs ever counts as expired; the value only has to be valid.
 const EMBEDDED_LEASE: Duration = Duration::from_secs(3600);
 
-struct Worker {
-    router: Router<MemoryStore>,
+struct Worker<S> {
+    router: Router<S>,
     outlet: EmbeddedOutlet,
-    /// Requests of the turn being run, in queue order (kept: reused).
+    /// Requests of the turn, in queue order (kept: reused). They stay
+    /// until the turn ends: a failed commit answers every one of them.
     requests: Vec<Inbound>,
+    /// How many of `requests` have run.
+    ran: usize,
     /// Output of the turn being run (kept: its buffers are reused).
     out: Output,
     inbox: Receiver<Job>,
@@ -488,21 +651,13 @@ struct Worker {
     dead_letters: Arc<AtomicU64>,
 }
 
-impl Worker {
-    /// The threaded mode: a turn whenever a job arrives.
-    fn run(mut self: Box<Self>) {
-        while let Ok(job) = self.inbox.recv() {
-            if !self.turn(job) {
-                return;
-            }
-        }
-    }
-
+impl<S: EngineStore> Worker<S> {
     /// One turn: `first`, then whatever is queued up to
     /// `max_commands_per_flush` requests and session changes, run in queue
     /// order (requests in batches, session changes in batches between
-    /// them), then the output goes to the sinks. False when the worker
-    /// must stop.
+    /// them), then the store ends the turn (the durable store commits:
+    /// one fsync for the whole turn), and only then the output goes to
+    /// the sinks. False when the worker must stop.
     fn turn(&mut self, first: Job) -> bool {
         let mut taken = 0;
         let mut go_on = self.take(first, &mut taken);
@@ -515,8 +670,35 @@ impl Worker {
         // At most one of the two holds anything (each flushes the other).
         self.run_requests();
         self.apply_sessions();
+        if let Err(e) = self.router.store_mut().end_turn() {
+            self.answer_unavailable(&e);
+        }
+        self.requests.clear();
+        self.ran = 0;
+        self.hand_pushes();
         self.outlet.flush(&mut self.out);
         go_on
+    }
+
+    /// The turn's writes did not reach the disk: nothing it produced may
+    /// leave (an ack would promise a message that is not stored, a
+    /// delivery would show a seq that will be given again). Every request
+    /// of the turn is answered UNAVAILABLE (a retried Send is deduplicated
+    /// as usual); presence events of the turn's session changes are lost.
+    fn answer_unavailable(&mut self, error: &crate::store::StoreError) {
+        tracing::error!(
+            requests = self.requests.len(),
+            "the turn could not be made durable, answering UNAVAILABLE: {error}"
+        );
+        self.out.frames.clear();
+        self.out.pushes.clear();
+        for request in &self.requests {
+            self.out
+                .frames
+                .push(Router::<S>::unavailable_reply(request, error));
+        }
+        self.dead_letters
+            .fetch_add(self.requests.len() as u64, Ordering::Relaxed);
     }
 
     /// Adds a job to the turn, counting what it holds; false when the
@@ -531,6 +713,32 @@ impl Worker {
                 self.sessions.push(change);
                 *taken += 1;
             }
+            Job::InvalidatePushToken {
+                user_id,
+                device_id,
+                token,
+                invalidated_ms,
+            } => {
+                // In order with the requests queued before it.
+                self.run_requests();
+                self.apply_sessions();
+                match self.router.store_mut().invalidate_push_token(
+                    &user_id,
+                    &device_id,
+                    &token,
+                    invalidated_ms,
+                ) {
+                    Ok(removed) => tracing::info!(
+                        user = %user_id, device = %device_id, removed,
+                        "push token reported dead since {invalidated_ms}"
+                    ),
+                    Err(e) => tracing::warn!(
+                        user = %user_id, device = %device_id,
+                        "push token reported dead, not removed: {e}"
+                    ),
+                }
+                *taken += 1;
+            }
             Job::Requests(requests) => {
                 // A request sees every session change queued before it
                 // (a Sync after Hello needs its session registered).
@@ -542,6 +750,34 @@ impl Worker {
             }
         }
         true
+    }
+
+    /// The turn's push events to the push sink (before the frames: whoever
+    /// sees a frame knows its pushes are out), with their contexts read
+    /// here, where the store lives, when the sink decides pushes itself.
+    fn hand_pushes(&mut self) {
+        if self.out.pushes.is_empty() {
+            return;
+        }
+        let events = std::mem::take(&mut self.out.pushes);
+        let sink = &mut self.outlet.push_sink;
+        if !sink.wants_context() {
+            sink.push(events);
+            return;
+        }
+        let now_ms = self.router.now_ms();
+        let store = self.router.store_mut();
+        let mut with = Vec::with_capacity(events.len());
+        for event in events {
+            match store.push_context(&event.user_id, &event.conversation_id, event.seq, now_ms) {
+                Ok(context) => with.push((event, context)),
+                Err(e) => tracing::warn!(
+                    user = %event.user_id, conversation = %event.conversation_id,
+                    "push context unreadable, no push: {e}"
+                ),
+            }
+        }
+        sink.push_with_context(with);
     }
 
     /// The session changes queued so far, through the one session-change
@@ -578,17 +814,18 @@ impl Worker {
     /// embedded engine's dead-letter path), and the turn goes on: the engine
     /// runs on a gateway's core 0, whose connections must not go with it.
     fn run_requests(&mut self) {
-        if self.requests.is_empty() {
+        let pending = &self.requests[self.ran..];
+        if pending.is_empty() {
             return;
         }
         let gave_up = crate::runner::run(
             &mut self.router,
-            &self.requests,
+            pending,
             &mut self.out,
             &mut crate::runner::NoRetry,
         );
         for g in gave_up {
-            let request = &self.requests[g.index];
+            let request = &pending[g.index];
             self.dead_letters.fetch_add(1, Ordering::Relaxed);
             tracing::error!(
                 user = %request.from.user_id,
@@ -598,6 +835,6 @@ impl Worker {
                 g.failure
             );
         }
-        self.requests.clear();
+        self.ran = self.requests.len();
     }
 }

@@ -13,6 +13,8 @@
 //!   one failure policy (a panicking request is answered INTERNAL and never
 //!   takes its thread or another request down).
 //! - [`memory`]: the in-memory store.
+//! - [`disk`]: the durable store of the embedded engine (redb in the data
+//!   dir; sessions and presence stay in memory).
 //! - [`presence`]: session changes, watches and the presence fan-out, the
 //!   one implementation both backends run.
 //! - [`embedded`]: [`EmbeddedEngine`], the router behind an in-process
@@ -29,9 +31,11 @@
 pub mod api;
 pub mod bridge;
 pub mod bus;
+pub mod disk;
 pub mod embedded;
 mod group_id;
 pub mod kafka;
+pub mod logging;
 pub mod logic;
 pub mod memory;
 pub mod presence;
@@ -44,7 +48,7 @@ pub use api::{
     TierLimits,
 };
 pub use bus::{Addressed, Outlet, Output, PushEvent};
-pub use embedded::{EmbeddedConfig, EmbeddedEngine, LoggingPushSink, PushSink};
+pub use embedded::{EmbeddedConfig, EmbeddedEngine, LoggingPushSink, PushFeedback, PushSink};
 pub use logic::{Clock, ManualClock, PresenceVisibility, Router, RouterConfig, SystemClock};
 pub use memory::MemoryStore;
 pub use palaver_protocol::direct_conversation_id;

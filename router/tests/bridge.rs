@@ -1,5 +1,6 @@
 //! The gateway's Kafka/Redis bridge in-process, with a router worker, on
-//! real Kafka and Redis: what it does when its producer fails for good.
+//! real Kafka and Redis: what it does when its producer fails for good, the
+//! limits it reads by, and History below the window from the archive.
 // A test or an example: a failed unwrap is a failed run (the
 // workspace's unwrap_used floor is for the product's code).
 #![allow(clippy::unwrap_used)]
@@ -211,4 +212,105 @@ fn the_bridge_reports_and_reads_by_the_limits_the_routers_enforce() {
     drop(RouterWorker::new(worker_config).expect("second worker"));
     let mut store = palaver_router::redis_store::RedisStore::connect(redis_config).expect("Redis");
     assert_eq!(store.tier_limits().unwrap().unwrap().max_group_members, 9);
+}
+
+/// With the router tier's archive configured, a gateway serves History
+/// below the Redis window from Cassandra: one page from the newest message
+/// back to seq 1 (without the archive it ends at the window: tried, it
+/// returns only seqs 54..=63).
+#[test]
+fn a_gateway_with_the_archive_serves_history_below_the_window() {
+    use palaver_router::kafka::archiver::{Archiver, ArchiverConfig};
+    use palaver_router::kafka::worker::ArchiveSettings;
+
+    let kafka = Kafka::start().expect("kafka");
+    let redis = Redis::start().expect("redis-server");
+    let cassandra = palaver_testkit::stack::Cassandra::start().expect("cassandra");
+    let brokers = kafka.bootstrap();
+    let redis_config = RedisConfig::standalone(redis.url());
+    let archive = palaver_archive::ArchiveConfig::new(vec![cassandra.address()]);
+
+    let mut worker_config = WorkerConfig::new(&brokers, redis_config.clone());
+    worker_config.inbound_partitions = 1;
+    worker_config.router.history_window = 10;
+    worker_config.archive = Some(ArchiveSettings {
+        cassandra: archive.clone(),
+        max_unarchived: 100_000,
+    });
+    let mut worker = RouterWorker::new(worker_config).expect("worker");
+    let mut archiver = Archiver::new(ArchiverConfig::new(
+        &brokers,
+        redis_config.clone(),
+        archive.clone(),
+    ))
+    .expect("archiver");
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = [
+        {
+            let stop = stop.clone();
+            std::thread::spawn(move || worker.run(&stop))
+        },
+        {
+            let stop = stop.clone();
+            std::thread::spawn(move || archiver.run(&stop))
+        },
+    ];
+
+    let mut config = BridgeConfig::new(&brokers, redis_config.clone());
+    config.inbound_partitions = 1;
+    let bridge = KafkaRedisBridge::new(config).with_archive(Some(archive));
+    let frames = Arc::new(Frames::default());
+    bridge.start("gwt", frames.clone()).expect("bridge starts");
+    let conversation = palaver_protocol::direct_conversation_id("alice", "bob");
+    let mut store = palaver_router::redis_store::RedisStore::connect(redis_config).unwrap();
+    let mut request_id = 0;
+    let archived = |store: &mut palaver_router::redis_store::RedisStore| {
+        store
+            .archived_seqs(std::slice::from_ref(&conversation))
+            .unwrap()[0]
+    };
+    for cmid in 1..=60 {
+        send_until_acked(&bridge, &frames, &mut request_id, cmid);
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while archived(&mut store) < 60 {
+        assert!(
+            Instant::now() < deadline,
+            "archived {}",
+            archived(&mut store)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Archived: the next appends trim the window to its 10.
+    for cmid in 61..=63 {
+        send_until_acked(&bridge, &frames, &mut request_id, cmid);
+    }
+    let window: Vec<pb::Message> = store.window_after(&conversation, 0, 100).unwrap();
+    assert!(window.len() <= 11, "the window trimmed to {}", window.len());
+
+    request_id += 1;
+    bridge.submit(Inbound {
+        body: Body::History(pb::History {
+            conversation_id: conversation.clone(),
+            before_seq: 0,
+            limit: 100,
+        }),
+        ..send(request_id, 0)
+    });
+    match frames
+        .answer(request_id, Duration::from_secs(10))
+        .and_then(|f| f.body)
+    {
+        Some(Body::HistoryPage(page)) => {
+            let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+            assert_eq!(seqs, (1..=63).collect::<Vec<u64>>());
+            assert!(!page.has_more);
+        }
+        other => panic!("History answered {other:?}"),
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    bridge.shutdown();
 }

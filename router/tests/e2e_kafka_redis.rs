@@ -41,8 +41,8 @@ fn chat_across_gateways_redis_cluster() {
     chat_checks(true);
 }
 
-/// Offline → push event on palaver.push → reconnect with resume → sync with
-/// no gap.
+/// A registered phone goes offline → push event on palaver.push →
+/// reconnect with resume → sync with no gap.
 #[test]
 fn offline_user_gets_push_then_syncs_without_gap() {
     let mut s = Stack::start(false, 1);
@@ -55,6 +55,21 @@ fn offline_user_gets_push_then_syncs_without_gap() {
     group_of(&mut alice, &["bob"]);
     {
         let mut bob = s.login(g2, "bob", "phone");
+        // Bob's phone registers for pushes (through Kafka to the router).
+        let id = bob
+            .request(Body::RegisterPushToken(pb::RegisterPushToken {
+                platform: pb::PushPlatform::Fcm.into(),
+                token: "fcm-bob-phone".into(),
+                ..Default::default()
+            }))
+            .unwrap();
+        let f = bob
+            .recv_until(T, "PushTokenRegistered", |f| f.request_id == id)
+            .unwrap();
+        assert!(
+            matches!(f.body, Some(Body::PushTokenRegistered(_))),
+            "{f:?}"
+        );
         assert_eq!(send_reliably(&mut alice, &dm, "m1").seq, 1);
         assert_eq!(next_deliver(&mut bob).seq, 1);
     } // bob disconnects
@@ -112,6 +127,7 @@ fn offline_user_gets_push_then_syncs_without_gap() {
         ),
         ("bob", dm.as_str(), 2)
     );
+    assert!(pushes[0].online_device_ids.is_empty(), "{pushes:?}");
 
     // bob comes back on the other gateway with his cursor: everything after
     // seq 1 arrives, in order, no gap.

@@ -238,6 +238,22 @@ fn reconnect_on_another_gateway_replaces_the_old_connection() {
 #[test]
 fn offline_recipient_gets_one_push_event() {
     let t = setup(EmbeddedConfig::default());
+    // Bob's phone registers its push token, then goes offline.
+    let bob = open(&t.engine, "bob", "phone", "g2", 7);
+    t.engine.submit(request(
+        &bob,
+        3,
+        Body::RegisterPushToken(pb::RegisterPushToken {
+            platform: pb::PushPlatform::Fcm.into(),
+            token: "fcm-bob-phone".into(),
+            ..Default::default()
+        }),
+    ));
+    match t.g2.reply(7, 3).body {
+        Some(Body::PushTokenRegistered(_)) => {}
+        other => panic!("expected PushTokenRegistered, got {other:?}"),
+    }
+    t.engine.session_closed(&bob, 1_700_000_000_001);
     let alice = open(&t.engine, "alice", "phone", "g1", 1);
     t.engine
         .submit(request(&alice, 1, send_body(DM, 1, "wake up")));
@@ -250,6 +266,7 @@ fn offline_recipient_gets_one_push_event() {
     assert_eq!(pushes.len(), 1, "{pushes:?}");
     assert_eq!(pushes[0].user_id, "bob");
     assert_eq!(pushes[0].seq, 1);
+    assert!(pushes[0].online_device_ids.is_empty());
 }
 
 #[test]
@@ -605,4 +622,51 @@ fn a_panicking_request_is_answered_internal_and_its_neighbours_served() {
     engine.submit(request(&carol, 4, send_body("dm:bob:carol", 3, "after")));
     assert_eq!(ack(&g1.reply(3, 4)).expect("carol's SendAck").seq, 1);
     assert_eq!(engine.dead_letters(), 1);
+}
+
+/// Group commit on the durable store: a turn whose commit fails is answered
+/// UNAVAILABLE whole: no SendAck, no delivery, no push, and no seq used (the
+/// retry after the disk recovered gets seq 1, delivered once).
+#[test]
+fn a_turn_that_cannot_be_made_durable_is_answered_unavailable_and_uses_no_seq() {
+    use palaver_router::disk::{DiskConfig, DiskStore};
+    let dir = palaver_testkit::stack::WorkDir::temp("engine-disk").unwrap();
+    let store = DiskStore::open(dir.path(), &DiskConfig::default()).unwrap();
+    let refuse = store.commit_failures();
+    let pushes = CollectPush::default();
+    let engine = EmbeddedEngine::with_store(
+        store,
+        EmbeddedConfig::default(),
+        Arc::new(ManualClock::new(1_700_000_000_000)),
+        pushes.clone(),
+        true,
+    );
+    let g1 = Arc::new(CollectSink::default());
+    engine.start("g1", g1.clone()).unwrap();
+    let alice = open(&engine, "alice", "phone", "g1", 1);
+    let bob = open(&engine, "bob", "phone", "g1", 7);
+    // The sessions are in (FIFO) before the disk starts refusing.
+    engine.submit(request(&bob, 1, Body::PresenceQuery(Default::default())));
+    g1.reply(7, 1);
+
+    refuse.store(true, Ordering::Relaxed);
+    engine.submit(request(&alice, 11, send_body(DM, 1, "not on disk")));
+    let refused = g1.reply(1, 11);
+    assert_eq!(
+        error(&refused).map(|e| e.code),
+        Some(ErrorCode::Unavailable as u32),
+        "{refused:?}"
+    );
+    refuse.store(false, Ordering::Relaxed);
+    engine.submit(request(&alice, 12, send_body(DM, 1, "not on disk")));
+    assert_eq!(ack(&g1.reply(1, 12)).expect("SendAck").seq, 1);
+    engine.submit(request(&bob, 2, Body::PresenceQuery(Default::default())));
+    g1.reply(7, 2);
+    let delivered_to_bob: Vec<u64> = g1
+        .frames_for(7)
+        .iter()
+        .filter_map(|f| delivered(f).map(|m| m.seq))
+        .collect();
+    assert_eq!(delivered_to_bob, vec![1], "one delivery, after the commit");
+    assert!(pushes.0.items.lock().unwrap().is_empty());
 }

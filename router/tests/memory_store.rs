@@ -48,3 +48,14 @@ fn every_check_of_the_contract_is_run() {
         );
     }
 }
+
+/// A memory store's history dies with it: each new one announces a new
+/// history epoch (SPEC §7), which is how clients notice a restarted
+/// memory-only node.
+#[test]
+fn each_memory_store_is_a_new_history_epoch() {
+    use palaver_router::store::ConversationStore;
+    let a = MemoryStore::new().history_epoch().unwrap();
+    let b = MemoryStore::new().history_epoch().unwrap();
+    assert!(a != 0 && b != 0 && a != b, "{a} {b}");
+}

@@ -14,7 +14,8 @@ use palaver_router::bus::Output;
 use palaver_router::logic::{ManualClock, Router, RouterConfig};
 use palaver_router::redis_store::{RedisConfig, RedisStore};
 use palaver_router::store::{
-    Appended, ConversationStore, GatewayRegistry, RangeRead, SessionChange, SessionStore,
+    Appended, ConversationStore, GatewayRegistry, PushPlatform, PushStore, PushToken, RangeRead,
+    SessionChange, SessionStore,
 };
 use palaver_testkit::stack::{Redis, RedisCluster};
 
@@ -35,6 +36,15 @@ fn all_checks(config: RedisConfig) {
     users_and_push(RedisStore::connect(config.clone()).unwrap());
     presence_links_and_consent(RedisStore::connect(config.clone()).unwrap());
     group_add_counts(RedisStore::connect(config.clone()).unwrap());
+    push_tokens_register_replace_and_cap(RedisStore::connect(config.clone()).unwrap());
+    a_push_token_has_one_owner_across_users(RedisStore::connect(config.clone()).unwrap());
+    push_token_invalidation_loses_to_a_reregistration(RedisStore::connect(config.clone()).unwrap());
+    mutes_expire_and_are_capped(RedisStore::connect(config.clone()).unwrap());
+    recipients_say_whose_registered_devices_are_offline(
+        RedisStore::connect(config.clone()).unwrap(),
+    );
+    push_context_for_the_worker(RedisStore::connect(config.clone()).unwrap());
+    the_history_epoch_is_announced_and_stable(RedisStore::connect(config.clone()).unwrap());
     sessions_and_registry(
         RedisStore::connect(config.clone()).unwrap(),
         wait_for_lease_expiry,
@@ -152,7 +162,8 @@ fn append_dedup_window(mut s: RedisStore, config: &RedisConfig) {
 }
 
 /// The unchanged routing logic over RedisStore: a 300-member group with some
-/// members online gets the message fanned out; offline members get a push.
+/// members online gets the message fanned out; members with a registered
+/// device that is not online get a push event naming the devices online.
 fn router_over_redis(store: RedisStore) {
     let clock = Arc::new(ManualClock::new(1_000));
     let mut router = Router::new(store, RouterConfig::default(), clock);
@@ -170,6 +181,27 @@ fn router_over_redis(store: RedisStore) {
         .apply_session_changes(&online, Duration::from_secs(30), &mut out)
         .unwrap();
     out.frames.clear();
+    // The offline members registered their device "d"; every fourth member
+    // (online on "d") also has a registered "phone" that is asleep.
+    for i in 1..300u64 {
+        let device = match i % 4 {
+            0 => "phone",
+            1 | 3 => "d",
+            _ => continue,
+        };
+        let token = PushToken {
+            platform: PushPlatform::Fcm,
+            token: format!("fcm-r{i}-{device}"),
+            apns_environment: None,
+            apns_topic: String::new(),
+            locale: String::new(),
+            registered_ms: 1,
+        };
+        router
+            .store_mut()
+            .register_push_token(&format!("r{i}"), device, &token, 20)
+            .unwrap();
+    }
     let request = |body| Inbound {
         from: creator.clone(),
         request_id: 1,
@@ -224,7 +256,23 @@ fn router_over_redis(store: RedisStore) {
         delivers, 149,
         "online members except the sender's own connection"
     );
-    assert_eq!(out.pushes.len(), 150, "one push per offline member");
+    let mut asleep = 0;
+    for push in &out.pushes {
+        let i: u64 = push.user_id[1..].parse().unwrap();
+        if i % 2 == 1 {
+            assert!(push.online_device_ids.is_empty(), "{push:?}");
+        } else {
+            assert_eq!(i % 4, 0, "{push:?}");
+            assert_eq!(push.online_device_ids, ["d"], "{push:?}");
+            asleep += 1;
+        }
+    }
+    assert_eq!(
+        out.pushes.len(),
+        150 + 74,
+        "one push per offline member and per member with an asleep phone"
+    );
+    assert_eq!(asleep, 74);
 }
 
 /// A fresh Redis, the store on it, and a plain connection to look inside.
@@ -236,6 +284,25 @@ fn store_and_raw_connection() -> (Redis, RedisStore, redis::Connection) {
         .get_connection()
         .unwrap();
     (redis, store, raw)
+}
+
+/// Every router on one Redis announces the same history epoch, and a
+/// wiped dataset (FLUSHALL: a lost or replaced Redis) a new one, created by
+/// the first read after it (SPEC §7).
+#[test]
+fn a_wiped_redis_announces_a_new_history_epoch() {
+    let (redis, mut s, mut raw) = store_and_raw_connection();
+    let mut other = RedisStore::connect(RedisConfig::standalone(redis.url())).unwrap();
+    let first = s.history_epoch().unwrap();
+    assert_eq!(
+        other.history_epoch().unwrap(),
+        first,
+        "one epoch per dataset"
+    );
+    let _: () = redis::cmd("FLUSHALL").query(&mut raw).unwrap();
+    let second = other.history_epoch().unwrap();
+    assert_ne!(second, first);
+    assert_eq!(s.history_epoch().unwrap(), second);
 }
 
 /// Dedup state in Redis is bounded by the history window, not by traffic:

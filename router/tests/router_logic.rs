@@ -18,8 +18,8 @@ use instrumented::Instrumented;
 use palaver_protocol::pb::{self, frame::Body, ErrorCode};
 use palaver_router::store::SessionChange;
 use palaver_router::{
-    direct_conversation_id, Inbound, ManualClock, Output, PresenceVisibility, Router, RouterConfig,
-    Session, SessionAddr,
+    direct_conversation_id, Clock, Inbound, ManualClock, Output, PresenceVisibility, Router,
+    RouterConfig, Session, SessionAddr,
 };
 
 const T0: i64 = 1_700_000_000_000;
@@ -102,6 +102,25 @@ impl Harness {
 
     fn calls(&self) -> &Instrumented {
         self.router.store()
+    }
+
+    /// Registers an FCM token for `user`'s `device` in the store (what a
+    /// RegisterPushToken from that device does): the device gets pushes
+    /// while it is not online.
+    fn register_token(&mut self, user: &str, device: &str) {
+        use palaver_router::store::{PushPlatform, PushStore, PushToken};
+        let token = PushToken {
+            platform: PushPlatform::Fcm,
+            token: format!("fcm-{user}-{device}"),
+            apns_environment: None,
+            apns_topic: String::new(),
+            locale: String::new(),
+            registered_ms: self.clock.now_ms(),
+        };
+        self.router
+            .store_mut()
+            .register_push_token(user, device, &token, 20)
+            .unwrap();
     }
 }
 
@@ -320,6 +339,8 @@ mod conversations;
 mod messages;
 #[path = "router_logic/presence.rs"]
 mod presence;
+#[path = "router_logic/push.rs"]
+mod push;
 #[path = "router_logic/receipts_typing.rs"]
 mod receipts_typing;
 #[path = "router_logic/spec.rs"]

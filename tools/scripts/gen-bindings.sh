@@ -5,7 +5,8 @@
 # API; `cargo test -p palaver-client --test bindings` fails until you do.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-cargo build -q -p palaver-client --lib -p palaver-client-bindgen
+cargo build -q -p palaver-client --lib
+cargo build -q -p palaver-client-bindgen --bins
 case "$(uname -s)" in Darwin) LIB=target/debug/libpalaver_client.dylib ;; *) LIB=target/debug/libpalaver_client.so ;; esac
 OUT="$(mktemp -d)"
 trap 'rm -rf "$OUT"' EXIT

@@ -7,15 +7,21 @@
 #   - Apache Kafka (broker, KRaft) from Maven Central: org.apache.kafka:kafka_2.13
 #     and its runtime dependencies, copied by Maven from tools/kafka/pom.xml into
 #     ~/.cache/palaver/kafka-<version>/libs (run as `java -cp 'libs/*' kafka.Kafka`
-#     by testkit/src/stack.rs). Needs a JDK >= 17 (`java`) and Maven (`mvn`).
+#     by testkit/src/stack/kafka.rs). Needs a JDK >= 17 (`java`) and Maven (`mvn`).
+#   - Apache Cassandra (the history archive) from Maven Central:
+#     org.apache.cassandra:cassandra-all and its runtime dependencies, copied
+#     from tools/cassandra/pom.xml into ~/.cache/palaver/cassandra-<version>/libs
+#     (run by testkit/src/stack/cassandra.rs).
 # Idempotent: anything already present is left alone.
 set -euo pipefail
 
 # Keep in step with KAFKA_VERSION in testkit/src/stack.rs and tools/kafka/pom.xml.
 KAFKA_VERSION="${KAFKA_VERSION:-4.1.1}"
+CASSANDRA_VERSION="${CASSANDRA_VERSION:-5.0.6}"
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
 CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/palaver/kafka-$KAFKA_VERSION"
 LIBS="${PALAVER_KAFKA_LIBS:-$CACHE/libs}"
+CASSANDRA_LIBS="${PALAVER_CASSANDRA_LIBS:-${XDG_CACHE_HOME:-$HOME/.cache}/palaver/cassandra-$CASSANDRA_VERSION/libs}"
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -62,5 +68,18 @@ if [ ! -f "$LIBS/.complete" ]; then
   mv "$LIBS.tmp" "$LIBS"
 fi
 
+if [ ! -f "$CASSANDRA_LIBS/.complete" ]; then
+  echo "install-deps: fetching Apache Cassandra $CASSANDRA_VERSION (org.apache.cassandra:cassandra-all) from Maven Central into $CASSANDRA_LIBS"
+  rm -rf "$CASSANDRA_LIBS.tmp"
+  mkdir -p "$(dirname "$CASSANDRA_LIBS")"
+  mvn -q -B -Dstyle.color=never -f "$HERE/cassandra/pom.xml" -Dcassandra.version="$CASSANDRA_VERSION" \
+    dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$CASSANDRA_LIBS.tmp"
+  ls "$CASSANDRA_LIBS.tmp"/cassandra-all-"$CASSANDRA_VERSION".jar >/dev/null
+  touch "$CASSANDRA_LIBS.tmp/.complete"
+  rm -rf "$CASSANDRA_LIBS"
+  mv "$CASSANDRA_LIBS.tmp" "$CASSANDRA_LIBS"
+fi
+
 echo "install-deps: redis-server $(redis-server --version | sed -n 's/.*v=\([^ ]*\).*/\1/p')," \
-  "Apache Kafka $KAFKA_VERSION ($(ls "$LIBS"/*.jar | wc -l) jars in $LIBS), Java $JAVA_MAJOR"
+  "Apache Kafka $KAFKA_VERSION ($(ls "$LIBS"/*.jar | wc -l) jars in $LIBS)," \
+  "Apache Cassandra $CASSANDRA_VERSION ($(ls "$CASSANDRA_LIBS"/*.jar | wc -l) jars in $CASSANDRA_LIBS), Java $JAVA_MAJOR"

@@ -11,7 +11,8 @@ use std::sync::{mpsc, Arc, Mutex};
 use anyhow::{bail, Context};
 use palaver_client::{
     direct_conversation_id, ChatMessage, ClientConfig, ClientEvent, ConnectionState,
-    DisconnectCause, EventListener, PalaverClient, ReceiptKind, TokenError, TokenProvider,
+    DisconnectCause, EventListener, ListenerError, PalaverClient, ReceiptKind, TokenError,
+    TokenProvider,
 };
 use palaver_credentials::devcerts;
 
@@ -95,7 +96,14 @@ impl Printer {
 }
 
 impl EventListener for Printer {
-    fn on_event(&self, event: ClientEvent) {
+    fn on_event(&self, event: ClientEvent) -> Result<(), ListenerError> {
+        self.print(event);
+        Ok(())
+    }
+}
+
+impl Printer {
+    fn print(&self, event: ClientEvent) {
         match event {
             ClientEvent::StateChanged { state } => match state {
                 ConnectionState::Connected {
@@ -105,8 +113,12 @@ impl EventListener for Printer {
                 ConnectionState::Connecting {
                     attempt,
                     retry_in_ms,
+                    last_failure,
                 } if attempt > 0 => {
-                    println!("! not connected; next attempt in {retry_in_ms} ms (attempt {attempt})")
+                    let why = last_failure.map(|f| format!(" ({f:?})")).unwrap_or_default();
+                    println!(
+                        "! not connected{why}; next attempt in {retry_in_ms} ms (attempt {attempt})"
+                    )
                 }
                 ConnectionState::Connecting { .. } | ConnectionState::Closed => {}
                 ConnectionState::Disconnected { cause } => {
@@ -119,6 +131,9 @@ impl EventListener for Printer {
                         }
                         Some(DisconnectCause::TokenUnavailable { message }) => {
                             println!("! no token: {message}")
+                        }
+                        Some(DisconnectCause::Failed { failure }) => {
+                            println!("! cannot connect, retrying would not help: {failure:?}")
                         }
                         Some(DisconnectCause::Requested) | None => return,
                     }

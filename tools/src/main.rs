@@ -107,6 +107,16 @@ enum ClusterAction {
         /// Dev certificate and JWT secret of the gateways (what `palaver chat` reads).
         #[arg(long, default_value = ".palaver")]
         data_dir: PathBuf,
+        /// Leave out Apache Cassandra and the archiver: history is then only
+        /// the routers' Redis window (the newest 10,000 messages of each
+        /// conversation), and the stack needs ~1 GB less memory.
+        #[arg(long)]
+        no_archive: bool,
+        /// Also start a push worker, `palaver-push --providers FILE` (the
+        /// APNs/FCM credentials: push/README.md), so phones that are not
+        /// connected get their notifications.
+        #[arg(long, value_name = "FILE")]
+        push_providers: Option<PathBuf>,
     },
     /// Stop what `up` started.
     Down,
@@ -222,8 +232,17 @@ fn decode(input: &str) -> anyhow::Result<()> {
 fn cluster(action: ClusterAction, dir: &std::path::Path) -> anyhow::Result<()> {
     use palaver_testkit::stack;
     match action {
-        ClusterAction::Up { listen, data_dir } => {
-            let procs = stack::cluster_up(dir, &data_dir, &listen)?;
+        ClusterAction::Up {
+            listen,
+            data_dir,
+            no_archive,
+            push_providers,
+        } => {
+            let options = stack::ClusterOptions {
+                archive: !no_archive,
+                push_providers,
+            };
+            let procs = stack::cluster_up(dir, &data_dir, &listen, options)?;
             for p in &procs {
                 println!("{:<9} pid {:<8} port {}", p.name, p.pid, p.port);
             }

@@ -858,16 +858,24 @@ public func FfiConverterTypeClientStore_lower(_ value: ClientStore) -> UnsafeMut
  * Receives every [`ClientEvent`], in order, on one SDK thread (not the
  * I/O thread: a slow listener does not stall the connection). It may call
  * back into the client.
+ *
+ * Exceptions it throws are caught: reported to the log sink
+ * ([`crate::log::set_log_sink`]) with the event lost to the app, and the
+ * next event is delivered as usual.
  */
 public protocol EventListener: AnyObject, Sendable {
     
-    func onEvent(event: ClientEvent) 
+    func onEvent(event: ClientEvent) throws 
     
 }
 /**
  * Receives every [`ClientEvent`], in order, on one SDK thread (not the
  * I/O thread: a slow listener does not stall the connection). It may call
  * back into the client.
+ *
+ * Exceptions it throws are caught: reported to the log sink
+ * ([`crate::log::set_log_sink`]) with the event lost to the app, and the
+ * next event is delivered as usual.
  */
 open class EventListenerImpl: EventListener, @unchecked Sendable {
     fileprivate let pointer: UnsafeMutableRawPointer!
@@ -921,7 +929,7 @@ open class EventListenerImpl: EventListener, @unchecked Sendable {
     
 
     
-open func onEvent(event: ClientEvent)  {try! rustCall() {
+open func onEvent(event: ClientEvent)throws   {try rustCallWithError(FfiConverterTypeListenerError_lift) {
     uniffi_palaver_client_fn_method_eventlistener_on_event(self.uniffiClonePointer(),
         FfiConverterTypeClientEvent_lower(event),$0
     )
@@ -952,17 +960,18 @@ fileprivate struct UniffiCallbackInterfaceEventListener {
                 guard let uniffiObj = try? FfiConverterTypeEventListener.handleMap.get(handle: uniffiHandle) else {
                     throw UniffiInternalError.unexpectedStaleHandle
                 }
-                return uniffiObj.onEvent(
+                return try uniffiObj.onEvent(
                      event: try FfiConverterTypeClientEvent_lift(event)
                 )
             }
 
             
             let writeReturn = { () }
-            uniffiTraitInterfaceCall(
+            uniffiTraitInterfaceCallWithError(
                 callStatus: uniffiCallStatus,
                 makeCall: makeCall,
-                writeReturn: writeReturn
+                writeReturn: writeReturn,
+                lowerError: FfiConverterTypeListenerError_lower
             )
         },
         uniffiFree: { (uniffiHandle: UInt64) -> () in
@@ -1038,6 +1047,190 @@ public func FfiConverterTypeEventListener_lower(_ value: EventListener) -> Unsaf
 
 
 /**
+ * Receives the SDK's log lines, from SDK threads (never the app's): keep
+ * it quick and thread-safe. A sink that throws loses that line only.
+ */
+public protocol LogSink: AnyObject, Sendable {
+    
+    func log(level: LogLevel, message: String) 
+    
+}
+/**
+ * Receives the SDK's log lines, from SDK threads (never the app's): keep
+ * it quick and thread-safe. A sink that throws loses that line only.
+ */
+open class LogSinkImpl: LogSink, @unchecked Sendable {
+    fileprivate let pointer: UnsafeMutableRawPointer!
+
+    /// Used to instantiate a [FFIObject] without an actual pointer, for fakes in tests, mostly.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public struct NoPointer {
+        public init() {}
+    }
+
+    // TODO: We'd like this to be `private` but for Swifty reasons,
+    // we can't implement `FfiConverter` without making this `required` and we can't
+    // make it `required` without making it `public`.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    required public init(unsafeFromRawPointer pointer: UnsafeMutableRawPointer) {
+        self.pointer = pointer
+    }
+
+    // This constructor can be used to instantiate a fake object.
+    // - Parameter noPointer: Placeholder value so we can have a constructor separate from the default empty one that may be implemented for classes extending [FFIObject].
+    //
+    // - Warning:
+    //     Any object instantiated with this constructor cannot be passed to an actual Rust-backed object. Since there isn't a backing [Pointer] the FFI lower functions will crash.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public init(noPointer: NoPointer) {
+        self.pointer = nil
+    }
+
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public func uniffiClonePointer() -> UnsafeMutableRawPointer {
+        return try! rustCall { uniffi_palaver_client_fn_clone_logsink(self.pointer, $0) }
+    }
+    // No primary constructor declared for this class.
+
+    deinit {
+        guard let pointer = pointer else {
+            return
+        }
+
+        try! rustCall { uniffi_palaver_client_fn_free_logsink(pointer, $0) }
+    }
+
+    
+
+    
+open func log(level: LogLevel, message: String)  {try! rustCall() {
+    uniffi_palaver_client_fn_method_logsink_log(self.uniffiClonePointer(),
+        FfiConverterTypeLogLevel_lower(level),
+        FfiConverterString.lower(message),$0
+    )
+}
+}
+    
+
+}
+
+
+// Put the implementation in a struct so we don't pollute the top-level namespace
+fileprivate struct UniffiCallbackInterfaceLogSink {
+
+    // Create the VTable using a series of closures.
+    // Swift automatically converts these into C callback functions.
+    //
+    // This creates 1-element array, since this seems to be the only way to construct a const
+    // pointer that we can pass to the Rust code.
+    static let vtable: [UniffiVTableCallbackInterfaceLogSink] = [UniffiVTableCallbackInterfaceLogSink(
+        log: { (
+            uniffiHandle: UInt64,
+            level: RustBuffer,
+            message: RustBuffer,
+            uniffiOutReturn: UnsafeMutableRawPointer,
+            uniffiCallStatus: UnsafeMutablePointer<RustCallStatus>
+        ) in
+            let makeCall = {
+                () throws -> () in
+                guard let uniffiObj = try? FfiConverterTypeLogSink.handleMap.get(handle: uniffiHandle) else {
+                    throw UniffiInternalError.unexpectedStaleHandle
+                }
+                return uniffiObj.log(
+                     level: try FfiConverterTypeLogLevel_lift(level),
+                     message: try FfiConverterString.lift(message)
+                )
+            }
+
+            
+            let writeReturn = { () }
+            uniffiTraitInterfaceCall(
+                callStatus: uniffiCallStatus,
+                makeCall: makeCall,
+                writeReturn: writeReturn
+            )
+        },
+        uniffiFree: { (uniffiHandle: UInt64) -> () in
+            let result = try? FfiConverterTypeLogSink.handleMap.remove(handle: uniffiHandle)
+            if result == nil {
+                print("Uniffi callback interface LogSink: handle missing in uniffiFree")
+            }
+        }
+    )]
+}
+
+private func uniffiCallbackInitLogSink() {
+    uniffi_palaver_client_fn_init_callback_vtable_logsink(UniffiCallbackInterfaceLogSink.vtable)
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeLogSink: FfiConverter {
+    fileprivate static let handleMap = UniffiHandleMap<LogSink>()
+
+    typealias FfiType = UnsafeMutableRawPointer
+    typealias SwiftType = LogSink
+
+    public static func lift(_ pointer: UnsafeMutableRawPointer) throws -> LogSink {
+        return LogSinkImpl(unsafeFromRawPointer: pointer)
+    }
+
+    public static func lower(_ value: LogSink) -> UnsafeMutableRawPointer {
+        guard let ptr = UnsafeMutableRawPointer(bitPattern: UInt(truncatingIfNeeded: handleMap.insert(obj: value))) else {
+            fatalError("Cast to UnsafeMutableRawPointer failed")
+        }
+        return ptr
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> LogSink {
+        let v: UInt64 = try readInt(&buf)
+        // The Rust code won't compile if a pointer won't fit in a UInt64.
+        // We have to go via `UInt` because that's the thing that's the size of a pointer.
+        let ptr = UnsafeMutableRawPointer(bitPattern: UInt(truncatingIfNeeded: v))
+        if (ptr == nil) {
+            throw UniffiInternalError.unexpectedNullPointer
+        }
+        return try lift(ptr!)
+    }
+
+    public static func write(_ value: LogSink, into buf: inout [UInt8]) {
+        // This fiddling is because `Int` is the thing that's the same size as a pointer.
+        // The Rust code won't compile if a pointer won't fit in a `UInt64`.
+        writeInt(&buf, UInt64(bitPattern: Int64(Int(bitPattern: lower(value)))))
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeLogSink_lift(_ pointer: UnsafeMutableRawPointer) throws -> LogSink {
+    return try FfiConverterTypeLogSink.lift(pointer)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeLogSink_lower(_ value: LogSink) -> UnsafeMutableRawPointer {
+    return FfiConverterTypeLogSink.lower(value)
+}
+
+
+
+
+
+
+/**
  * A Palaver connection that looks after itself: connects, reconnects,
  * resends, syncs. All methods return at once; results come as events.
  */
@@ -1082,6 +1275,14 @@ public protocol PalaverClientProtocol: AnyObject, Sendable {
     func markRead(conversationId: String, upToSeq: UInt64) throws 
     
     /**
+     * Mutes pushes of a conversation for this user on all devices (SPEC
+     * §20): until `until_ms` (Unix ms, in the future, at most 366 days
+     * ahead), or for ever when `None`. Messages still arrive. `MuteChanged`
+     * or `RequestFailed`.
+     */
+    func muteConversation(conversationId: String, untilMs: Int64?) throws  -> UInt64
+    
+    /**
      * Lists the direct conversation with `peer_user_id` for both users.
      */
     func openDirect(peerUserId: String) throws  -> UInt64
@@ -1090,6 +1291,29 @@ public protocol PalaverClientProtocol: AnyObject, Sendable {
      * One-off presence lookup: `PresenceResult { ticket }`.
      */
     func queryPresence(userIds: [String]) throws  -> UInt64
+    
+    /**
+     * While `Connecting` waits out its backoff, try at once: call it when
+     * the app comes to the foreground or the network comes back. Does
+     * nothing in other states (`connect()` restarts a stopped client).
+     */
+    func reconnectNow() throws 
+    
+    /**
+     * Registers this device for APNs pushes (SPEC §20) with the device
+     * token iOS gave the app (the raw bytes; the SDK sends them in hex),
+     * `sandbox` for development builds (`aps-environment`), `topic` the
+     * app's bundle id, `locale` an optional BCP 47 tag. Replaces the
+     * device's previous registration. `PushTokenRegistered` or
+     * `RequestFailed`. Call it whenever iOS hands the app a token.
+     */
+    func registerApnsToken(deviceToken: Data, sandbox: Bool, topic: String, locale: String?) throws  -> UInt64
+    
+    /**
+     * Registers this device for FCM pushes with its registration token
+     * (SPEC §20); as `register_apns_token` otherwise.
+     */
+    func registerFcmToken(token: String, locale: String?) throws  -> UInt64
     
     func sendMessage(conversationId: String, kind: ContentKind, body: Data, replyToSeq: UInt64, media: Media?) throws  -> Data
     
@@ -1127,6 +1351,17 @@ public protocol PalaverClientProtocol: AnyObject, Sendable {
      * Sync now (the SDK already syncs after every connect and on gaps).
      */
     func syncNow() throws 
+    
+    /**
+     * Pushes of the conversation again. `MuteChanged` or `RequestFailed`.
+     */
+    func unmuteConversation(conversationId: String) throws  -> UInt64
+    
+    /**
+     * This device gets no more pushes (e.g. at sign-out, before
+     * `shutdown`). `PushTokenUnregistered` or `RequestFailed`.
+     */
+    func unregisterPushToken() throws  -> UInt64
     
     func unsubscribePresence(userIds: [String]) throws 
     
@@ -1286,6 +1521,21 @@ open func markRead(conversationId: String, upToSeq: UInt64)throws   {try rustCal
 }
     
     /**
+     * Mutes pushes of a conversation for this user on all devices (SPEC
+     * §20): until `until_ms` (Unix ms, in the future, at most 366 days
+     * ahead), or for ever when `None`. Messages still arrive. `MuteChanged`
+     * or `RequestFailed`.
+     */
+open func muteConversation(conversationId: String, untilMs: Int64?)throws  -> UInt64  {
+    return try  FfiConverterUInt64.lift(try rustCallWithError(FfiConverterTypeClientError_lift) {
+    uniffi_palaver_client_fn_method_palaverclient_mute_conversation(self.uniffiClonePointer(),
+        FfiConverterString.lower(conversationId),
+        FfiConverterOptionInt64.lower(untilMs),$0
+    )
+})
+}
+    
+    /**
      * Lists the direct conversation with `peer_user_id` for both users.
      */
 open func openDirect(peerUserId: String)throws  -> UInt64  {
@@ -1303,6 +1553,49 @@ open func queryPresence(userIds: [String])throws  -> UInt64  {
     return try  FfiConverterUInt64.lift(try rustCallWithError(FfiConverterTypeClientError_lift) {
     uniffi_palaver_client_fn_method_palaverclient_query_presence(self.uniffiClonePointer(),
         FfiConverterSequenceString.lower(userIds),$0
+    )
+})
+}
+    
+    /**
+     * While `Connecting` waits out its backoff, try at once: call it when
+     * the app comes to the foreground or the network comes back. Does
+     * nothing in other states (`connect()` restarts a stopped client).
+     */
+open func reconnectNow()throws   {try rustCallWithError(FfiConverterTypeClientError_lift) {
+    uniffi_palaver_client_fn_method_palaverclient_reconnect_now(self.uniffiClonePointer(),$0
+    )
+}
+}
+    
+    /**
+     * Registers this device for APNs pushes (SPEC §20) with the device
+     * token iOS gave the app (the raw bytes; the SDK sends them in hex),
+     * `sandbox` for development builds (`aps-environment`), `topic` the
+     * app's bundle id, `locale` an optional BCP 47 tag. Replaces the
+     * device's previous registration. `PushTokenRegistered` or
+     * `RequestFailed`. Call it whenever iOS hands the app a token.
+     */
+open func registerApnsToken(deviceToken: Data, sandbox: Bool, topic: String, locale: String?)throws  -> UInt64  {
+    return try  FfiConverterUInt64.lift(try rustCallWithError(FfiConverterTypeClientError_lift) {
+    uniffi_palaver_client_fn_method_palaverclient_register_apns_token(self.uniffiClonePointer(),
+        FfiConverterData.lower(deviceToken),
+        FfiConverterBool.lower(sandbox),
+        FfiConverterString.lower(topic),
+        FfiConverterOptionString.lower(locale),$0
+    )
+})
+}
+    
+    /**
+     * Registers this device for FCM pushes with its registration token
+     * (SPEC §20); as `register_apns_token` otherwise.
+     */
+open func registerFcmToken(token: String, locale: String?)throws  -> UInt64  {
+    return try  FfiConverterUInt64.lift(try rustCallWithError(FfiConverterTypeClientError_lift) {
+    uniffi_palaver_client_fn_method_palaverclient_register_fcm_token(self.uniffiClonePointer(),
+        FfiConverterString.lower(token),
+        FfiConverterOptionString.lower(locale),$0
     )
 })
 }
@@ -1383,6 +1676,28 @@ open func syncNow()throws   {try rustCallWithError(FfiConverterTypeClientError_l
     uniffi_palaver_client_fn_method_palaverclient_sync_now(self.uniffiClonePointer(),$0
     )
 }
+}
+    
+    /**
+     * Pushes of the conversation again. `MuteChanged` or `RequestFailed`.
+     */
+open func unmuteConversation(conversationId: String)throws  -> UInt64  {
+    return try  FfiConverterUInt64.lift(try rustCallWithError(FfiConverterTypeClientError_lift) {
+    uniffi_palaver_client_fn_method_palaverclient_unmute_conversation(self.uniffiClonePointer(),
+        FfiConverterString.lower(conversationId),$0
+    )
+})
+}
+    
+    /**
+     * This device gets no more pushes (e.g. at sign-out, before
+     * `shutdown`). `PushTokenUnregistered` or `RequestFailed`.
+     */
+open func unregisterPushToken()throws  -> UInt64  {
+    return try  FfiConverterUInt64.lift(try rustCallWithError(FfiConverterTypeClientError_lift) {
+    uniffi_palaver_client_fn_method_palaverclient_unregister_push_token(self.uniffiClonePointer(),$0
+    )
+})
 }
     
 open func unsubscribePresence(userIds: [String])throws   {try rustCallWithError(FfiConverterTypeClientError_lift) {
@@ -2550,12 +2865,26 @@ public func FfiConverterTypeServerError_lower(_ value: ServerError) -> RustBuffe
 public struct SyncCursor {
     public var conversationId: String
     public var afterSeq: UInt64
+    /**
+     * The server history epoch `after_seq` counts in (SPEC §7); 0 when
+     * not known. Save it with the cursor: it is how the SDK notices a
+     * server that lost its history instead of dropping its new messages
+     * as repeats.
+     */
+    public var historyEpoch: UInt64
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
-    public init(conversationId: String, afterSeq: UInt64) {
+    public init(conversationId: String, afterSeq: UInt64, 
+        /**
+         * The server history epoch `after_seq` counts in (SPEC §7); 0 when
+         * not known. Save it with the cursor: it is how the SDK notices a
+         * server that lost its history instead of dropping its new messages
+         * as repeats.
+         */historyEpoch: UInt64 = UInt64(0)) {
         self.conversationId = conversationId
         self.afterSeq = afterSeq
+        self.historyEpoch = historyEpoch
     }
 }
 
@@ -2572,12 +2901,16 @@ extension SyncCursor: Equatable, Hashable {
         if lhs.afterSeq != rhs.afterSeq {
             return false
         }
+        if lhs.historyEpoch != rhs.historyEpoch {
+            return false
+        }
         return true
     }
 
     public func hash(into hasher: inout Hasher) {
         hasher.combine(conversationId)
         hasher.combine(afterSeq)
+        hasher.combine(historyEpoch)
     }
 }
 
@@ -2591,13 +2924,15 @@ public struct FfiConverterTypeSyncCursor: FfiConverterRustBuffer {
         return
             try SyncCursor(
                 conversationId: FfiConverterString.read(from: &buf), 
-                afterSeq: FfiConverterUInt64.read(from: &buf)
+                afterSeq: FfiConverterUInt64.read(from: &buf), 
+                historyEpoch: FfiConverterUInt64.read(from: &buf)
         )
     }
 
     public static func write(_ value: SyncCursor, into buf: inout [UInt8]) {
         FfiConverterString.write(value.conversationId, into: &buf)
         FfiConverterUInt64.write(value.afterSeq, into: &buf)
+        FfiConverterUInt64.write(value.historyEpoch, into: &buf)
     }
 }
 
@@ -2812,6 +3147,32 @@ public enum ClientEvent {
     case presenceResult(ticket: UInt64, presences: [Presence]
     )
     /**
+     * Answer to `register_apns_token` / `register_fcm_token`: this device
+     * gets pushes while it is not connected (SPEC §20).
+     */
+    case pushTokenRegistered(ticket: UInt64, 
+        /**
+         * Server time of the registration.
+         */registeredMs: Int64
+    )
+    /**
+     * Answer to `unregister_push_token`.
+     */
+    case pushTokenUnregistered(ticket: UInt64, 
+        /**
+         * The device had a registration.
+         */wasRegistered: Bool
+    )
+    /**
+     * Answer to `mute_conversation` / `unmute_conversation`: the user's
+     * mute of the conversation now (all devices).
+     */
+    case muteChanged(ticket: UInt64, conversationId: String, 
+        /**
+         * Muted until then (Unix ms); 0 when not muted or muted for ever.
+         */mutedUntilMs: Int64, forever: Bool
+    )
+    /**
      * A ticketed request failed.
      */
     case requestFailed(ticket: UInt64, 
@@ -2831,6 +3192,17 @@ public enum ClientEvent {
      * good; later messages were delivered.
      */
     case messagesUnavailable(conversationId: String, fromSeq: UInt64, toSeq: UInt64
+    )
+    /**
+     * The server lost or replaced this conversation's history (its
+     * history epoch changed, SPEC §7): a non-durable server restarted, or
+     * its store was wiped or restored. Seqs start again from 1; the SDK
+     * dropped its cursor and syncs the conversation from the start, so
+     * `Message` events follow with seqs the app may have seen before for
+     * other messages. An app keying messages by seq drops what it keyed
+     * for this conversation; `message_id`s stay unique.
+     */
+    case historyReset(conversationId: String
     )
 }
 
@@ -2885,12 +3257,24 @@ public struct FfiConverterTypeClientEvent: FfiConverterRustBuffer {
         case 12: return .presenceResult(ticket: try FfiConverterUInt64.read(from: &buf), presences: try FfiConverterSequenceTypePresence.read(from: &buf)
         )
         
-        case 13: return .requestFailed(ticket: try FfiConverterUInt64.read(from: &buf), error: try FfiConverterOptionTypeServerError.read(from: &buf)
+        case 13: return .pushTokenRegistered(ticket: try FfiConverterUInt64.read(from: &buf), registeredMs: try FfiConverterInt64.read(from: &buf)
         )
         
-        case 14: return .syncComplete
+        case 14: return .pushTokenUnregistered(ticket: try FfiConverterUInt64.read(from: &buf), wasRegistered: try FfiConverterBool.read(from: &buf)
+        )
         
-        case 15: return .messagesUnavailable(conversationId: try FfiConverterString.read(from: &buf), fromSeq: try FfiConverterUInt64.read(from: &buf), toSeq: try FfiConverterUInt64.read(from: &buf)
+        case 15: return .muteChanged(ticket: try FfiConverterUInt64.read(from: &buf), conversationId: try FfiConverterString.read(from: &buf), mutedUntilMs: try FfiConverterInt64.read(from: &buf), forever: try FfiConverterBool.read(from: &buf)
+        )
+        
+        case 16: return .requestFailed(ticket: try FfiConverterUInt64.read(from: &buf), error: try FfiConverterOptionTypeServerError.read(from: &buf)
+        )
+        
+        case 17: return .syncComplete
+        
+        case 18: return .messagesUnavailable(conversationId: try FfiConverterString.read(from: &buf), fromSeq: try FfiConverterUInt64.read(from: &buf), toSeq: try FfiConverterUInt64.read(from: &buf)
+        )
+        
+        case 19: return .historyReset(conversationId: try FfiConverterString.read(from: &buf)
         )
         
         default: throw UniffiInternalError.unexpectedEnumCase
@@ -2980,21 +3364,46 @@ public struct FfiConverterTypeClientEvent: FfiConverterRustBuffer {
             FfiConverterSequenceTypePresence.write(presences, into: &buf)
             
         
-        case let .requestFailed(ticket,error):
+        case let .pushTokenRegistered(ticket,registeredMs):
             writeInt(&buf, Int32(13))
+            FfiConverterUInt64.write(ticket, into: &buf)
+            FfiConverterInt64.write(registeredMs, into: &buf)
+            
+        
+        case let .pushTokenUnregistered(ticket,wasRegistered):
+            writeInt(&buf, Int32(14))
+            FfiConverterUInt64.write(ticket, into: &buf)
+            FfiConverterBool.write(wasRegistered, into: &buf)
+            
+        
+        case let .muteChanged(ticket,conversationId,mutedUntilMs,forever):
+            writeInt(&buf, Int32(15))
+            FfiConverterUInt64.write(ticket, into: &buf)
+            FfiConverterString.write(conversationId, into: &buf)
+            FfiConverterInt64.write(mutedUntilMs, into: &buf)
+            FfiConverterBool.write(forever, into: &buf)
+            
+        
+        case let .requestFailed(ticket,error):
+            writeInt(&buf, Int32(16))
             FfiConverterUInt64.write(ticket, into: &buf)
             FfiConverterOptionTypeServerError.write(error, into: &buf)
             
         
         case .syncComplete:
-            writeInt(&buf, Int32(14))
+            writeInt(&buf, Int32(17))
         
         
         case let .messagesUnavailable(conversationId,fromSeq,toSeq):
-            writeInt(&buf, Int32(15))
+            writeInt(&buf, Int32(18))
             FfiConverterString.write(conversationId, into: &buf)
             FfiConverterUInt64.write(fromSeq, into: &buf)
             FfiConverterUInt64.write(toSeq, into: &buf)
+            
+        
+        case let .historyReset(conversationId):
+            writeInt(&buf, Int32(19))
+            FfiConverterString.write(conversationId, into: &buf)
             
         }
     }
@@ -3026,6 +3435,187 @@ extension ClientEvent: Equatable, Hashable {}
 // Note that we don't yet support `indirect` for enums.
 // See https://github.com/mozilla/uniffi-rs/issues/396 for further discussion.
 /**
+ * Why a connection attempt or a connection failed
+ * ([`ConnectionState::Connecting`]'s `last_failure`,
+ * [`DisconnectCause::Failed`]).
+ */
+
+public enum ConnectFailure {
+    
+    /**
+     * DNS found no address, or the TCP connection was refused or timed
+     * out: no network, or no server there.
+     */
+    case unreachable(detail: String
+    )
+    /**
+     * The server's certificate is not trusted: permanent (the SDK stops).
+     */
+    case untrustedCertificate(detail: String
+    )
+    /**
+     * TLS failed otherwise (handshake, protocol, alert).
+     */
+    case tls(detail: String
+    )
+    /**
+     * The server refused the token (UNAUTHENTICATED, TOKEN_EXPIRED).
+     */
+    case authRefused(error: ServerError
+    )
+    /**
+     * The server is busy or going away (GoAway, OVERLOADED, SHUTTING_DOWN,
+     * TOO_MANY_CONNECTIONS): it said when to come back.
+     */
+    case serverBusy(detail: String
+    )
+    /**
+     * No Welcome in time, or the server fell silent (missed heartbeats).
+     */
+    case timedOut(detail: String
+    )
+    /**
+     * The connection closed or broke (EOF, reset, close_notify).
+     */
+    case connectionLost(detail: String
+    )
+    /**
+     * The server broke the protocol, or refused ours (PROTOCOL_VIOLATION,
+     * MALFORMED_FRAME): reconnecting with a longer backoff.
+     */
+    case `protocol`(detail: String
+    )
+    /**
+     * The token provider could not give a token for now.
+     */
+    case tokenUnavailable(detail: String
+    )
+}
+
+
+#if compiler(>=6)
+extension ConnectFailure: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeConnectFailure: FfiConverterRustBuffer {
+    typealias SwiftType = ConnectFailure
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> ConnectFailure {
+        let variant: Int32 = try readInt(&buf)
+        switch variant {
+        
+        case 1: return .unreachable(detail: try FfiConverterString.read(from: &buf)
+        )
+        
+        case 2: return .untrustedCertificate(detail: try FfiConverterString.read(from: &buf)
+        )
+        
+        case 3: return .tls(detail: try FfiConverterString.read(from: &buf)
+        )
+        
+        case 4: return .authRefused(error: try FfiConverterTypeServerError.read(from: &buf)
+        )
+        
+        case 5: return .serverBusy(detail: try FfiConverterString.read(from: &buf)
+        )
+        
+        case 6: return .timedOut(detail: try FfiConverterString.read(from: &buf)
+        )
+        
+        case 7: return .connectionLost(detail: try FfiConverterString.read(from: &buf)
+        )
+        
+        case 8: return .`protocol`(detail: try FfiConverterString.read(from: &buf)
+        )
+        
+        case 9: return .tokenUnavailable(detail: try FfiConverterString.read(from: &buf)
+        )
+        
+        default: throw UniffiInternalError.unexpectedEnumCase
+        }
+    }
+
+    public static func write(_ value: ConnectFailure, into buf: inout [UInt8]) {
+        switch value {
+        
+        
+        case let .unreachable(detail):
+            writeInt(&buf, Int32(1))
+            FfiConverterString.write(detail, into: &buf)
+            
+        
+        case let .untrustedCertificate(detail):
+            writeInt(&buf, Int32(2))
+            FfiConverterString.write(detail, into: &buf)
+            
+        
+        case let .tls(detail):
+            writeInt(&buf, Int32(3))
+            FfiConverterString.write(detail, into: &buf)
+            
+        
+        case let .authRefused(error):
+            writeInt(&buf, Int32(4))
+            FfiConverterTypeServerError.write(error, into: &buf)
+            
+        
+        case let .serverBusy(detail):
+            writeInt(&buf, Int32(5))
+            FfiConverterString.write(detail, into: &buf)
+            
+        
+        case let .timedOut(detail):
+            writeInt(&buf, Int32(6))
+            FfiConverterString.write(detail, into: &buf)
+            
+        
+        case let .connectionLost(detail):
+            writeInt(&buf, Int32(7))
+            FfiConverterString.write(detail, into: &buf)
+            
+        
+        case let .`protocol`(detail):
+            writeInt(&buf, Int32(8))
+            FfiConverterString.write(detail, into: &buf)
+            
+        
+        case let .tokenUnavailable(detail):
+            writeInt(&buf, Int32(9))
+            FfiConverterString.write(detail, into: &buf)
+            
+        }
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeConnectFailure_lift(_ buf: RustBuffer) throws -> ConnectFailure {
+    return try FfiConverterTypeConnectFailure.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeConnectFailure_lower(_ value: ConnectFailure) -> RustBuffer {
+    return FfiConverterTypeConnectFailure.lower(value)
+}
+
+
+extension ConnectFailure: Equatable, Hashable {}
+
+
+
+
+
+
+// Note that we don't yet support `indirect` for enums.
+// See https://github.com/mozilla/uniffi-rs/issues/396 for further discussion.
+/**
  * The SDK's connection state (see client/SDK-SPEC.md).
  */
 
@@ -3040,9 +3630,11 @@ public enum ConnectionState {
     case disconnected(cause: DisconnectCause?
     )
     /**
-     * Dialling, or waiting `retry_in_ms` before the next attempt.
+     * Dialling, or waiting `retry_in_ms` before the next attempt;
+     * `last_failure` says why the previous attempt or connection ended
+     * (`None` on the first attempt).
      */
-    case connecting(attempt: UInt32, retryInMs: UInt64
+    case connecting(attempt: UInt32, retryInMs: UInt64, lastFailure: ConnectFailure?
     )
     /**
      * Welcome received: requests flow.
@@ -3073,7 +3665,7 @@ public struct FfiConverterTypeConnectionState: FfiConverterRustBuffer {
         case 1: return .disconnected(cause: try FfiConverterOptionTypeDisconnectCause.read(from: &buf)
         )
         
-        case 2: return .connecting(attempt: try FfiConverterUInt32.read(from: &buf), retryInMs: try FfiConverterUInt64.read(from: &buf)
+        case 2: return .connecting(attempt: try FfiConverterUInt32.read(from: &buf), retryInMs: try FfiConverterUInt64.read(from: &buf), lastFailure: try FfiConverterOptionTypeConnectFailure.read(from: &buf)
         )
         
         case 3: return .connected(userId: try FfiConverterString.read(from: &buf), sessionId: try FfiConverterString.read(from: &buf)
@@ -3094,10 +3686,11 @@ public struct FfiConverterTypeConnectionState: FfiConverterRustBuffer {
             FfiConverterOptionTypeDisconnectCause.write(cause, into: &buf)
             
         
-        case let .connecting(attempt,retryInMs):
+        case let .connecting(attempt,retryInMs,lastFailure):
             writeInt(&buf, Int32(2))
             FfiConverterUInt32.write(attempt, into: &buf)
             FfiConverterUInt64.write(retryInMs, into: &buf)
+            FfiConverterOptionTypeConnectFailure.write(lastFailure, into: &buf)
             
         
         case let .connected(userId,sessionId):
@@ -3350,6 +3943,14 @@ public enum DisconnectCause {
      */
     case tokenUnavailable(message: String
     )
+    /**
+     * A failure that retrying cannot heal: the server's certificate is not
+     * trusted (wrong CA or server name, expired), or the server refused
+     * as expired a token the provider had just fetched fresh (its clock,
+     * or its tokens, are wrong). Call `connect()` once it is fixed.
+     */
+    case failed(failure: ConnectFailure
+    )
 }
 
 
@@ -3377,6 +3978,9 @@ public struct FfiConverterTypeDisconnectCause: FfiConverterRustBuffer {
         case 4: return .tokenUnavailable(message: try FfiConverterString.read(from: &buf)
         )
         
+        case 5: return .failed(failure: try FfiConverterTypeConnectFailure.read(from: &buf)
+        )
+        
         default: throw UniffiInternalError.unexpectedEnumCase
         }
     }
@@ -3401,6 +4005,11 @@ public struct FfiConverterTypeDisconnectCause: FfiConverterRustBuffer {
         case let .tokenUnavailable(message):
             writeInt(&buf, Int32(4))
             FfiConverterString.write(message, into: &buf)
+            
+        
+        case let .failed(failure):
+            writeInt(&buf, Int32(5))
+            FfiConverterTypeConnectFailure.write(failure, into: &buf)
             
         }
     }
@@ -3666,6 +4275,173 @@ extension ErrorCode: Equatable, Hashable {}
 
 
 
+
+/**
+ * What a listener's exception becomes (any exception: Kotlin and Swift
+ * implementations need not declare it).
+ */
+public enum ListenerError: Swift.Error {
+
+    
+    
+    case Failed(detail: String
+    )
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeListenerError: FfiConverterRustBuffer {
+    typealias SwiftType = ListenerError
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> ListenerError {
+        let variant: Int32 = try readInt(&buf)
+        switch variant {
+
+        
+
+        
+        case 1: return .Failed(
+            detail: try FfiConverterString.read(from: &buf)
+            )
+
+         default: throw UniffiInternalError.unexpectedEnumCase
+        }
+    }
+
+    public static func write(_ value: ListenerError, into buf: inout [UInt8]) {
+        switch value {
+
+        
+
+        
+        
+        case let .Failed(detail):
+            writeInt(&buf, Int32(1))
+            FfiConverterString.write(detail, into: &buf)
+            
+        }
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeListenerError_lift(_ buf: RustBuffer) throws -> ListenerError {
+    return try FfiConverterTypeListenerError.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeListenerError_lower(_ value: ListenerError) -> RustBuffer {
+    return FfiConverterTypeListenerError.lower(value)
+}
+
+
+extension ListenerError: Equatable, Hashable {}
+
+
+
+
+extension ListenerError: Foundation.LocalizedError {
+    public var errorDescription: String? {
+        String(reflecting: self)
+    }
+}
+
+
+
+
+// Note that we don't yet support `indirect` for enums.
+// See https://github.com/mozilla/uniffi-rs/issues/396 for further discussion.
+/**
+ * How much a line matters.
+ */
+
+public enum LogLevel {
+    
+    case debug
+    case info
+    case warn
+    case error
+}
+
+
+#if compiler(>=6)
+extension LogLevel: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeLogLevel: FfiConverterRustBuffer {
+    typealias SwiftType = LogLevel
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> LogLevel {
+        let variant: Int32 = try readInt(&buf)
+        switch variant {
+        
+        case 1: return .debug
+        
+        case 2: return .info
+        
+        case 3: return .warn
+        
+        case 4: return .error
+        
+        default: throw UniffiInternalError.unexpectedEnumCase
+        }
+    }
+
+    public static func write(_ value: LogLevel, into buf: inout [UInt8]) {
+        switch value {
+        
+        
+        case .debug:
+            writeInt(&buf, Int32(1))
+        
+        
+        case .info:
+            writeInt(&buf, Int32(2))
+        
+        
+        case .warn:
+            writeInt(&buf, Int32(3))
+        
+        
+        case .error:
+            writeInt(&buf, Int32(4))
+        
+        }
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeLogLevel_lift(_ buf: RustBuffer) throws -> LogLevel {
+    return try FfiConverterTypeLogLevel.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeLogLevel_lower(_ value: LogLevel) -> RustBuffer {
+    return FfiConverterTypeLogLevel.lower(value)
+}
+
+
+extension LogLevel: Equatable, Hashable {}
+
+
+
+
+
+
 // Note that we don't yet support `indirect` for enums.
 // See https://github.com/mozilla/uniffi-rs/issues/396 for further discussion.
 
@@ -3911,6 +4687,54 @@ extension TokenError: Foundation.LocalizedError {
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
+fileprivate struct FfiConverterOptionInt64: FfiConverterRustBuffer {
+    typealias SwiftType = Int64?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterInt64.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterInt64.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterOptionString: FfiConverterRustBuffer {
+    typealias SwiftType = String?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterString.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterString.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
 fileprivate struct FfiConverterOptionTypeClientStore: FfiConverterRustBuffer {
     typealias SwiftType = ClientStore?
 
@@ -3975,6 +4799,30 @@ fileprivate struct FfiConverterOptionTypeServerError: FfiConverterRustBuffer {
         switch try readInt(&buf) as Int8 {
         case 0: return nil
         case 1: return try FfiConverterTypeServerError.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterOptionTypeConnectFailure: FfiConverterRustBuffer {
+    typealias SwiftType = ConnectFailure?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterTypeConnectFailure.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterTypeConnectFailure.read(from: &buf)
         default: throw UniffiInternalError.unexpectedOptionalTag
         }
     }
@@ -4154,6 +5002,14 @@ fileprivate struct FfiConverterSequenceTypeSyncCursor: FfiConverterRustBuffer {
     }
 }
 /**
+ * Stops logging.
+ */
+public func clearLogSink()  {try! rustCall() {
+    uniffi_palaver_client_fn_func_clear_log_sink($0
+    )
+}
+}
+/**
  * The direct conversation id of two users (`dm:<a>:<b>`, sorted, SPEC §11).
  */
 public func directConversationId(userA: String, userB: String)throws  -> String  {
@@ -4173,6 +5029,16 @@ public func memoryStore() -> ClientStore  {
     )
 })
 }
+/**
+ * Routes every later log line of every client in this process to `sink`
+ * (replacing the previous one).
+ */
+public func setLogSink(sink: LogSink)  {try! rustCall() {
+    uniffi_palaver_client_fn_func_set_log_sink(
+        FfiConverterTypeLogSink_lower(sink),$0
+    )
+}
+}
 
 private enum InitializationResult {
     case ok
@@ -4189,10 +5055,16 @@ private let initializationResult: InitializationResult = {
     if bindings_contract_version != scaffolding_contract_version {
         return InitializationResult.contractVersionMismatch
     }
+    if (uniffi_palaver_client_checksum_func_clear_log_sink() != 10067) {
+        return InitializationResult.apiChecksumMismatch
+    }
     if (uniffi_palaver_client_checksum_func_direct_conversation_id() != 30793) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_palaver_client_checksum_func_memory_store() != 51191) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_palaver_client_checksum_func_set_log_sink() != 19143) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_palaver_client_checksum_method_clientstore_load_outbox() != 5943) {
@@ -4210,7 +5082,10 @@ private let initializationResult: InitializationResult = {
     if (uniffi_palaver_client_checksum_method_clientstore_save_cursor() != 50028) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_palaver_client_checksum_method_eventlistener_on_event() != 48528) {
+    if (uniffi_palaver_client_checksum_method_eventlistener_on_event() != 44429) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_palaver_client_checksum_method_logsink_log() != 18068) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_palaver_client_checksum_method_palaverclient_change_members() != 15756) {
@@ -4234,10 +5109,22 @@ private let initializationResult: InitializationResult = {
     if (uniffi_palaver_client_checksum_method_palaverclient_mark_read() != 228) {
         return InitializationResult.apiChecksumMismatch
     }
+    if (uniffi_palaver_client_checksum_method_palaverclient_mute_conversation() != 23132) {
+        return InitializationResult.apiChecksumMismatch
+    }
     if (uniffi_palaver_client_checksum_method_palaverclient_open_direct() != 17707) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_palaver_client_checksum_method_palaverclient_query_presence() != 31557) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_palaver_client_checksum_method_palaverclient_reconnect_now() != 7744) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_palaver_client_checksum_method_palaverclient_register_apns_token() != 26134) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_palaver_client_checksum_method_palaverclient_register_fcm_token() != 3476) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_palaver_client_checksum_method_palaverclient_send_message() != 51815) {
@@ -4261,6 +5148,12 @@ private let initializationResult: InitializationResult = {
     if (uniffi_palaver_client_checksum_method_palaverclient_sync_now() != 58419) {
         return InitializationResult.apiChecksumMismatch
     }
+    if (uniffi_palaver_client_checksum_method_palaverclient_unmute_conversation() != 56340) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_palaver_client_checksum_method_palaverclient_unregister_push_token() != 25473) {
+        return InitializationResult.apiChecksumMismatch
+    }
     if (uniffi_palaver_client_checksum_method_palaverclient_unsubscribe_presence() != 47218) {
         return InitializationResult.apiChecksumMismatch
     }
@@ -4273,6 +5166,7 @@ private let initializationResult: InitializationResult = {
 
     uniffiCallbackInitClientStore()
     uniffiCallbackInitEventListener()
+    uniffiCallbackInitLogSink()
     uniffiCallbackInitTokenProvider()
     return InitializationResult.ok
 }()

@@ -293,6 +293,13 @@ typedef void (*UniffiCallbackInterfaceEventListenerMethod0)(uint64_t, RustBuffer
     );
 
 #endif
+#ifndef UNIFFI_FFIDEF_CALLBACK_INTERFACE_LOG_SINK_METHOD0
+#define UNIFFI_FFIDEF_CALLBACK_INTERFACE_LOG_SINK_METHOD0
+typedef void (*UniffiCallbackInterfaceLogSinkMethod0)(uint64_t, RustBuffer, RustBuffer, void* _Nonnull, 
+        RustCallStatus *_Nonnull uniffiCallStatus
+    );
+
+#endif
 #ifndef UNIFFI_FFIDEF_CALLBACK_INTERFACE_TOKEN_PROVIDER_METHOD0
 #define UNIFFI_FFIDEF_CALLBACK_INTERFACE_TOKEN_PROVIDER_METHOD0
 typedef void (*UniffiCallbackInterfaceTokenProviderMethod0)(uint64_t, int8_t, RustBuffer* _Nonnull, 
@@ -318,6 +325,14 @@ typedef struct UniffiVTableCallbackInterfaceEventListener {
     UniffiCallbackInterfaceEventListenerMethod0 _Nonnull onEvent;
     UniffiCallbackInterfaceFree _Nonnull uniffiFree;
 } UniffiVTableCallbackInterfaceEventListener;
+
+#endif
+#ifndef UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_LOG_SINK
+#define UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_LOG_SINK
+typedef struct UniffiVTableCallbackInterfaceLogSink {
+    UniffiCallbackInterfaceLogSinkMethod0 _Nonnull log;
+    UniffiCallbackInterfaceFree _Nonnull uniffiFree;
+} UniffiVTableCallbackInterfaceLogSink;
 
 #endif
 #ifndef UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_TOKEN_PROVIDER
@@ -388,6 +403,26 @@ void uniffi_palaver_client_fn_init_callback_vtable_eventlistener(const UniffiVTa
 void uniffi_palaver_client_fn_method_eventlistener_on_event(void*_Nonnull ptr, RustBuffer event, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_FN_CLONE_LOGSINK
+#define UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_FN_CLONE_LOGSINK
+void*_Nonnull uniffi_palaver_client_fn_clone_logsink(void*_Nonnull ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_FN_FREE_LOGSINK
+#define UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_FN_FREE_LOGSINK
+void uniffi_palaver_client_fn_free_logsink(void*_Nonnull ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_FN_INIT_CALLBACK_VTABLE_LOGSINK
+#define UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_FN_INIT_CALLBACK_VTABLE_LOGSINK
+void uniffi_palaver_client_fn_init_callback_vtable_logsink(const UniffiVTableCallbackInterfaceLogSink* _Nonnull vtable
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_FN_METHOD_LOGSINK_LOG
+#define UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_FN_METHOD_LOGSINK_LOG
+void uniffi_palaver_client_fn_method_logsink_log(void*_Nonnull ptr, RustBuffer level, RustBuffer message, RustCallStatus *_Nonnull out_status
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_FN_CLONE_PALAVERCLIENT
 #define UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_FN_CLONE_PALAVERCLIENT
 void*_Nonnull uniffi_palaver_client_fn_clone_palaverclient(void*_Nonnull ptr, RustCallStatus *_Nonnull out_status
@@ -438,6 +473,11 @@ void uniffi_palaver_client_fn_method_palaverclient_mark_delivered(void*_Nonnull 
 void uniffi_palaver_client_fn_method_palaverclient_mark_read(void*_Nonnull ptr, RustBuffer conversation_id, uint64_t up_to_seq, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_FN_METHOD_PALAVERCLIENT_MUTE_CONVERSATION
+#define UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_FN_METHOD_PALAVERCLIENT_MUTE_CONVERSATION
+uint64_t uniffi_palaver_client_fn_method_palaverclient_mute_conversation(void*_Nonnull ptr, RustBuffer conversation_id, RustBuffer until_ms, RustCallStatus *_Nonnull out_status
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_FN_METHOD_PALAVERCLIENT_OPEN_DIRECT
 #define UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_FN_METHOD_PALAVERCLIENT_OPEN_DIRECT
 uint64_t uniffi_palaver_client_fn_method_palaverclient_open_direct(void*_Nonnull ptr, RustBuffer peer_user_id, RustCallStatus *_Nonnull out_status
@@ -446,6 +486,21 @@ uint64_t uniffi_palaver_client_fn_method_palaverclient_open_direct(void*_Nonnull
 #ifndef UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_FN_METHOD_PALAVERCLIENT_QUERY_PRESENCE
 #define UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_FN_METHOD_PALAVERCLIENT_QUERY_PRESENCE
 uint64_t uniffi_palaver_client_fn_method_palaverclient_query_presence(void*_Nonnull ptr, RustBuffer user_ids, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_FN_METHOD_PALAVERCLIENT_RECONNECT_NOW
+#define UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_FN_METHOD_PALAVERCLIENT_RECONNECT_NOW
+void uniffi_palaver_client_fn_method_palaverclient_reconnect_now(void*_Nonnull ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_FN_METHOD_PALAVERCLIENT_REGISTER_APNS_TOKEN
+#define UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_FN_METHOD_PALAVERCLIENT_REGISTER_APNS_TOKEN
+uint64_t uniffi_palaver_client_fn_method_palaverclient_register_apns_token(void*_Nonnull ptr, RustBuffer device_token, int8_t sandbox, RustBuffer topic, RustBuffer locale, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_FN_METHOD_PALAVERCLIENT_REGISTER_FCM_TOKEN
+#define UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_FN_METHOD_PALAVERCLIENT_REGISTER_FCM_TOKEN
+uint64_t uniffi_palaver_client_fn_method_palaverclient_register_fcm_token(void*_Nonnull ptr, RustBuffer token, RustBuffer locale, RustCallStatus *_Nonnull out_status
 );
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_FN_METHOD_PALAVERCLIENT_SEND_MESSAGE
@@ -483,6 +538,16 @@ void uniffi_palaver_client_fn_method_palaverclient_subscribe_presence(void*_Nonn
 void uniffi_palaver_client_fn_method_palaverclient_sync_now(void*_Nonnull ptr, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_FN_METHOD_PALAVERCLIENT_UNMUTE_CONVERSATION
+#define UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_FN_METHOD_PALAVERCLIENT_UNMUTE_CONVERSATION
+uint64_t uniffi_palaver_client_fn_method_palaverclient_unmute_conversation(void*_Nonnull ptr, RustBuffer conversation_id, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_FN_METHOD_PALAVERCLIENT_UNREGISTER_PUSH_TOKEN
+#define UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_FN_METHOD_PALAVERCLIENT_UNREGISTER_PUSH_TOKEN
+uint64_t uniffi_palaver_client_fn_method_palaverclient_unregister_push_token(void*_Nonnull ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_FN_METHOD_PALAVERCLIENT_UNSUBSCRIBE_PRESENCE
 #define UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_FN_METHOD_PALAVERCLIENT_UNSUBSCRIBE_PRESENCE
 void uniffi_palaver_client_fn_method_palaverclient_unsubscribe_presence(void*_Nonnull ptr, RustBuffer user_ids, RustCallStatus *_Nonnull out_status
@@ -508,6 +573,12 @@ void uniffi_palaver_client_fn_init_callback_vtable_tokenprovider(const UniffiVTa
 RustBuffer uniffi_palaver_client_fn_method_tokenprovider_fetch_token(void*_Nonnull ptr, int8_t force_refresh, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_FN_FUNC_CLEAR_LOG_SINK
+#define UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_FN_FUNC_CLEAR_LOG_SINK
+void uniffi_palaver_client_fn_func_clear_log_sink(RustCallStatus *_Nonnull out_status
+    
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_FN_FUNC_DIRECT_CONVERSATION_ID
 #define UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_FN_FUNC_DIRECT_CONVERSATION_ID
 RustBuffer uniffi_palaver_client_fn_func_direct_conversation_id(RustBuffer user_a, RustBuffer user_b, RustCallStatus *_Nonnull out_status
@@ -517,6 +588,11 @@ RustBuffer uniffi_palaver_client_fn_func_direct_conversation_id(RustBuffer user_
 #define UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_FN_FUNC_MEMORY_STORE
 void*_Nonnull uniffi_palaver_client_fn_func_memory_store(RustCallStatus *_Nonnull out_status
     
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_FN_FUNC_SET_LOG_SINK
+#define UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_FN_FUNC_SET_LOG_SINK
+void uniffi_palaver_client_fn_func_set_log_sink(void*_Nonnull sink, RustCallStatus *_Nonnull out_status
 );
 #endif
 #ifndef UNIFFI_FFIDEF_FFI_PALAVER_CLIENT_RUSTBUFFER_ALLOC
@@ -799,6 +875,12 @@ void ffi_palaver_client_rust_future_free_void(uint64_t handle
 void ffi_palaver_client_rust_future_complete_void(uint64_t handle, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_CHECKSUM_FUNC_CLEAR_LOG_SINK
+#define UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_CHECKSUM_FUNC_CLEAR_LOG_SINK
+uint16_t uniffi_palaver_client_checksum_func_clear_log_sink(void
+    
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_CHECKSUM_FUNC_DIRECT_CONVERSATION_ID
 #define UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_CHECKSUM_FUNC_DIRECT_CONVERSATION_ID
 uint16_t uniffi_palaver_client_checksum_func_direct_conversation_id(void
@@ -808,6 +890,12 @@ uint16_t uniffi_palaver_client_checksum_func_direct_conversation_id(void
 #ifndef UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_CHECKSUM_FUNC_MEMORY_STORE
 #define UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_CHECKSUM_FUNC_MEMORY_STORE
 uint16_t uniffi_palaver_client_checksum_func_memory_store(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_CHECKSUM_FUNC_SET_LOG_SINK
+#define UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_CHECKSUM_FUNC_SET_LOG_SINK
+uint16_t uniffi_palaver_client_checksum_func_set_log_sink(void
     
 );
 #endif
@@ -844,6 +932,12 @@ uint16_t uniffi_palaver_client_checksum_method_clientstore_save_cursor(void
 #ifndef UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_CHECKSUM_METHOD_EVENTLISTENER_ON_EVENT
 #define UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_CHECKSUM_METHOD_EVENTLISTENER_ON_EVENT
 uint16_t uniffi_palaver_client_checksum_method_eventlistener_on_event(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_CHECKSUM_METHOD_LOGSINK_LOG
+#define UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_CHECKSUM_METHOD_LOGSINK_LOG
+uint16_t uniffi_palaver_client_checksum_method_logsink_log(void
     
 );
 #endif
@@ -889,6 +983,12 @@ uint16_t uniffi_palaver_client_checksum_method_palaverclient_mark_read(void
     
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_CHECKSUM_METHOD_PALAVERCLIENT_MUTE_CONVERSATION
+#define UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_CHECKSUM_METHOD_PALAVERCLIENT_MUTE_CONVERSATION
+uint16_t uniffi_palaver_client_checksum_method_palaverclient_mute_conversation(void
+    
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_CHECKSUM_METHOD_PALAVERCLIENT_OPEN_DIRECT
 #define UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_CHECKSUM_METHOD_PALAVERCLIENT_OPEN_DIRECT
 uint16_t uniffi_palaver_client_checksum_method_palaverclient_open_direct(void
@@ -898,6 +998,24 @@ uint16_t uniffi_palaver_client_checksum_method_palaverclient_open_direct(void
 #ifndef UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_CHECKSUM_METHOD_PALAVERCLIENT_QUERY_PRESENCE
 #define UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_CHECKSUM_METHOD_PALAVERCLIENT_QUERY_PRESENCE
 uint16_t uniffi_palaver_client_checksum_method_palaverclient_query_presence(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_CHECKSUM_METHOD_PALAVERCLIENT_RECONNECT_NOW
+#define UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_CHECKSUM_METHOD_PALAVERCLIENT_RECONNECT_NOW
+uint16_t uniffi_palaver_client_checksum_method_palaverclient_reconnect_now(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_CHECKSUM_METHOD_PALAVERCLIENT_REGISTER_APNS_TOKEN
+#define UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_CHECKSUM_METHOD_PALAVERCLIENT_REGISTER_APNS_TOKEN
+uint16_t uniffi_palaver_client_checksum_method_palaverclient_register_apns_token(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_CHECKSUM_METHOD_PALAVERCLIENT_REGISTER_FCM_TOKEN
+#define UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_CHECKSUM_METHOD_PALAVERCLIENT_REGISTER_FCM_TOKEN
+uint16_t uniffi_palaver_client_checksum_method_palaverclient_register_fcm_token(void
     
 );
 #endif
@@ -940,6 +1058,18 @@ uint16_t uniffi_palaver_client_checksum_method_palaverclient_subscribe_presence(
 #ifndef UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_CHECKSUM_METHOD_PALAVERCLIENT_SYNC_NOW
 #define UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_CHECKSUM_METHOD_PALAVERCLIENT_SYNC_NOW
 uint16_t uniffi_palaver_client_checksum_method_palaverclient_sync_now(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_CHECKSUM_METHOD_PALAVERCLIENT_UNMUTE_CONVERSATION
+#define UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_CHECKSUM_METHOD_PALAVERCLIENT_UNMUTE_CONVERSATION
+uint16_t uniffi_palaver_client_checksum_method_palaverclient_unmute_conversation(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_CHECKSUM_METHOD_PALAVERCLIENT_UNREGISTER_PUSH_TOKEN
+#define UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_CHECKSUM_METHOD_PALAVERCLIENT_UNREGISTER_PUSH_TOKEN
+uint16_t uniffi_palaver_client_checksum_method_palaverclient_unregister_push_token(void
     
 );
 #endif

@@ -3,7 +3,7 @@
 
 use palaver_protocol::pb::{self, frame::Body};
 
-use crate::cursors::Release;
+use crate::cursors::{Arrival, Release};
 use crate::error::{ErrorCode, ServerError};
 use crate::types::*;
 
@@ -40,33 +40,79 @@ impl Engine {
         if g.reason == pb::GoAwayReason::Replaced as i32 {
             self.stop(now, Some(DisconnectCause::Replaced));
         } else {
-            self.fail(now, g.reconnect_delay_ms, 0);
+            let detail = format!("GoAway {:?}", g.reason());
+            self.fail(
+                now,
+                g.reconnect_delay_ms,
+                0,
+                ConnectFailure::ServerBusy { detail },
+            );
         }
     }
 
     pub(super) fn on_error(&mut self, rid: u32, e: pb::Error, now: u64) {
         let err = ServerError::from_pb(&e);
         if err.code.closes_connection() {
+            let auth = |error: &ServerError| ConnectFailure::AuthRefused {
+                error: error.clone(),
+            };
             match err.code {
+                ErrorCode::TokenExpired if self.token_was_refreshed => {
+                    // Expired although just fetched fresh: the provider's
+                    // tokens or a clock are wrong, and will be next time.
+                    self.stop(
+                        now,
+                        Some(DisconnectCause::Failed {
+                            failure: auth(&err),
+                        }),
+                    );
+                }
                 ErrorCode::TokenExpired => {
                     self.refresh_token = true;
-                    self.fail(now, 0, 0);
+                    self.fail(now, 0, 0, auth(&err));
                 }
                 ErrorCode::Unauthenticated if !self.token_was_refreshed => {
                     // Maybe a revoked or rotated token: one more try with a
                     // fresh one before giving up.
                     self.refresh_token = true;
-                    self.fail(now, 0, 0);
+                    self.fail(now, 0, 0, auth(&err));
                 }
                 c if c.stops_reconnecting() => {
                     self.stop(now, Some(DisconnectCause::Server { error: err }))
                 }
                 // A client bug, or other connections of the account that
                 // will not go away soon: no tight loop.
-                ErrorCode::ProtocolViolation
-                | ErrorCode::MalformedFrame
-                | ErrorCode::TooManyConnections => self.fail(now, 0, STRONG_BACKOFF_STEPS),
-                _ => self.fail(now, 0, 0),
+                ErrorCode::ProtocolViolation | ErrorCode::MalformedFrame => {
+                    let detail = format!("{:?}: {}", err.code, err.message);
+                    self.fail(
+                        now,
+                        0,
+                        STRONG_BACKOFF_STEPS,
+                        ConnectFailure::Protocol { detail },
+                    )
+                }
+                ErrorCode::TooManyConnections => {
+                    let detail = format!("{:?}: {}", err.code, err.message);
+                    self.fail(
+                        now,
+                        0,
+                        STRONG_BACKOFF_STEPS,
+                        ConnectFailure::ServerBusy { detail },
+                    )
+                }
+                ErrorCode::HelloTimeout | ErrorCode::HeartbeatTimeout => {
+                    let detail = format!("{:?}: {}", err.code, err.message);
+                    self.fail(now, 0, 0, ConnectFailure::TimedOut { detail })
+                }
+                code => {
+                    let detail = format!("{code:?}: {}", err.message);
+                    let why = match code {
+                        ErrorCode::FrameTooLarge => ConnectFailure::Protocol { detail },
+                        ErrorCode::SlowConsumer => ConnectFailure::ConnectionLost { detail },
+                        _ => ConnectFailure::ServerBusy { detail },
+                    };
+                    self.fail(now, 0, 0, why)
+                }
             }
             return;
         }
@@ -133,23 +179,62 @@ impl Engine {
             server_time_ms: a.server_time_ms,
         });
         let before = self.cursors.contiguous(&a.conversation_id);
-        let (released, gap) = self.cursors.on_own(&a.conversation_id, a.seq);
+        let (released, arrival) = self.cursors.on_own(&a.conversation_id, a.seq);
         if self.cursors.contiguous(&a.conversation_id) != before {
             self.dirty_cursors.insert(a.conversation_id.clone());
         }
         self.release(&a.conversation_id, released, now);
-        if gap {
-            self.want_sync(now);
-        }
+        self.after_arrival(arrival, now);
     }
 
     pub(super) fn on_message(&mut self, m: pb::Message, now: u64) {
         let conv = m.conversation_id.clone();
-        let (released, gap) = self.cursors.on_message(ChatMessage::from_pb(m));
+        let (released, arrival) = self.cursors.on_message(ChatMessage::from_pb(m));
         self.release(&conv, released, now);
-        if gap {
-            self.want_sync(now);
+        self.after_arrival(arrival, now);
+    }
+
+    /// A gap is filled by a Sync. So is a repeat outside a sync round: it
+    /// may be a plain repeat (a resend delivers the original again), or the
+    /// first message of a server that lost its history while this client
+    /// stayed connected (seqs went backwards); the Sync's epoch tells which.
+    /// During a round, repeats are the expected overlap with Deliver.
+    fn after_arrival(&mut self, arrival: Arrival, now: u64) {
+        match arrival {
+            Arrival::Gap => self.want_sync(now),
+            Arrival::Repeat if self.sync.is_none() => self.want_sync(now),
+            Arrival::Repeat | Arrival::Taken => {}
         }
+    }
+
+    /// A SyncBatch or HistoryPage announced the server's history epoch.
+    /// Conversations whose positions count in an earlier one start again
+    /// from 0 (and the app is told); returns them.
+    pub(super) fn on_epoch(&mut self, epoch: u64) -> Vec<String> {
+        let (reset, adopted) = self.cursors.adopt_epoch(epoch);
+        for id in adopted.iter().chain(&reset) {
+            self.dirty_cursors.insert(id.clone());
+        }
+        if !reset.is_empty() {
+            self.log(
+                LogLevel::Info,
+                format!(
+                    "the server lost or replaced its history (new epoch {epoch:#x}): \
+                     {} conversation(s) sync again from seq 1",
+                    reset.len()
+                ),
+            );
+        }
+        for id in &reset {
+            if let Some(round) = self.sync.as_mut() {
+                round.received.remove(id);
+                round.gapped_at_start.remove(id);
+            }
+            self.event(ClientEvent::HistoryReset {
+                conversation_id: id.clone(),
+            });
+        }
+        reset
     }
 
     pub(super) fn release(&mut self, conv: &str, released: Vec<Release>, now: u64) {
@@ -185,12 +270,23 @@ impl Engine {
         }
     }
 
-    pub(super) fn on_sync_batch(&mut self, rid: u32, b: pb::SyncBatch, now: u64) {
+    pub(super) fn on_sync_batch(&mut self, rid: u32, mut b: pb::SyncBatch, now: u64) {
+        // Messages of a conversation just reset were read above the stale
+        // cursor: dropped here, they come again from seq 1, in order.
+        let reset = self.on_epoch(b.history_epoch);
+        if !reset.is_empty() {
+            b.messages
+                .retain(|m| reset.binary_search(&m.conversation_id).is_err());
+            b.has_more = true; // sync the reset conversations from 0
+        }
         let ours = self.sync.as_ref().is_some_and(|s| s.request_id == rid);
         if !ours {
             // A stale round (superseded); its messages are still good.
             for m in b.messages {
                 self.on_message(m, now);
+            }
+            if !reset.is_empty() {
+                self.want_sync(now);
             }
             return;
         }

@@ -18,6 +18,7 @@ use palaver_protocol::{frame, ClientConn, Verdict};
 
 use crate::config::ClientConfig;
 use crate::cursors::Cursors;
+use crate::log::LogLevel;
 use crate::outbox::Outbox;
 use crate::types::*;
 
@@ -55,9 +56,29 @@ pub(crate) enum Request {
         remove: Vec<String>,
         promote: Vec<String>,
     },
+    /// SPEC §20; built and checked by the caller.
+    RegisterPushToken(pb::RegisterPushToken),
+    UnregisterPushToken,
+    MuteConversation {
+        conversation_id: String,
+        /// 0 with `forever` false: unmute.
+        muted_until_ms: i64,
+        forever: bool,
+    },
 }
 
 impl Request {
+    /// A push request (SPEC §20): sent only to a server that announced
+    /// them (`Welcome.limits.max_push_token_bytes` non-zero).
+    fn is_push(&self) -> bool {
+        matches!(
+            self,
+            Request::RegisterPushToken(_)
+                | Request::UnregisterPushToken
+                | Request::MuteConversation { .. }
+        )
+    }
+
     /// Whether sending it twice does no harm (the connection may drop after
     /// the server carried it out but before the answer arrived).
     fn safe_to_repeat(&self) -> bool {
@@ -108,6 +129,17 @@ impl Request {
                 remove_user_ids: remove,
                 promote_user_ids: promote,
             }),
+            Request::RegisterPushToken(register) => Body::RegisterPushToken(register),
+            Request::UnregisterPushToken => Body::UnregisterPushToken(pb::UnregisterPushToken {}),
+            Request::MuteConversation {
+                conversation_id,
+                muted_until_ms,
+                forever,
+            } => Body::MuteConversation(pb::MuteConversation {
+                conversation_id,
+                muted_until_ms,
+                forever,
+            }),
         }
     }
 }
@@ -138,6 +170,9 @@ pub(crate) enum Command {
         request: Request,
     },
     SyncNow,
+    /// Skip the wait before the next attempt (the app came to the
+    /// foreground, the network changed).
+    ReconnectNow,
 }
 
 /// What the I/O side must do for the engine besides writing frames.
@@ -149,6 +184,9 @@ pub(crate) enum Output {
     /// Persist after the events before it were handled.
     SaveCursor(SyncCursor),
     RemoveOutgoing(Vec<u8>),
+    /// A line for the app's log sink (`crate::log`), in order with the
+    /// events, from the dispatch thread.
+    Log(LogLevel, String),
 }
 
 /// Why a dial failed before the transport came up.
@@ -156,20 +194,22 @@ pub(crate) enum Output {
 pub(crate) enum DialFailure {
     /// The token provider refused for good.
     TokenDenied(String),
-    /// Token provider unavailable for now, DNS, TCP, TLS: retry with backoff.
-    Transient,
+    /// Token provider unavailable for now, DNS, TCP: retry with backoff.
+    Transient(ConnectFailure),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where the connection is; each state holds what only it needs.
 enum Link {
     /// Not connecting (not running, or stopped).
     Idle,
-    /// Waiting to dial at `reconnect_at`.
-    Waiting,
-    /// The I/O side is dialling (TCP + TLS); Hello not sent yet.
-    Dialling,
-    /// Hello sent on a transport.
-    Open,
+    /// Waiting to dial at `at`.
+    Waiting { at: u64 },
+    /// The I/O side is dialling (TCP + TLS) until `deadline`; Hello not
+    /// sent yet.
+    Dialling { deadline: u64 },
+    /// Hello sent on a transport; the Welcome is due by `welcome_by` (the
+    /// dial's deadline: connect_timeout_ms covers both).
+    Open { conn: ClientConn, welcome_by: u64 },
 }
 
 #[derive(Debug, Clone)]
@@ -198,16 +238,15 @@ pub(crate) struct Engine {
     closed: bool,
     link: Link,
     attempt: u32,
-    reconnect_at: u64,
-    dial_deadline: u64,
     /// Ask the provider for a fresh token at the next dial (TOKEN_EXPIRED).
     refresh_token: bool,
     /// The token of the current dial was a forced refresh.
     token_was_refreshed: bool,
     state: ConnectionState,
+    /// Why the last attempt or connection ended (for `Connecting`).
+    last_failure: Option<ConnectFailure>,
     rng: u64,
 
-    conn: Option<ClientConn>,
     next_request_id: u32,
     ping_nonce: u64,
     limits: pb::Limits,
@@ -247,13 +286,11 @@ impl Engine {
             closed: false,
             link: Link::Idle,
             attempt: 0,
-            reconnect_at: 0,
-            dial_deadline: 0,
             refresh_token: false,
             token_was_refreshed: false,
             state: ConnectionState::Disconnected { cause: None },
+            last_failure: None,
             rng: seed | 1,
-            conn: None,
             next_request_id: 1,
             ping_nonce: 0,
             limits: pb::Limits::default(),
@@ -267,7 +304,7 @@ impl Engine {
             cursors: Cursors::from_saved(
                 cursors
                     .into_iter()
-                    .map(|c| (c.conversation_id, c.after_seq)),
+                    .map(|c| (c.conversation_id, c.after_seq, c.history_epoch)),
             ),
             dirty_cursors: BTreeSet::new(),
             watched: BTreeSet::new(),
@@ -323,14 +360,17 @@ impl Engine {
 
     /// Dial now? Returns whether the token must be a fresh one.
     pub fn poll_dial(&mut self, now: u64) -> Option<bool> {
-        if !self.running || self.link != Link::Waiting || now < self.reconnect_at {
-            return None;
+        match self.link {
+            Link::Waiting { at } if self.running && now >= at => {}
+            _ => return None,
         }
-        self.link = Link::Dialling;
-        self.dial_deadline = now.saturating_add(u64::from(self.cfg.connect_timeout_ms));
+        self.link = Link::Dialling {
+            deadline: now.saturating_add(u64::from(self.cfg.connect_timeout_ms)),
+        };
         self.set_state(ConnectionState::Connecting {
             attempt: self.attempt,
             retry_in_ms: 0,
+            last_failure: self.last_failure.clone(),
         });
         let fresh = std::mem::take(&mut self.refresh_token);
         self.token_was_refreshed = fresh;
@@ -341,17 +381,15 @@ impl Engine {
     pub fn next_wakeup(&self, now: u64) -> Option<u64> {
         let mut t: Option<u64> = None;
         let mut at = |x: u64| t = Some(t.map_or(x, |y: u64| y.min(x)));
-        match self.link {
-            Link::Waiting if self.running => at(self.reconnect_at),
-            Link::Dialling => at(self.dial_deadline),
-            Link::Open => {
-                if let Some(c) = &self.conn {
-                    if let Some(w) = c.next_wakeup() {
-                        at(w);
-                    }
-                    if c.phase() == ClientPhase::AwaitingWelcome {
-                        at(self.dial_deadline);
-                    }
+        match &self.link {
+            Link::Waiting { at: dial_at } if self.running => at(*dial_at),
+            Link::Dialling { deadline } => at(*deadline),
+            Link::Open { conn, welcome_by } => {
+                if let Some(w) = conn.next_wakeup() {
+                    at(w);
+                }
+                if conn.phase() == ClientPhase::AwaitingWelcome {
+                    at(*welcome_by);
                 }
                 if let Some(r) = self.receipts_due {
                     at(r);
@@ -364,7 +402,7 @@ impl Engine {
                     at(now + 20);
                 }
             }
-            Link::Idle | Link::Waiting => {}
+            Link::Idle | Link::Waiting { .. } => {}
         }
         t
     }
@@ -378,14 +416,15 @@ impl Engine {
         match cmd {
             Command::Connect => {
                 self.running = true;
-                if self.link == Link::Idle {
+                if matches!(self.link, Link::Idle) {
                     self.attempt = 0;
                     self.refresh_token = false;
-                    self.link = Link::Waiting;
-                    self.reconnect_at = now;
+                    self.link = Link::Waiting { at: now };
+                    self.last_failure = None;
                     self.set_state(ConnectionState::Connecting {
                         attempt: 0,
                         retry_in_ms: 0,
+                        last_failure: None,
                     });
                 }
             }
@@ -435,6 +474,11 @@ impl Engine {
                 self.pump(now);
             }
             Command::SyncNow => self.want_sync(now),
+            Command::ReconnectNow => {
+                if let (true, Link::Waiting { at }) = (self.running, &mut self.link) {
+                    *at = now;
+                }
+            }
         }
     }
 
@@ -442,15 +486,14 @@ impl Engine {
 
     /// TLS is up: send Hello with `token`.
     pub fn on_transport_up(&mut self, now: u64, token: String) {
-        if self.link != Link::Dialling {
+        let Link::Dialling { deadline } = self.link else {
             return;
-        }
-        self.link = Link::Open;
-        let welcome_ms = self.dial_deadline.saturating_sub(now);
-        self.conn = Some(ClientConn::new(
-            now,
-            u32::try_from(welcome_ms).unwrap_or(u32::MAX),
-        ));
+        };
+        let welcome_ms = deadline.saturating_sub(now);
+        self.link = Link::Open {
+            conn: ClientConn::new(now, u32::try_from(welcome_ms).unwrap_or(u32::MAX)),
+            welcome_by: deadline,
+        };
         self.in_flight.clear();
         self.sync = None;
         let id = self.request_id();
@@ -482,35 +525,60 @@ impl Engine {
     }
 
     pub fn on_dial_failed(&mut self, now: u64, why: DialFailure) {
-        if self.link != Link::Dialling {
+        if !matches!(self.link, Link::Dialling { .. }) {
             return;
         }
         match why {
             DialFailure::TokenDenied(message) => {
                 self.stop(now, Some(DisconnectCause::TokenUnavailable { message }))
             }
-            DialFailure::Transient => self.fail(now, 0, 0),
+            DialFailure::Transient(why) => self.fail(now, 0, 0, why),
         }
     }
 
-    /// The transport closed or failed (EOF, reset, TLS or framing error).
-    pub fn on_transport_down(&mut self, now: u64) {
-        if matches!(self.link, Link::Dialling | Link::Open) {
-            self.fail(now, 0, 0);
+    /// The transport closed or failed (EOF, reset, TLS or framing error):
+    /// `why` says which. An untrusted certificate stops reconnecting (it
+    /// fails the same way every time); the rest retry with backoff.
+    pub fn on_transport_down(&mut self, now: u64, why: ConnectFailure) {
+        if !matches!(self.link, Link::Dialling { .. } | Link::Open { .. }) {
+            return;
+        }
+        if matches!(why, ConnectFailure::UntrustedCertificate { .. }) {
+            self.stop(now, Some(DisconnectCause::Failed { failure: why }));
+        } else {
+            self.fail(now, 0, 0, why);
         }
     }
 
     pub fn on_tick(&mut self, now: u64) {
+        let (timed_out, ping_due) = match &self.link {
+            Link::Dialling { deadline } if now >= *deadline => (true, false),
+            Link::Open { conn, .. } => (conn.check_timeout(now).is_some(), conn.ping_due(now)),
+            _ => return,
+        };
         match self.link {
-            Link::Dialling if now >= self.dial_deadline => self.fail(now, 0, 0),
-            Link::Open => {
-                let Some(conn) = &self.conn else { return };
-                if conn.check_timeout(now).is_some() {
+            Link::Dialling { .. } if timed_out => self.fail(
+                now,
+                0,
+                0,
+                ConnectFailure::TimedOut {
+                    detail: "no connection within connect_timeout_ms".into(),
+                },
+            ),
+            Link::Open { .. } => {
+                if timed_out {
                     // No Welcome in time, or server silent for 2.5 intervals.
-                    self.fail(now, 0, 0);
+                    self.fail(
+                        now,
+                        0,
+                        0,
+                        ConnectFailure::TimedOut {
+                            detail: "no Welcome in time, or the server fell silent".into(),
+                        },
+                    );
                     return;
                 }
-                if conn.ping_due(now) {
+                if ping_due {
                     self.ping_nonce += 1;
                     let nonce = self.ping_nonce;
                     self.write(Body::Ping(pb::Ping { nonce }), now);
@@ -522,18 +590,22 @@ impl Engine {
     }
 
     pub fn on_frame(&mut self, f: pb::Frame, now: u64) {
-        if self.link != Link::Open {
-            return;
-        }
-        let Some(conn) = self.conn.as_mut() else {
+        let Link::Open { conn, .. } = &mut self.link else {
             return;
         };
         match conn.on_frame(&f, now) {
             Ok(Verdict::Process) => {}
             Ok(Verdict::Ignore | Verdict::Hold) => return,
-            Err(_) => {
+            Err(e) => {
                 // The server broke the protocol: close, back off strongly.
-                self.fail(now, 0, STRONG_BACKOFF_STEPS);
+                self.fail(
+                    now,
+                    0,
+                    STRONG_BACKOFF_STEPS,
+                    ConnectFailure::Protocol {
+                        detail: format!("the server broke the protocol: {e:?}"),
+                    },
+                );
                 return;
             }
         }
@@ -553,6 +625,9 @@ impl Engine {
             }
             Body::SyncBatch(b) => self.on_sync_batch(rid, b, now),
             Body::HistoryPage(p) => {
+                if !self.on_epoch(p.history_epoch).is_empty() {
+                    self.want_sync(now);
+                }
                 if let Some(InFlight::Ticket(ticket, _)) = self.in_flight.remove(&rid) {
                     self.event(ClientEvent::HistoryPage {
                         ticket,
@@ -632,7 +707,36 @@ impl Engine {
             | Body::Sync(_)
             | Body::History(_)
             | Body::CreateConversation(_)
-            | Body::ChangeMembers(_) => {}
+            | Body::ChangeMembers(_)
+            | Body::RegisterPushToken(_)
+            | Body::UnregisterPushToken(_)
+            | Body::MuteConversation(_) => {}
+            Body::PushTokenRegistered(r) => {
+                if let Some(InFlight::Ticket(ticket, _)) = self.in_flight.remove(&rid) {
+                    self.event(ClientEvent::PushTokenRegistered {
+                        ticket,
+                        registered_ms: r.registered_ms,
+                    });
+                }
+            }
+            Body::PushTokenUnregistered(u) => {
+                if let Some(InFlight::Ticket(ticket, _)) = self.in_flight.remove(&rid) {
+                    self.event(ClientEvent::PushTokenUnregistered {
+                        ticket,
+                        was_registered: u.was_registered,
+                    });
+                }
+            }
+            Body::ConversationMuted(m) => {
+                if let Some(InFlight::Ticket(ticket, _)) = self.in_flight.remove(&rid) {
+                    self.event(ClientEvent::MuteChanged {
+                        ticket,
+                        conversation_id: m.conversation_id,
+                        muted_until_ms: m.muted_until_ms,
+                        forever: m.forever,
+                    });
+                }
+            }
         }
         self.pump(now);
     }
@@ -679,6 +783,12 @@ mod tests {
             seq,
             sender_user_id: "bob".into(),
             ..Default::default()
+        }
+    }
+
+    fn lost() -> ConnectFailure {
+        ConnectFailure::ConnectionLost {
+            detail: "reset".into(),
         }
     }
 
@@ -762,6 +872,7 @@ mod tests {
         let saved = vec![SyncCursor {
             conversation_id: "dm:alice:bob".into(),
             after_seq: 9,
+            history_epoch: 0,
         }];
         let mut e = Engine::new(cfg(), vec![], saved, 7);
         let w = connect(&mut e, 0);
@@ -783,7 +894,7 @@ mod tests {
             .find(|f| matches!(f.body, Some(Body::Send(_))))
             .expect("send");
         // Connection drops before the SendAck.
-        e.on_transport_down(20);
+        e.on_transport_down(20, lost());
         assert!(e.take_close());
         let at = match e.state() {
             ConnectionState::Connecting { retry_in_ms, .. } => 20 + retry_in_ms,
@@ -819,7 +930,8 @@ mod tests {
         // Its own seq advances the cursor silently.
         assert!(outs.contains(&Output::SaveCursor(SyncCursor {
             conversation_id: "dm:alice:bob".into(),
-            after_seq: 1
+            after_seq: 1,
+            history_epoch: 0,
         })));
     }
 
@@ -933,6 +1045,7 @@ mod tests {
                     messages: vec![msg("g", 1)],
                     conversations: vec![],
                     has_more: false,
+                    ..Default::default()
                 }),
             ),
             1,
@@ -961,6 +1074,7 @@ mod tests {
                     messages: vec![msg("g", 2), msg("g", 3)],
                     conversations: vec![],
                     has_more: false,
+                    ..Default::default()
                 }),
             ),
             3,
@@ -1045,7 +1159,7 @@ mod tests {
             3_001,
         );
         assert_eq!(bodies(&e.take_writes()), vec!["typing", "typing"]);
-        e.on_transport_down(4_000);
+        e.on_transport_down(4_000, lost());
         let at = match e.state() {
             ConnectionState::Connecting { retry_in_ms, .. } => 4_000 + retry_in_ms,
             other => panic!("{other:?}"),
@@ -1084,7 +1198,7 @@ mod tests {
             bodies(&e.take_writes()),
             vec!["create_conversation", "history"]
         );
-        e.on_transport_down(2);
+        e.on_transport_down(2, lost());
         assert!(events(&mut e).contains(&ClientEvent::RequestFailed {
             ticket: 1,
             error: None
@@ -1099,10 +1213,100 @@ mod tests {
     }
 
     #[test]
+    fn push_requests_go_only_to_a_server_that_announced_them() {
+        let mute = |ticket| Command::Ticket {
+            ticket,
+            request: Request::MuteConversation {
+                conversation_id: "dm:alice:bob".into(),
+                muted_until_ms: 0,
+                forever: true,
+            },
+        };
+        // Welcome without `max_push_token_bytes`: refused locally, nothing
+        // written (the server would close the connection, SPEC §16).
+        let mut e = Engine::new(cfg(), vec![], vec![], 7);
+        connect(&mut e, 0);
+        events(&mut e);
+        e.command(mute(1), 1);
+        assert!(e.take_writes().is_empty());
+        match events(&mut e).as_slice() {
+            [ClientEvent::RequestFailed {
+                ticket: 1,
+                error: Some(error),
+            }] => assert_eq!(error.raw_code, 2000),
+            other => panic!("{other:?}"),
+        }
+
+        // Announced: sent, and each answer reaches its ticket.
+        let mut e = Engine::new(cfg(), vec![], vec![], 7);
+        e.command(Command::Connect, 0);
+        assert_eq!(e.poll_dial(0), Some(false));
+        e.on_transport_up(0, "tok".into());
+        let hello = e.take_writes();
+        let mut w = welcome(30_000);
+        w.request_id = hello[0].request_id;
+        if let Some(Body::Welcome(welcome)) = &mut w.body {
+            welcome.limits = Some(palaver_protocol::Limits::default().to_pb());
+        }
+        e.on_frame(w, 0);
+        e.take_writes();
+        events(&mut e);
+        e.command(mute(2), 1);
+        e.command(
+            Command::Ticket {
+                ticket: 3,
+                request: Request::UnregisterPushToken,
+            },
+            1,
+        );
+        let w = e.take_writes();
+        assert_eq!(
+            bodies(&w),
+            vec!["mute_conversation", "unregister_push_token"]
+        );
+        e.on_frame(
+            frame(
+                w[0].request_id,
+                Body::ConversationMuted(pb::ConversationMuted {
+                    conversation_id: "dm:alice:bob".into(),
+                    muted_until_ms: 0,
+                    forever: true,
+                }),
+            ),
+            2,
+        );
+        e.on_frame(
+            frame(
+                w[1].request_id,
+                Body::PushTokenUnregistered(pb::PushTokenUnregistered {
+                    was_registered: true,
+                }),
+            ),
+            2,
+        );
+        assert_eq!(
+            events(&mut e),
+            vec![
+                ClientEvent::MuteChanged {
+                    ticket: 2,
+                    conversation_id: "dm:alice:bob".into(),
+                    muted_until_ms: 0,
+                    forever: true,
+                },
+                ClientEvent::PushTokenUnregistered {
+                    ticket: 3,
+                    was_registered: true,
+                },
+            ]
+        );
+    }
+
+    #[test]
     fn has_more_continues_from_the_highest_received_and_a_final_gap_is_skipped() {
         let saved = vec![SyncCursor {
             conversation_id: "g".into(),
             after_seq: 2,
+            history_epoch: 0,
         }];
         let mut e = Engine::new(cfg(), vec![], saved, 7);
         let hello_id = connect(&mut e, 0)[0].request_id;
@@ -1114,6 +1318,7 @@ mod tests {
                     messages: vec![msg("g", 3), msg("g", 4)],
                     conversations: vec![],
                     has_more: true,
+                    ..Default::default()
                 }),
             ),
             1,
@@ -1130,6 +1335,7 @@ mod tests {
                     messages: vec![],
                     conversations: vec![],
                     has_more: false,
+                    ..Default::default()
                 }),
             ),
             2,
@@ -1155,6 +1361,7 @@ mod tests {
                     messages: vec![msg("g", 7), msg("g", 8)],
                     conversations: vec![],
                     has_more: false,
+                    ..Default::default()
                 }),
             ),
             4,
@@ -1173,5 +1380,237 @@ mod tests {
             })
             .collect();
         assert_eq!(seqs, vec![7, 8]);
+    }
+
+    #[test]
+    fn a_server_that_lost_its_history_is_noticed_by_its_epoch_and_synced_from_the_start() {
+        let saved = vec![SyncCursor {
+            conversation_id: "dm:alice:bob".into(),
+            after_seq: 540,
+            history_epoch: 7,
+        }];
+        let mut e = Engine::new(cfg(), vec![], saved, 7);
+        let hello_id = connect(&mut e, 0)[0].request_id;
+        // The restarted server has 2 messages in a new history: above the
+        // old cursor there is nothing, and it says so with its epoch.
+        e.on_frame(
+            frame(
+                hello_id,
+                Body::SyncBatch(pb::SyncBatch {
+                    history_epoch: 8,
+                    ..Default::default()
+                }),
+            ),
+            1,
+        );
+        let ev = events(&mut e);
+        assert!(ev.contains(&ClientEvent::HistoryReset {
+            conversation_id: "dm:alice:bob".into()
+        }));
+        assert!(
+            !ev.contains(&ClientEvent::SyncComplete),
+            "the round goes on"
+        );
+        let w = e.take_writes();
+        let Some(Body::Sync(s)) = &w[0].body else {
+            panic!("{w:?}")
+        };
+        assert_eq!(
+            s.cursors[0].after_seq, 0,
+            "from the start of the new history"
+        );
+        e.on_frame(
+            frame(
+                w[0].request_id,
+                Body::SyncBatch(pb::SyncBatch {
+                    messages: vec![msg("dm:alice:bob", 1), msg("dm:alice:bob", 2)],
+                    history_epoch: 8,
+                    ..Default::default()
+                }),
+            ),
+            2,
+        );
+        e.flush_cursors();
+        let outs = e.take_outputs();
+        let seqs: Vec<u64> = outs
+            .iter()
+            .filter_map(|o| match o {
+                Output::Event(ClientEvent::Message { message }) => Some(message.seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(seqs, vec![1, 2]);
+        assert!(outs.contains(&Output::Event(ClientEvent::SyncComplete)));
+        assert!(outs.contains(&Output::SaveCursor(SyncCursor {
+            conversation_id: "dm:alice:bob".into(),
+            after_seq: 2,
+            history_epoch: 8,
+        })));
+    }
+
+    #[test]
+    fn a_repeat_outside_a_sync_round_asks_the_server_which_history_it_is_in() {
+        let saved = vec![SyncCursor {
+            conversation_id: "dm:alice:bob".into(),
+            after_seq: 540,
+            history_epoch: 7,
+        }];
+        let mut e = Engine::new(cfg(), vec![], saved, 7);
+        let hello_id = connect(&mut e, 0)[0].request_id;
+        e.on_frame(
+            frame(
+                hello_id,
+                Body::SyncBatch(pb::SyncBatch {
+                    history_epoch: 7,
+                    ..Default::default()
+                }),
+            ),
+            1,
+        );
+        assert!(events(&mut e).contains(&ClientEvent::SyncComplete));
+        let _ = e.take_writes();
+        // Still connected, the server's store is wiped: seq 1 again.
+        e.on_frame(
+            frame(
+                0,
+                Body::Deliver(pb::Deliver {
+                    message: Some(msg("dm:alice:bob", 1)),
+                }),
+            ),
+            2,
+        );
+        assert!(
+            events(&mut e)
+                .iter()
+                .all(|x| !matches!(x, ClientEvent::Message { .. })),
+            "not news before the epoch says so"
+        );
+        let w = e.take_writes();
+        assert_eq!(bodies(&w), vec!["sync"]);
+        e.on_frame(
+            frame(
+                w[0].request_id,
+                Body::SyncBatch(pb::SyncBatch {
+                    history_epoch: 9,
+                    ..Default::default()
+                }),
+            ),
+            3,
+        );
+        assert!(events(&mut e).contains(&ClientEvent::HistoryReset {
+            conversation_id: "dm:alice:bob".into()
+        }));
+        let w = e.take_writes();
+        let Some(Body::Sync(s)) = &w[0].body else {
+            panic!("{w:?}")
+        };
+        assert_eq!(s.cursors[0].after_seq, 0);
+    }
+
+    fn last_failure(e: &Engine) -> Option<ConnectFailure> {
+        match e.state() {
+            ConnectionState::Connecting { last_failure, .. } => last_failure.clone(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn connecting_says_why_the_last_attempt_failed_and_reconnect_now_skips_the_wait() {
+        let mut e = Engine::new(cfg(), vec![], vec![], 7);
+        e.command(Command::Connect, 0);
+        assert_eq!(last_failure(&e), None, "first attempt");
+        assert_eq!(e.poll_dial(0), Some(false));
+        let refused = ConnectFailure::Unreachable {
+            detail: "127.0.0.1:9: connection refused".into(),
+        };
+        e.on_transport_down(5, refused.clone());
+        assert_eq!(last_failure(&e), Some(refused.clone()));
+        let ConnectionState::Connecting { retry_in_ms, .. } = e.state().clone() else {
+            panic!()
+        };
+        assert!(retry_in_ms > 1);
+        assert_eq!(e.poll_dial(6), None, "waiting out the backoff");
+        e.command(Command::ReconnectNow, 6);
+        assert_eq!(e.poll_dial(6), Some(false), "at once");
+        // The state while dialling still says what went wrong last time.
+        assert_eq!(last_failure(&e), Some(refused));
+        // A timeout has its own reason.
+        e.on_tick(6 + u64::from(cfg().connect_timeout_ms));
+        assert!(matches!(
+            last_failure(&e),
+            Some(ConnectFailure::TimedOut { .. })
+        ));
+        // The log sink hears about each failure.
+        assert!(e
+            .take_outputs()
+            .iter()
+            .any(|o| matches!(o, Output::Log(LogLevel::Info, line) if line.contains("connection refused"))));
+    }
+
+    #[test]
+    fn an_untrusted_certificate_stops_reconnecting_and_says_why() {
+        let mut e = Engine::new(cfg(), vec![], vec![], 7);
+        e.command(Command::Connect, 0);
+        assert_eq!(e.poll_dial(0), Some(false));
+        let bad = ConnectFailure::UntrustedCertificate {
+            detail: "invalid peer certificate: UnknownIssuer".into(),
+        };
+        e.on_transport_down(3, bad.clone());
+        assert_eq!(
+            e.state(),
+            &ConnectionState::Disconnected {
+                cause: Some(DisconnectCause::Failed { failure: bad })
+            }
+        );
+        assert_eq!(e.poll_dial(1_000_000), None, "no retry loop");
+        assert!(e
+            .take_outputs()
+            .iter()
+            .any(|o| matches!(o, Output::Log(LogLevel::Warn, _))));
+        // connect() tries again (the app fixed its CA).
+        e.command(Command::Connect, 1_000_001);
+        assert_eq!(e.poll_dial(1_000_001), Some(false));
+    }
+
+    #[test]
+    fn a_token_expired_again_right_after_a_fresh_fetch_stops_reconnecting() {
+        let mut e = Engine::new(cfg(), vec![], vec![], 7);
+        e.command(Command::Connect, 0);
+        assert_eq!(e.poll_dial(0), Some(false));
+        e.on_transport_up(0, "tok".into());
+        let expired = || {
+            frame(
+                1,
+                Body::Error(pb::Error {
+                    code: pb::ErrorCode::TokenExpired as u32,
+                    message: "token expired".into(),
+                    ..Default::default()
+                }),
+            )
+        };
+        e.on_frame(expired(), 1);
+        assert!(matches!(
+            last_failure(&e),
+            Some(ConnectFailure::AuthRefused { .. })
+        ));
+        let ConnectionState::Connecting { retry_in_ms, .. } = e.state().clone() else {
+            panic!()
+        };
+        let at = 1 + retry_in_ms;
+        assert_eq!(e.poll_dial(at), Some(true), "a fresh token is asked for");
+        e.on_transport_up(at, "fresh".into());
+        e.on_frame(expired(), at + 1);
+        assert!(
+            matches!(
+                e.state(),
+                ConnectionState::Disconnected {
+                    cause: Some(DisconnectCause::Failed {
+                        failure: ConnectFailure::AuthRefused { .. }
+                    })
+                }
+            ),
+            "{:?}",
+            e.state()
+        );
     }
 }

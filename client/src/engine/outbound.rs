@@ -14,11 +14,7 @@ use super::*;
 
 impl Engine {
     pub(super) fn established(&self) -> bool {
-        self.link == Link::Open
-            && self
-                .conn
-                .as_ref()
-                .is_some_and(|c| c.phase() == ClientPhase::Established)
+        matches!(&self.link, Link::Open { conn, .. } if conn.phase() == ClientPhase::Established)
     }
 
     pub(super) fn send_rate(&self) -> u32 {
@@ -62,6 +58,21 @@ impl Engine {
             let Some((ticket, request)) = self.queued.pop_front() else {
                 break;
             };
+            if request.is_push() && self.limits.max_push_token_bytes == 0 {
+                // SPEC §16, §20: a server that did not announce them
+                // would close the connection (MALFORMED_FRAME).
+                self.event(ClientEvent::RequestFailed {
+                    ticket,
+                    error: Some(crate::error::ServerError {
+                        code: crate::error::ErrorCode::InvalidArgument,
+                        raw_code: 2000,
+                        message: "this server does not serve push requests \
+                                  (Welcome.limits.max_push_token_bytes is 0)"
+                            .into(),
+                    }),
+                });
+                continue;
+            }
             let id = self.request_id();
             let body = request.body();
             self.in_flight.insert(id, InFlight::Ticket(ticket, request));
@@ -208,7 +219,7 @@ impl Engine {
     }
 
     pub(super) fn write_with_id(&mut self, id: u32, body: Body, now: u64) {
-        let Some(conn) = self.conn.as_mut() else {
+        let Link::Open { conn, .. } = &mut self.link else {
             return;
         };
         if !conn.may_send(&body) {
@@ -222,6 +233,10 @@ impl Engine {
         self.outputs.push(Output::Event(e));
     }
 
+    pub(super) fn log(&mut self, level: LogLevel, line: String) {
+        self.outputs.push(Output::Log(level, line));
+    }
+
     pub(super) fn set_state(&mut self, s: ConnectionState) {
         if self.state != s {
             self.state = s.clone();
@@ -232,9 +247,11 @@ impl Engine {
     pub(super) fn flush_cursors(&mut self) {
         for id in std::mem::take(&mut self.dirty_cursors) {
             let after_seq = self.cursors.contiguous(&id);
+            let history_epoch = self.cursors.epoch_of(&id);
             self.outputs.push(Output::SaveCursor(SyncCursor {
                 conversation_id: id,
                 after_seq,
+                history_epoch,
             }));
         }
     }
@@ -244,13 +261,14 @@ impl Engine {
     /// Drops the current transport: what was in flight goes back to the
     /// queues (Sends keep their client_msg_id).
     pub(super) fn drop_connection(&mut self) {
-        if matches!(self.link, Link::Dialling | Link::Open) {
+        if matches!(self.link, Link::Dialling { .. } | Link::Open { .. }) {
             self.close_transport = true;
         }
-        if let Some(c) = self.conn.as_mut() {
-            c.close();
+        if let Link::Open { conn, .. } = &mut self.link {
+            conn.close();
         }
-        self.conn = None;
+        // The caller (fail, stop) says where the link goes next.
+        self.link = Link::Idle;
         self.outbox.connection_lost();
         let mut requeue = Vec::new();
         let mut in_flight: Vec<_> = self.in_flight.drain().collect();
@@ -279,8 +297,10 @@ impl Engine {
 
     /// The connection failed or is going away: reconnect after
     /// `floor_ms` + full-jitter backoff.
-    pub(super) fn fail(&mut self, now: u64, floor_ms: u32, extra_steps: u32) {
+    pub(super) fn fail(&mut self, now: u64, floor_ms: u32, extra_steps: u32, why: ConnectFailure) {
         self.drop_connection();
+        self.log(LogLevel::Info, format!("connection failed: {why:?}"));
+        self.last_failure = Some(why);
         if !self.running {
             self.link = Link::Idle;
             return;
@@ -296,17 +316,25 @@ impl Engine {
             self.rng,
         );
         self.attempt = self.attempt.saturating_add(1 + extra_steps);
-        self.link = Link::Waiting;
-        self.reconnect_at = now.saturating_add(delay);
+        self.link = Link::Waiting {
+            at: now.saturating_add(delay),
+        };
         self.set_state(ConnectionState::Connecting {
             attempt: self.attempt,
             retry_in_ms: delay,
+            last_failure: self.last_failure.clone(),
         });
     }
 
     /// Stop connecting until the app calls `connect` again.
     pub(super) fn stop(&mut self, _now: u64, cause: Option<DisconnectCause>) {
         self.drop_connection();
+        if let Some(DisconnectCause::Failed { failure }) = &cause {
+            self.log(
+                LogLevel::Warn,
+                format!("stopped reconnecting, retrying cannot help: {failure:?}"),
+            );
+        }
         self.running = false;
         self.link = Link::Idle;
         self.set_state(ConnectionState::Disconnected { cause });

@@ -80,6 +80,25 @@ impl Stack {
         self.gateways.len() - 1
     }
 
+    /// Stops every gateway and the engine they share (`start_again`
+    /// starts a new one on the same address).
+    pub fn stop_all(&mut self) {
+        for gw in self.gateways.drain(..) {
+            gw.stop();
+            gw.join();
+        }
+    }
+
+    /// After `stop_all`: one gateway on the same address with a new engine
+    /// from the same config — what a restart of `palaver-gateway` is (with
+    /// `--ephemeral`, a server that forgot everything).
+    pub fn start_again(&mut self) {
+        self.backend = build_backend(&self.config);
+        let gw = GatewayHandle::start(self.config.clone(), self.backend.clone())
+            .expect("gateway restarts on the same address");
+        self.gateways.push(gw);
+    }
+
     pub fn token(&self, user: &str, ttl_s: i64) -> String {
         auth::mint_hs256(&self.secret, user, None, ttl_s)
     }
@@ -168,9 +187,10 @@ pub struct Recorder {
 }
 
 impl EventListener for Recorder {
-    fn on_event(&self, event: ClientEvent) {
+    fn on_event(&self, event: ClientEvent) -> Result<(), palaver_client::ListenerError> {
         self.events.lock().unwrap().push((Instant::now(), event));
         self.cv.notify_all();
+        Ok(())
     }
 }
 
@@ -442,4 +462,20 @@ fn pipe(mut from: TcpStream, mut to: TcpStream) {
         let _ = to.shutdown(Shutdown::Both);
         let _ = from.shutdown(Shutdown::Both);
     });
+}
+
+/// The direct conversation of two users.
+pub fn dm(a: &str, b: &str) -> String {
+    palaver_client::direct_conversation_id(a.into(), b.into()).unwrap()
+}
+
+/// Sends `n` numbered texts (`<prefix>00000`…) and returns them in order.
+pub fn send_numbered(sender: &PalaverClient, conv: &str, prefix: &str, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let t = format!("{prefix}{i:05}");
+            sender.send_text(conv.to_string(), t.clone()).unwrap();
+            t
+        })
+        .collect()
 }

@@ -475,6 +475,7 @@ fn history_page(request_id: u32, size: usize) -> pb::Frame {
                 ..Default::default()
             }],
             has_more: true,
+            history_epoch: 0,
         }),
     )
 }

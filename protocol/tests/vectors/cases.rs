@@ -382,12 +382,13 @@ pub(super) fn valid_cases() -> Vec<Valid> {
         ),
         valid(
             "sync-batch",
-            "S->C one message, one conversation new to the client, more to come",
+            "S->C one message, one conversation new to the client, more to come; the server's history epoch",
             11,
             Body::SyncBatch(pb::SyncBatch {
                 messages: vec![text_message(42, "bob", "yo")],
                 conversations: vec![group(&[("alice", Member), ("bob", Admin)], 3)],
                 has_more: true,
+                history_epoch: 0x5eed_cafe_0000_0001,
             }),
         ),
         valid(
@@ -402,12 +403,13 @@ pub(super) fn valid_cases() -> Vec<Valid> {
         ),
         valid(
             "history-page",
-            "S->C ascending by seq; older messages exist",
+            "S->C ascending by seq; older messages exist; the server's history epoch",
             12,
             Body::HistoryPage(pb::HistoryPage {
                 conversation_id: "dm:alice:bob".into(),
                 messages: vec![text_message(98, "alice", "a"), text_message(99, "bob", "b")],
                 has_more: true,
+                history_epoch: 0x5eed_cafe_0000_0001,
             }),
         ),
         valid(
@@ -464,6 +466,92 @@ pub(super) fn valid_cases() -> Vec<Valid> {
                 actor_user_id: "alice".into(),
                 added_user_ids: vec!["dave".into()],
                 removed_user_ids: vec!["carol".into()],
+            }),
+        ),
+        valid(
+            "register-push-token-apns",
+            "C->S this device's APNs token (hex), production, the app's bundle id as topic",
+            16,
+            Body::RegisterPushToken(pb::RegisterPushToken {
+                platform: pb::PushPlatform::Apns.into(),
+                token: "3f0a".repeat(16),
+                apns_environment: pb::ApnsEnvironment::Production.into(),
+                apns_topic: "com.example.chat".into(),
+                locale: "de-CH".into(),
+            }),
+        ),
+        valid(
+            "register-push-token-fcm",
+            "C->S this device's FCM registration token; no APNs fields",
+            17,
+            Body::RegisterPushToken(pb::RegisterPushToken {
+                platform: pb::PushPlatform::Fcm.into(),
+                token: "fK3x:APA91bH-example_token".into(),
+                apns_environment: 0,
+                apns_topic: String::new(),
+                locale: String::new(),
+            }),
+        ),
+        valid(
+            "push-token-registered",
+            "S->C the registration is stored",
+            16,
+            Body::PushTokenRegistered(pb::PushTokenRegistered {
+                registered_ms: T0 + 2_000,
+            }),
+        ),
+        valid(
+            "unregister-push-token",
+            "C->S this device wants no more pushes (an empty body)",
+            18,
+            Body::UnregisterPushToken(pb::UnregisterPushToken {}),
+        ),
+        valid(
+            "push-token-unregistered",
+            "S->C the device had a token, now forgotten",
+            18,
+            Body::PushTokenUnregistered(pb::PushTokenUnregistered {
+                was_registered: true,
+            }),
+        ),
+        valid(
+            "mute-conversation-until",
+            "C->S mute the group for 8 hours",
+            19,
+            Body::MuteConversation(pb::MuteConversation {
+                conversation_id: "grp:7Hq2x".into(),
+                muted_until_ms: T0 + 8 * 3_600_000,
+                forever: false,
+            }),
+        ),
+        valid(
+            "mute-conversation-forever",
+            "C->S mute bob until unmuted",
+            20,
+            Body::MuteConversation(pb::MuteConversation {
+                conversation_id: "dm:alice:bob".into(),
+                muted_until_ms: 0,
+                forever: true,
+            }),
+        ),
+        valid(
+            "unmute-conversation",
+            "C->S unmute: no time, not forever",
+            21,
+            Body::MuteConversation(pb::MuteConversation {
+                conversation_id: "dm:alice:bob".into(),
+                muted_until_ms: 0,
+                forever: false,
+            }),
+        ),
+        valid(
+            "conversation-muted",
+            "S->C the group's mute state after the request",
+            19,
+            Body::ConversationMuted(pb::ConversationMuted {
+                conversation_id: "grp:7Hq2x".into(),
+                muted_until_ms: T0 + 8 * 3_600_000,
+                forever: false,
             }),
         ),
     ]);

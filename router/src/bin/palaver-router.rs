@@ -73,17 +73,27 @@ struct Args {
     /// Bytes one conversation may store per UTC day, all senders together.
     #[arg(long, env = "PALAVER_CONVERSATION_BYTES_PER_DAY", default_value_t = palaver_router::RouterConfig::default().conversation_bytes_per_day)]
     conversation_bytes_per_day: u64,
+    /// Messages of each conversation kept in Redis. Without --cassandra,
+    /// older ones are gone for good; with it, Redis is a cache of the
+    /// archive and History/Sync read older messages from Cassandra.
+    #[arg(long, env = "PALAVER_HISTORY_WINDOW", default_value_t = palaver_router::RouterConfig::default().history_window)]
+    history_window: usize,
+    /// The history archive: Cassandra (or ScyllaDB) nodes, host:port[,...].
+    /// Run palaver-archiver beside the routers to fill it.
+    #[arg(long, env = "PALAVER_CASSANDRA")]
+    cassandra: Option<String>,
+    /// Keyspace of the archive (created if absent).
+    #[arg(long, env = "PALAVER_CASSANDRA_KEYSPACE", default_value = "palaver")]
+    cassandra_keyspace: String,
+    /// With --cassandra: messages of one conversation not yet archived that
+    /// Redis may hold; beyond, Sends there are answered UNAVAILABLE until
+    /// the archiver catches up.
+    #[arg(long, env = "PALAVER_MAX_UNARCHIVED", default_value_t = palaver_router::redis_store::DEFAULT_MAX_UNARCHIVED)]
+    max_unarchived: u64,
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        // Colour codes only for a person watching, not in log files.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    palaver_router::logging::init_worker_logging();
     let args = Args::parse();
     let redis = match RedisConfig::parse(&args.redis) {
         Ok(r) => r,
@@ -110,6 +120,22 @@ fn main() {
     config.router.default_batch = config.router.default_batch.min(config.router.max_batch);
     config.router.conversation_bytes_per_day = args.conversation_bytes_per_day;
     config.consumer.retry_backoff = Duration::from_millis(100);
+    config.router.history_window = args.history_window.max(1);
+    if let Some(nodes) = args.cassandra {
+        let nodes = match palaver_archive::ArchiveConfig::parse_nodes(&nodes) {
+            Ok(n) => n,
+            Err(e) => {
+                eprintln!("palaver-router: --cassandra {e}");
+                std::process::exit(2);
+            }
+        };
+        let mut cassandra = palaver_archive::ArchiveConfig::new(nodes);
+        cassandra.keyspace = args.cassandra_keyspace;
+        config.archive = Some(palaver_router::kafka::worker::ArchiveSettings {
+            cassandra,
+            max_unarchived: args.max_unarchived.max(1),
+        });
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {

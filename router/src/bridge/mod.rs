@@ -76,6 +76,10 @@ pub struct BridgeConfig {
     /// with `TOO_MANY_CONNECTIONS` once the registry shows it. None: no cap
     /// across gateways (each gateway still applies its own at Hello).
     pub max_connections_per_account: Option<u32>,
+    /// The router tier's history archive (SPEC §7): the readers serve
+    /// History and Sync below the Redis window from it. None: the window
+    /// is all there is (set it whenever the routers have `--cassandra`).
+    pub archive: Option<palaver_archive::ArchiveConfig>,
 }
 
 impl BridgeConfig {
@@ -90,6 +94,7 @@ impl BridgeConfig {
             router: RouterConfig::default(),
             inbound_partitions: kafka::DEFAULT_INBOUND_PARTITIONS,
             max_connections_per_account: None,
+            archive: None,
         }
     }
 }
@@ -166,6 +171,15 @@ impl KafkaRedisBridge {
     pub fn with_presence_visibility(mut self, visibility: PresenceVisibility) -> Self {
         if let Ok(config) = &mut self.config {
             config.router.presence_visibility = visibility;
+        }
+        self
+    }
+
+    /// The history archive the readers read below the window from
+    /// ([`BridgeConfig::archive`]).
+    pub fn with_archive(mut self, archive: Option<palaver_archive::ArchiveConfig>) -> Self {
+        if let Ok(config) = &mut self.config {
+            config.archive = archive;
         }
         self
     }
@@ -386,12 +400,31 @@ impl Backend for KafkaRedisBridge {
             read_config.max_batch = (tier.max_batch as usize).max(1);
             read_config.default_batch = read_config.default_batch.min(read_config.max_batch);
         }
+        // One driver session for all readers (it pools its connections).
+        let archive = match &config.archive {
+            None => None,
+            Some(archive) => Some(crate::redis_store::ArchiveLink {
+                archive: Arc::new(palaver_archive::CassandraArchive::connect(archive).map_err(
+                    |e| {
+                        BackendError::Unavailable(format!(
+                            "Cassandra {}: {e}",
+                            archive.nodes.join(",")
+                        ))
+                    },
+                )?),
+                // Readers never append: the bound is the routers'.
+                max_unarchived: crate::redis_store::DEFAULT_MAX_UNARCHIVED,
+            }),
+        };
         let mut reads = Vec::new();
         for i in 0..config.readers.max(1) {
             let (reads_tx, reads_rx) = crossbeam_channel::unbounded();
             reads.push(reads_tx);
-            let store = RedisStore::connect(config.redis.clone())
+            let mut store = RedisStore::connect(config.redis.clone())
                 .map_err(|e| BackendError::Unavailable(format!("Redis: {e}")))?;
+            if let Some(link) = &archive {
+                store = store.with_archive(link.clone());
+            }
             let reader = Reader {
                 gateway_id: gateway_id.to_owned(),
                 router: Router::new(store, read_config.clone(), Arc::new(SystemClock))

@@ -73,6 +73,9 @@ pub struct LoopConfig {
     pub commit_interval: Duration,
     /// First pause after a failed batch (doubling, at most 5 s).
     pub retry_backoff: Duration,
+    /// How often [`ConsumerLoop::run`] logs its counters and consumer lag
+    /// (info level): how far behind a worker is, from its log alone.
+    pub report_interval: Duration,
 }
 
 impl LoopConfig {
@@ -93,6 +96,7 @@ impl LoopConfig {
             session_timeout: Duration::from_secs(10),
             commit_interval: Duration::from_millis(200),
             retry_backoff: Duration::from_millis(100),
+            report_interval: Duration::from_secs(10),
         }
     }
 }
@@ -171,6 +175,15 @@ impl Batch<'_> {
             self.known_topics.insert(topic.to_owned());
         }
         exists
+    }
+
+    /// Fails the batch: it is rewound and runs again after the loop's
+    /// backoff (something the handler needs, a store or the archive, is
+    /// down). Nothing of it is committed.
+    pub fn fail(&mut self, error: BusError) {
+        if self.failed.is_none() {
+            self.failed = Some(error);
+        }
     }
 
     /// Sends `record` to `palaver.dlq` with the reason it was given up on.
@@ -377,6 +390,7 @@ impl ConsumerLoop {
     /// a pause (doubling up to 5 s).
     pub fn run(&mut self, handler: &mut dyn Handler, stop: &AtomicBool) {
         let mut pause = self.config.retry_backoff;
+        let mut reported = Instant::now();
         while !stop.load(Ordering::Relaxed) {
             match self.run_batch(handler, Duration::from_millis(100)) {
                 Ok(_) => pause = self.config.retry_backoff,
@@ -385,6 +399,18 @@ impl ConsumerLoop {
                     thread::sleep(pause);
                     pause = (pause * 2).min(Duration::from_secs(5));
                 }
+            }
+            if reported.elapsed() >= self.config.report_interval {
+                reported = Instant::now();
+                tracing::info!(
+                    client = %self.config.client_id,
+                    records = self.stats.records,
+                    batches = self.stats.batches,
+                    replays = self.stats.replays,
+                    dead_letters = self.stats.dead_letters,
+                    lag = ?self.lag(),
+                    "consumer loop"
+                );
             }
         }
         tracing::info!(client = %self.config.client_id, stats = ?self.stats, "consumer loop stopping");

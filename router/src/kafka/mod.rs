@@ -9,12 +9,16 @@
 //! - `palaver.deliver.<gateway_id>`: [`records::DeliveryBatch`]es for one
 //!   gateway's connections (created by that gateway when it starts).
 //! - `palaver.push`: [`records::PushRecord`]s for push workers, keyed by user.
-//! - `palaver.dlq`: [`records::DeadLetter`]s, inbound records the router gave up on.
+//! - `palaver.stored`: [`records::StoredRecord`]s, the messages routers stored,
+//!   keyed by conversation, for the history archiver ([`archiver`]); only
+//!   with an archive configured.
+//! - `palaver.dlq`: [`records::DeadLetter`]s, records a worker gave up on.
 //!
 //! Every worker on Kafka runs the one at-least-once loop of
-//! [`consumer_loop`] with a handler of its own; the router worker
-//! ([`worker`]) is the first.
+//! [`consumer_loop`] with a handler of its own: the router worker
+//! ([`worker`]) and the history archiver ([`archiver`]).
 
+pub mod archiver;
 pub mod consumer_loop;
 pub mod worker;
 
@@ -36,9 +40,42 @@ pub mod records {
     include!(concat!(env!("OUT_DIR"), "/palaver.internal.v1.rs"));
 }
 
+impl From<records::PushEvent> for crate::bus::PushEvent {
+    /// An event as a push worker reads it from `palaver.push`.
+    fn from(e: records::PushEvent) -> Self {
+        crate::bus::PushEvent {
+            user_id: e.user_id,
+            conversation_id: e.conversation_id,
+            seq: e.seq,
+            message_id: e.message_id,
+            sender_user_id: e.sender_user_id,
+            kind: e.kind,
+            server_time_ms: e.server_time_ms,
+            online_device_ids: e.online_device_ids,
+        }
+    }
+}
+
+impl From<crate::bus::PushEvent> for records::PushEvent {
+    /// An event as the router writes it to `palaver.push`.
+    fn from(e: crate::bus::PushEvent) -> Self {
+        records::PushEvent {
+            user_id: e.user_id,
+            conversation_id: e.conversation_id,
+            seq: e.seq,
+            message_id: e.message_id,
+            sender_user_id: e.sender_user_id,
+            kind: e.kind,
+            server_time_ms: e.server_time_ms,
+            online_device_ids: e.online_device_ids,
+        }
+    }
+}
+
 pub const INBOUND_TOPIC: &str = "palaver.inbound";
 pub const PUSH_TOPIC: &str = "palaver.push";
 pub const DLQ_TOPIC: &str = "palaver.dlq";
+pub const STORED_TOPIC: &str = "palaver.stored";
 pub(crate) const DELIVERY_TOPIC_PREFIX: &str = "palaver.deliver.";
 
 /// Default partition count of `palaver.inbound` when the router creates it.
@@ -314,6 +351,34 @@ pub fn decode_delivery_batch(value: &[u8]) -> Result<Vec<Outbound>, String> {
 mod tests {
     use super::*;
     use pb::frame::Body;
+
+    #[test]
+    fn push_events_round_trip_through_their_record() {
+        let event = crate::bus::PushEvent {
+            user_id: "bob".into(),
+            conversation_id: "dm:alice:bob".into(),
+            seq: 7,
+            message_id: "m-7".into(),
+            sender_user_id: "alice".into(),
+            kind: pb::ContentKind::Text as i32,
+            server_time_ms: 1_767_225_600_000,
+            online_device_ids: vec!["desktop".into()],
+        };
+        let value = records::PushRecord {
+            user_id: "bob".into(),
+            events: vec![records::PushEvent::from(event.clone())],
+        }
+        .encode_to_vec();
+        let decoded = records::PushRecord::decode(value.as_slice()).unwrap();
+        assert_eq!(
+            decoded
+                .events
+                .into_iter()
+                .map(crate::bus::PushEvent::from)
+                .collect::<Vec<_>>(),
+            [event]
+        );
+    }
 
     #[test]
     fn inbound_round_trip() {

@@ -38,7 +38,7 @@ use super::records;
 use crate::api::Outbound;
 use crate::bus::{BusError, Outlet, Output, PushEvent};
 use crate::logic::{Clock, Router, RouterConfig, SystemClock};
-use crate::redis_store::{RedisConfig, RedisStore};
+use crate::redis_store::{ArchiveLink, RedisConfig, RedisStore};
 use crate::runner::{self, Failure};
 use crate::store::StoreError;
 
@@ -55,6 +55,18 @@ pub struct WorkerConfig {
     pub max_attempts: u32,
     /// Partitions of `palaver.inbound` if the worker has to create it.
     pub inbound_partitions: i32,
+    /// The history archive behind the Redis window (SPEC §7), if any: the
+    /// worker then reads below the window from it and streams what it
+    /// stores to `palaver.stored` for the archiver.
+    pub archive: Option<ArchiveSettings>,
+}
+
+/// The router's side of the archive.
+#[derive(Clone, Debug)]
+pub struct ArchiveSettings {
+    pub cassandra: palaver_archive::ArchiveConfig,
+    /// See [`crate::redis_store::ArchiveLink::max_unarchived`].
+    pub max_unarchived: u64,
 }
 
 impl WorkerConfig {
@@ -70,6 +82,7 @@ impl WorkerConfig {
             router: RouterConfig::default(),
             max_attempts: 5,
             inbound_partitions: super::DEFAULT_INBOUND_PARTITIONS,
+            archive: None,
         }
     }
 }
@@ -109,18 +122,28 @@ impl RouterWorker {
         Self::with_clock(config, Arc::new(SystemClock))
     }
 
-    pub fn with_clock(config: WorkerConfig, clock: Arc<dyn Clock>) -> Result<Self, String> {
+    pub fn with_clock(mut config: WorkerConfig, clock: Arc<dyn Clock>) -> Result<Self, String> {
         super::ensure_topics(
             &config.consumer.brokers,
             &[
                 (super::INBOUND_TOPIC, config.inbound_partitions),
                 (super::PUSH_TOPIC, config.inbound_partitions),
+                (super::STORED_TOPIC, config.inbound_partitions),
                 (super::DLQ_TOPIC, 1),
             ],
             Duration::from_secs(10),
         )?;
         let mut store = RedisStore::connect(config.redis.clone())
             .map_err(|e| format!("Redis {:?}: {e}", config.redis.urls))?;
+        if let Some(settings) = &config.archive {
+            let archive = palaver_archive::CassandraArchive::connect(&settings.cassandra)
+                .map_err(|e| format!("Cassandra {}: {e}", settings.cassandra.nodes.join(",")))?;
+            store = store.with_archive(ArchiveLink {
+                archive: Arc::new(archive),
+                max_unarchived: settings.max_unarchived.max(1),
+            });
+            config.router.archive_stream = true;
+        }
         // The limits gateways announce in Welcome are the ones enforced here.
         let limits = crate::api::TierLimits::of(&config.router);
         match store.publish_tier_limits(&limits) {
@@ -250,15 +273,7 @@ impl Outlet for RouterOutlet<'_, '_> {
             by_user
                 .entry(e.user_id.clone())
                 .or_default()
-                .push(records::PushEvent {
-                    user_id: e.user_id,
-                    conversation_id: e.conversation_id,
-                    seq: e.seq,
-                    message_id: e.message_id,
-                    sender_user_id: e.sender_user_id,
-                    kind: e.kind,
-                    server_time_ms: e.server_time_ms,
-                });
+                .push(records::PushEvent::from(e));
         }
         for (user_id, events) in by_user {
             let value = records::PushRecord {
@@ -270,6 +285,39 @@ impl Outlet for RouterOutlet<'_, '_> {
                 .produce(super::PUSH_TOPIC, user_id.as_bytes(), &value)?;
         }
         Ok(())
+    }
+
+    fn archive(&mut self, stored: Vec<palaver_protocol::pb::Message>) -> Result<(), BusError> {
+        for record in Self::archive_records(stored) {
+            self.batch.produce(
+                super::STORED_TOPIC,
+                record.conversation_id.as_bytes(),
+                &record.encode_to_vec(),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl RouterOutlet<'_, '_> {
+    /// One `palaver.stored` record per conversation, its messages in seq
+    /// order (the router stores them in that order).
+    fn archive_records(stored: Vec<palaver_protocol::pb::Message>) -> Vec<records::StoredRecord> {
+        let mut records: Vec<records::StoredRecord> = Vec::new();
+        let mut index: HashMap<String, usize> = HashMap::new();
+        for message in stored {
+            match index.get(&message.conversation_id) {
+                Some(&i) => records[i].messages.push(message),
+                None => {
+                    index.insert(message.conversation_id.clone(), records.len());
+                    records.push(records::StoredRecord {
+                        conversation_id: message.conversation_id.clone(),
+                        messages: vec![message],
+                    });
+                }
+            }
+        }
+        records
     }
 }
 

@@ -13,8 +13,8 @@ use super::{
 use crate::api::{Inbound, SessionAddr};
 use crate::bus::{Addressed, Output, PushEvent};
 use crate::store::{
-    Appended, QuotaCharge, QuotaOwner, RangeRead, Retention, Store, StoreError, StoreResult,
-    UserSessions,
+    Appended, QuotaCharge, QuotaOwner, RangeRead, Recipients, Retention, Store, StoreError,
+    StoreResult,
 };
 
 impl<S: Store> Router<S> {
@@ -58,8 +58,9 @@ impl<S: Store> Router<S> {
     /// Sends, in order, with the store work of all of them batched: one
     /// `groups` read for the group conversations among them, one
     /// `append_messages` (one pipeline, one AOF fsync in Redis), one
-    /// `sessions_of_users` for the members of every conversation, then a
-    /// push mark per message that has offline members. The frames are
+    /// `recipients` read (sessions, and whose registered push devices are
+    /// offline) for the members of every conversation, then a push mark per
+    /// message that has members to push. The frames are
     /// exactly those of one Send at a time, in input order (per Send: its
     /// Error, or its Delivers then its SendAck). On a store error no frame
     /// of any of them is in `out` (push events of marks already set are,
@@ -164,6 +165,7 @@ impl<S: Store> Router<S> {
                 let first = match appended {
                     Appended::Duplicate(_) => true,
                     Appended::Stored(message) => message.seq == 1,
+                    Appended::Backlogged { .. } => false,
                 };
                 if first {
                     self.store
@@ -176,7 +178,9 @@ impl<S: Store> Router<S> {
         let duplicates = (0..listed.len())
             .filter(|&i| accesses[i].is_ok())
             .zip(&appended)
-            .filter(|(i, a)| charged[*i] && matches!(a, Appended::Duplicate(_)))
+            .filter(|(i, a)| {
+                charged[*i] && matches!(a, Appended::Duplicate(_) | Appended::Backlogged { .. })
+            })
             .map(|(i, _)| listed[i]);
         let refunds = self.quota_charges(duplicates, now_ms, -1);
         if !refunds.is_empty() {
@@ -207,14 +211,18 @@ impl<S: Store> Router<S> {
         }
         users.sort_unstable();
         users.dedup();
-        let sessions = if users.is_empty() {
-            UserSessions::default()
+        // The same read also says who has a registered push device that is
+        // not online (one pipeline in Redis, SPEC §20): the only users a
+        // push event is made for.
+        let Recipients { sessions, push_due } = if users.is_empty() {
+            Recipients::default()
         } else {
-            self.store.sessions_of_users(&users)?
+            self.store.recipients(&users)?
         };
 
         // 5. The frames, in input order, straight into `out` (taken back
-        // if a push mark fails); push marks for offline members.
+        // if a push mark fails); push marks for members with a registered
+        // device that is not online.
         let frames_before = out.frames.len();
         let mut appended = appended.into_iter();
         for ((req, send), access) in sends().zip(accesses) {
@@ -230,6 +238,18 @@ impl<S: Store> Router<S> {
                     out.frames.push(reply(req, Body::SendAck(ack)));
                     continue;
                 }
+                Some(Appended::Backlogged { last_seq }) => {
+                    out.frames.push(error_frame(
+                        req,
+                        ErrorCode::Unavailable,
+                        format!(
+                            "the history archive is behind: {} holds as many unarchived \
+                             messages as it may (last seq {last_seq}); retry later",
+                            send.conversation_id
+                        ),
+                    ));
+                    continue;
+                }
                 Some(Appended::Stored(message)) => message,
                 // Counted above.
                 None => {
@@ -237,6 +257,9 @@ impl<S: Store> Router<S> {
                     return Err(StoreError::Corrupt("fewer appends than asked".into()));
                 }
             };
+            if self.config.archive_stream {
+                out.stored.push(message.clone());
+            }
             let ack = pb::SendAck {
                 client_msg_id: message.client_msg_id.clone(),
                 message_id: message.message_id.clone(),
@@ -254,16 +277,15 @@ impl<S: Store> Router<S> {
                 }))
             };
             let mut last: Option<&SessionAddr> = None;
-            let mut offline = Vec::new();
+            // Members to push, with their devices online now.
+            let mut to_push: Vec<(&str, &[String])> = Vec::new();
             for user_id in access.member_ids() {
-                let devices = users
-                    .binary_search(&user_id)
-                    .map_or(&[][..], |i| sessions.of(i));
-                if devices.is_empty() {
-                    if user_id != req.from.user_id {
-                        offline.push(user_id);
+                let found = users.binary_search(&user_id).ok();
+                let devices = found.map_or(&[][..], |i| sessions.of(i));
+                if user_id != req.from.user_id {
+                    if let Some(Some(online)) = found.and_then(|i| push_due.get(i)) {
+                        to_push.push((user_id, online.as_slice()));
                     }
-                    continue;
                 }
                 for addr in devices {
                     if *addr != req.from.addr {
@@ -277,18 +299,16 @@ impl<S: Store> Router<S> {
                     }
                 }
             }
-            if !offline.is_empty() {
-                let fresh = match self
-                    .store
-                    .mark_push_pending(&send.conversation_id, &offline)
-                {
+            if !to_push.is_empty() {
+                let marked: Vec<&str> = to_push.iter().map(|(user_id, _)| *user_id).collect();
+                let fresh = match self.store.mark_push_pending(&send.conversation_id, &marked) {
                     Ok(fresh) => fresh,
                     Err(e) => {
                         out.frames.truncate(frames_before);
                         return Err(e);
                     }
                 };
-                for (user_id, fresh) in offline.into_iter().zip(fresh) {
+                for ((user_id, online), fresh) in to_push.into_iter().zip(fresh) {
                     if fresh {
                         out.pushes.push(PushEvent {
                             user_id: user_id.to_owned(),
@@ -298,6 +318,7 @@ impl<S: Store> Router<S> {
                             sender_user_id: message.sender_user_id.clone(),
                             kind: message.kind,
                             server_time_ms: message.server_time_ms,
+                            online_device_ids: online.to_vec(),
                         });
                     }
                 }
@@ -496,6 +517,8 @@ impl<S: Store> Router<S> {
     ) -> Result<(), Failure> {
         let user = &req.from.user_id;
         let limit = self.batch_limit(sync.limit);
+        // Read before the data it vouches for.
+        let history_epoch = self.store.history_epoch()?;
         let mut conversation_ids = self.store.conversations_of_user(user)?;
         conversation_ids.sort_unstable();
         let cursors: HashMap<&str, u64> = sync
@@ -631,6 +654,7 @@ impl<S: Store> Router<S> {
                 messages,
                 conversations,
                 has_more,
+                history_epoch,
             }),
         ));
         Ok(())
@@ -661,6 +685,7 @@ impl<S: Store> Router<S> {
                 conversation_id: conversation_id.clone(),
                 messages: slice.messages,
                 has_more: slice.has_more,
+                history_epoch: self.store.history_epoch()?,
             }),
         ));
         Ok(())

@@ -14,7 +14,8 @@
 //! shares; each family's handlers are an `impl Router` block of their own:
 //! `messages` (Send, the batch send path, Sync, History), `receipts`,
 //! `typing`, `presence` (queries, watches, the visibility rule, the
-//! session-change path) and `conversations` (create, group membership).
+//! session-change path), `conversations` (create, group membership) and
+//! `push` (push registrations and mutes, SPEC §20).
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -30,6 +31,7 @@ use crate::store::{GroupRecord, Membership, Store, StoreError, StoreResult};
 mod conversations;
 mod messages;
 mod presence;
+mod push;
 mod receipts;
 mod typing;
 
@@ -42,8 +44,12 @@ pub struct RouterConfig {
     pub max_group_members: usize,
     /// Largest `Send.body`, bytes.
     pub max_body_bytes: usize,
-    /// Messages kept per conversation for Sync and History.
+    /// Messages kept per conversation for Sync and History (with an
+    /// archive: kept in the store's window, the rest read from the archive).
     pub history_window: usize,
+    /// Put every stored message in [`Output::stored`] for the archiver
+    /// (the Kafka worker with an archive configured).
+    pub archive_stream: bool,
     /// How long a (conversation, sender, client_msg_id) is remembered for dedup.
     pub dedup_ttl_ms: i64,
     /// Messages per SyncBatch / HistoryPage when the request says 0.
@@ -82,6 +88,12 @@ pub struct RouterConfig {
     pub account_bytes_per_day: u64,
     /// Bytes one conversation may store per UTC day, all senders together.
     pub conversation_bytes_per_day: u64,
+    /// Devices with a push registration per user (SPEC §20): registering
+    /// one more drops the oldest registration.
+    pub max_push_devices_per_user: usize,
+    /// Conversations one user may have muted at once (SPEC §20;
+    /// QUOTA_EXCEEDED beyond).
+    pub max_mutes_per_user: usize,
 }
 
 impl Default for RouterConfig {
@@ -90,6 +102,7 @@ impl Default for RouterConfig {
             max_group_members: 1000,
             max_body_bytes: palaver_protocol::Limits::default().max_body_bytes as usize,
             history_window: 10_000,
+            archive_stream: false,
             dedup_ttl_ms: 24 * 60 * 60 * 1000,
             default_batch: 100,
             max_batch: 500,
@@ -104,6 +117,8 @@ impl Default for RouterConfig {
             max_membership_changes_per_group_per_hour: 60,
             account_bytes_per_day: 64 * 1024 * 1024,
             conversation_bytes_per_day: 256 * 1024 * 1024,
+            max_push_devices_per_user: 20,
+            max_mutes_per_user: 1000,
         }
     }
 }
@@ -147,8 +162,22 @@ impl Clock for ManualClock {
     }
 }
 
-/// Unique opaque ids: 64 random bits fixed per process (from the OS-seeded
-/// std hasher keys) followed by a 64-bit counter, as 32 hex digits.
+/// 64 bits from the OS-seeded std hasher keys, the time and the process id:
+/// random enough for ids and epochs, without a crate for it.
+pub(crate) fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.write_u32(std::process::id());
+    hasher.finish()
+}
+
+/// Unique opaque ids: 64 random bits fixed per process ([`random_u64`])
+/// followed by a 64-bit counter, as 32 hex digits.
 struct IdGen {
     node: u64,
     counter: u64,
@@ -156,16 +185,8 @@ struct IdGen {
 
 impl IdGen {
     fn new() -> Self {
-        use std::hash::{BuildHasher, Hasher};
-        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-        hasher.write_u128(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos()),
-        );
-        hasher.write_u32(std::process::id());
         Self {
-            node: hasher.finish(),
+            node: random_u64(),
             counter: 0,
         }
     }
@@ -301,6 +322,11 @@ impl<S: Store> Router<S> {
         &mut self.store
     }
 
+    /// The router's clock, Unix epoch ms.
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
     /// Process one request, appending what it produces to `out`.
     ///
     /// On a store error, `out` keeps what was produced before the failure
@@ -387,6 +413,9 @@ impl<S: Store> Router<S> {
             Body::PresenceSubscribe(subscribe) => self.presence_subscribe(request, subscribe, out),
             Body::CreateConversation(create) => self.create_conversation(request, create, out),
             Body::ChangeMembers(change) => self.change_members(request, change, out),
+            Body::RegisterPushToken(register) => self.register_push_token(request, register, out),
+            Body::UnregisterPushToken(_) => self.unregister_push_token(request, out),
+            Body::MuteConversation(mute) => self.mute_conversation(request, mute, out),
             other => reject(
                 ErrorCode::InvalidArgument,
                 format!(

@@ -83,6 +83,10 @@ impl ConversationStore for MemoryStore {
         Ok(Appended::Stored(message))
     }
 
+    fn history_epoch(&mut self) -> StoreResult<u64> {
+        Ok(self.history_epoch.0)
+    }
+
     fn last_seqs(&mut self, conversation_ids: &[String]) -> StoreResult<Vec<u64>> {
         Ok(conversation_ids
             .iter()
@@ -160,29 +164,11 @@ impl ConversationStore for MemoryStore {
         let granted = charges
             .iter()
             .map(|charge| {
-                let amount = charge.amount.unsigned_abs();
-                let (period, used) = self
+                let counter = self
                     .quotas
                     .entry(charge.owner.clone())
                     .or_insert((charge.period, 0));
-                if charge.period > *period {
-                    *period = charge.period;
-                    *used = 0;
-                }
-                if charge.period < *period {
-                    // A period that is over: nothing left to count against.
-                    return charge.amount <= 0 || amount <= charge.limit;
-                }
-                if charge.amount <= 0 {
-                    *used = used.saturating_sub(amount);
-                    return true;
-                }
-                let after = used.saturating_add(amount);
-                if after > charge.limit {
-                    return false;
-                }
-                *used = after;
-                true
+                apply_quota_charge(counter, charge)
             })
             .collect();
         if self.quotas.len() > 2 * self.quotas_pruned_at.max(1024) {
@@ -337,4 +323,31 @@ impl ConversationStore for MemoryStore {
             .map(|u| group.is_some_and(|g| g.members.contains_key(u)))
             .collect())
     }
+}
+
+/// One quota charge against an owner's counter `(period, used)`, the rule
+/// of [`ConversationStore::charge_quotas`] for every store that keeps the
+/// counter itself (memory, disk): a later period starts from zero, a period
+/// that is over has nothing to count against, a refund never goes below
+/// zero, and a charge that would pass the limit changes nothing.
+pub(crate) fn apply_quota_charge(counter: &mut (u32, u64), charge: &QuotaCharge) -> bool {
+    let (period, used) = counter;
+    let amount = charge.amount.unsigned_abs();
+    if charge.period > *period {
+        *period = charge.period;
+        *used = 0;
+    }
+    if charge.period < *period {
+        return charge.amount <= 0 || amount <= charge.limit;
+    }
+    if charge.amount <= 0 {
+        *used = used.saturating_sub(amount);
+        return true;
+    }
+    let after = used.saturating_add(amount);
+    if after > charge.limit {
+        return false;
+    }
+    *used = after;
+    true
 }

@@ -12,7 +12,9 @@ use crate::logic::Clock;
 use crate::store::QuotaOwner;
 
 mod conversations;
+pub(crate) use conversations::apply_quota_charge;
 mod history;
+mod push;
 mod sessions;
 mod users;
 
@@ -46,6 +48,19 @@ pub struct MemoryStore {
     /// over are pruned whenever the map has doubled since the last prune.
     quotas: HashMap<QuotaOwner, (u32, u64)>,
     quotas_pruned_at: usize,
+    /// Push registrations and mutes (`push.rs`).
+    push: push::PushState,
+    /// New with every store: this one's history dies with it.
+    history_epoch: HistoryEpoch,
+}
+
+/// A fresh epoch by default ([`crate::store::new_history_epoch`]).
+struct HistoryEpoch(u64);
+
+impl Default for HistoryEpoch {
+    fn default() -> Self {
+        Self(crate::store::new_history_epoch())
+    }
 }
 
 #[derive(Default)]
@@ -175,7 +190,7 @@ mod tests {
     fn stored(a: Appended) -> pb::Message {
         match a {
             Appended::Stored(m) => m,
-            Appended::Duplicate(ack) => panic!("unexpected duplicate {ack:?}"),
+            other => panic!("expected a stored message, got {other:?}"),
         }
     }
 

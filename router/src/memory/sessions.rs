@@ -129,7 +129,7 @@ impl MemoryStore {
     /// Whether sessions on `gateway_id` count: a gateway that registered
     /// and whose lease ran out is dead (one that never registered, like the
     /// embedded engine's own, is alive).
-    fn gateway_alive(&self, gateway_id: &str, now_ms: i64) -> bool {
+    pub(super) fn gateway_alive(&self, gateway_id: &str, now_ms: i64) -> bool {
         // No registered gateway (the embedded engine): no hashing per device.
         self.known_gateways.is_empty()
             || !self.known_gateways.contains(gateway_id)
@@ -149,7 +149,7 @@ impl MemoryStore {
 
     /// The time leases are judged at; not read when no gateway registered
     /// (the embedded engine's hot path: every fan-out reads sessions).
-    fn lease_now_ms(&self) -> i64 {
+    pub(super) fn lease_now_ms(&self) -> i64 {
         if self.known_gateways.is_empty() {
             0
         } else {

@@ -8,12 +8,14 @@ use prost::Message as _;
 use redis::Value;
 
 use crate::store::{
-    Appended, ConversationStore, GroupRecord, HistorySlice, Membership, QuotaCharge, RangeRead,
-    Retention, StoreResult,
+    message_size, Appended, ConversationStore, GroupRecord, HistorySlice, Membership, QuotaCharge,
+    RangeRead, Retention, StoreResult,
 };
 
-use super::keys::{conv_key, dedup_key, quota_key, receipt_key, SEQ_PREFIX_LEN};
-use super::{corrupt, from_value, RedisStore};
+use super::keys::{
+    conv_key, dedup_key, quota_key, receipt_key, ARCHIVED_SUFFIX, HISTORY_EPOCH, SEQ_PREFIX_LEN,
+};
+use super::{archive_error, corrupt, from_value, RedisStore};
 
 /// The heaviest message a history entry can hold (a Send fits a 64 KiB
 /// frame; the server adds ids and times): `read_range.lua` sizes its
@@ -23,7 +25,7 @@ const HEAVIEST_MESSAGE_BYTES: usize = 65 * 1024;
 impl RedisStore {
     /// One `read_range.lua` call: direction `a` (after `bound`) or `b`
     /// (before `bound`).
-    fn read_range(
+    pub(super) fn read_range(
         &self,
         conversation_id: &str,
         direction: &[u8],
@@ -61,6 +63,11 @@ impl RedisStore {
             retention.dedup_ttl_ms.to_string(),
             retention.history_window.to_string(),
         );
+        let max_unarchived = self
+            .archive
+            .as_ref()
+            .map_or(0, |a| a.max_unarchived)
+            .to_string();
         for (conversation_id, mut message) in appends {
             message.seq = 0;
             let encoded = message.encode_to_vec();
@@ -70,15 +77,16 @@ impl RedisStore {
             dedup_field.extend_from_slice(message.sender_user_id.as_bytes());
             dedup_field.push(0);
             dedup_field.extend_from_slice(&message.client_msg_id);
-            let (seq, h, dd, dq, legacy, writers) = (
+            let (seq, h, dd, dq, legacy, archived, writers) = (
                 conv_key(&conversation_id, "seq"),
                 conv_key(&conversation_id, "h"),
                 conv_key(&conversation_id, "dd"),
                 conv_key(&conversation_id, "dq"),
                 dedup_key(&conversation_id, &message.client_msg_id),
+                conv_key(&conversation_id, ARCHIVED_SUFFIX),
                 conv_key(&conversation_id, "w"),
             );
-            let mut keys: Vec<&str> = vec![&seq, &h, &dd, &dq, &legacy];
+            let mut keys: Vec<&str> = vec![&seq, &h, &dd, &dq, &legacy, &archived];
             // A direct conversation records its writers (SPEC §10 consent;
             // the sender is ARGV[7]).
             if palaver_protocol::parse_direct(&conversation_id).is_some() {
@@ -96,6 +104,7 @@ impl RedisStore {
                     &message.client_msg_id,
                     message.sender_user_id.as_bytes(),
                     if check_only { b"1" } else { b"0" },
+                    max_unarchived.as_bytes(),
                 ],
             ));
             messages.push((conversation_id, message));
@@ -122,6 +131,7 @@ impl RedisStore {
                         return Ok(Some(Appended::Stored(message)));
                     }
                     3 => return Ok(None),
+                    4 => return Ok(Some(Appended::Backlogged { last_seq: seq })),
                     2 => {
                         let member: Vec<u8> = from_value(reply.next().unwrap_or(Value::Nil))?;
                         let original = decode_history_member(&member)?;
@@ -186,6 +196,24 @@ impl ConversationStore for RedisStore {
             .collect())
     }
 
+    /// `SET NX GET`: the stored epoch, or a new one if the dataset has
+    /// none (first start, or wiped since).
+    fn history_epoch(&mut self) -> StoreResult<u64> {
+        let fresh = crate::store::new_history_epoch();
+        let cmd = redis::cmd("SET")
+            .arg(HISTORY_EPOCH)
+            .arg(fresh)
+            .arg("NX")
+            .arg("GET")
+            .clone();
+        let reply = self.pipeline(vec![cmd])?.pop();
+        let old = match reply {
+            Some(v) => from_value::<Option<u64>>(v)?,
+            None => None,
+        };
+        Ok(old.unwrap_or(fresh))
+    }
+
     fn last_seqs(&mut self, conversation_ids: &[String]) -> StoreResult<Vec<u64>> {
         let cmds = conversation_ids
             .iter()
@@ -202,9 +230,55 @@ impl ConversationStore for RedisStore {
             .iter()
             .map(|r| self.read_range(&r.conversation_id, b"a", r.after_seq, r.limit, r.max_bytes))
             .collect();
-        self.pipeline(cmds)?
+        let windowed: Vec<Vec<pb::Message>> = self
+            .pipeline(cmds)?
             .into_iter()
             .map(|v| Ok(decode_range(v)?.1))
+            .collect::<StoreResult<_>>()?;
+        let Some(link) = &self.archive else {
+            return Ok(windowed);
+        };
+        // Below the window: what the read wants before the oldest message
+        // Redis returned comes from the archive, then the window continues
+        // it (a read cut short by its budget is continued by the caller).
+        reads
+            .iter()
+            .zip(windowed)
+            .map(|(read, window)| {
+                let Some(first) = window.first().map(|m| m.seq) else {
+                    return Ok(window);
+                };
+                if first <= read.after_seq + 1 {
+                    return Ok(window);
+                }
+                let mut older = link
+                    .archive
+                    .read_after(
+                        &read.conversation_id,
+                        read.after_seq,
+                        first,
+                        read.limit,
+                        read.max_bytes,
+                    )
+                    .map_err(archive_error)?;
+                if older.last().map(|m| m.seq + 1) != Some(first) {
+                    // Cut short by the budget (or a hole: expired rows): the
+                    // window's part comes with the next read.
+                    return Ok(older);
+                }
+                let mut used: usize = older.iter().map(message_size).sum();
+                for m in window {
+                    let size = message_size(&m);
+                    if older.len() >= read.limit
+                        || (read.max_bytes > 0 && used + size > read.max_bytes)
+                    {
+                        break;
+                    }
+                    used += size;
+                    older.push(m);
+                }
+                Ok(older)
+            })
             .collect()
     }
 
@@ -223,7 +297,44 @@ impl ConversationStore for RedisStore {
         let (has_more, mut messages) =
             decode_range(reply.ok_or_else(|| corrupt("no reply to a history read"))?)?;
         messages.reverse();
-        Ok(HistorySlice { messages, has_more })
+        let Some(link) = self.archive.clone() else {
+            return Ok(HistorySlice { messages, has_more });
+        };
+        // The window holds nothing older (has_more is false): the page goes
+        // on in the archive below the oldest seq it returned.
+        let used: usize = messages.iter().map(message_size).sum();
+        let below = match messages.first() {
+            Some(m) => m.seq,
+            None if before_seq > 0 => before_seq,
+            None => self.last_seqs(&[conversation_id.to_owned()])?[0] + 1,
+        };
+        let full = messages.len() >= limit || (max_bytes > 0 && used >= max_bytes);
+        if has_more || full || below <= 1 {
+            return Ok(HistorySlice {
+                messages,
+                has_more: has_more || (full && below > 1),
+            });
+        }
+        let budget = if max_bytes == 0 { 0 } else { max_bytes - used };
+        let older = link
+            .archive
+            .read_before(
+                conversation_id,
+                below,
+                limit - messages.len(),
+                budget.max(1),
+            )
+            .map_err(archive_error)?;
+        // Older messages remain unless the archive ran out (or the oldest
+        // is seq 1).
+        let has_more = older.last().is_some_and(|m| m.seq > 1)
+            && (older.len() == limit - messages.len() || max_bytes > 0);
+        let mut page: Vec<pb::Message> = older.into_iter().rev().collect();
+        page.extend(messages);
+        Ok(HistorySlice {
+            messages: page,
+            has_more,
+        })
     }
 
     fn charge_quotas(&mut self, charges: &[QuotaCharge]) -> StoreResult<Vec<bool>> {
@@ -432,7 +543,7 @@ fn decode_history_member(member: &[u8]) -> StoreResult<pb::Message> {
 }
 
 /// A `read_range.lua` reply: {has_more, member...}.
-fn decode_range(reply: redis::Value) -> StoreResult<(bool, Vec<pb::Message>)> {
+pub(super) fn decode_range(reply: redis::Value) -> StoreResult<(bool, Vec<pb::Message>)> {
     let mut items: Vec<redis::Value> = from_value(reply)?;
     if items.is_empty() {
         return Err(corrupt("empty history read reply"));

@@ -12,11 +12,16 @@ use std::time::Duration;
 use redis::cluster::{ClusterClient, ClusterConnection};
 use redis::{Cmd, ConnectionLike, FromRedisValue, RedisError, Script, Value};
 
+use std::sync::Arc;
+
+use palaver_archive::{ArchiveError, CassandraArchive};
+
 use crate::store::{StoreError, StoreResult};
 
 mod conversations;
 mod gateways;
 mod keys;
+mod push;
 mod sessions;
 mod users;
 
@@ -101,6 +106,11 @@ struct Scripts {
     dead_gateways: Script,
     read_range: Script,
     charge_quota: Script,
+    raise: Script,
+    register_push: Script,
+    invalidate_push: Script,
+    set_mute: Script,
+    push_owner: Script,
 }
 
 impl Scripts {
@@ -115,11 +125,21 @@ impl Scripts {
             dead_gateways: Script::new(DEAD_GATEWAYS_LUA),
             read_range: Script::new(READ_RANGE_LUA),
             charge_quota: Script::new(CHARGE_QUOTA_LUA),
+            raise: Script::new(RAISE_LUA),
+            register_push: Script::new(REGISTER_PUSH_LUA),
+            invalidate_push: Script::new(INVALIDATE_PUSH_LUA),
+            set_mute: Script::new(SET_MUTE_LUA),
+            push_owner: Script::new(PUSH_OWNER_LUA),
         }
     }
 
-    fn all(&self) -> [&Script; 9] {
+    fn all(&self) -> [&Script; 14] {
         [
+            &self.raise,
+            &self.push_owner,
+            &self.register_push,
+            &self.invalidate_push,
+            &self.set_mute,
             &self.charge_quota,
             &self.read_range,
             &self.append,
@@ -144,6 +164,11 @@ const CLOSE_SESSION_LUA: &str = include_str!("scripts/close_session.lua");
 const DEAD_GATEWAYS_LUA: &str = include_str!("scripts/dead_gateways.lua");
 const READ_RANGE_LUA: &str = include_str!("scripts/read_range.lua");
 const CHARGE_QUOTA_LUA: &str = include_str!("scripts/charge_quota.lua");
+const RAISE_LUA: &str = include_str!("scripts/raise.lua");
+const REGISTER_PUSH_LUA: &str = include_str!("scripts/register_push.lua");
+const INVALIDATE_PUSH_LUA: &str = include_str!("scripts/invalidate_push.lua");
+const SET_MUTE_LUA: &str = include_str!("scripts/set_mute.lua");
+const PUSH_OWNER_LUA: &str = include_str!("scripts/push_owner.lua");
 
 fn unavailable(e: RedisError) -> StoreError {
     StoreError::Unavailable(e.to_string())
@@ -163,6 +188,33 @@ pub struct RedisStore {
     config: RedisConfig,
     conn: Option<Conn>,
     scripts: Scripts,
+    /// The history archive below the window, if one is configured.
+    archive: Option<ArchiveLink>,
+}
+
+/// The store's history with an archive behind it (SPEC §7): the window is
+/// a cache that never trims what the archiver has not confirmed, and reads
+/// below it go to the archive.
+#[derive(Clone)]
+pub struct ArchiveLink {
+    pub archive: Arc<CassandraArchive>,
+    /// Messages of one conversation not yet archived that Redis holds at
+    /// most; a Send beyond is answered UNAVAILABLE until the archiver
+    /// catches up.
+    pub max_unarchived: u64,
+}
+
+/// Default [`ArchiveLink::max_unarchived`]: ten windows' worth, so an
+/// archive outage of minutes costs busy conversations nothing, and one
+/// conversation holds at most ~6 GB of unarchived 60 KiB messages... in
+/// practice a few MB.
+pub const DEFAULT_MAX_UNARCHIVED: u64 = 100_000;
+
+pub(super) fn archive_error(e: ArchiveError) -> StoreError {
+    match e {
+        ArchiveError::Corrupt(m) => StoreError::Corrupt(m),
+        e => StoreError::Unavailable(e.to_string()),
+    }
 }
 
 impl RedisStore {
@@ -172,9 +224,65 @@ impl RedisStore {
             config,
             conn: None,
             scripts: Scripts::new(),
+            archive: None,
         };
         store.conn()?;
         Ok(store)
+    }
+
+    /// Puts the archive behind the history window (see [`ArchiveLink`]).
+    pub fn with_archive(mut self, link: ArchiveLink) -> Self {
+        self.archive = Some(link);
+        self
+    }
+
+    /// The highest seq of each conversation the archiver confirmed (every
+    /// seq up to it is archived); 0 for none.
+    pub fn archived_seqs(&mut self, conversation_ids: &[String]) -> StoreResult<Vec<u64>> {
+        let cmds = conversation_ids
+            .iter()
+            .map(|c| {
+                redis::cmd("GET")
+                    .arg(keys::conv_key(c, keys::ARCHIVED_SUFFIX))
+                    .clone()
+            })
+            .collect();
+        self.pipeline(cmds)?
+            .into_iter()
+            .map(|v| Ok(from_value::<Option<u64>>(v)?.unwrap_or(0)))
+            .collect()
+    }
+
+    /// Raises each conversation's archived seq to the given one (never
+    /// lowers it: archivers may overlap during a rebalance).
+    pub fn confirm_archived(&mut self, confirmed: &[(String, u64)]) -> StoreResult<()> {
+        let cmds = confirmed
+            .iter()
+            .map(|(c, seq)| {
+                Self::evalsha(
+                    &self.scripts.raise,
+                    &[&keys::conv_key(c, keys::ARCHIVED_SUFFIX)],
+                    &[seq.to_string().as_bytes()],
+                )
+            })
+            .collect();
+        self.pipeline(cmds).map(drop)
+    }
+
+    /// The window's messages of a conversation after `after_seq`, up to
+    /// `limit`, never from the archive (the archiver fills a gap with them).
+    pub fn window_after(
+        &mut self,
+        conversation_id: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<palaver_protocol::pb::Message>> {
+        let cmd = self.read_range(conversation_id, b"a", after_seq, limit, 0);
+        let reply = self
+            .pipeline(vec![cmd])?
+            .pop()
+            .ok_or_else(|| corrupt("no reply to a window read"))?;
+        Ok(conversations::decode_range(reply)?.1)
     }
 
     pub fn config(&self) -> &RedisConfig {

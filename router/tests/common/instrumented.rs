@@ -97,6 +97,9 @@ impl ConversationStore for Instrumented {
     ) -> StoreResult<Vec<Appended>> {
         self.call("append_messages")?.append_messages(appends, r)
     }
+    fn history_epoch(&mut self) -> StoreResult<u64> {
+        self.call("history_epoch")?.history_epoch()
+    }
     fn last_seqs(&mut self, ids: &[String]) -> StoreResult<Vec<u64>> {
         self.call("last_seqs")?.last_seqs(ids)
     }
@@ -237,6 +240,49 @@ impl SessionStore for Instrumented {
     fn presence_of_users(&mut self, users: &[String]) -> StoreResult<Vec<UserPresence>> {
         let r = self.call("presence_of_users")?.presence_of_users(users);
         self.returned("presence_of_users", r, Vec::len)
+    }
+}
+
+impl PushStore for Instrumented {
+    fn register_push_token(
+        &mut self,
+        u: &str,
+        d: &str,
+        t: &PushToken,
+        max: usize,
+    ) -> StoreResult<Registered> {
+        self.call("register_push_token")?
+            .register_push_token(u, d, t, max)
+    }
+    fn unregister_push_token(&mut self, u: &str, d: &str) -> StoreResult<bool> {
+        self.call("unregister_push_token")?
+            .unregister_push_token(u, d)
+    }
+    fn push_tokens(&mut self, u: &str) -> StoreResult<Vec<DeviceToken>> {
+        self.call("push_tokens")?.push_tokens(u)
+    }
+    fn invalidate_push_token(&mut self, u: &str, d: &str, t: &str, at: i64) -> StoreResult<bool> {
+        self.call("invalidate_push_token")?
+            .invalidate_push_token(u, d, t, at)
+    }
+    fn set_mute(
+        &mut self,
+        u: &str,
+        c: &str,
+        m: Option<Mute>,
+        now: i64,
+        max: usize,
+    ) -> StoreResult<bool> {
+        self.call("set_mute")?.set_mute(u, c, m, now, max)
+    }
+    fn mute_of(&mut self, u: &str, c: &str, now: i64) -> StoreResult<Option<Mute>> {
+        self.call("mute_of")?.mute_of(u, c, now)
+    }
+    fn recipients<U: AsRef<str>>(&mut self, users: &[U]) -> StoreResult<Recipients> {
+        self.call("recipients")?.recipients(users)
+    }
+    fn push_context(&mut self, u: &str, c: &str, seq: u64, now: i64) -> StoreResult<PushContext> {
+        self.call("push_context")?.push_context(u, c, seq, now)
     }
 }
 

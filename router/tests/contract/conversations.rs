@@ -285,6 +285,7 @@ pub fn append_batch_in_order<S: Store>(mut s: S) {
         .map(|r| match r {
             Appended::Stored(m) => (m.conversation_id.clone(), m.seq, true),
             Appended::Duplicate(a) => (a.conversation_id.clone(), a.seq, false),
+            other => panic!("unexpected {other:?}"),
         })
         .collect();
     assert_eq!(
@@ -333,4 +334,20 @@ pub fn dedup_follows_the_window<S: Store>(mut s: S) {
             .unwrap(),
     );
     assert_eq!(m.seq, 11);
+}
+
+/// The history epoch (SPEC §7): announced (non-zero) and the same on every
+/// read while the store keeps its history, appends included. That it
+/// changes when the history is lost is each store's own test (a new memory
+/// store, a wiped Redis, a new store file).
+pub fn the_history_epoch_is_announced_and_stable<S: Store>(mut s: S) {
+    let epoch = s.history_epoch().unwrap();
+    assert_ne!(epoch, 0);
+    let dm = palaver_router::direct_conversation_id("alice", "bob");
+    stored(
+        s.append_message(&dm, message(&dm, 1, "alice"), &retention(0, 10))
+            .unwrap(),
+    );
+    assert_eq!(s.history_epoch().unwrap(), epoch);
+    assert_eq!(s.history_epoch().unwrap(), epoch);
 }

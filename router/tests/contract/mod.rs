@@ -1,8 +1,9 @@
 //! The store contract: checks every `Store` implementation must pass, run
-//! against `MemoryStore` (tests/memory_store.rs) and `RedisStore` on standalone
-//! Redis and Redis Cluster (tests/redis_store.rs). Each check takes a fresh store.
+//! against `MemoryStore` (tests/memory_store.rs), `RedisStore` on standalone
+//! Redis and Redis Cluster (tests/redis_store.rs) and the durable
+//! `DiskStore` (tests/disk_store.rs). Each check takes a fresh store.
 //! The checks are in one file per store trait (`conversations.rs`,
-//! `users.rs`, `sessions.rs`); this file holds the shared helpers and the
+//! `users.rs`, `sessions.rs`, `push.rs`); this file holds the shared helpers and the
 //! macro that runs them all.
 // Each test binary uses a different subset of the helpers.
 #![allow(dead_code)]
@@ -37,6 +38,13 @@ macro_rules! store_contract_tests {
                 users_and_push,
                 presence_links_and_consent,
                 group_add_counts,
+                push_tokens_register_replace_and_cap,
+                a_push_token_has_one_owner_across_users,
+                push_token_invalidation_loses_to_a_reregistration,
+                mutes_expire_and_are_capped,
+                recipients_say_whose_registered_devices_are_offline,
+                push_context_for_the_worker,
+                the_history_epoch_is_announced_and_stable,
             );
 
             #[test]
@@ -77,6 +85,7 @@ pub fn check_names() -> Vec<String> {
         include_str!("conversations.rs"),
         include_str!("users.rs"),
         include_str!("sessions.rs"),
+        include_str!("push.rs"),
     ]
     .iter()
     .flat_map(|source| source.lines())
@@ -111,7 +120,7 @@ pub fn message(conv: &str, cmid: u8, sender: &str) -> pb::Message {
 pub fn stored(a: Appended) -> pb::Message {
     match a {
         Appended::Stored(m) => m,
-        Appended::Duplicate(ack) => panic!("unexpected duplicate {ack:?}"),
+        other => panic!("expected a stored message, got {other:?}"),
     }
 }
 
@@ -131,9 +140,11 @@ pub fn session(user: &str, device: &str, gw: &str, conn: u64) -> Session {
 }
 
 mod conversations;
+mod push;
 mod sessions;
 mod users;
 
 pub use conversations::*;
+pub use push::*;
 pub use sessions::*;
 pub use users::*;

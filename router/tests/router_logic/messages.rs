@@ -198,11 +198,18 @@ fn group_fan_out_to_1000_members_delivers_each_exactly_once_in_one_lookup() {
     }
     let refs: Vec<&str> = others.iter().map(String::as_str).collect();
     let group = h.create_group(&creator, &refs);
+    // Every member's phone is registered for pushes.
+    for user in &others {
+        h.register_token(user, "phone");
+    }
 
-    let lookups_before = h.calls().count("sessions_of_users");
+    let lookups_before = h.calls().count("recipients");
+    let sessions_before = h.calls().count("sessions_of_users");
     let calls_before = h.calls().total();
     let out = h.send(&creator, &group, 1);
-    assert_eq!(h.calls().count("sessions_of_users"), lookups_before + 1);
+    // One read of every member's sessions and push devices.
+    assert_eq!(h.calls().count("recipients"), lookups_before + 1);
+    assert_eq!(h.calls().count("sessions_of_users"), sessions_before);
     // Constant store calls per send, whatever the group size.
     assert!(
         h.calls().total() - calls_before <= 6,
@@ -224,18 +231,20 @@ fn group_fan_out_to_1000_members_delivers_each_exactly_once_in_one_lookup() {
     }
     assert_eq!(per_conn.get(&creator_tablet.addr.conn), Some(&1));
     assert!(!per_conn.contains_key(&creator.addr.conn));
-    // The 100 offline members get one push each.
+    // The 100 offline members get one push each, with no device online.
     assert_eq!(out.pushes.len(), 100);
     assert!(out
         .pushes
         .iter()
-        .all(|p| p.conversation_id == group && p.seq == 1));
+        .all(|p| p.conversation_id == group && p.seq == 1 && p.online_device_ids.is_empty()));
 }
 
 #[test]
 fn pushes_are_coalesced_until_connect_or_receipt() {
     let mut h = Harness::new();
     let alice = h.open("alice", "phone", 1);
+    h.register_token("bob", "phone");
+    h.register_token("alice", "tablet");
     let out = h.send(&alice, DM, 1);
     assert_eq!(out.pushes.len(), 1);
     assert_eq!(out.pushes[0].user_id, "bob");
@@ -307,6 +316,7 @@ fn a_batch_whose_push_mark_fails_leaves_no_frame_of_its_sends() {
     let mut h = Harness::new();
     let alice = h.open("alice", "phone", 1);
     h.open("bob", "phone", 2);
+    h.register_token("carol", "phone");
     let reqs = vec![
         request(&alice, 1, send_body(DM, 1, "to bob, online")),
         request(
@@ -405,10 +415,11 @@ fn a_batch_is_handled_like_one_request_at_a_time_with_one_append_and_one_lookup_
     assert_eq!(progress.done, reqs.len());
     let delta = |name: &str| batched.calls().count(name) - before.get(name).copied().unwrap_or(0);
     // Two runs of Sends (the Receipt splits them): one append batch and one
-    // session lookup each, plus the Receipt's own fan-out lookup.
+    // recipients lookup each, plus the Receipt's own fan-out lookup.
     assert_eq!(delta("append_messages"), 2, "{:?}", batched.calls().calls);
     assert_eq!(delta("append_message"), 0);
-    assert_eq!(delta("sessions_of_users"), 3);
+    assert_eq!(delta("recipients"), 2);
+    assert_eq!(delta("sessions_of_users"), 1);
 
     let mut one_by_one = Output::default();
     for c in &outs[1].0 {

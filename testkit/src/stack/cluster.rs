@@ -1,5 +1,6 @@
-//! `palaver cluster up|down|status`: Redis, Kafka, a router and two
-//! gateways as detached processes, recorded in a state file.
+//! `palaver cluster up|down|status`: Redis, Kafka, Cassandra (the history
+//! archive), a router, an archiver and two gateways as detached processes,
+//! recorded in a state file.
 
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -26,6 +27,7 @@ const STATE_FILE: &str = "state";
 const CLUSTER_TOPICS: &[(&str, u32)] = &[
     ("palaver.inbound", 8),
     ("palaver.push", 8),
+    ("palaver.stored", 8),
     ("palaver.dlq", 1),
 ];
 
@@ -153,12 +155,40 @@ impl Gateway {
     }
 }
 
+/// What `palaver cluster up` starts beyond Redis, Kafka, a router and two
+/// gateways.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterOptions {
+    /// Apache Cassandra (data under `dir/cassandra`) and a `palaver-archiver`,
+    /// with the router reading below its Redis window from the archive.
+    pub archive: bool,
+    /// A push worker, `palaver-push --providers <this file>` (the APNs/FCM
+    /// credentials, `push.toml`), as `push-1`.
+    pub push_providers: Option<PathBuf>,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self {
+            archive: true,
+            push_providers: None,
+        }
+    }
+}
+
 /// Starts Redis (AOF, `appendfsync always`), Apache Kafka (one KRaft node,
-/// log dir under `dir/kafka`), one router and two gateways
+/// log dir under `dir/kafka`), with `options.archive` Apache Cassandra
+/// (under `dir/cassandra`) and an archiver, with `options.push_providers` a
+/// push worker, one router and two gateways
 /// (`gw1`, `gw2`) sharing `listen` via SO_REUSEPORT, all in the background,
 /// with logs and state under `dir`. `data_dir` holds the gateways' dev
 /// certificate and JWT secret (as for a single gateway).
-pub fn cluster_up(dir: &Path, data_dir: &Path, listen: &str) -> Result<Vec<ClusterProcess>> {
+pub fn cluster_up(
+    dir: &Path,
+    data_dir: &Path,
+    listen: &str,
+    options: ClusterOptions,
+) -> Result<Vec<ClusterProcess>> {
     let running: Vec<ClusterProcess> = cluster_state(dir)?
         .into_iter()
         .filter(|p| pid_alive(p.pid))
@@ -222,13 +252,60 @@ pub fn cluster_up(dir: &Path, data_dir: &Path, listen: &str) -> Result<Vec<Clust
             "--router-id",
             "router-1",
         ]);
+        let mut cassandra_nodes = None;
+        if options.archive {
+            let archiver_bin = find_palaver_binary("palaver-archiver")?;
+            let cassandra = Cassandra::start_in(WorkDir::kept(dir.join("cassandra"))?)?;
+            let nodes = cassandra.address();
+            procs.push(ClusterProcess {
+                name: "cassandra".into(),
+                pid: cassandra.pid(),
+                port: cassandra.port(),
+            });
+            cassandra.detach();
+            router.args(["--cassandra", &nodes]);
+            cassandra_nodes = Some(nodes.clone());
+            let mut archiver = Command::new(&archiver_bin);
+            archiver.args([
+                "--brokers",
+                &brokers,
+                "--redis",
+                &redis_url,
+                "--cassandra",
+                &nodes,
+                "--archiver-id",
+                "archiver-1",
+            ]);
+            procs.push(spawn("archiver-1", archiver)?);
+        }
         procs.push(spawn("router-1", router)?);
+        if let Some(providers) = &options.push_providers {
+            let push_bin = find_palaver_binary("palaver-push")?;
+            let mut push = Command::new(&push_bin);
+            push.args([
+                "--brokers",
+                &brokers,
+                "--redis",
+                &redis_url,
+                "--worker-id",
+                "push-1",
+            ])
+            .arg("--providers")
+            .arg(providers);
+            procs.push(spawn("push-1", push)?);
+        }
 
         let config = dir.join("gateway.toml");
+        // The gateways serve History and Sync below the window from the
+        // archive too.
+        let archive_line = cassandra_nodes
+            .as_ref()
+            .map(|nodes| format!("cassandra = \"{nodes}\"\n"))
+            .unwrap_or_default();
         fs::write(
             &config,
             format!(
-                "[backend]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\nredis = \"{redis_url}\"\n"
+                "[backend]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\nredis = \"{redis_url}\"\n{archive_line}"
             ),
         )
         .map_err(|e| err(format!("write {}: {e}", config.display())))?;

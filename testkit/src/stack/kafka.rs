@@ -37,24 +37,32 @@ const KAFKA_START_DEADLINE: Duration = Duration::from_secs(90);
 /// `~/.cache/palaver/kafka-<KAFKA_VERSION>/libs` (where install-deps.sh puts
 /// them; `.complete` marks a finished download).
 pub fn kafka_libs() -> Result<PathBuf> {
-    let dir = match std::env::var_os("PALAVER_KAFKA_LIBS") {
+    installed_jars(
+        "PALAVER_KAFKA_LIBS",
+        &format!("kafka-{KAFKA_VERSION}"),
+        &format!("Apache Kafka {KAFKA_VERSION}"),
+    )
+}
+
+/// Where install-deps.sh put a Java service's jars: `$<env_var>`, else
+/// `~/.cache/palaver/<dir_name>/libs` (`$XDG_CACHE_HOME` if set); an error
+/// naming the install script unless `.complete` marks a finished download.
+pub(super) fn installed_jars(env_var: &str, dir_name: &str, what: &str) -> Result<PathBuf> {
+    let dir = match std::env::var_os(env_var) {
         Some(d) => PathBuf::from(d),
         None => {
             let cache = std::env::var_os("XDG_CACHE_HOME")
                 .map(PathBuf::from)
                 .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
                 .ok_or_else(|| err("neither XDG_CACHE_HOME nor HOME is set"))?;
-            cache
-                .join("palaver")
-                .join(format!("kafka-{KAFKA_VERSION}"))
-                .join("libs")
+            cache.join("palaver").join(dir_name).join("libs")
         }
     };
     if dir.join(".complete").is_file() {
         Ok(dir)
     } else {
         Err(err(format!(
-            "Apache Kafka {KAFKA_VERSION} is not installed in {}; {INSTALL_HINT}",
+            "{what} is not installed in {}; {INSTALL_HINT}",
             dir.display()
         )))
     }

@@ -1,4 +1,4 @@
-//! Real Redis, Redis Cluster and Apache Kafka (KRaft) processes on free
+//! Real Redis, Redis Cluster, Apache Kafka (KRaft) and Apache Cassandra processes on free
 //! loopback ports, for the integration tests and for `palaver cluster`.
 //!
 //! Each service gets its own working directory (a temporary one unless the
@@ -255,10 +255,12 @@ fn resp_complete(reply: &[u8]) -> bool {
     len < 0 || reply.len() >= line_end + 2 + len as usize + 2
 }
 
+mod cassandra;
 mod cluster;
 mod kafka;
 mod redis;
 
+pub use cassandra::*;
 pub use cluster::*;
 pub use kafka::*;
 pub use redis::*;

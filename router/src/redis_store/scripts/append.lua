@@ -20,16 +20,27 @@
 -- and count only when the original's sender (field 4 of the stored
 -- message) is this sender.
 --
--- KEYS[6], given for a direct conversation only, is its set of users who
+-- KEYS[7], given for a direct conversation only, is its set of users who
 -- have written in it: a stored message adds its sender (SPEC §10 consent).
 --
--- KEYS: seq, history, dedup hash, dedup order list, legacy dedup key[, writers].
+-- With an archive (ARGV[9] > 0), the history is a cache of the archive:
+-- KEYS[6] holds the highest seq the archiver confirmed (every seq up to it
+-- is in Cassandra), and the trim never drops a message above it. Messages
+-- not yet archived stay, at most ARGV[9] of them: beyond, the append is
+-- refused ({4, last seq}) and the Send answered UNAVAILABLE — backpressure,
+-- never a silent drop. One append trims at most TRIM_STEP messages beyond
+-- the window, so the backlog left by an archive outage drains over the
+-- following appends instead of in one long call.
+--
+-- KEYS: seq, history, dedup hash, dedup order list, legacy dedup key,
+--       archived seq[, writers].
 -- ARGV: message (seq 0), dedup field, now_ms, dedup_ttl_ms, window,
 --       bare client_msg_id, sender, check_only ('1': only look for a
---       duplicate, store nothing).
+--       duplicate, store nothing), max unarchived messages (0: no archive).
 -- Returns {1, seq} when stored; {2, seq, history member} for a duplicate;
 -- {0, seq, time, message_id} for a duplicate found under the legacy key;
--- {3, 0} when check_only found no duplicate.
+-- {3, 0} when check_only found no duplicate; {4, last seq} when the
+-- archive is too far behind to store more.
 local now = tonumber(ARGV[3])
 local ttl = tonumber(ARGV[4])
 
@@ -84,6 +95,13 @@ if not found and not legacy_found then
   end
 end
 if ARGV[8] == '1' then return {3, 0} end
+local cap = tonumber(ARGV[9])
+local archived = 0
+if cap > 0 then
+  archived = tonumber(redis.call('GET', KEYS[6]) or '0')
+  local last = tonumber(redis.call('GET', KEYS[1]) or '0')
+  if last - archived >= cap then return {4, last} end
+end
 local seq = redis.call('INCR', KEYS[1])
 redis.call('ZADD', KEYS[2], seq, string.format('%020d', seq) .. ARGV[1])
 if ttl > 0 then
@@ -91,8 +109,19 @@ if ttl > 0 then
   redis.call('RPUSH', KEYS[4], seq .. ':' .. ARGV[2])
 end
 local window = tonumber(ARGV[5])
-if window > 0 and redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(window + 1)) > 0 then
-  local oldest = seq - window
+-- Seqs are contiguous in the history: trimming to the window drops every
+-- seq up to `oldest`.
+local oldest = seq - window
+if cap > 0 and oldest > archived then oldest = archived end
+if cap > 0 and oldest > 0 then
+  local TRIM_STEP = 256
+  local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+  if first[2] and oldest > tonumber(first[2]) + TRIM_STEP then
+    oldest = tonumber(first[2]) + TRIM_STEP
+  end
+end
+if window > 0 and oldest > 0
+    and redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', oldest) > 0 then
   while true do
     local e = redis.call('LINDEX', KEYS[4], 0)
     if not e then break end
@@ -106,5 +135,5 @@ if window > 0 and redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(window + 1)) > 0 t
     end
   end
 end
-if KEYS[6] then redis.call('SADD', KEYS[6], ARGV[7]) end
+if KEYS[7] then redis.call('SADD', KEYS[7], ARGV[7]) end
 return {1, seq}

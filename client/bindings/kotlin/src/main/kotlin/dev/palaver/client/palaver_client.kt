@@ -672,6 +672,9 @@ internal interface UniffiCallbackInterfaceClientStoreMethod4 : com.sun.jna.Callb
 internal interface UniffiCallbackInterfaceEventListenerMethod0 : com.sun.jna.Callback {
     fun callback(`uniffiHandle`: Long,`event`: RustBuffer.ByValue,`uniffiOutReturn`: Pointer,uniffiCallStatus: UniffiRustCallStatus,)
 }
+internal interface UniffiCallbackInterfaceLogSinkMethod0 : com.sun.jna.Callback {
+    fun callback(`uniffiHandle`: Long,`level`: RustBuffer.ByValue,`message`: RustBuffer.ByValue,`uniffiOutReturn`: Pointer,uniffiCallStatus: UniffiRustCallStatus,)
+}
 internal interface UniffiCallbackInterfaceTokenProviderMethod0 : com.sun.jna.Callback {
     fun callback(`uniffiHandle`: Long,`forceRefresh`: Byte,`uniffiOutReturn`: RustBuffer,uniffiCallStatus: UniffiRustCallStatus,)
 }
@@ -715,6 +718,22 @@ internal open class UniffiVTableCallbackInterfaceEventListener(
 
    internal fun uniffiSetValue(other: UniffiVTableCallbackInterfaceEventListener) {
         `onEvent` = other.`onEvent`
+        `uniffiFree` = other.`uniffiFree`
+    }
+
+}
+@Structure.FieldOrder("log", "uniffiFree")
+internal open class UniffiVTableCallbackInterfaceLogSink(
+    @JvmField internal var `log`: UniffiCallbackInterfaceLogSinkMethod0? = null,
+    @JvmField internal var `uniffiFree`: UniffiCallbackInterfaceFree? = null,
+) : Structure() {
+    class UniffiByValue(
+        `log`: UniffiCallbackInterfaceLogSinkMethod0? = null,
+        `uniffiFree`: UniffiCallbackInterfaceFree? = null,
+    ): UniffiVTableCallbackInterfaceLogSink(`log`,`uniffiFree`,), Structure.ByValue
+
+   internal fun uniffiSetValue(other: UniffiVTableCallbackInterfaceLogSink) {
+        `log` = other.`log`
         `uniffiFree` = other.`uniffiFree`
     }
 
@@ -858,6 +877,27 @@ internal open class UniffiVTableCallbackInterfaceTokenProvider(
 
 
 
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
 // For large crates we prevent `MethodTooLargeException` (see #2340)
 // N.B. the name of the extension is very misleading, since it is 
 // rather `InterfaceTooLargeException`, caused by too many methods 
@@ -873,9 +913,13 @@ internal open class UniffiVTableCallbackInterfaceTokenProvider(
 // when the library is loaded.
 internal interface IntegrityCheckingUniffiLib : Library {
     // Integrity check functions only
-    fun uniffi_palaver_client_checksum_func_direct_conversation_id(
+    fun uniffi_palaver_client_checksum_func_clear_log_sink(
+): Short
+fun uniffi_palaver_client_checksum_func_direct_conversation_id(
 ): Short
 fun uniffi_palaver_client_checksum_func_memory_store(
+): Short
+fun uniffi_palaver_client_checksum_func_set_log_sink(
 ): Short
 fun uniffi_palaver_client_checksum_method_clientstore_load_outbox(
 ): Short
@@ -888,6 +932,8 @@ fun uniffi_palaver_client_checksum_method_clientstore_load_cursors(
 fun uniffi_palaver_client_checksum_method_clientstore_save_cursor(
 ): Short
 fun uniffi_palaver_client_checksum_method_eventlistener_on_event(
+): Short
+fun uniffi_palaver_client_checksum_method_logsink_log(
 ): Short
 fun uniffi_palaver_client_checksum_method_palaverclient_change_members(
 ): Short
@@ -903,9 +949,17 @@ fun uniffi_palaver_client_checksum_method_palaverclient_mark_delivered(
 ): Short
 fun uniffi_palaver_client_checksum_method_palaverclient_mark_read(
 ): Short
+fun uniffi_palaver_client_checksum_method_palaverclient_mute_conversation(
+): Short
 fun uniffi_palaver_client_checksum_method_palaverclient_open_direct(
 ): Short
 fun uniffi_palaver_client_checksum_method_palaverclient_query_presence(
+): Short
+fun uniffi_palaver_client_checksum_method_palaverclient_reconnect_now(
+): Short
+fun uniffi_palaver_client_checksum_method_palaverclient_register_apns_token(
+): Short
+fun uniffi_palaver_client_checksum_method_palaverclient_register_fcm_token(
 ): Short
 fun uniffi_palaver_client_checksum_method_palaverclient_send_message(
 ): Short
@@ -920,6 +974,10 @@ fun uniffi_palaver_client_checksum_method_palaverclient_state(
 fun uniffi_palaver_client_checksum_method_palaverclient_subscribe_presence(
 ): Short
 fun uniffi_palaver_client_checksum_method_palaverclient_sync_now(
+): Short
+fun uniffi_palaver_client_checksum_method_palaverclient_unmute_conversation(
+): Short
+fun uniffi_palaver_client_checksum_method_palaverclient_unregister_push_token(
 ): Short
 fun uniffi_palaver_client_checksum_method_palaverclient_unsubscribe_presence(
 ): Short
@@ -967,6 +1025,7 @@ internal interface UniffiLib : Library {
             // we already did that with `IntegrityCheckingUniffiLib` above.
             uniffiCallbackInterfaceClientStore.register(lib)
             uniffiCallbackInterfaceEventListener.register(lib)
+            uniffiCallbackInterfaceLogSink.register(lib)
             uniffiCallbackInterfaceTokenProvider.register(lib)
             // Loading of library with integrity check done.
             lib
@@ -1003,6 +1062,14 @@ fun uniffi_palaver_client_fn_init_callback_vtable_eventlistener(`vtable`: Uniffi
 ): Unit
 fun uniffi_palaver_client_fn_method_eventlistener_on_event(`ptr`: Pointer,`event`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
 ): Unit
+fun uniffi_palaver_client_fn_clone_logsink(`ptr`: Pointer,uniffi_out_err: UniffiRustCallStatus, 
+): Pointer
+fun uniffi_palaver_client_fn_free_logsink(`ptr`: Pointer,uniffi_out_err: UniffiRustCallStatus, 
+): Unit
+fun uniffi_palaver_client_fn_init_callback_vtable_logsink(`vtable`: UniffiVTableCallbackInterfaceLogSink,
+): Unit
+fun uniffi_palaver_client_fn_method_logsink_log(`ptr`: Pointer,`level`: RustBuffer.ByValue,`message`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+): Unit
 fun uniffi_palaver_client_fn_clone_palaverclient(`ptr`: Pointer,uniffi_out_err: UniffiRustCallStatus, 
 ): Pointer
 fun uniffi_palaver_client_fn_free_palaverclient(`ptr`: Pointer,uniffi_out_err: UniffiRustCallStatus, 
@@ -1023,9 +1090,17 @@ fun uniffi_palaver_client_fn_method_palaverclient_mark_delivered(`ptr`: Pointer,
 ): Unit
 fun uniffi_palaver_client_fn_method_palaverclient_mark_read(`ptr`: Pointer,`conversationId`: RustBuffer.ByValue,`upToSeq`: Long,uniffi_out_err: UniffiRustCallStatus, 
 ): Unit
+fun uniffi_palaver_client_fn_method_palaverclient_mute_conversation(`ptr`: Pointer,`conversationId`: RustBuffer.ByValue,`untilMs`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+): Long
 fun uniffi_palaver_client_fn_method_palaverclient_open_direct(`ptr`: Pointer,`peerUserId`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
 ): Long
 fun uniffi_palaver_client_fn_method_palaverclient_query_presence(`ptr`: Pointer,`userIds`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+): Long
+fun uniffi_palaver_client_fn_method_palaverclient_reconnect_now(`ptr`: Pointer,uniffi_out_err: UniffiRustCallStatus, 
+): Unit
+fun uniffi_palaver_client_fn_method_palaverclient_register_apns_token(`ptr`: Pointer,`deviceToken`: RustBuffer.ByValue,`sandbox`: Byte,`topic`: RustBuffer.ByValue,`locale`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+): Long
+fun uniffi_palaver_client_fn_method_palaverclient_register_fcm_token(`ptr`: Pointer,`token`: RustBuffer.ByValue,`locale`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
 ): Long
 fun uniffi_palaver_client_fn_method_palaverclient_send_message(`ptr`: Pointer,`conversationId`: RustBuffer.ByValue,`kind`: RustBuffer.ByValue,`body`: RustBuffer.ByValue,`replyToSeq`: Long,`media`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
 ): RustBuffer.ByValue
@@ -1041,6 +1116,10 @@ fun uniffi_palaver_client_fn_method_palaverclient_subscribe_presence(`ptr`: Poin
 ): Unit
 fun uniffi_palaver_client_fn_method_palaverclient_sync_now(`ptr`: Pointer,uniffi_out_err: UniffiRustCallStatus, 
 ): Unit
+fun uniffi_palaver_client_fn_method_palaverclient_unmute_conversation(`ptr`: Pointer,`conversationId`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+): Long
+fun uniffi_palaver_client_fn_method_palaverclient_unregister_push_token(`ptr`: Pointer,uniffi_out_err: UniffiRustCallStatus, 
+): Long
 fun uniffi_palaver_client_fn_method_palaverclient_unsubscribe_presence(`ptr`: Pointer,`userIds`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
 ): Unit
 fun uniffi_palaver_client_fn_clone_tokenprovider(`ptr`: Pointer,uniffi_out_err: UniffiRustCallStatus, 
@@ -1051,10 +1130,14 @@ fun uniffi_palaver_client_fn_init_callback_vtable_tokenprovider(`vtable`: Uniffi
 ): Unit
 fun uniffi_palaver_client_fn_method_tokenprovider_fetch_token(`ptr`: Pointer,`forceRefresh`: Byte,uniffi_out_err: UniffiRustCallStatus, 
 ): RustBuffer.ByValue
+fun uniffi_palaver_client_fn_func_clear_log_sink(uniffi_out_err: UniffiRustCallStatus, 
+): Unit
 fun uniffi_palaver_client_fn_func_direct_conversation_id(`userA`: RustBuffer.ByValue,`userB`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
 ): RustBuffer.ByValue
 fun uniffi_palaver_client_fn_func_memory_store(uniffi_out_err: UniffiRustCallStatus, 
 ): Pointer
+fun uniffi_palaver_client_fn_func_set_log_sink(`sink`: Pointer,uniffi_out_err: UniffiRustCallStatus, 
+): Unit
 fun ffi_palaver_client_rustbuffer_alloc(`size`: Long,uniffi_out_err: UniffiRustCallStatus, 
 ): RustBuffer.ByValue
 fun ffi_palaver_client_rustbuffer_from_bytes(`bytes`: ForeignBytes.ByValue,uniffi_out_err: UniffiRustCallStatus, 
@@ -1181,10 +1264,16 @@ private fun uniffiCheckContractApiVersion(lib: IntegrityCheckingUniffiLib) {
 }
 @Suppress("UNUSED_PARAMETER")
 private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
+    if (lib.uniffi_palaver_client_checksum_func_clear_log_sink() != 10067.toShort()) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
     if (lib.uniffi_palaver_client_checksum_func_direct_conversation_id() != 30793.toShort()) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if (lib.uniffi_palaver_client_checksum_func_memory_store() != 51191.toShort()) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if (lib.uniffi_palaver_client_checksum_func_set_log_sink() != 19143.toShort()) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if (lib.uniffi_palaver_client_checksum_method_clientstore_load_outbox() != 5943.toShort()) {
@@ -1202,7 +1291,10 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if (lib.uniffi_palaver_client_checksum_method_clientstore_save_cursor() != 50028.toShort()) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if (lib.uniffi_palaver_client_checksum_method_eventlistener_on_event() != 48528.toShort()) {
+    if (lib.uniffi_palaver_client_checksum_method_eventlistener_on_event() != 44429.toShort()) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if (lib.uniffi_palaver_client_checksum_method_logsink_log() != 18068.toShort()) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if (lib.uniffi_palaver_client_checksum_method_palaverclient_change_members() != 15756.toShort()) {
@@ -1226,10 +1318,22 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if (lib.uniffi_palaver_client_checksum_method_palaverclient_mark_read() != 228.toShort()) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
+    if (lib.uniffi_palaver_client_checksum_method_palaverclient_mute_conversation() != 23132.toShort()) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
     if (lib.uniffi_palaver_client_checksum_method_palaverclient_open_direct() != 17707.toShort()) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if (lib.uniffi_palaver_client_checksum_method_palaverclient_query_presence() != 31557.toShort()) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if (lib.uniffi_palaver_client_checksum_method_palaverclient_reconnect_now() != 7744.toShort()) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if (lib.uniffi_palaver_client_checksum_method_palaverclient_register_apns_token() != 26134.toShort()) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if (lib.uniffi_palaver_client_checksum_method_palaverclient_register_fcm_token() != 3476.toShort()) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if (lib.uniffi_palaver_client_checksum_method_palaverclient_send_message() != 51815.toShort()) {
@@ -1251,6 +1355,12 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if (lib.uniffi_palaver_client_checksum_method_palaverclient_sync_now() != 58419.toShort()) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if (lib.uniffi_palaver_client_checksum_method_palaverclient_unmute_conversation() != 56340.toShort()) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if (lib.uniffi_palaver_client_checksum_method_palaverclient_unregister_push_token() != 25473.toShort()) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if (lib.uniffi_palaver_client_checksum_method_palaverclient_unsubscribe_presence() != 47218.toShort()) {
@@ -2097,6 +2207,10 @@ public object FfiConverterTypeClientStore: FfiConverter<ClientStore, Pointer> {
  * Receives every [`ClientEvent`], in order, on one SDK thread (not the
  * I/O thread: a slow listener does not stall the connection). It may call
  * back into the client.
+ *
+ * Exceptions it throws are caught: reported to the log sink
+ * ([`crate::log::set_log_sink`]) with the event lost to the app, and the
+ * next event is delivered as usual.
  */
 public interface EventListener {
     
@@ -2109,6 +2223,10 @@ public interface EventListener {
  * Receives every [`ClientEvent`], in order, on one SDK thread (not the
  * I/O thread: a slow listener does not stall the connection). It may call
  * back into the client.
+ *
+ * Exceptions it throws are caught: reported to the log sink
+ * ([`crate::log::set_log_sink`]) with the event lost to the app, and the
+ * next event is delivered as usual.
  */
 open class EventListenerImpl: Disposable, AutoCloseable, EventListener
 {
@@ -2192,10 +2310,11 @@ open class EventListenerImpl: Disposable, AutoCloseable, EventListener
         }
     }
 
-    override fun `onEvent`(`event`: ClientEvent)
+    
+    @Throws(ListenerException::class)override fun `onEvent`(`event`: ClientEvent)
         = 
     callWithPointer {
-    uniffiRustCall() { _status ->
+    uniffiRustCallWithError(ListenerException) { _status ->
     UniffiLib.INSTANCE.uniffi_palaver_client_fn_method_eventlistener_on_event(
         it, FfiConverterTypeClientEvent.lower(`event`),_status)
 }
@@ -2223,7 +2342,12 @@ internal object uniffiCallbackInterfaceEventListener {
                 )
             }
             val writeReturn = { _: Unit -> Unit }
-            uniffiTraitInterfaceCall(uniffiCallStatus, makeCall, writeReturn)
+            uniffiTraitInterfaceCallWithError(
+                uniffiCallStatus,
+                makeCall,
+                writeReturn,
+                { e: ListenerException -> FfiConverterTypeListenerError.lower(e) }
+            )
         }
     }
 
@@ -2374,6 +2498,285 @@ public object FfiConverterTypeEventListener: FfiConverter<EventListener, Pointer
 
 
 /**
+ * Receives the SDK's log lines, from SDK threads (never the app's): keep
+ * it quick and thread-safe. A sink that throws loses that line only.
+ */
+public interface LogSink {
+    
+    fun `log`(`level`: LogLevel, `message`: kotlin.String)
+    
+    companion object
+}
+
+/**
+ * Receives the SDK's log lines, from SDK threads (never the app's): keep
+ * it quick and thread-safe. A sink that throws loses that line only.
+ */
+open class LogSinkImpl: Disposable, AutoCloseable, LogSink
+{
+
+    constructor(pointer: Pointer) {
+        this.pointer = pointer
+        this.cleanable = UniffiLib.CLEANER.register(this, UniffiCleanAction(pointer))
+    }
+
+    /**
+     * This constructor can be used to instantiate a fake object. Only used for tests. Any
+     * attempt to actually use an object constructed this way will fail as there is no
+     * connected Rust object.
+     */
+    @Suppress("UNUSED_PARAMETER")
+    constructor(noPointer: NoPointer) {
+        this.pointer = null
+        this.cleanable = UniffiLib.CLEANER.register(this, UniffiCleanAction(pointer))
+    }
+
+    protected val pointer: Pointer?
+    protected val cleanable: UniffiCleaner.Cleanable
+
+    private val wasDestroyed = AtomicBoolean(false)
+    private val callCounter = AtomicLong(1)
+
+    override fun destroy() {
+        // Only allow a single call to this method.
+        // TODO: maybe we should log a warning if called more than once?
+        if (this.wasDestroyed.compareAndSet(false, true)) {
+            // This decrement always matches the initial count of 1 given at creation time.
+            if (this.callCounter.decrementAndGet() == 0L) {
+                cleanable.clean()
+            }
+        }
+    }
+
+    @Synchronized
+    override fun close() {
+        this.destroy()
+    }
+
+    internal inline fun <R> callWithPointer(block: (ptr: Pointer) -> R): R {
+        // Check and increment the call counter, to keep the object alive.
+        // This needs a compare-and-set retry loop in case of concurrent updates.
+        do {
+            val c = this.callCounter.get()
+            if (c == 0L) {
+                throw IllegalStateException("${this.javaClass.simpleName} object has already been destroyed")
+            }
+            if (c == Long.MAX_VALUE) {
+                throw IllegalStateException("${this.javaClass.simpleName} call counter would overflow")
+            }
+        } while (! this.callCounter.compareAndSet(c, c + 1L))
+        // Now we can safely do the method call without the pointer being freed concurrently.
+        try {
+            return block(this.uniffiClonePointer())
+        } finally {
+            // This decrement always matches the increment we performed above.
+            if (this.callCounter.decrementAndGet() == 0L) {
+                cleanable.clean()
+            }
+        }
+    }
+
+    // Use a static inner class instead of a closure so as not to accidentally
+    // capture `this` as part of the cleanable's action.
+    private class UniffiCleanAction(private val pointer: Pointer?) : Runnable {
+        override fun run() {
+            pointer?.let { ptr ->
+                uniffiRustCall { status ->
+                    UniffiLib.INSTANCE.uniffi_palaver_client_fn_free_logsink(ptr, status)
+                }
+            }
+        }
+    }
+
+    fun uniffiClonePointer(): Pointer {
+        return uniffiRustCall() { status ->
+            UniffiLib.INSTANCE.uniffi_palaver_client_fn_clone_logsink(pointer!!, status)
+        }
+    }
+
+    override fun `log`(`level`: LogLevel, `message`: kotlin.String)
+        = 
+    callWithPointer {
+    uniffiRustCall() { _status ->
+    UniffiLib.INSTANCE.uniffi_palaver_client_fn_method_logsink_log(
+        it, FfiConverterTypeLogLevel.lower(`level`),FfiConverterString.lower(`message`),_status)
+}
+    }
+    
+    
+
+    
+
+    
+    
+    companion object
+    
+}
+
+
+// Put the implementation in an object so we don't pollute the top-level namespace
+internal object uniffiCallbackInterfaceLogSink {
+    internal object `log`: UniffiCallbackInterfaceLogSinkMethod0 {
+        override fun callback(`uniffiHandle`: Long,`level`: RustBuffer.ByValue,`message`: RustBuffer.ByValue,`uniffiOutReturn`: Pointer,uniffiCallStatus: UniffiRustCallStatus,) {
+            val uniffiObj = FfiConverterTypeLogSink.handleMap.get(uniffiHandle)
+            val makeCall = { ->
+                uniffiObj.`log`(
+                    FfiConverterTypeLogLevel.lift(`level`),
+                    FfiConverterString.lift(`message`),
+                )
+            }
+            val writeReturn = { _: Unit -> Unit }
+            uniffiTraitInterfaceCall(uniffiCallStatus, makeCall, writeReturn)
+        }
+    }
+
+    internal object uniffiFree: UniffiCallbackInterfaceFree {
+        override fun callback(handle: Long) {
+            FfiConverterTypeLogSink.handleMap.remove(handle)
+        }
+    }
+
+    internal var vtable = UniffiVTableCallbackInterfaceLogSink.UniffiByValue(
+        `log`,
+        uniffiFree,
+    )
+
+    // Registers the foreign callback with the Rust side.
+    // This method is generated for each callback interface.
+    internal fun register(lib: UniffiLib) {
+        lib.uniffi_palaver_client_fn_init_callback_vtable_logsink(vtable)
+    }
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeLogSink: FfiConverter<LogSink, Pointer> {
+    internal val handleMap = UniffiHandleMap<LogSink>()
+
+    override fun lower(value: LogSink): Pointer {
+        return Pointer(handleMap.insert(value))
+    }
+
+    override fun lift(value: Pointer): LogSink {
+        return LogSinkImpl(value)
+    }
+
+    override fun read(buf: ByteBuffer): LogSink {
+        // The Rust code always writes pointers as 8 bytes, and will
+        // fail to compile if they don't fit.
+        return lift(Pointer(buf.getLong()))
+    }
+
+    override fun allocationSize(value: LogSink) = 8UL
+
+    override fun write(value: LogSink, buf: ByteBuffer) {
+        // The Rust code always expects pointers written as 8 bytes,
+        // and will fail to compile if they don't fit.
+        buf.putLong(Pointer.nativeValue(lower(value)))
+    }
+}
+
+
+// This template implements a class for working with a Rust struct via a Pointer/Arc<T>
+// to the live Rust struct on the other side of the FFI.
+//
+// Each instance implements core operations for working with the Rust `Arc<T>` and the
+// Kotlin Pointer to work with the live Rust struct on the other side of the FFI.
+//
+// There's some subtlety here, because we have to be careful not to operate on a Rust
+// struct after it has been dropped, and because we must expose a public API for freeing
+// theq Kotlin wrapper object in lieu of reliable finalizers. The core requirements are:
+//
+//   * Each instance holds an opaque pointer to the underlying Rust struct.
+//     Method calls need to read this pointer from the object's state and pass it in to
+//     the Rust FFI.
+//
+//   * When an instance is no longer needed, its pointer should be passed to a
+//     special destructor function provided by the Rust FFI, which will drop the
+//     underlying Rust struct.
+//
+//   * Given an instance, calling code is expected to call the special
+//     `destroy` method in order to free it after use, either by calling it explicitly
+//     or by using a higher-level helper like the `use` method. Failing to do so risks
+//     leaking the underlying Rust struct.
+//
+//   * We can't assume that calling code will do the right thing, and must be prepared
+//     to handle Kotlin method calls executing concurrently with or even after a call to
+//     `destroy`, and to handle multiple (possibly concurrent!) calls to `destroy`.
+//
+//   * We must never allow Rust code to operate on the underlying Rust struct after
+//     the destructor has been called, and must never call the destructor more than once.
+//     Doing so may trigger memory unsafety.
+//
+//   * To mitigate many of the risks of leaking memory and use-after-free unsafety, a `Cleaner`
+//     is implemented to call the destructor when the Kotlin object becomes unreachable.
+//     This is done in a background thread. This is not a panacea, and client code should be aware that
+//      1. the thread may starve if some there are objects that have poorly performing
+//     `drop` methods or do significant work in their `drop` methods.
+//      2. the thread is shared across the whole library. This can be tuned by using `android_cleaner = true`,
+//         or `android = true` in the [`kotlin` section of the `uniffi.toml` file](https://mozilla.github.io/uniffi-rs/kotlin/configuration.html).
+//
+// If we try to implement this with mutual exclusion on access to the pointer, there is the
+// possibility of a race between a method call and a concurrent call to `destroy`:
+//
+//    * Thread A starts a method call, reads the value of the pointer, but is interrupted
+//      before it can pass the pointer over the FFI to Rust.
+//    * Thread B calls `destroy` and frees the underlying Rust struct.
+//    * Thread A resumes, passing the already-read pointer value to Rust and triggering
+//      a use-after-free.
+//
+// One possible solution would be to use a `ReadWriteLock`, with each method call taking
+// a read lock (and thus allowed to run concurrently) and the special `destroy` method
+// taking a write lock (and thus blocking on live method calls). However, we aim not to
+// generate methods with any hidden blocking semantics, and a `destroy` method that might
+// block if called incorrectly seems to meet that bar.
+//
+// So, we achieve our goals by giving each instance an associated `AtomicLong` counter to track
+// the number of in-flight method calls, and an `AtomicBoolean` flag to indicate whether `destroy`
+// has been called. These are updated according to the following rules:
+//
+//    * The initial value of the counter is 1, indicating a live object with no in-flight calls.
+//      The initial value for the flag is false.
+//
+//    * At the start of each method call, we atomically check the counter.
+//      If it is 0 then the underlying Rust struct has already been destroyed and the call is aborted.
+//      If it is nonzero them we atomically increment it by 1 and proceed with the method call.
+//
+//    * At the end of each method call, we atomically decrement and check the counter.
+//      If it has reached zero then we destroy the underlying Rust struct.
+//
+//    * When `destroy` is called, we atomically flip the flag from false to true.
+//      If the flag was already true we silently fail.
+//      Otherwise we atomically decrement and check the counter.
+//      If it has reached zero then we destroy the underlying Rust struct.
+//
+// Astute readers may observe that this all sounds very similar to the way that Rust's `Arc<T>` works,
+// and indeed it is, with the addition of a flag to guard against multiple calls to `destroy`.
+//
+// The overall effect is that the underlying Rust struct is destroyed only when `destroy` has been
+// called *and* all in-flight method calls have completed, avoiding violating any of the expectations
+// of the underlying Rust code.
+//
+// This makes a cleaner a better alternative to _not_ calling `destroy()` as
+// and when the object is finished with, but the abstraction is not perfect: if the Rust object's `drop`
+// method is slow, and/or there are many objects to cleanup, and it's on a low end Android device, then the cleaner
+// thread may be starved, and the app will leak memory.
+//
+// In this case, `destroy`ing manually may be a better solution.
+//
+// The cleaner can live side by side with the manual calling of `destroy`. In the order of responsiveness, uniffi objects
+// with Rust peers are reclaimed:
+//
+// 1. By calling the `destroy` method of the object, which calls `rustObject.free()`. If that doesn't happen:
+// 2. When the object becomes unreachable, AND the Cleaner thread gets to call `rustObject.free()`. If the thread is starved then:
+// 3. The memory is reclaimed when the process terminates.
+//
+// [1] https://stackoverflow.com/questions/24376768/can-java-finalize-an-object-when-it-is-still-in-scope/24380219
+//
+
+
+/**
  * A Palaver connection that looks after itself: connects, reconnects,
  * resends, syncs. All methods return at once; results come as events.
  */
@@ -2418,6 +2821,14 @@ public interface PalaverClientInterface {
     fun `markRead`(`conversationId`: kotlin.String, `upToSeq`: kotlin.ULong)
     
     /**
+     * Mutes pushes of a conversation for this user on all devices (SPEC
+     * §20): until `until_ms` (Unix ms, in the future, at most 366 days
+     * ahead), or for ever when `None`. Messages still arrive. `MuteChanged`
+     * or `RequestFailed`.
+     */
+    fun `muteConversation`(`conversationId`: kotlin.String, `untilMs`: kotlin.Long?): kotlin.ULong
+    
+    /**
      * Lists the direct conversation with `peer_user_id` for both users.
      */
     fun `openDirect`(`peerUserId`: kotlin.String): kotlin.ULong
@@ -2426,6 +2837,29 @@ public interface PalaverClientInterface {
      * One-off presence lookup: `PresenceResult { ticket }`.
      */
     fun `queryPresence`(`userIds`: List<kotlin.String>): kotlin.ULong
+    
+    /**
+     * While `Connecting` waits out its backoff, try at once: call it when
+     * the app comes to the foreground or the network comes back. Does
+     * nothing in other states (`connect()` restarts a stopped client).
+     */
+    fun `reconnectNow`()
+    
+    /**
+     * Registers this device for APNs pushes (SPEC §20) with the device
+     * token iOS gave the app (the raw bytes; the SDK sends them in hex),
+     * `sandbox` for development builds (`aps-environment`), `topic` the
+     * app's bundle id, `locale` an optional BCP 47 tag. Replaces the
+     * device's previous registration. `PushTokenRegistered` or
+     * `RequestFailed`. Call it whenever iOS hands the app a token.
+     */
+    fun `registerApnsToken`(`deviceToken`: kotlin.ByteArray, `sandbox`: kotlin.Boolean, `topic`: kotlin.String, `locale`: kotlin.String?): kotlin.ULong
+    
+    /**
+     * Registers this device for FCM pushes with its registration token
+     * (SPEC §20); as `register_apns_token` otherwise.
+     */
+    fun `registerFcmToken`(`token`: kotlin.String, `locale`: kotlin.String?): kotlin.ULong
     
     fun `sendMessage`(`conversationId`: kotlin.String, `kind`: ContentKind, `body`: kotlin.ByteArray, `replyToSeq`: kotlin.ULong, `media`: Media?): kotlin.ByteArray
     
@@ -2463,6 +2897,17 @@ public interface PalaverClientInterface {
      * Sync now (the SDK already syncs after every connect and on gaps).
      */
     fun `syncNow`()
+    
+    /**
+     * Pushes of the conversation again. `MuteChanged` or `RequestFailed`.
+     */
+    fun `unmuteConversation`(`conversationId`: kotlin.String): kotlin.ULong
+    
+    /**
+     * This device gets no more pushes (e.g. at sign-out, before
+     * `shutdown`). `PushTokenUnregistered` or `RequestFailed`.
+     */
+    fun `unregisterPushToken`(): kotlin.ULong
     
     fun `unsubscribePresence`(`userIds`: List<kotlin.String>)
     
@@ -2680,6 +3125,25 @@ open class PalaverClient: Disposable, AutoCloseable, PalaverClientInterface
 
     
     /**
+     * Mutes pushes of a conversation for this user on all devices (SPEC
+     * §20): until `until_ms` (Unix ms, in the future, at most 366 days
+     * ahead), or for ever when `None`. Messages still arrive. `MuteChanged`
+     * or `RequestFailed`.
+     */
+    @Throws(ClientException::class)override fun `muteConversation`(`conversationId`: kotlin.String, `untilMs`: kotlin.Long?): kotlin.ULong {
+            return FfiConverterULong.lift(
+    callWithPointer {
+    uniffiRustCallWithError(ClientException) { _status ->
+    UniffiLib.INSTANCE.uniffi_palaver_client_fn_method_palaverclient_mute_conversation(
+        it, FfiConverterString.lower(`conversationId`),FfiConverterOptionalLong.lower(`untilMs`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
      * Lists the direct conversation with `peer_user_id` for both users.
      */
     @Throws(ClientException::class)override fun `openDirect`(`peerUserId`: kotlin.String): kotlin.ULong {
@@ -2704,6 +3168,61 @@ open class PalaverClient: Disposable, AutoCloseable, PalaverClientInterface
     uniffiRustCallWithError(ClientException) { _status ->
     UniffiLib.INSTANCE.uniffi_palaver_client_fn_method_palaverclient_query_presence(
         it, FfiConverterSequenceString.lower(`userIds`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * While `Connecting` waits out its backoff, try at once: call it when
+     * the app comes to the foreground or the network comes back. Does
+     * nothing in other states (`connect()` restarts a stopped client).
+     */
+    @Throws(ClientException::class)override fun `reconnectNow`()
+        = 
+    callWithPointer {
+    uniffiRustCallWithError(ClientException) { _status ->
+    UniffiLib.INSTANCE.uniffi_palaver_client_fn_method_palaverclient_reconnect_now(
+        it, _status)
+}
+    }
+    
+    
+
+    
+    /**
+     * Registers this device for APNs pushes (SPEC §20) with the device
+     * token iOS gave the app (the raw bytes; the SDK sends them in hex),
+     * `sandbox` for development builds (`aps-environment`), `topic` the
+     * app's bundle id, `locale` an optional BCP 47 tag. Replaces the
+     * device's previous registration. `PushTokenRegistered` or
+     * `RequestFailed`. Call it whenever iOS hands the app a token.
+     */
+    @Throws(ClientException::class)override fun `registerApnsToken`(`deviceToken`: kotlin.ByteArray, `sandbox`: kotlin.Boolean, `topic`: kotlin.String, `locale`: kotlin.String?): kotlin.ULong {
+            return FfiConverterULong.lift(
+    callWithPointer {
+    uniffiRustCallWithError(ClientException) { _status ->
+    UniffiLib.INSTANCE.uniffi_palaver_client_fn_method_palaverclient_register_apns_token(
+        it, FfiConverterByteArray.lower(`deviceToken`),FfiConverterBoolean.lower(`sandbox`),FfiConverterString.lower(`topic`),FfiConverterOptionalString.lower(`locale`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * Registers this device for FCM pushes with its registration token
+     * (SPEC §20); as `register_apns_token` otherwise.
+     */
+    @Throws(ClientException::class)override fun `registerFcmToken`(`token`: kotlin.String, `locale`: kotlin.String?): kotlin.ULong {
+            return FfiConverterULong.lift(
+    callWithPointer {
+    uniffiRustCallWithError(ClientException) { _status ->
+    UniffiLib.INSTANCE.uniffi_palaver_client_fn_method_palaverclient_register_fcm_token(
+        it, FfiConverterString.lower(`token`),FfiConverterOptionalString.lower(`locale`),_status)
 }
     }
     )
@@ -2816,6 +3335,39 @@ open class PalaverClient: Disposable, AutoCloseable, PalaverClientInterface
 }
     }
     
+    
+
+    
+    /**
+     * Pushes of the conversation again. `MuteChanged` or `RequestFailed`.
+     */
+    @Throws(ClientException::class)override fun `unmuteConversation`(`conversationId`: kotlin.String): kotlin.ULong {
+            return FfiConverterULong.lift(
+    callWithPointer {
+    uniffiRustCallWithError(ClientException) { _status ->
+    UniffiLib.INSTANCE.uniffi_palaver_client_fn_method_palaverclient_unmute_conversation(
+        it, FfiConverterString.lower(`conversationId`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * This device gets no more pushes (e.g. at sign-out, before
+     * `shutdown`). `PushTokenUnregistered` or `RequestFailed`.
+     */
+    @Throws(ClientException::class)override fun `unregisterPushToken`(): kotlin.ULong {
+            return FfiConverterULong.lift(
+    callWithPointer {
+    uniffiRustCallWithError(ClientException) { _status ->
+    UniffiLib.INSTANCE.uniffi_palaver_client_fn_method_palaverclient_unregister_push_token(
+        it, _status)
+}
+    }
+    )
+    }
     
 
     
@@ -3602,7 +4154,14 @@ public object FfiConverterTypeServerError: FfiConverterRustBuffer<ServerError> {
  */
 data class SyncCursor (
     var `conversationId`: kotlin.String, 
-    var `afterSeq`: kotlin.ULong
+    var `afterSeq`: kotlin.ULong, 
+    /**
+     * The server history epoch `after_seq` counts in (SPEC §7); 0 when
+     * not known. Save it with the cursor: it is how the SDK notices a
+     * server that lost its history instead of dropping its new messages
+     * as repeats.
+     */
+    var `historyEpoch`: kotlin.ULong = 0uL
 ) {
     
     companion object
@@ -3616,17 +4175,20 @@ public object FfiConverterTypeSyncCursor: FfiConverterRustBuffer<SyncCursor> {
         return SyncCursor(
             FfiConverterString.read(buf),
             FfiConverterULong.read(buf),
+            FfiConverterULong.read(buf),
         )
     }
 
     override fun allocationSize(value: SyncCursor) = (
             FfiConverterString.allocationSize(value.`conversationId`) +
-            FfiConverterULong.allocationSize(value.`afterSeq`)
+            FfiConverterULong.allocationSize(value.`afterSeq`) +
+            FfiConverterULong.allocationSize(value.`historyEpoch`)
     )
 
     override fun write(value: SyncCursor, buf: ByteBuffer) {
             FfiConverterString.write(value.`conversationId`, buf)
             FfiConverterULong.write(value.`afterSeq`, buf)
+            FfiConverterULong.write(value.`historyEpoch`, buf)
     }
 }
 
@@ -3909,6 +4471,46 @@ sealed class ClientEvent {
     }
     
     /**
+     * Answer to `register_apns_token` / `register_fcm_token`: this device
+     * gets pushes while it is not connected (SPEC §20).
+     */
+    data class PushTokenRegistered(
+        val `ticket`: kotlin.ULong, 
+        /**
+         * Server time of the registration.
+         */
+        val `registeredMs`: kotlin.Long) : ClientEvent() {
+        companion object
+    }
+    
+    /**
+     * Answer to `unregister_push_token`.
+     */
+    data class PushTokenUnregistered(
+        val `ticket`: kotlin.ULong, 
+        /**
+         * The device had a registration.
+         */
+        val `wasRegistered`: kotlin.Boolean) : ClientEvent() {
+        companion object
+    }
+    
+    /**
+     * Answer to `mute_conversation` / `unmute_conversation`: the user's
+     * mute of the conversation now (all devices).
+     */
+    data class MuteChanged(
+        val `ticket`: kotlin.ULong, 
+        val `conversationId`: kotlin.String, 
+        /**
+         * Muted until then (Unix ms); 0 when not muted or muted for ever.
+         */
+        val `mutedUntilMs`: kotlin.Long, 
+        val `forever`: kotlin.Boolean) : ClientEvent() {
+        companion object
+    }
+    
+    /**
      * A ticketed request failed.
      */
     data class RequestFailed(
@@ -3937,6 +4539,20 @@ sealed class ClientEvent {
         val `conversationId`: kotlin.String, 
         val `fromSeq`: kotlin.ULong, 
         val `toSeq`: kotlin.ULong) : ClientEvent() {
+        companion object
+    }
+    
+    /**
+     * The server lost or replaced this conversation's history (its
+     * history epoch changed, SPEC §7): a non-durable server restarted, or
+     * its store was wiped or restored. Seqs start again from 1; the SDK
+     * dropped its cursor and syncs the conversation from the start, so
+     * `Message` events follow with seqs the app may have seen before for
+     * other messages. An app keying messages by seq drops what it keyed
+     * for this conversation; `message_id`s stay unique.
+     */
+    data class HistoryReset(
+        val `conversationId`: kotlin.String) : ClientEvent() {
         companion object
     }
     
@@ -4006,15 +4622,32 @@ public object FfiConverterTypeClientEvent : FfiConverterRustBuffer<ClientEvent>{
                 FfiConverterULong.read(buf),
                 FfiConverterSequenceTypePresence.read(buf),
                 )
-            13 -> ClientEvent.RequestFailed(
+            13 -> ClientEvent.PushTokenRegistered(
+                FfiConverterULong.read(buf),
+                FfiConverterLong.read(buf),
+                )
+            14 -> ClientEvent.PushTokenUnregistered(
+                FfiConverterULong.read(buf),
+                FfiConverterBoolean.read(buf),
+                )
+            15 -> ClientEvent.MuteChanged(
+                FfiConverterULong.read(buf),
+                FfiConverterString.read(buf),
+                FfiConverterLong.read(buf),
+                FfiConverterBoolean.read(buf),
+                )
+            16 -> ClientEvent.RequestFailed(
                 FfiConverterULong.read(buf),
                 FfiConverterOptionalTypeServerError.read(buf),
                 )
-            14 -> ClientEvent.SyncComplete
-            15 -> ClientEvent.MessagesUnavailable(
+            17 -> ClientEvent.SyncComplete
+            18 -> ClientEvent.MessagesUnavailable(
                 FfiConverterString.read(buf),
                 FfiConverterULong.read(buf),
                 FfiConverterULong.read(buf),
+                )
+            19 -> ClientEvent.HistoryReset(
+                FfiConverterString.read(buf),
                 )
             else -> throw RuntimeException("invalid enum value, something is very wrong!!")
         }
@@ -4124,6 +4757,32 @@ public object FfiConverterTypeClientEvent : FfiConverterRustBuffer<ClientEvent>{
                 + FfiConverterSequenceTypePresence.allocationSize(value.`presences`)
             )
         }
+        is ClientEvent.PushTokenRegistered -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterULong.allocationSize(value.`ticket`)
+                + FfiConverterLong.allocationSize(value.`registeredMs`)
+            )
+        }
+        is ClientEvent.PushTokenUnregistered -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterULong.allocationSize(value.`ticket`)
+                + FfiConverterBoolean.allocationSize(value.`wasRegistered`)
+            )
+        }
+        is ClientEvent.MuteChanged -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterULong.allocationSize(value.`ticket`)
+                + FfiConverterString.allocationSize(value.`conversationId`)
+                + FfiConverterLong.allocationSize(value.`mutedUntilMs`)
+                + FfiConverterBoolean.allocationSize(value.`forever`)
+            )
+        }
         is ClientEvent.RequestFailed -> {
             // Add the size for the Int that specifies the variant plus the size needed for all fields
             (
@@ -4145,6 +4804,13 @@ public object FfiConverterTypeClientEvent : FfiConverterRustBuffer<ClientEvent>{
                 + FfiConverterString.allocationSize(value.`conversationId`)
                 + FfiConverterULong.allocationSize(value.`fromSeq`)
                 + FfiConverterULong.allocationSize(value.`toSeq`)
+            )
+        }
+        is ClientEvent.HistoryReset -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterString.allocationSize(value.`conversationId`)
             )
         }
     }
@@ -4230,21 +4896,291 @@ public object FfiConverterTypeClientEvent : FfiConverterRustBuffer<ClientEvent>{
                 FfiConverterSequenceTypePresence.write(value.`presences`, buf)
                 Unit
             }
-            is ClientEvent.RequestFailed -> {
+            is ClientEvent.PushTokenRegistered -> {
                 buf.putInt(13)
+                FfiConverterULong.write(value.`ticket`, buf)
+                FfiConverterLong.write(value.`registeredMs`, buf)
+                Unit
+            }
+            is ClientEvent.PushTokenUnregistered -> {
+                buf.putInt(14)
+                FfiConverterULong.write(value.`ticket`, buf)
+                FfiConverterBoolean.write(value.`wasRegistered`, buf)
+                Unit
+            }
+            is ClientEvent.MuteChanged -> {
+                buf.putInt(15)
+                FfiConverterULong.write(value.`ticket`, buf)
+                FfiConverterString.write(value.`conversationId`, buf)
+                FfiConverterLong.write(value.`mutedUntilMs`, buf)
+                FfiConverterBoolean.write(value.`forever`, buf)
+                Unit
+            }
+            is ClientEvent.RequestFailed -> {
+                buf.putInt(16)
                 FfiConverterULong.write(value.`ticket`, buf)
                 FfiConverterOptionalTypeServerError.write(value.`error`, buf)
                 Unit
             }
             is ClientEvent.SyncComplete -> {
-                buf.putInt(14)
+                buf.putInt(17)
                 Unit
             }
             is ClientEvent.MessagesUnavailable -> {
-                buf.putInt(15)
+                buf.putInt(18)
                 FfiConverterString.write(value.`conversationId`, buf)
                 FfiConverterULong.write(value.`fromSeq`, buf)
                 FfiConverterULong.write(value.`toSeq`, buf)
+                Unit
+            }
+            is ClientEvent.HistoryReset -> {
+                buf.putInt(19)
+                FfiConverterString.write(value.`conversationId`, buf)
+                Unit
+            }
+        }.let { /* this makes the `when` an expression, which ensures it is exhaustive */ }
+    }
+}
+
+
+
+
+
+/**
+ * Why a connection attempt or a connection failed
+ * ([`ConnectionState::Connecting`]'s `last_failure`,
+ * [`DisconnectCause::Failed`]).
+ */
+sealed class ConnectFailure {
+    
+    /**
+     * DNS found no address, or the TCP connection was refused or timed
+     * out: no network, or no server there.
+     */
+    data class Unreachable(
+        val `detail`: kotlin.String) : ConnectFailure() {
+        companion object
+    }
+    
+    /**
+     * The server's certificate is not trusted: permanent (the SDK stops).
+     */
+    data class UntrustedCertificate(
+        val `detail`: kotlin.String) : ConnectFailure() {
+        companion object
+    }
+    
+    /**
+     * TLS failed otherwise (handshake, protocol, alert).
+     */
+    data class Tls(
+        val `detail`: kotlin.String) : ConnectFailure() {
+        companion object
+    }
+    
+    /**
+     * The server refused the token (UNAUTHENTICATED, TOKEN_EXPIRED).
+     */
+    data class AuthRefused(
+        val `error`: ServerError) : ConnectFailure() {
+        companion object
+    }
+    
+    /**
+     * The server is busy or going away (GoAway, OVERLOADED, SHUTTING_DOWN,
+     * TOO_MANY_CONNECTIONS): it said when to come back.
+     */
+    data class ServerBusy(
+        val `detail`: kotlin.String) : ConnectFailure() {
+        companion object
+    }
+    
+    /**
+     * No Welcome in time, or the server fell silent (missed heartbeats).
+     */
+    data class TimedOut(
+        val `detail`: kotlin.String) : ConnectFailure() {
+        companion object
+    }
+    
+    /**
+     * The connection closed or broke (EOF, reset, close_notify).
+     */
+    data class ConnectionLost(
+        val `detail`: kotlin.String) : ConnectFailure() {
+        companion object
+    }
+    
+    /**
+     * The server broke the protocol, or refused ours (PROTOCOL_VIOLATION,
+     * MALFORMED_FRAME): reconnecting with a longer backoff.
+     */
+    data class Protocol(
+        val `detail`: kotlin.String) : ConnectFailure() {
+        companion object
+    }
+    
+    /**
+     * The token provider could not give a token for now.
+     */
+    data class TokenUnavailable(
+        val `detail`: kotlin.String) : ConnectFailure() {
+        companion object
+    }
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeConnectFailure : FfiConverterRustBuffer<ConnectFailure>{
+    override fun read(buf: ByteBuffer): ConnectFailure {
+        return when(buf.getInt()) {
+            1 -> ConnectFailure.Unreachable(
+                FfiConverterString.read(buf),
+                )
+            2 -> ConnectFailure.UntrustedCertificate(
+                FfiConverterString.read(buf),
+                )
+            3 -> ConnectFailure.Tls(
+                FfiConverterString.read(buf),
+                )
+            4 -> ConnectFailure.AuthRefused(
+                FfiConverterTypeServerError.read(buf),
+                )
+            5 -> ConnectFailure.ServerBusy(
+                FfiConverterString.read(buf),
+                )
+            6 -> ConnectFailure.TimedOut(
+                FfiConverterString.read(buf),
+                )
+            7 -> ConnectFailure.ConnectionLost(
+                FfiConverterString.read(buf),
+                )
+            8 -> ConnectFailure.Protocol(
+                FfiConverterString.read(buf),
+                )
+            9 -> ConnectFailure.TokenUnavailable(
+                FfiConverterString.read(buf),
+                )
+            else -> throw RuntimeException("invalid enum value, something is very wrong!!")
+        }
+    }
+
+    override fun allocationSize(value: ConnectFailure) = when(value) {
+        is ConnectFailure.Unreachable -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterString.allocationSize(value.`detail`)
+            )
+        }
+        is ConnectFailure.UntrustedCertificate -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterString.allocationSize(value.`detail`)
+            )
+        }
+        is ConnectFailure.Tls -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterString.allocationSize(value.`detail`)
+            )
+        }
+        is ConnectFailure.AuthRefused -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterTypeServerError.allocationSize(value.`error`)
+            )
+        }
+        is ConnectFailure.ServerBusy -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterString.allocationSize(value.`detail`)
+            )
+        }
+        is ConnectFailure.TimedOut -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterString.allocationSize(value.`detail`)
+            )
+        }
+        is ConnectFailure.ConnectionLost -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterString.allocationSize(value.`detail`)
+            )
+        }
+        is ConnectFailure.Protocol -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterString.allocationSize(value.`detail`)
+            )
+        }
+        is ConnectFailure.TokenUnavailable -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterString.allocationSize(value.`detail`)
+            )
+        }
+    }
+
+    override fun write(value: ConnectFailure, buf: ByteBuffer) {
+        when(value) {
+            is ConnectFailure.Unreachable -> {
+                buf.putInt(1)
+                FfiConverterString.write(value.`detail`, buf)
+                Unit
+            }
+            is ConnectFailure.UntrustedCertificate -> {
+                buf.putInt(2)
+                FfiConverterString.write(value.`detail`, buf)
+                Unit
+            }
+            is ConnectFailure.Tls -> {
+                buf.putInt(3)
+                FfiConverterString.write(value.`detail`, buf)
+                Unit
+            }
+            is ConnectFailure.AuthRefused -> {
+                buf.putInt(4)
+                FfiConverterTypeServerError.write(value.`error`, buf)
+                Unit
+            }
+            is ConnectFailure.ServerBusy -> {
+                buf.putInt(5)
+                FfiConverterString.write(value.`detail`, buf)
+                Unit
+            }
+            is ConnectFailure.TimedOut -> {
+                buf.putInt(6)
+                FfiConverterString.write(value.`detail`, buf)
+                Unit
+            }
+            is ConnectFailure.ConnectionLost -> {
+                buf.putInt(7)
+                FfiConverterString.write(value.`detail`, buf)
+                Unit
+            }
+            is ConnectFailure.Protocol -> {
+                buf.putInt(8)
+                FfiConverterString.write(value.`detail`, buf)
+                Unit
+            }
+            is ConnectFailure.TokenUnavailable -> {
+                buf.putInt(9)
+                FfiConverterString.write(value.`detail`, buf)
                 Unit
             }
         }.let { /* this makes the `when` an expression, which ensures it is exhaustive */ }
@@ -4272,11 +5208,14 @@ sealed class ConnectionState {
     }
     
     /**
-     * Dialling, or waiting `retry_in_ms` before the next attempt.
+     * Dialling, or waiting `retry_in_ms` before the next attempt;
+     * `last_failure` says why the previous attempt or connection ended
+     * (`None` on the first attempt).
      */
     data class Connecting(
         val `attempt`: kotlin.UInt, 
-        val `retryInMs`: kotlin.ULong) : ConnectionState() {
+        val `retryInMs`: kotlin.ULong, 
+        val `lastFailure`: ConnectFailure?) : ConnectionState() {
         companion object
     }
     
@@ -4312,6 +5251,7 @@ public object FfiConverterTypeConnectionState : FfiConverterRustBuffer<Connectio
             2 -> ConnectionState.Connecting(
                 FfiConverterUInt.read(buf),
                 FfiConverterULong.read(buf),
+                FfiConverterOptionalTypeConnectFailure.read(buf),
                 )
             3 -> ConnectionState.Connected(
                 FfiConverterString.read(buf),
@@ -4336,6 +5276,7 @@ public object FfiConverterTypeConnectionState : FfiConverterRustBuffer<Connectio
                 4UL
                 + FfiConverterUInt.allocationSize(value.`attempt`)
                 + FfiConverterULong.allocationSize(value.`retryInMs`)
+                + FfiConverterOptionalTypeConnectFailure.allocationSize(value.`lastFailure`)
             )
         }
         is ConnectionState.Connected -> {
@@ -4365,6 +5306,7 @@ public object FfiConverterTypeConnectionState : FfiConverterRustBuffer<Connectio
                 buf.putInt(2)
                 FfiConverterUInt.write(value.`attempt`, buf)
                 FfiConverterULong.write(value.`retryInMs`, buf)
+                FfiConverterOptionalTypeConnectFailure.write(value.`lastFailure`, buf)
                 Unit
             }
             is ConnectionState.Connected -> {
@@ -4490,6 +5432,17 @@ sealed class DisconnectCause {
         companion object
     }
     
+    /**
+     * A failure that retrying cannot heal: the server's certificate is not
+     * trusted (wrong CA or server name, expired), or the server refused
+     * as expired a token the provider had just fetched fresh (its clock,
+     * or its tokens, are wrong). Call `connect()` once it is fixed.
+     */
+    data class Failed(
+        val `failure`: ConnectFailure) : DisconnectCause() {
+        companion object
+    }
+    
 
     
     companion object
@@ -4508,6 +5461,9 @@ public object FfiConverterTypeDisconnectCause : FfiConverterRustBuffer<Disconnec
                 )
             4 -> DisconnectCause.TokenUnavailable(
                 FfiConverterString.read(buf),
+                )
+            5 -> DisconnectCause.Failed(
+                FfiConverterTypeConnectFailure.read(buf),
                 )
             else -> throw RuntimeException("invalid enum value, something is very wrong!!")
         }
@@ -4540,6 +5496,13 @@ public object FfiConverterTypeDisconnectCause : FfiConverterRustBuffer<Disconnec
                 + FfiConverterString.allocationSize(value.`message`)
             )
         }
+        is DisconnectCause.Failed -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterTypeConnectFailure.allocationSize(value.`failure`)
+            )
+        }
     }
 
     override fun write(value: DisconnectCause, buf: ByteBuffer) {
@@ -4560,6 +5523,11 @@ public object FfiConverterTypeDisconnectCause : FfiConverterRustBuffer<Disconnec
             is DisconnectCause.TokenUnavailable -> {
                 buf.putInt(4)
                 FfiConverterString.write(value.`message`, buf)
+                Unit
+            }
+            is DisconnectCause.Failed -> {
+                buf.putInt(5)
+                FfiConverterTypeConnectFailure.write(value.`failure`, buf)
                 Unit
             }
         }.let { /* this makes the `when` an expression, which ensures it is exhaustive */ }
@@ -4633,6 +5601,104 @@ public object FfiConverterTypeErrorCode: FfiConverterRustBuffer<ErrorCode> {
     override fun allocationSize(value: ErrorCode) = 4UL
 
     override fun write(value: ErrorCode, buf: ByteBuffer) {
+        buf.putInt(value.ordinal + 1)
+    }
+}
+
+
+
+
+
+
+
+/**
+ * What a listener's exception becomes (any exception: Kotlin and Swift
+ * implementations need not declare it).
+ */
+sealed class ListenerException: kotlin.Exception() {
+    
+    class Failed(
+        
+        val `detail`: kotlin.String
+        ) : ListenerException() {
+        override val message
+            get() = "detail=${ `detail` }"
+    }
+    
+
+    companion object ErrorHandler : UniffiRustCallStatusErrorHandler<ListenerException> {
+        override fun lift(error_buf: RustBuffer.ByValue): ListenerException = FfiConverterTypeListenerError.lift(error_buf)
+    }
+
+    
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeListenerError : FfiConverterRustBuffer<ListenerException> {
+    override fun read(buf: ByteBuffer): ListenerException {
+        
+
+        return when(buf.getInt()) {
+            1 -> ListenerException.Failed(
+                FfiConverterString.read(buf),
+                )
+            else -> throw RuntimeException("invalid error enum value, something is very wrong!!")
+        }
+    }
+
+    override fun allocationSize(value: ListenerException): ULong {
+        return when(value) {
+            is ListenerException.Failed -> (
+                // Add the size for the Int that specifies the variant plus the size needed for all fields
+                4UL
+                + FfiConverterString.allocationSize(value.`detail`)
+            )
+        }
+    }
+
+    override fun write(value: ListenerException, buf: ByteBuffer) {
+        when(value) {
+            is ListenerException.Failed -> {
+                buf.putInt(1)
+                FfiConverterString.write(value.`detail`, buf)
+                Unit
+            }
+        }.let { /* this makes the `when` an expression, which ensures it is exhaustive */ }
+    }
+
+}
+
+
+
+/**
+ * How much a line matters.
+ */
+
+enum class LogLevel {
+    
+    DEBUG,
+    INFO,
+    WARN,
+    ERROR;
+    companion object
+}
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeLogLevel: FfiConverterRustBuffer<LogLevel> {
+    override fun read(buf: ByteBuffer) = try {
+        LogLevel.values()[buf.getInt() - 1]
+    } catch (e: IndexOutOfBoundsException) {
+        throw RuntimeException("invalid enum value, something is very wrong!!", e)
+    }
+
+    override fun allocationSize(value: LogLevel) = 4UL
+
+    override fun write(value: LogLevel, buf: ByteBuffer) {
         buf.putInt(value.ordinal + 1)
     }
 }
@@ -4795,6 +5861,70 @@ public object FfiConverterTypeTokenError : FfiConverterRustBuffer<TokenException
 /**
  * @suppress
  */
+public object FfiConverterOptionalLong: FfiConverterRustBuffer<kotlin.Long?> {
+    override fun read(buf: ByteBuffer): kotlin.Long? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterLong.read(buf)
+    }
+
+    override fun allocationSize(value: kotlin.Long?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterLong.allocationSize(value)
+        }
+    }
+
+    override fun write(value: kotlin.Long?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterLong.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterOptionalString: FfiConverterRustBuffer<kotlin.String?> {
+    override fun read(buf: ByteBuffer): kotlin.String? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterString.read(buf)
+    }
+
+    override fun allocationSize(value: kotlin.String?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterString.allocationSize(value)
+        }
+    }
+
+    override fun write(value: kotlin.String?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterString.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
 public object FfiConverterOptionalTypeClientStore: FfiConverterRustBuffer<ClientStore?> {
     override fun read(buf: ByteBuffer): ClientStore? {
         if (buf.get().toInt() == 0) {
@@ -4881,6 +6011,38 @@ public object FfiConverterOptionalTypeServerError: FfiConverterRustBuffer<Server
         } else {
             buf.put(1)
             FfiConverterTypeServerError.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterOptionalTypeConnectFailure: FfiConverterRustBuffer<ConnectFailure?> {
+    override fun read(buf: ByteBuffer): ConnectFailure? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterTypeConnectFailure.read(buf)
+    }
+
+    override fun allocationSize(value: ConnectFailure?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterTypeConnectFailure.allocationSize(value)
+        }
+    }
+
+    override fun write(value: ConnectFailure?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterTypeConnectFailure.write(value, buf)
         }
     }
 }
@@ -5085,6 +6247,17 @@ public object FfiConverterSequenceTypeSyncCursor: FfiConverterRustBuffer<List<Sy
     }
 }
         /**
+         * Stops logging.
+         */ fun `clearLogSink`()
+        = 
+    uniffiRustCall() { _status ->
+    UniffiLib.INSTANCE.uniffi_palaver_client_fn_func_clear_log_sink(
+        _status)
+}
+    
+    
+
+        /**
          * The direct conversation id of two users (`dm:<a>:<b>`, sorted, SPEC §11).
          */
     @Throws(ClientException::class) fun `directConversationId`(`userA`: kotlin.String, `userB`: kotlin.String): kotlin.String {
@@ -5107,6 +6280,18 @@ public object FfiConverterSequenceTypeSyncCursor: FfiConverterRustBuffer<List<Sy
 }
     )
     }
+    
+
+        /**
+         * Routes every later log line of every client in this process to `sink`
+         * (replacing the previous one).
+         */ fun `setLogSink`(`sink`: LogSink)
+        = 
+    uniffiRustCall() { _status ->
+    UniffiLib.INSTANCE.uniffi_palaver_client_fn_func_set_log_sink(
+        FfiConverterTypeLogSink.lower(`sink`),_status)
+}
+    
     
 
 

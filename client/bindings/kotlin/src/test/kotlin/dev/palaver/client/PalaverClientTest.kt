@@ -1,9 +1,6 @@
 package dev.palaver.client
 
 import java.io.File
-import java.net.InetSocketAddress
-import java.net.ServerSocket
-import java.net.Socket
 import java.nio.file.Files
 import java.util.concurrent.CopyOnWriteArrayList
 import java.util.concurrent.TimeUnit
@@ -23,53 +20,22 @@ import org.junit.jupiter.api.assertThrows
  */
 @TestInstance(TestInstance.Lifecycle.PER_CLASS)
 class PalaverClientTest {
-    private val target = File(System.getProperty("palaver.target") ?: "../../../target/debug")
-    private lateinit var dataDir: File
-    private lateinit var gateway: Process
-    private var port = 0
-    private lateinit var caPem: String
+    private lateinit var gw: TestGateway
+    private val target get() = gw.target
+    private val port get() = gw.port
+    private val caPem get() = gw.caPem
 
     @BeforeAll
     fun startGateway() {
-        dataDir = Files.createTempDirectory("palaver-kotlin-test").toFile()
-        port = ServerSocket(0).use { it.localPort }
-        gateway = ProcessBuilder(
-            File(target, "palaver-gateway").path,
-            "--listen", "127.0.0.1:$port",
-            "--data-dir", dataDir.path,
-            "--cores", "1",
-        ).redirectErrorStream(true)
-            .redirectOutput(File(dataDir, "gateway.log"))
-            .start()
-        val deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(30)
-        while (true) {
-            check(gateway.isAlive) { "gateway exited: " + File(dataDir, "gateway.log").readText() }
-            val up = File(dataDir, "ca.pem").exists() && runCatching {
-                Socket().use { it.connect(InetSocketAddress("127.0.0.1", port), 200) }
-            }.isSuccess
-            if (up) break
-            check(System.nanoTime() < deadline) { "gateway did not start" }
-            Thread.sleep(50)
-        }
-        caPem = File(dataDir, "ca.pem").readText()
+        // What an app does first thing (Application.onCreate).
+        PalaverThreads.attach()
+        gw = TestGateway()
     }
 
     @AfterAll
-    fun stopGateway() {
-        gateway.destroy()
-        gateway.waitFor(10, TimeUnit.SECONDS)
-        dataDir.deleteRecursively()
-    }
+    fun stopGateway() = gw.close()
 
-    /** Mints a dev token with the CLI (the gateway's dev secret). */
-    private fun mint(user: String): String {
-        val p = ProcessBuilder(
-            File(target, "palaver").path, "token", "--user", user, "--data-dir", dataDir.path,
-        ).start()
-        val out = p.inputStream.bufferedReader().readText().trim()
-        check(p.waitFor() == 0) { p.errorStream.bufferedReader().readText() }
-        return out
-    }
+    private fun mint(user: String) = gw.mint(user)
 
     /** Records events; tests await conditions with a deadline. */
     class Recorder : EventListener {
@@ -110,8 +76,8 @@ class PalaverClientTest {
         }
     }
 
-    private fun client(user: String, recorder: Recorder, store: ClientStore? = null, tokens: Tokens = Tokens { mint(user) }) =
-        PalaverClient(
+    private fun client(user: String, recorder: EventListener, store: ClientStore? = null, tokens: Tokens = Tokens { mint(user) }) =
+        palaverClient(
             ClientConfig(
                 address = "127.0.0.1:$port",
                 serverName = "localhost",
@@ -162,6 +128,8 @@ class PalaverClientTest {
         rd.await("two acks") { ev -> ev.count { it is ClientEvent.MessageSent } == 2 }
         dave.sendText(conv, "probe")
         rb.await("the probe") { rb.messages(conv).size >= 3 }
+        // The SDK empties the outbox entry before it reports MessageSent.
+        rd.await("the probe's ack") { ev -> ev.count { it is ClientEvent.MessageSent } == 3 }
         assertEquals(listOf("one", "two", "probe"), rb.messages(conv).map { String(it.body) })
         assertEquals(listOf(1uL, 2uL, 3uL), rb.messages(conv).map { it.seq })
         assertTrue(store.loadOutbox().isEmpty())
@@ -208,6 +176,30 @@ class PalaverClientTest {
     }
 
     @Test
+    fun `push token and mute through the gateway`() {
+        val r = Recorder()
+        val c = client("hana", r)
+        c.connect(); r.awaitConnected()
+        val registered = c.registerFcmToken("fcm:kotlin-token", "de-CH")
+        r.await("PushTokenRegistered") { ev ->
+            ev.any { it is ClientEvent.PushTokenRegistered && it.ticket == registered }
+        }
+        val conv = directConversationId("hana", "ivan")
+        val muted = c.muteConversation(conv, null)
+        r.await("MuteChanged") { ev ->
+            ev.any { it is ClientEvent.MuteChanged && it.ticket == muted && it.forever && it.conversationId == conv }
+        }
+        val gone = c.unregisterPushToken()
+        r.await("PushTokenUnregistered") { ev ->
+            ev.any { it is ClientEvent.PushTokenUnregistered && it.ticket == gone && it.wasRegistered }
+        }
+        assertThrows<ClientException.InvalidArgument> {
+            c.registerApnsToken(ByteArray(32), false, "", null)
+        }
+        c.shutdown()
+    }
+
+    @Test
     fun `invalid arguments are typed errors`() {
         val r = Recorder()
         val c = client("gina", r)
@@ -218,5 +210,111 @@ class PalaverClientTest {
             PalaverClient(ClientConfig(address = "x:1", trustedCaPem = "", deviceId = "jvm"), Tokens { "" }, r, null)
         }
         c.shutdown()
+    }
+
+    class Lines : LogSink {
+        val lines = CopyOnWriteArrayList<Pair<LogLevel, String>>()
+        override fun log(level: LogLevel, message: String) {
+            lines.add(level to message)
+        }
+    }
+
+    @Test
+    fun `every callback runs on one palaver-events thread and a throwing listener is logged, not fatal`() {
+        val sink = Lines()
+        setLogSink(sink)
+        val threads = CopyOnWriteArrayList<Thread>()
+        val inner = Recorder()
+        val throwing = object : EventListener {
+            override fun onEvent(event: ClientEvent) {
+                threads.add(Thread.currentThread())
+                inner.onEvent(event)
+                if (event is ClientEvent.Message) throw IllegalStateException("app bug in onEvent")
+            }
+        }
+        val ra = Recorder()
+        val kim = client("kim", ra)
+        val lee = client("lee", throwing)
+        kim.connect(); lee.connect()
+        ra.awaitConnected(); inner.awaitConnected()
+        val conv = directConversationId("kim", "lee")
+        repeat(20) { kim.sendText(conv, "m$it") }
+        inner.await("20 messages, each one thrown at") { inner.messages(conv).size >= 20 }
+        assertEquals((0 until 20).map { "m$it" }, inner.messages(conv).map { String(it.body) })
+        val distinct = threads.toSet()
+        assertEquals(1, distinct.size, "one thread for every callback: ${distinct.map { it.name }}")
+        assertEquals("palaver-events", distinct.first().name)
+        val deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(20)
+        while (sink.lines.count { it.second.contains("app bug in onEvent") } < 20) {
+            check(System.nanoTime() < deadline) { "log lines: ${sink.lines}" }
+            Thread.sleep(10)
+        }
+        assertTrue(sink.lines.filter { it.second.contains("app bug in onEvent") }.all { it.first == LogLevel.ERROR })
+        clearLogSink()
+        kim.shutdown(); lee.shutdown()
+    }
+
+    @Test
+    fun `shutdown returns while the token provider is still stuck in a fetch, and no event follows`() {
+        val entered = java.util.concurrent.CountDownLatch(1)
+        val release = java.util.concurrent.CountDownLatch(1)
+        val stuck = object : TokenProvider {
+            override fun fetchToken(forceRefresh: Boolean): String {
+                entered.countDown()
+                release.await(60, TimeUnit.SECONDS) // a slow auth service
+                return mint("stuck")
+            }
+        }
+        val r = Recorder()
+        val c = palaverClient(
+            ClientConfig(address = "127.0.0.1:$port", serverName = "localhost", trustedCaPem = caPem, deviceId = "jvm"),
+            stuck, r, null,
+        )
+        c.connect()
+        assertTrue(entered.await(20, TimeUnit.SECONDS), "the fetch started")
+        val started = System.nanoTime()
+        c.shutdown()
+        val tookMs = (System.nanoTime() - started) / 1_000_000
+        // Returned although the provider has not: it is still blocked.
+        assertEquals(1L, release.count, "shutdown did not wait for the provider")
+        println("shutdown while fetching a token returned in $tookMs ms")
+        val before = r.events.size
+        release.countDown()
+        assertTrue(c.state() is ConnectionState.Closed)
+        // The fetch that completes now is not used, and the app hears
+        // nothing: another client's full connect gives the stuck one's I/O
+        // thread ample turns to misbehave, without a bare sleep.
+        val other = Recorder()
+        val probe = client("probe", other)
+        probe.connect(); other.awaitConnected(); probe.shutdown()
+        assertEquals(before, r.events.size, "no event after shutdown: ${r.events.drop(before)}")
+    }
+
+    @Test
+    fun `an untrusted server certificate stops reconnecting with the reason`() {
+        // Some other CA, not the gateway's.
+        val otherCa = Files.createTempDirectory("palaver-other-ca").toFile()
+        val p = ProcessBuilder(
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-subj", "/CN=not the gateway's CA", "-days", "1",
+            "-keyout", File(otherCa, "key.pem").path, "-out", File(otherCa, "ca.pem").path,
+        ).redirectErrorStream(true).start()
+        check(p.waitFor() == 0) { p.inputStream.bufferedReader().readText() }
+        val wrongCa = File(otherCa, "ca.pem").readText()
+        val r = Recorder()
+        val c = palaverClient(
+            ClientConfig(address = "127.0.0.1:$port", serverName = "localhost", trustedCaPem = wrongCa, deviceId = "jvm"),
+            Tokens { mint("wrongca") }, r, null,
+        )
+        c.connect()
+        r.await("a stop with the reason") { ev ->
+            ev.any {
+                it is ClientEvent.StateChanged && (it.state as? ConnectionState.Disconnected)?.cause.let { cause ->
+                    cause is DisconnectCause.Failed && cause.failure is ConnectFailure.UntrustedCertificate
+                }
+            }
+        }
+        c.shutdown()
+        otherCa.deleteRecursively()
     }
 }
