@@ -5,6 +5,7 @@
 // workspace's unwrap_used floor is for the product's code).
 #![allow(clippy::unwrap_used)]
 
+#[path = "../../router-core/tests/common/mod.rs"]
 mod common;
 
 use std::collections::HashMap;

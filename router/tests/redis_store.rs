@@ -19,6 +19,9 @@ use palaver_router::store::{
 };
 use palaver_testkit::stack::{Redis, RedisCluster};
 
+// The store contract lives beside the core's traits (and runs on the
+// memory store there).
+#[path = "../../router-core/tests/contract/mod.rs"]
 mod contract;
 use contract::*;
 

@@ -10,6 +10,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[path = "../../router-core/tests/common/mod.rs"]
 mod common;
 use common::TrapClock;
 

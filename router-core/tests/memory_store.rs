@@ -5,8 +5,8 @@
 
 use std::sync::Arc;
 
-use palaver_router::memory::MemoryStore;
-use palaver_router::ManualClock;
+use palaver_router_core::memory::MemoryStore;
+use palaver_router_core::ManualClock;
 
 mod contract;
 use contract::*;
@@ -29,13 +29,13 @@ fn expire(
 crate::store_contract_tests!(fresh, expire);
 
 /// Every `pub fn …<S: Store>` check of tests/contract runs on this store and
-/// on Redis (both files name it).
+/// on Redis (`../../router/tests/redis_store.rs`; both files name it).
 #[test]
 fn every_check_of_the_contract_is_run() {
     let names = check_names();
     assert!(names.len() >= 13, "{names:?}");
     let memory = include_str!("contract/mod.rs");
-    let redis = include_str!("redis_store.rs");
+    let redis = include_str!("../../router/tests/redis_store.rs");
     for name in names {
         assert!(
             memory.contains(&format!("                {name},"))
@@ -54,7 +54,7 @@ fn every_check_of_the_contract_is_run() {
 /// memory-only node.
 #[test]
 fn each_memory_store_is_a_new_history_epoch() {
-    use palaver_router::store::ConversationStore;
+    use palaver_router_core::store::ConversationStore;
     let a = MemoryStore::new().history_epoch().unwrap();
     let b = MemoryStore::new().history_epoch().unwrap();
     assert!(a != 0 && b != 0 && a != b, "{a} {b}");

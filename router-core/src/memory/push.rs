@@ -62,7 +62,7 @@ impl PushState {
 impl MemoryStore {
     /// The user's devices with a live session now, ascending (the durable
     /// store asks its inner session registry this too).
-    pub(crate) fn online_device_ids(&self, user_id: &str) -> Vec<String> {
+    pub fn online_device_ids(&self, user_id: &str) -> Vec<String> {
         let now_ms = self.lease_now_ms();
         let mut online: Vec<String> = self
             .presence

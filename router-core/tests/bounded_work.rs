@@ -18,8 +18,10 @@ use std::sync::Arc;
 use common::*;
 use instrumented::Instrumented;
 use palaver_protocol::pb::{self, frame::Body};
-use palaver_router::store::{message_size, ConversationStore, GroupRecord, Retention, UserStore};
-use palaver_router::{ManualClock, Output, Router, RouterConfig};
+use palaver_router_core::store::{
+    message_size, ConversationStore, GroupRecord, Retention, UserStore,
+};
+use palaver_router_core::{ManualClock, Output, Router, RouterConfig};
 
 const BUDGET: usize = 1024 * 1024;
 /// The largest message a Send can make (a 64 KiB frame).
@@ -33,7 +35,11 @@ fn router() -> Router<Instrumented> {
     )
 }
 
-fn answer(router: &mut Router<Instrumented>, from: &palaver_router::Session, body: Body) -> Body {
+fn answer(
+    router: &mut Router<Instrumented>,
+    from: &palaver_router_core::Session,
+    body: Body,
+) -> Body {
     let mut out = Output::default();
     router.handle(&request(from, 7, body), &mut out).unwrap();
     let frame = out
@@ -189,7 +195,7 @@ fn a_sync_of_an_account_in_many_large_groups_reads_only_the_groups_it_lists() {
 }
 
 /// The error a Send got, if any.
-fn send_error(out: &Output, from: &palaver_router::Session) -> Option<u32> {
+fn send_error(out: &Output, from: &palaver_router_core::Session) -> Option<u32> {
     out.frames
         .iter()
         .filter(|a| a.to == from.addr)
@@ -201,7 +207,7 @@ fn send_error(out: &Output, from: &palaver_router::Session) -> Option<u32> {
 
 fn send(
     router: &mut Router<Instrumented>,
-    from: &palaver_router::Session,
+    from: &palaver_router_core::Session,
     conversation: &str,
     n: u32,
     size: usize,

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use palaver_protocol::pb::{self, frame::Body};
-use palaver_router::{Clock, Inbound, Session, SessionAddr, SystemClock};
+use palaver_router_core::{Clock, Inbound, Session, SessionAddr, SystemClock};
 
 pub fn addr(gateway: &str, conn: u64) -> SessionAddr {
     SessionAddr {

@@ -2,7 +2,7 @@
 //! receipts, groups, quota counters.
 
 use palaver_protocol::pb;
-use palaver_router::store::{
+use palaver_router_core::store::{
     message_size, Appended, GroupRecord, Membership, QuotaCharge, QuotaOwner, RangeRead, Store,
 };
 
@@ -343,7 +343,7 @@ pub fn dedup_follows_the_window<S: Store>(mut s: S) {
 pub fn the_history_epoch_is_announced_and_stable<S: Store>(mut s: S) {
     let epoch = s.history_epoch().unwrap();
     assert_ne!(epoch, 0);
-    let dm = palaver_router::direct_conversation_id("alice", "bob");
+    let dm = palaver_router_core::direct_conversation_id("alice", "bob");
     stored(
         s.append_message(&dm, message(&dm, 1, "alice"), &retention(0, 10))
             .unwrap(),

@@ -12,7 +12,7 @@ use crate::logic::Clock;
 use crate::store::QuotaOwner;
 
 mod conversations;
-pub(crate) use conversations::apply_quota_charge;
+pub use conversations::apply_quota_charge;
 mod history;
 mod push;
 mod sessions;

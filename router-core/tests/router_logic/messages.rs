@@ -73,7 +73,7 @@ fn delivers_are_written_before_the_senders_ack() {
         .map(|n| request(&alice, n, send_body(DM, n, "batched")))
         .collect();
     let mut out = Output::default();
-    let mut progress = palaver_router::logic::BatchProgress::default();
+    let mut progress = palaver_router_core::logic::BatchProgress::default();
     h.router
         .handle_batch(&reqs, &mut out, &mut progress)
         .expect("memory store does not fail");
@@ -329,7 +329,7 @@ fn a_batch_whose_push_mark_fails_leaves_no_frame_of_its_sends() {
     let earlier = Router::<Instrumented>::internal_error_reply(&reqs[0]);
     out.frames.push(earlier.clone());
     h.router.store_mut().fail_on = Some("mark_push_pending");
-    let mut progress = palaver_router::logic::BatchProgress::default();
+    let mut progress = palaver_router_core::logic::BatchProgress::default();
     h.router
         .handle_batch(&reqs, &mut out, &mut progress)
         .expect_err("the push mark fails");
@@ -407,7 +407,7 @@ fn a_batch_is_handled_like_one_request_at_a_time_with_one_append_and_one_lookup_
 
     let before = batched.calls().calls.clone();
     let mut out = Output::default();
-    let mut progress = palaver_router::logic::BatchProgress::default();
+    let mut progress = palaver_router_core::logic::BatchProgress::default();
     batched
         .router
         .handle_batch(reqs, &mut out, &mut progress)

@@ -2,7 +2,7 @@
 //! consent, group-add counts.
 
 use palaver_protocol::pb;
-use palaver_router::store::{GroupAdds, GroupRecord, Store};
+use palaver_router_core::store::{GroupAdds, GroupRecord, Store};
 
 use super::*;
 

@@ -1,4 +1,4 @@
-//! The one runner every driver uses (`palaver_router::runner`), driven
+//! The one runner every driver uses (`palaver_router_core::runner`), driven
 //! directly over the in-memory store wrapped in a counter that can be told
 //! to fail or to panic: a batch's neighbours of a failing request are
 //! served, the failing one is answered (INTERNAL for a panic, UNAVAILABLE
@@ -16,9 +16,9 @@ use std::sync::Arc;
 use common::*;
 use instrumented::Instrumented;
 use palaver_protocol::pb::{self, frame::Body, ErrorCode};
-use palaver_router::runner::{self, Failure, NoRetry, Retry};
-use palaver_router::store::StoreError;
-use palaver_router::{ManualClock, Output, Router, RouterConfig, Session};
+use palaver_router_core::runner::{self, Failure, NoRetry, Retry};
+use palaver_router_core::store::StoreError;
+use palaver_router_core::{ManualClock, Output, Router, RouterConfig, Session};
 
 fn router() -> Router<Instrumented> {
     Router::new(

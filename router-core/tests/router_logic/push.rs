@@ -1,6 +1,6 @@
 //! Push requests (SPEC §20) and the push events of stored messages.
 
-use palaver_router::store::{ApnsEnvironment, Mute, PushPlatform, PushStore};
+use palaver_router_core::store::{ApnsEnvironment, Mute, PushPlatform, PushStore};
 
 use super::*;
 

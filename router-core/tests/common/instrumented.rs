@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use palaver_protocol::pb;
-use palaver_router::store::*;
-use palaver_router::MemoryStore;
+use palaver_router_core::store::*;
+use palaver_router_core::MemoryStore;
 
 /// Counts per store method, sorted by method name.
 pub type Counts = Vec<(&'static str, usize)>;

@@ -16,8 +16,8 @@ use std::time::Duration;
 use common::*;
 use instrumented::Instrumented;
 use palaver_protocol::pb::{self, frame::Body, ErrorCode};
-use palaver_router::store::SessionChange;
-use palaver_router::{
+use palaver_router_core::store::SessionChange;
+use palaver_router_core::{
     direct_conversation_id, Clock, Inbound, ManualClock, Output, PresenceVisibility, Router,
     RouterConfig, Session, SessionAddr,
 };
@@ -108,7 +108,7 @@ impl Harness {
     /// RegisterPushToken from that device does): the device gets pushes
     /// while it is not online.
     fn register_token(&mut self, user: &str, device: &str) {
-        use palaver_router::store::{PushPlatform, PushStore, PushToken};
+        use palaver_router_core::store::{PushPlatform, PushStore, PushToken};
         let token = PushToken {
             platform: PushPlatform::Fcm,
             token: format!("fcm-{user}-{device}"),

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use palaver_protocol::pb;
-use palaver_router::store::{
+use palaver_router_core::store::{
     ApnsEnvironment, DeviceToken, Mute, PushPlatform, PushToken, SessionChange, Store,
     BADGE_CONVERSATIONS, MAX_BADGE,
 };

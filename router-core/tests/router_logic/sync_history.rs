@@ -153,7 +153,7 @@ fn history_pages_backwards_within_the_window() {
 
 #[test]
 fn sync_terminates_when_a_listed_group_record_is_missing() {
-    use palaver_router::store::{ConversationStore, Retention, UserStore};
+    use palaver_router_core::store::{ConversationStore, Retention, UserStore};
     let mut h = Harness::new();
     let alice = h.open("alice", "phone", 1);
     h.send(&alice, DM, 1);

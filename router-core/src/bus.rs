@@ -105,10 +105,7 @@ impl Output {
 /// linear search, with no map or key copy per call; past
 /// [`LINEAR_GATEWAYS`] (a router fanning a group out over a large
 /// cluster) an index keeps the cost per frame flat.
-pub(crate) fn group_by_gateway(
-    frames: &mut Vec<Addressed>,
-    batches: &mut Vec<(Arc<str>, Vec<Outbound>)>,
-) {
+pub fn group_by_gateway(frames: &mut Vec<Addressed>, batches: &mut Vec<(Arc<str>, Vec<Outbound>)>) {
     // The batches are handed over (not reused): size the first one for all
     // the frames (usually one gateway has them all) instead of growing it
     // by doubling, a copy per doubling.

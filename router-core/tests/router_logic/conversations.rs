@@ -382,7 +382,7 @@ fn group_adds_are_limited_per_day_and_a_groups_changes_per_hour() {
     assert_error(&out, &eve, 201, ErrorCode::QuotaExceeded);
     // Nothing was created for the refused requests: the victim is in
     // exactly the groups allowed.
-    use palaver_router::store::UserStore as _;
+    use palaver_router_core::store::UserStore as _;
     let groups = h.router.store_mut().group_counts(&["victim".into()]);
     assert_eq!(groups.unwrap(), [strangers as usize]);
     // A neighbour is unaffected: mallory can still add someone else.

@@ -9,8 +9,8 @@
 #![allow(dead_code)]
 
 use palaver_protocol::pb;
-use palaver_router::api::{Session, SessionAddr};
-use palaver_router::store::{Appended, Retention};
+use palaver_router_core::api::{Session, SessionAddr};
+use palaver_router_core::store::{Appended, Retention};
 
 /// One `#[test]` per check of the contract, each on a fresh store, so the
 /// first failure hides none of the others. Every check is named here once;

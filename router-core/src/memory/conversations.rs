@@ -330,7 +330,7 @@ impl ConversationStore for MemoryStore {
 /// counter itself (memory, disk): a later period starts from zero, a period
 /// that is over has nothing to count against, a refund never goes below
 /// zero, and a charge that would pass the limit changes nothing.
-pub(crate) fn apply_quota_charge(counter: &mut (u32, u64), charge: &QuotaCharge) -> bool {
+pub fn apply_quota_charge(counter: &mut (u32, u64), charge: &QuotaCharge) -> bool {
     let (period, used) = counter;
     let amount = charge.amount.unsigned_abs();
     if charge.period > *period {

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use palaver_protocol::pb;
-use palaver_router::api::Session;
-use palaver_router::store::{SessionChange, SessionsApplied, Store, UserPresence};
+use palaver_router_core::api::Session;
+use palaver_router_core::store::{SessionChange, SessionsApplied, Store, UserPresence};
 
 use super::*;
 
