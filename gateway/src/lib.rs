@@ -11,8 +11,9 @@
 //! HTTP thread ([`admin`]); the binary's main thread waits for signals.
 //!
 //! Each connection's rules (phase, timeouts, budgets, backpressure, drain)
-//! are a sans-io unit fed events and the time ([`session`]); the core loop
-//! moves bytes and applies its verdicts. What one user's connections share
+//! are a sans-io unit fed events and the time ([`session`]) that acts
+//! through the effects it is handed; the core loop moves bytes and carries
+//! them out. What one user's connections share
 //! across cores (their count and budget) is in [`accounts`].
 
 // The only unsafe code: raising RLIMIT_NOFILE (config.rs) and reading a

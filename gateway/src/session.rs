@@ -1,8 +1,11 @@
-//! One connection's rules, sans-io: fed events and `now`, it says what the
-//! core thread must do. No socket, no clock, no TLS: the core loop
-//! ([`crate::core`]) moves bytes and applies the verdicts; the tests below
-//! drive it against a protocol [`ClientConn`](palaver_protocol::state::ClientConn)
-//! on a virtual clock.
+//! One connection's rules, sans-io: fed events and `now`, they act through
+//! the [`Effects`] they are handed (frames to write, requests to forward,
+//! close, FIN, timers, counters). No socket, no clock, no TLS: the core loop
+//! ([`crate::core`], `core/effects.rs`) carries each effect out, and so does
+//! the tests' virtual-clock `Pair` (against a protocol
+//! [`ClientConn`](palaver_protocol::state::ClientConn)), with the same
+//! decisions in both: which frame goes last, when closing begins, what is
+//! counted.
 //!
 //! What it decides:
 //! - the transport phase ([`Phase`]): TLS handshake (and its timeout), open,
@@ -107,51 +110,67 @@ pub enum ReadGate {
     Discard,
     /// Stalled: leave it in the kernel (TCP backpressure).
     Wait,
-    /// Output just became full: reading stops now (count it, re-arm the
-    /// timer for the slow-consumer deadline).
+    /// Output just became full: reading stops now (counted, and the timer
+    /// re-armed for the slow-consumer deadline, through the effects).
     Stall,
 }
 
-/// What the core does with one decoded frame from the client.
+/// What a connection's rules make happen, in order: whoever runs the rules
+/// carries out each effect as it comes and decides nothing about it (the
+/// one question back is [`Effect::Authenticate`], answered with
+/// [`ConnPolicy::accept_hello`] or [`ConnPolicy::close`]).
 #[derive(Debug)]
-pub enum FrameStep {
-    /// Nothing (a Pong, or input while closing).
-    Ignore,
-    /// Queue this reply (Pong, or an Error refusing a request; the
-    /// connection stays).
-    Reply(pb::Frame),
-    /// A request over its budget was refused with RATE_LIMITED (the reply
-    /// to queue); counted apart from other refusals.
-    RateLimited(pb::Frame),
-    /// Typing coalesced or over budget: dropped without an answer.
-    TypingDropped,
-    /// A Hello to authenticate: then [`ConnPolicy::accept_hello`] or close.
-    Hello { request_id: u32, hello: pb::Hello },
+pub enum Effect {
+    /// Queue this frame for the client; `answer`: it answers one of the
+    /// connection's requests (what the client has not read is split so).
+    Write { frame: pb::Frame, answer: bool },
     /// Hand this request to the backend.
     Forward { request_id: u32, body: Body },
-    /// An illegal frame: send this Error and close.
-    Close(pb::Frame),
-}
-
-/// What the core does after the connection's unsent output changed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OutputStep {
-    Keep,
-    /// Output fell to half the limit: read again (what arrived meanwhile
-    /// raised no new edge).
-    Resume,
-    /// The slow-consumer deadline moved (the connection fell behind, or
-    /// its client read enough to stay): re-arm the timer.
-    Rearm,
+    /// Check this Hello's token, then accept or close.
+    Authenticate { request_id: u32, hello: pb::Hello },
+    /// Closing began, its last frame (if any) already written: close_notify
+    /// behind it, end the session, arm the linger deadline.
+    Closing,
     /// Closing and everything is out: shut the write side (FIN), then
     /// discard input until the peer's FIN.
     SendFin,
+    /// Drop the socket now (a deadline with nothing to tell, a drain of a
+    /// connection with no session).
+    Drop,
+    /// A deadline moved: re-arm the connection's timer.
+    Rearm,
+    /// Output fell to half the limit: read again (what arrived meanwhile
+    /// raised no new edge), and re-arm.
+    ResumeReading,
+    /// Something the metrics count.
+    Count(Counted),
 }
 
-/// What the core does with one frame the backend sent this connection.
+/// The effects of one call, in order (a reused buffer: the core keeps one).
+pub type Effects = Vec<Effect>;
+
+/// What [`Effect::Count`] counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counted {
+    /// A request over its budget refused with RATE_LIMITED.
+    RateLimited,
+    /// A Typing coalesced or over budget, dropped without an answer.
+    TypingDropped,
+    /// A backend frame for a connection not open (handshaking or closing).
+    StaleDelivery,
+    /// An event that did not fit: closed as a slow consumer.
+    SlowConsumer,
+    /// Output became full: reading stopped.
+    ReadsPaused,
+    /// A deadline passed.
+    Expired(Expiry),
+}
+
+/// What became of one frame the backend sent this connection (a report:
+/// the effects carry it out).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BackendStep {
-    /// The connection is not open (handshaking or closing): drop and count.
+    /// The connection is not open (handshaking or closing): dropped, counted.
     Stale,
     /// Queue it: an answer to a request (always; bounded by the in-flight
     /// cap and the backend's page size, and no more requests are read
@@ -160,7 +179,7 @@ pub enum BackendStep {
     /// Queue it as the last frame and close (GoAway(REPLACED), 1xxx Error).
     QueueAndClose,
     /// An event that does not fit beside the other events the client has
-    /// not read: close as a slow consumer
+    /// not read: dropped, and the connection closes as a slow consumer
     /// ([`ConnPolicy::slow_consumer_goaway`]).
     SlowConsumer,
 }
@@ -191,20 +210,6 @@ pub enum Expiry {
     SlowConsumer,
     /// Closing took longer than its linger time: drop the socket.
     Linger,
-}
-
-/// What draining does with one connection.
-// Returned by value and consumed at once; boxing the frame would allocate.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug)]
-pub enum DrainStep {
-    /// Handshaking or not authenticated: nothing to tell it, close now.
-    CloseNow,
-    /// Already closing.
-    Keep,
-    /// Established: send this GoAway(SHUTDOWN) and close with the drain
-    /// deadline as linger.
-    GoAway(pb::Frame),
 }
 
 /// One connection's rules and state (64 bytes).
@@ -313,7 +318,13 @@ impl ConnPolicy {
     /// waiting for the client (the gateway's queue and, where the core can
     /// see it, the kernel's). Called before reading and after each read
     /// round's replies went out.
-    pub fn read_gate(&mut self, limits: &ConnLimits, unread: usize, now: u64) -> ReadGate {
+    pub fn read_gate(
+        &mut self,
+        limits: &ConnLimits,
+        unread: usize,
+        now: u64,
+        out: &mut Effects,
+    ) -> ReadGate {
         match self.phase {
             Phase::Closing { .. } => ReadGate::Discard,
             Phase::Stalled { .. } => ReadGate::Wait,
@@ -332,6 +343,8 @@ impl ConnPolicy {
                         mark: level(unread),
                     },
                 };
+                out.push(Effect::Count(Counted::ReadsPaused));
+                out.push(Effect::Rearm);
                 ReadGate::Stall
             }
             Phase::Open | Phase::Behind { .. } | Phase::Handshaking { .. } => ReadGate::Read,
@@ -354,43 +367,45 @@ impl ConnPolicy {
         f: pb::Frame,
         now: u64,
         account: &mut impl AccountAccess,
-    ) -> FrameStep {
+        out: &mut Effects,
+    ) {
         match self.proto.on_frame(&f, now) {
-            Err(e) => return FrameStep::Close(e.error_reply(f.request_id)),
-            // Hold: never here, the core decides a Hello before the next frame.
-            Ok(Verdict::Ignore | Verdict::Hold) => return FrameStep::Ignore,
+            Err(e) => {
+                let err = e.error_reply(f.request_id);
+                return self.close(now, Some(err), limits.linger_ms, out);
+            }
+            // Hold: never here, a Hello is decided before the next frame.
+            Ok(Verdict::Ignore | Verdict::Hold) => return,
             Ok(Verdict::Process) => {}
         }
         let request_id = f.request_id;
         let Some(body) = f.body else {
-            return FrameStep::Ignore;
+            return;
         };
-        let step = match body {
-            Body::Hello(hello) => FrameStep::Hello { request_id, hello },
-            Body::Ping(ping) => FrameStep::Reply(frame(
-                request_id,
-                Body::Pong(pb::Pong { nonce: ping.nonce }),
-            )),
-            Body::Pong(_) => FrameStep::Ignore,
+        let reply = match body {
+            Body::Hello(hello) => return out.push(Effect::Authenticate { request_id, hello }),
+            Body::Ping(ping) => frame(request_id, Body::Pong(pb::Pong { nonce: ping.nonce })),
+            Body::Pong(_) => return,
             body => match self.requests.admit(&limits.requests, &body, now, account) {
-                Admit::Forward => FrameStep::Forward { request_id, body },
-                Admit::Drop => FrameStep::TypingDropped,
+                Admit::Forward => return out.push(Effect::Forward { request_id, body }),
+                Admit::Drop => return out.push(Effect::Count(Counted::TypingDropped)),
                 Admit::Refuse(code, message) => {
-                    let reply = error_reply_to(request_id, &body, code, message);
                     if code == pb::ErrorCode::RateLimited {
-                        FrameStep::RateLimited(reply)
-                    } else {
-                        FrameStep::Reply(reply)
+                        out.push(Effect::Count(Counted::RateLimited));
                     }
+                    error_reply_to(request_id, &body, code, message)
                 }
             },
         };
-        if let FrameStep::Reply(reply) | FrameStep::RateLimited(reply) = &step {
-            if !matches!(self.phase, Phase::Open) {
-                self.queued(palaver_protocol::encoded_frame_len(reply));
-            }
+        if !matches!(self.phase, Phase::Open) {
+            self.queued(palaver_protocol::encoded_frame_len(&reply));
         }
-        step
+        // A Pong or a refusal is not counted as an answer: the answers'
+        // share of what waits errs low (see `Unread`).
+        out.push(Effect::Write {
+            frame: reply,
+            answer: false,
+        });
     }
 
     /// The Hello's token was accepted and Welcome queued at `now`: the
@@ -406,17 +421,34 @@ impl ConnPolicy {
         self.requests.forwarded_untracked();
     }
 
-    /// Starts closing at `now`: input is dropped from here on, and the
-    /// socket is dropped once the output has left and the peer's FIN came,
-    /// or after `linger_ms`. False if it was already closing (the caller
-    /// queues nothing more).
-    pub fn begin_close(&mut self, now: u64, linger_ms: u32) -> bool {
+    /// Starts closing at `now` with `last` as the last frame: input is
+    /// dropped from here on, and the socket is dropped once the output has
+    /// left and the peer's FIN came, or after `linger_ms`. Nothing happens
+    /// if it is already closing (nothing more is queued).
+    pub fn close(&mut self, now: u64, last: Option<pb::Frame>, linger_ms: u32, out: &mut Effects) {
         if self.is_closing() {
-            return false;
+            return;
         }
         self.phase = Phase::Closing { fin_sent: false };
         self.proto.begin_drain(now, linger_ms);
-        true
+        if let Some(frame) = last {
+            out.push(Effect::Write {
+                frame,
+                answer: false,
+            });
+        }
+        out.push(Effect::Closing);
+    }
+
+    /// A deadline of [`poll_timeout`](Self::poll_timeout) passed at `now`:
+    /// counted, then the socket is dropped, or closing begins with the
+    /// frame that says why.
+    pub fn expire(&mut self, limits: &ConnLimits, expiry: Expiry, now: u64, out: &mut Effects) {
+        out.push(Effect::Count(Counted::Expired(expiry)));
+        match expiry.last_frame(limits) {
+            None => out.push(Effect::Drop),
+            Some(last) => self.close(now, Some(last), limits.linger_ms, out),
+        }
     }
 
     /// The output changed (a write, or new frames) at `now`: `queued`
@@ -429,7 +461,8 @@ impl ConnPolicy {
         queued: usize,
         unread: usize,
         now: u64,
-    ) -> OutputStep {
+        out: &mut Effects,
+    ) {
         let timeout = u64::from(limits.slow_consumer_timeout_ms);
         let unread_level = level(unread);
         match self.phase {
@@ -439,12 +472,9 @@ impl ConnPolicy {
                     slow_consumer_at: now + timeout,
                     mark: unread_level,
                 };
-                OutputStep::Rearm
+                out.push(Effect::Rearm);
             }
-            Phase::Behind { .. } if queued == 0 => {
-                self.phase = Phase::Open;
-                OutputStep::Keep
-            }
+            Phase::Behind { .. } if queued == 0 => self.phase = Phase::Open,
             // Hysteresis: resume at half, so reading does not flap per write.
             Phase::Stalled {
                 slow_consumer_at,
@@ -459,7 +489,7 @@ impl ConnPolicy {
                     }
                 };
                 // Behind again: progress is judged below, at the next change.
-                OutputStep::Resume
+                out.push(Effect::ResumeReading);
             }
             Phase::Behind {
                 ref mut slow_consumer_at,
@@ -473,19 +503,18 @@ impl ConnPolicy {
                     // It read half the limit since the mark: it is reading.
                     *slow_consumer_at = now + timeout;
                     *mark = unread_level;
-                    OutputStep::Rearm
+                    out.push(Effect::Rearm);
                 } else {
                     // More unread than the mark knew of (bytes it was not
                     // told about): count progress from here.
                     *mark = (*mark).max(unread_level);
-                    OutputStep::Keep
                 }
             }
             Phase::Closing { fin_sent: false } if queued == 0 => {
                 self.phase = Phase::Closing { fin_sent: true };
-                OutputStep::SendFin
+                out.push(Effect::SendFin);
             }
-            _ => OutputStep::Keep,
+            _ => {}
         }
     }
 
@@ -504,51 +533,75 @@ impl ConnPolicy {
     /// has not read; one that does not closes it as a slow consumer,
     /// because events keep coming whether or not it reads. A single event
     /// larger than the limit may go out when nothing else is waiting.
+    #[allow(clippy::too_many_arguments)] // the frame and what it is, all needed
     pub fn on_backend_frame(
         &mut self,
         limits: &ConnLimits,
+        frame: pb::Frame,
         len: usize,
         unread: Unread,
         closes: bool,
         answers: bool,
         now: u64,
+        out: &mut Effects,
     ) -> BackendStep {
         if !self.is_open() {
+            out.push(Effect::Count(Counted::StaleDelivery));
             return BackendStep::Stale;
         }
         self.requests.on_delivery(answers, now);
         let events = unread.bytes.saturating_sub(unread.answers);
         if !answers && unread.bytes > 0 && events + len > limits.max_outbound() {
+            // Tell it why behind what it has not read.
+            out.push(Effect::Count(Counted::SlowConsumer));
+            let goaway = Self::slow_consumer_goaway(limits);
+            self.close(now, Some(goaway), limits.linger_ms, out);
             return BackendStep::SlowConsumer;
         }
         self.queued(len);
         if closes {
+            self.close(now, Some(frame), limits.linger_ms, out);
             BackendStep::QueueAndClose
         } else {
+            out.push(Effect::Write {
+                frame,
+                answer: answers,
+            });
             BackendStep::Queue
         }
     }
 
-    /// The core begins draining: what to do with this connection.
-    /// `reconnect_delay_ms` (delay plus jitter) is only asked for when a
-    /// GoAway is sent.
-    pub fn begin_drain(&self, reconnect_delay_ms: impl FnOnce() -> u32) -> DrainStep {
+    /// The gateway begins draining at `now`: an established connection is
+    /// told GoAway(SHUTDOWN) and closes within `deadline_ms`, one still
+    /// handshaking or without a session is dropped, one already closing
+    /// goes on. `reconnect_delay_ms` (delay plus jitter) is only asked for
+    /// when a GoAway is sent.
+    pub fn begin_drain(
+        &mut self,
+        reconnect_delay_ms: impl FnOnce() -> u32,
+        deadline_ms: u32,
+        now: u64,
+        out: &mut Effects,
+    ) {
         match self.phase {
-            Phase::Handshaking { .. } => DrainStep::CloseNow,
-            Phase::Closing { .. } => DrainStep::Keep,
+            Phase::Closing { .. } => {}
             Phase::Open | Phase::Behind { .. } | Phase::Stalled { .. }
                 if self.proto.phase() == ServerPhase::Established =>
             {
-                DrainStep::GoAway(frame(
+                let goaway = frame(
                     0,
                     Body::GoAway(pb::GoAway {
                         reason: pb::GoAwayReason::Shutdown as i32,
                         reconnect_delay_ms: reconnect_delay_ms(),
                         message: "server is shutting down".into(),
                     }),
-                ))
+                );
+                self.close(now, Some(goaway), deadline_ms, out);
             }
-            Phase::Open | Phase::Behind { .. } | Phase::Stalled { .. } => DrainStep::CloseNow,
+            Phase::Handshaking { .. }
+            | Phase::Open
+            | Phase::Behind { .. }
+            | Phase::Stalled { .. } => out.push(Effect::Drop),
         }
     }
 

@@ -1,7 +1,8 @@
 //! A connection's input: reading and decrypting what the socket has, a
-//! round at a time, and handling each decoded frame as the connection's
-//! rules ([`ConnPolicy`]) decide: Hello authentication, Pong, requests to
-//! the backend, refusals, closes.
+//! round at a time, and handing each decoded frame to the connection's
+//! rules ([`ConnPolicy`](crate::session::ConnPolicy)), whose effects
+//! (`effects.rs`) answer it: Pong, requests to the backend, refusals,
+//! closes; and the Hello's authentication, which the rules ask for.
 
 use std::io::{self, Read};
 use std::sync::atomic::Ordering::Relaxed;
@@ -11,13 +12,11 @@ use palaver_protocol::{error_reply, frame};
 use palaver_router::api::Inbound;
 
 use crate::metrics::CoreMetrics;
-use crate::session::{ConnPolicy, FrameStep, ReadGate};
+use crate::session::ReadGate;
 use crate::tls_io::{self, AppSink};
 
 use super::output::unread;
-use super::{
-    unix_ms, Conn, Ctx, Fate, SessionIds, MAX_LEFTOVER, READ_CHUNK, READ_ROUNDS, REQUEST_BATCH,
-};
+use super::{unix_ms, Conn, Ctx, Fate, SessionIds, MAX_LEFTOVER, READ_CHUNK, READ_ROUNDS};
 
 impl Ctx {
     /// Reads and processes what the socket has, a round (one read) at a
@@ -28,17 +27,10 @@ impl Ctx {
     /// said so, or it is not known): read on to EOF instead of stopping at a
     /// short read, since the FIN raises no new edge once it was reported.
     pub(super) fn on_readable(&mut self, slot: usize, conn: &mut Conn, hup: bool) -> (Fate, bool) {
-        match conn
-            .policy
-            .read_gate(&self.limits, unread(conn), self.now_ms)
-        {
+        match self.read_gate(slot, conn) {
             ReadGate::Read => {}
             ReadGate::Discard => return (self.discard_input(conn), false),
-            ReadGate::Wait => return (Fate::Keep, false),
-            ReadGate::Stall => {
-                self.reading_stalled(slot, conn);
-                return (Fate::Keep, false);
-            }
+            ReadGate::Wait | ReadGate::Stall => return (Fate::Keep, false),
         }
         let mut used = conn.pending.tls_in().len();
         self.scratch.tls_in[..used].copy_from_slice(conn.pending.tls_in());
@@ -115,8 +107,7 @@ impl Ctx {
                 if conn.policy.is_open() {
                     CoreMetrics::inc(&self.metrics.frames_in[0]);
                     let err = error_reply(0, e.error_code(), e.to_string());
-                    let linger = self.limits.linger_ms;
-                    self.begin_close(slot, conn, Some(err), linger);
+                    self.begin_close(slot, conn, Some(err));
                 }
                 break;
             }
@@ -139,12 +130,7 @@ impl Ctx {
                 self.scratch.frames = frames;
                 return (Fate::Close, false);
             }
-            if conn
-                .policy
-                .read_gate(&self.limits, unread(conn), self.now_ms)
-                == ReadGate::Stall
-            {
-                self.reading_stalled(slot, conn);
+            if self.read_gate(slot, conn) == ReadGate::Stall {
                 break;
             }
             if n < space && !hup {
@@ -177,19 +163,16 @@ impl Ctx {
         (self.finish_output(slot, conn), more)
     }
 
-    /// Reading just stopped because the output is full; the connection is
-    /// closed as a slow consumer if it stays full (its deadline moved).
-    pub(super) fn reading_stalled(&mut self, slot: usize, conn: &mut Conn) {
-        CoreMetrics::inc(&self.metrics.reads_paused);
-        self.arm(slot, conn);
-    }
-
-    /// GoAway(SLOW_CONSUMER) behind what the client has not read, then close.
-    pub(super) fn close_slow_consumer(&mut self, slot: usize, conn: &mut Conn) {
-        CoreMetrics::inc(&self.metrics.slow_consumer_disconnects);
-        let goaway = ConnPolicy::slow_consumer_goaway(&self.limits);
-        let linger = self.limits.linger_ms;
-        self.begin_close(slot, conn, Some(goaway), linger);
+    /// Whether to read now, as the rules say with what the client has not
+    /// read; reading that just stopped (the output is full) is counted and
+    /// the slow-consumer deadline armed, through the effects.
+    fn read_gate(&mut self, slot: usize, conn: &mut Conn) -> ReadGate {
+        let unread = unread(conn);
+        let gate = conn
+            .policy
+            .read_gate(&self.limits, unread, self.now_ms, &mut self.effects);
+        self.apply(slot, conn);
+        gate
     }
 
     /// Closing connections only wait for the peer's FIN; input is dropped.
@@ -207,42 +190,19 @@ impl Ctx {
 
     pub(super) fn on_frame(&mut self, slot: usize, conn: &mut Conn, f: pb::Frame) {
         self.metrics.frame_in(f.body.as_ref());
-        // The account's budget, locked only if a request is charged to it.
-        let user_id = conn.ids.as_ref().map_or("", |ids| ids.user_id());
-        let mut account = self.shared.accounts.budget(user_id);
-        let step = conn
-            .policy
-            .on_frame(&self.limits, f, self.now_ms, &mut account);
-        match step {
-            FrameStep::Ignore => {}
-            FrameStep::Reply(reply) => self.queue(&reply),
-            FrameStep::RateLimited(reply) => {
-                CoreMetrics::inc(&self.metrics.rate_limited);
-                self.queue(&reply);
-            }
-            FrameStep::TypingDropped => CoreMetrics::inc(&self.metrics.typing_dropped),
-            FrameStep::Hello { request_id, hello } => self.on_hello(slot, conn, request_id, hello),
-            FrameStep::Forward { request_id, body } => {
-                if let Some(ids) = &conn.ids {
-                    // Handed to the backend with the rest of this turn's
-                    // requests (`flush_requests`), in the order read.
-                    let from = ids.session(&self.shared.gateway_id, self.conn_key(slot, conn));
-                    self.requests.push(Inbound {
-                        from,
-                        request_id,
-                        body,
-                        received_ms: unix_ms(),
-                    });
-                    if self.requests.len() >= REQUEST_BATCH {
-                        self.flush_requests();
-                    }
-                }
-            }
-            FrameStep::Close(err) => {
-                let linger = self.limits.linger_ms;
-                self.begin_close(slot, conn, Some(err), linger);
-            }
+        {
+            // The account's budget, locked only if a request is charged to it.
+            let user_id = conn.ids.as_ref().map_or("", |ids| ids.user_id());
+            let mut account = self.shared.accounts.budget(user_id);
+            conn.policy.on_frame(
+                &self.limits,
+                f,
+                self.now_ms,
+                &mut account,
+                &mut self.effects,
+            );
         }
+        self.apply(slot, conn);
     }
 
     pub(super) fn on_hello(
@@ -256,8 +216,7 @@ impl Ctx {
             Ok(user) => user,
             Err(e) => {
                 let err = error_reply(request_id, e.error_code(), e.to_string());
-                let linger = self.limits.linger_ms;
-                self.begin_close(slot, conn, Some(err), linger);
+                self.begin_close(slot, conn, Some(err));
                 return;
             }
         };
@@ -275,8 +234,7 @@ impl Ctx {
                     full.held, full.max
                 ),
             );
-            let linger = self.limits.linger_ms;
-            self.begin_close(slot, conn, Some(err), linger);
+            self.begin_close(slot, conn, Some(err));
             return;
         }
         let key = self.conn_key(slot, conn);

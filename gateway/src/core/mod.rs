@@ -13,9 +13,10 @@
 //!
 //! What happens to a connection (phase, deadlines, budgets, backpressure,
 //! drain) is decided by its [`ConnPolicy`], a
-//! sans-io unit fed events and the core clock; this module and its children
-//! move bytes and apply its verdicts: the loop here, reading in `input.rs`,
-//! writing in `output.rs`, the timing wheel in `timers.rs`.
+//! sans-io unit fed events and the core clock that acts through the effects
+//! it is handed; this module and its children move bytes and carry the
+//! effects out (`effects.rs`): the loop here, reading in `input.rs`, writing
+//! in `output.rs`, the timing wheel in `timers.rs`.
 //!
 //! Memory per idle connection is the `Conn` slot, its session's ids (one
 //! small allocation, [`ids`]) and rustls' unbuffered connection state:
@@ -32,6 +33,7 @@
 //! `slow_consumer_timeout_ms`. A connection therefore holds at most
 //! `max_outbound_bytes` + one read round's replies (or one backend frame).
 
+mod effects;
 mod ids;
 mod input;
 mod output;
@@ -56,7 +58,7 @@ use crate::accounts::Accounts;
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::metrics::CoreMetrics;
-use crate::session::{ConnLimits, ConnPolicy, DrainStep};
+use crate::session::{ConnLimits, ConnPolicy, Effects};
 use crate::sink::{conn_key, split_key, Control, Mailbox, MailboxRx};
 use crate::timer::{TimerEntry, TimerWheel};
 use crate::tls::TlsStore;
@@ -177,6 +179,10 @@ struct Ctx {
     /// The run of frames being queued for one connection (reset when the
     /// run is written or dropped).
     run: Run,
+    /// What the connection's rules decided in the call just made, carried
+    /// out at once (`effects.rs`); the spare takes those that lead to more.
+    effects: Effects,
+    effects_spare: Effects,
 }
 
 /// What [`Ctx::deliver_one`] keeps across one run of frames for a
@@ -255,6 +261,8 @@ impl Core {
             rng: seed | 1,
             requests: Vec::new(),
             run: Run::default(),
+            effects: Vec::new(),
+            effects_spare: Vec::new(),
         };
         Ok(Core {
             ctx,
@@ -658,22 +666,28 @@ impl Core {
         let slots: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for slot in slots {
             let conn = &mut self.conns[slot];
-            let step = conn.policy.begin_drain(|| {
-                let jitter = if jitter_ms == 0 {
-                    0
-                } else {
-                    (self.ctx.next_random() % u64::from(jitter_ms)) as u32
-                };
-                delay_ms.saturating_add(jitter)
-            });
-            let fate = match step {
-                DrainStep::CloseNow => Fate::Close,
-                DrainStep::Keep => Fate::Keep,
-                DrainStep::GoAway(goaway) => {
-                    self.ctx.begin_close(slot, conn, Some(goaway), deadline_ms);
-                    self.ctx.finish_output(slot, conn)
-                }
-            };
+            let ctx = &mut self.ctx;
+            let mut effects = std::mem::take(&mut ctx.effects);
+            conn.policy.begin_drain(
+                || {
+                    let jitter = if jitter_ms == 0 {
+                        0
+                    } else {
+                        (ctx.next_random() % u64::from(jitter_ms)) as u32
+                    };
+                    delay_ms.saturating_add(jitter)
+                },
+                deadline_ms,
+                now,
+                &mut effects,
+            );
+            // A GoAway was queued (or the connection is dropped): it leaves now.
+            let goaway = !effects.is_empty();
+            ctx.effects = effects;
+            let mut fate = ctx.apply(slot, conn).fate;
+            if fate == Fate::Keep && goaway {
+                fate = ctx.finish_output(slot, conn);
+            }
             if fate == Fate::Close {
                 self.close(slot);
             }

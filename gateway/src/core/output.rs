@@ -1,9 +1,9 @@
 //! A connection's output: frames queued into the core's plaintext buffer,
 //! sealed together into TLS records, written straight from the scratch
 //! buffer; only what the socket refuses is kept (`tls_out`). Every change of
-//! the unsent output is reported to the connection's rules, which decide
-//! when reading resumes, when a client that fell behind is a slow consumer
-//! and when the write side shuts (FIN) while closing.
+//! the unsent output is reported to the connection's rules, whose effects
+//! say when reading resumes, when a client that fell behind is a slow
+//! consumer and when the write side shuts (FIN) while closing.
 //!
 //! What the client has not read is the gateway's queue plus what the
 //! kernel still holds in the socket's send buffer. The kernel's part is
@@ -12,14 +12,12 @@
 //! what it holds is below SO_SNDBUF and the rules see 0.
 
 use std::io::{self, Write};
-use std::net::Shutdown;
 use std::sync::atomic::Ordering::Relaxed;
 
 use mio::net::TcpStream;
-use palaver_protocol::{encode_frame, pb, FrameDecoder};
+use palaver_protocol::{encode_frame, pb};
 
-use crate::metrics::CoreMetrics;
-use crate::session::{BackendStep, OutputStep, Unread};
+use crate::session::Unread;
 use crate::tls_io;
 
 use super::{unix_ms, Conn, Ctx, Fate};
@@ -71,24 +69,18 @@ impl Ctx {
             bytes: before + this_run,
             answers: conn.pending.answers() + self.run.answers,
         };
-        let step =
-            conn.policy
-                .on_backend_frame(&self.limits, len, unread, closes, answers, self.now_ms);
-        match step {
-            BackendStep::Stale => CoreMetrics::inc(&self.metrics.stale_deliveries),
-            BackendStep::Queue => {
-                if answers {
-                    self.run.answers += len;
-                }
-                self.queue(&f);
-            }
-            BackendStep::QueueAndClose => {
-                let linger = self.limits.linger_ms;
-                self.begin_close(slot, conn, Some(f), linger);
-            }
-            // Stop adding; tell it why behind what it has not read.
-            BackendStep::SlowConsumer => self.close_slow_consumer(slot, conn),
-        }
+        // What became of it (the returned step) is in the effects.
+        conn.policy.on_backend_frame(
+            &self.limits,
+            f,
+            len,
+            unread,
+            closes,
+            answers,
+            self.now_ms,
+            &mut self.effects,
+        );
+        self.apply(slot, conn);
     }
 
     /// Adds one frame to the connection's pending plaintext (encrypted with
@@ -116,31 +108,15 @@ impl Ctx {
         self.scratch.plain.clear();
     }
 
-    /// Queues `last` (if any) and close_notify, ends the session, and waits
-    /// at most `linger_ms` for the output to leave.
-    pub(super) fn begin_close(
-        &mut self,
-        slot: usize,
-        conn: &mut Conn,
-        last: Option<pb::Frame>,
-        linger_ms: u32,
-    ) {
-        if !conn.policy.begin_close(self.now_ms, linger_ms) {
-            return;
-        }
-        if let Some(f) = last {
-            self.queue(&f);
-        }
-        self.seal(conn);
-        tls_io::close_notify(
-            &mut conn.tls,
-            conn.pending.tls_in_mut(),
-            &mut self.scratch.out,
-        );
-        conn.pending.set_tls_in(&[]);
-        conn.decoder = FrameDecoder::new(0);
-        self.end_session(slot, conn);
-        self.arm(slot, conn);
+    /// Begins closing with `last` (if any) as the last frame, as the rules
+    /// do it: close_notify behind it, the session ended, at most the linger
+    /// time for the output to leave (the effects of [`ConnPolicy::close`]).
+    ///
+    /// [`ConnPolicy::close`]: crate::session::ConnPolicy::close
+    pub(super) fn begin_close(&mut self, slot: usize, conn: &mut Conn, last: Option<pb::Frame>) {
+        conn.policy
+            .close(self.now_ms, last, self.limits.linger_ms, &mut self.effects);
+        self.apply(slot, conn);
     }
 
     pub(super) fn end_session(&mut self, slot: usize, conn: &mut Conn) {
@@ -216,30 +192,10 @@ impl Ctx {
         }
         let queued = conn.pending.out_len();
         let unread = unread(conn);
-        match conn
-            .policy
-            .on_output_level(&self.limits, queued, unread, self.now_ms)
-        {
-            OutputStep::Keep => (Fate::Keep, false),
-            OutputStep::Resume => {
-                self.arm(slot, conn);
-                (Fate::Keep, true)
-            }
-            OutputStep::Rearm => {
-                self.arm(slot, conn);
-                (Fate::Keep, false)
-            }
-            OutputStep::SendFin => {
-                // Everything is out: send FIN, then wait (bounded by the
-                // linger deadline) for the peer's FIN so unread input does
-                // not turn the close into a reset that could destroy our
-                // last frame.
-                if conn.sock.shutdown(Shutdown::Write).is_err() {
-                    return (Fate::Close, false);
-                }
-                (self.discard_input(conn), false)
-            }
-        }
+        conn.policy
+            .on_output_level(&self.limits, queued, unread, self.now_ms, &mut self.effects);
+        let applied = self.apply(slot, conn);
+        (applied.fate, applied.resumed)
     }
 }
 

@@ -1,9 +1,9 @@
 //! The core's timers: one timing-wheel entry per connection, re-armed
 //! lazily; when an entry fires, the connection's rules
 //! ([`ConnPolicy::poll_timeout`](crate::session::ConnPolicy::poll_timeout))
-//! say which deadline passed and the core applies it.
+//! say which deadline passed, and their effects
+//! ([`ConnPolicy::expire`](crate::session::ConnPolicy::expire)) what follows.
 
-use crate::metrics::CoreMetrics;
 use crate::session::Expiry;
 
 use super::{ticks, Conn, Core, Ctx, Fate, TICK_MS};
@@ -63,21 +63,12 @@ impl Ctx {
     }
 
     pub(super) fn expire(&mut self, slot: usize, conn: &mut Conn, expiry: Expiry) -> Fate {
-        let counter = match expiry {
-            Expiry::Handshake => &self.metrics.handshake_timeouts,
-            Expiry::Linger => return Fate::Close,
-            Expiry::SlowConsumer => &self.metrics.slow_consumer_disconnects,
-            Expiry::Hello => &self.metrics.hello_timeouts,
-            Expiry::Heartbeat => &self.metrics.heartbeat_timeouts,
-        };
-        CoreMetrics::inc(counter);
-        match expiry.last_frame(&self.limits) {
-            None => Fate::Close,
-            Some(last) => {
-                let linger = self.limits.linger_ms;
-                self.begin_close(slot, conn, Some(last), linger);
-                self.finish_output(slot, conn)
-            }
+        conn.policy
+            .expire(&self.limits, expiry, self.now_ms, &mut self.effects);
+        match self.apply(slot, conn).fate {
+            Fate::Close => Fate::Close,
+            // Closing began with the frame that says why: it leaves now.
+            Fate::Keep => self.finish_output(slot, conn),
         }
     }
 }

@@ -2,9 +2,12 @@
 //! virtual clock, in the style of quinn-proto's test `Pair`: both ends
 //! exchange frames through in-memory queues, [`Pair::step`] lets each end
 //! act at the current time, and [`Pair::run_until`] jumps the clock from
-//! one deadline to the next. The server end applies [`ConnPolicy`]'s
-//! verdicts the way the core loop does (a read round, then output, then
-//! the read gate again); "unsent output" is what the client has not read.
+//! one deadline to the next. The server end runs [`ConnPolicy`] the way the
+//! core loop does (a read round, then output, then the read gate again) and
+//! carries out its [`Effect`]s as `core/effects.rs` does, on in-memory
+//! queues instead of TLS and a socket: every decision (what is written, when
+//! closing begins, what is counted) is the rules' own, the same code the
+//! core runs. "Unsent output" is what the client has not read.
 //! No sockets, no sleeps: a 10-minute heartbeat run takes microseconds and
 //! every deadline is checked to the millisecond. This file holds the `Pair`;
 //! the tests are in `tests/` (lifecycle, budgets, output).
@@ -53,7 +56,7 @@ enum Dropped {
     Drained,
 }
 
-/// The server end: a [`ConnPolicy`] and what the core does with its verdicts.
+/// The server end: a [`ConnPolicy`] and its effects carried out.
 struct Server {
     policy: ConnPolicy,
     limits: ConnLimits,
@@ -66,6 +69,8 @@ struct Server {
     account: AccountBudget,
     /// Frames the client wrote that the server has not read.
     from_client: VecDeque<pb::Frame>,
+    /// What the rules decided in the call just made.
+    effects: Effects,
     /// Requests handed to the backend.
     forwarded: Vec<(u32, Body)>,
     expired: Vec<(u64, Expiry)>,
@@ -82,45 +87,68 @@ impl Server {
         self.to_client.push_back(f);
     }
 
-    fn begin_close(&mut self, now: u64, last: Option<pb::Frame>, linger_ms: u32) {
-        if self.policy.begin_close(now, linger_ms) {
-            if let Some(f) = last {
-                self.queue(f);
+    /// Carries out the effects the rules pushed (and those they lead to),
+    /// as the core's `Ctx::apply` does; true if there were any.
+    fn apply(&mut self, now: u64) -> bool {
+        let limits = self.limits;
+        let mut any = false;
+        let mut expired_now = None;
+        while !self.effects.is_empty() {
+            any = true;
+            for effect in std::mem::take(&mut self.effects) {
+                match effect {
+                    Effect::Write { frame, .. } => self.queue(frame),
+                    Effect::Forward { request_id, body } => self.forwarded.push((request_id, body)),
+                    // The core's Authenticator, reduced to one good token.
+                    Effect::Authenticate { request_id, hello } if hello.token == GOOD_TOKEN => {
+                        self.policy.accept_hello(&limits, now);
+                        self.queue(frame(
+                            request_id,
+                            Body::Welcome(pb::Welcome {
+                                protocol_version: palaver_protocol::PROTOCOL_VERSION,
+                                heartbeat_interval_ms: limits.heartbeat_interval_ms,
+                                ..Default::default()
+                            }),
+                        ));
+                    }
+                    Effect::Authenticate { request_id, .. } => {
+                        let err =
+                            error_reply(request_id, pb::ErrorCode::Unauthenticated, "bad token");
+                        self.policy
+                            .close(now, Some(err), limits.linger_ms, &mut self.effects);
+                    }
+                    // No TLS here: close_notify and the session's end are
+                    // the core's; the frames before it are queued.
+                    Effect::Closing => {}
+                    Effect::SendFin => self.fin_sent = true,
+                    Effect::Drop => {
+                        // For the deadline counted just before, else by drain.
+                        let why = expired_now.map_or(Dropped::Drained, Dropped::Expired);
+                        self.dropped = Some((now, why));
+                    }
+                    Effect::Rearm | Effect::ResumeReading => {}
+                    Effect::Count(Counted::RateLimited) => self.rate_limited += 1,
+                    Effect::Count(Counted::TypingDropped) => self.typing_dropped += 1,
+                    Effect::Count(Counted::ReadsPaused) => self.stalls += 1,
+                    Effect::Count(Counted::Expired(expiry)) => {
+                        expired_now = Some(expiry);
+                        self.expired.push((now, expiry));
+                    }
+                    Effect::Count(Counted::StaleDelivery | Counted::SlowConsumer) => {}
+                }
             }
         }
+        any
     }
 
     fn on_frame(&mut self, f: pb::Frame, now: u64) {
         let limits = self.limits;
-        match self.policy.on_frame(&limits, f, now, &mut self.account) {
-            FrameStep::Ignore => {}
-            FrameStep::Reply(reply) => self.queue(reply),
-            FrameStep::RateLimited(reply) => {
-                self.rate_limited += 1;
-                self.queue(reply);
-            }
-            FrameStep::TypingDropped => self.typing_dropped += 1,
-            FrameStep::Hello { request_id, hello } if hello.token == GOOD_TOKEN => {
-                self.policy.accept_hello(&limits, now);
-                self.queue(frame(
-                    request_id,
-                    Body::Welcome(pb::Welcome {
-                        protocol_version: palaver_protocol::PROTOCOL_VERSION,
-                        heartbeat_interval_ms: limits.heartbeat_interval_ms,
-                        ..Default::default()
-                    }),
-                ));
-            }
-            FrameStep::Hello { request_id, .. } => {
-                let err = error_reply(request_id, pb::ErrorCode::Unauthenticated, "bad token");
-                self.begin_close(now, Some(err), limits.linger_ms);
-            }
-            FrameStep::Forward { request_id, body } => self.forwarded.push((request_id, body)),
-            FrameStep::Close(err) => self.begin_close(now, Some(err), limits.linger_ms),
-        }
+        self.policy
+            .on_frame(&limits, f, now, &mut self.account, &mut self.effects);
+        self.apply(now);
     }
 
-    /// A frame from the backend, as the core's delivery path handles it.
+    /// A frame from the backend, as the core's delivery path hands it over.
     fn on_backend_frame(&mut self, f: pb::Frame, closes: bool, now: u64) -> BackendStep {
         let limits = self.limits;
         let len = encoded_frame_len(&f);
@@ -136,18 +164,17 @@ impl Server {
         };
         // What the router would say: these frames carry their request's id.
         let answers = palaver_protocol::bodies::answers_request(&f);
-        let step = self
-            .policy
-            .on_backend_frame(&limits, len, unread, closes, answers, now);
-        match step {
-            BackendStep::Stale => {}
-            BackendStep::Queue => self.queue(f),
-            BackendStep::QueueAndClose => self.begin_close(now, Some(f), limits.linger_ms),
-            BackendStep::SlowConsumer => {
-                let goaway = ConnPolicy::slow_consumer_goaway(&limits);
-                self.begin_close(now, Some(goaway), limits.linger_ms);
-            }
-        }
+        let step = self.policy.on_backend_frame(
+            &limits,
+            f,
+            len,
+            unread,
+            closes,
+            answers,
+            now,
+            &mut self.effects,
+        );
+        self.apply(now);
         step
     }
 
@@ -163,17 +190,18 @@ impl Server {
             progress = true;
         }
         if let Some(expiry) = self.policy.poll_timeout(now) {
-            self.expired.push((now, expiry));
-            match expiry.last_frame(&limits) {
-                None => {
-                    self.dropped = Some((now, Dropped::Expired(expiry)));
-                    return true;
-                }
-                Some(last) => self.begin_close(now, Some(last), limits.linger_ms),
+            self.policy.expire(&limits, expiry, now, &mut self.effects);
+            self.apply(now);
+            if self.dropped.is_some() {
+                return true;
             }
             progress = true;
         }
-        match self.policy.read_gate(&limits, self.unsent, now) {
+        let gate = self
+            .policy
+            .read_gate(&limits, self.unsent, now, &mut self.effects);
+        self.apply(now);
+        match gate {
             ReadGate::Read if !self.policy.is_handshaking() && !self.from_client.is_empty() => {
                 for _ in 0..ROUND_FRAMES {
                     if !self.policy.is_open() {
@@ -186,9 +214,9 @@ impl Server {
                 }
                 // This round's replies are out; full now?
                 self.output_changed(now);
-                if self.policy.read_gate(&limits, self.unsent, now) == ReadGate::Stall {
-                    self.stalls += 1;
-                }
+                self.policy
+                    .read_gate(&limits, self.unsent, now, &mut self.effects);
+                self.apply(now);
                 progress = true;
             }
             ReadGate::Read | ReadGate::Wait => {}
@@ -200,10 +228,7 @@ impl Server {
                     return true;
                 }
             }
-            ReadGate::Stall => {
-                self.stalls += 1;
-                progress = true;
-            }
+            ReadGate::Stall => progress = true,
         }
         progress | self.output_changed(now)
     }
@@ -212,17 +237,9 @@ impl Server {
     /// if the kernel held none); FIN when closing and empty.
     fn output_changed(&mut self, now: u64) -> bool {
         let limits = self.limits;
-        match self
-            .policy
-            .on_output_level(&limits, self.unsent, self.unsent, now)
-        {
-            OutputStep::Keep => false,
-            OutputStep::Resume | OutputStep::Rearm => true,
-            OutputStep::SendFin => {
-                self.fin_sent = true;
-                true
-            }
-        }
+        self.policy
+            .on_output_level(&limits, self.unsent, self.unsent, now, &mut self.effects);
+        self.apply(now)
     }
 }
 
@@ -320,6 +337,7 @@ impl Pair {
                 unsent: 0,
                 account: AccountBudget::new(&limits.requests, 0),
                 from_client: VecDeque::new(),
+                effects: Vec::new(),
                 forwarded: Vec::new(),
                 expired: Vec::new(),
                 stalls: 0,
@@ -451,18 +469,17 @@ fn flood_pings_without_reading(p: &mut Pair, n: usize) {
 
 /// What the core's drain does with one connection: GoAway(SHUTDOWN) with
 /// the delay, close within `deadline_ms`.
+/// True if a GoAway was queued.
 fn drain(p: &mut Pair, reconnect_delay_ms: u32, deadline_ms: u32) -> bool {
-    match p.server.policy.begin_drain(|| reconnect_delay_ms) {
-        DrainStep::CloseNow => {
-            p.server.dropped = Some((p.now, Dropped::Drained));
-            false
-        }
-        DrainStep::Keep => false,
-        DrainStep::GoAway(goaway) => {
-            p.server.begin_close(p.now, Some(goaway), deadline_ms);
-            true
-        }
-    }
+    p.server.policy.begin_drain(
+        || reconnect_delay_ms,
+        deadline_ms,
+        p.now,
+        &mut p.server.effects,
+    );
+    let goaway = matches!(p.server.effects.first(), Some(Effect::Write { .. }));
+    p.server.apply(p.now);
+    goaway
 }
 
 fn history_page(request_id: u32, size: usize) -> pb::Frame {
