@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
 
 use anyhow::Context;
 use mio::{Poll, Waker};
@@ -19,7 +18,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::accounts::Accounts;
 use crate::admin::AdminServer;
 use crate::config::Config;
-use crate::core::{Core, Shared, WAKER_TOKEN};
+use crate::core::{Core, CoreClock, Shared, WAKER_TOKEN};
 use crate::metrics::{self, CoreMetrics, GlobalMetrics};
 use crate::sink::{Control, GatewaySink, Mailbox};
 use crate::tls::{TlsFiles, TlsStore};
@@ -148,7 +147,7 @@ impl GatewayHandle {
             ),
             draining: AtomicBool::new(false),
             cores_running: AtomicUsize::new(cores),
-            epoch: Instant::now(),
+            clock: CoreClock::new(),
         });
 
         let mut mailboxes = Vec::with_capacity(cores);
@@ -244,6 +243,17 @@ impl GatewayHandle {
     }
 
     /// Per-core counters.
+    /// Skips the core clock `by` ahead: every connection's deadlines
+    /// (handshake, Hello, heartbeat, slow consumer, linger) come that much
+    /// sooner, and the cores notice within a tick (100 ms). For tests, which
+    /// thereby run the real timeouts without waiting for them.
+    pub fn skip_time(&self, by: std::time::Duration) {
+        self.shared.clock.skip(by);
+        for mailbox in &self.mailboxes {
+            mailbox.nudge();
+        }
+    }
+
     pub fn core_metrics(&self) -> &[Arc<CoreMetrics>] {
         &self.metrics
     }

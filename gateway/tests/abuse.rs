@@ -82,13 +82,18 @@ fn flood_without_reading(t: &TestGateway, what: &str, chunk: &[u8]) {
         "{what}: the gateway kept reading {written} bytes from a client that never reads"
     );
     let loaded = median((0..20).map(|_| ping_rtt_us(&mut neighbour)).collect());
-    t.wait_metric(
+    // The real slow-consumer timeout (10 s), the clock skipped past it.
+    let timeout = u64::from(t.gw().config().limits.slow_consumer_timeout_ms);
+    t.skip_time_until(
         "the stalled reader to be closed as a slow consumer",
-        |m| {
-            m.slow_consumer_disconnects
-                .load(std::sync::atomic::Ordering::Relaxed) as i64
+        Duration::from_millis(timeout),
+        3,
+        || {
+            t.metric(|m| {
+                m.slow_consumer_disconnects
+                    .load(std::sync::atomic::Ordering::Relaxed) as i64
+            }) >= 1
         },
-        |n| n >= 1,
     );
     let held = t.metric(|m| {
         m.max_conn_outbound_bytes
@@ -132,7 +137,7 @@ fn frames_bytes(n: usize, mut make: impl FnMut(usize) -> pb::Frame) -> Vec<u8> {
 
 #[test]
 fn ping_flood_that_never_reads_is_bounded_and_closed() {
-    let t = start(|c| c.limits.slow_consumer_timeout_ms = 1_000);
+    let t = start(|_| {});
     let chunk = frames_bytes(2000, |i| {
         frame(i as u32 + 1, Body::Ping(pb::Ping { nonce: i as u64 }))
     });
@@ -143,7 +148,7 @@ fn ping_flood_that_never_reads_is_bounded_and_closed() {
 fn rate_limited_flood_that_never_reads_is_bounded_and_closed() {
     // Every Receipt past the budget is answered RATE_LIMITED: replies several
     // times the size of the requests.
-    let t = start(|c| c.limits.slow_consumer_timeout_ms = 1_000);
+    let t = start(|_| {});
     let chunk = frames_bytes(1000, |i| {
         frame(
             i as u32 + 1,

@@ -464,13 +464,21 @@ fn frames_illegal_in_the_current_state() {
 
 #[test]
 fn slowloris_handshake_is_closed_at_the_handshake_timeout() {
-    let t = start(|c| c.limits.handshake_timeout_ms = 500);
+    // The real timeout (10 s), the clock skipped past it.
+    let t = start(|_| {});
+    let handshake_timeout = u64::from(t.gw().config().limits.handshake_timeout_ms);
     let mut healthy = t.login("alice", "phone");
     let mut raw = TcpStream::connect(t.addr).unwrap();
     raw.set_read_timeout(Some(Duration::from_millis(50)))
         .unwrap();
     // A TLS record header announcing a big ClientHello, then one byte at a time.
     raw.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00]).unwrap();
+    // Accepted (its deadline counts from there), then trickling on.
+    wait_until(T, "the trickler accepted", || t.gw().connections() == 2);
+    t.gw()
+        .skip_time(Duration::from_millis(handshake_timeout - 1_000));
+    raw.write_all(&[0x01]).unwrap();
+    t.gw().skip_time(Duration::from_millis(1_000));
     let started = Instant::now();
     let mut closed = false;
     while started.elapsed() < T {
@@ -510,28 +518,54 @@ fn slowloris_handshake_is_closed_at_the_handshake_timeout() {
 
 #[test]
 fn hello_timeout_after_a_silent_handshake() {
-    let t = start(|c| c.limits.hello_timeout_ms = 300);
+    let t = start(|_| {});
+    let hello_timeout = u64::from(t.gw().config().limits.hello_timeout_ms);
     let mut c = t.connect();
-    expect_error_and_close(&mut c, 1006);
+    // A second short of it: still open.
+    t.gw()
+        .skip_time(Duration::from_millis(hello_timeout - 1_000));
+    assert!(
+        matches!(c.recv(Duration::from_millis(300)), Ok(None)),
+        "open before the timeout"
+    );
+    t.gw().skip_time(Duration::from_millis(1_000));
+    // Well before the real 10 s: the skip is what closed it.
+    let frames = c.expect_close(Duration::from_secs(3)).expect("closed");
+    assert!(
+        frames.iter().any(|f| error_code(f) == Some(1006)),
+        "expected HELLO_TIMEOUT, got {frames:?}"
+    );
 }
 
 #[test]
 fn heartbeat_timeout_closes_silent_sessions_only() {
-    let t = start(|c| c.limits.heartbeat_interval_ms = 200);
+    // The real interval (30 s), the clock skipped one interval at a time.
+    let t = start(|_| {});
+    let interval = Duration::from_millis(u64::from(t.gw().config().limits.heartbeat_interval_ms));
     let mut healthy = t.login("alice", "phone");
     let mut silent = t.login("bob", "phone");
-    // alice keeps pinging at the announced interval; bob says nothing.
-    let started = Instant::now();
+    // alice pings at the announced interval; bob says nothing. bob's
+    // deadline is 2.5 intervals after his Hello: closed after the 3rd skip.
     let mut bob_frames = Vec::new();
     let mut bob_closed = false;
-    while started.elapsed() < T && !bob_closed {
+    let mut skips = 0;
+    while skips < 5 && !bob_closed {
         healthy.ping(rand_nonce(), T).unwrap();
-        match silent.recv(Duration::from_millis(100)) {
-            Ok(Some(f)) => bob_frames.push(f),
-            Ok(None) => {}
-            Err(_) => bob_closed = true,
+        t.gw().skip_time(interval);
+        skips += 1;
+        let until = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < until && !bob_closed {
+            match silent.recv(Duration::from_millis(100)) {
+                Ok(Some(f)) => bob_frames.push(f),
+                Ok(None) => {}
+                Err(_) => bob_closed = true,
+            }
         }
     }
+    assert!(
+        skips >= 3,
+        "closed after {skips} intervals, before 2.5 had passed"
+    );
     assert!(bob_closed, "silent session must be closed");
     assert!(
         bob_frames.iter().any(|f| error_code(f) == Some(1007)),

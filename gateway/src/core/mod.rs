@@ -42,7 +42,7 @@ mod timers;
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -102,13 +102,49 @@ pub struct Shared {
     /// Core threads that have not exited yet (the core hosting the backend
     /// waits for the others).
     pub cores_running: AtomicUsize,
-    /// Origin of the core clock (milliseconds since start).
-    pub epoch: Instant,
+    /// The core clock every deadline is on.
+    pub clock: CoreClock,
 }
 
 impl Shared {
     pub fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+        self.clock.now_ms()
+    }
+}
+
+/// The core clock: milliseconds since the gateway started, plus whatever
+/// was skipped ([`CoreClock::skip`]). Tests skip it ahead so that deadlines
+/// of seconds or minutes (handshake, Hello, heartbeat, slow consumer) pass
+/// at once with the gateway's real configuration, instead of shortening
+/// them to real waits; the cores read it at least every tick (100 ms).
+pub struct CoreClock {
+    epoch: Instant,
+    skipped_ms: AtomicU64,
+}
+
+impl CoreClock {
+    pub fn new() -> Self {
+        CoreClock {
+            epoch: Instant::now(),
+            skipped_ms: AtomicU64::new(0),
+        }
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + self.skipped_ms.load(Relaxed)
+    }
+
+    /// Moves the clock `by` ahead at once. It never goes back, so deadlines
+    /// only ever pass earlier than they would have.
+    pub fn skip(&self, by: Duration) {
+        self.skipped_ms
+            .fetch_add(u64::try_from(by.as_millis()).unwrap_or(u64::MAX), Relaxed);
+    }
+}
+
+impl Default for CoreClock {
+    fn default() -> Self {
+        Self::new()
     }
 }
 

@@ -104,6 +104,32 @@ impl TestGateway {
         self.gw().core_metrics().iter().map(|m| get(m)).sum()
     }
 
+    /// Skips the gateway's clock `by` ahead (its real timeouts pass at
+    /// once, see `GatewayHandle::skip_time`) until `cond` holds: after each
+    /// skip it waits up to a second of real time, at most `skips` times.
+    /// Skipping again is harmless to what is tested (deadlines only come
+    /// sooner); `skips` × `by` must stay below the deadlines of the
+    /// connections that must live (heartbeat: 75 s).
+    pub fn skip_time_until(
+        &self,
+        what: &str,
+        by: Duration,
+        skips: usize,
+        mut cond: impl FnMut() -> bool,
+    ) {
+        for _ in 0..skips {
+            self.gw().skip_time(by);
+            let deadline = Instant::now() + Duration::from_secs(1);
+            while Instant::now() < deadline {
+                if cond() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        panic!("{what}: not after {skips} skips of {by:?}");
+    }
+
     pub fn wait_metric(
         &self,
         what: &str,
