@@ -590,6 +590,7 @@ fn direct_info(a: &str, b: &str, last_seq: u64) -> pb::Conversation {
             })
             .collect(),
         last_seq,
+        ..Default::default()
     }
 }
 
@@ -600,6 +601,7 @@ fn group_info(group: GroupRecord, last_seq: u64) -> pb::Conversation {
         title: group.title,
         members: group.members,
         last_seq,
+        ..Default::default()
     }
 }
 
