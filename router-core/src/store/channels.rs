@@ -49,8 +49,11 @@ pub trait ChannelStore {
 
     /// The user's role in the channel, None if not a member (or no such
     /// channel). One lookup, whatever the member count.
-    fn channel_role(&mut self, conversation_id: &str, user_id: &str)
-        -> StoreResult<Option<pb::Role>>;
+    fn channel_role(
+        &mut self,
+        conversation_id: &str,
+        user_id: &str,
+    ) -> StoreResult<Option<pb::Role>>;
 
     /// Atomically: `add` join as members (members already are untouched),
     /// `promote` become admins (members, or added in this call), `remove`
