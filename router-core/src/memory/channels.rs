@@ -2,7 +2,7 @@
 //! map beside its record (pages walk it from a key), read positions in a
 //! hash map; counts kept as members come and go.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
 
 use palaver_protocol::pb;
@@ -15,6 +15,13 @@ pub(super) struct ChannelState {
     record: ChannelRecord,
     members: BTreeMap<String, pb::Role>,
     read_positions: HashMap<String, u64>,
+}
+
+/// Each user once, ascending: a user named twice counts once against
+/// max_members (and never leaves twice), and the change's lists come out
+/// ascending.
+fn distinct(users: &[String]) -> BTreeSet<&String> {
+    users.iter().collect()
 }
 
 impl ChannelStore for MemoryStore {
@@ -80,13 +87,14 @@ impl ChannelStore for MemoryStore {
         else {
             return Ok(Some(ChannelChange::default()));
         };
+        let (add, promote, remove) = (distinct(add), distinct(promote), distinct(remove));
         let joining = add
             .iter()
-            .filter(|u| !channel.members.contains_key(*u))
+            .filter(|u| !channel.members.contains_key(u.as_str()))
             .count();
         let leaving = remove
             .iter()
-            .filter(|u| channel.members.contains_key(*u))
+            .filter(|u| channel.members.contains_key(u.as_str()))
             .count();
         if channel.members.len() + joining - leaving > max_members as usize {
             return Ok(None);
@@ -114,9 +122,6 @@ impl ChannelStore for MemoryStore {
                 change.removed.push(user.clone());
             }
         }
-        change.added.sort();
-        change.promoted.sort();
-        change.removed.sort();
         // Kept as they change, never counted over the members.
         channel.record.member_count = channel.members.len() as u32;
         channel.record.admin_count =
