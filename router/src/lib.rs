@@ -29,7 +29,8 @@ pub mod redis_store;
 // `crate::logic` and so on name the one implementation in the core.
 pub use palaver_router_core::{api, bus, logic, memory, presence, runner, store};
 pub use palaver_router_core::{
-    direct_conversation_id, Addressed, Backend, BackendError, BackendHost, Clock, DeliverySink,
+    direct_conversation_id, Addressed, Backend, BackendError, BackendHost, ChannelPost, Clock,
+    DeliverySink,
     Inbound, ManualClock, MemoryStore, Outbound, Outlet, Output, PresenceVisibility, PushEvent,
     Router, RouterConfig, Session, SessionAddr, Store, SystemClock, TierLimits,
 };

@@ -85,8 +85,7 @@ pub(super) fn group(members: &[(&str, pb::Role)], last_seq: u64) -> pb::Conversa
                 role: (*r).into(),
             })
             .collect(),
-        last_seq,
-    }
+        last_seq, channel: Default::default(), member_count: Default::default(), }
 }
 
 /// The example session in SPEC.md, in order (alice on "phone", bob online).
@@ -133,8 +132,7 @@ pub(super) fn session_cases() -> Vec<Valid> {
                 kind: pb::ContentKind::Text.into(),
                 body: b"hi".to_vec(),
                 reply_to_seq: 0,
-                media: None,
-            }),
+                media: None, mention_user_ids: Default::default(), }),
         ),
         valid(
             "session-6-send-ack",
@@ -278,8 +276,7 @@ pub(super) fn valid_cases() -> Vec<Valid> {
                     mime_type: "image/jpeg".into(),
                     size_bytes: 482_113,
                     sha256: vec![0xab; 32],
-                }),
-            }),
+                }), mention_user_ids: Default::default(), }),
         ),
         valid(
             "typing-client",
@@ -419,8 +416,7 @@ pub(super) fn valid_cases() -> Vec<Valid> {
             Body::CreateConversation(pb::CreateConversation {
                 kind: pb::ConversationKind::Group.into(),
                 title: "Climbing".into(),
-                member_user_ids: vec!["bob".into(), "carol".into()],
-            }),
+                member_user_ids: vec!["bob".into(), "carol".into()], channel: Default::default(), }),
         ),
         valid(
             "create-direct",
@@ -429,8 +425,7 @@ pub(super) fn valid_cases() -> Vec<Valid> {
             Body::CreateConversation(pb::CreateConversation {
                 kind: pb::ConversationKind::Direct.into(),
                 title: String::new(),
-                member_user_ids: vec!["bob".into()],
-            }),
+                member_user_ids: vec!["bob".into()], channel: Default::default(), }),
         ),
         valid(
             "conversation-created",
