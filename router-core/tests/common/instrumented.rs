@@ -315,3 +315,44 @@ impl GatewayRegistry for Instrumented {
         self.call("deregister_gateway")?.deregister_gateway(g, now)
     }
 }
+
+impl ChannelStore for Instrumented {
+    fn create_channel(&mut self, c: &ChannelRecord, members: &[pb::Member]) -> StoreResult<bool> {
+        self.call("create_channel")?.create_channel(c, members)
+    }
+    fn channel(&mut self, c: &str) -> StoreResult<Option<ChannelRecord>> {
+        self.call("channel")?.channel(c)
+    }
+    fn channel_role(&mut self, c: &str, u: &str) -> StoreResult<Option<pb::Role>> {
+        self.call("channel_role")?.channel_role(c, u)
+    }
+    fn change_channel_members(
+        &mut self,
+        c: &str,
+        add: &[String],
+        promote: &[String],
+        remove: &[String],
+        max: u32,
+    ) -> StoreResult<Option<ChannelChange>> {
+        self.call("change_channel_members")?
+            .change_channel_members(c, add, promote, remove, max)
+    }
+    fn channel_members(
+        &mut self,
+        c: &str,
+        after: &str,
+        limit: usize,
+    ) -> StoreResult<(Vec<pb::Member>, bool)> {
+        let r = self
+            .call("channel_members")?
+            .channel_members(c, after, limit);
+        self.returned("channel_members", r, |(page, _)| page.len())
+    }
+    fn raise_read_position(&mut self, c: &str, u: &str, seq: u64) -> StoreResult<u64> {
+        self.call("raise_read_position")?
+            .raise_read_position(c, u, seq)
+    }
+    fn read_position(&mut self, c: &str, u: &str) -> StoreResult<u64> {
+        self.call("read_position")?.read_position(c, u)
+    }
+}

@@ -51,6 +51,7 @@ pub fn create_group_body(title: &str, members: &[&str]) -> Body {
         kind: pb::ConversationKind::Group as i32,
         title: title.into(),
         member_user_ids: members.iter().map(|m| m.to_string()).collect(),
+        channel: None,
     })
 }
 
