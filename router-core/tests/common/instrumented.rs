@@ -317,42 +317,69 @@ impl GatewayRegistry for Instrumented {
 }
 
 impl ChannelStore for Instrumented {
-    fn create_channel(&mut self, c: &ChannelRecord, members: &[pb::Member]) -> StoreResult<bool> {
-        self.call("create_channel")?.create_channel(c, members)
+    fn create_channel(
+        &mut self,
+        channel: &ChannelRecord,
+        members: &[pb::Member],
+    ) -> StoreResult<bool> {
+        self.call("create_channel")?
+            .create_channel(channel, members)
     }
-    fn channel(&mut self, c: &str) -> StoreResult<Option<ChannelRecord>> {
-        self.call("channel")?.channel(c)
+
+    fn channel(&mut self, conversation_id: &str) -> StoreResult<Option<ChannelRecord>> {
+        self.call("channel")?.channel(conversation_id)
     }
-    fn channel_role(&mut self, c: &str, u: &str) -> StoreResult<Option<pb::Role>> {
-        self.call("channel_role")?.channel_role(c, u)
+
+    fn channel_role(
+        &mut self,
+        conversation_id: &str,
+        user_id: &str,
+    ) -> StoreResult<Option<pb::Role>> {
+        self.call("channel_role")?
+            .channel_role(conversation_id, user_id)
     }
+
     fn change_channel_members(
         &mut self,
-        c: &str,
+        conversation_id: &str,
         add: &[String],
         promote: &[String],
         remove: &[String],
-        max: u32,
+        max_members: u32,
     ) -> StoreResult<Option<ChannelChange>> {
-        self.call("change_channel_members")?
-            .change_channel_members(c, add, promote, remove, max)
+        self.call("change_channel_members")?.change_channel_members(
+            conversation_id,
+            add,
+            promote,
+            remove,
+            max_members,
+        )
     }
+
     fn channel_members(
         &mut self,
-        c: &str,
-        after: &str,
+        conversation_id: &str,
+        after_user_id: &str,
         limit: usize,
     ) -> StoreResult<(Vec<pb::Member>, bool)> {
-        let r = self
-            .call("channel_members")?
-            .channel_members(c, after, limit);
-        self.returned("channel_members", r, |(page, _)| page.len())
+        let result =
+            self.call("channel_members")?
+                .channel_members(conversation_id, after_user_id, limit);
+        self.returned("channel_members", result, |(members, _)| members.len())
     }
-    fn raise_read_position(&mut self, c: &str, u: &str, seq: u64) -> StoreResult<u64> {
+
+    fn raise_read_position(
+        &mut self,
+        conversation_id: &str,
+        user_id: &str,
+        seq: u64,
+    ) -> StoreResult<u64> {
         self.call("raise_read_position")?
-            .raise_read_position(c, u, seq)
+            .raise_read_position(conversation_id, user_id, seq)
     }
-    fn read_position(&mut self, c: &str, u: &str) -> StoreResult<u64> {
-        self.call("read_position")?.read_position(c, u)
+
+    fn read_position(&mut self, conversation_id: &str, user_id: &str) -> StoreResult<u64> {
+        self.call("read_position")?
+            .read_position(conversation_id, user_id)
     }
 }

@@ -55,6 +55,24 @@ pub fn create_group_body(title: &str, members: &[&str]) -> Body {
     })
 }
 
+/// A CreateConversation of a channel (SPEC §21).
+pub fn create_channel_body(
+    title: &str,
+    members: &[&str],
+    public: bool,
+    admins_only_post: bool,
+) -> Body {
+    Body::CreateConversation(pb::CreateConversation {
+        kind: pb::ConversationKind::Channel as i32,
+        title: title.into(),
+        member_user_ids: members.iter().map(|m| m.to_string()).collect(),
+        channel: Some(pb::ChannelSettings {
+            public,
+            admins_only_post,
+        }),
+    })
+}
+
 pub fn ack(frame: &pb::Frame) -> Option<&pb::SendAck> {
     match &frame.body {
         Some(Body::SendAck(a)) => Some(a),
