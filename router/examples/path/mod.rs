@@ -60,6 +60,7 @@ pub fn send(conversation_id: &str, n: u64) -> Body {
         body: BODY.to_vec(),
         reply_to_seq: 0,
         media: None,
+        mention_user_ids: Vec::new(),
     })
 }
 
@@ -105,6 +106,7 @@ impl World {
                 kind: pb::ConversationKind::Group as i32,
                 title: "twenty".into(),
                 member_user_ids: self.group_members.clone(),
+                channel: None,
             }),
             received_ms: 0,
         }

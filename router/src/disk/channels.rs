@@ -109,8 +109,8 @@ impl ChannelStore for DiskStore {
     ) -> StoreResult<Option<ChannelChange>> {
         let (add, promote, remove) = (distinct(add), distinct(promote), distinct(remove));
         let id = conversation_id;
-        // Decided before anything is written: the turn's transaction is
-        // shared, so a refusal cannot be undone by rolling back.
+        // Decided before anything is written: the transaction is the whole
+        // turn's, so this call could not roll back only its own writes.
         let verdict = self.read(|txn| {
             let channels = txn.open_table(CHANNELS)?;
             let Some(row) = channels.get(id)? else {
@@ -172,8 +172,15 @@ impl ChannelStore for DiskStore {
                     change.removed.push(user.to_owned());
                 }
             }
-            member_count = member_count + change.added.len() as u32 - change.removed.len() as u32;
-            admin_count = admin_count + change.promoted.len() as u32 - admins_left;
+            // Checked: counts that do not match the members are a corrupt
+            // file, answered as such rather than wrapped or panicked on.
+            let corrupt = || DiskError::Corrupt("channels");
+            member_count = (member_count + change.added.len() as u32)
+                .checked_sub(change.removed.len() as u32)
+                .ok_or_else(corrupt)?;
+            admin_count = (admin_count + change.promoted.len() as u32)
+                .checked_sub(admins_left)
+                .ok_or_else(corrupt)?;
             channels.insert(
                 id,
                 (
