@@ -661,7 +661,10 @@ impl Config {
             ));
         }
         if l.channel_typing_per_second == 0 {
-            return Err(bad("limits.channel_typing_per_second", "must be at least 1"));
+            return Err(bad(
+                "limits.channel_typing_per_second",
+                "must be at least 1",
+            ));
         }
         if l.max_batch == 0 {
             return Err(bad("limits.max_batch", "must be > 0"));

@@ -611,7 +611,10 @@ mod tests {
             .into_iter()
             .filter(|k| k.route() == Some(Route::Read))
             .collect();
-        assert_eq!(reads, [PresenceQuery, Sync, History]);
+        assert_eq!(
+            reads,
+            [PresenceQuery, Sync, History, ListMembers, OpenChannel]
+        );
         assert!(PresenceSubscribe.served_from_store() && !Send.served_from_store());
         assert!(Send.expects_response() && !Typing.expects_response());
         assert!(!Receipt.expects_response() && !Ping.expects_response());

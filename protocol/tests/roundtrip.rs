@@ -97,7 +97,10 @@ fn conversation() -> impl Strategy<Value = pb::Conversation> {
                     .into_iter()
                     .map(|(user_id, role)| pb::Member { user_id, role })
                     .collect(),
-                last_seq, channel: Default::default(), member_count: Default::default(), },
+                last_seq,
+                channel: Default::default(),
+                member_count: Default::default(),
+            },
         )
 }
 
@@ -144,7 +147,9 @@ fn session_body() -> impl Strategy<Value = Body> {
                         max_connections_per_account: l[7],
                         max_account_sends_per_second: l[8],
                         max_account_requests_per_second: l[9],
-                        max_push_token_bytes: l[10], max_channel_members: Default::default(), }),
+                        max_push_token_bytes: l[10],
+                        max_channel_members: Default::default(),
+                    }),
                     server_time_ms: t,
                 })
             }),
@@ -185,7 +190,9 @@ fn message_body() -> impl Strategy<Value = Body> {
                         kind,
                         body,
                         reply_to_seq,
-                        media, mention_user_ids: Default::default(), })
+                        media,
+                        mention_user_ids: Default::default(),
+                    })
                 }
             ),
         (bytes(), text(), text(), any::<u64>(), any::<i64>()).prop_map(
@@ -277,7 +284,9 @@ fn other_body() -> impl Strategy<Value = Body> {
             Body::CreateConversation(pb::CreateConversation {
                 kind,
                 title,
-                member_user_ids, channel: Default::default(), })
+                member_user_ids,
+                channel: Default::default(),
+            })
         }),
         proptest::option::of(conversation()).prop_map(|conversation| {
             Body::ConversationCreated(pb::ConversationCreated { conversation })

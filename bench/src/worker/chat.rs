@@ -384,7 +384,9 @@ impl Scenario for Chat {
             let create = pb::CreateConversation {
                 kind: pb::ConversationKind::Group.into(),
                 title: format!("bench group {c}"),
-                member_user_ids: conv.members[1..].iter().map(|&m| user_id(m)).collect(), channel: Default::default(), };
+                member_user_ids: conv.members[1..].iter().map(|&m| user_id(m)).collect(),
+                channel: Default::default(),
+            };
             out.push((
                 conv.members[0],
                 palaver_protocol::frame(

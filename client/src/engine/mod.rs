@@ -116,7 +116,9 @@ impl Request {
                     ConversationKind::Unspecified => pb::ConversationKind::Unspecified,
                 } as i32,
                 title,
-                member_user_ids, channel: Default::default(), }),
+                member_user_ids,
+                channel: Default::default(),
+            }),
             Request::ChangeMembers {
                 conversation_id,
                 add,

@@ -103,7 +103,9 @@ impl Engine {
                     kind: m.kind.to_pb(),
                     body: m.body,
                     reply_to_seq: m.reply_to_seq,
-                    media: m.media.as_ref().map(Media::to_pb), mention_user_ids: Default::default(), }),
+                    media: m.media.as_ref().map(Media::to_pb),
+                    mention_user_ids: Default::default(),
+                }),
                 now,
             );
         }

@@ -48,10 +48,7 @@ impl Core {
             targets.clear();
             targets.extend_from_slice(subscribers);
             if matches!(post.frame.body, Some(Body::Typing(_)))
-                && !self
-                    .ctx
-                    .channels
-                    .typing_allowed(&channel, per_second, now)
+                && !self.ctx.channels.typing_allowed(&channel, per_second, now)
             {
                 CoreMetrics::inc(&self.ctx.metrics.channel_typing_dropped);
                 continue;
@@ -123,16 +120,25 @@ impl Ctx {
     /// `ChannelOpened` sets the connection's mode (or, with as many open
     /// as it may have, becomes QUOTA_EXCEEDED), a `MembersChanged` that
     /// removes the connection's user from a channel closes it.
-    pub(super) fn channel_answer(&mut self, slot: usize, conn: &Conn, frame: pb::Frame) -> pb::Frame {
+    pub(super) fn channel_answer(
+        &mut self,
+        slot: usize,
+        conn: &Conn,
+        frame: pb::Frame,
+    ) -> pb::Frame {
         let before = self.channels.len();
         let frame = match &frame.body {
             Some(Body::ChannelOpened(opened)) => {
-                let mode = pb::ChannelMode::try_from(opened.mode).unwrap_or(pb::ChannelMode::Closed);
+                let mode =
+                    pb::ChannelMode::try_from(opened.mode).unwrap_or(pb::ChannelMode::Closed);
                 let max = self.shared.config.limits.max_open_channels_per_connection as usize;
-                match self
-                    .channels
-                    .open(slot as u32, conn.generation, &opened.conversation_id, mode, max)
-                {
+                match self.channels.open(
+                    slot as u32,
+                    conn.generation,
+                    &opened.conversation_id,
+                    mode,
+                    max,
+                ) {
                     Opened::Set => frame,
                     Opened::Full => error_reply(
                         frame.request_id,
@@ -365,7 +371,10 @@ mod tests {
         assert!(!t.subscribers("chn:a").unwrap().1[0].live);
         assert_eq!(t.open(2, 3, "chn:a", LIVE, 2), Opened::Set);
         assert_eq!(t.len(), 3);
-        assert_eq!(t.open(1, 7, "chn:b", pb::ChannelMode::Closed, 2), Opened::Set);
+        assert_eq!(
+            t.open(1, 7, "chn:b", pb::ChannelMode::Closed, 2),
+            Opened::Set
+        );
         assert!(t.subscribers("chn:b").is_none());
         assert_eq!(t.open(1, 7, "chn:c", LIVE, 2), Opened::Set);
         t.drop_conn(1);

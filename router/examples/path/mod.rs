@@ -156,6 +156,10 @@ impl Outlet for NullOutlet {
         drop(stored);
         Ok(())
     }
+    fn broadcast(&mut self, posts: Vec<palaver_router::ChannelPost>) -> Result<(), BusError> {
+        drop(posts);
+        Ok(())
+    }
 }
 
 /// Keeps the last frames it saw (dropping the previous ones): enough to
@@ -168,6 +172,9 @@ pub struct DropSink {
 impl DeliverySink for DropSink {
     fn deliver(&self, batch: Vec<Outbound>) {
         *self.last.lock().unwrap() = batch;
+    }
+    fn deliver_channel(&self, posts: Vec<std::sync::Arc<palaver_router::ChannelPost>>) {
+        drop(posts);
     }
     // The embedded engine never loses sessions.
     fn reopen_sessions(&self) {}

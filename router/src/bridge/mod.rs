@@ -712,6 +712,7 @@ mod tests {
         fn deliver(&self, frames: Vec<Outbound>) {
             self.0.lock().expect("frames").extend(frames);
         }
+        fn deliver_channel(&self, _: Vec<Arc<crate::bus::ChannelPost>>) {}
         fn reopen_sessions(&self) {}
     }
 
