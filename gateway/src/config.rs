@@ -112,6 +112,20 @@ pub struct LimitsConfig {
     /// A repeated identical Typing within this window is dropped.
     pub typing_coalesce_ms: u32,
     pub max_group_members: u32,
+    /// Most members a channel may have (SPEC §21), announced in Welcome.
+    /// With the Kafka backend the routers' `--max-channel-members` applies.
+    pub max_channel_members: u32,
+    /// Channels one connection may have open (OpenChannel LIVE or COUNTS)
+    /// at once; one more is answered QUOTA_EXCEEDED. Bounds what a
+    /// connection makes this gateway hold and do per channel post.
+    pub max_open_channels_per_connection: u32,
+    /// How often a connection with channels open in COUNTS mode gets one
+    /// ChannelActivity with the channels that moved (batched, not a frame
+    /// per message).
+    pub channel_activity_interval_ms: u32,
+    /// Typing of one channel a core hands on per second, at most (to its
+    /// connections that have the channel LIVE); more is dropped.
+    pub channel_typing_per_second: u32,
     pub max_batch: u32,
     pub heartbeat_interval_ms: u32,
     pub handshake_timeout_ms: u32,
@@ -159,6 +173,10 @@ impl Default for LimitsConfig {
             max_account_requests_per_second: p.max_account_requests_per_second,
             typing_coalesce_ms: 2_000,
             max_group_members: p.max_group_members,
+            max_channel_members: p.max_channel_members,
+            max_open_channels_per_connection: 64,
+            channel_activity_interval_ms: 1_000,
+            channel_typing_per_second: 5,
             max_batch: p.max_batch,
             heartbeat_interval_ms: p.heartbeat_interval_ms,
             handshake_timeout_ms: 10_000,
@@ -230,6 +248,7 @@ impl LimitsConfig {
             max_account_sends_per_second: self.max_account_sends_per_second,
             max_account_requests_per_second: self.max_account_requests_per_second,
             max_group_members: self.max_group_members,
+            max_channel_members: self.max_channel_members,
             max_batch: self.max_batch,
             heartbeat_interval_ms: self.heartbeat_interval_ms,
             hello_timeout_ms: self.hello_timeout_ms,
@@ -625,6 +644,27 @@ impl Config {
         }
         if l.max_group_members < 2 {
             return Err(bad("limits.max_group_members", "must be at least 2"));
+        }
+        if l.max_channel_members < 2 {
+            return Err(bad("limits.max_channel_members", "must be at least 2"));
+        }
+        if !(1..=10_000).contains(&l.max_open_channels_per_connection) {
+            return Err(bad(
+                "limits.max_open_channels_per_connection",
+                "must be between 1 and 10000",
+            ));
+        }
+        if !(100..=60_000).contains(&l.channel_activity_interval_ms) {
+            return Err(bad(
+                "limits.channel_activity_interval_ms",
+                "must be between 100 and 60000",
+            ));
+        }
+        if l.channel_typing_per_second == 0 {
+            return Err(bad(
+                "limits.channel_typing_per_second",
+                "must be at least 1",
+            ));
         }
         if l.max_batch == 0 {
             return Err(bad("limits.max_batch", "must be > 0"));

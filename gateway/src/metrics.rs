@@ -45,14 +45,39 @@ pub struct CoreMetrics {
     pub max_conn_outbound_bytes: AtomicI64,
     pub delivery_queue_drops: AtomicU64,
     pub stale_deliveries: AtomicU64,
+    /// Channel posts this core received (SPEC §21), and those dropped
+    /// because its queue was full (its connections catch up by Sync).
+    pub channel_posts: AtomicU64,
+    pub channel_posts_dropped: AtomicU64,
+    /// A channel's Typing over its per-core rate, dropped.
+    pub channel_typing_dropped: AtomicU64,
+    /// Open channel subscriptions (LIVE or COUNTS) on this core.
+    pub channel_subscriptions: AtomicI64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     /// Encrypted bytes waiting for the socket, summed over connections.
     pub outbound_buffered_bytes: AtomicI64,
     /// Indexed by [`BodyKind::metric_index`] (0: no body).
-    pub frames_in: [AtomicU64; bodies::METRIC_SLOTS],
-    pub frames_out: [AtomicU64; bodies::METRIC_SLOTS],
+    pub frames_in: PerBody,
+    pub frames_out: PerBody,
     pub errors_sent: [AtomicU64; ERROR_CODES.len() + 1],
+}
+
+/// One counter per body kind ([`BodyKind::metric_index`]); more kinds than
+/// std derives `Default` for on an array.
+pub struct PerBody(pub [AtomicU64; bodies::METRIC_SLOTS]);
+
+impl Default for PerBody {
+    fn default() -> Self {
+        PerBody(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+impl std::ops::Deref for PerBody {
+    type Target = [AtomicU64; bodies::METRIC_SLOTS];
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl CoreMetrics {
@@ -99,7 +124,7 @@ pub fn render(
 ) -> String {
     let mut out = String::with_capacity(16 * 1024);
     let gw = gateway_id;
-    let simple: [Simple; 20] = [
+    let simple: [Simple; 24] = [
         (
             "palaver_connections",
             "gauge",
@@ -201,6 +226,30 @@ pub fn render(
             "counter",
             "Backend frames for connections that no longer exist.",
             |m| m.stale_deliveries.load(Relaxed) as i64,
+        ),
+        (
+            "palaver_channel_posts_total",
+            "counter",
+            "Channel posts received (one per channel message or Typing, per core).",
+            |m| m.channel_posts.load(Relaxed) as i64,
+        ),
+        (
+            "palaver_channel_posts_dropped_total",
+            "counter",
+            "Channel posts dropped because a core queue was full.",
+            |m| m.channel_posts_dropped.load(Relaxed) as i64,
+        ),
+        (
+            "palaver_channel_typing_dropped_total",
+            "counter",
+            "Channel Typing over the per-channel rate of a core, dropped.",
+            |m| m.channel_typing_dropped.load(Relaxed) as i64,
+        ),
+        (
+            "palaver_channel_subscriptions",
+            "gauge",
+            "Channels open (LIVE or COUNTS) on connections, summed.",
+            |m| m.channel_subscriptions.load(Relaxed),
         ),
         (
             "palaver_bytes_in_total",

@@ -49,7 +49,7 @@ pub fn request_cost(body: &Body) -> u32 {
         Body::Typing(_) => 5,
         Body::PresenceQuery(q) => 1 + q.user_ids.len() as u32 / 50,
         Body::PresenceSubscribe(s) => 1 + s.user_ids.len() as u32 / 50,
-        Body::Sync(_) | Body::History(_) => 5,
+        Body::Sync(_) | Body::History(_) | Body::ListMembers(_) => 5,
         Body::CreateConversation(_) | Body::ChangeMembers(_) => 10,
         // Stored writes a client makes rarely (SPEC §13, §20).
         Body::RegisterPushToken(_) | Body::UnregisterPushToken(_) | Body::MuteConversation(_) => 10,

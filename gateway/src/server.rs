@@ -443,6 +443,7 @@ pub fn build_backend_with_push(
             let l = &config.limits;
             let mut router = palaver_router::RouterConfig::default();
             router.max_group_members = l.max_group_members as usize;
+            router.max_channel_members = l.max_channel_members as usize;
             router.max_body_bytes = l.max_body_bytes as usize;
             router.max_batch = l.max_batch as usize;
             router.default_batch = router.default_batch.min(router.max_batch);

@@ -15,11 +15,20 @@ use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use palaver_router::api::{DeliverySink, Outbound};
+use palaver_router::ChannelPost;
 
 use crate::metrics::CoreMetrics;
 
 /// Batches a core's delivery queue holds before the sink drops (and counts).
 pub const DELIVERY_QUEUE_BATCHES: usize = 64 * 1024;
+
+/// Batches of channel posts a core's queue holds before the sink drops (and
+/// counts) them: live copies are lost, never the messages (stored; the
+/// clients' next Sync has them).
+pub const CHANNEL_QUEUE_BATCHES: usize = 4 * 1024;
+
+/// A batch of channel posts, shared by every core.
+pub type ChannelPosts = Vec<Arc<ChannelPost>>;
 
 pub fn conn_key(core: usize, slot: usize, generation: u32) -> u64 {
     ((core as u64 & 0xff) << 56) | ((slot as u64 & 0xff_ffff) << 32) | u64::from(generation)
@@ -60,6 +69,7 @@ thread_local! {
 /// A core thread's inbox.
 pub struct Mailbox {
     deliveries: Sender<Vec<Outbound>>,
+    channel_posts: Sender<ChannelPosts>,
     control: Sender<Control>,
     waker: mio::Waker,
     wake_pending: AtomicBool,
@@ -69,15 +79,18 @@ pub struct Mailbox {
 /// The receiving half, owned by the core thread.
 pub struct MailboxRx {
     pub deliveries: Receiver<Vec<Outbound>>,
+    pub channel_posts: Receiver<ChannelPosts>,
     pub control: Receiver<Control>,
 }
 
 impl Mailbox {
     pub fn new(waker: mio::Waker, metrics: Arc<CoreMetrics>) -> (Arc<Mailbox>, MailboxRx) {
         let (dtx, drx) = crossbeam_channel::bounded(DELIVERY_QUEUE_BATCHES);
+        let (ptx, prx) = crossbeam_channel::bounded(CHANNEL_QUEUE_BATCHES);
         let (ctx, crx) = crossbeam_channel::unbounded();
         let mailbox = Arc::new(Mailbox {
             deliveries: dtx,
+            channel_posts: ptx,
             control: ctx,
             waker,
             wake_pending: AtomicBool::new(false),
@@ -87,6 +100,7 @@ impl Mailbox {
             mailbox,
             MailboxRx {
                 deliveries: drx,
+                channel_posts: prx,
                 control: crx,
             },
         )
@@ -127,6 +141,19 @@ impl Mailbox {
         if self.control.send(control).is_ok() {
             self.wake();
         }
+    }
+
+    fn push_channel_posts(&self, posts: ChannelPosts) {
+        let n = posts.len() as u64;
+        match self.channel_posts.try_send(posts) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.metrics
+                    .channel_posts_dropped
+                    .fetch_add(n, Ordering::Relaxed);
+            }
+        }
+        self.nudge();
     }
 
     fn push(&self, batch: Vec<Outbound>) {
@@ -178,6 +205,13 @@ impl DeliverySink for GatewaySink {
             if !part.is_empty() {
                 mb.push(part);
             }
+        }
+    }
+
+    fn deliver_channel(&self, posts: ChannelPosts) {
+        // Every core: any may hold a connection with the channel open.
+        for mb in &self.mailboxes {
+            mb.push_channel_posts(posts.clone());
         }
     }
 

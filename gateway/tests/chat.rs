@@ -227,3 +227,51 @@ fn two_gateways_share_one_port() {
         "the kernel spreads connections over both gateways"
     );
 }
+
+/// The shared channel suite (`palaver_testkit::channels`, also run through
+/// Kafka and Redis by the router's `tests/e2e_kafka_redis.rs`).
+#[test]
+fn channels_fan_out_on_read() {
+    let t = start(|_| {});
+    palaver_testkit::channels::run_all(&t);
+}
+
+/// A connection has at most `max_open_channels_per_connection` channels
+/// open; changing a mode or closing one frees nothing or a place.
+#[test]
+fn a_connection_opens_at_most_its_share_of_channels() {
+    use palaver_testkit::channels::{create_channel, open_channel};
+    let t = start(|c| c.limits.max_open_channels_per_connection = 2);
+    let mut alice = t.login("alice", "phone");
+    let settings = pb::ChannelSettings::default();
+    let channels: Vec<String> = (0..3)
+        .map(|_| create_channel(&mut alice, &[], settings, T))
+        .collect();
+    open_channel(&mut alice, &channels[0], pb::ChannelMode::Live, T).unwrap();
+    open_channel(&mut alice, &channels[1], pb::ChannelMode::Counts, T).unwrap();
+    let refused = open_channel(&mut alice, &channels[2], pb::ChannelMode::Live, T).unwrap_err();
+    assert_eq!(refused.code, pb::ErrorCode::QuotaExceeded as u32);
+    assert!(refused.message.contains("max_open_channels_per_connection"));
+    // A mode change is no new one; closing one makes room.
+    open_channel(&mut alice, &channels[1], pb::ChannelMode::Live, T).unwrap();
+    open_channel(&mut alice, &channels[0], pb::ChannelMode::Closed, T).unwrap();
+    open_channel(&mut alice, &channels[2], pb::ChannelMode::Live, T).unwrap();
+    let open = t.wait_metric(
+        "two channels open",
+        |m| {
+            m.channel_subscriptions
+                .load(std::sync::atomic::Ordering::Relaxed)
+        },
+        |n| n == 2,
+    );
+    assert_eq!(open, 2);
+    drop(alice);
+    t.wait_metric(
+        "the closed connection's channels gone",
+        |m| {
+            m.channel_subscriptions
+                .load(std::sync::atomic::Ordering::Relaxed)
+        },
+        |n| n == 0,
+    );
+}

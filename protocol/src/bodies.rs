@@ -50,6 +50,11 @@ pub enum BodyKind {
     PushTokenUnregistered,
     MuteConversation,
     ConversationMuted,
+    ListMembers,
+    MemberPage,
+    OpenChannel,
+    ChannelOpened,
+    ChannelActivity,
 }
 
 /// Who sends a body.
@@ -152,7 +157,7 @@ pub const NO_BODY_NAME: &str = "none";
 
 impl BodyKind {
     /// Every kind, in schema (and metric index) order.
-    pub const ALL: [BodyKind; 30] = [
+    pub const ALL: [BodyKind; 35] = [
         BodyKind::Hello,
         BodyKind::Welcome,
         BodyKind::Ping,
@@ -183,6 +188,11 @@ impl BodyKind {
         BodyKind::PushTokenUnregistered,
         BodyKind::MuteConversation,
         BodyKind::ConversationMuted,
+        BodyKind::ListMembers,
+        BodyKind::MemberPage,
+        BodyKind::OpenChannel,
+        BodyKind::ChannelOpened,
+        BodyKind::ChannelActivity,
     ];
 
     /// The kind of a body.
@@ -218,6 +228,11 @@ impl BodyKind {
             Body::PushTokenUnregistered(_) => BodyKind::PushTokenUnregistered,
             Body::MuteConversation(_) => BodyKind::MuteConversation,
             Body::ConversationMuted(_) => BodyKind::ConversationMuted,
+            Body::ListMembers(_) => BodyKind::ListMembers,
+            Body::MemberPage(_) => BodyKind::MemberPage,
+            Body::OpenChannel(_) => BodyKind::OpenChannel,
+            Body::ChannelOpened(_) => BodyKind::ChannelOpened,
+            Body::ChannelActivity(_) => BodyKind::ChannelActivity,
         }
     }
 
@@ -259,6 +274,11 @@ impl BodyKind {
             BodyKind::PushTokenUnregistered => const { &row("push_token_unregistered", "PushTokenUnregistered", 63, S2C, None, None, Always) },
             BodyKind::MuteConversation => const { &row("mute_conversation", "MuteConversation", 64, C2S, Some(Write), Some(BodyKind::ConversationMuted), NO) },
             BodyKind::ConversationMuted => const { &row("conversation_muted", "ConversationMuted", 65, S2C, None, None, Always) },
+            BodyKind::ListMembers => const { &row("list_members", "ListMembers", 70, C2S, Some(Read), Some(BodyKind::MemberPage), NO) },
+            BodyKind::MemberPage => const { &row("member_page", "MemberPage", 71, S2C, None, None, Always) },
+            BodyKind::OpenChannel => const { &row("open_channel", "OpenChannel", 72, C2S, Some(Read), Some(BodyKind::ChannelOpened), NO) },
+            BodyKind::ChannelOpened => const { &row("channel_opened", "ChannelOpened", 73, S2C, None, None, Always) },
+            BodyKind::ChannelActivity => const { &row("channel_activity", "ChannelActivity", 74, S2C, None, None, NO) },
         }
     }
 
@@ -295,6 +315,11 @@ impl BodyKind {
             BodyKind::PushTokenUnregistered => Body::PushTokenUnregistered(Default::default()),
             BodyKind::MuteConversation => Body::MuteConversation(Default::default()),
             BodyKind::ConversationMuted => Body::ConversationMuted(Default::default()),
+            BodyKind::ListMembers => Body::ListMembers(Default::default()),
+            BodyKind::MemberPage => Body::MemberPage(Default::default()),
+            BodyKind::OpenChannel => Body::OpenChannel(Default::default()),
+            BodyKind::ChannelOpened => Body::ChannelOpened(Default::default()),
+            BodyKind::ChannelActivity => Body::ChannelActivity(Default::default()),
         }
     }
 
@@ -308,7 +333,7 @@ impl BodyKind {
         self.info().message
     }
 
-    /// Dense index for per-kind counters, 1..=30 (0: no body).
+    /// Dense index for per-kind counters, 1..=35 (0: no body).
     pub const fn metric_index(self) -> usize {
         self as usize
     }
@@ -384,6 +409,8 @@ pub fn conversation_of(body: &Body) -> Option<&str> {
         Body::History(b) => Some(&b.conversation_id),
         Body::ChangeMembers(b) => Some(&b.conversation_id),
         Body::MuteConversation(b) => Some(&b.conversation_id),
+        Body::ListMembers(b) => Some(&b.conversation_id),
+        Body::OpenChannel(b) => Some(&b.conversation_id),
         Body::Hello(_)
         | Body::Welcome(_)
         | Body::Ping(_)
@@ -407,7 +434,10 @@ pub fn conversation_of(body: &Body) -> Option<&str> {
         | Body::PushTokenRegistered(_)
         | Body::UnregisterPushToken(_)
         | Body::PushTokenUnregistered(_)
-        | Body::ConversationMuted(_) => None,
+        | Body::ConversationMuted(_)
+        | Body::MemberPage(_)
+        | Body::ChannelOpened(_)
+        | Body::ChannelActivity(_) => None,
     }
 }
 
@@ -581,7 +611,10 @@ mod tests {
             .into_iter()
             .filter(|k| k.route() == Some(Route::Read))
             .collect();
-        assert_eq!(reads, [PresenceQuery, Sync, History]);
+        assert_eq!(
+            reads,
+            [PresenceQuery, Sync, History, ListMembers, OpenChannel]
+        );
         assert!(PresenceSubscribe.served_from_store() && !Send.served_from_store());
         assert!(Send.expects_response() && !Typing.expects_response());
         assert!(!Receipt.expects_response() && !Ping.expects_response());

@@ -135,6 +135,8 @@ pub fn body_name(body: &pb::frame::Body) -> &'static str {
 pub const DIRECT_PREFIX: &str = "dm:";
 /// Prefix of group conversation ids (the rest is opaque, assigned by the server).
 pub const GROUP_PREFIX: &str = "grp:";
+/// Prefix of channel ids (`chn:<opaque>`, assigned at creation, SPEC §21).
+pub const CHANNEL_PREFIX: &str = "chn:";
 /// Longest user id, device id, or opaque part of a group id.
 pub const MAX_ID_LEN: usize = 64;
 
@@ -171,9 +173,14 @@ pub fn is_group_id(id: &str) -> bool {
     id.strip_prefix(GROUP_PREFIX).is_some_and(is_valid_id)
 }
 
-/// True for any well-formed conversation id (direct or group).
+/// True for `chn:<opaque>` where the opaque part obeys the id syntax.
+pub fn is_channel_id(id: &str) -> bool {
+    id.strip_prefix(CHANNEL_PREFIX).is_some_and(is_valid_id)
+}
+
+/// True for any well-formed conversation id (direct, group or channel).
 pub fn is_valid_conversation_id(id: &str) -> bool {
-    parse_direct(id).is_some() || is_group_id(id)
+    parse_direct(id).is_some() || is_group_id(id) || is_channel_id(id)
 }
 
 #[cfg(test)]

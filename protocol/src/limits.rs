@@ -31,6 +31,8 @@ pub struct Limits {
     pub max_account_requests_per_second: u32,
     /// Most members a group may have, creator included.
     pub max_group_members: u32,
+    /// Most members a channel may have (SPEC §21); 0: channels not served.
+    pub max_channel_members: u32,
     /// Largest `limit` honoured by Sync / History.
     pub max_batch: u32,
     /// Page size used when Sync / History say `limit = 0`.
@@ -53,6 +55,7 @@ impl Default for Limits {
             max_account_sends_per_second: 100,
             max_account_requests_per_second: 200,
             max_group_members: 1000,
+            max_channel_members: 100_000,
             max_batch: 500,
             default_batch: 100,
             heartbeat_interval_ms: 30_000,
@@ -83,6 +86,7 @@ impl Limits {
             max_account_requests_per_second: self.max_account_requests_per_second,
             // Announces the push requests (SPEC §20); the bound is fixed.
             max_push_token_bytes: crate::push::MAX_PUSH_TOKEN_BYTES as u32,
+            max_channel_members: self.max_channel_members,
         }
     }
 }
@@ -116,6 +120,7 @@ mod tests {
         assert_eq!(p.max_requests_per_second, 100);
         assert_eq!(p.max_requests_in_flight, 64);
         assert_eq!(p.max_push_token_bytes, 1024);
+        assert_eq!(p.max_channel_members, 100_000);
         assert_eq!(heartbeat_timeout_ms(15_000), 37_500);
     }
 }

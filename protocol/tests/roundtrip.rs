@@ -98,6 +98,8 @@ fn conversation() -> impl Strategy<Value = pb::Conversation> {
                     .map(|(user_id, role)| pb::Member { user_id, role })
                     .collect(),
                 last_seq,
+                channel: Default::default(),
+                member_count: Default::default(),
             },
         )
 }
@@ -146,6 +148,7 @@ fn session_body() -> impl Strategy<Value = Body> {
                         max_account_sends_per_second: l[8],
                         max_account_requests_per_second: l[9],
                         max_push_token_bytes: l[10],
+                        max_channel_members: Default::default(),
                     }),
                     server_time_ms: t,
                 })
@@ -188,6 +191,7 @@ fn message_body() -> impl Strategy<Value = Body> {
                         body,
                         reply_to_seq,
                         media,
+                        mention_user_ids: Default::default(),
                     })
                 }
             ),
@@ -281,6 +285,7 @@ fn other_body() -> impl Strategy<Value = Body> {
                 kind,
                 title,
                 member_user_ids,
+                channel: Default::default(),
             })
         }),
         proptest::option::of(conversation()).prop_map(|conversation| {

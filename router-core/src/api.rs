@@ -83,6 +83,11 @@ impl Outbound {
 pub trait DeliverySink: Send + Sync + 'static {
     fn deliver(&self, batch: Vec<Outbound>);
 
+    /// Channel posts for this gateway's connections that have the channel
+    /// open (every gateway gets every post, SPEC §21); shared, so a gateway
+    /// hands one copy to all its core threads.
+    fn deliver_channel(&self, posts: Vec<Arc<crate::bus::ChannelPost>>);
+
     /// The backend lost this gateway's sessions: the gateway was taken for
     /// dead (its lease ran out while it stalled) and another gateway reaped
     /// it. The gateway calls [`Backend::session_reopened`] for every session

@@ -53,11 +53,29 @@ pub struct PushEvent {
     pub online_device_ids: Vec<String>,
 }
 
+/// A channel's message or Typing, stored once and published once (SPEC
+/// §21): every gateway hands it to its own connections that have the
+/// channel open (LIVE: the frame; COUNTS: the last seq, batched). The router
+/// looks up no member and no session for it, whatever the member count.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChannelPost {
+    pub conversation_id: String,
+    /// A Deliver or a Typing (request_id 0).
+    pub frame: pb::Frame,
+    /// The channel's last seq after this message; 0 for a Typing (no count
+    /// moves).
+    pub last_seq: u64,
+    /// The connection it came from: it has its SendAck and gets no copy.
+    pub from: Option<SessionAddr>,
+}
+
 /// Everything the router produced for one or more requests, in order.
 #[derive(Debug, Default)]
 pub struct Output {
     pub frames: Vec<Addressed>,
     pub pushes: Vec<PushEvent>,
+    /// For every gateway (channels, SPEC §21).
+    pub channel_posts: Vec<ChannelPost>,
     /// Messages stored by these requests, for the archive (only with
     /// `RouterConfig::archive_stream`): each carries its conversation id
     /// and seq.
@@ -66,7 +84,10 @@ pub struct Output {
 
 impl Output {
     pub fn is_empty(&self) -> bool {
-        self.frames.is_empty() && self.pushes.is_empty() && self.stored.is_empty()
+        self.frames.is_empty()
+            && self.pushes.is_empty()
+            && self.channel_posts.is_empty()
+            && self.stored.is_empty()
     }
 
     /// Hand everything to `outlet`: the push events first (so whoever sees
@@ -85,6 +106,12 @@ impl Output {
         if !self.pushes.is_empty() {
             let pushes = std::mem::take(&mut self.pushes);
             if let Err(e) = outlet.push(pushes) {
+                result = Err(e);
+            }
+        }
+        if !self.channel_posts.is_empty() {
+            let posts = std::mem::take(&mut self.channel_posts);
+            if let Err(e) = outlet.broadcast(posts) {
                 result = Err(e);
             }
         }
@@ -165,6 +192,8 @@ pub trait Outlet {
     fn push(&mut self, events: Vec<PushEvent>) -> Result<(), BusError>;
     /// Messages just stored, for the archiver.
     fn archive(&mut self, stored: Vec<pb::Message>) -> Result<(), BusError>;
+    /// Channel posts, for every gateway (SPEC §21).
+    fn broadcast(&mut self, posts: Vec<ChannelPost>) -> Result<(), BusError>;
 }
 
 #[cfg(test)]

@@ -21,12 +21,26 @@ use crate::api::Inbound;
 
 /// Derives a group id from the request that creates it (see the module doc).
 pub(crate) fn group_id_for(req: &Inbound) -> String {
+    conversation_id_for(req, palaver_protocol::GROUP_PREFIX, "palaver group id v1")
+}
+
+/// Derives a channel id (SPEC §21) the same way, with `chn:` and the label
+/// `palaver channel id v1`.
+pub(crate) fn channel_id_for(req: &Inbound) -> String {
+    conversation_id_for(
+        req,
+        palaver_protocol::CHANNEL_PREFIX,
+        "palaver channel id v1",
+    )
+}
+
+fn conversation_id_for(req: &Inbound, prefix: &str, label: &str) -> String {
     fn put_str(h: &mut Sha256, s: &str) {
         h.update((s.len() as u64).to_be_bytes());
         h.update(s.as_bytes());
     }
     let mut h = Sha256::new();
-    put_str(&mut h, "palaver group id v1");
+    put_str(&mut h, label);
     put_str(&mut h, &req.from.user_id);
     put_str(&mut h, &req.from.device_id);
     put_str(&mut h, &req.from.addr.gateway_id);
@@ -34,8 +48,8 @@ pub(crate) fn group_id_for(req: &Inbound) -> String {
     h.update(req.request_id.to_be_bytes());
     h.update(req.received_ms.to_be_bytes());
     let digest = h.finalize();
-    let mut id = String::with_capacity(palaver_protocol::GROUP_PREFIX.len() + 32);
-    id.push_str(palaver_protocol::GROUP_PREFIX);
+    let mut id = String::with_capacity(prefix.len() + 32);
+    id.push_str(prefix);
     for byte in &digest[..16] {
         id.push_str(&format!("{byte:02x}"));
     }

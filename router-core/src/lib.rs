@@ -29,7 +29,7 @@ pub use api::{
     Backend, BackendError, BackendHost, DeliverySink, Inbound, Outbound, Session, SessionAddr,
     TierLimits,
 };
-pub use bus::{Addressed, Outlet, Output, PushEvent};
+pub use bus::{Addressed, ChannelPost, Outlet, Output, PushEvent};
 pub use logic::{Clock, ManualClock, PresenceVisibility, Router, RouterConfig, SystemClock};
 pub use memory::MemoryStore;
 pub use palaver_protocol::direct_conversation_id;

@@ -103,6 +103,7 @@ pub fn run<S: Store>(
             // request-by-request pass finds the request and answers it.
             out.frames.truncate(progress.frames);
             out.pushes.truncate(progress.pushes);
+            out.channel_posts.truncate(progress.channel_posts);
             retry.after_panic(router.store_mut());
         }
     }
@@ -127,7 +128,7 @@ fn run_one<S: Store>(
 ) -> Option<(Failure, u32)> {
     let mut attempt = 1;
     loop {
-        let (frames, pushes) = (out.frames.len(), out.pushes.len());
+        let (frames, pushes, posts) = (out.frames.len(), out.pushes.len(), out.channel_posts.len());
         match catch_unwind(AssertUnwindSafe(|| router.handle(request, out))) {
             Ok(Ok(())) => return None,
             Ok(Err(e)) => {
@@ -141,6 +142,7 @@ fn run_one<S: Store>(
             Err(panic) => {
                 out.frames.truncate(frames);
                 out.pushes.truncate(pushes);
+                out.channel_posts.truncate(posts);
                 let message = panic_message(&*panic);
                 tracing::error!(
                     user = %request.from.user_id,

@@ -333,6 +333,8 @@ fn busy_user(h: &mut Harness, user: &str, n: u32, groups: u32) {
     }
 }
 
+#[path = "router_logic/channels.rs"]
+mod channels;
 #[path = "router_logic/conversations.rs"]
 mod conversations;
 #[path = "router_logic/messages.rs"]

@@ -27,7 +27,7 @@ use crossbeam_channel::{Receiver, Sender};
 use palaver_protocol::pb;
 
 use crate::api::{Backend, BackendError, BackendHost, DeliverySink, Inbound, Outbound, Session};
-use crate::bus::{group_by_gateway, Output, PushEvent};
+use crate::bus::{group_by_gateway, ChannelPost, Output, PushEvent};
 use crate::disk::DiskStore;
 use crate::logic::{Clock, Router, RouterConfig, SystemClock};
 use crate::memory::MemoryStore;
@@ -597,14 +597,16 @@ struct EmbeddedOutlet {
 }
 
 impl EmbeddedOutlet {
-    /// Hands `out` to the sinks: the push events first, then the frames,
-    /// one `deliver` call per gateway, in order per connection (what
-    /// `Output::flush` does, without a map or a lock per flush).
+    /// Hands `out` to the sinks: the push events first, then the channel
+    /// posts (to every gateway: each hands them to its connections that
+    /// have the channel open, SPEC §21), then the frames, one `deliver`
+    /// call per gateway, in order per connection (what `Output::flush`
+    /// does, without a map or a lock per flush).
     fn flush(&mut self, out: &mut Output) {
         if !out.pushes.is_empty() {
             self.push_sink.push(std::mem::take(&mut out.pushes));
         }
-        if out.frames.is_empty() {
+        if out.frames.is_empty() && out.channel_posts.is_empty() {
             return;
         }
         let version = self.sinks.version.load(Ordering::Acquire);
@@ -612,6 +614,12 @@ impl EmbeddedOutlet {
             let map = self.sinks.map.read().unwrap_or_else(|e| e.into_inner());
             self.attached = map.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
             self.seen_version = version;
+        }
+        if !out.channel_posts.is_empty() {
+            let posts: Vec<Arc<ChannelPost>> = out.channel_posts.drain(..).map(Arc::new).collect();
+            for (_, sink) in &self.attached {
+                sink.deliver_channel(posts.clone());
+            }
         }
         group_by_gateway(&mut out.frames, &mut self.batches);
         for (gateway_id, frames) in self.batches.drain(..) {
@@ -692,6 +700,7 @@ impl<S: EngineStore> Worker<S> {
         );
         self.out.frames.clear();
         self.out.pushes.clear();
+        self.out.channel_posts.clear();
         for request in &self.requests {
             self.out
                 .frames

@@ -29,9 +29,9 @@ pub mod redis_store;
 // `crate::logic` and so on name the one implementation in the core.
 pub use palaver_router_core::{api, bus, logic, memory, presence, runner, store};
 pub use palaver_router_core::{
-    direct_conversation_id, Addressed, Backend, BackendError, BackendHost, Clock, DeliverySink,
-    Inbound, ManualClock, MemoryStore, Outbound, Outlet, Output, PresenceVisibility, PushEvent,
-    Router, RouterConfig, Session, SessionAddr, Store, SystemClock, TierLimits,
+    direct_conversation_id, Addressed, Backend, BackendError, BackendHost, ChannelPost, Clock,
+    DeliverySink, Inbound, ManualClock, MemoryStore, Outbound, Outlet, Output, PresenceVisibility,
+    PushEvent, Router, RouterConfig, Session, SessionAddr, Store, SystemClock, TierLimits,
 };
 
 pub use embedded::{EmbeddedConfig, EmbeddedEngine, LoggingPushSink, PushFeedback, PushSink};

@@ -28,6 +28,8 @@ impl DeliverySink for Frames {
         self.frames.lock().unwrap().extend(batch);
         self.arrived.notify_all();
     }
+    // Channels through the cluster: router/tests/e2e_kafka_redis.rs.
+    fn deliver_channel(&self, _posts: Vec<std::sync::Arc<palaver_router::ChannelPost>>) {}
     // This bridge is never reaped (it opens no sessions).
     fn reopen_sessions(&self) {}
 }

@@ -2,7 +2,8 @@
 //! (tests/contract), then what only a store on disk has to show: a commit
 //! survives closing and reopening, an uncommitted turn is gone and reuses
 //! no seq anyone was told, history is unbounded (50,000 messages paged back
-//! to seq 1), retention, and a clear error for a file in use.
+//! to seq 1), retention, a clear error for a file in use, and channels
+//! kept across a reopen.
 // A test or an example: a failed unwrap is a failed run (the
 // workspace's unwrap_used floor is for the product's code).
 #![allow(clippy::unwrap_used)]
@@ -12,8 +13,8 @@ use std::sync::Arc;
 use palaver_protocol::pb;
 use palaver_router::disk::{DiskConfig, DiskStore};
 use palaver_router::store::{
-    Appended, ConversationStore, GroupAdds, GroupRecord, Membership, QuotaCharge, QuotaOwner,
-    RangeRead, SessionChange, SessionStore, UserStore,
+    Appended, ChannelRecord, ChannelStore, ConversationStore, GroupAdds, GroupRecord, Membership,
+    QuotaCharge, QuotaOwner, RangeRead, SessionChange, SessionStore, UserStore,
 };
 use palaver_router::ManualClock;
 use palaver_testkit::stack::WorkDir;
@@ -367,4 +368,60 @@ fn an_open_session_clears_the_push_marks_on_disk() {
         vec![true, false],
         "bob's mark was cleared by his session, carol's stays"
     );
+}
+
+/// A channel is on disk after a commit: record, counts, members, roles and
+/// read positions survive a reopen; a change in a turn that never
+/// committed is gone with it, counts included.
+#[test]
+fn a_channel_survives_reopening_and_an_uncommitted_change_is_gone() {
+    let (keep, mut s) = fresh();
+    let channel = ChannelRecord {
+        conversation_id: "chn:1".into(),
+        title: "news".into(),
+        settings: pb::ChannelSettings {
+            public: true,
+            admins_only_post: false,
+        },
+        created_ms: 9,
+        member_count: 0,
+        admin_count: 0,
+    };
+    let members: Vec<pb::Member> = (0..1200)
+        .map(|i| pb::Member {
+            user_id: format!("u{i}"),
+            role: if i == 0 {
+                pb::Role::Admin
+            } else {
+                pb::Role::Member
+            } as i32,
+        })
+        .collect();
+    assert!(s.create_channel(&channel, &members).unwrap());
+    assert_eq!(s.raise_read_position("chn:1", "u5", 42).unwrap(), 42);
+    s.commit().unwrap();
+    // Next turn, not committed: a removal and a position.
+    s.change_channel_members("chn:1", &[], &[], &["u5".into()], 10_000)
+        .unwrap()
+        .unwrap();
+    s.raise_read_position("chn:1", "u6", 7).unwrap();
+    drop(s);
+    let mut s = reopen(&keep.0);
+    let stored = s.channel("chn:1").unwrap().unwrap();
+    assert_eq!((stored.member_count, stored.admin_count), (1200, 1));
+    assert_eq!(stored.settings, channel.settings);
+    assert_eq!(
+        s.channel_role("chn:1", "u0").unwrap(),
+        Some(pb::Role::Admin)
+    );
+    assert_eq!(
+        s.channel_role("chn:1", "u5").unwrap(),
+        Some(pb::Role::Member)
+    );
+    assert_eq!(s.read_position("chn:1", "u5").unwrap(), 42);
+    assert_eq!(s.read_position("chn:1", "u6").unwrap(), 0);
+    let (page, more) = s.channel_members("chn:1", "u0", 1000).unwrap();
+    assert_eq!(page.len(), 1000);
+    assert_eq!(page[0].user_id, "u1");
+    assert!(more, "199 more after");
 }

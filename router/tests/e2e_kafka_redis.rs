@@ -41,6 +41,17 @@ fn chat_across_gateways_redis_cluster() {
     chat_checks(true);
 }
 
+/// The shared channel suite (`palaver_testkit::channels`, also run on the
+/// embedded engine by the gateway's `tests/chat.rs`) across two gateways:
+/// one post per message through `palaver.channels`, read by both.
+#[test]
+fn channels_across_gateways() {
+    let mut s = Stack::start(false, 1);
+    s.add_gateway("gw1");
+    s.add_gateway("gw2");
+    palaver_testkit::channels::run_all(&s);
+}
+
 /// A registered phone goes offline → push event on palaver.push →
 /// reconnect with resume → sync with no gap.
 #[test]

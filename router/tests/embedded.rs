@@ -70,6 +70,8 @@ impl DeliverySink for CollectSink {
     fn deliver(&self, batch: Vec<Outbound>) {
         self.add(batch);
     }
+    // Channels are tested through the gateway (gateway/tests/channels.rs).
+    fn deliver_channel(&self, _posts: Vec<std::sync::Arc<palaver_router::ChannelPost>>) {}
     // The embedded engine never loses sessions.
     fn reopen_sessions(&self) {}
 }

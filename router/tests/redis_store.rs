@@ -48,6 +48,12 @@ fn all_checks(config: RedisConfig) {
     );
     push_context_for_the_worker(RedisStore::connect(config.clone()).unwrap());
     the_history_epoch_is_announced_and_stable(RedisStore::connect(config.clone()).unwrap());
+    channels_are_created_once_with_their_counts(RedisStore::connect(config.clone()).unwrap());
+    channel_member_changes_keep_their_counts(RedisStore::connect(config.clone()).unwrap());
+    channel_members_page_in_order(RedisStore::connect(config.clone()).unwrap());
+    a_large_channel_pages_without_gaps(RedisStore::connect(config.clone()).unwrap());
+    channel_read_positions_rise_only(RedisStore::connect(config.clone()).unwrap());
+    calls_on_a_missing_channel_change_nothing(RedisStore::connect(config.clone()).unwrap());
     sessions_and_registry(
         RedisStore::connect(config.clone()).unwrap(),
         wait_for_lease_expiry,
@@ -217,6 +223,7 @@ fn router_over_redis(store: RedisStore) {
                 kind: pb::ConversationKind::Group as i32,
                 title: "big".into(),
                 member_user_ids: (1..300).map(|i| format!("r{i}")).collect(),
+                channel: None,
             })),
             &mut out,
         )
@@ -580,6 +587,7 @@ fn consent_before_reach_over_redis() {
             kind: kind as i32,
             title: String::new(),
             member_user_ids: members.iter().map(|s| s.to_string()).collect(),
+            channel: None,
         })
     };
     let victim = session("victim01", "phone", "gX", 1);

@@ -352,6 +352,7 @@ impl Client {
             kind: pb::ConversationKind::Group as i32,
             title: title.into(),
             member_user_ids: members.iter().map(|m| m.to_string()).collect(),
+            channel: None,
         }))?;
         let f = self.recv_until(timeout, "ConversationCreated", |f| f.request_id == id)?;
         match f.body {
@@ -444,5 +445,6 @@ pub fn text_send(conversation_id: &str, text: &str) -> Body {
         body: text.as_bytes().to_vec(),
         reply_to_seq: 0,
         media: None,
+        mention_user_ids: Vec::new(),
     })
 }

@@ -9,6 +9,7 @@
 
 // The only unsafe code: libc::kill in stack.rs, allowed there.
 
+pub mod channels;
 pub mod chat;
 pub mod client;
 pub mod proc_stat;

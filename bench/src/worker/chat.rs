@@ -385,6 +385,7 @@ impl Scenario for Chat {
                 kind: pb::ConversationKind::Group.into(),
                 title: format!("bench group {c}"),
                 member_user_ids: conv.members[1..].iter().map(|&m| user_id(m)).collect(),
+                channel: Default::default(),
             };
             out.push((
                 conv.members[0],

@@ -117,6 +117,7 @@ impl Request {
                 } as i32,
                 title,
                 member_user_ids,
+                channel: Default::default(),
             }),
             Request::ChangeMembers {
                 conversation_id,
@@ -710,7 +711,14 @@ impl Engine {
             | Body::ChangeMembers(_)
             | Body::RegisterPushToken(_)
             | Body::UnregisterPushToken(_)
-            | Body::MuteConversation(_) => {}
+            | Body::MuteConversation(_)
+            | Body::ListMembers(_)
+            | Body::OpenChannel(_) => {}
+            // Channels (SPEC §21) are not in the SDK's API yet: it sends no
+            // ListMembers or OpenChannel, so their answers and a channel's
+            // activity only come to a connection that asked. A channel's
+            // messages reach the SDK through Sync like any conversation's.
+            Body::MemberPage(_) | Body::ChannelOpened(_) | Body::ChannelActivity(_) => {}
             Body::PushTokenRegistered(r) => {
                 if let Some(InFlight::Ticket(ticket, _)) = self.in_flight.remove(&rid) {
                     self.event(ClientEvent::PushTokenRegistered {

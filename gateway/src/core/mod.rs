@@ -33,6 +33,7 @@
 //! `slow_consumer_timeout_ms`. A connection therefore holds at most
 //! `max_outbound_bytes` + one read round's replies (or one backend frame).
 
+mod channels;
 mod effects;
 mod ids;
 mod input;
@@ -219,6 +220,8 @@ struct Ctx {
     /// out at once (`effects.rs`); the spare takes those that lead to more.
     effects: Effects,
     effects_spare: Effects,
+    /// The channels this core's connections have open (`channels.rs`).
+    channels: channels::ChannelTable,
 }
 
 /// What [`Ctx::deliver_one`] keeps across one run of frames for a
@@ -299,6 +302,7 @@ impl Core {
             run: Run::default(),
             effects: Vec::new(),
             effects_spare: Vec::new(),
+            channels: channels::ChannelTable::default(),
         };
         Ok(Core {
             ctx,
@@ -605,6 +609,9 @@ impl Core {
         while let Ok(batch) = self.rx.deliveries.try_recv() {
             self.deliver(batch);
         }
+        while let Ok(posts) = self.rx.channel_posts.try_recv() {
+            self.deliver_channel_posts(posts);
+        }
     }
 
     fn deliver(&mut self, batch: Vec<Outbound>) {
@@ -620,8 +627,9 @@ impl Core {
                 match self.conns.get_mut(slot) {
                     Some(conn) if live => {
                         let closes = o.closes_connection();
+                        let frame = self.ctx.channel_answer(slot, conn, o.frame);
                         self.ctx
-                            .deliver_one(slot, conn, o.frame, closes, o.answers_request);
+                            .deliver_one(slot, conn, frame, closes, o.answers_request);
                     }
                     _ => CoreMetrics::inc(&self.ctx.metrics.stale_deliveries),
                 }
@@ -734,6 +742,7 @@ impl Core {
     fn close(&mut self, slot: usize) {
         let mut conn = self.conns.remove(slot);
         let ctx = &mut self.ctx;
+        ctx.close_channels(slot);
         ctx.end_session(slot, &mut conn);
         if conn.policy.is_handshaking() {
             CoreMetrics::inc(&ctx.metrics.handshakes_failed);

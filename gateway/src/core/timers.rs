@@ -49,6 +49,7 @@ impl Core {
             }
         }
         self.ctx.scratch.fired = fired;
+        self.flush_channel_counts();
     }
 }
 

@@ -86,6 +86,8 @@ pub(super) fn group(members: &[(&str, pb::Role)], last_seq: u64) -> pb::Conversa
             })
             .collect(),
         last_seq,
+        channel: Default::default(),
+        member_count: Default::default(),
     }
 }
 
@@ -134,6 +136,7 @@ pub(super) fn session_cases() -> Vec<Valid> {
                 body: b"hi".to_vec(),
                 reply_to_seq: 0,
                 media: None,
+                mention_user_ids: Default::default(),
             }),
         ),
         valid(
@@ -278,8 +281,7 @@ pub(super) fn valid_cases() -> Vec<Valid> {
                     mime_type: "image/jpeg".into(),
                     size_bytes: 482_113,
                     sha256: vec![0xab; 32],
-                }),
-            }),
+                }), mention_user_ids: Default::default(), }),
         ),
         valid(
             "typing-client",
@@ -419,8 +421,7 @@ pub(super) fn valid_cases() -> Vec<Valid> {
             Body::CreateConversation(pb::CreateConversation {
                 kind: pb::ConversationKind::Group.into(),
                 title: "Climbing".into(),
-                member_user_ids: vec!["bob".into(), "carol".into()],
-            }),
+                member_user_ids: vec!["bob".into(), "carol".into()], channel: Default::default(), }),
         ),
         valid(
             "create-direct",
@@ -429,8 +430,7 @@ pub(super) fn valid_cases() -> Vec<Valid> {
             Body::CreateConversation(pb::CreateConversation {
                 kind: pb::ConversationKind::Direct.into(),
                 title: String::new(),
-                member_user_ids: vec!["bob".into()],
-            }),
+                member_user_ids: vec!["bob".into()], channel: Default::default(), }),
         ),
         valid(
             "conversation-created",
@@ -552,6 +552,114 @@ pub(super) fn valid_cases() -> Vec<Valid> {
                 conversation_id: "grp:7Hq2x".into(),
                 muted_until_ms: T0 + 8 * 3_600_000,
                 forever: false,
+            }),
+        ),
+        valid(
+            "create-channel",
+            "C->S a public announcement channel (SPEC §21)",
+            22,
+            Body::CreateConversation(pb::CreateConversation {
+                kind: pb::ConversationKind::Channel.into(),
+                title: "news".into(),
+                member_user_ids: vec!["bob".into()],
+                channel: Some(pb::ChannelSettings {
+                    public: true,
+                    admins_only_post: true,
+                }),
+            }),
+        ),
+        valid(
+            "channel-created",
+            "S->C a channel carries its member count, not its members",
+            22,
+            Body::ConversationCreated(pb::ConversationCreated {
+                conversation: Some(pb::Conversation {
+                    conversation_id: "chn:4b9d1e".into(),
+                    kind: pb::ConversationKind::Channel.into(),
+                    title: "news".into(),
+                    members: Vec::new(),
+                    last_seq: 0,
+                    member_count: 2,
+                    channel: Some(pb::ChannelSettings {
+                        public: true,
+                        admins_only_post: true,
+                    }),
+                }),
+            }),
+        ),
+        valid(
+            "send-channel-mention",
+            "C->S a channel message that mentions bob",
+            23,
+            Body::Send(pb::Send {
+                conversation_id: "chn:4b9d1e".into(),
+                client_msg_id: (16..32).collect(),
+                kind: pb::ContentKind::Text.into(),
+                body: b"release 2.0 @bob".to_vec(),
+                reply_to_seq: 0,
+                media: None,
+                mention_user_ids: vec!["bob".into()],
+            }),
+        ),
+        valid(
+            "list-members",
+            "C->S the next page of a channel's members, after bob",
+            24,
+            Body::ListMembers(pb::ListMembers {
+                conversation_id: "chn:4b9d1e".into(),
+                after_user_id: "bob".into(),
+                limit: 100,
+            }),
+        ),
+        valid(
+            "member-page",
+            "S->C a page of members, more to come",
+            24,
+            Body::MemberPage(pb::MemberPage {
+                conversation_id: "chn:4b9d1e".into(),
+                members: vec![pb::Member {
+                    user_id: "carol".into(),
+                    role: pb::Role::Member.into(),
+                }],
+                has_more: true,
+                member_count: 40_000,
+            }),
+        ),
+        valid(
+            "open-channel-live",
+            "C->S the channel is on screen",
+            25,
+            Body::OpenChannel(pb::OpenChannel {
+                conversation_id: "chn:4b9d1e".into(),
+                mode: pb::ChannelMode::Live.into(),
+            }),
+        ),
+        valid(
+            "channel-opened",
+            "S->C where the channel and the reader are",
+            25,
+            Body::ChannelOpened(pb::ChannelOpened {
+                conversation_id: "chn:4b9d1e".into(),
+                mode: pb::ChannelMode::Live.into(),
+                last_seq: 812,
+                read_seq: 790,
+            }),
+        ),
+        valid(
+            "channel-activity",
+            "S->C channels open in COUNTS mode that moved, batched",
+            0,
+            Body::ChannelActivity(pb::ChannelActivity {
+                channels: vec![
+                    pb::ChannelCount {
+                        conversation_id: "chn:4b9d1e".into(),
+                        last_seq: 813,
+                    },
+                    pb::ChannelCount {
+                        conversation_id: "chn:a07c33".into(),
+                        last_seq: 5,
+                    },
+                ],
             }),
         ),
     ]);

@@ -69,9 +69,13 @@ impl<S: Store> Router<S> {
                 Ok(())
             }
             Ok(pb::ConversationKind::Group) => self.create_group(req, create, out),
+            Ok(pb::ConversationKind::Channel) => self.create_channel(req, create, out),
             _ => reject(
                 ErrorCode::InvalidArgument,
-                format!("conversation kind {} is not DIRECT or GROUP", create.kind),
+                format!(
+                    "conversation kind {} is not DIRECT, GROUP or CHANNEL",
+                    create.kind
+                ),
             ),
         }
     }
@@ -271,7 +275,7 @@ impl<S: Store> Router<S> {
     ///
     /// Counted before the change is written: a store error after this
     /// makes the retry count again (never uncounted adds).
-    fn charge_group_adds(
+    pub(super) fn charge_group_adds(
         &mut self,
         adder: &str,
         added: &[String],

@@ -6,12 +6,13 @@ use std::collections::HashMap;
 use palaver_protocol::pb::{self, frame::Body, ErrorCode};
 use prost::Message as _;
 
+use super::channels::channel_info;
 use super::{
     access, direct_info, error_frame, event, group_info, parse_conversation_id, reject, reply,
     Access, ConversationRef, Failure, Rejection, Router,
 };
 use crate::api::{Inbound, SessionAddr};
-use crate::bus::{Addressed, Output, PushEvent};
+use crate::bus::{Addressed, ChannelPost, Output, PushEvent};
 use crate::store::{
     Appended, QuotaCharge, QuotaOwner, RangeRead, Recipients, Retention, Store, StoreError,
     StoreResult,
@@ -96,8 +97,30 @@ impl<S: Store> Router<S> {
         } else {
             self.store.groups(&group_ids)?
         };
+        // A channel's sender and mentions: lookups in its member set.
+        let mut channel_checks: Vec<Option<Result<Vec<String>, Rejection>>> = Vec::new();
+        for (req, send) in sends() {
+            let check = if self.check_send(send).is_ok()
+                && palaver_protocol::is_channel_id(&send.conversation_id)
+            {
+                let checked = self.channel_send_check(
+                    &send.conversation_id,
+                    &req.from.user_id,
+                    &send.mention_user_ids,
+                );
+                Some(match checked {
+                    Ok(mentioned) => Ok(mentioned),
+                    Err(Failure::Rejected(code, message)) => Err((code, message)),
+                    Err(Failure::Store(e)) => return Err(e),
+                })
+            } else {
+                None
+            };
+            channel_checks.push(check);
+        }
         let mut accesses: Vec<Result<Access, Rejection>> = sends()
-            .map(|(req, send)| {
+            .zip(&channel_checks)
+            .map(|((req, send), channel)| {
                 // A batch names few groups: a linear search.
                 let group = group_ids
                     .iter()
@@ -105,7 +128,13 @@ impl<S: Store> Router<S> {
                     .and_then(|i| groups.get(i))
                     .and_then(Option::as_ref);
                 self.check_send(send)
-                    .and_then(|()| access(&send.conversation_id, &req.from.user_id, group))
+                    .and_then(|()| match channel {
+                        Some(Ok(mentioned)) => Ok(Access::Channel(mentioned)),
+                        Some(Err((code, message))) => {
+                            Err(Failure::Rejected(*code, message.clone()))
+                        }
+                        None => access(&send.conversation_id, &req.from.user_id, group),
+                    })
                     .map_err(|f| match f {
                         Failure::Rejected(code, message) => (code, message),
                         Failure::Store(e) => (ErrorCode::Internal, e.to_string()),
@@ -224,6 +253,7 @@ impl<S: Store> Router<S> {
         // if a push mark fails); push marks for members with a registered
         // device that is not online.
         let frames_before = out.frames.len();
+        let posts_before = out.channel_posts.len();
         let mut appended = appended.into_iter();
         for ((req, send), access) in sends().zip(accesses) {
             let access = match access {
@@ -254,6 +284,7 @@ impl<S: Store> Router<S> {
                 // Counted above.
                 None => {
                     out.frames.truncate(frames_before);
+                    out.channel_posts.truncate(posts_before);
                     return Err(StoreError::Corrupt("fewer appends than asked".into()));
                 }
             };
@@ -287,6 +318,12 @@ impl<S: Store> Router<S> {
                         to_push.push((user_id, online.as_slice()));
                     }
                 }
+                // A channel's message reaches connections through its post.
+                let devices = if let Access::Channel(_) = access {
+                    &[][..]
+                } else {
+                    devices
+                };
                 for addr in devices {
                     if *addr != req.from.addr {
                         if let Some(to) = last.replace(addr) {
@@ -305,6 +342,7 @@ impl<S: Store> Router<S> {
                     Ok(fresh) => fresh,
                     Err(e) => {
                         out.frames.truncate(frames_before);
+                        out.channel_posts.truncate(posts_before);
                         return Err(e);
                     }
                 };
@@ -323,7 +361,15 @@ impl<S: Store> Router<S> {
                     }
                 }
             }
-            if let Some(to) = last {
+            if let Access::Channel(_) = access {
+                // Published once, for every gateway (SPEC §21).
+                out.channel_posts.push(ChannelPost {
+                    conversation_id: send.conversation_id.clone(),
+                    last_seq: message.seq,
+                    frame: deliver(message),
+                    from: Some(req.from.addr.clone()),
+                });
+            } else if let Some(to) = last {
                 out.frames.push(Addressed {
                     to: to.clone(),
                     frame: deliver(message),
@@ -566,6 +612,15 @@ impl<S: Store> Router<S> {
                 } else {
                     match parse_conversation_id(id) {
                         Ok(ConversationRef::Direct { a, b }) => direct_info(a, b, last_seqs[index]),
+                        // One record read per channel listed (the listing
+                        // is bounded by its byte budget).
+                        Ok(ConversationRef::Channel) => match self.store.channel(id)? {
+                            Some(channel) => channel_info(channel, last_seqs[index]),
+                            None => {
+                                last_seqs[index] = 0;
+                                continue;
+                            }
+                        },
                         _ => {
                             last_seqs[index] = 0;
                             continue;

@@ -28,6 +28,7 @@ use crate::bus::{Addressed, Output};
 use crate::presence::SharedWatches;
 use crate::store::{GroupRecord, Membership, Store, StoreError, StoreResult};
 
+mod channels;
 mod conversations;
 mod messages;
 mod presence;
@@ -42,6 +43,12 @@ pub use presence::{presence_visible, PresenceVisibility};
 pub struct RouterConfig {
     /// Members of a group, creator included.
     pub max_group_members: usize,
+    /// Members of a channel (SPEC §21). What bounds it: nothing per message
+    /// (fan-out on read), only the member set's size in the store (about
+    /// 100 bytes a member in Redis) and a member list's pages.
+    pub max_channel_members: usize,
+    /// Users one channel Send may mention (pushed to when offline).
+    pub max_mentions: usize,
     /// Largest `Send.body`, bytes.
     pub max_body_bytes: usize,
     /// Messages kept per conversation for Sync and History (with an
@@ -100,6 +107,8 @@ impl Default for RouterConfig {
     fn default() -> Self {
         Self {
             max_group_members: 1000,
+            max_channel_members: 100_000,
+            max_mentions: 20,
             max_body_bytes: palaver_protocol::Limits::default().max_body_bytes as usize,
             history_window: 10_000,
             archive_stream: false,
@@ -233,6 +242,8 @@ enum ConversationRef<'a> {
     Direct { a: &'a str, b: &'a str },
     /// `grp:<id>`
     Group,
+    /// `chn:<id>` (SPEC §21)
+    Channel,
 }
 
 /// Who may see a conversation, as far as a request needs to know: borrowed
@@ -242,26 +253,35 @@ enum ConversationRef<'a> {
 enum Access<'a> {
     Direct([&'a str; 2]),
     Group(&'a [pb::Member]),
+    /// A channel (SPEC §21): its members are not loaded; the users a Send
+    /// reaches directly are the members it mentions (pushes), the rest
+    /// read it from the channel's post.
+    Channel(&'a [String]),
 }
 
 impl<'a> Access<'a> {
-    /// The members' user ids (a group's ascending).
+    /// The users a message reaches directly: the members (a group's
+    /// ascending), or a channel Send's mentioned members.
     fn member_ids(self) -> impl Iterator<Item = &'a str> {
-        // One of the two is empty; one iterator type for both.
-        let (direct, group): ([Option<&'a str>; 2], &'a [pb::Member]) = match self {
-            Access::Direct([a, b]) => ([Some(a), Some(b)], &[]),
-            Access::Group(members) => ([None, None], members),
-        };
+        // Two of the three are empty; one iterator type for all.
+        let (direct, group, mentions): ([Option<&'a str>; 2], &'a [pb::Member], &'a [String]) =
+            match self {
+                Access::Direct([a, b]) => ([Some(a), Some(b)], &[], &[]),
+                Access::Group(members) => ([None, None], members, &[]),
+                Access::Channel(mentions) => ([None, None], &[], mentions),
+            };
         direct
             .into_iter()
             .flatten()
             .chain(group.iter().map(|m| m.user_id.as_str()))
+            .chain(mentions.iter().map(String::as_str))
     }
 
     fn member_count(self) -> usize {
         match self {
             Access::Direct(_) => 2,
             Access::Group(members) => members.len(),
+            Access::Channel(mentions) => mentions.len(),
         }
     }
 }
@@ -275,6 +295,7 @@ pub struct BatchProgress {
     pub done: usize,
     pub frames: usize,
     pub pushes: usize,
+    pub channel_posts: usize,
 }
 
 pub struct Router<S> {
@@ -359,6 +380,7 @@ impl<S: Store> Router<S> {
             done: 0,
             frames: out.frames.len(),
             pushes: out.pushes.len(),
+            channel_posts: out.channel_posts.len(),
         };
         while progress.done < requests.len() {
             let rest = &requests[progress.done..];
@@ -377,6 +399,7 @@ impl<S: Store> Router<S> {
                 done: progress.done + taken,
                 frames: out.frames.len(),
                 pushes: out.pushes.len(),
+                channel_posts: out.channel_posts.len(),
             };
         }
         Ok(())
@@ -412,7 +435,14 @@ impl<S: Store> Router<S> {
             Body::PresenceQuery(query) => self.presence_query(request, query, out),
             Body::PresenceSubscribe(subscribe) => self.presence_subscribe(request, subscribe, out),
             Body::CreateConversation(create) => self.create_conversation(request, create, out),
+            Body::ChangeMembers(change)
+                if palaver_protocol::is_channel_id(&change.conversation_id) =>
+            {
+                self.change_channel_members(request, change, out)
+            }
             Body::ChangeMembers(change) => self.change_members(request, change, out),
+            Body::ListMembers(list) => self.list_members(request, list, out),
+            Body::OpenChannel(open) => self.open_channel(request, open, out),
             Body::RegisterPushToken(register) => self.register_push_token(request, register, out),
             Body::UnregisterPushToken(_) => self.unregister_push_token(request, out),
             Body::MuteConversation(mute) => self.mute_conversation(request, mute, out),
@@ -477,7 +507,7 @@ impl<S: Store> Router<S> {
     /// from the store (`None` for a direct conversation, or no such group).
     fn group_of(&mut self, conversation_id: &str) -> Result<Option<GroupRecord>, Failure> {
         match parse_conversation_id(conversation_id)? {
-            ConversationRef::Direct { .. } => Ok(None),
+            ConversationRef::Direct { .. } | ConversationRef::Channel => Ok(None),
             ConversationRef::Group => Ok(self.store.group(conversation_id)?),
         }
     }
@@ -501,6 +531,21 @@ impl<S: Store> Router<S> {
                 ),
                 Membership::Member(_) => Ok(()),
             },
+            ConversationRef::Channel => {
+                if self.store.channel_role(conversation_id, user_id)?.is_some() {
+                    return Ok(());
+                }
+                match self.store.channel(conversation_id)? {
+                    None => reject(
+                        ErrorCode::NotFound,
+                        format!("no conversation {conversation_id}"),
+                    ),
+                    Some(_) => reject(
+                        ErrorCode::Forbidden,
+                        "you are not a member of this conversation",
+                    ),
+                }
+            }
         }
     }
 
@@ -525,6 +570,11 @@ fn access<'a>(
     match parse_conversation_id(conversation_id)? {
         ConversationRef::Direct { a, b } => direct_access(user_id, a, b),
         ConversationRef::Group => group_access(conversation_id, user_id, group),
+        // Checked by `Router::channel_send_check` (a store lookup), before.
+        ConversationRef::Channel => reject(
+            ErrorCode::Internal,
+            "a channel's access is checked against its member set",
+        ),
     }
 }
 
@@ -571,9 +621,14 @@ fn parse_conversation_id(id: &str) -> Result<ConversationRef<'_>, Failure> {
     if palaver_protocol::is_group_id(id) {
         return Ok(ConversationRef::Group);
     }
+    if palaver_protocol::is_channel_id(id) {
+        return Ok(ConversationRef::Channel);
+    }
     reject(
         ErrorCode::InvalidArgument,
-        format!("{id:?} is not a conversation id (dm:<a>:<b> with a < b bytewise, or grp:<id>)"),
+        format!(
+            "{id:?} is not a conversation id (dm:<a>:<b> with a < b bytewise, grp:<id> or chn:<id>)"
+        ),
     )
 }
 
@@ -590,6 +645,7 @@ fn direct_info(a: &str, b: &str, last_seq: u64) -> pb::Conversation {
             })
             .collect(),
         last_seq,
+        ..Default::default()
     }
 }
 
@@ -600,6 +656,7 @@ fn group_info(group: GroupRecord, last_seq: u64) -> pb::Conversation {
         title: group.title,
         members: group.members,
         last_seq,
+        ..Default::default()
     }
 }
 

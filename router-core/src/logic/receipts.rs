@@ -25,6 +25,9 @@ impl<S: Store> Router<S> {
             }
         };
         let conversation_id = &receipt.conversation_id;
+        if palaver_protocol::is_channel_id(conversation_id) {
+            return self.channel_receipt(req, receipt, kind, out);
+        }
         let reader = &req.from.user_id;
         self.check_member(conversation_id, reader)?;
         self.store

@@ -14,6 +14,9 @@ impl<S: Store> Router<S> {
         typing: &pb::Typing,
         out: &mut Output,
     ) -> Result<(), Failure> {
+        if palaver_protocol::is_channel_id(&typing.conversation_id) {
+            return self.channel_typing(req, typing, out);
+        }
         let group = self.group_of(&typing.conversation_id)?;
         let others: Vec<&str> = access(&typing.conversation_id, &req.from.user_id, group.as_ref())?
             .member_ids()

@@ -11,6 +11,7 @@ use crate::api::SessionAddr;
 use crate::logic::Clock;
 use crate::store::QuotaOwner;
 
+mod channels;
 mod conversations;
 pub use conversations::apply_quota_charge;
 mod history;
@@ -71,6 +72,7 @@ struct ConversationState {
     /// (user, receipt kind) → mark
     receipts: HashMap<(String, i32), u64>,
     group: Option<GroupState>,
+    channel: Option<channels::ChannelState>,
     /// A direct conversation `dm:<a>:<b>`: bit 0 set once `a` has written
     /// in it, bit 1 once `b` has (SPEC §10: it counts for presence when
     /// both are set).

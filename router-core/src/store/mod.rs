@@ -1,5 +1,6 @@
-//! The state the router keeps, as five small synchronous traits (the push
-//! registrations' one, [`PushStore`], and its types in `push.rs`).
+//! The state the router keeps, as six small synchronous traits (the push
+//! registrations' one, [`PushStore`], and its types in `push.rs`; channels',
+//! [`ChannelStore`], in `channels.rs`).
 //!
 //! [`crate::memory::MemoryStore`] implements them in memory for the embedded
 //! engine; the router tier implements them on Redis. The traits are shaped
@@ -31,7 +32,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+mod channels;
 mod push;
+pub use channels::*;
 pub use push::*;
 
 use palaver_protocol::pb;
@@ -694,11 +697,15 @@ pub trait GatewayRegistry {
 /// Everything the router needs; implemented for any type implementing the
 /// parts.
 pub trait Store:
-    ConversationStore + UserStore + SessionStore + GatewayRegistry + PushStore
+    ConversationStore + UserStore + SessionStore + GatewayRegistry + PushStore + ChannelStore
 {
 }
 
-impl<T: ConversationStore + UserStore + SessionStore + GatewayRegistry + PushStore> Store for T {}
+impl<
+        T: ConversationStore + UserStore + SessionStore + GatewayRegistry + PushStore + ChannelStore,
+    > Store for T
+{
+}
 
 /// A fresh history epoch: random ([`crate::logic::random_u64`]), never 0
 /// (0 means "not announced" on the wire).

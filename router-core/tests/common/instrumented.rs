@@ -315,3 +315,71 @@ impl GatewayRegistry for Instrumented {
         self.call("deregister_gateway")?.deregister_gateway(g, now)
     }
 }
+
+impl ChannelStore for Instrumented {
+    fn create_channel(
+        &mut self,
+        channel: &ChannelRecord,
+        members: &[pb::Member],
+    ) -> StoreResult<bool> {
+        self.call("create_channel")?
+            .create_channel(channel, members)
+    }
+
+    fn channel(&mut self, conversation_id: &str) -> StoreResult<Option<ChannelRecord>> {
+        self.call("channel")?.channel(conversation_id)
+    }
+
+    fn channel_role(
+        &mut self,
+        conversation_id: &str,
+        user_id: &str,
+    ) -> StoreResult<Option<pb::Role>> {
+        self.call("channel_role")?
+            .channel_role(conversation_id, user_id)
+    }
+
+    fn change_channel_members(
+        &mut self,
+        conversation_id: &str,
+        add: &[String],
+        promote: &[String],
+        remove: &[String],
+        max_members: u32,
+    ) -> StoreResult<Option<ChannelChange>> {
+        self.call("change_channel_members")?.change_channel_members(
+            conversation_id,
+            add,
+            promote,
+            remove,
+            max_members,
+        )
+    }
+
+    fn channel_members(
+        &mut self,
+        conversation_id: &str,
+        after_user_id: &str,
+        limit: usize,
+    ) -> StoreResult<(Vec<pb::Member>, bool)> {
+        let result =
+            self.call("channel_members")?
+                .channel_members(conversation_id, after_user_id, limit);
+        self.returned("channel_members", result, |(members, _)| members.len())
+    }
+
+    fn raise_read_position(
+        &mut self,
+        conversation_id: &str,
+        user_id: &str,
+        seq: u64,
+    ) -> StoreResult<u64> {
+        self.call("raise_read_position")?
+            .raise_read_position(conversation_id, user_id, seq)
+    }
+
+    fn read_position(&mut self, conversation_id: &str, user_id: &str) -> StoreResult<u64> {
+        self.call("read_position")?
+            .read_position(conversation_id, user_id)
+    }
+}

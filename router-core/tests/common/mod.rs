@@ -51,6 +51,25 @@ pub fn create_group_body(title: &str, members: &[&str]) -> Body {
         kind: pb::ConversationKind::Group as i32,
         title: title.into(),
         member_user_ids: members.iter().map(|m| m.to_string()).collect(),
+        channel: None,
+    })
+}
+
+/// A CreateConversation of a channel (SPEC §21).
+pub fn create_channel_body(
+    title: &str,
+    members: &[&str],
+    public: bool,
+    admins_only_post: bool,
+) -> Body {
+    Body::CreateConversation(pb::CreateConversation {
+        kind: pb::ConversationKind::Channel as i32,
+        title: title.into(),
+        member_user_ids: members.iter().map(|m| m.to_string()).collect(),
+        channel: Some(pb::ChannelSettings {
+            public,
+            admins_only_post,
+        }),
     })
 }
 

@@ -3,7 +3,7 @@
 //! Redis and Redis Cluster (tests/redis_store.rs) and the durable
 //! `DiskStore` (tests/disk_store.rs). Each check takes a fresh store.
 //! The checks are in one file per store trait (`conversations.rs`,
-//! `users.rs`, `sessions.rs`, `push.rs`); this file holds the shared helpers and the
+//! `users.rs`, `sessions.rs`, `push.rs`, `channels.rs`); this file holds the shared helpers and the
 //! macro that runs them all.
 // Each test binary uses a different subset of the helpers.
 #![allow(dead_code)]
@@ -45,6 +45,12 @@ macro_rules! store_contract_tests {
                 recipients_say_whose_registered_devices_are_offline,
                 push_context_for_the_worker,
                 the_history_epoch_is_announced_and_stable,
+                channels_are_created_once_with_their_counts,
+                channel_member_changes_keep_their_counts,
+                channel_members_page_in_order,
+                a_large_channel_pages_without_gaps,
+                channel_read_positions_rise_only,
+                calls_on_a_missing_channel_change_nothing,
             );
 
             #[test]
@@ -86,6 +92,7 @@ pub fn check_names() -> Vec<String> {
         include_str!("users.rs"),
         include_str!("sessions.rs"),
         include_str!("push.rs"),
+        include_str!("channels.rs"),
     ]
     .iter()
     .flat_map(|source| source.lines())
@@ -139,11 +146,13 @@ pub fn session(user: &str, device: &str, gw: &str, conn: u64) -> Session {
     }
 }
 
+mod channels;
 mod conversations;
 mod push;
 mod sessions;
 mod users;
 
+pub use channels::*;
 pub use conversations::*;
 pub use push::*;
 pub use sessions::*;

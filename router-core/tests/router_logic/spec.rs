@@ -204,6 +204,7 @@ fn spec_error_codes_per_request() {
             kind,
             title: title.into(),
             member_user_ids: members.iter().map(|m| m.to_string()).collect(),
+            channel: Default::default(),
         })
     };
     let direct = pb::ConversationKind::Direct as i32;
@@ -474,6 +475,7 @@ fn spec_silent_corrections() {
             kind: pb::ConversationKind::Direct as i32,
             title: "ignored".into(),
             member_user_ids: vec!["bob".into(), "bob".into()],
+            channel: Default::default(),
         }),
     );
     let Some(Body::ConversationCreated(c)) = &reply_to(&out, &alice, 1).body else {

@@ -60,6 +60,7 @@ pub fn send(conversation_id: &str, n: u64) -> Body {
         body: BODY.to_vec(),
         reply_to_seq: 0,
         media: None,
+        mention_user_ids: Vec::new(),
     })
 }
 
@@ -105,6 +106,7 @@ impl World {
                 kind: pb::ConversationKind::Group as i32,
                 title: "twenty".into(),
                 member_user_ids: self.group_members.clone(),
+                channel: None,
             }),
             received_ms: 0,
         }
@@ -154,6 +156,10 @@ impl Outlet for NullOutlet {
         drop(stored);
         Ok(())
     }
+    fn broadcast(&mut self, posts: Vec<palaver_router::ChannelPost>) -> Result<(), BusError> {
+        drop(posts);
+        Ok(())
+    }
 }
 
 /// Keeps the last frames it saw (dropping the previous ones): enough to
@@ -166,6 +172,9 @@ pub struct DropSink {
 impl DeliverySink for DropSink {
     fn deliver(&self, batch: Vec<Outbound>) {
         *self.last.lock().unwrap() = batch;
+    }
+    fn deliver_channel(&self, posts: Vec<std::sync::Arc<palaver_router::ChannelPost>>) {
+        drop(posts);
     }
     // The embedded engine never loses sessions.
     fn reopen_sessions(&self) {}

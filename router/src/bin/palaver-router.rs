@@ -59,6 +59,10 @@ struct Args {
     /// config says.
     #[arg(long, env = "PALAVER_MAX_GROUP_MEMBERS", default_value_t = palaver_router::RouterConfig::default().max_group_members)]
     max_group_members: usize,
+    /// Members of a channel (SPEC §21; TOO_MANY_MEMBERS beyond). Gateways
+    /// announce their own `limits.max_channel_members`: configure both alike.
+    #[arg(long, env = "PALAVER_MAX_CHANNEL_MEMBERS", default_value_t = palaver_router::RouterConfig::default().max_channel_members)]
+    max_channel_members: usize,
     /// Largest Send body, bytes (BODY_TOO_LARGE beyond; announced likewise).
     #[arg(long, env = "PALAVER_MAX_BODY_BYTES", default_value_t = palaver_router::RouterConfig::default().max_body_bytes)]
     max_body_bytes: usize,
@@ -115,6 +119,7 @@ fn main() {
     config.router.presence_visibility = args.presence_visibility;
     config.router.account_bytes_per_day = args.account_bytes_per_day;
     config.router.max_group_members = args.max_group_members.max(1);
+    config.router.max_channel_members = args.max_channel_members.max(2);
     config.router.max_body_bytes = args.max_body_bytes;
     config.router.max_batch = args.max_sync_batch.max(1);
     config.router.default_batch = config.router.default_batch.min(config.router.max_batch);

@@ -31,7 +31,7 @@ use std::time::Duration;
 use crate::api::{
     Backend, BackendError, DeliverySink, Inbound, Outbound, Session, SessionAddr, TierLimits,
 };
-use crate::bus::{Addressed, Output};
+use crate::bus::{Addressed, ChannelPost, Output};
 use crate::kafka;
 use crate::logic::{PresenceVisibility, Router, RouterConfig, SystemClock};
 use crate::redis_store::{RedisConfig, RedisStore};
@@ -305,6 +305,7 @@ impl Backend for KafkaRedisBridge {
             &config.brokers,
             &[
                 (kafka::INBOUND_TOPIC, config.inbound_partitions),
+                (kafka::CHANNELS_TOPIC, config.inbound_partitions),
                 (&topic, 1),
             ],
             Duration::from_secs(10),
@@ -358,6 +359,39 @@ impl Backend for KafkaRedisBridge {
         assignment
             .add_partition_offset(&topic, 0, Offset::Offset(high))
             .map_err(|e| BackendError::Unavailable(e.to_string()))?;
+        // Every partition of the channel posts, from their ends too: a
+        // gateway hands what comes from now on to its connections that
+        // have the channel open (those catch up on the past by Sync).
+        let metadata = consumer
+            .fetch_metadata(Some(kafka::CHANNELS_TOPIC), Duration::from_secs(10))
+            .map_err(|e| {
+                BackendError::Unavailable(format!("metadata of {}: {e}", kafka::CHANNELS_TOPIC))
+            })?;
+        let partitions: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .filter(|t| t.name() == kafka::CHANNELS_TOPIC)
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        if partitions.is_empty() {
+            return Err(BackendError::Unavailable(format!(
+                "{} has no partitions",
+                kafka::CHANNELS_TOPIC
+            )));
+        }
+        for partition in partitions {
+            let (_, high) = consumer
+                .fetch_watermarks(kafka::CHANNELS_TOPIC, partition, Duration::from_secs(10))
+                .map_err(|e| {
+                    BackendError::Unavailable(format!(
+                        "offsets of {} [{partition}]: {e}",
+                        kafka::CHANNELS_TOPIC
+                    ))
+                })?;
+            assignment
+                .add_partition_offset(kafka::CHANNELS_TOPIC, partition, Offset::Offset(high))
+                .map_err(|e| BackendError::Unavailable(e.to_string()))?;
+        }
         consumer
             .assign(&assignment)
             .map_err(|e| BackendError::Unavailable(format!("assign {topic}: {e}")))?;
@@ -530,8 +564,11 @@ const MAX_DELIVERY_RECORDS_PER_HANDOFF: usize = 256;
 /// [`MAX_DELIVERY_RECORDS_PER_HANDOFF`] records) and hands all their frames
 /// to the sink in ONE call, in record order — the sink splits it by core
 /// and wakes each core once, not once per record.
+/// Reads this gateway's delivery topic and every channel post, and hands
+/// each poll's worth to the sink: the frames, then the channel posts.
 fn delivery_loop(consumer: BaseConsumer, sink: Arc<dyn DeliverySink>, stop: Arc<AtomicBool>) {
     let mut frames: Vec<Outbound> = Vec::new();
+    let mut posts: Vec<Arc<ChannelPost>> = Vec::new();
     while !stop.load(Ordering::Acquire) {
         let mut timeout = Duration::from_millis(100);
         for _ in 0..MAX_DELIVERY_RECORDS_PER_HANDOFF {
@@ -540,6 +577,15 @@ fn delivery_loop(consumer: BaseConsumer, sink: Arc<dyn DeliverySink>, stop: Arc<
                 Some(Err(e)) => {
                     tracing::warn!("delivery consumer: {e}");
                     break;
+                }
+                Some(Ok(message)) if message.topic() == kafka::CHANNELS_TOPIC => {
+                    match kafka::decode_channel_post(message.payload().unwrap_or_default()) {
+                        Ok(post) => posts.push(Arc::new(post)),
+                        Err(e) => tracing::warn!(
+                            offset = message.offset(),
+                            "bad channel record skipped: {e}"
+                        ),
+                    }
                 }
                 Some(Ok(message)) => {
                     match kafka::decode_delivery_batch(message.payload().unwrap_or_default()) {
@@ -555,6 +601,9 @@ fn delivery_loop(consumer: BaseConsumer, sink: Arc<dyn DeliverySink>, stop: Arc<
         }
         if !frames.is_empty() {
             sink.deliver(std::mem::take(&mut frames));
+        }
+        if !posts.is_empty() {
+            sink.deliver_channel(std::mem::take(&mut posts));
         }
     }
 }
@@ -663,6 +712,7 @@ mod tests {
         fn deliver(&self, frames: Vec<Outbound>) {
             self.0.lock().expect("frames").extend(frames);
         }
+        fn deliver_channel(&self, _: Vec<Arc<crate::bus::ChannelPost>>) {}
         fn reopen_sessions(&self) {}
     }
 

@@ -671,6 +671,7 @@ mod tests {
     struct NoSink;
     impl DeliverySink for NoSink {
         fn deliver(&self, _: Vec<Outbound>) {}
+        fn deliver_channel(&self, _: Vec<Arc<crate::bus::ChannelPost>>) {}
         fn reopen_sessions(&self) {}
     }
 
@@ -822,6 +823,7 @@ mod tests {
         fn deliver(&self, frames: Vec<Outbound>) {
             self.0.lock().unwrap().extend(frames);
         }
+        fn deliver_channel(&self, _: Vec<Arc<crate::bus::ChannelPost>>) {}
         fn reopen_sessions(&self) {}
     }
 

@@ -162,6 +162,10 @@ impl DeliverySink for AnswerSink {
         self.inner.deliver(batch);
     }
 
+    fn deliver_channel(&self, posts: Vec<Arc<crate::bus::ChannelPost>>) {
+        self.inner.deliver_channel(posts);
+    }
+
     fn reopen_sessions(&self) {
         self.inner.reopen_sessions();
     }

@@ -9,8 +9,9 @@
 //! writers (presence consent), receipt marks, group records and members,
 //! each user's conversation and group lists (with a group count), push
 //! marks (dropped at open: the pushes they stood for were in the previous
-//! run's memory), group-add counts, storage-quota counters, and push registrations
-//! and mutes (`push.rs`).
+//! run's memory), group-add counts, storage-quota counters, push registrations
+//! and mutes (`push.rs`), and channels: records with their counts, members,
+//! read positions (`channels.rs`).
 //!
 //! **What is not**: sessions, presence, last seen and the gateway
 //! registry. They describe this process's connections and die with it, so
@@ -52,6 +53,7 @@ use crate::store::{
     UserPresence, UserSessions,
 };
 
+mod channels;
 mod conversations;
 mod push;
 mod users;

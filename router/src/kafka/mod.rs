@@ -34,6 +34,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientContext;
 
 use crate::api::{Inbound, Outbound, Session, SessionAddr};
+use crate::bus::ChannelPost;
 
 /// Generated types of `palaver.internal.v1`.
 pub mod records {
@@ -76,6 +77,8 @@ pub const INBOUND_TOPIC: &str = "palaver.inbound";
 pub const PUSH_TOPIC: &str = "palaver.push";
 pub const DLQ_TOPIC: &str = "palaver.dlq";
 pub const STORED_TOPIC: &str = "palaver.stored";
+/// Channel posts (SPEC §21), read by every gateway.
+pub const CHANNELS_TOPIC: &str = "palaver.channels";
 pub(crate) const DELIVERY_TOPIC_PREFIX: &str = "palaver.deliver.";
 
 /// Default partition count of `palaver.inbound` when the router creates it.
@@ -324,6 +327,41 @@ pub fn encode_delivery_batches(frames: Vec<Outbound>) -> Vec<Vec<u8>> {
         values.push(batch.encode_to_vec());
     }
     values
+}
+
+/// A channel post as a `palaver.channels` record value.
+pub fn encode_channel_post(post: ChannelPost) -> Vec<u8> {
+    let (from_gateway_id, from_conn) = match post.from {
+        Some(addr) => (addr.gateway_id.to_string(), addr.conn),
+        None => (String::new(), 0),
+    };
+    records::ChannelPostRecord {
+        conversation_id: post.conversation_id,
+        frame: Some(post.frame),
+        last_seq: post.last_seq,
+        from_gateway_id,
+        from_conn,
+    }
+    .encode_to_vec()
+}
+
+/// Decodes a `palaver.channels` record value.
+pub fn decode_channel_post(value: &[u8]) -> Result<ChannelPost, String> {
+    let record = records::ChannelPostRecord::decode(value)
+        .map_err(|e| format!("channel record is not a ChannelPostRecord: {e}"))?;
+    let frame = record
+        .frame
+        .ok_or_else(|| "channel post without a frame".to_string())?;
+    let from = (!record.from_gateway_id.is_empty()).then(|| SessionAddr {
+        gateway_id: record.from_gateway_id.into(),
+        conn: record.from_conn,
+    });
+    Ok(ChannelPost {
+        conversation_id: record.conversation_id,
+        frame,
+        last_seq: record.last_seq,
+        from,
+    })
 }
 
 /// Decodes a DeliveryBatch record value.

@@ -36,7 +36,7 @@ use rdkafka::message::{Message, OwnedMessage};
 use super::consumer_loop::{Batch, ConsumerLoop, Handler, LoopConfig};
 use super::records;
 use crate::api::Outbound;
-use crate::bus::{BusError, Outlet, Output, PushEvent};
+use crate::bus::{BusError, ChannelPost, Outlet, Output, PushEvent};
 use crate::logic::{Clock, Router, RouterConfig, SystemClock};
 use crate::redis_store::{ArchiveLink, RedisConfig, RedisStore};
 use crate::runner::{self, Failure};
@@ -129,6 +129,7 @@ impl RouterWorker {
                 (super::INBOUND_TOPIC, config.inbound_partitions),
                 (super::PUSH_TOPIC, config.inbound_partitions),
                 (super::STORED_TOPIC, config.inbound_partitions),
+                (super::CHANNELS_TOPIC, config.inbound_partitions),
                 (super::DLQ_TOPIC, 1),
             ],
             Duration::from_secs(10),
@@ -245,7 +246,8 @@ impl Handler for RouterHandler {
     }
 }
 
-/// Produces router output: delivery topics and `palaver.push`.
+/// Produces router output: delivery topics, `palaver.push`,
+/// `palaver.stored` and `palaver.channels`.
 struct RouterOutlet<'a, 'b> {
     batch: &'a mut Batch<'b>,
 }
@@ -283,6 +285,18 @@ impl Outlet for RouterOutlet<'_, '_> {
             .encode_to_vec();
             self.batch
                 .produce(super::PUSH_TOPIC, user_id.as_bytes(), &value)?;
+        }
+        Ok(())
+    }
+
+    fn broadcast(&mut self, posts: Vec<ChannelPost>) -> Result<(), BusError> {
+        // One record per post, keyed by the channel: every gateway reads it
+        // once, whatever the member count (SPEC §21).
+        for post in posts {
+            let key = post.conversation_id.clone();
+            let value = super::encode_channel_post(post);
+            self.batch
+                .produce(super::CHANNELS_TOPIC, key.as_bytes(), &value)?;
         }
         Ok(())
     }

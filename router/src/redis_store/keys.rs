@@ -14,6 +14,10 @@
 //! | `c:{<conv>}:r:<kind>` | hash | receipt marks, user → seq |
 //! | `c:{<conv>}:g` | hash | group record: title, created |
 //! | `c:{<conv>}:m` | hash | group members: user → role |
+//! | `c:{<conv>}:chan` | hash | channel record: title, settings (protobuf), created_ms, member_count, admin_count (the counts follow each change) |
+//! | `c:{<conv>}:cm` | zset | channel members, score 0: a page is `ZRANGE BYLEX` from `(<after>` (`channel_page.lua`) |
+//! | `c:{<conv>}:cr` | hash | channel roles: member → role (a membership check is one HGET) |
+//! | `c:{<conv>}:rp` | hash | channel read positions: user → seq (`raise_read_position.lua`, raise-only; dropped with the member) |
 //! | `c:{<conv>}:w` | set | a direct conversation's users who have written in it (`append.lua`; both → it counts for presence) |
 //! | `u:{<user>}:convs` | set | the user's conversations |
 //! | `u:{<user>}:grps` | set | the user's groups (the `grp:` ids of `convs`) |

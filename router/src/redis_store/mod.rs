@@ -3,8 +3,8 @@
 //! Layout: this file holds [`RedisStore`], [`RedisConfig`], the connection
 //! (standalone or cluster), the scripts and the error mapping; `keys` is the
 //! key schema; `conversations`, `users`, `sessions` (the batched session
-//! writes, one pipeline per gateway per flush) and `gateways` (leases,
-//! registry, reaping) implement the store traits. The Lua scripts are
+//! writes, one pipeline per gateway per flush), `gateways` (leases,
+//! registry, reaping), `push` and `channels` implement the store traits. The Lua scripts are
 //! `scripts/*.lua`.
 
 use std::time::Duration;
@@ -18,6 +18,7 @@ use palaver_archive::{ArchiveError, CassandraArchive};
 
 use crate::store::{StoreError, StoreResult};
 
+mod channels;
 mod conversations;
 mod gateways;
 mod keys;
@@ -111,6 +112,10 @@ struct Scripts {
     invalidate_push: Script,
     set_mute: Script,
     push_owner: Script,
+    create_channel: Script,
+    change_channel_members: Script,
+    channel_page: Script,
+    raise_read_position: Script,
 }
 
 impl Scripts {
@@ -130,10 +135,14 @@ impl Scripts {
             invalidate_push: Script::new(INVALIDATE_PUSH_LUA),
             set_mute: Script::new(SET_MUTE_LUA),
             push_owner: Script::new(PUSH_OWNER_LUA),
+            create_channel: Script::new(CREATE_CHANNEL_LUA),
+            change_channel_members: Script::new(CHANGE_CHANNEL_MEMBERS_LUA),
+            channel_page: Script::new(CHANNEL_PAGE_LUA),
+            raise_read_position: Script::new(RAISE_READ_POSITION_LUA),
         }
     }
 
-    fn all(&self) -> [&Script; 14] {
+    fn all(&self) -> [&Script; 18] {
         [
             &self.raise,
             &self.push_owner,
@@ -149,6 +158,10 @@ impl Scripts {
             &self.open_session,
             &self.close_session,
             &self.dead_gateways,
+            &self.create_channel,
+            &self.change_channel_members,
+            &self.channel_page,
+            &self.raise_read_position,
         ]
     }
 }
@@ -169,6 +182,10 @@ const REGISTER_PUSH_LUA: &str = include_str!("scripts/register_push.lua");
 const INVALIDATE_PUSH_LUA: &str = include_str!("scripts/invalidate_push.lua");
 const SET_MUTE_LUA: &str = include_str!("scripts/set_mute.lua");
 const PUSH_OWNER_LUA: &str = include_str!("scripts/push_owner.lua");
+const CREATE_CHANNEL_LUA: &str = include_str!("scripts/create_channel.lua");
+const CHANGE_CHANNEL_MEMBERS_LUA: &str = include_str!("scripts/change_channel_members.lua");
+const CHANNEL_PAGE_LUA: &str = include_str!("scripts/channel_page.lua");
+const RAISE_READ_POSITION_LUA: &str = include_str!("scripts/raise_read_position.lua");
 
 fn unavailable(e: RedisError) -> StoreError {
     StoreError::Unavailable(e.to_string())
