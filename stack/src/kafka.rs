@@ -1,6 +1,6 @@
 //! Apache Kafka (KRaft) from Maven Central, run on the JDK: one combined
 //! node, or several for broker-failure tests; readiness, topics, signals
-//! (the Kafka requests themselves: [`kafka_wire`]).
+//! (the Kafka requests themselves: `kafka_wire.rs`).
 
 use std::fs;
 use std::path::PathBuf;
