@@ -1,5 +1,7 @@
 //! The SDK through the full stack `palaver cluster up` starts (Redis, Apache
-//! Kafka, a router, gateway processes sharing one port): a gateway process
+//! Kafka, a router, gateway processes sharing one port; the `palaver` binary
+//! run as a person runs it, so it needs the workspace's binaries built beside
+//! this test, as `cargo test --workspace` does): a gateway process
 //! gets SIGTERM (GoAway, reconnect after the delay to another gateway, Sync)
 //! and later another one gets SIGKILL, while messages flow. Nothing is lost,
 //! doubled or reordered.
@@ -9,6 +11,7 @@
 
 mod common;
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -29,6 +32,7 @@ const T: Duration = Duration::from_secs(60);
 
 /// Tears the cluster down whatever happens.
 struct Cluster {
+    palaver: PathBuf,
     dir: PathBuf,
     extra: Vec<Child>,
 }
@@ -39,9 +43,34 @@ impl Drop for Cluster {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = stack::cluster_down(&self.dir);
+        let _ = palaver_cluster(&self.palaver, "down", &self.dir.join("stack"), &[]);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Runs `palaver cluster ACTION --dir DIR ARGS..`; its stdout, or why it
+/// failed.
+fn palaver_cluster(
+    palaver: &Path,
+    action: &str,
+    dir: &Path,
+    args: &[&OsStr],
+) -> Result<String, String> {
+    let out = Command::new(palaver)
+        .args(["cluster", action, "--dir"])
+        .arg(dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("run {}: {e}", palaver.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "palaver cluster {action} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The gateway a client is on, from its session id (`gw1/...`).
@@ -91,8 +120,9 @@ fn tokens(data: &Path, user: &str) -> Arc<Tokens> {
 
 #[test]
 fn gateway_processes_terminated_and_killed_under_traffic_lose_nothing() {
-    // The stack finds palaver-router and palaver-gateway on PATH: cargo put
-    // them beside this test's deps directory.
+    // `palaver`, palaver-router and palaver-gateway: cargo put them beside
+    // this test's deps directory (the CLI finds the others beside itself;
+    // PATH is for the stack's own lookups).
     let bin_dir = std::env::current_exe()
         .unwrap()
         .parent()
@@ -111,20 +141,31 @@ fn gateway_processes_terminated_and_killed_under_traffic_lose_nothing() {
     let port = stack::free_port().unwrap();
     let listen = format!("127.0.0.1:{port}");
     let mut cluster = Cluster {
+        palaver: bin_dir.join("palaver"),
         dir: dir.clone(),
         extra: Vec::new(),
     };
     let started = Instant::now();
-    let procs = stack::cluster_up(&dir.join("stack"), &data, &listen, Default::default())
-        .expect("palaver cluster up");
-    cluster.dir = dir.join("stack");
-    println!("cluster up in {:?}", started.elapsed());
-    let pid_of = |name: &str| {
-        procs
-            .iter()
-            .find(|p| p.name == name)
-            .map(|p| p.pid)
-            .unwrap()
+    let up = palaver_cluster(
+        &cluster.palaver,
+        "up",
+        &dir.join("stack"),
+        &[
+            "--listen".as_ref(),
+            listen.as_ref(),
+            "--data-dir".as_ref(),
+            data.as_ref(),
+        ],
+    )
+    .expect("palaver cluster up");
+    println!("cluster up in {:?}:\n{up}", started.elapsed());
+    // One `NAME pid PID port PORT` line per process.
+    let pid_of = |name: &str| -> u32 {
+        up.lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.first() == Some(&name) && f.get(1) == Some(&"pid"))
+            .and_then(|f| f.get(2)?.parse().ok())
+            .unwrap_or_else(|| panic!("no pid of {name} in:\n{up}"))
     };
 
     let ca = std::fs::read_to_string(data.join("ca.pem")).unwrap();

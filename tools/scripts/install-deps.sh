@@ -7,15 +7,15 @@
 #   - Apache Kafka (broker, KRaft) from Maven Central: org.apache.kafka:kafka_2.13
 #     and its runtime dependencies, copied by Maven from tools/kafka/pom.xml into
 #     ~/.cache/palaver/kafka-<version>/libs (run as `java -cp 'libs/*' kafka.Kafka`
-#     by testkit/src/stack/kafka.rs). Needs a JDK >= 17 (`java`) and Maven (`mvn`).
+#     by stack/src/kafka.rs). Needs a JDK >= 17 (`java`) and Maven (`mvn`).
 #   - Apache Cassandra (the history archive) from Maven Central:
 #     org.apache.cassandra:cassandra-all and its runtime dependencies, copied
 #     from tools/cassandra/pom.xml into ~/.cache/palaver/cassandra-<version>/libs
-#     (run by testkit/src/stack/cassandra.rs).
+#     (run by stack/src/cassandra.rs).
 # Idempotent: anything already present is left alone.
 set -euo pipefail
 
-# Keep in step with KAFKA_VERSION in testkit/src/stack.rs and tools/kafka/pom.xml.
+# Keep in step with KAFKA_VERSION in stack/src/kafka.rs and tools/kafka/pom.xml.
 KAFKA_VERSION="${KAFKA_VERSION:-4.1.1}"
 CASSANDRA_VERSION="${CASSANDRA_VERSION:-5.0.6}"
 HERE="$(cd "$(dirname "$0")/.." && pwd)"

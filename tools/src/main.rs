@@ -230,7 +230,7 @@ fn decode(input: &str) -> anyhow::Result<()> {
 }
 
 fn cluster(action: ClusterAction, dir: &std::path::Path) -> anyhow::Result<()> {
-    use palaver_testkit::stack;
+    use palaver_tools::cluster;
     match action {
         ClusterAction::Up {
             listen,
@@ -238,11 +238,11 @@ fn cluster(action: ClusterAction, dir: &std::path::Path) -> anyhow::Result<()> {
             no_archive,
             push_providers,
         } => {
-            let options = stack::ClusterOptions {
+            let options = cluster::ClusterOptions {
                 archive: !no_archive,
                 push_providers,
             };
-            let procs = stack::cluster_up(dir, &data_dir, &listen, options)?;
+            let procs = cluster::cluster_up(dir, &data_dir, &listen, options)?;
             for p in &procs {
                 println!("{:<9} pid {:<8} port {}", p.name, p.pid, p.port);
             }
@@ -252,7 +252,7 @@ fn cluster(action: ClusterAction, dir: &std::path::Path) -> anyhow::Result<()> {
             );
         }
         ClusterAction::Down => {
-            let procs = stack::cluster_down(dir)?;
+            let procs = cluster::cluster_down(dir)?;
             if procs.is_empty() {
                 println!("no cluster recorded in {}", dir.display());
             }
@@ -261,7 +261,7 @@ fn cluster(action: ClusterAction, dir: &std::path::Path) -> anyhow::Result<()> {
             }
         }
         ClusterAction::Status => {
-            let procs = stack::cluster_status(dir)?;
+            let procs = cluster::cluster_status(dir)?;
             if procs.is_empty() {
                 println!("no cluster recorded in {}", dir.display());
             }

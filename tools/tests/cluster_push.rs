@@ -20,6 +20,7 @@ use palaver_push::testing::{ApnsServerConfig, ApnsTestServer, TestKeyPair};
 use palaver_testkit::chat::{send_reliably, wait_offline};
 use palaver_testkit::client::{Client, ConnectOptions};
 use palaver_testkit::stack;
+use palaver_tools::cluster;
 
 const T: Duration = Duration::from_secs(30);
 const TOPIC: &str = "com.example.palaver";
@@ -30,7 +31,7 @@ struct Down(PathBuf);
 
 impl Drop for Down {
     fn drop(&mut self) {
-        let _ = stack::cluster_down(&self.0);
+        let _ = cluster::cluster_down(&self.0);
     }
 }
 
@@ -54,13 +55,13 @@ fn cluster_up_with_push_providers_wakes_a_sleeping_phone() {
     let data = dir.join("data");
     let port = stack::free_port().unwrap();
     let listen = format!("127.0.0.1:{port}");
-    let options = stack::ClusterOptions {
+    let options = cluster::ClusterOptions {
         archive: false,
         push_providers: Some(providers),
     };
     let state = dir.join("stack");
     let _down = Down(state.clone());
-    let procs = stack::cluster_up(&state, &data, &listen, options).expect("palaver cluster up");
+    let procs = cluster::cluster_up(&state, &data, &listen, options).expect("palaver cluster up");
     assert!(procs.iter().any(|p| p.name == "push-1"), "{procs:?}");
 
     let ca = std::fs::read(data.join("ca.pem")).unwrap();

@@ -1,15 +1,18 @@
 //! `palaver cluster up|down|status`: Redis, Kafka, Cassandra (the history
 //! archive), a router, an archiver and two gateways as detached processes,
-//! recorded in a state file.
+//! recorded in a state file. Redis, Kafka, Cassandra and the gateways are
+//! started by `palaver-stack`, the same code the tests start them with.
 
 use std::fs;
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::*;
+use anyhow::{anyhow, bail, Context, Result};
+use palaver_stack::{
+    find_palaver_binary, Cassandra, Gateway, GatewayLaunch, Kafka, Redis, WorkDir, POLL_INTERVAL,
+};
 
 /// One process of the local cluster, as recorded in the state file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,7 +50,7 @@ pub fn cluster_state(dir: &Path) -> Result<Vec<ClusterProcess>> {
     let text = match fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(err(format!("read {}: {e}", path.display()))),
+        Err(e) => return Err(anyhow!("read {}: {e}", path.display())),
     };
     text.lines()
         .filter(|l| !l.trim().is_empty())
@@ -60,7 +63,7 @@ pub fn cluster_state(dir: &Path) -> Result<Vec<ClusterProcess>> {
                     port: f.next()?.parse().ok()?,
                 })
             })();
-            parsed.ok_or_else(|| err(format!("{}: bad line {line:?}", path.display())))
+            parsed.ok_or_else(|| anyhow!("{}: bad line {line:?}", path.display()))
         })
         .collect()
 }
@@ -70,89 +73,8 @@ fn write_state(dir: &Path, procs: &[ClusterProcess]) -> Result<()> {
         .iter()
         .map(|p| format!("{} {} {}\n", p.name, p.pid, p.port))
         .collect();
-    fs::write(dir.join(STATE_FILE), text).map_err(|e| err(format!("write state: {e}")))
-}
-
-/// Finds a Palaver binary next to the running executable (cargo puts all of
-/// a workspace's binaries in one directory; a test executable sits one level
-/// below it, in `deps/`), else on PATH.
-pub fn find_palaver_binary(name: &str) -> Result<PathBuf> {
-    let exe = std::env::current_exe().ok();
-    let beside = exe
-        .iter()
-        .flat_map(|exe| exe.ancestors().skip(1).take(2))
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file());
-    match beside {
-        Some(p) => Ok(p),
-        None => find_binary(name).map_err(|_| {
-            err(format!(
-                "`{name}` not found next to this executable or on PATH; build it with \
-                 `cargo build --bins`"
-            ))
-        }),
-    }
-}
-
-/// A `palaver-gateway` process (the workspace's binary, see
-/// [`find_palaver_binary`]) on a free loopback port, with 2 cores, its
-/// config, log and port under a work directory; SIGKILLed on drop (a crash,
-/// as the rest of the cluster sees it: no drain, no presence flush).
-pub struct Gateway {
-    proc: Proc,
-    port: u16,
-}
-
-impl Gateway {
-    /// Starts gateway `id` with `config_toml` (a gateway config file, e.g. a
-    /// `[backend]` section) written to `dir/<id>.toml`, logging to
-    /// `dir/<id>.log`, dev credentials in `data_dir`. Returns once it accepts
-    /// connections (its backend started). The first gateway of a data dir
-    /// creates the dev CA and JWT secret the others then use.
-    pub fn start(dir: &Path, id: &str, config_toml: &str, data_dir: &Path) -> Result<Self> {
-        let binary = find_palaver_binary("palaver-gateway")?;
-        let config = dir.join(format!("{id}.toml"));
-        fs::write(&config, config_toml)
-            .map_err(|e| err(format!("write {}: {e}", config.display())))?;
-        let port = free_port()?;
-        let mut cmd = Command::new(binary);
-        cmd.arg("--config")
-            .arg(&config)
-            .args(["--gateway-id", id, "--cores", "2"])
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .arg("--data-dir")
-            .arg(data_dir)
-            .env("RUST_LOG", "info,rdkafka=warn");
-        let mut proc = Proc::spawn(cmd, dir.join(format!("{id}.log")))?;
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        wait_until(&format!("gateway {id}"), &mut proc, || {
-            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-        })?;
-        Ok(Self { proc, port })
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.proc.pid()
-    }
-
-    /// SIGKILL: no drain, no presence flush, no goodbye.
-    pub fn kill(&mut self) {
-        self.proc.kill();
-    }
-
-    /// SIGSTOPs the gateway (a stall: a paused VM, a long GC pause).
-    pub fn pause(&self) -> Result<()> {
-        signal(self.pid(), libc::SIGSTOP)
-    }
-
-    /// SIGCONTs the gateway.
-    pub fn resume(&self) -> Result<()> {
-        signal(self.pid(), libc::SIGCONT)
-    }
+    let path = dir.join(STATE_FILE);
+    fs::write(&path, text).with_context(|| format!("write {}", path.display()))
 }
 
 /// What `palaver cluster up` starts beyond Redis, Kafka, a router and two
@@ -194,17 +116,18 @@ pub fn cluster_up(
         .filter(|p| pid_alive(p.pid))
         .collect();
     if !running.is_empty() {
-        return Err(err(format!(
+        bail!(
             "a cluster is already running from {} ({} processes); run `palaver cluster down` first",
             dir.display(),
             running.len()
-        )));
+        );
     }
     let router_bin = find_palaver_binary("palaver-router")?;
-    let gateway_bin = find_palaver_binary("palaver-gateway")?;
-    fs::create_dir_all(dir).map_err(|e| err(format!("create {}: {e}", dir.display())))?;
+    // Missing binaries are reported before anything starts.
+    find_palaver_binary("palaver-gateway")?;
+    fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     let mut procs = Vec::new();
-    let result = (|| {
+    let result = (|| -> Result<()> {
         let redis = Redis::start_with(WorkDir::kept(dir.join("redis"))?, &[])?;
         let redis_url = redis.url();
         procs.push(ClusterProcess {
@@ -228,15 +151,15 @@ pub fn cluster_up(
 
         let spawn = |name: &str, mut cmd: Command| -> Result<ClusterProcess> {
             let log = dir.join(format!("{name}.log"));
-            let out = fs::File::create(&log)
-                .map_err(|e| err(format!("create {}: {e}", log.display())))?;
-            let out2 = out.try_clone().map_err(|e| err(format!("dup log: {e}")))?;
+            let out =
+                fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
+            let out2 = out.try_clone().context("dup log")?;
             let child = cmd
                 .stdin(Stdio::null())
                 .stdout(out)
                 .stderr(out2)
                 .spawn()
-                .map_err(|e| err(format!("spawn {name}: {e}")))?;
+                .with_context(|| format!("spawn {name}"))?;
             Ok(ClusterProcess {
                 name: name.into(),
                 pid: child.id(),
@@ -308,36 +231,24 @@ pub fn cluster_up(
                 "[backend]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\nredis = \"{redis_url}\"\n{archive_line}"
             ),
         )
-        .map_err(|e| err(format!("write {}: {e}", config.display())))?;
-        let port: u16 = listen
-            .rsplit_once(':')
-            .and_then(|(_, p)| p.parse().ok())
-            .ok_or_else(|| err(format!("listen address {listen:?} must be HOST:PORT")))?;
+        .with_context(|| format!("write {}", config.display()))?;
         for id in ["gw1", "gw2"] {
-            let mut gw = Command::new(&gateway_bin);
-            gw.arg("--config")
-                .arg(&config)
-                .args(["--gateway-id", id, "--listen", listen, "--cores", "1"])
-                .arg("--data-dir")
-                .arg(data_dir);
-            let mut p = spawn(id, gw)?;
-            p.port = port;
-            let pid = p.pid;
-            procs.push(p);
-            // The first gateway creates the dev certificate; let it finish
-            // before the second reads it.
-            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-            let deadline = Instant::now() + START_DEADLINE;
-            while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-                if !pid_alive(pid) || Instant::now() > deadline {
-                    return Err(err(format!(
-                        "gateway {id} did not start; log {}:\n{}",
-                        dir.join(format!("{id}.log")).display(),
-                        log_tail(&dir.join(format!("{id}.log")))
-                    )));
-                }
-                thread::sleep(POLL_INTERVAL);
-            }
+            // Returns once the port accepts connections: the first gateway
+            // has created the dev certificate the second then reads.
+            let gateway = Gateway::launch(&GatewayLaunch {
+                id,
+                config: &config,
+                listen,
+                cores: 1,
+                data_dir,
+                log: dir.join(format!("{id}.log")),
+                rust_log: None,
+            })?;
+            procs.push(ClusterProcess {
+                name: id.into(),
+                port: gateway.addr().port(),
+                pid: gateway.detach(),
+            });
         }
         Ok(())
     })();

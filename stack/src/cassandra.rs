@@ -155,7 +155,7 @@ impl Cassandra {
         // lost the last confirmed seconds of the archive on SIGKILL (found
         // by the archive fault test).
         let yaml = format!(
-            "# Written by palaver-testkit (testkit/src/stack/cassandra.rs).\n\
+            "# Written by palaver-stack (stack/src/cassandra.rs).\n\
              cluster_name: palaver\n\
              num_tokens: 1\n\
              initial_token: {token}\n\

@@ -1,5 +1,6 @@
 //! Apache Kafka (KRaft) from Maven Central, run on the JDK: one combined
-//! node, or several for broker-failure tests; readiness, topics, signals.
+//! node, or several for broker-failure tests; readiness, topics, signals
+//! (the Kafka requests themselves: `kafka_wire.rs`).
 
 use std::fs;
 use std::path::PathBuf;
@@ -7,11 +8,7 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
-use rdkafka::types::RDKafkaErrorCode;
-
+use super::kafka_wire;
 use super::*;
 
 /// The Apache Kafka release `tools/scripts/install-deps.sh` fetches from
@@ -93,21 +90,6 @@ fn kafka_cluster_id() -> String {
         bits >>= 6;
     }
     String::from_utf8(out).expect("ascii")
-}
-
-/// Sends a signal to a process (SIGSTOP/SIGCONT for stall tests).
-#[allow(unsafe_code)] // kill(2); see SAFETY below
-pub fn signal(pid: u32, sig: libc::c_int) -> Result<()> {
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    let rc = unsafe { libc::kill(pid as libc::pid_t, sig) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(err(format!(
-            "kill({pid}, {sig}): {}",
-            std::io::Error::last_os_error()
-        )))
-    }
 }
 
 /// One node of a [`Kafka`] cluster: a combined broker and KRaft controller.
@@ -201,7 +183,7 @@ impl Kafka {
         let rf = n.min(3);
         let min_isr = if n >= 3 { 2 } else { 1 };
         let config = format!(
-            "# Written by palaver-testkit (testkit/src/stack.rs).\n\
+            "# Written by palaver-stack (stack/src/kafka.rs).\n\
              process.roles=broker,controller\n\
              node.id={id}\n\
              controller.quorum.voters={voters}\n\
@@ -343,7 +325,6 @@ impl Kafka {
         );
         let deadline = Instant::now() + KAFKA_START_DEADLINE;
         let bootstrap = self.bootstrap();
-        let admin = kafka_admin(&bootstrap)?;
         let mut last;
         loop {
             for &i in &running {
@@ -351,7 +332,7 @@ impl Kafka {
                     p.check_alive(&format!("Kafka node {}", i + 1))?;
                 }
             }
-            match probe_ready(&admin, running.len(), self.nodes.len()) {
+            match probe_ready(&bootstrap, running.len(), self.nodes.len()) {
                 Ok(()) => return Ok(()),
                 Err(e) => last = e,
             }
@@ -468,17 +449,12 @@ impl Kafka {
 
     /// The node index (0-based) leading `topic`'s `partition`, per metadata.
     pub fn leader_of(&self, topic: &str, partition: i32) -> Result<usize> {
-        let admin = kafka_admin(&self.bootstrap())?;
-        let md = admin
-            .inner()
-            .fetch_metadata(Some(topic), Duration::from_secs(10))
+        let md = kafka_wire::metadata(&self.bootstrap(), Some(&[topic]), Duration::from_secs(10))
             .map_err(|e| err(format!("metadata of {topic}: {e}")))?;
         let leader = md
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic)
-            .and_then(|t| t.partitions().iter().find(|p| p.id() == partition))
-            .map(|p| p.leader())
+            .topic(topic)
+            .and_then(|t| t.partitions.iter().find(|p| p.id == partition))
+            .map(|p| p.leader)
             .ok_or_else(|| err(format!("{topic}/{partition} not in metadata")))?;
         self.nodes
             .iter()
@@ -498,68 +474,38 @@ impl Kafka {
     }
 }
 
-fn kafka_admin(bootstrap: &str) -> Result<AdminClient<DefaultClientContext>> {
-    ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("log_level", "3")
-        .create()
-        .map_err(|e| err(format!("Kafka admin client for {bootstrap}: {e}")))
-}
+/// The topic whose creation and leader prove that the cluster serves
+/// clients (created by the first readiness wait, kept for the next).
+const PROBE_TOPIC: &str = "palaver.ready";
 
 /// One readiness probe: every running broker is in the metadata and the
 /// probe topic exists with a leader.
-fn probe_ready(
-    admin: &AdminClient<DefaultClientContext>,
-    brokers: usize,
-    nodes: usize,
-) -> std::result::Result<(), String> {
-    let md = admin
-        .inner()
-        .fetch_metadata(None, Duration::from_secs(2))
-        .map_err(|e| format!("metadata: {e}"))?;
-    if md.brokers().len() < brokers {
+fn probe_ready(bootstrap: &str, brokers: usize, nodes: usize) -> std::result::Result<(), String> {
+    let timeout = Duration::from_secs(2);
+    let md = kafka_wire::metadata(bootstrap, None, timeout)?;
+    if md.brokers.len() < brokers {
         return Err(format!(
             "metadata lists {} of {brokers} brokers",
-            md.brokers().len()
+            md.brokers.len()
         ));
     }
-    const PROBE: &str = "palaver.ready";
-    let probe_ok = |md: &rdkafka::metadata::Metadata| {
-        md.topics().iter().any(|t| {
-            t.name() == PROBE
-                && t.error().is_none()
-                && !t.partitions().is_empty()
-                && t.partitions().iter().all(|p| p.leader() >= 0)
-        })
-    };
-    if probe_ok(&md) {
+    if md.topic(PROBE_TOPIC).is_some_and(|t| t.led()) {
         return Ok(());
     }
     if brokers < nodes {
         // A restarted node of a cluster whose probe topic existed: metadata
         // listing it is the condition.
-        if md.topics().iter().any(|t| t.name() == PROBE) {
+        if md.topic(PROBE_TOPIC).is_some() {
             return Ok(());
         }
     }
-    let topic = NewTopic::new(PROBE, 1, TopicReplication::Fixed(nodes.min(3) as i32));
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(5)));
-    let results = futures_executor::block_on(admin.create_topics([&topic], &opts))
-        .map_err(|e| format!("create {PROBE}: {e}"))?;
-    for r in results {
-        match r {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((_, code)) => return Err(format!("create {PROBE}: {code}")),
-        }
-    }
-    let md = admin
-        .inner()
-        .fetch_metadata(Some(PROBE), Duration::from_secs(2))
-        .map_err(|e| format!("metadata: {e}"))?;
-    if probe_ok(&md) {
+    let replicas = nodes.min(3) as i16;
+    kafka_wire::create_topic(bootstrap, PROBE_TOPIC, 1, replicas, Duration::from_secs(5))?;
+    let md = kafka_wire::metadata(bootstrap, Some(&[PROBE_TOPIC]), timeout)?;
+    if md.topic(PROBE_TOPIC).is_some_and(|t| t.led()) {
         Ok(())
     } else {
-        Err(format!("{PROBE} has no leader yet"))
+        Err(format!("{PROBE_TOPIC} has no leader yet"))
     }
 }
 
@@ -568,32 +514,23 @@ fn probe_ready(
 /// broker accepts it, and waits until every partition has a leader. An
 /// existing topic is left alone.
 pub fn create_topic(bootstrap: &str, name: &str, partitions: u32) -> Result<()> {
-    let admin = kafka_admin(bootstrap)?;
     let deadline = Instant::now() + KAFKA_START_DEADLINE;
-    let topic = NewTopic::new(name, partitions as i32, TopicReplication::Fixed(-1));
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let mut last;
     loop {
-        last = match futures_executor::block_on(admin.create_topics([&topic], &opts)) {
-            Ok(results) => match results.into_iter().next() {
-                Some(Ok(_)) | Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) | None => {
-                    let md = admin
-                        .inner()
-                        .fetch_metadata(Some(name), Duration::from_secs(5))
-                        .map_err(|e| err(format!("metadata of {name}: {e}")))?;
-                    let led = md.topics().iter().any(|t| {
-                        t.name() == name
-                            && t.partitions().len() == partitions as usize
-                            && t.partitions().iter().all(|p| p.leader() >= 0)
-                    });
-                    if led {
-                        return Ok(());
-                    }
-                    "not every partition has a leader yet".to_string()
-                }
-                Some(Err((_, code))) => code.to_string(),
+        last = match kafka_wire::create_topic(
+            bootstrap,
+            name,
+            partitions,
+            -1,
+            Duration::from_secs(10),
+        )
+        .and_then(|()| kafka_wire::metadata(bootstrap, Some(&[name]), Duration::from_secs(5)))
+        {
+            Ok(md) => match md.topic(name) {
+                Some(t) if t.led() && t.partitions.len() == partitions as usize => return Ok(()),
+                _ => "not every partition has a leader yet".to_string(),
             },
-            Err(e) => e.to_string(),
+            Err(e) => e,
         };
         if Instant::now() > deadline {
             return Err(err(format!("create topic {name} on {bootstrap}: {last}")));

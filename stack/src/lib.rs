@@ -1,5 +1,8 @@
-//! Real Redis, Redis Cluster, Apache Kafka (KRaft) and Apache Cassandra processes on free
-//! loopback ports, for the integration tests and for `palaver cluster`.
+//! Real redis-server, Redis Cluster, Apache Kafka (KRaft), Apache Cassandra
+//! and `palaver-gateway` processes on free loopback ports, for the
+//! integration tests (through `palaver-testkit`, which re-exports this crate
+//! as `stack`) and for `palaver cluster` (the CLI's supervisor in
+//! `tools/src/cluster.rs`).
 //!
 //! Each service gets its own working directory (a temporary one unless the
 //! caller gives one), is polled until it answers (with a deadline), and is
@@ -21,8 +24,9 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// How long a service may take to answer after it was spawned.
-const START_DEADLINE: Duration = Duration::from_secs(30);
-const POLL_INTERVAL: Duration = Duration::from_millis(25);
+pub const START_DEADLINE: Duration = Duration::from_secs(30);
+/// How often a readiness wait polls.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(25);
 const INSTALL_HINT: &str = "run tools/scripts/install-deps.sh to install it";
 
 #[derive(Debug)]
@@ -40,6 +44,22 @@ pub type Result<T> = std::result::Result<T, StackError>;
 
 fn err(message: impl Into<String>) -> StackError {
     StackError(message.into())
+}
+
+/// Sends a signal to a process (SIGSTOP/SIGCONT for stall tests, SIGTERM
+/// and SIGKILL for `palaver cluster down` and the fault tests).
+#[allow(unsafe_code)] // kill(2); see SAFETY below
+pub fn signal(pid: u32, sig: libc::c_int) -> Result<()> {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, sig) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(err(format!(
+            "kill({pid}, {sig}): {}",
+            std::io::Error::last_os_error()
+        )))
+    }
 }
 
 /// Finds `name` on PATH or in cargo's bin directory (where `cargo install`
@@ -193,7 +213,8 @@ impl Drop for Proc {
     }
 }
 
-fn log_tail(path: &Path) -> String {
+/// The last 20 lines of a log, for an error saying why a service did not start.
+pub fn log_tail(path: &Path) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
@@ -256,12 +277,13 @@ fn resp_complete(reply: &[u8]) -> bool {
 }
 
 mod cassandra;
-mod cluster;
+mod gateway;
 mod kafka;
+mod kafka_wire;
 mod redis;
 
 pub use cassandra::*;
-pub use cluster::*;
+pub use gateway::*;
 pub use kafka::*;
 pub use redis::*;
 
