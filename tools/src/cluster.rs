@@ -31,6 +31,7 @@ const CLUSTER_TOPICS: &[(&str, u32)] = &[
     ("palaver.inbound", 8),
     ("palaver.push", 8),
     ("palaver.stored", 8),
+    ("palaver.channels", 8),
     ("palaver.dlq", 1),
 ];
 

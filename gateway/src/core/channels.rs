@@ -202,6 +202,9 @@ pub(super) enum Opened {
     Full,
 }
 
+/// A connection's channels that moved, with their newest seq.
+type PendingCounts = Vec<(Arc<str>, u64)>;
+
 #[derive(Default)]
 pub(super) struct ChannelTable {
     subscribers: HashMap<Arc<str>, Vec<Subscriber>>,
@@ -210,7 +213,7 @@ pub(super) struct ChannelTable {
     by_conn: HashMap<u32, Vec<Arc<str>>>,
     /// COUNTS subscribers whose channel moved since the last flush: slot →
     /// (generation, channel → last seq).
-    counts: HashMap<u32, (u32, Vec<(Arc<str>, u64)>)>,
+    counts: HashMap<u32, (u32, PendingCounts)>,
     /// Each open channel's Typing budget on this core.
     typing: HashMap<Arc<str>, TokenBucket>,
     /// When the counts were last flushed (core clock).
