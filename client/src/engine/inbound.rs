@@ -260,7 +260,12 @@ impl Engine {
                 }
             }
         }
-        if let (Some(seq), true) = (delivered_up_to, self.cfg.auto_delivered_receipts) {
+        // A channel keeps read positions only (SPEC §21): no DELIVERED.
+        let channel = palaver_protocol::is_channel_id(conv);
+        if let (Some(seq), true) = (
+            delivered_up_to,
+            self.cfg.auto_delivered_receipts && !channel,
+        ) {
             self.add_receipt(
                 conv.to_string(),
                 ReceiptKind::Delivered,

@@ -400,7 +400,9 @@ impl<S: Store> Router<S> {
 
     /// A channel's Receipt: READ raises the reader's read position (clamped
     /// to the last message) and tells the reader's other devices; nobody
-    /// else hears of it. DELIVERED has no meaning in a channel.
+    /// else hears of it. DELIVERED has no meaning in a channel and is
+    /// ignored without an error (a client that predates channels sends it
+    /// for every message it syncs, SPEC §16).
     pub(super) fn channel_receipt(
         &mut self,
         req: &Inbound,
@@ -410,13 +412,10 @@ impl<S: Store> Router<S> {
     ) -> Result<(), Failure> {
         let conversation_id = &receipt.conversation_id;
         let reader = &req.from.user_id;
-        if kind != pb::ReceiptKind::Read {
-            return reject(
-                ErrorCode::InvalidArgument,
-                "channels keep read positions only: send READ",
-            );
-        }
         self.check_member(conversation_id, reader)?;
+        if kind != pb::ReceiptKind::Read {
+            return Ok(());
+        }
         self.store
             .clear_push_pending(reader, Some(conversation_id))?;
         let last_seq = self
