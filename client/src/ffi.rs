@@ -470,6 +470,67 @@ impl PalaverClient {
             kind: ConversationKind::Group,
             title,
             member_user_ids,
+            channel: None,
+        })
+    }
+
+    /// Creates a channel (SPEC §21: up to 100,000 members, delivered live
+    /// only where opened) of this user (admin) and `member_user_ids`:
+    /// `public` lets anyone join with `change_members` adding themselves,
+    /// `admins_only_post` makes it an announcement channel.
+    /// `ConversationResult` or `RequestFailed`.
+    pub fn create_channel(
+        &self,
+        title: String,
+        member_user_ids: Vec<String>,
+        settings: ChannelSettings,
+    ) -> Result<u64, ClientError> {
+        check_users(&member_user_ids)?;
+        self.ticket(Request::CreateConversation {
+            kind: ConversationKind::Channel,
+            title,
+            member_user_ids,
+            channel: Some(pb::ChannelSettings {
+                public: settings.public,
+                admins_only_post: settings.admins_only_post,
+            }),
+        })
+    }
+
+    /// What this client receives of a channel it is a member of (SPEC
+    /// §21): `Live` while it is on screen (each `Message` and `Typing`),
+    /// `Counts` while it is in a list (`ChannelActivity`, batched),
+    /// `Closed` for nothing live. Kept across reconnects until changed;
+    /// `ChannelOpened` answers it each time, `ChannelOpenFailed` if refused.
+    pub fn open_channel(
+        &self,
+        conversation_id: String,
+        mode: ChannelMode,
+    ) -> Result<(), ClientError> {
+        check_conversation(&conversation_id)?;
+        if !palaver_protocol::is_channel_id(&conversation_id) {
+            return Err(invalid(format!("{conversation_id} is not a channel")));
+        }
+        self.command(Command::OpenChannel {
+            conversation_id,
+            mode,
+        })
+    }
+
+    /// A page of a conversation's members, ascending by user id, after
+    /// `after_user_id` (None: from the start), at most `limit` (0: the
+    /// server's default): `MemberPage` or `RequestFailed`.
+    pub fn list_members(
+        &self,
+        conversation_id: String,
+        after_user_id: Option<String>,
+        limit: u32,
+    ) -> Result<u64, ClientError> {
+        check_conversation(&conversation_id)?;
+        self.ticket(Request::ListMembers {
+            conversation_id,
+            after_user_id: after_user_id.unwrap_or_default(),
+            limit,
         })
     }
 
@@ -480,6 +541,7 @@ impl PalaverClient {
             kind: ConversationKind::Direct,
             title: String::new(),
             member_user_ids: vec![peer_user_id],
+            channel: None,
         })
     }
 

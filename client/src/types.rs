@@ -143,6 +143,48 @@ pub enum ConversationKind {
     Unspecified,
     Direct,
     Group,
+    /// Up to 100,000 members, delivered live only where opened (SPEC §21,
+    /// `open_channel`).
+    Channel,
+}
+
+/// How a channel is run (SPEC §21).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Record)]
+pub struct ChannelSettings {
+    /// Anyone may join (`change_members` adding themselves).
+    pub public: bool,
+    /// An announcement channel: only admins post.
+    pub admins_only_post: bool,
+}
+
+/// What this connection receives of a channel (SPEC §21).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Enum)]
+pub enum ChannelMode {
+    /// Nothing live (its messages still come with Sync and history).
+    Closed,
+    /// `ChannelActivity` with its newest seq, batched (about once a second):
+    /// for a channel list with unread counts.
+    Counts,
+    /// Each message and Typing as it happens: the channel is on screen.
+    Live,
+}
+
+impl ChannelMode {
+    pub(crate) fn to_pb(self) -> pb::ChannelMode {
+        match self {
+            ChannelMode::Closed => pb::ChannelMode::Closed,
+            ChannelMode::Counts => pb::ChannelMode::Counts,
+            ChannelMode::Live => pb::ChannelMode::Live,
+        }
+    }
+
+    pub(crate) fn from_pb(v: i32) -> ChannelMode {
+        match pb::ChannelMode::try_from(v) {
+            Ok(pb::ChannelMode::Counts) => ChannelMode::Counts,
+            Ok(pb::ChannelMode::Live) => ChannelMode::Live,
+            _ => ChannelMode::Closed,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Enum)]
@@ -163,8 +205,13 @@ pub struct Conversation {
     pub conversation_id: String,
     pub kind: ConversationKind,
     pub title: String,
+    /// All members; empty for a channel (`list_members` pages them).
     pub members: Vec<Member>,
     pub last_seq: u64,
+    /// A channel's members now (0 for other kinds).
+    pub member_count: u32,
+    /// A channel's settings (None for other kinds).
+    pub channel: Option<ChannelSettings>,
 }
 
 impl Conversation {
@@ -172,25 +219,33 @@ impl Conversation {
         let kind = match pb::ConversationKind::try_from(c.kind) {
             Ok(pb::ConversationKind::Direct) => ConversationKind::Direct,
             Ok(pb::ConversationKind::Group) => ConversationKind::Group,
+            Ok(pb::ConversationKind::Channel) => ConversationKind::Channel,
             _ => ConversationKind::Unspecified,
         };
         Conversation {
             conversation_id: c.conversation_id,
             kind,
             title: c.title,
-            members: c
-                .members
-                .into_iter()
-                .map(|m| Member {
-                    role: match pb::Role::try_from(m.role) {
-                        Ok(pb::Role::Member) => Role::Member,
-                        Ok(pb::Role::Admin) => Role::Admin,
-                        _ => Role::Unspecified,
-                    },
-                    user_id: m.user_id,
-                })
-                .collect(),
+            members: c.members.into_iter().map(Member::from_pb).collect(),
             last_seq: c.last_seq,
+            member_count: c.member_count,
+            channel: c.channel.map(|s| ChannelSettings {
+                public: s.public,
+                admins_only_post: s.admins_only_post,
+            }),
+        }
+    }
+}
+
+impl Member {
+    pub(crate) fn from_pb(m: pb::Member) -> Member {
+        Member {
+            role: match pb::Role::try_from(m.role) {
+                Ok(pb::Role::Member) => Role::Member,
+                Ok(pb::Role::Admin) => Role::Admin,
+                _ => Role::Unspecified,
+            },
+            user_id: m.user_id,
         }
     }
 }
@@ -371,10 +426,41 @@ pub enum ClientEvent {
         messages: Vec<ChatMessage>,
         has_more: bool,
     },
-    /// Answer to `create_group` / `open_direct` / `change_members`.
+    /// Answer to `create_group` / `create_channel` / `open_direct` /
+    /// `change_members`.
     ConversationResult {
         ticket: u64,
         conversation: Conversation,
+    },
+    /// Answer to `list_members(ticket)`: members ascending by user id;
+    /// ask again after the last one while `has_more`.
+    MemberPage {
+        ticket: u64,
+        conversation_id: String,
+        members: Vec<Member>,
+        has_more: bool,
+        member_count: u32,
+    },
+    /// The server set this connection's mode for a channel
+    /// (`open_channel`, also after every reconnect): its newest seq and
+    /// this user's read position.
+    ChannelOpened {
+        conversation_id: String,
+        mode: ChannelMode,
+        last_seq: u64,
+        read_seq: u64,
+    },
+    /// The server refused `open_channel` (not a member, too many open):
+    /// the SDK forgets the mode.
+    ChannelOpenFailed {
+        conversation_id: String,
+        error: ServerError,
+    },
+    /// A channel open in COUNTS mode reached `last_seq` (batched by the
+    /// server, about once a second): unread = `last_seq` - what was read.
+    ChannelActivity {
+        conversation_id: String,
+        last_seq: u64,
     },
     /// Answer to `query_presence(ticket)`.
     PresenceResult {

@@ -653,3 +653,134 @@ fn push_token_and_mutes_round_trip_through_the_gateway() {
     }
     alice.shutdown();
 }
+
+/// Channels through the SDK (SPEC §21): a channel created and paged, LIVE
+/// messages as `Message` events, a COUNTS list as `ChannelActivity`, both
+/// modes set again by the SDK after the link drops, a refusal reported and
+/// forgotten.
+#[test]
+fn channel_modes_survive_a_reconnect_and_counts_arrive_batched() {
+    use palaver_client::{ChannelMode, ChannelSettings};
+    let stack = Stack::start(|_| {});
+    let proxy = Proxy::start(stack.addr);
+    let (alice, ra) = stack.client(stack.config_at(proxy.addr, "phone"), "alice");
+    alice.connect().unwrap();
+    ra.wait_connected(1);
+    let (bob, rb) = stack.login("bob", "phone");
+    let settings = ChannelSettings {
+        public: false,
+        admins_only_post: false,
+    };
+    let members: Vec<String> = (0..9)
+        .map(|i| format!("reader{i}"))
+        .chain(["alice".into()])
+        .collect();
+    let ticket = bob
+        .create_channel("news".into(), members, settings)
+        .unwrap();
+    rb.wait("channel", T, |e| {
+        e.iter()
+            .any(|e| matches!(e, ClientEvent::ConversationResult { ticket: t, .. } if *t == ticket))
+    });
+    let channel = rb
+        .snapshot()
+        .into_iter()
+        .find_map(|(_, e)| match e {
+            ClientEvent::ConversationResult {
+                ticket: t,
+                conversation,
+            } if t == ticket => Some(conversation),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(channel.kind, palaver_client::ConversationKind::Channel);
+    assert_eq!((channel.member_count, channel.members.len()), (11, 0));
+    assert_eq!(channel.channel, Some(settings));
+    let id = channel.conversation_id;
+    // A page of 4 after "reader2".
+    let ticket = bob
+        .list_members(id.clone(), Some("reader2".into()), 4)
+        .unwrap();
+    rb.wait("members", T, |e| {
+        e.iter()
+            .any(|e| matches!(e, ClientEvent::MemberPage { ticket: t, .. } if *t == ticket))
+    });
+    let page = rb
+        .snapshot()
+        .into_iter()
+        .find_map(|(_, e)| match e {
+            ClientEvent::MemberPage {
+                ticket: t,
+                members,
+                has_more,
+                member_count,
+                ..
+            } if t == ticket => Some((members, has_more, member_count)),
+            _ => None,
+        })
+        .unwrap();
+    let ids: Vec<&str> = page.0.iter().map(|m| m.user_id.as_str()).collect();
+    assert_eq!(
+        (ids, page.1, page.2),
+        (vec!["reader3", "reader4", "reader5", "reader6"], true, 11)
+    );
+
+    alice.open_channel(id.clone(), ChannelMode::Live).unwrap();
+    let opened = |r: &Recorder, from: usize, mode: ChannelMode| {
+        r.wait("ChannelOpened", T, |e| {
+            e[from..]
+                .iter()
+                .any(|e| matches!(e, ClientEvent::ChannelOpened { mode: m, .. } if *m == mode))
+        })
+    };
+    opened(&ra, 0, ChannelMode::Live);
+    bob.send_text(id.clone(), "one".into()).unwrap();
+    ra.wait_messages(&id, 1);
+    // The link drops: the SDK opens the channel again by itself.
+    proxy.cut_all();
+    ra.wait_connected(2);
+    let reconnected = ra
+        .snapshot()
+        .iter()
+        .rposition(|(_, e)| is_connected(e))
+        .unwrap();
+    opened(&ra, reconnected, ChannelMode::Live);
+    bob.send_text(id.clone(), "two".into()).unwrap();
+    let got = ra.wait_messages(&id, 2);
+    assert_eq!(got.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2]);
+
+    // COUNTS: 10 messages come as a few ChannelActivity events, the last
+    // one at seq 12.
+    alice.open_channel(id.clone(), ChannelMode::Counts).unwrap();
+    let from = ra.snapshot().len();
+    opened(&ra, from.saturating_sub(1), ChannelMode::Counts);
+    for i in 0..10 {
+        bob.send_text(id.clone(), format!("c{i}")).unwrap();
+    }
+    ra.wait("counts reach 12", T, |e| {
+        e.iter()
+            .any(|e| matches!(e, ClientEvent::ChannelActivity { last_seq: 12, .. }))
+    });
+    let activity = ra
+        .snapshot()
+        .iter()
+        .filter(|(_, e)| matches!(e, ClientEvent::ChannelActivity { .. }))
+        .count();
+    assert!(
+        activity < 10,
+        "{activity} ChannelActivity events for 10 messages"
+    );
+
+    // Not a member: refused, reported, forgotten.
+    let (carol, rc) = stack.login("carol", "phone");
+    carol.open_channel(id.clone(), ChannelMode::Live).unwrap();
+    rc.wait("refused", T, |e| {
+        e.iter().any(|e| matches!(e, ClientEvent::ChannelOpenFailed { error, .. } if error.code == palaver_client::ErrorCode::Forbidden))
+    });
+    assert!(carol
+        .open_channel("grp:x".into(), ChannelMode::Live)
+        .is_err());
+    alice.shutdown();
+    bob.shutdown();
+    carol.shutdown();
+}

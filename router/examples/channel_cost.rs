@@ -31,14 +31,24 @@ fn info(url: &str, section: &str) -> String {
 fn commands(url: &str) -> u64 {
     info(url, "commandstats")
         .lines()
-        .filter_map(|l| l.split_once("calls=")?.1.split(',').next()?.parse::<u64>().ok())
+        .filter_map(|l| {
+            l.split_once("calls=")?
+                .1
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
         .sum()
 }
 
 fn reset_stats(url: &str) {
     let client = redis::Client::open(url).unwrap();
     let mut con = client.get_connection().unwrap();
-    let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query(&mut con).unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query(&mut con)
+        .unwrap();
 }
 
 fn used_memory(url: &str) -> u64 {
@@ -133,7 +143,9 @@ fn main() {
                 })
                 .collect();
             let mut out = Output::default();
-            router.handle_batch(&batch, &mut out, &mut progress).unwrap();
+            router
+                .handle_batch(&batch, &mut out, &mut progress)
+                .unwrap();
             frames += out.frames.len();
             posts += out.channel_posts.len();
         }

@@ -1248,6 +1248,15 @@ public protocol PalaverClientProtocol: AnyObject, Sendable {
     func connect() throws 
     
     /**
+     * Creates a channel (SPEC §21: up to 100,000 members, delivered live
+     * only where opened) of this user (admin) and `member_user_ids`:
+     * `public` lets anyone join with `change_members` adding themselves,
+     * `admins_only_post` makes it an announcement channel.
+     * `ConversationResult` or `RequestFailed`.
+     */
+    func createChannel(title: String, memberUserIds: [String], settings: ChannelSettings) throws  -> UInt64
+    
+    /**
      * Creates a group of this user (admin) and `member_user_ids`:
      * `ConversationResult` or `RequestFailed`.
      */
@@ -1257,6 +1266,13 @@ public protocol PalaverClientProtocol: AnyObject, Sendable {
      * Close the connection and stop reconnecting; the outbox is kept.
      */
     func disconnect() throws 
+    
+    /**
+     * A page of a conversation's members, ascending by user id, after
+     * `after_user_id` (None: from the start), at most `limit` (0: the
+     * server's default): `MemberPage` or `RequestFailed`.
+     */
+    func listMembers(conversationId: String, afterUserId: String?, limit: UInt32) throws  -> UInt64
     
     /**
      * A page of older messages (`before_seq` 0 = newest): `HistoryPage`.
@@ -1281,6 +1297,15 @@ public protocol PalaverClientProtocol: AnyObject, Sendable {
      * or `RequestFailed`.
      */
     func muteConversation(conversationId: String, untilMs: Int64?) throws  -> UInt64
+    
+    /**
+     * What this client receives of a channel it is a member of (SPEC
+     * §21): `Live` while it is on screen (each `Message` and `Typing`),
+     * `Counts` while it is in a list (`ChannelActivity`, batched),
+     * `Closed` for nothing live. Kept across reconnects until changed;
+     * `ChannelOpened` answers it each time, `ChannelOpenFailed` if refused.
+     */
+    func openChannel(conversationId: String, mode: ChannelMode) throws 
     
     /**
      * Lists the direct conversation with `peer_user_id` for both users.
@@ -1463,6 +1488,23 @@ open func connect()throws   {try rustCallWithError(FfiConverterTypeClientError_l
 }
     
     /**
+     * Creates a channel (SPEC §21: up to 100,000 members, delivered live
+     * only where opened) of this user (admin) and `member_user_ids`:
+     * `public` lets anyone join with `change_members` adding themselves,
+     * `admins_only_post` makes it an announcement channel.
+     * `ConversationResult` or `RequestFailed`.
+     */
+open func createChannel(title: String, memberUserIds: [String], settings: ChannelSettings)throws  -> UInt64  {
+    return try  FfiConverterUInt64.lift(try rustCallWithError(FfiConverterTypeClientError_lift) {
+    uniffi_palaver_client_fn_method_palaverclient_create_channel(self.uniffiClonePointer(),
+        FfiConverterString.lower(title),
+        FfiConverterSequenceString.lower(memberUserIds),
+        FfiConverterTypeChannelSettings_lower(settings),$0
+    )
+})
+}
+    
+    /**
      * Creates a group of this user (admin) and `member_user_ids`:
      * `ConversationResult` or `RequestFailed`.
      */
@@ -1482,6 +1524,21 @@ open func disconnect()throws   {try rustCallWithError(FfiConverterTypeClientErro
     uniffi_palaver_client_fn_method_palaverclient_disconnect(self.uniffiClonePointer(),$0
     )
 }
+}
+    
+    /**
+     * A page of a conversation's members, ascending by user id, after
+     * `after_user_id` (None: from the start), at most `limit` (0: the
+     * server's default): `MemberPage` or `RequestFailed`.
+     */
+open func listMembers(conversationId: String, afterUserId: String?, limit: UInt32)throws  -> UInt64  {
+    return try  FfiConverterUInt64.lift(try rustCallWithError(FfiConverterTypeClientError_lift) {
+    uniffi_palaver_client_fn_method_palaverclient_list_members(self.uniffiClonePointer(),
+        FfiConverterString.lower(conversationId),
+        FfiConverterOptionString.lower(afterUserId),
+        FfiConverterUInt32.lower(limit),$0
+    )
+})
 }
     
     /**
@@ -1533,6 +1590,21 @@ open func muteConversation(conversationId: String, untilMs: Int64?)throws  -> UI
         FfiConverterOptionInt64.lower(untilMs),$0
     )
 })
+}
+    
+    /**
+     * What this client receives of a channel it is a member of (SPEC
+     * §21): `Live` while it is on screen (each `Message` and `Typing`),
+     * `Counts` while it is in a list (`ChannelActivity`, batched),
+     * `Closed` for nothing live. Kept across reconnects until changed;
+     * `ChannelOpened` answers it each time, `ChannelOpenFailed` if refused.
+     */
+open func openChannel(conversationId: String, mode: ChannelMode)throws   {try rustCallWithError(FfiConverterTypeClientError_lift) {
+    uniffi_palaver_client_fn_method_palaverclient_open_channel(self.uniffiClonePointer(),
+        FfiConverterString.lower(conversationId),
+        FfiConverterTypeChannelMode_lower(mode),$0
+    )
+}
 }
     
     /**
@@ -1951,6 +2023,91 @@ public func FfiConverterTypeTokenProvider_lower(_ value: TokenProvider) -> Unsaf
 
 
 /**
+ * How a channel is run (SPEC §21).
+ */
+public struct ChannelSettings {
+    /**
+     * Anyone may join (`change_members` adding themselves).
+     */
+    public var `public`: Bool
+    /**
+     * An announcement channel: only admins post.
+     */
+    public var adminsOnlyPost: Bool
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * Anyone may join (`change_members` adding themselves).
+         */`public`: Bool, 
+        /**
+         * An announcement channel: only admins post.
+         */adminsOnlyPost: Bool) {
+        self.`public` = `public`
+        self.adminsOnlyPost = adminsOnlyPost
+    }
+}
+
+#if compiler(>=6)
+extension ChannelSettings: Sendable {}
+#endif
+
+
+extension ChannelSettings: Equatable, Hashable {
+    public static func ==(lhs: ChannelSettings, rhs: ChannelSettings) -> Bool {
+        if lhs.`public` != rhs.`public` {
+            return false
+        }
+        if lhs.adminsOnlyPost != rhs.adminsOnlyPost {
+            return false
+        }
+        return true
+    }
+
+    public func hash(into hasher: inout Hasher) {
+        hasher.combine(`public`)
+        hasher.combine(adminsOnlyPost)
+    }
+}
+
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeChannelSettings: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> ChannelSettings {
+        return
+            try ChannelSettings(
+                public: FfiConverterBool.read(from: &buf), 
+                adminsOnlyPost: FfiConverterBool.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: ChannelSettings, into buf: inout [UInt8]) {
+        FfiConverterBool.write(value.`public`, into: &buf)
+        FfiConverterBool.write(value.adminsOnlyPost, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeChannelSettings_lift(_ buf: RustBuffer) throws -> ChannelSettings {
+    return try FfiConverterTypeChannelSettings.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeChannelSettings_lower(_ value: ChannelSettings) -> RustBuffer {
+    return FfiConverterTypeChannelSettings.lower(value)
+}
+
+
+/**
  * A stored message of a conversation.
  */
 public struct ChatMessage {
@@ -2310,17 +2467,39 @@ public struct Conversation {
     public var conversationId: String
     public var kind: ConversationKind
     public var title: String
+    /**
+     * All members; empty for a channel (`list_members` pages them).
+     */
     public var members: [Member]
     public var lastSeq: UInt64
+    /**
+     * A channel's members now (0 for other kinds).
+     */
+    public var memberCount: UInt32
+    /**
+     * A channel's settings (None for other kinds).
+     */
+    public var channel: ChannelSettings?
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
-    public init(conversationId: String, kind: ConversationKind, title: String, members: [Member], lastSeq: UInt64) {
+    public init(conversationId: String, kind: ConversationKind, title: String, 
+        /**
+         * All members; empty for a channel (`list_members` pages them).
+         */members: [Member], lastSeq: UInt64, 
+        /**
+         * A channel's members now (0 for other kinds).
+         */memberCount: UInt32, 
+        /**
+         * A channel's settings (None for other kinds).
+         */channel: ChannelSettings?) {
         self.conversationId = conversationId
         self.kind = kind
         self.title = title
         self.members = members
         self.lastSeq = lastSeq
+        self.memberCount = memberCount
+        self.channel = channel
     }
 }
 
@@ -2346,6 +2525,12 @@ extension Conversation: Equatable, Hashable {
         if lhs.lastSeq != rhs.lastSeq {
             return false
         }
+        if lhs.memberCount != rhs.memberCount {
+            return false
+        }
+        if lhs.channel != rhs.channel {
+            return false
+        }
         return true
     }
 
@@ -2355,6 +2540,8 @@ extension Conversation: Equatable, Hashable {
         hasher.combine(title)
         hasher.combine(members)
         hasher.combine(lastSeq)
+        hasher.combine(memberCount)
+        hasher.combine(channel)
     }
 }
 
@@ -2371,7 +2558,9 @@ public struct FfiConverterTypeConversation: FfiConverterRustBuffer {
                 kind: FfiConverterTypeConversationKind.read(from: &buf), 
                 title: FfiConverterString.read(from: &buf), 
                 members: FfiConverterSequenceTypeMember.read(from: &buf), 
-                lastSeq: FfiConverterUInt64.read(from: &buf)
+                lastSeq: FfiConverterUInt64.read(from: &buf), 
+                memberCount: FfiConverterUInt32.read(from: &buf), 
+                channel: FfiConverterOptionTypeChannelSettings.read(from: &buf)
         )
     }
 
@@ -2381,6 +2570,8 @@ public struct FfiConverterTypeConversation: FfiConverterRustBuffer {
         FfiConverterString.write(value.title, into: &buf)
         FfiConverterSequenceTypeMember.write(value.members, into: &buf)
         FfiConverterUInt64.write(value.lastSeq, into: &buf)
+        FfiConverterUInt32.write(value.memberCount, into: &buf)
+        FfiConverterOptionTypeChannelSettings.write(value.channel, into: &buf)
     }
 }
 
@@ -2951,6 +3142,96 @@ public func FfiConverterTypeSyncCursor_lower(_ value: SyncCursor) -> RustBuffer 
     return FfiConverterTypeSyncCursor.lower(value)
 }
 
+// Note that we don't yet support `indirect` for enums.
+// See https://github.com/mozilla/uniffi-rs/issues/396 for further discussion.
+/**
+ * What this connection receives of a channel (SPEC §21).
+ */
+
+public enum ChannelMode {
+    
+    /**
+     * Nothing live (its messages still come with Sync and history).
+     */
+    case closed
+    /**
+     * `ChannelActivity` with its newest seq, batched (about once a second):
+     * for a channel list with unread counts.
+     */
+    case counts
+    /**
+     * Each message and Typing as it happens: the channel is on screen.
+     */
+    case live
+}
+
+
+#if compiler(>=6)
+extension ChannelMode: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeChannelMode: FfiConverterRustBuffer {
+    typealias SwiftType = ChannelMode
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> ChannelMode {
+        let variant: Int32 = try readInt(&buf)
+        switch variant {
+        
+        case 1: return .closed
+        
+        case 2: return .counts
+        
+        case 3: return .live
+        
+        default: throw UniffiInternalError.unexpectedEnumCase
+        }
+    }
+
+    public static func write(_ value: ChannelMode, into buf: inout [UInt8]) {
+        switch value {
+        
+        
+        case .closed:
+            writeInt(&buf, Int32(1))
+        
+        
+        case .counts:
+            writeInt(&buf, Int32(2))
+        
+        
+        case .live:
+            writeInt(&buf, Int32(3))
+        
+        }
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeChannelMode_lift(_ buf: RustBuffer) throws -> ChannelMode {
+    return try FfiConverterTypeChannelMode.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeChannelMode_lower(_ value: ChannelMode) -> RustBuffer {
+    return FfiConverterTypeChannelMode.lower(value)
+}
+
+
+extension ChannelMode: Equatable, Hashable {}
+
+
+
+
+
+
 
 /**
  * What a call into the SDK can fail with. (Fields are not called
@@ -3137,9 +3418,35 @@ public enum ClientEvent {
     case historyPage(ticket: UInt64, conversationId: String, messages: [ChatMessage], hasMore: Bool
     )
     /**
-     * Answer to `create_group` / `open_direct` / `change_members`.
+     * Answer to `create_group` / `create_channel` / `open_direct` /
+     * `change_members`.
      */
     case conversationResult(ticket: UInt64, conversation: Conversation
+    )
+    /**
+     * Answer to `list_members(ticket)`: members ascending by user id;
+     * ask again after the last one while `has_more`.
+     */
+    case memberPage(ticket: UInt64, conversationId: String, members: [Member], hasMore: Bool, memberCount: UInt32
+    )
+    /**
+     * The server set this connection's mode for a channel
+     * (`open_channel`, also after every reconnect): its newest seq and
+     * this user's read position.
+     */
+    case channelOpened(conversationId: String, mode: ChannelMode, lastSeq: UInt64, readSeq: UInt64
+    )
+    /**
+     * The server refused `open_channel` (not a member, too many open):
+     * the SDK forgets the mode.
+     */
+    case channelOpenFailed(conversationId: String, error: ServerError
+    )
+    /**
+     * A channel open in COUNTS mode reached `last_seq` (batched by the
+     * server, about once a second): unread = `last_seq` - what was read.
+     */
+    case channelActivity(conversationId: String, lastSeq: UInt64
     )
     /**
      * Answer to `query_presence(ticket)`.
@@ -3254,27 +3561,39 @@ public struct FfiConverterTypeClientEvent: FfiConverterRustBuffer {
         case 11: return .conversationResult(ticket: try FfiConverterUInt64.read(from: &buf), conversation: try FfiConverterTypeConversation.read(from: &buf)
         )
         
-        case 12: return .presenceResult(ticket: try FfiConverterUInt64.read(from: &buf), presences: try FfiConverterSequenceTypePresence.read(from: &buf)
+        case 12: return .memberPage(ticket: try FfiConverterUInt64.read(from: &buf), conversationId: try FfiConverterString.read(from: &buf), members: try FfiConverterSequenceTypeMember.read(from: &buf), hasMore: try FfiConverterBool.read(from: &buf), memberCount: try FfiConverterUInt32.read(from: &buf)
         )
         
-        case 13: return .pushTokenRegistered(ticket: try FfiConverterUInt64.read(from: &buf), registeredMs: try FfiConverterInt64.read(from: &buf)
+        case 13: return .channelOpened(conversationId: try FfiConverterString.read(from: &buf), mode: try FfiConverterTypeChannelMode.read(from: &buf), lastSeq: try FfiConverterUInt64.read(from: &buf), readSeq: try FfiConverterUInt64.read(from: &buf)
         )
         
-        case 14: return .pushTokenUnregistered(ticket: try FfiConverterUInt64.read(from: &buf), wasRegistered: try FfiConverterBool.read(from: &buf)
+        case 14: return .channelOpenFailed(conversationId: try FfiConverterString.read(from: &buf), error: try FfiConverterTypeServerError.read(from: &buf)
         )
         
-        case 15: return .muteChanged(ticket: try FfiConverterUInt64.read(from: &buf), conversationId: try FfiConverterString.read(from: &buf), mutedUntilMs: try FfiConverterInt64.read(from: &buf), forever: try FfiConverterBool.read(from: &buf)
+        case 15: return .channelActivity(conversationId: try FfiConverterString.read(from: &buf), lastSeq: try FfiConverterUInt64.read(from: &buf)
         )
         
-        case 16: return .requestFailed(ticket: try FfiConverterUInt64.read(from: &buf), error: try FfiConverterOptionTypeServerError.read(from: &buf)
+        case 16: return .presenceResult(ticket: try FfiConverterUInt64.read(from: &buf), presences: try FfiConverterSequenceTypePresence.read(from: &buf)
         )
         
-        case 17: return .syncComplete
-        
-        case 18: return .messagesUnavailable(conversationId: try FfiConverterString.read(from: &buf), fromSeq: try FfiConverterUInt64.read(from: &buf), toSeq: try FfiConverterUInt64.read(from: &buf)
+        case 17: return .pushTokenRegistered(ticket: try FfiConverterUInt64.read(from: &buf), registeredMs: try FfiConverterInt64.read(from: &buf)
         )
         
-        case 19: return .historyReset(conversationId: try FfiConverterString.read(from: &buf)
+        case 18: return .pushTokenUnregistered(ticket: try FfiConverterUInt64.read(from: &buf), wasRegistered: try FfiConverterBool.read(from: &buf)
+        )
+        
+        case 19: return .muteChanged(ticket: try FfiConverterUInt64.read(from: &buf), conversationId: try FfiConverterString.read(from: &buf), mutedUntilMs: try FfiConverterInt64.read(from: &buf), forever: try FfiConverterBool.read(from: &buf)
+        )
+        
+        case 20: return .requestFailed(ticket: try FfiConverterUInt64.read(from: &buf), error: try FfiConverterOptionTypeServerError.read(from: &buf)
+        )
+        
+        case 21: return .syncComplete
+        
+        case 22: return .messagesUnavailable(conversationId: try FfiConverterString.read(from: &buf), fromSeq: try FfiConverterUInt64.read(from: &buf), toSeq: try FfiConverterUInt64.read(from: &buf)
+        )
+        
+        case 23: return .historyReset(conversationId: try FfiConverterString.read(from: &buf)
         )
         
         default: throw UniffiInternalError.unexpectedEnumCase
@@ -3358,26 +3677,55 @@ public struct FfiConverterTypeClientEvent: FfiConverterRustBuffer {
             FfiConverterTypeConversation.write(conversation, into: &buf)
             
         
-        case let .presenceResult(ticket,presences):
+        case let .memberPage(ticket,conversationId,members,hasMore,memberCount):
             writeInt(&buf, Int32(12))
+            FfiConverterUInt64.write(ticket, into: &buf)
+            FfiConverterString.write(conversationId, into: &buf)
+            FfiConverterSequenceTypeMember.write(members, into: &buf)
+            FfiConverterBool.write(hasMore, into: &buf)
+            FfiConverterUInt32.write(memberCount, into: &buf)
+            
+        
+        case let .channelOpened(conversationId,mode,lastSeq,readSeq):
+            writeInt(&buf, Int32(13))
+            FfiConverterString.write(conversationId, into: &buf)
+            FfiConverterTypeChannelMode.write(mode, into: &buf)
+            FfiConverterUInt64.write(lastSeq, into: &buf)
+            FfiConverterUInt64.write(readSeq, into: &buf)
+            
+        
+        case let .channelOpenFailed(conversationId,error):
+            writeInt(&buf, Int32(14))
+            FfiConverterString.write(conversationId, into: &buf)
+            FfiConverterTypeServerError.write(error, into: &buf)
+            
+        
+        case let .channelActivity(conversationId,lastSeq):
+            writeInt(&buf, Int32(15))
+            FfiConverterString.write(conversationId, into: &buf)
+            FfiConverterUInt64.write(lastSeq, into: &buf)
+            
+        
+        case let .presenceResult(ticket,presences):
+            writeInt(&buf, Int32(16))
             FfiConverterUInt64.write(ticket, into: &buf)
             FfiConverterSequenceTypePresence.write(presences, into: &buf)
             
         
         case let .pushTokenRegistered(ticket,registeredMs):
-            writeInt(&buf, Int32(13))
+            writeInt(&buf, Int32(17))
             FfiConverterUInt64.write(ticket, into: &buf)
             FfiConverterInt64.write(registeredMs, into: &buf)
             
         
         case let .pushTokenUnregistered(ticket,wasRegistered):
-            writeInt(&buf, Int32(14))
+            writeInt(&buf, Int32(18))
             FfiConverterUInt64.write(ticket, into: &buf)
             FfiConverterBool.write(wasRegistered, into: &buf)
             
         
         case let .muteChanged(ticket,conversationId,mutedUntilMs,forever):
-            writeInt(&buf, Int32(15))
+            writeInt(&buf, Int32(19))
             FfiConverterUInt64.write(ticket, into: &buf)
             FfiConverterString.write(conversationId, into: &buf)
             FfiConverterInt64.write(mutedUntilMs, into: &buf)
@@ -3385,24 +3733,24 @@ public struct FfiConverterTypeClientEvent: FfiConverterRustBuffer {
             
         
         case let .requestFailed(ticket,error):
-            writeInt(&buf, Int32(16))
+            writeInt(&buf, Int32(20))
             FfiConverterUInt64.write(ticket, into: &buf)
             FfiConverterOptionTypeServerError.write(error, into: &buf)
             
         
         case .syncComplete:
-            writeInt(&buf, Int32(17))
+            writeInt(&buf, Int32(21))
         
         
         case let .messagesUnavailable(conversationId,fromSeq,toSeq):
-            writeInt(&buf, Int32(18))
+            writeInt(&buf, Int32(22))
             FfiConverterString.write(conversationId, into: &buf)
             FfiConverterUInt64.write(fromSeq, into: &buf)
             FfiConverterUInt64.write(toSeq, into: &buf)
             
         
         case let .historyReset(conversationId):
-            writeInt(&buf, Int32(19))
+            writeInt(&buf, Int32(23))
             FfiConverterString.write(conversationId, into: &buf)
             
         }
@@ -3846,6 +4194,11 @@ public enum ConversationKind {
     case unspecified
     case direct
     case group
+    /**
+     * Up to 100,000 members, delivered live only where opened (SPEC §21,
+     * `open_channel`).
+     */
+    case channel
 }
 
 
@@ -3869,6 +4222,8 @@ public struct FfiConverterTypeConversationKind: FfiConverterRustBuffer {
         
         case 3: return .group
         
+        case 4: return .channel
+        
         default: throw UniffiInternalError.unexpectedEnumCase
         }
     }
@@ -3887,6 +4242,10 @@ public struct FfiConverterTypeConversationKind: FfiConverterRustBuffer {
         
         case .group:
             writeInt(&buf, Int32(3))
+        
+        
+        case .channel:
+            writeInt(&buf, Int32(4))
         
         }
     }
@@ -4759,6 +5118,30 @@ fileprivate struct FfiConverterOptionTypeClientStore: FfiConverterRustBuffer {
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
+fileprivate struct FfiConverterOptionTypeChannelSettings: FfiConverterRustBuffer {
+    typealias SwiftType = ChannelSettings?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterTypeChannelSettings.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterTypeChannelSettings.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
 fileprivate struct FfiConverterOptionTypeMedia: FfiConverterRustBuffer {
     typealias SwiftType = Media?
 
@@ -5094,10 +5477,16 @@ private let initializationResult: InitializationResult = {
     if (uniffi_palaver_client_checksum_method_palaverclient_connect() != 53306) {
         return InitializationResult.apiChecksumMismatch
     }
+    if (uniffi_palaver_client_checksum_method_palaverclient_create_channel() != 31160) {
+        return InitializationResult.apiChecksumMismatch
+    }
     if (uniffi_palaver_client_checksum_method_palaverclient_create_group() != 45176) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_palaver_client_checksum_method_palaverclient_disconnect() != 2697) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_palaver_client_checksum_method_palaverclient_list_members() != 9869) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_palaver_client_checksum_method_palaverclient_load_history() != 3049) {
@@ -5110,6 +5499,9 @@ private let initializationResult: InitializationResult = {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_palaver_client_checksum_method_palaverclient_mute_conversation() != 23132) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_palaver_client_checksum_method_palaverclient_open_channel() != 30604) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_palaver_client_checksum_method_palaverclient_open_direct() != 17707) {

@@ -30,6 +30,15 @@ impl Engine {
         if !watched.is_empty() {
             self.presence_subscribe(watched, false, now);
         }
+        // SPEC §21: so are a channel's modes.
+        let channels: Vec<(String, ChannelMode)> = self
+            .open_channels
+            .iter()
+            .map(|(c, m)| (c.clone(), *m))
+            .collect();
+        for (conversation_id, mode) in channels {
+            self.open_channel(conversation_id, mode, now);
+        }
         if !self.receipts.is_empty() {
             self.receipts_due = Some(now);
         }
@@ -157,6 +166,15 @@ impl Engine {
                 // Sync has no 2xxx; a 3xxx: try again on the next pump.
                 self.sync = None;
                 self.sync_wanted = true;
+            }
+            Some(InFlight::Channel(conversation_id)) => {
+                // Refused (not a member, too many open): forgotten, not
+                // set again at the next reconnect.
+                self.open_channels.remove(&conversation_id);
+                self.event(ClientEvent::ChannelOpenFailed {
+                    conversation_id,
+                    error: err,
+                });
             }
             // A refused re-subscribe or a request sent with id 0 (receipts,
             // typing): best effort, nothing to retry.

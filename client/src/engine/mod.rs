@@ -49,6 +49,14 @@ pub(crate) enum Request {
         kind: ConversationKind,
         title: String,
         member_user_ids: Vec<String>,
+        /// A channel's settings (SPEC §21).
+        channel: Option<pb::ChannelSettings>,
+    },
+    /// SPEC §21.
+    ListMembers {
+        conversation_id: String,
+        after_user_id: String,
+        limit: u32,
     },
     ChangeMembers {
         conversation_id: String,
@@ -82,10 +90,12 @@ impl Request {
     /// Whether sending it twice does no harm (the connection may drop after
     /// the server carried it out but before the answer arrived).
     fn safe_to_repeat(&self) -> bool {
+        // A group's or channel's id comes from the request's identity on
+        // its connection: sent again on another, it makes a second one.
         !matches!(
             self,
             Request::CreateConversation {
-                kind: ConversationKind::Group,
+                kind: ConversationKind::Group | ConversationKind::Channel,
                 ..
             }
         )
@@ -109,15 +119,26 @@ impl Request {
                 kind,
                 title,
                 member_user_ids,
+                channel,
             } => Body::CreateConversation(pb::CreateConversation {
                 kind: match kind {
                     ConversationKind::Direct => pb::ConversationKind::Direct,
                     ConversationKind::Group => pb::ConversationKind::Group,
+                    ConversationKind::Channel => pb::ConversationKind::Channel,
                     ConversationKind::Unspecified => pb::ConversationKind::Unspecified,
                 } as i32,
                 title,
                 member_user_ids,
-                channel: Default::default(),
+                channel,
+            }),
+            Request::ListMembers {
+                conversation_id,
+                after_user_id,
+                limit,
+            } => Body::ListMembers(pb::ListMembers {
+                conversation_id,
+                after_user_id,
+                limit,
             }),
             Request::ChangeMembers {
                 conversation_id,
@@ -165,6 +186,11 @@ pub(crate) enum Command {
     Presence {
         user_ids: Vec<String>,
         unsubscribe: bool,
+    },
+    /// SPEC §21: remembered, and set again after every reconnect.
+    OpenChannel {
+        conversation_id: String,
+        mode: ChannelMode,
     },
     Ticket {
         ticket: u64,
@@ -218,6 +244,8 @@ enum InFlight {
     Send(Vec<u8>),
     Sync,
     PresenceSubscribe,
+    /// An OpenChannel of this channel.
+    Channel(String),
     Ticket(u64, Request),
 }
 
@@ -262,6 +290,9 @@ pub(crate) struct Engine {
     cursors: Cursors,
     dirty_cursors: BTreeSet<String>,
     watched: BTreeSet<String>,
+    /// Channels the app opened (LIVE or COUNTS): a connection's modes end
+    /// with it (SPEC §21), so they are set again after each Welcome.
+    open_channels: BTreeMap<String, ChannelMode>,
     /// (conversation, kind) → up_to_seq not yet sent.
     receipts: BTreeMap<(String, ReceiptKind), u64>,
     receipts_due: Option<u64>,
@@ -309,6 +340,7 @@ impl Engine {
             ),
             dirty_cursors: BTreeSet::new(),
             watched: BTreeSet::new(),
+            open_channels: BTreeMap::new(),
             receipts: BTreeMap::new(),
             receipts_due: None,
             typing: HashMap::new(),
@@ -468,6 +500,19 @@ impl Engine {
                 }
                 if self.established() {
                     self.presence_subscribe(user_ids, unsubscribe, now);
+                }
+            }
+            Command::OpenChannel {
+                conversation_id,
+                mode,
+            } => {
+                if mode == ChannelMode::Closed {
+                    self.open_channels.remove(&conversation_id);
+                } else {
+                    self.open_channels.insert(conversation_id.clone(), mode);
+                }
+                if self.established() {
+                    self.open_channel(conversation_id, mode, now);
                 }
             }
             Command::Ticket { ticket, request } => {
@@ -714,11 +759,34 @@ impl Engine {
             | Body::MuteConversation(_)
             | Body::ListMembers(_)
             | Body::OpenChannel(_) => {}
-            // Channels (SPEC §21) are not in the SDK's API yet: it sends no
-            // ListMembers or OpenChannel, so their answers and a channel's
-            // activity only come to a connection that asked. A channel's
-            // messages reach the SDK through Sync like any conversation's.
-            Body::MemberPage(_) | Body::ChannelOpened(_) | Body::ChannelActivity(_) => {}
+            Body::MemberPage(p) => {
+                if let Some(InFlight::Ticket(ticket, _)) = self.in_flight.remove(&rid) {
+                    self.event(ClientEvent::MemberPage {
+                        ticket,
+                        conversation_id: p.conversation_id,
+                        members: p.members.into_iter().map(Member::from_pb).collect(),
+                        has_more: p.has_more,
+                        member_count: p.member_count,
+                    });
+                }
+            }
+            Body::ChannelOpened(o) => {
+                self.in_flight.remove(&rid);
+                self.event(ClientEvent::ChannelOpened {
+                    conversation_id: o.conversation_id,
+                    mode: ChannelMode::from_pb(o.mode),
+                    last_seq: o.last_seq,
+                    read_seq: o.read_seq,
+                });
+            }
+            Body::ChannelActivity(a) => {
+                for c in a.channels {
+                    self.event(ClientEvent::ChannelActivity {
+                        conversation_id: c.conversation_id,
+                        last_seq: c.last_seq,
+                    });
+                }
+            }
             Body::PushTokenRegistered(r) => {
                 if let Some(InFlight::Ticket(ticket, _)) = self.in_flight.remove(&rid) {
                     self.event(ClientEvent::PushTokenRegistered {
@@ -1187,6 +1255,7 @@ mod tests {
                     kind: ConversationKind::Group,
                     title: "t".into(),
                     member_user_ids: vec![],
+                    channel: Default::default(),
                 },
             },
             1,

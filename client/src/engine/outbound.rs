@@ -207,6 +207,25 @@ impl Engine {
         }
     }
 
+    /// Sets this connection's mode for a channel (SPEC §21), to a server
+    /// that announced channels.
+    pub(super) fn open_channel(&mut self, conversation_id: String, mode: ChannelMode, now: u64) {
+        if self.limits.max_channel_members == 0 {
+            return;
+        }
+        let id = self.request_id();
+        self.in_flight
+            .insert(id, InFlight::Channel(conversation_id.clone()));
+        self.write_with_id(
+            id,
+            Body::OpenChannel(pb::OpenChannel {
+                conversation_id,
+                mode: mode.to_pb() as i32,
+            }),
+            now,
+        );
+    }
+
     pub(super) fn request_id(&mut self) -> u32 {
         let id = self.next_request_id;
         // SPEC §3: wrap after 2^32-1, skipping 0.

@@ -348,7 +348,10 @@ fn open_channel_says_where_the_channel_and_the_reader_are() {
             up_to_seq: 5,
         }),
     );
-    assert!(out.frames.is_empty() && out.channel_posts.is_empty(), "{out:?}");
+    assert!(
+        out.frames.is_empty() && out.channel_posts.is_empty(),
+        "{out:?}"
+    );
     // Non-members are refused; CLOSED is always answered.
     let out = open(&mut h, &outsider, &channel, pb::ChannelMode::Live);
     assert_error(&out, &outsider, 72, ErrorCode::Forbidden);

@@ -898,6 +898,12 @@ internal open class UniffiVTableCallbackInterfaceTokenProvider(
 
 
 
+
+
+
+
+
+
 // For large crates we prevent `MethodTooLargeException` (see #2340)
 // N.B. the name of the extension is very misleading, since it is 
 // rather `InterfaceTooLargeException`, caused by too many methods 
@@ -939,9 +945,13 @@ fun uniffi_palaver_client_checksum_method_palaverclient_change_members(
 ): Short
 fun uniffi_palaver_client_checksum_method_palaverclient_connect(
 ): Short
+fun uniffi_palaver_client_checksum_method_palaverclient_create_channel(
+): Short
 fun uniffi_palaver_client_checksum_method_palaverclient_create_group(
 ): Short
 fun uniffi_palaver_client_checksum_method_palaverclient_disconnect(
+): Short
+fun uniffi_palaver_client_checksum_method_palaverclient_list_members(
 ): Short
 fun uniffi_palaver_client_checksum_method_palaverclient_load_history(
 ): Short
@@ -950,6 +960,8 @@ fun uniffi_palaver_client_checksum_method_palaverclient_mark_delivered(
 fun uniffi_palaver_client_checksum_method_palaverclient_mark_read(
 ): Short
 fun uniffi_palaver_client_checksum_method_palaverclient_mute_conversation(
+): Short
+fun uniffi_palaver_client_checksum_method_palaverclient_open_channel(
 ): Short
 fun uniffi_palaver_client_checksum_method_palaverclient_open_direct(
 ): Short
@@ -1080,10 +1092,14 @@ fun uniffi_palaver_client_fn_method_palaverclient_change_members(`ptr`: Pointer,
 ): Long
 fun uniffi_palaver_client_fn_method_palaverclient_connect(`ptr`: Pointer,uniffi_out_err: UniffiRustCallStatus, 
 ): Unit
+fun uniffi_palaver_client_fn_method_palaverclient_create_channel(`ptr`: Pointer,`title`: RustBuffer.ByValue,`memberUserIds`: RustBuffer.ByValue,`settings`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+): Long
 fun uniffi_palaver_client_fn_method_palaverclient_create_group(`ptr`: Pointer,`title`: RustBuffer.ByValue,`memberUserIds`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
 ): Long
 fun uniffi_palaver_client_fn_method_palaverclient_disconnect(`ptr`: Pointer,uniffi_out_err: UniffiRustCallStatus, 
 ): Unit
+fun uniffi_palaver_client_fn_method_palaverclient_list_members(`ptr`: Pointer,`conversationId`: RustBuffer.ByValue,`afterUserId`: RustBuffer.ByValue,`limit`: Int,uniffi_out_err: UniffiRustCallStatus, 
+): Long
 fun uniffi_palaver_client_fn_method_palaverclient_load_history(`ptr`: Pointer,`conversationId`: RustBuffer.ByValue,`beforeSeq`: Long,`limit`: Int,uniffi_out_err: UniffiRustCallStatus, 
 ): Long
 fun uniffi_palaver_client_fn_method_palaverclient_mark_delivered(`ptr`: Pointer,`conversationId`: RustBuffer.ByValue,`upToSeq`: Long,uniffi_out_err: UniffiRustCallStatus, 
@@ -1092,6 +1108,8 @@ fun uniffi_palaver_client_fn_method_palaverclient_mark_read(`ptr`: Pointer,`conv
 ): Unit
 fun uniffi_palaver_client_fn_method_palaverclient_mute_conversation(`ptr`: Pointer,`conversationId`: RustBuffer.ByValue,`untilMs`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
 ): Long
+fun uniffi_palaver_client_fn_method_palaverclient_open_channel(`ptr`: Pointer,`conversationId`: RustBuffer.ByValue,`mode`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+): Unit
 fun uniffi_palaver_client_fn_method_palaverclient_open_direct(`ptr`: Pointer,`peerUserId`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
 ): Long
 fun uniffi_palaver_client_fn_method_palaverclient_query_presence(`ptr`: Pointer,`userIds`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
@@ -1303,10 +1321,16 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if (lib.uniffi_palaver_client_checksum_method_palaverclient_connect() != 53306.toShort()) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
+    if (lib.uniffi_palaver_client_checksum_method_palaverclient_create_channel() != 31160.toShort()) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
     if (lib.uniffi_palaver_client_checksum_method_palaverclient_create_group() != 45176.toShort()) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if (lib.uniffi_palaver_client_checksum_method_palaverclient_disconnect() != 2697.toShort()) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if (lib.uniffi_palaver_client_checksum_method_palaverclient_list_members() != 9869.toShort()) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if (lib.uniffi_palaver_client_checksum_method_palaverclient_load_history() != 3049.toShort()) {
@@ -1319,6 +1343,9 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if (lib.uniffi_palaver_client_checksum_method_palaverclient_mute_conversation() != 23132.toShort()) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if (lib.uniffi_palaver_client_checksum_method_palaverclient_open_channel() != 30604.toShort()) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if (lib.uniffi_palaver_client_checksum_method_palaverclient_open_direct() != 17707.toShort()) {
@@ -2794,6 +2821,15 @@ public interface PalaverClientInterface {
     fun `connect`()
     
     /**
+     * Creates a channel (SPEC §21: up to 100,000 members, delivered live
+     * only where opened) of this user (admin) and `member_user_ids`:
+     * `public` lets anyone join with `change_members` adding themselves,
+     * `admins_only_post` makes it an announcement channel.
+     * `ConversationResult` or `RequestFailed`.
+     */
+    fun `createChannel`(`title`: kotlin.String, `memberUserIds`: List<kotlin.String>, `settings`: ChannelSettings): kotlin.ULong
+    
+    /**
      * Creates a group of this user (admin) and `member_user_ids`:
      * `ConversationResult` or `RequestFailed`.
      */
@@ -2803,6 +2839,13 @@ public interface PalaverClientInterface {
      * Close the connection and stop reconnecting; the outbox is kept.
      */
     fun `disconnect`()
+    
+    /**
+     * A page of a conversation's members, ascending by user id, after
+     * `after_user_id` (None: from the start), at most `limit` (0: the
+     * server's default): `MemberPage` or `RequestFailed`.
+     */
+    fun `listMembers`(`conversationId`: kotlin.String, `afterUserId`: kotlin.String?, `limit`: kotlin.UInt): kotlin.ULong
     
     /**
      * A page of older messages (`before_seq` 0 = newest): `HistoryPage`.
@@ -2827,6 +2870,15 @@ public interface PalaverClientInterface {
      * or `RequestFailed`.
      */
     fun `muteConversation`(`conversationId`: kotlin.String, `untilMs`: kotlin.Long?): kotlin.ULong
+    
+    /**
+     * What this client receives of a channel it is a member of (SPEC
+     * §21): `Live` while it is on screen (each `Message` and `Typing`),
+     * `Counts` while it is in a list (`ChannelActivity`, batched),
+     * `Closed` for nothing live. Kept across reconnects until changed;
+     * `ChannelOpened` answers it each time, `ChannelOpenFailed` if refused.
+     */
+    fun `openChannel`(`conversationId`: kotlin.String, `mode`: ChannelMode)
     
     /**
      * Lists the direct conversation with `peer_user_id` for both users.
@@ -3046,6 +3098,26 @@ open class PalaverClient: Disposable, AutoCloseable, PalaverClientInterface
 
     
     /**
+     * Creates a channel (SPEC §21: up to 100,000 members, delivered live
+     * only where opened) of this user (admin) and `member_user_ids`:
+     * `public` lets anyone join with `change_members` adding themselves,
+     * `admins_only_post` makes it an announcement channel.
+     * `ConversationResult` or `RequestFailed`.
+     */
+    @Throws(ClientException::class)override fun `createChannel`(`title`: kotlin.String, `memberUserIds`: List<kotlin.String>, `settings`: ChannelSettings): kotlin.ULong {
+            return FfiConverterULong.lift(
+    callWithPointer {
+    uniffiRustCallWithError(ClientException) { _status ->
+    UniffiLib.INSTANCE.uniffi_palaver_client_fn_method_palaverclient_create_channel(
+        it, FfiConverterString.lower(`title`),FfiConverterSequenceString.lower(`memberUserIds`),FfiConverterTypeChannelSettings.lower(`settings`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
      * Creates a group of this user (admin) and `member_user_ids`:
      * `ConversationResult` or `RequestFailed`.
      */
@@ -3074,6 +3146,24 @@ open class PalaverClient: Disposable, AutoCloseable, PalaverClientInterface
 }
     }
     
+    
+
+    
+    /**
+     * A page of a conversation's members, ascending by user id, after
+     * `after_user_id` (None: from the start), at most `limit` (0: the
+     * server's default): `MemberPage` or `RequestFailed`.
+     */
+    @Throws(ClientException::class)override fun `listMembers`(`conversationId`: kotlin.String, `afterUserId`: kotlin.String?, `limit`: kotlin.UInt): kotlin.ULong {
+            return FfiConverterULong.lift(
+    callWithPointer {
+    uniffiRustCallWithError(ClientException) { _status ->
+    UniffiLib.INSTANCE.uniffi_palaver_client_fn_method_palaverclient_list_members(
+        it, FfiConverterString.lower(`conversationId`),FfiConverterOptionalString.lower(`afterUserId`),FfiConverterUInt.lower(`limit`),_status)
+}
+    }
+    )
+    }
     
 
     
@@ -3140,6 +3230,25 @@ open class PalaverClient: Disposable, AutoCloseable, PalaverClientInterface
     }
     )
     }
+    
+
+    
+    /**
+     * What this client receives of a channel it is a member of (SPEC
+     * §21): `Live` while it is on screen (each `Message` and `Typing`),
+     * `Counts` while it is in a list (`ChannelActivity`, batched),
+     * `Closed` for nothing live. Kept across reconnects until changed;
+     * `ChannelOpened` answers it each time, `ChannelOpenFailed` if refused.
+     */
+    @Throws(ClientException::class)override fun `openChannel`(`conversationId`: kotlin.String, `mode`: ChannelMode)
+        = 
+    callWithPointer {
+    uniffiRustCallWithError(ClientException) { _status ->
+    UniffiLib.INSTANCE.uniffi_palaver_client_fn_method_palaverclient_open_channel(
+        it, FfiConverterString.lower(`conversationId`),FfiConverterTypeChannelMode.lower(`mode`),_status)
+}
+    }
+    
     
 
     
@@ -3710,6 +3819,47 @@ public object FfiConverterTypeTokenProvider: FfiConverter<TokenProvider, Pointer
 
 
 /**
+ * How a channel is run (SPEC §21).
+ */
+data class ChannelSettings (
+    /**
+     * Anyone may join (`change_members` adding themselves).
+     */
+    var `public`: kotlin.Boolean, 
+    /**
+     * An announcement channel: only admins post.
+     */
+    var `adminsOnlyPost`: kotlin.Boolean
+) {
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeChannelSettings: FfiConverterRustBuffer<ChannelSettings> {
+    override fun read(buf: ByteBuffer): ChannelSettings {
+        return ChannelSettings(
+            FfiConverterBoolean.read(buf),
+            FfiConverterBoolean.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: ChannelSettings) = (
+            FfiConverterBoolean.allocationSize(value.`public`) +
+            FfiConverterBoolean.allocationSize(value.`adminsOnlyPost`)
+    )
+
+    override fun write(value: ChannelSettings, buf: ByteBuffer) {
+            FfiConverterBoolean.write(value.`public`, buf)
+            FfiConverterBoolean.write(value.`adminsOnlyPost`, buf)
+    }
+}
+
+
+
+/**
  * A stored message of a conversation.
  */
 data class ChatMessage (
@@ -3888,8 +4038,19 @@ data class Conversation (
     var `conversationId`: kotlin.String, 
     var `kind`: ConversationKind, 
     var `title`: kotlin.String, 
+    /**
+     * All members; empty for a channel (`list_members` pages them).
+     */
     var `members`: List<Member>, 
-    var `lastSeq`: kotlin.ULong
+    var `lastSeq`: kotlin.ULong, 
+    /**
+     * A channel's members now (0 for other kinds).
+     */
+    var `memberCount`: kotlin.UInt, 
+    /**
+     * A channel's settings (None for other kinds).
+     */
+    var `channel`: ChannelSettings?
 ) {
     
     companion object
@@ -3906,6 +4067,8 @@ public object FfiConverterTypeConversation: FfiConverterRustBuffer<Conversation>
             FfiConverterString.read(buf),
             FfiConverterSequenceTypeMember.read(buf),
             FfiConverterULong.read(buf),
+            FfiConverterUInt.read(buf),
+            FfiConverterOptionalTypeChannelSettings.read(buf),
         )
     }
 
@@ -3914,7 +4077,9 @@ public object FfiConverterTypeConversation: FfiConverterRustBuffer<Conversation>
             FfiConverterTypeConversationKind.allocationSize(value.`kind`) +
             FfiConverterString.allocationSize(value.`title`) +
             FfiConverterSequenceTypeMember.allocationSize(value.`members`) +
-            FfiConverterULong.allocationSize(value.`lastSeq`)
+            FfiConverterULong.allocationSize(value.`lastSeq`) +
+            FfiConverterUInt.allocationSize(value.`memberCount`) +
+            FfiConverterOptionalTypeChannelSettings.allocationSize(value.`channel`)
     )
 
     override fun write(value: Conversation, buf: ByteBuffer) {
@@ -3923,6 +4088,8 @@ public object FfiConverterTypeConversation: FfiConverterRustBuffer<Conversation>
             FfiConverterString.write(value.`title`, buf)
             FfiConverterSequenceTypeMember.write(value.`members`, buf)
             FfiConverterULong.write(value.`lastSeq`, buf)
+            FfiConverterUInt.write(value.`memberCount`, buf)
+            FfiConverterOptionalTypeChannelSettings.write(value.`channel`, buf)
     }
 }
 
@@ -4194,6 +4361,50 @@ public object FfiConverterTypeSyncCursor: FfiConverterRustBuffer<SyncCursor> {
 
 
 
+/**
+ * What this connection receives of a channel (SPEC §21).
+ */
+
+enum class ChannelMode {
+    
+    /**
+     * Nothing live (its messages still come with Sync and history).
+     */
+    CLOSED,
+    /**
+     * `ChannelActivity` with its newest seq, batched (about once a second):
+     * for a channel list with unread counts.
+     */
+    COUNTS,
+    /**
+     * Each message and Typing as it happens: the channel is on screen.
+     */
+    LIVE;
+    companion object
+}
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeChannelMode: FfiConverterRustBuffer<ChannelMode> {
+    override fun read(buf: ByteBuffer) = try {
+        ChannelMode.values()[buf.getInt() - 1]
+    } catch (e: IndexOutOfBoundsException) {
+        throw RuntimeException("invalid enum value, something is very wrong!!", e)
+    }
+
+    override fun allocationSize(value: ChannelMode) = 4UL
+
+    override fun write(value: ChannelMode, buf: ByteBuffer) {
+        buf.putInt(value.ordinal + 1)
+    }
+}
+
+
+
+
+
 
 
 /**
@@ -4453,11 +4664,58 @@ sealed class ClientEvent {
     }
     
     /**
-     * Answer to `create_group` / `open_direct` / `change_members`.
+     * Answer to `create_group` / `create_channel` / `open_direct` /
+     * `change_members`.
      */
     data class ConversationResult(
         val `ticket`: kotlin.ULong, 
         val `conversation`: Conversation) : ClientEvent() {
+        companion object
+    }
+    
+    /**
+     * Answer to `list_members(ticket)`: members ascending by user id;
+     * ask again after the last one while `has_more`.
+     */
+    data class MemberPage(
+        val `ticket`: kotlin.ULong, 
+        val `conversationId`: kotlin.String, 
+        val `members`: List<Member>, 
+        val `hasMore`: kotlin.Boolean, 
+        val `memberCount`: kotlin.UInt) : ClientEvent() {
+        companion object
+    }
+    
+    /**
+     * The server set this connection's mode for a channel
+     * (`open_channel`, also after every reconnect): its newest seq and
+     * this user's read position.
+     */
+    data class ChannelOpened(
+        val `conversationId`: kotlin.String, 
+        val `mode`: ChannelMode, 
+        val `lastSeq`: kotlin.ULong, 
+        val `readSeq`: kotlin.ULong) : ClientEvent() {
+        companion object
+    }
+    
+    /**
+     * The server refused `open_channel` (not a member, too many open):
+     * the SDK forgets the mode.
+     */
+    data class ChannelOpenFailed(
+        val `conversationId`: kotlin.String, 
+        val `error`: ServerError) : ClientEvent() {
+        companion object
+    }
+    
+    /**
+     * A channel open in COUNTS mode reached `last_seq` (batched by the
+     * server, about once a second): unread = `last_seq` - what was read.
+     */
+    data class ChannelActivity(
+        val `conversationId`: kotlin.String, 
+        val `lastSeq`: kotlin.ULong) : ClientEvent() {
         companion object
     }
     
@@ -4618,35 +4876,56 @@ public object FfiConverterTypeClientEvent : FfiConverterRustBuffer<ClientEvent>{
                 FfiConverterULong.read(buf),
                 FfiConverterTypeConversation.read(buf),
                 )
-            12 -> ClientEvent.PresenceResult(
+            12 -> ClientEvent.MemberPage(
+                FfiConverterULong.read(buf),
+                FfiConverterString.read(buf),
+                FfiConverterSequenceTypeMember.read(buf),
+                FfiConverterBoolean.read(buf),
+                FfiConverterUInt.read(buf),
+                )
+            13 -> ClientEvent.ChannelOpened(
+                FfiConverterString.read(buf),
+                FfiConverterTypeChannelMode.read(buf),
+                FfiConverterULong.read(buf),
+                FfiConverterULong.read(buf),
+                )
+            14 -> ClientEvent.ChannelOpenFailed(
+                FfiConverterString.read(buf),
+                FfiConverterTypeServerError.read(buf),
+                )
+            15 -> ClientEvent.ChannelActivity(
+                FfiConverterString.read(buf),
+                FfiConverterULong.read(buf),
+                )
+            16 -> ClientEvent.PresenceResult(
                 FfiConverterULong.read(buf),
                 FfiConverterSequenceTypePresence.read(buf),
                 )
-            13 -> ClientEvent.PushTokenRegistered(
+            17 -> ClientEvent.PushTokenRegistered(
                 FfiConverterULong.read(buf),
                 FfiConverterLong.read(buf),
                 )
-            14 -> ClientEvent.PushTokenUnregistered(
+            18 -> ClientEvent.PushTokenUnregistered(
                 FfiConverterULong.read(buf),
                 FfiConverterBoolean.read(buf),
                 )
-            15 -> ClientEvent.MuteChanged(
+            19 -> ClientEvent.MuteChanged(
                 FfiConverterULong.read(buf),
                 FfiConverterString.read(buf),
                 FfiConverterLong.read(buf),
                 FfiConverterBoolean.read(buf),
                 )
-            16 -> ClientEvent.RequestFailed(
+            20 -> ClientEvent.RequestFailed(
                 FfiConverterULong.read(buf),
                 FfiConverterOptionalTypeServerError.read(buf),
                 )
-            17 -> ClientEvent.SyncComplete
-            18 -> ClientEvent.MessagesUnavailable(
+            21 -> ClientEvent.SyncComplete
+            22 -> ClientEvent.MessagesUnavailable(
                 FfiConverterString.read(buf),
                 FfiConverterULong.read(buf),
                 FfiConverterULong.read(buf),
                 )
-            19 -> ClientEvent.HistoryReset(
+            23 -> ClientEvent.HistoryReset(
                 FfiConverterString.read(buf),
                 )
             else -> throw RuntimeException("invalid enum value, something is very wrong!!")
@@ -4747,6 +5026,43 @@ public object FfiConverterTypeClientEvent : FfiConverterRustBuffer<ClientEvent>{
                 4UL
                 + FfiConverterULong.allocationSize(value.`ticket`)
                 + FfiConverterTypeConversation.allocationSize(value.`conversation`)
+            )
+        }
+        is ClientEvent.MemberPage -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterULong.allocationSize(value.`ticket`)
+                + FfiConverterString.allocationSize(value.`conversationId`)
+                + FfiConverterSequenceTypeMember.allocationSize(value.`members`)
+                + FfiConverterBoolean.allocationSize(value.`hasMore`)
+                + FfiConverterUInt.allocationSize(value.`memberCount`)
+            )
+        }
+        is ClientEvent.ChannelOpened -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterString.allocationSize(value.`conversationId`)
+                + FfiConverterTypeChannelMode.allocationSize(value.`mode`)
+                + FfiConverterULong.allocationSize(value.`lastSeq`)
+                + FfiConverterULong.allocationSize(value.`readSeq`)
+            )
+        }
+        is ClientEvent.ChannelOpenFailed -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterString.allocationSize(value.`conversationId`)
+                + FfiConverterTypeServerError.allocationSize(value.`error`)
+            )
+        }
+        is ClientEvent.ChannelActivity -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterString.allocationSize(value.`conversationId`)
+                + FfiConverterULong.allocationSize(value.`lastSeq`)
             )
         }
         is ClientEvent.PresenceResult -> {
@@ -4890,26 +5206,55 @@ public object FfiConverterTypeClientEvent : FfiConverterRustBuffer<ClientEvent>{
                 FfiConverterTypeConversation.write(value.`conversation`, buf)
                 Unit
             }
-            is ClientEvent.PresenceResult -> {
+            is ClientEvent.MemberPage -> {
                 buf.putInt(12)
+                FfiConverterULong.write(value.`ticket`, buf)
+                FfiConverterString.write(value.`conversationId`, buf)
+                FfiConverterSequenceTypeMember.write(value.`members`, buf)
+                FfiConverterBoolean.write(value.`hasMore`, buf)
+                FfiConverterUInt.write(value.`memberCount`, buf)
+                Unit
+            }
+            is ClientEvent.ChannelOpened -> {
+                buf.putInt(13)
+                FfiConverterString.write(value.`conversationId`, buf)
+                FfiConverterTypeChannelMode.write(value.`mode`, buf)
+                FfiConverterULong.write(value.`lastSeq`, buf)
+                FfiConverterULong.write(value.`readSeq`, buf)
+                Unit
+            }
+            is ClientEvent.ChannelOpenFailed -> {
+                buf.putInt(14)
+                FfiConverterString.write(value.`conversationId`, buf)
+                FfiConverterTypeServerError.write(value.`error`, buf)
+                Unit
+            }
+            is ClientEvent.ChannelActivity -> {
+                buf.putInt(15)
+                FfiConverterString.write(value.`conversationId`, buf)
+                FfiConverterULong.write(value.`lastSeq`, buf)
+                Unit
+            }
+            is ClientEvent.PresenceResult -> {
+                buf.putInt(16)
                 FfiConverterULong.write(value.`ticket`, buf)
                 FfiConverterSequenceTypePresence.write(value.`presences`, buf)
                 Unit
             }
             is ClientEvent.PushTokenRegistered -> {
-                buf.putInt(13)
+                buf.putInt(17)
                 FfiConverterULong.write(value.`ticket`, buf)
                 FfiConverterLong.write(value.`registeredMs`, buf)
                 Unit
             }
             is ClientEvent.PushTokenUnregistered -> {
-                buf.putInt(14)
+                buf.putInt(18)
                 FfiConverterULong.write(value.`ticket`, buf)
                 FfiConverterBoolean.write(value.`wasRegistered`, buf)
                 Unit
             }
             is ClientEvent.MuteChanged -> {
-                buf.putInt(15)
+                buf.putInt(19)
                 FfiConverterULong.write(value.`ticket`, buf)
                 FfiConverterString.write(value.`conversationId`, buf)
                 FfiConverterLong.write(value.`mutedUntilMs`, buf)
@@ -4917,24 +5262,24 @@ public object FfiConverterTypeClientEvent : FfiConverterRustBuffer<ClientEvent>{
                 Unit
             }
             is ClientEvent.RequestFailed -> {
-                buf.putInt(16)
+                buf.putInt(20)
                 FfiConverterULong.write(value.`ticket`, buf)
                 FfiConverterOptionalTypeServerError.write(value.`error`, buf)
                 Unit
             }
             is ClientEvent.SyncComplete -> {
-                buf.putInt(17)
+                buf.putInt(21)
                 Unit
             }
             is ClientEvent.MessagesUnavailable -> {
-                buf.putInt(18)
+                buf.putInt(22)
                 FfiConverterString.write(value.`conversationId`, buf)
                 FfiConverterULong.write(value.`fromSeq`, buf)
                 FfiConverterULong.write(value.`toSeq`, buf)
                 Unit
             }
             is ClientEvent.HistoryReset -> {
-                buf.putInt(19)
+                buf.putInt(23)
                 FfiConverterString.write(value.`conversationId`, buf)
                 Unit
             }
@@ -5371,7 +5716,12 @@ enum class ConversationKind {
     
     UNSPECIFIED,
     DIRECT,
-    GROUP;
+    GROUP,
+    /**
+     * Up to 100,000 members, delivered live only where opened (SPEC §21,
+     * `open_channel`).
+     */
+    CHANNEL;
     companion object
 }
 
@@ -5947,6 +6297,38 @@ public object FfiConverterOptionalTypeClientStore: FfiConverterRustBuffer<Client
         } else {
             buf.put(1)
             FfiConverterTypeClientStore.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterOptionalTypeChannelSettings: FfiConverterRustBuffer<ChannelSettings?> {
+    override fun read(buf: ByteBuffer): ChannelSettings? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterTypeChannelSettings.read(buf)
+    }
+
+    override fun allocationSize(value: ChannelSettings?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterTypeChannelSettings.allocationSize(value)
+        }
+    }
+
+    override fun write(value: ChannelSettings?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterTypeChannelSettings.write(value, buf)
         }
     }
 }
