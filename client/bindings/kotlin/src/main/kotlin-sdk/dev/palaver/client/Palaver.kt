@@ -43,6 +43,9 @@ data class Sent(
 /** One page of history, ascending by seq. */
 data class History(val conversation: ConversationId, val messages: List<ChatMessage>, val hasMore: Boolean)
 
+/** A page of a conversation's members ([Palaver.members]); ask again after the last one while [hasMore]. */
+data class MemberPage(val members: List<Member>, val hasMore: Boolean, val memberCount: UInt)
+
 /** The server refused a message or a request for good (a 2xxx code, SPEC §14). */
 class RefusedException(val error: ServerError?, message: String) : Exception(message)
 
@@ -131,6 +134,32 @@ class Palaver private constructor(
     /** The direct conversation with `peer`, created if new. */
     suspend fun openDirect(peer: String): Conversation = conversation(await("t:${client.openDirect(peer)}"))
 
+    /** Creates a channel (SPEC §21) with the caller as admin. */
+    suspend fun createChannel(
+        title: String,
+        members: List<String>,
+        public: Boolean = false,
+        adminsOnlyPost: Boolean = false,
+    ): Conversation = conversation(await("t:${client.createChannel(title, members, ChannelSettings(public, adminsOnlyPost))}"))
+
+    /** A page of members ascending by user id, after `afterUserId` (null: from the start). */
+    suspend fun members(conversation: ConversationId, afterUserId: String? = null, limit: UInt = 100u): MemberPage =
+        when (val e = await("t:${client.listMembers(conversation.value, afterUserId, limit)}")) {
+            is ClientEvent.MemberPage -> MemberPage(e.members, e.hasMore, e.memberCount)
+            else -> throw refused(e)
+        }
+
+    /**
+     * What this client receives of a channel: [ChannelMode.LIVE] while it is on
+     * screen, [ChannelMode.COUNTS] in a list ([channelActivity]), [ChannelMode.CLOSED]
+     * for nothing live. Kept across reconnects until changed.
+     */
+    fun openChannel(conversation: ConversationId, mode: ChannelMode) = client.openChannel(conversation.value, mode)
+
+    /** Channels open in COUNTS mode that moved: (channel, its newest seq), batched by the server. */
+    val channelActivity: Flow<Pair<ConversationId, ULong>> =
+        events.filterIsInstance<ClientEvent.ChannelActivity>().map { ConversationId(it.conversationId) to it.lastSeq }
+
     fun connect() = client.connect()
     fun disconnect() = client.disconnect()
     fun reconnectNow() = client.reconnectNow()
@@ -184,6 +213,7 @@ class Palaver private constructor(
             is ClientEvent.SendFailed -> "m:${ClientMsgId.of(e.clientMsgId).hex}"
             is ClientEvent.HistoryPage -> "t:${e.ticket}"
             is ClientEvent.ConversationResult -> "t:${e.ticket}"
+            is ClientEvent.MemberPage -> "t:${e.ticket}"
             is ClientEvent.RequestFailed -> "t:${e.ticket}"
             else -> null
         }

@@ -67,4 +67,33 @@ class PalaverFlowTest {
             olga.close(); pete.close()
         }
     }
+
+    @Test
+    fun `a channel is created, paged and read live where it is open`() = runBlocking {
+        withTimeout(30_000) {
+            val rosa = palaver("rosa")
+            val sam = palaver("sam")
+            rosa.state.first { it is ConnectionState.Connected }
+            sam.state.first { it is ConnectionState.Connected }
+            val channel = rosa.createChannel("news", listOf("sam", "tia", "uma"), adminsOnlyPost = true)
+            assertEquals(ConversationKind.CHANNEL, channel.kind)
+            assertEquals(4u, channel.memberCount)
+            assertTrue(channel.members.isEmpty(), "a channel's members are paged")
+            val id = ConversationId(channel.conversationId)
+            val first = rosa.members(id, limit = 2u)
+            assertEquals(listOf("rosa", "sam"), first.members.map { it.userId })
+            assertTrue(first.hasMore)
+            val rest = rosa.members(id, afterUserId = "sam")
+            assertEquals(listOf("tia", "uma"), rest.members.map { it.userId })
+
+            sam.openChannel(id, ChannelMode.LIVE)
+            sam.events.first { it is ClientEvent.ChannelOpened }
+            rosa.sendText(id, "release")
+            val got = sam.messages.first { it.conversationId == channel.conversationId }
+            assertEquals("release", String(got.body))
+            // An announcement channel: members do not post.
+            assertThrows<RefusedException> { runBlocking { sam.sendText(id, "may I?") } }
+            rosa.close(); sam.close()
+        }
+    }
 }
