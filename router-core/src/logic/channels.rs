@@ -28,35 +28,12 @@ impl<S: Store> Router<S> {
         out: &mut Output,
     ) -> Result<(), Failure> {
         let creator = &req.from.user_id;
-        if create.title.len() > self.config.max_title_bytes {
-            return reject(
-                ErrorCode::InvalidArgument,
-                format!(
-                    "title is {} bytes, the limit is {}",
-                    create.title.len(),
-                    self.config.max_title_bytes
-                ),
-            );
-        }
-        let mut others = BTreeSet::new();
-        for user_id in &create.member_user_ids {
-            self.check_user_id(user_id)?;
-            if user_id != creator {
-                others.insert(user_id.as_str());
-            }
-        }
         // A request names at most a group's worth; more join or are added later.
-        let total = others.len() + 1;
         let cap = self
             .config
             .max_group_members
             .min(self.config.max_channel_members);
-        if total > cap {
-            return reject(
-                ErrorCode::TooManyMembers,
-                format!("{total} members including you in one request, the limit is {cap}"),
-            );
-        }
+        let others = self.check_new_members(creator, create, cap)?;
         let record = ChannelRecord {
             conversation_id: channel_id_for(req),
             title: create.title.clone(),

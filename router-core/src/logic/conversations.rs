@@ -87,33 +87,7 @@ impl<S: Store> Router<S> {
         out: &mut Output,
     ) -> Result<(), Failure> {
         let creator = &req.from.user_id;
-        if create.title.len() > self.config.max_title_bytes {
-            return reject(
-                ErrorCode::InvalidArgument,
-                format!(
-                    "title is {} bytes, the limit is {}",
-                    create.title.len(),
-                    self.config.max_title_bytes
-                ),
-            );
-        }
-        let mut others = BTreeSet::new();
-        for user_id in &create.member_user_ids {
-            self.check_user_id(user_id)?;
-            if user_id != creator {
-                others.insert(user_id.as_str());
-            }
-        }
-        let total = others.len() + 1;
-        if total > self.config.max_group_members {
-            return reject(
-                ErrorCode::TooManyMembers,
-                format!(
-                    "{total} members including you, the limit is {}",
-                    self.config.max_group_members
-                ),
-            );
-        }
+        let others = self.check_new_members(creator, create, self.config.max_group_members)?;
         let mut members: Vec<pb::Member> = others
             .into_iter()
             .map(|user_id| pb::Member {
@@ -233,6 +207,42 @@ impl<S: Store> Router<S> {
         recipients.extend(plan.added.iter().cloned());
         self.fan_out(&recipients, Some(&req.from.addr), &event(changed), out)?;
         Ok(())
+    }
+
+    /// The checks a new group's or channel's request passes (SPEC §14): the
+    /// title's length, valid member ids, at most `cap` members with the
+    /// creator. Returns the members other than the creator, each once.
+    pub(super) fn check_new_members<'a>(
+        &self,
+        creator: &str,
+        create: &'a pb::CreateConversation,
+        cap: usize,
+    ) -> Result<BTreeSet<&'a str>, Failure> {
+        if create.title.len() > self.config.max_title_bytes {
+            return reject(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "title is {} bytes, the limit is {}",
+                    create.title.len(),
+                    self.config.max_title_bytes
+                ),
+            );
+        }
+        let mut others = BTreeSet::new();
+        for user_id in &create.member_user_ids {
+            self.check_user_id(user_id)?;
+            if user_id != creator {
+                others.insert(user_id.as_str());
+            }
+        }
+        let total = others.len() + 1;
+        if total > cap {
+            return reject(
+                ErrorCode::TooManyMembers,
+                format!("{total} members including you, the limit is {cap}"),
+            );
+        }
+        Ok(others)
     }
 
     /// One change of the group's membership, against its hourly limit
