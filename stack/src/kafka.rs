@@ -149,20 +149,52 @@ impl Kafka {
         }
         let began = Instant::now();
         let cluster_id = kafka_cluster_id();
-        for i in 0..nodes {
-            kafka.write_config(i)?;
-            kafka.format(i, &cluster_id)?;
+        // A free port is free when asked, not seconds later when the JVM
+        // binds it: another test's process may have taken it by then. A
+        // fresh cluster (nothing formatted yet) then starts again on other
+        // ports; a kept one (its data formatted) cannot, and says why.
+        let fresh = (0..nodes).all(|i| !kafka.node_dir(i).join("data/meta.properties").is_file());
+        let mut attempt = 1;
+        loop {
+            match kafka.launch(&cluster_id) {
+                Ok(()) => break,
+                Err(e)
+                    if fresh && attempt < 3 && e.to_string().contains("Address already in use") =>
+                {
+                    eprintln!(
+                        "stack: Kafka lost a port to another process (attempt {attempt}); \
+                         starting again on other ports"
+                    );
+                    attempt += 1;
+                    for i in 0..nodes {
+                        kafka.nodes[i].proc = None; // killed on drop
+                        kafka.nodes[i].port = free_port()?;
+                        kafka.nodes[i].controller_port = free_port()?;
+                        let _ = fs::remove_dir_all(kafka.node_dir(i));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
         }
-        for i in 0..nodes {
-            kafka.spawn(i)?;
-        }
-        kafka.wait_ready()?;
         eprintln!(
             "stack: Apache Kafka {KAFKA_VERSION}, {nodes} node(s) at {}, ready in {:.1} s",
             kafka.bootstrap(),
             began.elapsed().as_secs_f64()
         );
         Ok(kafka)
+    }
+
+    /// Configures, formats and starts every node, and waits until the
+    /// cluster serves.
+    fn launch(&mut self, cluster_id: &str) -> Result<()> {
+        for i in 0..self.nodes.len() {
+            self.write_config(i)?;
+            self.format(i, cluster_id)?;
+        }
+        for i in 0..self.nodes.len() {
+            self.spawn(i)?;
+        }
+        self.wait_ready()
     }
 
     fn node_dir(&self, i: usize) -> PathBuf {
