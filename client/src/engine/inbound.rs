@@ -243,11 +243,22 @@ impl Engine {
                 ),
             );
         }
+        if !reset.is_empty() {
+            // This reset's messages only (at most `RECENT_MESSAGES`).
+            self.delivered_before_reset.clear();
+        }
         for id in &reset {
             if let Some(round) = self.sync.as_mut() {
                 round.received.remove(id);
                 round.gapped_at_start.remove(id);
             }
+            let delivered: Vec<MessageKey> = self
+                .recent
+                .iter()
+                .filter(|(conv, _, _)| conv == id)
+                .cloned()
+                .collect();
+            self.delivered_before_reset.extend(delivered);
             self.event(ClientEvent::HistoryReset {
                 conversation_id: id.clone(),
             });
@@ -267,6 +278,20 @@ impl Engine {
                     if message.sender_user_id != self.user_id {
                         delivered_up_to = Some(message.seq);
                     }
+                    let key: MessageKey = (
+                        message.conversation_id.clone(),
+                        message.sender_user_id.clone(),
+                        message.client_msg_id.clone(),
+                    );
+                    if !key.2.is_empty() && self.delivered_before_reset.remove(&key) {
+                        // Stored again under a new seq by a server that lost
+                        // its history: the app has it already.
+                        continue;
+                    }
+                    if self.recent.len() == RECENT_MESSAGES {
+                        self.recent.pop_front();
+                    }
+                    self.recent.push_back(key);
                     self.event(ClientEvent::Message { message });
                 }
                 Release::Unavailable { from_seq, to_seq } => {

@@ -239,6 +239,15 @@ enum Link {
     Open { conn: ClientConn, welcome_by: u64 },
 }
 
+/// A message's identity across a history reset: (conversation, sender,
+/// client_msg_id).
+type MessageKey = (String, String, Vec<u8>);
+
+/// Messages remembered to recognise one stored again after the server lost
+/// its history (see `Engine::recent`): more than a sender's messages in
+/// flight (`max_requests_in_flight`, 64 by default) around a crash.
+const RECENT_MESSAGES: usize = 512;
+
 #[derive(Debug, Clone)]
 enum InFlight {
     Send(Vec<u8>),
@@ -289,6 +298,14 @@ pub(crate) struct Engine {
     outbox: Outbox,
     cursors: Cursors,
     dirty_cursors: BTreeSet<String>,
+    /// The last [`RECENT_MESSAGES`] messages handed to the app, as
+    /// (conversation, sender, client_msg_id).
+    recent: VecDeque<MessageKey>,
+    /// Those of conversations whose history the server lost since: the
+    /// sender's outbox may send them again and the new history store them
+    /// under new seqs (the old server stored them but died before its ack):
+    /// the app already has them and does not get them twice.
+    delivered_before_reset: std::collections::HashSet<MessageKey>,
     watched: BTreeSet<String>,
     /// Channels the app opened (LIVE or COUNTS): a connection's modes end
     /// with it (SPEC §21), so they are set again after each Welcome.
@@ -339,6 +356,8 @@ impl Engine {
                     .map(|c| (c.conversation_id, c.after_seq, c.history_epoch)),
             ),
             dirty_cursors: BTreeSet::new(),
+            recent: VecDeque::with_capacity(RECENT_MESSAGES),
+            delivered_before_reset: std::collections::HashSet::new(),
             watched: BTreeSet::new(),
             open_channels: BTreeMap::new(),
             receipts: BTreeMap::new(),
@@ -1523,6 +1542,76 @@ mod tests {
             after_seq: 2,
             history_epoch: 8,
         })));
+    }
+
+    /// A message the old server stored and delivered but never acked is
+    /// sent again by its sender's outbox and stored again by the server
+    /// that lost its history, under a new seq: the app gets it once.
+    #[test]
+    fn a_message_stored_again_after_a_history_reset_reaches_the_app_once() {
+        let with_id = |seq: u64, id: u8| pb::Message {
+            client_msg_id: vec![id; 16],
+            ..msg("dm:alice:bob", seq)
+        };
+        let saved = vec![SyncCursor {
+            conversation_id: "dm:alice:bob".into(),
+            after_seq: 539,
+            history_epoch: 7,
+        }];
+        let mut e = Engine::new(cfg(), vec![], saved, 7);
+        let hello_id = connect(&mut e, 0)[0].request_id;
+        e.on_frame(
+            frame(
+                hello_id,
+                Body::SyncBatch(pb::SyncBatch {
+                    messages: vec![with_id(540, 0xa)],
+                    history_epoch: 7,
+                    ..Default::default()
+                }),
+            ),
+            1,
+        );
+        assert_eq!(
+            events(&mut e)
+                .iter()
+                .filter(|e| matches!(e, ClientEvent::Message { .. }))
+                .count(),
+            1
+        );
+        let _ = e.take_writes();
+        // The server lost its history: the same message again as seq 1,
+        // then a new one. The first batch in the new epoch resets the
+        // conversation; the Sync from 0 that follows brings them.
+        e.command(Command::SyncNow, 2);
+        for now in [3, 4] {
+            let w = e.take_writes();
+            let Some(sync) = w.iter().find(|f| matches!(f.body, Some(Body::Sync(_)))) else {
+                break;
+            };
+            e.on_frame(
+                frame(
+                    sync.request_id,
+                    Body::SyncBatch(pb::SyncBatch {
+                        messages: vec![with_id(1, 0xa), with_id(2, 0xb)],
+                        history_epoch: 8,
+                        ..Default::default()
+                    }),
+                ),
+                now,
+            );
+        }
+        let got: Vec<(u64, Vec<u8>)> = events(&mut e)
+            .into_iter()
+            .filter_map(|ev| match ev {
+                ClientEvent::Message { message } => Some((message.seq, message.client_msg_id)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![(2, vec![0xb; 16])],
+            "the repeat is not handed over twice"
+        );
     }
 
     #[test]
