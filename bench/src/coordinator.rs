@@ -361,6 +361,14 @@ impl Run {
             _ => {
                 self.command(Command::Setup);
                 self.wait_phase(Phase::Ready, timeout)?;
+                if self.config.scenario == ScenarioKind::Channel {
+                    // Adding up to 100,000 members is setup, not traffic: CPU
+                    // per sent message counts from the channel opened.
+                    self.cpu_s.0 = self.own_cpu_seconds();
+                    if let Some(g) = gateway.as_deref_mut().filter(|g| !g.pids.is_empty()) {
+                        g.cpu_connected_s = Some(sys::total_cpu_seconds(&g.pids)?);
+                    }
+                }
                 self.command(Command::Chat);
                 let send_and_grace =
                     self.config.duration.0 + self.config.grace.0 + Duration::from_secs(30);
