@@ -14,9 +14,9 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::hist;
-use crate::ipc::{Command, Counters, Phase, WorkerFinal, WorkerMsg, WorkerPlan};
+use crate::ipc::{ChannelTally, Command, Counters, Phase, WorkerFinal, WorkerMsg, WorkerPlan};
 use crate::report::{
-    ChatStats, ConnectionStats, GatewayStats, Report, Sample, StormStats, WorkerInfo,
+    ChannelStats, ChatStats, ConnectionStats, GatewayStats, Report, Sample, StormStats, WorkerInfo,
 };
 use crate::settings::{Config, ScenarioKind, Settings};
 use crate::sys::{self, MachineInfo};
@@ -84,6 +84,11 @@ pub fn run(args: RunArgs) -> Result<()> {
     };
     let mut config = args.settings.over(file_settings).resolve()?;
     let (part_index, parts) = parse_part(args.part.as_deref())?;
+    if parts > 1 && config.scenario == ScenarioKind::Channel {
+        // Each part would create its own channel, and the per-seq loss
+        // count needs every worker's tallies in one coordinator.
+        bail!("--part is not supported by the channel scenario: run it from one machine");
+    }
     // Every part has `workers` workers; the users are split over all of them.
     let local_workers = config.workers;
     config.workers *= parts;
@@ -356,6 +361,14 @@ impl Run {
             _ => {
                 self.command(Command::Setup);
                 self.wait_phase(Phase::Ready, timeout)?;
+                if self.config.scenario == ScenarioKind::Channel {
+                    // Adding up to 100,000 members is setup, not traffic: CPU
+                    // per sent message counts from the channel opened.
+                    self.cpu_s.0 = self.own_cpu_seconds();
+                    if let Some(g) = gateway.as_deref_mut().filter(|g| !g.pids.is_empty()) {
+                        g.cpu_connected_s = Some(sys::total_cpu_seconds(&g.pids)?);
+                    }
+                }
                 self.command(Command::Chat);
                 let send_and_grace =
                     self.config.duration.0 + self.config.grace.0 + Duration::from_secs(30);
@@ -468,6 +481,10 @@ impl Run {
                 w.counters = report.counters.clone();
                 w.final_report = Some(*report);
             }
+            // The shared channel exists with all its members: every worker opens it.
+            WorkerMsg::ChannelCreated { conversation_id } => {
+                self.command(Command::OpenChannel { conversation_id });
+            }
             WorkerMsg::Fatal { message } => {
                 bail!("worker {} failed: {message}", self.workers[i].plan.index);
             }
@@ -573,6 +590,7 @@ impl Run {
         let mut storm_recovery: Option<f64> = Some(0.0);
         let mut heartbeat_ms = None;
         let mut problems = self.problems;
+        let mut channel_tally: Option<ChannelTally> = None;
         for w in &self.workers {
             let Some(f) = &w.final_report else {
                 problems.push(format!("worker {} sent no final report", w.plan.index));
@@ -603,6 +621,9 @@ impl Run {
                 _ => None,
             };
             heartbeat_ms = heartbeat_ms.or(f.heartbeat_ms);
+            if let Some(t) = &f.channel {
+                channel_tally.get_or_insert_with(Default::default).add(t);
+            }
             workers.push(WorkerInfo {
                 index: w.plan.index,
                 users: w.plan.users(),
@@ -637,6 +658,14 @@ impl Run {
             bench_bytes_per_connection: (peak_open > 0).then(|| peak_rss as f64 / peak_open as f64),
         };
         let config = self.config;
+        // A channel message's sender and receivers are in different workers:
+        // its losses are counted here, over every worker's tallies.
+        let channel = channel_tally.map(|t| {
+            let (expected, losses) = t.expected_and_losses();
+            counters.expected_deliveries = expected;
+            counters.losses = losses;
+            ChannelStats::from_tally(&t, config.channel_members)
+        });
         let chat = config.scenario.sends_messages().then(|| {
             let send_s = config.duration.0.as_secs_f64();
             let chat_span = match (reached(Phase::Chatting), reached(Phase::ChatDone)) {
@@ -644,15 +673,18 @@ impl Run {
                 _ => send_s,
             };
             ChatStats {
-                conversations: self
-                    .workers
-                    .iter()
-                    .map(|w| {
-                        let u = w.plan.users();
-                        let directs = if config.direct_share > 0.0 { u / 2 } else { 0 };
-                        directs + w.plan.groups.len() as u64
-                    })
-                    .sum(),
+                conversations: if config.scenario == ScenarioKind::Channel {
+                    1
+                } else {
+                    self.workers
+                        .iter()
+                        .map(|w| {
+                            let u = w.plan.users();
+                            let directs = if config.direct_share > 0.0 { u / 2 } else { 0 };
+                            directs + w.plan.groups.len() as u64
+                        })
+                        .sum()
+                },
                 offered_rate: config.rate
                     * self.workers.iter().map(|w| w.plan.users()).sum::<u64>() as f64
                     / config.connections as f64,
@@ -710,6 +742,7 @@ impl Run {
             send_errors,
             connections,
             chat,
+            channel,
             storm,
             gateway,
             latency: BTreeMap::new(),

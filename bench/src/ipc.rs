@@ -49,11 +49,14 @@ pub fn user_id(run_id: &str, index: u64) -> String {
 }
 
 /// Coordinator → worker, one per line after the plan.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Command {
     /// Create the chat conversations.
     Setup,
+    /// The channel every worker shares exists with all its members (one
+    /// worker created it, see [`WorkerMsg::ChannelCreated`]): open it.
+    OpenChannel { conversation_id: String },
     /// Start sending on the schedule.
     Chat,
     /// Drop the configured share of connections and reconnect them.
@@ -195,6 +198,11 @@ pub enum WorkerMsg {
         interval_e2e_p99_us: u64,
     },
     Final(Box<WorkerFinal>),
+    /// This worker created the run's channel and added its members; the
+    /// coordinator passes the id on to every worker ([`Command::OpenChannel`]).
+    ChannelCreated {
+        conversation_id: String,
+    },
     /// The worker could not run its plan (bad key, bad CA, no sockets...).
     Fatal {
         message: String,
@@ -220,4 +228,89 @@ pub struct WorkerFinal {
     /// Worker's own RSS when it held the most sessions.
     pub peak_rss_bytes: u64,
     pub peak_open: u64,
+    /// The channel scenario's per-seq tallies, merged by the coordinator.
+    #[serde(default)]
+    pub channel: Option<ChannelTally>,
+}
+
+/// What one worker saw of the shared channel. Losses need every worker's
+/// view (a message's sender and its receivers are in different workers),
+/// so each reports per-seq counts and the coordinator adds them up.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChannelTally {
+    /// Connections that got ChannelOpened LIVE / COUNTS.
+    pub live_receivers: u64,
+    pub counts_receivers: u64,
+    /// Messages this worker's senders got SendAcks for: (seq, whether the
+    /// sending connection had the channel open LIVE, so is not a receiver
+    /// of its own message).
+    pub acked: Vec<(u64, bool)>,
+    /// First deliveries to this worker's LIVE receivers: (seq, count).
+    /// Pairs, not a map: an internally tagged message cannot carry a map
+    /// with integer keys through JSON.
+    pub delivered_by_seq: Vec<(u64, u64)>,
+    /// ChannelActivity frames received by COUNTS connections.
+    pub activity_frames: u64,
+    /// (highest last_seq its ChannelActivity or ChannelOpened showed,
+    /// COUNTS connections).
+    pub counts_last_seq: Vec<(u64, u64)>,
+}
+
+impl ChannelTally {
+    pub fn add(&mut self, o: &ChannelTally) {
+        self.live_receivers += o.live_receivers;
+        self.counts_receivers += o.counts_receivers;
+        self.acked.extend_from_slice(&o.acked);
+        self.delivered_by_seq.extend_from_slice(&o.delivered_by_seq);
+        self.activity_frames += o.activity_frames;
+        self.counts_last_seq.extend_from_slice(&o.counts_last_seq);
+    }
+
+    /// (expected deliveries, losses): every acked message is due to every
+    /// LIVE receiver but its sender.
+    pub fn expected_and_losses(&self) -> (u64, u64) {
+        let mut delivered = BTreeMap::<u64, u64>::new();
+        for &(seq, n) in &self.delivered_by_seq {
+            *delivered.entry(seq).or_default() += n;
+        }
+        let (mut expected, mut losses) = (0, 0);
+        for &(seq, sender_live) in &self.acked {
+            let due = self.live_receivers - u64::from(sender_live && self.live_receivers > 0);
+            let got = delivered.get(&seq).copied().unwrap_or(0);
+            expected += due;
+            losses += due.saturating_sub(got);
+        }
+        (expected, losses)
+    }
+
+    /// The channel's last seq as its senders saw it.
+    pub fn last_seq(&self) -> u64 {
+        self.acked.iter().map(|a| a.0).max().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_losses_count_every_live_receiver_but_the_sender() {
+        let mut a = ChannelTally {
+            live_receivers: 3,
+            acked: vec![(1, true), (2, false)],
+            delivered_by_seq: vec![(1, 2), (2, 1)],
+            ..Default::default()
+        };
+        let b = ChannelTally {
+            live_receivers: 1,
+            delivered_by_seq: vec![(1, 1), (2, 1)],
+            counts_receivers: 1,
+            counts_last_seq: vec![(2, 1)],
+            ..Default::default()
+        };
+        a.add(&b);
+        // seq 1: 3 due (its sender is LIVE), 3 got; seq 2: 4 due, 2 got.
+        assert_eq!(a.expected_and_losses(), (7, 2));
+        assert_eq!(a.last_seq(), 2);
+    }
 }

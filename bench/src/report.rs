@@ -36,6 +36,8 @@ pub struct Report {
     pub send_errors: BTreeMap<String, u64>,
     pub connections: ConnectionStats,
     pub chat: Option<ChatStats>,
+    #[serde(default)]
+    pub channel: Option<ChannelStats>,
     pub storm: Option<StormStats>,
     pub gateway: Option<GatewayStats>,
     /// Percentiles per latency histogram (ms).
@@ -89,6 +91,41 @@ pub struct ChatStats {
     /// from the CPUs the gateway shares.
     #[serde(default)]
     pub bench_cpu_us_per_sent: Option<f64>,
+}
+
+/// The channel scenario: who had the channel open how, and what COUNTS
+/// connections were shown.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ChannelStats {
+    pub members: u64,
+    /// Connections whose OpenChannel was answered, by mode.
+    pub live_receivers: u64,
+    pub counts_receivers: u64,
+    /// The highest seq any sender got acked.
+    pub last_seq: u64,
+    /// ChannelActivity frames received by all COUNTS connections.
+    pub activity_frames: u64,
+    /// COUNTS connections whose ChannelActivity reached `last_seq`.
+    pub counts_reached_last_seq: u64,
+}
+
+impl ChannelStats {
+    pub fn from_tally(t: &crate::ipc::ChannelTally, members: u64) -> ChannelStats {
+        let last_seq = t.last_seq();
+        ChannelStats {
+            members,
+            live_receivers: t.live_receivers,
+            counts_receivers: t.counts_receivers,
+            last_seq,
+            activity_frames: t.activity_frames,
+            counts_reached_last_seq: t
+                .counts_last_seq
+                .iter()
+                .filter(|&&(seq, _)| seq >= last_seq)
+                .map(|&(_, n)| n)
+                .sum(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -266,6 +303,24 @@ impl Report {
                 );
             }
             write_map(&mut t, "send errors by code", &self.send_errors);
+        }
+        if let Some(ch) = &self.channel {
+            let _ = writeln!(t, "\nchannel");
+            let _ = writeln!(
+                t,
+                "  members {}  open LIVE {}  open COUNTS {}  last seq {}",
+                ch.members, ch.live_receivers, ch.counts_receivers, ch.last_seq
+            );
+            if ch.counts_receivers > 0 {
+                let _ = writeln!(
+                    t,
+                    "  COUNTS: ChannelActivity frames {} ({:.1} per connection)  reached last seq {} of {}",
+                    ch.activity_frames,
+                    ch.activity_frames as f64 / ch.counts_receivers as f64,
+                    ch.counts_reached_last_seq,
+                    ch.counts_receivers
+                );
+            }
         }
         if let Some(s) = &self.storm {
             let _ = writeln!(t, "\nreconnect storm");

@@ -26,13 +26,19 @@ pub enum ScenarioKind {
     Fanout,
     /// Pairs of users, one message in flight per pair: latency with no queue.
     OneHop,
+    /// One large channel shared by every worker, opened LIVE (or COUNTS) by
+    /// the connected members, a few posters.
+    Channel,
 }
 
 impl ScenarioKind {
     /// Runs setup and a measured send phase (a worker `Scenario`), rather
     /// than only holding or cycling connections.
     pub fn sends_messages(self) -> bool {
-        matches!(self, Self::Chat | Self::Fanout | Self::OneHop)
+        matches!(
+            self,
+            Self::Chat | Self::Fanout | Self::OneHop | Self::Channel
+        )
     }
 }
 
@@ -44,6 +50,7 @@ impl fmt::Display for ScenarioKind {
             ScenarioKind::ReconnectStorm => "reconnect-storm",
             ScenarioKind::Fanout => "fanout",
             ScenarioKind::OneHop => "one-hop",
+            ScenarioKind::Channel => "channel",
         })
     }
 }
@@ -148,7 +155,7 @@ impl<'de> Deserialize<'de> for GroupMix {
 #[derive(clap::Args, Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
-    /// Scenario: connect, chat, reconnect-storm, fanout or one-hop.
+    /// Scenario: connect, chat, reconnect-storm, fanout, one-hop or channel.
     #[arg(long, value_enum)]
     pub scenario: Option<ScenarioKind>,
     /// Gateway address, HOST:PORT [default: 127.0.0.1:7443].
@@ -210,9 +217,17 @@ pub struct Settings {
     /// Group size (fanout) [default: 1000].
     #[arg(long)]
     pub group_size: Option<u32>,
-    /// Members of the fanout group that send [default: 1].
+    /// Members of the fanout group, or of the channel, that send [default: 1].
     #[arg(long)]
     pub senders: Option<u32>,
+    /// Members of the channel, at least --connections; the first
+    /// --connections of them connect, the rest are only added (channel) [default: 100000].
+    #[arg(long)]
+    pub channel_members: Option<u64>,
+    /// Share of the connected members that open the channel in COUNTS mode
+    /// instead of LIVE (channel) [default: 0].
+    #[arg(long)]
+    pub channel_counts_share: Option<f64>,
     /// Percentage of connections dropped at once (reconnect-storm) [default: 50].
     #[arg(long)]
     pub drop_percent: Option<f64>,
@@ -272,6 +287,8 @@ impl Settings {
             grace,
             group_size,
             senders,
+            channel_members,
+            channel_counts_share,
             drop_percent,
             settle,
             phase_timeout,
@@ -319,6 +336,11 @@ pub struct Config {
     pub grace: Dur,
     pub group_size: u32,
     pub senders: u32,
+    /// Channel members (channel; 0 in reports written before channels).
+    #[serde(default)]
+    pub channel_members: u64,
+    #[serde(default)]
+    pub channel_counts_share: f64,
     pub drop_percent: f64,
     pub settle: Dur,
     pub phase_timeout: Dur,
@@ -332,7 +354,7 @@ impl Settings {
     /// Fills in defaults and checks that the combination makes sense.
     pub fn resolve(self) -> Result<Config> {
         let scenario = self.scenario.context(
-            "no scenario: pass --scenario connect|chat|reconnect-storm|fanout|one-hop or a scenario file",
+            "no scenario: pass --scenario connect|chat|reconnect-storm|fanout|one-hop|channel or a scenario file",
         )?;
         let target_text = self.target.unwrap_or_else(|| "127.0.0.1:7443".into());
         let target = target_text
@@ -405,12 +427,24 @@ impl Settings {
             bail!("--connect-rate must be 0 (unlimited) or more");
         }
         let senders = self.senders.unwrap_or(1);
-        if senders == 0 || senders > group_size {
+        if scenario == ScenarioKind::Channel {
+            if senders == 0 || u64::from(senders) > connections {
+                bail!("--senders must be between 1 and --connections ({connections})");
+            }
+        } else if senders == 0 || senders > group_size {
             bail!("--senders must be between 1 and --group-size ({group_size})");
+        }
+        let channel_members = self.channel_members.unwrap_or(100_000);
+        if scenario == ScenarioKind::Channel && channel_members < connections {
+            bail!("--channel-members ({channel_members}) must be at least --connections ({connections})");
+        }
+        let channel_counts_share = self.channel_counts_share.unwrap_or(0.0);
+        if !(0.0..=1.0).contains(&channel_counts_share) {
+            bail!("--channel-counts-share must be between 0 and 1");
         }
         let groups = match scenario {
             ScenarioKind::Fanout => GroupMix(vec![(group_size, workers as u32)]),
-            ScenarioKind::OneHop => GroupMix(Vec::new()),
+            ScenarioKind::OneHop | ScenarioKind::Channel => GroupMix(Vec::new()),
             _ => self.groups.unwrap_or_else(|| GroupMix(vec![(10, 10)])),
         };
         let config = Config {
@@ -428,7 +462,7 @@ impl Settings {
             hold: self.hold.unwrap_or(Dur(Duration::from_secs(10))),
             rate,
             duration: self.duration.unwrap_or(Dur(Duration::from_secs(10))),
-            direct_share: if scenario == ScenarioKind::Fanout {
+            direct_share: if matches!(scenario, ScenarioKind::Fanout | ScenarioKind::Channel) {
                 0.0
             } else {
                 direct_share
@@ -438,6 +472,8 @@ impl Settings {
             grace: self.grace.unwrap_or(Dur(Duration::from_secs(5))),
             group_size,
             senders,
+            channel_members,
+            channel_counts_share,
             drop_percent,
             settle: self.settle.unwrap_or(Dur(Duration::from_secs(2))),
             phase_timeout: self.phase_timeout.unwrap_or(Dur(Duration::from_secs(600))),

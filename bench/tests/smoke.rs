@@ -250,3 +250,55 @@ fn one_hop_keeps_one_message_in_flight_per_pair() {
     assert_eq!(n(&r["latency"]["e2e"]["count"]), sent);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `channel`: one channel shared by two workers (worker 0 creates it and
+/// adds the members, the coordinator passes its id on), 50 members of whom
+/// 10 connect, 2 of those in COUNTS mode; 2 senders (one per worker) at
+/// 20 msg/s for 3 s. Every message reaches every LIVE receiver but its
+/// sender exactly once, in order; COUNTS receivers are shown the last seq.
+#[test]
+fn channel_delivers_every_message_to_every_live_receiver() {
+    let dir = temp_dir("channel");
+    let gateway = Gateway::start(&dir.join("gateway"), &["--ephemeral"]);
+    let out = dir.join("out");
+    let output = Command::new(bench_bin())
+        .args(["run", "--scenario", "channel", "--channel-members", "50"])
+        .args(["--connections", "10", "--workers", "2", "--senders", "2"])
+        .args(["--channel-counts-share", "0.2"])
+        .args(["--rate", "20", "--duration", "3s", "--grace", "5s"])
+        .args(["--settle", "200ms", "--phase-timeout", "60s"])
+        .args(["--target", &format!("127.0.0.1:{}", gateway.port)])
+        .arg("--data-dir")
+        .arg(&gateway.data_dir)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("running palaver-bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "bench failed\n{stdout}\n{stderr}");
+    let r = read_report(&out);
+    let c = &r["counters"];
+    let ch = &r["channel"];
+    assert_eq!(n(&r["connections"]["established"]), 10, "{stdout}");
+    assert_eq!(n(&c["groups_created"]), 1, "{stdout}");
+    assert_eq!(n(&ch["members"]), 50, "{stdout}");
+    assert_eq!(n(&ch["live_receivers"]), 8, "{stdout}");
+    assert_eq!(n(&ch["counts_receivers"]), 2, "{stdout}");
+    assert_eq!(n(&c["sent"]), 60, "{stdout}");
+    assert_eq!(n(&c["acked"]), 60, "{stdout}");
+    assert_eq!(n(&c["unacked"]), 0, "{stdout}");
+    assert_eq!(n(&ch["last_seq"]), 60, "{stdout}");
+    // Both senders are LIVE receivers: 7 of the 8 get each message.
+    assert_eq!(n(&c["expected_deliveries"]), 60 * 7, "{stdout}");
+    assert_eq!(n(&c["delivered"]), 60 * 7, "{stdout}");
+    assert_eq!(n(&c["losses"]), 0, "{stdout}");
+    assert_eq!(n(&c["duplicates"]), 0, "{stdout}");
+    assert_eq!(n(&c["order_violations"]), 0, "{stdout}");
+    assert_eq!(n(&c["unexpected"]), 0, "{stdout}");
+    assert_eq!(n(&r["latency"]["e2e"]["count"]), 60 * 7);
+    assert_eq!(n(&ch["counts_reached_last_seq"]), 2, "{stdout}");
+    assert!(n(&ch["activity_frames"]) >= 2, "{stdout}");
+    assert!(r["problems"].as_array().is_some_and(Vec::is_empty));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -559,6 +559,7 @@ impl Scenario for Chat {
             histograms: vec![(names::E2E, self.e2e), (names::ACK, self.ack)],
             send_errors: self.send_errors,
             setup_failures: self.setup_failures,
+            channel: None,
         }
     }
 }

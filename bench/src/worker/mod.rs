@@ -6,6 +6,7 @@
 //! Each user has one slot, which is also its mio token; a reconnect reuses the
 //! slot under a new generation so that stale timers are ignored.
 
+pub mod channel;
 pub mod chat;
 pub mod one_hop;
 pub mod scenario;
@@ -214,6 +215,8 @@ struct Worker {
     read_buf: Vec<u8>,
     frames: Vec<pb::Frame>,
     outbox: Outbox,
+    /// When the scenario's setup next has something due (paced requests, retries).
+    setup_wake: Option<Instant>,
 }
 
 impl Worker {
@@ -281,6 +284,7 @@ impl Worker {
             read_buf: vec![0; READ_CHUNK],
             frames: Vec::new(),
             outbox: Vec::new(),
+            setup_wake: None,
         })
     }
 
@@ -292,6 +296,14 @@ impl Worker {
             self.fire_timers(now);
             self.start_connects(now);
             self.scenario_tick(now);
+            if let Some(id) = self.scenario.as_mut().and_then(|s| s.take_channel_id()) {
+                emit(
+                    out,
+                    &WorkerMsg::ChannelCreated {
+                        conversation_id: id,
+                    },
+                )?;
+            }
             self.advance_phase(now);
             if now >= next_progress {
                 self.emit_progress(out)?;
@@ -305,6 +317,7 @@ impl Worker {
                 self.timers.peek().map(|t| t.0.at),
                 self.next_connect_due(),
                 self.scenario.as_ref().and_then(|s| s.next_due()),
+                self.setup_wake,
             ]
             .into_iter()
             .flatten()
@@ -344,6 +357,17 @@ impl Worker {
                 let users = &self.users;
                 self.outbox = scenario.setup(&|slot| users[slot as usize].id.clone());
                 self.phase = Phase::SettingUp;
+                self.send_outbox();
+            }
+            Command::OpenChannel { conversation_id } => {
+                let scenario = self
+                    .scenario
+                    .as_mut()
+                    .context("open-channel command in a scenario that sends nothing")?;
+                let conns = &self.conns;
+                self.outbox = scenario.open_channel(&conversation_id, &|slot| {
+                    conns[slot as usize].as_ref().is_some_and(Conn::is_ready)
+                });
                 self.send_outbox();
             }
             Command::Chat => {
@@ -463,9 +487,11 @@ impl Worker {
 
     fn final_report(mut self) -> Result<WorkerFinal> {
         let mut send_errors = BTreeMap::new();
+        let mut channel = None;
         if let Some(scenario) = self.scenario.take() {
             let report = scenario.report();
             send_errors = report.send_errors;
+            channel = report.channel;
             for (reason, n) in report.setup_failures {
                 *self.failures.entry(format!("setup: {reason}")).or_default() += n;
             }
@@ -488,6 +514,7 @@ impl Worker {
             heartbeat_ms: self.heartbeat_ms,
             peak_rss_bytes: self.peak_rss,
             peak_open: self.peak_open,
+            channel,
         })
     }
 }

@@ -297,6 +297,7 @@ impl Scenario for OneHop {
             histograms: vec![(names::E2E, self.e2e), (names::ACK, self.ack)],
             send_errors: self.send_errors,
             setup_failures: BTreeMap::new(),
+            channel: None,
         }
     }
 }

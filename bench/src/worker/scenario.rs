@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use palaver_protocol::pb;
 
+use super::channel::{Channel, ChannelPlan};
 use super::chat::{Chat, ChatPlan};
 use super::one_hop::OneHop;
-use crate::ipc::{Counters, WorkerPlan};
+use crate::ipc::{ChannelTally, Counters, WorkerPlan};
 use crate::settings::ScenarioKind;
 
 /// Requests to write, as (user slot, frame).
@@ -41,6 +42,31 @@ pub trait Scenario {
     fn setup_failed(&mut self, slot: u32, request_id: u32, reason: String) -> bool {
         let _ = (slot, request_id, reason);
         false
+    }
+
+    /// While setting up: appends requests due by `now` (paced setup,
+    /// retries) to `out`; returns when to be called again.
+    fn setup_due(
+        &mut self,
+        now: Instant,
+        ready: &dyn Fn(u32) -> bool,
+        out: &mut Outbox,
+    ) -> Option<Instant> {
+        let _ = (now, ready, out);
+        None
+    }
+
+    /// A channel this worker created for every worker, once it is ready to
+    /// be opened; returned once.
+    fn take_channel_id(&mut self) -> Option<String> {
+        None
+    }
+
+    /// The coordinator's `OpenChannel`: the shared channel's id; returns
+    /// the requests to send.
+    fn open_channel(&mut self, conversation_id: &str, ready: &dyn Fn(u32) -> bool) -> Outbox {
+        let _ = (conversation_id, ready);
+        Vec::new()
     }
 
     /// The coordinator's `Chat`: the measured phase starts.
@@ -96,6 +122,8 @@ pub struct ScenarioReport {
     pub histograms: Vec<(&'static str, Histogram<u64>)>,
     pub send_errors: BTreeMap<String, u64>,
     pub setup_failures: BTreeMap<String, u64>,
+    /// The channel scenario's tallies (losses are counted over all workers).
+    pub channel: Option<ChannelTally>,
 }
 
 /// The scenario a worker runs for `plan`, with `user_ids` by slot; `None`
@@ -126,5 +154,19 @@ pub fn build(plan: &WorkerPlan, epoch: Instant, user_ids: &[String]) -> Option<B
             plan.share_of(config.rate),
             config.duration.0,
         ))),
+        ScenarioKind::Channel => Some(Box::new(Channel::new(ChannelPlan {
+            worker_index: plan.index as u32,
+            epoch,
+            run_id: plan.run_id.clone(),
+            user_start: plan.user_start,
+            users: user_ids.len() as u32,
+            connections: config.connections,
+            channel_members: config.channel_members,
+            counts_share: config.channel_counts_share,
+            senders: config.senders,
+            rate: config.rate,
+            duration: config.duration.0,
+            body_bytes: config.body_bytes as usize,
+        }))),
     }
 }

@@ -87,20 +87,19 @@ impl Worker {
     // ---- the scenario's traffic ----------------------------------------
 
     pub(super) fn scenario_tick(&mut self, now: Instant) {
-        if self.phase != Phase::Chatting {
-            return;
-        }
         let Some(scenario) = self.scenario.as_mut() else {
             return;
         };
         let conns = &self.conns;
+        let ready = |slot: u32| conns[slot as usize].as_ref().is_some_and(Conn::is_ready);
         let mut outbox = std::mem::take(&mut self.outbox);
-        scenario.due(
-            now,
-            &|slot| conns[slot as usize].as_ref().is_some_and(Conn::is_ready),
-            &mut self.counters,
-            &mut outbox,
-        );
+        match self.phase {
+            Phase::SettingUp => {
+                self.setup_wake = scenario.setup_due(now, &ready, &mut outbox);
+            }
+            Phase::Chatting => scenario.due(now, &ready, &mut self.counters, &mut outbox),
+            _ => self.setup_wake = None,
+        }
         self.outbox = outbox;
         self.send_outbox();
     }
