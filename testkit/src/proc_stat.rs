@@ -49,6 +49,9 @@ mod tests {
         // process's figure may be up to two ticks (20 ms) short of the sum
         // of its threads'. (Failed in CI without the slack: 0.02 < 0.03.)
         let process = super::cpu_seconds("/proc/self/stat");
-        assert!(process >= used - 0.02, "process {process} s, this thread {used} s");
+        assert!(
+            process >= used - 0.02,
+            "process {process} s, this thread {used} s"
+        );
     }
 }
