@@ -161,6 +161,9 @@ fn invalid(message: String) -> ClientError {
     ClientError::InvalidArgument { detail: message }
 }
 
+/// Users one channel message may mention (SPEC §13, §21).
+const MAX_MENTIONS: usize = 20;
+
 fn check_conversation(id: &str) -> Result<(), ClientError> {
     if palaver_protocol::is_valid_conversation_id(id) {
         Ok(())
@@ -358,7 +361,29 @@ impl PalaverClient {
         reply_to_seq: u64,
         media: Option<Media>,
     ) -> Result<Vec<u8>, ClientError> {
+        self.send_mentioning(conversation_id, kind, body, reply_to_seq, media, Vec::new())
+    }
+
+    /// `send_message` to a channel, naming members to notify (SPEC §21: at
+    /// most 20; those who are members get a push when they have no device
+    /// online; nobody else is pushed for channel traffic).
+    pub fn send_mentioning(
+        &self,
+        conversation_id: String,
+        kind: ContentKind,
+        body: Vec<u8>,
+        reply_to_seq: u64,
+        media: Option<Media>,
+        mention_user_ids: Vec<String>,
+    ) -> Result<Vec<u8>, ClientError> {
         check_conversation(&conversation_id)?;
+        check_users(&mention_user_ids)?;
+        if mention_user_ids.len() > MAX_MENTIONS {
+            return Err(invalid(format!(
+                "{} mentions, the most one message may name is {MAX_MENTIONS}",
+                mention_user_ids.len()
+            )));
+        }
         if kind == ContentKind::Unspecified {
             return Err(invalid("kind must not be Unspecified".into()));
         }
@@ -378,6 +403,7 @@ impl PalaverClient {
             reply_to_seq,
             media,
             created_order: self.next_order.fetch_add(1, Ordering::Relaxed),
+            mention_user_ids,
         };
         let id = message.client_msg_id.clone();
         self.store.save_outgoing(message.clone());

@@ -140,6 +140,7 @@ mod tests {
             reply_to_seq: 0,
             media: None,
             created_order: order,
+            mention_user_ids: Default::default(),
         }
     }
 

@@ -296,6 +296,10 @@ pub struct OutgoingMessage {
     pub media: Option<Media>,
     /// Order of acceptance (the outbox sends in this order per conversation).
     pub created_order: u64,
+    /// A channel message's mentions (SPEC §21): those members are pushed
+    /// when offline. Empty elsewhere (a store written before this field
+    /// loads it empty).
+    pub mention_user_ids: Vec<String>,
 }
 
 /// The SDK's connection state (see client/SDK-SPEC.md).

@@ -1340,6 +1340,13 @@ public protocol PalaverClientProtocol: AnyObject, Sendable {
      */
     func registerFcmToken(token: String, locale: String?) throws  -> UInt64
     
+    /**
+     * `send_message` to a channel, naming members to notify (SPEC §21: at
+     * most 20; those who are members get a push when they have no device
+     * online; nobody else is pushed for channel traffic).
+     */
+    func sendMentioning(conversationId: String, kind: ContentKind, body: Data, replyToSeq: UInt64, media: Media?, mentionUserIds: [String]) throws  -> Data
+    
     func sendMessage(conversationId: String, kind: ContentKind, body: Data, replyToSeq: UInt64, media: Media?) throws  -> Data
     
     /**
@@ -1668,6 +1675,24 @@ open func registerFcmToken(token: String, locale: String?)throws  -> UInt64  {
     uniffi_palaver_client_fn_method_palaverclient_register_fcm_token(self.uniffiClonePointer(),
         FfiConverterString.lower(token),
         FfiConverterOptionString.lower(locale),$0
+    )
+})
+}
+    
+    /**
+     * `send_message` to a channel, naming members to notify (SPEC §21: at
+     * most 20; those who are members get a push when they have no device
+     * online; nobody else is pushed for channel traffic).
+     */
+open func sendMentioning(conversationId: String, kind: ContentKind, body: Data, replyToSeq: UInt64, media: Media?, mentionUserIds: [String])throws  -> Data  {
+    return try  FfiConverterData.lift(try rustCallWithError(FfiConverterTypeClientError_lift) {
+    uniffi_palaver_client_fn_method_palaverclient_send_mentioning(self.uniffiClonePointer(),
+        FfiConverterString.lower(conversationId),
+        FfiConverterTypeContentKind_lower(kind),
+        FfiConverterData.lower(body),
+        FfiConverterUInt64.lower(replyToSeq),
+        FfiConverterOptionTypeMedia.lower(media),
+        FfiConverterSequenceString.lower(mentionUserIds),$0
     )
 })
 }
@@ -2766,13 +2791,24 @@ public struct OutgoingMessage {
      * Order of acceptance (the outbox sends in this order per conversation).
      */
     public var createdOrder: UInt64
+    /**
+     * A channel message's mentions (SPEC §21): those members are pushed
+     * when offline. Empty elsewhere (a store written before this field
+     * loads it empty).
+     */
+    public var mentionUserIds: [String]
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
     public init(clientMsgId: Data, conversationId: String, kind: ContentKind, body: Data, replyToSeq: UInt64, media: Media?, 
         /**
          * Order of acceptance (the outbox sends in this order per conversation).
-         */createdOrder: UInt64) {
+         */createdOrder: UInt64, 
+        /**
+         * A channel message's mentions (SPEC §21): those members are pushed
+         * when offline. Empty elsewhere (a store written before this field
+         * loads it empty).
+         */mentionUserIds: [String]) {
         self.clientMsgId = clientMsgId
         self.conversationId = conversationId
         self.kind = kind
@@ -2780,6 +2816,7 @@ public struct OutgoingMessage {
         self.replyToSeq = replyToSeq
         self.media = media
         self.createdOrder = createdOrder
+        self.mentionUserIds = mentionUserIds
     }
 }
 
@@ -2811,6 +2848,9 @@ extension OutgoingMessage: Equatable, Hashable {
         if lhs.createdOrder != rhs.createdOrder {
             return false
         }
+        if lhs.mentionUserIds != rhs.mentionUserIds {
+            return false
+        }
         return true
     }
 
@@ -2822,6 +2862,7 @@ extension OutgoingMessage: Equatable, Hashable {
         hasher.combine(replyToSeq)
         hasher.combine(media)
         hasher.combine(createdOrder)
+        hasher.combine(mentionUserIds)
     }
 }
 
@@ -2840,7 +2881,8 @@ public struct FfiConverterTypeOutgoingMessage: FfiConverterRustBuffer {
                 body: FfiConverterData.read(from: &buf), 
                 replyToSeq: FfiConverterUInt64.read(from: &buf), 
                 media: FfiConverterOptionTypeMedia.read(from: &buf), 
-                createdOrder: FfiConverterUInt64.read(from: &buf)
+                createdOrder: FfiConverterUInt64.read(from: &buf), 
+                mentionUserIds: FfiConverterSequenceString.read(from: &buf)
         )
     }
 
@@ -2852,6 +2894,7 @@ public struct FfiConverterTypeOutgoingMessage: FfiConverterRustBuffer {
         FfiConverterUInt64.write(value.replyToSeq, into: &buf)
         FfiConverterOptionTypeMedia.write(value.media, into: &buf)
         FfiConverterUInt64.write(value.createdOrder, into: &buf)
+        FfiConverterSequenceString.write(value.mentionUserIds, into: &buf)
     }
 }
 
@@ -5517,6 +5560,9 @@ private let initializationResult: InitializationResult = {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_palaver_client_checksum_method_palaverclient_register_fcm_token() != 3476) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_palaver_client_checksum_method_palaverclient_send_mentioning() != 46153) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_palaver_client_checksum_method_palaverclient_send_message() != 51815) {

@@ -518,6 +518,11 @@ uint64_t uniffi_palaver_client_fn_method_palaverclient_register_apns_token(void*
 uint64_t uniffi_palaver_client_fn_method_palaverclient_register_fcm_token(void*_Nonnull ptr, RustBuffer token, RustBuffer locale, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_FN_METHOD_PALAVERCLIENT_SEND_MENTIONING
+#define UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_FN_METHOD_PALAVERCLIENT_SEND_MENTIONING
+RustBuffer uniffi_palaver_client_fn_method_palaverclient_send_mentioning(void*_Nonnull ptr, RustBuffer conversation_id, RustBuffer kind, RustBuffer body, uint64_t reply_to_seq, RustBuffer media, RustBuffer mention_user_ids, RustCallStatus *_Nonnull out_status
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_FN_METHOD_PALAVERCLIENT_SEND_MESSAGE
 #define UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_FN_METHOD_PALAVERCLIENT_SEND_MESSAGE
 RustBuffer uniffi_palaver_client_fn_method_palaverclient_send_message(void*_Nonnull ptr, RustBuffer conversation_id, RustBuffer kind, RustBuffer body, uint64_t reply_to_seq, RustBuffer media, RustCallStatus *_Nonnull out_status
@@ -1049,6 +1054,12 @@ uint16_t uniffi_palaver_client_checksum_method_palaverclient_register_apns_token
 #ifndef UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_CHECKSUM_METHOD_PALAVERCLIENT_REGISTER_FCM_TOKEN
 #define UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_CHECKSUM_METHOD_PALAVERCLIENT_REGISTER_FCM_TOKEN
 uint16_t uniffi_palaver_client_checksum_method_palaverclient_register_fcm_token(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_CHECKSUM_METHOD_PALAVERCLIENT_SEND_MENTIONING
+#define UNIFFI_FFIDEF_UNIFFI_PALAVER_CLIENT_CHECKSUM_METHOD_PALAVERCLIENT_SEND_MENTIONING
+uint16_t uniffi_palaver_client_checksum_method_palaverclient_send_mentioning(void
     
 );
 #endif

@@ -869,6 +869,7 @@ mod tests {
             reply_to_seq: 0,
             media: None,
             created_order: order,
+            mention_user_ids: Default::default(),
         }
     }
 
@@ -976,6 +977,28 @@ mod tests {
             Some(Body::Hello(h)) => assert_eq!(h.resume[0].after_seq, 9),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A channel message's mentions go out with it (SPEC §21).
+    #[test]
+    fn a_message_names_its_mentions_on_the_wire() {
+        let mut e = Engine::new(cfg(), vec![], vec![], 7);
+        e.command(
+            Command::Send(OutgoingMessage {
+                mention_user_ids: vec!["carol".into(), "dave".into()],
+                ..out_msg(0, "chn:news")
+            }),
+            0,
+        );
+        let w = connect(&mut e, 10);
+        let Some(Body::Send(send)) = w
+            .iter()
+            .find(|f| matches!(f.body, Some(Body::Send(_))))
+            .and_then(|f| f.body.clone())
+        else {
+            panic!("no Send in {w:?}")
+        };
+        assert_eq!(send.mention_user_ids, vec!["carol", "dave"]);
     }
 
     #[test]

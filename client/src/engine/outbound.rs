@@ -104,7 +104,7 @@ impl Engine {
                     body: m.body,
                     reply_to_seq: m.reply_to_seq,
                     media: m.media.as_ref().map(Media::to_pb),
-                    mention_user_ids: Default::default(),
+                    mention_user_ids: m.mention_user_ids,
                 }),
                 now,
             );

@@ -110,9 +110,17 @@ class Palaver private constructor(
         client = PalaverClient(config, tokens, listener, store)
     }
 
-    /** Sends text; returns once the server stored it (throws [RefusedException] if it refuses). */
-    suspend fun sendText(conversation: ConversationId, text: String): Sent {
-        val id = ClientMsgId.of(client.sendText(conversation.value, text))
+    /**
+     * Sends text; returns once the server stored it (throws [RefusedException] if it refuses).
+     * In a channel, `mentions` (at most 20 members) are pushed when they are offline.
+     */
+    suspend fun sendText(conversation: ConversationId, text: String, mentions: List<String> = emptyList()): Sent {
+        val raw = if (mentions.isEmpty()) {
+            client.sendText(conversation.value, text)
+        } else {
+            client.sendMentioning(conversation.value, ContentKind.TEXT, text.toByteArray(), 0uL, null, mentions)
+        }
+        val id = ClientMsgId.of(raw)
         return when (val e = await("m:${id.hex}")) {
             is ClientEvent.MessageSent -> Sent(id, conversation, e.seq, e.messageId, e.serverTimeMs)
             is ClientEvent.SendFailed -> throw RefusedException(e.error, "not sent: ${e.error.message}")

@@ -904,6 +904,8 @@ internal open class UniffiVTableCallbackInterfaceTokenProvider(
 
 
 
+
+
 // For large crates we prevent `MethodTooLargeException` (see #2340)
 // N.B. the name of the extension is very misleading, since it is 
 // rather `InterfaceTooLargeException`, caused by too many methods 
@@ -972,6 +974,8 @@ fun uniffi_palaver_client_checksum_method_palaverclient_reconnect_now(
 fun uniffi_palaver_client_checksum_method_palaverclient_register_apns_token(
 ): Short
 fun uniffi_palaver_client_checksum_method_palaverclient_register_fcm_token(
+): Short
+fun uniffi_palaver_client_checksum_method_palaverclient_send_mentioning(
 ): Short
 fun uniffi_palaver_client_checksum_method_palaverclient_send_message(
 ): Short
@@ -1120,6 +1124,8 @@ fun uniffi_palaver_client_fn_method_palaverclient_register_apns_token(`ptr`: Poi
 ): Long
 fun uniffi_palaver_client_fn_method_palaverclient_register_fcm_token(`ptr`: Pointer,`token`: RustBuffer.ByValue,`locale`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
 ): Long
+fun uniffi_palaver_client_fn_method_palaverclient_send_mentioning(`ptr`: Pointer,`conversationId`: RustBuffer.ByValue,`kind`: RustBuffer.ByValue,`body`: RustBuffer.ByValue,`replyToSeq`: Long,`media`: RustBuffer.ByValue,`mentionUserIds`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+): RustBuffer.ByValue
 fun uniffi_palaver_client_fn_method_palaverclient_send_message(`ptr`: Pointer,`conversationId`: RustBuffer.ByValue,`kind`: RustBuffer.ByValue,`body`: RustBuffer.ByValue,`replyToSeq`: Long,`media`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
 ): RustBuffer.ByValue
 fun uniffi_palaver_client_fn_method_palaverclient_send_text(`ptr`: Pointer,`conversationId`: RustBuffer.ByValue,`text`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
@@ -1361,6 +1367,9 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if (lib.uniffi_palaver_client_checksum_method_palaverclient_register_fcm_token() != 3476.toShort()) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if (lib.uniffi_palaver_client_checksum_method_palaverclient_send_mentioning() != 46153.toShort()) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if (lib.uniffi_palaver_client_checksum_method_palaverclient_send_message() != 51815.toShort()) {
@@ -2913,6 +2922,13 @@ public interface PalaverClientInterface {
      */
     fun `registerFcmToken`(`token`: kotlin.String, `locale`: kotlin.String?): kotlin.ULong
     
+    /**
+     * `send_message` to a channel, naming members to notify (SPEC §21: at
+     * most 20; those who are members get a push when they have no device
+     * online; nobody else is pushed for channel traffic).
+     */
+    fun `sendMentioning`(`conversationId`: kotlin.String, `kind`: ContentKind, `body`: kotlin.ByteArray, `replyToSeq`: kotlin.ULong, `media`: Media?, `mentionUserIds`: List<kotlin.String>): kotlin.ByteArray
+    
     fun `sendMessage`(`conversationId`: kotlin.String, `kind`: ContentKind, `body`: kotlin.ByteArray, `replyToSeq`: kotlin.ULong, `media`: Media?): kotlin.ByteArray
     
     /**
@@ -3332,6 +3348,24 @@ open class PalaverClient: Disposable, AutoCloseable, PalaverClientInterface
     uniffiRustCallWithError(ClientException) { _status ->
     UniffiLib.INSTANCE.uniffi_palaver_client_fn_method_palaverclient_register_fcm_token(
         it, FfiConverterString.lower(`token`),FfiConverterOptionalString.lower(`locale`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
+     * `send_message` to a channel, naming members to notify (SPEC §21: at
+     * most 20; those who are members get a push when they have no device
+     * online; nobody else is pushed for channel traffic).
+     */
+    @Throws(ClientException::class)override fun `sendMentioning`(`conversationId`: kotlin.String, `kind`: ContentKind, `body`: kotlin.ByteArray, `replyToSeq`: kotlin.ULong, `media`: Media?, `mentionUserIds`: List<kotlin.String>): kotlin.ByteArray {
+            return FfiConverterByteArray.lift(
+    callWithPointer {
+    uniffiRustCallWithError(ClientException) { _status ->
+    UniffiLib.INSTANCE.uniffi_palaver_client_fn_method_palaverclient_send_mentioning(
+        it, FfiConverterString.lower(`conversationId`),FfiConverterTypeContentKind.lower(`kind`),FfiConverterByteArray.lower(`body`),FfiConverterULong.lower(`replyToSeq`),FfiConverterOptionalTypeMedia.lower(`media`),FfiConverterSequenceString.lower(`mentionUserIds`),_status)
 }
     }
     )
@@ -4185,7 +4219,13 @@ data class OutgoingMessage (
     /**
      * Order of acceptance (the outbox sends in this order per conversation).
      */
-    var `createdOrder`: kotlin.ULong
+    var `createdOrder`: kotlin.ULong, 
+    /**
+     * A channel message's mentions (SPEC §21): those members are pushed
+     * when offline. Empty elsewhere (a store written before this field
+     * loads it empty).
+     */
+    var `mentionUserIds`: List<kotlin.String>
 ) {
     
     companion object
@@ -4204,6 +4244,7 @@ public object FfiConverterTypeOutgoingMessage: FfiConverterRustBuffer<OutgoingMe
             FfiConverterULong.read(buf),
             FfiConverterOptionalTypeMedia.read(buf),
             FfiConverterULong.read(buf),
+            FfiConverterSequenceString.read(buf),
         )
     }
 
@@ -4214,7 +4255,8 @@ public object FfiConverterTypeOutgoingMessage: FfiConverterRustBuffer<OutgoingMe
             FfiConverterByteArray.allocationSize(value.`body`) +
             FfiConverterULong.allocationSize(value.`replyToSeq`) +
             FfiConverterOptionalTypeMedia.allocationSize(value.`media`) +
-            FfiConverterULong.allocationSize(value.`createdOrder`)
+            FfiConverterULong.allocationSize(value.`createdOrder`) +
+            FfiConverterSequenceString.allocationSize(value.`mentionUserIds`)
     )
 
     override fun write(value: OutgoingMessage, buf: ByteBuffer) {
@@ -4225,6 +4267,7 @@ public object FfiConverterTypeOutgoingMessage: FfiConverterRustBuffer<OutgoingMe
             FfiConverterULong.write(value.`replyToSeq`, buf)
             FfiConverterOptionalTypeMedia.write(value.`media`, buf)
             FfiConverterULong.write(value.`createdOrder`, buf)
+            FfiConverterSequenceString.write(value.`mentionUserIds`, buf)
     }
 }
 

@@ -88,9 +88,12 @@ class PalaverFlowTest {
 
             sam.openChannel(id, ChannelMode.LIVE)
             sam.events.first { it is ClientEvent.ChannelOpened }
-            rosa.sendText(id, "release")
+            // tia, a member who is not connected, is mentioned: the server
+            // takes the mention (its push needs a token, tested server-side).
+            val sent = rosa.sendText(id, "release @tia", mentions = listOf("tia"))
+            assertEquals(1uL, sent.seq)
             val got = sam.messages.first { it.conversationId == channel.conversationId }
-            assertEquals("release", String(got.body))
+            assertEquals("release @tia", String(got.body))
             // An announcement channel: members do not post.
             assertThrows<RefusedException> { runBlocking { sam.sendText(id, "may I?") } }
             rosa.close(); sam.close()

@@ -49,6 +49,8 @@ class FileStore(private val dir: File) : ClientStore {
             replyToSeq = f[3].toULong(),
             media = null,
             createdOrder = f[4].toULong(),
+            // Lines written before mentions were kept have 5 fields.
+            mentionUserIds = f.getOrNull(5)?.split(',')?.filter { it.isNotEmpty() } ?: emptyList(),
         )
     }
 
@@ -58,6 +60,8 @@ class FileStore(private val dir: File) : ClientStore {
             listOf(
                 b64.encodeToString(message.clientMsgId), message.conversationId,
                 b64.encodeToString(message.body), message.replyToSeq, message.createdOrder,
+                // User ids have no commas (SPEC §11).
+                message.mentionUserIds.joinToString(","),
             ).joinToString("\t") + "\n",
         )
     }
