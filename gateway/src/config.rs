@@ -113,7 +113,8 @@ pub struct LimitsConfig {
     pub typing_coalesce_ms: u32,
     pub max_group_members: u32,
     /// Most members a channel may have (SPEC §21), announced in Welcome.
-    /// With the Kafka backend the routers' `--max-channel-members` applies.
+    /// With the Kafka backend the routers' `--max-channel-members` replaces
+    /// it (0 from routers that predate channels: none announced).
     pub max_channel_members: u32,
     /// Channels one connection may have open (OpenChannel LIVE or COUNTS)
     /// at once; one more is answered QUOTA_EXCEEDED. Bounds what a
@@ -212,6 +213,11 @@ impl LimitsConfig {
                 tier.max_body_bytes,
             ),
             ("max_batch", &mut self.max_batch, tier.max_batch),
+            (
+                "max_channel_members",
+                &mut self.max_channel_members,
+                tier.max_channel_members,
+            ),
         ] {
             if *ours != theirs {
                 changed.push(format!(
@@ -810,12 +816,24 @@ mod tests {
             max_group_members: 7,
             max_body_bytes: l.max_body_bytes,
             max_batch: 50,
+            max_channel_members: l.max_channel_members,
         };
         let changed = l.adopt_tier_limits(&tier);
         assert_eq!(changed.len(), 2, "{changed:?}");
         assert!(changed[0].contains("limits.max_group_members") && changed[0].contains('7'));
         assert_eq!((l.max_group_members, l.max_batch), (7, 50));
         assert!(l.adopt_tier_limits(&tier).is_empty(), "already the tier's");
+        // Routers that predate channels publish none: no gateway announces them.
+        let older = palaver_router::TierLimits {
+            max_channel_members: 0,
+            ..tier
+        };
+        let changed = l.adopt_tier_limits(&older);
+        assert!(
+            changed[0].contains("limits.max_channel_members"),
+            "{changed:?}"
+        );
+        assert_eq!(l.protocol().to_pb().max_channel_members, 0);
     }
 
     #[test]

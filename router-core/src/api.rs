@@ -112,6 +112,9 @@ pub struct TierLimits {
     pub max_group_members: u32,
     pub max_body_bytes: u32,
     pub max_batch: u32,
+    /// 0 when the routers predate channels (SPEC §21): then no gateway
+    /// announces channels.
+    pub max_channel_members: u32,
 }
 
 impl TierLimits {
@@ -122,6 +125,7 @@ impl TierLimits {
             max_group_members: clamp(config.max_group_members),
             max_body_bytes: clamp(config.max_body_bytes),
             max_batch: clamp(config.max_batch),
+            max_channel_members: clamp(config.max_channel_members),
         }
     }
 }

@@ -163,6 +163,7 @@ fn the_bridge_reports_and_reads_by_the_limits_the_routers_enforce() {
     worker_config.inbound_partitions = 1;
     worker_config.router.max_group_members = 7;
     worker_config.router.max_batch = 3;
+    worker_config.router.max_channel_members = 5_000;
     let mut worker = RouterWorker::new(worker_config.clone()).expect("worker");
     let stop = Arc::new(AtomicBool::new(false));
     let router = {
@@ -177,7 +178,15 @@ fn the_bridge_reports_and_reads_by_the_limits_the_routers_enforce() {
     let tier = bridge
         .enforced_limits()
         .expect("the router published its limits");
-    assert_eq!((tier.max_group_members, tier.max_batch), (7, 3), "{tier:?}");
+    assert_eq!(
+        (
+            tier.max_group_members,
+            tier.max_batch,
+            tier.max_channel_members
+        ),
+        (7, 3, 5_000),
+        "{tier:?}"
+    );
     let frames = Arc::new(Frames::default());
     bridge.start("gwt", frames.clone()).expect("bridge starts");
     let mut request_id = 0;

@@ -59,8 +59,8 @@ struct Args {
     /// config says.
     #[arg(long, env = "PALAVER_MAX_GROUP_MEMBERS", default_value_t = palaver_router::RouterConfig::default().max_group_members)]
     max_group_members: usize,
-    /// Members of a channel (SPEC §21; TOO_MANY_MEMBERS beyond). Gateways
-    /// announce their own `limits.max_channel_members`: configure both alike.
+    /// Members of a channel (SPEC §21; TOO_MANY_MEMBERS beyond); announced
+    /// likewise.
     #[arg(long, env = "PALAVER_MAX_CHANNEL_MEMBERS", default_value_t = palaver_router::RouterConfig::default().max_channel_members)]
     max_channel_members: usize,
     /// Largest Send body, bytes (BODY_TOO_LARGE beyond; announced likewise).

@@ -432,6 +432,7 @@ impl Backend for KafkaRedisBridge {
             read_config.max_group_members = tier.max_group_members as usize;
             read_config.max_body_bytes = tier.max_body_bytes as usize;
             read_config.max_batch = (tier.max_batch as usize).max(1);
+            read_config.max_channel_members = tier.max_channel_members as usize;
             read_config.default_batch = read_config.default_batch.min(read_config.max_batch);
         }
         // One driver session for all readers (it pools its connections).

@@ -34,7 +34,7 @@
 //! | `gw:{gw}:known` | set | gateways that ever registered |
 //! | `gw:{gw}:reap:<id>` | string, EX | lock: one gateway reaps a dead one |
 //! | `gwc:{<id>}` | hash | a gateway's connections: conn → user \x1f device |
-//! | `cfg:{tier}:limits` | hash | the limits the router tier enforces (max_group_members, max_body_bytes, max_batch) |
+//! | `cfg:{tier}:limits` | hash | the limits the router tier enforces (max_group_members, max_body_bytes, max_batch, max_channel_members) |
 //! | `cfg:{tier}:epoch` | string | the history epoch (SPEC §7): set by the first read of a dataset that has none |
 //!
 //! The gateway keys share one tag so a lease check of every gateway is one

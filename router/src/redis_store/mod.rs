@@ -346,6 +346,8 @@ impl RedisStore {
             .arg(limits.max_body_bytes)
             .arg("max_batch")
             .arg(limits.max_batch)
+            .arg("max_channel_members")
+            .arg(limits.max_channel_members)
             .clone();
         let _: i64 = self.query(&cmd)?;
         Ok(before.filter(|b| b != limits))
@@ -368,6 +370,8 @@ impl RedisStore {
                         max_group_members,
                         max_body_bytes,
                         max_batch,
+                        // Not written by routers that predate channels.
+                        max_channel_members: field("max_channel_members").unwrap_or(0),
                     })
                 }
                 _ => None,
