@@ -25,7 +25,7 @@ use palaver_protocol::pb;
 use palaver_protocol::pb::frame::Body;
 
 use super::chat::error_name;
-use super::scenario::{Outbox, Scenario, ScenarioReport};
+use super::scenario::{MsgIds, Outbox, Scenario, ScenarioReport};
 use crate::hist::{self, names};
 use crate::ipc::{ChannelTally, Counters};
 
@@ -140,7 +140,7 @@ pub struct Channel {
     /// Live receivers that accounted for every scheduled message.
     complete_receivers: usize,
     /// First 8 bytes of every client_msg_id of this worker in this run.
-    msg_id_prefix: [u8; 8],
+    msg_ids: MsgIds,
     tally: ChannelTally,
     delivered_by_seq: Vec<u64>,
     e2e: Histogram<u64>,
@@ -195,9 +195,6 @@ impl Channel {
         } else {
             VecDeque::new()
         };
-        let mut msg_id_prefix = [0u8; 8];
-        msg_id_prefix[..6].copy_from_slice(&rand::random::<[u8; 6]>());
-        msg_id_prefix[6..].copy_from_slice(&(plan.worker_index as u16).to_be_bytes());
         Channel {
             epoch_unix_ns,
             id: None,
@@ -219,7 +216,7 @@ impl Channel {
             next: 0,
             pending_acks: 0,
             complete_receivers: 0,
-            msg_id_prefix,
+            msg_ids: MsgIds::new(plan.worker_index),
             tally: ChannelTally::default(),
             delivered_by_seq: Vec::new(),
             e2e: hist::new(),
@@ -251,20 +248,6 @@ impl Channel {
         while self.next < self.total && self.sender_of(self.next).is_none() {
             self.next += 1;
         }
-    }
-
-    fn client_msg_id(&self, k: u64) -> [u8; 16] {
-        let mut id = [0u8; 16];
-        id[..8].copy_from_slice(&self.msg_id_prefix);
-        id[8..].copy_from_slice(&k.to_be_bytes());
-        id
-    }
-
-    fn message_number(&self, client_msg_id: &[u8]) -> Option<u64> {
-        if client_msg_id.len() != 16 || client_msg_id[..8] != self.msg_id_prefix {
-            return None;
-        }
-        Some(u64::from_be_bytes(client_msg_id[8..].try_into().ok()?))
     }
 
     fn body(&self, scheduled: Instant, k: u64) -> Vec<u8> {
@@ -333,7 +316,7 @@ impl Channel {
     }
 
     fn on_ack(&mut self, slot: u32, ack: &pb::SendAck, now: Instant, counters: &mut Counters) {
-        let Some(k) = self.message_number(&ack.client_msg_id) else {
+        let Some(k) = self.msg_ids.number(&ack.client_msg_id) else {
             counters.unexpected += 1;
             return;
         };
@@ -463,7 +446,7 @@ impl Channel {
     }
 
     fn on_send_error(&mut self, error: &pb::Error, counters: &mut Counters) -> bool {
-        if self.message_number(&error.client_msg_id).is_none() {
+        if self.msg_ids.number(&error.client_msg_id).is_none() {
             return false;
         }
         self.pending_acks = self.pending_acks.saturating_sub(1);
@@ -629,7 +612,7 @@ impl Scenario for Channel {
             }
             let send = pb::Send {
                 conversation_id: self.id.clone().unwrap_or_default(),
-                client_msg_id: self.client_msg_id(k).to_vec(),
+                client_msg_id: self.msg_ids.id(k).to_vec(),
                 kind: pb::ContentKind::Text.into(),
                 body: self.body(due, k),
                 ..Default::default()

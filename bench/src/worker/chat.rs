@@ -21,7 +21,7 @@ use palaver_protocol::pb;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::scenario::{Outbox, Scenario, ScenarioReport};
+use super::scenario::{MsgIds, Outbox, Scenario, ScenarioReport};
 use crate::hist::{self, names};
 use crate::ipc::Counters;
 use palaver_protocol::pb::frame::Body;
@@ -106,7 +106,7 @@ pub struct Chat {
     rng: StdRng,
     schedule: Option<Schedule>,
     /// First 8 bytes of every client_msg_id of this worker in this run.
-    msg_id_prefix: [u8; 8],
+    msg_ids: MsgIds,
     pending_creates: usize,
     pending_acks: u64,
     e2e: Histogram<u64>,
@@ -176,9 +176,6 @@ impl Chat {
                 by_id.insert(id.clone(), c as u32);
             }
         }
-        let mut msg_id_prefix = [0u8; 8];
-        msg_id_prefix[..6].copy_from_slice(&rand::random::<[u8; 6]>());
-        msg_id_prefix[6..].copy_from_slice(&(plan.worker_index as u16).to_be_bytes());
         Chat {
             worker_index: plan.worker_index,
             epoch: plan.epoch,
@@ -194,7 +191,7 @@ impl Chat {
             duration: plan.duration,
             rng: StdRng::seed_from_u64(plan.seed),
             schedule: None,
-            msg_id_prefix,
+            msg_ids: MsgIds::new(plan.worker_index),
             pending_creates: 0,
             pending_acks: 0,
             e2e: hist::new(),
@@ -252,21 +249,6 @@ impl Chat {
         }
     }
 
-    fn client_msg_id(&self, k: u64) -> [u8; 16] {
-        let mut id = [0u8; 16];
-        id[..8].copy_from_slice(&self.msg_id_prefix);
-        id[8..].copy_from_slice(&k.to_be_bytes());
-        id
-    }
-
-    /// The message number inside one of our client_msg_ids.
-    fn message_number(&self, client_msg_id: &[u8]) -> Option<u64> {
-        if client_msg_id.len() != 16 || client_msg_id[..8] != self.msg_id_prefix {
-            return None;
-        }
-        Some(u64::from_be_bytes(client_msg_id[8..].try_into().ok()?))
-    }
-
     fn body(&self, scheduled: Instant, k: u64) -> Vec<u8> {
         let mut body = Vec::with_capacity(self.body_bytes);
         let ns = scheduled.saturating_duration_since(self.epoch).as_nanos() as u64;
@@ -292,7 +274,7 @@ impl Chat {
     }
 
     fn on_ack(&mut self, slot: u32, ack: &pb::SendAck, now: Instant, counters: &mut Counters) {
-        let (Some(k), Some(s)) = (self.message_number(&ack.client_msg_id), &self.schedule) else {
+        let (Some(k), Some(s)) = (self.msg_ids.number(&ack.client_msg_id), &self.schedule) else {
             counters.unexpected += 1;
             return;
         };
@@ -314,7 +296,7 @@ impl Chat {
 
     /// An Error frame answering one of our Sends.
     fn on_send_error(&mut self, error: &pb::Error, counters: &mut Counters) -> bool {
-        if self.message_number(&error.client_msg_id).is_none() {
+        if self.msg_ids.number(&error.client_msg_id).is_none() {
             return false;
         }
         self.pending_acks = self.pending_acks.saturating_sub(1);
@@ -467,7 +449,7 @@ impl Scenario for Chat {
             }
             let send = pb::Send {
                 conversation_id: conv.id.clone().unwrap_or_default(),
-                client_msg_id: self.client_msg_id(k).to_vec(),
+                client_msg_id: self.msg_ids.id(k).to_vec(),
                 kind: pb::ContentKind::Text.into(),
                 body: self.body(scheduled, k),
                 ..Default::default()

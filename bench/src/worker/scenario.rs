@@ -24,6 +24,37 @@ use crate::settings::ScenarioKind;
 /// Requests to write, as (user slot, frame).
 pub type Outbox = Vec<(u32, pb::Frame)>;
 
+/// A worker's client_msg_ids: 6 random bytes and the worker's index, then
+/// the message number, so an answer names the message it is about and
+/// another worker's or run's ids are not taken for ours.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MsgIds([u8; 8]);
+
+impl MsgIds {
+    pub fn new(worker_index: u32) -> Self {
+        let mut prefix = [0u8; 8];
+        prefix[..6].copy_from_slice(&rand::random::<[u8; 6]>());
+        prefix[6..].copy_from_slice(&(worker_index as u16).to_be_bytes());
+        MsgIds(prefix)
+    }
+
+    /// The id of message `k`.
+    pub fn id(&self, k: u64) -> [u8; 16] {
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&self.0);
+        id[8..].copy_from_slice(&k.to_be_bytes());
+        id
+    }
+
+    /// The message number inside one of our ids.
+    pub fn number(&self, client_msg_id: &[u8]) -> Option<u64> {
+        if client_msg_id.len() != 16 || client_msg_id[..8] != self.0 {
+            return None;
+        }
+        Some(u64::from_be_bytes(client_msg_id[8..].try_into().ok()?))
+    }
+}
+
 pub trait Scenario {
     /// The coordinator's `Setup`: requests to send before the measured phase
     /// (e.g. creating groups). `user_id(slot)` names a user.

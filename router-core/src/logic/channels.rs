@@ -14,6 +14,7 @@ use std::collections::BTreeSet;
 
 use palaver_protocol::pb::{self, frame::Body, ErrorCode};
 
+use super::conversations::initial_members;
 use super::{event, parse_conversation_id, reject, reply, ConversationRef, Failure, Router};
 use crate::api::Inbound;
 use crate::bus::{ChannelPost, Output};
@@ -56,18 +57,7 @@ impl<S: Store> Router<S> {
         }
         let added: Vec<String> = others.iter().map(|u| (*u).to_owned()).collect();
         self.charge_group_adds(creator, &added, false)?;
-        let mut members: Vec<pb::Member> = added
-            .iter()
-            .map(|user_id| pb::Member {
-                user_id: user_id.clone(),
-                role: pb::Role::Member as i32,
-            })
-            .collect();
-        members.push(pb::Member {
-            user_id: creator.clone(),
-            role: pb::Role::Admin as i32,
-        });
-        members.sort_unstable_by(|x, y| x.user_id.cmp(&y.user_id));
+        let members = initial_members(creator, added.iter().map(String::as_str));
         self.store.create_channel(&record, &members)?;
         let Some(created) = self.store.channel(&record.conversation_id)? else {
             return reject(ErrorCode::Unavailable, "channel creation raced; retry");
@@ -445,6 +435,28 @@ impl<S: Store> Router<S> {
         Ok(())
     }
 
+    /// `user_id`'s role in the channel (one lookup); NOT_FOUND without the
+    /// channel, FORBIDDEN for a non-member (conversation check c3-c4).
+    pub(super) fn channel_role_of(
+        &mut self,
+        conversation_id: &str,
+        user_id: &str,
+    ) -> Result<pb::Role, Failure> {
+        if let Some(role) = self.store.channel_role(conversation_id, user_id)? {
+            return Ok(role);
+        }
+        match self.store.channel(conversation_id)? {
+            None => reject(
+                ErrorCode::NotFound,
+                format!("no conversation {conversation_id}"),
+            ),
+            Some(_) => reject(
+                ErrorCode::Forbidden,
+                "you are not a member of this conversation",
+            ),
+        }
+    }
+
     /// May `sender` post in the channel, and which of `mentions` are its
     /// members (pushed to when offline; at most `max_mentions` named).
     pub(super) fn channel_send_check(
@@ -453,18 +465,7 @@ impl<S: Store> Router<S> {
         sender: &str,
         mentions: &[String],
     ) -> Result<Vec<String>, Failure> {
-        let Some(role) = self.store.channel_role(conversation_id, sender)? else {
-            return match self.store.channel(conversation_id)? {
-                None => reject(
-                    ErrorCode::NotFound,
-                    format!("no conversation {conversation_id}"),
-                ),
-                Some(_) => reject(
-                    ErrorCode::Forbidden,
-                    "you are not a member of this conversation",
-                ),
-            };
-        };
+        let role = self.channel_role_of(conversation_id, sender)?;
         if role != pb::Role::Admin {
             let Some(channel) = self.store.channel(conversation_id)? else {
                 return reject(

@@ -88,18 +88,7 @@ impl<S: Store> Router<S> {
     ) -> Result<(), Failure> {
         let creator = &req.from.user_id;
         let others = self.check_new_members(creator, create, self.config.max_group_members)?;
-        let mut members: Vec<pb::Member> = others
-            .into_iter()
-            .map(|user_id| pb::Member {
-                user_id: user_id.to_owned(),
-                role: pb::Role::Member as i32,
-            })
-            .collect();
-        members.push(pb::Member {
-            user_id: creator.clone(),
-            role: pb::Role::Admin as i32,
-        });
-        members.sort_unstable_by(|x, y| x.user_id.cmp(&y.user_id));
+        let members = initial_members(creator, others.iter().copied());
         let record = GroupRecord {
             conversation_id: group_id_for(req),
             title: create.title.clone(),
@@ -352,6 +341,26 @@ impl<S: Store> Router<S> {
         self.store.count_group_adds(day, adder, &adds)?;
         Ok(())
     }
+}
+
+/// A new group's or channel's members, ascending by user id: `others` as
+/// members, the creator as its admin.
+pub(super) fn initial_members<'a>(
+    creator: &str,
+    others: impl Iterator<Item = &'a str>,
+) -> Vec<pb::Member> {
+    let mut members: Vec<pb::Member> = others
+        .map(|user_id| pb::Member {
+            user_id: user_id.to_owned(),
+            role: pb::Role::Member as i32,
+        })
+        .collect();
+    members.push(pb::Member {
+        user_id: creator.to_owned(),
+        role: pb::Role::Admin as i32,
+    });
+    members.sort_unstable_by(|x, y| x.user_id.cmp(&y.user_id));
+    members
 }
 
 /// What a ChangeMembers request does to a group, decided before anything is

@@ -531,21 +531,7 @@ impl<S: Store> Router<S> {
                 ),
                 Membership::Member(_) => Ok(()),
             },
-            ConversationRef::Channel => {
-                if self.store.channel_role(conversation_id, user_id)?.is_some() {
-                    return Ok(());
-                }
-                match self.store.channel(conversation_id)? {
-                    None => reject(
-                        ErrorCode::NotFound,
-                        format!("no conversation {conversation_id}"),
-                    ),
-                    Some(_) => reject(
-                        ErrorCode::Forbidden,
-                        "you are not a member of this conversation",
-                    ),
-                }
-            }
+            ConversationRef::Channel => self.channel_role_of(conversation_id, user_id).map(|_| ()),
         }
     }
 
